@@ -1,0 +1,42 @@
+"""`walkrank` command line: every module in this package adds one command group.
+
+Each module defines `register(subparsers)`; the commands it adds set `func(args) -> int`.
+Discovery keeps the command groups independent of each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from walkrank import __version__
+from walkrank.errors import WalkRankError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="walkrank", description="Pixie random walks + lightweight ranking, served over gRPC."
+    )
+    parser.add_argument("--version", action="version", version=f"walkrank {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except WalkRankError as exc:
+        print(f"walkrank: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
