@@ -1,0 +1,433 @@
+"""The feature registry: one feature set shared by every tenant, computed per candidate batch.
+
+`compute_features` turns one walk result into a float32 matrix (candidates x features) with
+whole-batch numpy operations, never a Python loop over candidates: it sits on the request path
+between the walk and the scorer. The matrix is never NaN: each feature has an explicit default
+for a missing input, and the candidate log stores exactly the matrix that was served, so
+training reads the same values the model sees in serving.
+
+Categories (locale, topic) are never fed as raw codes: a code means something else in every
+graph's vocabulary, and a tree would split on arbitrary code ranges. The registry offers match
+and share features instead (locale match, topic in the user's interests, share of query pins
+on the candidate's topic), plus `*_missing` indicators. docs/features.md lists every feature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from walkrank.errors import ConfigError, DataError, ModelError
+
+if TYPE_CHECKING:
+    from walkrank.graph.store import GraphStore
+    from walkrank.walks.engine import WalkResult
+
+SECONDS_PER_DAY = 86_400.0
+GROUPS = ("graph", "pin", "user", "query", "cross")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One named feature: `default` is the value served whenever its input is missing."""
+
+    name: str
+    group: str
+    default: float
+    description: str
+
+
+@dataclass(frozen=True, eq=False)
+class RequestContext:
+    """What one request says about its user and query, in the graph's codes.
+
+    `user_locale` is a code in `graph.locales` (missing = len(graph.locales));
+    `user_interests` holds distinct known topic codes; `query_pins` holds only known dense
+    pins, aligned with `query_weights`; `now` is the request time in epoch seconds.
+    """
+
+    user_locale: int
+    user_interests: np.ndarray
+    query_pins: np.ndarray
+    query_weights: np.ndarray
+    now: float
+
+    def __post_init__(self) -> None:
+        _require_array("user_interests", self.user_interests, np.int32)
+        _require_array("query_pins", self.query_pins, np.int32)
+        _require_array("query_weights", self.query_weights, np.float32)
+        if self.query_pins.shape != self.query_weights.shape:
+            raise DataError(
+                f"request: query_pins has {self.query_pins.size} entries but query_weights "
+                f"has {self.query_weights.size}"
+            )
+        if not np.isfinite(self.now):
+            raise DataError(f"request: now must be finite epoch seconds, got {self.now!r}")
+
+    @classmethod
+    def from_request(
+        cls,
+        graph: GraphStore,
+        locale: str | None,
+        interests: Sequence[str],
+        query_pins: Sequence[int] | np.ndarray,
+        query_weights: Sequence[float] | np.ndarray,
+        now: float,
+    ) -> RequestContext:
+        """Translate request values into graph codes.
+
+        `query_pins` are dense ids as `graph.pin_index` returns them: unknown pins (-1) are
+        dropped with their weights, because they contribute nothing to a walk either.
+        Interests unknown to this graph are dropped: no candidate can carry them.
+        """
+        pins = np.asarray(query_pins)
+        weights = np.asarray(query_weights, dtype=np.float64)
+        if pins.ndim != 1 or weights.ndim != 1 or pins.size != weights.size:
+            raise DataError(
+                f"request: query_pins (shape {pins.shape}) and query_weights "
+                f"(shape {weights.shape}) must be 1-D and aligned"
+            )
+        if pins.size and not np.issubdtype(pins.dtype, np.integer):
+            raise DataError(f"request: query_pins must be integer dense ids, got {pins.dtype}")
+        bad_weight = ~np.isfinite(weights) | (weights < 0)
+        if bad_weight.any():
+            position = int(np.flatnonzero(bad_weight)[0])
+            raise DataError(
+                f"request: query_weights[{position}] = {weights[position]!r}; weights must be "
+                "finite and >= 0"
+            )
+        out_of_range = (pins < -1) | (pins >= graph.n_pins)
+        if out_of_range.any():
+            position = int(np.flatnonzero(out_of_range)[0])
+            raise DataError(
+                f"request: query_pins[{position}] = {int(pins[position])} is not a dense pin id "
+                f"(graph has {graph.n_pins} pins; -1 marks unknown)"
+            )
+        known = pins >= 0
+        n_topics = len(graph.topics)
+        codes = np.array([graph.topic_code(topic) for topic in interests], dtype=np.int32)
+        return cls(
+            user_locale=int(graph.locale_code(locale)),
+            user_interests=np.unique(codes[codes < n_topics]).astype(np.int32),
+            query_pins=pins[known].astype(np.int32),
+            query_weights=weights[known].astype(np.float32),
+            now=float(now),
+        )
+
+
+def _require_array(field: str, value: object, dtype: type) -> None:
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype != dtype:
+        shown = getattr(value, "dtype", type(value).__name__)
+        raise DataError(f"request: {field} must be a 1-D {np.dtype(dtype).name} array, got {shown}")
+
+
+class _Batch:
+    """Inputs of one `compute_features` call; shared intermediates are computed at most once."""
+
+    def __init__(self, graph: GraphStore, walk: WalkResult, request: RequestContext) -> None:
+        self.graph = graph
+        self.walk = walk
+        self.request = request
+        self.pins = walk.pins
+        self.n_locales = len(graph.locales)
+        self.n_topics = len(graph.topics)
+
+    @cached_property
+    def locale(self) -> np.ndarray:
+        return np.asarray(self.graph.pin_locale)[self.pins]
+
+    @cached_property
+    def topic(self) -> np.ndarray:
+        return np.asarray(self.graph.pin_topic)[self.pins]
+
+    @cached_property
+    def quality(self) -> np.ndarray:
+        return np.asarray(self.graph.pin_quality)[self.pins]
+
+    @cached_property
+    def created_at(self) -> np.ndarray:
+        return np.asarray(self.graph.pin_created_at)[self.pins]
+
+    @cached_property
+    def query_weight_total(self) -> float:
+        return float(self.request.query_weights.sum(dtype=np.float64))
+
+    def query_share(self, pin_codes: np.ndarray, candidate_codes: np.ndarray, n_codes: int):
+        """Weighted share of query pins whose code equals each candidate's code.
+
+        A weighted histogram of the query pins' codes, read at the candidates' codes: O(k + q).
+        The missing code (`n_codes`) never matches, so it is zeroed.
+        """
+        if self.query_weight_total <= 0.0:
+            return np.zeros(self.pins.size)
+        query_codes = np.asarray(pin_codes)[self.request.query_pins]
+        histogram = np.bincount(
+            query_codes, weights=self.request.query_weights, minlength=n_codes + 1
+        )
+        histogram[n_codes] = 0.0
+        return histogram[candidate_codes] / self.query_weight_total
+
+
+_COMPUTE: dict[str, Callable[[_Batch], np.ndarray]] = {}
+_SPECS: dict[str, FeatureSpec] = {}
+
+
+def _feature(name: str, group: str, default: float, description: str):
+    def register(compute: Callable[[_Batch], np.ndarray]) -> Callable[[_Batch], np.ndarray]:
+        _SPECS[name] = FeatureSpec(name, group, float(default), description)
+        _COMPUTE[name] = compute
+        return compute
+
+    return register
+
+
+def _fill(missing: np.ndarray, value: np.ndarray, default: float) -> np.ndarray:
+    return np.where(missing, default, value)
+
+
+# --- graph: from the walk ------------------------------------------------------------------
+
+
+@_feature("walk_score", "graph", 0.0, "multi-hit boosted visit score (sum_q sqrt V_q)^2")
+def _walk_score(b: _Batch) -> np.ndarray:
+    return b.walk.scores
+
+
+@_feature("walk_visits", "graph", 0.0, "raw visit count summed over query pins")
+def _walk_visits(b: _Batch) -> np.ndarray:
+    return b.walk.visits
+
+
+@_feature("walk_query_hits", "graph", 0.0, "how many query pins' walks reached the candidate")
+def _walk_query_hits(b: _Batch) -> np.ndarray:
+    return b.walk.query_hits
+
+
+@_feature(
+    "walk_query_hit_share",
+    "graph",
+    0.0,
+    "query hits / number of known query pins (0 without query pins)",
+)
+def _walk_query_hit_share(b: _Batch) -> np.ndarray:
+    n_query = b.request.query_pins.size
+    if n_query == 0:
+        return np.zeros(b.pins.size)
+    return b.walk.query_hits / n_query
+
+
+@_feature(
+    "walk_score_share",
+    "graph",
+    0.0,
+    "walk score / sum of the request's candidate scores: comparable across step budgets",
+)
+def _walk_score_share(b: _Batch) -> np.ndarray:
+    total = float(b.walk.scores.sum(dtype=np.float64))
+    if total <= 0.0:
+        return np.zeros(b.pins.size)
+    return b.walk.scores / total
+
+
+@_feature("candidate_degree", "graph", 0.0, "number of boards the candidate pin is on")
+def _candidate_degree(b: _Batch) -> np.ndarray:
+    return b.walk.degree
+
+
+# --- pin: from the graph store -------------------------------------------------------------
+
+
+@_feature("pin_quality", "pin", 0.0, "pin quality column as given; 0 when missing")
+def _pin_quality(b: _Batch) -> np.ndarray:
+    quality = b.quality
+    return _fill(~np.isfinite(quality), quality, _SPECS["pin_quality"].default)
+
+
+@_feature("pin_quality_missing", "pin", 1.0, "1 when the pin has no quality value")
+def _pin_quality_missing(b: _Batch) -> np.ndarray:
+    return ~np.isfinite(b.quality)
+
+
+@_feature(
+    "pin_age_days",
+    "pin",
+    -1.0,
+    "days from pin_created_at to the request time, clipped at 0; -1 when missing",
+)
+def _pin_age_days(b: _Batch) -> np.ndarray:
+    created = b.created_at
+    age = np.maximum((b.request.now - created) / SECONDS_PER_DAY, 0.0)
+    return _fill(~np.isfinite(created), age, _SPECS["pin_age_days"].default)
+
+
+@_feature("pin_age_missing", "pin", 1.0, "1 when the pin has no created_at")
+def _pin_age_missing(b: _Batch) -> np.ndarray:
+    return ~np.isfinite(b.created_at)
+
+
+@_feature("pin_locale_missing", "pin", 1.0, "1 when the pin's locale is unknown")
+def _pin_locale_missing(b: _Batch) -> np.ndarray:
+    return b.locale >= b.n_locales
+
+
+@_feature("pin_topic_missing", "pin", 1.0, "1 when the pin's topic is unknown")
+def _pin_topic_missing(b: _Batch) -> np.ndarray:
+    return b.topic >= b.n_topics
+
+
+# --- user: from the request ----------------------------------------------------------------
+
+
+@_feature("user_locale_missing", "user", 1.0, "1 when the request carries no known locale")
+def _user_locale_missing(b: _Batch) -> np.ndarray:
+    return np.full(b.pins.size, b.request.user_locale >= b.n_locales)
+
+
+@_feature("user_interest_count", "user", 0.0, "number of the user's interests known to the graph")
+def _user_interest_count(b: _Batch) -> np.ndarray:
+    return np.full(b.pins.size, b.request.user_interests.size)
+
+
+# --- query: the candidate against the query pins -------------------------------------------
+
+
+@_feature("query_pin_count", "query", 0.0, "number of known query pins the walk started from")
+def _query_pin_count(b: _Batch) -> np.ndarray:
+    return np.full(b.pins.size, b.request.query_pins.size)
+
+
+@_feature(
+    "query_topic_share",
+    "query",
+    0.0,
+    "weighted share of query pins on the candidate's topic; 0 when either topic is missing",
+)
+def _query_topic_share(b: _Batch) -> np.ndarray:
+    return b.query_share(b.graph.pin_topic, b.topic, b.n_topics)
+
+
+@_feature(
+    "query_locale_share",
+    "query",
+    0.0,
+    "weighted share of query pins in the candidate's locale; 0 when either locale is missing",
+)
+def _query_locale_share(b: _Batch) -> np.ndarray:
+    return b.query_share(b.graph.pin_locale, b.locale, b.n_locales)
+
+
+# --- cross: user x pin ---------------------------------------------------------------------
+
+
+@_feature(
+    "locale_match",
+    "cross",
+    0.0,
+    "1 when the pin's locale equals the user's; 0 when either is missing",
+)
+def _locale_match(b: _Batch) -> np.ndarray:
+    user_locale = b.request.user_locale
+    if user_locale >= b.n_locales:
+        return np.zeros(b.pins.size)
+    return b.locale == user_locale
+
+
+@_feature(
+    "topic_in_interests",
+    "cross",
+    0.0,
+    "1 when the pin's topic is one of the user's interests; 0 when its topic is missing",
+)
+def _topic_in_interests(b: _Batch) -> np.ndarray:
+    interests = b.request.user_interests
+    interested = np.zeros(b.n_topics + 1, dtype=bool)
+    # Only real topic codes: the missing code must never match a pin without a topic.
+    interested[interests[(interests >= 0) & (interests < b.n_topics)]] = True
+    return interested[b.topic]
+
+
+FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(_SPECS)
+
+
+def feature_names() -> list[str]:
+    """Every feature in registry order: the default feature list of a tenant."""
+    return list(FEATURES)
+
+
+def check_feature_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate a feature list (tenant config, training request): known names, no repeats."""
+    names = tuple(names)
+    unknown = [name for name in names if name not in FEATURES]
+    if unknown:
+        raise ConfigError(
+            f"unknown features {unknown}; valid features are: {', '.join(FEATURES)}"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"features listed more than once: {repeated}")
+    if not names:
+        raise ConfigError("the feature list is empty")
+    return names
+
+
+@lru_cache(maxsize=64)
+def _plan(names: tuple[str, ...]) -> tuple[Callable[[_Batch], np.ndarray], ...]:
+    return tuple(_COMPUTE[name] for name in check_feature_names(names))
+
+
+def compute_features(
+    graph: GraphStore,
+    walk_result: WalkResult,
+    request: RequestContext,
+    names: Sequence[str],
+) -> np.ndarray:
+    """The (candidates x len(names)) float32 feature matrix, columns in `names` order.
+
+    Only the named features are computed; shared inputs (pin topics, locales...) are gathered
+    once per call.
+    """
+    plan = _plan(tuple(names))
+    n_candidates = walk_result.pins.size
+    out = np.empty((n_candidates, len(plan)), dtype=np.float32)
+    if n_candidates == 0:
+        return out
+    batch = _Batch(graph, walk_result, request)
+    for column, compute in enumerate(plan):
+        out[:, column] = compute(batch)
+    return out
+
+
+def check_feature_list(model_features: Sequence[str], tenant_features: Sequence[str]) -> None:
+    """Refuse a model whose feature list differs from the tenant's, naming the difference.
+
+    A model reads columns by position, so the same names in another order is a mismatch too.
+    """
+    model = list(model_features)
+    tenant = list(tenant_features)
+    problems = []
+    tenant_set, model_set = set(tenant), set(model)
+    missing = [name for name in model if name not in tenant_set]
+    extra = [name for name in tenant if name not in model_set]
+    if missing:
+        unknown = [name for name in missing if name not in FEATURES]
+        note = f" ({unknown} unknown to this server)" if unknown else ""
+        problems.append(f"missing features the model needs: {missing}{note}")
+    if extra:
+        problems.append(f"extra features the model was not trained on: {extra}")
+    for label, names in (("model", model), ("tenant", tenant)):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            problems.append(f"{label} lists features more than once: {repeated}")
+    if not problems and model != tenant:
+        position = next(i for i, (m, t) in enumerate(zip(model, tenant, strict=True)) if m != t)
+        problems.append(
+            f"order mismatch at column {position}: model has {model[position]!r}, "
+            f"tenant has {tenant[position]!r}"
+        )
+    if problems:
+        raise ModelError("model feature list does not match the tenant's: " + "; ".join(problems))
