@@ -1,0 +1,316 @@
+"""`WalkRankClient`: a typed, retrying client of the WalkRank gRPC API.
+
+Authentication travels as gRPC metadata, with the header names the server reads:
+
+- `x-api-key`: the tenant API key, sent with Recommender calls (Recommend, RecommendBatch,
+  ReportEvents);
+- `x-admin-token`: the admin token, sent with Admin calls (ListTenants, GetTenant, Reload,
+  GraphInfo).
+
+Health checks (`grpc.health.v1.Health/Check`) carry neither. Every attempt of a call has a
+deadline (the client's `timeout` unless the call passes its own), and a call is retried with
+exponential backoff when the server is UNAVAILABLE (not started yet, restarting, connection
+lost); any other status is raised at once as `WalkRankClientError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from walkrank_client.pb import (
+    admin_pb2,
+    admin_pb2_grpc,
+    events_pb2,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+
+API_KEY_HEADER = "x-api-key"
+ADMIN_TOKEN_HEADER = "x-admin-token"
+
+PinId = int | str
+
+_T = TypeVar("_T")
+
+
+class WalkRankClientError(Exception):
+    """A call failed: `code` is the gRPC status code, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, method: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.method = method
+
+
+@dataclass(frozen=True)
+class UserQuery:
+    """One user of a `recommend_batch` call."""
+
+    pins: Sequence[PinId]
+    weights: Sequence[float] | None = None
+    user_id: str | None = None
+    locale: str | None = None
+    interests: Sequence[str] | None = None
+    exclude: Sequence[PinId] | None = None
+    request_id: str | None = None
+
+
+def query_pins(
+    pins: Sequence[PinId], weights: Sequence[float] | None = None
+) -> list[recommender_pb2.QueryPin]:
+    """Query pins with their weights (1.0 each when `weights` is None)."""
+    if weights is None:
+        weights = [1.0] * len(pins)
+    if len(weights) != len(pins):
+        raise ValueError(f"weights: {len(weights)} weights for {len(pins)} pins")
+    return [
+        recommender_pb2.QueryPin(pin_id=str(p), weight=w)
+        for p, w in zip(pins, weights, strict=True)
+    ]
+
+
+def _user(
+    user_id: str | None, locale: str | None, interests: Sequence[str] | None
+) -> recommender_pb2.User:
+    return recommender_pb2.User(id=user_id or "", locale=locale or "", interests=interests or ())
+
+
+def _batch_user(query: UserQuery | recommender_pb2.BatchUser) -> recommender_pb2.BatchUser:
+    if isinstance(query, recommender_pb2.BatchUser):
+        return query
+    return recommender_pb2.BatchUser(
+        request_id=query.request_id or "",
+        user=_user(query.user_id, query.locale, query.interests),
+        query_pins=query_pins(query.pins, query.weights),
+        exclude_pins=[str(p) for p in query.exclude or ()],
+    )
+
+
+_EVENT_FIELDS = frozenset({"request_id", "pin_id", "event", "score", "timestamp"})
+
+
+def _event(event: Mapping[str, Any] | events_pb2.Event, index: int) -> events_pb2.Event:
+    if isinstance(event, events_pb2.Event):
+        return event
+    unknown = set(event) - _EVENT_FIELDS
+    if unknown:
+        raise ValueError(f"events[{index}]: unknown fields {sorted(unknown)}")
+    missing = {"request_id", "pin_id", "event"} - set(event)
+    if missing:
+        raise ValueError(f"events[{index}]: missing fields {sorted(missing)}")
+    optional = {k: float(event[k]) for k in ("score", "timestamp") if event.get(k) is not None}
+    return events_pb2.Event(
+        request_id=str(event["request_id"]),
+        pin_id=str(event["pin_id"]),
+        event=str(event["event"]),
+        **optional,
+    )
+
+
+class WalkRankClient:
+    """Client of one WalkRank server; use as a context manager or call `close()`.
+
+    `tls`: False for plaintext, True for TLS with the system's root certificates, or the PEM
+    bytes of the root certificates to trust. `retries` is how many times an UNAVAILABLE call
+    is retried (so at most `retries + 1` attempts), waiting `backoff * 2**attempt` seconds.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        api_key: str | None = None,
+        admin_token: str | None = None,
+        tls: bool | bytes = False,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout: must be positive, got {timeout}")
+        if retries < 0:
+            raise ValueError(f"retries: must be >= 0, got {retries}")
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        if tls is False:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            roots = tls if isinstance(tls, bytes) else None
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+        self._tenant_metadata = ((API_KEY_HEADER, api_key),) if api_key else ()
+        self._admin_metadata = ((ADMIN_TOKEN_HEADER, admin_token),) if admin_token else ()
+        self._recommender = recommender_pb2_grpc.RecommenderStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> WalkRankClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, attempt_call: Callable[[float], _T], timeout: float | None) -> _T:
+        """Run `attempt_call(deadline_seconds)`, retrying UNAVAILABLE with backoff."""
+        deadline = self.timeout if timeout is None else timeout
+        attempt = 0
+        while True:
+            try:
+                return attempt_call(deadline)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code is not grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                    raise WalkRankClientError(code, exc.details() or "", method) from None
+            time.sleep(self.backoff * 2**attempt)
+            attempt += 1
+
+    def recommend(
+        self,
+        tenant: str,
+        pins: Sequence[PinId],
+        *,
+        weights: Sequence[float] | None = None,
+        user_id: str | None = None,
+        locale: str | None = None,
+        interests: Sequence[str] | None = None,
+        num_results: int = 0,
+        exclude: Sequence[PinId] | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> recommender_pb2.RecommendResponse:
+        """Candidates for one user from walks starting at `pins` (external ids)."""
+        request = recommender_pb2.RecommendRequest(
+            tenant=tenant,
+            request_id=request_id or "",
+            user=_user(user_id, locale, interests),
+            query_pins=query_pins(pins, weights),
+            num_results=num_results,
+            exclude_pins=[str(p) for p in exclude or ()],
+            seed=seed,
+        )
+        return self._call(
+            "Recommend",
+            lambda t: self._recommender.Recommend(
+                request, timeout=t, metadata=self._tenant_metadata
+            ),
+            timeout,
+        )
+
+    def recommend_batch(
+        self,
+        tenant: str,
+        users: Iterable[UserQuery | recommender_pb2.BatchUser],
+        *,
+        num_results: int = 0,
+        seed: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[recommender_pb2.RecommendResponse]:
+        """One response per user, in order, as the server streams them.
+
+        The deadline covers the whole stream. The call is retried on UNAVAILABLE only until the
+        first response arrives; after that a failure is raised, since a retry would repeat
+        responses already yielded.
+        """
+        request = recommender_pb2.RecommendBatchRequest(
+            tenant=tenant,
+            users=[_batch_user(u) for u in users],
+            num_results=num_results,
+            seed=seed,
+        )
+
+        def first(t: float) -> tuple[Any, recommender_pb2.RecommendResponse | None]:
+            stream = self._recommender.RecommendBatch(
+                request, timeout=t, metadata=self._tenant_metadata
+            )
+            return stream, next(stream, None)
+
+        stream, response = self._call("RecommendBatch", first, timeout)
+        if response is None:
+            return
+        yield response
+        try:
+            yield from stream
+        except grpc.RpcError as exc:
+            raise WalkRankClientError(exc.code(), exc.details() or "", "RecommendBatch") from None
+
+    def report_events(
+        self,
+        tenant: str,
+        events: Iterable[Mapping[str, Any] | events_pb2.Event],
+        *,
+        timeout: float | None = None,
+    ) -> events_pb2.ReportEventsResponse:
+        """Report downstream events; each a mapping with `request_id`, `pin_id`, `event` and
+        optionally `score` and `timestamp` (epoch seconds), or an `Event` message."""
+        request = events_pb2.ReportEventsRequest(
+            tenant=tenant, events=[_event(e, i) for i, e in enumerate(events)]
+        )
+        return self._call(
+            "ReportEvents",
+            lambda t: self._recommender.ReportEvents(
+                request, timeout=t, metadata=self._tenant_metadata
+            ),
+            timeout,
+        )
+
+    def list_tenants(self, *, timeout: float | None = None) -> admin_pb2.ListTenantsResponse:
+        request = admin_pb2.ListTenantsRequest()
+        return self._call(
+            "ListTenants",
+            lambda t: self._admin.ListTenants(request, timeout=t, metadata=self._admin_metadata),
+            timeout,
+        )
+
+    def get_tenant(self, name: str, *, timeout: float | None = None) -> admin_pb2.TenantInfo:
+        request = admin_pb2.GetTenantRequest(name=name)
+        return self._call(
+            "GetTenant",
+            lambda t: self._admin.GetTenant(request, timeout=t, metadata=self._admin_metadata),
+            timeout,
+        )
+
+    def reload(
+        self, tenants: Sequence[str] = (), *, timeout: float | None = None
+    ) -> admin_pb2.ReloadResponse:
+        """Re-scan tenant files and re-read the model registries of `tenants` (default all)."""
+        request = admin_pb2.ReloadRequest(tenants=tenants)
+        return self._call(
+            "Reload",
+            lambda t: self._admin.Reload(request, timeout=t, metadata=self._admin_metadata),
+            timeout,
+        )
+
+    def graph_info(self, *, timeout: float | None = None) -> admin_pb2.GraphInfoResponse:
+        request = admin_pb2.GraphInfoRequest()
+        return self._call(
+            "GraphInfo",
+            lambda t: self._admin.GraphInfo(request, timeout=t, metadata=self._admin_metadata),
+            timeout,
+        )
+
+    def health(self, tenant: str | None = None, *, timeout: float | None = None) -> str:
+        """Serving status ("SERVING", "NOT_SERVING", ...) of the server, or of one tenant
+        (the health service name is the tenant's name)."""
+        request = health_pb2.HealthCheckRequest(service=tenant or "")
+        response = self._call(
+            "Health/Check", lambda t: self._health.Check(request, timeout=t), timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
