@@ -47,7 +47,9 @@ def _print_json(message: Message) -> None:
     data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    print(json.dumps(data, indent=2))
+    # Declaration order, as in the .proto, rather than set fields first.
+    ordered = {f.name: data[f.name] for f in message.DESCRIPTOR.fields if f.name in data}
+    print(json.dumps(ordered, indent=2))
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

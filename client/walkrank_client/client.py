@@ -64,13 +64,14 @@ class UserQuery:
 
 
 def query_pins(
-    pins: Sequence[PinId], weights: Sequence[float] | None = None
+    pins: Sequence[PinId], weights: Sequence[float] | None = None, *, field: str = "weights"
 ) -> list[recommender_pb2.QueryPin]:
-    """Query pins with their weights (1.0 each when `weights` is None)."""
+    """Query pins with their weights (1.0 each when `weights` is None); `field` names the
+    weights in the error when the lengths differ."""
     if weights is None:
         weights = [1.0] * len(pins)
     if len(weights) != len(pins):
-        raise ValueError(f"weights: {len(weights)} weights for {len(pins)} pins")
+        raise ValueError(f"{field}: {len(weights)} weights for {len(pins)} pins")
     return [
         recommender_pb2.QueryPin(pin_id=str(p), weight=w)
         for p, w in zip(pins, weights, strict=True)
@@ -83,13 +84,15 @@ def _user(
     return recommender_pb2.User(id=user_id or "", locale=locale or "", interests=interests or ())
 
 
-def _batch_user(query: UserQuery | recommender_pb2.BatchUser) -> recommender_pb2.BatchUser:
+def _batch_user(
+    query: UserQuery | recommender_pb2.BatchUser, index: int
+) -> recommender_pb2.BatchUser:
     if isinstance(query, recommender_pb2.BatchUser):
         return query
     return recommender_pb2.BatchUser(
         request_id=query.request_id or "",
         user=_user(query.user_id, query.locale, query.interests),
-        query_pins=query_pins(query.pins, query.weights),
+        query_pins=query_pins(query.pins, query.weights, field=f"users[{index}].weights"),
         exclude_pins=[str(p) for p in query.exclude or ()],
     )
 
@@ -225,17 +228,22 @@ class WalkRankClient:
     ) -> Iterator[recommender_pb2.RecommendResponse]:
         """One response per user, in order, as the server streams them.
 
-        The deadline covers the whole stream. The call is retried on UNAVAILABLE only until the
+        The request is built (and checked) at once; the call starts when iteration does. The
+        deadline covers the whole stream. The call is retried on UNAVAILABLE only until the
         first response arrives; after that a failure is raised, since a retry would repeat
         responses already yielded.
         """
         request = recommender_pb2.RecommendBatchRequest(
             tenant=tenant,
-            users=[_batch_user(u) for u in users],
+            users=[_batch_user(u, i) for i, u in enumerate(users)],
             num_results=num_results,
             seed=seed,
         )
+        return self._stream_batch(request, timeout)
 
+    def _stream_batch(
+        self, request: recommender_pb2.RecommendBatchRequest, timeout: float | None
+    ) -> Iterator[recommender_pb2.RecommendResponse]:
         def first(t: float) -> tuple[Any, recommender_pb2.RecommendResponse | None]:
             stream = self._recommender.RecommendBatch(
                 request, timeout=t, metadata=self._tenant_metadata
