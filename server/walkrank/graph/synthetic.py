@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from walkrank.errors import DataError
-from walkrank.graph.build import PruneOptions, build_graph
+from walkrank.graph.build import PruneOptions, build_graph, sorted_unique
 from walkrank.graph.store import read_manifest
 
 #: Bump when the generator's output changes, so cached graphs are rebuilt.
@@ -110,7 +110,7 @@ def generate_graph_tables(
         slot = _draw(cum, target)
         slot = np.where(at_home, np.clip(slot, group_lo[group], group_hi[group] - 1), slot)
         pin = by_group[slot]
-        codes = np.unique(np.r_[codes, pin.astype(np.int64) * n_boards + board])
+        codes, _ = sorted_unique(np.r_[codes, pin.astype(np.int64) * n_boards + board])
     if codes.shape[0] < n_edges:
         raise ValueError(f"could not draw {n_edges} distinct edges; lower n_edges")
     keep = np.sort(rng.choice(codes.shape[0], n_edges, replace=False))
