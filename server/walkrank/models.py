@@ -39,6 +39,7 @@ from types import MappingProxyType
 from typing import Any
 
 from walkrank.errors import ModelError
+from walkrank.tenants import TENANT_NAME_RE
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "model.json"
@@ -47,8 +48,6 @@ LAST_VERSION_FILE = "LAST_VERSION"
 _LOCK_FILE = ".publish.lock"
 _TEMP_PREFIX = ".publishing-"
 
-# Same rule as a tenant's `name` (walkrank.tenants): a safe single path component.
-TENANT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
 
 
