@@ -1,6 +1,6 @@
 """`walkrank` command line: every module in this package adds one command group.
 
-Each module defines `register(subparsers)`; the commands it adds set `func(args) -> int`.
+Each public module defines `register(subparsers)`; the commands it adds set `func(args) -> int`.
 Discovery keeps the command groups independent of each other.
 """
 
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"walkrank {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         module.register(subparsers)
     return parser

@@ -1,0 +1,56 @@
+"""API-key checks: a key names the tenants it may call; admin calls need the admin token.
+
+Header names are shared with the client SDK: `x-api-key` and `x-admin-token`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+from walkrank.serving.config import AuthConfig
+from walkrank.serving.errors import PermissionDenied, Unauthenticated
+
+API_KEY_HEADER = "x-api-key"
+ADMIN_TOKEN_HEADER = "x-admin-token"
+
+
+def _header(context: grpc.ServicerContext, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value
+    return None
+
+
+def _matches(candidate: str, secrets: frozenset[str]) -> bool:
+    # Constant-time comparison against every key, so timing does not reveal a prefix.
+    return any(hmac.compare_digest(candidate.encode(), s.encode()) for s in secrets)
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self._all_keys = frozenset().union(*config.tenant_keys.values()) if config.tenant_keys \
+            else frozenset()
+
+    def check_tenant(self, context: grpc.ServicerContext, tenant: str) -> None:
+        if not self.config.enabled:
+            return
+        key = _header(context, API_KEY_HEADER)
+        if not key:
+            raise Unauthenticated(f"missing {API_KEY_HEADER} metadata")
+        if _matches(key, self.config.tenant_keys.get(tenant, frozenset())):
+            return
+        if _matches(key, self._all_keys):
+            raise PermissionDenied(f"this API key may not call tenant {tenant!r}")
+        raise Unauthenticated("unknown API key")
+
+    def check_admin(self, context: grpc.ServicerContext) -> None:
+        if not self.config.enabled:
+            return
+        token = _header(context, ADMIN_TOKEN_HEADER)
+        if not token:
+            raise Unauthenticated(f"admin calls need {ADMIN_TOKEN_HEADER} metadata")
+        if not self.config.admin_token or not _matches(token, frozenset({
+                self.config.admin_token})):
+            raise PermissionDenied("invalid admin token")

@@ -1,0 +1,164 @@
+"""Server configuration (`walkrank.yaml`): where the graph, tenants, models and logs live.
+
+Secrets never live here: API keys and the admin token come from the environment or from a
+secrets file named here (kept out of git), so the config file itself can be committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from walkrank.errors import ConfigError
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+API_KEYS_ENV = "WALKRANK_API_KEYS"
+ADMIN_TOKEN_ENV = "WALKRANK_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Per-tenant API keys and an admin token; off unless `enabled`."""
+
+    enabled: bool = False
+    secrets_file: Path | None = None
+    tenant_keys: dict[str, frozenset[str]] = field(default_factory=dict)
+    admin_token: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    graph: Path
+    tenants_dir: Path
+    models_dir: Path
+    logs_dir: Path
+    address: str = DEFAULT_ADDRESS
+    metrics_address: str | None = None
+    workers: int = 8
+    grace_seconds: float = 10.0
+    log_queue_batches: int = 4096
+    max_message_bytes: int = 4 * 1024 * 1024
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig | None = None
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_TOP_KEYS = {
+    "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
+    "grace_seconds", "log_queue_batches", "max_message_bytes", "auth", "tls",
+}
+
+
+def parse_tenant_keys(text: str, source: str) -> dict[str, frozenset[str]]:
+    """Parse `tenant=key[,tenant=key...]` (several keys per tenant allowed, for rotation)."""
+    keys: dict[str, set[str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        tenant, sep, key = item.partition("=")
+        if not sep or not tenant.strip() or not key.strip():
+            raise ConfigError(f"{source}: expected 'tenant=key' entries, got {item!r}")
+        keys.setdefault(tenant.strip(), set()).add(key.strip())
+    return {tenant: frozenset(values) for tenant, values in keys.items()}
+
+
+def _load_secrets(path: Path) -> tuple[dict[str, frozenset[str]], str | None]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read secrets file: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'tenant_keys' and 'admin_token'")
+    raw_keys = data.get("tenant_keys", {}) or {}
+    if not isinstance(raw_keys, dict):
+        raise ConfigError(f"{path}: tenant_keys: expected a mapping tenant -> key or list of keys")
+    keys: dict[str, frozenset[str]] = {}
+    for tenant, value in raw_keys.items():
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            raise ConfigError(f"{path}: tenant_keys.{tenant}: expected a key or a list of keys")
+        keys[str(tenant)] = frozenset(values)
+    token = data.get("admin_token")
+    if token is not None and not isinstance(token, str):
+        raise ConfigError(f"{path}: admin_token: expected a string")
+    return keys, token
+
+
+def resolve_auth(enabled: bool, secrets_file: Path | None) -> AuthConfig:
+    """Collect keys from the secrets file, then the environment (which wins)."""
+    if not enabled:
+        return AuthConfig()
+    keys: dict[str, frozenset[str]] = {}
+    token: str | None = None
+    if secrets_file is not None:
+        keys, token = _load_secrets(secrets_file)
+    if os.environ.get(API_KEYS_ENV):
+        for tenant, values in parse_tenant_keys(os.environ[API_KEYS_ENV], API_KEYS_ENV).items():
+            keys[tenant] = keys.get(tenant, frozenset()) | values
+    token = os.environ.get(ADMIN_TOKEN_ENV) or token
+    return AuthConfig(enabled=True, secrets_file=secrets_file, tenant_keys=keys, admin_token=token)
+
+
+def _expect(path: Path, raw: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = raw[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{path}: {key}: expected {names}, got {value!r}")
+    return value
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Parse `walkrank.yaml`; relative paths are relative to the file's directory."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {unknown}; valid: {sorted(_TOP_KEYS)}")
+    for required in ("graph", "tenants_dir", "models_dir", "logs_dir"):
+        if required not in raw:
+            raise ConfigError(f"{path}: {required}: required")
+    base = path.parent
+
+    def resolve(key: str) -> Path:
+        return (base / _expect(path, raw, key, str)).resolve()
+
+    values: dict[str, Any] = {key: resolve(key) for key in ("graph", "tenants_dir", "models_dir",
+                                                              "logs_dir")}
+    for key, kind in (("address", str), ("metrics_address", str), ("workers", int),
+                      ("grace_seconds", (int, float)), ("log_queue_batches", int),
+                      ("max_message_bytes", int)):
+        if key in raw and raw[key] is not None:
+            values[key] = _expect(path, raw, key, kind)
+    if values.get("workers", 1) < 1:
+        raise ConfigError(f"{path}: workers: must be >= 1")
+    auth_raw = raw.get("auth") or {}
+    if not isinstance(auth_raw, dict) or set(auth_raw) - {"enabled", "secrets_file"}:
+        raise ConfigError(f"{path}: auth: expected {{enabled: bool, secrets_file: path}}")
+    secrets = auth_raw.get("secrets_file")
+    values["auth"] = resolve_auth(bool(auth_raw.get("enabled", False)),
+                                  (base / secrets).resolve() if secrets else None)
+    tls_raw = raw.get("tls")
+    if tls_raw is not None:
+        if not isinstance(tls_raw, dict) or set(tls_raw) != {"cert_file", "key_file"}:
+            raise ConfigError(f"{path}: tls: expected {{cert_file: path, key_file: path}}")
+        values["tls"] = TlsConfig((base / tls_raw["cert_file"]).resolve(),
+                                  (base / tls_raw["key_file"]).resolve())
+    return ServerConfig(**values)

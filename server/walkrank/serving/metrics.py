@@ -1,0 +1,40 @@
+"""Prometheus metrics, one registry per server so several servers can share a process (tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Stage latencies are milliseconds-scale; buckets span a cache-hot walk to a slow batch.
+_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("walkrank_requests", "Recommend calls by tenant and status code",
+                                ["tenant", "code"], registry=self.registry)
+        self.latency = Histogram("walkrank_stage_seconds", "Latency per request stage",
+                                 ["tenant", "stage"], buckets=_BUCKETS_S, registry=self.registry)
+        self.candidates = Counter("walkrank_candidates", "Candidates generated and scored",
+                                  ["tenant", "kind"], registry=self.registry)
+        self.model_version = Gauge("walkrank_model_version",
+                                   "Model version in use (0 = visit count)", ["tenant"],
+                                   registry=self.registry)
+        self.log_dropped = Counter("walkrank_log_dropped_rows",
+                                   "Candidate-log rows dropped because the writer queue was full",
+                                   registry=self.registry)
+
+    def observe_request(self, tenant: str, code: str, timing_ms: dict[str, float] | None,
+                        generated: int = 0, scored: int = 0) -> None:
+        self.requests.labels(tenant, code).inc()
+        for stage, ms in (timing_ms or {}).items():
+            self.latency.labels(tenant, stage).observe(ms / 1e3)
+        if generated:
+            self.candidates.labels(tenant, "generated").inc(generated)
+        if scored:
+            self.candidates.labels(tenant, "scored").inc(scored)
+
+    def serve(self, address: str) -> None:
+        """Expose /metrics on `host:port` (a port separate from gRPC)."""
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)

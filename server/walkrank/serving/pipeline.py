@@ -1,0 +1,193 @@
+"""The request path, top to bottom: validate → walk → features → score → select → log → respond.
+
+Nothing here knows about protobuf or gRPC: the servicer converts messages into a
+`RecommendInput` and a `RecommendOutput` back, so the pipeline is callable (and testable, and
+benchmarkable) on its own. All per-candidate work is numpy or numba over whole arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from walkrank.candidate_log import CandidateBatch, CandidateLog
+from walkrank.features import RequestContext, compute_features
+from walkrank.graph.store import GraphStore
+from walkrank.serving.errors import DeadlineExceeded, InvalidArgument
+from walkrank.serving.tenant_table import TenantRuntime
+from walkrank.walks.engine import WalkResult, walk
+
+
+@dataclass(frozen=True)
+class RecommendInput:
+    """One user's request, already decoded from the wire."""
+
+    tenant: str
+    request_id: str
+    query_pins: tuple[str, ...]
+    query_weights: tuple[float, ...] = ()
+    user_id: str = ""
+    locale: str = ""
+    interests: tuple[str, ...] = ()
+    num_results: int = 0
+    exclude_pins: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RecommendOutput:
+    request_id: str
+    pin_ids: np.ndarray
+    scores: np.ndarray
+    visits: np.ndarray
+    model_version: str
+    unknown_query_pins: tuple[str, ...]
+    empty_reason: str | None
+    timing_ms: dict[str, float]
+    candidates_generated: int
+
+
+def request_seed(request_id: str) -> int:
+    """A stable seed per request id, so a retried request walks the same walk."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
+
+
+def is_sampled(request_id: str, sample_rate: float) -> bool:
+    """Sample whole requests by a hash of their id (reproducible, independent of traffic)."""
+    if sample_rate >= 1.0:
+        return True
+    if sample_rate <= 0.0:
+        return False
+    return (request_seed(request_id) % 1_000_000) < sample_rate * 1_000_000
+
+
+def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarray, int]:
+    """Check the request against the tenant's limits; returns (weights, number of results)."""
+    limits = runtime.config.limits
+    pins = request.query_pins
+    if not pins:
+        raise InvalidArgument("query_pins", "at least one query pin is required")
+    if len(pins) > limits.max_query_pins:
+        raise InvalidArgument("query_pins", f"{len(pins)} query pins, tenant "
+                              f"{runtime.name!r} allows at most {limits.max_query_pins}")
+    if any(not pin for pin in pins):
+        raise InvalidArgument("query_pins", "a query pin has an empty pin_id")
+    if request.query_weights:
+        if len(request.query_weights) != len(pins):
+            raise InvalidArgument("query_pins.weight", "weights must be given for every "
+                                  "query pin or for none")
+        weights = np.asarray(request.query_weights, dtype=np.float32)
+        bad = [w for w in request.query_weights if not math.isfinite(w) or w < 0]
+        if bad:
+            raise InvalidArgument("query_pins.weight", f"weights must be finite and >= 0, got "
+                                  f"{bad[0]!r}")
+        if not weights.any():
+            raise InvalidArgument("query_pins.weight", "at least one weight must be positive")
+    else:
+        weights = np.ones(len(pins), dtype=np.float32)
+    candidates = runtime.config.candidates
+    num_results = request.num_results or candidates.return_
+    if num_results < 0:
+        raise InvalidArgument("num_results", f"must be >= 0, got {num_results}")
+    if num_results > candidates.max_return:
+        raise InvalidArgument("num_results", f"{num_results} exceeds tenant {runtime.name!r} "
+                              f"maximum of {candidates.max_return}")
+    return weights, num_results
+
+
+class Stopwatch:
+    """Stage timings in milliseconds, and the deadline checked between stages."""
+
+    def __init__(self, time_remaining: Callable[[], float | None]) -> None:
+        self._time_remaining = time_remaining
+        self._last = time.perf_counter()
+        self._start = self._last
+        self.timing_ms: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timing_ms[stage] = (now - self._last) * 1e3
+        self._last = now
+        remaining = self._time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"deadline exceeded after the {stage} stage")
+
+    def total(self) -> None:
+        self.timing_ms["total"] = (time.perf_counter() - self._start) * 1e3
+
+
+def _take(result: WalkResult, keep: np.ndarray) -> WalkResult:
+    return dataclasses.replace(result, pins=result.pins[keep], scores=result.scores[keep],
+                               visits=result.visits[keep], query_hits=result.query_hits[keep],
+                               degree=result.degree[keep])
+
+
+def recommend(
+    graph: GraphStore,
+    runtime: TenantRuntime,
+    request: RecommendInput,
+    *,
+    candidate_log: CandidateLog | None = None,
+    time_remaining: Callable[[], float | None] = lambda: None,
+    now: float | None = None,
+) -> RecommendOutput:
+    config = runtime.config
+    clock = Stopwatch(time_remaining)
+    weights, num_results = validate(request, runtime)
+
+    dense = graph.pin_index(list(request.query_pins))
+    unknown = tuple(request.query_pins[i] for i in np.flatnonzero(dense < 0))
+    locale = graph.locale_code(request.locale or None)
+    interests = np.array([graph.topic_code(t) for t in request.interests], dtype=np.int32)
+    user_topic = int(interests[0]) if len(interests) else -1
+    seed = request.seed if request.seed is not None else request_seed(request.request_id)
+    result = walk(graph, dense, weights, config.walk_params(), user_locale=locale,
+                  user_topic=user_topic, seed=seed)
+    if request.exclude_pins and len(result.pins):
+        excluded = graph.pin_index(list(request.exclude_pins))
+        result = _take(result, ~np.isin(result.pins, excluded[excluded >= 0]))
+    clock.lap("walk")
+
+    known = dense >= 0
+    context = RequestContext(user_locale=locale, user_interests=interests,
+                             query_pins=dense[known], query_weights=weights[known],
+                             now=time.time() if now is None else now)
+    features = compute_features(graph, result, context, config.features)
+    clock.lap("features")
+
+    if runtime.scorer is not None and len(result.pins):
+        scores = runtime.scorer.score(features)
+    else:
+        scores = result.scores.astype(np.float32)
+    order = np.argsort(-scores, kind="stable")
+    clock.lap("scoring")
+
+    top = order[:num_results]
+    pin_ids = graph.pin_external(result.pins[top])
+    if candidate_log is not None and len(result.pins) and is_sampled(
+            request.request_id, config.logging.sample_rate):
+        ranks = np.empty(len(order), dtype=np.int32)
+        ranks[order] = np.arange(len(order), dtype=np.int32)
+        returned = np.zeros(len(order), dtype=bool)
+        returned[top] = True
+        candidate_log.submit(CandidateBatch(
+            request_id=request.request_id, tenant=config.name, ts=context.now,
+            user_id=request.user_id, user_locale=request.locale,
+            user_interests=list(request.interests),
+            pin_ids=graph.pin_external(result.pins), feature_names=list(config.features),
+            features=features, visit_scores=result.scores, model_scores=scores, ranks=ranks,
+            returned=returned, model_version=runtime.model_version,
+        ))
+    clock.lap("logging")
+    clock.total()
+    return RecommendOutput(
+        request_id=request.request_id, pin_ids=pin_ids, scores=scores[top],
+        visits=result.visits[top], model_version=runtime.model_version,
+        unknown_query_pins=unknown, empty_reason=result.empty_reason,
+        timing_ms=clock.timing_ms, candidates_generated=len(result.pins),
+    )

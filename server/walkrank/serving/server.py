@@ -1,0 +1,130 @@
+"""Server lifecycle: load the graph and tenants, bind, serve, and stop gracefully.
+
+Shutdown order matters: stop accepting calls, let in-flight calls finish within the grace
+period, then close the logs so every queued candidate and event reaches disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from walkrank.candidate_log import CandidateLog
+from walkrank.errors import ConfigError
+from walkrank.events import EventLog
+from walkrank.graph.store import GraphStore
+from walkrank.models import ModelRegistry
+from walkrank.serving.auth import Authenticator
+from walkrank.serving.config import ServerConfig
+from walkrank.serving.interceptor import ErrorInterceptor
+from walkrank.serving.metrics import ServerMetrics
+from walkrank.serving.pipeline import RecommendInput, recommend
+from walkrank.serving.reflection import enable_reflection
+from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
+from walkrank.serving.tenant_table import ReloadReport, TenantTable
+from walkrank_client.pb.walkrank.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+OVERALL = ""
+
+
+class WalkRankServer:
+    """One process: one graph, every tenant. `start()` binds and returns the port."""
+
+    def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
+        self.config = config
+        self.graph = GraphStore.load(config.graph)
+        self.metrics = ServerMetrics()
+        self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
+        self.candidate_log = CandidateLog(config.logs_dir, queue_size=config.log_queue_batches,
+                                          on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)))
+        self.event_log = EventLog(config.logs_dir)
+        self.health = health.HealthServicer()
+        self.serving = ServingContext(self.graph, self.tenants, self.candidate_log,
+                                      self.event_log, Authenticator(config.auth), self.metrics)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers,
+                                       thread_name_prefix="walkrank"),
+            interceptors=[ErrorInterceptor()], options=options,
+            maximum_concurrent_rpcs=None)
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(
+            RecommenderServicer(self.serving), self._server)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(self.serving, str(config.graph), self.reload), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        enable_reflection(self._server, [
+            recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ])
+        self.port = 0
+        self._stopped = threading.Event()
+
+    def warm_up(self) -> None:
+        """Run each tenant's path once (no logging) so compiled kernels load before traffic."""
+        if self.graph.n_pins == 0:
+            return
+        first_pin = str(self.graph.pin_external([0])[0])
+        for name, runtime in self.tenants.runtimes().items():
+            recommend(self.graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
+                                                          query_pins=(first_pin,)))
+
+    def start(self) -> int:
+        self.reload()
+        self.warm_up()
+        if self.config.tls is not None:
+            try:
+                credentials = grpc.ssl_server_credentials([(
+                    self.config.tls.key_file.read_bytes(), self.config.tls.cert_file.read_bytes())])
+            except OSError as exc:
+                raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
+            self.port = self._server.add_secure_port(self.config.address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise ConfigError(f"address: cannot bind {self.config.address}")
+        self._server.start()
+        if self.config.metrics_address:
+            self.metrics.serve(self.config.metrics_address)
+        log.info("serving %d tenants on port %d", len(self.tenants.runtimes()), self.port)
+        return self.port
+
+    def reload(self, models_for: frozenset[str] | None = None) -> ReloadReport:
+        """Reload tenants (and the models of `models_for`, default all), then publish health."""
+        report = self.tenants.reload(models_for)
+        runtimes = self.tenants.runtimes()
+        for name in report.removed:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        for name, runtime in runtimes.items():
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            version = runtime.model.version.version if runtime.model is not None else 0
+            self.metrics.model_version.labels(name).set(version)
+        self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+        return report
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, finish in-flight calls, then flush the logs."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        self.candidate_log.close()
+        self.event_log.close()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()

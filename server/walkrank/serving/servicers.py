@@ -1,0 +1,236 @@
+"""gRPC servicers: decode messages, admit the request (tenant, auth, quota), run the pipeline,
+encode the answer. The work itself lives in `walkrank.serving.pipeline`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import grpc
+import yaml
+from walkrank.candidate_log import CandidateLog
+from walkrank.errors import WalkRankError
+from walkrank.events import EventLog, validate_events
+from walkrank.graph.store import GraphStore
+from walkrank.serving.auth import Authenticator
+from walkrank.serving.errors import DeadlineExceeded, InvalidArgument, QuotaExceeded, TenantNotFound
+from walkrank.serving.interceptor import status_of
+from walkrank.serving.metrics import ServerMetrics
+from walkrank.serving.pipeline import RecommendInput, RecommendOutput, recommend
+from walkrank.serving.tenant_table import ReloadReport, TenantRuntime, TenantTable
+from walkrank_client.pb.walkrank.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    events_pb2,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+
+
+class ServingContext:
+    """What every servicer shares: the graph, the tenant table, logs, auth and metrics."""
+
+    def __init__(self, graph: GraphStore, tenants: TenantTable, candidate_log: CandidateLog,
+                 event_log: EventLog, auth: Authenticator, metrics: ServerMetrics) -> None:
+        self.graph = graph
+        self.tenants = tenants
+        self.candidate_log = candidate_log
+        self.event_log = event_log
+        self.auth = auth
+        self.metrics = metrics
+
+    def runtime(self, tenant: str, context: grpc.ServicerContext) -> TenantRuntime:
+        if not tenant:
+            raise InvalidArgument("tenant", "required")
+        self.auth.check_tenant(context, tenant)
+        runtime = self.tenants.get(tenant)
+        if runtime is None:
+            known = ", ".join(sorted(self.tenants.runtimes())) or "none"
+            raise TenantNotFound(f"unknown tenant {tenant!r} (known: {known})")
+        return runtime
+
+    @contextmanager
+    def admitted(self, runtime: TenantRuntime) -> Iterator[None]:
+        """Hold one of the tenant's in-flight slots, or refuse at once when it has none."""
+        limiter = self.tenants.counters(runtime.name).limiter
+        limit = runtime.config.limits.max_in_flight
+        if not limiter.try_acquire(limit):
+            self.record(runtime.name, "RESOURCE_EXHAUSTED")
+            raise QuotaExceeded(f"tenant {runtime.name!r} has {limit} requests in flight "
+                                f"(its quota); retry later")
+        try:
+            yield
+        finally:
+            limiter.release()
+
+    def record(self, tenant: str, code: str, output: RecommendOutput | None = None) -> None:
+        self.tenants.counters(tenant).record(code)
+        if output is None:
+            self.metrics.observe_request(tenant, code, None)
+        else:
+            self.metrics.observe_request(tenant, code, output.timing_ms,
+                                         generated=output.candidates_generated,
+                                         scored=output.candidates_generated)
+
+    def serve_one(self, runtime: TenantRuntime, request: RecommendInput,
+                  context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+        try:
+            output = recommend(self.graph, runtime, request, candidate_log=self.candidate_log,
+                               time_remaining=context.time_remaining)
+        except WalkRankError as exc:
+            self.record(runtime.name, status_of(exc).name)
+            raise
+        self.record(runtime.name, "OK", output)
+        return encode_response(runtime.name, output)
+
+
+def _query(pins: list[recommender_pb2.QueryPin]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    # A weight of 0 means "unweighted" on the wire (proto3 has no unset floats).
+    return (tuple(p.pin_id for p in pins),
+            tuple(float(p.weight) if p.weight != 0 else 1.0 for p in pins))
+
+
+def encode_response(tenant: str, output: RecommendOutput) -> recommender_pb2.RecommendResponse:
+    response = recommender_pb2.RecommendResponse(
+        request_id=output.request_id, model_version=output.model_version, tenant=tenant,
+        unknown_query_pins=list(output.unknown_query_pins),
+        empty_reason=output.empty_reason or "", candidates_generated=output.candidates_generated,
+        timing=recommender_pb2.Timing(
+            walk_ms=output.timing_ms.get("walk", 0.0),
+            features_ms=output.timing_ms.get("features", 0.0),
+            scoring_ms=output.timing_ms.get("scoring", 0.0),
+            total_ms=output.timing_ms.get("total", 0.0)),
+    )
+    candidate = recommender_pb2.Candidate
+    response.candidates.extend(
+        candidate(pin_id=str(pin), score=float(score), visit_count=int(visits), rank=rank)
+        for rank, (pin, score, visits) in enumerate(
+            zip(output.pin_ids.tolist(), output.scores.tolist(), output.visits.tolist(),
+                strict=True), start=1))
+    return response
+
+
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
+    def __init__(self, serving: ServingContext) -> None:
+        self.serving = serving
+
+    def Recommend(self, request: recommender_pb2.RecommendRequest,
+                  context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+        runtime = self.serving.runtime(request.tenant, context)
+        pins, weights = _query(list(request.query_pins))
+        decoded = RecommendInput(
+            tenant=request.tenant, request_id=request.request_id or uuid.uuid4().hex,
+            query_pins=pins, query_weights=weights, user_id=request.user.id,
+            locale=request.user.locale, interests=tuple(request.user.interests),
+            num_results=request.num_results, exclude_pins=tuple(request.exclude_pins),
+            seed=request.seed if request.HasField("seed") else None)
+        with self.serving.admitted(runtime):
+            return self.serving.serve_one(runtime, decoded, context)
+
+    def RecommendBatch(self, request: recommender_pb2.RecommendBatchRequest,
+                       context: grpc.ServicerContext) -> Iterator[
+                           recommender_pb2.RecommendResponse]:
+        runtime = self.serving.runtime(request.tenant, context)
+        if not request.users:
+            raise InvalidArgument("users", "at least one user is required")
+        # A batch holds one in-flight slot for its whole run: a burst of email batches
+        # therefore occupies at most the email quota of server threads.
+        with self.serving.admitted(runtime):
+            for position, user in enumerate(request.users):
+                if not context.is_active():
+                    raise DeadlineExceeded(f"call ended before user {position} of the batch")
+                pins, weights = _query(list(user.query_pins))
+                seed = (request.seed + position) % 2**64 if request.HasField("seed") else None
+                decoded = RecommendInput(
+                    tenant=request.tenant, request_id=user.request_id or uuid.uuid4().hex,
+                    query_pins=pins, query_weights=weights, user_id=user.user.id,
+                    locale=user.user.locale, interests=tuple(user.user.interests),
+                    num_results=request.num_results, exclude_pins=tuple(user.exclude_pins),
+                    seed=seed)
+                try:
+                    yield self.serving.serve_one(runtime, decoded, context)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"users[{position}].{exc.field}",
+                                          str(exc).split(": ", 1)[1]) from exc
+
+    def ReportEvents(self, request: events_pb2.ReportEventsRequest,
+                     context: grpc.ServicerContext) -> events_pb2.ReportEventsResponse:
+        runtime = self.serving.runtime(request.tenant, context)
+        events = list(request.events)
+        columns = {
+            "request_id": [e.request_id for e in events],
+            "pin_id": [e.pin_id for e in events],
+            "event": [e.event for e in events],
+            "timestamp": [e.timestamp if e.HasField("timestamp") else None for e in events],
+            "score": [e.score if e.HasField("score") else None for e in events],
+        }
+        accepted, report = validate_events(columns, source="events")
+        if accepted.num_rows and not self.serving.event_log.submit(accepted):
+            raise QuotaExceeded("the event log queue is full; nothing from this call was "
+                                "kept, retry later")
+        self.serving.tenants.counters(runtime.name).add_events(accepted.num_rows, report.count)
+        return events_pb2.ReportEventsResponse(
+            accepted=accepted.num_rows, rejected=report.count,
+            rejections=[events_pb2.EventRejection(index=r.index, reason=r.reason)
+                        for r in report.examples])
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, serving: ServingContext, graph_path: str,
+                 reload: Callable[[frozenset[str] | None], ReloadReport]) -> None:
+        self.serving = serving
+        self.graph_path = graph_path
+        self._reload = reload
+
+    def _tenant_summary(self, runtime: TenantRuntime) -> admin_pb2.TenantSummary:
+        return admin_pb2.TenantSummary(name=runtime.name, model_version=runtime.model_version,
+                                       config_file=str(runtime.config.source))
+
+    def ListTenants(self, request: admin_pb2.ListTenantsRequest,
+                    context: grpc.ServicerContext) -> admin_pb2.ListTenantsResponse:
+        self.serving.auth.check_admin(context)
+        runtimes = self.serving.tenants.runtimes()
+        return admin_pb2.ListTenantsResponse(
+            tenants=[self._tenant_summary(runtimes[name]) for name in sorted(runtimes)])
+
+    def GetTenant(self, request: admin_pb2.GetTenantRequest,
+                  context: grpc.ServicerContext) -> admin_pb2.TenantInfo:
+        self.serving.auth.check_admin(context)
+        runtime = self.serving.tenants.get(request.name)
+        if runtime is None:
+            raise TenantNotFound(f"unknown tenant {request.name!r}")
+        counters = self.serving.tenants.counters(runtime.name).snapshot()
+        return admin_pb2.TenantInfo(
+            name=runtime.name,
+            config_yaml=yaml.safe_dump(runtime.config.to_dict(), sort_keys=False),
+            config_file=str(runtime.config.source), model_version=runtime.model_version,
+            model_engine=runtime.scorer.engine if runtime.scorer is not None else "",
+            counters=admin_pb2.TenantCounters(**counters),
+            last_reload_error=self.serving.tenants.errors.get(runtime.name, ""))
+
+    def Reload(self, request: admin_pb2.ReloadRequest,
+               context: grpc.ServicerContext) -> admin_pb2.ReloadResponse:
+        self.serving.auth.check_admin(context)
+        report = self._reload(frozenset(request.tenants) or None)
+        changes = [admin_pb2.ReloadChange(tenant=t, kind="added") for t in report.added]
+        changes += [admin_pb2.ReloadChange(tenant=t, kind="removed") for t in report.removed]
+        changes += [admin_pb2.ReloadChange(tenant=t, kind="config") for t in report.updated
+                    if t not in report.models]
+        changes += [admin_pb2.ReloadChange(tenant=t, kind="model", detail=f"now {v}")
+                    for t, v in sorted(report.models.items()) if t not in report.added]
+        return admin_pb2.ReloadResponse(
+            changes=changes,
+            errors=[admin_pb2.FileError(path=p, message=m)
+                    for p, m in sorted(report.errors.items())])
+
+    def GraphInfo(self, request: admin_pb2.GraphInfoRequest,
+                  context: grpc.ServicerContext) -> admin_pb2.GraphInfoResponse:
+        self.serving.auth.check_admin(context)
+        graph = self.serving.graph
+        manifest = {k: v for k, v in graph.manifest.items() if k != "checksums"}
+        return admin_pb2.GraphInfoResponse(
+            path=self.graph_path, n_pins=graph.n_pins, n_boards=graph.n_boards,
+            n_edges=graph.n_edges, locales=list(graph.locales), topics=list(graph.topics),
+            manifest_json=json.dumps(manifest, default=str, sort_keys=True))
