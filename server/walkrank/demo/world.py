@@ -118,5 +118,6 @@ def shipped_tenants_dir() -> Path:
 def demo_server_config(root: Path = DEMO_HOME, size: str = "full") -> ServerConfig:
     """The server config `walkrank serve` uses without a config file: the demo world."""
     root = root.resolve()
-    return ServerConfig(graph=ensure_world_graph(root, SIZES[size]), tenants_dir=shipped_tenants_dir(),
-                        models_dir=root / "models", logs_dir=root / "logs")
+    return ServerConfig(graph=ensure_world_graph(root, SIZES[size]),
+                        tenants_dir=shipped_tenants_dir(), models_dir=root / "models",
+                        logs_dir=root / "logs")

@@ -45,8 +45,9 @@ class WalkRankServer:
         self.graph = GraphStore.load(config.graph)
         self.metrics = ServerMetrics()
         self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
-        self.candidate_log = CandidateLog(config.logs_dir, queue_size=config.log_queue_batches,
-                                          on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)))
+        self.candidate_log = CandidateLog(
+            config.logs_dir, queue_size=config.log_queue_batches,
+            on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)))
         self.event_log = EventLog(config.logs_dir)
         self.health = health.HealthServicer()
         self.serving = ServingContext(self.graph, self.tenants, self.candidate_log,
