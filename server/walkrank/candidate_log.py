@@ -1,0 +1,490 @@
+"""Serving-stage candidate log: every generated candidate, shown or not, with its features.
+
+Logging at the serving stage (the article's choice) means no client needs its own logging and
+the unseen candidates are there to train on. The request path only hands a columnar
+`CandidateBatch` to a bounded queue (`put_nowait`: a full queue drops the batch and counts it,
+it never blocks a request); one background thread turns batches into Parquet files, grouped
+by Hive partitions and made visible atomically. `PartitionedLog` is that writer, shared with
+the event log (`walkrank.events.EventLog`): one writer, two record kinds.
+
+Layout (see docs/logging.md):
+`<root>/candidates/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/part-<time>-<uuid>.parquet`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from walkrank.errors import DataError
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+# (("tenant", "home"), ("date", "2024-01-05"), ("hour", "07")): the Hive path segments of a file.
+Partition = tuple[tuple[str, str], ...]
+TimeLike = datetime | float | int | None
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+_US_PER_HOUR = 3_600_000_000
+# Partition values go into directory names: no separators, and no leading "." or "_" (readers
+# such as pyarrow.dataset and Spark skip those as hidden files).
+_PARTITION_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def hour_partition(epoch_hour: int) -> Partition:
+    """The (date, hour) partition of an hour counted from the epoch, in UTC."""
+    moment = datetime.fromtimestamp(epoch_hour * 3600, tz=UTC)
+    return (("date", moment.strftime("%Y-%m-%d")), ("hour", moment.strftime("%H")))
+
+
+def to_epoch_seconds(moment: TimeLike, name: str) -> float | None:
+    """Accept a datetime (naive means UTC) or epoch seconds; None stays None (no bound)."""
+    if moment is None:
+        return None
+    if isinstance(moment, datetime):
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if isinstance(moment, int | float) and np.isfinite(moment):
+        return float(moment)
+    raise DataError(f"{name} must be a datetime or epoch seconds, got {moment!r}")
+
+
+@dataclass
+class _Control:
+    """A flush or stop request travelling through the queue, so it is ordered after every
+    record submitted before it."""
+
+    stop: bool
+    done: threading.Event
+
+
+class PartitionedLog(ABC, Generic[R]):
+    """A bounded queue plus one writer thread that writes records as Hive-partitioned Parquet.
+
+    Subclasses say how a record becomes (partition, table) pieces; this class owns the queue,
+    the drop accounting, the flush policy (by rows per partition and by age) and atomic files
+    (`.part-*.tmp` then `os.replace`; readers skip dot-files). Within one partition, pieces
+    with the same columns are concatenated, so a changed column list starts new files rather
+    than mixing schemas inside one.
+
+    Hooks: `on_drop(record)` runs on the submitting thread for every dropped record (metrics);
+    `on_write(path, rows)` runs on the writer thread after each file becomes visible;
+    `writer_hook(record)` runs on the writer thread for each record it takes off the queue,
+    before processing it (tests hold the writer with it to fill the queue deterministically).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        queue_size: int = 1024,
+        flush_rows: int = 500_000,
+        flush_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        on_drop: Callable[[R], None] | None = None,
+        on_write: Callable[[Path, int], None] | None = None,
+        writer_hook: Callable[[R], None] | None = None,
+        compression: str = "zstd",
+    ) -> None:
+        if queue_size < 1:
+            raise DataError(f"queue_size must be at least 1, got {queue_size}")
+        if flush_rows < 1:
+            raise DataError(f"flush_rows must be at least 1, got {flush_rows}")
+        if not flush_seconds > 0:
+            raise DataError(f"flush_seconds must be positive, got {flush_seconds}")
+        self.directory = Path(directory)
+        self.flush_rows = flush_rows
+        self.flush_seconds = float(flush_seconds)
+        self._clock = clock
+        self._on_drop = on_drop
+        self._on_write = on_write
+        self._writer_hook = writer_hook
+        self._compression = compression
+        # Records travel with their submit time: a record's age counts from its submission.
+        self._queue: queue.Queue[tuple[R, float] | _Control] = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()
+        self._closed = False
+        self.submitted_batches = 0
+        self.submitted_rows = 0
+        self.dropped_batches = 0
+        self.dropped_rows = 0
+        # Written by the writer thread only.
+        self.written_rows = 0
+        self.written_files = 0
+        self.write_errors = 0
+        self.lost_rows = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"walkrank-log-{self.directory.name}", daemon=True
+        )
+        self._thread.start()
+
+    @abstractmethod
+    def _rows(self, record: R) -> int:
+        """How many rows the record will write (for drop accounting)."""
+
+    @abstractmethod
+    def _pieces(self, record: R) -> list[tuple[Partition, pa.Table]]:
+        """The record as tables, one per partition it touches (runs on the writer thread)."""
+
+    def submit(self, record: R) -> bool:
+        """Queue a record without ever blocking; False when dropped (queue full or closed)."""
+        rows = self._rows(record)
+        submitted_at = self._clock()
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._queue.put_nowait((record, submitted_at))
+                except queue.Full:
+                    pass
+                else:
+                    self.submitted_batches += 1
+                    self.submitted_rows += rows
+                    return True
+            self.dropped_batches += 1
+            self.dropped_rows += rows
+        if self._on_drop is not None:
+            self._on_drop(record)
+        return False
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write everything submitted so far, and wait for it; False if `timeout` ran out."""
+        with self._lock:
+            if self._closed:
+                return not self._thread.is_alive()
+        control = _Control(stop=False, done=threading.Event())
+        try:
+            self._queue.put(control, timeout=timeout)
+        except queue.Full:
+            return False
+        return control.done.wait(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Stop accepting records, write everything queued, stop the writer.
+
+        True when every accepted record was processed within `timeout`.
+        """
+        with self._lock:
+            already = self._closed
+            self._closed = True
+        if not already:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                self._queue.put(_Control(stop=True, done=threading.Event()), timeout=timeout)
+            except queue.Full:
+                return False
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stats(self) -> dict[str, int | bool]:
+        """Counters for metrics and tests (a snapshot; the writer keeps going)."""
+        with self._lock:
+            snapshot: dict[str, int | bool] = {
+                "submitted_batches": self.submitted_batches,
+                "submitted_rows": self.submitted_rows,
+                "dropped_batches": self.dropped_batches,
+                "dropped_rows": self.dropped_rows,
+                "closed": self._closed,
+            }
+        snapshot.update(
+            queued=self._queue.qsize(),
+            written_rows=self.written_rows,
+            written_files=self.written_files,
+            write_errors=self.write_errors,
+            lost_rows=self.lost_rows,
+            writer_alive=self._thread.is_alive(),
+        )
+        return snapshot
+
+    # --- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pending: dict[tuple[Partition, tuple[str, ...]], list[pa.Table]] = {}
+        pending_rows: dict[tuple[Partition, tuple[str, ...]], int] = {}
+        oldest: float | None = None
+        while True:
+            timeout = None if oldest is None else max(0.0, oldest + self.flush_seconds
+                                                      - self._clock())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if isinstance(item, _Control):
+                self._write_pending(pending, pending_rows, list(pending))
+                oldest = None
+                item.done.set()
+                if item.stop:
+                    return
+                continue
+            if item is not None:
+                record, submitted_at = item
+                if self._writer_hook is not None:
+                    self._writer_hook(record)
+                try:
+                    pieces = self._pieces(record)
+                except Exception:
+                    log.exception("log writer: cannot convert a record; dropped")
+                    self.write_errors += 1
+                    self.lost_rows += self._rows(record)
+                    pieces = []
+                for partition, table in pieces:
+                    key = (partition, tuple(table.column_names))
+                    pending.setdefault(key, []).append(table)
+                    pending_rows[key] = pending_rows.get(key, 0) + table.num_rows
+                    if pending_rows[key] >= self.flush_rows:
+                        self._write_pending(pending, pending_rows, [key])
+                if pending:
+                    oldest = submitted_at if oldest is None else min(oldest, submitted_at)
+            if oldest is not None and self._clock() - oldest >= self.flush_seconds:
+                self._write_pending(pending, pending_rows, list(pending))
+            if not pending:
+                oldest = None
+
+    def _write_pending(self, pending: dict, pending_rows: dict, keys: list) -> None:
+        for key in keys:
+            tables = pending.pop(key)
+            rows = pending_rows.pop(key)
+            try:
+                self._write_file(key[0], pa.concat_tables(tables))
+            except Exception:
+                log.exception("log writer: cannot write %d rows under %s", rows, self.directory)
+                self.write_errors += 1
+                self.lost_rows += rows
+
+    def _write_file(self, partition: Partition, table: pa.Table) -> None:
+        directory = self.directory.joinpath(*(f"{name}={value}" for name, value in partition))
+        directory.mkdir(parents=True, exist_ok=True)
+        now = self._clock()
+        stamp = datetime.fromtimestamp(now, tz=UTC).strftime("%Y%m%dT%H%M%S")
+        name = f"part-{stamp}{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex}.parquet"
+        final = directory / name
+        tmp = directory / f".{name}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                pq.write_table(table, handle, compression=self._compression)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.written_rows += table.num_rows
+        self.written_files += 1
+        if self._on_write is not None:
+            self._on_write(final, table.num_rows)
+
+
+# --- candidates --------------------------------------------------------------------------------
+
+CANDIDATE_COLUMNS = pa.schema([
+    ("request_id", pa.string()),
+    ("ts", TIMESTAMP),
+    ("user_id", pa.string()),
+    ("user_locale", pa.string()),
+    ("user_interests", pa.list_(pa.string())),
+    ("pin_id", pa.string()),
+    ("visit_score", pa.float32()),
+    ("model_score", pa.float32()),
+    ("rank", pa.int32()),
+    ("returned", pa.bool_()),
+    ("model_version", pa.string()),
+])
+"""Columns of every candidate file, before the `f_<feature>` columns (float32, one per feature).
+The tenant, date and hour live in the partition path, not in the files."""
+
+
+def candidate_schema(feature_names: Sequence[str]) -> pa.Schema:
+    """The schema of a tenant's candidate files for its feature list."""
+    return pa.schema(list(CANDIDATE_COLUMNS) + [pa.field(f"f_{n}", pa.float32())
+                                                for n in feature_names])
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateBatch:
+    """All candidates generated for one request, columnar, as the request path already holds
+    them: arrays are handed over (not copied), so the caller must not modify them afterwards.
+
+    `ranks` is each candidate's position in the served order over all generated candidates;
+    `returned` marks the ones sent back. `ts` is epoch seconds.
+    """
+
+    request_id: str
+    tenant: str
+    ts: float
+    user_id: str
+    user_locale: str | None
+    user_interests: Sequence[str]
+    pin_ids: np.ndarray
+    feature_names: Sequence[str]
+    features: np.ndarray
+    visit_scores: np.ndarray
+    model_scores: np.ndarray
+    ranks: np.ndarray
+    returned: np.ndarray
+    model_version: str | None
+
+    def __post_init__(self) -> None:
+        if not _PARTITION_VALUE.match(self.tenant or ""):
+            raise DataError(f"candidate batch: tenant {self.tenant!r} cannot name a partition "
+                            "(letters, digits, '_', '.', '-'; not starting with '_' or '.')")
+        k = len(self.pin_ids)
+        if self.features.shape != (k, len(self.feature_names)):
+            raise DataError(f"candidate batch {self.request_id!r}: features has shape "
+                            f"{self.features.shape}, expected ({k}, {len(self.feature_names)})")
+        for name in ("visit_scores", "model_scores", "ranks", "returned"):
+            if len(getattr(self, name)) != k:
+                raise DataError(f"candidate batch {self.request_id!r}: {name} has "
+                                f"{len(getattr(self, name))} entries for {k} pins")
+
+    def __len__(self) -> int:
+        return len(self.pin_ids)
+
+    def to_table(self) -> pa.Table:
+        """The batch as one table in `candidate_schema(feature_names)` (request-level values
+        repeated per candidate)."""
+        k = len(self.pin_ids)
+        schema = candidate_schema(self.feature_names)
+        micros = np.full(k, round(self.ts * 1e6), dtype=np.int64)
+        pin_ids = pa.array(self.pin_ids)
+        columns = [
+            pa.repeat(pa.scalar(self.request_id, pa.string()), k),
+            pa.array(micros, type=TIMESTAMP),
+            pa.repeat(pa.scalar(self.user_id, pa.string()), k),
+            pa.repeat(pa.scalar(self.user_locale, pa.string()), k),
+            pa.repeat(pa.scalar(list(self.user_interests), pa.list_(pa.string())), k),
+            pin_ids if pin_ids.type == pa.string() else pin_ids.cast(pa.string()),
+            pa.array(np.asarray(self.visit_scores, dtype=np.float32)),
+            pa.array(np.asarray(self.model_scores, dtype=np.float32)),
+            pa.array(np.asarray(self.ranks, dtype=np.int32)),
+            pa.array(np.asarray(self.returned, dtype=bool)),
+            pa.repeat(pa.scalar(self.model_version, pa.string()), k),
+        ]
+        features = np.asarray(self.features, dtype=np.float32)
+        columns += [pa.array(np.ascontiguousarray(features[:, j])) for j in
+                    range(features.shape[1])]
+        return pa.Table.from_arrays(columns, schema=schema)
+
+
+class CandidateLog(PartitionedLog[CandidateBatch]):
+    """The serving-stage candidate log of one server: `submit` one batch per logged request.
+
+    Which requests are logged (the tenant's sample rate) is decided by the caller from a hash
+    of the request id (`walkrank.serving.pipeline.is_sampled`), before it builds the batch.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        queue_size: int = 1024,
+        flush_rows: int = 500_000,
+        flush_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        on_drop: Callable[[CandidateBatch], None] | None = None,
+        on_write: Callable[[Path, int], None] | None = None,
+        writer_hook: Callable[[CandidateBatch], None] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        super().__init__(self.root / "candidates", queue_size=queue_size,
+                         flush_rows=flush_rows, flush_seconds=flush_seconds, clock=clock,
+                         on_drop=on_drop, on_write=on_write, writer_hook=writer_hook)
+
+    def _rows(self, record: CandidateBatch) -> int:
+        return len(record)
+
+    def _pieces(self, record: CandidateBatch) -> list[tuple[Partition, pa.Table]]:
+        partition = (("tenant", record.tenant),) + hour_partition(int(record.ts // 3600))
+        return [(partition, record.to_table())]
+
+
+# --- reading back ------------------------------------------------------------------------------
+
+
+def _partition_window(start: float | None, end: float | None) -> pc.Expression | None:
+    """The date/hour partitions that can hold rows of [start, end)."""
+    partition_filter = None
+    if start is not None:
+        (_, date), (_, hour) = hour_partition(int(start // 3600))
+        partition_filter = (pc.field("date") > date) | (
+            (pc.field("date") == date) & (pc.field("hour") >= int(hour)))
+    if end is not None:
+        (_, date), (_, hour) = hour_partition(int(end // 3600))
+        before = (pc.field("date") < date) | (
+            (pc.field("date") == date) & (pc.field("hour") <= int(hour)))
+        partition_filter = before if partition_filter is None else partition_filter & before
+    return partition_filter
+
+
+def read_partitioned(
+    directory: Path,
+    partition_fields: Sequence[tuple[str, pa.DataType]],
+    base_schema: pa.Schema,
+    time_column: str,
+    *,
+    start: TimeLike = None,
+    end: TimeLike = None,
+    where: pc.Expression | None = None,
+) -> pa.Table:
+    """Rows of a Hive-partitioned log directory with `start <= time < end`.
+
+    Partitions outside the window are never opened. Files may differ in columns (a tenant's
+    feature list changed): the result has the union, with nulls where a file lacks a column.
+    Partition columns are not in the result (the time column carries the date and hour).
+    """
+    lo = to_epoch_seconds(start, "start")
+    hi = to_epoch_seconds(end, "end")
+    directory = Path(directory)
+    if not directory.is_dir():
+        return base_schema.empty_table()
+    dataset = ds.dataset(directory, format="parquet",
+                         partitioning=ds.partitioning(pa.schema(list(partition_fields)),
+                                                      flavor="hive"))
+    partition_filter = _partition_window(lo, hi)
+    if where is not None:
+        partition_filter = where if partition_filter is None else where & partition_filter
+    fragments = sorted(dataset.get_fragments(filter=partition_filter), key=lambda f: f.path)
+    if not fragments:
+        return base_schema.empty_table()
+    try:
+        schema = pa.unify_schemas([base_schema] + [f.physical_schema for f in fragments])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"{directory}: files disagree on column types: {exc}") from exc
+    row_filter = None
+    if lo is not None:
+        row_filter = pc.field(time_column) >= pa.scalar(round(lo * 1e6), TIMESTAMP)
+    if hi is not None:
+        upper = pc.field(time_column) < pa.scalar(round(hi * 1e6), TIMESTAMP)
+        row_filter = upper if row_filter is None else row_filter & upper
+    files = ds.dataset([f.path for f in fragments], schema=schema, format="parquet")
+    return files.to_table(filter=row_filter)
+
+
+def read_candidates(root: Path, tenant: str, start: TimeLike = None,
+                    end: TimeLike = None) -> pa.Table:
+    """One tenant's logged candidates with `start <= ts < end` (datetimes or epoch seconds),
+    in write order: the columns of `CANDIDATE_COLUMNS` then every `f_<feature>` seen."""
+    return read_partitioned(
+        Path(root) / "candidates",
+        [("tenant", pa.string()), ("date", pa.string()), ("hour", pa.int32())],
+        CANDIDATE_COLUMNS, "ts", start=start, end=end, where=pc.field("tenant") == tenant,
+    )

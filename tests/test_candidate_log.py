@@ -1,0 +1,220 @@
+"""The serving-stage candidate log: nothing accepted is lost, drops are counted, files are
+atomic Hive partitions that pyarrow.dataset reads as they are."""
+
+from __future__ import annotations
+
+import re
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from walkrank.candidate_log import CandidateBatch, CandidateLog, read_candidates
+from walkrank.errors import DataError
+
+HOUR = 3600
+T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+FEATURES = ("visits", "query_hits", "locale_match")
+
+
+def make_batch(request_id: str, *, tenant: str = "home", ts: float = T0, k: int = 7,
+               features: tuple[str, ...] = FEATURES, seed: int = 0) -> CandidateBatch:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(k).astype(np.int32)
+    return CandidateBatch(
+        request_id=request_id, tenant=tenant, ts=ts, user_id=f"user-{seed}",
+        user_locale="en", user_interests=["travel", "food"],
+        pin_ids=np.arange(1000 + seed * k, 1000 + (seed + 1) * k, dtype=np.int64),
+        feature_names=list(features),
+        features=rng.random((k, len(features)), dtype=np.float32),
+        visit_scores=rng.random(k, dtype=np.float32),
+        model_scores=rng.random(k, dtype=np.float32),
+        ranks=order, returned=order < 3, model_version="4",
+    )
+
+
+def test_graceful_close_writes_every_accepted_row(tmp_path: Path) -> None:
+    log = CandidateLog(tmp_path, flush_rows=50)
+    k, n = 7, 30
+    batches = [make_batch(f"req-{i}", tenant=("home", "email")[i % 2], ts=T0 + (i % 3) * HOUR,
+                          k=k, seed=i) for i in range(n)]
+    assert all(log.submit(b) for b in batches)
+    assert log.close(timeout=30)
+    stats = log.stats()
+    assert stats["written_rows"] == n * k and stats["dropped_rows"] == 0
+    assert stats["lost_rows"] == 0 and not stats["writer_alive"]
+
+    home, email = read_candidates(tmp_path, "home"), read_candidates(tmp_path, "email")
+    assert home.num_rows + email.num_rows == n * k
+    assert home.num_rows == 15 * k
+    # One request read back exactly as it was submitted.
+    sent = batches[4]
+    got = home.filter(pc.field("request_id") == "req-4").sort_by("pin_id")
+    assert got["pin_id"].to_pylist() == [str(p) for p in sent.pin_ids]
+    for j, name in enumerate(FEATURES):
+        np.testing.assert_array_equal(got[f"f_{name}"].to_numpy(), sent.features[:, j])
+    np.testing.assert_array_equal(got["rank"].to_numpy(), sent.ranks)
+    np.testing.assert_array_equal(got["returned"].to_numpy(), sent.returned)
+    np.testing.assert_array_equal(got["model_score"].to_numpy(), sent.model_scores)
+    assert set(got["user_interests"].to_pylist()[0]) == {"travel", "food"}
+    assert got["ts"][0].as_py().timestamp() == T0 + HOUR
+    assert set(got["model_version"].to_pylist()) == {"4"}
+
+
+def test_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) -> None:
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_writer(batch: CandidateBatch) -> None:
+        holding.set()
+        release.wait(30)
+
+    dropped: list[str] = []
+    log = CandidateLog(tmp_path, queue_size=2, writer_hook=hold_writer,
+                       on_drop=lambda b: dropped.append(b.request_id))
+    k = 5
+    assert log.submit(make_batch("taken", k=k))
+    assert holding.wait(30)  # the writer holds "taken"; the queue is empty again
+    assert log.submit(make_batch("queued-1", k=k, seed=1))
+    assert log.submit(make_batch("queued-2", k=k, seed=2))
+    assert not log.submit(make_batch("dropped-1", k=k, seed=3))
+    assert not log.submit(make_batch("dropped-2", k=k, seed=4))
+    stats = log.stats()
+    assert (stats["dropped_batches"], stats["dropped_rows"]) == (2, 2 * k)
+    assert stats["queued"] == 2
+    assert dropped == ["dropped-1", "dropped-2"]
+
+    release.set()
+    assert log.close(timeout=30)
+    table = read_candidates(tmp_path, "home")
+    assert table.num_rows == 3 * k
+    assert set(table["request_id"].to_pylist()) == {"taken", "queued-1", "queued-2"}
+    assert not log.submit(make_batch("after-close", k=k))
+    assert log.stats()["dropped_batches"] == 3
+
+
+def test_partition_layout_atomic_files_and_hive_readers(tmp_path: Path) -> None:
+    log = CandidateLog(tmp_path)
+    for i, (tenant, ts) in enumerate([("home", T0), ("home", T0 + 2 * HOUR),
+                                      ("related_pins", T0 + 26 * HOUR)]):
+        log.submit(make_batch(f"r{i}", tenant=tenant, ts=ts, seed=i))
+    assert log.close()
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                   if p.is_file())
+    pattern = re.compile(r"candidates/tenant=([a-z_]+)/date=(\d{4}-\d\d-\d\d)/hour=(\d\d)/"
+                         r"part-\d{8}T\d{9}-[0-9a-f]{32}\.parquet")
+    assert [pattern.fullmatch(f).groups() for f in files] == [
+        ("home", "2023-11-14", "22"), ("home", "2023-11-15", "00"),
+        ("related_pins", "2023-11-16", "00")]
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary files left behind
+
+    # Read as is by a generic Hive-partitioned reader, partition columns included.
+    table = ds.dataset(tmp_path / "candidates", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 21
+    assert sorted(set(zip(table["tenant"].to_pylist(), table["hour"].to_pylist(),
+                          strict=True))) == [("home", 0), ("home", 22), ("related_pins", 0)]
+
+
+def test_readers_skip_files_still_being_written(tmp_path: Path) -> None:
+    log = CandidateLog(tmp_path)
+    log.submit(make_batch("r0"))
+    assert log.close()
+    written = next((tmp_path / "candidates").rglob("part-*.parquet"))
+    # What an in-progress write looks like: a dot-file next to the finished one.
+    pq.write_table(pq.read_table(written), written.parent / f".{written.name}.tmp")
+    assert read_candidates(tmp_path, "home").num_rows == 7
+
+
+def test_flush_by_rows_and_by_time_without_waiting_on_real_time(tmp_path: Path) -> None:
+    now = [T0]
+    written: list[int] = []
+    file_written = threading.Event()
+
+    def on_write(path: Path, rows: int) -> None:
+        written.append(rows)
+        file_written.set()
+
+    log = CandidateLog(tmp_path, flush_rows=10, flush_seconds=60, clock=lambda: now[0],
+                       on_write=on_write)
+    log.submit(make_batch("a", k=6))
+    log.submit(make_batch("b", k=6, seed=1))  # 12 rows >= flush_rows: written at once
+    assert file_written.wait(30)
+    assert written == [12]
+
+    file_written.clear()
+    log.submit(make_batch("c", k=3, seed=2))
+    now[0] += 61  # the pending rows are now older than flush_seconds
+    log.submit(make_batch("d", tenant="email", k=2, seed=3))
+    assert file_written.wait(30)
+    assert log.close()
+    assert sorted(written) == [2, 3, 12]
+
+
+def test_flush_makes_everything_submitted_readable(tmp_path: Path) -> None:
+    log = CandidateLog(tmp_path)
+    log.submit(make_batch("a"))
+    assert log.flush(timeout=30)
+    assert read_candidates(tmp_path, "home").num_rows == 7
+    log.submit(make_batch("b", seed=1))
+    assert log.close()
+    assert read_candidates(tmp_path, "home").num_rows == 14
+
+
+def test_feature_list_change_starts_new_columns(tmp_path: Path) -> None:
+    log = CandidateLog(tmp_path)
+    log.submit(make_batch("old", k=4))
+    log.submit(make_batch("new", k=3, features=FEATURES + ("pin_age_days",), seed=1))
+    assert log.close()
+    assert len(list(tmp_path.rglob("*.parquet"))) == 2  # never two schemas in one file
+    table = read_candidates(tmp_path, "home").sort_by("request_id")
+    assert table.column_names[-4:] == [f"f_{n}" for n in FEATURES + ("pin_age_days",)]
+    age = table["f_pin_age_days"]
+    assert age.null_count == 4
+    assert table.filter(pc.field("request_id") == "new")["f_pin_age_days"].null_count == 0
+
+
+def test_time_window_reads_only_matching_rows(tmp_path: Path) -> None:
+    log = CandidateLog(tmp_path)
+    for hour in range(5):
+        log.submit(make_batch(f"h{hour}", ts=T0 + hour * HOUR + 60, k=2, seed=hour))
+    assert log.close()
+    window = read_candidates(tmp_path, "home", start=T0 + HOUR, end=T0 + 3 * HOUR + 60)
+    assert sorted(set(window["request_id"].to_pylist())) == ["h1", "h2"]
+    since = read_candidates(tmp_path, "home", start=datetime.fromtimestamp(T0 + 4 * HOUR, UTC))
+    assert set(since["request_id"].to_pylist()) == {"h4"}
+    assert read_candidates(tmp_path, "nobody").num_rows == 0
+    assert read_candidates(tmp_path / "missing", "home").schema.names[0] == "request_id"
+
+
+def test_write_failure_is_counted_and_the_writer_survives(tmp_path: Path) -> None:
+    (tmp_path / "candidates").write_text("not a directory")
+    log = CandidateLog(tmp_path)
+    log.submit(make_batch("a", k=5))
+    assert log.flush(timeout=30)
+    stats = log.stats()
+    assert (stats["write_errors"], stats["lost_rows"], stats["writer_alive"]) == (1, 5, True)
+    assert log.close()
+
+
+def test_bad_batches_are_refused_with_the_field_named() -> None:
+    good = make_batch("a")
+    with pytest.raises(DataError, match=r"features has shape \(7, 3\), expected \(7, 2\)"):
+        CandidateBatch(**{**vars(good), "feature_names": ["visits", "query_hits"]})
+    with pytest.raises(DataError, match="ranks has 6 entries for 7 pins"):
+        CandidateBatch(**{**vars(good), "ranks": good.ranks[:6]})
+    with pytest.raises(DataError, match="tenant '../etc'"):
+        CandidateBatch(**{**vars(good), "tenant": "../etc"})
+
+
+def test_string_pin_ids_and_missing_model_version(tmp_path: Path) -> None:
+    batch = make_batch("a", k=3)
+    batch = CandidateBatch(**{**vars(batch), "pin_ids": np.array(["p-1", "p-2", "p-3"]),
+                              "model_version": None, "user_locale": None})
+    table = batch.to_table()
+    assert table["pin_id"].to_pylist() == ["p-1", "p-2", "p-3"]
+    assert table["model_version"].null_count == 3 and table["user_locale"].null_count == 3
+    assert table.schema.field("f_visits").type == pa.float32()
