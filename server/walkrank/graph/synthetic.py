@@ -78,7 +78,7 @@ def generate_graph_tables(
     pin_locale = rng.choice(n_locales, n_pins, p=_zipf(n_locales, 1.2))
     # Pareto weights give power-law degrees; the cap keeps a pin's expected boards well below
     # the board count so deduplication does not flatten the tail.
-    pin_weight = _capped(rng.pareto(1.6, n_pins) + 1.0, n_edges, 0.05 * n_boards)
+    pin_weight = _capped(rng.pareto(1.6, n_pins) + 1.0, n_edges, 0.1 * n_boards)
     board_weight = _capped(rng.pareto(1.3, n_boards) + 1.0, n_edges, 0.05 * n_pins)
 
     pin_group = pin_topic * n_locales + pin_locale

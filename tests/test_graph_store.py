@@ -1,0 +1,188 @@
+"""GraphStore: memory-mapped loading, contract dtypes, id lookup, checksums, synthetic graphs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from walkrank.errors import DataError
+from walkrank.graph.store import ARRAY_FIELDS, GraphStore
+from walkrank.graph.synthetic import (
+    PRESETS,
+    ensure_graph,
+    generate_graph_tables,
+    locale_names,
+)
+
+CONTRACT_DTYPES = {
+    "pin_offsets": np.int64, "board_offsets": np.int64,
+    "pin_adj": np.int32, "board_adj": np.int32,
+    "pin_locale": np.int32, "pin_topic": np.int32, "board_locale": np.int32,
+    "board_topic": np.int32, "pin_key": np.int32, "board_key": np.int32,
+    "pin_quality": np.float32, "pin_created_at": np.float64,
+    "pin_ids_order": np.int32, "board_ids_order": np.int32,
+}
+
+
+def test_contract_fields_dtypes_and_mmap(small_graph: GraphStore) -> None:
+    g = small_graph
+    for name in ARRAY_FIELDS:
+        array = getattr(g, name)
+        assert isinstance(array, np.memmap), name
+        assert not array.flags.writeable, name
+    for name, dtype in CONTRACT_DTYPES.items():
+        assert getattr(g, name).dtype == dtype, name
+    assert g.pin_ids.dtype == np.int64 and g.board_ids.dtype == np.int64
+    assert g.n_locales >= 2 and g.n_topics >= 4
+    assert g.manifest["counts"] == {"pins": g.n_pins, "boards": g.n_boards, "edges": g.n_edges}
+    assert g.manifest["bytes_per_edge"] <= 8.5 + 8 * (g.n_pins + g.n_boards + 2) / g.n_edges
+    np.testing.assert_array_equal(g.pin_key, g.pin_locale * (g.n_topics + 1) + g.pin_topic)
+    np.testing.assert_array_equal(g.board_key, g.board_locale * (g.n_topics + 1) + g.board_topic)
+    assert g.pin_locale.max() <= g.n_locales and g.pin_topic.max() <= g.n_topics
+
+
+def test_id_lookup_round_trip(small_graph: GraphStore) -> None:
+    g = small_graph
+    dense = np.arange(g.n_pins, dtype=np.int32)
+    external = g.pin_external(dense)
+    np.testing.assert_array_equal(g.pin_index(external), dense)
+    assert np.all(np.diff(g.pin_ids_sorted) > 0)
+    np.testing.assert_array_equal(g.pin_ids[g.pin_ids_order], g.pin_ids_sorted)
+    boards = np.arange(g.n_boards)
+    np.testing.assert_array_equal(g.board_index(g.board_external(boards)), boards)
+    # Unknown, out-of-range, text and float forms of ids.
+    first = int(external[0])
+    query = [first, -5, 10**15]
+    assert g.pin_index(query).tolist() == [0, -1, -1]
+    assert g.pin_index([str(first), "not-an-id"]).tolist() == [0, -1]
+    assert g.pin_index(np.array([float(first), 0.5])).tolist() == [0, -1]
+    assert g.pin_index(first).tolist() == [0]
+    assert g.pin_index(np.array([], dtype=np.int64)).shape == (0,)
+    with pytest.raises(DataError, match="out of range"):
+        g.pin_external([g.n_pins])
+
+
+def test_vocab_codes(small_graph: GraphStore) -> None:
+    g = small_graph
+    for i, locale in enumerate(g.locales):
+        assert g.locale_code(locale) == i
+    for i, topic in enumerate(g.topics):
+        assert g.topic_code(topic) == i
+    assert g.locale_code(None) == g.n_locales and g.locale_code("xx") == g.n_locales
+    assert g.topic_code(None) == g.n_topics and g.topic_code("") == g.n_topics
+    assert g.bias_key(1, 2) == 1 * (g.n_topics + 1) + 2
+
+
+def test_locale_slice_by_binary_search(small_graph: GraphStore) -> None:
+    """A locale-biased step takes a contiguous slice of a pin's boards, found by bisection."""
+    g = small_graph
+    t1 = g.n_topics + 1
+    checked = 0
+    for pin in np.argsort(-g.pin_degree())[:50]:
+        boards = g.boards_of(int(pin))
+        keys = g.board_key[boards]
+        for locale in range(g.n_locales + 1):
+            lo, hi = np.searchsorted(keys, [locale * t1, (locale + 1) * t1])
+            expected = boards[g.board_locale[boards] == locale]
+            np.testing.assert_array_equal(boards[lo:hi], expected)
+            checked += expected.size
+    assert checked > 0
+
+
+def _copy(graph: GraphStore, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(graph.path, target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["pin_adj", "board_offsets", "pin_ids_sorted"])
+def test_checksum_tamper_detected(small_graph: GraphStore, tmp_path: Path, name: str) -> None:
+    path = _copy(small_graph, tmp_path)
+    with open(path / f"{name}.npy", "r+b") as f:
+        f.seek(-3, 2)
+        byte = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    GraphStore.load(path)  # an unverified load only maps the files
+    with pytest.raises(DataError, match=rf"{name}\.npy: checksum mismatch for array '{name}'"):
+        GraphStore.load(path, verify=True)
+
+
+def test_missing_array_and_bad_manifest(small_graph: GraphStore, tmp_path: Path) -> None:
+    path = _copy(small_graph, tmp_path)
+    (path / "board_adj.npy").unlink()
+    with pytest.raises(DataError, match="array 'board_adj' is missing"):
+        GraphStore.load(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="format_version 99 is not supported"):
+        GraphStore.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest\.json: unreadable manifest"):
+        GraphStore.load(path)
+    with pytest.raises(DataError, match="graph directory does not exist"):
+        GraphStore.load(tmp_path / "absent")
+
+
+def test_shape_mismatch_detected(small_graph: GraphStore, tmp_path: Path) -> None:
+    path = _copy(small_graph, tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["counts"]["edges"] += 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"pin_adj\.npy: shape .* does not match"):
+        GraphStore.load(path)
+
+
+def test_synthetic_shape() -> None:
+    """Power-law degrees; boards mostly one topic; a board's pins mostly share its locale."""
+    t = generate_graph_tables(n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6,
+                              n_locales=3, seed=5)
+    assert t.edges.num_rows == 30_000
+    pins = t.edges.column("pin_id").to_numpy()
+    boards = t.edges.column("board_id").to_numpy()
+    assert np.unique(pins.astype(np.int64) * 10**10 + boards).size == 30_000
+    _, pin_degree = np.unique(pins, return_counts=True)
+    _, board_degree = np.unique(boards, return_counts=True)
+    assert pin_degree.max() > 6 * pin_degree.mean()
+    assert board_degree.max() > 6 * board_degree.mean()
+
+    pin_row = pins - pins.min()
+    board_row = boards - boards.min()
+    pin_topic = np.asarray(t.pins.column("topic").to_pylist())[pin_row]
+    pin_locale = np.asarray(t.pins.column("locale").to_pylist())[pin_row]
+    board_topic = np.asarray(t.boards.column("topic").to_pylist())[board_row]
+    board_locale = np.asarray(t.boards.column("locale").to_pylist())[board_row]
+    assert np.mean(pin_topic == board_topic) > 0.7
+    assert np.mean(pin_locale == board_locale) > 0.75
+    assert set(pin_locale) == set(locale_names(3))
+
+    again = generate_graph_tables(n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6,
+                                  n_locales=3, seed=5)
+    assert again.edges.equals(t.edges) and again.pins.equals(t.pins)
+    other = generate_graph_tables(n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6,
+                                  n_locales=3, seed=6)
+    assert not other.edges.equals(t.edges)
+
+
+def test_ensure_graph_builds_once_and_rebuilds_when_stale(tmp_path: Path) -> None:
+    path = ensure_graph("tiny", cache_dir=tmp_path)
+    graph = GraphStore.load(path, verify=True)
+    assert graph.n_edges == PRESETS["tiny"]["n_edges"]
+    assert graph.manifest["build"]["source"]["preset"] == "tiny"
+    marker = path / "manifest.json"
+    before = marker.stat().st_mtime_ns
+    assert ensure_graph("tiny", cache_dir=tmp_path) == path
+    assert marker.stat().st_mtime_ns == before
+
+    manifest = json.loads(marker.read_text())
+    manifest["build"]["source"]["seed"] = -1
+    marker.write_text(json.dumps(manifest))
+    ensure_graph("tiny", cache_dir=tmp_path)
+    rebuilt = json.loads(marker.read_text())
+    assert rebuilt["build"]["source"]["seed"] == PRESETS["tiny"]["seed"]
+    with pytest.raises(DataError, match="unknown graph preset 'huge'"):
+        ensure_graph("huge", cache_dir=tmp_path)
