@@ -1,0 +1,293 @@
+"""Pixie walks for one request: validate the query, split the step budget, run the kernels.
+
+The kernels (`walkrank.walks.kernels`) see arrays and scalars only; this module owns
+validation, the budget formula, the bias key range, and the memory each call walks in, so
+concurrent calls from several threads share nothing mutable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from walkrank.errors import ConfigError, DataError
+from walkrank.graph.store import GraphStore
+from walkrank.walks import kernels
+
+BiasBy = Literal["locale", "locale_topic"]
+Counter = Literal["auto", "dense", "hash"]
+
+# Measured by benchmarks/walks.py (--counters): a dense counter costs O(n_pins) to allocate
+# and clear per request, a hash table O(steps) with a probe per visit. Dense wins only while
+# the graph has at most this many pins per step of the request's budget.
+DENSE_MAX_PINS_PER_STEP = 4
+
+
+@dataclass(frozen=True)
+class WalkParams:
+    """Walk settings, shared by every request of a tenant; validated once."""
+
+    steps: int = 100_000
+    restart_probability: float = 0.5
+    early_stop_pins: int = 2000  # n_p; 0 turns early stopping off
+    early_stop_visits: int = 4  # n_v
+    bias_strength: float = 0.0
+    bias_by: BiasBy = "locale"
+    max_candidates: int = 2000
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1,
+            "restart_probability": 0.0 < self.restart_probability <= 1.0,
+            "early_stop_pins": self.early_stop_pins >= 0,
+            "early_stop_visits": self.early_stop_visits >= 1,
+            "bias_strength": 0.0 <= self.bias_strength <= 1.0,
+            "bias_by": self.bias_by in ("locale", "locale_topic"),
+            "max_candidates": self.max_candidates >= 1,
+        }
+        expected = {
+            "steps": "an integer >= 1",
+            "restart_probability": "in (0, 1]",
+            "early_stop_pins": "an integer >= 0 (0 = off)",
+            "early_stop_visits": "an integer >= 1",
+            "bias_strength": "in [0, 1]",
+            "bias_by": "'locale' or 'locale_topic'",
+            "max_candidates": "an integer >= 1",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(
+                    f"walk parameter {name}={getattr(self, name)!r}: expected {expected[name]}"
+                )
+
+
+@dataclass(frozen=True)
+class WalkResult:
+    """Candidates of one walk, aligned arrays sorted by boosted score descending.
+
+    Query pins are never candidates. `steps_per_query` and `unknown` refer to positions in
+    the request's query (unknown pins walked 0 steps).
+    """
+
+    pins: np.ndarray  # int32[k] dense pin ids
+    scores: np.ndarray  # float32[k] multi-hit boosted visit score
+    visits: np.ndarray  # int32[k] raw visits summed over query pins
+    query_hits: np.ndarray  # int32[k] number of query pins whose walk reached the pin
+    degree: np.ndarray  # int32[k] number of boards of the pin
+    steps_walked: int
+    steps_per_query: np.ndarray  # int64[q]
+    unknown: np.ndarray  # int32 positions in the query whose pin is unknown (-1)
+    empty_reason: str | None
+
+    def __len__(self) -> int:
+        return int(self.pins.shape[0])
+
+
+def step_budgets(
+    degrees: np.ndarray, weights: np.ndarray, steps: int, max_degree: int
+) -> np.ndarray:
+    """Pixie's per-query-pin budget `N_q = w_q * N * s_q / sum_r s_r`, rounded to integers.
+
+    `s_q = deg(q) * (C - log deg(q))` with `C = log(max_degree + 1)`: the paper's
+    C = log(max degree) would give the highest-degree pin s_q = 0 and no walk at all; the +1
+    keeps every s_q > 0 and changes C by less than 1/max_degree. Pins without boards get 0.
+    Rounding is largest-remainder, so the budgets add up to round(sum of the real N_q): with
+    unit weights exactly N.
+    """
+    degrees = np.asarray(degrees, np.float64)
+    weights = np.asarray(weights, np.float64)
+    c = math.log(max_degree + 1)
+    safe = np.maximum(degrees, 1.0)
+    scale = np.where(degrees > 0, degrees * (c - np.log(safe)), 0.0)
+    total_scale = scale.sum()
+    if total_scale <= 0:
+        return np.zeros(degrees.shape[0], np.int64)
+    real = weights * steps * scale / total_scale
+    budgets = np.floor(real).astype(np.int64)
+    remainder = int(round(real.sum())) - int(budgets.sum())
+    if remainder > 0:
+        order = np.argsort(-(real - budgets), kind="stable")
+        budgets[order[:remainder]] += 1
+    return budgets
+
+
+def bias_key_range(
+    graph: GraphStore, bias_by: BiasBy, user_locale: int, user_topic: int
+) -> tuple[int, int] | None:
+    """The [lo, hi) range of bias keys (`locale * (T + 1) + topic`) a biased step aims at.
+
+    None (unbiased) when the user's locale is unknown: biasing toward the "missing locale"
+    pins would be noise. An unknown topic under "locale_topic" falls back to the locale.
+    """
+    n_locales, n_topics = len(graph.locales), len(graph.topics)
+    if not -1 <= user_locale <= n_locales:
+        raise DataError(f"user_locale code {user_locale} outside [-1, {n_locales}]")
+    if not -1 <= user_topic <= n_topics:
+        raise DataError(f"user_topic code {user_topic} outside [-1, {n_topics}]")
+    if user_locale < 0 or user_locale == n_locales:
+        return None
+    base = user_locale * (n_topics + 1)
+    if bias_by == "locale_topic" and 0 <= user_topic < n_topics:
+        return base + user_topic, base + user_topic + 1
+    return base, base + n_topics + 1
+
+
+def _table_size(entries: int) -> int:
+    """Power of two at least twice `entries`: linear probing stays short at load <= 0.5."""
+    return 1 << max(4, (2 * max(entries, 1) - 1).bit_length())
+
+
+def _validate_query(
+    graph: GraphStore, query_pins: np.ndarray, query_weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    pins = np.asarray(query_pins)
+    weights = np.asarray(query_weights)
+    if pins.ndim != 1 or weights.ndim != 1:
+        raise DataError(
+            f"query_pins and query_weights must be 1-D, got shapes {pins.shape} and "
+            f"{weights.shape}"
+        )
+    if pins.shape != weights.shape:
+        raise DataError(
+            f"query_pins has {pins.shape[0]} entries but query_weights has {weights.shape[0]}"
+        )
+    if pins.size and not np.issubdtype(pins.dtype, np.integer):
+        raise DataError(f"query_pins must be integer dense ids, got dtype {pins.dtype}")
+    pins = pins.astype(np.int32, copy=False)
+    weights = weights.astype(np.float64, copy=False)
+    bad = np.flatnonzero((pins < -1) | (pins >= graph.n_pins))
+    if bad.size:
+        raise DataError(
+            f"query pin {int(pins[bad[0]])} at position {int(bad[0])} is not a dense id in "
+            f"[0, {graph.n_pins}) nor -1 (unknown)"
+        )
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if bad.size:
+        raise DataError(
+            f"query weight {float(weights[bad[0]])} at position {int(bad[0])} must be finite "
+            "and >= 0"
+        )
+    return pins, weights
+
+
+def _empty(query_length: int, unknown: np.ndarray, reason: str) -> WalkResult:
+    return WalkResult(
+        pins=np.empty(0, np.int32),
+        scores=np.empty(0, np.float32),
+        visits=np.empty(0, np.int32),
+        query_hits=np.empty(0, np.int32),
+        degree=np.empty(0, np.int32),
+        steps_walked=0,
+        steps_per_query=np.zeros(query_length, np.int64),
+        unknown=unknown,
+        empty_reason=reason,
+    )
+
+
+def walk(
+    graph: GraphStore,
+    query_pins: np.ndarray,
+    query_weights: np.ndarray,
+    params: WalkParams,
+    *,
+    user_locale: int = -1,
+    user_topic: int = -1,
+    seed: int = 0,
+    counter: Counter = "auto",
+) -> WalkResult:
+    """Pixie walk from weighted query pins (dense ids, -1 = unknown, ignored and reported).
+
+    Each known query pin walks its own budget with its own early stopping; the per-pin
+    visit counts are combined by multi-hit boosting. Deterministic for a given seed.
+    `counter` picks the visit counter ("auto": by DENSE_MAX_PINS_PER_STEP).
+    """
+    pins, weights = _validate_query(graph, query_pins, query_weights)
+    if counter not in ("auto", "dense", "hash"):
+        raise ConfigError(f"counter={counter!r}: expected 'auto', 'dense' or 'hash'")
+    unknown = np.flatnonzero(pins == -1).astype(np.int32)
+    if pins.shape[0] == 0:
+        return _empty(0, unknown, "empty query")
+    known = np.flatnonzero(pins >= 0)
+    if known.shape[0] == 0:
+        return _empty(pins.shape[0], unknown, "all query pins unknown")
+    key_range = None
+    if params.bias_strength > 0:
+        key_range = bias_key_range(graph, params.bias_by, user_locale, user_topic)
+
+    offsets = graph.pin_offsets
+    known_pins = pins[known]
+    degrees = np.asarray(offsets[known_pins + 1] - offsets[known_pins], np.int64)
+    max_degree = int(graph.manifest["degree"]["pin_max"])
+    budgets = np.zeros(pins.shape[0], np.int64)
+    budgets[known] = step_budgets(degrees, weights[known], params.steps, max_degree)
+    total_budget = int(budgets.sum())
+    if total_budget == 0:
+        return _empty(pins.shape[0], unknown, "no steps to walk: query pins have no boards "
+                                              "or zero weight")
+
+    dense = counter == "dense" or (
+        counter == "auto" and graph.n_pins <= DENSE_MAX_PINS_PER_STEP * total_budget
+    )
+    max_budget = int(budgets.max())
+    if dense:
+        keys = np.empty(1, np.int32)
+        visits = np.zeros(graph.n_pins, np.int32)
+        g_keys = np.empty(1, np.int32)
+        g_size = graph.n_pins
+    else:
+        keys = np.full(_table_size(max_budget), kernels.EMPTY, np.int32)
+        visits = np.zeros(keys.shape[0], np.int32)
+        g_keys = np.full(_table_size(total_budget), kernels.EMPTY, np.int32)
+        g_size = g_keys.shape[0]
+    touched = np.empty(min(max_budget, graph.n_pins), np.int32)
+    g_root_sum = np.zeros(g_size, np.float64)
+    g_visits = np.zeros(g_size, np.int32)
+    g_hits = np.zeros(g_size, np.int32)
+    g_touched = np.empty(min(total_budget, graph.n_pins), np.int32)
+
+    restart_threshold = np.uint64(min(params.restart_probability * 2**32, 2**32))
+    bias_threshold = np.uint64(0)
+    key_lo = key_hi = 0
+    if key_range is not None:
+        bias_threshold = np.uint64(min(params.bias_strength * 2**32, 2**32))
+        key_lo, key_hi = key_range
+    seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+
+    steps_per_query = np.zeros(pins.shape[0], np.int64)
+    g_count = 0
+    for position in known:
+        if budgets[position] == 0:
+            continue
+        done, n_touched = kernels.walk_query_pin(
+            graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
+            graph.pin_key, graph.board_key, np.int32(pins[position]), np.int64(budgets[position]),
+            restart_threshold, bias_threshold, np.int32(key_lo), np.int32(key_hi),
+            np.int64(params.early_stop_pins), np.int64(params.early_stop_visits),
+            seed64, np.uint64(position), dense, keys, visits, touched,
+        )
+        steps_per_query[position] = done
+        g_count = kernels.merge_query_visits(
+            dense, keys, visits, touched, n_touched, g_keys, g_root_sum, g_visits, g_hits,
+            g_touched, g_count,
+        )
+
+    query_sorted = np.unique(known_pins)
+    out = kernels.top_candidates(
+        dense, g_keys, g_root_sum, g_visits, g_hits, g_touched, g_count, query_sorted,
+        params.max_candidates, graph.pin_offsets,
+    )
+    cand_pins, scores, cand_visits, hits, cand_degree = out
+    return WalkResult(
+        pins=cand_pins,
+        scores=scores,
+        visits=cand_visits,
+        query_hits=hits,
+        degree=cand_degree,
+        steps_walked=int(steps_per_query.sum()),
+        steps_per_query=steps_per_query,
+        unknown=unknown,
+        empty_reason=None if cand_pins.shape[0] else "walks reached no pin besides the query",
+    )
