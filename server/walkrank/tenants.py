@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # A tenant's name is also a directory name in the model registry: keep it a safe path component.
 TENANT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
-# Event and action types are open-ended (the client names them), but must look like names.
+# A client's query actions are open-ended (it names them), but must look like names.
 _EVENT_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _METRIC_RE = re.compile(r"(?P<name>[a-z_]+)@(?P<k>[0-9]+)")
 
@@ -37,12 +37,10 @@ OBJECTIVES = ("binary", "pairwise", "regression")
 CONVERTERS = ("onnxmltools", "hummingbird")
 LABEL_STRATEGIES = ("engagement", "funnel", "blended_funnel", "distillation")
 PRIMARY_METRICS = ("recall_actions", "recall_impressions", "ndcg")
-# Event types with a fixed meaning in every label strategy; every other type is an action.
 IMPRESSION = "impression"
-HIDE = "hide"
 
 DEFAULT_ACTION_WEIGHTS = {"save": 1.0, "click": 0.5, "view": 0.2}
-DEFAULT_LABEL_WEIGHTS = {IMPRESSION: 1.0, "closeup": 2.0, "click": 3.0, "save": 5.0, HIDE: 1.0}
+DEFAULT_LABEL_WEIGHTS = {IMPRESSION: 1.0, "closeup": 2.0, "click": 3.0, "save": 5.0, "hide": 1.0}
 
 # Typo guards, not tuning: values past these are far outside any sensible request budget.
 MAX_STEPS = 10_000_000
@@ -123,8 +121,10 @@ class LabelsConfig:
 
     @property
     def action_types(self) -> tuple[str, ...]:
-        """Event types that count as a user action (everything but impression and hide)."""
-        return tuple(e for e in self.weights if e not in (IMPRESSION, HIDE))
+        """The weighted event types that are user actions (`walkrank.events.ACTION_EVENTS`)."""
+        from walkrank.events import ACTION_EVENTS
+
+        return tuple(e for e in self.weights if e in ACTION_EVENTS)
 
 
 @dataclass(frozen=True)
@@ -546,8 +546,16 @@ def _ranker(section: _Fields) -> RankerConfig:
 
 
 def _labels(section: _Fields, ranker: RankerConfig, candidates: CandidatesConfig) -> LabelsConfig:
+    from walkrank.events import ACTION_EVENTS, EVENT_TYPES
+
     strategy = section.choice("strategy", LABEL_STRATEGIES, "blended_funnel")
     weights = section.weights("weights", DEFAULT_LABEL_WEIGHTS)
+    for event in weights:
+        if event not in EVENT_TYPES:
+            close = difflib.get_close_matches(event, EVENT_TYPES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            section.fail(f"weights.{event}", f"unknown event type{hint}; known event types: "
+                                             f"{', '.join(EVENT_TYPES)}")
     local = section.number("local_label_weight", 1.0, low=1.0, high=None)
     negative_rate = section.number("negative_sample_rate", 1.0, low=0.0, high=1.0, low_open=True)
     metric = section.text("primary_metric", "recall_actions@50")
@@ -566,11 +574,11 @@ def _labels(section: _Fields, ranker: RankerConfig, candidates: CandidatesConfig
         needed = "regression" if strategy == "distillation" else "binary or pairwise"
         section.fail("strategy", f"strategy {strategy} needs ranker.objective {needed}, "
                                  f"got {ranker.objective}")
-    actions = [e for e, w in weights.items() if e not in (IMPRESSION, HIDE) and w > 0]
+    actions = [e for e, w in weights.items() if e in ACTION_EVENTS and w > 0]
     if strategy in ("funnel", "blended_funnel") and weights.get(IMPRESSION, 0.0) <= 0:
         section.fail("weights", f"strategy {strategy} needs an {IMPRESSION} weight > 0")
     if strategy in ("engagement", "blended_funnel") and not actions:
         section.fail("weights", f"strategy {strategy} needs at least one action weight > 0 "
-                                f"(an event type other than {IMPRESSION} and {HIDE})")
+                                f"(one of {', '.join(ACTION_EVENTS)})")
     section.done()
     return LabelsConfig(strategy, weights, local, negative_rate, metric)
