@@ -1,0 +1,53 @@
+"""`walkrank events import FILE`: bring a team's own labels into the event log."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from walkrank.cli._config import DEFAULT_CONFIG, add_config_argument
+from walkrank.events import EVENT_TYPES, import_events
+from walkrank.serving.config import load_server_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("events", help="downstream events (labels)")
+    commands = group.add_subparsers(dest="events_command", required=True, metavar="COMMAND")
+    importer = commands.add_parser(
+        "import",
+        help="validate an events file and add its rows to the event log",
+        description="Columns: request_id, pin_id, event, optional timestamp (epoch seconds or "
+        f"ISO 8601, UTC), optional score. Event types: {', '.join(EVENT_TYPES)}.",
+    )
+    importer.add_argument("file", type=Path, help="CSV (optionally .gz/.bz2/.zst) or Parquet")
+    importer.add_argument("--logs", type=Path,
+                          help="log root; events go under LOGS/events/ (default: the server "
+                          "config's logs_dir, as `walkrank serve` would log)")
+    add_config_argument(importer)
+    importer.set_defaults(func=_import)
+
+
+def _logs_dir(args: argparse.Namespace) -> Path:
+    # The same rule as the other commands, without building the demo graph just to find logs.
+    if args.logs is not None:
+        return args.logs
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is not None:
+        return load_server_config(path).logs_dir
+    from walkrank.demo.world import DEMO_HOME
+
+    return DEMO_HOME.resolve() / "logs"
+
+
+def _import(args: argparse.Namespace) -> int:
+    logs = _logs_dir(args)
+    accepted, report = import_events(args.file, logs)
+    print(f"{args.file}: {accepted} accepted, {report.count} rejected; "
+          f"written under {logs / 'events'}")
+    if report.count:
+        problems = ", ".join(f"{problem}: {n}" for problem, n in report.by_problem.items())
+        print(f"rejected by problem: {problems}")
+        # Row 1 is the first data row (a CSV's line 2, after the header).
+        for line in report.lines(row_offset=1):
+            print(f"  {line}")
+    return 0
