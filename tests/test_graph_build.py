@@ -356,3 +356,18 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
                  "--out", str(tmp_path / "g")])
     assert code == 2
     assert "missing.csv: edges file not found" in capsys.readouterr().err
+
+
+def test_edge_times_fill_missing_pin_creation(tmp_path: Path) -> None:
+    edges = tmp_path / "edges.csv"
+    edges.write_text("pin_id,board_id,created_at\n"
+                     "1,5,2024-01-02T00:00:00\n1,6,2024-01-01T00:00:00\n2,5,2024-03-01T00:00:00\n")
+    pins = write_table(tmp_path / "pins.parquet", {
+        "pin_id": [1, 2], "created_at": [None, 7.0], "promoted": [True, False]})
+    build_graph(tmp_path / "g", edges, pins)
+    graph = GraphStore.load(tmp_path / "g")
+    p = graph.pin_index([1, 2])
+    # Pin 1 has no creation time of its own: its earliest edge (2024-01-01) stands in.
+    assert graph.pin_created_at[p].tolist() == [1_704_067_200.0, 7.0]
+    assert graph.pin_columns["promoted"][p].tolist() == [1.0, 0.0]
+    assert graph.manifest["schema"]["pin_columns"] == ["promoted"]

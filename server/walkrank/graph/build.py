@@ -641,6 +641,7 @@ def _write(out: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -
         raise DataError(f"{out}: directory is not empty and holds no graph; refusing to replace")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a graph directory is shared read-only data
     try:
         checksums = {}
         for name, values in arrays.items():

@@ -23,7 +23,7 @@ from walkrank.graph.build import PruneOptions, build_graph, sorted_unique
 from walkrank.graph.store import read_manifest
 
 #: Bump when the generator's output changes, so cached graphs are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 LOCALE_NAMES = ("en", "ja", "de", "fr", "es", "pt", "it", "ko", "nl", "sv")
 #: Fixed reference instant so pin creation times are reproducible (2025-06-15 UTC).
