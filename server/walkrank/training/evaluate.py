@@ -1,0 +1,315 @@
+"""Offline evaluation: two orders over the same logged candidates, compared per request.
+
+The candidate log holds every generated candidate with the features it was served with, so a
+model can be replayed on exactly the candidates the walk produced, and compared with the order
+it replaces (visit count, or the model currently serving) without serving a single request.
+Every metric is computed per request and averaged over the requests where it is defined,
+because a ranker only ever orders candidates within one request:
+
+- `recall_impressions@K`: share of the impressed pins in the top K (funnel efficiency: how much
+  of what the full ranker ended up showing the light ranker would have passed on);
+- `recall_actions@K`: the same for actioned pins (click, save, closeup, ...);
+- `ndcg@K`: NDCG with the tenant's label weights as gains (a pin's gain is the largest weight
+  of its events; hides and unlabelled pins gain 0);
+- `auc`: impressed against not impressed, per request (ties count half);
+- `local_share@K`: share of the top K whose locale matches the user's (`f_locale_match`).
+
+`train` uses the same functions for its before/after comparison, so the numbers it prints
+are the numbers `walkrank evaluate` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from walkrank.errors import DataError
+from walkrank.events import ACTION_EVENTS
+from walkrank.training.labels import DEFAULT_EVENT_WEIGHT, locale_matches
+
+LOCALE_MATCH_COLUMN = "f_locale_match"
+METRICS = ("recall_impressions", "recall_actions", "ndcg", "auc", "local_share")
+"""Metric names in report order; all but `auc` are reported at a cut-off K (`name@K`)."""
+_AT_K = ("recall_impressions", "recall_actions", "ndcg", "local_share")
+
+
+@dataclass(frozen=True, eq=False)
+class Targets:
+    """What happened to each logged candidate, aligned with the rows being evaluated.
+
+    `request` numbers the requests 0..n-1 (any row order); `local` is None when the log has no
+    locale-match feature, and `local_share` is then not reported.
+    """
+
+    request: np.ndarray  # int64
+    impressed: np.ndarray  # bool
+    actioned: np.ndarray  # bool
+    gain: np.ndarray  # float64, >= 0
+    local: np.ndarray | None  # bool
+
+    def __post_init__(self) -> None:
+        n = len(self.request)
+        for name in ("impressed", "actioned", "gain", "local"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise DataError(f"evaluation targets: {name} has {len(value)} rows, "
+                                f"request has {n}")
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.request.max()) + 1 if len(self.request) else 0
+
+
+def targets_from_joined(joined: pa.Table, weights: Mapping[str, float]) -> Targets:
+    """Targets from a `join_candidates_events` table and the tenant's label weights.
+
+    Actions and their default weight follow `walkrank.training.labels`: an action type absent
+    from `weights` weighs `DEFAULT_EVENT_WEIGHT`, and one weighted 0 is not an action.
+    """
+    _, request = np.unique(joined.column("request_id").to_numpy(zero_copy_only=False),
+                           return_inverse=True)
+    impressed = _bool_column(joined, "impressed")
+    actioned = np.zeros(joined.num_rows, dtype=bool)
+    gain = np.where(impressed, max(weights.get("impression", DEFAULT_EVENT_WEIGHT), 0.0), 0.0)
+    for event in ACTION_EVENTS:
+        weight = float(weights.get(event, DEFAULT_EVENT_WEIGHT))
+        column = f"n_{event}"
+        if weight <= 0 or column not in joined.column_names:
+            continue
+        happened = np.asarray(pc.fill_null(joined.column(column), 0).to_numpy()) > 0
+        actioned |= happened
+        gain = np.where(happened, np.maximum(gain, weight), gain)
+    if "n_hide" in joined.column_names:
+        gain = np.where(np.asarray(pc.fill_null(joined.column("n_hide"), 0).to_numpy()) > 0,
+                        0.0, gain)
+    local = None
+    if LOCALE_MATCH_COLUMN in joined.column_names:
+        local = locale_matches(joined)
+    return Targets(request.astype(np.int64), impressed, actioned, gain.astype(np.float64), local)
+
+
+def _bool_column(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        raise DataError(f"joined candidates have no {name!r} column "
+                        f"(columns: {', '.join(table.column_names)})")
+    return np.asarray(pc.fill_null(table.column(name), False).to_numpy(zero_copy_only=False),
+                      dtype=bool)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def _positions(request: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort rows by request, then key descending (row order breaks ties); returns the order
+    and each sorted row's 0-based position within its request."""
+    n = len(request)
+    order = np.lexsort((np.arange(n), -key, request))
+    sorted_request = request[order]
+    starts = np.flatnonzero(np.r_[True, sorted_request[1:] != sorted_request[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))
+    return order, np.arange(n) - first
+
+
+def _mean_where(numerator: np.ndarray, denominator: np.ndarray) -> tuple[float, int]:
+    defined = denominator > 0
+    count = int(defined.sum())
+    if count == 0:
+        return math.nan, 0
+    return float(np.mean(numerator[defined] / denominator[defined])), count
+
+
+def _auc(targets: Targets, scores: np.ndarray) -> tuple[float, int]:
+    """Per-request AUC of impressed vs not (Mann-Whitney with average ranks for ties)."""
+    n = len(scores)
+    m = targets.n_requests
+    order = np.lexsort((scores, targets.request))
+    req = targets.request[order]
+    s = scores[order]
+    starts = np.flatnonzero(np.r_[True, req[1:] != req[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))
+    rank = (np.arange(n) - first + 1).astype(np.float64)
+    # Equal scores in one request share their average rank.
+    run_starts = np.flatnonzero(np.r_[True, (req[1:] != req[:-1]) | (s[1:] != s[:-1])])
+    run_lengths = np.diff(np.r_[run_starts, n])
+    run_mean = np.add.reduceat(rank, run_starts) / run_lengths
+    rank = np.repeat(run_mean, run_lengths)
+    positive = targets.impressed[order]
+    n_pos = np.bincount(req, weights=positive, minlength=m)
+    n_all = np.bincount(req, minlength=m).astype(np.float64)
+    n_neg = n_all - n_pos
+    rank_sum = np.bincount(req, weights=rank * positive, minlength=m)
+    u = rank_sum - n_pos * (n_pos + 1) / 2
+    return _mean_where(u, n_pos * n_neg)
+
+
+def ranking_metrics(targets: Targets, scores: np.ndarray, k: int) -> dict[str, float]:
+    """Every metric of `METRICS` for one order (higher score = earlier), keyed `name@K`
+    (`auc` without K). A metric no request defines (no impressions at all) is NaN."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != targets.request.shape:
+        raise DataError(f"evaluation: {scores.shape[0]} scores for {len(targets.request)} "
+                        "candidates")
+    if not np.isfinite(scores).all():
+        raise DataError("evaluation: scores contain NaN or infinite values")
+    if k < 1:
+        raise DataError(f"evaluation: K must be >= 1, got {k}")
+    m = targets.n_requests
+    order, position = _positions(targets.request, scores)
+    req = targets.request[order]
+    top = position < k
+    metrics: dict[str, float] = {}
+    for name, relevant in (("recall_impressions", targets.impressed),
+                           ("recall_actions", targets.actioned)):
+        hits = np.bincount(req, weights=relevant[order] & top, minlength=m)
+        total = np.bincount(req, weights=relevant[order], minlength=m)
+        metrics[f"{name}@{k}"] = _mean_where(hits, total)[0]
+    discount = 1.0 / np.log2(position + 2.0)
+    dcg = np.bincount(req, weights=targets.gain[order] * discount * top, minlength=m)
+    ideal_order, ideal_position = _positions(targets.request, targets.gain)
+    ideal_gain = targets.gain[ideal_order] * (ideal_position < k) / np.log2(ideal_position + 2.0)
+    idcg = np.bincount(targets.request[ideal_order], weights=ideal_gain, minlength=m)
+    metrics[f"ndcg@{k}"] = _mean_where(dcg, idcg)[0]
+    metrics["auc"] = _auc(targets, scores)[0]
+    if targets.local is not None:
+        local_top = np.bincount(req, weights=targets.local[order] & top, minlength=m)
+        shown = np.bincount(req, weights=top, minlength=m)
+        metrics[f"local_share@{k}"] = _mean_where(local_top, shown)[0]
+    return metrics
+
+
+# --- comparison and reports --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two orders of the same candidates on the same requests: `candidate` against `baseline`
+    (visit count or the serving model)."""
+
+    baseline: str
+    candidate: str
+    k: int
+    requests: int
+    candidates: int
+    baseline_metrics: dict[str, float]
+    candidate_metrics: dict[str, float]
+    window: dict[str, str | None] = field(default_factory=dict)
+
+    def lift(self) -> dict[str, float]:
+        """Relative change per metric (candidate / baseline - 1); NaN where undefined."""
+        lifts = {}
+        for name, before in self.baseline_metrics.items():
+            after = self.candidate_metrics.get(name, math.nan)
+            lifts[name] = after / before - 1.0 if before and math.isfinite(before) else math.nan
+        return lifts
+
+    def worse_on(self, metric: str) -> bool:
+        """True when the candidate scores strictly below the baseline on `metric`."""
+        return _value(self.candidate_metrics, metric) < _value(self.baseline_metrics, metric)
+
+    def describe(self, metric: str) -> str:
+        return (f"{metric}: {self.candidate} {_value(self.candidate_metrics, metric):.4f} vs "
+                f"{self.baseline} {_value(self.baseline_metrics, metric):.4f}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline, "candidate": self.candidate, "k": self.k,
+            "requests": self.requests, "candidates": self.candidates, "window": self.window,
+            "metrics": {name: {"baseline": _json_number(self.baseline_metrics[name]),
+                               "candidate": _json_number(self.candidate_metrics.get(name)),
+                               "lift": _json_number(lift)}
+                        for name, lift in self.lift().items()},
+        }
+
+    def table(self) -> str:
+        """A Markdown table: metric, baseline, candidate, lift."""
+        lines = [f"| metric | {self.baseline} | {self.candidate} | lift |",
+                 "| --- | ---: | ---: | ---: |"]
+        for name, lift in self.lift().items():
+            lines.append(f"| {name} | {_fmt(self.baseline_metrics[name])} | "
+                         f"{_fmt(self.candidate_metrics.get(name, math.nan))} | "
+                         f"{_fmt_lift(lift)} |")
+        return "\n".join(lines)
+
+
+def _value(metrics: Mapping[str, float], metric: str) -> float:
+    if metric not in metrics:
+        raise DataError(f"evaluation: no metric {metric!r} (have {', '.join(metrics)})")
+    return metrics[metric]
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.4f}"
+
+
+def _fmt_lift(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value * 100:+.1f}%"
+
+
+def compare(targets: Targets, candidate_scores: np.ndarray, baseline_scores: np.ndarray, *,
+            k: int, candidate: str, baseline: str,
+            window: dict[str, str | None] | None = None) -> Comparison:
+    """Compare two score vectors over the same candidates (higher = ranked earlier)."""
+    return Comparison(
+        baseline=baseline, candidate=candidate, k=k, requests=targets.n_requests,
+        candidates=len(targets.request),
+        baseline_metrics=ranking_metrics(targets, baseline_scores, k),
+        candidate_metrics=ranking_metrics(targets, candidate_scores, k),
+        window=dict(window or {}),
+    )
+
+
+def write_reports(comparison: Comparison, out_dir: Path, *, title: str) -> dict[str, Path]:
+    """Write evaluation.json, evaluation.md and evaluation.png (lift per metric) to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "evaluation.json", "markdown": out_dir / "evaluation.md",
+             "chart": out_dir / "evaluation.png"}
+    document = {"title": title, **comparison.to_dict()}
+    paths["json"].write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    window = ", ".join(f"{key} {value}" for key, value in comparison.window.items() if value)
+    paths["markdown"].write_text(
+        f"# {title}\n\n{comparison.requests} requests, {comparison.candidates} logged "
+        f"candidates{f' ({window})' if window else ''}; K = {comparison.k}.\n\n"
+        f"{comparison.table()}\n")
+    _write_chart(comparison, paths["chart"], title)
+    return paths
+
+
+def _write_chart(comparison: Comparison, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    names = list(comparison.baseline_metrics)
+    before = [comparison.baseline_metrics[n] for n in names]
+    after = [comparison.candidate_metrics.get(n, math.nan) for n in names]
+    lifts = comparison.lift()
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.bar(x - 0.2, np.nan_to_num(before), width=0.4, label=comparison.baseline, color="#9e9e9e")
+    ax.bar(x + 0.2, np.nan_to_num(after), width=0.4, label=comparison.candidate, color="#e60023")
+    for i, name in enumerate(names):
+        top = max(np.nan_to_num(before[i]), np.nan_to_num(after[i]))
+        ax.annotate(_fmt_lift(lifts[name]), (x[i], top), ha="center", va="bottom",
+                    xytext=(0, 3), textcoords="offset points", fontsize=9)
+    ax.set_xticks(x, names, rotation=15)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("mean per request")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
