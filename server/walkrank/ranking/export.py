@@ -91,7 +91,7 @@ def export_model(
         },
         "n_trees": len(trees),
         "max_depth": max(_depth(tree) for tree in trees),
-        "gate": report.as_dict(),
+        "gate": {"passed": True, **report.as_dict()},
         "served_engine": scorer.engine,
         "served_engine_reason": scorer.reason,
         "served_max_abs_diff": max_diff,

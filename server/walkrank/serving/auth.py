@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 
 import grpc
+
 from walkrank.serving.config import AuthConfig
 from walkrank.serving.errors import PermissionDenied, Unauthenticated
 

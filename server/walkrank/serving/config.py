@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from walkrank.errors import ConfigError
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"

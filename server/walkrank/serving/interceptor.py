@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+
 from walkrank.errors import ConfigError, DataError, ModelError, WalkRankError
 from walkrank.serving.errors import RequestError
 

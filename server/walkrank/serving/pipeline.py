@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from walkrank.candidate_log import CandidateBatch, CandidateLog
 from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
@@ -103,8 +104,10 @@ def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarra
 class Stopwatch:
     """Stage timings in milliseconds, and the deadline checked between stages."""
 
-    def __init__(self, time_remaining: Callable[[], float | None]) -> None:
+    def __init__(self, time_remaining: Callable[[], float | None], default_budget_s: float
+                 ) -> None:
         self._time_remaining = time_remaining
+        self._default_budget_s = default_budget_s
         self._last = time.perf_counter()
         self._start = self._last
         self.timing_ms: dict[str, float] = {}
@@ -114,7 +117,9 @@ class Stopwatch:
         self.timing_ms[stage] = (now - self._last) * 1e3
         self._last = now
         remaining = self._time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is None:  # the caller set no deadline: the tenant's default applies
+            remaining = self._default_budget_s - (now - self._start)
+        if remaining <= 0:
             raise DeadlineExceeded(f"deadline exceeded after the {stage} stage")
 
     def total(self) -> None:
@@ -137,11 +142,16 @@ def recommend(
     now: float | None = None,
 ) -> RecommendOutput:
     config = runtime.config
-    clock = Stopwatch(time_remaining)
+    clock = Stopwatch(time_remaining, config.limits.deadline_ms / 1e3)
     weights, num_results = validate(request, runtime)
 
-    dense = graph.pin_index(list(request.query_pins))
-    unknown = tuple(request.query_pins[i] for i in np.flatnonzero(dense < 0))
+    query_pins = np.asarray(request.query_pins, dtype=object)
+    if len(query_pins) > config.query.max_pins:
+        # The tenant walks from its `max_pins` heaviest query pins; ties keep request order.
+        keep = np.sort(np.argsort(-weights, kind="stable")[:config.query.max_pins])
+        query_pins, weights = query_pins[keep], weights[keep]
+    dense = graph.pin_index(query_pins.tolist())
+    unknown = tuple(query_pins[i] for i in np.flatnonzero(dense < 0))
     locale = graph.locale_code(request.locale or None)
     interests = np.array([graph.topic_code(t) for t in request.interests], dtype=np.int32)
     user_topic = int(interests[0]) if len(interests) else -1

@@ -12,6 +12,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from walkrank.candidate_log import CandidateLog
 from walkrank.errors import ConfigError
 from walkrank.events import EventLog
@@ -112,7 +113,7 @@ class WalkRankServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
         for name, runtime in runtimes.items():
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            version = runtime.model.version.version if runtime.model is not None else 0
+            version = runtime.model.version if runtime.model is not None else 0
             self.metrics.model_version.labels(name).set(version)
         self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         return report

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import grpc
 import yaml
+
 from walkrank.candidate_log import CandidateLog
 from walkrank.errors import WalkRankError
 from walkrank.events import EventLog, validate_events

@@ -88,7 +88,7 @@ class TenantRuntime:
 
     @property
     def model_version(self) -> str:
-        return f"v{self.model.version.version}" if self.model is not None else VISIT_COUNT
+        return f"v{self.model.version}" if self.model is not None else VISIT_COUNT
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class TenantTable:
                        errors: dict[str, str]) -> TenantRuntime:
         current = self.registry.current(config.name)
         if (previous is not None and previous.config == config and previous.model is not None
-                and current is not None and previous.model.version.version == current.version):
+                and current is not None and previous.model.version == current.version):
             return previous
         try:
             loaded = load_runtime_model(self.registry, config)
