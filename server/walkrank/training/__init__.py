@@ -1,0 +1,1 @@
+"""Offline training for each tenant: labels from the candidate log and events, then models."""
