@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import generate_graph_tables

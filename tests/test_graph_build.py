@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import PruneOptions, build_graph

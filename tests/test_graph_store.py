@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from walkrank.errors import DataError
 from walkrank.graph.store import ARRAY_FIELDS, GraphStore
 from walkrank.graph.synthetic import (

@@ -41,7 +41,7 @@ CATEGORICAL_COLUMNS = ("locale", "topic")
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """Pixie build-time pruning (Eksombatchai et al. 2018, section 3.3); None switches one off.
+    """Pixie build-time pruning (Eksombatchai et al. 2018, graph pruning); None switches one off.
 
     max_board_entropy: drop boards whose topic distribution over their pins has a normalised
         entropy (H / log T, in [0, 1]) above this: diverse boards make walks drift.
