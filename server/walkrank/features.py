@@ -98,7 +98,7 @@ class RequestContext:
         if bad_weight.any():
             position = int(np.flatnonzero(bad_weight)[0])
             raise DataError(
-                f"request: query_weights[{position}] = {weights[position]!r}; weights must be "
+                f"request: query_weights[{position}] = {float(weights[position])}; weights must be "
                 "finite and >= 0"
             )
         out_of_range = (pins < -1) | (pins >= graph.n_pins)
@@ -152,6 +152,19 @@ class _Batch:
     @cached_property
     def created_at(self) -> np.ndarray:
         return np.asarray(self.graph.pin_created_at)[self.pins]
+
+    @cached_property
+    def interested(self) -> np.ndarray:
+        """bool[n_topics + 1]: topic code -> in the user's interests.
+
+        Only real topic codes count, so a request built with unknown (missing-code) or repeated
+        interests gives the same features as `RequestContext.from_request`, and the missing
+        code never matches a pin without a topic.
+        """
+        interests = self.request.user_interests
+        mask = np.zeros(self.n_topics + 1, dtype=bool)
+        mask[interests[(interests >= 0) & (interests < self.n_topics)]] = True
+        return mask
 
     @cached_property
     def query_weight_total(self) -> float:
@@ -231,7 +244,7 @@ def _walk_score_share(b: _Batch) -> np.ndarray:
     total = float(b.walk.scores.sum(dtype=np.float64))
     if total <= 0.0:
         return np.zeros(b.pins.size)
-    return b.walk.scores / total
+    return b.walk.scores / np.float64(total)
 
 
 @_feature("candidate_degree", "graph", 0.0, "number of boards the candidate pin is on")
@@ -290,7 +303,7 @@ def _user_locale_missing(b: _Batch) -> np.ndarray:
 
 @_feature("user_interest_count", "user", 0.0, "number of the user's interests known to the graph")
 def _user_interest_count(b: _Batch) -> np.ndarray:
-    return np.full(b.pins.size, b.request.user_interests.size)
+    return np.full(b.pins.size, np.count_nonzero(b.interested))
 
 
 # --- query: the candidate against the query pins -------------------------------------------
@@ -344,11 +357,7 @@ def _locale_match(b: _Batch) -> np.ndarray:
     "1 when the pin's topic is one of the user's interests; 0 when its topic is missing",
 )
 def _topic_in_interests(b: _Batch) -> np.ndarray:
-    interests = b.request.user_interests
-    interested = np.zeros(b.n_topics + 1, dtype=bool)
-    # Only real topic codes: the missing code must never match a pin without a topic.
-    interested[interests[(interests >= 0) & (interests < b.n_topics)]] = True
-    return interested[b.topic]
+    return b.interested[b.topic]
 
 
 FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(_SPECS)
