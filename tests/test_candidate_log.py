@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+
 from walkrank.candidate_log import CandidateBatch, CandidateLog, read_candidates
 from walkrank.errors import DataError
 

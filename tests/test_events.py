@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from walkrank.cli import main
 from walkrank.errors import DataError
 from walkrank.events import (
