@@ -103,13 +103,13 @@ def holey_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
 
 
 def _request(graph: GraphStore, n_query: int, locale: str | None, interests: list[str],
-             steps: int, seed: int) -> tuple[WalkResult, RequestContext]:
+             steps: int, seed: int, now: float = NOW) -> tuple[WalkResult, RequestContext]:
     """A real walk from high- and mid-degree pins (plus one unknown pin) and its request."""
     degree = np.diff(graph.pin_offsets)
     by_degree = np.argsort(-degree, kind="stable")
     dense = np.r_[by_degree[: n_query - 1], by_degree[graph.n_pins // 3], -1].astype(np.int32)
     weights = np.linspace(0.25, 2.0, dense.size).astype(np.float32)
-    context = RequestContext.from_request(graph, locale, interests, dense, weights, NOW)
+    context = RequestContext.from_request(graph, locale, interests, dense, weights, now)
     result = walk(graph, dense, weights, WalkParams(steps=steps, early_stop_pins=0),
                   user_locale=context.user_locale, seed=seed)
     return result, context
@@ -271,11 +271,19 @@ def test_check_feature_list_names_the_difference() -> None:
 
 
 def test_two_thousand_candidates_in_one_batch(holey_graph: GraphStore) -> None:
-    """The serving size: one matrix for 2,000 candidates, still equal to the reference."""
-    result, context = _request(holey_graph, 8, "ja", ["topic05"], steps=300_000, seed=7)
+    """The serving size: one matrix for 2,000 candidates, still equal to the reference.
+
+    The request time lies inside the pins' creation range, so ages are clipped at 0 too.
+    """
+    a_year_earlier = REFERENCE_EPOCH - 365 * 86_400.0
+    result, context = _request(holey_graph, 8, "ja", ["topic05"], steps=300_000, seed=7,
+                               now=a_year_earlier)
     assert len(result) == WalkParams().max_candidates == 2_000
     matrix = compute_features(holey_graph, result, context, feature_names())
     assert matrix.shape == (2_000, len(FEATURES))
     assert matrix.flags.c_contiguous
+    created_later = holey_graph.pin_created_at[result.pins] > a_year_earlier
+    assert 0 < created_later.sum() < len(result)
+    assert (matrix[created_later, feature_names().index("pin_age_days")] == 0.0).all()
     np.testing.assert_allclose(matrix, reference_features(holey_graph, result, context),
                                rtol=1e-6, atol=0)
