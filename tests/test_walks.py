@@ -1,0 +1,397 @@
+"""Pixie walks: properties that fail if the walk, the budget, boosting or bias were wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from walkrank.cli import main
+from walkrank.errors import ConfigError, DataError
+from walkrank.graph.build import build_graph
+from walkrank.graph.store import GraphStore
+from walkrank.graph.synthetic import generate_graph_tables
+from walkrank.walks import WalkParams, WalkResult, kernels, step_budgets, walk
+
+FIELDS = ("pins", "scores", "visits", "query_hits", "degree", "steps_per_query", "unknown")
+
+
+def _same(a: WalkResult, b: WalkResult) -> bool:
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in FIELDS) and (
+        a.steps_walked == b.steps_walked and a.empty_reason == b.empty_reason
+    )
+
+
+def _query(graph: GraphStore, n: int, seed: int) -> np.ndarray:
+    degree = np.diff(graph.pin_offsets)
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.flatnonzero(degree > 0), n, replace=False).astype(np.int32)
+
+
+def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: int = 3,
+              bias: float = 0.0, key_range: tuple[int, int] = (0, 0)):
+    """Kernel-level walk from one pin with a hash counter; returns (steps, {pin: visits})."""
+    size = 1 << (2 * budget - 1).bit_length()
+    keys = np.full(size, kernels.EMPTY, np.int32)
+    visits = np.zeros(size, np.int32)
+    touched = np.empty(budget, np.int32)
+    done, n_touched = kernels.walk_query_pin(
+        graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj, graph.pin_key,
+        graph.board_key, np.int32(pin), np.int64(budget), np.uint64(int(restart * 2**32)),
+        np.uint64(int(bias * 2**32)), np.int32(key_range[0]), np.int32(key_range[1]),
+        np.int64(0), np.int64(4), np.uint64(seed), np.uint64(0), False, keys, visits, touched,
+    )
+    slots = touched[:n_touched]
+    return done, dict(zip(keys[slots].tolist(), visits[slots].tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def two_locale_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
+    """2k pins in locales en / ja; boards mostly keep to one locale (home_share 0.85)."""
+    tables = generate_graph_tables(
+        n_pins=2_000, n_boards=400, n_edges=20_000, n_topics=4, n_locales=2, seed=3
+    )
+    out = tmp_path_factory.mktemp("graphs") / "two_locales"
+    build_graph(out, tables.edges, tables.pins, tables.boards)
+    return GraphStore.load(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
+    """Hand-made: query pins 1 and 2 (two boards each) whose boards share pins 10..13."""
+    edges = [
+        (1, 100), (1, 101), (2, 102), (2, 103),
+        (10, 100), (11, 100), (12, 100), (10, 101), (13, 101),
+        (12, 102), (13, 102), (14, 102), (13, 103), (15, 103), (16, 103),
+    ]
+    out = tmp_path_factory.mktemp("graphs") / "tiny"
+    build_graph(out, {"pin_id": [p for p, _ in edges], "board_id": [b for _, b in edges]})
+    return GraphStore.load(out)
+
+
+# -- kernel ----------------------------------------------------------------------------------
+
+
+def test_visit_totals_equal_steps_walked(small_graph: GraphStore) -> None:
+    pin = int(_query(small_graph, 1, 0)[0])
+    for budget in (1, 63, 64, 65, 10_000):
+        done, visits = _walk_one(small_graph, pin, budget, restart=0.5)
+        assert done == budget
+        assert sum(visits.values()) == budget
+
+
+def test_full_restart_only_reaches_pins_sharing_a_board(small_graph: GraphStore) -> None:
+    pin = int(_query(small_graph, 1, 1)[0])
+    done, visits = _walk_one(small_graph, pin, 5_000, restart=1.0)
+    two_hop = {int(p) for b in small_graph.boards_of(pin) for p in small_graph.pins_of(b)}
+    assert set(visits) <= two_hop
+    assert len(visits) > 0.8 * len(two_hop)  # 5000 steps cover nearly every neighbour
+
+
+def test_visit_distribution_matches_plain_reference(small_graph: GraphStore) -> None:
+    pin, other = (int(p) for p in _query(small_graph, 2, 2))
+    steps = 200_000
+    reference = kernels.reference_walk(
+        small_graph.pin_offsets, small_graph.pin_adj, small_graph.board_offsets,
+        small_graph.board_adj, pin, steps, 0.5, 7,
+    ) / steps
+    fast = np.zeros(small_graph.n_pins)
+    for p, v in _walk_one(small_graph, pin, steps, restart=0.5)[1].items():
+        fast[p] = v / steps
+    elsewhere = np.zeros(small_graph.n_pins)
+    for p, v in _walk_one(small_graph, other, steps, restart=0.5)[1].items():
+        elsewhere[p] = v / steps
+    # Total variation distance: sampling noise alone vs. a walk from a different pin.
+    assert 0.5 * np.abs(fast - reference).sum() < 0.06
+    assert 0.5 * np.abs(elsewhere - reference).sum() > 0.3
+
+
+def test_early_stop_counter_stops_only_past_n_p(small_graph: GraphStore) -> None:
+    pin = int(_query(small_graph, 1, 3)[0])
+    size = 1 << 17
+    keys = np.full(size, kernels.EMPTY, np.int32)
+    visits = np.zeros(size, np.int32)
+    touched = np.empty(50_000, np.int32)
+    done, n_touched = kernels.walk_query_pin(
+        small_graph.pin_offsets, small_graph.pin_adj, small_graph.board_offsets,
+        small_graph.board_adj, small_graph.pin_key, small_graph.board_key, np.int32(pin),
+        np.int64(50_000), np.uint64(2**31), np.uint64(0), np.int32(0), np.int32(0),
+        np.int64(100), np.int64(4), np.uint64(1), np.uint64(0), False, keys, visits, touched,
+    )
+    reached = int((visits[touched[:n_touched]] >= 4).sum())
+    assert done < 50_000
+    assert reached > 100
+    assert visits.sum() == done
+
+
+# -- budget ----------------------------------------------------------------------------------
+
+
+def test_budget_split_follows_the_formula() -> None:
+    degrees = np.array([1, 10, 100, 1000, 0])
+    weights = np.array([1.0, 1.0, 2.0, 1.0, 1.0])
+    budgets = step_budgets(degrees, weights, 100_000, max_degree=1000)
+    c = math.log(1001)
+    scale = np.array([d * (c - math.log(d)) if d else 0.0 for d in degrees])
+    expected = weights * 100_000 * scale / scale.sum()
+    assert np.all(np.abs(budgets - expected) < 1)
+    assert budgets.sum() == round(expected.sum())
+    assert budgets[3] > 0  # the highest-degree pin still walks
+    assert budgets[4] == 0  # a pin without boards cannot
+    # Sub-linear: 10x the degree buys less than 10x the steps.
+    assert budgets[2] / 2 < 10 * budgets[1]
+
+
+def test_engine_splits_unit_weight_budget_exactly(small_graph: GraphStore) -> None:
+    query = _query(small_graph, 4, 4)
+    params = WalkParams(steps=30_001, early_stop_pins=0)
+    result = walk(small_graph, query, np.ones(4, np.float32), params, seed=1)
+    degree = np.diff(small_graph.pin_offsets)[query]
+    expected = step_budgets(degree, np.ones(4), 30_001, int(np.diff(small_graph.pin_offsets).max()))
+    assert np.array_equal(result.steps_per_query, expected)
+    assert result.steps_walked == 30_001
+
+
+# -- early stopping, boosting, bias ----------------------------------------------------------
+
+
+def test_early_stopping_cuts_steps_and_keeps_top_results(small_graph: GraphStore) -> None:
+    overlaps, fractions = [], []
+    for i in range(8):
+        query = _query(small_graph, 3, 10 + i)
+        weights = np.ones(3, np.float32)
+        full = walk(small_graph, query, weights, WalkParams(steps=50_000, early_stop_pins=0),
+                    seed=i)
+        early = walk(small_graph, query, weights,
+                     WalkParams(steps=50_000, early_stop_pins=400, early_stop_visits=4), seed=i)
+        overlaps.append(np.intersect1d(full.pins[:100], early.pins[:100]).size / 100)
+        fractions.append(early.steps_walked / full.steps_walked)
+    # Paper: 84% overlap at a third of the steps; measured here ~0.82 at ~0.4.
+    assert np.mean(fractions) < 0.6
+    assert np.mean(overlaps) > 0.7
+
+
+def test_multi_hit_boosting_follows_its_formula(tiny_graph: GraphStore) -> None:
+    q1, q2 = (int(p) for p in tiny_graph.pin_index([1, 2]))
+    params = WalkParams(steps=2_000, early_stop_pins=0, max_candidates=100)
+    both = walk(tiny_graph, np.array([q1, q2], np.int32), np.ones(2, np.float32), params, seed=5)
+    assert list(both.steps_per_query) == [1_000, 1_000]  # equal degrees: equal budgets
+    # The same walks one at a time: same positions in the query, so the same random streams.
+    alone1 = walk(tiny_graph, np.array([q1, -1], np.int32), np.array([0.5, 0], np.float32),
+                  params, seed=5)
+    alone2 = walk(tiny_graph, np.array([-1, q2], np.int32), np.array([0, 0.5], np.float32),
+                  params, seed=5)
+    v1 = dict(zip(alone1.pins.tolist(), alone1.visits.tolist(), strict=True))
+    v2 = dict(zip(alone2.pins.tolist(), alone2.visits.tolist(), strict=True))
+    assert set(both.pins.tolist()) == (set(v1) | set(v2)) - {q1, q2}
+    for pin, score, visits, hits in zip(both.pins, both.scores, both.visits, both.query_hits,
+                                        strict=True):
+        a, b = v1.get(int(pin), 0), v2.get(int(pin), 0)
+        assert score == pytest.approx((math.sqrt(a) + math.sqrt(b)) ** 2, rel=1e-6)
+        assert visits == a + b
+        assert hits == (a > 0) + (b > 0)
+    # With every walk one step long, only pins 12 and 13 (on boards of both query pins) are
+    # reached twice, and they outrank pins with as many visits from one query pin.
+    one_step = WalkParams(steps=2_000, restart_probability=1.0, early_stop_pins=0)
+    short = walk(tiny_graph, np.array([q1, q2], np.int32), np.ones(2, np.float32), one_step)
+    shared = set(tiny_graph.pin_index([12, 13]).tolist())
+    assert {int(p) for p, h in zip(short.pins, short.query_hits, strict=True) if h == 2} == shared
+    assert set(short.pins[:2].tolist()) == shared
+
+
+def test_bias_raises_matching_locale_share(two_locale_graph: GraphStore) -> None:
+    graph = two_locale_graph
+    ja = graph.locale_code("ja")
+    degree = np.diff(graph.pin_offsets)
+    query = np.flatnonzero((graph.pin_locale != ja) & (degree > 0))[:5].astype(np.int32)
+    weights = np.ones(5, np.float32)
+
+    def ja_share(strength: float) -> float:
+        params = WalkParams(steps=20_000, bias_strength=strength, max_candidates=200)
+        result = walk(graph, query, weights, params, user_locale=ja, seed=1)
+        return float(np.mean(graph.pin_locale[result.pins] == ja))
+
+    unbiased, biased = ja_share(0.0), ja_share(0.5)
+    assert unbiased < 0.2
+    assert biased > 5 * unbiased
+    assert ja_share(1.0) > biased
+
+
+def test_bias_by_locale_and_topic_narrows_further(two_locale_graph: GraphStore) -> None:
+    graph = two_locale_graph
+    ja, topic = graph.locale_code("ja"), 2
+    query = _query(graph, 5, 6)
+    weights = np.ones(5, np.float32)
+
+    def visit_shares(bias_by: str) -> tuple[float, float]:
+        params = WalkParams(steps=20_000, bias_strength=1.0, bias_by=bias_by,
+                            max_candidates=10**6)
+        result = walk(graph, query, weights, params, user_locale=ja, user_topic=topic, seed=1)
+        in_locale = graph.pin_locale[result.pins] == ja
+        exact = in_locale & (graph.pin_topic[result.pins] == topic)
+        total = result.visits.sum()
+        return result.visits[in_locale].sum() / total, result.visits[exact].sum() / total
+
+    locale_share, locale_exact = visit_shares("locale")
+    topic_locale_share, topic_exact = visit_shares("locale_topic")
+    assert locale_share > 0.9 and topic_locale_share > 0.8
+    assert topic_exact > 0.7
+    assert topic_exact > 2 * locale_exact
+
+
+def test_bias_falls_back_to_uniform_when_no_neighbour_matches(small_graph: GraphStore) -> None:
+    pin = int(_query(small_graph, 1, 5)[0])
+    uniform = _walk_one(small_graph, pin, 5_000, restart=0.5)
+    # No pin or board has a key in this range: every biased step must fall back to uniform,
+    # drawing the same neighbours from the same random numbers.
+    nothing = (10**6, 10**6 + 1)
+    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, key_range=nothing) == uniform
+    # A range that does match changes the walk.
+    locale = int(small_graph.pin_locale[pin])
+    n_topics = len(small_graph.topics)
+    matching = (locale * (n_topics + 1), (locale + 1) * (n_topics + 1))
+    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, key_range=matching) != uniform
+
+
+# -- contract: determinism, exclusion, threads, edge cases -----------------------------------
+
+
+def test_same_seed_same_result_different_seed_different(small_graph: GraphStore) -> None:
+    query = _query(small_graph, 3, 20)
+    weights = np.array([1.0, 0.5, 2.0], np.float32)
+    params = WalkParams(steps=20_000)
+    first = walk(small_graph, query, weights, params, seed=42)
+    assert _same(first, walk(small_graph, query, weights, params, seed=42))
+    other = walk(small_graph, query, weights, params, seed=43)
+    assert not np.array_equal(first.visits, other.visits)
+
+
+def test_dense_and_hash_counters_agree(small_graph: GraphStore) -> None:
+    query = _query(small_graph, 3, 21)
+    weights = np.ones(3, np.float32)
+    params = WalkParams(steps=20_000, early_stop_pins=300)
+    dense = walk(small_graph, query, weights, params, seed=9, counter="dense")
+    hashed = walk(small_graph, query, weights, params, seed=9, counter="hash")
+    assert _same(dense, hashed)
+
+
+def test_result_is_sorted_and_top_k_is_a_prefix(small_graph: GraphStore) -> None:
+    query = _query(small_graph, 2, 22)
+    weights = np.ones(2, np.float32)
+    everything = walk(small_graph, query, weights, WalkParams(steps=20_000, max_candidates=10**6))
+    top = walk(small_graph, query, weights, WalkParams(steps=20_000, max_candidates=50))
+    assert np.all(np.diff(everything.scores) <= 0)
+    assert len(top) == 50
+    assert np.array_equal(top.pins, everything.pins[:50])
+    assert np.array_equal(top.degree, np.diff(small_graph.pin_offsets)[top.pins])
+
+
+def test_query_pins_never_come_back(small_graph: GraphStore) -> None:
+    query = _query(small_graph, 5, 23)
+    result = walk(small_graph, query, np.ones(5, np.float32),
+                  WalkParams(steps=50_000, max_candidates=10**6))
+    assert len(result) > 100
+    assert not np.isin(query, result.pins).any()
+
+
+def test_concurrent_walks_match_sequential(small_graph: GraphStore) -> None:
+    queries = [_query(small_graph, 3, 30 + i) for i in range(8)]
+    params = WalkParams(steps=30_000)
+
+    def run(i: int) -> WalkResult:
+        return walk(small_graph, queries[i], np.ones(3, np.float32), params, seed=i)
+
+    sequential = [run(i) for i in range(8)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        concurrent = list(pool.map(run, range(8)))
+    assert all(_same(a, b) for a, b in zip(sequential, concurrent, strict=True))
+
+
+def test_unknown_pins_are_ignored_and_reported(small_graph: GraphStore) -> None:
+    query = _query(small_graph, 2, 24)
+    mixed = np.array([-1, query[0], -1, query[1]], np.int32)
+    result = walk(small_graph, mixed, np.ones(4, np.float32), WalkParams(steps=10_000), seed=1)
+    clean = walk(small_graph, np.array([-1, query[0], -1, query[1]], np.int32),
+                 np.array([0, 1, 0, 1], np.float32), WalkParams(steps=10_000), seed=1)
+    assert list(result.unknown) == [0, 2]
+    assert list(result.steps_per_query[[0, 2]]) == [0, 0]
+    assert result.empty_reason is None and _same(result, clean)
+
+
+@pytest.mark.parametrize(
+    ("pins", "weights", "reason"),
+    [
+        ([], [], "empty query"),
+        ([-1, -1], [1.0, 1.0], "all query pins unknown"),
+        ([0], [0.0], "no steps to walk: query pins have no boards or zero weight"),
+    ],
+)
+def test_empty_results_say_why(small_graph: GraphStore, pins, weights, reason) -> None:
+    result = walk(small_graph, np.array(pins, np.int32), np.array(weights, np.float32),
+                  WalkParams())
+    assert len(result) == 0 and result.steps_walked == 0
+    assert result.empty_reason == reason
+
+
+@pytest.mark.parametrize(
+    ("pins", "weights", "message"),
+    [
+        ([0, 1], [1.0], "query_pins has 2 entries but query_weights has 1"),
+        ([0, 10**6], [1.0, 1.0], "query pin 1000000 at position 1"),
+        ([0, -2], [1.0, 1.0], "query pin -2 at position 1"),
+        ([0], [-1.0], "query weight -1.0 at position 0"),
+        ([0], [float("nan")], "query weight nan at position 0"),
+    ],
+)
+def test_bad_queries_are_refused(small_graph: GraphStore, pins, weights, message) -> None:
+    with pytest.raises(DataError, match=message):
+        walk(small_graph, np.array(pins), np.array(weights, np.float32), WalkParams())
+
+
+def test_bad_user_codes_and_params_are_refused(small_graph: GraphStore) -> None:
+    query, weights = np.array([0], np.int32), np.ones(1, np.float32)
+    with pytest.raises(DataError, match="user_locale code 99"):
+        walk(small_graph, query, weights, WalkParams(bias_strength=0.5), user_locale=99)
+    with pytest.raises(ConfigError, match="counter='fast'"):
+        walk(small_graph, query, weights, WalkParams(), counter="fast")
+    for field, value in [("steps", 0), ("restart_probability", 0.0), ("bias_strength", 1.5),
+                         ("bias_by", "topic"), ("early_stop_visits", 0), ("max_candidates", 0)]:
+        with pytest.raises(ConfigError, match=f"walk parameter {field}="):
+            WalkParams(**{field: value})
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_walk_prints_candidates_with_external_ids(
+    small_graph: GraphStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = small_graph.pin_external(_query(small_graph, 2, 40)).tolist()
+    pins = ",".join(str(i) for i in ids + ["no-such-pin"])
+    code = main(["walk", "--graph", str(small_graph.path), "--pins", pins, "--weights", "2,2,1",
+                 "--steps", "5000", "--top", "5", "--seed", "3", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unknown"] == ["no-such-pin"]
+    assert len(out["candidates"]) == 5
+    first = out["candidates"][0]
+    assert set(first) == {"pin", "score", "visits", "query_hits", "degree"}
+    assert first["pin"] in small_graph.pin_external(np.arange(small_graph.n_pins)).tolist()
+    assert first["pin"] not in ids
+    assert out["steps_walked"] == 10_000  # unit weights would walk --steps; these are 2
+
+
+def test_cli_walk_table_and_errors(small_graph: GraphStore, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    pin = str(small_graph.pin_external([int(_query(small_graph, 1, 41)[0])])[0])
+    assert main(["walk", "--graph", str(small_graph.path), "--pins", pin, "--steps", "2000",
+                 "--locale", "ja", "--bias", "0.8", "--top", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "score" in table and "visits" in table and len(table.strip().splitlines()) >= 4
+    assert main(["walk", "--graph", str(small_graph.path), "--pins", pin, "--weights", "1,2"]) == 2
+    assert "--weights has 2 values but --pins has 1" in capsys.readouterr().err
+    assert main(["walk", "--graph", str(tmp_path / "missing"), "--pins", pin]) == 2
