@@ -135,6 +135,22 @@ def locale_matches(joined: pa.Table) -> np.ndarray:
                     "f_locale_match feature column nor pin_locale and user_locale columns")
 
 
+def strongest_action_weight(joined: pa.Table, weights: Mapping[str, float]) -> np.ndarray:
+    """Per row, the largest weight among the actions done on it; 0 when none.
+
+    The tenant's actions are the action types `weights` weighs above 0: a type it does not
+    name (a save, for a tenant that weights only clicks) is not an action for that tenant.
+    Evaluation should use this too, so labels and metrics agree on what an action is.
+    """
+    strongest = np.zeros(joined.num_rows)
+    for kind in ACTION_EVENTS:
+        weight = float(weights.get(kind, 0.0))
+        if weight > 0:
+            done = pc.fill_null(_column(joined, f"n_{kind}"), 0).to_numpy() > 0
+            strongest = np.where(done, np.maximum(strongest, weight), strongest)
+    return strongest
+
+
 def build_labels(
     joined: pa.Table,
     strategy: str,
@@ -146,9 +162,8 @@ def build_labels(
 ) -> LabelSet:
     """Targets and sample weights for a tenant's label strategy (see the module docstring).
 
-    `weights` maps event types to label weights (a tenant's `labels.weights`). The action types
-    it weights above 0 are the tenant's actions; others (a save, for a tenant that weights only
-    clicks) count as plain impressions. `impression` and `hide` weigh impressed-only positives
+    `weights` maps event types to label weights (a tenant's `labels.weights`); its actions are
+    those of `strongest_action_weight`. `impression` and `hide` weigh impressed-only positives
     and hidden negatives (`DEFAULT_EVENT_WEIGHT` when absent).
     """
     if strategy not in LABEL_STRATEGIES:
@@ -166,11 +181,7 @@ def build_labels(
         sample_weight = np.where(local[indices], local_label_weight, 1.0).astype(np.float32)
         return LabelSet(strategy, y, sample_weight, indices.astype(np.int64))
 
-    action_weight = np.zeros(n)
-    for kind in ACTION_EVENTS:
-        done = _column(joined, f"n_{kind}").to_numpy() > 0
-        action_weight = np.where(done, np.maximum(action_weight, weights.get(kind, 0.0)),
-                                 action_weight)
+    action_weight = strongest_action_weight(joined, weights)
     actioned = action_weight > 0
     hidden = _column(joined, "n_hide").to_numpy() > 0
     impressed = _column(joined, "impressed").to_numpy(zero_copy_only=False).astype(bool)
