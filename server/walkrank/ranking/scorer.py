@@ -97,8 +97,10 @@ def probe_matrix(
     """Rows that sit exactly on, one float32 step below, and between the given thresholds.
 
     splits[j] holds the thresholds of feature j. Exact thresholds and their neighbours are
-    where converters disagree (`<` vs `<=`, float32 vs float64 thresholds), so half of the
-    values land there; the rest spread between thresholds so deep nodes are reached too.
+    where converters disagree (`<` vs `<=`, float32 vs float64 thresholds). Each column holds
+    every threshold of its feature once exactly and once one step below (when n_rows allows
+    2 per threshold), so both sides of every split occur; the remaining values spread between
+    the thresholds, and columns are shuffled independently so deep nodes are reached too.
     """
     if n_rows < 1:
         raise DataError(f"probe needs at least one row, got n_rows={n_rows}")
@@ -109,13 +111,14 @@ def probe_matrix(
             rows[:, j] = rng.standard_normal(n_rows)
             continue
         t = thresholds.astype(np.float32)
-        pick = t[rng.integers(0, t.size, n_rows)]
-        below = np.nextafter(pick, np.float32(-np.inf))
+        edges = np.concatenate([t, np.nextafter(t, np.float32(-np.inf))])
+        if edges.size >= n_rows:
+            rows[:, j] = rng.choice(edges, n_rows, replace=False)
+            continue
         lo, hi = float(t.min()), float(t.max())
         span = max(hi - lo, 1.0)
-        between = rng.uniform(lo - 0.1 * span, hi + 0.1 * span, n_rows).astype(np.float32)
-        kind = rng.integers(0, 4, n_rows)
-        rows[:, j] = np.where(kind == 0, pick, np.where(kind == 1, below, between))
+        between = rng.uniform(lo - 0.1 * span, hi + 0.1 * span, n_rows - edges.size)
+        rows[:, j] = rng.permutation(np.concatenate([edges, between.astype(np.float32)]))
     return rows
 
 
