@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from walkrank_client import WalkRankClient
-
 from walkrank.demo.traffic import run_phase
 from walkrank.demo.world import SIZES, generate_world, shipped_tenants_dir
 from walkrank.serving.config import ServerConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank.tenants import load_tenants
 from walkrank.training.pipeline import train_tenant
+from walkrank_client import WalkRankClient
 
 STRATEGIES = ("engagement", "funnel", "blended_funnel", "distillation")
 METRICS = ("funnel_efficiency", "actions_per_1000", "local_share")
@@ -71,7 +70,8 @@ def run_demo(out: Path, size: str = "full", seed: int = 7,
     try:
         with WalkRankClient(f"127.0.0.1:{port}", timeout=30.0) as client:
             progress("[demo] phase 1: visit count")
-            report.phases["visit_count"] = _summaries(run_phase(world, client, seed + 100))
+            report.phases["visit_count"] = _summaries(
+                run_phase(world, client, "visit_count", seed + 100))
             server.candidate_log.flush()
             server.event_log.flush()
             for name, tenant in sorted(tenants.configs.items()):
@@ -87,10 +87,11 @@ def run_demo(out: Path, size: str = "full", seed: int = 7,
                 trained = train_tenant(home, config.logs_dir, config.models_dir,
                                        strategy_override=strategy, publish=False,
                                        force=True, progress=lambda _line: None)
-                report.strategies[strategy] = dict(trained.comparison)
+                report.strategies[strategy] = dict(trained.comparison.candidate_metrics)
             client.reload()
             progress("[demo] phase 2: lightweight ranking")
-            report.phases["lightweight"] = _summaries(run_phase(world, client, seed + 200))
+            report.phases["lightweight"] = _summaries(
+                run_phase(world, client, "lightweight", seed + 200))
     finally:
         server.stop()
     report.seconds = time.perf_counter() - started

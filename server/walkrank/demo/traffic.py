@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from walkrank_client import UserQuery, WalkRankClient
 
 from walkrank.demo.world import DemoWorld
+from walkrank_client import UserQuery, WalkRankClient
 
 # How many pins each surface's full ranker shows, out of WalkRank's candidates plus as many
 # from other candidate generators (the competition that makes funnel efficiency measurable).
@@ -47,8 +47,10 @@ class Surface:
     """One client surface's side of the funnel: query, full ranker, users, event reports."""
 
     def __init__(self, world: DemoWorld, client: WalkRankClient, tenant: str,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, phase: str) -> None:
         self.world = world
+        self.phase = phase
+        self._requests = 0
         self.client = client
         self.tenant = tenant
         self.rng = rng
@@ -57,6 +59,11 @@ class Surface:
         self._others = np.flatnonzero(degree > 0)
         self._other_weight = degree[self._others] / degree[self._others].sum()
 
+    def request_id(self) -> str:
+        """Deterministic request ids make the walks (seeded by request id) reproducible."""
+        self._requests += 1
+        return f"{self.tenant}-{self.phase}-{self._requests}"
+
     def user_query(self, user: int, n_pins: int) -> UserQuery:
         graph = self.world.graph
         history = self.world.user_history[user][:n_pins]
@@ -64,7 +71,8 @@ class Surface:
         weights = (0.7 ** np.arange(len(history))).tolist()
         return UserQuery(pins=graph.pin_external(history).tolist(), weights=weights,
                          user_id=f"user{user}", locale=self.world.user_locale_name(user),
-                         interests=self.world.user_interest_names(user))
+                         interests=self.world.user_interest_names(user),
+                         request_id=self.request_id())
 
     def funnel(self, user: int, response: object) -> list[dict[str, object]]:
         """The full ranker picks what is shown; the user acts on it; returns the events."""
@@ -105,28 +113,29 @@ class Surface:
         return events
 
 
-def run_phase(world: DemoWorld, client: WalkRankClient, seed: int) -> dict[str, SurfaceStats]:
+def run_phase(world: DemoWorld, client: WalkRankClient, phase: str, seed: int
+              ) -> dict[str, SurfaceStats]:
     """One phase of traffic on all three surfaces; returns each surface's stats."""
     rng = np.random.default_rng(seed)
     size = world.size
-    homefeed = Surface(world, client, "homefeed", rng)
+    homefeed = Surface(world, client, "homefeed", rng, phase)
     for user in rng.integers(0, size.n_users, size.homefeed_requests).tolist():
         query = homefeed.user_query(user, 5)
         response = client.recommend("homefeed", query.pins, weights=query.weights,
                                     user_id=query.user_id, locale=query.locale,
-                                    interests=query.interests)
+                                    interests=query.interests, request_id=query.request_id)
         client.report_events("homefeed", homefeed.funnel(user, response))
 
-    related = Surface(world, client, "related_pins", rng)
+    related = Surface(world, client, "related_pins", rng, phase)
     for user in rng.integers(0, size.n_users, size.related_requests).tolist():
         viewed = int(world.user_history[user][rng.integers(0, size.history)])
         response = client.recommend(
             "related_pins", [world.graph.pin_external([viewed])[0].item()],
             user_id=f"user{user}", locale=world.user_locale_name(user),
-            interests=world.user_interest_names(user))
+            interests=world.user_interest_names(user), request_id=related.request_id())
         client.report_events("related_pins", related.funnel(user, response))
 
-    email = Surface(world, client, "email", rng)
+    email = Surface(world, client, "email", rng, phase)
     users = rng.integers(0, size.n_users, size.email_users).tolist()
     for start in range(0, len(users), EMAIL_BATCH):
         chunk = users[start:start + EMAIL_BATCH]

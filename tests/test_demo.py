@@ -1,0 +1,28 @@
+"""The demo world end to end (reduced size): the product's main job, checked not printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from walkrank.demo.run import METRICS, run_demo
+
+
+@pytest.mark.slow
+def test_demo_models_beat_visit_count_and_write_their_report(tmp_path: Path) -> None:
+    report = run_demo(tmp_path, size="ci", progress=lambda _line: None)
+    assert set(report.model_versions) == {"homefeed", "related_pins", "email"}
+    for tenant, metric in report.primary.items():
+        before = report.phases["visit_count"][tenant][metric]
+        after = report.phases["lightweight"][tenant][metric]
+        assert after > before, f"{tenant}: {metric} {after} <= visit count {before}"
+    # related pins weights local labels and has the most room: its local share must rise.
+    assert report.lift("related_pins", "local_share") > 0.05
+    assert set(report.strategies) == {"engagement", "funnel", "blended_funnel", "distillation"}
+    out = report.out_dir
+    assert out is not None
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "demo.md").read_text()
+    assert all(metric in markdown for metric in METRICS)
+    assert (out / "demo.json").stat().st_size > 0
