@@ -287,3 +287,26 @@ def test_cli_refuses_worse_model_with_exit_code(logs, tmp_path, capsys):
     assert "refusing to publish" in capsys.readouterr().err
     assert main(["train", "--tenant", "homefeed", "--config", config, "--force"]) == 0
     assert ModelRegistry(tmp_path / "models").current("homefeed").version == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["binary", "pairwise"])
+def test_dask_path_matches_the_in_process_split(logs, tmp_path, objective):
+    from distributed import LocalCluster
+
+    tenant = make_tenant(objective=objective)
+    local = train_tenant(tenant, logs, tmp_path / "local", publish=False, progress=quiet)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        report = train_tenant(tenant, logs, tmp_path / "models", progress=quiet,
+                              dask_scheduler=cluster.scheduler_address)
+    assert report.version == 1
+    assert ModelRegistry(tmp_path / "models").load("homefeed").metadata["gate"]["passed"]
+    # Same held-out requests and candidates, same positives (only negatives are sampled).
+    assert report.comparison.requests == local.comparison.requests == 24
+    assert report.comparison.candidates == local.comparison.candidates
+    assert report.rows["candidates"] == N_REQUESTS * CANDIDATES
+    assert report.label_stats["positives"] == local.label_stats["positives"] == 96 * SHOWN
+    primary = "recall_impressions@10"
+    assert (report.comparison.candidate_metrics[primary]
+            > report.comparison.baseline_metrics[primary] + 0.2)

@@ -82,7 +82,7 @@ class EvaluationResult:
     paths: dict[str, Path]
 
 
-class _Steps:
+class StepTimer:
     """Times the named steps and reports each through `progress`."""
 
     def __init__(self, tenant: str, progress: Progress) -> None:
@@ -124,7 +124,7 @@ def describe_window(lo: float | None, hi: float | None) -> dict[str, str | None]
 
 
 def load_joined(tenant: TenantConfig, logs_dir: Path, window: Window | None,
-                steps: _Steps) -> pa.Table:
+                steps: StepTimer) -> pa.Table:
     """The tenant's candidates in the window, each joined with its events."""
     lo, hi = window_bounds(window)
     logs_dir = Path(logs_dir)
@@ -299,7 +299,7 @@ def train_tenant(
     tenant = tenant_config
     strategy = strategy_override or tenant.labels.strategy
     objective = objective_for(tenant, strategy)
-    steps = _Steps(tenant.name, progress)
+    steps = StepTimer(tenant.name, progress)
     lo, hi = window_bounds(window)
     if dask_scheduler is not None:
         from walkrank.training.dask_train import train_on_dask
@@ -318,7 +318,7 @@ def train_tenant(
 
 
 def _train_local(tenant: TenantConfig, logs_dir: Path, *, window: Window, strategy: str,
-                 objective: str, validation_fraction: float, seed: int, steps: _Steps):
+                 objective: str, validation_fraction: float, seed: int, steps: StepTimer):
     from walkrank.ranking.training import train_model
 
     joined = load_joined(tenant, logs_dir, window, steps)
@@ -355,7 +355,7 @@ def _train_local(tenant: TenantConfig, logs_dir: Path, *, window: Window, strate
 
 
 def finish_training(tenant: TenantConfig, trained: Any, valid: pa.Table, *, models_dir: Path,
-                    steps: _Steps, strategy: str, objective: str,
+                    steps: StepTimer, strategy: str, objective: str,
                     label_stats: Mapping[str, float], rows: Mapping[str, int],
                     window: dict[str, str | None], force: bool, publish: bool) -> TrainReport:
     """Export + gate, compare with what serves on the held-out requests, publish or refuse
@@ -434,7 +434,7 @@ def evaluate_tenant(
     Reports go to `out_dir` (default `<logs_dir>/evaluations/<tenant>/v<version>`).
     """
     tenant = tenant_config
-    steps = _Steps(tenant.name, progress)
+    steps = StepTimer(tenant.name, progress)
     registry = ModelRegistry(models_dir)
     loaded = registry.load(tenant.name, version)
     joined = load_joined(tenant, Path(logs_dir), window, steps)
