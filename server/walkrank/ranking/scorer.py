@@ -3,7 +3,7 @@
 The ONNX file is the artifact of record and onnxruntime the reference. When the model is a
 single ONNX-ML TreeEnsemble the kernel can take (supported node modes, depth within
 MAX_KERNEL_DEPTH), it is parsed into padded perfect trees and scored by tree_kernel, which
-measured 2.2x xgboost's inplace_predict and ~6x onnxruntime's TreeEnsemble at 2,000 rows
+measured 2.3x xgboost's inplace_predict and ~8x onnxruntime's TreeEnsemble at 2,000 rows
 (benchmarks/scoring.py). The kernel is checked against onnxruntime on rows placed at the
 model's own split thresholds before it is trusted; anything else runs in onnxruntime.
 """
