@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -245,7 +246,7 @@ def _config(tmp_path: Path, logs: Path) -> Path:
     tenants.mkdir()
     text = (REPO / "tenants" / "homefeed.yaml").read_text()
     text = text.replace("trees: 200", "trees: 30").replace("max_depth: 6", "max_depth: 4")
-    text = text.replace("recall_actions@500", "recall_impressions@10")
+    text = re.sub(r"primary_metric: \S+", "primary_metric: recall_impressions@10", text)
     features = "".join(f"  - {name}\n" for name in FEATURES)
     head, rest = text.split("features:\n", 1)
     text = head + "features:\n" + features + rest[rest.index("\nranker:"):]
