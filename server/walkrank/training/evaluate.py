@@ -32,8 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from walkrank.errors import DataError
-from walkrank.events import ACTION_EVENTS
-from walkrank.training.labels import DEFAULT_EVENT_WEIGHT, locale_matches
+from walkrank.training.labels import DEFAULT_EVENT_WEIGHT, locale_matches, strongest_action_weight
 
 LOCALE_MATCH_COLUMN = "f_locale_match"
 METRICS = ("recall_impressions", "recall_actions", "ndcg", "auc", "local_share")
@@ -71,22 +70,16 @@ class Targets:
 def targets_from_joined(joined: pa.Table, weights: Mapping[str, float]) -> Targets:
     """Targets from a `join_candidates_events` table and the tenant's label weights.
 
-    Actions and their default weight follow `walkrank.training.labels`: an action type absent
-    from `weights` weighs `DEFAULT_EVENT_WEIGHT`, and one weighted 0 is not an action.
+    What counts as an action, and its gain, is `labels.strongest_action_weight`: the action
+    types the tenant weighs above 0, so labels and metrics agree.
     """
     _, request = np.unique(joined.column("request_id").to_numpy(zero_copy_only=False),
                            return_inverse=True)
     impressed = _bool_column(joined, "impressed")
-    actioned = np.zeros(joined.num_rows, dtype=bool)
-    gain = np.where(impressed, max(weights.get("impression", DEFAULT_EVENT_WEIGHT), 0.0), 0.0)
-    for event in ACTION_EVENTS:
-        weight = float(weights.get(event, DEFAULT_EVENT_WEIGHT))
-        column = f"n_{event}"
-        if weight <= 0 or column not in joined.column_names:
-            continue
-        happened = np.asarray(pc.fill_null(joined.column(column), 0).to_numpy()) > 0
-        actioned |= happened
-        gain = np.where(happened, np.maximum(gain, weight), gain)
+    strongest = strongest_action_weight(joined, weights)
+    actioned = strongest > 0
+    impression_gain = max(weights.get("impression", DEFAULT_EVENT_WEIGHT), 0.0)
+    gain = np.maximum(np.where(impressed, impression_gain, 0.0), strongest)
     if "n_hide" in joined.column_names:
         gain = np.where(np.asarray(pc.fill_null(joined.column("n_hide"), 0).to_numpy()) > 0,
                         0.0, gain)
