@@ -11,6 +11,7 @@ import threading
 import onnx
 import pytest
 from onnx import TensorProto, helper
+
 from walkrank.errors import ModelError
 from walkrank.models import (
     CURRENT_FILE,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
+
 from walkrank_client import codegen, pb
 
 # FileDescriptorProto / DescriptorProto / ServiceDescriptorProto field numbers, as used in

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from walkrank.serving.reflection import REFLECTION_SERVICE, enable_reflection, owner_symbol
 from walkrank_client import pb
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from walkrank.errors import ConfigError
 from walkrank.features import feature_names
 from walkrank.tenants import TenantConfig, load_tenant, load_tenants
