@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"walkrank {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if module_info.name.startswith("_"):
+        if module_info.name.startswith("_"):  # _config, __main__: not command groups
             continue
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         module.register(subparsers)
