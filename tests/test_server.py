@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -53,15 +54,24 @@ def make_config(root: Path, graph: GraphStore, **changes: object) -> ServerConfi
     return config.replace(**changes)
 
 
+@contextmanager
+def running(config: ServerConfig) -> Iterator[tuple[WalkRankServer, WalkRankClient]]:
+    """A started server and a client of it; the server stops (gracefully) on exit."""
+    server = WalkRankServer(config)
+    port = server.start()
+    host = config.address.rpartition(":")[0]
+    try:
+        with WalkRankClient(f"{host}:{port}", timeout=20.0) as client:
+            yield server, client
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory,
            small_graph: GraphStore) -> Iterator[tuple[WalkRankServer, WalkRankClient]]:
-    config = make_config(tmp_path_factory.mktemp("served"), small_graph)
-    server = WalkRankServer(config)
-    port = server.start()
-    with WalkRankClient(f"127.0.0.1:{port}", timeout=20.0) as client:
-        yield server, client
-    server.stop()
+    with running(make_config(tmp_path_factory.mktemp("served"), small_graph)) as pair:
+        yield pair
 
 
 def pins(graph: GraphStore, *dense: int) -> list[str]:
@@ -222,63 +232,53 @@ def test_grpcurl_resolves_the_method_symbol_through_reflection(served) -> None:
 def test_model_published_then_reloaded_is_served_and_rollback_works(
         tmp_path: Path, small_graph: GraphStore) -> None:
     config = make_config(tmp_path, small_graph)
-    server = WalkRankServer(config)
-    port = server.start()
-    try:
-        with WalkRankClient(f"127.0.0.1:{port}", timeout=20.0) as client:
-            query = busy_pins(small_graph, 1)
-            assert client.recommend("related_pins", query).model_version == "visit_count"
-            publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=1)
-            changes = client.reload()
-            assert any(c.tenant == "related_pins" and c.kind == "model" for c in changes.changes)
-            answer = client.recommend("related_pins", query)
-            assert answer.model_version == "v1"
-            assert client.get_tenant("related_pins").model_engine in ("kernel", "onnxruntime")
-            publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=2)
-            client.reload()
-            assert client.recommend("related_pins", query).model_version == "v2"
-            ModelRegistry(config.models_dir).rollback("related_pins")
-            client.reload()
-            assert client.recommend("related_pins", query).model_version == "v1"
-            # A corrupt newer model is refused; v1 keeps serving and the error is reported.
-            v3 = publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=3)
-            model_file = config.models_dir / "related_pins" / str(v3) / "model.onnx"
-            model_file.write_bytes(model_file.read_bytes()[:100])
-            result = client.reload()
-            assert any("related_pins" in e.path or "related_pins" in e.message
-                       for e in result.errors)
-            assert client.recommend("related_pins", query).model_version == "v1"
-            assert client.get_tenant("related_pins").last_reload_error
-    finally:
-        server.stop()
+    with running(config) as (_, client):
+        query = busy_pins(small_graph, 1)
+        assert client.recommend("related_pins", query).model_version == "visit_count"
+        publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=1)
+        changes = client.reload()
+        assert any(c.tenant == "related_pins" and c.kind == "model" for c in changes.changes)
+        answer = client.recommend("related_pins", query)
+        assert answer.model_version == "v1"
+        assert client.get_tenant("related_pins").model_engine in ("kernel", "onnxruntime")
+        publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=2)
+        client.reload()
+        assert client.recommend("related_pins", query).model_version == "v2"
+        ModelRegistry(config.models_dir).rollback("related_pins")
+        client.reload()
+        assert client.recommend("related_pins", query).model_version == "v1"
+        # A corrupt newer model is refused; v1 keeps serving and the error is reported.
+        v3 = publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=3)
+        model_file = config.models_dir / "related_pins" / str(v3) / "model.onnx"
+        model_file.write_bytes(model_file.read_bytes()[:100])
+        result = client.reload()
+        assert any("related_pins" in e.path or "related_pins" in e.message
+                   for e in result.errors)
+        assert client.recommend("related_pins", query).model_version == "v1"
+        assert client.get_tenant("related_pins").last_reload_error
 
 
 def test_onboarding_by_yaml_and_broken_files_never_disturb_working_tenants(
         tmp_path: Path, small_graph: GraphStore) -> None:
     config = make_config(tmp_path, small_graph)
-    server = WalkRankServer(config)
-    port = server.start()
-    try:
-        with WalkRankClient(f"127.0.0.1:{port}", timeout=20.0) as client:
-            query = busy_pins(small_graph, 1)
-            text = (config.tenants_dir / "related_pins.yaml").read_text()
-            (config.tenants_dir / "shop.yaml").write_text(
-                text.replace("name: related_pins", "name: shop"))
-            result = client.reload()
-            assert ("shop", "added") in {(c.tenant, c.kind) for c in result.changes}
-            assert client.recommend("shop", query).candidates
-            assert client.health("shop") == "SERVING"
-            (config.tenants_dir / "shop.yaml").write_text(
-                text.replace("name: related_pins", "name: shop").replace("steps: 30_000",
-                                                                          "steps: -5"))
-            (config.tenants_dir / "broken.yaml").write_text("name: [unclosed\n")
-            result = client.reload()
-            messages = " ".join(e.message for e in result.errors)
-            assert "walk.steps" in messages and "broken.yaml" in messages
-            assert client.recommend("shop", query).candidates  # the old shop config serves
-            assert client.get_tenant("shop").last_reload_error
-    finally:
-        server.stop()
+    with running(config) as (_, client):
+        query = busy_pins(small_graph, 1)
+        text = (config.tenants_dir / "related_pins.yaml").read_text()
+        (config.tenants_dir / "shop.yaml").write_text(
+            text.replace("name: related_pins", "name: shop"))
+        result = client.reload()
+        assert ("shop", "added") in {(c.tenant, c.kind) for c in result.changes}
+        assert client.recommend("shop", query).candidates
+        assert client.health("shop") == "SERVING"
+        (config.tenants_dir / "shop.yaml").write_text(
+            text.replace("name: related_pins", "name: shop").replace("steps: 30_000",
+                                                                      "steps: -5"))
+        (config.tenants_dir / "broken.yaml").write_text("name: [unclosed\n")
+        result = client.reload()
+        messages = " ".join(e.message for e in result.errors)
+        assert "walk.steps" in messages and "broken.yaml" in messages
+        assert client.recommend("shop", query).candidates  # the old shop config serves
+        assert client.get_tenant("shop").last_reload_error
 
 
 def test_reload_while_serving_loses_no_request(tmp_path: Path, small_graph: GraphStore) -> None:
@@ -383,5 +383,8 @@ def test_tls_when_given_a_certificate(tmp_path: Path, small_graph: GraphStore) -
     try:
         with WalkRankClient(f"localhost:{port}", tls=cert.read_bytes()) as client:
             assert client.recommend("email", busy_pins(small_graph, 1)).candidates
+        with WalkRankClient(f"localhost:{port}", retries=0) as plaintext:
+            assert code_of(lambda: plaintext.recommend("email", busy_pins(small_graph, 1))) \
+                == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()

@@ -73,15 +73,21 @@ def parse_tenant_keys(text: str, source: str) -> dict[str, frozenset[str]]:
     return {tenant: frozenset(values) for tenant, values in keys.items()}
 
 
-def _load_secrets(path: Path) -> tuple[dict[str, frozenset[str]], str | None]:
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors name the file."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read secrets file: {exc.strerror}") from exc
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'tenant_keys' and 'admin_token'")
+        raise ConfigError(f"{path}: expected a mapping of settings in the {what}")
+    return data
+
+
+def _load_secrets(path: Path) -> tuple[dict[str, frozenset[str]], str | None]:
+    data = _read_mapping(path, "secrets file")
     raw_keys = data.get("tenant_keys", {}) or {}
     if not isinstance(raw_keys, dict):
         raise ConfigError(f"{path}: tenant_keys: expected a mapping tenant -> key or list of keys")
@@ -122,14 +128,7 @@ def _expect(path: Path, raw: dict[str, Any], key: str, kind: type | tuple[type, 
 
 def load_server_config(path: Path) -> ServerConfig:
     """Parse `walkrank.yaml`; relative paths are relative to the file's directory."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings")
+    raw = _read_mapping(path, "server config")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {unknown}; valid: {sorted(_TOP_KEYS)}")
