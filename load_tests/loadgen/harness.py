@@ -32,13 +32,14 @@ def free_port() -> int:
 
 
 def write_server_config(path: Path, graph: Path, tenants_dir: Path, models_dir: Path,
-                        logs_dir: Path, workers: int) -> Path:
+                        logs_dir: Path, workers: int, metrics_address: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({
-        "graph": str(graph.resolve()), "tenants_dir": str(tenants_dir.resolve()),
-        "models_dir": str(models_dir.resolve()), "logs_dir": str(logs_dir.resolve()),
-        "workers": workers,
-    }, sort_keys=False))
+    settings = {"graph": str(graph.resolve()), "tenants_dir": str(tenants_dir.resolve()),
+                "models_dir": str(models_dir.resolve()), "logs_dir": str(logs_dir.resolve()),
+                "workers": workers}
+    if metrics_address is not None:
+        settings["metrics_address"] = metrics_address
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path
 
 

@@ -1,0 +1,242 @@
+"""End-to-end serving benchmark: home-feed calls over gRPC against `walkrank serve`.
+
+Home-feed settings (the shipped tenant: 5 query pins, 100,000-step budget with early stopping,
+2,000 candidates, 500 returned, every request logged) scored by a 100-tree depth-6 model, at
+concurrency 8 from the built-in load generator (2 processes, 8 connections), for `--duration`
+seconds after a warm-up. Target: >= 100 requests/s per core with p99 <= 50 ms and no errors.
+
+Measured in the same run:
+- logging overhead: the same calls to a copy of the tenant with `logging.sample_rate: 0`;
+- `walkrank serve --processes 2` (SO_REUSEPORT) against the thread-pool server;
+- the reference: the same pipeline called directly in this process, one call at a time, so
+  the served figure reads as a ratio to what one core does without gRPC and threads;
+- the generator's and the server's CPU time: the generator runs on the server's cores.
+
+    python benchmarks/serving.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "load_tests"))
+
+from loadgen.generator import RunResult, run_load  # noqa: E402
+from loadgen.ghz_config import load_ghz_config  # noqa: E402
+from loadgen.harness import ServeProcess, free_port, write_server_config  # noqa: E402
+from loadgen.models import publish_random_model  # noqa: E402
+from loadgen.traffic import draw_requests, write_requests  # noqa: E402
+
+TENANT = "homefeed"
+NO_LOG = "homefeed_nolog"
+PROTO = ROOT / "protos" / "walkrank" / "v1" / "recommender.proto"
+TARGET_RPS_PER_CORE = 100.0
+TARGET_P99_MS = 50.0
+
+
+def prepare(work: Path, graph_path: Path, requests: int, seed: int) -> tuple[Path, Path]:
+    """Tenants (logging on / off), their 100-tree depth-6 models, request data."""
+    from walkrank.graph.store import GraphStore
+
+    tenants, models, data = work / "tenants", work / "models", work / "data"
+    tenants.mkdir(parents=True)
+    shutil.copy(ROOT / "tenants" / f"{TENANT}.yaml", tenants / f"{TENANT}.yaml")
+    nolog = yaml.safe_load((ROOT / "tenants" / f"{TENANT}.yaml").read_text())
+    nolog["name"] = NO_LOG
+    nolog["logging"]["sample_rate"] = 0.0
+    (tenants / f"{NO_LOG}.yaml").write_text(yaml.safe_dump(nolog, sort_keys=False))
+    for name in (TENANT, NO_LOG):
+        publish_random_model(models, tenants / f"{name}.yaml", trees=100, depth=6, seed=seed)
+    messages = draw_requests(GraphStore.load(graph_path), TENANT, requests, seed=seed)
+    write_requests(data / f"{TENANT}.json", messages)
+    write_requests(data / f"{NO_LOG}.json", [{**m, "tenant": NO_LOG} for m in messages])
+    return tenants, models
+
+
+def ghz_config(work: Path, tenant: str, duration_s: float, concurrency: int) -> Path:
+    path = work / f"{tenant}-{duration_s:g}s.json"
+    path.write_text(json.dumps({
+        "name": tenant, "proto": str(PROTO), "import-paths": [str(ROOT / "protos")],
+        "call": "walkrank.v1.Recommender.Recommend", "insecure": True,
+        "duration": f"{duration_s:g}s", "concurrency": concurrency, "connections": concurrency,
+        "timeout": "2s", "data-file": f"data/{tenant}.json"}, indent=2))
+    return path
+
+
+def scraped(metrics_address: str) -> dict[str, float]:
+    """Scored candidates and OK calls per tenant from the server's /metrics."""
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(walkrank_\w+_total)\{([^}]*)\} (\S+)$", text,
+                                          re.MULTILINE):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if name == "walkrank_candidates_total" and tags.get("kind") == "scored":
+            values[f"scored/{tags['tenant']}"] = float(value)
+        if name == "walkrank_requests_total" and tags.get("code") == "OK":
+            values[f"ok/{tags['tenant']}"] = float(value)
+    return values
+
+
+def measure(server: ServeProcess, config: Path, processes: int) -> tuple[RunResult, float]:
+    """One run; returns its result and the server's CPU seconds during it."""
+    cpu_before = server.cpu_seconds()
+    [result] = run_load([load_ghz_config(config)], server.target, processes)
+    return result, server.cpu_seconds() - cpu_before
+
+
+def direct_reference(graph_path: Path, work: Path, tenants: Path, models: Path, calls: int
+                     ) -> float:
+    """Milliseconds per call of the pipeline itself: same requests, no gRPC, one thread."""
+    from walkrank.graph.store import GraphStore
+    from walkrank.models import ModelRegistry
+    from walkrank.serving.pipeline import RecommendInput, recommend
+    from walkrank.serving.tenant_table import TenantTable
+
+    graph = GraphStore.load(graph_path)
+    table = TenantTable(tenants, ModelRegistry(models))
+    table.reload()
+    runtime = table.get(NO_LOG)
+    messages = json.loads((work / "data" / f"{NO_LOG}.json").read_text())
+    inputs = [RecommendInput(
+        tenant=NO_LOG, request_id=f"reference-{i}",
+        query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
+        query_weights=tuple(q["weight"] for q in m["query_pins"]),
+        locale=m["user"].get("locale", ""), interests=tuple(m["user"].get("interests", [])))
+        for i, m in enumerate(messages[:calls])]
+    for request in inputs[:10]:
+        recommend(graph, runtime, request)
+    times = []
+    for request in inputs:
+        start = time.perf_counter()
+        recommend(graph, runtime, request)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def figures(result: RunResult, server_cpu_s: float, scored_per_call: float, cores: int
+            ) -> dict[str, Any]:
+    s = result.summary
+    ok_rps = s.ok / s.total_s
+    return {
+        "requests_per_second": round(s.rps, 1), "requests_per_second_per_core": round(
+            s.rps / cores, 1),
+        "p50_ms": round(s.p50_ms, 2), "p90_ms": round(s.p90_ms, 2), "p99_ms": round(s.p99_ms, 2),
+        "count": s.count, "errors": s.error_count, "status_codes": s.status_codes,
+        "pins_scored_per_second": round(ok_rps * scored_per_call),
+        "pins_scored_per_second_per_core": round(ok_rps * scored_per_call / cores),
+        "server_cpu_cores": round(server_cpu_s / s.total_s, 2),
+        "generator_cpu_cores": round((result.generator_cpu_s or 0.0) / s.total_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the quick graph (2M edges)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per measured run (default 20, 8 with --quick)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--generator-processes", type=int, default=2)
+    parser.add_argument("--skip-processes", action="store_true",
+                        help="skip the walkrank serve --processes 2 comparison")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    from walkrank.graph.synthetic import ensure_graph
+
+    preset = "quick" if args.quick else "bench"
+    duration = args.duration or (8.0 if args.quick else 20.0)
+    cores = os.cpu_count() or 1
+    graph_path = ensure_graph(preset, ROOT / ".cache" / "graphs")
+    work = Path(tempfile.mkdtemp(prefix="walkrank-bench-serving-"))
+    try:
+        tenants, models = prepare(work, graph_path, 1000, args.seed)
+        reference_ms = direct_reference(graph_path, work, tenants, models, 200)
+        print(f"reference: pipeline called directly, one thread: {reference_ms:.2f} ms per call "
+              f"(median) = {1e3 / reference_ms:.0f} calls/s on one core", flush=True)
+        warm = ghz_config(work, TENANT, 3.0, args.concurrency)
+        runs = {name: ghz_config(work, name, duration, args.concurrency)
+                for name in (TENANT, NO_LOG)}
+        metrics_address = f"127.0.0.1:{free_port()}"
+        config = write_server_config(work / "walkrank.yaml", graph_path, tenants, models,
+                                     work / "logs", workers=8, metrics_address=metrics_address)
+        with ServeProcess(config, work / "server.log") as server:
+            run_load([load_ghz_config(warm)], server.target, args.generator_processes)
+            before = scraped(metrics_address)
+            logged, logged_cpu = measure(server, runs[TENANT], args.generator_processes)
+            unlogged, unlogged_cpu = measure(server, runs[NO_LOG], args.generator_processes)
+            after = scraped(metrics_address)
+        scored_per_call = ((after[f"scored/{TENANT}"] - before.get(f"scored/{TENANT}", 0.0))
+                           / max(1.0, after[f"ok/{TENANT}"] - before.get(f"ok/{TENANT}", 0.0)))
+        main_figures = figures(logged, logged_cpu, scored_per_call, cores)
+        off = figures(unlogged, unlogged_cpu, scored_per_call, cores)
+        processes = None
+        if not args.skip_processes:
+            # --processes needs a fixed port and each forked server would bind the metrics port.
+            config = write_server_config(work / "walkrank-2.yaml", graph_path, tenants, models,
+                                         work / "logs-2", workers=8)
+            with ServeProcess(config, work / "server-2.log", processes=2) as server:
+                run_load([load_ghz_config(warm)], server.target, args.generator_processes)
+                result, cpu = measure(server, runs[TENANT], args.generator_processes)
+            processes = figures(result, cpu, scored_per_call, cores)
+        report: dict[str, Any] = {
+            "graph": preset, "cores": cores, "concurrency": args.concurrency,
+            "duration_s": duration, **main_figures,
+            "candidates_scored_per_call": round(scored_per_call, 1),
+            "reference_direct_ms": round(reference_ms, 2),
+            "served_vs_direct_one_core": round(
+                main_figures["requests_per_second_per_core"] * reference_ms / 1e3, 2),
+            "logging_off": off,
+            "logging_overhead_throughput": round(
+                1 - main_figures["requests_per_second"] / off["requests_per_second"], 3),
+            "logging_overhead_p50": round(1 - off["p50_ms"] / main_figures["p50_ms"], 3),
+            "processes_2": processes,
+            "target_met": (main_figures["requests_per_second_per_core"] >= TARGET_RPS_PER_CORE
+                           and main_figures["p99_ms"] <= TARGET_P99_MS
+                           and main_figures["errors"] == 0),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    rows = [("threads, logging on", report), ("threads, logging off", report["logging_off"])]
+    if report["processes_2"]:
+        rows.append(("--processes 2, logging on", report["processes_2"]))
+    print(f"\ngraph {report['graph']}, {report['cores']} cores, concurrency "
+          f"{report['concurrency']}, {report['duration_s']:g} s per run")
+    print(f"{'server':28} {'req/s':>7} {'/core':>6} {'p50':>7} {'p90':>7} {'p99':>7} "
+          f"{'errors':>6} {'scored/s/core':>13} {'srv cores':>9} {'gen cores':>9}")
+    for name, r in rows:
+        print(f"{name:28} {r['requests_per_second']:7.1f} {r['requests_per_second_per_core']:6.1f} "
+              f"{r['p50_ms']:7.2f} {r['p90_ms']:7.2f} {r['p99_ms']:7.2f} {r['errors']:6d} "
+              f"{r['pins_scored_per_second_per_core']:13,d} {r['server_cpu_cores']:9.2f} "
+              f"{r['generator_cpu_cores']:9.2f}")
+    print(f"logging overhead: {report['logging_overhead_throughput']:.1%} of throughput, "
+          f"{report['logging_overhead_p50']:.1%} of p50")
+    print(f"reference (direct pipeline, one thread): {report['reference_direct_ms']:.2f} ms/call;"
+          f" served req/s per core x direct ms = {report['served_vs_direct_one_core']:.2f}")
+    print(f"target (>= {TARGET_RPS_PER_CORE:g} req/s per core, p99 <= {TARGET_P99_MS:g} ms, no "
+          f"errors): {'met' if report['target_met'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
