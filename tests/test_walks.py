@@ -33,20 +33,20 @@ def _query(graph: GraphStore, n: int, seed: int) -> np.ndarray:
 
 
 def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: int = 3,
-              bias: float = 0.0, key_range: tuple[int, int] = (0, 0)):
-    """Kernel-level walk from one pin with a hash counter; returns (steps, {pin: visits})."""
-    size = 1 << (2 * budget - 1).bit_length()
-    keys = np.full(size, kernels.EMPTY, np.int32)
-    visits = np.zeros(size, np.int32)
-    touched = np.empty(budget, np.int32)
-    done, n_touched = kernels.walk_query_pin(
+              bias: float = 0.0, key_range: tuple[int, int] = (0, 0), early_stop_pins: int = 0):
+    """Kernel-level walk from one pin with a hash table; returns (steps, {pin: visits})."""
+    table = np.zeros((1 << (2 * budget - 1).bit_length(), 4), np.int32)
+    table[:, :2] = kernels.EMPTY
+    done = kernels.walk_query_pin(
         graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj, graph.pin_key,
-        graph.board_key, np.int32(pin), np.int64(budget), np.uint64(int(restart * 2**32)),
-        np.uint64(int(bias * 2**32)), np.int32(key_range[0]), np.int32(key_range[1]),
-        np.int64(0), np.int64(4), np.uint64(seed), np.uint64(0), False, keys, visits, touched,
+        graph.board_key, np.int32(pin), np.int32(0), np.int64(budget),
+        np.uint64(int(restart * 2**32)), np.uint64(int(bias * 2**32)), np.int32(key_range[0]),
+        np.int32(key_range[1]), np.int64(early_stop_pins), np.int64(4), np.uint64(seed), False,
+        table, np.zeros(table.shape[0]), np.zeros(table.shape[0], np.int32),
     )
-    slots = touched[:n_touched]
-    return done, dict(zip(keys[slots].tolist(), visits[slots].tolist(), strict=True))
+    used = table[table[:, 1] == 0]
+    assert np.array_equal(used[:, 2], used[:, 3])  # one query pin: its count is the total
+    return done, dict(zip(used[:, 0].tolist(), used[:, 3].tolist(), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +112,14 @@ def test_visit_distribution_matches_plain_reference(small_graph: GraphStore) -> 
 
 def test_early_stop_counter_stops_only_past_n_p(small_graph: GraphStore) -> None:
     pin = int(_query(small_graph, 1, 3)[0])
-    size = 1 << 17
-    keys = np.full(size, kernels.EMPTY, np.int32)
-    visits = np.zeros(size, np.int32)
-    touched = np.empty(50_000, np.int32)
-    done, n_touched = kernels.walk_query_pin(
-        small_graph.pin_offsets, small_graph.pin_adj, small_graph.board_offsets,
-        small_graph.board_adj, small_graph.pin_key, small_graph.board_key, np.int32(pin),
-        np.int64(50_000), np.uint64(2**31), np.uint64(0), np.int32(0), np.int32(0),
-        np.int64(100), np.int64(4), np.uint64(1), np.uint64(0), False, keys, visits, touched,
-    )
-    reached = int((visits[touched[:n_touched]] >= 4).sum())
+    done, visits = _walk_one(small_graph, pin, 50_000, restart=0.5, early_stop_pins=100)
+    reached = sum(v >= 4 for v in visits.values())
     assert done < 50_000
     assert reached > 100
-    assert visits.sum() == done
+    assert sum(visits.values()) == done
+    # One lock-step round earlier (the same walk, cut there) n_p had not yet been crossed.
+    _, before = _walk_one(small_graph, pin, done - kernels.WALKERS, restart=0.5)
+    assert sum(v >= 4 for v in before.values()) <= 100
 
 
 # -- budget ----------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from walkrank.walks import kernels
 BiasBy = Literal["locale", "locale_topic"]
 Counter = Literal["auto", "dense", "hash"]
 
-# Measured by benchmarks/walks.py (--counters): a dense counter costs O(n_pins) to allocate
-# and clear per request, a hash table O(steps) with a probe per visit. Dense wins only while
-# the graph has at most this many pins per step of the request's budget.
-DENSE_MAX_PINS_PER_STEP = 4
+# Dense counter (a row per pin) or hash table (rows ~1.25x the steps): both cost one scan of
+# their rows to extract the top candidates, so dense only pays off on graphs with about as
+# many pins as steps. Measured by benchmarks/walks.py (5-pin query, N = 100k, p50): 100k-pin
+# graph dense 2.69 ms, hash 2.97 ms; 1M-pin graph dense 9.3 ms, hash 3.9 ms.
+DENSE_MAX_PINS_PER_STEP = 1
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,26 @@ def bias_key_range(
 
 
 def _table_size(entries: int) -> int:
-    """Power of two at least twice `entries`: linear probing stays short at load <= 0.5."""
-    return 1 << max(4, (2 * max(entries, 1) - 1).bit_length())
+    """Rows of a visit hash table for at most `entries` distinct pins: a power of two > 1.25x.
+
+    Distinct pins never exceed the steps walked, so the table cannot fill (load <= 0.8 in
+    the worst case); measured on the bench graph a walk visits ~0.6 new pins per step, so
+    the usual load is ~0.45 and probes stay short, while the table is half the size (and
+    half the init and scan) of one sized at 2x.
+    """
+    return 1 << max(4, int(1.25 * max(entries, 1)).bit_length())
+
+
+def new_visit_table(rows: int) -> np.ndarray:
+    """int32 rows [pin, owner, count, visits] = [EMPTY, EMPTY, 0, 0], one per slot.
+
+    Written as two int64 columns (all-ones is -1 in both int32 halves): 4x faster than
+    filling the int32 columns one by one.
+    """
+    pairs = np.empty((rows, 2), np.int64)
+    pairs[:, 0] = -1
+    pairs[:, 1] = 0
+    return pairs.view(np.int32)
 
 
 def _validate_query(
@@ -231,22 +250,10 @@ def walk(
     dense = counter == "dense" or (
         counter == "auto" and graph.n_pins <= DENSE_MAX_PINS_PER_STEP * total_budget
     )
-    max_budget = int(budgets.max())
-    if dense:
-        keys = np.empty(1, np.int32)
-        visits = np.zeros(graph.n_pins, np.int32)
-        g_keys = np.empty(1, np.int32)
-        g_size = graph.n_pins
-    else:
-        keys = np.full(_table_size(max_budget), kernels.EMPTY, np.int32)
-        visits = np.zeros(keys.shape[0], np.int32)
-        g_keys = np.full(_table_size(total_budget), kernels.EMPTY, np.int32)
-        g_size = g_keys.shape[0]
-    touched = np.empty(min(max_budget, graph.n_pins), np.int32)
-    g_root_sum = np.zeros(g_size, np.float64)
-    g_visits = np.zeros(g_size, np.int32)
-    g_hits = np.zeros(g_size, np.int32)
-    g_touched = np.empty(min(total_budget, graph.n_pins), np.int32)
+    slots = graph.n_pins if dense else _table_size(min(total_budget, graph.n_pins))
+    table = new_visit_table(slots)
+    root_sum = np.zeros(slots, np.float64)
+    hits = np.zeros(slots, np.int32)
 
     restart_threshold = np.uint64(min(params.restart_probability * 2**32, 2**32))
     bias_threshold = np.uint64(0)
@@ -257,34 +264,27 @@ def walk(
     seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
 
     steps_per_query = np.zeros(pins.shape[0], np.int64)
-    g_count = 0
     for position in known:
         if budgets[position] == 0:
             continue
-        done, n_touched = kernels.walk_query_pin(
+        steps_per_query[position] = kernels.walk_query_pin(
             graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
-            graph.pin_key, graph.board_key, np.int32(pins[position]), np.int64(budgets[position]),
-            restart_threshold, bias_threshold, np.int32(key_lo), np.int32(key_hi),
-            np.int64(params.early_stop_pins), np.int64(params.early_stop_visits),
-            seed64, np.uint64(position), dense, keys, visits, touched,
-        )
-        steps_per_query[position] = done
-        g_count = kernels.merge_query_visits(
-            dense, keys, visits, touched, n_touched, g_keys, g_root_sum, g_visits, g_hits,
-            g_touched, g_count,
+            graph.pin_key, graph.board_key, np.int32(pins[position]), np.int32(position),
+            np.int64(budgets[position]), restart_threshold, bias_threshold, np.int32(key_lo),
+            np.int32(key_hi), np.int64(params.early_stop_pins),
+            np.int64(params.early_stop_visits), seed64, dense, table, root_sum, hits,
         )
 
-    query_sorted = np.unique(known_pins)
     out = kernels.top_candidates(
-        dense, g_keys, g_root_sum, g_visits, g_hits, g_touched, g_count, query_sorted,
-        params.max_candidates, graph.pin_offsets,
+        dense, table, root_sum, hits, known_pins, params.max_candidates,
+        graph.pin_offsets,
     )
-    cand_pins, scores, cand_visits, hits, cand_degree = out
+    cand_pins, scores, cand_visits, query_hits, cand_degree = out
     return WalkResult(
         pins=cand_pins,
         scores=scores,
         visits=cand_visits,
-        query_hits=hits,
+        query_hits=query_hits,
         degree=cand_degree,
         steps_walked=int(steps_per_query.sum()),
         steps_per_query=steps_per_query,
