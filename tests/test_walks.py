@@ -336,6 +336,7 @@ def test_empty_results_say_why(small_graph: GraphStore, pins, weights, reason) -
     [
         ([0, 1], [1.0], "query_pins has 2 entries but query_weights has 1"),
         ([0, 10**6], [1.0, 1.0], "query pin 1000000 at position 1"),
+        ([0, 2**32], [1.0, 1.0], "query pin 4294967296 at position 1"),
         ([0, -2], [1.0, 1.0], "query pin -2 at position 1"),
         ([0], [-1.0], "query weight -1.0 at position 0"),
         ([0], [float("nan")], "query weight nan at position 0"),
@@ -352,7 +353,8 @@ def test_bad_user_codes_and_params_are_refused(small_graph: GraphStore) -> None:
         walk(small_graph, query, weights, WalkParams(bias_strength=0.5), user_locale=99)
     with pytest.raises(ConfigError, match="counter='fast'"):
         walk(small_graph, query, weights, WalkParams(), counter="fast")
-    for field, value in [("steps", 0), ("restart_probability", 0.0), ("bias_strength", 1.5),
+    for field, value in [("steps", 0), ("steps", 2.5), ("steps", 10**9), ("early_stop_pins", -1),
+                         ("restart_probability", 0.0), ("bias_strength", 1.5),
                          ("bias_by", "topic"), ("early_stop_visits", 0), ("max_candidates", 0)]:
         with pytest.raises(ConfigError, match=f"walk parameter {field}="):
             WalkParams(**{field: value})

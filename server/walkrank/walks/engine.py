@@ -25,6 +25,7 @@ Counter = Literal["auto", "dense", "hash"]
 # many pins as steps. Measured by benchmarks/walks.py (5-pin query, N = 100k, p50): 100k-pin
 # graph dense 2.69 ms, hash 2.97 ms; 1M-pin graph dense 9.3 ms, hash 3.9 ms.
 DENSE_MAX_PINS_PER_STEP = 1
+MAX_STEPS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,21 @@ class WalkParams:
     max_candidates: int = 2000
 
     def __post_init__(self) -> None:
+        def whole(value: object) -> bool:
+            return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
         checks = {
-            "steps": self.steps >= 1,
+            # int32 visit counters, and a visit table of ~30 bytes per step.
+            "steps": whole(self.steps) and 1 <= self.steps <= MAX_STEPS,
             "restart_probability": 0.0 < self.restart_probability <= 1.0,
-            "early_stop_pins": self.early_stop_pins >= 0,
-            "early_stop_visits": self.early_stop_visits >= 1,
+            "early_stop_pins": whole(self.early_stop_pins) and self.early_stop_pins >= 0,
+            "early_stop_visits": whole(self.early_stop_visits) and self.early_stop_visits >= 1,
             "bias_strength": 0.0 <= self.bias_strength <= 1.0,
             "bias_by": self.bias_by in ("locale", "locale_topic"),
-            "max_candidates": self.max_candidates >= 1,
+            "max_candidates": whole(self.max_candidates) and self.max_candidates >= 1,
         }
         expected = {
-            "steps": "an integer >= 1",
+            "steps": f"an integer in [1, {MAX_STEPS:,}]",
             "restart_probability": "in (0, 1]",
             "early_stop_pins": "an integer >= 0 (0 = off)",
             "early_stop_visits": "an integer >= 1",
@@ -65,7 +70,7 @@ class WalkParams:
                 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WalkResult:
     """Candidates of one walk, aligned arrays sorted by boosted score descending.
 
@@ -175,14 +180,14 @@ def _validate_query(
         )
     if pins.size and not np.issubdtype(pins.dtype, np.integer):
         raise DataError(f"query_pins must be integer dense ids, got dtype {pins.dtype}")
-    pins = pins.astype(np.int32, copy=False)
-    weights = weights.astype(np.float64, copy=False)
     bad = np.flatnonzero((pins < -1) | (pins >= graph.n_pins))
     if bad.size:
         raise DataError(
             f"query pin {int(pins[bad[0]])} at position {int(bad[0])} is not a dense id in "
             f"[0, {graph.n_pins}) nor -1 (unknown)"
         )
+    pins = pins.astype(np.int32, copy=False)
+    weights = weights.astype(np.float64, copy=False)
     bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
     if bad.size:
         raise DataError(
