@@ -225,7 +225,9 @@ def walk(
     """Pixie walk from weighted query pins (dense ids, -1 = unknown, ignored and reported).
 
     Each known query pin walks its own budget with its own early stopping; the per-pin
-    visit counts are combined by multi-hit boosting. Deterministic for a given seed.
+    visit counts are combined by multi-hit boosting (a pin repeated in the query counts as
+    two query pins). Deterministic for a given seed; the bias applies only when
+    `params.bias_strength > 0` and `user_locale` is a known locale code.
     `counter` picks the visit counter ("auto": by DENSE_MAX_PINS_PER_STEP).
     """
     pins, weights = _validate_query(graph, query_pins, query_weights)
