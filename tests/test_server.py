@@ -388,3 +388,25 @@ def test_tls_when_given_a_certificate(tmp_path: Path, small_graph: GraphStore) -
                 == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
+
+
+def test_prometheus_metrics_on_their_own_port(tmp_path: Path, small_graph: GraphStore) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free loopback port for the metrics listener
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    config = make_config(tmp_path, small_graph, metrics_address=f"127.0.0.1:{metrics_port}")
+    with running(config) as (_, client):
+        client.recommend("homefeed", busy_pins(small_graph, 1))
+        with pytest.raises(WalkRankClientError):
+            client.recommend("homefeed", [])
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as page:
+            text = page.read().decode()
+    assert 'walkrank_requests_total{code="OK",tenant="homefeed"} 1.0' in text
+    assert 'walkrank_requests_total{code="INVALID_ARGUMENT",tenant="homefeed"} 1.0' in text
+    assert 'walkrank_stage_seconds_count{stage="walk",tenant="homefeed"}' in text
+    assert 'walkrank_candidates_total{kind="generated",tenant="homefeed"}' in text
+    assert 'walkrank_model_version{tenant="homefeed"} 0.0' in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Stage latencies are milliseconds-scale; buckets span a cache-hot walk to a slow batch.
@@ -10,6 +12,7 @@ _BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 
 class ServerMetrics:
     def __init__(self) -> None:
+        self._http: WSGIServer | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter("walkrank_requests", "Recommend calls by tenant and status code",
                                 ["tenant", "code"], registry=self.registry)
@@ -35,6 +38,13 @@ class ServerMetrics:
             self.candidates.labels(tenant, "scored").inc(scored)
 
     def serve(self, address: str) -> None:
-        """Expose /metrics on `host:port` (a port separate from gRPC)."""
+        """Expose /metrics on `host:port` (a port separate from gRPC) until `close`."""
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        self._http, _ = start_http_server(int(port), addr=host or "127.0.0.1",
+                                          registry=self.registry)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -127,6 +127,7 @@ class WalkRankServer:
         self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.candidate_log.close()
         self.event_log.close()
+        self.metrics.close()
 
     def wait(self) -> None:
         self._server.wait_for_termination()
