@@ -7,6 +7,7 @@ period, then close the logs so every queued candidate and event reaches disk.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from concurrent import futures
 
@@ -82,8 +83,10 @@ class WalkRankServer:
             return
         first_pin = str(self.graph.pin_external([0])[0])
         for name, runtime in self.tenants.runtimes().items():
+            # No deadline: loading (or, on a cold cache, compiling) the kernels takes seconds.
             recommend(self.graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
-                                                          query_pins=(first_pin,)))
+                                                          query_pins=(first_pin,)),
+                      time_remaining=lambda: math.inf)
 
     def start(self) -> int:
         self.reload()
