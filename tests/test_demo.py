@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 from walkrank.demo.run import METRICS, run_demo
+from walkrank.demo.world import SIZES, ensure_world_graph
+from walkrank.errors import DataError
+from walkrank.graph.store import FORMAT_VERSION, GraphStore
 
 
 @pytest.mark.slow
@@ -26,3 +31,19 @@ def test_demo_models_beat_visit_count_and_write_their_report(tmp_path: Path) -> 
     markdown = (out / "demo.md").read_text()
     assert all(metric in markdown for metric in METRICS)
     assert (out / "demo.json").stat().st_size > 0
+
+
+def test_world_graph_is_reused_and_rebuilt_when_its_format_is_stale(tmp_path: Path) -> None:
+    size = dataclasses.replace(SIZES["ci"], n_pins=300, n_boards=60, n_edges=2_000)
+    graph_dir = ensure_world_graph(tmp_path, size)
+    manifest_path = graph_dir / "manifest.json"
+    built = manifest_path.stat().st_mtime_ns
+    assert ensure_world_graph(tmp_path, size) == graph_dir
+    assert manifest_path.stat().st_mtime_ns == built  # reused, not rebuilt
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = FORMAT_VERSION - 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="format_version"):
+        GraphStore.load(graph_dir)
+    ensure_world_graph(tmp_path, size)
+    assert GraphStore.load(graph_dir).manifest["format_version"] == FORMAT_VERSION

@@ -342,7 +342,7 @@ def test_cli_build_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     manifest = json.loads(printed[: printed.rindex("}") + 1])
     assert manifest["counts"] == {"pins": 4, "boards": 1, "edges": 2}
     assert manifest["vocab"] == {"locales": ["en", "ja"], "topics": ["t1", "t2"]}
-    assert "checksums: all 18 arrays match" in printed
+    assert "checksums: all 20 arrays match" in printed
 
     with open(out / "board_topic.npy", "r+b") as f:
         f.seek(-1, 2)

@@ -39,7 +39,11 @@ def test_contract_fields_dtypes_and_mmap(small_graph: GraphStore) -> None:
     assert g.pin_ids.dtype == np.int64 and g.board_ids.dtype == np.int64
     assert g.n_locales >= 2 and g.n_topics >= 4
     assert g.manifest["counts"] == {"pins": g.n_pins, "boards": g.n_boards, "edges": g.n_edges}
-    assert g.manifest["bytes_per_edge"] <= 8.5 + 8 * (g.n_pins + g.n_boards + 2) / g.n_edges
+    # 8 bytes per edge of neighbours both ways, 8 per node of offsets, 2 per node and locale
+    # of the locale index.
+    per_node = 8 + 2 * g.n_locales
+    assert g.manifest["bytes_per_edge"] <= 8 + per_node * (g.n_pins + g.n_boards + 2) / g.n_edges
+    assert g.pin_locale_ends.dtype == np.uint16 and g.board_locale_ends.dtype == np.uint16
     np.testing.assert_array_equal(g.pin_key, g.pin_locale * (g.n_topics + 1) + g.pin_topic)
     np.testing.assert_array_equal(g.board_key, g.board_locale * (g.n_topics + 1) + g.board_topic)
     assert g.pin_locale.max() <= g.n_locales and g.pin_topic.max() <= g.n_topics
@@ -77,20 +81,25 @@ def test_vocab_codes(small_graph: GraphStore) -> None:
     assert g.bias_key(1, 2) == 1 * (g.n_topics + 1) + 2
 
 
-def test_locale_slice_by_binary_search(small_graph: GraphStore) -> None:
-    """A locale-biased step takes a contiguous slice of a pin's boards, found by bisection."""
+@pytest.mark.parametrize("side", ["pin", "board"])
+def test_locale_index_gives_each_locales_slice(small_graph: GraphStore, side: str) -> None:
+    """A locale-biased step takes `adj[start + ends[l - 1] : start + ends[l]]`: exactly the
+    neighbours of locale l, for every node and locale (the missing locale runs to the end)."""
     g = small_graph
-    t1 = g.n_topics + 1
+    offsets = getattr(g, f"{side}_offsets")
+    adj = getattr(g, f"{side}_adj")
+    ends = getattr(g, f"{side}_locale_ends")
+    neighbour_locale = g.board_locale if side == "pin" else g.pin_locale
     checked = 0
-    for pin in np.argsort(-g.pin_degree())[:50]:
-        boards = g.boards_of(int(pin))
-        keys = g.board_key[boards]
+    for node in range(len(offsets) - 1):
+        neighbours = adj[offsets[node]:offsets[node + 1]]
+        bounds = [0, *ends[node].tolist(), len(neighbours)]
         for locale in range(g.n_locales + 1):
-            lo, hi = np.searchsorted(keys, [locale * t1, (locale + 1) * t1])
-            expected = boards[g.board_locale[boards] == locale]
-            np.testing.assert_array_equal(boards[lo:hi], expected)
+            expected = neighbours[neighbour_locale[neighbours] == locale]
+            np.testing.assert_array_equal(neighbours[bounds[locale]:bounds[locale + 1]],
+                                          expected)
             checked += expected.size
-    assert checked > 0
+    assert checked == g.n_edges
 
 
 def _copy(graph: GraphStore, tmp_path: Path) -> Path:

@@ -33,14 +33,16 @@ def _query(graph: GraphStore, n: int, seed: int) -> np.ndarray:
 
 
 def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: int = 3,
-              bias: float = 0.0, key_range: tuple[int, int] = (0, 0), early_stop_pins: int = 0):
+              bias: float = 0.0, locale: int = -1, key_range: tuple[int, int] = (0, 0),
+              early_stop_pins: int = 0):
     """Kernel-level walk from one pin with a hash table; returns (steps, {pin: visits})."""
     table = np.zeros((1 << (2 * budget - 1).bit_length(), 4), np.int32)
     table[:, :2] = kernels.EMPTY
     done = kernels.walk_query_pin(
         graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj, graph.pin_key,
-        graph.board_key, np.int32(pin), np.int32(0), np.int64(budget),
-        np.uint64(int(restart * 2**32)), np.uint64(int(bias * 2**32)), np.int32(key_range[0]),
+        graph.board_key, graph.pin_locale_ends, graph.board_locale_ends, np.int32(pin),
+        np.int32(0), np.int64(budget), np.uint64(int(restart * 2**32)),
+        np.uint64(int(bias * 2**32)), np.int32(locale), np.int32(key_range[0]),
         np.int32(key_range[1]), np.int64(early_stop_pins), np.int64(4), np.uint64(seed), False,
         table, np.zeros(table.shape[0]), np.zeros(table.shape[0], np.int32),
     )
@@ -239,16 +241,30 @@ def test_bias_by_locale_and_topic_narrows_further(two_locale_graph: GraphStore) 
 
 def test_bias_falls_back_to_uniform_when_no_neighbour_matches(small_graph: GraphStore) -> None:
     pin = int(_query(small_graph, 1, 5)[0])
+    locale = int(small_graph.pin_locale[pin])
     uniform = _walk_one(small_graph, pin, 5_000, restart=0.5)
-    # No pin or board has a key in this range: every biased step must fall back to uniform,
+    # No neighbour has a key in this range: every biased step must fall back to uniform,
     # drawing the same neighbours from the same random numbers.
     nothing = (10**6, 10**6 + 1)
-    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, key_range=nothing) == uniform
-    # A range that does match changes the walk.
-    locale = int(small_graph.pin_locale[pin])
+    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, locale=locale,
+                     key_range=nothing) == uniform
+    # No locale (-1): unbiased whatever the strength.
+    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0) == uniform
+    # The locale alone does change the walk.
+    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, locale=locale) != uniform
+
+
+def test_locale_index_and_key_search_take_the_same_slice(small_graph: GraphStore) -> None:
+    """A key range covering the whole locale is binary-searched (and cached), the locale alone
+    is read from the locale index: the walks draw the same neighbours."""
     n_topics = len(small_graph.topics)
-    matching = (locale * (n_topics + 1), (locale + 1) * (n_topics + 1))
-    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, key_range=matching) != uniform
+    for pin in _query(small_graph, 3, 8):
+        locale = int(small_graph.pin_locale[pin])
+        whole_locale = (locale * (n_topics + 1), (locale + 1) * (n_topics + 1))
+        by_index = _walk_one(small_graph, int(pin), 5_000, restart=0.3, bias=0.7, locale=locale)
+        by_search = _walk_one(small_graph, int(pin), 5_000, restart=0.3, bias=0.7,
+                              locale=locale, key_range=whole_locale)
+        assert by_index == by_search
 
 
 # -- contract: determinism, exclusion, threads, edge cases -----------------------------------

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 import walkrank
+from walkrank.errors import DataError
 from walkrank.graph.build import build_graph
-from walkrank.graph.store import GraphStore
+from walkrank.graph.store import GraphStore, read_manifest
 from walkrank.graph.synthetic import generate_graph_tables
 from walkrank.serving.config import ServerConfig
 
@@ -75,9 +76,12 @@ class DemoWorld:
 
 
 def ensure_world_graph(root: Path, size: DemoSize, seed: int = 7) -> Path:
-    """Build the world's graph under `root/graph` once; later runs reuse it."""
+    """Build the world's graph under `root/graph` once; later runs reuse it unless it was
+    built by a WalkRank with another graph format."""
     graph_dir = root / "graph"
-    if not (graph_dir / "manifest.json").exists():
+    try:
+        read_manifest(graph_dir)
+    except DataError:
         tables = generate_graph_tables(size.n_pins, size.n_boards, size.n_edges, size.n_topics,
                                        size.n_locales, seed=seed)
         build_graph(graph_dir, tables.edges, tables.pins, tables.boards)

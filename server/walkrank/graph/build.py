@@ -382,6 +382,21 @@ def _csr(rows: np.ndarray, cols: np.ndarray, col_key: np.ndarray, n_rows: int,
     return offsets, adj
 
 
+def _locale_ends(rows: np.ndarray, cols: np.ndarray, col_locale: np.ndarray, n_rows: int,
+                 n_locales: int, max_degree: int) -> np.ndarray:
+    """`[row, l]` = where locale l's neighbours end in the row's (locale-sorted) list.
+
+    Relative to the row's offset, so uint16 when every list is shorter than 65,536. A
+    locale-biased walk step reads its slice from here instead of binary-searching the list;
+    the "missing locale" slice (code `n_locales`) runs to the end of the list and needs no
+    column.
+    """
+    counts = np.bincount(rows.astype(np.int64) * (n_locales + 1) + col_locale[cols],
+                         minlength=n_rows * (n_locales + 1)).reshape(n_rows, n_locales + 1)
+    dtype = np.uint16 if max_degree <= np.iinfo(np.uint16).max else np.uint32
+    return np.cumsum(counts[:, :n_locales], axis=1).astype(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # build
 
@@ -480,6 +495,11 @@ def build_graph(
     pin_offsets, pin_adj = _csr(e_pins, e_boards, board_key, n_pins, n_keys)
     board_offsets, board_adj = _csr(e_boards, e_pins, pin_key, n_boards, n_keys)
     n_edges = int(pin_adj.shape[0])
+    max_degree = int(max(np.diff(pin_offsets).max(), np.diff(board_offsets).max()))
+    pin_locale_ends = _locale_ends(e_pins, e_boards, board_locale, n_pins, n_locales,
+                                   max_degree)
+    board_locale_ends = _locale_ends(e_boards, e_pins, pin_locale, n_boards, n_locales,
+                                     max_degree)
     del e_pins, e_boards
     lap("csr")
 
@@ -489,6 +509,7 @@ def build_graph(
         "pin_locale": pin_locale, "pin_topic": pin_topic,
         "board_locale": board_locale, "board_topic": board_topic,
         "pin_key": pin_key, "board_key": board_key,
+        "pin_locale_ends": pin_locale_ends, "board_locale_ends": board_locale_ends,
         "pin_quality": pin_quality, "pin_created_at": pin_created,
     }
     for prefix, dictionary in (("pin", pin_dict), ("board", board_dict)):
@@ -501,7 +522,8 @@ def build_graph(
         arrays[PIN_COLUMN_PREFIX + name] = values
 
     adjacency_bytes = sum(arrays[k].nbytes for k in ("pin_offsets", "pin_adj", "board_offsets",
-                                                     "board_adj"))
+                                                     "board_adj", "pin_locale_ends",
+                                                     "board_locale_ends"))
     stats = {
         "input_edges": input_edges,
         "duplicate_edges": int(duplicates),

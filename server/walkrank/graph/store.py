@@ -20,7 +20,7 @@ import numpy as np
 from walkrank.errors import DataError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Arrays every graph directory holds, in the order they are written and checked.
 ARRAY_FIELDS: tuple[str, ...] = (
@@ -34,6 +34,8 @@ ARRAY_FIELDS: tuple[str, ...] = (
     "board_topic",
     "pin_key",
     "board_key",
+    "pin_locale_ends",
+    "board_locale_ends",
     "pin_quality",
     "pin_created_at",
     "pin_ids_sorted",
@@ -72,6 +74,8 @@ class GraphStore:
     board_topic: np.ndarray
     pin_key: np.ndarray
     board_key: np.ndarray
+    pin_locale_ends: np.ndarray  # [pin, locale]: end of that locale's boards in its list
+    board_locale_ends: np.ndarray  # [board, locale]: end of that locale's pins in its list
     pin_quality: np.ndarray
     pin_created_at: np.ndarray
     pin_ids_sorted: np.ndarray
@@ -124,12 +128,16 @@ class GraphStore:
         for name in ("board_locale", "board_topic", "board_key", "board_ids_sorted",
                      "board_ids_order", "board_ids"):
             expected[name] = counts["boards"]
-        for name, n in expected.items():
-            shape = getattr(self, name).shape
-            if shape != (n,):
+        shapes = {name: (n,) for name, n in expected.items()}
+        n_locales = len(self.manifest["vocab"]["locales"])
+        shapes["pin_locale_ends"] = (counts["pins"], n_locales)
+        shapes["board_locale_ends"] = (counts["boards"], n_locales)
+        for name, shape in shapes.items():
+            actual = getattr(self, name).shape
+            if actual != shape:
                 raise DataError(
-                    f"{self.path / (name + '.npy')}: shape {shape} does not match the manifest "
-                    f"count ({n},)"
+                    f"{self.path / (name + '.npy')}: shape {actual} does not match the "
+                    f"manifest counts {shape}"
                 )
 
     # -- counts and vocabularies -----------------------------------------------------------

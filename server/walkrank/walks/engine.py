@@ -120,10 +120,23 @@ def step_budgets(
     return budgets
 
 
-def bias_key_range(
+@dataclass(frozen=True)
+class BiasTarget:
+    """What a biased step aims at: a locale, and within it a [key_lo, key_hi) bias-key range
+    (`key_lo == key_hi`: the whole locale, read from the graph's locale index at no search)."""
+
+    locale: int
+    key_lo: int = 0
+    key_hi: int = 0
+
+
+UNBIASED = BiasTarget(locale=-1)
+
+
+def bias_target(
     graph: GraphStore, bias_by: BiasBy, user_locale: int, user_topic: int
-) -> tuple[int, int] | None:
-    """The [lo, hi) range of bias keys (`locale * (T + 1) + topic`) a biased step aims at.
+) -> BiasTarget | None:
+    """The neighbours a biased step draws from, for a user's locale and top topic codes.
 
     None (unbiased) when the user's locale is unknown: biasing toward the "missing locale"
     pins would be noise. An unknown topic under "locale_topic" falls back to the locale.
@@ -135,10 +148,10 @@ def bias_key_range(
         raise DataError(f"user_topic code {user_topic} outside [-1, {n_topics}]")
     if user_locale < 0 or user_locale == n_locales:
         return None
-    base = user_locale * (n_topics + 1)
     if bias_by == "locale_topic" and 0 <= user_topic < n_topics:
-        return base + user_topic, base + user_topic + 1
-    return base, base + n_topics + 1
+        key = graph.bias_key(user_locale, user_topic)
+        return BiasTarget(user_locale, key, key + 1)
+    return BiasTarget(user_locale)
 
 
 def _table_size(entries: int) -> int:
@@ -239,9 +252,9 @@ def walk(
     known = np.flatnonzero(pins >= 0)
     if known.shape[0] == 0:
         return _empty(pins.shape[0], unknown, "all query pins unknown")
-    key_range = None
+    target = UNBIASED
     if params.bias_strength > 0:
-        key_range = bias_key_range(graph, params.bias_by, user_locale, user_topic)
+        target = bias_target(graph, params.bias_by, user_locale, user_topic) or UNBIASED
 
     offsets = graph.pin_offsets
     known_pins = pins[known]
@@ -264,10 +277,8 @@ def walk(
 
     restart_threshold = np.uint64(min(params.restart_probability * 2**32, 2**32))
     bias_threshold = np.uint64(0)
-    key_lo = key_hi = 0
-    if key_range is not None:
+    if target.locale >= 0:
         bias_threshold = np.uint64(min(params.bias_strength * 2**32, 2**32))
-        key_lo, key_hi = key_range
     seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
 
     steps_per_query = np.zeros(pins.shape[0], np.int64)
@@ -276,9 +287,10 @@ def walk(
             continue
         steps_per_query[position] = kernels.walk_query_pin(
             graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
-            graph.pin_key, graph.board_key, np.int32(pins[position]), np.int32(position),
-            np.int64(budgets[position]), restart_threshold, bias_threshold, np.int32(key_lo),
-            np.int32(key_hi), np.int64(params.early_stop_pins),
+            graph.pin_key, graph.board_key, graph.pin_locale_ends, graph.board_locale_ends,
+            np.int32(pins[position]), np.int32(position), np.int64(budgets[position]),
+            restart_threshold, bias_threshold, np.int32(target.locale), np.int32(target.key_lo),
+            np.int32(target.key_hi), np.int64(params.early_stop_pins),
             np.int64(params.early_stop_visits), seed64, dense, table, root_sum, hits,
         )
 
