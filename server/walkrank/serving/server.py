@@ -27,11 +27,11 @@ from walkrank.serving.pipeline import RecommendInput, recommend
 from walkrank.serving.reflection import enable_reflection
 from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
 from walkrank.serving.tenant_table import ReloadReport, TenantTable
+from walkrank.serving.wire import add_recommender
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     recommender_pb2,
-    recommender_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class WalkRankServer:
                                        thread_name_prefix="walkrank"),
             interceptors=[ErrorInterceptor()], options=options,
             maximum_concurrent_rpcs=None)
-        recommender_pb2_grpc.add_RecommenderServicer_to_server(
-            RecommenderServicer(self.serving), self._server)
+        add_recommender(RecommenderServicer(self.serving), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(self.serving, str(config.graph), self.reload), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

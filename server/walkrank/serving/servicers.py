@@ -21,6 +21,7 @@ from walkrank.serving.interceptor import status_of
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import RecommendInput, RecommendOutput, recommend
 from walkrank.serving.tenant_table import ReloadReport, TenantRuntime, TenantTable
+from walkrank.serving.wire import encode_response
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -76,7 +77,8 @@ class ServingContext:
                                          scored=output.candidates_generated)
 
     def serve_one(self, runtime: TenantRuntime, request: RecommendInput,
-                  context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+                  context: grpc.ServicerContext) -> bytes:
+        """Run the pipeline for one user; the serialized RecommendResponse (see `wire`)."""
         try:
             output = recommend(self.graph, runtime, request, candidate_log=self.candidate_log,
                                time_remaining=context.time_remaining)
@@ -93,32 +95,12 @@ def _query(pins: list[recommender_pb2.QueryPin]) -> tuple[tuple[str, ...], tuple
             tuple(float(p.weight) if p.weight != 0 else 1.0 for p in pins))
 
 
-def encode_response(tenant: str, output: RecommendOutput) -> recommender_pb2.RecommendResponse:
-    response = recommender_pb2.RecommendResponse(
-        request_id=output.request_id, model_version=output.model_version, tenant=tenant,
-        unknown_query_pins=list(output.unknown_query_pins),
-        empty_reason=output.empty_reason or "", candidates_generated=output.candidates_generated,
-        timing=recommender_pb2.Timing(
-            walk_ms=output.timing_ms.get("walk", 0.0),
-            features_ms=output.timing_ms.get("features", 0.0),
-            scoring_ms=output.timing_ms.get("scoring", 0.0),
-            total_ms=output.timing_ms.get("total", 0.0)),
-    )
-    candidate = recommender_pb2.Candidate
-    response.candidates.extend(
-        candidate(pin_id=str(pin), score=float(score), visit_count=int(visits), rank=rank)
-        for rank, (pin, score, visits) in enumerate(
-            zip(output.pin_ids.tolist(), output.scores.tolist(), output.visits.tolist(),
-                strict=True), start=1))
-    return response
-
-
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, serving: ServingContext) -> None:
         self.serving = serving
 
     def Recommend(self, request: recommender_pb2.RecommendRequest,
-                  context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+                  context: grpc.ServicerContext) -> bytes:
         runtime = self.serving.runtime(request.tenant, context)
         pins, weights = _query(list(request.query_pins))
         decoded = RecommendInput(
@@ -131,8 +113,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             return self.serving.serve_one(runtime, decoded, context)
 
     def RecommendBatch(self, request: recommender_pb2.RecommendBatchRequest,
-                       context: grpc.ServicerContext) -> Iterator[
-                           recommender_pb2.RecommendResponse]:
+                       context: grpc.ServicerContext) -> Iterator[bytes]:
         runtime = self.serving.runtime(request.tenant, context)
         if not request.users:
             raise InvalidArgument("users", "at least one user is required")
