@@ -410,3 +410,54 @@ def test_prometheus_metrics_on_their_own_port(tmp_path: Path, small_graph: Graph
     assert 'walkrank_stage_seconds_count{stage="walk",tenant="homefeed"}' in text
     assert 'walkrank_candidates_total{kind="generated",tenant="homefeed"}' in text
     assert 'walkrank_model_version{tenant="homefeed"} 0.0' in text
+
+
+def _wait_until(condition, what: str, timeout_s: float = 20.0) -> None:
+    """Poll `condition` until it holds (the server works in its own threads)."""
+    done = threading.Event()
+    for _ in range(int(timeout_s / 0.005)):
+        if condition():
+            return
+        done.wait(0.005)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_compute_slots_serve_interactive_before_batch_and_honour_deadlines(served) -> None:
+    from walkrank_client import UserQuery
+
+    server, client = served
+    compute = server.serving.compute
+    for _ in range(compute.slots):  # every slot busy with (pretend) requests
+        assert compute.acquire(0, timeout=0)
+    held = compute.slots
+    answers: dict[str, object] = {}
+    try:
+        query = busy_pins(server.graph, 1)
+        with pytest.raises(WalkRankClientError) as info:
+            client.recommend("homefeed", query, timeout=1.0)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "compute slot" in str(info.value)
+
+        def call(name: str, fn) -> threading.Thread:
+            thread = threading.Thread(target=lambda: answers.__setitem__(name, fn()))
+            thread.start()
+            return thread
+
+        email = call("email", lambda: list(client.recommend_batch(
+            "email", [UserQuery(pins=query, request_id="e0")])))
+        _wait_until(lambda: compute.waiting == 1, "the email user waits for a slot")
+        homefeed = call("homefeed", lambda: client.recommend("homefeed", query))
+        _wait_until(lambda: compute.waiting == 2, "the home-feed request waits too")
+        # One slot comes free: the later, interactive request takes it, and hands it to the
+        # email user only when done.
+        compute.release()
+        held -= 1
+        homefeed.join(20)
+        email.join(20)
+    finally:
+        for _ in range(held):
+            compute.release()
+    feed = answers["homefeed"].timing  # type: ignore[attr-defined]
+    [email_answer] = answers["email"]  # type: ignore[misc]
+    assert email_answer.candidates and feed.queue_ms > 0
+    assert email_answer.timing.queue_ms > feed.queue_ms + feed.total_ms

@@ -60,6 +60,7 @@ def test_shipped_tenants_differ_where_their_surfaces_differ():
     assert home.labels.strategy == "blended_funnel" and email.labels.strategy == "engagement"
     assert home.labels.local_label_weight > 1.0
     assert email.limits.max_in_flight < home.limits.max_in_flight
+    assert (email.limits.priority, home.limits.priority) == ("batch", "interactive")
     assert email.logging.sample_rate < home.logging.sample_rate == 1.0
     assert home.labels.primary_metric_name == "recall_actions"
     # Below `return`: events exist only for returned pins, so K >= return is trivially 1.
@@ -157,6 +158,8 @@ INVALID = [
     (_set("walk.bias.by", "country"), "walk.bias.by",
      "must be one of locale, locale_topic; got 'country'"),
     (_set("walk.bias.strength", 1.2), "walk.bias.strength", "must be in [0, 1], got 1.2"),
+    (_set("limits.priority", "urgent"), "limits.priority",
+     "must be one of interactive, batch; got 'urgent'"),
     (_set("walk.early_stopping.pins", 0), "walk.early_stopping.pins", "must be in [1,"),
     (_set("walk", [1, 2]), "walk", "expected a mapping of fields, got a list"),
     (_set("features", ["walk_score", "pin_colour"]), "features",

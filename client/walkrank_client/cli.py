@@ -79,7 +79,7 @@ def _recommend(client: WalkRankClient, args: argparse.Namespace) -> int:
     print(f"tenant {response.tenant}  request {response.request_id}  "
           f"model {response.model_version}  candidates generated {response.candidates_generated}")
     print(f"timing ms: walk {t.walk_ms:.2f}  features {t.features_ms:.2f}  "
-          f"scoring {t.scoring_ms:.2f}  total {t.total_ms:.2f}")
+          f"scoring {t.scoring_ms:.2f}  total {t.total_ms:.2f}  queued {t.queue_ms:.2f}")
     if response.unknown_query_pins:
         print(f"unknown query pins: {', '.join(response.unknown_query_pins)}")
     if response.empty_reason:

@@ -32,6 +32,9 @@ _EVENT_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _METRIC_RE = re.compile(r"(?P<name>[a-z_]+)@(?P<k>[0-9]+)")
 
 QUERY_SOURCES = ("recent_pins", "viewed_pin")
+#: Compute-slot priorities, first served first: a batch tenant (email) runs when no
+#: interactive request (home feed, related pins) is waiting (walkrank.serving.scheduler).
+PRIORITIES = ("interactive", "batch")
 BIAS_BY = ("locale", "locale_topic")
 OBJECTIVES = ("binary", "pairwise", "regression")
 CONVERTERS = ("onnxmltools", "hummingbird")
@@ -137,6 +140,7 @@ class LimitsConfig:
     max_in_flight: int
     max_query_pins: int
     deadline_ms: int
+    priority: str  # one of PRIORITIES
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,7 @@ class TenantConfig:
                 "max_in_flight": self.limits.max_in_flight,
                 "max_query_pins": self.limits.max_query_pins,
                 "deadline_ms": self.limits.deadline_ms,
+                "priority": self.limits.priority,
             },
         }
 
@@ -447,6 +452,7 @@ def _limits(section: _Fields) -> LimitsConfig:
         max_in_flight=section.integer("max_in_flight", 16, low=1, high=MAX_IN_FLIGHT),
         max_query_pins=section.integer("max_query_pins", 100, low=1, high=MAX_QUERY_PINS),
         deadline_ms=section.integer("deadline_ms", 200, low=1, high=MAX_DEADLINE_MS),
+        priority=section.choice("priority", PRIORITIES, "interactive"),
     )
     section.done()
     return limits

@@ -46,6 +46,8 @@ class ServerConfig:
     address: str = DEFAULT_ADDRESS
     metrics_address: str | None = None
     workers: int = 8
+    # Requests running the pipeline at once (walkrank.serving.scheduler); None: one per core.
+    compute_slots: int | None = None
     grace_seconds: float = 10.0
     log_queue_batches: int = 4096
     max_message_bytes: int = 4 * 1024 * 1024
@@ -58,7 +60,7 @@ class ServerConfig:
 
 _TOP_KEYS = {
     "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
-    "grace_seconds", "log_queue_batches", "max_message_bytes", "auth", "tls",
+    "compute_slots", "grace_seconds", "log_queue_batches", "max_message_bytes", "auth", "tls",
 }
 
 
@@ -143,12 +145,13 @@ def load_server_config(path: Path) -> ServerConfig:
     values: dict[str, Any] = {key: resolve(key) for key in ("graph", "tenants_dir", "models_dir",
                                                               "logs_dir")}
     for key, kind in (("address", str), ("metrics_address", str), ("workers", int),
-                      ("grace_seconds", (int, float)), ("log_queue_batches", int),
-                      ("max_message_bytes", int)):
+                      ("compute_slots", int), ("grace_seconds", (int, float)),
+                      ("log_queue_batches", int), ("max_message_bytes", int)):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
-    if values.get("workers", 1) < 1:
-        raise ConfigError(f"{path}: workers: must be >= 1")
+    for key in ("workers", "compute_slots"):
+        if values.get(key, 1) < 1:
+            raise ConfigError(f"{path}: {key}: must be >= 1")
     auth_raw = raw.get("auth") or {}
     if not isinstance(auth_raw, dict) or set(auth_raw) - {"enabled", "secrets_file"}:
         raise ConfigError(f"{path}: auth: expected {{enabled: bool, secrets_file: path}}")

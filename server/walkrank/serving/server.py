@@ -25,6 +25,7 @@ from walkrank.serving.interceptor import ErrorInterceptor
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import RecommendInput, recommend
 from walkrank.serving.reflection import enable_reflection
+from walkrank.serving.scheduler import ComputeSlots, available_cores
 from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
 from walkrank.serving.tenant_table import ReloadReport, TenantTable
 from walkrank.serving.wire import add_recommender
@@ -52,8 +53,10 @@ class WalkRankServer:
             on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)))
         self.event_log = EventLog(config.logs_dir)
         self.health = health.HealthServicer()
-        self.serving = ServingContext(self.graph, self.tenants, self.candidate_log,
-                                      self.event_log, Authenticator(config.auth), self.metrics)
+        self.serving = ServingContext(
+            self.graph, self.tenants, self.candidate_log, self.event_log,
+            Authenticator(config.auth), self.metrics,
+            ComputeSlots(config.compute_slots or available_cores()))
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -3,7 +3,9 @@ encode the answer. The work itself lives in `walkrank.serving.pipeline`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,8 +22,10 @@ from walkrank.serving.errors import DeadlineExceeded, InvalidArgument, QuotaExce
 from walkrank.serving.interceptor import status_of
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import RecommendInput, RecommendOutput, recommend
+from walkrank.serving.scheduler import ComputeSlots
 from walkrank.serving.tenant_table import ReloadReport, TenantRuntime, TenantTable
 from walkrank.serving.wire import encode_response
+from walkrank.tenants import PRIORITIES
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -35,13 +39,15 @@ class ServingContext:
     """What every servicer shares: the graph, the tenant table, logs, auth and metrics."""
 
     def __init__(self, graph: GraphStore, tenants: TenantTable, candidate_log: CandidateLog,
-                 event_log: EventLog, auth: Authenticator, metrics: ServerMetrics) -> None:
+                 event_log: EventLog, auth: Authenticator, metrics: ServerMetrics,
+                 compute: ComputeSlots) -> None:
         self.graph = graph
         self.tenants = tenants
         self.candidate_log = candidate_log
         self.event_log = event_log
         self.auth = auth
         self.metrics = metrics
+        self.compute = compute
 
     def runtime(self, tenant: str, context: grpc.ServicerContext) -> TenantRuntime:
         if not tenant:
@@ -78,13 +84,29 @@ class ServingContext:
 
     def serve_one(self, runtime: TenantRuntime, request: RecommendInput,
                   context: grpc.ServicerContext) -> bytes:
-        """Run the pipeline for one user; the serialized RecommendResponse (see `wire`)."""
+        """Run the pipeline for one user in a compute slot; the serialized RecommendResponse.
+
+        The wait for a slot counts against the caller's deadline (or the tenant's default), and
+        ends at 90% of it so the caller hears why before its own deadline fires.
+        """
+        limits = runtime.config.limits
+        remaining = context.time_remaining()
+        wait_s = max(0.0, limits.deadline_ms / 1e3 if remaining is None else remaining) * 0.9
+        queued = time.perf_counter()
+        if not self.compute.acquire(PRIORITIES.index(limits.priority), wait_s):
+            self.record(runtime.name, "DEADLINE_EXCEEDED")
+            raise DeadlineExceeded(f"no compute slot came free within the deadline "
+                                   f"({wait_s * 1e3:.0f} ms; all {self.compute.slots} busy)")
+        queue_ms = (time.perf_counter() - queued) * 1e3
         try:
             output = recommend(self.graph, runtime, request, candidate_log=self.candidate_log,
                                time_remaining=context.time_remaining)
         except WalkRankError as exc:
             self.record(runtime.name, status_of(exc).name)
             raise
+        finally:
+            self.compute.release()
+        output = dataclasses.replace(output, timing_ms={**output.timing_ms, "queue": queue_ms})
         self.record(runtime.name, "OK", output)
         return encode_response(runtime.name, output)
 

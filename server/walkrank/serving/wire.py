@@ -116,7 +116,8 @@ def encode_response(tenant: str, output: RecommendOutput) -> bytes:
             walk_ms=output.timing_ms.get("walk", 0.0),
             features_ms=output.timing_ms.get("features", 0.0),
             scoring_ms=output.timing_ms.get("scoring", 0.0),
-            total_ms=output.timing_ms.get("total", 0.0)),
+            total_ms=output.timing_ms.get("total", 0.0),
+            queue_ms=output.timing_ms.get("queue", 0.0)),
     )
     candidates = encode_candidates(
         _utf8_ids(np.asarray(output.pin_ids)),

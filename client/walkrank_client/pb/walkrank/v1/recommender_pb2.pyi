@@ -56,16 +56,18 @@ class Candidate(_message.Message):
     def __init__(self, pin_id: _Optional[str] = ..., score: _Optional[float] = ..., visit_count: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("walk_ms", "features_ms", "scoring_ms", "total_ms")
+    __slots__ = ("walk_ms", "features_ms", "scoring_ms", "total_ms", "queue_ms")
     WALK_MS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_MS_FIELD_NUMBER: _ClassVar[int]
     SCORING_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     walk_ms: float
     features_ms: float
     scoring_ms: float
     total_ms: float
-    def __init__(self, walk_ms: _Optional[float] = ..., features_ms: _Optional[float] = ..., scoring_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    queue_ms: float
+    def __init__(self, walk_ms: _Optional[float] = ..., features_ms: _Optional[float] = ..., scoring_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("request_id", "candidates", "model_version", "unknown_query_pins", "timing", "tenant", "empty_reason", "candidates_generated")
