@@ -382,7 +382,9 @@ class CandidateBatch:
             pa.array(micros, type=TIMESTAMP),
             pa.repeat(pa.scalar(self.user_id, pa.string()), k),
             pa.repeat(pa.scalar(self.user_locale, pa.string()), k),
-            pa.repeat(pa.scalar(list(self.user_interests), pa.list_(pa.string())), k),
+            # `take` of one row: pa.repeat of a list scalar cost 0.4-1 ms per request.
+            pa.array([list(self.user_interests)], pa.list_(pa.string())).take(
+                pa.array(np.zeros(k, dtype=np.int32))),
             pin_ids if pin_ids.type == pa.string() else pin_ids.cast(pa.string()),
             pa.array(np.asarray(self.visit_scores, dtype=np.float32)),
             pa.array(np.asarray(self.model_scores, dtype=np.float32)),
