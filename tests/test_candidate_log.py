@@ -3,7 +3,9 @@ atomic Hive partitions that pyarrow.dataset reads as they are."""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,3 +229,15 @@ def test_string_pin_ids_and_missing_model_version(tmp_path: Path) -> None:
     assert table["pin_id"].to_pylist() == ["p-1", "p-2", "p-3"]
     assert table["model_version"].null_count == 3 and table["user_locale"].null_count == 3
     assert table.schema.field("f_visits").type == pa.float32()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux")
+def test_writer_thread_runs_at_the_lower_priority_asked(tmp_path: Path) -> None:
+    log = CandidateLog(tmp_path, writer_nice=7)
+    try:
+        assert log.submit(make_batch("r0")) and log.flush(timeout=30)  # the writer has started
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, log._thread.native_id) == base + 7
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    finally:
+        assert log.close()

@@ -43,6 +43,7 @@ def test_paths_resolve_relative_to_the_file_and_auth_merges_env(
     ({**BASE, "workers": "many"}, "workers: expected int"),
     ({**BASE, "workers": 0}, "workers: must be >= 1"),
     ({**BASE, "compute_slots": 0}, "compute_slots: must be >= 1"),
+    ({**BASE, "log_writer_nice": 20}, "log_writer_nice: must be in [0, 19]"),
     ({**BASE, "tls": {"cert_file": "c"}}, "tls: expected"),
     ({**BASE, "auth": {"enabled": True, "secrets_file": "missing.yaml"}},
      "missing.yaml: cannot read secrets file"),

@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import time
 import uuid
@@ -100,6 +101,10 @@ class PartitionedLog(ABC, Generic[R]):
     `on_write(path, rows)` runs on the writer thread after each file becomes visible;
     `writer_hook(record)` runs on the writer thread for each record it takes off the queue,
     before processing it (tests hold the writer with it to fill the queue deterministically).
+
+    `writer_nice` lowers the writer thread's CPU priority (Linux thread niceness; ignored
+    elsewhere): a server's log writer is background work that should take idle CPU, not CPU
+    from requests, and its bounded queue absorbs the difference (or drops, counted).
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class PartitionedLog(ABC, Generic[R]):
         on_write: Callable[[Path, int], None] | None = None,
         writer_hook: Callable[[R], None] | None = None,
         compression: str = "zstd",
+        writer_nice: int = 0,
     ) -> None:
         if queue_size < 1:
             raise DataError(f"queue_size must be at least 1, got {queue_size}")
@@ -129,6 +135,7 @@ class PartitionedLog(ABC, Generic[R]):
         self._on_write = on_write
         self._writer_hook = writer_hook
         self._compression = compression
+        self._writer_nice = writer_nice
         # Records travel with their submit time: a record's age counts from its submission.
         self._queue: queue.Queue[tuple[R, float] | _Control] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
@@ -228,6 +235,10 @@ class PartitionedLog(ABC, Generic[R]):
     # --- writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._writer_nice and sys.platform.startswith("linux"):
+            # Linux applies niceness per thread: PRIO_PROCESS with a thread id.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           os.getpriority(os.PRIO_PROCESS, 0) + self._writer_nice)
         pending: dict[tuple[Partition, tuple[str, ...]], list[pa.Table]] = {}
         pending_rows: dict[tuple[Partition, tuple[str, ...]], int] = {}
         oldest: float | None = None
@@ -416,11 +427,13 @@ class CandidateLog(PartitionedLog[CandidateBatch]):
         on_drop: Callable[[CandidateBatch], None] | None = None,
         on_write: Callable[[Path, int], None] | None = None,
         writer_hook: Callable[[CandidateBatch], None] | None = None,
+        writer_nice: int = 0,
     ) -> None:
         self.root = Path(root)
         super().__init__(self.root / "candidates", queue_size=queue_size,
                          flush_rows=flush_rows, flush_seconds=flush_seconds, clock=clock,
-                         on_drop=on_drop, on_write=on_write, writer_hook=writer_hook)
+                         on_drop=on_drop, on_write=on_write, writer_hook=writer_hook,
+                         writer_nice=writer_nice)
 
     def _rows(self, record: CandidateBatch) -> int:
         return len(record)

@@ -299,11 +299,12 @@ class EventLog(PartitionedLog[pa.Table]):
         on_drop: Callable[[pa.Table], None] | None = None,
         on_write: Callable[[Path, int], None] | None = None,
         writer_hook: Callable[[pa.Table], None] | None = None,
+        writer_nice: int = 0,
     ) -> None:
         self.root = Path(root)
         super().__init__(self.root / "events", queue_size=queue_size, flush_rows=flush_rows,
                          flush_seconds=flush_seconds, clock=clock, on_drop=on_drop,
-                         on_write=on_write, writer_hook=writer_hook)
+                         on_write=on_write, writer_hook=writer_hook, writer_nice=writer_nice)
 
     def submit(self, record: pa.Table) -> bool:
         """Queue accepted events without blocking; False when dropped (queue full or closed)."""

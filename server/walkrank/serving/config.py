@@ -50,6 +50,8 @@ class ServerConfig:
     compute_slots: int | None = None
     grace_seconds: float = 10.0
     log_queue_batches: int = 4096
+    # Niceness added to the log writer threads: logging takes idle CPU, not the requests'.
+    log_writer_nice: int = 10
     max_message_bytes: int = 4 * 1024 * 1024
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
@@ -60,7 +62,8 @@ class ServerConfig:
 
 _TOP_KEYS = {
     "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
-    "compute_slots", "grace_seconds", "log_queue_batches", "max_message_bytes", "auth", "tls",
+    "compute_slots", "grace_seconds", "log_queue_batches", "log_writer_nice", "max_message_bytes",
+    "auth", "tls",
 }
 
 
@@ -146,12 +149,15 @@ def load_server_config(path: Path) -> ServerConfig:
                                                               "logs_dir")}
     for key, kind in (("address", str), ("metrics_address", str), ("workers", int),
                       ("compute_slots", int), ("grace_seconds", (int, float)),
-                      ("log_queue_batches", int), ("max_message_bytes", int)):
+                      ("log_queue_batches", int), ("log_writer_nice", int),
+                      ("max_message_bytes", int)):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
     for key in ("workers", "compute_slots"):
         if values.get(key, 1) < 1:
             raise ConfigError(f"{path}: {key}: must be >= 1")
+    if not 0 <= values.get("log_writer_nice", 0) <= 19:
+        raise ConfigError(f"{path}: log_writer_nice: must be in [0, 19]")
     auth_raw = raw.get("auth") or {}
     if not isinstance(auth_raw, dict) or set(auth_raw) - {"enabled", "secrets_file"}:
         raise ConfigError(f"{path}: auth: expected {{enabled: bool, secrets_file: path}}")

@@ -50,8 +50,9 @@ class WalkRankServer:
         self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
         self.candidate_log = CandidateLog(
             config.logs_dir, queue_size=config.log_queue_batches,
-            on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)))
-        self.event_log = EventLog(config.logs_dir)
+            on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)),
+            writer_nice=config.log_writer_nice)
+        self.event_log = EventLog(config.logs_dir, writer_nice=config.log_writer_nice)
         self.health = health.HealthServicer()
         self.serving = ServingContext(
             self.graph, self.tenants, self.candidate_log, self.event_log,
