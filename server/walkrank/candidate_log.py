@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -162,14 +162,18 @@ class PartitionedLog(ABC, Generic[R]):
     def _pieces(self, record: R) -> list[tuple[Partition, pa.Table]]:
         """The record as tables, one per partition it touches (runs on the writer thread)."""
 
-    def submit(self, record: R) -> bool:
-        """Queue a record without ever blocking; False when dropped (queue full or closed)."""
+    def submit(self, record: R, *, wait: bool = False) -> bool:
+        """Queue a record; False when dropped (queue full or closed).
+
+        Never blocks unless `wait`: then a full queue is waited on instead of dropping (for a
+        single relay that must not lose what it was handed, `walkrank.log_process`).
+        """
         rows = self._rows(record)
         submitted_at = self._clock()
         with self._lock:
             if not self._closed:
                 try:
-                    self._queue.put_nowait((record, submitted_at))
+                    self._queue.put((record, submitted_at), block=wait)
                 except queue.Full:
                     pass
                 else:
@@ -407,6 +411,13 @@ class CandidateBatch:
         columns += [pa.array(np.ascontiguousarray(features[:, j])) for j in
                     range(features.shape[1])]
         return pa.Table.from_arrays(columns, schema=schema)
+
+
+class CandidateSink(Protocol):
+    """Where the request path hands its candidates: a `CandidateLog`, or the server's
+    `walkrank.log_process.ProcessLog` of one."""
+
+    def submit(self, record: CandidateBatch) -> bool: ...
 
 
 class CandidateLog(PartitionedLog[CandidateBatch]):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog
+from walkrank.candidate_log import CandidateBatch, CandidateSink
 from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
 from walkrank.serving.errors import DeadlineExceeded, InvalidArgument
@@ -137,7 +137,7 @@ def recommend(
     runtime: TenantRuntime,
     request: RecommendInput,
     *,
-    candidate_log: CandidateLog | None = None,
+    candidate_log: CandidateSink | None = None,
     time_remaining: Callable[[], float | None] = lambda: None,
     now: float | None = None,
 ) -> RecommendOutput:

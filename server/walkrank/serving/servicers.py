@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import grpc
 import yaml
 
-from walkrank.candidate_log import CandidateLog
+from walkrank.candidate_log import CandidateSink
 from walkrank.errors import WalkRankError
 from walkrank.events import EventLog, validate_events
 from walkrank.graph.store import GraphStore
@@ -38,7 +38,7 @@ from walkrank_client.pb.walkrank.v1 import (
 class ServingContext:
     """What every servicer shares: the graph, the tenant table, logs, auth and metrics."""
 
-    def __init__(self, graph: GraphStore, tenants: TenantTable, candidate_log: CandidateLog,
+    def __init__(self, graph: GraphStore, tenants: TenantTable, candidate_log: CandidateSink,
                  event_log: EventLog, auth: Authenticator, metrics: ServerMetrics,
                  compute: ComputeSlots) -> None:
         self.graph = graph
