@@ -7,8 +7,9 @@
 Measures, on one loaded graph: steps/s of the walk engine (validation, budget split, walks,
 top-k: a whole request) on one thread and with two threads running queries concurrently;
 per-query latency (p50/p99) of a 5-pin query with N = 100,000 steps with and without early
-stopping; dense vs hash visit counters; and, on the same query pins, the fast kernel alone
-and the deliberately plain reference kernel (one walker, np.random, a dense counter).
+stopping, unbiased and biased (locale 0.5, locale+topic 0.8); dense vs hash visit counters;
+and, on the same query pins, the fast kernel alone and the deliberately plain reference
+kernel (one walker, np.random, a dense counter).
 Figures are medians over queries (latency percentiles over all queries).
 """
 
@@ -45,12 +46,15 @@ def _queries(graph: GraphStore, n: int, seed: int) -> list[np.ndarray]:
 
 def _timed_walks(graph: GraphStore, queries: list[np.ndarray], params: WalkParams,
                  counter: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Per-query seconds and steps walked."""
+    """Per-query seconds and steps walked. A biased walk's user has the locale and topic of
+    the query's first pin, as a user's own pins mostly are."""
     weights = np.ones(QUERY_PINS, np.float32)
     seconds, steps = [], []
     for i, query in enumerate(queries):
+        user = {"user_locale": int(graph.pin_locale[query[0]]),
+                "user_topic": int(graph.pin_topic[query[0]])}
         started = time.perf_counter()
-        result = walk(graph, query, weights, params, seed=i, counter=counter)
+        result = walk(graph, query, weights, params, seed=i, counter=counter, **user)
         seconds.append(time.perf_counter() - started)
         steps.append(result.steps_walked)
     return np.array(seconds), np.array(steps)
@@ -128,6 +132,11 @@ def run(quick: bool, n_queries: int | None, seed: int) -> dict[str, Any]:
 
     seconds, steps = _timed_walks(graph, queries, no_stop)
     es_seconds, es_steps = _timed_walks(graph, queries, early)
+    locale_s, _ = _timed_walks(graph, queries, WalkParams(steps=STEPS, early_stop_pins=0,
+                                                          bias_strength=0.5))
+    topic_s, _ = _timed_walks(graph, queries, WalkParams(steps=STEPS, early_stop_pins=0,
+                                                         bias_strength=0.8,
+                                                         bias_by="locale_topic"))
     two = statistics.median(_two_threads(graph, queries, no_stop) for _ in range(3))
     n_counter = min(n, 40)
     dense_s, _ = _timed_walks(graph, queries[:n_counter], no_stop, counter="dense")
@@ -143,6 +152,7 @@ def run(quick: bool, n_queries: int | None, seed: int) -> dict[str, Any]:
         "graph_pins": graph.n_pins,
         "graph_edges": graph.n_edges,
         "bytes_per_edge": float(graph.manifest["bytes_per_edge"]),
+        "locale_index_bytes_per_edge": float(graph.manifest["locale_index_bytes_per_edge"]),
         "load_seconds": round(load_seconds, 4),
         "page_in_seconds": round(page_in_seconds, 3),
         "queries": n,
@@ -160,6 +170,10 @@ def run(quick: bool, n_queries: int | None, seed: int) -> dict[str, Any]:
         "early_stop_p50_ms": float(np.percentile(es_seconds, 50) * 1e3),
         "early_stop_p99_ms": float(np.percentile(es_seconds, 99) * 1e3),
         "early_stop_step_fraction": float(np.median(es_steps / steps)),
+        "locale_bias_p50_ms": float(np.percentile(locale_s, 50) * 1e3),
+        "locale_bias_p99_ms": float(np.percentile(locale_s, 99) * 1e3),
+        "locale_topic_bias_p50_ms": float(np.percentile(topic_s, 50) * 1e3),
+        "locale_topic_bias_p99_ms": float(np.percentile(topic_s, 99) * 1e3),
         "dense_counter_p50_ms": float(np.median(dense_s) * 1e3),
         "hash_counter_p50_ms": float(np.median(hash_s) * 1e3),
     }
@@ -167,7 +181,8 @@ def run(quick: bool, n_queries: int | None, seed: int) -> dict[str, Any]:
 
 def _print(r: dict[str, Any]) -> None:
     print(f"graph {r['graph']}: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, "
-          f"{r['bytes_per_edge']:.2f} bytes/edge; load {r['load_seconds'] * 1e3:.1f} ms, "
+          f"{r['bytes_per_edge']:.2f} bytes/edge (+{r['locale_index_bytes_per_edge']:.2f} locale "
+          f"index); load {r['load_seconds'] * 1e3:.1f} ms, "
           f"page-in {r['page_in_seconds']:.2f} s")
     print(f"{r['queries']} queries of {r['query_pins']} pins, N = {r['steps']:,} steps "
           "(medians over queries)")
@@ -183,6 +198,13 @@ def _print(r: dict[str, Any]) -> None:
         ("latency, early stop", f"p50 {r['early_stop_p50_ms']:.2f} ms  "
                                 f"p99 {r['early_stop_p99_ms']:.2f} ms  "
                                 f"({r['early_stop_step_fraction']:.0%} of the steps)"),
+        ("latency, locale bias 0.5", f"p50 {r['locale_bias_p50_ms']:.2f} ms  "
+                                     f"p99 {r['locale_bias_p99_ms']:.2f} ms  "
+                                     f"({r['locale_bias_p50_ms'] / r['p50_ms']:.2f}x unbiased)"),
+        ("latency, locale+topic bias 0.8", f"p50 {r['locale_topic_bias_p50_ms']:.2f} ms  "
+                                           f"p99 {r['locale_topic_bias_p99_ms']:.2f} ms  "
+                                           f"({r['locale_topic_bias_p50_ms'] / r['p50_ms']:.2f}x "
+                                           "unbiased)"),
         ("visit counter p50", f"dense {r['dense_counter_p50_ms']:.2f} ms  "
                               f"hash {r['hash_counter_p50_ms']:.2f} ms"),
     ]

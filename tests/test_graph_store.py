@@ -39,10 +39,13 @@ def test_contract_fields_dtypes_and_mmap(small_graph: GraphStore) -> None:
     assert g.pin_ids.dtype == np.int64 and g.board_ids.dtype == np.int64
     assert g.n_locales >= 2 and g.n_topics >= 4
     assert g.manifest["counts"] == {"pins": g.n_pins, "boards": g.n_boards, "edges": g.n_edges}
-    # 8 bytes per edge of neighbours both ways, 8 per node of offsets, 2 per node and locale
-    # of the locale index.
-    per_node = 8 + 2 * g.n_locales
-    assert g.manifest["bytes_per_edge"] <= 8 + per_node * (g.n_pins + g.n_boards + 2) / g.n_edges
+    # Adjacency: 8 bytes per edge of neighbours both ways, 8 per node of offsets; the locale
+    # index beside it: 2 per node and locale.
+    nodes = g.n_pins + g.n_boards
+    assert g.manifest["bytes_per_edge"] == pytest.approx(8 + 8 * (nodes + 2) / g.n_edges,
+                                                         abs=1e-4)
+    assert g.manifest["locale_index_bytes_per_edge"] == pytest.approx(
+        2 * g.n_locales * nodes / g.n_edges, abs=1e-4)
     assert g.pin_locale_ends.dtype == np.uint16 and g.board_locale_ends.dtype == np.uint16
     np.testing.assert_array_equal(g.pin_key, g.pin_locale * (g.n_topics + 1) + g.pin_topic)
     np.testing.assert_array_equal(g.board_key, g.board_locale * (g.n_topics + 1) + g.board_topic)

@@ -91,7 +91,8 @@ def _info(args: argparse.Namespace) -> int:
 def _print_summary(manifest: dict[str, Any]) -> None:
     counts, stats, vocab = manifest["counts"], manifest["stats"], manifest["vocab"]
     print(f"pins {counts['pins']:,}  boards {counts['boards']:,}  edges {counts['edges']:,}  "
-          f"({manifest['bytes_per_edge']:.2f} bytes/edge of adjacency)")
+          f"({manifest['bytes_per_edge']:.2f} bytes/edge of adjacency, "
+          f"{manifest['locale_index_bytes_per_edge']:.2f} of locale index)")
     print(f"max degree: pin {manifest['degree']['pin_max']:,}  "
           f"board {manifest['degree']['board_max']:,}")
     print(f"locales ({len(vocab['locales'])}): {', '.join(vocab['locales']) or '-'}")

@@ -522,8 +522,8 @@ def build_graph(
         arrays[PIN_COLUMN_PREFIX + name] = values
 
     adjacency_bytes = sum(arrays[k].nbytes for k in ("pin_offsets", "pin_adj", "board_offsets",
-                                                     "board_adj", "pin_locale_ends",
-                                                     "board_locale_ends"))
+                                                     "board_adj"))
+    locale_index_bytes = pin_locale_ends.nbytes + board_locale_ends.nbytes
     stats = {
         "input_edges": input_edges,
         "duplicate_edges": int(duplicates),
@@ -548,6 +548,8 @@ def build_graph(
         },
         "stats": stats,
         "bytes_per_edge": round(adjacency_bytes / n_edges, 4),
+        # The locale index beside the adjacency (biased walks read a locale's slice from it).
+        "locale_index_bytes_per_edge": round(locale_index_bytes / n_edges, 4),
         "degree": {
             "pin_max": int(np.diff(pin_offsets).max()),
             "board_max": int(np.diff(board_offsets).max()),
