@@ -252,8 +252,8 @@ def test_model_published_then_reloaded_is_served_and_rollback_works(
         model_file = config.models_dir / "related_pins" / str(v3) / "model.onnx"
         model_file.write_bytes(model_file.read_bytes()[:100])
         result = client.reload()
-        assert any("related_pins" in e.path or "related_pins" in e.message
-                   for e in result.errors)
+        [error] = result.errors
+        assert error.path == str(config.models_dir / "related_pins") and error.message
         assert client.recommend("related_pins", query).model_version == "v1"
         assert client.get_tenant("related_pins").last_reload_error
 
@@ -277,6 +277,7 @@ def test_onboarding_by_yaml_and_broken_files_never_disturb_working_tenants(
         result = client.reload()
         messages = " ".join(e.message for e in result.errors)
         assert "walk.steps" in messages and "broken.yaml" in messages
+        assert {Path(e.path).name for e in result.errors} == {"shop.yaml", "broken.yaml"}
         assert client.recommend("shop", query).candidates  # the old shop config serves
         assert client.get_tenant("shop").last_reload_error
 

@@ -226,8 +226,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     for t, v in sorted(report.models.items()) if t not in report.added]
         return admin_pb2.ReloadResponse(
             changes=changes,
-            errors=[admin_pb2.FileError(path=p, message=m)
-                    for p, m in sorted(report.errors.items())])
+            errors=[admin_pb2.FileError(path=report.error_files[name], message=message)
+                    for name, message in sorted(report.errors.items())])
 
     def GraphInfo(self, request: admin_pb2.GraphInfoRequest,
                   context: grpc.ServicerContext) -> admin_pb2.GraphInfoResponse:

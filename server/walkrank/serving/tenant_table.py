@@ -97,7 +97,8 @@ class ReloadReport:
     updated: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     models: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # tenant -> what failed
+    error_files: dict[str, str] = field(default_factory=dict)  # tenant -> the file at fault
 
 
 def load_runtime_model(registry: ModelRegistry, config: TenantConfig) -> tuple[LoadedModel,
@@ -143,11 +144,13 @@ class TenantTable:
         old = self._runtimes
         loaded = load_tenants(self.tenants_dir)
         errors: dict[str, str] = {}
+        error_files: dict[str, str] = {}
         models: dict[str, str] = {}
         fresh: dict[str, TenantRuntime] = {}
         for path, message in loaded.errors.items():
             name = Path(path).stem
             errors[name] = message
+            error_files[name] = str(path)
             if name in old:  # a broken file never takes down a tenant that was serving
                 fresh[name] = old[name]
         for name, config in loaded.configs.items():
@@ -157,6 +160,8 @@ class TenantTable:
                 fresh[name] = previous
                 continue
             runtime = self._build_runtime(config, previous, errors)
+            if name in errors:  # the model failed: point at the tenant's model directory
+                error_files[name] = str(self.registry.root / name)
             fresh[name] = runtime
             if previous is None or previous.model_version != runtime.model_version:
                 models[name] = runtime.model_version
@@ -172,6 +177,7 @@ class TenantTable:
             removed=tuple(sorted(set(old) - set(fresh))),
             models=models,
             errors=errors,
+            error_files=error_files,
         )
 
     def _build_runtime(self, config: TenantConfig, previous: TenantRuntime | None,
