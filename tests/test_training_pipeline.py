@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from walkrank.candidate_log import CandidateBatch, CandidateLog
@@ -135,6 +137,27 @@ def test_train_publishes_a_model_that_beats_visit_count(logs, tmp_path):
     assert loaded.metadata["strategy"] == "blended_funnel"
     assert registry.current("homefeed").metrics[primary] == pytest.approx(
         comparison.candidate_metrics[primary])
+
+
+def test_training_does_not_depend_on_the_order_rows_were_logged_in(logs, tmp_path):
+    """The server's writer logs requests in the order they finish; shuffled files must train
+    the very same model."""
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(logs / "events", shuffled / "events")
+    for path in (logs / "candidates").rglob("*.parquet"):
+        table = pq.read_table(path)
+        order = np.random.default_rng(1).permutation(table.num_rows)
+        target = shuffled / path.relative_to(logs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        half = table.num_rows // 2  # and split across two files
+        pq.write_table(table.take(order[:half]), target.with_name("part-b.parquet"))
+        pq.write_table(table.take(order[half:]), target.with_name("part-a.parquet"))
+    reports = [train_tenant(make_tenant(), root, tmp_path / name, progress=quiet)
+               for root, name in ((logs, "models-a"), (shuffled, "models-b"))]
+    assert reports[0].comparison.candidate_metrics == reports[1].comparison.candidate_metrics
+    model_bytes = [(tmp_path / name / "homefeed" / "1" / "model.onnx").read_bytes()
+                   for name in ("models-a", "models-b")]
+    assert model_bytes[0] == model_bytes[1]
 
 
 def test_worse_model_is_refused_unless_forced(logs, tmp_path):

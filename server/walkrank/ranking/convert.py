@@ -116,6 +116,9 @@ def _convert_onnxmltools(booster: Any, n_features: int, link: str) -> onnx.Model
         )
     else:
         head = _flatten_node(model, model.graph.node[0].output[0])
+    # onnxmltools names the graph with a random uuid; a fixed name makes the same booster
+    # convert to the same bytes (and the same registry checksum).
+    model.graph.name = "walkrank_onnxmltools"
     return _finish(model, [head])
 
 
