@@ -86,7 +86,46 @@ class _Control:
     done: threading.Event
 
 
-class PartitionedLog(ABC, Generic[R]):
+class Intake(Generic[R]):
+    """The submit side of a log: accept into a bounded queue or drop and count, never lose
+    silently. Shared by the in-process writer and `walkrank.log_process.ProcessLog`."""
+
+    def __init__(self, on_drop: Callable[[R], None] | None) -> None:
+        self._on_drop = on_drop
+        self._lock = threading.Lock()
+        self._closed = False
+        self.submitted_batches = 0
+        self.submitted_rows = 0
+        self.dropped_batches = 0
+        self.dropped_rows = 0
+
+    def _offer(self, record: R, rows: int, put: Callable[[], None]) -> bool:
+        """`put()` the record unless closed; True when it went in (queue.Full: dropped)."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    put()
+                except queue.Full:
+                    pass
+                else:
+                    self.submitted_batches += 1
+                    self.submitted_rows += rows
+                    return True
+            self.dropped_batches += 1
+            self.dropped_rows += rows
+        if self._on_drop is not None:
+            self._on_drop(record)
+        return False
+
+    def _mark_closed(self) -> bool:
+        """Refuse records from now on; True if it was closed already."""
+        with self._lock:
+            already = self._closed
+            self._closed = True
+        return already
+
+
+class PartitionedLog(Intake[R], ABC):
     """A bounded queue plus one writer thread that writes records as Hive-partitioned Parquet.
 
     Subclasses say how a record becomes (partition, table) pieces; this class owns the queue,
@@ -127,23 +166,17 @@ class PartitionedLog(ABC, Generic[R]):
             raise DataError(f"flush_rows must be at least 1, got {flush_rows}")
         if not flush_seconds > 0:
             raise DataError(f"flush_seconds must be positive, got {flush_seconds}")
+        super().__init__(on_drop)
         self.directory = Path(directory)
         self.flush_rows = flush_rows
         self.flush_seconds = float(flush_seconds)
         self._clock = clock
-        self._on_drop = on_drop
         self._on_write = on_write
         self._writer_hook = writer_hook
         self._compression = compression
         self._writer_nice = writer_nice
         # Records travel with their submit time: a record's age counts from its submission.
         self._queue: queue.Queue[tuple[R, float] | _Control] = queue.Queue(maxsize=queue_size)
-        self._lock = threading.Lock()
-        self._closed = False
-        self.submitted_batches = 0
-        self.submitted_rows = 0
-        self.dropped_batches = 0
-        self.dropped_rows = 0
         # Written by the writer thread only.
         self.written_rows = 0
         self.written_files = 0
@@ -168,23 +201,9 @@ class PartitionedLog(ABC, Generic[R]):
         Never blocks unless `wait`: then a full queue is waited on instead of dropping (for a
         single relay that must not lose what it was handed, `walkrank.log_process`).
         """
-        rows = self._rows(record)
-        submitted_at = self._clock()
-        with self._lock:
-            if not self._closed:
-                try:
-                    self._queue.put((record, submitted_at), block=wait)
-                except queue.Full:
-                    pass
-                else:
-                    self.submitted_batches += 1
-                    self.submitted_rows += rows
-                    return True
-            self.dropped_batches += 1
-            self.dropped_rows += rows
-        if self._on_drop is not None:
-            self._on_drop(record)
-        return False
+        item = (record, self._clock())
+        return self._offer(record, self._rows(record),
+                           lambda: self._queue.put(item, block=wait))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write everything submitted so far, and wait for it; False if `timeout` ran out."""
@@ -203,10 +222,7 @@ class PartitionedLog(ABC, Generic[R]):
 
         True when every accepted record was processed within `timeout`.
         """
-        with self._lock:
-            already = self._closed
-            self._closed = True
-        if not already:
+        if not self._mark_closed():
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
                 self._queue.put(_Control(stop=True, done=threading.Event()), timeout=timeout)

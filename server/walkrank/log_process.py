@@ -25,9 +25,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-from walkrank.candidate_log import PartitionedLog
+from walkrank.candidate_log import Intake, PartitionedLog
 from walkrank.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _relay(factory: Callable[[], PartitionedLog[Any]], records: Any, acks: Any, 
             return
 
 
-class ProcessLog(Generic[R]):
+class ProcessLog(Intake[R]):
     """`submit` / `flush` / `close` of a `PartitionedLog` built by `factory` in a child."""
 
     def __init__(self, factory: Callable[[], PartitionedLog[R]], *, queue_size: int = 1024,
@@ -95,14 +95,10 @@ class ProcessLog(Generic[R]):
         context = multiprocessing.get_context("spawn")
         self._records = context.Queue(maxsize=queue_size)
         self._acks = context.Queue()
+        super().__init__(on_drop)
         self._rows = rows
-        self._on_drop = on_drop
-        self._lock = threading.Lock()
         self._control_lock = threading.Lock()  # one flush/close in flight: answers in order
         self._sequence = itertools.count(1)
-        self._closed = False
-        self.submitted_batches = self.submitted_rows = 0
-        self.dropped_batches = self.dropped_rows = 0
         #: The child's last reported `PartitionedLog.stats()` (after a flush or close).
         self.child_stats: dict[str, int | bool] = {}
         self._process = context.Process(target=_relay, name=name, daemon=True,
@@ -112,22 +108,7 @@ class ProcessLog(Generic[R]):
 
     def submit(self, record: R) -> bool:
         """Queue a record without ever blocking; False when dropped (queue full or closed)."""
-        rows = self._rows(record)
-        with self._lock:
-            if not self._closed:
-                try:
-                    self._records.put_nowait(record)
-                except queue.Full:
-                    pass
-                else:
-                    self.submitted_batches += 1
-                    self.submitted_rows += rows
-                    return True
-            self.dropped_batches += 1
-            self.dropped_rows += rows
-        if self._on_drop is not None:
-            self._on_drop(record)
-        return False
+        return self._offer(record, self._rows(record), lambda: self._records.put_nowait(record))
 
     def _control(self, close: bool, timeout: float | None) -> bool:
         """Send a control after everything queued so far; wait for the child's answer."""
@@ -163,10 +144,7 @@ class ProcessLog(Generic[R]):
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Stop accepting records, write everything queued, stop the child."""
-        with self._lock:
-            already = self._closed
-            self._closed = True
-        if already:
+        if self._mark_closed():
             self._process.join(timeout)
             return not self._process.is_alive()
         done = self._control(True, timeout)
