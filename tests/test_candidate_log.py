@@ -69,6 +69,43 @@ def test_graceful_close_writes_every_accepted_row(tmp_path: Path) -> None:
     assert set(got["model_version"].to_pylist()) == {"4"}
 
 
+def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) -> None:
+    """A file's columns are built once from all its batches: every request-level value must
+    still land on its own rows, whatever the batch sizes (an empty batch included)."""
+    batches = []
+    for i, k in enumerate((5, 0, 1, 9, 3)):
+        batch = make_batch(f"req-{i}", k=k, seed=i)
+        batches.append(CandidateBatch(**{
+            **vars(batch), "user_interests": ["food"] * (i % 3),
+            "user_locale": None if i == 3 else f"l{i}",
+            "model_version": None if i == 2 else f"v{i}"}))
+    log = CandidateLog(tmp_path)
+    assert all(log.submit(b) for b in batches) and log.close(timeout=30)
+    [path] = (tmp_path / "candidates").rglob("*.parquet")
+    table = pq.read_table(path)
+    assert table.num_rows == 18
+    start = 0
+    for batch in batches:
+        rows = table.slice(start, len(batch))
+        start += len(batch)
+        assert set(rows["request_id"].to_pylist()) <= {batch.request_id}
+        assert rows["pin_id"].to_pylist() == [str(p) for p in batch.pin_ids]
+        assert rows["user_id"].to_pylist() == [batch.user_id] * len(batch)
+        assert rows["user_locale"].to_pylist() == [batch.user_locale] * len(batch)
+        assert rows["model_version"].to_pylist() == [batch.model_version] * len(batch)
+        assert rows["user_interests"].to_pylist() == [batch.user_interests] * len(batch)
+        np.testing.assert_array_equal(rows["rank"].to_numpy(), batch.ranks)
+        for j, name in enumerate(FEATURES):
+            np.testing.assert_array_equal(rows[f"f_{name}"].to_numpy(), batch.features[:, j])
+    # Never-null columns are declared so, and only the time column carries statistics.
+    schema = pq.read_schema(path)
+    assert [f.name for f in schema if f.nullable] == ["user_locale", "model_version"]
+    row_group = pq.ParquetFile(path).metadata.row_group(0)
+    with_stats = [row_group.column(c).path_in_schema for c in range(row_group.num_columns)
+                  if row_group.column(c).is_stats_set]
+    assert with_stats == ["ts"]
+
+
 def test_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) -> None:
     holding, release = threading.Event(), threading.Event()
 

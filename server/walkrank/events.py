@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from walkrank.candidate_log import (
     TIMESTAMP,
-    Partition,
     PartitionedLog,
+    Piece,
     TimeLike,
     hour_partition,
     read_partitioned,
@@ -285,7 +285,7 @@ def validate_events(
     return accepted, checks.report(max_examples)
 
 
-class EventLog(PartitionedLog[pa.Table]):
+class EventLog(PartitionedLog[pa.Table, pa.Table]):
     """Accepted events (tables from `validate_events`) written as hourly Parquet partitions."""
 
     def __init__(
@@ -316,14 +316,18 @@ class EventLog(PartitionedLog[pa.Table]):
     def _rows(self, record: pa.Table) -> int:
         return record.num_rows
 
-    def _pieces(self, record: pa.Table) -> list[tuple[Partition, pa.Table]]:
+    def _pieces(self, record: pa.Table) -> list[Piece[pa.Table]]:
         # One import can span days: split by the hour each event happened in.
         hours = record["timestamp"].cast(pa.int64()).to_numpy() // 3_600_000_000
         order = np.argsort(hours, kind="stable")
         unique, starts = np.unique(hours[order], return_index=True)
         bounds = list(starts[1:]) + [len(order)]
-        return [(hour_partition(int(h)), record.take(order[lo:hi]))
+        layout = tuple(record.column_names)
+        return [Piece(hour_partition(int(h)), layout, int(hi - lo), record.take(order[lo:hi]))
                 for h, lo, hi in zip(unique, starts, bounds, strict=True)]
+
+    def _table(self, payloads: list[pa.Table]) -> pa.Table:
+        return pa.concat_tables(payloads)
 
 
 def read_events(root: Path, start: TimeLike = None, end: TimeLike = None) -> pa.Table:
