@@ -1,4 +1,5 @@
-"""Compute slots: at most `slots` holders, waiters served by (priority, arrival), timeouts."""
+"""Compute slots: at most `slots` holders, waiters served by (priority, deadline, arrival),
+timeouts."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from walkrank.serving.scheduler import ComputeSlots
 
 
 def _waiter(slots: ComputeSlots, priority: int, order: list[str], name: str,
-            timeout: float | None = 20.0) -> threading.Thread:
+            timeout: float | None = 20.0, due: float | None = None) -> threading.Thread:
     """A thread that waits for a slot, notes its name, and gives the slot back."""
     def run() -> None:
-        if slots.acquire(priority, timeout):
+        if slots.acquire(priority, timeout, due=due):
             order.append(name)
             slots.release()
         else:
@@ -57,6 +58,21 @@ def test_waiters_are_served_by_priority_then_arrival() -> None:
         thread.join(20)
     assert order == ["interactive-1", "interactive-2", "batch-1", "batch-2"]
     assert slots.acquire(0, timeout=0)  # the last release freed the slot
+
+
+def test_within_a_priority_the_earliest_deadline_goes_first() -> None:
+    slots = ComputeSlots(1)
+    assert slots.acquire(0)
+    order: list[str] = []
+    threads = []
+    for name, priority, due in (("late", 0, 30.0), ("no deadline", 0, None), ("soon", 0, 10.0),
+                                ("batch, sooner still", 1, 5.0), ("also soon", 0, 10.0)):
+        threads.append(_waiter(slots, priority, order, name, due=due))
+        _queued(slots, len(threads))
+    slots.release()
+    for thread in threads:
+        thread.join(20)
+    assert order == ["soon", "also soon", "late", "no deadline", "batch, sooner still"]
 
 
 def test_a_waiter_that_times_out_leaves_the_others_in_order() -> None:

@@ -91,9 +91,11 @@ class ServingContext:
         """
         limits = runtime.config.limits
         remaining = context.time_remaining()
-        wait_s = max(0.0, limits.deadline_ms / 1e3 if remaining is None else remaining) * 0.9
+        budget_s = max(0.0, limits.deadline_ms / 1e3 if remaining is None else remaining)
+        wait_s = budget_s * 0.9
         queued = time.perf_counter()
-        if not self.compute.acquire(PRIORITIES.index(limits.priority), wait_s):
+        if not self.compute.acquire(PRIORITIES.index(limits.priority), wait_s,
+                                    due=queued + budget_s):
             self.record(runtime.name, "DEADLINE_EXCEEDED")
             raise DeadlineExceeded(f"no compute slot came free within the deadline "
                                    f"({wait_s * 1e3:.0f} ms; all {self.compute.slots} busy)")
