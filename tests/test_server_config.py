@@ -27,10 +27,10 @@ def test_paths_resolve_relative_to_the_file_and_auth_merges_env(
     monkeypatch.setenv("WALKRANK_API_KEYS", "homefeed=h1,email=c")
     monkeypatch.delenv("WALKRANK_ADMIN_TOKEN", raising=False)
     config = load_server_config(write(tmp_path, {
-        **BASE, "workers": 3, "compute_slots": 1,
+        **BASE, "workers": 3, "compute_slots": 1, "log_ring_mb": 8,
         "auth": {"enabled": True, "secrets_file": "secrets.yaml"}}))
     assert config.graph == (tmp_path / "g").resolve() and config.workers == 3
-    assert config.compute_slots == 1
+    assert config.compute_slots == 1 and config.log_ring_mb == 8
     assert config.address == "127.0.0.1:50051"
     assert config.auth.tenant_keys == {"email": frozenset({"a", "b", "c"}),
                                        "homefeed": frozenset({"h1"})}
@@ -43,6 +43,8 @@ def test_paths_resolve_relative_to_the_file_and_auth_merges_env(
     ({**BASE, "workers": "many"}, "workers: expected int"),
     ({**BASE, "workers": 0}, "workers: must be >= 1"),
     ({**BASE, "compute_slots": 0}, "compute_slots: must be >= 1"),
+    ({**BASE, "log_ring_mb": 0}, "log_ring_mb: must be >= 1"),
+    ({**BASE, "log_queue_batches": 0}, "log_queue_batches: must be >= 1"),
     ({**BASE, "log_writer_nice": 20}, "log_writer_nice: must be in [0, 19]"),
     ({**BASE, "tls": {"cert_file": "c"}}, "tls: expected"),
     ({**BASE, "auth": {"enabled": True, "secrets_file": "missing.yaml"}},

@@ -50,6 +50,8 @@ class ServerConfig:
     compute_slots: int | None = None
     grace_seconds: float = 10.0
     log_queue_batches: int = 4096
+    # Shared memory between the server and its candidate-log writer (walkrank.log_process).
+    log_ring_mb: int = 32
     # Niceness added to the log writer threads: logging takes idle CPU, not the requests'.
     log_writer_nice: int = 10
     max_message_bytes: int = 4 * 1024 * 1024
@@ -62,8 +64,8 @@ class ServerConfig:
 
 _TOP_KEYS = {
     "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
-    "compute_slots", "grace_seconds", "log_queue_batches", "log_writer_nice", "max_message_bytes",
-    "auth", "tls",
+    "compute_slots", "grace_seconds", "log_queue_batches", "log_ring_mb", "log_writer_nice",
+    "max_message_bytes", "auth", "tls",
 }
 
 
@@ -149,11 +151,11 @@ def load_server_config(path: Path) -> ServerConfig:
                                                               "logs_dir")}
     for key, kind in (("address", str), ("metrics_address", str), ("workers", int),
                       ("compute_slots", int), ("grace_seconds", (int, float)),
-                      ("log_queue_batches", int), ("log_writer_nice", int),
+                      ("log_queue_batches", int), ("log_ring_mb", int), ("log_writer_nice", int),
                       ("max_message_bytes", int)):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
-    for key in ("workers", "compute_slots"):
+    for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
         if values.get(key, 1) < 1:
             raise ConfigError(f"{path}: {key}: must be >= 1")
     if not 0 <= values.get("log_writer_nice", 0) <= 19:

@@ -55,7 +55,7 @@ class WalkRankServer:
         # a thread.
         self.candidate_log = ProcessLog(
             functools.partial(CandidateLog, config.logs_dir, queue_size=config.log_queue_batches),
-            queue_size=config.log_queue_batches,
+            ring_bytes=config.log_ring_mb << 20,
             on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)),
             nice=config.log_writer_nice, name="walkrank-candidate-log")
         self.event_log = EventLog(config.logs_dir, writer_nice=config.log_writer_nice)
