@@ -106,6 +106,23 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
     assert with_stats == ["ts"]
 
 
+def test_files_are_written_a_row_group_at_a_time(tmp_path: Path) -> None:
+    """The writer never holds more than a row group's pieces: each file fills as row groups
+    of at least `row_group_rows` and closes at `flush_rows`; every row arrives in order."""
+    written: list[int] = []
+    log = CandidateLog(tmp_path, row_group_rows=10, flush_rows=35,
+                       on_write=lambda path, rows: written.append(rows))
+    batches = [make_batch(f"r{i}", seed=i) for i in range(11)]  # 7 rows each
+    assert all(log.submit(b) for b in batches) and log.close(timeout=30)
+    assert written == [35, 35, 7]
+    files = sorted((tmp_path / "candidates").rglob("*.parquet"), key=lambda p: p.stat().st_mtime_ns)
+    assert [pq.ParquetFile(p).metadata.num_row_groups for p in files] == [3, 3, 1]
+    metadata = pq.ParquetFile(files[0]).metadata
+    assert [metadata.row_group(g).num_rows for g in range(3)] == [14, 14, 7]
+    table = read_candidates(tmp_path, "home")
+    assert table["request_id"].to_pylist() == [b.request_id for b in batches for _ in range(7)]
+
+
 def test_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) -> None:
     holding, release = threading.Event(), threading.Event()
 
@@ -256,6 +273,10 @@ def test_bad_batches_are_refused_with_the_field_named() -> None:
         CandidateBatch(**{**vars(good), "ranks": good.ranks[:6]})
     with pytest.raises(DataError, match="tenant '../etc'"):
         CandidateBatch(**{**vars(good), "tenant": "../etc"})
+    with pytest.raises(DataError, match="user_interests must be a list of strings, got \\[1\\]"):
+        CandidateBatch(**{**vars(good), "user_interests": [1]})
+    with pytest.raises(DataError, match="user_id must be a string, got 7"):
+        CandidateBatch(**{**vars(good), "user_id": 7})
 
 
 def test_string_pin_ids_and_missing_model_version(tmp_path: Path) -> None:
