@@ -1,94 +1,108 @@
-"""Compute slots: at most `slots` holders, waiters served by (priority, deadline, arrival),
-timeouts."""
+"""The compute pool: at most `slots` jobs at once, started by (priority, deadline, arrival),
+timeouts for jobs never started, errors handed back, lower-priority threads."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
-from walkrank.serving.scheduler import ComputeSlots
+from walkrank.serving.scheduler import ComputePool, SlotTimeout
 
 
-def _waiter(slots: ComputeSlots, priority: int, order: list[str], name: str,
-            timeout: float | None = 20.0, due: float | None = None) -> threading.Thread:
-    """A thread that waits for a slot, notes its name, and gives the slot back."""
-    def run() -> None:
-        if slots.acquire(priority, timeout, due=due):
-            order.append(name)
-            slots.release()
-        else:
+@pytest.fixture
+def pool() -> Iterator[ComputePool]:
+    pool = ComputePool(1)
+    yield pool
+    pool.close()
+
+
+def _wait_until(condition, what: str) -> None:
+    done = threading.Event()
+    for _ in range(4000):
+        if condition():
+            return
+        done.wait(0.005)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def _occupy(pool: ComputePool) -> tuple[threading.Event, threading.Thread]:
+    """Keep the pool's only thread busy until the returned gate is set."""
+    gate = threading.Event()
+    blocker = threading.Thread(target=pool.run, args=(lambda: gate.wait(60), 0))
+    blocker.start()
+    _wait_until(lambda: pool.running == 1, "the compute thread is busy")
+    return gate, blocker
+
+
+def _submit(pool: ComputePool, order: list[str], name: str, priority: int,
+            due: float | None = None, wait_s: float | None = 20.0) -> threading.Thread:
+    """A caller thread whose job notes its name when it runs."""
+    def call() -> None:
+        try:
+            pool.run(lambda: order.append(name), priority, wait_s=wait_s, due=due)
+        except SlotTimeout:
             order.append(f"{name} timed out")
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=call)
+    waiting = pool.waiting
     thread.start()
+    _wait_until(lambda: pool.waiting == waiting + 1, f"{name} is queued")
     return thread
 
 
-def _queued(slots: ComputeSlots, n: int) -> None:
-    """Wait until n threads wait for a slot (each start above is asynchronous)."""
-    done = threading.Event()
-    for _ in range(4000):
-        if slots.waiting == n:
-            return
-        done.wait(0.005)
-    raise AssertionError(f"{n} waiters never queued (have {slots.waiting})")
+def test_jobs_run_on_the_pool_and_report_their_wait(pool: ComputePool) -> None:
+    result, waited = pool.run(lambda: threading.current_thread().name, 0)
+    assert result == "walkrank-compute-0" and waited >= 0
+    with pytest.raises(ZeroDivisionError):  # the job's own error reaches the caller
+        pool.run(lambda: 1 / 0, 0)
 
 
-def test_free_slots_are_taken_without_waiting_and_then_exhausted() -> None:
-    slots = ComputeSlots(2)
-    assert slots.acquire(1, timeout=0) and slots.acquire(0, timeout=0)
-    assert not slots.acquire(0, timeout=0)
-    assert slots.waiting == 0  # a waiter that timed out leaves the queue
-    slots.release()
-    assert slots.acquire(1, timeout=0)
-
-
-def test_waiters_are_served_by_priority_then_arrival() -> None:
-    slots = ComputeSlots(1)
-    assert slots.acquire(0)
+def test_jobs_start_by_priority_then_deadline_then_arrival(pool: ComputePool) -> None:
+    gate, blocker = _occupy(pool)
     order: list[str] = []
-    threads = []
-    for name, priority in (("batch-1", 1), ("interactive-1", 0), ("batch-2", 1),
-                           ("interactive-2", 0)):
-        threads.append(_waiter(slots, priority, order, name))
-        _queued(slots, len(threads))
-    slots.release()
-    for thread in threads:
-        thread.join(20)
-    assert order == ["interactive-1", "interactive-2", "batch-1", "batch-2"]
-    assert slots.acquire(0, timeout=0)  # the last release freed the slot
+    callers = [_submit(pool, order, name, priority, due) for name, priority, due in (
+        ("batch-1", 1, None), ("late", 0, 30.0), ("no deadline", 0, None), ("soon", 0, 10.0),
+        ("batch, sooner still", 1, 5.0), ("also soon", 0, 10.0))]
+    gate.set()
+    for caller in [blocker, *callers]:
+        caller.join(20)
+    assert order == ["soon", "also soon", "late", "no deadline", "batch, sooner still",
+                     "batch-1"]
 
 
-def test_within_a_priority_the_earliest_deadline_goes_first() -> None:
-    slots = ComputeSlots(1)
-    assert slots.acquire(0)
+def test_a_job_never_started_times_out_and_leaves_the_others_in_order(
+        pool: ComputePool) -> None:
+    gate, blocker = _occupy(pool)
     order: list[str] = []
-    threads = []
-    for name, priority, due in (("late", 0, 30.0), ("no deadline", 0, None), ("soon", 0, 10.0),
-                                ("batch, sooner still", 1, 5.0), ("also soon", 0, 10.0)):
-        threads.append(_waiter(slots, priority, order, name, due=due))
-        _queued(slots, len(threads))
-    slots.release()
-    for thread in threads:
-        thread.join(20)
-    assert order == ["soon", "also soon", "late", "no deadline", "batch, sooner still"]
-
-
-def test_a_waiter_that_times_out_leaves_the_others_in_order() -> None:
-    slots = ComputeSlots(1)
-    assert slots.acquire(0)
-    order: list[str] = []
-    first = _waiter(slots, 0, order, "first")
-    _queued(slots, 1)
-    impatient = _waiter(slots, 0, order, "impatient", timeout=0.01)
+    first = _submit(pool, order, "first", 0)
+    impatient = _submit(pool, order, "impatient", 0, wait_s=0.01)
     impatient.join(20)
-    assert order == ["impatient timed out"] and slots.waiting == 1
-    slots.release()
-    first.join(20)
+    assert order == ["impatient timed out"] and pool.waiting == 1
+    gate.set()
+    for caller in (blocker, first):
+        caller.join(20)
     assert order == ["impatient timed out", "first"]
 
 
-def test_at_least_one_slot() -> None:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux")
+def test_compute_threads_run_at_the_lower_priority_asked() -> None:
+    pool = ComputePool(2, nice=3)
+    try:
+        niceness, _ = pool.run(lambda: os.getpriority(os.PRIO_PROCESS,
+                                                      threading.get_native_id()), 0)
+        assert niceness == os.getpriority(os.PRIO_PROCESS, 0) + 3
+    finally:
+        pool.close()
+
+
+def test_at_least_one_slot_and_no_jobs_after_close() -> None:
     with pytest.raises(ValueError, match="compute slots must be >= 1"):
-        ComputeSlots(0)
+        ComputePool(0)
+    pool = ComputePool(1)
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.run(lambda: None, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import subprocess
@@ -428,9 +429,13 @@ def test_compute_slots_serve_interactive_before_batch_and_honour_deadlines(serve
 
     server, client = served
     compute = server.serving.compute
-    for _ in range(compute.slots):  # every slot busy with (pretend) requests
-        assert compute.acquire(0, timeout=0)
-    held = compute.slots
+    # Every compute thread busy with a job that waits for its gate.
+    gates = [threading.Event() for _ in range(compute.slots)]
+    blockers = [threading.Thread(target=compute.run, args=(functools.partial(gate.wait, 60), 0))
+                for gate in gates]
+    for blocker in blockers:
+        blocker.start()
+    _wait_until(lambda: compute.running == compute.slots, "every compute thread is busy")
     answers: dict[str, object] = {}
     try:
         query = busy_pins(server.graph, 1)
@@ -449,15 +454,16 @@ def test_compute_slots_serve_interactive_before_batch_and_honour_deadlines(serve
         _wait_until(lambda: compute.waiting == 1, "the email user waits for a slot")
         homefeed = call("homefeed", lambda: client.recommend("homefeed", query))
         _wait_until(lambda: compute.waiting == 2, "the home-feed request waits too")
-        # One slot comes free: the later, interactive request takes it, and hands it to the
-        # email user only when done.
-        compute.release()
-        held -= 1
+        # One thread comes free: the later, interactive request goes first, and the email
+        # user only after it.
+        gates[0].set()
         homefeed.join(20)
         email.join(20)
     finally:
-        for _ in range(held):
-            compute.release()
+        for gate in gates:
+            gate.set()
+        for blocker in blockers:
+            blocker.join(20)
     feed = answers["homefeed"].timing  # type: ignore[attr-defined]
     [email_answer] = answers["email"]  # type: ignore[misc]
     assert email_answer.candidates and feed.queue_ms > 0

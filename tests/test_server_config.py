@@ -46,6 +46,7 @@ def test_paths_resolve_relative_to_the_file_and_auth_merges_env(
     ({**BASE, "log_ring_mb": 0}, "log_ring_mb: must be >= 1"),
     ({**BASE, "log_queue_batches": 0}, "log_queue_batches: must be >= 1"),
     ({**BASE, "log_writer_nice": 20}, "log_writer_nice: must be in [0, 19]"),
+    ({**BASE, "compute_nice": -1}, "compute_nice: must be in [0, 19]"),
     ({**BASE, "tls": {"cert_file": "c"}}, "tls: expected"),
     ({**BASE, "auth": {"enabled": True, "secrets_file": "missing.yaml"}},
      "missing.yaml: cannot read secrets file"),

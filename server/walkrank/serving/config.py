@@ -48,6 +48,8 @@ class ServerConfig:
     workers: int = 8
     # Requests running the pipeline at once (walkrank.serving.scheduler); None: one per core.
     compute_slots: int | None = None
+    # Niceness added to the compute threads, so the gRPC threads' short work goes first.
+    compute_nice: int = 5
     grace_seconds: float = 10.0
     log_queue_batches: int = 4096
     # Shared memory between the server and its candidate-log writer (walkrank.log_process).
@@ -64,8 +66,8 @@ class ServerConfig:
 
 _TOP_KEYS = {
     "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
-    "compute_slots", "grace_seconds", "log_queue_batches", "log_ring_mb", "log_writer_nice",
-    "max_message_bytes", "auth", "tls",
+    "compute_slots", "compute_nice", "grace_seconds", "log_queue_batches", "log_ring_mb",
+    "log_writer_nice", "max_message_bytes", "auth", "tls",
 }
 
 
@@ -150,7 +152,8 @@ def load_server_config(path: Path) -> ServerConfig:
     values: dict[str, Any] = {key: resolve(key) for key in ("graph", "tenants_dir", "models_dir",
                                                               "logs_dir")}
     for key, kind in (("address", str), ("metrics_address", str), ("workers", int),
-                      ("compute_slots", int), ("grace_seconds", (int, float)),
+                      ("compute_slots", int), ("compute_nice", int),
+                      ("grace_seconds", (int, float)),
                       ("log_queue_batches", int), ("log_ring_mb", int), ("log_writer_nice", int),
                       ("max_message_bytes", int)):
         if key in raw and raw[key] is not None:
@@ -158,8 +161,9 @@ def load_server_config(path: Path) -> ServerConfig:
     for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
         if values.get(key, 1) < 1:
             raise ConfigError(f"{path}: {key}: must be >= 1")
-    if not 0 <= values.get("log_writer_nice", 0) <= 19:
-        raise ConfigError(f"{path}: log_writer_nice: must be in [0, 19]")
+    for key in ("compute_nice", "log_writer_nice"):
+        if not 0 <= values.get(key, 0) <= 19:
+            raise ConfigError(f"{path}: {key}: must be in [0, 19]")
     auth_raw = raw.get("auth") or {}
     if not isinstance(auth_raw, dict) or set(auth_raw) - {"enabled", "secrets_file"}:
         raise ConfigError(f"{path}: auth: expected {{enabled: bool, secrets_file: path}}")

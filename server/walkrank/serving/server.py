@@ -28,7 +28,7 @@ from walkrank.serving.interceptor import ErrorInterceptor
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import RecommendInput, recommend
 from walkrank.serving.reflection import enable_reflection
-from walkrank.serving.scheduler import ComputeSlots, available_cores
+from walkrank.serving.scheduler import ComputePool, available_cores
 from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
 from walkrank.serving.tenant_table import ReloadReport, TenantTable
 from walkrank.serving.wire import add_recommender
@@ -63,7 +63,7 @@ class WalkRankServer:
         self.serving = ServingContext(
             self.graph, self.tenants, self.candidate_log, self.event_log,
             Authenticator(config.auth), self.metrics,
-            ComputeSlots(config.compute_slots or available_cores()))
+            ComputePool(config.compute_slots or available_cores(), nice=config.compute_nice))
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -142,6 +142,7 @@ class WalkRankServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        self.serving.compute.close()
         self.candidate_log.close()
         self.event_log.close()
         self.metrics.close()

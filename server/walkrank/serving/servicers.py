@@ -4,6 +4,7 @@ encode the answer. The work itself lives in `walkrank.serving.pipeline`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -22,7 +23,7 @@ from walkrank.serving.errors import DeadlineExceeded, InvalidArgument, QuotaExce
 from walkrank.serving.interceptor import status_of
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import RecommendInput, RecommendOutput, recommend
-from walkrank.serving.scheduler import ComputeSlots
+from walkrank.serving.scheduler import ComputePool, SlotTimeout
 from walkrank.serving.tenant_table import ReloadReport, TenantRuntime, TenantTable
 from walkrank.serving.wire import encode_response
 from walkrank.tenants import PRIORITIES
@@ -40,7 +41,7 @@ class ServingContext:
 
     def __init__(self, graph: GraphStore, tenants: TenantTable, candidate_log: CandidateSink,
                  event_log: EventLog, auth: Authenticator, metrics: ServerMetrics,
-                 compute: ComputeSlots) -> None:
+                 compute: ComputePool) -> None:
         self.graph = graph
         self.tenants = tenants
         self.candidate_log = candidate_log
@@ -84,31 +85,29 @@ class ServingContext:
 
     def serve_one(self, runtime: TenantRuntime, request: RecommendInput,
                   context: grpc.ServicerContext) -> bytes:
-        """Run the pipeline for one user in a compute slot; the serialized RecommendResponse.
+        """Run the pipeline for one user on a compute thread; the serialized response.
 
-        The wait for a slot counts against the caller's deadline (or the tenant's default), and
-        ends at 90% of it so the caller hears why before its own deadline fires.
+        The wait for a compute thread counts against the caller's deadline (or the tenant's
+        default), and ends at 90% of it so the caller hears why before its own deadline fires.
         """
         limits = runtime.config.limits
         remaining = context.time_remaining()
         budget_s = max(0.0, limits.deadline_ms / 1e3 if remaining is None else remaining)
-        wait_s = budget_s * 0.9
-        queued = time.perf_counter()
-        if not self.compute.acquire(PRIORITIES.index(limits.priority), wait_s,
-                                    due=queued + budget_s):
-            self.record(runtime.name, "DEADLINE_EXCEEDED")
-            raise DeadlineExceeded(f"no compute slot came free within the deadline "
-                                   f"({wait_s * 1e3:.0f} ms; all {self.compute.slots} busy)")
-        queue_ms = (time.perf_counter() - queued) * 1e3
         try:
-            output = recommend(self.graph, runtime, request, candidate_log=self.candidate_log,
-                               time_remaining=context.time_remaining)
+            output, queue_s = self.compute.run(
+                functools.partial(recommend, self.graph, runtime, request,
+                                  candidate_log=self.candidate_log,
+                                  time_remaining=context.time_remaining),
+                PRIORITIES.index(limits.priority), wait_s=budget_s * 0.9,
+                due=time.perf_counter() + budget_s)
+        except SlotTimeout as exc:
+            self.record(runtime.name, "DEADLINE_EXCEEDED")
+            raise DeadlineExceeded(str(exc)) from None
         except WalkRankError as exc:
             self.record(runtime.name, status_of(exc).name)
             raise
-        finally:
-            self.compute.release()
-        output = dataclasses.replace(output, timing_ms={**output.timing_ms, "queue": queue_ms})
+        output = dataclasses.replace(output, timing_ms={**output.timing_ms,
+                                                        "queue": queue_s * 1e3})
         self.record(runtime.name, "OK", output)
         return encode_response(runtime.name, output)
 
