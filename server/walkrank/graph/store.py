@@ -247,7 +247,9 @@ def verify_checksums(root: Path, manifest: dict[str, Any]) -> None:
 def _load_array(root: Path, name: str) -> np.ndarray:
     path = root / f"{name}.npy"
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        # A plain ndarray view of the mapping: indexing an np.memmap builds memmap objects
+        # through Python-level hooks, GIL time on every feature lookup of every request.
+        return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: array {name!r} is missing from the graph directory") from exc
     except (OSError, ValueError) as exc:
