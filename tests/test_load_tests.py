@@ -4,6 +4,7 @@ summary, ghz config parsing (proto and reflection alike), and an induced overloa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT / "load_tests"))
 from loadgen.generator import _Requests, run_load  # noqa: E402
 from loadgen.ghz_config import load_ghz_config  # noqa: E402
 from loadgen.method import from_proto, from_reflection  # noqa: E402
+from loadgen.report import from_ghz_json, summarize  # noqa: E402
 from loadgen.traffic import draw_requests  # noqa: E402
 
 PROTO = ROOT / "protos" / "walkrank" / "v1" / "recommender.proto"
@@ -139,3 +141,38 @@ def test_overload_is_refused_with_resource_exhausted(small_graph: GraphStore, se
     assert result.summary.count == 64
     assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0
+
+
+def test_both_engines_summarize_as_ghz_does() -> None:
+    """Average over every call; fastest, slowest and nearest-rank percentiles over the OK
+    calls only (ghz's runner/reporter.go), whether computed here or read from ghz's JSON."""
+    latencies = [5.0, 1.0, 3.0, 2.0, 100.0, 4.0]
+    codes = ["OK", "OK", "OK", "OK", "RESOURCE_EXHAUSTED", "OK"]
+    errors = {"rpc error: code = ResourceExhausted desc = quota": 1}
+    builtin = summarize("x", "builtin", latencies, codes, total_s=2.0, errors=errors)
+    assert (builtin.count, builtin.rps, builtin.average_ms) == (6, 3.0, 115 / 6)
+    # OK calls sorted: 1 2 3 4 5; p50 is rank ceil(2.5) = 3, p90 rank ceil(4.5) = 5.
+    assert (builtin.fastest_ms, builtin.slowest_ms) == (1.0, 5.0)
+    assert (builtin.p50_ms, builtin.p90_ms, builtin.p99_ms) == (3.0, 5.0, 5.0)
+    assert summarize("x", "builtin", [float(v) for v in range(1, 11)], ["OK"] * 10, 1.0,
+                     {}).p50_ms == 5.0  # a whole-number rank: the 5th of 10
+
+    ms = 1_000_000  # ghz writes Go durations, in nanoseconds
+    ghz = from_ghz_json("x", {
+        "count": 6, "total": 2_000 * ms, "average": round(115 / 6 * ms), "fastest": 1 * ms,
+        "slowest": 5 * ms, "rps": 3.0, "errorDistribution": errors,
+        "statusCodeDistribution": {"OK": 5, "ResourceExhausted": 1},
+        "latencyDistribution": [{"percentage": p, "latency": v * ms} for p, v in (
+            (10, 1), (25, 2), (50, 3), (75, 4), (90, 5), (95, 5), (99, 5))]})
+    for name in ("count", "total_s", "rps", "fastest_ms", "slowest_ms", "p50_ms", "p90_ms",
+                 "p99_ms", "status_codes", "errors"):
+        assert getattr(ghz, name) == pytest.approx(getattr(builtin, name)), name
+
+    # Every call refused: no latency to report, from either engine, and no crash.
+    refused = summarize("y", "builtin", [1.0, 2.0], ["UNAVAILABLE"] * 2, 1.0, {})
+    ghz_refused = from_ghz_json("y", {
+        "count": 2, "total": 1_000 * ms, "average": 1 * ms, "fastest": 0, "slowest": 0,
+        "rps": 2.0, "statusCodeDistribution": {"Unavailable": 2}, "latencyDistribution": None})
+    for summary in (refused, ghz_refused):
+        assert summary.status_codes == {"UNAVAILABLE": 2}
+        assert all(math.isnan(v) for v in (summary.p50_ms, summary.p99_ms, summary.fastest_ms))
