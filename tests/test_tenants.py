@@ -36,8 +36,8 @@ def test_every_shipped_tenant_loads():
     for name, config in tenant_set.configs.items():
         assert config.name == name
         assert config.source == TENANTS_DIR / f"{name}.yaml"
-        assert isinstance(config.walk_params(), WalkParams)
-        assert config.walk_params().max_candidates == config.candidates.generate
+        assert isinstance(config.walk_params, WalkParams)
+        assert config.walk_params.max_candidates == config.candidates.generate
         assert set(config.features) <= set(feature_names())
 
 
@@ -70,7 +70,7 @@ def test_shipped_tenants_differ_where_their_surfaces_differ():
 
 def test_walk_params_carry_every_walk_setting(tmp_path):
     config = load_tenant(TENANTS_DIR / "related_pins.yaml")
-    assert config.walk_params() == WalkParams(
+    assert config.walk_params == WalkParams(
         steps=30_000, restart_probability=0.7, early_stop_pins=1000, early_stop_visits=4,
         bias_strength=0.8, bias_by="locale_topic", max_candidates=1000,
     )
@@ -78,14 +78,14 @@ def test_walk_params_carry_every_walk_setting(tmp_path):
     raw["walk"]["early_stopping"] = None
     no_stop = load_tenant(write(tmp_path, "homefeed", raw))
     assert no_stop.walk.early_stopping is None
-    assert no_stop.walk_params().early_stop_pins == 0  # 0 turns early stopping off
+    assert no_stop.walk_params.early_stop_pins == 0  # 0 turns early stopping off
 
 
 def test_minimal_tenant_gets_documented_defaults(tmp_path):
     config = load_tenant(write(tmp_path, "search", {"name": "search",
                                                     "query": {"source": "recent_pins"}}))
     assert config.features == tuple(feature_names())
-    assert config.walk_params() == WalkParams()
+    assert config.walk_params == WalkParams()
     assert (config.candidates.generate, config.candidates.return_,
             config.candidates.max_return) == (2000, 100, 2000)
     assert config.query.max_pins == 20 and config.query.recency_half_life_hours == 72.0

@@ -10,6 +10,7 @@ plain YAML loaders accept by keeping the last one. docs/tenants.md documents eve
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -159,8 +160,10 @@ class TenantConfig:
     limits: LimitsConfig
     source: Path | None = field(default=None, compare=False)  # the YAML file it came from
 
+    @functools.cached_property
     def walk_params(self) -> WalkParams:
-        """The walk engine's settings for this tenant (the walk returns `generate` pins)."""
+        """The walk engine's settings for this tenant (the walk returns `generate` pins);
+        built once, not per request."""
         from walkrank.walks.engine import WalkParams
 
         stop = self.walk.early_stopping

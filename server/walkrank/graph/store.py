@@ -8,6 +8,7 @@ pages in on first touch; external-id lookup is a `searchsorted` over sorted ids,
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Sequence
@@ -260,7 +261,7 @@ def _code(vocab: tuple[str, ...], value: str | None) -> int:
     if value is None:
         return len(vocab)
     # Vocabularies are sorted at build time, so a binary search replaces a dict.
-    i = int(np.searchsorted(np.asarray(vocab, dtype=str), value)) if vocab else 0
+    i = bisect.bisect_left(vocab, value)
     return i if i < len(vocab) and vocab[i] == value else len(vocab)
 
 

@@ -156,7 +156,7 @@ def recommend(
     interests = np.array([graph.topic_code(t) for t in request.interests], dtype=np.int32)
     user_topic = int(interests[0]) if len(interests) else -1
     seed = request.seed if request.seed is not None else request_seed(request.request_id)
-    result = walk(graph, dense, weights, config.walk_params(), user_locale=locale,
+    result = walk(graph, dense, weights, config.walk_params, user_locale=locale,
                   user_topic=user_topic, seed=seed)
     if request.exclude_pins and len(result.pins):
         excluded = graph.pin_index(list(request.exclude_pins))
