@@ -51,11 +51,14 @@ def test_integer_ids_parse_to_the_protobuf_message(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n = 700  # ranks past 127 take two varint bytes
     ids = rng.integers(-(2**62), 2**62, n)
-    ids[:3] = [0, 7, -1]
+    ids[:7] = [0, 7, -1, -10, 10**18, np.iinfo(np.int64).max, np.iinfo(np.int64).min]
     scores, visits = _scores_and_visits(rng, n)
     output = _output(ids, scores, visits)
     parsed = recommender_pb2.RecommendResponse.FromString(encode_response("homefeed", output))
     assert parsed == _expected("homefeed", output)
+    unsigned = _output(np.abs(ids[1:]).astype(np.uint64), scores[1:], visits[1:])
+    parsed = recommender_pb2.RecommendResponse.FromString(encode_response("homefeed", unsigned))
+    assert parsed == _expected("homefeed", unsigned)
 
 
 def test_text_ids_of_any_length_and_script_parse_to_the_protobuf_message() -> None:
