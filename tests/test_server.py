@@ -22,6 +22,8 @@ from walkrank.models import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.training import train_model
 from walkrank.serving.config import ServerConfig, resolve_auth
+from walkrank.serving.errors import DeadlineExceeded
+from walkrank.serving.pipeline import RecommendInput, recommend
 from walkrank.serving.server import WalkRankServer
 from walkrank.tenants import load_tenant
 from walkrank_client import WalkRankClient, WalkRankClientError
@@ -167,9 +169,16 @@ def test_quota_refuses_at_once_with_resource_exhausted(served) -> None:
 
 
 def test_expired_deadline_returns_deadline_exceeded(served) -> None:
+    """The pipeline stops at the first stage boundary past the deadline (checked directly:
+    over gRPC a fast call can beat a short deadline), and a call whose deadline passes
+    before any answer can come ends as DEADLINE_EXCEEDED."""
     server, client = served
     query = busy_pins(server.graph, 5)
-    assert code_of(lambda: client.recommend("homefeed", query, timeout=0.0005)) == \
+    late = RecommendInput(tenant="homefeed", request_id="late", query_pins=tuple(query))
+    with pytest.raises(DeadlineExceeded, match="after the walk stage"):
+        recommend(server.graph, server.tenants.get("homefeed"), late,
+                  time_remaining=lambda: 0.0)
+    assert code_of(lambda: client.recommend("homefeed", query, timeout=1e-6)) == \
         grpc.StatusCode.DEADLINE_EXCEEDED
 
 
