@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import threading
 from datetime import UTC, datetime
@@ -17,7 +18,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog, read_candidates
+from walkrank.candidate_log import (
+    CandidateBatch,
+    CandidateLog,
+    candidates_table,
+    read_candidates,
+)
 from walkrank.errors import DataError
 
 HOUR = 3600
@@ -266,6 +272,26 @@ def test_write_failure_is_counted_and_the_writer_survives(tmp_path: Path) -> Non
     assert log.close()
 
 
+def test_a_file_lost_after_row_groups_were_written_counts_all_its_rows(tmp_path: Path) -> None:
+    """Row groups already in the hidden file count as lost when the file cannot be made
+    visible; nothing half-written is left for readers, and the next file is written."""
+    log = CandidateLog(tmp_path, row_group_rows=7, flush_rows=1000)
+    assert log.submit(make_batch("a")) and log.submit(make_batch("b", seed=1))
+    done = threading.Event()
+    for _ in range(4000):  # the first row group opened the hidden file
+        hidden = list((tmp_path / "candidates").rglob(".part-*.tmp"))
+        if hidden:
+            break
+        done.wait(0.005)
+    shutil.rmtree(hidden[0].parent)  # the partition vanishes under the open file
+    assert log.flush(timeout=30)
+    stats = log.stats()
+    assert (stats["write_errors"], stats["lost_rows"], stats["written_rows"]) == (1, 14, 0)
+    assert log.submit(make_batch("c", seed=2)) and log.close(timeout=30)
+    assert read_candidates(tmp_path, "home")["request_id"].to_pylist() == ["c"] * 7
+    assert not list(tmp_path.rglob(".part-*"))
+
+
 def test_bad_batches_are_refused_with_the_field_named() -> None:
     good = make_batch("a")
     with pytest.raises(DataError, match=r"features has shape \(7, 3\), expected \(7, 2\)"):
@@ -284,7 +310,7 @@ def test_string_pin_ids_and_missing_model_version(tmp_path: Path) -> None:
     batch = make_batch("a", k=3)
     batch = CandidateBatch(**{**vars(batch), "pin_ids": np.array(["p-1", "p-2", "p-3"]),
                               "model_version": None, "user_locale": None})
-    table = batch.to_table()
+    table = candidates_table([batch])
     assert table["pin_id"].to_pylist() == ["p-1", "p-2", "p-3"]
     assert table["model_version"].null_count == 3 and table["user_locale"].null_count == 3
     assert table.schema.field("f_visits").type == pa.float32()

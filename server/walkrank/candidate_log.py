@@ -343,68 +343,63 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
                 oldest = None
 
     def _write_row_group(self, file: _OpenFile[P]) -> None:
-        """Write the file's pending pieces as one row group (opening the file first)."""
-        if not file.payloads:
-            return
-        try:
-            if file.failed:  # its rows are counted lost when the file is finished
-                raise _FileFailed
-            table = self._table(file.payloads)
-            if file.writer is None:
-                directory = self.directory.joinpath(*(f"{name}={value}"
-                                                      for name, value in file.partition))
-                directory.mkdir(parents=True, exist_ok=True)
-                now = self._clock()
-                stamp = datetime.fromtimestamp(now, tz=UTC).strftime("%Y%m%dT%H%M%S")
-                name = f"part-{stamp}{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex}.parquet"
-                file.final = directory / name
-                file.tmp = directory / f".{name}.tmp"
-                file.handle = open(file.tmp, "wb")  # noqa: SIM115 (closed by _finish)
-                file.writer = pq.ParquetWriter(
-                    file.handle, table.schema, compression=self._compression,
-                    use_dictionary=[f.name for f in table.schema
-                                    if _is_text(f.type) and f.name not in self._plain_text],
-                    write_statistics=self._statistics)
-            file.writer.write_table(table, row_group_size=table.num_rows)
-        except _FileFailed:
-            pass
-        except Exception:
-            log.exception("log writer: cannot write under %s", self.directory)
-            file.failed = True
+        """Write the file's pending pieces as one row group (opening the file first). Once a
+        write failed the file is lost: its later pieces are only counted."""
+        if file.payloads and not file.failed:
+            try:
+                table = self._table(file.payloads)
+                if file.writer is None:
+                    self._open(file, table.schema)
+                file.writer.write_table(table, row_group_size=table.num_rows)
+            except Exception:
+                log.exception("log writer: cannot write under %s", self.directory)
+                file.failed = True
         file.written_rows += file.pending_rows
         file.payloads, file.pending_rows = [], 0
+
+    def _open(self, file: _OpenFile[P], schema: pa.Schema) -> None:
+        """Create the file's hidden `.part-*.tmp` and its Parquet writer."""
+        directory = self.directory.joinpath(*(f"{name}={value}"
+                                              for name, value in file.partition))
+        directory.mkdir(parents=True, exist_ok=True)
+        now = self._clock()
+        stamp = datetime.fromtimestamp(now, tz=UTC).strftime("%Y%m%dT%H%M%S")
+        name = f"part-{stamp}{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex}.parquet"
+        file.final = directory / name
+        file.tmp = directory / f".{name}.tmp"
+        file.handle = open(file.tmp, "wb")  # noqa: SIM115 (closed by _finish)
+        file.writer = pq.ParquetWriter(
+            file.handle, schema, compression=self._compression,
+            use_dictionary=[f.name for f in schema
+                            if _is_text(f.type) and f.name not in self._plain_text],
+            write_statistics=self._statistics)
 
     def _finish(self, file: _OpenFile[P]) -> None:
         """Write what is pending, close the file and make it visible (or count it lost)."""
         self._write_row_group(file)
-        try:
-            if file.failed:
-                raise _FileFailed
-            if file.writer is not None:
+        if file.writer is not None and not file.failed:
+            try:
                 file.writer.close()
                 file.handle.flush()
                 os.fsync(file.handle.fileno())
                 file.handle.close()
                 os.replace(file.tmp, file.final)
-        except Exception as exc:
-            if not isinstance(exc, _FileFailed):
+            except Exception:
                 log.exception("log writer: cannot finish %s", file.tmp)
+                file.failed = True
+        if file.failed:
             self.write_errors += 1
             self.lost_rows += file.written_rows
             if file.handle is not None:
                 file.handle.close()
                 file.tmp.unlink(missing_ok=True)
             return
-        if file.writer is None:
+        if file.writer is None:  # nothing was ever pending
             return
         self.written_rows += file.written_rows
         self.written_files += 1
         if self._on_write is not None:
             self._on_write(file.final, file.written_rows)
-
-
-class _FileFailed(Exception):
-    """A row group of this file failed earlier (logged then): the whole file is lost."""
 
 
 @dataclass(eq=False)
@@ -501,10 +496,6 @@ class CandidateBatch:
 
     def __len__(self) -> int:
         return len(self.pin_ids)
-
-    def to_table(self) -> pa.Table:
-        """The batch as one table in `candidate_schema(feature_names)`."""
-        return candidates_table([self])
 
 
 def _pin_id_strings(pin_ids: np.ndarray) -> pa.Array:

@@ -111,7 +111,11 @@ class _Ring:
             raise DataError(f"ring_bytes must be a multiple of {_ALIGN} and at least "
                             f"{4 * _ALIGN}, got {size}")
         self.size = size
-        self._memory = context.RawArray("B", size)
+        try:
+            self._memory = context.RawArray("B", size)
+        except OSError as exc:  # /dev/shm (or the temp directory) too small
+            raise DataError(f"cannot allocate {size:,} bytes of shared memory for the log "
+                            f"writer's ring (log_ring_mb): {exc}") from exc
         self._written = context.Value("Q", 0)  # moved by the server
         self._read = context.Value("Q", 0)  # moved by the child
         self._data: np.ndarray | None = None

@@ -334,7 +334,7 @@ def top_candidates(dense, table, root_sum, hits, query_pins, k, pin_offsets):
     # The occupied rows, branch-free: every row's index is written and only occupied rows
     # advance `m` (a branch on the ~50% occupancy mispredicted often enough to cost 40% of
     # the scan). Scores are then computed for those rows only.
-    slots = np.empty(rows + 1, np.int32)
+    slots = np.empty(rows, np.int32)
     m = 0
     for slot in range(rows):
         slots[m] = slot
