@@ -73,8 +73,9 @@ def ghz_config(work: Path, tenant: str, duration_s: float, concurrency: int) -> 
     path.write_text(json.dumps({
         "name": tenant, "proto": str(PROTO), "import-paths": [str(ROOT / "protos")],
         "call": "walkrank.v1.Recommender.Recommend", "insecure": True,
-        "duration": f"{duration_s:g}s", "concurrency": concurrency, "connections": concurrency,
-        "timeout": "2s", "data-file": f"data/{tenant}.json"}, indent=2))
+        "duration": f"{duration_s:g}s", "duration-stop": "wait", "concurrency": concurrency,
+        "connections": concurrency, "timeout": "2s",
+        "data-file": str(work / "data" / f"{tenant}.json")}, indent=2))
     return path
 
 

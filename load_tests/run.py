@@ -7,6 +7,8 @@
 `ghz` is used when it is on PATH (`--engine auto`), else the built-in generator
 (loadgen.generator), which reads the same config files. Both write `<out>/<name>.json` and
 `<out>/<name>.md` with count, requests/s, p50/p90/p99 and the status-code distribution.
+Run it from the repository root: the shipped configs' relative paths resolve against the
+working directory, as ghz resolves them.
 """
 
 from __future__ import annotations
@@ -64,9 +66,14 @@ def check_data(configs: list[GhzConfig], graph: Path) -> None:
 
 
 def run_ghz(configs: list[GhzConfig], target: str, out: Path) -> list[Summary]:
-    """Each config through `ghz --config`, all at once; host forced to the started server."""
+    """Each config through `ghz --config`, all at once; host forced to the started server.
+
+    ghz runs in the directory the config's relative paths were resolved against, and is given
+    absolute paths for everything else, so where run.py was started from does not matter.
+    """
     ghz = shutil.which("ghz")
     assert ghz is not None
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for config in configs:
@@ -74,7 +81,7 @@ def run_ghz(configs: list[GhzConfig], target: str, out: Path) -> list[Summary]:
         # CLI flags override the config file (ghz.sh/docs/options, --config).
         command = [ghz, "--config", str(config.source), "--insecure", "--format", "json",
                    "--output", str(reports), target]
-        runs.append((config, reports, subprocess.Popen(command, cwd=config.source.parent)))
+        runs.append((config, reports, subprocess.Popen(command, cwd=config.workdir)))
     summaries = []
     for config, reports, process in runs:
         if process.wait() != 0:
@@ -147,7 +154,7 @@ def describe(results: list[RunResult]) -> list[str]:
 def command_run(args: argparse.Namespace) -> int:
     configs = [load_ghz_config(p) for p in args.configs]
     engine = pick_engine(args.engine)
-    out = args.out
+    out = args.out.resolve()
     with Server(args, out) as target:
         if args.target is None:
             check_data(configs, resolve_graph(args.graph))

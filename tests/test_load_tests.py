@@ -1,15 +1,22 @@
 """The load-test tooling against a real server on the small graph: the built-in generator's
-summary, ghz config parsing (proto and reflection alike), and an induced overload."""
+summary, ghz config parsing (proto and reflection alike), an induced overload, and the shipped
+configs meaning the same files to ghz as to the built-in generator."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
@@ -23,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "load_tests"))
 
 from loadgen.generator import _Requests, run_load  # noqa: E402
-from loadgen.ghz_config import load_ghz_config  # noqa: E402
+from loadgen.ghz_config import DURATION_STOPS, load_ghz_config  # noqa: E402
 from loadgen.method import from_proto, from_reflection  # noqa: E402
 from loadgen.report import from_ghz_json, summarize  # noqa: E402
 from loadgen.traffic import draw_requests  # noqa: E402
@@ -56,7 +63,7 @@ def write_config(path: Path, messages: list[dict], **settings: object) -> Path:
     data = path.parent / f"{path.stem}-data.json"
     data.write_text(json.dumps(messages))
     path.write_text(json.dumps({"proto": str(PROTO), "import-paths": [str(ROOT / "protos")],
-                                "call": RECOMMEND, "insecure": True, "data-file": data.name,
+                                "call": RECOMMEND, "insecure": True, "data-file": str(data),
                                 **settings}))
     return path
 
@@ -176,3 +183,145 @@ def test_both_engines_summarize_as_ghz_does() -> None:
     for summary in (refused, ghz_refused):
         assert summary.status_codes == {"UNAVAILABLE": 2}
         assert all(math.isnan(v) for v in (summary.p50_ms, summary.p99_ms, summary.fastest_ms))
+
+
+SHIPPED_CONFIGS = sorted([*(ROOT / "load_tests").glob("*.json"),
+                          *(ROOT / "load_tests" / "mixed").glob("*.json")])
+PATH_KEYS = ("proto", "data-file", "metadata-file")
+
+
+def test_shipped_configs_resolve_from_the_repo_root_as_ghz_resolves_them() -> None:
+    """ghz opens a config's relative paths against its working directory, not the file's:
+    every shipped config names files that exist from the repo root (where the README runs
+    them), and each duration run lets its last calls finish (ghz's default cuts them off)."""
+    assert len(SHIPPED_CONFIGS) == 7
+    for path in SHIPPED_CONFIGS:
+        raw = json.loads(path.read_text())
+        for key in PATH_KEYS:
+            if key in raw:
+                assert not Path(raw[key]).is_absolute() and (ROOT / raw[key]).is_file(), (
+                    path, key)
+        assert all((ROOT / p).is_dir() for p in raw.get("import-paths", [])), path
+        if "duration" in raw:
+            assert raw.get("duration-stop") == "wait", path
+        config = load_ghz_config(path, workdir=ROOT)
+        assert config.workdir == ROOT and config.messages
+        assert config.proto is None or config.proto == PROTO
+    # From the config's own directory (what run.py used to do) the files are not there, and
+    # the error says where relative paths resolve.
+    with pytest.raises(ConfigError, match="relative paths resolve against the working directory"):
+        load_ghz_config(ROOT / "load_tests" / "homefeed.json", workdir=ROOT / "load_tests")
+
+
+def test_readme_ghz_commands_name_configs_that_load_from_the_repo_root() -> None:
+    readme = (ROOT / "load_tests" / "README.md").read_text()
+    commands = re.findall(r"^ghz --config (\S+)", readme, re.MULTILINE)
+    assert commands, "load_tests/README.md shows no direct ghz command"
+    for config in commands:
+        assert load_ghz_config(ROOT / config, workdir=ROOT).source == ROOT / config
+
+
+FAKE_GHZ = '''#!{python}
+"""Stands in for ghz v0.121's file handling: every relative path (the config's proto and
+data-file, --output) opens against the working directory."""
+import json, sys
+
+args, options = sys.argv[1:], {{}}
+while args:
+    flag = args.pop(0)
+    if flag in ("--config", "--format", "--output"):
+        options[flag] = args.pop(0)
+config = json.load(open(options["--config"]))
+for key in ("proto", "data-file"):
+    if key in config:
+        try:
+            open(config[key]).close()
+        except OSError:
+            sys.exit(f"open {{config[key]}}: no such file or directory")
+ms = 1_000_000
+with open(options["--output"], "w") as out:
+    json.dump({{"count": 3, "total": 1000 * ms, "average": ms, "fastest": ms, "slowest": ms,
+               "rps": 3.0, "statusCodeDistribution": {{"OK": 3}},
+               "latencyDistribution": [{{"percentage": p, "latency": ms}}
+                                       for p in (10, 25, 50, 75, 90, 95, 99)]}}, out)
+'''
+
+
+def load_run_module():
+    spec = importlib.util.spec_from_file_location("load_tests_run", ROOT / "load_tests" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_with_ghz_and_a_relative_out_directory(server: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run.py run CONFIG --out relative/dir` under ghz: ghz runs where the config's paths
+    resolve and writes its report where run.py reads it, whatever directory the config is in."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ghz = bin_dir / "ghz"
+    ghz.write_text(FAKE_GHZ.format(python=sys.executable))
+    ghz.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    work = tmp_path / "work"
+    (work / "configs").mkdir(parents=True)
+    (work / "configs" / "data.json").write_text(json.dumps([{"tenant": "homefeed"}]))
+    (work / "configs" / "homefeed.json").write_text(json.dumps({
+        "name": "homefeed", "proto": str(PROTO), "call": RECOMMEND, "total": 3,
+        "concurrency": 1, "data-file": "configs/data.json"}))
+    monkeypatch.chdir(work)
+    run = load_run_module()
+    assert run.main(["run", "configs/homefeed.json", "--out", "results/rel", "--engine", "ghz",
+                     "--target", server]) == 0
+    summary = json.loads((work / "results" / "rel" / "homefeed.json").read_text())
+    assert (work / "results" / "rel" / "ghz-homefeed.json").is_file()
+    assert "OK" in json.dumps(summary) and not (work / "configs" / "results").exists()
+
+
+class _HoldingPeer(grpc.GenericRpcHandler):
+    """Holds every Recommend call `hold_s` (or until cancelled), then answers empty bytes: a
+    call certainly in flight when a short duration ends."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        def hold(_request: bytes, context: grpc.ServicerContext) -> bytes:
+            end = time.monotonic() + self.hold_s
+            while context.is_active() and time.monotonic() < end:
+                time.sleep(0.005)
+            return b""
+
+        if details.method == "/walkrank.v1.Recommender/Recommend":
+            return grpc.unary_unary_rpc_method_handler(hold)
+        return None
+
+
+def test_generator_honours_duration_stop(tmp_path: Path) -> None:
+    """At the end of a `duration`, calls in flight are cut off and counted CANCELLED (close,
+    ghz's default), awaited and counted as they end (wait), or cut off and left out (ignore)."""
+    hold_s, duration_s = 1.0, 0.2
+    peer = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                       handlers=[_HoldingPeer(hold_s)])
+    port = peer.add_insecure_port("127.0.0.1:0")
+    peer.start()
+    try:
+        results = {}
+        for stop in DURATION_STOPS:
+            path = write_config(tmp_path / f"{stop}.json", [{"tenant": "homefeed"}],
+                                duration=f"{duration_s}s", concurrency=2, timeout="10s",
+                                **{"duration-stop": stop.upper()})
+            config = load_ghz_config(path)
+            assert config.duration_stop == stop
+            [results[stop]] = run_load([config], f"127.0.0.1:{port}", processes=0)
+    finally:
+        peer.stop(0)
+    close, wait, ignore = (results[s].summary for s in ("close", "wait", "ignore"))
+    assert close.status_codes == {"CANCELLED": 2} and close.total_s < hold_s
+    assert wait.status_codes == {"OK": 2} and wait.total_s >= hold_s
+    assert ignore.count == 0 and ignore.total_s < hold_s
+    bad = tmp_path / "bad-stop.json"
+    bad.write_text(json.dumps({"call": RECOMMEND, "duration": "1s", "duration-stop": "later"}))
+    with pytest.raises(ConfigError, match="duration-stop: expected one of close, wait, ignore"):
+        load_ghz_config(bad)

@@ -2,7 +2,9 @@
 
 Like ghz, `concurrency` workers share one connection per process and call back to back (or
 paced so that all workers together send `rps` calls per second); `total` calls, or as many as
-fit in `duration` (calls in flight at the end are awaited, ghz's `duration-stop: wait`).
+fit in `duration`, the calls in flight at its end handled as the config's `duration-stop`
+says (close, ghz's default: cut off and counted CANCELLED; wait: awaited; ignore: cut off and
+not counted).
 Several processes are used because one asyncio loop tops out near one core of Python; each
 process takes its share of the workers, calls and rate. Requests without template actions
 are serialized once and sent as bytes, responses are not decoded: the generator's own cost is
@@ -22,7 +24,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,6 +36,8 @@ from loadgen.report import Summary, summarize
 from walkrank.errors import ConfigError
 
 READY_TIMEOUT_S = 60.0
+#: The error message of a call cut off by `duration-stop: close`.
+CUT_OFF = "rpc error: code = CANCELLED desc = cut off at the end of the duration (duration-stop)"
 
 
 @dataclass
@@ -164,11 +167,25 @@ async def _run_share(config: GhzConfig, spec: MethodSpec, target: str, index: in
                     code = exc.code().name
                     message = f"rpc error: code = {code} desc = {exc.details()}"
                     result.errors[message] = result.errors.get(message, 0) + 1
+                except asyncio.CancelledError:  # cut off at the end of the duration
+                    if config.duration_stop == "close":
+                        result.latencies_ms.append((time.perf_counter() - sent) * 1e3)
+                        result.codes.append("CANCELLED")
+                        result.errors[CUT_OFF] = result.errors.get(CUT_OFF, 0) + 1
+                    raise
                 result.latencies_ms.append((time.perf_counter() - sent) * 1e3)
                 result.codes.append(code)
 
         result.started = loop_start
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        workers = [asyncio.create_task(worker(w)) for w in range(concurrency)]
+        if deadline is not None and config.duration_stop != "wait":
+            await asyncio.wait(workers, timeout=max(0.0, deadline - time.monotonic()))
+            for task in workers:
+                task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for task in workers:  # a worker's own failure (not the cut-off) is the run's
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
         result.finished = time.monotonic()
     finally:
         for channel in channels:
@@ -181,11 +198,11 @@ def _cpu_seconds() -> float:
     return times.user + times.system
 
 
-def _child(config_path: str, target: str, index: int, parts: int, ready: Any, go: Any,
-           results: Any) -> None:
+def _child(config_path: str, workdir: str, target: str, index: int, parts: int, ready: Any,
+           go: Any, results: Any) -> None:
     """Entry point of one generator process (spawned: no state inherited from the parent)."""
     try:
-        config = load_ghz_config(config_path)
+        config = load_ghz_config(config_path, workdir)
         spec = resolve_method(config, target)
         cpu_at_start = 0.0
 
@@ -237,8 +254,9 @@ def run_load(configs: list[GhzConfig], target: str, processes: int = 2) -> list[
     for config in configs:
         parts = _processes_for(config, processes)
         for index in range(parts):
-            child = context.Process(target=_child, args=(str(config.source), target, index,
-                                                         parts, ready, go, results), daemon=True)
+            child = context.Process(target=_child, args=(
+                str(config.source), str(config.workdir), target, index, parts, ready, go,
+                results), daemon=True)
             child.start()
             children.append(child)
     try:
@@ -289,7 +307,3 @@ async def _run_in_process(configs: list[GhzConfig], target: str) -> list[RunResu
                                    for c, s in zip(configs, specs, strict=True)))
     # This process may host the server too, so its CPU time is not the generator's own.
     return [_combine(c, [p], 0) for c, p in zip(configs, parts, strict=True)]
-
-
-def load_configs(paths: list[str | Path]) -> list[GhzConfig]:
-    return [load_ghz_config(p) for p in paths]

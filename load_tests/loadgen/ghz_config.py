@@ -2,9 +2,14 @@
 
 One JSON file describes a load whichever engine sends it: ghz itself reads it with `--config`,
 and the built-in generator reads the keys below with ghz's meaning and defaults (total 200,
-concurrency 50, timeout 20s; `duration` overrides `total`; `rps` is the total rate shared by
-the workers; an array of messages in `data` is sent round-robin). Any other ghz key is
-rejected by name, so a file never silently means something else to the built-in generator.
+concurrency 50, timeout 20s; `duration` overrides `total`; `duration-stop` close; `rps` is
+the total rate shared by the workers; an array of messages in `data` is sent round-robin).
+Any other ghz key is rejected by name, so a file never silently means something else to the
+built-in generator.
+
+Relative paths (`proto`, `import-paths`, `data-file`, `metadata-file`) resolve against the
+working directory, not the config file's directory: that is what ghz v0.121 does, so a
+config means the same files to both engines only when both run in the same directory.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ from walkrank.errors import ConfigError
 SUPPORTED_KEYS = frozenset({
     "name", "proto", "import-paths", "call", "host", "insecure", "total", "duration",
     "concurrency", "connections", "rps", "timeout", "data", "data-file", "metadata",
-    "metadata-file", "tags",
+    "metadata-file", "tags", "duration-stop",
 })
 DEFAULT_TOTAL = 200
 DEFAULT_CONCURRENCY = 50
 DEFAULT_TIMEOUT_S = 20.0
+#: ghz's `duration-stop` values: what happens to the calls in flight when a `duration` ends.
+#: close (ghz's default): they are cut off and reported as failed (CANCELLED here; ghz says
+#: UNAVAILABLE or CANCELLED); wait: they finish and count; ignore: they are cut off and left
+#: out of the report.
+DURATION_STOPS = ("close", "wait", "ignore")
 
 #: ghz's call template variables (ghz.sh/docs/calldata). Only plain `{{.Name}}` actions are
 #: supported; template functions (`{{randomString 8}}`, ...) are rejected by name.
@@ -42,10 +52,12 @@ _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
 
 @dataclass(frozen=True)
 class GhzConfig:
-    """A validated ghz config; paths are absolute (resolved against the file's directory)."""
+    """A validated ghz config; paths are absolute (resolved against `workdir`)."""
 
     source: Path
     call: str
+    #: The directory relative paths were resolved against: where ghz must run for the same.
+    workdir: Path
     name: str = ""
     proto: Path | None = None
     import_paths: tuple[Path, ...] = ()
@@ -53,6 +65,7 @@ class GhzConfig:
     insecure: bool = False
     total: int = DEFAULT_TOTAL
     duration_s: float | None = None
+    duration_stop: str = "close"
     concurrency: int = DEFAULT_CONCURRENCY
     connections: int = 1
     rps: float | None = None
@@ -154,9 +167,19 @@ def _messages(data: Any, where: str) -> tuple[str, ...]:
     return tuple(texts)
 
 
-def load_ghz_config(path: str | Path) -> GhzConfig:
-    """Read and validate a ghz JSON config for the built-in generator."""
+def _relative(base: Path, value: str) -> Path:
+    return (base / value).resolve()
+
+
+def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzConfig:
+    """Read and validate a ghz JSON config for the built-in generator.
+
+    `workdir` (default: the current directory) is the directory relative paths resolve
+    against, as ghz resolves them against the directory it runs in.
+    """
     path = Path(path).resolve()
+    base = Path.cwd() if workdir is None else Path(workdir).resolve()
+    where_from = f"(relative paths resolve against the working directory {base}, as in ghz)"
     raw = _read_json(path, "ghz config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object of ghz settings")
@@ -164,7 +187,6 @@ def load_ghz_config(path: str | Path) -> GhzConfig:
     if unknown:
         raise ConfigError(f"{path}: ghz key {unknown[0]!r} is not supported by the built-in "
                           f"generator (supported: {', '.join(sorted(SUPPORTED_KEYS))})")
-    base = path.parent
     if "call" not in raw:
         raise ConfigError(f"{path}: call: required (e.g. 'walkrank.v1.Recommender.Recommend')")
     call = raw["call"]
@@ -174,7 +196,7 @@ def load_ghz_config(path: str | Path) -> GhzConfig:
     call = call.replace("/", ".")
     if call.count(".") < 1 or not all(call.split(".")):
         raise ConfigError(f"{path}: call: expected 'package.Service.Method', got {raw['call']!r}")
-    values: dict[str, Any] = {"source": path, "call": call, "raw": raw}
+    values: dict[str, Any] = {"source": path, "workdir": base, "call": call, "raw": raw}
     for key in ("name", "host", "proto"):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{path}: {key}: expected a string, got {raw[key]!r}")
@@ -185,14 +207,17 @@ def load_ghz_config(path: str | Path) -> GhzConfig:
             raise ConfigError(f"{path}: insecure: expected true or false")
         values["insecure"] = raw["insecure"]
     if raw.get("proto"):
-        proto = (base / raw["proto"]).resolve()
+        proto = _relative(base, raw["proto"])
         if not proto.is_file():
-            raise ConfigError(f"{path}: proto: no such file {proto}")
+            raise ConfigError(f"{path}: proto: no such file {proto} {where_from}")
         values["proto"] = proto
     paths = raw.get("import-paths", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ConfigError(f"{path}: import-paths: expected a list of directories")
-    values["import_paths"] = tuple((base / p).resolve() for p in paths)
+    values["import_paths"] = tuple(_relative(base, p) for p in paths)
+    missing = [p for p in values["import_paths"] if not p.is_dir()]
+    if missing:
+        raise ConfigError(f"{path}: import-paths: no such directory {missing[0]} {where_from}")
     for key in ("total", "concurrency", "connections"):
         if key in raw:
             values[key] = _positive_int(raw, key, str(path))
@@ -202,6 +227,13 @@ def load_ghz_config(path: str | Path) -> GhzConfig:
         values["duration_s"] = parse_duration(raw["duration"], f"{path}: duration")
         if values["duration_s"] <= 0:
             raise ConfigError(f"{path}: duration: must be positive")
+    if "duration-stop" in raw:
+        stop = raw["duration-stop"]
+        # ghz lower-cases the value (and silently takes an unknown one as close: refused here).
+        if not isinstance(stop, str) or stop.lower() not in DURATION_STOPS:
+            raise ConfigError(f"{path}: duration-stop: expected one of "
+                              f"{', '.join(DURATION_STOPS)}, got {stop!r}")
+        values["duration_stop"] = stop.lower()
     if "timeout" in raw:
         timeout = parse_duration(raw["timeout"], f"{path}: timeout")
         values["timeout_s"] = timeout if timeout > 0 else None  # ghz: zero means no timeout
@@ -212,7 +244,9 @@ def load_ghz_config(path: str | Path) -> GhzConfig:
     elif "data-file" in raw:
         if not isinstance(raw["data-file"], str):
             raise ConfigError(f"{path}: data-file: expected a path string")
-        data_path = (base / raw["data-file"]).resolve()
+        data_path = _relative(base, raw["data-file"])
+        if not data_path.is_file():
+            raise ConfigError(f"{path}: data-file: no such file {data_path} {where_from}")
         values["messages"] = _messages(_read_json(data_path, "data file"), str(data_path))
     else:
         values["messages"] = ("{}",)
@@ -221,7 +255,12 @@ def load_ghz_config(path: str | Path) -> GhzConfig:
     metadata_raw = raw.get("metadata")
     metadata_where = f"{path}: metadata"
     if "metadata-file" in raw:
-        metadata_path = (base / raw["metadata-file"]).resolve()
+        if not isinstance(raw["metadata-file"], str):
+            raise ConfigError(f"{path}: metadata-file: expected a path string")
+        metadata_path = _relative(base, raw["metadata-file"])
+        if not metadata_path.is_file():
+            raise ConfigError(f"{path}: metadata-file: no such file {metadata_path} "
+                              f"{where_from}")
         metadata_raw, metadata_where = _read_json(metadata_path, "metadata file"), str(
             metadata_path)
     if metadata_raw is not None:
