@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
@@ -16,6 +19,7 @@ from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import generate_graph_tables
 from walkrank.walks import WalkParams, WalkResult, kernels, step_budgets, walk
+from walkrank.walks.engine import WalkCancelled, new_visit_table
 
 FIELDS = ("pins", "scores", "visits", "query_hits", "degree", "steps_per_query", "unknown")
 
@@ -34,10 +38,11 @@ def _query(graph: GraphStore, n: int, seed: int) -> np.ndarray:
 
 def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: int = 3,
               bias: float = 0.0, locale: int = -1, key_range: tuple[int, int] = (0, 0),
-              early_stop_pins: int = 0):
-    """Kernel-level walk from one pin with a hash table; returns (steps, {pin: visits})."""
-    table = np.zeros((1 << (2 * budget - 1).bit_length(), 4), np.int32)
-    table[:, :2] = kernels.EMPTY
+              early_stop_pins: int = 0, rows: int | None = None,
+              cancel: np.ndarray | None = None):
+    """Kernel-level walk from one pin with a hash table (`rows`: default twice the budget);
+    returns (steps, {pin: visits})."""
+    table = new_visit_table(rows or 1 << (2 * budget - 1).bit_length())
     done = kernels.walk_query_pin(
         graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj, graph.pin_key,
         graph.board_key, graph.pin_locale_ends, graph.board_locale_ends, np.int32(pin),
@@ -45,6 +50,7 @@ def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: in
         np.uint64(int(bias * 2**32)), np.int32(locale), np.int32(key_range[0]),
         np.int32(key_range[1]), np.int64(early_stop_pins), np.int64(4), np.uint64(seed), False,
         table, np.zeros(table.shape[0]), np.zeros(table.shape[0], np.int32),
+        np.zeros(1, np.uint8) if cancel is None else cancel,
     )
     used = table[table[:, 1] == 0]
     assert np.array_equal(used[:, 2], used[:, 3])  # one query pin: its count is the total
@@ -133,13 +139,74 @@ def test_budget_split_follows_the_formula() -> None:
     budgets = step_budgets(degrees, weights, 100_000, max_degree=1000)
     c = math.log(1001)
     scale = np.array([d * (c - math.log(d)) if d else 0.0 for d in degrees])
-    expected = weights * 100_000 * scale / scale.sum()
+    expected = 100_000 * weights * scale / (weights * scale).sum()
     assert np.all(np.abs(budgets - expected) < 1)
-    assert budgets.sum() == round(expected.sum())
+    assert budgets.sum() == 100_000
     assert budgets[3] > 0  # the highest-degree pin still walks
     assert budgets[4] == 0  # a pin without boards cannot
     # Sub-linear: 10x the degree buys less than 10x the steps.
     assert budgets[2] / 2 < 10 * budgets[1]
+
+
+_WEIGHTS = st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(weights=st.lists(_WEIGHTS, min_size=1, max_size=12),
+       degrees=st.lists(st.integers(0, 5000), min_size=12, max_size=12),
+       steps=st.integers(1, 10_000_000), exponent=st.integers(-1000, 1000))
+def test_weights_are_shares_of_exactly_the_step_budget(weights, degrees, steps, exponent) -> None:
+    """Issue 12: the budgets add up to N for any positive finite weights, never overflow,
+    and do not depend on the weights' scale (1e20 once made the total negative). Scaling by
+    a power of two is exact, so the budgets must be identical."""
+    weights = np.array(weights)
+    degrees = np.array(degrees[:len(weights)])
+    budgets = step_budgets(degrees, weights, steps, max_degree=5000)
+    assert budgets.dtype == np.int64 and np.all(budgets >= 0)
+    assert budgets.sum() == (steps if degrees.any() else 0)
+    assert np.all(budgets[degrees == 0] == 0)
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = weights * 2.0**exponent
+    if np.all(np.isfinite(scaled)) and np.all(scaled >= np.finfo(np.float64).tiny) and np.all(
+            weights >= np.finfo(np.float64).tiny):
+        assert np.array_equal(step_budgets(degrees, scaled, steps, max_degree=5000), budgets)
+
+
+def test_the_issue_weights_split_like_their_ratio() -> None:
+    degrees = np.array([40, 7])
+    budgets = step_budgets(degrees, np.array([1e20, 1.0]), 100_000, max_degree=50)
+    assert list(budgets) == [100_000, 0]
+    assert np.abs(step_budgets(degrees, np.array([3e7, 1e7]), 100_000, max_degree=50)
+                  - step_budgets(degrees, np.array([3.0, 1.0]), 100_000, max_degree=50)).max() <= 1
+
+
+def test_huge_and_tiny_weights_walk_the_tenant_budget(small_graph: GraphStore) -> None:
+    """Issue 12: weight 1e20 wedged the server, 1e15 returned no candidates, 5000 walked
+    5000x the budget."""
+    query = _query(small_graph, 2, 5)
+    params = WalkParams(steps=20_000, early_stop_pins=0)
+    for weights in ([1e20, 1.0], [1e15, 1.0], [5000.0, 1.0], [1e-30, 1e-30], [3e38, 3e38]):
+        result = walk(small_graph, query, np.array(weights, np.float32), params, seed=1)
+        assert result.steps_walked == params.steps, weights
+        assert len(result) > 0 and result.empty_reason is None, weights
+    same = walk(small_graph, query, np.array([1e-30, 1e-30]), params, seed=1)
+    assert _same(same, walk(small_graph, query, np.ones(2), params, seed=1))
+
+
+def test_a_full_hash_table_raises_instead_of_probing_forever(small_graph: GraphStore) -> None:
+    pin = int(_query(small_graph, 1, 6)[0])
+    with pytest.raises(ValueError, match="visit table full"):
+        _walk_one(small_graph, pin, 5_000, restart=0.1, rows=16)
+
+
+def test_a_set_cancel_flag_stops_the_walk(small_graph: GraphStore) -> None:
+    pin = int(_query(small_graph, 1, 7)[0])
+    done, visits = _walk_one(small_graph, pin, 5_000, restart=0.5,
+                             cancel=np.ones(1, np.uint8))
+    assert done == 0 and not visits
+    query = _query(small_graph, 3, 7)
+    with pytest.raises(WalkCancelled, match="walk cancelled after 0 steps"):
+        walk(small_graph, query, np.ones(3), WalkParams(), cancel=np.ones(1, np.uint8))
 
 
 def test_engine_splits_unit_weight_budget_exactly(small_graph: GraphStore) -> None:
@@ -177,10 +244,9 @@ def test_multi_hit_boosting_follows_its_formula(tiny_graph: GraphStore) -> None:
     both = walk(tiny_graph, np.array([q1, q2], np.int32), np.ones(2, np.float32), params, seed=5)
     assert list(both.steps_per_query) == [1_000, 1_000]  # equal degrees: equal budgets
     # The same walks one at a time: same positions in the query, so the same random streams.
-    alone1 = walk(tiny_graph, np.array([q1, -1], np.int32), np.array([0.5, 0], np.float32),
-                  params, seed=5)
-    alone2 = walk(tiny_graph, np.array([-1, q2], np.int32), np.array([0, 0.5], np.float32),
-                  params, seed=5)
+    half = dataclasses.replace(params, steps=1_000)
+    alone1 = walk(tiny_graph, np.array([q1, -1], np.int32), np.ones(2), half, seed=5)
+    alone2 = walk(tiny_graph, np.array([-1, q2], np.int32), np.ones(2), half, seed=5)
     v1 = dict(zip(alone1.pins.tolist(), alone1.visits.tolist(), strict=True))
     v2 = dict(zip(alone2.pins.tolist(), alone2.visits.tolist(), strict=True))
     assert set(both.pins.tolist()) == (set(v1) | set(v2)) - {q1, q2}
@@ -394,7 +460,7 @@ def test_cli_walk_prints_candidates_with_external_ids(
     assert set(first) == {"pin", "score", "visits", "query_hits", "degree"}
     assert first["pin"] in small_graph.pin_external(np.arange(small_graph.n_pins)).tolist()
     assert first["pin"] not in ids
-    assert out["steps_walked"] == 10_000  # unit weights would walk --steps; these are 2
+    assert out["steps_walked"] == 5000  # weights are shares of --steps, whatever their scale
 
 
 def test_cli_walk_table_and_errors(small_graph: GraphStore, tmp_path: Path,

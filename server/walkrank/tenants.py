@@ -47,7 +47,7 @@ DEFAULT_ACTION_WEIGHTS = {"save": 1.0, "click": 0.5, "view": 0.2}
 DEFAULT_LABEL_WEIGHTS = {IMPRESSION: 1.0, "closeup": 2.0, "click": 3.0, "save": 5.0, "hide": 1.0}
 
 # Typo guards, not tuning: values past these are far outside any sensible request budget.
-MAX_STEPS = 10_000_000
+MAX_STEPS = 10_000_000  # also the walk engine's bound (walkrank.walks.engine.WalkParams)
 MAX_CANDIDATES = 100_000
 MAX_QUERY_PINS = 10_000
 MAX_IN_FLIGHT = 100_000

@@ -13,8 +13,9 @@ from typing import Literal
 
 import numpy as np
 
-from walkrank.errors import ConfigError, DataError
+from walkrank.errors import ConfigError, DataError, WalkRankError
 from walkrank.graph.store import GraphStore
+from walkrank.tenants import MAX_STEPS
 from walkrank.walks import kernels
 
 BiasBy = Literal["locale", "locale_topic"]
@@ -25,7 +26,14 @@ Counter = Literal["auto", "dense", "hash"]
 # many pins as steps. Measured by benchmarks/walks.py (5-pin query, N = 100k, p50): 100k-pin
 # graph dense 2.69 ms, hash 2.97 ms; 1M-pin graph dense 9.3 ms, hash 3.9 ms.
 DENSE_MAX_PINS_PER_STEP = 1
-MAX_STEPS = 100_000_000
+
+
+class WalkCancelled(WalkRankError):
+    """The walks stopped early because the caller set the cancel flag."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"walk cancelled after {steps:,} steps")
+        self.steps = steps
 
 
 @dataclass(frozen=True)
@@ -95,28 +103,36 @@ class WalkResult:
 def step_budgets(
     degrees: np.ndarray, weights: np.ndarray, steps: int, max_degree: int
 ) -> np.ndarray:
-    """Pixie's per-query-pin budget `N_q = w_q * N * s_q / sum_r s_r`, rounded to integers.
+    """Pixie's per-query-pin budget `N_q = N * w_q s_q / sum_r w_r s_r`, rounded to integers.
 
-    `s_q = deg(q) * (C - log deg(q))` with `C = log(max_degree + 1)`: the paper's
-    C = log(max degree) would give the highest-degree pin s_q = 0 and no walk at all; the +1
-    keeps every s_q > 0 and changes C by less than 1/max_degree. Pins without boards get 0.
-    Rounding is largest-remainder, so the budgets add up to round(sum of the real N_q): with
-    unit weights exactly N.
+    Weights are shares: only their ratios matter, and the budgets add up to exactly N
+    whatever their scale (as long as some pin with boards has a weight > 0), so no weight can
+    make a request walk more than its tenant's `walk.steps`. `s_q = deg(q) * (C - log deg(q))`
+    with `C = log(max_degree + 1)`: the paper's C = log(max degree) would give the
+    highest-degree pin s_q = 0 and no walk at all; the +1 keeps every s_q > 0 and changes C
+    by less than 1/max_degree. Pins without boards (or weight 0) get 0. Rounding is
+    largest-remainder among the pins with a share.
     """
     degrees = np.asarray(degrees, np.float64)
     weights = np.asarray(weights, np.float64)
+    budgets = np.zeros(degrees.shape[0], np.int64)
+    if degrees.shape[0] == 0 or not weights.max() > 0:
+        return budgets
     c = math.log(max_degree + 1)
     safe = np.maximum(degrees, 1.0)
-    scale = np.where(degrees > 0, degrees * (c - np.log(safe)), 0.0)
-    total_scale = scale.sum()
-    if total_scale <= 0:
-        return np.zeros(degrees.shape[0], np.int64)
-    real = weights * steps * scale / total_scale
-    budgets = np.floor(real).astype(np.int64)
-    remainder = int(round(real.sum())) - int(budgets.sum())
+    scale = np.where(degrees > 0, np.maximum(degrees * (c - np.log(safe)), 0.0), 0.0)
+    # Weights over their maximum are in [0, 1]: no overflow from any finite weight.
+    share = weights / weights.max() * scale
+    total = share.sum()
+    if not total > 0:
+        return budgets
+    real = steps * (share / total)  # each <= steps
+    budgets[:] = np.floor(real)
+    remainder = steps - int(budgets.sum())
     if remainder > 0:
         order = np.argsort(-(real - budgets), kind="stable")
-        budgets[order[:remainder]] += 1
+        order = order[share[order] > 0][:remainder]
+        budgets[order] += 1
     return budgets
 
 
@@ -205,7 +221,7 @@ def _validate_query(
     if bad.size:
         raise DataError(
             f"query weight {float(weights[bad[0]])} at position {int(bad[0])} must be finite "
-            "and >= 0"
+            "and >= 0 (0: the pin walks no steps)"
         )
     return pins, weights
 
@@ -234,6 +250,7 @@ def walk(
     user_topic: int = -1,
     seed: int = 0,
     counter: Counter = "auto",
+    cancel: np.ndarray | None = None,
 ) -> WalkResult:
     """Pixie walk from weighted query pins (dense ids, -1 = unknown, ignored and reported).
 
@@ -242,6 +259,8 @@ def walk(
     two query pins). Deterministic for a given seed; the bias applies only when
     `params.bias_strength > 0` and `user_locale` is a known locale code.
     `counter` picks the visit counter ("auto": by DENSE_MAX_PINS_PER_STEP).
+    `cancel` (uint8[1]) lets another thread stop the walks: once it sets `cancel[0]` to
+    nonzero they end within a lock-step round and this raises `WalkCancelled`.
     """
     pins, weights = _validate_query(graph, query_pins, query_weights)
     if counter not in ("auto", "dense", "hash"):
@@ -266,10 +285,13 @@ def walk(
     if total_budget == 0:
         return _empty(pins.shape[0], unknown, "no steps to walk: query pins have no boards "
                                               "or zero weight")
+    if cancel is None:
+        cancel = np.zeros(1, np.uint8)
 
     dense = counter == "dense" or (
         counter == "auto" and graph.n_pins <= DENSE_MAX_PINS_PER_STEP * total_budget
     )
+    # Distinct pins counted <= min(steps, pins) < the hash table's rows.
     slots = graph.n_pins if dense else _table_size(min(total_budget, graph.n_pins))
     table = new_visit_table(slots)
     root_sum = np.zeros(slots, np.float64)
@@ -291,8 +313,10 @@ def walk(
             np.int32(pins[position]), np.int32(position), np.int64(budgets[position]),
             restart_threshold, bias_threshold, np.int32(target.locale), np.int32(target.key_lo),
             np.int32(target.key_hi), np.int64(params.early_stop_pins),
-            np.int64(params.early_stop_visits), seed64, dense, table, root_sum, hits,
+            np.int64(params.early_stop_visits), seed64, dense, table, root_sum, hits, cancel,
         )
+    if cancel[0]:
+        raise WalkCancelled(int(steps_per_query.sum()))
 
     out = kernels.top_candidates(
         dense, table, root_sum, hits, known_pins, params.max_candidates,

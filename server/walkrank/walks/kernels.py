@@ -59,6 +59,28 @@ def _prefetch(typingctx, array, index):
     return types.void(array, index), codegen
 
 
+@intrinsic
+def _load_relaxed(typingctx, array):
+    """`array[0]` as an atomic (monotonic) load, which LLVM must redo on every loop pass.
+
+    A plain load of a cell no store in the loop touches may be hoisted out of the loop;
+    the cancel flag is written by another thread, so it is read this way.
+    """
+    if not isinstance(array, types.Array) or not isinstance(array.dtype, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        ary = context.make_array(array_type)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, array_type, ary,
+                                       [zero] * array_type.ndim, wraparound=False,
+                                       boundscheck=False)
+        return builder.load_atomic(ptr, "monotonic", array_type.dtype.bitwidth // 8)
+
+    return array.dtype(array), codegen
+
+
 @njit(inline="always")
 def _xorshift(x):
     """xorshift64 state update (Vigna 2016); `_scramble` turns a state into an output."""
@@ -168,6 +190,7 @@ def walk_query_pin(
     table,
     root_sum,
     hits,
+    cancel,
 ):
     """Walk `budget` steps (pin -> board -> pin) from one query pin and count arrivals.
 
@@ -182,7 +205,10 @@ def walk_query_pin(
     The walk stops early once more than `early_stop_pins` pins (0 = never) reach
     `early_stop_visits` visits from this query pin; the check runs after each lock-step round,
     so it may overshoot by under WALKERS steps but never past `budget`. Walker w draws from a
-    stream derived from (seed, query_index, w). Returns the steps walked.
+    stream derived from (seed, query_index, w). The walk also stops, at the next round, once
+    another thread sets `cancel[0]` (a deadline passed, the server stops): a round is ~2 us.
+    Returns the steps walked. A hash table with no free row left (a caller that sized it
+    for fewer pins than it counts) raises instead of probing forever.
     """
     mask = np.int64(table.shape[0] - 1)
     state = np.empty(WALKERS, np.uint64)
@@ -206,7 +232,7 @@ def walk_query_pin(
     board_slices = np.full((slice_rows, 3), EMPTY, np.int64)
     done = np.int64(0)
     reached = np.int64(0)
-    while done < budget and reached <= stop_after:
+    while done < budget and reached <= stop_after and _load_relaxed(cancel) == 0:
         n = min(np.int64(WALKERS), budget - done)
         # Pass 1: pin -> position of a random board (pin offsets were prefetched in pass 4).
         for w in range(n):
@@ -263,8 +289,12 @@ def walk_query_pin(
                 slot = np.int64(p)
             else:
                 slot = _hash_slot(p, mask)
+                probes = np.int64(0)
                 while table[slot, 0] != p and table[slot, 0] != EMPTY:
                     slot = (slot + 1) & mask
+                    probes += 1
+                    if probes > mask:
+                        raise ValueError("visit table full: sized for fewer pins than walked")
                 table[slot, 0] = p
             if table[slot, 1] != query_index:
                 if table[slot, 1] != EMPTY:
@@ -325,7 +355,9 @@ def top_candidates(dense, table, root_sum, hits, query_pins, k, pin_offsets):
             table[q, 1] = EMPTY
             continue
         slot = _hash_slot(q, mask)
-        while table[slot, 0] != EMPTY:
+        for _ in range(table.shape[0]):  # a full table without q ends here too
+            if table[slot, 0] == EMPTY:
+                break
             if table[slot, 0] == q:
                 table[slot, 1] = EMPTY
                 break
