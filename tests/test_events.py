@@ -160,7 +160,7 @@ def test_cli_refuses_unusable_files(tmp_path: Path, capsys, name: str, content: 
 
 
 def test_cli_missing_file(tmp_path: Path, capsys) -> None:
-    assert main(["events", "import", str(tmp_path / "nope.csv")]) == 2
+    assert main(["events", "import", str(tmp_path / "nope.csv"), "--logs", str(tmp_path)]) == 2
     assert "nope.csv: no such file" in capsys.readouterr().err
 
 

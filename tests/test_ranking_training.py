@@ -136,3 +136,40 @@ def test_bad_inputs_name_the_problem():
         train_model(rows, labels, weights=negative)
     with pytest.raises(DataError, match="validation X has 7 features; training X has 8"):
         train_model(rows, labels, valid=(rows[:, :7], labels, None, None))
+
+
+def test_early_stopping_cuts_the_booster_back_to_its_best_round():
+    rows, labels = _signal(1500, seed=11)
+    noise = np.random.default_rng(12).random(1500) < 0.5  # half the labels are coin flips
+    labels = np.where(noise, np.random.default_rng(13).random(1500) < 0.5, labels)
+    valid = _signal(800, seed=14)
+    params = {"n_estimators": 500, "max_depth": 6, "learning_rate": 0.3,
+              "early_stopping_rounds": 10}
+    model = train_model(rows, labels.astype(np.float32), params=params,
+                        valid=(*valid, None, None))
+    rounds = int(model.metrics["rounds"])
+    assert rounds < 100 and model.booster.num_boosted_rounds() == rounds
+    # The metrics are those of the kept round: the held-out loss at its best.
+    full = train_model(rows, labels.astype(np.float32), valid=(*valid, None, None),
+                       params={**params, "early_stopping_rounds": 0, "n_estimators": rounds})
+    assert model.metrics["valid_logloss"] == pytest.approx(full.metrics["valid_logloss"])
+    np.testing.assert_array_equal(model.booster.inplace_predict(valid[0]),
+                                  full.booster.inplace_predict(valid[0]))
+    # Without a validation set there is nothing to stop on: every round is trained.
+    assert train_model(rows, labels.astype(np.float32), params={
+        **params, "n_estimators": 25}).metrics["rounds"] == 25
+
+
+def test_regularisation_params_reach_xgboost():
+    rows, labels = _signal(1000, seed=15)
+    free = train_model(rows, labels, params=SMALL)
+    # A split must gain more than gamma, and a leaf hold min_child_weight of hessian: set
+    # them past anything the data offers and every tree is a single leaf.
+    for strict in ({"gamma": 1e6}, {"min_child_weight": 1e6}):
+        stump = train_model(rows, labels, params={**SMALL, **strict})
+        assert np.unique(stump.booster.inplace_predict(rows)).size == 1, strict
+    assert np.unique(free.booster.inplace_predict(rows)).size > 100
+    with pytest.raises(ConfigError, match="'early_stopping_rounds' must be an integer >= 0"):
+        train_model(rows, labels, params={"early_stopping_rounds": -1})
+    with pytest.raises(ConfigError, match="'subsample' must be in"):
+        train_model(rows, labels, params={"subsample": 0.0})

@@ -91,7 +91,12 @@ def test_minimal_tenant_gets_documented_defaults(tmp_path):
     assert config.query.max_pins == 20 and config.query.recency_half_life_hours == 72.0
     assert dict(config.query.action_weights) == {"save": 1.0, "click": 0.5, "view": 0.2}
     assert (config.ranker.objective, config.ranker.converter) == ("binary", "onnxmltools")
-    assert (config.ranker.trees, config.ranker.max_depth) == (200, 6)
+    ranker = config.ranker
+    assert (ranker.trees, ranker.max_depth, ranker.learning_rate) == (300, 4, 0.1)
+    assert (ranker.min_child_weight, ranker.subsample, ranker.colsample_bytree) == (5.0, 0.8, 0.8)
+    assert (ranker.reg_lambda, ranker.reg_alpha, ranker.gamma) == (1.0, 0.0, 0.0)
+    assert ranker.early_stopping_rounds == 20
+    assert len(ranker.search_grid()) == 8
     assert config.labels.strategy == "blended_funnel"
     assert config.labels.primary_metric == "recall_actions@50"
     assert (config.logging.sample_rate, config.limits.max_in_flight) == (1.0, 16)
@@ -103,6 +108,23 @@ def test_effective_config_round_trips(tmp_path, name):
     config = load_tenant(TENANTS_DIR / f"{name}.yaml")
     again = load_tenant(write(tmp_path, name, config.to_dict()))
     assert again == config
+
+
+def test_ranker_settings_reach_the_training_params(tmp_path):
+    raw = shipped_raw()
+    raw["ranker"].update(min_child_weight=12, subsample=0.6, colsample_bytree=0.5, reg_lambda=3,
+                         reg_alpha=0.1, gamma=0.2, early_stopping_rounds=None,
+                         search={"learning_rate": [0.05, 0.2], "max_depth": [3, 5, 7]})
+    ranker = load_tenant(write(tmp_path, "homefeed", raw)).ranker
+    assert ranker.training_params() == {
+        "n_estimators": 200, "max_depth": 6, "learning_rate": 0.1, "min_child_weight": 12.0,
+        "subsample": 0.6, "colsample_bytree": 0.5, "reg_lambda": 3.0, "reg_alpha": 0.1,
+        "gamma": 0.2, "early_stopping_rounds": 0}
+    # Every combination, the first setting varying slowest.
+    assert ranker.search_grid() == [
+        {"learning_rate": lr, "max_depth": depth} for lr in (0.05, 0.2) for depth in (3, 5, 7)]
+    raw["ranker"]["search"] = {}
+    assert load_tenant(write(tmp_path, "homefeed", raw)).ranker.search_grid() == [{}]
 
 
 def test_config_is_frozen():
@@ -187,6 +209,30 @@ INVALID = [
     (_set("ranker.learning_rate", float("nan")), "ranker.learning_rate", "got nan"),
     (_set("ranker.max_depth", 40), "ranker.max_depth", "must be in [1, 16], got 40"),
     (_set("ranker.objective", "pairwise"), None, None),  # valid with onnxmltools
+    (_set("ranker.subsample", 0), "ranker.subsample", "must be in (0, 1], got 0"),
+    (_set("ranker.colsample_bytree", 1.5), "ranker.colsample_bytree", "must be in (0, 1]"),
+    (_set("ranker.min_child_weight", -1), "ranker.min_child_weight", "must be >= 0, got -1"),
+    (_set("ranker.reg_lambda", "high"), "ranker.reg_lambda", "must be a number, got 'high'"),
+    (_set("ranker.reg_alpha", -0.5), "ranker.reg_alpha", "must be >= 0"),
+    (_set("ranker.gamma", float("inf")), "ranker.gamma", "got inf"),
+    (_set("ranker.early_stopping_rounds", 2.5), "ranker.early_stopping_rounds",
+     "must be an integer, got 2.5"),
+    (_set("ranker.early_stopping_rounds", None), None, None),  # null: off
+    (_set("ranker.min_child_wieght", 5), "ranker.min_child_wieght",
+     "unknown field (did you mean 'min_child_weight'?)"),
+    (_set("ranker.search", {"max_dept": [3, 4]}), "ranker.search.max_dept",
+     "not a ranker setting (did you mean 'max_depth'?)"),
+    (_set("ranker.search", {"max_depth": [3, 40]}), "ranker.search.max_depth[1]",
+     "must be in [1, 16], got 40"),
+    (_set("ranker.search", {"subsample": []}), "ranker.search.subsample",
+     "must be a non-empty list of values"),
+    (_set("ranker.search", {"subsample": 0.5}), "ranker.search.subsample",
+     "must be a non-empty list of values, got 0.5"),
+    (_set("ranker.search", {"max_depth": [3, 3]}), "ranker.search.max_depth",
+     "repeats a value"),
+    (_set("ranker.search", {"max_depth": [2, 3, 4, 5], "trees": [10, 20, 30, 40],
+                            "gamma": [0, 1, 2, 3, 4]}), "ranker.search",
+     "80 combinations; at most 64"),
     (_set("labels.strategy", "clicks"), "labels.strategy", "must be one of engagement"),
     (_set("labels.strategy", "distillation"), "labels.strategy",
      "strategy distillation needs ranker.objective regression, got binary"),

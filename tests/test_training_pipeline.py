@@ -44,14 +44,16 @@ def make_tenant(objective: str = "binary", strategy: str = "blended_funnel",
 
 
 def write_logs(logs: Path, *, tenant: str = "homefeed", seed: int = 0,
-               noisy_requests: int = 0, n_requests: int = N_REQUESTS) -> None:
+               noisy_requests: int = 0, n_requests: int = N_REQUESTS,
+               user_locale: str | None = "en_US", visits_decide_from: int | None = None) -> None:
     """A logged world where the full ranker's choice depends on the features, not on visits.
 
     Requests come a minute apart. The full ranker impresses the SHOWN candidates of highest
     latent relevance (topic in interests, quality, locale match, a little walk score); users
     click or save some impressed pins; every candidate also gets a `scored` event (the full
     ranker's score, for distillation). The first `noisy_requests` requests get their events on
-    random candidates instead: labels with no relation to the features.
+    random candidates instead: labels with no relation to the features. From request
+    `visits_decide_from` on, the full ranker shows the top walk scores: visit count is perfect.
     """
     rng = np.random.default_rng(seed)
     candidate_log = CandidateLog(logs, flush_seconds=3600)
@@ -75,11 +77,13 @@ def write_logs(logs: Path, *, tenant: str = "homefeed", seed: int = 0,
         pins = np.array([f"p{r}-{i}" for i in range(CANDIDATES)])
         candidate_log.submit(CandidateBatch(
             request_id=request_id, tenant=tenant, ts=ts, user_id=f"u{r % 17}",
-            user_locale="en_US", user_interests=["food"], pin_ids=pins,
+            user_locale=user_locale, user_interests=["food"], pin_ids=pins,
             feature_names=list(FEATURES), features=features, visit_scores=walk_score,
             model_scores=walk_score, ranks=np.arange(CANDIDATES, dtype=np.int32),
             returned=np.ones(CANDIDATES, dtype=bool), model_version=""))
         order = np.argsort(-latent) if r >= noisy_requests else rng.permutation(CANDIDATES)
+        if visits_decide_from is not None and r >= visits_decide_from:
+            order = np.arange(CANDIDATES)
         shown = order[:SHOWN]
         actions = [(i, "save" if latent[i] > 2.5 else "click") for i in shown[:3]]
         for i, event in [(i, "impression") for i in shown] + actions:
@@ -285,6 +289,9 @@ def test_cli_train_and_evaluate(logs, tmp_path, capsys):
     assert main(["train", "--tenant", "homefeed", "--config", config]) == 0
     out = capsys.readouterr().out
     assert "published homefeed v1" in out and "| recall_impressions@10 |" in out
+    assert main(["train", "--tenant", "homefeed", "--config", config, "--search"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "models tried" in out and out.count("passed") >= 8
 
     out_dir = tmp_path / "report"
     assert main(["evaluate", "--tenant", "homefeed", "--config", config, "--k", "10",
@@ -311,6 +318,99 @@ def test_cli_refuses_worse_model_with_exit_code(logs, tmp_path, capsys):
     assert "refusing to publish" in capsys.readouterr().err
     assert main(["train", "--tenant", "homefeed", "--config", config, "--force"]) == 0
     assert ModelRegistry(tmp_path / "models").current("homefeed").version == 2
+
+
+def test_early_stopping_keeps_the_best_round_and_reports_the_fit(logs, tmp_path):
+    tenant = make_tenant()
+    tenant = dataclasses.replace(tenant, ranker=dataclasses.replace(
+        tenant.ranker, trees=400, learning_rate=0.3, early_stopping_rounds=5))
+    messages: list[str] = []
+    report = train_tenant(tenant, logs, tmp_path / "models", publish=False,
+                          progress=messages.append)
+    rounds = int(report.metrics["rounds"])
+    assert 1 <= rounds < 400  # the held-out loss stopped improving long before 400 rounds
+    assert report.trials[0].rounds == rounds and report.trials[0].chosen
+    line = next(m for m in messages if "] train:" in m)
+    assert f"{rounds} of 400 rounds" in line and "held out" in line and "auc" in line
+    off = dataclasses.replace(tenant, ranker=dataclasses.replace(
+        tenant.ranker, trees=40, early_stopping_rounds=0))
+    assert train_tenant(off, logs, tmp_path / "m2", publish=False,
+                        progress=quiet).metrics["rounds"] == 40
+
+
+def test_search_tries_the_grid_and_keeps_the_best_that_passes_the_gate(logs, tmp_path):
+    tenant = make_tenant()
+    grid = {"max_depth": (2, 4), "min_child_weight": (1.0, 50.0)}
+    tenant = dataclasses.replace(tenant, ranker=dataclasses.replace(tenant.ranker, search=grid))
+    messages: list[str] = []
+    report = train_tenant(tenant, logs, tmp_path / "models", search=True,
+                          progress=messages.append)
+    assert [t.settings for t in report.trials] == [
+        {"max_depth": d, "min_child_weight": w} for d in (2, 4) for w in (1.0, 50.0)]
+    assert all(t.gate == "passed" for t in report.trials)
+    chosen = [t for t in report.trials if t.chosen]
+    assert len(chosen) == 1
+    assert chosen[0].primary == max(t.primary for t in report.trials)
+    primary = "recall_impressions@10"
+    assert report.comparison.candidate_metrics[primary] == pytest.approx(chosen[0].primary)
+    table = next(m for m in messages if "models tried" in m)
+    assert "| model | max_depth | min_child_weight | rounds |" in table
+    assert table.count("passed") == 4 and "(kept)" in table
+    loaded = ModelRegistry(tmp_path / "models").load("homefeed")
+    assert len(loaded.metadata["search"]) == 4
+    assert loaded.metadata["training_params"]["max_depth"] == chosen[0].settings["max_depth"]
+
+
+def test_search_never_publishes_a_model_that_loses_to_visit_count(tmp_path):
+    """Training requests carry noise; on the held-out ones the client shows the top walk
+    scores, so visit count is perfect there and no searched model may be published."""
+    logs = tmp_path / "logs"
+    write_logs(logs, seed=3, noisy_requests=96, visits_decide_from=96)
+    tenant = make_tenant()
+    report = train_tenant(tenant, logs, tmp_path / "models", search=True, progress=quiet)
+    assert len(report.trials) == 8 and report.version is None
+    assert "worse than visit count" in report.refused
+    assert not (tmp_path / "models" / "homefeed").exists()
+
+
+def test_a_model_that_loses_to_visit_count_is_refused_even_when_it_beats_the_serving_one(
+        logs, tmp_path):
+    models = tmp_path / "models"
+    tenant = make_tenant()
+    # v1 is forced in from noise: worse than visit count on the held-out requests.
+    noisy = tmp_path / "noisy"
+    write_logs(noisy, seed=4, noisy_requests=N_REQUESTS, visits_decide_from=96)
+    assert train_tenant(tenant, noisy, models, force=True, progress=quiet).version == 1
+    again = train_tenant(dataclasses.replace(tenant, ranker=dataclasses.replace(
+        tenant.ranker, max_depth=2)), noisy, models, progress=quiet)
+    assert again.comparison.baseline == "v1" and again.visit_count is not None
+    assert again.visit_count.baseline == "visit count"
+    assert again.version is None and "worse than" in again.refused
+
+
+def test_report_says_when_the_data_has_no_locales(tmp_path):
+    logs = tmp_path / "logs"
+    write_logs(logs, user_locale=None)
+    messages: list[str] = []
+    report = train_tenant(make_tenant(), logs, tmp_path / "models", publish=False,
+                          progress=messages.append)
+    assert "local_share@10" not in report.comparison.candidate_metrics
+    table = next(m for m in messages if "held-out requests:" in m)
+    assert "local_share@10: no locales in data" in table and "| local_share" not in table
+
+
+def test_cli_refuses_to_use_the_demo_world_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ./walkrank.yaml here
+    assert main(["train", "--tenant", "homefeed"]) == 2
+    err = capsys.readouterr().err
+    assert "no --config and no ./walkrank.yaml" in err and "--demo" in err
+    assert main(["evaluate", "--tenant", "homefeed"]) == 2
+    assert "--demo" in capsys.readouterr().err
+    events = tmp_path / "events.csv"
+    events.write_text("request_id,pin_id,event\nr1,1,save\n")
+    assert main(["events", "import", str(events)]) == 2
+    assert "--demo" in capsys.readouterr().err
+    assert not (tmp_path / "var").exists()  # nothing was built or written
 
 
 @pytest.mark.slow

@@ -54,6 +54,33 @@ MAX_IN_FLIGHT = 100_000
 MAX_DEADLINE_MS = 600_000
 MAX_TREES = 10_000
 MAX_DEPTH = 16
+MAX_SEARCH_TRIALS = 64
+
+# The ranker's numeric settings (YAML names), their defaults and bounds. The defaults are
+# for small logs: shallow trees that need a few examples per leaf, row and column sampling,
+# and early stopping on the held-out window, so `trees` is a ceiling, not a target.
+_RANKER_DEFAULTS: dict[str, int | float] = {
+    "trees": 300, "max_depth": 4, "learning_rate": 0.1, "min_child_weight": 5.0,
+    "subsample": 0.8, "colsample_bytree": 0.8, "reg_lambda": 1.0, "reg_alpha": 0.0,
+    "gamma": 0.0, "early_stopping_rounds": 20,
+}
+RANKER_PARAMS = tuple(_RANKER_DEFAULTS)
+# name -> (low, high, low bound excluded); integers first.
+_RANKER_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "trees": (1, MAX_TREES, False), "max_depth": (1, MAX_DEPTH, False),
+    "early_stopping_rounds": (0, MAX_TREES, False),
+    "learning_rate": (0.0, 1.0, True), "subsample": (0.0, 1.0, True),
+    "colsample_bytree": (0.0, 1.0, True), "min_child_weight": (0.0, None, False),
+    "reg_lambda": (0.0, None, False), "reg_alpha": (0.0, None, False),
+    "gamma": (0.0, None, False),
+}
+_INTEGER_RANKER_PARAMS = ("trees", "max_depth", "early_stopping_rounds")
+# What `walkrank train --search` tries when a tenant names no grid: 8 models.
+DEFAULT_SEARCH: dict[str, tuple[float, ...]] = {
+    "max_depth": (3, 6), "min_child_weight": (1.0, 20.0), "learning_rate": (0.05, 0.2),
+}
+# Tenant names that `walkrank.ranking.training` spells otherwise.
+_TRAINING_NAMES = {"trees": "n_estimators"}
 
 
 @dataclass(frozen=True)
@@ -100,11 +127,35 @@ class CandidatesConfig:
 
 @dataclass(frozen=True)
 class RankerConfig:
+    """The tenant's GBDT: objective, converter, size and regularisation (XGBoost's names),
+    early stopping on the held-out window, and the grid `walkrank train --search` tries."""
+
     objective: Literal["binary", "pairwise", "regression"]
     converter: Literal["onnxmltools", "hummingbird"]
-    trees: int
+    trees: int  # an upper bound when early stopping is on
     max_depth: int
     learning_rate: float
+    min_child_weight: float
+    subsample: float
+    colsample_bytree: float
+    reg_lambda: float
+    reg_alpha: float
+    gamma: float
+    early_stopping_rounds: int  # 0: off
+    # Setting -> values tried by `train --search` (every combination, in this order).
+    search: Mapping[str, tuple[float, ...]]
+
+    def training_params(self) -> dict[str, Any]:
+        """`walkrank.ranking.training.train_model` params (its names) of these settings."""
+        return {_TRAINING_NAMES.get(name, name): getattr(self, name)
+                for name in RANKER_PARAMS}
+
+    def search_grid(self) -> list[dict[str, Any]]:
+        """Every combination of the `search` values, first field varying slowest."""
+        grid: list[dict[str, Any]] = [{}]
+        for name, values in self.search.items():
+            grid = [{**point, name: value} for point in grid for value in values]
+        return grid
 
 
 @dataclass(frozen=True)
@@ -204,9 +255,8 @@ class TenantConfig:
             "ranker": {
                 "objective": self.ranker.objective,
                 "converter": self.ranker.converter,
-                "trees": self.ranker.trees,
-                "max_depth": self.ranker.max_depth,
-                "learning_rate": self.ranker.learning_rate,
+                **{name: getattr(self.ranker, name) for name in RANKER_PARAMS},
+                "search": {name: list(values) for name, values in self.ranker.search.items()},
             },
             "labels": {
                 "strategy": self.labels.strategy,
@@ -539,12 +589,13 @@ def _features(top: _Fields) -> tuple[str, ...]:
 
 
 def _ranker(section: _Fields) -> RankerConfig:
+    values = {name: _ranker_value(section, name, default)
+              for name, default in _RANKER_DEFAULTS.items()}
     ranker = RankerConfig(
         objective=section.choice("objective", OBJECTIVES, "binary"),
         converter=section.choice("converter", CONVERTERS, "onnxmltools"),
-        trees=section.integer("trees", 200, low=1, high=MAX_TREES),
-        max_depth=section.integer("max_depth", 6, low=1, high=MAX_DEPTH),
-        learning_rate=section.number("learning_rate", 0.1, low=0.0, high=1.0, low_open=True),
+        search=_search(section),
+        **values,
     )
     if ranker.converter == "hummingbird" and ranker.objective != "binary":
         # hummingbird-ml 0.4.12 crashes on xgboost 3 rankers and regressors (base_score).
@@ -552,6 +603,48 @@ def _ranker(section: _Fields) -> RankerConfig:
                                   f"onnxmltools for objective {ranker.objective}")
     section.done()
     return ranker
+
+
+def _ranker_value(section: _Fields, name: str, default: Any, key: str | None = None) -> Any:
+    """The ranker setting `name`, read from `key` (default: its own name) within its bounds."""
+    key = key or name
+    low, high, low_open = _RANKER_BOUNDS[name]
+    if name == "early_stopping_rounds" and section.get(key, default) is None:
+        return 0  # null: off
+    if name in _INTEGER_RANKER_PARAMS:
+        return section.integer(key, default, low=int(low), high=int(high))
+    return section.number(key, default, low=low, high=high, low_open=low_open)
+
+
+def _search(section: _Fields) -> Mapping[str, tuple[float, ...]]:
+    """`ranker.search`: setting -> the list of values `train --search` tries."""
+    raw = section.get("search", None)
+    if raw is None:
+        return MappingProxyType(dict(DEFAULT_SEARCH))
+    grid = _Fields(section.file, section.path("search"), raw)
+    out: dict[str, tuple[float, ...]] = {}
+    trials = 1
+    for name in list(grid.raw):
+        if name not in _RANKER_DEFAULTS:
+            close = difflib.get_close_matches(str(name), list(_RANKER_DEFAULTS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            grid.fail(str(name), f"not a ranker setting{hint}; searchable: "
+                                 f"{', '.join(_RANKER_DEFAULTS)}")
+        values = grid.get(name)
+        if not isinstance(values, list) or not values:
+            grid.fail(name, f"must be a non-empty list of values, got {_show(values)}")
+        items = _Fields(section.file, grid.prefix,
+                        {f"{name}[{i}]": value for i, value in enumerate(values)})
+        checked = [_ranker_value(items, name, _MISSING, key) for key in items.raw]
+        if len(set(checked)) != len(checked):
+            grid.fail(name, f"repeats a value: {checked}")
+        out[name] = tuple(checked)
+        trials *= len(checked)
+    if trials > MAX_SEARCH_TRIALS:
+        section.fail("search", f"{trials} combinations; at most {MAX_SEARCH_TRIALS} (each one "
+                               "trains a model)")
+    grid.done()
+    return MappingProxyType(out)
 
 
 def _labels(section: _Fields, ranker: RankerConfig, candidates: CandidatesConfig) -> LabelsConfig:

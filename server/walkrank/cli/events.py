@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from walkrank.cli._config import DEFAULT_CONFIG, add_config_argument
+from walkrank.cli._config import (
+    add_config_argument,
+    add_demo_argument,
+    config_path,
+    require_config_or_demo,
+)
 from walkrank.events import EVENT_TYPES, import_events
 from walkrank.serving.config import load_server_config
 
@@ -24,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="log root; events go under LOGS/events/ (default: the server "
                           "config's logs_dir, as `walkrank serve` would log)")
     add_config_argument(importer)
+    add_demo_argument(importer)
     importer.set_defaults(func=_import)
 
 
@@ -31,7 +37,8 @@ def _logs_dir(args: argparse.Namespace) -> Path:
     # The same rule as the other commands, without building the demo graph just to find logs.
     if args.logs is not None:
         return args.logs
-    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    require_config_or_demo(args, "events import")
+    path = config_path(args)
     if path is not None:
         return load_server_config(path).logs_dir
     from walkrank.demo.world import DEMO_HOME

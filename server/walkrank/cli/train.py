@@ -7,7 +7,12 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from walkrank.cli._config import add_config_argument, server_config
+from walkrank.cli._config import (
+    add_config_argument,
+    add_demo_argument,
+    require_config_or_demo,
+    server_config,
+)
 from walkrank.errors import ConfigError
 from walkrank.tenants import TenantConfig, load_tenant
 
@@ -17,17 +22,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train, check and publish a tenant's ranker from its logs",
         description="Joins the tenant's logged candidates with the events over the window, "
                     "builds labels by the tenant's strategy, trains on all but the last 20%% "
-                    "of requests, converts to ONNX through the validation gate, compares the "
-                    "new model with the serving one (or visit count) on the held-out requests "
-                    "and publishes a new version unless it is worse on the tenant's primary "
-                    "metric. The server serves it after Admin.Reload.")
+                    "of requests (early stopping on those held out), converts to ONNX through "
+                    "the validation gate, compares the new model with the serving one and "
+                    "with visit count on the held-out requests and publishes a new version "
+                    "unless it is worse than either on the tenant's primary metric. The "
+                    "server serves it after Admin.Reload.")
     train.add_argument("--tenant", required=True)
     _add_window_arguments(train)
     train.add_argument("--dask-scheduler", metavar="ADDRESS",
                        help="train on a Dask cluster (xgboost.dask) instead of in-process")
     train.add_argument("--force", action="store_true",
                        help="publish even when the new model is worse than the serving one")
+    train.add_argument("--search", action="store_true",
+                       help="train one model per point of the tenant's ranker.search grid "
+                            "and keep the best that passes the gate (docs/training.md)")
     add_config_argument(train)
+    add_demo_argument(train)
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser(
@@ -44,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="report directory (default: <logs>/evaluations/<tenant>/v<N>)")
     evaluate.add_argument("--k", type=int, default=50, help="cut-off for the @K metrics")
     add_config_argument(evaluate)
+    add_demo_argument(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
 
@@ -80,6 +91,7 @@ def window_from_args(args: argparse.Namespace, *, now: datetime | None = None
 
 
 def _tenant(args: argparse.Namespace) -> tuple[TenantConfig, Path, Path]:
+    require_config_or_demo(args, f"walkrank {args.command}")
     config = server_config(args)
     path = config.tenants_dir / f"{args.tenant}.yaml"
     if not path.exists():
@@ -92,7 +104,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     tenant, logs_dir, models_dir = _tenant(args)
     report = train_tenant(tenant, logs_dir, models_dir, window=window_from_args(args),
-                          force=args.force, dask_scheduler=args.dask_scheduler)
+                          force=args.force, dask_scheduler=args.dask_scheduler,
+                          search=args.search)
     if report.version is None:
         print(f"walkrank: refusing to publish for {tenant.name!r}: {report.refused}; "
               "rerun with --force to publish anyway", file=sys.stderr)

@@ -8,6 +8,11 @@ Objectives (the article's label strategies map onto the first two; distillation 
 - "regression": reg:squarederror, for distilling the full ranker's score.
 Rows must be NaN-free: served features never are, and hummingbird ignores the learned
 missing-value directions, so missing values are imputed before training.
+
+Early stopping (`early_stopping_rounds` > 0 with a validation set): boosting stops once the
+validation metric has not improved for that many rounds, and the booster is cut back to its
+best round, so `n_estimators` is an upper bound. The metric is the objective's own loss on the
+validation rows: logloss (binary), ndcg@k (pairwise), rmse (regression).
 """
 
 from __future__ import annotations
@@ -39,7 +44,10 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "max_bin": 256,
     "nthread": 1,
     "ndcg_at": 10,
+    "early_stopping_rounds": 0,
 }
+# Ours, not xgboost's: how training runs rather than what a tree is.
+_RUN_PARAMS = ("n_estimators", "ndcg_at", "early_stopping_rounds")
 _ALIASES = {"trees": "n_estimators", "eta": "learning_rate", "lambda": "reg_lambda",
             "alpha": "reg_alpha"}
 _XGBOOST_NAMES = {"learning_rate": "eta", "reg_lambda": "lambda", "reg_alpha": "alpha"}
@@ -61,10 +69,13 @@ def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
             known = sorted(DEFAULT_PARAMS) + sorted(_ALIASES)
             raise ConfigError(f"unknown training param {key!r}; known: {known}")
         resolved[name] = value
-    for name in ("n_estimators", "max_depth", "max_bin", "nthread", "ndcg_at"):
+    for name in ("n_estimators", "max_depth", "max_bin", "nthread", "ndcg_at",
+                 "early_stopping_rounds"):
         value = resolved[name]
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ConfigError(f"training param {name!r} must be a positive integer, got {value!r}")
+        low = 0 if name == "early_stopping_rounds" else 1
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            kind = "an integer >= 0" if low == 0 else "a positive integer"
+            raise ConfigError(f"training param {name!r} must be {kind}, got {value!r}")
     for name in ("learning_rate", "subsample", "colsample_bytree"):
         value = resolved[name]
         if not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
@@ -167,6 +178,29 @@ def _dmatrix(split: _Split, nthread: int) -> Any:
     return matrix
 
 
+def xgboost_params(resolved: dict[str, Any], objective: str, seed: int,
+                   labels: np.ndarray | None = None) -> dict[str, Any]:
+    """The xgboost parameter dict for resolved params (shared with the Dask path). The last
+    eval metric is the one early stopping watches. `labels` (pairwise) decide the NDCG gain."""
+    params: dict[str, Any] = {
+        "objective": OBJECTIVES[objective],
+        "tree_method": "hist",
+        "seed": seed,
+        **{_XGBOOST_NAMES.get(k, k): v for k, v in resolved.items() if k not in _RUN_PARAMS},
+    }
+    if objective == "binary":
+        params["base_score"] = 0.5
+        params["eval_metric"] = ["auc", "logloss"]
+    elif objective == "pairwise":
+        params["eval_metric"] = [f"ndcg@{resolved['ndcg_at']}"]
+        # Exponential gain (2^label - 1) needs small integer grades; graded weights do not.
+        if labels is None or (labels != np.round(labels)).any() or labels.max() > 31:
+            params["ndcg_exp_gain"] = False
+    else:
+        params["eval_metric"] = ["rmse"]
+    return params
+
+
 def train_model(
     X: np.ndarray,
     y: np.ndarray,
@@ -179,7 +213,9 @@ def train_model(
     seed: int = 0,
 ) -> TrainedModel:
     """Trains one booster; deterministic for a seed. Metrics are named `<split>_<metric>`:
-    binary logloss and auc, pairwise ndcg@k, regression rmse, on "train" and "valid"."""
+    binary logloss and auc, pairwise ndcg@k, regression rmse, on "train" and "valid", at the
+    kept round; `rounds` is how many rounds the booster keeps (fewer than `n_estimators`
+    when early stopping cut it)."""
     import xgboost
 
     if objective not in OBJECTIVES:
@@ -193,47 +229,32 @@ def train_model(
         vx, vy, vw, vg = valid
         split = _prepare("validation", objective, vx, vy, vw, vg, train.rows.shape[1])
         evals.append((_dmatrix(split, resolved["nthread"]), "valid"))
-
-    xgb_params: dict[str, Any] = {
-        "objective": OBJECTIVES[objective],
-        "tree_method": "hist",
-        "seed": seed,
-        **{
-            _XGBOOST_NAMES.get(k, k): v
-            for k, v in resolved.items()
-            if k not in ("n_estimators", "ndcg_at")
-        },
-    }
-    if objective == "binary":
-        xgb_params["base_score"] = 0.5
-        xgb_params["eval_metric"] = ["logloss", "auc"]
-    elif objective == "pairwise":
-        metric = f"ndcg@{resolved['ndcg_at']}"
-        xgb_params["eval_metric"] = [metric]
-        labels = train.labels
-        # Exponential gain (2^label - 1) needs small integer grades; graded weights do not.
-        if (labels != np.round(labels)).any() or labels.max() > 31:
-            xgb_params["ndcg_exp_gain"] = False
-    else:
-        xgb_params["eval_metric"] = ["rmse"]
+    stop_after = resolved["early_stopping_rounds"] if valid is not None else 0
 
     history: dict[str, dict[str, list[float]]] = {}
     try:
         booster = xgboost.train(
-            xgb_params,
+            xgboost_params(resolved, objective, seed, train.labels),
             evals[0][0],
             num_boost_round=resolved["n_estimators"],
             evals=evals,
             evals_result=history,
             verbose_eval=False,
+            early_stopping_rounds=stop_after or None,
         )
     except xgboost.core.XGBoostError as exc:
         raise DataError(f"xgboost refused the training data: {exc}") from exc
+    rounds = booster.num_boosted_rounds()
+    if stop_after:
+        # Keep the best round only: the exported model must be the one that was validated.
+        rounds = booster.best_iteration + 1
+        booster = booster[:rounds]
     metrics: dict[str, float] = {
-        f"{split}_{name}": float(values[-1])
+        f"{split}_{name}": float(values[rounds - 1])
         for split, by_metric in history.items()
         for name, values in by_metric.items()
     }
+    metrics["rounds"] = float(rounds)
     metrics["n_train_rows"] = float(train.rows.shape[0])
     if valid is not None:
         metrics["n_valid_rows"] = float(evals[1][0].num_row())

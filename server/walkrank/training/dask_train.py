@@ -126,7 +126,7 @@ def train_on_dask(tenant: TenantConfig, logs_dir: Path, scheduler: str, *, windo
     import xgboost.dask as dxgb
     from distributed import Client
 
-    from walkrank.ranking.training import OBJECTIVES, TrainedModel, resolve_params
+    from walkrank.ranking.training import TrainedModel, resolve_params, xgboost_params
 
     lo, hi = window
     features = [f"f_{n}" for n in tenant.features]
@@ -186,18 +186,11 @@ def train_on_dask(tenant: TenantConfig, logs_dir: Path, scheduler: str, *, windo
                             "events reported for this window?")
 
         resolved = resolve_params(training_params(tenant))
-        params = {"objective": OBJECTIVES[objective], "tree_method": "hist", "seed": seed,
-                  "eta": resolved["learning_rate"], "max_depth": resolved["max_depth"],
-                  "min_child_weight": resolved["min_child_weight"],
-                  "lambda": resolved["reg_lambda"], "max_bin": resolved["max_bin"]}
-        # As ranking.training does in process: the converters' intercept for binary, and a
-        # linear NDCG gain because pairwise labels are graded by label weight (not 0..31).
-        if objective == "binary":
-            params.update(base_score=0.5, eval_metric=["logloss", "auc"])
-        elif objective == "pairwise":
-            params.update(eval_metric=[f"ndcg@{resolved['ndcg_at']}"], ndcg_exp_gain=False)
-        else:
-            params["eval_metric"] = ["rmse"]
+        # As in process (the tenant's regularisation, the converters' intercept, a linear
+        # NDCG gain for graded labels); the workers pick their own thread counts. No early
+        # stopping: the held-out requests are only gathered on the client.
+        params = xgboost_params(resolved, objective, seed)
+        params.pop("nthread")
         pairwise = objective == "pairwise"
         matrix = dxgb.DaskDMatrix(client, train[features], train["y"],
                                   weight=None if pairwise else train["weight"],

@@ -12,7 +12,8 @@ because a ranker only ever orders candidates within one request:
 - `ndcg@K`: NDCG with the tenant's label weights as gains (a pin's gain is the largest weight
   of its events; hides and unlabelled pins gain 0);
 - `auc`: impressed against not impressed, per request (ties count half);
-- `local_share@K`: share of the top K whose locale matches the user's (`f_locale_match`).
+- `local_share@K`: share of the top K whose locale matches the user's (`f_locale_match`); not
+  reported, with a note saying so, when no request or no candidate pin has a locale.
 
 `train` uses the same functions for its before/after comparison, so the numbers it prints
 are the numbers `walkrank evaluate` writes.
@@ -45,7 +46,8 @@ class Targets:
     """What happened to each logged candidate, aligned with the rows being evaluated.
 
     `request` numbers the requests 0..n-1 (any row order); `local` is None when the log has no
-    locale-match feature, and `local_share` is then not reported.
+    locale-match feature or the data no locales, and `local_share` is then not reported
+    (`local_note` says why, for the report).
     """
 
     request: np.ndarray  # int64
@@ -53,6 +55,7 @@ class Targets:
     actioned: np.ndarray  # bool
     gain: np.ndarray  # float64, >= 0
     local: np.ndarray | None  # bool
+    local_note: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.request)
@@ -83,10 +86,26 @@ def targets_from_joined(joined: pa.Table, weights: Mapping[str, float]) -> Targe
     if "n_hide" in joined.column_names:
         gain = np.where(np.asarray(pc.fill_null(joined.column("n_hide"), 0).to_numpy()) > 0,
                         0.0, gain)
-    local = None
+    local, note = None, None
     if LOCALE_MATCH_COLUMN in joined.column_names:
-        local = locale_matches(joined)
-    return Targets(request.astype(np.int64), impressed, actioned, gain.astype(np.float64), local)
+        if _has_locales(joined):
+            local = locale_matches(joined)
+        else:
+            note = "no locales in data (no request or no candidate pin has a locale)"
+    return Targets(request.astype(np.int64), impressed, actioned, gain.astype(np.float64), local,
+                   note)
+
+
+def _has_locales(joined: pa.Table) -> bool:
+    """Some request names a locale and some candidate pin has one: otherwise every locale
+    match is 0 by construction and a local share would measure nothing."""
+    if "user_locale" in joined.column_names:
+        named = pc.fill_null(pc.not_equal(joined["user_locale"].cast(pa.string()), ""), False)
+        if not pc.any(named).as_py():
+            return False
+    if "f_pin_locale_missing" in joined.column_names:
+        return bool(pc.min(joined["f_pin_locale_missing"]).as_py() < 0.5)
+    return True
 
 
 def _bool_column(table: pa.Table, name: str) -> np.ndarray:
@@ -194,6 +213,7 @@ class Comparison:
     baseline_metrics: dict[str, float]
     candidate_metrics: dict[str, float]
     window: dict[str, str | None] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # metrics left out and why
 
     def lift(self) -> dict[str, float]:
         """Relative change per metric (candidate / baseline - 1); NaN where undefined."""
@@ -215,6 +235,7 @@ class Comparison:
         return {
             "baseline": self.baseline, "candidate": self.candidate, "k": self.k,
             "requests": self.requests, "candidates": self.candidates, "window": self.window,
+            "notes": list(self.notes),
             "metrics": {name: {"baseline": _json_number(self.baseline_metrics[name]),
                                "candidate": _json_number(self.candidate_metrics.get(name)),
                                "lift": _json_number(lift)}
@@ -222,14 +243,15 @@ class Comparison:
         }
 
     def table(self) -> str:
-        """A Markdown table: metric, baseline, candidate, lift."""
+        """A Markdown table: metric, baseline, candidate, lift; then the notes."""
         lines = [f"| metric | {self.baseline} | {self.candidate} | lift |",
                  "| --- | ---: | ---: | ---: |"]
         for name, lift in self.lift().items():
             lines.append(f"| {name} | {_fmt(self.baseline_metrics[name])} | "
                          f"{_fmt(self.candidate_metrics.get(name, math.nan))} | "
                          f"{_fmt_lift(lift)} |")
-        return "\n".join(lines)
+        # A blank line ends the table, so the notes are not read as rows.
+        return "\n".join(lines + ([""] + list(self.notes) if self.notes else []))
 
 
 def _value(metrics: Mapping[str, float], metric: str) -> float:
@@ -260,6 +282,7 @@ def compare(targets: Targets, candidate_scores: np.ndarray, baseline_scores: np.
         baseline_metrics=ranking_metrics(targets, baseline_scores, k),
         candidate_metrics=ranking_metrics(targets, candidate_scores, k),
         window=dict(window or {}),
+        notes=() if targets.local_note is None else (f"local_share@{k}: {targets.local_note}",),
     )
 
 

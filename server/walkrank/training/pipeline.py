@@ -8,16 +8,21 @@ Steps, each timed and reported through `progress`:
 3. split by time: the last `validation_fraction` of the requests (by request time) is held out,
    whole requests on one side, so validation looks like next week's traffic, not a shuffle;
 4. train: labels by the tenant's strategy on the training requests, `train_model` on the
-   tenant's features in the tenant's order (the served matrix, read from the `f_<name>` columns);
-5. gate: export to ONNX and check it scores like XGBoost (`walkrank.ranking.export`);
+   tenant's features in the tenant's order (the served matrix, read from the `f_<name>` columns),
+   with the tenant's regularisation and early stopping on the held-out requests; with `search`,
+   one model per point of the tenant's `ranker.search` grid;
+5. gate: export to ONNX and check it scores like XGBoost (`walkrank.ranking.export`); with
+   `search`, every model goes through the gate and the best on the tenant's primary metric
+   over the held-out requests is kept;
 6. compare: the exported model against what it replaces (the serving version, else visit
-   count) on the held-out requests (`walkrank.training.evaluate`); a model worse on the tenant's
-   primary metric is refused unless forced;
+   count) and against visit count, on the held-out requests (`walkrank.training.evaluate`); a
+   model worse than either on the tenant's primary metric is refused unless forced;
 7. publish: a new version in the registry; the server serves it after Admin.Reload.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,13 +36,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from walkrank.candidate_log import TimeLike, read_candidates, to_epoch_seconds
-from walkrank.errors import DataError
+from walkrank.errors import ConfigError, DataError, ModelError
 from walkrank.events import read_events
 from walkrank.models import ModelRegistry
 from walkrank.tenants import TenantConfig
 from walkrank.training.evaluate import (
     Comparison,
+    Targets,
     compare,
+    ranking_metrics,
     targets_from_joined,
     write_reports,
 )
@@ -54,8 +61,26 @@ VISIT_COUNT = "visit count"
 
 
 @dataclass(frozen=True)
+class Trial:
+    """One model a training run fitted: the settings it tried (ranker YAML names; empty = the
+    tenant's own), the boosting rounds early stopping kept, XGBoost's train/valid metrics,
+    the gate's verdict and the tenant's primary metric on the held-out requests."""
+
+    settings: dict[str, Any]
+    rounds: int
+    metrics: dict[str, float]
+    gate: str  # "passed", or why the gate refused the model
+    primary: float | None  # None when the gate refused it
+    chosen: bool = False
+
+
+@dataclass(frozen=True)
 class TrainReport:
-    """What one training run did; `version` is None when nothing was published."""
+    """What one training run did; `version` is None when nothing was published.
+
+    `comparison` is the new model against what serves (the current version, else visit
+    count); `visit_count` the same against visit count when a model serves (else None).
+    `trials` lists every model fitted (one without `--search`)."""
 
     tenant: str
     strategy: str
@@ -70,6 +95,8 @@ class TrainReport:
     rows: dict[str, int]
     window: dict[str, str | None]
     seconds: dict[str, float] = field(default_factory=dict)
+    trials: tuple[Trial, ...] = ()
+    visit_count: Comparison | None = None
 
     @property
     def published(self) -> bool:
@@ -246,10 +273,11 @@ def model_targets(label_set: LabelSet, objective: str) -> tuple[np.ndarray, np.n
     return label_set.y, label_set.sample_weight
 
 
-def training_params(tenant: TenantConfig) -> dict[str, Any]:
-    ranker = tenant.ranker
-    return {"n_estimators": ranker.trees, "max_depth": ranker.max_depth,
-            "learning_rate": ranker.learning_rate}
+def training_params(tenant: TenantConfig, settings: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """`train_model` params of the tenant's ranker, with `settings` (ranker YAML names, as in
+    a search grid point) overriding the tenant's values."""
+    return dataclasses.replace(tenant.ranker, **(settings or {})).training_params()
 
 
 # --- scoring and comparison --------------------------------------------------------------------
@@ -258,10 +286,14 @@ def training_params(tenant: TenantConfig) -> dict[str, Any]:
 def score_with_model(onnx_bytes: bytes, feature_names: Sequence[str], table: pa.Table,
                      *, what: str) -> np.ndarray:
     """Scores as served: the ONNX model through `Scorer`, on the logged feature columns."""
+    return score_matrix(onnx_bytes, feature_matrix(table, feature_names, what=what))
+
+
+def score_matrix(onnx_bytes: bytes, matrix: np.ndarray) -> np.ndarray:
+    """Scores as served: the ONNX model through `Scorer` on a feature matrix."""
     from walkrank.ranking.scorer import Scorer
 
-    matrix = feature_matrix(table, feature_names, what=what)
-    return Scorer.from_onnx(onnx_bytes, len(feature_names)).score(matrix)
+    return Scorer.from_onnx(onnx_bytes, matrix.shape[1]).score(matrix)
 
 
 def serving_baseline(registry: ModelRegistry, tenant: str, valid: pa.Table
@@ -293,35 +325,44 @@ def train_tenant(
     strategy_override: str | None = None,
     publish: bool = True,
     dask_scheduler: str | None = None,
+    search: bool = False,
     progress: Progress = print,
     validation_fraction: float = VALIDATION_FRACTION,
     seed: int = 0,
 ) -> TrainReport:
-    """Train, check and (unless worse than what serves, or `publish=False`) publish one
-    tenant's ranker from its logged candidates and events in `window`."""
+    """Train, check and (unless worse than what serves or than visit count, or
+    `publish=False`) publish one tenant's ranker from its logged candidates and events in
+    `window`. `search` fits one model per point of the tenant's `ranker.search` grid and keeps
+    the best on the primary metric among those that pass the gate."""
     tenant = tenant_config
     strategy = strategy_override or tenant.labels.strategy
     objective = objective_for(tenant, strategy)
     steps = StepTimer(tenant.name, progress)
     lo, hi = window_bounds(window)
     if dask_scheduler is not None:
+        if search:
+            raise ConfigError("--search trains in process; drop --dask-scheduler to search")
         from walkrank.training.dask_train import train_on_dask
 
         trained, valid, stats, rows = train_on_dask(
             tenant, Path(logs_dir), dask_scheduler, window=(lo, hi), strategy=strategy,
             objective=objective, validation_fraction=validation_fraction, seed=seed,
             steps=steps)
+        fitted = [({}, trained)]
     else:
-        trained, valid, stats, rows = _train_local(
+        fitted, valid, stats, rows = _train_local(
             tenant, Path(logs_dir), window=(lo, hi), strategy=strategy, objective=objective,
-            validation_fraction=validation_fraction, seed=seed, steps=steps)
-    return finish_training(tenant, trained, valid, models_dir=Path(models_dir), steps=steps,
+            validation_fraction=validation_fraction, seed=seed, steps=steps,
+            grid=tenant.ranker.search_grid() if search else [{}])
+    return finish_training(tenant, fitted, valid, models_dir=Path(models_dir), steps=steps,
                            strategy=strategy, objective=objective, label_stats=stats, rows=rows,
                            window=describe_window(lo, hi), force=force, publish=publish)
 
 
 def _train_local(tenant: TenantConfig, logs_dir: Path, *, window: Window, strategy: str,
-                 objective: str, validation_fraction: float, seed: int, steps: StepTimer):
+                 objective: str, validation_fraction: float, seed: int, steps: StepTimer,
+                 grid: Sequence[Mapping[str, Any]]):
+    """One model per grid point (a point overrides ranker settings; `{}` = the tenant's)."""
     from walkrank.ranking.training import train_model
 
     joined = load_joined(tenant, logs_dir, window, steps)
@@ -346,47 +387,72 @@ def _train_local(tenant: TenantConfig, logs_dir: Path, *, window: Window, strate
         valid_set = (x_valid[valid_labels.indices], *model_targets(valid_labels, objective),
                      valid_groups if pairwise else None)
     y, weights = model_targets(train_labels, objective)
-    trained = train_model(
-        x_train[train_labels.indices], y, objective=objective, weights=weights,
-        groups=train_groups if pairwise else None, params=training_params(tenant),
-        valid=valid_set, seed=seed)
+    fitted = []
+    for settings in grid:
+        trained = train_model(
+            x_train[train_labels.indices], y, objective=objective, weights=weights,
+            groups=train_groups if pairwise else None,
+            params=training_params(tenant, settings), valid=valid_set, seed=seed)
+        fitted.append((dict(settings), trained))
+    what = (f"{len(grid)} models (ranker.search)" if len(grid) > 1
+            else f"{_fit_summary(fitted[0][1])}")
     steps.done("train", f"{objective} on {len(train_labels):,} labelled rows "
                         f"({stats['positives']:,} positive, {strategy}), "
                         f"{rows['train_requests']:,} requests; held out "
-                        f"{rows['valid_requests']:,} requests")
-    return trained, valid, stats, rows
+                        f"{rows['valid_requests']:,} requests; {what}")
+    return fitted, valid, stats, rows
 
 
-def finish_training(tenant: TenantConfig, trained: Any, valid: pa.Table, *, models_dir: Path,
-                    steps: StepTimer, strategy: str, objective: str,
-                    label_stats: Mapping[str, float], rows: Mapping[str, int],
+def _fit_summary(trained: Any) -> str:
+    """Rounds kept and XGBoost's train vs held-out metrics: how far the model overfits."""
+    metrics = trained.metrics
+    pairs = [f"{name} {metrics[f'train_{name}']:.3f} train / {metrics[f'valid_{name}']:.3f} "
+             "held out" for name in sorted({k.split("_", 1)[1] for k in metrics
+                                            if k.startswith("valid_")})]
+    kept = f"{int(metrics['rounds'])} of {trained.params['n_estimators']} rounds"
+    return ", ".join([kept, *pairs])
+
+
+def finish_training(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any], Any]],
+                    valid: pa.Table, *, models_dir: Path, steps: StepTimer, strategy: str,
+                    objective: str, label_stats: Mapping[str, float], rows: Mapping[str, int],
                     window: dict[str, str | None], force: bool, publish: bool) -> TrainReport:
-    """Export + gate, compare with what serves on the held-out requests, publish or refuse
-    (shared by the local and the Dask paths)."""
-    from walkrank.ranking.export import export_model
-
+    """Export + gate each fitted model (keeping the best that passes on the primary metric),
+    compare it with what serves and with visit count on the held-out requests, publish or
+    refuse (shared by the local and the Dask paths). `fitted` holds (settings, model) pairs."""
     features = list(tenant.features)
     x_valid = feature_matrix(valid, features, what=f"tenant {tenant.name!r}")
-    exported = export_model(trained.booster, features, converter=tenant.ranker.converter,
-                            objective=objective, sample=x_valid[:GATE_SAMPLE_ROWS])
+    targets = targets_from_joined(valid, tenant.labels.weights)
+    trials, exported, trained, candidate_scores = _gate_trials(
+        tenant, fitted, x_valid, targets, objective=objective)
+    passed = sum(t.gate == "passed" for t in trials)
     steps.done("gate", f"{tenant.ranker.converter} ONNX matches XGBoost on "
-                       f"{min(len(x_valid), GATE_SAMPLE_ROWS):,} held-out rows")
+                       f"{min(len(x_valid), GATE_SAMPLE_ROWS):,} held-out rows"
+                       + (f" for {passed} of {len(trials)} models" if len(trials) > 1 else ""))
+    primary = tenant.labels.primary_metric
+    if len(trials) > 1:
+        steps.progress(f"[{tenant.name}] models tried, best {primary} on the held-out "
+                       f"requests kept:\n{trials_table(trials, primary)}")
 
     registry = ModelRegistry(models_dir)
     baseline, baseline_scores, _ = serving_baseline(registry, tenant.name, valid)
-    candidate_scores = score_with_model(exported.onnx_bytes, features, valid,
-                                        what=f"tenant {tenant.name!r}")
-    targets = targets_from_joined(valid, tenant.labels.weights)
     k = tenant.labels.primary_metric_k
     comparison = compare(targets, candidate_scores, baseline_scores, k=k, candidate="new model",
                          baseline=baseline, window=_valid_window(valid))
-    primary = tenant.labels.primary_metric
     steps.progress(f"[{tenant.name}] new model vs {baseline} on {comparison.requests:,} "
                    f"held-out requests:\n{comparison.table()}")
+    versus_visits = None
+    if baseline != VISIT_COUNT:
+        versus_visits = compare(targets, candidate_scores, _visit_scores(valid), k=k,
+                                candidate="new model", baseline=VISIT_COUNT,
+                                window=_valid_window(valid))
+        steps.progress(f"[{tenant.name}] new model vs {VISIT_COUNT}: "
+                       f"{versus_visits.describe(primary)}")
     refused = None
-    if comparison.worse_on(primary):
-        refused = (f"the new model is worse than {baseline} on {tenant.name}'s primary metric "
-                   f"({comparison.describe(primary)})")
+    for against in (comparison, versus_visits):
+        if against is not None and refused is None and against.worse_on(primary):
+            refused = (f"the new model is worse than {against.baseline} on {tenant.name}'s "
+                       f"primary metric ({against.describe(primary)})")
 
     version = None
     if publish and (refused is None or force):
@@ -394,7 +460,12 @@ def finish_training(tenant: TenantConfig, trained: Any, valid: pa.Table, *, mode
         metadata.update(
             tenant=tenant.name, strategy=strategy, training_window=window,
             label_stats=dict(label_stats), rows=dict(rows), train_metrics=dict(trained.metrics),
+            training_params=_json_params(trained.params),
             metrics=comparison.candidate_metrics, comparison=comparison.to_dict())
+        if versus_visits is not None:
+            metadata["comparison_visit_count"] = versus_visits.to_dict()
+        if len(trials) > 1:
+            metadata["search"] = [dataclasses.asdict(t) for t in trials]
         version = registry.publish(tenant.name, exported.onnx_bytes, metadata).version
         note = " (forced past: " + refused + ")" if refused else ""
         steps.done("publish", f"version {version} of {tenant.name!r} in {registry.root}{note}")
@@ -405,7 +476,67 @@ def finish_training(tenant: TenantConfig, trained: Any, valid: pa.Table, *, mode
         refused=refused, forced=bool(force and refused and version is not None),
         metrics=dict(trained.metrics), validation=comparison.candidate_metrics,
         comparison=comparison, label_stats=dict(label_stats), rows=dict(rows), window=window,
-        seconds=dict(steps.seconds))
+        seconds=dict(steps.seconds), trials=tuple(trials), visit_count=versus_visits)
+
+
+def _gate_trials(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any], Any]],
+                 x_valid: np.ndarray, targets: Targets, *, objective: str):
+    """Every fitted model through the gate and scored as served on the held-out requests;
+    returns (trials, the best exported model, its trained model, its held-out scores). A lone
+    model that fails the gate raises the gate's ModelError; in a search it is recorded, and
+    ModelError is raised only when no model passes."""
+    from walkrank.ranking.export import export_model
+
+    features = list(tenant.features)
+    primary = tenant.labels.primary_metric
+    trials: list[Trial] = []
+    best: tuple[float, int, Any, Any, np.ndarray] | None = None
+    for index, (settings, trained) in enumerate(fitted):
+        rounds = int(trained.metrics.get("rounds", trained.booster.num_boosted_rounds()))
+        try:
+            exported = export_model(trained.booster, features,
+                                    converter=tenant.ranker.converter, objective=objective,
+                                    sample=x_valid[:GATE_SAMPLE_ROWS])
+        except ModelError as exc:
+            if len(fitted) == 1:
+                raise
+            trials.append(Trial(settings, rounds, dict(trained.metrics), str(exc), None))
+            continue
+        scores = score_matrix(exported.onnx_bytes, x_valid)
+        value = ranking_metrics(targets, scores, tenant.labels.primary_metric_k)[primary]
+        trials.append(Trial(settings, rounds, dict(trained.metrics), "passed", value))
+        # NaN (no held-out request defines the metric) never beats a number; ties keep the
+        # earlier (grid order) model.
+        key = -math.inf if math.isnan(value) else value
+        if best is None or key > best[0]:
+            best = (key, index, exported, trained, scores)
+    if best is None:
+        raise ModelError(f"tenant {tenant.name!r}: none of the {len(fitted)} models passed the "
+                         f"validation gate; first refusal: {trials[0].gate}")
+    _, chosen, exported, trained, scores = best
+    trials[chosen] = dataclasses.replace(trials[chosen], chosen=True)
+    return trials, exported, trained, scores
+
+
+def trials_table(trials: Sequence[Trial], primary: str) -> str:
+    """A Markdown table of the models a search tried: settings, rounds kept, held-out loss,
+    primary metric, gate verdict; the kept one marked."""
+    names = list(dict.fromkeys(name for t in trials for name in t.settings))
+    losses = sorted({k for t in trials for k in t.metrics if k.startswith("valid_")})
+    lines = ["| " + " | ".join(["model", *names, "rounds", *losses, primary, "gate"]) + " |",
+             "|" + " --- |" * (len(names) + len(losses) + 4)]
+    for number, t in enumerate(trials, 1):
+        cells = [f"{number}{' (kept)' if t.chosen else ''}",
+                 *(f"{t.settings.get(n, '')}" for n in names),
+                 str(t.rounds), *(f"{t.metrics.get(k, math.nan):.4f}" for k in losses),
+                 "n/a" if t.primary is None or math.isnan(t.primary) else f"{t.primary:.4f}",
+                 "passed" if t.gate == "passed" else "refused: " + t.gate[:80]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
 
 
 def _valid_window(valid: pa.Table) -> dict[str, str | None]:
