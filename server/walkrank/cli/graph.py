@@ -88,6 +88,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _examples(names: list[str], shown: int = 8) -> str:
+    """A vocabulary as its size and its first few names (a real one may hold thousands)."""
+    if not names:
+        return "(0): -"
+    more = f", ... ({len(names) - shown:,} more)" if len(names) > shown else ""
+    return f"({len(names):,}): {', '.join(names[:shown])}{more}"
+
+
 def _print_summary(manifest: dict[str, Any]) -> None:
     counts, stats, vocab = manifest["counts"], manifest["stats"], manifest["vocab"]
     print(f"pins {counts['pins']:,}  boards {counts['boards']:,}  edges {counts['edges']:,}  "
@@ -95,11 +103,18 @@ def _print_summary(manifest: dict[str, Any]) -> None:
           f"{manifest['locale_index_bytes_per_edge']:.2f} of locale index)")
     print(f"max degree: pin {manifest['degree']['pin_max']:,}  "
           f"board {manifest['degree']['board_max']:,}")
-    print(f"locales ({len(vocab['locales'])}): {', '.join(vocab['locales']) or '-'}")
-    print(f"topics ({len(vocab['topics'])}): {', '.join(vocab['topics']) or '-'}")
+    print(f"locales {_examples(vocab['locales'])}")
+    print(f"topics {_examples(vocab['topics'])}")
     print(f"input edges {stats['input_edges']:,}, duplicates collapsed "
           f"{stats['duplicate_edges']:,}, boards left without edges "
           f"{stats['boards_without_edges_removed']:,}")
+    for table in ("pins", "boards"):
+        dropped = stats.get(f"{table}_table_rows_without_edges", 0)
+        if dropped:
+            print(f"{table} file rows without an edge, left out of the graph: {dropped:,}")
+    if stats.get("pins_without_edges"):
+        print(f"pins left without edges by pruning (kept, never reached by a walk): "
+              f"{stats['pins_without_edges']:,}")
     for rule, rule_stats in stats["pruning"].items():
         details = ", ".join(f"{k} {v}" for k, v in rule_stats.items())
         print(f"pruning {rule}: {details}")
