@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import PruneOptions, build_graph
-from walkrank.graph.store import GraphStore
+from walkrank.graph.store import GraphStore, load_for_serving
 
 
 def write_table(path: Path, columns: dict[str, list]) -> Path:
@@ -310,14 +311,50 @@ def test_refuses_to_replace_a_non_graph_directory(tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_rebuild_replaces_previous_graph(tmp_path: Path) -> None:
+def test_rebuild_replaces_previous_graph_only_when_asked(tmp_path: Path) -> None:
     first = write_table(tmp_path / "a.csv", {"pin_id": [1, 2], "board_id": [5, 5]})
     second = write_table(tmp_path / "b.csv", {"pin_id": [1, 2, 3], "board_id": [5, 6, 6]})
     build_graph(tmp_path / "g", first)
-    build_graph(tmp_path / "g", second)
+    with pytest.raises(DataError, match=r"g: a graph already exists there; refusing to replace "
+                                        r"it without --replace"):
+        build_graph(tmp_path / "g", second)
+    assert GraphStore.load(tmp_path / "g").n_edges == 2
+    build_graph(tmp_path / "g", second, replace=True)
     graph = GraphStore.load(tmp_path / "g", verify=True)
     assert graph.n_edges == 3 and graph.n_boards == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "g"]
+    (tmp_path / "empty").mkdir()
+    assert build_graph(tmp_path / "empty", first)["counts"]["edges"] == 2  # empty: taken as new
+
+
+def test_published_files_are_never_written_again(tmp_path: Path) -> None:
+    """A process mapping a graph keeps its pages whatever a rebuild does: the arrays are
+    read-only, and a replace unlinks the old files (never truncates or rewrites them)."""
+    first = write_table(tmp_path / "a.csv", {"pin_id": [1, 2, 3], "board_id": [5, 5, 6]})
+    second = write_table(tmp_path / "b.csv", {"pin_id": [7], "board_id": [8]})
+    build_graph(tmp_path / "g", first)
+    assert all((p.stat().st_mode & 0o222) == 0 for p in (tmp_path / "g").glob("*.npy"))
+    mapped = GraphStore.load(tmp_path / "g")
+    before = np.array(mapped.pin_adj), os.stat(tmp_path / "g" / "pin_adj.npy").st_ino
+    build_graph(tmp_path / "g", second, replace=True)
+    np.testing.assert_array_equal(mapped.pin_adj, before[0])  # the old inode, still mapped
+    assert os.stat(tmp_path / "g" / "pin_adj.npy").st_ino != before[1]
+    assert GraphStore.load(tmp_path / "g").n_edges == 1
+
+
+def test_replace_refused_while_a_server_holds_the_graph(tmp_path: Path) -> None:
+    first = write_table(tmp_path / "a.csv", {"pin_id": [1, 2], "board_id": [5, 5]})
+    build_graph(tmp_path / "g", first)
+    graph, lease = load_for_serving(tmp_path / "g")
+    try:
+        with pytest.raises(DataError, match=r"g: a running server is serving this graph; build "
+                                            r"into a new directory"):
+            build_graph(tmp_path / "g", first, replace=True)
+        assert GraphStore.load(tmp_path / "g").n_edges == graph.n_edges
+    finally:
+        lease.release()
+    build_graph(tmp_path / "g", first, replace=True)
+    assert not list(tmp_path.glob(".g.*"))  # no temporary or old directory left behind
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -342,8 +379,9 @@ def test_cli_build_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     manifest = json.loads(printed[: printed.rindex("}") + 1])
     assert manifest["counts"] == {"pins": 4, "boards": 1, "edges": 2}
     assert manifest["vocab"] == {"locales": ["en", "ja"], "topics": ["t1", "t2"]}
-    assert "checksums: all 20 arrays match" in printed
+    assert "verified: all 20 checksums match, structure sound" in printed
 
+    (out / "board_topic.npy").chmod(0o644)
     with open(out / "board_topic.npy", "r+b") as f:
         f.seek(-1, 2)
         f.write(b"\x7f")

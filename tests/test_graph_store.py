@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from walkrank.errors import DataError
-from walkrank.graph.store import ARRAY_FIELDS, GraphStore
+from walkrank.graph.store import ARRAY_FIELDS, GraphStore, array_checksum
 from walkrank.graph.synthetic import (
     PRESETS,
     ensure_graph,
@@ -108,7 +109,21 @@ def test_locale_index_gives_each_locales_slice(small_graph: GraphStore, side: st
 def _copy(graph: GraphStore, tmp_path: Path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(graph.path, target)
+    for path in target.iterdir():
+        path.chmod(0o644)  # built read-only; these tests play the corrupting writer
     return target
+
+
+def _rewrite(root: Path, name: str, change: Callable[[np.ndarray], None]) -> None:
+    """Change an array in place and record its new checksum, as a buggy (or hostile) tool
+    would: only the structural checks can tell."""
+    path = root / f"{name}.npy"
+    values = np.load(path)
+    change(values)
+    np.save(path, values)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["checksums"][name] = array_checksum(path)
+    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("name", ["pin_adj", "board_offsets", "pin_ids_sorted"])
@@ -119,15 +134,71 @@ def test_checksum_tamper_detected(small_graph: GraphStore, tmp_path: Path, name:
         byte = f.read(1)
         f.seek(-3, 2)
         f.write(bytes([byte[0] ^ 0x01]))
-    GraphStore.load(path)  # an unverified load only maps the files
+    GraphStore.load(path, verify=False)  # an unverified load only maps the files
     with pytest.raises(DataError, match=rf"{name}\.npy: checksum mismatch for array '{name}'"):
-        GraphStore.load(path, verify=True)
+        GraphStore.load(path)
+
+
+def _move_edge(adj: np.ndarray) -> None:
+    # In range, so only the degree cross-check sees it: one board gains an edge, one loses one.
+    adj[0] = (adj[0] + 1) % (adj.max() + 1)
+
+
+def _shift(values: np.ndarray, by: int) -> None:
+    values[len(values) // 2] += by
+
+
+@pytest.mark.parametrize(("name", "change", "problem"), [
+    ("pin_adj", lambda a: a.__setitem__(3, 10**9), r"board id 1000000000 at position 3 is "
+                                                   r"outside \[0, \d+\)"),
+    ("board_adj", lambda a: a.__setitem__(0, -1), r"pin id -1 at position 0 is outside"),
+    ("pin_adj", _move_edge, r"the two adjacency directions disagree"),
+    ("pin_offsets", lambda a: _shift(a, 10**6), r"decreases after row"),
+    ("board_offsets", lambda a: a.__setitem__(-1, a[-1] - 1), r"ends at \d+, not at the"),
+    ("pin_locale_ends", lambda a: a.__setitem__((0, -1), 60_000), r"row 0 ends at 60000"),
+    ("board_locale_ends", lambda a: a.__setitem__((5, 0), a[5, -1] + 1),
+     r"locale ends decrease in row 5"),
+    ("pin_key", lambda a: _shift(a, 1), r"bias key at position \d+ does not match"),
+    ("pin_topic", lambda a: a.__setitem__(0, 99), r"topic code 99 at position 0"),
+    ("pin_ids_order", lambda a: a.__setitem__(1, 2**30), r"dense pin id 1073741824"),
+    ("board_ids_sorted", lambda a: a.__setitem__(1, a[0]), r"not strictly increasing"),
+])
+def test_structural_corruption_is_an_error_naming_the_file(
+        small_graph: GraphStore, tmp_path: Path, name: str,
+        change: Callable[[np.ndarray], None], problem: str) -> None:
+    """What the walk kernels would index by: each broken invariant is a DataError naming the
+    array, even when the checksums were rewritten to match (no SIGSEGV in a nogil kernel)."""
+    path = _copy(small_graph, tmp_path)
+    _rewrite(path, name, change)
+    with pytest.raises(DataError, match=rf"{name}\.npy: .*{problem}.*the graph is corrupt"):
+        GraphStore.load(path)
+    GraphStore.load(path, verify=False).pin_index([1])  # mapping alone never checks
+
+
+def test_kernel_dtypes_and_manifest_fields_are_checked(small_graph: GraphStore,
+                                                       tmp_path: Path) -> None:
+    path = _copy(small_graph, tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    for field, value, problem in (("counts", {"pins": 1}, "counts.boards: expected a count"),
+                                  ("degree", {"pin_max": -1}, "degree.pin_max"),
+                                  ("vocab", [], "vocab: expected an object")):
+        (path / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+        with pytest.raises(DataError, match=rf"manifest\.json: {problem}"):
+            GraphStore.load(path, verify=False)
+    (path / "manifest.json").write_text(json.dumps({**manifest, "degree": {"pin_max": 1}}))
+    with pytest.raises(DataError, match=r"degree\.pin_max is 1 but the largest pin degree"):
+        GraphStore.load(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    np.save(path / "pin_offsets.npy", np.load(path / "pin_offsets.npy").astype(np.int32))
+    _rewrite(path, "pin_offsets", lambda a: None)  # records the int32 file's checksum
+    with pytest.raises(DataError, match=r"pin_offsets\.npy: dtype int32 \(expected int64\)"):
+        GraphStore.load(path)
 
 
 def test_missing_array_and_bad_manifest(small_graph: GraphStore, tmp_path: Path) -> None:
     path = _copy(small_graph, tmp_path)
     (path / "board_adj.npy").unlink()
-    with pytest.raises(DataError, match="array 'board_adj' is missing"):
+    with pytest.raises(DataError, match="board_adj.npy: array 'board_adj' .*missing"):
         GraphStore.load(path)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["format_version"] = 99

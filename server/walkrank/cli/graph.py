@@ -20,21 +20,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--edges", required=True, help="edges file: pin_id, board_id")
     build.add_argument("--pins", help="pins file: pin_id + locale, topic, quality, ...")
     build.add_argument("--boards", help="boards file: board_id + topic, locale")
-    build.add_argument("--out", required=True, help="graph directory to write (replaced)")
+    build.add_argument("--out", required=True, help="graph directory to write (must not exist)")
+    _add_replace_option(build)
     _add_prune_options(build)
     build.set_defaults(func=_build)
 
     info = commands.add_parser("info", help="print a graph directory's manifest summary")
     info.add_argument("path", help="graph directory")
-    info.add_argument("--verify", action="store_true", help="check every array's checksum")
+    info.add_argument("--verify", action="store_true",
+                      help="check every array's checksum and the graph's structure")
     info.add_argument("--json", action="store_true", help="print the full manifest as JSON")
     info.set_defaults(func=_info)
 
     synth = commands.add_parser("synth", help="generate and build a seeded synthetic graph")
     synth.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    synth.add_argument("--out", required=True, help="graph directory to write (replaced)")
+    synth.add_argument("--out", required=True, help="graph directory to write (must not exist)")
+    _add_replace_option(synth)
     _add_prune_options(synth)
     synth.set_defaults(func=_synth)
+
+
+def _add_replace_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a graph already at --out: a new directory is swapped in "
+                             "and the old one deleted; refused while a server serves it")
 
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +71,8 @@ def _options(args: argparse.Namespace) -> PruneOptions:
 def _build(args: argparse.Namespace) -> int:
     options = _options(args)
     started = time.perf_counter()
-    manifest = build_graph(args.out, args.edges, args.pins, args.boards, options=options)
+    manifest = build_graph(args.out, args.edges, args.pins, args.boards, options=options,
+                           replace=args.replace)
     print(f"built {args.out} in {time.perf_counter() - started:.2f}s")
     _print_summary(manifest)
     return 0
@@ -70,7 +80,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    manifest = build_synthetic(args.out, args.preset, _options(args))
+    manifest = build_synthetic(args.out, args.preset, _options(args), replace=args.replace)
     print(f"built synthetic preset {args.preset!r} into {args.out} "
           f"in {time.perf_counter() - started:.2f}s")
     _print_summary(manifest)
@@ -84,7 +94,8 @@ def _info(args: argparse.Namespace) -> int:
     else:
         _print_summary(graph.manifest)
     if args.verify:
-        print(f"checksums: all {len(graph.manifest['checksums'])} arrays match")
+        print(f"verified: all {len(graph.manifest['checksums'])} checksums match, structure "
+              f"sound")
     return 0
 
 

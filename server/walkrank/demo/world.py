@@ -84,7 +84,7 @@ def ensure_world_graph(root: Path, size: DemoSize, seed: int = 7) -> Path:
     except DataError:
         tables = generate_graph_tables(size.n_pins, size.n_boards, size.n_edges, size.n_topics,
                                        size.n_locales, seed=seed)
-        build_graph(graph_dir, tables.edges, tables.pins, tables.boards)
+        build_graph(graph_dir, tables.edges, tables.pins, tables.boards, replace=True)
     return graph_dir
 
 

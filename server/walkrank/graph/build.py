@@ -5,6 +5,11 @@ read + validate -> dense ids (first-appearance order) -> pin/board features and 
 collapse duplicate edges -> Pixie pruning -> CSR both ways, each list sorted by the neighbour's
 bias key -> `.npy` arrays + manifest.json (counts, vocab, schema, options, stats, checksums),
 written to a temporary directory and renamed into place so a reader never sees half a graph.
+
+A published graph is never written again: its files are read-only, a rebuild into the same
+path needs `replace=True` and swaps in a new directory (the old files are unlinked, never
+truncated, so a process still mapping them keeps its pages), and a directory a running server
+holds (`GraphLease`) is not replaced at all (docs/serving.md, "Publishing a graph").
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from walkrank.graph.store import (
     MANIFEST,
     PIN_COLUMN_PREFIX,
     array_checksum,
+    exclusive_graph_lock,
 )
 
 #: What `build_graph` accepts for a table: a file path, a pyarrow Table, or named columns.
@@ -409,12 +415,16 @@ def build_graph(
     *,
     options: PruneOptions | None = None,
     source: Mapping[str, Any] | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Build a graph directory at `out` and return its manifest.
 
     `source` is recorded verbatim in the manifest (e.g. the synthetic preset and seed) so a
-    cache can tell whether an existing directory was built from the same inputs.
+    cache can tell whether an existing directory was built from the same inputs. An existing
+    graph at `out` is replaced only with `replace=True`, and never while a server holds it.
     """
+    out = Path(out)
+    _check_target(out, replace)  # before the work, so a refused build costs nothing
     options = options or PruneOptions()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -557,11 +567,16 @@ def build_graph(
         "dtypes": {name: str(a.dtype) for name, a in arrays.items()},
     }
     lap("assemble")
-    _write(Path(out), arrays, manifest)
-    lap("write")
-    manifest["build"]["seconds"] = timings
-    # Timings go in after the checksums: they describe the run, not the arrays.
-    (Path(out) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp = _new_sibling(out)
+    try:
+        manifest["checksums"] = _write_arrays(tmp, arrays)
+        lap("write")
+        manifest["build"]["seconds"] = timings
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(tmp, out, replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest
 
 
@@ -657,31 +672,52 @@ def _board_features(
     return cat, {"boards_table_rows_without_edges": int((dense < 0).sum())}
 
 
-def _write(out: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
-    """Write into a sibling temporary directory, then swap it in: readers never see a mix."""
+def _check_target(out: Path, replace: bool) -> None:
+    """Refuse what must never be replaced: a file, a directory that is not a graph, or a
+    graph without `replace`. An empty directory is taken as new."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
         raise DataError(f"{out}: directory is not empty and holds no graph; refusing to replace")
+    if not replace:
+        raise DataError(f"{out}: a graph already exists there; refusing to replace it without "
+                        f"--replace (or build into a new directory)")
+
+
+def _new_sibling(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; a graph directory is shared read-only data
-    try:
-        checksums = {}
-        for name, values in arrays.items():
-            path = tmp / f"{name}.npy"
-            np.save(path, np.ascontiguousarray(values), allow_pickle=False)
-            checksums[name] = array_checksum(path)
-        manifest["checksums"] = checksums
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def _write_arrays(tmp: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Save each array read-only (a served file must never be rewritten); their checksums."""
+    checksums = {}
+    for name, values in arrays.items():
+        path = tmp / f"{name}.npy"
+        np.save(path, np.ascontiguousarray(values), allow_pickle=False)
+        path.chmod(0o444)
+        checksums[name] = array_checksum(path)
+    return checksums
+
+
+def _publish(tmp: Path, out: Path, replace: bool) -> None:
+    """Rename the finished directory into place; a replaced graph is renamed away and deleted
+    (unlinked, so a process still mapping its files keeps them), never written."""
+    _check_target(out, replace)  # again: something may have appeared during the build
+    if not out.is_dir():
+        tmp.rename(out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        tmp.rename(out)
+        return
+    with exclusive_graph_lock(out):
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

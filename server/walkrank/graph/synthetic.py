@@ -136,13 +136,13 @@ def generate_graph_tables(
     return SyntheticTables(edges=edges, pins=pins, boards=boards)
 
 
-def build_synthetic(out: str | Path, preset: str, options: PruneOptions | None = None
-                    ) -> dict[str, Any]:
+def build_synthetic(out: str | Path, preset: str, options: PruneOptions | None = None,
+                    *, replace: bool = False) -> dict[str, Any]:
     """Generate a preset's tables and build them into `out`; returns the manifest."""
     params = _preset(preset)
     tables = generate_graph_tables(**params)
     return build_graph(out, tables.edges, tables.pins, tables.boards, options=options,
-                       source=_source(preset))
+                       source=_source(preset), replace=replace)
 
 
 def ensure_graph(preset: str, cache_dir: str | Path = ".cache/graphs") -> Path:
@@ -155,7 +155,7 @@ def ensure_graph(preset: str, cache_dir: str | Path = ".cache/graphs") -> Path:
     with open(root / f"{preset}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_current(out, preset):
-            build_synthetic(out, preset)
+            build_synthetic(out, preset, replace=True)
     return out
 
 
