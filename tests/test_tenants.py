@@ -368,6 +368,42 @@ def test_load_tenants_reports_broken_files_and_loads_the_rest(tmp_path):
     assert "must end in .yaml" in tenant_set.errors[str(misnamed)]
 
 
+def test_symlinks_leading_out_of_the_directory_are_refused_unread(tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    tenants = tmp_path / "tenants"
+    (tenants / "..data").mkdir(parents=True)  # a Kubernetes ConfigMap volume's layout
+    write(tenants / "..data", "homefeed", shipped_raw("homefeed"))
+    (tenants / "homefeed.yaml").symlink_to("..data/homefeed.yaml")
+    (tenants / "leak.yaml").symlink_to(secret)
+    (tenants / "around.yaml").symlink_to("../tenants/../passwd")
+    (tenants / "loop.yaml").symlink_to("loop.yaml")
+
+    tenant_set = load_tenants(tenants)
+
+    assert sorted(tenant_set.configs) == ["homefeed"]
+    assert sorted(Path(p).name for p in tenant_set.errors) == ["around.yaml", "leak.yaml",
+                                                               "loop.yaml"]
+    for message in tenant_set.errors.values():
+        assert "a symlink to a file outside" in message and "root:" not in message
+
+
+def test_errors_show_at_most_a_short_prefix_of_the_file(tmp_path):
+    passwd_like = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin\n"
+    with pytest.raises(ConfigError, match="got a scalar") as excinfo:
+        load_tenant(write(tmp_path, "homefeed", passwd_like))
+    assert "root:" not in str(excinfo.value)
+    raw = shipped_raw("homefeed")
+    raw["ranker"]["objective"] = "y" * 5000
+    with pytest.raises(ConfigError, match=r"ranker\.objective: .*'y{40}'\.\.\. \(5000 "
+                                          r"characters\)") as excinfo:
+        load_tenant(write(tmp_path, "homefeed", raw))
+    assert len(str(excinfo.value)) < 300
+    (tmp_path / "homefeed.yaml").write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes; not a tenant file"):
+        load_tenant(tmp_path / "homefeed.yaml")
+
+
 def test_load_tenants_needs_an_existing_directory(tmp_path):
     with pytest.raises(ConfigError, match="tenant directory does not exist"):
         load_tenants(tmp_path / "nowhere")

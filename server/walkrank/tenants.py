@@ -54,6 +54,8 @@ MAX_IN_FLIGHT = 100_000
 MAX_DEADLINE_MS = 600_000
 MAX_TREES = 10_000
 MAX_DEPTH = 16
+# A tenant file is a page of YAML; anything this large is a mistake, not read whole.
+MAX_TENANT_FILE_BYTES = 1 << 20
 MAX_SEARCH_TRIALS = 64
 
 # The ranker's numeric settings (YAML names), their defaults and bounds. The defaults are
@@ -288,11 +290,16 @@ def load_tenant(path: str | Path) -> TenantConfig:
     path = Path(path)
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{file}: not UTF-8 text: {exc}") from exc
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TENANT_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_TENANT_FILE_BYTES:
+        raise ConfigError(f"{file}: larger than {MAX_TENANT_FILE_BYTES} bytes; not a tenant file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     try:
         raw = yaml.load(text, Loader=_TenantLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -307,15 +314,27 @@ def load_tenant(path: str | Path) -> TenantConfig:
 
 
 def load_tenants(directory: str | Path) -> TenantSet:
-    """Load every `*.yaml` of a directory; one broken file never hides the others."""
+    """Load every `*.yaml` of a directory; one broken file never hides the others.
+
+    A symlink is followed only to a file inside the directory (as Kubernetes ConfigMap
+    volumes lay files out); one leading elsewhere is refused unread, so a reload error can
+    never show another file's contents.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: tenant directory does not exist")
+    inside = directory.resolve()
     configs: dict[str, TenantConfig] = {}
     errors: dict[str, str] = {}
     for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith("."):
             continue  # editor lock and swap files
+        if path.suffix in (".yaml", ".yml") and path.is_symlink() and _leads_out(path, inside):
+            errors[str(path)] = (f"{path}: a symlink to a file outside {directory}; refused "
+                                 f"(tenant files must live in the tenant directory)")
+            continue
+        if not path.is_file():
+            continue
         if path.suffix == ".yml":
             errors[str(path)] = f"{path}: tenant files must end in .yaml (rename it to load it)"
             continue
@@ -328,6 +347,13 @@ def load_tenants(directory: str | Path) -> TenantSet:
             continue
         configs[config.name] = config
     return TenantSet(configs, errors)
+
+
+def _leads_out(link: Path, inside: Path) -> bool:
+    try:
+        return not link.resolve().is_relative_to(inside)
+    except (OSError, RuntimeError):  # a symlink loop
+        return True
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -363,12 +389,18 @@ _TenantLoader.add_implicit_resolver(
 )
 
 
+_SHOWN_CHARS = 40
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        # A short prefix names the value; an error never carries a file's worth of text.
+        if len(value) > _SHOWN_CHARS:
+            return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
         return repr(value)
     if isinstance(value, dict):
         return "a mapping"
@@ -387,8 +419,10 @@ class _Fields:
         self.file = file
         self.prefix = prefix
         if not isinstance(raw, dict):
-            where = prefix or "top level"
-            raise ConfigError(f"{file}: {where}: expected a mapping of fields, got {_show(raw)}")
+            if not prefix:  # the whole file: say what it is, never echo it
+                kind = "a list" if isinstance(raw, list) else "a scalar (text or a number)"
+                raise ConfigError(f"{file}: top level: expected a mapping of fields, got {kind}")
+            raise ConfigError(f"{file}: {prefix}: expected a mapping of fields, got {_show(raw)}")
         self.raw = raw
         self.used: set[Any] = set()
 
