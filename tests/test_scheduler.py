@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from walkrank.serving.scheduler import ComputePool, SlotTimeout
@@ -86,6 +88,46 @@ def test_a_job_never_started_times_out_and_leaves_the_others_in_order(
     for caller in (blocker, first):
         caller.join(20)
     assert order == ["impatient timed out", "first"]
+
+
+def test_a_job_not_started_by_its_due_time_times_out(pool: ComputePool) -> None:
+    gate, blocker = _occupy(pool)
+    order: list[str] = []
+    late = _submit(pool, order, "late", 0, due=time.perf_counter() + 0.05, wait_s=None)
+    late.join(20)
+    assert order == ["late timed out"] and pool.waiting == 0
+    gate.set()
+    blocker.join(20)
+
+
+def test_stalled_for_counts_while_jobs_wait_and_none_finishes(pool: ComputePool) -> None:
+    assert pool.stalled_for() == 0.0
+    gate, blocker = _occupy(pool)
+    assert pool.stalled_for() == 0.0  # busy, but nothing waits
+    order: list[str] = []
+    waiter = _submit(pool, order, "waiter", 0)
+    first = pool.stalled_for()
+    _wait_until(lambda: pool.stalled_for() > first, "the stall grows")
+    gate.set()
+    for caller in (blocker, waiter):
+        caller.join(20)
+    assert order == ["waiter"] and pool.stalled_for() == 0.0
+
+
+def test_the_cancel_cell_is_set_at_the_due_time_and_on_close(pool: ComputePool) -> None:
+    """The job's work sees its cell set once `due` passes; close() sets every job's cell."""
+    at_due = np.zeros(1, np.uint8)
+    pool.run(lambda: _wait_until(lambda: at_due[0] == 1, "cancel is set at due"), 0,
+             due=time.perf_counter() + 0.01, cancel=at_due)
+    on_close = np.zeros(1, np.uint8)
+    caller = threading.Thread(target=pool.run, args=(
+        lambda: _wait_until(lambda: on_close[0] == 1, "close cancels"), 0),
+        kwargs={"cancel": on_close})  # no deadline: only close() can stop it
+    caller.start()
+    _wait_until(lambda: pool.running == 1, "the job runs")
+    pool.close()
+    caller.join(20)
+    assert on_close[0] == 1 and not caller.is_alive()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux")

@@ -176,6 +176,10 @@ def test_the_issue_weights_split_like_their_ratio() -> None:
     degrees = np.array([40, 7])
     budgets = step_budgets(degrees, np.array([1e20, 1.0]), 100_000, max_degree=50)
     assert list(budgets) == [100_000, 0]
+    # A pin that cannot walk (no boards) does not scale the others, however heavy.
+    budgets = step_budgets(np.array([0, 40, 7]), np.array([1e300, 1e-300, 1e-300]), 10,
+                           max_degree=50)
+    assert budgets.sum() == 10 and budgets[0] == 0
     assert np.abs(step_budgets(degrees, np.array([3e7, 1e7]), 100_000, max_degree=50)
                   - step_budgets(degrees, np.array([3.0, 1.0]), 100_000, max_degree=50)).max() <= 1
 

@@ -21,7 +21,7 @@ from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
 from walkrank.serving.errors import DeadlineExceeded, InvalidArgument
 from walkrank.serving.tenant_table import TenantRuntime
-from walkrank.walks.engine import WalkResult, walk
+from walkrank.walks.engine import WalkCancelled, WalkResult, walk
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,11 @@ def is_sampled(request_id: str, sample_rate: float) -> bool:
 
 
 def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarray, int]:
-    """Check the request against the tenant's limits; returns (weights, number of results)."""
+    """Check the request against the tenant's limits; returns (weights, number of results).
+
+    Weights are shares of the tenant's step budget (their scale does not matter), so any
+    finite weight > 0 is accepted.
+    """
     limits = runtime.config.limits
     pins = request.query_pins
     if not pins:
@@ -82,15 +86,13 @@ def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarra
         if len(request.query_weights) != len(pins):
             raise InvalidArgument("query_pins.weight", "weights must be given for every "
                                   "query pin or for none")
-        weights = np.asarray(request.query_weights, dtype=np.float32)
-        bad = [w for w in request.query_weights if not math.isfinite(w) or w < 0]
+        bad = [w for w in request.query_weights if not (math.isfinite(w) and w > 0)]
         if bad:
-            raise InvalidArgument("query_pins.weight", f"weights must be finite and >= 0, got "
+            raise InvalidArgument("query_pins.weight", f"weights must be finite and > 0, got "
                                   f"{bad[0]!r}")
-        if not weights.any():
-            raise InvalidArgument("query_pins.weight", "at least one weight must be positive")
+        weights = np.asarray(request.query_weights, dtype=np.float64)
     else:
-        weights = np.ones(len(pins), dtype=np.float32)
+        weights = np.ones(len(pins), dtype=np.float64)
     candidates = runtime.config.candidates
     num_results = request.num_results or candidates.return_
     if num_results < 0:
@@ -99,6 +101,19 @@ def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarra
         raise InvalidArgument("num_results", f"{num_results} exceeds tenant {runtime.name!r} "
                               f"maximum of {candidates.max_return}")
     return weights, num_results
+
+
+# Longer than any deadline a caller means: grpcio reports "no deadline" as a huge number of
+# seconds (not None), and a wait that long overflows time_t.
+NO_DEADLINE_S = 86_400.0
+
+
+def caller_remaining_s(remaining: float | None) -> float | None:
+    """The seconds a caller's deadline leaves, or None when the caller set no deadline
+    (None, or more than NO_DEADLINE_S, as grpcio reports it); the tenant's default applies."""
+    if remaining is None or not remaining <= NO_DEADLINE_S:
+        return None
+    return remaining
 
 
 class Stopwatch:
@@ -116,8 +131,8 @@ class Stopwatch:
         now = time.perf_counter()
         self.timing_ms[stage] = (now - self._last) * 1e3
         self._last = now
-        remaining = self._time_remaining()
-        if remaining is None:  # the caller set no deadline: the tenant's default applies
+        remaining = caller_remaining_s(self._time_remaining())
+        if remaining is None:
             remaining = self._default_budget_s - (now - self._start)
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline exceeded after the {stage} stage")
@@ -140,7 +155,11 @@ def recommend(
     candidate_log: CandidateSink | None = None,
     time_remaining: Callable[[], float | None] = lambda: None,
     now: float | None = None,
+    cancel: np.ndarray | None = None,
 ) -> RecommendOutput:
+    """Recommend for one user. `time_remaining` gives the caller's seconds left (None, or
+    more than NO_DEADLINE_S: the tenant's `deadline_ms` applies); setting `cancel[0]` from
+    another thread stops the walk at once (DeadlineExceeded)."""
     config = runtime.config
     clock = Stopwatch(time_remaining, config.limits.deadline_ms / 1e3)
     weights, num_results = validate(request, runtime)
@@ -156,16 +175,21 @@ def recommend(
     interests = np.array([graph.topic_code(t) for t in request.interests], dtype=np.int32)
     user_topic = int(interests[0]) if len(interests) else -1
     seed = request.seed if request.seed is not None else request_seed(request.request_id)
-    result = walk(graph, dense, weights, config.walk_params, user_locale=locale,
-                  user_topic=user_topic, seed=seed)
+    try:
+        result = walk(graph, dense, weights, config.walk_params, user_locale=locale,
+                      user_topic=user_topic, seed=seed, cancel=cancel)
+    except WalkCancelled as exc:
+        raise DeadlineExceeded(f"deadline exceeded during the walk ({exc})") from None
     if request.exclude_pins and len(result.pins):
         excluded = graph.pin_index(list(request.exclude_pins))
         result = _take(result, ~np.isin(result.pins, excluded[excluded >= 0]))
     clock.lap("walk")
 
     known = dense >= 0
+    # Features use the weights as shares too; over their maximum they fit float32.
+    shares = weights[known] / weights[known].max(initial=0.0)
     context = RequestContext(user_locale=locale, user_interests=interests,
-                             query_pins=dense[known], query_weights=weights[known],
+                             query_pins=dense[known], query_weights=shares.astype(np.float32),
                              now=time.time() if now is None else now)
     features = compute_features(graph, result, context, config.features)
     clock.lap("features")

@@ -16,6 +16,10 @@ The compute threads run at a lower CPU priority (`nice`) than the gRPC threads: 
 call and sending its answer are short, and a core taken from a walk for them costs the walk
 little, while a gRPC thread that waits behind two walks for a core delays a whole call
 (measured on 2 cores: 226 -> 243 req/s, p50 34.4 -> 30.9 ms).
+
+No job holds a thread past its deadline: a job carries a cancel cell that the walk kernels
+read once per lock-step round, and the pool sets it when the deadline passes (the caller's
+thread, waiting for the answer, does it) or when the pool closes at shutdown.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -50,15 +56,32 @@ class _Job(Generic[T]):
     due: float
     sequence: int
     work: Callable[[], T] = field(compare=False)
+    cancel: np.ndarray | None = field(compare=False, default=None)
     enqueued: float = field(compare=False, default_factory=time.perf_counter)
     started: float | None = field(compare=False, default=None)
     result: Any = field(compare=False, default=None)
     error: BaseException | None = field(compare=False, default=None)
     done: threading.Event = field(compare=False, default_factory=threading.Event)
 
+    def stop(self) -> None:
+        """Ask the job's work to stop early (it reads `cancel[0]`; without one it runs on)."""
+        if self.cancel is not None:
+            self.cancel[0] = 1
+
+
+def _seconds_until(moment: float) -> float | None:
+    """A wait timeout until `moment` on the perf_counter clock (None: forever)."""
+    return None if moment == math.inf else max(0.0, moment - time.perf_counter())
+
 
 class ComputePool:
-    """`slots` threads running jobs in (priority, deadline, arrival) order."""
+    """`slots` threads running jobs in (priority, deadline, arrival) order.
+
+    A job may carry a cancel cell (`cancel`, e.g. a numpy uint8[1] the walk kernels read
+    without the GIL): the pool sets it when the job's `due` passes and when the pool
+    closes, so a job that reads it cannot hold a compute thread past its deadline or stop
+    the server from exiting.
+    """
 
     def __init__(self, slots: int, nice: int = 0) -> None:
         if slots < 1:
@@ -68,7 +91,8 @@ class ComputePool:
         self._work = threading.Condition(threading.Lock())
         self._queue: list[_Job[Any]] = []
         self._arrivals = itertools.count()
-        self._running = 0
+        self._active: dict[int, _Job[Any]] = {}
+        self._last_finished = time.perf_counter()
         self._closed = False
         self._threads = [threading.Thread(target=self._serve, name=f"walkrank-compute-{i}",
                                           daemon=True) for i in range(slots)]
@@ -83,40 +107,62 @@ class ComputePool:
     @property
     def running(self) -> int:
         """Jobs being run now."""
-        return self._running
+        return len(self._active)
+
+    def stalled_for(self) -> float:
+        """Seconds jobs have been waiting while no job finished (0 when none waits).
+
+        Jobs wait only while every thread is busy, and each job ends by its deadline, so this
+        grows past a few deadlines only if the threads are stuck: a health signal.
+        """
+        with self._work:
+            if not self._queue:
+                return 0.0
+            since = max(self._last_finished, min(job.enqueued for job in self._queue))
+        return max(0.0, time.perf_counter() - since)
 
     def run(self, work: Callable[[], T], priority: int, wait_s: float | None = None,
-            due: float | None = None) -> tuple[T, float]:
+            due: float | None = None, cancel: np.ndarray | None = None) -> tuple[T, float]:
         """Run `work` on a compute thread; its result and the seconds it waited to start.
 
         Jobs with a lower `priority` number start first, then the earliest `due` (the
         caller's deadline on the `time.perf_counter` clock; None: after every deadline),
         then by arrival. Raises `SlotTimeout` if no thread took the job within `wait_s`
-        (None: wait as long as it takes); `work`'s own exception is raised here.
+        (None: until `due`, or as long as it takes); `work`'s own exception is raised here.
+        When `due` passes with the job running, `cancel[0]` is set to 1 (`work` is expected
+        to read it and end early) and this returns when `work` does.
         """
-        job = _Job(priority, math.inf if due is None else due, next(self._arrivals), work)
+        job = _Job(priority, math.inf if due is None else due, next(self._arrivals), work,
+                   cancel)
         with self._work:
             if self._closed:
                 raise RuntimeError("the compute pool is closed")
             heapq.heappush(self._queue, job)
             self._work.notify()
-        if not job.done.wait(wait_s):
+        start_s = wait_s if wait_s is not None else _seconds_until(job.due)
+        if not job.done.wait(start_s):
             with self._work:
                 if job.started is None:
                     self._queue.remove(job)
                     heapq.heapify(self._queue)
-                    raise SlotTimeout(f"no compute slot came free within {wait_s * 1e3:.0f} ms "
+                    assert start_s is not None
+                    raise SlotTimeout(f"no compute slot came free within {start_s * 1e3:.0f} ms "
                                       f"(all {self.slots} busy)")
-            job.done.wait()  # it started just in time: the pipeline watches the deadline
+        if not job.done.wait(_seconds_until(job.due)):
+            job.stop()
+            job.done.wait()
         assert job.started is not None
         if job.error is not None:
             raise job.error
         return job.result, job.started - job.enqueued
 
     def close(self) -> None:
-        """Let the threads finish the queued jobs and exit."""
+        """Stop every queued and running job that has a cancel cell, let the threads finish
+        them (and any without one), and exit."""
         with self._work:
             self._closed = True
+            for job in (*self._queue, *self._active.values()):
+                job.stop()
             self._work.notify_all()
         for thread in self._threads:
             thread.join()
@@ -134,11 +180,12 @@ class ComputePool:
                     return
                 job = heapq.heappop(self._queue)
                 job.started = time.perf_counter()
-                self._running += 1
+                self._active[job.sequence] = job
             try:
                 job.result = job.work()
             except BaseException as exc:  # handed to the caller, which raises it
                 job.error = exc
             with self._work:
-                self._running -= 1
+                del self._active[job.sequence]
+                self._last_finished = time.perf_counter()
             job.done.set()

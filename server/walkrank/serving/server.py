@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import math
 import threading
 from concurrent import futures
 
@@ -26,7 +25,7 @@ from walkrank.serving.auth import Authenticator
 from walkrank.serving.config import ServerConfig
 from walkrank.serving.interceptor import ErrorInterceptor
 from walkrank.serving.metrics import ServerMetrics
-from walkrank.serving.pipeline import RecommendInput, recommend
+from walkrank.serving.pipeline import NO_DEADLINE_S, RecommendInput, recommend
 from walkrank.serving.reflection import enable_reflection
 from walkrank.serving.scheduler import ComputePool, available_cores
 from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
@@ -41,6 +40,9 @@ from walkrank_client.pb.walkrank.v1 import (
 log = logging.getLogger(__name__)
 
 OVERALL = ""
+# Every compute job ends by its deadline (walks are cancelled then), so jobs waiting this
+# long with none finishing mean the compute threads are stuck: overall health NOT_SERVING.
+STALL_S = 5.0
 
 
 class WalkRankServer:
@@ -85,6 +87,7 @@ class WalkRankServer:
         ])
         self.port = 0
         self._stopped = threading.Event()
+        self.stall_after_s = STALL_S
 
     def warm_up(self) -> None:
         """Run each tenant's path once (no logging) so compiled kernels load before traffic."""
@@ -92,10 +95,11 @@ class WalkRankServer:
             return
         first_pin = str(self.graph.pin_external([0])[0])
         for name, runtime in self.tenants.runtimes().items():
-            # No deadline: loading (or, on a cold cache, compiling) the kernels takes seconds.
+            # A day, not the tenant's deadline: loading (or, on a cold cache, compiling) the
+            # kernels takes seconds.
             recommend(self.graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
                                                           query_pins=(first_pin,)),
-                      time_remaining=lambda: math.inf)
+                      time_remaining=lambda: NO_DEADLINE_S)
 
     def start(self) -> int:
         self.reload()
@@ -117,6 +121,7 @@ class WalkRankServer:
         if self.port == 0:
             raise ConfigError(f"address: cannot bind {self.config.address}")
         self._server.start()
+        threading.Thread(target=self._watch_compute, name="walkrank-health", daemon=True).start()
         if self.config.metrics_address:
             self.metrics.serve(self.config.metrics_address)
         log.info("serving %d tenants on port %d", len(self.tenants.runtimes()), self.port)
@@ -135,8 +140,24 @@ class WalkRankServer:
         self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         return report
 
+    def _watch_compute(self) -> None:
+        """Overall health NOT_SERVING while the compute pool is stalled, SERVING again after."""
+        stalled = False
+        while not self._stopped.wait(self.stall_after_s / 4):
+            stalled_s = self.serving.compute.stalled_for()
+            if stalled_s > self.stall_after_s:
+                if not stalled:
+                    log.error("compute threads stalled: jobs waiting %.1f s, none finished",
+                              stalled_s)
+                stalled = True
+                self.health.set(OVERALL, health_pb2.HealthCheckResponse.NOT_SERVING)
+            elif stalled:
+                stalled = False
+                self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, finish in-flight calls, then flush the logs."""
+        """Stop accepting, finish in-flight calls within the grace period, cancel the walks
+        still running after it (they end within a lock-step round), then flush the logs."""
         if self._stopped.is_set():
             return
         self._stopped.set()

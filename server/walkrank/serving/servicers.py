@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import grpc
+import numpy as np
 import yaml
 
 from walkrank.candidate_log import CandidateSink
@@ -22,7 +23,12 @@ from walkrank.serving.auth import Authenticator
 from walkrank.serving.errors import DeadlineExceeded, InvalidArgument, QuotaExceeded, TenantNotFound
 from walkrank.serving.interceptor import status_of
 from walkrank.serving.metrics import ServerMetrics
-from walkrank.serving.pipeline import RecommendInput, RecommendOutput, recommend
+from walkrank.serving.pipeline import (
+    RecommendInput,
+    RecommendOutput,
+    caller_remaining_s,
+    recommend,
+)
 from walkrank.serving.scheduler import ComputePool, SlotTimeout
 from walkrank.serving.tenant_table import ReloadReport, TenantRuntime, TenantTable
 from walkrank.serving.wire import encode_response
@@ -87,19 +93,25 @@ class ServingContext:
                   context: grpc.ServicerContext) -> bytes:
         """Run the pipeline for one user on a compute thread; the serialized response.
 
-        The wait for a compute thread counts against the caller's deadline (or the tenant's
-        default), and ends at 90% of it so the caller hears why before its own deadline fires.
+        The call's deadline (the tenant's `deadline_ms` when the caller set none; each user
+        of a batch gets it anew) bounds everything: the wait for a compute thread ends at 90%
+        of it, so the caller hears why before its own deadline fires, and a walk still
+        running when it passes is cancelled (DEADLINE_EXCEEDED), freeing the thread.
         """
         limits = runtime.config.limits
-        remaining = context.time_remaining()
-        budget_s = max(0.0, limits.deadline_ms / 1e3 if remaining is None else remaining)
+        remaining = caller_remaining_s(context.time_remaining())
+        budget_s = limits.deadline_ms / 1e3 if remaining is None else max(0.0, remaining)
+        due = time.perf_counter() + budget_s
+        cancel = np.zeros(1, np.uint8)
+        self.request_owners.add(request.request_id, runtime.name)  # events may quote it
         try:
             output, queue_s = self.compute.run(
                 functools.partial(recommend, self.graph, runtime, request,
                                   candidate_log=self.candidate_log,
-                                  time_remaining=context.time_remaining),
-                PRIORITIES.index(limits.priority), wait_s=budget_s * 0.9,
-                due=time.perf_counter() + budget_s)
+                                  time_remaining=lambda: due - time.perf_counter(),
+                                  cancel=cancel),
+                PRIORITIES.index(limits.priority), wait_s=budget_s * 0.9, due=due,
+                cancel=cancel)
         except SlotTimeout as exc:
             self.record(runtime.name, "DEADLINE_EXCEEDED")
             raise DeadlineExceeded(str(exc)) from None

@@ -116,17 +116,18 @@ def step_budgets(
     degrees = np.asarray(degrees, np.float64)
     weights = np.asarray(weights, np.float64)
     budgets = np.zeros(degrees.shape[0], np.int64)
-    if degrees.shape[0] == 0 or not weights.max() > 0:
-        return budgets
     c = math.log(max_degree + 1)
     safe = np.maximum(degrees, 1.0)
     scale = np.where(degrees > 0, np.maximum(degrees * (c - np.log(safe)), 0.0), 0.0)
-    # Weights over their maximum are in [0, 1]: no overflow from any finite weight.
-    share = weights / weights.max() * scale
-    total = share.sum()
-    if not total > 0:
+    walks = scale > 0
+    top = weights[walks].max(initial=0.0)
+    if not top > 0:
         return budgets
-    real = steps * (share / total)  # each <= steps
+    # Over the largest weight of a pin that can walk, those pins' weights are in [0, 1] (no
+    # overflow from any finite weight) and that pin's share is its s_q > 0, so the total is.
+    share = np.zeros(degrees.shape[0])
+    share[walks] = weights[walks] / top * scale[walks]
+    real = steps * (share / share.sum())  # each <= steps
     budgets[:] = np.floor(real)
     remainder = steps - int(budgets.sum())
     if remainder > 0:
