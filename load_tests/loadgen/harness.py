@@ -32,13 +32,20 @@ def free_port() -> int:
 
 
 def write_server_config(path: Path, graph: Path, tenants_dir: Path, models_dir: Path,
-                        logs_dir: Path, workers: int, metrics_address: str | None = None) -> Path:
+                        logs_dir: Path, workers: int, metrics_address: str | None = None,
+                        auth: bool = False, grace_seconds: float | None = None) -> Path:
+    """A `walkrank.yaml`; with `auth`, keys come from the server's environment."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"graph": str(graph.resolve()), "tenants_dir": str(tenants_dir.resolve()),
-                "models_dir": str(models_dir.resolve()), "logs_dir": str(logs_dir.resolve()),
-                "workers": workers}
+    settings: dict[str, object] = {
+        "graph": str(graph.resolve()), "tenants_dir": str(tenants_dir.resolve()),
+        "models_dir": str(models_dir.resolve()), "logs_dir": str(logs_dir.resolve()),
+        "workers": workers}
     if metrics_address is not None:
         settings["metrics_address"] = metrics_address
+    if auth:
+        settings["auth"] = {"enabled": True}
+    if grace_seconds is not None:
+        settings["grace_seconds"] = grace_seconds
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path
 
@@ -97,7 +104,7 @@ class ServeProcess:
     """`walkrank serve --config CONFIG --address 127.0.0.1:PORT`; a context manager."""
 
     def __init__(self, config: Path, log_path: Path, workers: int | None = None,
-                 processes: int = 1) -> None:
+                 processes: int = 1, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         # The `walkrank` console script, run by this interpreter (no PATH lookup).
@@ -109,12 +116,14 @@ class ServeProcess:
         self.command = command
         self.processes = processes
         self.log_path = log_path
+        self.env = env
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.env)
         try:
             wait_serving(self.target, START_TIMEOUT_S, lambda: self._process.poll() is None)
             # Forked servers bind one by one; load must not start before all of them listen.
@@ -133,6 +142,11 @@ class ServeProcess:
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self._process is not None
+        return self._process
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.pid)
