@@ -629,6 +629,20 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FIGURES_BEGIN = "<!-- chaos figures: begin (load_tests/chaos.py --table JSON --into DOC) -->"
+FIGURES_END = "<!-- chaos figures: end -->"
+
+
+def write_into(doc: Path, table: str) -> None:
+    """Replace the text between the figure markers of `doc` with `table`."""
+    text = doc.read_text()
+    begin, end = text.find(FIGURES_BEGIN), text.find(FIGURES_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"chaos.py: {doc} has no figure markers ({FIGURES_BEGIN} ... "
+                         f"{FIGURES_END})")
+    doc.write_text(text[:begin + len(FIGURES_BEGIN)] + "\n" + table + text[end:])
+
+
 def build_graph(value: str | None, scratch: Path) -> Path:
     """A synthetic preset built into the scratch directory (default tiny), or a graph dir."""
     from walkrank.graph.synthetic import PRESETS, build_synthetic
@@ -651,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--json", type=Path, help="run, and write the report here")
     what.add_argument("--table", type=Path, metavar="JSON",
                       help="print a report's figures as a Markdown table (no run)")
+    parser.add_argument("--into", type=Path, metavar="DOC",
+                        help="with --table: put the table between DOC's figure markers")
     parser.add_argument("--quick", action="store_true",
                         help="CI size: 1,000 fuzzed calls, 2 s isolation phases")
     parser.add_argument("--fuzz", type=int, help="fuzzed calls (default 10,000; quick 1,000)")
@@ -661,7 +677,10 @@ def main(argv: list[str] | None = None) -> int:
                         "tenants, models) in this directory instead of a temporary one")
     args = parser.parse_args(argv)
     if args.table is not None:
-        print(markdown_table(json.loads(args.table.read_text())), end="")
+        table = markdown_table(json.loads(args.table.read_text()))
+        if args.into is not None:
+            write_into(args.into, table)
+        print(table, end="")
         return 0
     settings = Settings(args.quick, args.fuzz)
     with tempfile.TemporaryDirectory(prefix="walkrank-chaos-") as scratch:
@@ -669,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         graph = build_graph(args.graph, root)
         report = Chaos(root, graph, settings, args.seed).run()
+    report["settings"]["graph"] = args.graph or "tiny"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "context"}, indent=2,
