@@ -400,34 +400,65 @@ def _code(vocab: tuple[str, ...], value: str | None) -> int:
 
 def _lookup(sorted_ids: np.ndarray, order: np.ndarray, external: Any) -> np.ndarray:
     query = np.asarray(external)
+    if query.dtype.kind == "U" and not isinstance(external, np.ndarray):
+        # Keep the caller's strings: numpy's fixed-width text drops trailing NULs, which
+        # would make "1000000001\0" the id 1000000001.
+        query = np.array(external, dtype=object)
     if query.ndim == 0:
         query = query.reshape(1)
     n = sorted_ids.shape[0]
     if query.size == 0 or n == 0:
         return np.full(query.shape, -1, dtype=np.int32)
-    ids_are_text = sorted_ids.dtype.kind == "U"
-    if ids_are_text:
-        query = query.astype(str)
-    elif query.dtype.kind in "iu":
-        query = query.astype(np.int64)
-    elif query.dtype.kind == "f":
+    if sorted_ids.dtype.kind == "U":
+        unrepresentable = np.zeros(query.shape, dtype=bool)
+        if query.dtype == object:
+            unrepresentable.flat[:] = [isinstance(v, str) and v.endswith("\0")
+                                       for v in query.flat]
+        result = _search(sorted_ids, order, query.astype(str))
+        result[unrepresentable] = -1
+        return result
+    if query.dtype.kind in "iu":
+        return _search(sorted_ids, order, query.astype(np.int64))
+    if query.dtype.kind == "f":
         whole = np.isfinite(query) & (query == np.round(query))
         result = np.full(query.shape, -1, dtype=np.int32)
-        result[whole] = _lookup(sorted_ids, order, query[whole].astype(np.int64))
+        result[whole] = _search(sorted_ids, order, query[whole].astype(np.int64))
         return result
+    # Text or object queries against integer ids: only an id's canonical spelling names it.
+    result = np.full(query.shape, -1, dtype=np.int32)
+    parsed = [_canonical_int(value) for value in query.flat]
+    ok = np.array([value is not None for value in parsed], dtype=bool).reshape(query.shape)
+    result[ok] = _search(sorted_ids, order,
+                         np.array([v for v in parsed if v is not None], dtype=np.int64))
+    return result
+
+
+def _canonical_int(value: object) -> int | None:
+    """The int64 id a query value names, or None.
+
+    Integers (and whole floats) name themselves; text names an id only in the id's own
+    spelling, `str(id)`: ASCII digits, '-' for a negative id, no leading zeros, nothing
+    around them. `int()` would also read ' 1', '+1', '1_000', '١' (Arabic-Indic one),
+    so those would have resolved to somebody else's pin.
+    """
+    if isinstance(value, str):
+        digits = value[1:] if value.startswith("-") else value
+        if not (digits.isascii() and digits.isdigit()):
+            return None
+        number = int(value)
+        if str(number) != value:  # leading zeros, "-0"
+            return None
     else:
-        # Text or object queries against integer ids: parse what parses, the rest is unknown.
-        result = np.full(query.shape, -1, dtype=np.int32)
-        parsed = np.zeros(query.shape, dtype=np.int64)
-        ok = np.zeros(query.shape, dtype=bool)
-        for i, value in enumerate(query.ravel()):
-            try:
-                parsed.flat[i] = int(value)
-                ok.flat[i] = True
-            except (TypeError, ValueError, OverflowError):
-                pass
-        result[ok] = _lookup(sorted_ids, order, parsed[ok])
-        return result
+        integral = isinstance(value, int | np.integer) and not isinstance(value, bool)
+        whole = isinstance(value, float | np.floating) and float(value).is_integer()
+        if not (integral or whole):
+            return None
+        number = int(value)
+    return number if -(2**63) <= number < 2**63 else None
+
+
+def _search(sorted_ids: np.ndarray, order: np.ndarray, query: np.ndarray) -> np.ndarray:
+    n = sorted_ids.shape[0]
     pos = np.searchsorted(sorted_ids, query)
     pos_clipped = np.minimum(pos, n - 1)
     found = (pos < n) & (sorted_ids[pos_clipped] == query)

@@ -10,7 +10,7 @@ import hmac
 import grpc
 
 from walkrank.serving.config import AuthConfig
-from walkrank.serving.errors import PermissionDenied, Unauthenticated
+from walkrank.serving.errors import PermissionDenied, Unauthenticated, quote
 
 API_KEY_HEADER = "x-api-key"
 ADMIN_TOKEN_HEADER = "x-admin-token"
@@ -34,6 +34,17 @@ class Authenticator:
         self._all_keys = frozenset().union(*config.tenant_keys.values()) if config.tenant_keys \
             else frozenset()
 
+    def authenticate(self, context: grpc.ServicerContext) -> None:
+        """The call carries a key of some tenant: checked from metadata alone, before the
+        request is decoded (which tenant it may call is checked once the request names one)."""
+        if not self.config.enabled:
+            return
+        key = _header(context, API_KEY_HEADER)
+        if not key:
+            raise Unauthenticated(f"missing {API_KEY_HEADER} metadata")
+        if not _matches(key, self._all_keys):
+            raise Unauthenticated("unknown API key")
+
     def check_tenant(self, context: grpc.ServicerContext, tenant: str) -> None:
         if not self.config.enabled:
             return
@@ -43,7 +54,7 @@ class Authenticator:
         if _matches(key, self.config.tenant_keys.get(tenant, frozenset())):
             return
         if _matches(key, self._all_keys):
-            raise PermissionDenied(f"this API key may not call tenant {tenant!r}")
+            raise PermissionDenied(f"this API key may not call tenant {quote(tenant)}")
         raise Unauthenticated("unknown API key")
 
     def check_admin(self, context: grpc.ServicerContext) -> None:
@@ -52,6 +63,18 @@ class Authenticator:
         token = _header(context, ADMIN_TOKEN_HEADER)
         if not token:
             raise Unauthenticated(f"admin calls need {ADMIN_TOKEN_HEADER} metadata")
-        if not self.config.admin_token or not _matches(token, frozenset({
-                self.config.admin_token})):
+        if not self._is_admin(token):
             raise PermissionDenied("invalid admin token")
+
+    def check_tenant_or_admin(self, context: grpc.ServicerContext, tenant: str) -> None:
+        """The tenant's own key, or the admin token (per-tenant health)."""
+        if not self.config.enabled:
+            return
+        token = _header(context, ADMIN_TOKEN_HEADER)
+        if token and self._is_admin(token):
+            return
+        self.check_tenant(context, tenant)
+
+    def _is_admin(self, token: str) -> bool:
+        return bool(self.config.admin_token) and _matches(token, frozenset({
+            self.config.admin_token}))

@@ -1,17 +1,41 @@
-"""Turns WalkRank exceptions into gRPC status codes, in one place for every method."""
+"""The request boundary: every call of every service (Recommender, Admin, health, reflection)
+is decoded here, its credentials checked first, and WalkRank exceptions turned into gRPC
+status codes, in one place.
+
+gRPC would run a handler's request deserializer itself, on its polling thread, and answer a
+message that does not parse (random bytes, a string field that is not UTF-8) with INTERNAL
+"Exception deserializing request!" and a logged traceback per call. The boundary registers
+the handlers without a deserializer (gRPC hands over the bytes) and parses in the handler
+instead, so an undecodable request is what it is, the client's error: INVALID_ARGUMENT with
+one line naming the message type and the problem. Client errors are never logged; they are
+counted in `walkrank_client_errors_total{tenant,reason}` (tenant "unknown" until the request
+names a tenant the server has).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from walkrank.errors import ConfigError, DataError, ModelError, WalkRankError
-from walkrank.serving.errors import RequestError
+from walkrank.serving.errors import InvalidArgument, RequestError
+from walkrank.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+#: The tenant a call is for, once it named one the server has: the client-error metric's
+#: label. gRPC runs every call in a fresh `contextvars.Context`, so it never leaks.
+CALL_TENANT: ContextVar[str] = ContextVar("walkrank_call_tenant", default="unknown")
+#: Status details are sent in a trailer: one line, at most this long.
+MAX_DETAILS_CHARS = 512
+
+#: A check on the call's metadata (credentials) run before its message is decoded.
+Guard = Callable[[grpc.ServicerContext], None]
 
 
 def status_of(exc: WalkRankError) -> grpc.StatusCode:
@@ -22,41 +46,135 @@ def status_of(exc: WalkRankError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(context: grpc.ServicerContext, exc: WalkRankError) -> None:
-    code = status_of(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("internal error")
-    context.abort(code, str(exc))
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_DETAILS_CHARS else line[:MAX_DETAILS_CHARS - 1] + "…"
 
 
-def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+def _decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """Parse a request's bytes; InvalidArgument (reason "undecodable") when they do not."""
+    if deserializer is None:
+        return lambda data: data
+    message_type = getattr(deserializer, "__self__", None)
+    name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request message")
+
+    def decode(data: bytes) -> Any:
         try:
-            return behavior(request, context)
-        except WalkRankError as exc:
-            _abort(context, exc)
+            return deserializer(data)
+        except DecodeError as exc:
+            # upb says e.g. "Error parsing message with type 'X': String field had bad UTF-8".
+            problem = str(exc).rpartition("': ")[2] or "unparseable"
+            raise InvalidArgument("request", f"not a valid {name} ({len(data)} bytes): "
+                                  f"{problem}", reason="undecodable") from None
 
-    return handler
-
-
-def _wrap_stream(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-    def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from behavior(request, context)
-        except WalkRankError as exc:
-            _abort(context, exc)
-
-    return handler
+    return decode
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+def _no_guard(context: grpc.ServicerContext) -> None:
+    """Services without a guard check credentials (if at all) once they read the message."""
+
+
+def _like(wrapper: Callable[..., Any], behavior: Callable[..., Any]) -> Callable[..., Any]:
+    # gRPC reads these off the behavior (health's Watch is non-blocking, for one).
+    for name in ("experimental_non_blocking", "experimental_thread_pool"):
+        if hasattr(behavior, name):
+            setattr(wrapper, name, getattr(behavior, name))
+    return wrapper
+
+
+class RequestBoundary(grpc.ServerInterceptor):
+    """Wraps each method's handler once (cached by method) with guard, decode and errors.
+
+    `guards` maps a service's full name (`walkrank.v1.Admin`) to a check of the call's
+    metadata run before anything else, so a call without credentials costs no decoding.
+    """
+
+    def __init__(self, metrics: ServerMetrics, guards: Mapping[str, Guard] | None = None
+                 ) -> None:
+        self._metrics = metrics
+        self._guards = dict(guards or {})
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     def intercept_service(self, continuation: Callable[..., Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+    def fail(self, context: grpc.ServicerContext, exc: WalkRankError) -> NoReturn:
+        """End the call with `exc`'s status; client errors are counted, internal ones logged."""
+        code = status_of(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("internal error")
+        elif isinstance(exc, RequestError):
+            self._metrics.client_errors.labels(CALL_TENANT.get(), exc.reason).inc()
+        context.abort(code, _one_line(str(exc)))
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        check = self._guards.get(method.lstrip("/").rpartition("/")[0], _no_guard)
+        decode = _decoder(handler.request_deserializer)
+        fail = self.fail
+
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+            unary = handler.unary_unary
+
+            def unary_unary(request: bytes, context: grpc.ServicerContext) -> Any:
+                try:
+                    check(context)
+                    return unary(decode(request), context)
+                except WalkRankError as exc:
+                    fail(context, exc)
+
+            return handler._replace(unary_unary=_like(unary_unary, unary),
+                                    request_deserializer=None)
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
-        return handler
+            stream = handler.unary_stream
+            if getattr(stream, "experimental_non_blocking", False):
+                def unary_stream(request: bytes, context: grpc.ServicerContext,
+                                 *callback: Any) -> Any:
+                    try:
+                        check(context)
+                        return stream(decode(request), context, *callback)
+                    except WalkRankError as exc:
+                        fail(context, exc)
+            else:
+                def unary_stream(request: bytes, context: grpc.ServicerContext
+                                 ) -> Iterator[Any]:
+                    try:
+                        check(context)
+                        yield from stream(decode(request), context)
+                    except WalkRankError as exc:
+                        fail(context, exc)
+
+            return handler._replace(unary_stream=_like(unary_stream, stream),
+                                    request_deserializer=None)
+        if handler.stream_unary is not None:
+            client_stream = handler.stream_unary
+
+            def stream_unary(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+                try:
+                    check(context)
+                    return client_stream(map(decode, requests), context)
+                except WalkRankError as exc:
+                    fail(context, exc)
+
+            return handler._replace(stream_unary=_like(stream_unary, client_stream),
+                                    request_deserializer=None)
+        both = handler.stream_stream
+
+        def stream_stream(requests: Iterator[bytes], context: grpc.ServicerContext
+                          ) -> Iterator[Any]:
+            try:
+                check(context)
+                yield from both(map(decode, requests), context)
+            except WalkRankError as exc:
+                fail(context, exc)
+
+        return handler._replace(stream_stream=_like(stream_stream, both),
+                                request_deserializer=None)

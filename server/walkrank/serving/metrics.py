@@ -20,6 +20,11 @@ class ServerMetrics:
                                  ["tenant", "stage"], buckets=_BUCKETS_S, registry=self.registry)
         self.candidates = Counter("walkrank_candidates", "Candidates generated and scored",
                                   ["tenant", "kind"], registry=self.registry)
+        self.client_errors = Counter(
+            "walkrank_client_errors",
+            "Calls refused for the client's doing (undecodable, invalid, too long, unknown "
+            "tenant, credentials, quota), by tenant ('unknown' before one is named) and reason",
+            ["tenant", "reason"], registry=self.registry)
         self.model_version = Gauge("walkrank_model_version",
                                    "Model version in use (0 = visit count)", ["tenant"],
                                    registry=self.registry)

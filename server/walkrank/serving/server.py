@@ -13,7 +13,7 @@ import threading
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from walkrank.candidate_log import CandidateLog
 from walkrank.errors import ConfigError
@@ -23,7 +23,8 @@ from walkrank.log_process import ProcessLog
 from walkrank.models import ModelRegistry
 from walkrank.serving.auth import Authenticator
 from walkrank.serving.config import ServerConfig
-from walkrank.serving.interceptor import ErrorInterceptor
+from walkrank.serving.health import TenantHealth
+from walkrank.serving.interceptor import RequestBoundary
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import NO_DEADLINE_S, RecommendInput, recommend
 from walkrank.serving.reflection import enable_reflection
@@ -40,6 +41,8 @@ from walkrank_client.pb.walkrank.v1 import (
 log = logging.getLogger(__name__)
 
 OVERALL = ""
+RECOMMENDER = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 # Every compute job ends by its deadline (walks are cancelled then), so jobs waiting this
 # long with none finishing mean the compute threads are stuck: overall health NOT_SERVING.
 STALL_S = 5.0
@@ -61,10 +64,10 @@ class WalkRankServer:
             on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)),
             nice=config.log_writer_nice, name="walkrank-candidate-log")
         self.event_log = EventLog(config.logs_dir, writer_nice=config.log_writer_nice)
-        self.health = health.HealthServicer()
+        auth = Authenticator(config.auth)
+        self.health = TenantHealth(auth)
         self.serving = ServingContext(
-            self.graph, self.tenants, self.candidate_log, self.event_log,
-            Authenticator(config.auth), self.metrics,
+            self.graph, self.tenants, self.candidate_log, self.event_log, auth, self.metrics,
             ComputePool(config.compute_slots or available_cores(), nice=config.compute_nice))
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -74,17 +77,15 @@ class WalkRankServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers,
                                        thread_name_prefix="walkrank"),
-            interceptors=[ErrorInterceptor()], options=options,
+            interceptors=[RequestBoundary(self.metrics, guards={
+                RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin})], options=options,
             maximum_concurrent_rpcs=None)
         add_recommender(RecommenderServicer(self.serving), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(self.serving, str(config.graph), self.reload), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_reflection(self._server, [
-            recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name,
-            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        ])
+            RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         self.port = 0
         self._stopped = threading.Event()
         self.stall_after_s = STALL_S

@@ -8,7 +8,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
@@ -20,8 +20,26 @@ from walkrank.errors import WalkRankError
 from walkrank.events import EventLog, validate_events
 from walkrank.graph.store import GraphStore
 from walkrank.serving.auth import Authenticator
-from walkrank.serving.errors import DeadlineExceeded, InvalidArgument, QuotaExceeded, TenantNotFound
-from walkrank.serving.interceptor import status_of
+from walkrank.serving.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    QuotaExceeded,
+    TenantNotFound,
+    quote,
+)
+from walkrank.serving.fields import (
+    ID_CHARS,
+    INTEREST_CHARS,
+    LOCALE_CHARS,
+    MAX_BATCH_USERS,
+    MAX_EXCLUDE_PINS,
+    MAX_INTERESTS,
+    TENANT_CHARS,
+    check_count,
+    check_each,
+    check_length,
+)
+from walkrank.serving.interceptor import CALL_TENANT, status_of
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import (
     RecommendInput,
@@ -57,13 +75,17 @@ class ServingContext:
         self.compute = compute
 
     def runtime(self, tenant: str, context: grpc.ServicerContext) -> TenantRuntime:
+        """The tenant a request names, once the caller's key may call it."""
         if not tenant:
             raise InvalidArgument("tenant", "required")
-        self.auth.check_tenant(context, tenant)
+        check_length("tenant", tenant, TENANT_CHARS)
         runtime = self.tenants.get(tenant)
+        if runtime is not None:
+            CALL_TENANT.set(runtime.name)
+        self.auth.check_tenant(context, tenant)
         if runtime is None:
             known = ", ".join(sorted(self.tenants.runtimes())) or "none"
-            raise TenantNotFound(f"unknown tenant {tenant!r} (known: {known})")
+            raise TenantNotFound(f"unknown tenant {quote(tenant)} (known: {known})")
         return runtime
 
     @contextmanager
@@ -124,10 +146,26 @@ class ServingContext:
         return encode_response(runtime.name, output)
 
 
-def _query(pins: list[recommender_pb2.QueryPin]) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    # A weight of 0 means "unweighted" on the wire (proto3 has no unset floats).
-    return (tuple(p.pin_id for p in pins),
-            tuple(float(p.weight) if p.weight != 0 else 1.0 for p in pins))
+def _user_input(tenant: str, request_id: str, user: recommender_pb2.User,
+                query_pins: Sequence[recommender_pb2.QueryPin], exclude_pins: Sequence[str],
+                num_results: int, seed: int | None, field: str = "") -> RecommendInput:
+    """One user's request, every string within its limit (`walkrank.serving.fields`);
+    `field` prefixes the field named in an error (`users[3].`)."""
+    check_length(f"{field}request_id", request_id, ID_CHARS)
+    check_length(f"{field}user.id", user.id, ID_CHARS)
+    check_length(f"{field}user.locale", user.locale, LOCALE_CHARS)
+    check_count(f"{field}user.interests", user.interests, MAX_INTERESTS)
+    check_each(f"{field}user.interests", user.interests, INTEREST_CHARS)
+    pins = tuple(p.pin_id for p in query_pins)
+    check_each(f"{field}query_pins", pins, ID_CHARS, suffix=".pin_id")
+    check_count(f"{field}exclude_pins", exclude_pins, MAX_EXCLUDE_PINS)
+    check_each(f"{field}exclude_pins", exclude_pins, ID_CHARS)
+    return RecommendInput(
+        tenant=tenant, request_id=request_id or uuid.uuid4().hex, query_pins=pins,
+        # A weight of 0 means "unweighted" on the wire (proto3 has no unset floats).
+        query_weights=tuple(float(p.weight) if p.weight != 0 else 1.0 for p in query_pins),
+        user_id=user.id, locale=user.locale, interests=tuple(user.interests),
+        num_results=num_results, exclude_pins=tuple(exclude_pins), seed=seed)
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
@@ -137,14 +175,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def Recommend(self, request: recommender_pb2.RecommendRequest,
                   context: grpc.ServicerContext) -> bytes:
         runtime = self.serving.runtime(request.tenant, context)
-        pins, weights = _query(list(request.query_pins))
-        decoded = RecommendInput(
-            tenant=request.tenant, request_id=request.request_id or uuid.uuid4().hex,
-            query_pins=pins, query_weights=weights, user_id=request.user.id,
-            locale=request.user.locale, interests=tuple(request.user.interests),
-            num_results=request.num_results, exclude_pins=tuple(request.exclude_pins),
-            seed=request.seed if request.HasField("seed") else None)
+        # Admission before anything else: a tenant past its quota is refused at once.
         with self.serving.admitted(runtime):
+            decoded = _user_input(runtime.name, request.request_id, request.user,
+                                  request.query_pins, request.exclude_pins,
+                                  request.num_results,
+                                  request.seed if request.HasField("seed") else None)
             return self.serving.serve_one(runtime, decoded, context)
 
     def RecommendBatch(self, request: recommender_pb2.RecommendBatchRequest,
@@ -152,25 +188,25 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         runtime = self.serving.runtime(request.tenant, context)
         if not request.users:
             raise InvalidArgument("users", "at least one user is required")
+        check_count("users", request.users, MAX_BATCH_USERS)
         # A batch holds one in-flight slot for its whole run: a burst of email batches
         # therefore occupies at most the email quota of server threads.
         with self.serving.admitted(runtime):
-            for position, user in enumerate(request.users):
+            seeded = request.HasField("seed")
+            # Every user's fields are checked before the first is served.
+            users = [_user_input(runtime.name, user.request_id, user.user, user.query_pins,
+                                 user.exclude_pins, request.num_results,
+                                 (request.seed + position) % 2**64 if seeded else None,
+                                 field=f"users[{position}].")
+                     for position, user in enumerate(request.users)]
+            for position, decoded in enumerate(users):
                 if not context.is_active():
                     raise DeadlineExceeded(f"call ended before user {position} of the batch")
-                pins, weights = _query(list(user.query_pins))
-                seed = (request.seed + position) % 2**64 if request.HasField("seed") else None
-                decoded = RecommendInput(
-                    tenant=request.tenant, request_id=user.request_id or uuid.uuid4().hex,
-                    query_pins=pins, query_weights=weights, user_id=user.user.id,
-                    locale=user.user.locale, interests=tuple(user.user.interests),
-                    num_results=request.num_results, exclude_pins=tuple(user.exclude_pins),
-                    seed=seed)
                 try:
                     yield self.serving.serve_one(runtime, decoded, context)
                 except InvalidArgument as exc:
-                    raise InvalidArgument(f"users[{position}].{exc.field}",
-                                          str(exc).split(": ", 1)[1]) from exc
+                    raise InvalidArgument(f"users[{position}].{exc.field}", exc.problem,
+                                          exc.reason) from exc
 
     def ReportEvents(self, request: events_pb2.ReportEventsRequest,
                      context: grpc.ServicerContext) -> events_pb2.ReportEventsResponse:
@@ -195,6 +231,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """Admin calls; the admin token is checked for every one of them by the request
+    boundary (`RequestBoundary` guards), before the request is decoded."""
+
     def __init__(self, serving: ServingContext, graph_path: str,
                  reload: Callable[[frozenset[str] | None], ReloadReport]) -> None:
         self.serving = serving
@@ -207,17 +246,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def ListTenants(self, request: admin_pb2.ListTenantsRequest,
                     context: grpc.ServicerContext) -> admin_pb2.ListTenantsResponse:
-        self.serving.auth.check_admin(context)
         runtimes = self.serving.tenants.runtimes()
         return admin_pb2.ListTenantsResponse(
             tenants=[self._tenant_summary(runtimes[name]) for name in sorted(runtimes)])
 
     def GetTenant(self, request: admin_pb2.GetTenantRequest,
                   context: grpc.ServicerContext) -> admin_pb2.TenantInfo:
-        self.serving.auth.check_admin(context)
         runtime = self.serving.tenants.get(request.name)
         if runtime is None:
-            raise TenantNotFound(f"unknown tenant {request.name!r}")
+            raise TenantNotFound(f"unknown tenant {quote(request.name)}")
         counters = self.serving.tenants.counters(runtime.name).snapshot()
         return admin_pb2.TenantInfo(
             name=runtime.name,
@@ -229,7 +266,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def Reload(self, request: admin_pb2.ReloadRequest,
                context: grpc.ServicerContext) -> admin_pb2.ReloadResponse:
-        self.serving.auth.check_admin(context)
+        check_each("tenants", request.tenants, TENANT_CHARS)
         report = self._reload(frozenset(request.tenants) or None)
         changes = [admin_pb2.ReloadChange(tenant=t, kind="added") for t in report.added]
         changes += [admin_pb2.ReloadChange(tenant=t, kind="removed") for t in report.removed]
@@ -244,7 +281,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def GraphInfo(self, request: admin_pb2.GraphInfoRequest,
                   context: grpc.ServicerContext) -> admin_pb2.GraphInfoResponse:
-        self.serving.auth.check_admin(context)
         graph = self.serving.graph
         manifest = {k: v for k, v in graph.manifest.items() if k != "checksums"}
         return admin_pb2.GraphInfoResponse(

@@ -1,0 +1,308 @@
+"""The request boundary through a real server: undecodable and oversized requests are client
+errors (one line, counted, never logged), credentials come before any work, pin ids are
+strict, and per-tenant health needs credentials."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_server import busy_pins, make_config, running
+
+from walkrank.graph.build import build_graph
+from walkrank.graph.store import GraphStore
+from walkrank.serving.config import AuthConfig
+from walkrank.serving.server import WalkRankServer
+from walkrank_client.pb.walkrank.v1 import (
+    admin_pb2,
+    events_pb2,
+    recommender_pb2,
+)
+
+RECOMMEND = "/walkrank.v1.Recommender/Recommend"
+BATCH = "/walkrank.v1.Recommender/RecommendBatch"
+EVENTS = "/walkrank.v1.Recommender/ReportEvents"
+GET_TENANT = "/walkrank.v1.Admin/GetTenant"
+LIST_TENANTS = "/walkrank.v1.Admin/ListTenants"
+HEALTH = "/grpc.health.v1.Health/Check"
+KEYS = {"homefeed": "key-h", "email": "key-e"}
+ADMIN = "admin-token"
+MB = 1 << 20
+
+
+class ErrorLog(logging.Handler):
+    """ERROR records (or worse) logged in this process while the server runs."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def errors() -> Iterator[ErrorLog]:
+    handler = ErrorLog()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore,
+                errors: ErrorLog) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
+    """Auth off; a raw channel (no serializers: bytes in, bytes out)."""
+    config = make_config(tmp_path_factory.mktemp("open"), small_graph)
+    with running(config) as (server, _), grpc.insecure_channel(
+            f"127.0.0.1:{server.port}") as channel:
+        yield server, channel
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore,
+                 errors: ErrorLog) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
+    auth = AuthConfig(enabled=True, tenant_keys={t: frozenset({k}) for t, k in KEYS.items()},
+                      admin_token=ADMIN)
+    config = make_config(tmp_path_factory.mktemp("keyed"), small_graph, auth=auth)
+    with running(config) as (server, _), grpc.insecure_channel(
+            f"127.0.0.1:{server.port}") as channel:
+        yield server, channel
+
+
+def call(channel: grpc.Channel, method: str, payload: bytes,
+         metadata: tuple[tuple[str, str], ...] = ()) -> tuple[grpc.StatusCode, str, bytes]:
+    """Status, details and (when OK) the answer's bytes of one raw call."""
+    try:
+        answer = channel.unary_unary(method)(payload, timeout=20, metadata=metadata)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or "", b""
+    return grpc.StatusCode.OK, "", answer
+
+
+def stream(channel: grpc.Channel, method: str, payload: bytes,
+           metadata: tuple[tuple[str, str], ...] = ()) -> tuple[grpc.StatusCode, str]:
+    try:
+        list(channel.unary_stream(method)(payload, timeout=20, metadata=metadata))
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def client_errors(server: WalkRankServer, tenant: str, reason: str) -> float:
+    value = server.metrics.registry.get_sample_value(
+        "walkrank_client_errors_total", {"tenant": tenant, "reason": reason})
+    return value or 0.0
+
+
+def request(graph: GraphStore, tenant: str = "homefeed", pins: list[str] | None = None,
+            **fields: object) -> bytes:
+    pins = busy_pins(graph, 1) if pins is None else pins
+    return recommender_pb2.RecommendRequest(
+        tenant=tenant, query_pins=[recommender_pb2.QueryPin(pin_id=p) for p in pins],
+        **fields).SerializeToString()
+
+
+def assert_one_line(details: str, *needles: str) -> None:
+    assert "\n" not in details and len(details) <= 512, details[:200]
+    for needle in needles:
+        assert needle in details, details
+
+
+# -- undecodable requests --------------------------------------------------------------------
+
+GARBAGE = [bytes(np.random.default_rng(seed).integers(0, 256, 64, dtype=np.uint8))
+           for seed in range(4)] + [b"\xff" * 9, b"\x0a\x05ab"]  # bad tag; truncated string
+
+
+@pytest.mark.parametrize(("method", "kind"), [
+    (RECOMMEND, "walkrank.v1.RecommendRequest"), (EVENTS, "walkrank.v1.ReportEventsRequest"),
+    (GET_TENANT, "walkrank.v1.GetTenantRequest"), (HEALTH, "grpc.health.v1.HealthCheckRequest"),
+])
+def test_random_bytes_are_invalid_argument_counted_and_never_logged(
+        open_server, errors: ErrorLog, method: str, kind: str) -> None:
+    server, channel = open_server
+    before = client_errors(server, "unknown", "undecodable")
+    undecodable = 0
+    for payload in GARBAGE:
+        code, details, _ = call(channel, method, payload)
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.NOT_FOUND), (payload, code, details)
+        if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request:"):
+            assert_one_line(details, f"not a valid {kind}")
+            undecodable += 1
+    assert undecodable >= 2  # 0xff... and the truncated string never parse
+    assert client_errors(server, "unknown", "undecodable") == before + undecodable
+    assert not errors.records, [r.getMessage() for r in errors.records]
+    assert call(channel, RECOMMEND, request(server.graph))[0] == grpc.StatusCode.OK
+
+
+def test_batch_random_bytes_are_invalid_argument(open_server, errors: ErrorLog) -> None:
+    server, channel = open_server
+    code, details = stream(channel, BATCH, b"\xff" * 9)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert_one_line(details, "not a valid walkrank.v1.RecommendBatchRequest")
+    assert not errors.records
+
+
+def test_invalid_utf8_in_a_string_field_is_named(open_server, errors: ErrorLog) -> None:
+    server, channel = open_server
+    valid = request(server.graph)
+    # Field 2 (request_id), length 2, bytes that are not UTF-8, after a valid request.
+    code, details, _ = call(channel, RECOMMEND, valid + b"\x12\x02\xff\xfe")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert_one_line(details, "walkrank.v1.RecommendRequest", "UTF-8")
+    assert not errors.records
+
+
+# -- credentials before work -----------------------------------------------------------------
+
+def test_without_credentials_undecodable_bytes_are_unauthenticated(keyed_server) -> None:
+    server, channel = keyed_server
+    for method in (RECOMMEND, GET_TENANT):
+        code, details, _ = call(channel, method, b"\xff" * 9)
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (method, code, details)
+    assert stream(channel, BATCH, b"\xff" * 9)[0] == grpc.StatusCode.UNAUTHENTICATED
+    # With a key, the same bytes are what they are.
+    code, _, _ = call(channel, RECOMMEND, b"\xff" * 9, (("x-api-key", KEYS["homefeed"]),))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert call(channel, LIST_TENANTS, b"", (("x-admin-token", "wrong"),))[0] == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert call(channel, LIST_TENANTS, b"", (("x-admin-token", ADMIN),))[0] == grpc.StatusCode.OK
+
+
+# -- length limits ---------------------------------------------------------------------------
+
+def oversized(graph: GraphStore) -> list[tuple[str, str, bytes, str]]:
+    """(name, method, payload, the field the error must name)."""
+    user = recommender_pb2.User
+    batch_users = [recommender_pb2.BatchUser(query_pins=[recommender_pb2.QueryPin(
+        pin_id=busy_pins(graph, 1)[0])], request_id=rid) for rid in ("ok", "r" * 200)]
+    return [
+        ("tenant 1 MiB", RECOMMEND, request(graph, tenant="t" * MB), "tenant"),
+        ("request_id 3.9 MiB", RECOMMEND, request(graph, request_id="r" * (39 * MB // 10)),
+         "request_id"),
+        ("user id", RECOMMEND, request(graph, user=user(id="u" * 129)), "user.id"),
+        ("locale", RECOMMEND, request(graph, user=user(locale="l" * 65)), "user.locale"),
+        ("an interest", RECOMMEND, request(graph, user=user(interests=["a", "i" * 129])),
+         "user.interests[1]"),
+        ("65 interests", RECOMMEND, request(graph, user=user(interests=["a"] * 65)),
+         "user.interests"),
+        ("a query pin id", RECOMMEND, request(graph, pins=["1", "9" * 129]),
+         "query_pins[1].pin_id"),
+        ("an excluded pin", RECOMMEND, request(graph, exclude_pins=["p" * 129]),
+         "exclude_pins[0]"),
+        ("10,001 excluded pins", RECOMMEND, request(graph, exclude_pins=["1"] * 10_001),
+         "exclude_pins"),
+        ("a batch user's request_id", BATCH, recommender_pb2.RecommendBatchRequest(
+            tenant="email", users=batch_users).SerializeToString(), "users[1].request_id"),
+        ("admin tenant name", GET_TENANT, admin_pb2.GetTenantRequest(
+            name="n" * MB).SerializeToString(), "unknown tenant"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_oversized_fields_are_refused_naming_the_field_without_echoing_it(
+        open_server, errors: ErrorLog, case: int) -> None:
+    server, channel = open_server
+    name, method, payload, field = oversized(server.graph)[case]
+    if method == BATCH:
+        code, details = stream(channel, method, payload)
+    else:
+        code, details, _ = call(channel, method, payload)
+    expected = grpc.StatusCode.NOT_FOUND if method == GET_TENANT else \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert code == expected, (name, code, details[:200])
+    assert_one_line(details, field)
+    assert not errors.records
+
+
+def test_too_long_fields_are_counted_by_tenant(open_server) -> None:
+    server, channel = open_server
+    before = client_errors(server, "homefeed", "too_long")
+    assert call(channel, RECOMMEND, request(server.graph, request_id="r" * 129))[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert client_errors(server, "homefeed", "too_long") == before + 1
+
+
+def test_events_quote_only_a_prefix_of_an_unknown_tenant(open_server) -> None:
+    server, channel = open_server
+    payload = events_pb2.ReportEventsRequest(tenant="x" * 60 + "y" * MB).SerializeToString()
+    code, details, _ = call(channel, EVENTS, payload)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert_one_line(details, "tenant")
+    assert "y" * 100 not in details
+
+
+# -- strict pin ids --------------------------------------------------------------------------
+
+def variants(pin: str) -> list[str]:
+    arabic = "".join(chr(0x0660 + int(d)) for d in pin)
+    grouped = f"{int(pin):_}"
+    return [grouped, f" {pin} ", f"+{pin}", arabic, pin + "\0", "0" + pin, f"{pin}\n"]
+
+
+def test_pin_ids_resolve_only_in_their_own_spelling(open_server) -> None:
+    server, channel = open_server
+    pin = busy_pins(server.graph, 1)[0]
+    for spelling in variants(pin):
+        code, details, answer = call(channel, RECOMMEND, request(server.graph, pins=[spelling]))
+        assert code == grpc.StatusCode.OK, (spelling, details)
+        response = recommender_pb2.RecommendResponse.FromString(answer)
+        assert list(response.unknown_query_pins) == [spelling] and not response.candidates
+    code, _, answer = call(channel, RECOMMEND, request(server.graph, pins=[pin]))
+    assert recommender_pb2.RecommendResponse.FromString(answer).candidates
+
+
+def test_lookup_is_strict_for_integer_and_text_ids(tmp_path, small_graph: GraphStore) -> None:
+    first = int(small_graph.pin_external([0])[0])
+    assert small_graph.pin_index([str(first), first, float(first)]).tolist() == [0, 0, 0]
+    assert (small_graph.pin_index(variants(str(first))) == -1).all()
+    edges = pa.table({"pin_id": ["a", "b", "b"], "board_id": ["x", "x", "y"]})
+    build_graph(tmp_path / "text", edges)
+    text = GraphStore.load(tmp_path / "text")
+    assert text.pin_index(["a", "a\0", " a", "b"]).tolist()[1:3] == [-1, -1]
+    assert (text.pin_index(["a", "b"]) >= 0).all()
+
+
+# -- per-tenant health -----------------------------------------------------------------------
+
+def test_tenant_health_needs_credentials_overall_health_does_not(keyed_server) -> None:
+    server, channel = keyed_server
+    stub = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    def check(service: str, *metadata: tuple[str, str]) -> grpc.StatusCode | int:
+        try:
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10,
+                              metadata=metadata).status
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    assert check("") == serving
+    assert check("homefeed") == grpc.StatusCode.UNAUTHENTICATED
+    assert check("no_such_tenant") == grpc.StatusCode.UNAUTHENTICATED  # names not revealed
+    assert check("homefeed", ("x-api-key", "nonsense")) == grpc.StatusCode.UNAUTHENTICATED
+    assert check("homefeed", ("x-api-key", KEYS["email"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert check("homefeed", ("x-api-key", KEYS["homefeed"])) == serving
+    assert check("homefeed", ("x-admin-token", ADMIN)) == serving
+    assert check("no_such_tenant", ("x-admin-token", ADMIN)) == grpc.StatusCode.NOT_FOUND
+    assert check("s" * MB, ("x-admin-token", ADMIN)) == grpc.StatusCode.INVALID_ARGUMENT
+
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="homefeed"), timeout=10)
+    with pytest.raises(grpc.RpcError) as info:
+        next(watch)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="homefeed"), timeout=10,
+                       metadata=(("x-api-key", KEYS["homefeed"]),))
+    assert next(watch).status == serving
+    watch.cancel()
+
+
