@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from walkrank.candidate_log import read_candidates
+from walkrank.cli import main
 from walkrank.graph.store import GraphStore
 from walkrank_client import WalkRankClient
 
@@ -44,3 +47,91 @@ def test_serve_answers_then_stops_gracefully_on_sigterm(tmp_path: Path,
             process.kill()
     logged = read_candidates(tmp_path / "logs", "homefeed")
     assert logged.num_rows == answer.candidates_generated
+
+
+def write_config(tmp_path: Path, graph: Path, address: str = "127.0.0.1:0") -> Path:
+    if not (tmp_path / "tenants").exists():
+        shutil.copytree(REPO / "tenants", tmp_path / "tenants")
+    config = tmp_path / "walkrank.yaml"
+    config.write_text(yaml.safe_dump({"graph": str(graph), "tenants_dir": "tenants",
+                                      "models_dir": "models", "logs_dir": "logs",
+                                      "address": address}))
+    return config
+
+
+def serve_fails(config: Path, *options: str) -> str:
+    """Run `walkrank serve`, which must exit 2 by itself (a hang fails the test); the one
+    line it writes to stderr."""
+    result = subprocess.run([sys.executable, "-m", "walkrank.cli", "serve", "--config",
+                             str(config), *options], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    return line
+
+
+@pytest.mark.slow
+def test_corrupt_graph_exits_2_naming_the_file(tmp_path: Path, small_graph: GraphStore) -> None:
+    """pin_adj.npy overwritten with other values of the same size: a SIGSEGV in the walk
+    kernels before the graph was verified at startup."""
+    graph = tmp_path / "graph"
+    shutil.copytree(small_graph.path, graph)
+    adj = graph / "pin_adj.npy"
+    adj.chmod(0o644)
+    data = adj.read_bytes()
+    values = np.random.default_rng(5).integers(2**30, 2**31 - 1, small_graph.n_edges,
+                                               dtype=np.int32)
+    adj.write_bytes(data[:len(data) - values.nbytes] + values.tobytes())
+    line = serve_fails(write_config(tmp_path, graph))
+    assert line.startswith(f"walkrank: error: {adj}: checksum mismatch for array 'pin_adj'")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_busy_port_exits_2_with_one_line_naming_the_address(
+        tmp_path: Path, small_graph: GraphStore, processes: str) -> None:
+    """It printed gRPC's `RuntimeError: Failed to bind` traceback and never exited."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        line = serve_fails(write_config(tmp_path, small_graph.path, address),
+                           "--processes", processes)
+    assert line == (f"walkrank: error: address: cannot bind {address}: the port is in use by "
+                    f"another process")
+
+
+@pytest.mark.slow
+def test_a_served_graph_is_never_replaced(tmp_path: Path, small_graph: GraphStore) -> None:
+    """`graph build --replace` refuses the directory a running server maps (replacing files
+    under a memory map is what turns into SIGBUS); the server keeps answering."""
+    graph = tmp_path / "graph"
+    shutil.copytree(small_graph.path, graph)
+    edges = tmp_path / "edges.csv"
+    edges.write_text("pin_id,board_id\n1,2\n3,2\n")
+    process = subprocess.Popen([sys.executable, "-m", "walkrank.cli", "serve", "--config",
+                                str(write_config(tmp_path, graph))],
+                               stdout=subprocess.PIPE, text=True)
+    build = ["graph", "build", "--edges", str(edges), "--out", str(graph)]
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        assert "serving" in banner, banner
+        address = banner.strip().rsplit(" on ", 1)[1]
+        refused = subprocess.run([sys.executable, "-m", "walkrank.cli", *build, "--replace"],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        assert refused.stderr == (f"walkrank: error: {graph}: a running server is serving this "
+                                  f"graph; build into a new directory and point the server's "
+                                  f"graph setting at it (docs/serving.md)\n")
+        pin = str(small_graph.pin_external([0])[0])
+        with WalkRankClient(address, timeout=20.0) as client:
+            assert client.recommend("homefeed", [pin]).candidates
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert main(build) == 2  # exists: refused without --replace
+    assert main([*build, "--replace"]) == 0  # no server holds it any more
+    assert GraphStore.load(graph).n_edges == 2

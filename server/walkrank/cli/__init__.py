@@ -29,12 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_error(exc: BaseException) -> None:
+    """One line on stderr, no traceback: the message names the file, field or address."""
+    message = " ".join(line.strip() for line in str(exc).splitlines())
+    print(f"walkrank: error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except WalkRankError as exc:
-        print(f"walkrank: error: {exc}", file=sys.stderr)
+    except (WalkRankError, OSError) as exc:
+        report_error(exc)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -7,10 +7,13 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 
+from walkrank.cli import report_error
 from walkrank.cli._config import add_config_argument, server_config
-from walkrank.serving.config import DEFAULT_ADDRESS, ServerConfig
+from walkrank.errors import WalkRankError
+from walkrank.serving.config import DEFAULT_ADDRESS, ServerConfig, check_port_free
 
 log = logging.getLogger("walkrank.serve")
 
@@ -58,6 +61,15 @@ def serve_forever(config: ServerConfig, reuse_port: bool) -> None:
     print("walkrank: stopped", flush=True)
 
 
+def _serve_child(config: ServerConfig) -> None:
+    """One of `--processes`: a startup error is one line and exit status 2, as in one process."""
+    try:
+        serve_forever(config, reuse_port=True)
+    except (WalkRankError, OSError) as exc:
+        report_error(exc)
+        sys.exit(2)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
@@ -68,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if config.address.endswith(":0"):
         log.error("--processes needs a fixed port, not :0")
         return 2
+    check_port_free(config.address, reuse_port=True)  # once, not one error per child
     # Fork after nothing heavy is loaded: each child maps the same graph files, so the page
     # cache holds one copy whatever the process count.
     context = multiprocessing.get_context("fork")
-    children = [context.Process(target=serve_forever, args=(config, True), daemon=False)
+    children = [context.Process(target=_serve_child, args=(config,), daemon=False)
                 for _ in range(args.processes)]
     for child in children:
         child.start()

@@ -7,7 +7,9 @@ secrets file named here (kept out of git), so the config file itself can be comm
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,3 +179,27 @@ def load_server_config(path: Path) -> ServerConfig:
         values["tls"] = TlsConfig((base / tls_raw["cert_file"]).resolve(),
                                   (base / tls_raw["key_file"]).resolve())
     return ServerConfig(**values)
+
+
+def check_port_free(address: str, reuse_port: bool) -> None:
+    """ConfigError when another process listens on `address`'s port: one line, before the
+    server loads anything (gRPC would fail only at bind time, and log a C-core error line).
+    The probe binds as gRPC does (SO_REUSEADDR, and SO_REUSEPORT for `--processes`) and
+    closes at once; anything but a port in use is left to gRPC's own bind to report."""
+    host, _, port = address.rpartition(":")
+    try:
+        targets = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                     type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return
+    for family, kind, proto, _, target in targets:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(target)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"address: cannot bind {address}: the port is in use "
+                                      f"by another process") from None

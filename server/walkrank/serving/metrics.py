@@ -28,6 +28,12 @@ class ServerMetrics:
         self.model_version = Gauge("walkrank_model_version",
                                    "Model version in use (0 = visit count)", ["tenant"],
                                    registry=self.registry)
+        self.tenant_load_error = Gauge(
+            "walkrank_tenant_load_error",
+            "1 while the tenant's file or model failed its last (re)load (it serves what it "
+            "served before, or visit count)", ["tenant"], registry=self.registry)
+        # Every row a log accepted or refused but never wrote, by log (candidates, events)
+        # and reason: queue_full, closed, writer_died, bad_record, write_error.
         self.log_dropped = Counter("walkrank_log_dropped_rows",
                                    "Candidate-log rows dropped because the writer queue was full",
                                    registry=self.registry)

@@ -18,11 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from walkrank.candidate_log import CandidateLog
 from walkrank.errors import ConfigError
 from walkrank.events import EventLog
-from walkrank.graph.store import GraphStore
+from walkrank.graph.store import load_for_serving
 from walkrank.log_process import ProcessLog
 from walkrank.models import ModelRegistry
 from walkrank.serving.auth import Authenticator
-from walkrank.serving.config import ServerConfig
+from walkrank.serving.config import ServerConfig, check_port_free
 from walkrank.serving.health import TenantHealth
 from walkrank.serving.interceptor import RequestBoundary
 from walkrank.serving.metrics import ServerMetrics
@@ -53,7 +53,9 @@ class WalkRankServer:
 
     def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
         self.config = config
-        self.graph = GraphStore.load(config.graph)
+        # Verified before anything runs on it (a corrupt file is an error naming it, not a
+        # crash in the kernels), and leased so `graph build --replace` leaves it alone.
+        self.graph, self._graph_lease = load_for_serving(config.graph)
         self.metrics = ServerMetrics()
         self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
         # Candidates are written by a child process (walkrank.log_process), events (few) by
@@ -87,6 +89,7 @@ class WalkRankServer:
         enable_reflection(self._server, [
             RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         self.port = 0
+        self._reuse_port = reuse_port
         self._stopped = threading.Event()
         self.stall_after_s = STALL_S
 
@@ -98,11 +101,25 @@ class WalkRankServer:
         for name, runtime in self.tenants.runtimes().items():
             # A day, not the tenant's deadline: loading (or, on a cold cache, compiling) the
             # kernels takes seconds.
-            recommend(self.graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
-                                                          query_pins=(first_pin,)),
-                      time_remaining=lambda: NO_DEADLINE_S)
+            try:
+                recommend(self.graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
+                                                              query_pins=(first_pin,)),
+                          time_remaining=lambda: NO_DEADLINE_S)
+            except Exception:  # one tenant's failure never stops the server's startup
+                log.exception("tenant %s: warm-up call failed", name)
 
     def start(self) -> int:
+        """Load the tenants, warm up, bind and serve; on any failure everything started so far
+        (the log writer process, the compute threads) is stopped before the error propagates,
+        so a failed start exits instead of hanging."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+
+    def _start(self) -> int:
+        check_port_free(self.config.address, self._reuse_port)  # before seconds of loading
         self.reload()
         self.warm_up()
         # Everything loaded so far lives as long as the server: keep it out of the cyclic
@@ -110,23 +127,32 @@ class WalkRankServer:
         # for every request in flight).
         gc.collect()
         gc.freeze()
-        if self.config.tls is not None:
-            try:
-                credentials = grpc.ssl_server_credentials([(
-                    self.config.tls.key_file.read_bytes(), self.config.tls.cert_file.read_bytes())])
-            except OSError as exc:
-                raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
-            self.port = self._server.add_secure_port(self.config.address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(self.config.address)
-        if self.port == 0:
-            raise ConfigError(f"address: cannot bind {self.config.address}")
+        self.port = self._bind()
         self._server.start()
         threading.Thread(target=self._watch_compute, name="walkrank-health", daemon=True).start()
         if self.config.metrics_address:
             self.metrics.serve(self.config.metrics_address)
         log.info("serving %d tenants on port %d", len(self.tenants.runtimes()), self.port)
         return self.port
+
+    def _bind(self) -> int:
+        """Add the listening port; ConfigError naming the address when it cannot be bound."""
+        credentials = None
+        if self.config.tls is not None:
+            try:
+                credentials = grpc.ssl_server_credentials([(
+                    self.config.tls.key_file.read_bytes(), self.config.tls.cert_file.read_bytes())])
+            except OSError as exc:
+                raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
+        try:
+            port = (self._server.add_insecure_port(self.config.address) if credentials is None
+                    else self._server.add_secure_port(self.config.address, credentials))
+        except RuntimeError:  # grpcio 1.85 raises "Failed to bind to address ..." (no port 0)
+            port = 0
+        if port == 0:
+            raise ConfigError(f"address: cannot bind {self.config.address} (the port is in use "
+                              f"or the host is not an address of this machine)")
+        return port
 
     def reload(self, models_for: frozenset[str] | None = None) -> ReloadReport:
         """Reload tenants (and the models of `models_for`, default all), then publish health."""
@@ -138,6 +164,8 @@ class WalkRankServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             version = runtime.model.version if runtime.model is not None else 0
             self.metrics.model_version.labels(name).set(version)
+        for name in set(runtimes) | set(report.errors) | set(report.removed):
+            self.metrics.tenant_load_error.labels(name).set(int(name in report.errors))
         self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         return report
 
@@ -168,6 +196,7 @@ class WalkRankServer:
         self.candidate_log.close()
         self.event_log.close()
         self.metrics.close()
+        self._graph_lease.release()
 
     def wait(self) -> None:
         self._server.wait_for_termination()

@@ -270,8 +270,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         report = self._reload(frozenset(request.tenants) or None)
         changes = [admin_pb2.ReloadChange(tenant=t, kind="added") for t in report.added]
         changes += [admin_pb2.ReloadChange(tenant=t, kind="removed") for t in report.removed]
-        changes += [admin_pb2.ReloadChange(tenant=t, kind="config") for t in report.updated
-                    if t not in report.models]
+        changes += [admin_pb2.ReloadChange(tenant=t, kind="config") for t in report.updated]
         changes += [admin_pb2.ReloadChange(tenant=t, kind="model", detail=f"now {v}")
                     for t, v in sorted(report.models.items()) if t not in report.added]
         return admin_pb2.ReloadResponse(

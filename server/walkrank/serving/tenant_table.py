@@ -2,8 +2,10 @@
 
 A request takes one `TenantRuntime` reference at its start and keeps it to the end, so a reload
 in the middle of a request never mixes two configs or two models. A reload builds a new table
-beside the old one; anything that fails to load (a broken YAML file, a corrupt model, a model
-whose features do not match) is reported and the tenant keeps what it was serving.
+beside the old one; anything that fails to load (a broken YAML file, a corrupt model or
+`CURRENT`, a model whose features do not match) is an error of that tenant alone: it is
+reported, the tenant keeps what it was serving (a tenant whose model never loaded serves visit
+count), and every other tenant loads as if nothing happened.
 """
 
 from __future__ import annotations
@@ -94,22 +96,24 @@ class TenantRuntime:
 @dataclass(frozen=True)
 class ReloadReport:
     added: tuple[str, ...] = ()
-    updated: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()  # tenants whose config changed
     removed: tuple[str, ...] = ()
-    models: dict[str, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)  # tenant -> model now served, if new
     errors: dict[str, str] = field(default_factory=dict)  # tenant -> what failed
     error_files: dict[str, str] = field(default_factory=dict)  # tenant -> the file at fault
 
 
-def load_runtime_model(registry: ModelRegistry, config: TenantConfig) -> tuple[LoadedModel,
-                                                                              Scorer] | None:
-    """Load the tenant's current model, refusing one whose features differ from the tenant's."""
-    current = registry.current(config.name)
-    if current is None:
-        return None
-    model = registry.load(config.name, current.version)
+def load_runtime_model(registry: ModelRegistry, config: TenantConfig,
+                       version: int) -> tuple[LoadedModel, Scorer]:
+    """Load a version of the tenant's model, refusing one whose features differ from the
+    tenant's."""
+    model = registry.load(config.name, version)
     check_feature_list(list(model.metadata["feature_names"]), list(config.features))
     return model, Scorer.from_onnx(model.onnx_bytes, len(config.features))
+
+
+def _served_version(runtime: TenantRuntime | None) -> int | None:
+    return runtime.model.version if runtime is not None and runtime.model is not None else None
 
 
 class TenantTable:
@@ -153,6 +157,9 @@ class TenantTable:
             error_files[name] = str(path)
             if name in old:  # a broken file never takes down a tenant that was serving
                 fresh[name] = old[name]
+                log.error("tenant %s keeps its previous config: %s", name, message)
+            else:
+                log.error("tenant %s not served: %s", name, message)
         for name, config in loaded.configs.items():
             previous = old.get(name)
             if (previous is not None and models_for is not None and name not in models_for
@@ -162,18 +169,18 @@ class TenantTable:
             runtime = self._build_runtime(config, previous, errors)
             if name in errors:  # the model failed: point at the tenant's model directory
                 error_files[name] = str(self.registry.root / name)
+                log.error("tenant %s serves %s: %s", name, runtime.model_version, errors[name])
             fresh[name] = runtime
             if previous is None or previous.model_version != runtime.model_version:
                 models[name] = runtime.model_version
-        for name, message in errors.items():
-            log.error("tenant %s not (re)loaded: %s", name, message)
         self._runtimes = fresh
         self.errors = errors
         for name in fresh:
             self.counters(name)
         return ReloadReport(
             added=tuple(sorted(set(fresh) - set(old))),
-            updated=tuple(sorted(n for n in set(fresh) & set(old) if fresh[n] is not old[n])),
+            updated=tuple(sorted(n for n in set(fresh) & set(old)
+                                 if fresh[n].config != old[n].config)),
             removed=tuple(sorted(set(old) - set(fresh))),
             models=models,
             errors=errors,
@@ -182,23 +189,33 @@ class TenantTable:
 
     def _build_runtime(self, config: TenantConfig, previous: TenantRuntime | None,
                        errors: dict[str, str]) -> TenantRuntime:
-        current = self.registry.current(config.name)
-        if (previous is not None and previous.config == config and previous.model is not None
-                and current is not None and previous.model.version == current.version):
-            return previous
+        """The tenant with its `CURRENT` model; the same runtime object when nothing changed.
+
+        Any failure to read the pointer or load the model (bad `CURRENT`, missing version,
+        checksum, features, an ONNX the runtime rejects) is recorded in `errors` for this
+        tenant only, which keeps its previous model if that still fits its features and
+        otherwise serves visit count.
+        """
         try:
-            loaded = load_runtime_model(self.registry, config)
-        except WalkRankError as exc:
-            errors[config.name] = f"model not loaded: {exc}"
-            if previous is not None and previous.model is not None:
-                try:
-                    check_feature_list(list(previous.model.metadata["feature_names"]),
-                                       list(config.features))
-                except WalkRankError:
-                    return TenantRuntime(config)
-                return TenantRuntime(config, previous.model, previous.scorer)
-            return TenantRuntime(config)
-        if loaded is None:
-            return TenantRuntime(config)
-        model, scorer = loaded
-        return TenantRuntime(config, model, scorer)
+            current = self.registry.current(config.name)
+            version = current.version if current is not None else None
+            if (previous is not None and previous.config == config
+                    and _served_version(previous) == version):
+                return previous
+            if version is None:
+                return TenantRuntime(config)
+            model, scorer = load_runtime_model(self.registry, config, version)
+            return TenantRuntime(config, model, scorer)
+        except Exception as exc:  # contained: one tenant's model never stops the others
+            if not isinstance(exc, WalkRankError):
+                log.exception("tenant %s: unexpected error loading its model", config.name)
+            detail = str(exc) if isinstance(exc, WalkRankError) else f"{type(exc).__name__}: {exc}"
+            errors[config.name] = f"model not loaded: {detail}"
+        if previous is not None and previous.model is not None:
+            try:
+                check_feature_list(list(previous.model.metadata["feature_names"]),
+                                   list(config.features))
+            except WalkRankError:
+                return TenantRuntime(config)
+            return TenantRuntime(config, previous.model, previous.scorer)
+        return TenantRuntime(config)
