@@ -326,3 +326,48 @@ def test_writer_thread_runs_at_the_lower_priority_asked(tmp_path: Path) -> None:
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     finally:
         assert log.close()
+
+
+def test_a_record_too_large_or_unconvertible_is_dropped_alone_and_the_file_written(
+        tmp_path: Path) -> None:
+    """A 1.1 MB request id on 2,000 candidates once overflowed Arrow's 2 GB string limit
+    and cost the whole file; a batch Arrow cannot convert did too. Now each is dropped alone,
+    counted, and the other batches of its row group and file are written."""
+    lost: list[tuple[str, int]] = []
+    log = CandidateLog(tmp_path, on_lost=lambda *loss: lost.append(loss))
+    good = [make_batch(f"r{i}", seed=i) for i in range(6)]
+    huge_id = make_batch("x" * 1_100_000, k=2000, seed=7)
+    many_topics = CandidateBatch(**{**vars(make_batch("topics", seed=8)),
+                                    "user_interests": [f"t{i}" for i in range(300)]})
+    unconvertible = CandidateBatch(**{**vars(make_batch("text", seed=9)),
+                                      "features": np.full((7, 3), "n/a", dtype=object)})
+    for batch in (good[0], huge_id, good[1], many_topics, good[2], unconvertible, *good[3:]):
+        assert log.submit(batch)
+    assert log.close(timeout=60)
+    stats = log.stats()
+    assert lost == [("bad_record", 2000), ("bad_record", 7), ("bad_record", 7)]
+    assert (stats["bad_records"], stats["lost_rows"], stats["written_rows"]) == (3, 2014, 42)
+    table = read_candidates(tmp_path, "home")
+    assert table["request_id"].to_pylist() == [b.request_id for b in good for _ in range(7)]
+
+
+def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> None:
+    """Request-level text is dictionary-encoded, one entry per request, however many
+    candidates share it; readers of the file still get plain strings."""
+    batches = [CandidateBatch(**{**vars(make_batch(f"{i:04d}" + "y" * 15_000, k=2000, seed=i)),
+                                 "user_interests": ["travel", f"topic-{i}"]})
+               for i in range(4)]
+    table = candidates_table(batches)
+    assert table["request_id"].type == pa.dictionary(pa.int32(), pa.string())
+    assert len(table["request_id"].chunk(0).dictionary) == 4
+    assert len(table["user_interests"].chunk(0).values.dictionary) == 8
+    assert table["user_interests"].to_pylist()[2000] == ["travel", "topic-1"]
+    log = CandidateLog(tmp_path)
+    assert all(log.submit(b) for b in batches) and log.close(timeout=60)
+    [path] = (tmp_path / "candidates").rglob("*.parquet")
+    assert path.stat().st_size < 1_000_000  # 8,000 rows of 15 kB ids: 120 MB if repeated
+    schema = pq.read_schema(path)
+    assert schema.field("request_id").type == pa.string()
+    assert schema.field("user_interests").type == pa.list_(pa.string())
+    first = pq.ParquetFile(path).read_row_group(0, columns=["request_id", "user_locale"])
+    assert first["request_id"][0].as_py() == batches[0].request_id

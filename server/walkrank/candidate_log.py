@@ -49,7 +49,7 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 _US_PER_HOUR = 3_600_000_000
 # Partition values go into directory names: no separators, and no leading "." or "_" (readers
 # such as pyarrow.dataset and Spark skip those as hidden files).
-_PARTITION_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PARTITION_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def hour_partition(epoch_hour: int) -> Partition:
@@ -72,8 +72,12 @@ def to_epoch_seconds(moment: TimeLike, name: str) -> float | None:
 
 
 def _is_text(arrow_type: pa.DataType) -> bool:
-    """Strings, or lists of strings: the columns worth a Parquet dictionary."""
+    """Strings, or lists of strings, plain or dictionary-encoded: the columns worth a Parquet
+    dictionary (and dictionary-encoded ones must get one: written without, they would be
+    expanded to a value per row)."""
     if pa.types.is_list(arrow_type):
+        arrow_type = arrow_type.value_type
+    if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
@@ -95,6 +99,11 @@ class Piece(NamedTuple, Generic[P]):
     layout: Hashable
     rows: int
     payload: P
+
+
+LOSS_REASONS: tuple[str, ...] = ("bad_record", "write_error")
+"""Why a writer loses rows it accepted: a record it cannot convert (too large, or a value
+Arrow refuses: dropped alone), or a file it cannot write (every row of that file)."""
 
 
 class Intake(Generic[R]):
@@ -156,6 +165,8 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
 
     Hooks: `on_drop(record)` runs on the submitting thread for every dropped record (metrics);
     `on_write(path, rows)` runs on the writer thread after each file becomes visible;
+    `on_lost(reason, rows)` runs on the writer thread whenever accepted rows are lost (a
+    reason of `LOSS_REASONS`), so nothing accepted is lost without being counted;
     `writer_hook(record)` runs on the writer thread for each record it takes off the queue,
     before processing it (tests hold the writer with it to fill the queue deterministically).
 
@@ -180,6 +191,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
         clock: Callable[[], float] = time.time,
         on_drop: Callable[[R], None] | None = None,
         on_write: Callable[[Path, int], None] | None = None,
+        on_lost: Callable[[str, int], None] | None = None,
         writer_hook: Callable[[R], None] | None = None,
         compression: str = "zstd",
         statistics: Sequence[str] | None = None,
@@ -201,6 +213,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
         self.flush_seconds = float(flush_seconds)
         self._clock = clock
         self._on_write = on_write
+        self._on_lost = on_lost
         self._writer_hook = writer_hook
         self._compression = compression
         self._statistics: list[str] | bool = True if statistics is None else list(statistics)
@@ -212,6 +225,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
         self.written_rows = 0
         self.written_files = 0
         self.write_errors = 0
+        self.bad_records = 0
         self.lost_rows = 0
         self._thread = threading.Thread(
             target=self._run, name=f"walkrank-log-{self.directory.name}", daemon=True
@@ -229,7 +243,8 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
 
     @abstractmethod
     def _table(self, payloads: list[P]) -> pa.Table:
-        """One file's table from the payloads of pieces sharing a partition and layout."""
+        """One file's table from the payloads of pieces sharing a partition and layout (if it
+        raises, each payload is tried alone and only those that fail again are dropped)."""
 
     def submit(self, record: R, *, wait: bool = False) -> bool:
         """Queue a record; False when dropped (queue full or closed).
@@ -283,6 +298,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
             written_rows=self.written_rows,
             written_files=self.written_files,
             write_errors=self.write_errors,
+            bad_records=self.bad_records,
             lost_rows=self.lost_rows,
             writer_alive=self._thread.is_alive(),
         )
@@ -318,10 +334,8 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
                     self._writer_hook(record)
                 try:
                     pieces = self._pieces(record)
-                except Exception:
-                    log.exception("log writer: cannot convert a record; dropped")
-                    self.write_errors += 1
-                    self.lost_rows += self._rows(record)
+                except Exception as exc:
+                    self._drop_bad(self._rows(record), exc)
                     pieces = []
                 for piece in pieces:
                     key = (piece.partition, piece.layout)
@@ -329,6 +343,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
                     if file is None:
                         file = files[key] = _OpenFile(piece.partition)
                     file.payloads.append(piece.payload)
+                    file.payload_rows.append(piece.rows)
                     file.pending_rows += piece.rows
                     if file.pending_rows >= self.row_group_rows:
                         self._write_row_group(file)
@@ -342,20 +357,49 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
             if not files:
                 oldest = None
 
+    def _lose(self, reason: str, rows: int) -> None:
+        self.lost_rows += rows
+        if self._on_lost is not None and rows:
+            self._on_lost(reason, rows)
+
+    def _drop_bad(self, rows: int, exc: Exception) -> None:
+        """Count a record that cannot be converted: it alone is dropped."""
+        log.error("log writer: dropped a record of %d rows under %s that cannot be written: "
+                  "%s", rows, self.directory, str(exc)[:200])
+        self.write_errors += 1
+        self.bad_records += 1
+        self._lose("bad_record", rows)
+
+    def _row_group_table(self, file: _OpenFile[P]) -> pa.Table | None:
+        """The pending pieces as one table; when that fails, the table of those that convert
+        on their own (the others are dropped and counted)."""
+        try:
+            return self._table(file.payloads)
+        except Exception:
+            tables = []
+            for payload, rows in zip(file.payloads, file.payload_rows, strict=True):
+                try:
+                    tables.append(self._table([payload]))
+                except Exception as exc:
+                    self._drop_bad(rows, exc)
+                    file.pending_rows -= rows
+            return pa.concat_tables(tables) if tables else None
+
     def _write_row_group(self, file: _OpenFile[P]) -> None:
         """Write the file's pending pieces as one row group (opening the file first). Once a
         write failed the file is lost: its later pieces are only counted."""
         if file.payloads and not file.failed:
+            table = self._row_group_table(file)
             try:
-                table = self._table(file.payloads)
-                if file.writer is None:
-                    self._open(file, table.schema)
-                file.writer.write_table(table, row_group_size=table.num_rows)
+                if table is not None:
+                    if file.writer is None:
+                        self._open(file, table.schema)
+                    file.writer.write_table(table, row_group_size=table.num_rows)
             except Exception:
                 log.exception("log writer: cannot write under %s", self.directory)
                 file.failed = True
         file.written_rows += file.pending_rows
-        file.payloads, file.pending_rows = [], 0
+        file.payloads, file.payload_rows, file.pending_rows = [], [], 0
 
     def _open(self, file: _OpenFile[P], schema: pa.Schema) -> None:
         """Create the file's hidden `.part-*.tmp` and its Parquet writer."""
@@ -368,11 +412,13 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
         file.final = directory / name
         file.tmp = directory / f".{name}.tmp"
         file.handle = open(file.tmp, "wb")  # noqa: SIM115 (closed by _finish)
+        # No Arrow schema in the file: readers get the Parquet types (strings, not the
+        # dictionary arrays the writer builds values-once-per-request with).
         file.writer = pq.ParquetWriter(
             file.handle, schema, compression=self._compression,
             use_dictionary=[f.name for f in schema
                             if _is_text(f.type) and f.name not in self._plain_text],
-            write_statistics=self._statistics)
+            write_statistics=self._statistics, store_schema=False)
 
     def _finish(self, file: _OpenFile[P]) -> None:
         """Write what is pending, close the file and make it visible (or count it lost)."""
@@ -389,7 +435,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
                 file.failed = True
         if file.failed:
             self.write_errors += 1
-            self.lost_rows += file.written_rows
+            self._lose("write_error", file.written_rows)
             if file.handle is not None:
                 file.handle.close()
                 file.tmp.unlink(missing_ok=True)
@@ -408,6 +454,7 @@ class _OpenFile(Generic[P]):
 
     partition: Partition
     payloads: list[P] = field(default_factory=list)
+    payload_rows: list[int] = field(default_factory=list)
     pending_rows: int = 0
     written_rows: int = 0
     failed: bool = False
@@ -469,7 +516,7 @@ class CandidateBatch:
     model_version: str | None
 
     def __post_init__(self) -> None:
-        if not _PARTITION_VALUE.match(self.tenant or ""):
+        if not PARTITION_VALUE.match(self.tenant or ""):
             raise DataError(f"candidate batch: tenant {self.tenant!r} cannot name a partition "
                             "(letters, digits, '_', '.', '-'; not starting with '_' or '.')")
         k = len(self.pin_ids)
@@ -504,17 +551,68 @@ def _pin_id_strings(pin_ids: np.ndarray) -> pa.Array:
     return array if array.type == pa.string() else array.cast(pa.string())
 
 
+MAX_REQUEST_BYTES = 64 << 10
+"""The most UTF-8 bytes of request-level text (request_id, user_id, user_locale,
+model_version and the user_interests) one logged request may carry; a batch over it is
+dropped alone and counted (`bad_record`). Readers expand these values to every candidate
+row, so they must stay small."""
+MAX_INTERESTS = 256
+"""The most user_interests one logged request may carry (same rule)."""
+
+_CODES = pa.dictionary(pa.int32(), pa.string())
+_REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version")
+
+
+def _check_request_values(batch: CandidateBatch) -> None:
+    """DataError when a batch's request-level values are too large for the log."""
+    if len(batch.user_interests) > MAX_INTERESTS:
+        raise DataError(f"candidate batch {batch.request_id[:64]!r}: "
+                        f"{len(batch.user_interests):,} user_interests, the log takes at "
+                        f"most {MAX_INTERESTS}")
+    texts = [getattr(batch, name) or "" for name in _REQUEST_TEXT] + list(batch.user_interests)
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    if size > MAX_REQUEST_BYTES:
+        raise DataError(f"candidate batch {batch.request_id[:64]!r}: request-level values "
+                        f"take {size:,} bytes, the log takes at most {MAX_REQUEST_BYTES:,} "
+                        "per request")
+
+
+def _per_request(values: list[str | None], owner: np.ndarray) -> pa.DictionaryArray:
+    """One value per request, stored once and pointed at by each of its candidates (a
+    request's 2,000 copies of a long id once overflowed Arrow's 2 GB string limit)."""
+    missing = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
+    indices = pa.array(owner, mask=missing[owner] if missing.any() else None)
+    return pa.DictionaryArray.from_arrays(indices, pa.array([v or "" for v in values],
+                                                            pa.string()))
+
+
+def _per_request_lists(lists: list[Sequence[str]], owner: np.ndarray) -> pa.ListArray:
+    """Each request's list once, every candidate's list pointing into it."""
+    lengths = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
+    starts = np.cumsum(lengths) - lengths
+    row_lengths = lengths[owner]
+    offsets = np.zeros(len(owner) + 1, dtype=np.int64)
+    np.cumsum(row_lengths, out=offsets[1:])
+    # Element j of row i is value starts[owner[i]] + (j - offsets[i]).
+    elements = np.arange(offsets[-1], dtype=np.int64) - np.repeat(
+        offsets[:-1] - starts[owner], row_lengths)
+    values = pa.array([topic for topics in lists for topic in topics], pa.string())
+    codes = pa.DictionaryArray.from_arrays(pa.array(elements.astype(np.int32)), values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), codes)
+
+
 def candidates_table(batches: Sequence[CandidateBatch],
                      pin_ids: Sequence[pa.Array] | None = None) -> pa.Table:
-    """Batches with one feature list as one table in `candidate_schema` (request-level values
-    repeated per candidate). Each column is built once for all batches: per-batch Arrow calls
-    were most of the writer's CPU. `pin_ids`: each batch's ids already as strings."""
+    """Batches with one feature list as one table of `candidate_schema`'s columns, the
+    request-level text dictionary-encoded (each value once per request; readers of the
+    files get plain strings). Each column is built once for all batches: per-batch Arrow
+    calls were most of the writer's CPU. `pin_ids`: each batch's ids already as strings."""
     feature_names = batches[0].feature_names
     counts = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
-    owner = pa.array(np.repeat(np.arange(len(batches), dtype=np.int32), counts))
+    owner = np.repeat(np.arange(len(batches), dtype=np.int32), counts)
 
-    def per_request(values: list, arrow_type: pa.DataType) -> pa.Array:
-        return pa.array(values, arrow_type).take(owner)
+    def text(name: str) -> pa.DictionaryArray:
+        return _per_request([getattr(b, name) for b in batches], owner)
 
     def concatenated(name: str, dtype: type) -> pa.Array:
         return pa.array(np.concatenate([np.asarray(getattr(b, name), dtype=dtype)
@@ -528,20 +626,23 @@ def candidates_table(batches: Sequence[CandidateBatch],
     features = np.concatenate([np.asarray(b.features, dtype=np.float32).T for b in batches],
                               axis=1)
     columns = [
-        per_request([b.request_id for b in batches], pa.string()),
+        text("request_id"),
         pa.array(micros, type=TIMESTAMP),
-        per_request([b.user_id for b in batches], pa.string()),
-        per_request([b.user_locale for b in batches], pa.string()),
-        per_request([list(b.user_interests) for b in batches], pa.list_(pa.string())),
+        text("user_id"),
+        text("user_locale"),
+        _per_request_lists([list(b.user_interests) for b in batches], owner),
         pa.concat_arrays(list(pin_ids)),
         concatenated("visit_scores", np.float32),
         concatenated("model_scores", np.float32),
         concatenated("ranks", np.int32),
         concatenated("returned", bool),
-        per_request([b.model_version for b in batches], pa.string()),
+        text("model_version"),
     ]
     columns += [pa.array(column) for column in features]
-    return pa.Table.from_arrays(columns, schema=candidate_schema(feature_names))
+    schema = pa.schema([field.with_type(column.type)
+                        for field, column in zip(candidate_schema(feature_names), columns,
+                                                 strict=True)])
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 class CandidateSink(Protocol):
@@ -569,6 +670,7 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
         clock: Callable[[], float] = time.time,
         on_drop: Callable[[CandidateBatch], None] | None = None,
         on_write: Callable[[Path, int], None] | None = None,
+        on_lost: Callable[[str, int], None] | None = None,
         writer_hook: Callable[[CandidateBatch], None] | None = None,
         writer_nice: int = 0,
     ) -> None:
@@ -579,13 +681,15 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
         super().__init__(self.root / "candidates", queue_size=queue_size,
                          flush_rows=flush_rows, row_group_rows=row_group_rows,
                          flush_seconds=flush_seconds, clock=clock,
-                         on_drop=on_drop, on_write=on_write, writer_hook=writer_hook,
-                         statistics=("ts",), plain_text=("pin_id",), writer_nice=writer_nice)
+                         on_drop=on_drop, on_write=on_write, on_lost=on_lost,
+                         writer_hook=writer_hook, statistics=("ts",), plain_text=("pin_id",),
+                         writer_nice=writer_nice)
 
     def _rows(self, record: CandidateBatch) -> int:
         return len(record)
 
     def _pieces(self, record: CandidateBatch) -> list[Piece[tuple[CandidateBatch, pa.Array]]]:
+        _check_request_values(record)
         partition = (("tenant", record.tenant),) + hour_partition(int(record.ts // 3600))
         # Pin ids are converted here, so ids that cannot be strings drop this batch only.
         return [Piece(partition, tuple(record.feature_names), len(record),
@@ -628,16 +732,16 @@ def read_partitioned(
 
     Partitions outside the window are never opened. Files may differ in columns (a tenant's
     feature list changed): the result has the union, with nulls where a file lacks a column.
-    Partition columns are not in the result (the time column carries the date and hour).
+    Partition columns are in the result only when `base_schema` names them (null for files
+    whose path lacks that partition); the time column carries the date and hour.
     """
     lo = to_epoch_seconds(start, "start")
     hi = to_epoch_seconds(end, "end")
     directory = Path(directory)
     if not directory.is_dir():
         return base_schema.empty_table()
-    dataset = ds.dataset(directory, format="parquet",
-                         partitioning=ds.partitioning(pa.schema(list(partition_fields)),
-                                                      flavor="hive"))
+    partitioning = ds.partitioning(pa.schema(list(partition_fields)), flavor="hive")
+    dataset = ds.dataset(directory, format="parquet", partitioning=partitioning)
     partition_filter = _partition_window(lo, hi)
     if where is not None:
         partition_filter = where if partition_filter is None else where & partition_filter
@@ -654,7 +758,8 @@ def read_partitioned(
     if hi is not None:
         upper = pc.field(time_column) < pa.scalar(round(hi * 1e6), TIMESTAMP)
         row_filter = upper if row_filter is None else row_filter & upper
-    files = ds.dataset([f.path for f in fragments], schema=schema, format="parquet")
+    files = ds.dataset([f.path for f in fragments], schema=schema, format="parquet",
+                       partitioning=partitioning, partition_base_dir=str(directory))
     return files.to_table(filter=row_filter)
 
 

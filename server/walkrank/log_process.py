@@ -15,6 +15,16 @@ Semantics match the in-process log: `submit` never blocks and counts what it dro
 ring is full; `flush` and `close` wait until everything accepted before them is written.
 The child ignores SIGINT/SIGTERM (the server closes it after draining its calls) and, if
 the server dies without closing it, writes what it holds and exits.
+
+Nothing accepted is lost without being counted. The child reports, in shared counters, the
+rows it has written (after each file is renamed into place) and the rows its writer lost
+(`LOSS_REASONS`). A supervisor thread waits on the child's process handle: when the child
+dies it is reaped at once, replaced by a new one with a fresh ring (the old ring, and any
+lock the dead child held, are abandoned), and the rows the dead child accepted but never
+wrote (those in its ring, in its queue, in an unfinished file) are counted as `writer_died`:
+accepted minus written minus already counted. The count is exact, except that a child killed
+between renaming a file into place and counting it would count that file's rows both as
+written and as lost: an upper bound, never an undercount.
 """
 
 from __future__ import annotations
@@ -23,28 +33,39 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
-from walkrank.candidate_log import Intake, PartitionedLog
+from walkrank.candidate_log import LOSS_REASONS, Intake, PartitionedLog
 from walkrank.errors import DataError
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-# How often the child checks that the server is alive, and the server that the child is
-# while it waits for an answer.
+# How often the child checks that the server is alive, and a flush that its child is.
 _LIVENESS_CHECK_S = 1.0
+# How often the supervisor reports the child's own losses; it hears of a death at once.
+_SUPERVISE_S = 0.2
+# A child that dies before it is ready is restarted at once; if the next one does too (its
+# log cannot be built), after 1 s, then 2, 4, ... up to a minute, rather than in a loop.
+_FIRST_BACKOFF_S = 1.0
+_MAX_BACKOFF_S = 60.0
+# The longest a side waits for a ring position's lock. Each side holds it for an instant,
+# but a side killed while holding it never gives it back: the other side then gives up
+# (the record is refused and counted) until the supervisor replaces the ring.
+_LOCK_WAIT_S = 0.005
 # How long the child sleeps when the ring is empty: records wait at most this long (files
 # are written by size or age anyway), and an idle server costs the child 100 wake-ups a
 # second.
@@ -55,6 +76,10 @@ _ALIGN = 64
 # Each entry starts with its length and where its pickled part starts (uint64 each); a
 # length of 0 means "nothing more before the end of the ring: continue at its start".
 _HEADER = 16
+# The child's progress, in shared memory that only the child writes: rows in files made
+# visible, a flag set once its log is built, and rows lost per reason of LOSS_REASONS.
+_WRITTEN, _READY = 0, 1
+_LOST_SLOT = {reason: 2 + i for i, reason in enumerate(LOSS_REASONS)}
 
 
 def _aligned(size: int) -> int:
@@ -103,7 +128,9 @@ class _Ring:
     Positions count bytes from the start and only grow (`% size` is the place); an entry
     never wraps: one that does not fit before the end goes to the start of the next lap. The
     two positions are shared values whose locks order the entries' bytes with them on every
-    architecture, not only x86.
+    architecture, not only x86. Each side keeps its own position and the last one it saw of
+    the other, and never waits long for a lock the other may have died holding: an old read
+    position only makes the ring look fuller, an old write position emptier.
     """
 
     def __init__(self, context: Any, size: int) -> None:
@@ -118,6 +145,10 @@ class _Ring:
                             f"writer's ring (log_ring_mb): {exc}") from exc
         self._written = context.Value("Q", 0)  # moved by the server
         self._read = context.Value("Q", 0)  # moved by the child
+        self._head = 0  # the server's write position, and the last read position it saw
+        self._tail = 0
+        self._taken = 0  # the child's read position, and the last write position it saw
+        self._seen = 0
         self._data: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -128,6 +159,28 @@ class _Ring:
         if self._data is None:
             self._data = np.frombuffer(self._memory, dtype=np.uint8)
         return self._data
+
+    @staticmethod
+    def _load(shared: Any, wait: float) -> int | None:
+        """The shared position, or None when its lock is not free within `wait`."""
+        lock = shared.get_lock()
+        if not lock.acquire(timeout=wait):
+            return None
+        try:
+            return int(shared.get_obj().value)
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _store(shared: Any, value: int) -> bool:
+        lock = shared.get_lock()
+        if not lock.acquire(timeout=_LOCK_WAIT_S):
+            return False
+        try:
+            shared.get_obj().value = value
+        finally:
+            lock.release()
+        return True
 
     def append(self, record: Any) -> bool:
         """Store a record; False (nothing stored) when it does not fit now."""
@@ -143,13 +196,13 @@ class _Ring:
         pickled = np.frombuffer(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL),
                                 dtype=np.uint8)
         length = _aligned(pickled_at + pickled.size)
-        with self._written.get_lock():
-            written = self._written.value
-        with self._read.get_lock():
-            read = self._read.value
+        read = self._load(self._read, 0.0)
+        if read is not None:
+            self._tail = read
+        written = self._head
         place = written % self.size
         skip = self.size - place if place + length > self.size else 0
-        if written + skip + length - read > self.size:
+        if written + skip + length - self._tail > self.size:
             return False
         data = self.data
         if skip:
@@ -160,19 +213,21 @@ class _Ring:
             np.copyto(data[at:at + array.nbytes].view(array.dtype).reshape(array.shape), array)
         data[place + pickled_at:place + pickled_at + pickled.size] = pickled
         data[place:place + _HEADER].view(np.uint64)[:] = (length, pickled_at)
-        with self._written.get_lock():  # publishes the bytes above with the position
-            self._written.value = written + skip + length
+        # Publishing the position (under its lock) publishes the bytes above with it.
+        if not self._store(self._written, written + skip + length):
+            return False
+        self._head = written + skip + length
         return True
 
     def take_all(self) -> list[Any]:
         """Every record appended since the last call, in order; their space is free again."""
-        with self._written.get_lock():
-            written = self._written.value
-        with self._read.get_lock():
-            read = self._read.value
+        written = self._load(self._written, _LOCK_WAIT_S)
+        if written is not None:
+            self._seen = written
+        read = self._taken
         data = self.data
         records = []
-        while read < written:
+        while read < self._seen:
             place = read % self.size
             length, pickled_at = (int(v) for v in data[place:place + _HEADER].view(np.uint64))
             if length == 0:  # the rest of this lap is unused
@@ -191,20 +246,29 @@ class _Ring:
                 record = record.kind(**record.fields, **arrays)
             records.append(record)
             read += length
-        with self._read.get_lock():
-            self._read.value = read
+        self._taken = read
+        self._store(self._read, read)  # if the lock is busy, the server sees it next time
         return records
 
 
-def _relay(factory: Callable[[], PartitionedLog[Any, Any]], ring: _Ring, acks: Any, nice: int,
-           server_pid: int) -> None:
-    """The child: hand each record to a local log (waiting, never dropping), answer controls,
-    and write what it holds if the server dies without closing it."""
+def _relay(factory: Callable[..., PartitionedLog[Any, Any]], ring: _Ring, acks: Any,
+           progress: Any, nice: int, server_pid: int) -> None:
+    """The child: hand each record to a local log (waiting, never dropping), count what it
+    writes and loses in `progress`, answer controls, and write what it holds if the server
+    dies without closing it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         os.nice(nice)
-    local = factory()
+
+    def written(_path: Any, rows: int) -> None:
+        progress[_WRITTEN] += rows
+
+    def lost(reason: str, rows: int) -> None:
+        progress[_LOST_SLOT[reason]] += rows
+
+    local = factory(on_write=written, on_lost=lost)
+    progress[_READY] = 1
     checked = time.monotonic()
     while True:
         records = ring.take_all()
@@ -231,36 +295,178 @@ def _relay(factory: Callable[[], PartitionedLog[Any, Any]], ring: _Ring, acks: A
             time.sleep(_POLL_S)
 
 
-class ProcessLog(Intake[R]):
-    """`submit` / `flush` / `close` of a `PartitionedLog` built by `factory` in a child."""
+@dataclass(eq=False)
+class _Writer:
+    """One child process and what it shares with the server; replaced whole on a restart."""
 
-    def __init__(self, factory: Callable[[], PartitionedLog[R, Any]], *,
+    process: Any
+    ring: _Ring
+    acks: Any
+    progress: Any  # RawArray of uint64, see _WRITTEN
+    accepted_rows: int = 0  # rows stored in its ring (moved under ProcessLog._lock)
+    reported: Counter[str] = field(default_factory=Counter)  # its losses already counted
+    settled: bool = False
+
+    def lost_rows(self) -> int:
+        return sum(int(self.progress[slot]) for slot in _LOST_SLOT.values())
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class ProcessLog(Intake[R]):
+    """`submit` / `flush` / `close` of a `PartitionedLog` built by `factory` in a child.
+
+    `factory` is called in the child with the keywords `on_write` and `on_lost` (the
+    `PartitionedLog` hooks the child counts with). `on_lost(reason, rows)` runs for every
+    row offered but never written: refused (`queue_full`: the ring is full; `closed`),
+    lost by the child's writer (`LOSS_REASONS`) or with a dead child (`writer_died`);
+    `lost` keeps the same counts.
+    """
+
+    def __init__(self, factory: Callable[..., PartitionedLog[R, Any]], *,
                  ring_bytes: int = DEFAULT_RING_BYTES, rows: Callable[[R], int] = len,
-                 on_drop: Callable[[R], None] | None = None, nice: int = 0,
+                 on_lost: Callable[[str, int], None] | None = None, nice: int = 0,
                  name: str = "walkrank-log") -> None:
         # spawn, not fork: the server has threads (gRPC, numba) that a fork would copy mid-work.
-        context = multiprocessing.get_context("spawn")
-        self._ring = _Ring(context, ring_bytes)
-        self._acks = context.Queue()
-        super().__init__(on_drop)
+        self._context = multiprocessing.get_context("spawn")
+        super().__init__(self._refused)
+        self._factory = factory
+        self._ring_bytes = ring_bytes
+        self._nice = nice
+        self._name = name
         self._rows = rows
+        self._on_lost = on_lost
         self._control_lock = threading.Lock()  # one flush/close in flight: answers in order
         self._sequence = itertools.count(1)
+        self._swap_lock = threading.Lock()  # a restart and close() never overlap
+        self._ending = threading.Event()  # close() began: no more restarts
+        #: Rows offered but never written, by reason (see the class docstring).
+        self.lost: Counter[str] = Counter()
+        #: How many times a dead child was replaced.
+        self.restarts = 0
+        self._settled_written = 0
         #: The child's last reported `PartitionedLog.stats()` (after a flush or close).
         self.child_stats: dict[str, int | bool] = {}
-        self._process = context.Process(target=_relay, name=name, daemon=True,
-                                        args=(factory, self._ring, self._acks, nice,
-                                              os.getpid()))
-        self._process.start()
+        self._writer = self._spawn()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                            name=f"{name}-supervisor")
+        self._supervisor.start()
+
+    @property
+    def written_rows(self) -> int:
+        """Rows in files made visible, by every child so far."""
+        writer = self._writer
+        live = 0 if writer.settled else int(writer.progress[_WRITTEN])
+        return self._settled_written + live
+
+    @property
+    def pid(self) -> int | None:
+        """The current child's process id."""
+        return self._writer.process.pid
 
     def submit(self, record: R) -> bool:
         """Store a record for the child without ever blocking; False when dropped (the ring
         is full, or the log closed)."""
-        return self._offer(record, self._rows(record), lambda: self._append(record))
+        rows = self._rows(record)
+        return self._offer(record, rows, lambda: self._append(record, rows))
 
-    def _append(self, record: Any) -> None:
-        if not self._ring.append(record):
+    def _append(self, record: Any, rows: int) -> None:
+        writer = self._writer  # the caller holds self._lock: no restart swaps it meanwhile
+        if not writer.ring.append(record):
             raise queue.Full
+        writer.accepted_rows += rows
+
+    def _refused(self, record: R) -> None:
+        self._count("closed" if self._closed else "queue_full", self._rows(record))
+
+    def _count(self, reason: str, rows: int) -> None:
+        self.lost[reason] += rows
+        if self._on_lost is not None:
+            self._on_lost(reason, rows)
+
+    def _spawn(self) -> _Writer:
+        ring = _Ring(self._context, self._ring_bytes)
+        progress = self._context.RawArray("Q", 2 + len(LOSS_REASONS))
+        acks = self._context.Queue()
+        process = self._context.Process(target=_relay, name=self._name, daemon=True,
+                                        args=(self._factory, ring, acks, progress, self._nice,
+                                              os.getpid()))
+        process.start()
+        return _Writer(process, ring, acks, progress)
+
+    # --- supervision -----------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Count the child's losses as they happen; replace it when it dies."""
+        failures = 0  # children in a row that ended before they were ready, or never started
+        dead: _Writer | None = None
+        while True:
+            writer = self._writer
+            ended = multiprocessing.connection.wait([writer.process.sentinel], _SUPERVISE_S)
+            self._report_losses(writer)
+            if not ended:
+                continue
+            if self._ending.is_set():
+                return
+            if writer is not dead:
+                dead = writer
+                writer.process.join()  # reaped: no zombie
+                failures = 0 if writer.progress[_READY] else failures + 1
+                if failures:
+                    log.error("%s: the writer process (pid %s) ended before it was ready "
+                              "(%s)", self._name, writer.process.pid,
+                              _describe_exit(writer.process.exitcode))
+            if failures > 1 and self._ending.wait(
+                    min(_FIRST_BACKOFF_S * 2 ** (failures - 2), _MAX_BACKOFF_S)):
+                return
+            with self._swap_lock:
+                if self._ending.is_set():
+                    return
+                try:
+                    replacement = self._spawn()
+                except (DataError, OSError) as exc:
+                    log.error("%s: cannot start a new writer process: %s", self._name, exc)
+                    failures += 1
+                    continue
+                with self._lock:
+                    self._writer = replacement
+                self.restarts += 1
+            unwritten = self._settle(writer)
+            log.error("%s: the writer process (pid %s) died (%s); %d rows it had accepted "
+                      "were not written (counted as lost: writer_died); restarted as pid %s",
+                      self._name, writer.process.pid, _describe_exit(writer.process.exitcode),
+                      unwritten, replacement.process.pid)
+
+    def _report_losses(self, writer: _Writer) -> None:
+        """Count the rows the child says its writer lost since the last report."""
+        for reason, slot in _LOST_SLOT.items():
+            new = int(writer.progress[slot]) - writer.reported[reason]
+            if new > 0:
+                writer.reported[reason] += new
+                self._count(reason, new)
+
+    def _settle(self, writer: _Writer) -> int:
+        """Close the books of a child that has ended: its rows neither written nor counted
+        yet are counted as `writer_died`; returns how many."""
+        self._report_losses(writer)
+        with self._lock:  # no record goes into its ring any more
+            accepted = writer.accepted_rows
+            written = int(writer.progress[_WRITTEN])
+            self._settled_written += written
+            writer.settled = True
+        unwritten = max(0, accepted - written - writer.lost_rows())
+        if unwritten:
+            self._count("writer_died", unwritten)
+        return unwritten
+
+    # --- flush and close -------------------------------------------------------------------
 
     def _control(self, close: bool, timeout: float | None) -> bool:
         """Send a control after everything stored so far; wait for the child's answer."""
@@ -269,11 +475,12 @@ class ProcessLog(Intake[R]):
             sequence = next(self._sequence)
             while True:
                 with self._lock:  # ordered with the records other threads submit
-                    if self._ring.append(_Control(close, sequence)):
+                    writer = self._writer
+                    if writer.ring.append(_Control(close, sequence)):
                         break
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
-                if not self._process.is_alive():
+                if not writer.process.is_alive():
                     return False
                 time.sleep(_POLL_S)  # the ring is full: the child is draining it
             while True:
@@ -282,11 +489,9 @@ class ProcessLog(Intake[R]):
                 if remaining <= 0:
                     return False
                 try:
-                    answered, done, stats = self._acks.get(timeout=remaining)
+                    answered, done, stats = writer.acks.get(timeout=remaining)
                 except queue.Empty:
-                    if not self._process.is_alive():
-                        log.error("log writer process exited (code %s) with records unwritten",
-                                  self._process.exitcode)
+                    if not writer.process.is_alive():  # the supervisor counts and restarts
                         return False
                     continue
                 self.child_stats = stats
@@ -294,22 +499,35 @@ class ProcessLog(Intake[R]):
                     return bool(done)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Write everything submitted so far, and wait for it; False if `timeout` ran out."""
+        """Write everything submitted so far, and wait for it; False if `timeout` ran out or
+        the child died first (its unwritten rows are then counted as lost)."""
         if self._closed:
-            return not self._process.is_alive()
+            return not self._writer.process.is_alive()
         return self._control(False, timeout)
 
     def close(self, timeout: float | None = 30.0) -> bool:
-        """Stop accepting records, write everything stored, stop the child."""
-        if self._mark_closed():
-            self._process.join(timeout)
-            return not self._process.is_alive()
-        done = self._control(True, timeout)
-        self._process.join(5.0 if done else 0.0)
-        if self._process.is_alive():
-            log.error("log writer process did not finish in time; terminating it")
-            self._process.terminate()
-            self._process.join()
-            return False
-        self._acks.close()
-        return done
+        """Stop accepting records, write everything stored, stop the child; True when every
+        accepted row was written (what was not is counted as lost)."""
+        with self._swap_lock:
+            already = self._ending.is_set()
+            self._ending.set()
+        writer = self._writer
+        if already:
+            writer.process.join(timeout)
+            return not writer.process.is_alive()
+        self._mark_closed()
+        done = writer.process.is_alive() and self._control(True, timeout)
+        writer.process.join(5.0 if done else 0.0)
+        if writer.process.is_alive():
+            log.error("%s: the writer process did not finish in time; terminating it",
+                      self._name)
+            writer.process.terminate()
+            writer.process.join()
+            done = False
+        self._supervisor.join()
+        unwritten = self._settle(writer)
+        if unwritten:
+            log.error("%s: %d accepted rows were not written before the log closed (counted "
+                      "as lost: writer_died)", self._name, unwritten)
+        writer.acks.close()
+        return done and not unwritten

@@ -34,9 +34,11 @@ class ServerMetrics:
             "served before, or visit count)", ["tenant"], registry=self.registry)
         # Every row a log accepted or refused but never wrote, by log (candidates, events)
         # and reason: queue_full, closed, writer_died, bad_record, write_error.
+        # Every row a log accepted or refused but never wrote, by log (candidates, events)
+        # and reason: queue_full, closed, writer_died, bad_record, write_error.
         self.log_dropped = Counter("walkrank_log_dropped_rows",
-                                   "Candidate-log rows dropped because the writer queue was full",
-                                   registry=self.registry)
+                                   "Log rows offered but never written, by log and reason",
+                                   ["log", "reason"], registry=self.registry)
 
     def observe_request(self, tenant: str, code: str, timing_ms: dict[str, float] | None,
                         generated: int = 0, scored: int = 0) -> None:

@@ -58,12 +58,12 @@ class WalkRankServer:
         self.graph, self._graph_lease = load_for_serving(config.graph)
         self.metrics = ServerMetrics()
         self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
-        # Candidates are written by a child process (walkrank.log_process), events (few) by
-        # a thread.
+        # Candidates are written by a child process (walkrank.log_process), restarted if it
+        # dies, events (few) by a thread. Every row offered and not written is counted.
         self.candidate_log = ProcessLog(
             functools.partial(CandidateLog, config.logs_dir, queue_size=config.log_queue_batches),
             ring_bytes=config.log_ring_mb << 20,
-            on_drop=lambda batch: self.metrics.log_dropped.inc(len(batch)),
+            on_lost=functools.partial(self._log_lost, "candidates"),
             nice=config.log_writer_nice, name="walkrank-candidate-log")
         self.event_log = EventLog(config.logs_dir, writer_nice=config.log_writer_nice)
         auth = Authenticator(config.auth)
@@ -92,6 +92,9 @@ class WalkRankServer:
         self._reuse_port = reuse_port
         self._stopped = threading.Event()
         self.stall_after_s = STALL_S
+
+    def _log_lost(self, kind: str, reason: str, rows: int) -> None:
+        self.metrics.log_dropped.labels(kind, reason).inc(rows)
 
     def warm_up(self) -> None:
         """Run each tenant's path once (no logging) so compiled kernels load before traffic."""
