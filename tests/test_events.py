@@ -15,6 +15,7 @@ from walkrank.errors import DataError
 from walkrank.events import (
     EVENT_SCHEMA,
     EventLog,
+    RequestOwners,
     read_event_file,
     read_events,
     validate_events,
@@ -31,8 +32,9 @@ def test_validation_keeps_good_rows_and_explains_the_rest() -> None:
         "event": ["click", " Impression", "save", "like", None, "save", "hide", "save", "save"],
         "timestamp": [T0, None, T0, T0, T0, T0 * 1000, T0 + 7200, T0, T0],
         "score": [0.5, None, 1.0, 2.0, 3.0, 4.0, float("inf"), 1.0, 1.0],
-    }, now=NOW)
+    }, tenant="home", now=NOW)
     assert accepted.schema.equals(EVENT_SCHEMA)
+    assert accepted["tenant"].to_pylist() == ["home", "home"]
     assert accepted["request_id"].to_pylist() == ["r1", "r1"]
     assert accepted["pin_id"].to_pylist() == ["10", "11"]
     assert accepted["event"].to_pylist() == ["click", "impression"]
@@ -55,7 +57,7 @@ def test_validation_keeps_good_rows_and_explains_the_rest() -> None:
                                  "bad timestamp": 1, "non-finite score": 1}
     assert validate_events(pa.table({"request_id": ["a"] * 30, "pin_id": ["p"] * 30,
                                      "event": ["nope"] * 30}),
-                           max_examples=4)[1].lines()[-1] == "... and 26 more"
+                           tenant="home", max_examples=4)[1].lines()[-1] == "... and 26 more"
 
 
 def test_timestamps_in_every_accepted_form() -> None:
@@ -63,7 +65,7 @@ def test_timestamps_in_every_accepted_form() -> None:
             "1700000000", "", "yesterday"]
     accepted, report = validate_events(
         {"request_id": ["r"] * 6, "pin_id": list("abcdef"), "event": ["impression"] * 6,
-         "timestamp": text}, now=NOW)
+         "timestamp": text}, tenant="home", now=NOW)
     assert [t.timestamp() for t in accepted["timestamp"].to_pylist()] == [T0] * 4 + [NOW]
     assert [(r.index, r.reason) for r in report.examples] == [
         (5, "timestamp: cannot read 'yesterday' (epoch seconds or ISO 8601)")]
@@ -71,23 +73,34 @@ def test_timestamps_in_every_accepted_form() -> None:
     typed = pa.array([T0 * 1000, None], pa.timestamp("ms", tz="America/New_York"))
     accepted, report = validate_events(
         pa.table({"request_id": ["r", "r"], "pin_id": ["a", "b"], "event": ["save", "save"],
-                  "timestamp": typed}), now=NOW)
+                  "timestamp": typed}), tenant="home", now=NOW)
     assert report.count == 0
     assert [t.timestamp() for t in accepted["timestamp"].to_pylist()] == [T0, NOW]
 
 
 def test_missing_columns_and_unusable_types_name_the_column() -> None:
     with pytest.raises(DataError, match=r"upload\.csv: missing required column\(s\) event"):
-        validate_events({"request_id": ["r"], "pin_id": ["p"]}, source="upload.csv")
+        validate_events({"request_id": ["r"], "pin_id": ["p"]}, tenant="home",
+                        source="upload.csv")
     with pytest.raises(DataError, match="column 'pin_id' has type double"):
-        validate_events({"request_id": ["r"], "pin_id": [1.5], "event": ["click"]})
+        validate_events({"request_id": ["r"], "pin_id": [1.5], "event": ["click"]},
+                        tenant="home")
     with pytest.raises(DataError, match="cannot read the event columns"):
-        validate_events({"request_id": ["r", "s"], "pin_id": ["p"], "event": ["click"]})
+        validate_events({"request_id": ["r", "s"], "pin_id": ["p"], "event": ["click"]},
+                        tenant="home")
+    with pytest.raises(DataError, match="upload.csv: no tenant: name the tenant"):
+        validate_events({"request_id": ["r"], "pin_id": ["p"], "event": ["click"]},
+                        source="upload.csv")
+    with pytest.raises(DataError, match="'../x' is not a tenant name"):
+        validate_events({"request_id": ["r"], "pin_id": ["p"], "event": ["click"]},
+                        tenant="../x")
 
 
-def test_event_log_writes_hourly_partitions_and_reads_windows(tmp_path: Path) -> None:
+def test_event_log_writes_tenant_and_hourly_partitions_and_reads_windows(
+        tmp_path: Path) -> None:
     hours = np.array([0, 0, 1, 3, 3, 3])
     accepted, _ = validate_events({
+        "tenant": ["home", "mail", "home", "home", "mail", "home"],
         "request_id": [f"r{i}" for i in range(6)], "pin_id": ["p"] * 6,
         "event": ["impression"] * 6, "timestamp": T0 + hours * 3600,
         "score": np.linspace(0, 1, 6)})
@@ -96,14 +109,20 @@ def test_event_log_writes_hourly_partitions_and_reads_windows(tmp_path: Path) ->
     assert log.close()
     partitions = sorted(p.parent.relative_to(tmp_path).as_posix()
                         for p in tmp_path.rglob("part-*.parquet"))
-    assert partitions == ["events/date=2023-11-14/hour=22", "events/date=2023-11-14/hour=23",
-                          "events/date=2023-11-15/hour=01"]
+    assert partitions == ["events/tenant=home/date=2023-11-14/hour=22",
+                          "events/tenant=home/date=2023-11-14/hour=23",
+                          "events/tenant=home/date=2023-11-15/hour=01",
+                          "events/tenant=mail/date=2023-11-14/hour=22",
+                          "events/tenant=mail/date=2023-11-15/hour=01"]
     assert not list(tmp_path.rglob(".*"))
     everything = read_events(tmp_path)
     assert everything.schema.equals(EVENT_SCHEMA)
-    assert sorted(everything["request_id"].to_pylist()) == [f"r{i}" for i in range(6)]
+    assert sorted(zip(everything["request_id"].to_pylist(), everything["tenant"].to_pylist(),
+                      strict=True)) == [("r0", "home"), ("r1", "mail"), ("r2", "home"),
+                                        ("r3", "home"), ("r4", "mail"), ("r5", "home")]
     window = read_events(tmp_path, start=T0 + 3600, end=T0 + 3 * 3600)
     assert window["request_id"].to_pylist() == ["r2"]
+    assert sorted(read_events(tmp_path, tenant="mail")["request_id"].to_pylist()) == ["r1", "r4"]
 
     with pytest.raises(DataError, match="takes the accepted table of validate_events"):
         EventLog(tmp_path / "other").submit(pa.table({"request_id": ["r"]}))
@@ -123,7 +142,7 @@ def test_cli_imports_csv_and_reports_rejections(tmp_path: Path, capsys) -> None:
         "r2,,save,1700000000,abc\n"
     ))
     logs = tmp_path / "logs"
-    assert main(["events", "import", str(source), "--logs", str(logs)]) == 0
+    assert main(["events", "import", str(source), "--logs", str(logs), "--tenant", "home"]) == 0
     out = capsys.readouterr().out
     assert "2 accepted, 2 rejected" in out
     assert "row 2: event: unknown type 'clik'" in out
@@ -138,7 +157,7 @@ def test_cli_imports_parquet(tmp_path: Path, capsys) -> None:
     pq.write_table(pa.table({"request_id": ["a", "b", "c"], "pin_id": [1, 2, 3],
                              "event": ["click", "save", "hide"]}), source)
     logs = tmp_path / "logs"
-    assert main(["events", "import", str(source), "--logs", str(logs)]) == 0
+    assert main(["events", "import", str(source), "--logs", str(logs), "--tenant", "home"]) == 0
     assert "3 accepted, 0 rejected" in capsys.readouterr().out
     assert read_events(logs).num_rows == 3
 
@@ -154,7 +173,8 @@ def test_cli_imports_parquet(tmp_path: Path, capsys) -> None:
 def test_cli_refuses_unusable_files(tmp_path: Path, capsys, name: str, content: bytes,
                                     message: str) -> None:
     (tmp_path / name).write_bytes(content)
-    assert main(["events", "import", str(tmp_path / name), "--logs", str(tmp_path)]) == 2
+    assert main(["events", "import", str(tmp_path / name), "--logs", str(tmp_path),
+                 "--tenant", "home"]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "events").exists()
 
@@ -168,7 +188,7 @@ def test_csv_reader_keeps_bad_cells_row_local(tmp_path: Path) -> None:
     # A text timestamp among numbers must reject one row, not fail the whole file.
     path = write_csv(tmp_path / "mixed.csv", "request_id,pin_id,event,timestamp\n"
                      "r,1,click,1700000000\nr,2,click,soon\n")
-    accepted, report = validate_events(read_event_file(path))
+    accepted, report = validate_events(read_event_file(path), tenant="home")
     assert accepted.num_rows == 1 and report.count == 1
 
 
@@ -177,6 +197,79 @@ def test_cli_logs_default_to_the_server_configs_logs_dir(tmp_path: Path, capsys)
     config.write_text("graph: graph\ntenants_dir: tenants\nmodels_dir: models\n"
                       "logs_dir: var/logs\n")
     source = write_csv(tmp_path / "e.csv", "request_id,pin_id,event\nr1,1,save\n")
-    assert main(["events", "import", str(source), "--config", str(config)]) == 0
+    assert main(["events", "import", str(source), "--config", str(config), "--tenant",
+                 "home"]) == 0
     assert "1 accepted, 0 rejected" in capsys.readouterr().out
     assert read_events(tmp_path / "var" / "logs").num_rows == 1
+
+
+def test_cli_takes_the_tenant_from_the_file_or_the_command_line(tmp_path: Path,
+                                                               capsys) -> None:
+    source = write_csv(tmp_path / "events.csv", (
+        "tenant,request_id,pin_id,event\n"
+        "home,r1,1,click\n"
+        "mail,r2,2,save\n"
+        ",r3,3,save\n"
+        "../etc,r4,4,save\n"
+    ))
+    logs = tmp_path / "logs"
+    assert main(["events", "import", str(source), "--logs", str(logs)]) == 0
+    out = capsys.readouterr().out
+    assert "2 accepted, 2 rejected" in out and "row 3: tenant: missing" in out
+    assert "row 4: tenant: '../etc' is not a tenant name" in out
+    assert main(["events", "import", str(source), "--logs", str(logs), "--tenant", "mail"]) == 0
+    out = capsys.readouterr().out
+    assert "2 accepted, 2 rejected" in out
+    assert "row 1: tenant: 'home', not 'mail' (the tenant these events are for)" in out
+    table = read_events(logs)
+    assert sorted(zip(table["tenant"].to_pylist(), table["request_id"].to_pylist(),
+                      strict=True)) == [("home", "r1"), ("mail", "r2"), ("mail", "r2"),
+                                        ("mail", "r3")]
+
+    plain = write_csv(tmp_path / "plain.csv", "request_id,pin_id,event\nr1,1,click\n")
+    assert main(["events", "import", str(plain), "--logs", str(logs)]) == 2
+    assert "plain.csv: no tenant: name the tenant the events belong to" in \
+        capsys.readouterr().err
+
+
+def test_event_files_from_before_tenants_are_still_read(tmp_path: Path) -> None:
+    """Files written under events/date=.../hour=... with no tenant read with a null tenant,
+    and label any tenant's candidates by request id, as they did when written."""
+    legacy = tmp_path / "events" / "date=2023-11-14" / "hour=22"
+    legacy.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "request_id": ["old"], "pin_id": ["7"], "event": ["click"],
+        "timestamp": pa.array([T0 * 1_000_000], pa.timestamp("us", tz="UTC")),
+        "score": pa.array([None], pa.float64())}), legacy / "part-old.parquet")
+    accepted, _ = validate_events({"request_id": ["new"], "pin_id": ["8"], "event": ["save"],
+                                   "timestamp": [T0]}, tenant="mail")
+    log = EventLog(tmp_path)
+    assert log.submit(accepted) and log.close()
+
+    everything = read_events(tmp_path).sort_by("request_id")
+    assert everything.schema.equals(EVENT_SCHEMA)
+    assert everything["tenant"].to_pylist() == ["mail", None]
+    assert read_events(tmp_path, tenant="home")["request_id"].to_pylist() == ["old"]
+    assert sorted(read_events(tmp_path, tenant="mail")["request_id"].to_pylist()) == \
+        ["new", "old"]
+
+
+def test_request_owners_refuse_only_ids_known_for_other_tenants() -> None:
+    owners = RequestOwners(3)
+    owners.add("a", "home")
+    owners.add("b", "mail")
+    owners.add("b", "home")  # two tenants may use the same id
+    owners.add("c", "home")
+    ids, tenants = ["a", "b", "c", "never", None], ["mail"] * 5
+    assert owners.foreign(ids, tenants).tolist() == [True, False, True, False, False]
+    owners.add("d", "home")  # the oldest ("a") is forgotten: its events are accepted
+    assert owners.foreign(["a", "d"], ["mail", "mail"]).tolist() == [False, True]
+    accepted, report = validate_events(
+        {"request_id": ["d", "b"], "pin_id": ["1", "2"], "event": ["click", "click"]},
+        tenant="mail", owners=owners)
+    assert accepted["request_id"].to_pylist() == ["b"]
+    assert [(r.index, r.reason) for r in report.examples] == [
+        (0, "request_id: unknown request_id for this tenant")]
+    assert RequestOwners(0).foreign(["a"], ["mail"]).tolist() == [False]
+    with pytest.raises(DataError, match="must be >= 0"):
+        RequestOwners(-1)

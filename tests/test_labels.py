@@ -42,7 +42,7 @@ def events_table() -> pa.Table:
     request, pin, event, score = zip(*EVENTS, strict=True)
     accepted, report = validate_events({"request_id": list(request), "pin_id": list(pin),
                                         "event": list(event), "timestamp": [T0] * len(pin),
-                                        "score": list(score)})
+                                        "score": list(score)}, tenant="home")
     assert report.count == 0
     return accepted
 

@@ -99,7 +99,8 @@ def write_logs(logs: Path, *, tenant: str = "homefeed", seed: int = 0,
             rows["timestamp"].append(ts + 1.0)
             rows["score"].append(float(latent[i] if r >= noisy_requests else rng.normal()))
     assert candidate_log.close(60)
-    accepted, report = validate_events(pa.table(rows), now=START + 86_400 * 30)
+    accepted, report = validate_events(pa.table(rows), tenant=tenant,
+                                       now=START + 86_400 * 30)
     assert report.count == 0
     event_log = EventLog(logs, flush_seconds=3600)
     assert event_log.submit(accepted)

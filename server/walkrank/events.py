@@ -3,15 +3,22 @@
 Events are the labels each tenant trains on. They arrive through ReportEvents or
 `walkrank events import FILE`, are validated row by row (bad rows are rejected and counted,
 the rest kept), and are written by the same background Parquet writer as the candidate log
-under `<root>/events/date=<YYYY-MM-DD>/hour=<HH>/part-*.parquet`. Events carry no tenant:
-request ids are unique across tenants, and labels join events to one tenant's candidates.
+under `<root>/events/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/part-*.parquet`.
+
+Every event belongs to the tenant that reported it, and labels only that tenant's candidates:
+request ids are chosen by clients, so one tenant could otherwise quote another's and write
+its training labels. The server also refuses, at report time, events quoting a request id it
+recently served for another tenant (`RequestOwners`). Files written before events had a
+tenant (directly under `events/date=...`) are read with a null tenant and still label any
+tenant's candidates by request id, as they did when they were written.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +30,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from walkrank.candidate_log import (
+    PARTITION_VALUE,
     TIMESTAMP,
     PartitionedLog,
     Piece,
@@ -55,15 +63,20 @@ ACTION_EVENTS: tuple[str, ...] = ("closeup", "click", "save", "share")
 NEGATIVE_EVENTS: tuple[str, ...] = ("hide",)
 
 EVENT_SCHEMA = pa.schema([
+    ("tenant", pa.string()),
     ("request_id", pa.string()),
     ("pin_id", pa.string()),
     ("event", pa.string()),
     ("timestamp", TIMESTAMP),
     ("score", pa.float64()),
 ])
-"""Columns of accepted events (and of the event files)."""
+"""Columns of accepted events, and of `read_events` (the files hold the others: the tenant
+is in their path)."""
 
 REQUIRED_COLUMNS = ("request_id", "pin_id", "event")
+FOREIGN_REQUEST = "unknown request_id for this tenant"
+"""The rejection of an event quoting a request served for another tenant (which tenant is
+never said)."""
 # Epoch seconds outside [1970, 2100) are almost always milliseconds or garbage.
 _MAX_EPOCH_SECONDS = 4_102_444_800.0
 
@@ -226,18 +239,49 @@ def _parse_scores(column: pa.ChunkedArray, checks: _Checks, source: str) -> pa.A
     return array
 
 
+def _tenants(table: pa.Table, tenant: str | None, checks: _Checks, source: str) -> pa.Array:
+    """Each row's tenant: `tenant`, or the table's `tenant` column (which, when both are
+    given, must agree with it); rows without a usable one are failed."""
+    if tenant is not None and not PARTITION_VALUE.match(tenant):
+        raise DataError(f"{source}: {tenant[:64]!r} is not a tenant name")
+    if "tenant" not in table.column_names:
+        if tenant is None:
+            raise DataError(f"{source}: no tenant: name the tenant the events belong to, or "
+                            "give a 'tenant' column")
+        return pa.array([tenant] * table.num_rows, pa.string())
+    names = _id_column(table, "tenant", source).combine_chunks()
+    values = names.to_pylist()
+    if tenant is not None:
+        other = np.array([v not in ("", None, tenant) for v in values])
+        checks.add(other, "other tenant",
+                   lambda i: f"tenant: {values[i][:64]!r}, not {tenant!r} (the tenant these "
+                   "events are for)")
+        return pa.array([tenant] * table.num_rows, pa.string())
+    missing = np.array([not v for v in values])
+    checks.add(missing, "missing tenant", lambda i: "tenant: missing")
+    unusable = np.array([bool(v) and not PARTITION_VALUE.match(v) for v in values])
+    checks.add(unusable, "bad tenant",
+               lambda i: f"tenant: {values[i][:64]!r} is not a tenant name")
+    return names
+
+
 def validate_events(
     events: pa.Table | pa.RecordBatch | Mapping,
     *,
+    tenant: str | None = None,
+    owners: RequestOwners | None = None,
     now: float | None = None,
     source: str = "events",
     max_examples: int = 10,
 ) -> tuple[pa.Table, RejectionReport]:
     """Split events into accepted rows (in `EVENT_SCHEMA`) and a report of the rejected ones.
 
-    Rows are rejected for a missing request_id or pin_id, an event type not in `EVENT_TYPES`
+    Every event belongs to a tenant: `tenant`, or the input's `tenant` column (a DataError
+    when there is neither; with both, rows naming another tenant are rejected). Rows are
+    rejected for a missing request_id, pin_id or tenant, an event type not in `EVENT_TYPES`
     (matched after trimming and lower-casing), an unreadable timestamp or one outside
-    1970..2100 (epoch milliseconds are the usual culprit), and a non-finite or unreadable score.
+    1970..2100 (epoch milliseconds are the usual culprit), a non-finite or unreadable score,
+    and a request_id that `owners` knows was served for another tenant (`FOREIGN_REQUEST`).
     A missing timestamp means `now` (the time of the report); a missing score is allowed.
     A missing required column is a DataError naming `source` and the column.
     """
@@ -253,6 +297,7 @@ def validate_events(
         ids[name] = _id_column(table, name, source)
         empty = pc.fill_null(pc.equal(ids[name], ""), True).to_numpy(zero_copy_only=False)
         checks.add(empty, f"missing {name}", lambda i, name=name: f"{name}: missing")
+    tenants = _tenants(table, tenant, checks, source)
 
     raw_event = table["event"]
     if not (pa.types.is_string(raw_event.type) or pa.types.is_large_string(raw_event.type)
@@ -277,12 +322,68 @@ def validate_events(
         scores = _parse_scores(table["score"], checks, source)
     else:
         scores = pa.nulls(n, pa.float64())
+    if owners is not None:
+        checks.add(owners.foreign(ids["request_id"].to_pylist(), tenants.to_pylist()),
+                   FOREIGN_REQUEST, lambda i: f"request_id: {FOREIGN_REQUEST}")
 
     accepted = pa.Table.from_arrays(
-        [ids["request_id"], ids["pin_id"], event, pa.array(micros, type=TIMESTAMP), scores],
+        [tenants, ids["request_id"], ids["pin_id"], event, pa.array(micros, type=TIMESTAMP),
+         scores],
         schema=EVENT_SCHEMA,
     ).filter(pa.array(~checks.bad))
     return accepted, checks.report(max_examples)
+
+
+class RequestOwners:
+    """Which tenants recently served each request id, so that events quoting a request of
+    another tenant can be refused when they are reported.
+
+    Bounded to `capacity` request ids, the oldest forgotten first; 0 remembers nothing. An
+    id it does not know (too old, or served before a restart) is not refused: the event is
+    stored with the reporting tenant and can only ever label that tenant's own candidates.
+    `add` runs on every served request: a hash, a dict update and a list store (about a
+    microsecond). Ids are kept as Python string hashes (keyed per process, so callers cannot
+    aim collisions) with a bit per tenant, since two tenants may use the same id.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise DataError(f"the request id memory must be >= 0 ids, got {capacity}")
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._owners: dict[int, int] = {}  # hash of a request id -> bits of its tenants
+        self._order = [0] * capacity  # the remembered hashes, oldest at _next once full
+        self._next = 0
+        self._bits: dict[str, int] = {}
+
+    def add(self, request_id: str, tenant: str) -> None:
+        """Remember that `tenant` served `request_id`."""
+        if not self.capacity:
+            return
+        key = hash(request_id)
+        with self._lock:
+            bit = self._bits.get(tenant)
+            if bit is None:
+                bit = self._bits[tenant] = 1 << len(self._bits)
+            known = self._owners.get(key)
+            if known is not None:
+                self._owners[key] = known | bit
+                return
+            if len(self._owners) >= self.capacity:
+                del self._owners[self._order[self._next]]
+            self._order[self._next] = key
+            self._next = (self._next + 1) % self.capacity
+            self._owners[key] = bit
+
+    def foreign(self, request_ids: Sequence[str | None],
+                tenants: Sequence[str | None]) -> np.ndarray:
+        """Per row, whether its request id is known to be served for other tenants only."""
+        owners, bits = self._owners, self._bits  # single lookups: safe without the lock
+        out = np.zeros(len(request_ids), dtype=bool)
+        for i, (request_id, tenant) in enumerate(zip(request_ids, tenants, strict=True)):
+            known = owners.get(hash(request_id or ""), 0)
+            out[i] = bool(known) and not known & bits.get(tenant or "", 0)
+        return out
 
 
 class EventLog(PartitionedLog[pa.Table, pa.Table]):
@@ -298,13 +399,15 @@ class EventLog(PartitionedLog[pa.Table, pa.Table]):
         clock: Callable[[], float] = time.time,
         on_drop: Callable[[pa.Table], None] | None = None,
         on_write: Callable[[Path, int], None] | None = None,
+        on_lost: Callable[[str, int], None] | None = None,
         writer_hook: Callable[[pa.Table], None] | None = None,
         writer_nice: int = 0,
     ) -> None:
         self.root = Path(root)
         super().__init__(self.root / "events", queue_size=queue_size, flush_rows=flush_rows,
                          flush_seconds=flush_seconds, clock=clock, on_drop=on_drop,
-                         on_write=on_write, writer_hook=writer_hook, writer_nice=writer_nice)
+                         on_write=on_write, on_lost=on_lost, writer_hook=writer_hook,
+                         writer_nice=writer_nice)
 
     def submit(self, record: pa.Table) -> bool:
         """Queue accepted events without blocking; False when dropped (queue full or closed)."""
@@ -317,27 +420,46 @@ class EventLog(PartitionedLog[pa.Table, pa.Table]):
         return record.num_rows
 
     def _pieces(self, record: pa.Table) -> list[Piece[pa.Table]]:
-        # One import can span days: split by the hour each event happened in.
+        # One import can span tenants and days: split by tenant and by the hour each event
+        # happened in. The tenant goes into the path, not the file.
+        codes = record["tenant"].combine_chunks().dictionary_encode()
+        names = codes.dictionary.to_pylist()
+        bad = [name for name in names if not PARTITION_VALUE.match(name or "")]
+        if bad:
+            raise DataError(f"events: tenant {bad[0]!r} cannot name a partition")
+        tenant = codes.indices.to_numpy().astype(np.int64)
         hours = record["timestamp"].cast(pa.int64()).to_numpy() // 3_600_000_000
-        order = np.argsort(hours, kind="stable")
-        unique, starts = np.unique(hours[order], return_index=True)
+        order = np.lexsort((hours, tenant))
+        keys = np.stack([tenant[order], hours[order]], axis=1)
+        starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
         bounds = list(starts[1:]) + [len(order)]
-        layout = tuple(record.column_names)
-        return [Piece(hour_partition(int(h)), layout, int(hi - lo), record.take(order[lo:hi]))
-                for h, lo, hi in zip(unique, starts, bounds, strict=True)]
+        body = record.drop_columns(["tenant"])
+        layout = tuple(body.column_names)
+        return [Piece((("tenant", names[tenant[order[lo]]]),)
+                      + hour_partition(int(hours[order[lo]])), layout, int(hi - lo),
+                      body.take(order[lo:hi]))
+                for lo, hi in zip(starts, bounds, strict=True)]
 
     def _table(self, payloads: list[pa.Table]) -> pa.Table:
         return pa.concat_tables(payloads)
 
 
-def read_events(root: Path, start: TimeLike = None, end: TimeLike = None) -> pa.Table:
-    """Logged events with `start <= timestamp < end` (datetimes or epoch seconds)."""
-    return read_partitioned(Path(root) / "events",
-                            [("date", pa.string()), ("hour", pa.int32())],
-                            EVENT_SCHEMA, "timestamp", start=start, end=end)
+def read_events(root: Path, start: TimeLike = None, end: TimeLike = None, *,
+                tenant: str | None = None) -> pa.Table:
+    """Logged events with `start <= timestamp < end` (datetimes or epoch seconds), in
+    `EVENT_SCHEMA`. With `tenant`, only the events that may label that tenant's candidates:
+    its own, and those of files written before events had a tenant (null `tenant`)."""
+    where = None if tenant is None else (
+        (pc.field("tenant") == tenant) | pc.field("tenant").is_null())
+    table = read_partitioned(Path(root) / "events",
+                             [("tenant", pa.string()), ("date", pa.string()),
+                              ("hour", pa.int32())],
+                             EVENT_SCHEMA, "timestamp", start=start, end=end, where=where)
+    return table.select(EVENT_SCHEMA.names)
 
 
-_CSV_TEXT_COLUMNS = {name: pa.string() for name in (*REQUIRED_COLUMNS, "timestamp", "score")}
+_CSV_TEXT_COLUMNS = {name: pa.string()
+                     for name in (*REQUIRED_COLUMNS, "tenant", "timestamp", "score")}
 
 
 def read_event_file(path: Path) -> pa.Table:
@@ -361,14 +483,16 @@ def read_event_file(path: Path) -> pa.Table:
     raise DataError(f"{path}: unknown file type; expected .csv (.gz/.bz2/.zst) or .parquet")
 
 
-def import_events(path: Path, logs: Path, *, now: float | None = None,
-                  timeout: float = 600.0) -> tuple[int, RejectionReport]:
+def import_events(path: Path, logs: Path, *, tenant: str | None = None,
+                  now: float | None = None, timeout: float = 600.0
+                  ) -> tuple[int, RejectionReport]:
     """Validate an events file and write its accepted rows under `<logs>/events/`.
 
+    The events belong to `tenant`, or to the file's `tenant` column (see `validate_events`).
     Returns (accepted rows, rejection report). A file without one valid row is a DataError.
     """
     table = read_event_file(path)
-    accepted, report = validate_events(table, now=now, source=str(path))
+    accepted, report = validate_events(table, tenant=tenant, now=now, source=str(path))
     if accepted.num_rows == 0:
         detail = "; ".join(report.lines(row_offset=1)[:3])
         raise DataError(f"{path}: no valid event rows ({report.count} rejected"

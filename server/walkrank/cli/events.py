@@ -22,9 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "import",
         help="validate an events file and add its rows to the event log",
         description="Columns: request_id, pin_id, event, optional timestamp (epoch seconds or "
-        f"ISO 8601, UTC), optional score. Event types: {', '.join(EVENT_TYPES)}.",
+        f"ISO 8601, UTC), optional score, optional tenant. Event types: "
+        f"{', '.join(EVENT_TYPES)}. Events label only their own tenant's candidates.",
     )
     importer.add_argument("file", type=Path, help="CSV (optionally .gz/.bz2/.zst) or Parquet")
+    importer.add_argument("--tenant",
+                          help="the tenant the events belong to (required unless the file has "
+                          "a tenant column; with both, rows naming another tenant are rejected)")
     importer.add_argument("--logs", type=Path,
                           help="log root; events go under LOGS/events/ (default: the server "
                           "config's logs_dir, as `walkrank serve` would log)")
@@ -48,7 +52,7 @@ def _logs_dir(args: argparse.Namespace) -> Path:
 
 def _import(args: argparse.Namespace) -> int:
     logs = _logs_dir(args)
-    accepted, report = import_events(args.file, logs)
+    accepted, report = import_events(args.file, logs, tenant=args.tenant)
     print(f"{args.file}: {accepted} accepted, {report.count} rejected; "
           f"written under {logs / 'events'}")
     if report.count:

@@ -58,6 +58,9 @@ class ServerConfig:
     log_ring_mb: int = 32
     # Niceness added to the log writer threads: logging takes idle CPU, not the requests'.
     log_writer_nice: int = 10
+    # Request ids remembered (oldest forgotten first) so ReportEvents can refuse events that
+    # quote another tenant's request; 0 turns the check off (walkrank.events.RequestOwners).
+    recent_request_ids: int = 200_000
     max_message_bytes: int = 4 * 1024 * 1024
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
@@ -69,7 +72,7 @@ class ServerConfig:
 _TOP_KEYS = {
     "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
     "compute_slots", "compute_nice", "grace_seconds", "log_queue_batches", "log_ring_mb",
-    "log_writer_nice", "max_message_bytes", "auth", "tls",
+    "log_writer_nice", "recent_request_ids", "max_message_bytes", "auth", "tls",
 }
 
 
@@ -157,12 +160,14 @@ def load_server_config(path: Path) -> ServerConfig:
                       ("compute_slots", int), ("compute_nice", int),
                       ("grace_seconds", (int, float)),
                       ("log_queue_batches", int), ("log_ring_mb", int), ("log_writer_nice", int),
-                      ("max_message_bytes", int)):
+                      ("recent_request_ids", int), ("max_message_bytes", int)):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
     for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
         if values.get(key, 1) < 1:
             raise ConfigError(f"{path}: {key}: must be >= 1")
+    if values.get("recent_request_ids", 0) < 0:
+        raise ConfigError(f"{path}: recent_request_ids: must be >= 0")
     for key in ("compute_nice", "log_writer_nice"):
         if not 0 <= values.get(key, 0) <= 19:
             raise ConfigError(f"{path}: {key}: must be in [0, 19]")

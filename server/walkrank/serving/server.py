@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from walkrank.candidate_log import CandidateLog
 from walkrank.errors import ConfigError
-from walkrank.events import EventLog
+from walkrank.events import EventLog, RequestOwners
 from walkrank.graph.store import load_for_serving
 from walkrank.log_process import ProcessLog
 from walkrank.models import ModelRegistry
@@ -65,12 +65,16 @@ class WalkRankServer:
             ring_bytes=config.log_ring_mb << 20,
             on_lost=functools.partial(self._log_lost, "candidates"),
             nice=config.log_writer_nice, name="walkrank-candidate-log")
-        self.event_log = EventLog(config.logs_dir, writer_nice=config.log_writer_nice)
+        self.event_log = EventLog(
+            config.logs_dir, writer_nice=config.log_writer_nice,
+            on_drop=lambda table: self._log_lost("events", "queue_full", table.num_rows),
+            on_lost=functools.partial(self._log_lost, "events"))
         auth = Authenticator(config.auth)
         self.health = TenantHealth(auth)
         self.serving = ServingContext(
             self.graph, self.tenants, self.candidate_log, self.event_log, auth, self.metrics,
-            ComputePool(config.compute_slots or available_cores(), nice=config.compute_nice))
+            ComputePool(config.compute_slots or available_cores(), nice=config.compute_nice),
+            RequestOwners(config.recent_request_ids))
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -17,7 +17,7 @@ import yaml
 
 from walkrank.candidate_log import CandidateSink
 from walkrank.errors import WalkRankError
-from walkrank.events import EventLog, validate_events
+from walkrank.events import EventLog, RequestOwners, validate_events
 from walkrank.graph.store import GraphStore
 from walkrank.serving.auth import Authenticator
 from walkrank.serving.errors import (
@@ -65,11 +65,13 @@ class ServingContext:
 
     def __init__(self, graph: GraphStore, tenants: TenantTable, candidate_log: CandidateSink,
                  event_log: EventLog, auth: Authenticator, metrics: ServerMetrics,
-                 compute: ComputePool) -> None:
+                 compute: ComputePool, request_owners: RequestOwners | None = None) -> None:
         self.graph = graph
         self.tenants = tenants
         self.candidate_log = candidate_log
         self.event_log = event_log
+        # Which tenant served each recent request id (ReportEvents refuses foreign ones).
+        self.request_owners = request_owners or RequestOwners(0)
         self.auth = auth
         self.metrics = metrics
         self.compute = compute
@@ -219,7 +221,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             "timestamp": [e.timestamp if e.HasField("timestamp") else None for e in events],
             "score": [e.score if e.HasField("score") else None for e in events],
         }
-        accepted, report = validate_events(columns, source="events")
+        # Stored with the reporting tenant; a request id served for another tenant is
+        # refused row by row, without saying whose it is.
+        accepted, report = validate_events(columns, tenant=runtime.name,
+                                           owners=self.serving.request_owners, source="events")
         if accepted.num_rows and not self.serving.event_log.submit(accepted):
             raise QuotaExceeded("the event log queue is full; nothing from this call was "
                                 "kept, retry later")

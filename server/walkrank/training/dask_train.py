@@ -4,6 +4,9 @@ For logs too large for one process. The workers read the partitioned Parquet log
 (`dask.dataframe.read_parquet`, pruned to the window's date partitions) and train with
 `xgboost.dask`; the client only ever holds the per-request times and the held-out requests.
 
+Only the tenant's own events are read (its `events/tenant=` partition, and files written
+before events had a tenant), so no other tenant's events can label its candidates.
+
 Correctness of the distributed join: candidates and events are both hash-partitioned by
 `request_id` (after casting the key to one dtype, so equal ids hash equally) into the same number
 of partitions, so every event lands in the partition holding its candidates, and each pair
@@ -55,13 +58,20 @@ def _date_filters(lo: float | None, hi: float | None) -> list[tuple[str, str, st
     return filters or None
 
 
-def _read(directory: Path, columns: list[str] | None, time_column: str, lo: float | None,
-          hi: float | None):
+def _read(source: Path | list[Path], columns: list[str] | None, time_column: str,
+          lo: float | None, hi: float | None):
+    """A directory of Parquet files, or a list of files, as a frame; None when empty."""
     import dask.dataframe as dd
 
-    if not directory.is_dir() or not any(directory.rglob("*.parquet")):
+    if isinstance(source, list):
+        if not source:
+            return None
+        paths: str | list[str] = [str(path) for path in source]
+    elif not source.is_dir() or not any(source.rglob("*.parquet")):
         return None
-    frame = dd.read_parquet(str(directory), columns=columns, filters=_date_filters(lo, hi),
+    else:
+        paths = str(source)
+    frame = dd.read_parquet(paths, columns=columns, filters=_date_filters(lo, hi),
                             dtype_backend="pyarrow")
     if lo is not None:
         frame = frame[frame[time_column] >= pd.Timestamp(lo, unit="s", tz="UTC")]
@@ -70,6 +80,22 @@ def _read(directory: Path, columns: list[str] | None, time_column: str, lo: floa
     frame = frame.assign(request_id=frame["request_id"].astype(_KEY_DTYPE),
                          pin_id=frame["pin_id"].astype(_KEY_DTYPE))
     return frame
+
+
+def _tenant_events(directory: Path, tenant: str, lo: float | None, hi: float | None):
+    """The events that may label the tenant's candidates: its own, and those of files
+    written before events had a tenant (`events/date=...`, listed file by file: a read of
+    the whole directory would mix the two layouts). None when there are none."""
+    import dask.dataframe as dd
+
+    columns = _EVENT_COLUMNS + ["timestamp"]
+    frames = [_read(directory / f"tenant={tenant}", columns, "timestamp", lo, hi),
+              _read(sorted(directory.glob("date=*/hour=*/*.parquet")), columns, "timestamp",
+                    lo, hi)]
+    frames = [frame[_EVENT_COLUMNS] for frame in frames if frame is not None]
+    if not frames:
+        return None
+    return frames[0] if len(frames) == 1 else dd.concat(frames)
 
 
 def _arrow(frame: pd.DataFrame) -> pa.Table:
@@ -141,12 +167,11 @@ def train_on_dask(tenant: TenantConfig, logs_dir: Path, scheduler: str, *, windo
             raise DataError(f"tenant {tenant.name!r}: the candidate log has no column(s) "
                             f"{', '.join(missing)} under {candidate_dir}")
         candidates = candidates[["request_id", "ts", "pin_id", "visit_score", *features]]
-        events = _read(Path(logs_dir) / "events", _EVENT_COLUMNS + ["timestamp"], "timestamp",
-                       lo, None if hi is None else hi + EVENT_LAG_SECONDS)
+        events = _tenant_events(Path(logs_dir) / "events", tenant.name, lo,
+                                None if hi is None else hi + EVENT_LAG_SECONDS)
         if events is None:
-            raise DataError(f"no events under {Path(logs_dir) / 'events'}: nothing labels the "
-                            "candidates")
-        events = events[_EVENT_COLUMNS]
+            raise DataError(f"no events of tenant {tenant.name!r} under "
+                            f"{Path(logs_dir) / 'events'}: nothing labels the candidates")
 
         requests = candidates[["request_id", "ts"]].drop_duplicates().compute()
         if requests.empty:

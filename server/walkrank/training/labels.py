@@ -55,13 +55,16 @@ class LabelSet:
         return int(np.count_nonzero(self.y > 0))
 
 
-def join_candidates_events(candidates: pa.Table, events: pa.Table) -> pa.Table:
-    """Each logged candidate with its outcome, in the candidates' row order.
+def join_candidates_events(candidates: pa.Table, events: pa.Table,
+                           tenant: str | None = None) -> pa.Table:
+    """Each logged candidate (of one tenant) with its outcome, in the candidates' row order.
 
     Adds `n_<event>` (int32 count of each event type on the (request_id, pin_id) pair),
     `impressed` (any event but `scored`: an action or a hide implies the pin was shown) and
     `full_score` (the largest score any event carried for the pair, null when none). Events
-    about pins that were not logged as candidates are ignored.
+    about pins that were not logged as candidates are ignored. With `tenant`, events of
+    other tenants are ignored too (events with a null tenant predate the tenant column and
+    still join by request id): one tenant can never label another's candidates.
     """
     for name, table, needed in (("candidates", candidates, ("request_id", "pin_id")),
                                 ("events", events, ("request_id", "pin_id", "event"))):
@@ -69,6 +72,8 @@ def join_candidates_events(candidates: pa.Table, events: pa.Table) -> pa.Table:
         if missing:
             raise DataError(f"join_candidates_events: {name} table lacks column(s) "
                             f"{', '.join(missing)}")
+    if tenant is not None and "tenant" in events.column_names:
+        events = events.filter(pc.fill_null(pc.equal(events["tenant"], tenant), True))
     keys = ["request_id", "pin_id"]
     indicators = {k: events[k].cast(pa.string()) for k in keys}
     for kind in EVENT_TYPES:

@@ -162,11 +162,12 @@ def load_joined(tenant: TenantConfig, logs_dir: Path, window: Window | None,
             f"no logged candidates for tenant {tenant.name!r} under "
             f"{logs_dir / 'candidates'} in the window [{bounds['start'] or 'beginning'}, "
             f"{bounds['end'] or 'now'}): nothing to train or evaluate on")
-    events = read_events(logs_dir, lo, None if hi is None else hi + EVENT_LAG_SECONDS)
+    events = read_events(logs_dir, lo, None if hi is None else hi + EVENT_LAG_SECONDS,
+                         tenant=tenant.name)
     steps.done("load", f"{candidates.num_rows:,} candidates, {events.num_rows:,} events")
     # One canonical row order: the writer's (and so the files') order follows which request
     # finished first, and negative sampling and the booster both depend on row order.
-    joined = join_candidates_events(candidates, events).sort_by(
+    joined = join_candidates_events(candidates, events, tenant.name).sort_by(
         [("ts", "ascending"), ("request_id", "ascending"), ("rank", "ascending")])
     impressed = int(pc.sum(joined["impressed"]).as_py() or 0)
     steps.done("join", f"{joined.num_rows:,} candidates of "
