@@ -34,8 +34,6 @@ class ServerMetrics:
             "served before, or visit count)", ["tenant"], registry=self.registry)
         # Every row a log accepted or refused but never wrote, by log (candidates, events)
         # and reason: queue_full, closed, writer_died, bad_record, write_error.
-        # Every row a log accepted or refused but never wrote, by log (candidates, events)
-        # and reason: queue_full, closed, writer_died, bad_record, write_error.
         self.log_dropped = Counter("walkrank_log_dropped_rows",
                                    "Log rows offered but never written, by log and reason",
                                    ["log", "reason"], registry=self.registry)
