@@ -53,6 +53,7 @@ import grpc
 import numpy as np
 import yaml
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
 from loadgen.fuzz import (
     BATCH,
     CHANNEL_OPTIONS,
@@ -119,8 +120,9 @@ def machine() -> dict[str, Any]:
 
 
 def cpu_seconds() -> float:
+    """This process's CPU (not its children's: the server is one, once it has exited)."""
     times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    return times.user + times.system
 
 
 def children(pid: int) -> list[int]:
@@ -277,15 +279,16 @@ class Chaos:
                               (("x-api-key", KEYS[name]),), timeout))
         return calls
 
-    def admin(self, method: str, message: Any, timeout: float = 60.0) -> Outcome:
-        outcome = send(self.channel, Call(method, message.SerializeToString(),
-                                          (("x-admin-token", ADMIN_TOKEN),), timeout))
+    def call(self, call: Call) -> Outcome:
+        outcome = send(self.channel, call)
         self.tally([outcome])
         return outcome
 
     def healthy(self) -> bool:
+        """Overall health SERVING (no credentials needed)."""
         outcome = send(self.channel, Call(HEALTH_CHECK, b"", timeout=5.0))
-        return outcome.code == grpc.StatusCode.OK
+        return outcome.code == grpc.StatusCode.OK and health_pb2.HealthCheckResponse.FromString(
+            outcome.responses[0]).status == health_pb2.HealthCheckResponse.SERVING
 
     @contextmanager
     def started(self) -> Iterator[None]:
@@ -390,6 +393,7 @@ class Chaos:
             long_details += sum(1 for call, outcome in made if outcome.code != HANG and any(
                 "details of" in v for v in violations(call, outcome)))
             if not self.alive() or not self.healthy():
+                self.context["fuzz_stopped"] = f"server not healthy after the {share} calls"
                 break
         self.report["statuses"] = dict(sorted(self.statuses.items()))
         self.context["fuzz_long_error_details"] = long_details
@@ -403,9 +407,8 @@ class Chaos:
                                                           timeout=5.0)):
                 request = recommender_pb2.RecommendRequest.FromString(call.payload)
                 request.request_id = f"chaos-{tenant}-{index}"
-                outcome = send(self.channel, Call(RECOMMEND, request.SerializeToString(),
-                                                  call.metadata, 5.0))
-                self.tally([outcome])
+                outcome = self.call(Call(RECOMMEND, request.SerializeToString(), call.metadata,
+                                         5.0))
                 if outcome.code == grpc.StatusCode.OK:
                     answer = recommender_pb2.RecommendResponse.FromString(outcome.responses[0])
                     pairs += [(request.request_id, c.pin_id) for c in answer.candidates[:3]]
@@ -415,10 +418,9 @@ class Chaos:
             for quoted, counter in ((other, "foreign"), (reporter, "own")):
                 events = [events_pb2.Event(request_id=r, pin_id=p, event="click")
                           for r, p in answered[quoted]]
-                outcome = send(self.channel, Call(EVENTS, events_pb2.ReportEventsRequest(
+                outcome = self.call(Call(EVENTS, events_pb2.ReportEventsRequest(
                     tenant=reporter, events=events).SerializeToString(),
                     (("x-api-key", KEYS[reporter]),), 5.0))
-                self.tally([outcome])
                 count = (events_pb2.ReportEventsResponse.FromString(outcome.responses[0]).accepted
                          if outcome.code == grpc.StatusCode.OK else 0)
                 if counter == "foreign":
@@ -426,11 +428,10 @@ class Chaos:
                 else:
                     own[reporter] = {"sent": len(events), "accepted": count}
             # The other tenant's name with this tenant's key: refused by authentication.
-            outcome = send(self.channel, Call(EVENTS, events_pb2.ReportEventsRequest(
+            outcome = self.call(Call(EVENTS, events_pb2.ReportEventsRequest(
                 tenant=other, events=[events_pb2.Event(request_id=r, pin_id=p, event="click")
                                       for r, p in answered[other]]).SerializeToString(),
                 (("x-api-key", KEYS[reporter]),), 5.0))
-            self.tally([outcome])
             if outcome.code == grpc.StatusCode.OK:
                 accepted += events_pb2.ReportEventsResponse.FromString(
                     outcome.responses[0]).accepted
@@ -477,7 +478,8 @@ class Chaos:
             time.sleep(0.5)
             for name, change in steps:
                 change()
-                outcome = self.admin(RELOAD, admin_pb2.ReloadRequest())
+                outcome = self.call(Call(RELOAD, admin_pb2.ReloadRequest().SerializeToString(),
+                                         (("x-admin-token", ADMIN_TOKEN),), 60.0))
                 step: dict[str, Any] = {"step": name, "code": outcome.code_name}
                 if outcome.code == grpc.StatusCode.OK:
                     answer = admin_pb2.ReloadResponse.FromString(outcome.responses[0])
