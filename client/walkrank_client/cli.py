@@ -123,17 +123,28 @@ def _tenant(client: WalkRankClient, args: argparse.Namespace) -> int:
 
 
 def _reload(client: WalkRankClient, args: argparse.Namespace) -> int:
-    response = client.reload(args.tenant)
-    if args.json:
-        _print_json(response)
-    else:
+    """Every replica the address names reloads (one after another); each is reported,
+    headed by its address when there are several."""
+    failed = False
+    results = client.reload_each(args.tenant)
+    for address, response in results.items():
+        if len(results) > 1:
+            print(f"== {address}")
+        if isinstance(response, WalkRankClientError):
+            print(f"walkrank-client: {response.code.name}: {response.details}", file=sys.stderr)
+            failed = True
+            continue
+        failed = failed or bool(response.errors)
+        if args.json:
+            _print_json(response)
+            continue
         for change in response.changes:
             print(f"{change.tenant}: {change.kind} {change.detail}".rstrip())
         if not response.changes:
             print("nothing changed")
         for error in response.errors:
             print(f"error: {error.path}: {error.message}", file=sys.stderr)
-    return 1 if response.errors else 0
+    return 1 if failed else 0
 
 
 def _graph(client: WalkRankClient, args: argparse.Namespace) -> int:
@@ -167,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="walkrank-client", description="Call a WalkRank gRPC server."
     )
     parser.add_argument("--address", default=os.environ.get("WALKRANK_ADDRESS", DEFAULT_ADDRESS),
-                        help=f"host:port (default $WALKRANK_ADDRESS or {DEFAULT_ADDRESS})")
+                        help=f"host:port (default $WALKRANK_ADDRESS or {DEFAULT_ADDRESS}); "
+                             "replicas: ip:port,ip:port or dns:///NAME:PORT (calls are "
+                             "balanced, reload reaches every replica)")
     parser.add_argument("--api-key", default=os.environ.get("WALKRANK_API_KEY"),
                         help="tenant API key (default $WALKRANK_API_KEY)")
     parser.add_argument("--admin-token", default=os.environ.get("WALKRANK_ADMIN_TOKEN"),
@@ -202,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     tenant.set_defaults(run=_tenant)
     reload = commands.add_parser(
         "reload", parents=[output],
-        help="reload tenant files and models (exit 1 if a file failed to load)")
+        help="reload tenant files and models on every replica --address names (exit 1 if a "
+             "file failed to load or a replica failed)")
     reload.add_argument("--tenant", action="append", default=[],
                         help="re-read only this tenant's models (repeatable)")
     reload.set_defaults(run=_reload)

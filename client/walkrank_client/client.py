@@ -11,10 +11,21 @@ Health checks (`grpc.health.v1.Health/Check`) carry neither. Every attempt of a 
 deadline (the client's `timeout` unless the call passes its own), and a call is retried with
 exponential backoff when the server is UNAVAILABLE (not started yet, restarting, connection
 lost); any other status is raised at once as `WalkRankClientError`.
+
+Replicas without a balancer in front: give several addresses (a list, or one comma-separated
+string of `ip:port`s) or a DNS name with the `dns:` scheme (`dns:///walkrank-replicas:50051`,
+every address the name has, re-resolved as replicas come and go). The channel then uses
+gRPC's own `round_robin` policy (a replica per call) with client-side health checking: each
+replica's `grpc.health.v1` status is watched and only SERVING replicas get calls. An
+UNAVAILABLE call, retried, goes to the next replica. Admin calls that change a server
+(`reload`) go to one replica; `reload_each` calls every one.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +47,12 @@ API_KEY_HEADER = "x-api-key"
 ADMIN_TOKEN_HEADER = "x-admin-token"
 
 PinId = int | str
+
+#: Service config of a channel over several replicas: a replica per call, healthy ones only.
+BALANCED_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+})
 
 _T = TypeVar("_T")
 
@@ -118,8 +135,59 @@ def _event(event: Mapping[str, Any] | events_pb2.Event, index: int) -> events_pb
     )
 
 
+def _replica_addresses(address: str | Sequence[str]) -> tuple[str, ...]:
+    """The `host:port`s of a comma-separated string or a sequence, stripped."""
+    parts = address.split(",") if isinstance(address, str) else list(address)
+    addresses = tuple(part.strip() for part in parts if part.strip())
+    if not addresses:
+        raise ValueError("address: no server address given")
+    return addresses
+
+
+def channel_target(addresses: Sequence[str]) -> tuple[str, bool]:
+    """The gRPC target for `addresses` and whether it balances over replicas: one address is
+    used as given (any gRPC target; `dns:` ones balance); several must be IP literals of one
+    family and become an `ipv4:` / `ipv6:` target."""
+    if len(addresses) == 1:
+        return addresses[0], addresses[0].startswith("dns:")
+    families = set()
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise ValueError(f"address: {address!r}: several addresses must be ip:port each; "
+                             f"for a name with several addresses use 'dns:///NAME:PORT'") from None
+        if not sep or not port.isdigit():
+            raise ValueError(f"address: {address!r}: expected ip:port")
+    if len(families) != 1:
+        raise ValueError("address: mix of IPv4 and IPv6 addresses; give one family")
+    return f"ipv{families.pop()}:{','.join(addresses)}", True
+
+
+def resolve_replicas(address: str | Sequence[str]) -> list[str]:
+    """Every replica `address` names: each of several addresses, every IP a `dns:` name
+    resolves to now (`ip:port`), or the one address."""
+    addresses = _replica_addresses(address)
+    if len(addresses) > 1 or not addresses[0].startswith("dns:"):
+        return list(addresses)
+    name_port = addresses[0].removeprefix("dns:").lstrip("/").rpartition("/")[2]
+    host, _, port = name_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address: {addresses[0]!r}: expected dns:///NAME:PORT")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"address: cannot resolve {host!r}: {exc.strerror or exc}") from None
+    found = dict.fromkeys(
+        f"[{info[4][0]}]:{port}" if info[0] == socket.AF_INET6 else f"{info[4][0]}:{port}"
+        for info in infos)
+    return list(found)
+
+
 class WalkRankClient:
-    """Client of one WalkRank server; use as a context manager or call `close()`.
+    """Client of a WalkRank server, or of several replicas (module docstring); use as a
+    context manager or call `close()`.
 
     `tls`: False for plaintext, True for TLS with the system's root certificates, or the PEM
     bytes of the root certificates to trust. `retries` is how many times an UNAVAILABLE call
@@ -128,7 +196,7 @@ class WalkRankClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         api_key: str | None = None,
         admin_token: str | None = None,
@@ -141,15 +209,21 @@ class WalkRankClient:
             raise ValueError(f"timeout: must be positive, got {timeout}")
         if retries < 0:
             raise ValueError(f"retries: must be >= 0, got {retries}")
-        self.address = address
+        self.addresses = _replica_addresses(address)
+        self.address = ",".join(self.addresses)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self._tls = tls
+        self._admin_token = admin_token
+        target, balanced = channel_target(self.addresses)
+        options = [("grpc.service_config", BALANCED_SERVICE_CONFIG)] if balanced else []
         if tls is False:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(target, options=options)
         else:
             roots = tls if isinstance(tls, bytes) else None
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots),
+                                                options=options)
         self._tenant_metadata = ((API_KEY_HEADER, api_key),) if api_key else ()
         self._admin_metadata = ((ADMIN_TOKEN_HEADER, admin_token),) if admin_token else ()
         self._recommender = recommender_pb2_grpc.RecommenderStub(self._channel)
@@ -298,13 +372,31 @@ class WalkRankClient:
     def reload(
         self, tenants: Sequence[str] = (), *, timeout: float | None = None
     ) -> admin_pb2.ReloadResponse:
-        """Re-scan tenant files and re-read the model registries of `tenants` (default all)."""
+        """Re-scan tenant files and re-read the model registries of `tenants` (default all),
+        on the one server (or one of the replicas) this client calls; `reload_each` for all."""
         request = admin_pb2.ReloadRequest(tenants=tenants)
         return self._call(
             "Reload",
             lambda t: self._admin.Reload(request, timeout=t, metadata=self._admin_metadata),
             timeout,
         )
+
+    def reload_each(
+        self, tenants: Sequence[str] = (), *, timeout: float | None = None
+    ) -> dict[str, admin_pb2.ReloadResponse | WalkRankClientError]:
+        """`reload` on every replica this client's address names (`resolve_replicas`), one
+        after another, each on its own connection: the answer, or the error, per `ip:port`.
+        A replica that fails keeps serving what it served; the others still reload."""
+        results: dict[str, admin_pb2.ReloadResponse | WalkRankClientError] = {}
+        for replica in resolve_replicas(self.addresses):
+            with WalkRankClient(replica, admin_token=self._admin_token, tls=self._tls,
+                                timeout=self.timeout, retries=self.retries,
+                                backoff=self.backoff) as one:
+                try:
+                    results[replica] = one.reload(tenants, timeout=timeout)
+                except WalkRankClientError as exc:
+                    results[replica] = exc
+        return results
 
     def graph_info(self, *, timeout: float | None = None) -> admin_pb2.GraphInfoResponse:
         request = admin_pb2.GraphInfoRequest()
