@@ -24,11 +24,9 @@ Publishes of one tenant are serialised with an advisory file lock (threads and p
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -39,6 +37,14 @@ from types import MappingProxyType
 from typing import Any
 
 from walkrank.errors import ModelError
+from walkrank.pointers import (
+    VERSION_RE,
+    exclusive_lock,
+    fsync_dir,
+    read_version,
+    write_durable,
+    write_version,
+)
 from walkrank.tenants import TENANT_NAME_RE
 
 MODEL_FILE = "model.onnx"
@@ -47,8 +53,6 @@ CURRENT_FILE = "CURRENT"
 LAST_VERSION_FILE = "LAST_VERSION"
 _LOCK_FILE = ".publish.lock"
 _TEMP_PREFIX = ".publishing-"
-
-_VERSION_RE = re.compile(r"[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -176,15 +180,15 @@ class ModelRegistry:
             document = _to_json(record, tenant)
             temp_dir = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=tenant_dir))
             try:
-                _write_durable(temp_dir / MODEL_FILE, bytes(onnx_bytes))
-                _write_durable(temp_dir / METADATA_FILE, document.encode())
+                write_durable(temp_dir / MODEL_FILE, bytes(onnx_bytes))
+                write_durable(temp_dir / METADATA_FILE, document.encode())
                 os.chmod(temp_dir, 0o755)
                 os.rename(temp_dir, self._version_dir(tenant, version))
             except BaseException:
                 shutil.rmtree(temp_dir, ignore_errors=True)
                 raise
-            _fsync_dir(tenant_dir)
-            self._write_pointer(tenant_dir / CURRENT_FILE, version)
+            fsync_dir(tenant_dir)
+            write_version(tenant_dir / CURRENT_FILE, version)
         return self._describe(tenant, version)
 
     def rollback(self, tenant: str, version: int | None = None) -> ModelVersion:
@@ -215,7 +219,7 @@ class ModelRegistry:
                 raise ModelError(
                     f"cannot roll back {tenant!r} to version {version}: {exc}"
                 ) from exc
-            self._write_pointer(self._tenant_dir(tenant) / CURRENT_FILE, version)
+            write_version(self._tenant_dir(tenant) / CURRENT_FILE, version)
         return self._describe(tenant, version)
 
     # -- internals -----------------------------------------------------------------------
@@ -234,38 +238,25 @@ class ModelRegistry:
         if not tenant_dir.is_dir():
             return []
         names = (p.name for p in tenant_dir.iterdir() if p.is_dir())
-        return sorted(int(name) for name in names if _VERSION_RE.fullmatch(name))
+        return sorted(int(name) for name in names if VERSION_RE.fullmatch(name))
 
     def _read_current(self, tenant: str) -> int | None:
-        return _read_number(self._tenant_dir(tenant) / CURRENT_FILE)
+        return read_version(self._tenant_dir(tenant) / CURRENT_FILE, ModelError)
 
     def _next_version(self, tenant: str) -> int:
         """Reserve a number above every number ever used, durably, before writing files."""
         tenant_dir = self._tenant_dir(tenant)
-        last = _read_number(tenant_dir / LAST_VERSION_FILE) or 0
+        last = read_version(tenant_dir / LAST_VERSION_FILE, ModelError) or 0
         version = max([last, *self._version_numbers(tenant)]) + 1
-        self._write_pointer(tenant_dir / LAST_VERSION_FILE, version)
+        write_version(tenant_dir / LAST_VERSION_FILE, version)
         return version
-
-    @staticmethod
-    def _write_pointer(path: Path, version: int) -> None:
-        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        _write_durable(temp, f"{version}\n".encode())
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
 
     @contextmanager
     def _publish_lock(self, tenant: str) -> Iterator[None]:
         tenant_dir = self._tenant_dir(tenant)
         tenant_dir.mkdir(parents=True, exist_ok=True)
-        # flock conflicts between separate open() calls even inside one process, so this
-        # serialises threads as well as processes.
-        with open(tenant_dir / _LOCK_FILE, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(tenant_dir / _LOCK_FILE):
+            yield
 
     def _describe(self, tenant: str, version: int) -> ModelVersion:
         version_dir = self._version_dir(tenant, version)
@@ -337,18 +328,6 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
-def _read_number(path: Path) -> int | None:
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: cannot read version pointer: {exc}") from exc
-    if not _VERSION_RE.fullmatch(text):
-        raise ModelError(f"{path}: expected a positive version number, got {text[:40]!r}")
-    return int(text)
-
-
 def _to_json(record: Mapping[str, Any], tenant: str) -> str:
     def default(value: Any) -> Any:
         # numpy scalars and arrays (metrics, params) have tolist(); Paths become strings.
@@ -362,21 +341,6 @@ def _to_json(record: Mapping[str, Any], tenant: str) -> str:
         return json.dumps(record, indent=2, sort_keys=True, default=default, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"refusing to publish for {tenant!r}: metadata: {exc}") from exc
-
-
-def _write_durable(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temp_dirs(tenant_dir: Path) -> None:

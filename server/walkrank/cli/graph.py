@@ -1,13 +1,18 @@
-"""`walkrank graph build | info | synth`: make and inspect graph directories."""
+"""`walkrank graph build | synth | info | list | rollback | prune`: make, publish and inspect
+graph directories and graph repositories (`walkrank.graph.repository`, docs/graphs.md)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import PruneOptions, build_graph
+from walkrank.graph.repository import DEFAULT_KEEP, GraphRepository, resolve_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import PRESETS, build_synthetic
 
@@ -20,13 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--edges", required=True, help="edges file: pin_id, board_id")
     build.add_argument("--pins", help="pins file: pin_id + locale, topic, quality, ...")
     build.add_argument("--boards", help="boards file: board_id + topic, locale")
-    build.add_argument("--out", required=True, help="graph directory to write (must not exist)")
-    _add_replace_option(build)
+    _add_target_options(build)
     _add_prune_options(build)
     build.set_defaults(func=_build)
 
-    info = commands.add_parser("info", help="print a graph directory's manifest summary")
-    info.add_argument("path", help="graph directory")
+    info = commands.add_parser("info", help="print a graph's manifest summary")
+    info.add_argument("path", help="graph directory, or a repository (its current version)")
     info.add_argument("--verify", action="store_true",
                       help="check every array's checksum and the graph's structure")
     info.add_argument("--json", action="store_true", help="print the full manifest as JSON")
@@ -34,16 +38,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     synth = commands.add_parser("synth", help="generate and build a seeded synthetic graph")
     synth.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    synth.add_argument("--out", required=True, help="graph directory to write (must not exist)")
-    _add_replace_option(synth)
+    _add_target_options(synth)
     _add_prune_options(synth)
     synth.set_defaults(func=_synth)
 
+    listing = commands.add_parser("list", help="list a graph repository's versions")
+    listing.add_argument("repository", help="graph repository directory")
+    listing.add_argument("--json", action="store_true", help="print the listing as JSON")
+    listing.set_defaults(func=_list)
 
-def _add_replace_option(parser: argparse.ArgumentParser) -> None:
+    rollback = commands.add_parser(
+        "rollback", help="point a repository's CURRENT at an older (or a given) version")
+    rollback.add_argument("repository", help="graph repository directory")
+    rollback.add_argument("--to", type=int, metavar="VERSION",
+                          help="version to serve (default: the newest older than CURRENT)")
+    rollback.set_defaults(func=_rollback)
+
+    prune = commands.add_parser(
+        "prune", help="delete old versions (never CURRENT nor one a server holds)")
+    prune.add_argument("repository", help="graph repository directory")
+    prune.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
+                       help=f"versions kept besides CURRENT (default {DEFAULT_KEEP})")
+    prune.set_defaults(func=_prune)
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="graph directory to write (must not exist)")
+    target.add_argument("--publish", metavar="REPO",
+                        help="publish as a new version of this graph repository (created if "
+                             "missing) and make it CURRENT; servers pick it up on Reload")
     parser.add_argument("--replace", action="store_true",
                         help="replace a graph already at --out: a new directory is swapped in "
                              "and the old one deleted; refused while a server serves it")
+    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
+                        help=f"with --publish: versions kept besides CURRENT and those servers "
+                             f"hold (default {DEFAULT_KEEP})")
 
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
@@ -68,30 +98,80 @@ def _options(args: argparse.Namespace) -> PruneOptions:
     )
 
 
-def _build(args: argparse.Namespace) -> int:
-    options = _options(args)
+def _write(args: argparse.Namespace, what: str,
+           build: Callable[[Path, bool], dict[str, Any]]) -> int:
+    """Build into `--out`, or publish into `--publish` as a new version; print a summary."""
     started = time.perf_counter()
-    manifest = build_graph(args.out, args.edges, args.pins, args.boards, options=options,
-                           replace=args.replace)
-    print(f"built {args.out} in {time.perf_counter() - started:.2f}s")
+    if args.publish is None:
+        manifest = build(Path(args.out), args.replace)
+        print(f"built {what} into {args.out} in {time.perf_counter() - started:.2f}s")
+    else:
+        if args.replace:
+            raise ConfigError("--replace applies to --out; --publish always writes a new "
+                              "version")
+        manifests: list[dict[str, Any]] = []
+        version = GraphRepository(args.publish).publish(
+            lambda out: manifests.append(build(out, False)), keep=args.keep)
+        manifest = manifests[0]
+        print(f"published {what} as version {version.version} of {args.publish} (now CURRENT) "
+              f"in {time.perf_counter() - started:.2f}s")
     _print_summary(manifest)
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    options = _options(args)
+    return _write(args, args.edges, lambda out, replace: build_graph(
+        out, args.edges, args.pins, args.boards, options=options, replace=replace))
+
+
 def _synth(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    manifest = build_synthetic(args.out, args.preset, _options(args), replace=args.replace)
-    print(f"built synthetic preset {args.preset!r} into {args.out} "
-          f"in {time.perf_counter() - started:.2f}s")
-    _print_summary(manifest)
+    options = _options(args)
+    return _write(args, f"synthetic preset {args.preset!r}", lambda out, replace: (
+        build_synthetic(out, args.preset, options, replace=replace)))
+
+
+def _list(args: argparse.Namespace) -> int:
+    repository = GraphRepository(args.repository)
+    if not repository.root.is_dir():
+        raise DataError(f"{repository.root}: graph repository does not exist")
+    versions = repository.versions()
+    if args.json:
+        print(json.dumps([{"version": v.version, "path": str(v.path), "current": v.current,
+                           "held": v.held, "created_at": v.created_at, "counts": v.counts,
+                           "problem": v.problem} for v in versions], indent=2))
+        return 0
+    if not versions:
+        print(f"{repository.root}: no versions")
+    for v in versions:
+        marks = " ".join(m for m, on in (("CURRENT", v.current), ("held", v.held)) if on)
+        size = (f"pins {v.counts['pins']:,}  boards {v.counts['boards']:,}  "
+                f"edges {v.counts['edges']:,}" if v.problem is None else f"problem: {v.problem}")
+        print(f"{v.version:>6}  {v.created_at}  {size}  {marks}".rstrip())
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    version = GraphRepository(args.repository).rollback(args.to)
+    print(f"{args.repository}: CURRENT is now version {version.version}; servers serve it "
+          f"after their next Reload")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    deleted = GraphRepository(args.repository).prune(args.keep)
+    print(f"{args.repository}: deleted version(s) {', '.join(map(str, deleted))}" if deleted
+          else f"{args.repository}: nothing to delete")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    graph = GraphStore.load(args.path, verify=args.verify)
+    directory, version = resolve_graph(args.path)
+    graph = GraphStore.load(directory, verify=args.verify)
     if args.json:
         print(json.dumps(graph.manifest, indent=2))
     else:
+        print(f"{directory} (version {version})")
         _print_summary(graph.manifest)
     if args.verify:
         print(f"verified: all {len(graph.manifest['checksums'])} checksums match, structure "
