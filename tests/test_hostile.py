@@ -162,10 +162,13 @@ def test_fuzz(hostile: Hostile, share: str) -> None:
     """Hypothesis-drawn calls of one RPC family (raw: random and corrupted bytes to every
     method); then the server must be healthy, with no ERROR logged."""
     wanted = round(FUZZ_EXAMPLES * SHARES[share])
-    before = hostile.calls
+    before, statuses = hostile.calls, hostile.statuses.copy()
     run_property(hostile.strategies[share], wanted, hostile.check)
     hostile.assert_healthy()
     assert hostile.calls - before >= 0.9 * wanted, (share, hostile.calls - before, wanted)
+    # The cases reach past authentication and validation to the work, not only refusals.
+    seen = hostile.statuses - statuses
+    assert seen["OK"] > 0 and len(seen) > 2, seen
 
 
 # -- boundary values -----------------------------------------------------------------------
