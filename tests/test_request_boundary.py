@@ -5,7 +5,9 @@ strict, and per-tenant health needs credentials."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -22,6 +24,7 @@ from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     events_pb2,
     recommender_pb2,
+    recommender_pb2_grpc,
 )
 
 RECOMMEND = "/walkrank.v1.Recommender/Recommend"
@@ -306,3 +309,53 @@ def test_tenant_health_needs_credentials_overall_health_does_not(keyed_server) -
     watch.cancel()
 
 
+
+
+# -- overload --------------------------------------------------------------------------------
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout_s} s: {what}"
+        time.sleep(0.01)
+
+
+def recommend_async(stub: recommender_pb2_grpc.RecommenderStub, tenant: str, pin: str
+                    ) -> grpc.Future:
+    return stub.Recommend.future(recommender_pb2.RecommendRequest(
+        tenant=tenant, query_pins=[recommender_pb2.QueryPin(pin_id=pin)]), timeout=60)
+
+
+def test_refusals_and_other_tenants_never_wait_behind_admitted_calls(
+        tmp_path, small_graph: GraphStore) -> None:
+    """On a server with 2 spare worker threads and its one compute thread held, email's
+    quota full of calls waiting for compute: 16 more email calls are each refused
+    RESOURCE_EXHAUSTED, and another tenant's call is admitted, all while compute is still
+    held (before, the waiting calls held every worker thread and everything queued behind
+    them). Every admitted call is answered once compute is free."""
+    config = make_config(tmp_path, small_graph, workers=2, compute_slots=1)
+    with running(config) as (server, _), grpc.insecure_channel(
+            f"127.0.0.1:{server.port}") as channel:
+        pin = busy_pins(server.graph, 1)[0]
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        release = threading.Event()
+        holder = threading.Thread(target=server.serving.compute.run, args=(release.wait, 0))
+        holder.start()
+        try:
+            email = server.tenants.counters("email").limiter
+            quota = server.tenants.get("email").config.limits.max_in_flight
+            admitted = [recommend_async(stub, "email", pin) for _ in range(quota)]
+            wait_until(lambda: email.in_flight == quota, "email's quota full")
+            flood = [recommend_async(stub, "email", pin) for _ in range(4 * quota)]
+            other = recommend_async(stub, "homefeed", pin)
+            for future in flood:
+                assert future.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "its quota" in future.details()
+            homefeed = server.tenants.counters("homefeed").limiter
+            wait_until(lambda: homefeed.in_flight == 1, "the other tenant admitted")
+            assert holder.is_alive() and not any(f.done() for f in admitted)
+        finally:
+            release.set()
+            holder.join()
+        for future in [*admitted, other]:
+            assert future.result().candidates

@@ -48,6 +48,25 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 STALL_S = 5.0
 
 
+class WorkerPool(futures.ThreadPoolExecutor):
+    """gRPC's worker threads: one for each call the tenants' quotas admit at once (an
+    admitted call holds its thread until it answers, mostly waiting for a compute thread),
+    plus `spare` for everything else: refusals, health, Admin, events, calls being decoded.
+    So a tenant at its quota never leaves a refusal or another tenant's call queued behind
+    its waiting calls. Threads start when calls need them; `fit` grows the pool on reload."""
+
+    def __init__(self, spare: int) -> None:
+        super().__init__(max_workers=spare, thread_name_prefix="walkrank")
+        self.spare = spare
+
+    def fit(self, admitted: int) -> None:
+        """Room for `admitted` calls beside the spare threads (never shrinks: calls admitted
+        under an older, larger quota may still hold their threads)."""
+        # ThreadPoolExecutor reads _max_workers on every submit, when it decides to start a
+        # thread; there is no public way to grow a pool.
+        self._max_workers = max(self._max_workers, self.spare + admitted)
+
+
 class WalkRankServer:
     """One process: one graph, every tenant. `start()` binds and returns the port."""
 
@@ -80,9 +99,9 @@ class WalkRankServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
+        self._workers = WorkerPool(config.workers)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers,
-                                       thread_name_prefix="walkrank"),
+            self._workers,
             interceptors=[RequestBoundary(self.metrics, guards={
                 RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin})], options=options,
             maximum_concurrent_rpcs=None)
@@ -174,6 +193,7 @@ class WalkRankServer:
         for name in set(runtimes) | set(report.errors) | set(report.removed):
             self.metrics.tenant_load_error.labels(name).set(int(name in report.errors))
         self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+        self._workers.fit(sum(r.config.limits.max_in_flight for r in runtimes.values()))
         return report
 
     def _watch_compute(self) -> None:

@@ -97,7 +97,7 @@ class ServingContext:
         limit = runtime.config.limits.max_in_flight
         if not limiter.try_acquire(limit):
             self.record(runtime.name, "RESOURCE_EXHAUSTED")
-            raise QuotaExceeded(f"tenant {runtime.name!r} has {limit} requests in flight "
+            raise QuotaExceeded(f"tenant {quote(runtime.name)} has {limit} requests in flight "
                                 f"(its quota); retry later")
         try:
             yield
