@@ -87,7 +87,7 @@ def _kernel(graph: GraphStore, queries: list[np.ndarray], alpha: float) -> np.nd
             np.int32(query[0]), np.int32(0), np.int64(STEPS), np.uint64(alpha * 2**32),
             np.uint64(0), np.int32(-1), np.int32(0), np.int32(0), np.int64(0),
             np.int64(4), np.uint64(i), False, table, np.zeros(table.shape[0]),
-            np.zeros(table.shape[0], np.int32), np.zeros(1, np.uint8),
+            np.zeros(table.shape[0], np.int32), np.ones(1), np.zeros(1, np.uint8),
         )
         rates.append(STEPS / (time.perf_counter() - started))
     return np.array(rates)

@@ -71,7 +71,7 @@ def test_shipped_tenants_differ_where_their_surfaces_differ():
 def test_walk_params_carry_every_walk_setting(tmp_path):
     config = load_tenant(TENANTS_DIR / "related_pins.yaml")
     assert config.walk_params == WalkParams(
-        steps=30_000, restart_probability=0.7, early_stop_pins=1000, early_stop_visits=4,
+        steps=30_000, restart_probability=0.7, early_stop_pins=150, early_stop_visits=8,
         bias_strength=0.8, bias_by="locale_topic", max_candidates=1000,
     )
     raw = shipped_raw()

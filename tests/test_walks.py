@@ -39,20 +39,21 @@ def _query(graph: GraphStore, n: int, seed: int) -> np.ndarray:
 def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: int = 3,
               bias: float = 0.0, locale: int = -1, key_range: tuple[int, int] = (0, 0),
               early_stop_pins: int = 0, rows: int | None = None,
-              cancel: np.ndarray | None = None):
-    """Kernel-level walk from one pin with a hash table (`rows`: default twice the budget);
-    returns (steps, {pin: visits})."""
+              cancel: np.ndarray | None = None, query_index: int = 0):
+    """Kernel-level walk from one pin with a hash table (`rows`: default twice the budget),
+    drawing the random streams of position `query_index` in a query; returns
+    (steps, {pin: visits})."""
     table = new_visit_table(rows or 1 << (2 * budget - 1).bit_length())
     done = kernels.walk_query_pin(
         graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj, graph.pin_key,
         graph.board_key, graph.pin_locale_ends, graph.board_locale_ends, np.int32(pin),
-        np.int32(0), np.int64(budget), np.uint64(int(restart * 2**32)),
+        np.int32(query_index), np.int64(budget), np.uint64(int(restart * 2**32)),
         np.uint64(int(bias * 2**32)), np.int32(locale), np.int32(key_range[0]),
         np.int32(key_range[1]), np.int64(early_stop_pins), np.int64(4), np.uint64(seed), False,
-        table, np.zeros(table.shape[0]), np.zeros(table.shape[0], np.int32),
+        table, np.zeros(table.shape[0]), np.zeros(table.shape[0], np.int32), np.ones(1),
         np.zeros(1, np.uint8) if cancel is None else cancel,
     )
-    used = table[table[:, 1] == 0]
+    used = table[table[:, 1] == query_index]
     assert np.array_equal(used[:, 2], used[:, 3])  # one query pin: its count is the total
     return done, dict(zip(used[:, 0].tolist(), used[:, 3].tolist(), strict=True))
 
@@ -233,13 +234,57 @@ def test_early_stopping_cuts_steps_and_keeps_top_results(small_graph: GraphStore
         weights = np.ones(3, np.float32)
         full = walk(small_graph, query, weights, WalkParams(steps=50_000, early_stop_pins=0),
                     seed=i)
-        early = walk(small_graph, query, weights,
-                     WalkParams(steps=50_000, early_stop_pins=400, early_stop_visits=4), seed=i)
+        early = walk(small_graph, query, weights, WalkParams(steps=50_000), seed=i)
         overlaps.append(np.intersect1d(full.pins[:100], early.pins[:100]).size / 100)
         fractions.append(early.steps_walked / full.steps_walked)
-    # Paper: 84% overlap at a third of the steps; measured here ~0.82 at ~0.4.
-    assert np.mean(fractions) < 0.6
-    assert np.mean(overlaps) > 0.7
+    # The defaults (n_p 500, n_v 8). Paper: 84% overlap at a third of the steps; measured
+    # here 0.81 at 0.30.
+    assert np.mean(fractions) < 0.45
+    assert np.mean(overlaps) > 0.75
+
+
+def test_early_stop_pins_are_split_like_the_steps(small_graph: GraphStore) -> None:
+    """Each query pin stops by Pixie's rule with n_p scaled by its share of the steps, so a
+    many-pin query stops early where an unsplit n_p could never be reached."""
+    query = _query(small_graph, 5, 30)
+    params = WalkParams(steps=20_000, early_stop_pins=1_200, early_stop_visits=4)
+    result = walk(small_graph, query, np.ones(5), params, seed=7)
+    budgets = step_budgets(np.diff(small_graph.pin_offsets)[query], np.ones(5), params.steps,
+                           int(small_graph.manifest["degree"]["pin_max"]))
+    # Unsplit, each pin would need 1,200 pins x 4 visits: more visits than its budget.
+    assert params.early_stop_pins * params.early_stop_visits > budgets.max()
+    assert (result.steps_per_query < budgets).all()
+    for position, pin in enumerate(query):
+        share_of_n_p = math.ceil(params.early_stop_pins * budgets[position] / params.steps)
+        alone, _ = _walk_one(small_graph, int(pin), int(budgets[position]), restart=0.5, seed=7,
+                             early_stop_pins=share_of_n_p, query_index=position)
+        assert result.steps_per_query[position] == alone
+
+
+def test_a_pin_that_stops_early_keeps_its_share_of_the_score(small_graph: GraphStore) -> None:
+    """Score = (sum_q sqrt(visits from q * budget_q / steps_q))**2: a stopped pin's counts
+    are scaled to its budget, so it does not cede its weight to the pins that walked on."""
+    query = _query(small_graph, 2, 31)
+    params = WalkParams(steps=20_000, early_stop_pins=300, max_candidates=10**6)
+    both = walk(small_graph, query, np.ones(2), params, seed=4)
+    budgets = step_budgets(np.diff(small_graph.pin_offsets)[query], np.ones(2), params.steps,
+                           int(small_graph.manifest["degree"]["pin_max"]))
+    steps = both.steps_per_query
+    assert steps[0] < budgets[0] and steps[1] < budgets[1]
+    assert steps[0] * budgets[1] != steps[1] * budgets[0]  # the pins stopped at unlike shares
+    visits = []
+    for position in range(2):
+        # The same walk cut where it stopped: the same position, so the same random streams.
+        alone = walk(small_graph, np.where(np.arange(2) == position, query, -1), np.ones(2),
+                     WalkParams(steps=int(steps[position]), early_stop_pins=0,
+                                max_candidates=10**6), seed=4)
+        visits.append(dict(zip(alone.pins.tolist(), alone.visits.tolist(), strict=True)))
+    for pin, score, raw in zip(both.pins.tolist(), both.scores, both.visits, strict=True):
+        counts = [visits[q].get(pin, 0) for q in range(2)]
+        expected = sum(math.sqrt(c * b / s) for c, b, s in zip(counts, budgets, steps,
+                                                                  strict=True)) ** 2
+        assert score == pytest.approx(expected, rel=1e-6)
+        assert raw == sum(counts)  # visits stay raw counts
 
 
 def test_multi_hit_boosting_follows_its_formula(tiny_graph: GraphStore) -> None:

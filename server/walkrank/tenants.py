@@ -98,7 +98,8 @@ class QueryConfig:
 
 @dataclass(frozen=True)
 class EarlyStopping:
-    """Pixie's per-query-pin early stop: more than `pins` pins with at least `visits` visits."""
+    """Pixie's per-query-pin early stop: more than its share of `pins` pins (`pins` split
+    like the steps) with at least `visits` visits."""
 
     pins: int
     visits: int
@@ -580,9 +581,11 @@ def _walk(section: _Fields) -> WalkConfig:
         early_stopping = None
     else:
         stop = _Fields(section.file, section.path("early_stopping"), raw_stop)
+        # n_p scales with the budget (500 at 100k steps, the engine's default): a fixed n_p
+        # stops a short walk late or never (docs/tenants.md).
         early_stopping = EarlyStopping(
-            pins=stop.integer("pins", 2000, low=1, high=MAX_CANDIDATES),
-            visits=stop.integer("visits", 4, low=1, high=MAX_STEPS),
+            pins=stop.integer("pins", max(1, steps // 200), low=1, high=MAX_CANDIDATES),
+            visits=stop.integer("visits", 8, low=1, high=MAX_STEPS),
         )
         stop.done()
     bias_section = section.section("bias")

@@ -190,6 +190,7 @@ def walk_query_pin(
     table,
     root_sum,
     hits,
+    count_scale,
     cancel,
 ):
     """Walk `budget` steps (pin -> board -> pin) from one query pin and count arrivals.
@@ -197,11 +198,13 @@ def walk_query_pin(
     `table` is the request's visit table, one int32 row per slot: [pin, owner, count, visits]
     (slot = pin when `dense`, else open addressing with linear probing, power-of-two rows,
     EMPTY = free). `count` is the visits of query pin `owner` only; when another query pin
-    arrives, the old count is folded into `root_sum += sqrt(count)` and `hits += 1`, so
-    multi-hit boosting needs no per-query table and no merge pass (`top_candidates` folds the
-    last owner). `restart_threshold` / `bias_threshold` are probabilities scaled to 2**32; a
-    biased step (when `bias_locale` >= 0) draws from the neighbours in that locale, narrowed
-    to bias keys in [key_lo, key_hi) when key_lo < key_hi.
+    arrives, the old count is folded into `root_sum += sqrt(count * count_scale[owner])` and
+    `hits += 1`, so multi-hit boosting needs no per-query table and no merge pass
+    (`top_candidates` folds the last owner); `count_scale[q]` is query pin q's budget over the
+    steps it walked (1 unless it stopped early), set by the caller once q's walk is over.
+    `restart_threshold` / `bias_threshold` are probabilities scaled to 2**32; a biased step
+    (when `bias_locale` >= 0) draws from the neighbours in that locale, narrowed to bias keys
+    in [key_lo, key_hi) when key_lo < key_hi.
     The walk stops early once more than `early_stop_pins` pins (0 = never) reach
     `early_stop_visits` visits from this query pin; the check runs after each lock-step round,
     so it may overshoot by under WALKERS steps but never past `budget`. Walker w draws from a
@@ -297,8 +300,9 @@ def walk_query_pin(
                         raise ValueError("visit table full: sized for fewer pins than walked")
                 table[slot, 0] = p
             if table[slot, 1] != query_index:
-                if table[slot, 1] != EMPTY:
-                    root_sum[slot] += np.sqrt(np.float64(table[slot, 2]))
+                owner = table[slot, 1]
+                if owner != EMPTY:
+                    root_sum[slot] += np.sqrt(np.float64(table[slot, 2]) * count_scale[owner])
                     hits[slot] += 1
                 table[slot, 1] = query_index
                 table[slot, 2] = 0
@@ -337,14 +341,15 @@ def _top_keys(keys, k):
 
 
 @njit(nogil=True, cache=True)
-def top_candidates(dense, table, root_sum, hits, query_pins, k, pin_offsets):
+def top_candidates(dense, table, root_sum, hits, count_scale, query_pins, k, pin_offsets):
     """The k best pins of a visit table, query pins excluded, best first (consumes the table).
 
-    Score = (sum over query pins of sqrt(visits from that pin))**2 (Pixie multi-hit
-    boosting), as float32. Order: score descending, then pin id ascending, so ties are
-    deterministic and the same for either counter. Each candidate becomes one int64 key
-    (float32 score bits, which order like the scores since they are positive, above the
-    complemented pin id); `_top_keys` selects the k largest in O(n) and only they are sorted.
+    Score = (sum over query pins q of sqrt(visits from q * count_scale[q]))**2 (Pixie
+    multi-hit boosting, each query pin's counts scaled to its budget), as float32. Order:
+    score descending, then pin id ascending, so ties are deterministic and the same for
+    either counter. Each candidate becomes one int64 key (float32 score bits, which order
+    like the scores since they are positive, above the complemented pin id); `_top_keys`
+    selects the k largest in O(n) and only they are sorted.
     Returns (pins, scores, visits, query_hits, degree).
     """
     mask = np.int64(table.shape[0] - 1)
@@ -376,7 +381,8 @@ def top_candidates(dense, table, root_sum, hits, query_pins, k, pin_offsets):
     score_bits = score32.view(np.int32)  # a float32 -> int32 bit cast through one cell
     for i in range(m):
         slot = slots[i]
-        root = root_sum[slot] + np.sqrt(np.float64(table[slot, 2]))
+        own = np.float64(table[slot, 2]) * count_scale[table[slot, 1]]
+        root = root_sum[slot] + np.sqrt(own)
         score32[0] = root * root
         pin = slot if dense else table[slot, 0]
         keys[i] = (np.int64(score_bits[0]) << 32) | (np.int64(0x7FFFFFFF) - pin)
