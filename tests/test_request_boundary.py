@@ -208,14 +208,30 @@ def oversized(graph: GraphStore) -> list[tuple[str, str, bytes, str]]:
             tenant="email", users=batch_users).SerializeToString(), "users[1].request_id"),
         ("admin tenant name", GET_TENANT, admin_pb2.GetTenantRequest(
             name="n" * MB).SerializeToString(), "unknown tenant"),
+        ("an event type", EVENTS, events_pb2.ReportEventsRequest(tenant="homefeed", events=[
+            events_pb2.Event(request_id="r", pin_id="1", event="click"),
+            events_pb2.Event(request_id="r", pin_id="1", event="x" * MB)]).SerializeToString(),
+         "events[1].event"),
+        ("an event's request_id", EVENTS, events_pb2.ReportEventsRequest(
+            tenant="homefeed", events=[events_pb2.Event(
+                request_id="r" * MB, pin_id="1", event="click")]).SerializeToString(),
+         "events[0].request_id"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+OVERSIZED = ("tenant 1 MiB", "request_id 3.9 MiB", "user id", "locale", "an interest",
+             "65 interests", "a query pin id", "an excluded pin", "10,001 excluded pins",
+             "a batch user's request_id", "admin tenant name", "an event type",
+             "an event's request_id")
+
+
+@pytest.mark.parametrize("name", OVERSIZED)
 def test_oversized_fields_are_refused_naming_the_field_without_echoing_it(
-        open_server, errors: ErrorLog, case: int) -> None:
+        open_server, errors: ErrorLog, name: str) -> None:
     server, channel = open_server
-    name, method, payload, field = oversized(server.graph)[case]
+    cases = {case[0]: case for case in oversized(server.graph)}
+    assert set(cases) == set(OVERSIZED)
+    _, method, payload, field = cases[name]
     if method == BATCH:
         code, details = stream(channel, method, payload)
     else:

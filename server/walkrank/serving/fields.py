@@ -8,6 +8,7 @@ send time past the message size limit. The limits are documented in docs/serving
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from walkrank.serving.errors import InvalidArgument
 
@@ -40,3 +41,12 @@ def check_each(field: str, values: Iterable[str], limit: int, suffix: str = "") 
     for index, value in enumerate(values):
         if len(value) > limit:
             check_length(f"{field}[{index}]{suffix}", value, limit)
+
+
+def check_events(events: Sequence[Any]) -> None:
+    """Each reported event's `request_id`, `pin_id` and `event` within their limits (they are
+    stored in the event log and quoted in rejections)."""
+    for index, event in enumerate(events):
+        check_length(f"events[{index}].request_id", event.request_id, ID_CHARS)
+        check_length(f"events[{index}].pin_id", event.pin_id, ID_CHARS)
+        check_length(f"events[{index}].event", event.event, EVENT_CHARS)

@@ -37,6 +37,7 @@ from walkrank.serving.fields import (
     TENANT_CHARS,
     check_count,
     check_each,
+    check_events,
     check_length,
 )
 from walkrank.serving.interceptor import CALL_TENANT, status_of
@@ -214,6 +215,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                      context: grpc.ServicerContext) -> events_pb2.ReportEventsResponse:
         runtime = self.serving.runtime(request.tenant, context)
         events = list(request.events)
+        check_events(events)
         columns = {
             "request_id": [e.request_id for e in events],
             "pin_id": [e.pin_id for e in events],
