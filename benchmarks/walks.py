@@ -2,26 +2,34 @@
 
     python benchmarks/walks.py            # "bench" graph: 1M pins, 200k boards, 20M edges
     python benchmarks/walks.py --quick    # "quick" graph: 100k pins, 2M edges, < 1 minute
+    python benchmarks/walks.py --graph DIR [--requests FILE]   # your graph (and queries)
     python benchmarks/walks.py --json out.json
 
 Measures, on one loaded graph: steps/s of the walk engine (validation, budget split, walks,
 top-k: a whole request) on one thread and with two threads running queries concurrently;
-per-query latency (p50/p99) of a 5-pin query with N = 100,000 steps with and without early
-stopping, unbiased and biased (locale 0.5, locale+topic 0.8); dense vs hash visit counters;
-and, on the same query pins, the fast kernel alone and the deliberately plain reference
-kernel (one walker, np.random, a dense counter).
-Figures are medians over queries (latency percentiles over all queries).
+per-query latency (p50/p99) of a query with N = 100,000 steps with and without early
+stopping (the engine's default n_p / n_v), unbiased and biased (locale 0.5, locale+topic
+0.8); dense vs hash visit counters; and, on the same query pins, the fast kernel alone and
+the deliberately plain reference kernel (one walker, np.random, a dense counter).
+Early stopping is judged by the steps it walks and the overlap of its top 100 (and top 500)
+with the full walk of the same seed; the overlap of two full walks of different seeds says
+how much of that top 100 is sampling noise at N steps. Queries are 5 pins drawn by degree,
+or, with --requests, the `query_pins` ([{pin_id, weight}]) of a JSON-lines file (.gz too).
+Figures are medians over queries (latency percentiles over all queries), printed beside the
+machine's L3 size and the bytes of the arrays the walks read: a graph that fits in L3 walks
+faster than one that does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,40 +41,108 @@ from walkrank.walks.engine import new_visit_table
 REPO = Path(__file__).resolve().parent.parent
 QUERY_PINS = 5
 STEPS = 100_000
+#: Arrays a walk reads (the rest of a graph directory is features and ids).
+WALK_ARRAYS = ("pin_offsets", "pin_adj", "board_offsets", "board_adj", "pin_key", "board_key",
+               "pin_locale_ends", "board_locale_ends")
+Query = tuple[np.ndarray, np.ndarray]  # dense pin ids (-1: unknown), weights
 
 
-def _queries(graph: GraphStore, n: int, seed: int) -> list[np.ndarray]:
+class Timed(NamedTuple):
+    seconds: np.ndarray
+    steps: np.ndarray
+    candidates: list[np.ndarray]
+
+
+def l3_bytes() -> int | None:
+    """The last-level (L3) cache of CPU 0 in bytes, from sysfs; None where it is not shown."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "3":
+                continue
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return None
+
+
+def _queries(graph: GraphStore, n: int, seed: int) -> list[Query]:
     """Query pins drawn like engagement: proportional to degree, distinct within a query."""
     degree = np.diff(graph.pin_offsets).astype(np.float64)
     rng = np.random.default_rng(seed)
     p = degree / degree.sum()
-    return [rng.choice(graph.n_pins, QUERY_PINS, replace=False, p=p).astype(np.int32)
-            for _ in range(n)]
+    return [(rng.choice(graph.n_pins, QUERY_PINS, replace=False, p=p).astype(np.int32),
+             np.ones(QUERY_PINS)) for _ in range(n)]
 
 
-def _timed_walks(graph: GraphStore, queries: list[np.ndarray], params: WalkParams,
-                 counter: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Per-query seconds and steps walked. A biased walk's user has the locale and topic of
-    the query's first pin, as a user's own pins mostly are."""
-    weights = np.ones(QUERY_PINS, np.float32)
-    seconds, steps = [], []
-    for i, query in enumerate(queries):
-        user = {"user_locale": int(graph.pin_locale[query[0]]),
-                "user_topic": int(graph.pin_topic[query[0]])}
-        started = time.perf_counter()
-        result = walk(graph, query, weights, params, seed=i, counter=counter, **user)
-        seconds.append(time.perf_counter() - started)
-        steps.append(result.steps_walked)
-    return np.array(seconds), np.array(steps)
+def _request_queries(graph: GraphStore, path: Path, n: int) -> list[Query]:
+    """The first n requests of a JSON-lines file whose query has a pin with boards."""
+    degree = np.diff(graph.pin_offsets)
+    queries: list[Query] = []
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                query = json.loads(line)["query_pins"]
+                ids = np.array([q["pin_id"] for q in query], dtype=object)
+                weights = np.array([float(q["weight"]) for q in query])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"{path}:{number}: expected query_pins [{{pin_id, weight}}]: "
+                                 f"{exc!r}") from exc
+            pins = graph.pin_index(ids)
+            if (degree[pins[pins >= 0]] > 0).any():
+                queries.append((pins, weights))
+            if len(queries) == n:
+                break
+    if not queries:
+        raise SystemExit(f"{path}: no request has a query pin in the graph")
+    return queries
 
 
-def _two_threads(graph: GraphStore, queries: list[np.ndarray], params: WalkParams) -> float:
+def _first_pin(query: Query) -> int:
+    """The query's first known pin: the user's locale and topic, the single-pin kernels."""
+    pins = query[0]
+    return int(pins[pins >= 0][0])
+
+
+def _timed_walks(graph: GraphStore, queries: list[Query], modes: dict[str, WalkParams],
+                 counter: str = "auto", seed: int = 0) -> dict[str, Timed]:
+    """Per mode: per-query seconds, steps walked and candidate pins (best first, top 500).
+
+    The modes of one query run back to back, so a noisy neighbour slows them alike and their
+    ratios hold. A biased walk's user has the locale and topic of the query's first pin, as a
+    user's own pins mostly are.
+    """
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    steps: dict[str, list[int]] = {mode: [] for mode in modes}
+    candidates: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    for i, (pins, weights) in enumerate(queries):
+        first = _first_pin((pins, weights))
+        user = {"user_locale": int(graph.pin_locale[first]),
+                "user_topic": int(graph.pin_topic[first])}
+        for mode, params in modes.items():
+            started = time.perf_counter()
+            result = walk(graph, pins, weights, params, seed=seed + i, counter=counter, **user)
+            seconds[mode].append(time.perf_counter() - started)
+            steps[mode].append(result.steps_walked)
+            candidates[mode].append(result.pins[:500])
+    return {mode: Timed(np.array(seconds[mode]), np.array(steps[mode]), candidates[mode])
+            for mode in modes}
+
+
+def _overlap(a: list[np.ndarray], b: list[np.ndarray], k: int) -> float:
+    """Median over queries of |top k of a & top k of b| / min(k, len(top k of b))."""
+    shares = [np.intersect1d(x[:k], y[:k]).size / max(1, min(k, y.shape[0]))
+              for x, y in zip(a, b, strict=True)]
+    return float(np.median(shares))
+
+
+def _two_threads(graph: GraphStore, queries: list[Query], params: WalkParams) -> float:
     """Aggregate steps/s with two threads each walking half the queries concurrently."""
-    weights = np.ones(QUERY_PINS, np.float32)
 
-    def run(part: list[np.ndarray]) -> int:
-        return sum(walk(graph, q, weights, params, seed=i).steps_walked
-                   for i, q in enumerate(part))
+    def run(part: list[Query]) -> int:
+        return sum(walk(graph, pins, weights, params, seed=i).steps_walked
+                   for i, (pins, weights) in enumerate(part))
 
     halves = [queries[0::2], queries[1::2]]
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -75,7 +151,7 @@ def _two_threads(graph: GraphStore, queries: list[np.ndarray], params: WalkParam
         return total / (time.perf_counter() - started)
 
 
-def _kernel(graph: GraphStore, queries: list[np.ndarray], alpha: float) -> np.ndarray:
+def _kernel(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray:
     """Per-query steps/s of the fast kernel alone on the reference's work: N steps, one pin."""
     rates = []
     for i, query in enumerate(queries):
@@ -84,22 +160,22 @@ def _kernel(graph: GraphStore, queries: list[np.ndarray], alpha: float) -> np.nd
         kernels.walk_query_pin(
             graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
             graph.pin_key, graph.board_key, graph.pin_locale_ends, graph.board_locale_ends,
-            np.int32(query[0]), np.int32(0), np.int64(STEPS), np.uint64(alpha * 2**32),
-            np.uint64(0), np.int32(-1), np.int32(0), np.int32(0), np.int64(0),
-            np.int64(4), np.uint64(i), False, table, np.zeros(table.shape[0]),
+            np.int32(_first_pin(query)), np.int32(0), np.int64(STEPS),
+            np.uint64(alpha * 2**32), np.uint64(0), np.int32(-1), np.int32(0), np.int32(0),
+            np.int64(0), np.int64(4), np.uint64(i), False, table, np.zeros(table.shape[0]),
             np.zeros(table.shape[0], np.int32), np.ones(1), np.zeros(1, np.uint8),
         )
         rates.append(STEPS / (time.perf_counter() - started))
     return np.array(rates)
 
 
-def _reference(graph: GraphStore, queries: list[np.ndarray], alpha: float) -> np.ndarray:
+def _reference(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray:
     """Per-query steps/s of the plain kernel walking all N steps from each query's first pin."""
     rates = []
     for i, query in enumerate(queries):
         started = time.perf_counter()
         kernels.reference_walk(graph.pin_offsets, graph.pin_adj, graph.board_offsets,
-                               graph.board_adj, int(query[0]), STEPS, alpha, i)
+                               graph.board_adj, _first_pin(query), STEPS, alpha, i)
         rates.append(STEPS / (time.perf_counter() - started))
     return np.array(rates)
 
@@ -107,57 +183,69 @@ def _reference(graph: GraphStore, queries: list[np.ndarray], alpha: float) -> np
 def _page_in(graph: GraphStore) -> float:
     """Touch every adjacency page once so the first timed queries do not pay for disk reads."""
     started = time.perf_counter()
-    for name in ("pin_offsets", "pin_adj", "board_offsets", "board_adj", "pin_key", "board_key",
-                 "pin_locale_ends", "board_locale_ends"):
+    for name in WALK_ARRAYS:
         array = getattr(graph, name)
         np.add.reduce(array[:: max(1, 4096 // array.itemsize)])
     return time.perf_counter() - started
 
 
-def run(quick: bool, n_queries: int | None, seed: int) -> dict[str, Any]:
+def run(graph_dir: Path | None, quick: bool, requests: Path | None, n_queries: int | None,
+        seed: int) -> dict[str, Any]:
     preset = "quick" if quick else "bench"
-    path = ensure_graph(preset, cache_dir=REPO / ".cache" / "graphs")
+    path = graph_dir or ensure_graph(preset, cache_dir=REPO / ".cache" / "graphs")
     started = time.perf_counter()
     graph = GraphStore.load(path)
     load_seconds = time.perf_counter() - started
     page_in_seconds = _page_in(graph)
 
-    n = n_queries or (60 if quick else 200)
-    queries = _queries(graph, n, seed)
+    n = n_queries or (60 if quick or graph_dir else 200)
+    queries = _request_queries(graph, requests, n) if requests else _queries(graph, n, seed)
+    n = len(queries)
     no_stop = WalkParams(steps=STEPS, early_stop_pins=0)
-    early = WalkParams(steps=STEPS)
-    _timed_walks(graph, queries[:3], no_stop)  # compile or load the cached kernels
+    modes = {"full": no_stop, "early": WalkParams(steps=STEPS)}
+    biased = graph.n_locales > 0
+    if biased:
+        modes["locale"] = WalkParams(steps=STEPS, early_stop_pins=0, bias_strength=0.5)
+        modes["topic"] = WalkParams(steps=STEPS, early_stop_pins=0, bias_strength=0.8,
+                                    bias_by="locale_topic")
+    _timed_walks(graph, queries[:3], modes)  # compile or load the cached kernels
     kernels.reference_walk(graph.pin_offsets, graph.pin_adj, graph.board_offsets,
-                           graph.board_adj, int(queries[0][0]), 10, 0.5, 0)
+                           graph.board_adj, _first_pin(queries[0]), 10, 0.5, 0)
 
-    seconds, steps = _timed_walks(graph, queries, no_stop)
-    es_seconds, es_steps = _timed_walks(graph, queries, early)
-    locale_s, _ = _timed_walks(graph, queries, WalkParams(steps=STEPS, early_stop_pins=0,
-                                                          bias_strength=0.5))
-    topic_s, _ = _timed_walks(graph, queries, WalkParams(steps=STEPS, early_stop_pins=0,
-                                                         bias_strength=0.8,
-                                                         bias_by="locale_topic"))
+    timed = _timed_walks(graph, queries, modes)
+    full, early = timed["full"], timed["early"]
+    other_seed = _timed_walks(graph, queries, {"full": no_stop}, seed=len(queries))["full"]
     two = statistics.median(_two_threads(graph, queries, no_stop) for _ in range(3))
     n_counter = min(n, 40)
-    dense_s, _ = _timed_walks(graph, queries[:n_counter], no_stop, counter="dense")
-    hash_s, _ = _timed_walks(graph, queries[:n_counter], no_stop, counter="hash")
+    counters = {counter: _timed_walks(graph, queries[:n_counter], {"full": no_stop},
+                                      counter=counter)["full"].seconds
+                for counter in ("dense", "hash")}
     reference_queries = queries[: max(10, n // 5)]
     reference = _reference(graph, reference_queries, no_stop.restart_probability)
     kernel = _kernel(graph, reference_queries, no_stop.restart_probability)
 
-    steps_per_second = float(np.median(steps / seconds))
+    steps_per_second = float(np.median(full.steps / full.seconds))
     reference_rate = float(np.median(reference))
+    walk_bytes = sum(getattr(graph, name).nbytes for name in WALK_ARRAYS)
+
+    def ms(seconds: np.ndarray, q: float) -> float:
+        return float(np.percentile(seconds, q) * 1e3)
+
     return {
-        "graph": preset,
+        "graph": str(graph_dir) if graph_dir else preset,
         "graph_pins": graph.n_pins,
         "graph_edges": graph.n_edges,
+        "graph_walk_bytes": walk_bytes,
+        "l3_bytes": l3_bytes(),
         "bytes_per_edge": float(graph.manifest["bytes_per_edge"]),
         "locale_index_bytes_per_edge": float(graph.manifest["locale_index_bytes_per_edge"]),
         "load_seconds": round(load_seconds, 4),
         "page_in_seconds": round(page_in_seconds, 3),
         "queries": n,
-        "query_pins": QUERY_PINS,
+        "query_source": str(requests) if requests else f"{QUERY_PINS} pins by degree",
         "steps": STEPS,
+        "early_stop_pins": modes["early"].early_stop_pins,
+        "early_stop_visits": modes["early"].early_stop_visits,
         "steps_per_second": steps_per_second,
         "two_thread_steps_per_second": two,
         "two_thread_scaling": two / steps_per_second,
@@ -165,27 +253,40 @@ def run(quick: bool, n_queries: int | None, seed: int) -> dict[str, Any]:
         "speedup": steps_per_second / reference_rate,
         "kernel_steps_per_second": float(np.median(kernel)),
         "kernel_speedup": float(np.median(kernel)) / reference_rate,
-        "p50_ms": float(np.percentile(seconds, 50) * 1e3),
-        "p99_ms": float(np.percentile(seconds, 99) * 1e3),
-        "early_stop_p50_ms": float(np.percentile(es_seconds, 50) * 1e3),
-        "early_stop_p99_ms": float(np.percentile(es_seconds, 99) * 1e3),
-        "early_stop_step_fraction": float(np.median(es_steps / steps)),
-        "locale_bias_p50_ms": float(np.percentile(locale_s, 50) * 1e3),
-        "locale_bias_p99_ms": float(np.percentile(locale_s, 99) * 1e3),
-        "locale_topic_bias_p50_ms": float(np.percentile(topic_s, 50) * 1e3),
-        "locale_topic_bias_p99_ms": float(np.percentile(topic_s, 99) * 1e3),
-        "dense_counter_p50_ms": float(np.median(dense_s) * 1e3),
-        "hash_counter_p50_ms": float(np.median(hash_s) * 1e3),
+        "p50_ms": ms(full.seconds, 50),
+        "p99_ms": ms(full.seconds, 99),
+        "early_stop_p50_ms": ms(early.seconds, 50),
+        "early_stop_p99_ms": ms(early.seconds, 99),
+        "early_stop_step_fraction": float(np.median(early.steps / full.steps)),
+        "early_stop_overlap_at_100": _overlap(early.candidates, full.candidates, 100),
+        "early_stop_overlap_at_500": _overlap(early.candidates, full.candidates, 500),
+        "full_walk_seed_overlap_at_100": _overlap(other_seed.candidates, full.candidates, 100),
+        "locale_bias_p50_ms": ms(timed["locale"].seconds, 50) if biased else None,
+        "locale_bias_p99_ms": ms(timed["locale"].seconds, 99) if biased else None,
+        "locale_topic_bias_p50_ms": ms(timed["topic"].seconds, 50) if biased else None,
+        "locale_topic_bias_p99_ms": ms(timed["topic"].seconds, 99) if biased else None,
+        "dense_counter_p50_ms": float(np.median(counters["dense"]) * 1e3),
+        "hash_counter_p50_ms": float(np.median(counters["hash"]) * 1e3),
     }
 
 
 def _print(r: dict[str, Any]) -> None:
+    l3 = f"{r['l3_bytes'] / 2**20:.0f} MiB" if r["l3_bytes"] else "unknown"
     print(f"graph {r['graph']}: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, "
           f"{r['bytes_per_edge']:.2f} bytes/edge (+{r['locale_index_bytes_per_edge']:.2f} locale "
           f"index); load {r['load_seconds'] * 1e3:.1f} ms, "
           f"page-in {r['page_in_seconds']:.2f} s")
-    print(f"{r['queries']} queries of {r['query_pins']} pins, N = {r['steps']:,} steps "
+    print(f"walk arrays {r['graph_walk_bytes'] / 2**20:.0f} MiB, L3 cache {l3}")
+    print(f"{r['queries']} queries ({r['query_source']}), N = {r['steps']:,} steps "
           "(medians over queries)")
+    base = r["p50_ms"]
+
+    def bias(name: str) -> str:
+        if r[f"{name}_p50_ms"] is None:
+            return "n/a: the graph has no locales"
+        return (f"p50 {r[f'{name}_p50_ms']:.2f} ms  p99 {r[f'{name}_p99_ms']:.2f} ms  "
+                f"({r[f'{name}_p50_ms'] / base:.2f}x unbiased)")
+
     rows = [
         ("engine, 1 thread", f"{r['steps_per_second'] / 1e6:.1f}M steps/s"),
         ("engine, 2 threads", f"{r['two_thread_steps_per_second'] / 1e6:.1f}M steps/s "
@@ -194,17 +295,15 @@ def _print(r: dict[str, Any]) -> None:
         ("reference kernel, 1 pin", f"{r['reference_steps_per_second'] / 1e6:.1f}M steps/s"),
         ("speedup", f"engine {r['speedup']:.1f}x, kernel alone "
                     f"{r['kernel_speedup']:.1f}x the reference"),
-        ("latency, no early stop", f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"),
-        ("latency, early stop", f"p50 {r['early_stop_p50_ms']:.2f} ms  "
-                                f"p99 {r['early_stop_p99_ms']:.2f} ms  "
-                                f"({r['early_stop_step_fraction']:.0%} of the steps)"),
-        ("latency, locale bias 0.5", f"p50 {r['locale_bias_p50_ms']:.2f} ms  "
-                                     f"p99 {r['locale_bias_p99_ms']:.2f} ms  "
-                                     f"({r['locale_bias_p50_ms'] / r['p50_ms']:.2f}x unbiased)"),
-        ("latency, locale+topic bias 0.8", f"p50 {r['locale_topic_bias_p50_ms']:.2f} ms  "
-                                           f"p99 {r['locale_topic_bias_p99_ms']:.2f} ms  "
-                                           f"({r['locale_topic_bias_p50_ms'] / r['p50_ms']:.2f}x "
-                                           "unbiased)"),
+        ("latency, no early stop", f"p50 {base:.2f} ms  p99 {r['p99_ms']:.2f} ms"),
+        (f"latency, early stop {r['early_stop_pins']}/{r['early_stop_visits']}",
+         f"p50 {r['early_stop_p50_ms']:.2f} ms  p99 {r['early_stop_p99_ms']:.2f} ms  "
+         f"({r['early_stop_step_fraction']:.0%} of the steps)"),
+        ("early stop vs full walk", f"top-100 overlap {r['early_stop_overlap_at_100']:.2f}, "
+                                    f"top-500 {r['early_stop_overlap_at_500']:.2f} (two full "
+                                    f"walks' top 100: {r['full_walk_seed_overlap_at_100']:.2f})"),
+        ("latency, locale bias 0.5", bias("locale_bias")),
+        ("latency, locale+topic bias 0.8", bias("locale_topic_bias")),
         ("visit counter p50", f"dense {r['dense_counter_p50_ms']:.2f} ms  "
                               f"hash {r['hash_counter_p50_ms']:.2f} ms"),
     ]
@@ -216,11 +315,18 @@ def _print(r: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help='"quick" graph, under a minute')
+    parser.add_argument("--graph", type=Path, metavar="DIR",
+                        help="a graph directory (walkrank graph build) instead of a preset")
+    parser.add_argument("--requests", type=Path, metavar="FILE",
+                        help="JSON lines with query_pins [{pin_id, weight}] (.gz too): the "
+                             "queries, instead of 5 pins drawn by degree")
     parser.add_argument("--queries", type=int, help="queries per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args()
-    result = run(args.quick, args.queries, args.seed)
+    if args.requests and not args.requests.is_file():
+        parser.error(f"--requests {args.requests}: no such file")
+    result = run(args.graph, args.quick, args.requests, args.queries, args.seed)
     _print(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
