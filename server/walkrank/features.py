@@ -440,3 +440,36 @@ def check_feature_list(model_features: Sequence[str], tenant_features: Sequence[
         )
     if problems:
         raise ModelError("model feature list does not match the tenant's: " + "; ".join(problems))
+
+
+#: The graph data each feature needs beyond the walk: a graph without it (no locale or topic
+#: vocabulary, no quality or created_at column) serves the feature at its default for every
+#: candidate. Categories are matched by name per request (the request's locale and interests
+#: are looked up in the serving graph's vocabulary), so a new graph with other codes serves a
+#: model unchanged; only a graph that lacks an input altogether changes what the model sees.
+GRAPH_INPUTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "locales": ("pin_locale_missing", "user_locale_missing", "query_locale_share",
+                "locale_match"),
+    "topics": ("pin_topic_missing", "user_interest_count", "query_topic_share",
+               "topic_in_interests"),
+    "pins.quality": ("pin_quality", "pin_quality_missing"),
+    "pins.created_at": ("pin_age_days", "pin_age_missing"),
+})
+
+
+def graph_inputs(graph: GraphStore) -> frozenset[str]:
+    """The `GRAPH_INPUTS` a graph provides (a vocabulary with names, a column it was built
+    with)."""
+    schema = graph.manifest.get("schema", {})
+    present = {"locales": graph.n_locales > 0, "topics": graph.n_topics > 0,
+               "pins.quality": "pins.quality" in schema,
+               "pins.created_at": "pins.created_at" in schema or "edges.created_at" in schema}
+    return frozenset(name for name, ok in present.items() if ok)
+
+
+def inputs_lost(names: Sequence[str], served: GraphStore, new: GraphStore) -> dict[str, list[str]]:
+    """Graph inputs the served graph gives `names` and the new graph would not: input ->
+    the features that would fall to their defaults."""
+    lost = graph_inputs(served) - graph_inputs(new)
+    return {name: [f for f in names if f in GRAPH_INPUTS[name]] for name in sorted(lost)
+            if any(f in GRAPH_INPUTS[name] for f in names)}

@@ -62,6 +62,9 @@ class ServerConfig:
     # quote another tenant's request; 0 turns the check off (walkrank.events.RequestOwners).
     recent_request_ids: int = 200_000
     max_message_bytes: int = 4 * 1024 * 1024
+    # Seconds between checks of a graph repository's CURRENT (a new version is swapped in as
+    # on Admin.Reload); None: only Admin.Reload swaps graphs (docs/graphs.md).
+    graph_watch_seconds: float | None = None
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
 
@@ -72,7 +75,8 @@ class ServerConfig:
 _TOP_KEYS = {
     "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
     "compute_slots", "compute_nice", "grace_seconds", "log_queue_batches", "log_ring_mb",
-    "log_writer_nice", "recent_request_ids", "max_message_bytes", "auth", "tls",
+    "log_writer_nice", "recent_request_ids", "max_message_bytes", "graph_watch_seconds", "auth",
+    "tls",
 }
 
 
@@ -160,12 +164,16 @@ def load_server_config(path: Path) -> ServerConfig:
                       ("compute_slots", int), ("compute_nice", int),
                       ("grace_seconds", (int, float)),
                       ("log_queue_batches", int), ("log_ring_mb", int), ("log_writer_nice", int),
-                      ("recent_request_ids", int), ("max_message_bytes", int)):
+                      ("recent_request_ids", int), ("max_message_bytes", int),
+                      ("graph_watch_seconds", (int, float))):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
     for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
         if values.get(key, 1) < 1:
             raise ConfigError(f"{path}: {key}: must be >= 1")
+    if values.get("graph_watch_seconds", 1) <= 0:
+        raise ConfigError(f"{path}: graph_watch_seconds: must be > 0 (leave it out to swap "
+                          f"graphs only on Admin.Reload)")
     if values.get("recent_request_ids", 0) < 0:
         raise ConfigError(f"{path}: recent_request_ids: must be >= 0")
     for key in ("compute_nice", "log_writer_nice"):

@@ -32,6 +32,15 @@ class ServerMetrics:
             "walkrank_tenant_load_error",
             "1 while the tenant's file or model failed its last (re)load (it serves what it "
             "served before, or visit count)", ["tenant"], registry=self.registry)
+        # A repository's version number (0 for a plain graph directory), so a dashboard sees
+        # every replica move to the new graph after a publish (docs/graphs.md).
+        self.graph_version = Gauge("walkrank_graph_version",
+                                   "Version of the graph being served (0: not a repository)",
+                                   registry=self.registry)
+        self.graph_load_error = Gauge(
+            "walkrank_graph_load_error",
+            "1 while the newest graph failed to load or was refused (the previous one serves)",
+            registry=self.registry)
         # Every row a log accepted or refused but never wrote, by log (candidates, events)
         # and reason: queue_full, closed, writer_died, bad_record, write_error.
         self.log_dropped = Counter("walkrank_log_dropped_rows",

@@ -189,3 +189,6 @@ class ComputePool:
                 del self._active[job.sequence]
                 self._last_finished = time.perf_counter()
             job.done.set()
+            # An idle thread must not keep its last call alive: the call holds the graph it
+            # ran on, which a graph swap unmaps only once nothing holds it.
+            del job

@@ -1,28 +1,34 @@
-"""Server lifecycle: load the graph and tenants, bind, serve, and stop gracefully.
+"""Server lifecycle: load the graph and tenants, bind, serve, swap graphs, stop gracefully.
 
 Shutdown order matters: stop accepting calls, let in-flight calls finish within the grace
-period, then close the logs so every queued candidate and event reaches disk.
+period, then close the logs so every queued candidate and event reaches disk. A graph swap
+(`reload`, or the repository watcher) opens, verifies and warms the new version beside the one
+serving and replaces it in one assignment (`walkrank.serving.graphs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from walkrank.candidate_log import CandidateLog
-from walkrank.errors import ConfigError
+from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners
-from walkrank.graph.store import load_for_serving
+from walkrank.graph.repository import resolve_graph
+from walkrank.graph.store import GraphStore
 from walkrank.log_process import ProcessLog
 from walkrank.models import ModelRegistry
 from walkrank.serving.auth import Authenticator
 from walkrank.serving.config import ServerConfig, check_port_free
+from walkrank.serving.graphs import ServedGraph, open_graph, refuse_for_tenants
 from walkrank.serving.health import TenantHealth
 from walkrank.serving.interceptor import RequestBoundary
 from walkrank.serving.metrics import ServerMetrics
@@ -73,9 +79,12 @@ class WalkRankServer:
     def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
         self.config = config
         # Verified before anything runs on it (a corrupt file is an error naming it, not a
-        # crash in the kernels), and leased so `graph build --replace` leaves it alone.
-        self.graph, self._graph_lease = load_for_serving(config.graph)
+        # crash in the kernels), and leased so `graph build --replace` and repository
+        # retention leave it alone.
+        served = open_graph(config.graph)
         self.metrics = ServerMetrics()
+        self._graph_lock = threading.Lock()
+        self._set_graph_metrics(served, error=False)
         self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
         # Candidates are written by a child process (walkrank.log_process), restarted if it
         # dies, events (few) by a thread. Every row offered and not written is counted.
@@ -91,7 +100,7 @@ class WalkRankServer:
         auth = Authenticator(config.auth)
         self.health = TenantHealth(auth)
         self.serving = ServingContext(
-            self.graph, self.tenants, self.candidate_log, self.event_log, auth, self.metrics,
+            served, self.tenants, self.candidate_log, self.event_log, auth, self.metrics,
             ComputePool(config.compute_slots or available_cores(), nice=config.compute_nice),
             RequestOwners(config.recent_request_ids))
         options = [
@@ -107,7 +116,7 @@ class WalkRankServer:
             maximum_concurrent_rpcs=None)
         add_recommender(RecommenderServicer(self.serving), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.serving, str(config.graph), self.reload), self._server)
+            AdminServicer(self.serving, self.reload), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_reflection(self._server, [
             RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
@@ -116,20 +125,27 @@ class WalkRankServer:
         self._stopped = threading.Event()
         self.stall_after_s = STALL_S
 
+    @property
+    def graph(self) -> GraphStore:
+        """The graph serving now (a swap may replace it at any moment)."""
+        return self.serving.graph
+
     def _log_lost(self, kind: str, reason: str, rows: int) -> None:
         self.metrics.log_dropped.labels(kind, reason).inc(rows)
 
-    def warm_up(self) -> None:
-        """Run each tenant's path once (no logging) so compiled kernels load before traffic."""
-        if self.graph.n_pins == 0:
+    def warm_up(self, graph: GraphStore | None = None) -> None:
+        """Run each tenant's path once (no logging) on `graph` (default: the one serving) so
+        compiled kernels load before traffic does."""
+        graph = self.graph if graph is None else graph
+        if graph.n_pins == 0:
             return
-        first_pin = str(self.graph.pin_external([0])[0])
+        first_pin = str(graph.pin_external([0])[0])
         for name, runtime in self.tenants.runtimes().items():
             # A day, not the tenant's deadline: loading (or, on a cold cache, compiling) the
             # kernels takes seconds.
             try:
-                recommend(self.graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
-                                                              query_pins=(first_pin,)),
+                recommend(graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
+                                                         query_pins=(first_pin,)),
                           time_remaining=lambda: NO_DEADLINE_S)
             except Exception:  # one tenant's failure never stops the server's startup
                 log.exception("tenant %s: warm-up call failed", name)
@@ -156,6 +172,9 @@ class WalkRankServer:
         self.port = self._bind()
         self._server.start()
         threading.Thread(target=self._watch_compute, name="walkrank-health", daemon=True).start()
+        if self.config.graph_watch_seconds is not None:
+            threading.Thread(target=self._watch_graph, name="walkrank-graph-watch",
+                             daemon=True).start()
         if self.config.metrics_address:
             self.metrics.serve(self.config.metrics_address)
         log.info("serving %d tenants on port %d", len(self.tenants.runtimes()), self.port)
@@ -181,8 +200,11 @@ class WalkRankServer:
         return port
 
     def reload(self, models_for: frozenset[str] | None = None) -> ReloadReport:
-        """Reload tenants (and the models of `models_for`, default all), then publish health."""
+        """Reload tenants (and the models of `models_for`, default all), swap in a new graph
+        version if the repository's CURRENT moved, then publish health."""
         report = self.tenants.reload(models_for)
+        graph_change, graph_error = self.reload_graph()
+        report = dataclasses.replace(report, graph=graph_change, graph_error=graph_error)
         runtimes = self.tenants.runtimes()
         for name in report.removed:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
@@ -195,6 +217,57 @@ class WalkRankServer:
         self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         self._workers.fit(sum(r.config.limits.max_in_flight for r in runtimes.values()))
         return report
+
+    def reload_graph(self) -> tuple[str, tuple[str, str] | None]:
+        """Swap in the graph `graph:` names now, if it is another version than the one
+        serving: opened, verified, paged in, checked against the tenants' models and warmed
+        up first, all off the request path. Returns (change, (path, error)); on an error the
+        graph serving keeps serving."""
+        with self._graph_lock:
+            served = self.serving.served
+            try:
+                directory, version = resolve_graph(self.config.graph)
+                if directory == served.path and version == served.version:
+                    self._set_graph_metrics(served, error=False)  # e.g. rolled back to it
+                    return "", None
+                started = time.perf_counter()
+                new = open_graph(self.config.graph)
+                refuse_for_tenants(self.tenants.runtimes(), served, new)
+                self.warm_up(new.store)
+            except WalkRankError as exc:
+                log.error("graph %s: not swapped in, graph %s keeps serving: %s",
+                          self.config.graph, served.version, exc)
+                self._set_graph_metrics(served, error=True)
+                return "", (str(self.config.graph), str(exc))
+            self.serving.served = new  # the swap: calls that started before keep the old one
+            log.info("graph %s: now version %s (was %s): opened and verified in %.2f s, paged in "
+                     "%.2f s, ready after %.2f s", self.config.graph, new.version, served.version,
+                     new.open_s, new.page_in_s, time.perf_counter() - started)
+            self._set_graph_metrics(new, error=False)
+            return f"now {new.version} (was {served.version})", None
+
+    def _set_graph_metrics(self, served: ServedGraph, error: bool) -> None:
+        self.metrics.graph_version.set(int(served.version) if served.version.isdigit() else 0)
+        self.metrics.graph_load_error.set(int(error))
+
+    def _watch_graph(self) -> None:
+        """Follow the repository's CURRENT (`graph_watch_seconds`); a version that fails is
+        reported once per attempt, in the log and `walkrank_graph_load_error`."""
+        failed: tuple[str, str] | None = None
+        while not self._stopped.wait(self.config.graph_watch_seconds):
+            try:
+                target = resolve_graph(self.config.graph)
+            except WalkRankError as exc:
+                target = ("", str(exc))
+            served = self.serving.served
+            if target == (served.path, served.version):
+                if failed is not None:  # CURRENT is back at what serves: no error any more
+                    self._set_graph_metrics(served, error=False)
+                failed = None
+                continue
+            if target != failed:  # a version that failed is tried again only on Reload
+                _, error = self.reload_graph()
+                failed = target if error is not None else None
 
     def _watch_compute(self) -> None:
         """Overall health NOT_SERVING while the compute pool is stalled, SERVING again after."""
@@ -223,7 +296,7 @@ class WalkRankServer:
         self.candidate_log.close()
         self.event_log.close()
         self.metrics.close()
-        self._graph_lease.release()
+        self.serving.served.release()
 
     def wait(self) -> None:
         self._server.wait_for_termination()

@@ -40,6 +40,7 @@ from walkrank.serving.fields import (
     check_events,
     check_length,
 )
+from walkrank.serving.graphs import ServedGraph
 from walkrank.serving.interceptor import CALL_TENANT, status_of
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import (
@@ -60,14 +61,18 @@ from walkrank_client.pb.walkrank.v1 import (
     recommender_pb2_grpc,
 )
 
+#: Response metadata (trailing) naming the graph version that answered a Recommender call.
+GRAPH_VERSION_KEY = "walkrank-graph-version"
+
 
 class ServingContext:
     """What every servicer shares: the graph, the tenant table, logs, auth and metrics."""
 
-    def __init__(self, graph: GraphStore, tenants: TenantTable, candidate_log: CandidateSink,
+    def __init__(self, served: ServedGraph, tenants: TenantTable, candidate_log: CandidateSink,
                  event_log: EventLog, auth: Authenticator, metrics: ServerMetrics,
                  compute: ComputePool, request_owners: RequestOwners | None = None) -> None:
-        self.graph = graph
+        # Replaced whole by a graph swap; a call reads it once (`call_graph`) and keeps it.
+        self.served = served
         self.tenants = tenants
         self.candidate_log = candidate_log
         self.event_log = event_log
@@ -76,6 +81,17 @@ class ServingContext:
         self.auth = auth
         self.metrics = metrics
         self.compute = compute
+
+    @property
+    def graph(self) -> GraphStore:
+        return self.served.store
+
+    def call_graph(self, context: grpc.ServicerContext) -> ServedGraph:
+        """The graph this call reads from start to end, whatever swaps meanwhile; its version
+        goes back in the trailing metadata."""
+        served = self.served
+        context.set_trailing_metadata(((GRAPH_VERSION_KEY, served.version),))
+        return served
 
     def runtime(self, tenant: str, context: grpc.ServicerContext) -> TenantRuntime:
         """The tenant a request names, once the caller's key may call it."""
@@ -115,7 +131,7 @@ class ServingContext:
                                          scored=output.candidates_generated)
 
     def serve_one(self, runtime: TenantRuntime, request: RecommendInput,
-                  context: grpc.ServicerContext) -> bytes:
+                  context: grpc.ServicerContext, graph: GraphStore) -> bytes:
         """Run the pipeline for one user on a compute thread; the serialized response.
 
         The call's deadline (the tenant's `deadline_ms` when the caller set none; each user
@@ -131,7 +147,7 @@ class ServingContext:
         self.request_owners.add(request.request_id, runtime.name)  # events may quote it
         try:
             output, queue_s = self.compute.run(
-                functools.partial(recommend, self.graph, runtime, request,
+                functools.partial(recommend, graph, runtime, request,
                                   candidate_log=self.candidate_log,
                                   time_remaining=lambda: due - time.perf_counter(),
                                   cancel=cancel),
@@ -184,7 +200,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                                   request.query_pins, request.exclude_pins,
                                   request.num_results,
                                   request.seed if request.HasField("seed") else None)
-            return self.serving.serve_one(runtime, decoded, context)
+            graph = self.serving.call_graph(context).store
+            return self.serving.serve_one(runtime, decoded, context, graph)
 
     def RecommendBatch(self, request: recommender_pb2.RecommendBatchRequest,
                        context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -195,6 +212,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         # A batch holds one in-flight slot for its whole run: a burst of email batches
         # therefore occupies at most the email quota of server threads.
         with self.serving.admitted(runtime):
+            graph = self.serving.call_graph(context).store  # every user on the same graph
             seeded = request.HasField("seed")
             # Every user's fields are checked before the first is served.
             users = [_user_input(runtime.name, user.request_id, user.user, user.query_pins,
@@ -206,7 +224,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 if not context.is_active():
                     raise DeadlineExceeded(f"call ended before user {position} of the batch")
                 try:
-                    yield self.serving.serve_one(runtime, decoded, context)
+                    yield self.serving.serve_one(runtime, decoded, context, graph)
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"users[{position}].{exc.field}", exc.problem,
                                           exc.reason) from exc
@@ -241,10 +259,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Admin calls; the admin token is checked for every one of them by the request
     boundary (`RequestBoundary` guards), before the request is decoded."""
 
-    def __init__(self, serving: ServingContext, graph_path: str,
+    def __init__(self, serving: ServingContext,
                  reload: Callable[[frozenset[str] | None], ReloadReport]) -> None:
         self.serving = serving
-        self.graph_path = graph_path
         self._reload = reload
 
     def _tenant_summary(self, runtime: TenantRuntime) -> admin_pb2.TenantSummary:
@@ -280,16 +297,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         changes += [admin_pb2.ReloadChange(tenant=t, kind="config") for t in report.updated]
         changes += [admin_pb2.ReloadChange(tenant=t, kind="model", detail=f"now {v}")
                     for t, v in sorted(report.models.items()) if t not in report.added]
-        return admin_pb2.ReloadResponse(
-            changes=changes,
-            errors=[admin_pb2.FileError(path=report.error_files[name], message=message)
-                    for name, message in sorted(report.errors.items())])
+        if report.graph:
+            changes.append(admin_pb2.ReloadChange(kind="graph", detail=report.graph))
+        errors = [admin_pb2.FileError(path=report.error_files[name], message=message)
+                  for name, message in sorted(report.errors.items())]
+        if report.graph_error is not None:
+            path, message = report.graph_error
+            errors.append(admin_pb2.FileError(path=path, message=message))
+        return admin_pb2.ReloadResponse(changes=changes, errors=errors)
 
     def GraphInfo(self, request: admin_pb2.GraphInfoRequest,
                   context: grpc.ServicerContext) -> admin_pb2.GraphInfoResponse:
-        graph = self.serving.graph
+        served = self.serving.served
+        graph = served.store
         manifest = {k: v for k, v in graph.manifest.items() if k != "checksums"}
         return admin_pb2.GraphInfoResponse(
-            path=self.graph_path, n_pins=graph.n_pins, n_boards=graph.n_boards,
+            path=str(served.path), n_pins=graph.n_pins, n_boards=graph.n_boards,
             n_edges=graph.n_edges, locales=list(graph.locales), topics=list(graph.topics),
-            manifest_json=json.dumps(manifest, default=str, sort_keys=True))
+            manifest_json=json.dumps(manifest, default=str, sort_keys=True),
+            version=served.version,
+            repository=str(served.source) if served.source != served.path else "")

@@ -101,6 +101,8 @@ class ReloadReport:
     models: dict[str, str] = field(default_factory=dict)  # tenant -> model now served, if new
     errors: dict[str, str] = field(default_factory=dict)  # tenant -> what failed
     error_files: dict[str, str] = field(default_factory=dict)  # tenant -> the file at fault
+    graph: str = ""  # the graph swap, e.g. "now 8 (was 7)"; empty when the graph stayed
+    graph_error: tuple[str, str] | None = None  # (path, message) of a graph refused
 
 
 def load_runtime_model(registry: ModelRegistry, config: TenantConfig,

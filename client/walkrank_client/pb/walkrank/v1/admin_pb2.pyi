@@ -101,7 +101,7 @@ class GraphInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GraphInfoResponse(_message.Message):
-    __slots__ = ("path", "n_pins", "n_boards", "n_edges", "locales", "topics", "manifest_json")
+    __slots__ = ("path", "n_pins", "n_boards", "n_edges", "locales", "topics", "manifest_json", "version", "repository")
     PATH_FIELD_NUMBER: _ClassVar[int]
     N_PINS_FIELD_NUMBER: _ClassVar[int]
     N_BOARDS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,8 @@ class GraphInfoResponse(_message.Message):
     LOCALES_FIELD_NUMBER: _ClassVar[int]
     TOPICS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     path: str
     n_pins: int
     n_boards: int
@@ -116,4 +118,6 @@ class GraphInfoResponse(_message.Message):
     locales: _containers.RepeatedScalarFieldContainer[str]
     topics: _containers.RepeatedScalarFieldContainer[str]
     manifest_json: str
-    def __init__(self, path: _Optional[str] = ..., n_pins: _Optional[int] = ..., n_boards: _Optional[int] = ..., n_edges: _Optional[int] = ..., locales: _Optional[_Iterable[str]] = ..., topics: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    version: str
+    repository: str
+    def __init__(self, path: _Optional[str] = ..., n_pins: _Optional[int] = ..., n_boards: _Optional[int] = ..., n_edges: _Optional[int] = ..., locales: _Optional[_Iterable[str]] = ..., topics: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ..., version: _Optional[str] = ..., repository: _Optional[str] = ...) -> None: ...

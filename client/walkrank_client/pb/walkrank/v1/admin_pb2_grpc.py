@@ -76,8 +76,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reload(self, request, context):
-        """Re-read tenant files and model registries; a file that fails to load leaves what was
-        serving before in place.
+        """Re-read tenant files and model registries, and swap in a graph repository's new CURRENT
+        version; a file or graph that fails to load leaves what was serving before in place.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
