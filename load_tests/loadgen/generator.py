@@ -46,6 +46,7 @@ class ProcessResult:
 
     latencies_ms: list[float] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # time.monotonic() of each call
     errors: dict[str, int] = field(default_factory=dict)
     messages_received: int = 0
     started: float = 0.0     # time.monotonic(), comparable across processes on one machine
@@ -59,6 +60,11 @@ class RunResult:
     summary: Summary
     generator_cpu_s: float | None  # None when run in the caller's process
     processes: int
+    # Every call: when it was sent (time.monotonic(), comparable across this machine's
+    # processes), its latency and its code, for figures over a time window (graph swaps).
+    sent_at: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    latencies_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    codes: tuple[str, ...] = ()
 
 
 def _share(amount: int, parts: int, index: int) -> int:
@@ -153,7 +159,7 @@ async def _run_share(config: GhzConfig, spec: MethodSpec, target: str, index: in
                         return
                 number = local * parts + index
                 payload, metadata = requests.get(worker_id, number)
-                sent = time.perf_counter()
+                sent, sent_at = time.perf_counter(), time.monotonic()
                 try:
                     if spec.server_streaming:
                         async for _ in call(payload, timeout=config.timeout_s,
@@ -170,10 +176,12 @@ async def _run_share(config: GhzConfig, spec: MethodSpec, target: str, index: in
                 except asyncio.CancelledError:  # cut off at the end of the duration
                     if config.duration_stop == "close":
                         result.latencies_ms.append((time.perf_counter() - sent) * 1e3)
+                        result.sent_at.append(sent_at)
                         result.codes.append("CANCELLED")
                         result.errors[CUT_OFF] = result.errors.get(CUT_OFF, 0) + 1
                     raise
                 result.latencies_ms.append((time.perf_counter() - sent) * 1e3)
+                result.sent_at.append(sent_at)
                 result.codes.append(code)
 
         result.started = loop_start
@@ -231,7 +239,9 @@ def _combine(config: GhzConfig, parts: list[ProcessResult], processes: int) -> R
     summary = summarize(config.label, "builtin", latencies, codes, wall, errors,
                         sum(p.messages_received for p in parts), config.tags)
     cpu = sum(p.cpu_s for p in parts) if processes else None
-    return RunResult(config=config, summary=summary, generator_cpu_s=cpu, processes=processes)
+    return RunResult(config=config, summary=summary, generator_cpu_s=cpu, processes=processes,
+                     sent_at=np.concatenate([np.asarray(p.sent_at) for p in parts]),
+                     latencies_ms=latencies, codes=tuple(codes))
 
 
 def _processes_for(config: GhzConfig, processes: int) -> int:

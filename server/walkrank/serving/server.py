@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import gc
 import logging
+import os
+import sys
 import threading
 import time
 from concurrent import futures
@@ -38,6 +40,7 @@ from walkrank.serving.scheduler import ComputePool, available_cores
 from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
 from walkrank.serving.tenant_table import ReloadReport, TenantTable
 from walkrank.serving.wire import add_recommender
+from walkrank.serving.workers import WorkerPool
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -52,25 +55,15 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 # Every compute job ends by its deadline (walks are cancelled then), so jobs waiting this
 # long with none finishing mean the compute threads are stuck: overall health NOT_SERVING.
 STALL_S = 5.0
+# Niceness added to the thread that opens, verifies, pages in and warms a new graph (and to
+# the checksum threads it starts, which inherit it): a swap takes idle CPU, not the calls'.
+GRAPH_LOAD_NICE = 10
 
 
-class WorkerPool(futures.ThreadPoolExecutor):
-    """gRPC's worker threads: one for each call the tenants' quotas admit at once (an
-    admitted call holds its thread until it answers, mostly waiting for a compute thread),
-    plus `spare` for everything else: refusals, health, Admin, events, calls being decoded.
-    So a tenant at its quota never leaves a refusal or another tenant's call queued behind
-    its waiting calls. Threads start when calls need them; `fit` grows the pool on reload."""
-
-    def __init__(self, spare: int) -> None:
-        super().__init__(max_workers=spare, thread_name_prefix="walkrank")
-        self.spare = spare
-
-    def fit(self, admitted: int) -> None:
-        """Room for `admitted` calls beside the spare threads (never shrinks: calls admitted
-        under an older, larger quota may still hold their threads)."""
-        # ThreadPoolExecutor reads _max_workers on every submit, when it decides to start a
-        # thread; there is no public way to grow a pool.
-        self._max_workers = max(self._max_workers, self.spare + admitted)
+def _lower_priority() -> None:
+    if sys.platform.startswith("linux"):  # niceness is per thread there
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       min(19, os.getpriority(os.PRIO_PROCESS, 0) + GRAPH_LOAD_NICE))
 
 
 class WalkRankServer:
@@ -231,20 +224,30 @@ class WalkRankServer:
                     self._set_graph_metrics(served, error=False)  # e.g. rolled back to it
                     return "", None
                 started = time.perf_counter()
-                new = open_graph(self.config.graph)
-                refuse_for_tenants(self.tenants.runtimes(), served, new)
-                self.warm_up(new.store)
-            except WalkRankError as exc:
+                with futures.ThreadPoolExecutor(1, "walkrank-graph-load",
+                                                initializer=_lower_priority) as loader:
+                    new = loader.submit(self._open_checked, served).result()
+            except Exception as exc:  # contained: whatever failed, the old graph serves on
+                problem = str(exc) if isinstance(exc, WalkRankError) else (
+                    f"{type(exc).__name__}: {exc}")
                 log.error("graph %s: not swapped in, graph %s keeps serving: %s",
-                          self.config.graph, served.version, exc)
+                          self.config.graph, served.version, problem,
+                          exc_info=not isinstance(exc, WalkRankError))
                 self._set_graph_metrics(served, error=True)
-                return "", (str(self.config.graph), str(exc))
+                return "", (str(self.config.graph), problem)
             self.serving.served = new  # the swap: calls that started before keep the old one
-            log.info("graph %s: now version %s (was %s): opened and verified in %.2f s, paged in "
-                     "%.2f s, ready after %.2f s", self.config.graph, new.version, served.version,
+            log.info("graph %s: now version %s (was %s): opened and verified in %.3f s, paged in "
+                     "%.3f s, ready after %.3f s", self.config.graph, new.version, served.version,
                      new.open_s, new.page_in_s, time.perf_counter() - started)
             self._set_graph_metrics(new, error=False)
             return f"now {new.version} (was {served.version})", None
+
+    def _open_checked(self, served: ServedGraph) -> ServedGraph:
+        """The configured graph opened, checked against the tenants' models and warmed up."""
+        new = open_graph(self.config.graph)
+        refuse_for_tenants(self.tenants.runtimes(), served, new)
+        self.warm_up(new.store)
+        return new
 
     def _set_graph_metrics(self, served: ServedGraph, error: bool) -> None:
         self.metrics.graph_version.set(int(served.version) if served.version.isdigit() else 0)
@@ -257,7 +260,7 @@ class WalkRankServer:
         while not self._stopped.wait(self.config.graph_watch_seconds):
             try:
                 target = resolve_graph(self.config.graph)
-            except WalkRankError as exc:
+            except Exception as exc:  # reported by the reload below, as on Admin.Reload
                 target = ("", str(exc))
             served = self.serving.served
             if target == (served.path, served.version):
