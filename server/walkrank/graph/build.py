@@ -19,7 +19,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,12 @@ def read_table(source: TableSource, role: str) -> tuple[pa.Table, str]:
     else:
         path = Path(source)
         name = str(path)
-        if not path.is_file():
+        if path.is_dir():
+            table = _read_directory(path, role)
+        elif not path.is_file():
             raise DataError(f"{path}: {role} file not found")
-        table = _read_file(path, role)
+        else:
+            table = _read_file(path, role)
     if table.num_rows == 0:
         raise DataError(f"{name}: {role} table is empty (no rows)")
     return table, name
@@ -116,6 +119,29 @@ def _read_file(path: Path, role: str) -> pa.Table:
     raise DataError(
         f"{path}: unknown {role} file format {path.suffix!r}; use .csv, .tsv, .parquet or .pq"
     )
+
+
+def table_files(directory: Path, role: str) -> list[Path]:
+    """The data files of a directory (a warehouse export: Parquet or CSV partitions), in name
+    order, which is the row order of the table they make; names starting with '.' or '_'
+    (`_SUCCESS`, `.crc`) are not data."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file()
+                   and not any(part.startswith((".", "_"))
+                               for part in p.relative_to(directory).parts))
+    if not files:
+        raise DataError(f"{directory}: no {role} files in the directory")
+    return files
+
+
+def _read_directory(directory: Path, role: str) -> pa.Table:
+    files = table_files(directory, role)
+    tables = [_read_file(path, role) for path in files]
+    first = tables[0].schema.remove_metadata()
+    for path, table in zip(files, tables, strict=True):
+        if table.schema.remove_metadata() != first:
+            raise DataError(f"{path}: its columns ({', '.join(table.schema.names)}, with their "
+                            f"types) differ from those of {files[0].name} in {directory}")
+    return pa.concat_tables(tables)
 
 
 def _require_columns(table: pa.Table, name: str, columns: tuple[str, ...]) -> None:
@@ -287,7 +313,13 @@ def _dominant(pins: np.ndarray, boards: np.ndarray, pin_values: np.ndarray, n_va
     if not known.any():
         return result
     code = boards[known].astype(np.int64) * n_values + values[known]
-    codes, counts = sorted_unique(code)
+    return dominant_from_counts(*sorted_unique(code), n_values, result)
+
+
+def dominant_from_counts(codes: np.ndarray, counts: np.ndarray, n_values: int,
+                         result: np.ndarray) -> np.ndarray:
+    """Fill `result[board]` with the value of the largest count per board (ties -> smallest
+    code) from sorted distinct codes `board * n_values + value` and their counts."""
     board, value = codes // n_values, codes % n_values
     order = np.lexsort((value, -counts, board))
     first = order[np.r_[True, board[order][1:] != board[order][:-1]]]
@@ -305,38 +337,43 @@ def _given_or_dominant(given: np.ndarray, pins: np.ndarray, boards: np.ndarray,
     return np.where(missing, dominant, given).astype(np.int32)
 
 
-def _prune(pins: np.ndarray, boards: np.ndarray, pin_topic: np.ndarray, n_topics: int,
-           n_boards: int, options: PruneOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    """Keep-mask over (deduplicated) edges and statistics for every pruning rule applied."""
+def board_rules(codes: np.ndarray | None, counts: np.ndarray | None, board_degree: np.ndarray,
+                n_topics: int, options: PruneOptions) -> tuple[np.ndarray, dict[str, Any]]:
+    """The boards the entropy and degree rules drop, and their statistics, from each board's
+    degree and its (board, topic) counts (`_board_topic_counts`)."""
+    n_boards = board_degree.shape[0]
     stats: dict[str, Any] = {}
-    keep = np.ones(pins.shape[0], dtype=bool)
-    needs_topics = options.max_board_entropy is not None or options.pin_degree_threshold
-    codes = counts = None
-    if needs_topics:
-        codes, counts, _ = _board_topic_counts(pins, boards, pin_topic, n_topics)
-    board_degree = np.bincount(boards, minlength=n_boards)
-
+    dropped = np.zeros(n_boards, dtype=bool)
     if options.max_board_entropy is not None:
         entropy = _normalised_entropy(codes, counts, n_boards, n_topics)
         diverse = entropy > options.max_board_entropy
-        removed = diverse[boards]
         stats["board_entropy"] = {
             "threshold": options.max_board_entropy,
             "boards_dropped": int(diverse.sum()),
-            "edges_removed": int(removed.sum()),
+            "edges_removed": int(board_degree[diverse].sum()),
             "entropy_median": float(np.median(entropy)) if n_boards else 0.0,
         }
-        keep &= ~removed
-
+        dropped |= diverse
     if options.max_board_degree is not None:
         large = board_degree > options.max_board_degree
-        removed = large[boards] & keep
         stats["board_degree"] = {
             "max_degree": options.max_board_degree,
             "boards_dropped": int(large.sum()),
-            "edges_removed": int(removed.sum()),
+            "edges_removed": int(board_degree[large & ~dropped].sum()),
         }
-        keep &= ~removed
+        dropped |= large
+    return dropped, stats
+
+
+def _prune(pins: np.ndarray, boards: np.ndarray, pin_topic: np.ndarray, n_topics: int,
+           n_boards: int, options: PruneOptions) -> tuple[np.ndarray, dict[str, Any]]:
+    """Keep-mask over (deduplicated) edges and statistics for every pruning rule applied."""
+    codes = counts = None
+    if options.max_board_entropy is not None or options.pin_degree_threshold:
+        codes, counts, _ = _board_topic_counts(pins, boards, pin_topic, n_topics)
+    dropped, stats = board_rules(codes, counts, np.bincount(boards, minlength=n_boards),
+                                 n_topics, options)
+    keep = ~dropped[boards]
 
     if options.pin_degree_threshold is not None:
         kept = np.flatnonzero(keep)
@@ -399,8 +436,14 @@ def _locale_ends(rows: np.ndarray, cols: np.ndarray, col_locale: np.ndarray, n_r
     """
     counts = np.bincount(rows.astype(np.int64) * (n_locales + 1) + col_locale[cols],
                          minlength=n_rows * (n_locales + 1)).reshape(n_rows, n_locales + 1)
+    return locale_ends_from_counts(counts, max_degree)
+
+
+def locale_ends_from_counts(counts: np.ndarray, max_degree: int) -> np.ndarray:
+    """The locale index from neighbour counts per (row, locale code), the last column being
+    the 'missing' locale."""
     dtype = np.uint16 if max_degree <= np.iinfo(np.uint16).max else np.uint32
-    return np.cumsum(counts[:, :n_locales], axis=1).astype(dtype)
+    return np.cumsum(counts[:, :-1], axis=1).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,11 +504,7 @@ def build_graph(
         del edge_created
     lap("read_features")
 
-    vocab = {
-        col: sorted({v for values in (pin_cat[col], board_cat[col]) for v in values
-                     if v is not None})
-        for col in CATEGORICAL_COLUMNS
-    }
+    vocab = vocabulary(pin_cat, board_cat)
     n_locales, n_topics = len(vocab["locale"]), len(vocab["topic"])
     pin_locale = _codes(pin_cat["locale"], vocab["locale"])
     pin_topic = _codes(pin_cat["topic"], vocab["topic"])
@@ -504,7 +543,6 @@ def build_graph(
     n_keys = (n_locales + 1) * (n_topics + 1)
     pin_offsets, pin_adj = _csr(e_pins, e_boards, board_key, n_pins, n_keys)
     board_offsets, board_adj = _csr(e_boards, e_pins, pin_key, n_boards, n_keys)
-    n_edges = int(pin_adj.shape[0])
     max_degree = int(max(np.diff(pin_offsets).max(), np.diff(board_offsets).max()))
     pin_locale_ends = _locale_ends(e_pins, e_boards, board_locale, n_pins, n_locales,
                                    max_degree)
@@ -521,55 +559,89 @@ def build_graph(
         "pin_key": pin_key, "board_key": board_key,
         "pin_locale_ends": pin_locale_ends, "board_locale_ends": board_locale_ends,
         "pin_quality": pin_quality, "pin_created_at": pin_created,
+        **id_arrays("pin", pin_dict), **id_arrays("board", board_dict),
     }
-    for prefix, dictionary in (("pin", pin_dict), ("board", board_dict)):
-        ids = _id_values(dictionary)
-        order = np.argsort(ids, kind="stable")
-        arrays[f"{prefix}_ids_sorted"] = ids[order]
-        arrays[f"{prefix}_ids_order"] = order.astype(np.int32)
-        arrays[f"{prefix}_ids"] = ids
     for name, values in pin_columns.items():
         arrays[PIN_COLUMN_PREFIX + name] = values
+    manifest = assemble_manifest(
+        arrays, {}, vocab=vocab, schema=schema, pin_columns=sorted(pin_columns),
+        inputs={"edges": edges_name, "pins": None if pins is None else _name(pins, "pins"),
+                "boards": None if boards is None else _name(boards, "boards")},
+        options=options, source=source, stats=graph_stats(
+            input_edges, duplicates, n_boards_all - n_boards, pin_offsets, prune_stats,
+            pins_info, boards_info))
+    lap("assemble")
+    return write_graph(out, _new_sibling(out), arrays, {}, manifest, timings, lap, replace)
 
-    adjacency_bytes = sum(arrays[k].nbytes for k in ("pin_offsets", "pin_adj", "board_offsets",
-                                                     "board_adj"))
-    locale_index_bytes = pin_locale_ends.nbytes + board_locale_ends.nbytes
-    stats = {
+
+def id_arrays(prefix: str, dictionary: pa.Array) -> dict[str, np.ndarray]:
+    """External ids in dense order, and the sorted copy and order that look them up."""
+    ids = _id_values(dictionary)
+    order = np.argsort(ids, kind="stable")
+    return {f"{prefix}_ids_sorted": ids[order], f"{prefix}_ids_order": order.astype(np.int32),
+            f"{prefix}_ids": ids}
+
+
+def graph_stats(input_edges: int, duplicates: int, boards_removed: int, pin_offsets: np.ndarray,
+                prune_stats: dict[str, Any], pins_info: dict[str, Any],
+                boards_info: dict[str, Any]) -> dict[str, Any]:
+    return {
         "input_edges": input_edges,
         "duplicate_edges": int(duplicates),
         "edges_after_dedupe": int(input_edges - duplicates),
-        "boards_without_edges_removed": int(n_boards_all - n_boards),
+        "boards_without_edges_removed": int(boards_removed),
         "pins_without_edges": int(np.count_nonzero(np.diff(pin_offsets) == 0)),
         "pruning": prune_stats,
         **pins_info,
         **boards_info,
     }
-    manifest: dict[str, Any] = {
+
+
+def assemble_manifest(arrays: Mapping[str, np.ndarray], streamed: Mapping[str, np.ndarray],
+                      *, vocab: dict[str, list[str]], schema: dict[str, Any],
+                      pin_columns: list[str], inputs: dict[str, str | None],
+                      options: PruneOptions, source: Mapping[str, Any] | None,
+                      stats: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a graph (without checksums and timings, added when it is written).
+
+    `streamed` holds the arrays written to disk as they were made (an out-of-core build):
+    empty stand-ins of their dtype whose `shape` is the real one, used here for sizes only.
+    """
+    every = {**arrays, **streamed}
+    n_edges = int(arrays["pin_offsets"][-1])
+    sizes = {name: a.dtype.itemsize * math.prod(a.shape) for name, a in every.items()}
+    adjacency_bytes = sum(sizes[k] for k in ("pin_offsets", "pin_adj", "board_offsets",
+                                             "board_adj"))
+    locale_index_bytes = sizes["pin_locale_ends"] + sizes["board_locale_ends"]
+    return {
         "format_version": FORMAT_VERSION,
-        "counts": {"pins": n_pins, "boards": n_boards, "edges": n_edges},
+        "counts": {"pins": int(arrays["pin_ids"].shape[0]),
+                   "boards": int(arrays["board_ids"].shape[0]), "edges": n_edges},
         "vocab": {"locales": vocab["locale"], "topics": vocab["topic"]},
-        "schema": {**schema, "pin_columns": sorted(pin_columns)},
-        "build": {
-            "inputs": {"edges": edges_name,
-                       "pins": None if pins is None else _name(pins, "pins"),
-                       "boards": None if boards is None else _name(boards, "boards")},
-            "options": asdict(options),
-            "source": dict(source) if source else None,
-        },
+        "schema": {**schema, "pin_columns": pin_columns},
+        "build": {"inputs": inputs, "options": asdict(options),
+                  "source": dict(source) if source else None},
         "stats": stats,
         "bytes_per_edge": round(adjacency_bytes / n_edges, 4),
         # The locale index beside the adjacency (biased walks read a locale's slice from it).
         "locale_index_bytes_per_edge": round(locale_index_bytes / n_edges, 4),
         "degree": {
-            "pin_max": int(np.diff(pin_offsets).max()),
-            "board_max": int(np.diff(board_offsets).max()),
+            "pin_max": int(np.diff(arrays["pin_offsets"]).max()),
+            "board_max": int(np.diff(arrays["board_offsets"]).max()),
         },
-        "dtypes": {name: str(a.dtype) for name, a in arrays.items()},
+        "dtypes": {name: str(a.dtype) for name, a in every.items()},
     }
-    lap("assemble")
-    tmp = _new_sibling(out)
+
+
+def write_graph(out: Path, tmp: Path, arrays: dict[str, np.ndarray],
+                streamed_checksums: dict[str, str], manifest: dict[str, Any],
+                timings: dict[str, float], lap: Callable[[str], None],
+                replace: bool) -> dict[str, Any]:
+    """Write `arrays` into `tmp` (which may already hold arrays written as they were made,
+    with their checksums), then the manifest, and publish `tmp` as `out`; `tmp` is removed
+    on any failure."""
     try:
-        manifest["checksums"] = _write_arrays(tmp, arrays)
+        manifest["checksums"] = {**streamed_checksums, **_write_arrays(tmp, arrays)}
         lap("write")
         manifest["build"]["seconds"] = timings
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -578,6 +650,14 @@ def build_graph(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def vocabulary(pin_cat: dict[str, np.ndarray], board_cat: dict[str, np.ndarray]
+               ) -> dict[str, list[str]]:
+    """Each categorical column's sorted names over pins and boards (a code is a position)."""
+    return {col: sorted({v for values in (pin_cat[col], board_cat[col]) for v in values
+                         if v is not None})
+            for col in CATEGORICAL_COLUMNS}
 
 
 def _name(source: TableSource, role: str) -> str:
@@ -606,20 +686,30 @@ def _pin_features(
     pins: TableSource | None, pin_dict: pa.Array, n_pins: int, edges_name: str,
     schema: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-    cat = {c: np.full(n_pins, None, dtype=object) for c in CATEGORICAL_COLUMNS}
-    quality = np.full(n_pins, np.nan, dtype=np.float32)
-    created = np.full(n_pins, np.nan, dtype=np.float64)
-    columns: dict[str, np.ndarray] = {}
     if pins is None:
-        return cat, quality, created, columns, {}
+        return (*pin_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_pins,
+                             schema), {})
     table, name = read_table(pins, "pins")
     _require_columns(table, name, ("pin_id",))
     ids = _id_column(table, name, "pin_id")
     _check_id_types(ids, pin_dict, name, "pin_id", edges_name)
     dense = _rows_to_dense(ids, pin_dict, name, "pin_id")
     rows = np.flatnonzero(dense >= 0)
-    target = dense[rows]
-    for col in table.column_names:
+    return (*pin_columns(table, name, rows, dense[rows], n_pins, schema),
+            {"pins_table_rows_without_edges": int((dense < 0).sum())})
+
+
+def pin_columns(
+    table: pa.Table | None, name: str, rows: np.ndarray, target: np.ndarray, n_pins: int,
+    schema: dict[str, Any],
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Pin features (categories, quality, created_at, extra numeric columns) in dense order
+    from the pins table's `rows`, which belong to the dense pins `target`."""
+    cat = {c: np.full(n_pins, None, dtype=object) for c in CATEGORICAL_COLUMNS}
+    quality = np.full(n_pins, np.nan, dtype=np.float32)
+    created = np.full(n_pins, np.nan, dtype=np.float64)
+    columns: dict[str, np.ndarray] = {}
+    for col in table.column_names if table is not None else ():
         if col == "pin_id":
             continue
         column = table.column(col)
@@ -643,33 +733,40 @@ def _pin_features(
                 f"categorical (only {', '.join(CATEGORICAL_COLUMNS)} are categorical); "
                 f"drop it or convert it to numbers"
             )
-    return cat, quality, created, columns, {"pins_table_rows_without_edges": int(
-        (dense < 0).sum())}
+    return cat, quality, created, columns
 
 
 def _board_features(
     boards: TableSource | None, board_dict: pa.Array, n_boards: int, edges_name: str,
     schema: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    cat = {c: np.full(n_boards, None, dtype=object) for c in CATEGORICAL_COLUMNS}
     if boards is None:
-        return cat, {}
+        return board_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_boards,
+                             schema), {}
     table, name = read_table(boards, "boards")
     _require_columns(table, name, ("board_id",))
     ids = _id_column(table, name, "board_id")
     _check_id_types(ids, board_dict, name, "board_id", edges_name)
     dense = _rows_to_dense(ids, board_dict, name, "board_id")
     rows = np.flatnonzero(dense >= 0)
+    return (board_columns(table, name, rows, dense[rows], n_boards, schema),
+            {"boards_table_rows_without_edges": int((dense < 0).sum())})
+
+
+def board_columns(table: pa.Table | None, name: str, rows: np.ndarray, target: np.ndarray,
+                  n_boards: int, schema: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Board categories in dense order from the boards table's `rows` (boards `target`)."""
+    cat = {c: np.full(n_boards, None, dtype=object) for c in CATEGORICAL_COLUMNS}
     ignored = []
-    for col in table.column_names:
+    for col in table.column_names if table is not None else ():
         if col in CATEGORICAL_COLUMNS:
-            cat[col][dense[rows]] = _strings(table.column(col), name, col)[rows]
+            cat[col][target] = _strings(table.column(col), name, col)[rows]
             schema[f"boards.{col}"] = "categorical"
         elif col != "board_id":
             ignored.append(col)
     if ignored:
         schema["boards.ignored_columns"] = ignored
-    return cat, {"boards_table_rows_without_edges": int((dense < 0).sum())}
+    return cat
 
 
 def _check_target(out: Path, replace: bool) -> None:
