@@ -25,6 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--edges", required=True, help="edges file: pin_id, board_id")
     build.add_argument("--pins", help="pins file: pin_id + locale, topic, quality, ...")
     build.add_argument("--boards", help="boards file: board_id + topic, locale")
+    engine = build.add_argument_group(
+        "engine (each of --edges, --pins, --boards may be a file or a directory of them)")
+    engine.add_argument("--engine", choices=("memory", "duckdb"), default="memory",
+                        help="memory (default): numpy, for tables that fit in memory several "
+                             "times over; duckdb: out of core, for larger ones (docs/graphs.md)")
+    engine.add_argument("--memory-limit", metavar="SIZE",
+                        help="duckdb engine: DuckDB's memory limit, e.g. 2GB (default 1GB)")
+    engine.add_argument("--temp-dir", metavar="DIR",
+                        help="duckdb engine: where it spills (default: beside the output)")
     _add_target_options(build)
     _add_prune_options(build)
     build.set_defaults(func=_build)
@@ -121,8 +130,17 @@ def _write(args: argparse.Namespace, what: str,
 
 def _build(args: argparse.Namespace) -> int:
     options = _options(args)
-    return _write(args, args.edges, lambda out, replace: build_graph(
-        out, args.edges, args.pins, args.boards, options=options, replace=replace))
+    if args.engine == "memory":
+        for flag, value in (("--memory-limit", args.memory_limit), ("--temp-dir", args.temp_dir)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to --engine duckdb")
+        return _write(args, args.edges, lambda out, replace: build_graph(
+            out, args.edges, args.pins, args.boards, options=options, replace=replace))
+    from walkrank.graph.outofcore import build_graph_out_of_core
+
+    return _write(args, args.edges, lambda out, replace: build_graph_out_of_core(
+        out, args.edges, args.pins, args.boards, options=options, replace=replace,
+        memory_limit=args.memory_limit or "1GB", temp_dir=args.temp_dir))
 
 
 def _synth(args: argparse.Namespace) -> int:

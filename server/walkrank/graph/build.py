@@ -217,8 +217,10 @@ def _is_numeric(t: pa.DataType) -> bool:
 
 
 def _float(column: pa.ChunkedArray) -> np.ndarray:
+    # Unsafe: an integer past 2**53 (a nanosecond timestamp, as CSV inference and Spark's
+    # Parquet give them) rounds to the nearest float instead of failing the build.
     return np.asarray(
-        column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
+        column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float64
     )
 
 
