@@ -52,6 +52,7 @@ from walkrank.serving.pipeline import (
 from walkrank.serving.scheduler import ComputePool, SlotTimeout
 from walkrank.serving.tenant_table import ReloadReport, TenantRuntime, TenantTable
 from walkrank.serving.wire import encode_response
+from walkrank.serving.workers import step_aside
 from walkrank.tenants import PRIORITIES
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
@@ -116,6 +117,7 @@ class ServingContext:
             self.record(runtime.name, "RESOURCE_EXHAUSTED")
             raise QuotaExceeded(f"tenant {quote(runtime.name)} has {limit} requests in flight "
                                 f"(its quota); retry later")
+        step_aside()  # it holds its thread until it answers, but no front-door place
         try:
             yield
         finally:
