@@ -17,9 +17,11 @@ The whole loop a new user runs, through the real command line and server:
    server returns without a model) and popularity's (the test graph's most-connected pins,
    query pins excluded). Query pins never count as hits (the walk never returns them).
 
-Requests carry no time: the API has none yet, so pin ages are measured from the server's clock
-(docs/relevance.md). Per request the walk seed is derived from `--seed` and the request's
-position, so a run is reproducible up to the order concurrent requests reach the log.
+The train requests go one at a time, so the order they reach the log (which decides the
+requests `walkrank train` holds out) is the seed's; the test requests go `--concurrency` at
+a time. Per request the walk seed derives from `--seed` and the request's position. Requests
+carry no time: the API has none yet, so pin ages are measured from the server's clock
+(docs/relevance.md).
 
     python benchmarks/relevance.py CASE_DIR [--json PATH] [--seed N] [--search] [--keep DIR]
                                    [--template TENANT.yaml] [--ranker NAME=VALUE ...]
@@ -345,8 +347,7 @@ def run(case: Path, work: Path, *, seed: int = 0, search: bool = False, concurre
         build_graph(case, "train", graphs["train"], log)
     with stages("serve_train"):
         serve_requests(write_config(work, graphs["train"], logs["train"]), requests["train"],
-                       tenant.candidates.max_return, seed, concurrency,
-                       report=truth["train"])
+                       tenant.candidates.max_return, seed, 1, report=truth["train"])
     with stages("train"):
         code = walkrank(["train", "--tenant", TENANT, "--config",
                          str(write_config(work, graphs["train"], logs["train"])),
@@ -356,7 +357,7 @@ def run(case: Path, work: Path, *, seed: int = 0, search: bool = False, concurre
     with stages("graph_test"):
         build_graph(case, "test", graphs["test"], log)
     with stages("serve_test"):
-        ranker = serve_requests(write_config(work, graphs["test"], logs["test"]),
+        served = serve_requests(write_config(work, graphs["test"], logs["test"]),
                                 requests["test"], max(KS), seed, concurrency, report=None)
     with stages("evaluate"):
         train_log, test_log = read_log(logs["train"]), read_log(logs["test"])
@@ -365,7 +366,7 @@ def run(case: Path, work: Path, *, seed: int = 0, search: bool = False, concurre
         metrics: dict[str, float] = {}
         for k in KS:
             figures = {"visit_count": recall(visits, truth["test"], k),
-                       "ranker": recall(ranker, truth["test"], k),
+                       "ranker": recall(served, truth["test"], k),
                        "popularity": recall(popular, truth["test"], k)}
             for name, value in figures.items():
                 metrics[f"{name}_recall_at_{k}"] = round(value, 5)
@@ -490,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--search", action="store_true", help="train with `walkrank train "
                         "--search` (the template's ranker.search grid)")
     parser.add_argument("--concurrency", type=int, default=2,
-                        help="requests in flight at once (default 2)")
+                        help="test requests in flight at once (default 2; train requests go "
+                             "one at a time)")
     parser.add_argument("--no-importance", action="store_true",
                         help="skip the diagnostics: the permutation importance of the model's "
                              "features and the in-period ceiling")

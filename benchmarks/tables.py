@@ -2,9 +2,10 @@
 
 Reads every `benchmarks/results/relevance/*.json` (written by `benchmarks/relevance.py
 --json`) and renders a summary per case and configuration (mean and range over seeds) and a
-row per run. With `--write FILE` it replaces the text between `<!-- relevance:summary -->` /
-`<!-- /relevance:summary -->` and `<!-- relevance:runs -->` / `<!-- /relevance:runs -->` in
-FILE; otherwise it prints both tables.
+row per run, and the diagnostics of the template's runs (truth pairs among the candidates,
+the features the model relies on, the in-period ceiling, the fit). With `--write FILE` it
+replaces the text between `<!-- relevance:NAME -->` and `<!-- /relevance:NAME -->` (NAME:
+summary, runs, diagnostics) in FILE; otherwise it prints the tables.
 
     python benchmarks/tables.py [--results DIR] [--write docs/relevance.md]
 """
@@ -88,6 +89,28 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| case | seed | truth pairs among candidates (train / test) | features the model "
+             "relies on (recall@50 lost when shuffled) | in-period ceiling: model / visit "
+             "count recall@50 | rounds kept, AUC training / held-out rows |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        if configuration(run) != "template" or not run.get("importance"):
+            continue
+        coverage = run["candidate_coverage"]
+        drops = list(run["importance"]["drop_when_shuffled"].items())[:3]
+        features = ", ".join(f"{name} {drop:.4f}" for name, drop in drops)
+        ceiling = run["period_ceiling"]
+        lift = ceiling["model_recall_at_50"] / ceiling["visit_count_recall_at_50"] - 1
+        fit = run["training"]["train_metrics"]
+        lines.append(
+            f"| {run['case']} | {run['seed']} | {coverage['train']:.3f} / {coverage['test']:.3f} "
+            f"| {features} | {ceiling['model_recall_at_50']:.4f} / "
+            f"{ceiling['visit_count_recall_at_50']:.4f} ({_pct(lift)}) | "
+            f"{fit['rounds']:.0f}, {fit['train_auc']:.3f} / {fit['valid_auc']:.3f} |")
+    return "\n".join(lines)
+
+
 def replace_between(text: str, name: str, table: str) -> str:
     pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.S)
     if not pattern.search(text):
@@ -103,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = load(args.results)
     if not runs:
         raise SystemExit(f"{args.results}: no results")
-    tables = {"relevance:summary": summary_table(runs), "relevance:runs": runs_table(runs)}
+    tables = {"relevance:summary": summary_table(runs), "relevance:runs": runs_table(runs),
+              "relevance:diagnostics": diagnostics_table(runs)}
     if args.write is None:
         print("\n\n".join(tables.values()))
         return 0

@@ -25,3 +25,16 @@ def test_graph_build_summarises_a_large_vocabulary_and_counts_pins_without_edges
     assert topics.endswith("(1,065 more)") and len(topics) < 200
     assert "locales (0): -" in printed
     assert "pins file rows without an edge, left out of the graph: 7" in printed
+
+
+def test_the_own_data_template_loads_and_is_not_served_from_its_folder() -> None:
+    from walkrank.tenants import load_tenant, load_tenants
+
+    repo = Path(__file__).resolve().parents[1]
+    template = load_tenant(repo / "tenants" / "templates" / "own_data.yaml")
+    assert template.name == "own_data" and template.walk.bias.strength == 0.0
+    # The client may take every candidate; saves alone make the labels.
+    assert template.candidates.max_return == template.candidates.generate
+    assert template.labels.strategy == "engagement" and set(template.labels.weights) == {"save"}
+    assert template.ranker.early_stopping_rounds > 0 and template.ranker.max_depth <= 4
+    assert "own_data" not in load_tenants(repo / "tenants").configs

@@ -26,8 +26,10 @@ def test_the_loop_runs_on_a_generated_case_with_sane_figures(tmp_path: Path) -> 
     assert {"request_key", "user_id", "interests", "query_pins"} <= set(first)
 
     out = tmp_path / "result.json"
-    assert relevance.main([str(case), "--json", str(out), "--seed", "1"]) == 0
+    assert relevance.main([str(case), "--json", str(out), "--seed", "1",
+                           "--ranker", "max_depth=3"]) == 0
     result = json.loads(out.read_text())
+    assert result["ranker_overrides"] == {"max_depth": 3} and result["ranker"]["max_depth"] == 3
     metrics = result["metrics"]
     for k in (50, 100):
         for name in ("visit_count", "ranker", "popularity"):
