@@ -8,6 +8,7 @@ interval, and the replicas hold the graph in the page cache once.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,6 +77,7 @@ class Launcher:
     models: Path
     tenants: Path
     graph: GraphStore
+    config: Path
 
     def replica_pids(self) -> dict[str, int]:
         """The launcher's live replica processes by address."""
@@ -142,7 +144,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
         assert f"envoy on {front}" in banner, banner
         threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
         yield Launcher(process, front, [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"],
-                       admin, models, tenants, small_graph)
+                       admin, models, tenants, small_graph, config)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -264,15 +266,26 @@ def test_a_replica_that_fails_to_load_keeps_its_version_and_its_traffic(
         (launched.models / TENANT / "CURRENT").write_text(current)
 
 
-def test_sighup_restarts_replicas_one_at_a_time_under_load(launched: Launcher) -> None:
-    pids = [launched.replica_pid(a) for a in launched.replicas]
+def test_a_new_graph_version_rolls_out_replica_by_replica_under_load(
+        launched: Launcher, tmp_path: Path) -> None:
+    """Publish a graph = a new directory named in the config; SIGHUP restarts the replicas
+    one at a time onto it, with no failed call."""
+    new_graph = tmp_path / "graph-v2"
+    shutil.copytree(launched.graph.path, new_graph)
+    settings = yaml.safe_load(launched.config.read_text())
+    settings["graph"] = str(new_graph)
+    launched.config.write_text(yaml.safe_dump(settings))
+    pids = set(launched.replica_pids().values())
     with Load(launched.front, queries(launched.graph)) as load:
         launched.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: len(set(launched.replica_pids().values()) - set(pids)) == 2,
+        wait_until(lambda: len(set(launched.replica_pids().values()) - pids) == 2,
                    "both replicas restarted", 180)
         launched.wait_all_healthy()
         load.calls_after(load.ok)
     assert load.failures == []
+    for address in launched.replicas:
+        with WalkRankClient(address, timeout=10.0) as client:
+            assert client.graph_info().path == str(new_graph)
 
 
 def test_a_killed_replica_costs_its_calls_in_flight_and_is_ejected(launched: Launcher) -> None:
