@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from test_server import REPO, pins, publish_model
 from walkrank.envoy import find_envoy, host_health
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
-from walkrank.replicas import memory_kib
+from walkrank.replicas import free_port_run, memory_kib
 from walkrank_client import WalkRankClient, WalkRankClientError
 
 pytestmark = pytest.mark.slow
@@ -43,29 +42,6 @@ def envoy_or_skip() -> Path:
     if subprocess.run([str(binary), "--version"], capture_output=True).returncode != 0:
         pytest.skip(f"{binary} does not run on this machine")
     return binary
-
-
-def free_port_run(count: int) -> int:
-    """A port such that it and the `count - 1` after it are free right now on loopback."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no run of {count} free ports")
 
 
 @dataclass
@@ -123,8 +99,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
     (tenants / f"{TENANT}.yaml").write_text((REPO / "tenants" / f"{TENANT}.yaml").read_text())
     models = root / "models"
     publish_model(models, tenants, TENANT, seed=1)
-    base = free_port_run(4)
-    front, admin = f"127.0.0.1:{base}", f"127.0.0.1:{base + 3}"
+    front, admin = f"127.0.0.1:{free_port_run(1)}", f"127.0.0.1:{free_port_run(1)}"
     config = root / "walkrank.yaml"
     config.write_text(yaml.safe_dump({
         "graph": str(small_graph.path), "tenants_dir": str(tenants), "models_dir": str(models),
@@ -132,7 +107,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
         "grace_seconds": 5}))
     process = subprocess.Popen(
         [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), "--replicas",
-         "2", "--envoy-admin-address", admin, "--envoy-concurrency", "1"],
+         "2", "--replica-base-port", "0", "--envoy-admin-address", admin,
+         "--envoy-concurrency", "1"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -143,8 +119,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
             assert banner or process.poll() is None, "launcher exited before serving"
         assert f"envoy on {front}" in banner, banner
         threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
-        yield Launcher(process, front, [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"],
-                       admin, models, tenants, small_graph, config)
+        replicas = banner.partition("(")[2].partition(")")[0].split(", ")
+        yield Launcher(process, front, replicas, admin, models, tenants, small_graph, config)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -301,7 +277,7 @@ def test_a_killed_replica_costs_its_calls_in_flight_and_is_ejected(launched: Lau
         ejected_s = wait_until(lambda: host_health(launched.admin)[victim] != [],
                                "the killed replica ejected", 10)
         bare.calls_after(bare.ok, 40)  # the rest keep flowing
-    assert len(bare.failures) <= 2 * bare.threads, bare.failures
+    assert len(bare.failures) <= 2 * bare.threads, "\n".join(map(str, bare.failures))
     assert {code for _, code, _ in bare.failures} <= {"UNAVAILABLE"}
     assert [t for t, _, _ in bare.failures if t > killed_at + ejected_s + 0.5] == []
     assert retrying.failures == []

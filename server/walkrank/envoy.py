@@ -111,11 +111,11 @@ def _grpc_route() -> dict[str, Any]:
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
         "retry_policy": {
             "retry_on": "connect-failure,refused-stream,reset-before-request",
-            "num_retries": 2,
+            "num_retries": 3,
             "retry_host_predicate": [{
                 "name": "envoy.retry_host_predicates.previous_hosts",
                 "typed_config": _typed("retry.host.previous_hosts.v3.PreviousHostsPredicate")}],
-            "host_selection_retry_max_attempts": 3,
+            "host_selection_retry_max_attempts": 5,
         },
     }}
 

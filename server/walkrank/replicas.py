@@ -19,8 +19,10 @@ balances per call (walkrank.envoy). The launcher:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,8 +69,9 @@ class ReplicaPlan:
 
 def plan_replicas(config: ServerConfig, count: int, base_port: int | None,
                   envoy_admin: str) -> ReplicaPlan:
-    """Replica `i` on 127.0.0.1:(base + i) (base: the front port + 1), its metrics on the
-    configured metrics port + i; ConfigError when a port is unusable."""
+    """Replica `i` on 127.0.0.1:(base + i) (base: the front port + 1; 0: any free run of
+    ports, chosen once and kept across restarts), its metrics on the configured metrics
+    port + i; ConfigError when a port is unusable."""
     if count < 1:
         raise ConfigError(f"--replicas: must be >= 1, got {count}")
     if config.tls is not None:
@@ -77,7 +80,7 @@ def plan_replicas(config: ServerConfig, count: int, base_port: int | None,
     _, port = split_address(config.address, "address")
     if port == 0:
         raise ConfigError("--replicas: the front address needs a fixed port, not :0")
-    base = port + 1 if base_port is None else base_port
+    base = port + 1 if base_port is None else base_port or free_port_run(count)
     if not 0 < base <= 65535 - count + 1:
         raise ConfigError(f"--replica-base-port: {base} leaves no room for {count} ports")
     replicas = tuple(f"127.0.0.1:{base + i}" for i in range(count))
@@ -92,6 +95,24 @@ def plan_replicas(config: ServerConfig, count: int, base_port: int | None,
     for address in taken:
         check_port_free(address, reuse_port=False)
     return ReplicaPlan(config.address, replicas, metrics, envoy_admin)
+
+
+def free_port_run(count: int) -> int:
+    """A port that, with the `count - 1` after it, is free on loopback right now."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65536:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise ConfigError(f"--replica-base-port 0: found no {count} consecutive free ports")
 
 
 def wait_serving(address: str, alive: Callable[[], bool],

