@@ -475,10 +475,10 @@ class _Build:
 
     def _locale_ends(self, query: str, n_rows: int, n_locales: int, max_degree: int
                      ) -> np.ndarray:
-        table = self.sql(query).to_arrow_table()
         counts = np.zeros((n_rows, n_locales + 1), dtype=np.uint32)
-        counts[table.column(0).to_numpy(), table.column(1).to_numpy()] = (
-            table.column(2).to_numpy())
+        for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):  # up to nodes x locales
+            counts[batch.column(0).to_numpy(), batch.column(1).to_numpy()] = (
+                batch.column(2).to_numpy())
         return locale_ends_from_counts(counts, max_degree)
 
     def _stream(self, path: Path, query: str, n: int) -> str:
