@@ -25,7 +25,13 @@ from test_server import REPO, pins, publish_model
 from walkrank.envoy import find_envoy, host_health
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
-from walkrank.replicas import free_port_run, memory_kib
+from walkrank.replicas import (
+    BANNER,
+    free_port_run,
+    memory_kib,
+    parse_banner,
+    replica_pids,
+)
 from walkrank_client import WalkRankClient, WalkRankClientError
 
 pytestmark = pytest.mark.slow
@@ -56,17 +62,7 @@ class Launcher:
     config: Path
 
     def replica_pids(self) -> dict[str, int]:
-        """The launcher's live replica processes by address."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        found = {}
-        for pid in children.read_text().split():
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
-            except OSError:
-                continue
-            if "--address" in command and "serve" in command:
-                found[command[command.index("--address") + 1]] = int(pid)
-        return found
+        return replica_pids(self.process.pid)
 
     def replica_pid(self, address: str) -> int:
         return self.replica_pids()[address]
@@ -114,13 +110,14 @@ def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
         assert process.stdout is not None
         banner = ""
         deadline = time.monotonic() + 180
-        while "envoy on" not in banner and time.monotonic() < deadline:
+        while not banner.startswith(BANNER) and time.monotonic() < deadline:
             banner = process.stdout.readline()
             assert banner or process.poll() is None, "launcher exited before serving"
-        assert f"envoy on {front}" in banner, banner
+        plan = parse_banner(banner)
+        assert (plan.front, plan.envoy_admin) == (front, admin), banner
         threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
-        replicas = banner.partition("(")[2].partition(")")[0].split(", ")
-        yield Launcher(process, front, replicas, admin, models, tenants, small_graph, config)
+        yield Launcher(process, front, list(plan.replicas), admin, models, tenants,
+                       small_graph, config)
     finally:
         process.send_signal(signal.SIGTERM)
         try:

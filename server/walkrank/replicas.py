@@ -51,6 +51,8 @@ log = logging.getLogger("walkrank.replicas")
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 RESTART_BACKOFF_S = (1.0, 30.0)  # first wait, longest wait before restarting a crashed replica
+#: What the launcher prints once Envoy routes to every replica (`parse_banner` reads it).
+BANNER = "walkrank: envoy on"
 STABLE_S = 60.0  # a replica up this long has its backoff reset
 # A stopping replica reports NOT_SERVING this long before it stops taking calls: Envoy's
 # health check (every second) sees it and sends no more (`walkrank serve --drain-seconds`).
@@ -301,7 +303,7 @@ def run_replicas(replica_set: ReplicaSet) -> int:
     signal.signal(signal.SIGHUP, lambda *_: restart.set())
     replica_set.start()
     plan = replica_set.plan
-    print(f"walkrank: envoy on {plan.front} balancing {len(plan.replicas)} replicas "
+    print(f"{BANNER} {plan.front} balancing {len(plan.replicas)} replicas "
           f"({', '.join(plan.replicas)}); envoy admin {plan.envoy_admin}", flush=True)
     try:
         while not stop.wait(0.5):
@@ -338,3 +340,28 @@ def memory_kib(pid: int, under: Path | None = None) -> dict[str, int]:
         elif inside and head and head[0][:-1] in totals:
             totals[head[0][:-1]] += int(head[1])
     return totals
+
+
+def parse_banner(line: str) -> ReplicaPlan:
+    """Where a launcher listens, from the line it prints when it serves (for scripts that
+    start `walkrank serve --replicas N` as a child); ValueError on any other line."""
+    if not line.startswith(BANNER):
+        raise ValueError(f"not the launcher's serving line: {line!r}")
+    front = line[len(BANNER):].split()[0]
+    replicas = tuple(line.partition("(")[2].partition(")")[0].split(", "))
+    admin = line.rpartition("envoy admin ")[2].strip()
+    return ReplicaPlan(front, replicas, (None,) * len(replicas), admin)
+
+
+def replica_pids(launcher_pid: int) -> dict[str, int]:
+    """The live replica processes of a launcher, by address (Linux /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
+    found = {}
+    for pid in children.read_text().split():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except OSError:  # exited meanwhile
+            continue
+        if "serve" in command and "--address" in command:
+            found[command[command.index("--address") + 1]] = int(pid)
+    return found
