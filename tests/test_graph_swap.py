@@ -264,3 +264,18 @@ def test_swaps_under_load_fail_no_call(tmp_path: Path, repo: Path) -> None:
                 thread.join()
     assert failures == []
     assert versions == {"1", "2"}
+
+
+def test_graph_settings_are_checked(tmp_path: Path) -> None:
+    from walkrank.errors import ConfigError
+    from walkrank.features import FEATURES, GRAPH_INPUTS
+    from walkrank.serving.config import load_server_config
+
+    assert all(name in FEATURES for names in GRAPH_INPUTS.values() for name in names)
+    path = tmp_path / "walkrank.yaml"
+    path.write_text("graph: graphs\ntenants_dir: t\nmodels_dir: m\nlogs_dir: l\n"
+                    "graph_watch_seconds: 0\n")
+    with pytest.raises(ConfigError, match="graph_watch_seconds: must be > 0"):
+        load_server_config(path)
+    path.write_text(path.read_text().replace("graph_watch_seconds: 0", "graph_watch_seconds: 5"))
+    assert load_server_config(path).graph_watch_seconds == 5
