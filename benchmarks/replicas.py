@@ -139,12 +139,18 @@ def memory(launcher: Launcher, graph: Path) -> dict[str, Any]:
     replicas = []
     for address, pid in sorted(replica_pids(launcher.process.pid).items()):
         whole, mapped = memory_kib(pid), memory_kib(pid, graph)
+        # The replica's children: its candidate-log writer process.
+        writers = [memory_kib(int(child)) for child in Path(
+            f"/proc/{pid}/task/{pid}/children").read_text().split()]
         replicas.append({
             "address": address, "rss_mib": round(whole["Rss"] * mib, 1),
             "pss_mib": round(whole["Pss"] * mib, 1),
             "private_mib": round((whole["Private_Clean"] + whole["Private_Dirty"]) * mib, 1),
             "graph_rss_mib": round(mapped["Rss"] * mib, 1),
-            "graph_pss_mib": round(mapped["Pss"] * mib, 1)})
+            "graph_pss_mib": round(mapped["Pss"] * mib, 1),
+            "log_writer_rss_mib": round(sum(w["Rss"] for w in writers) * mib, 1),
+            "log_writer_private_mib": round(sum(
+                w["Private_Clean"] + w["Private_Dirty"] for w in writers) * mib, 1)})
     envoy = [int(pid) for pid in Path(f"/proc/{launcher.process.pid}/task/"
                                       f"{launcher.process.pid}/children").read_text().split()
              if "envoy" in Path(f"/proc/{pid}/cmdline").read_text()]
