@@ -20,6 +20,7 @@ from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
 from walkrank.serving.config import AuthConfig
 from walkrank.serving.server import WalkRankServer
+from walkrank.serving.workers import FrontDoor, step_aside
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     events_pb2,
@@ -375,3 +376,36 @@ def test_refusals_and_other_tenants_never_wait_behind_admitted_calls(
             holder.join()
         for future in [*admitted, other]:
             assert future.result().candidates
+
+
+def test_front_door_lets_lanes_in_round_robin() -> None:
+    """Places held, five calls of one tenant waiting, then one of another: the other
+    tenant's call is let in second, not sixth; a call that steps aside frees its place."""
+    door = FrontDoor(places=1)
+    entered: list[str] = []
+    release = threading.Event()
+
+    def call(name: str) -> None:
+        with door.through(name.rstrip("0123456789")):
+            entered.append(name)
+            if name == "hold":
+                release.wait()
+
+    threads = [threading.Thread(target=call, args=("hold",))]
+    threads[0].start()
+    wait_until(lambda: entered == ["hold"], "the place taken")
+    for waiting, name in enumerate(("flood1", "flood2", "flood3", "flood4", "flood5",
+                                    "other1"), start=1):
+        threads.append(threading.Thread(target=call, args=(name,)))
+        threads[-1].start()
+        wait_until(lambda n=waiting: door.waiting == n, "the call waiting")
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert entered == ["hold", "flood1", "other1", "flood2", "flood3", "flood4", "flood5"]
+
+    with door.through("a"):
+        step_aside()
+        with door.through("b"):  # the place was given back, so this does not wait
+            pass
+    assert door.waiting == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, NoReturn
 
@@ -25,6 +26,7 @@ from google.protobuf.message import DecodeError
 from walkrank.errors import ConfigError, DataError, ModelError, WalkRankError
 from walkrank.serving.errors import InvalidArgument, RequestError
 from walkrank.serving.metrics import ServerMetrics
+from walkrank.serving.workers import FrontDoor
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,31 @@ def _like(wrapper: Callable[..., Any], behavior: Callable[..., Any]) -> Callable
 
 
 class RequestBoundary(grpc.ServerInterceptor):
-    """Wraps each method's handler once (cached by method) with guard, decode and errors.
+    """Wraps each method's handler once (cached by method) with guard, decode, the front
+    door and errors.
 
     `guards` maps a service's full name (`walkrank.v1.Admin`) to a check of the call's
     metadata run before anything else, so a call without credentials costs no decoding.
+    Calls with one request message then go through `door` (`walkrank.serving.workers`) in
+    the lane `lane` names for their message; streaming requests (reflection) bypass it.
     """
 
-    def __init__(self, metrics: ServerMetrics, guards: Mapping[str, Guard] | None = None
-                 ) -> None:
+    def __init__(self, metrics: ServerMetrics, guards: Mapping[str, Guard] | None = None,
+                 door: FrontDoor | None = None,
+                 lane: Callable[[Any], str] = lambda message: "") -> None:
         self._metrics = metrics
         self._guards = dict(guards or {})
+        self._door = door
+        self._lane = lane
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    @contextmanager
+    def _inside(self, message: Any) -> Iterator[None]:
+        if self._door is None:
+            yield
+        else:
+            with self._door.through(self._lane(message)):
+                yield
 
     def intercept_service(self, continuation: Callable[..., Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -120,6 +136,7 @@ class RequestBoundary(grpc.ServerInterceptor):
         check = self._guards.get(method.lstrip("/").rpartition("/")[0], _no_guard)
         decode = _decoder(handler.request_deserializer)
         fail = self.fail
+        inside = self._inside
 
         if handler.unary_unary is not None:
             unary = handler.unary_unary
@@ -127,7 +144,9 @@ class RequestBoundary(grpc.ServerInterceptor):
             def unary_unary(request: bytes, context: grpc.ServicerContext) -> Any:
                 try:
                     check(context)
-                    return unary(decode(request), context)
+                    message = decode(request)
+                    with inside(message):
+                        return unary(message, context)
                 except WalkRankError as exc:
                     fail(context, exc)
 
@@ -140,7 +159,9 @@ class RequestBoundary(grpc.ServerInterceptor):
                                  *callback: Any) -> Any:
                     try:
                         check(context)
-                        return stream(decode(request), context, *callback)
+                        message = decode(request)
+                        with inside(message):
+                            return stream(message, context, *callback)
                     except WalkRankError as exc:
                         fail(context, exc)
             else:
@@ -148,7 +169,9 @@ class RequestBoundary(grpc.ServerInterceptor):
                                  ) -> Iterator[Any]:
                     try:
                         check(context)
-                        yield from stream(decode(request), context)
+                        message = decode(request)
+                        with inside(message):
+                            yield from stream(message, context)
                     except WalkRankError as exc:
                         fail(context, exc)
 

@@ -40,7 +40,7 @@ from walkrank.serving.scheduler import ComputePool, available_cores
 from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
 from walkrank.serving.tenant_table import ReloadReport, TenantTable
 from walkrank.serving.wire import add_recommender
-from walkrank.serving.workers import WorkerPool
+from walkrank.serving.workers import FrontDoor, WorkerPool
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -104,8 +104,9 @@ class WalkRankServer:
         self._workers = WorkerPool(config.workers)
         self._server = grpc.server(
             self._workers,
-            interceptors=[RequestBoundary(self.metrics, guards={
-                RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin})], options=options,
+            interceptors=[RequestBoundary(
+                self.metrics, guards={RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin},
+                door=FrontDoor(config.workers), lane=self.serving.lane)], options=options,
             maximum_concurrent_rpcs=None)
         add_recommender(RecommenderServicer(self.serving), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(

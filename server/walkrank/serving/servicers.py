@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import numpy as np
@@ -107,6 +108,14 @@ class ServingContext:
             known = ", ".join(sorted(self.tenants.runtimes())) or "none"
             raise TenantNotFound(f"unknown tenant {quote(tenant)} (known: {known})")
         return runtime
+
+    def lane(self, message: Any) -> str:
+        """A call's front-door lane (`walkrank.serving.workers`): its tenant's when it names
+        one the server has, else one per message type (health, Admin, unknown tenants)."""
+        tenant = getattr(message, "tenant", "")
+        if tenant and self.tenants.get(tenant) is not None:
+            return tenant
+        return type(message).__name__
 
     @contextmanager
     def admitted(self, runtime: TenantRuntime) -> Iterator[None]:

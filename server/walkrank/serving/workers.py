@@ -1,58 +1,114 @@
-"""gRPC's worker threads: few at the front door, and admitted calls step aside.
+"""gRPC's worker threads, and the front door every call passes through.
 
-Every call first runs front-door work on a worker thread: receive and decode the message,
-check credentials and the tenant's quota, and for a refused call send the refusal. That is
-short, GIL-bound Python, so running many calls' front doors at once only makes them queue for
-the GIL (a 64-caller flood of refusals on 64 threads answered each in ~40 ms, on 8 in ~25 ms).
-An admitted call then waits, mostly for a compute thread, for as long as its pipeline takes;
-on a thread of a fixed pool those waits once held every thread, and refusals and other
-tenants' calls queued behind them.
+Every call first runs front-door work on a worker thread: check credentials, decode, check the
+tenant's quota and, for a refused call, send the refusal. That is short, GIL-bound Python. An
+admitted call then waits, mostly for a compute thread, for as long as its pipeline takes.
 
-So at most `front_door` calls run their front door at once (a FIFO gate), and an admitted call
-leaves the gate (`step_aside`) for the rest of its life: it holds a thread but no front-door
-place. Threads start as calls need them: at most `front_door` plus the calls the tenants'
-quotas admit at once (`fit`).
+On a fixed pool of threads, both went wrong under one tenant's overload: the admitted calls'
+waits held threads, and refusals and other tenants' calls queued behind them; and a flood of
+refusals, each on its own runnable thread, made every call queue for the GIL in arrival order,
+so another tenant's call waited behind the whole flood.
+
+So: threads are plenty (`WorkerPool`: one for each call the tenants' quotas admit at once,
+plus `FrontDoor` places, plus `WAITING` more for calls waiting at the door), while at most
+`places` calls do front-door work at once (`FrontDoor`). Waiting calls are let in round-robin
+over lanes (one lane per tenant), so a tenant with 60 calls at the door gets one place in turn
+like a tenant with one: its flood waits behind itself. An admitted call leaves the door
+(`step_aside`) once admitted and keeps only its own thread.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Iterator
 from concurrent import futures
-from typing import Any
+from contextlib import contextmanager
+
+#: Calls that may wait at the front door on threads of their own; past it, calls wait for a
+#: thread in arrival order.
+WAITING = 256
 
 _held = threading.local()
 
 
 class WorkerPool(futures.ThreadPoolExecutor):
-    def __init__(self, front_door: int) -> None:
-        super().__init__(max_workers=front_door, thread_name_prefix="walkrank")
-        self.front_door = front_door
-        self._gate = threading.Semaphore(front_door)
+    """Threads start when calls need them, up to `fit`'s count."""
+
+    def __init__(self, places: int) -> None:
+        super().__init__(max_workers=places + WAITING, thread_name_prefix="walkrank")
+        self.base = places + WAITING
 
     def fit(self, admitted: int) -> None:
-        """Threads for `admitted` calls at once beside the front door (never shrinks: calls
+        """Threads for `admitted` calls at once beside the door's (never shrinks: calls
         admitted under an older, larger quota may still hold their threads)."""
         # ThreadPoolExecutor reads _max_workers on every submit, when it decides whether to
         # start a thread; there is no public way to grow a pool.
-        self._max_workers = max(self._max_workers, self.front_door + admitted)
+        self._max_workers = max(self._max_workers, self.base + admitted)
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
-        return super().submit(self._gated, fn, *args, **kwargs)
 
-    def _gated(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        self._gate.acquire()
-        _held.gate = self._gate
+class FrontDoor:
+    """At most `places` calls inside at once; waiting calls let in round-robin over lanes,
+    each lane in arrival order. A place is handed straight to the next call let in."""
+
+    def __init__(self, places: int) -> None:
+        if places < 1:
+            raise ValueError(f"the front door needs at least 1 place, got {places}")
+        self.places = places
+        self._lock = threading.Lock()
+        self._free = places
+        self._lanes: dict[str, deque[threading.Lock]] = {}
+        self._turns: deque[str] = deque()  # lanes with waiting calls, next first
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a place."""
+        with self._lock:
+            return sum(len(calls) for calls in self._lanes.values())
+
+    @contextmanager
+    def through(self, lane: str) -> Iterator[None]:
+        """Hold a place for the block (or until `step_aside`)."""
+        self._enter(lane)
+        _held.door = self
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
             step_aside()
 
+    def _enter(self, lane: str) -> None:
+        with self._lock:
+            if self._free:
+                self._free -= 1
+                return
+            turn = threading.Lock()
+            turn.acquire()
+            waiting = self._lanes.get(lane)
+            if waiting is None:
+                waiting = self._lanes[lane] = deque()
+                self._turns.append(lane)
+            waiting.append(turn)
+        turn.acquire()  # released by the call that hands its place over
+
+    def _leave(self) -> None:
+        with self._lock:
+            if not self._turns:
+                self._free += 1
+                return
+            lane = self._turns.popleft()
+            waiting = self._lanes[lane]
+            turn = waiting.popleft()
+            if waiting:
+                self._turns.append(lane)
+            else:
+                del self._lanes[lane]
+        turn.release()
+
 
 def step_aside() -> None:
-    """The calling thread's call was admitted and will wait (for a compute thread, then its
-    pipeline): give its front-door place to the next call. A no-op off the pool's threads."""
-    gate = getattr(_held, "gate", None)
-    if gate is not None:
-        _held.gate = None
-        gate.release()
+    """Give the calling thread's front-door place to the next call: its call was admitted and
+    will now wait (for a compute thread, then its pipeline). A no-op when it holds none."""
+    door = getattr(_held, "door", None)
+    if door is not None:
+        _held.door = None
+        door._leave()
