@@ -1,12 +1,17 @@
 """Overload isolation: what one tenant far past its quota costs another tenant.
 
-`measure_isolation` runs four phases against a running server, each for `duration_s`:
+`measure_isolation` runs five phases against a running server, each for `duration_s`:
 
 1. the victim alone (its unloaded latency, and the server's CPU per served call);
 2. the aggressor at its quota alone (the server's CPU per served aggressor call);
 3. the aggressor at `factor` x its quota alone (the server's CPU per refusal, once the
    served calls of phase 2's cost are taken out);
-4. both together: the victim's latency beside the overload, and the refusals' latency.
+4. the victim beside the aggressor at its quota (what the aggressor's admitted work costs);
+5. the victim beside the aggressor at `factor` x its quota: the victim's latency beside the
+   overload, and the refusals' latency.
+
+`isolation_p99_ratio` is phase 5's victim p99 over phase 1's; `overload_p99_ratio` over
+phase 4's, the cost of the refusals alone.
 
 Each load runs in its own process (asyncio `grpc.aio` callers on one channel, requests
 serialized once), so the generator's CPU, which shares the server's cores, is measured and
@@ -174,14 +179,18 @@ class IsolationReport:
 
     def to_dict(self) -> dict[str, Any]:
         alone = self.phases["victim_alone"]["victim"]
+        at_quota = self.phases["beside_quota"]["victim"]
         loaded = self.phases["together"]["victim"]
         flood = self.phases["together"]["aggressor"]
         return {
             "factor": self.factor, "quota": self.quota,
             "victim_alone_p50_ms": alone["ok_p50_ms"], "victim_alone_p99_ms": alone["ok_p99_ms"],
+            "victim_beside_quota_p50_ms": at_quota["ok_p50_ms"],
+            "victim_beside_quota_p99_ms": at_quota["ok_p99_ms"],
             "victim_loaded_p50_ms": loaded["ok_p50_ms"],
             "victim_loaded_p99_ms": loaded["ok_p99_ms"],
             "isolation_p99_ratio": loaded["ok_p99_ms"] / alone["ok_p99_ms"],
+            "overload_p99_ratio": loaded["ok_p99_ms"] / at_quota["ok_p99_ms"],
             "refusal_p50_ms": flood.get("refused_p50_ms", float("nan")),
             "refusal_p99_ms": flood.get("refused_p99_ms", float("nan")),
             **self.cpu_per_call(),
@@ -217,10 +226,11 @@ def measure_isolation(target: str, server_cpu_s: Callable[[], float], victim: Lo
     before = server_cpu_s()
     time.sleep(2.0)
     report.idle_cores = (server_cpu_s() - before) / 2.0
+    at_quota = replace(aggressor, concurrency=quota)
     flood = replace(aggressor, concurrency=quota * factor)
-    phases = {"victim_alone": [victim],
-              "aggressor_at_quota": [replace(aggressor, concurrency=quota)],
-              "aggressor_flood": [flood], "together": [victim, flood]}
+    phases = {"victim_alone": [victim], "aggressor_at_quota": [at_quota],
+              "aggressor_flood": [flood], "beside_quota": [victim, at_quota],
+              "together": [victim, flood]}
     for phase, loads in phases.items():
         before = server_cpu_s()
         results = run_loads(target, loads, duration_s)
