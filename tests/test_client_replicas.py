@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
-
 from test_server import make_config, pins, running
+
 from walkrank.graph.store import GraphStore
 from walkrank.serving.server import WalkRankServer
 from walkrank_client import WalkRankClient
-from walkrank_client.client import channel_target, resolve_replicas
 from walkrank_client.cli import main as client_main
+from walkrank_client.client import channel_target, resolve_replicas
 
 
 @pytest.fixture(scope="module")
