@@ -213,10 +213,10 @@ class ReplicaSet:
             raise
 
     def wait_envoy_routing(self, timeout_s: float = 30.0) -> None:
-        """Until Envoy is up and has found every replica healthy."""
+        """Until Envoy is up and has found every replica healthy (or the set is stopping)."""
         deadline = time.monotonic() + timeout_s
         wanted = set(self.plan.replicas)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping.is_set():
             if self.envoy is None or self.envoy.poll() is not None:
                 raise ConfigError(f"envoy exited (status {self.envoy and self.envoy.returncode})"
                                   f"; its configuration is {self.envoy_config}")
@@ -237,8 +237,10 @@ class ReplicaSet:
             raise ConfigError(f"envoy exited with status {self.envoy.returncode}")
         with self._lock:
             for replica in self.replicas:
-                if self._stopping.is_set() or replica.alive():
-                    if replica.alive() and time.monotonic() - replica.started_at > STABLE_S:
+                if self._stopping.is_set():
+                    return
+                if replica.alive():
+                    if time.monotonic() - replica.started_at > STABLE_S:
                         replica.backoff_s = RESTART_BACKOFF_S[0]
                     continue
                 code = replica.process.returncode if replica.process else None
@@ -261,12 +263,18 @@ class ReplicaSet:
                 replica.stop()
                 replica.start()
                 try:
-                    replica.wait_serving()
+                    wait_serving(replica.address,
+                                 lambda r=replica: r.alive() and not self._stopping.is_set())
                     self.wait_envoy_routing(timeout_s=START_TIMEOUT_S)
                 except ConfigError as exc:
-                    log.error("rolling restart stopped: %s", exc)
+                    if not self._stopping.is_set():
+                        log.error("rolling restart stopped: %s", exc)
                     return
         log.info("rolling restart: done")
+
+    def request_stop(self) -> None:
+        """Abandon restarts and waits in progress, so `stop()` follows promptly."""
+        self._stopping.set()
 
     def stop(self) -> int:
         """Replicas first, in parallel (their in-flight calls finish through Envoy), then
@@ -298,8 +306,13 @@ def run_replicas(replica_set: ReplicaSet) -> int:
     """Start, print where everything listens, supervise until SIGTERM/SIGINT."""
     stop = threading.Event()
     restart = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def on_stop(*_: object) -> None:
+        replica_set.request_stop()  # a rolling restart in progress gives up at once
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, lambda *_: restart.set())
     replica_set.start()
     plan = replica_set.plan
