@@ -42,8 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 QUERY_PINS = 5
 STEPS = 100_000
 #: Arrays a walk reads (the rest of a graph directory is features and ids).
-WALK_ARRAYS = ("pin_offsets", "pin_adj", "board_offsets", "board_adj", "pin_key", "board_key",
-               "pin_locale_ends", "board_locale_ends")
+WALK_ARRAYS = ("pin_offsets", "pin_adj", "board_offsets", "board_adj", "pin_locale_ends",
+               "board_locale_ends", "pin_run_offsets", "pin_key_runs", "board_run_offsets",
+               "board_key_runs")
 Query = tuple[np.ndarray, np.ndarray]  # dense pin ids (-1: unknown), weights
 
 
@@ -159,8 +160,9 @@ def _kernel(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray
         started = time.perf_counter()
         kernels.walk_query_pin(
             graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
-            graph.pin_key, graph.board_key, graph.pin_locale_ends, graph.board_locale_ends,
-            np.int32(_first_pin(query)), np.int32(0), np.int64(STEPS),
+            graph.pin_locale_ends, graph.board_locale_ends, graph.pin_run_offsets,
+            graph.pin_key_runs, graph.board_run_offsets, graph.board_key_runs,
+            np.int64(graph.run_shift), np.int32(_first_pin(query)), np.int32(0), np.int64(STEPS),
             np.uint64(alpha * 2**32), np.uint64(0), np.int32(-1), np.int32(0), np.int32(0),
             np.int64(0), np.int64(4), np.uint64(i), False, table, np.zeros(table.shape[0]),
             np.zeros(table.shape[0], np.int32), np.ones(1), np.zeros(1, np.uint8),
@@ -239,6 +241,7 @@ def run(graph_dir: Path | None, quick: bool, requests: Path | None, n_queries: i
         "l3_bytes": l3_bytes(),
         "bytes_per_edge": float(graph.manifest["bytes_per_edge"]),
         "locale_index_bytes_per_edge": float(graph.manifest["locale_index_bytes_per_edge"]),
+        "key_runs_bytes_per_edge": float(graph.manifest["key_runs_bytes_per_edge"]),
         "load_seconds": round(load_seconds, 4),
         "page_in_seconds": round(page_in_seconds, 3),
         "queries": n,
@@ -274,7 +277,8 @@ def _print(r: dict[str, Any]) -> None:
     l3 = f"{r['l3_bytes'] / 2**20:.0f} MiB" if r["l3_bytes"] else "unknown"
     print(f"graph {r['graph']}: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, "
           f"{r['bytes_per_edge']:.2f} bytes/edge (+{r['locale_index_bytes_per_edge']:.2f} locale "
-          f"index); load {r['load_seconds'] * 1e3:.1f} ms, "
+          f"index, +{r['key_runs_bytes_per_edge']:.2f} key runs); "
+          f"load {r['load_seconds'] * 1e3:.1f} ms, "
           f"page-in {r['page_in_seconds']:.2f} s")
     print(f"walk arrays {r['graph_walk_bytes'] / 2**20:.0f} MiB, L3 cache {l3}")
     print(f"{r['queries']} queries ({r['query_source']}), N = {r['steps']:,} steps "

@@ -379,7 +379,7 @@ def test_cli_build_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     manifest = json.loads(printed[: printed.rindex("}") + 1])
     assert manifest["counts"] == {"pins": 4, "boards": 1, "edges": 2}
     assert manifest["vocab"] == {"locales": ["en", "ja"], "topics": ["t1", "t2"]}
-    assert "verified: all 20 checksums match, structure sound" in printed
+    assert "verified: all 24 checksums match, structure sound" in printed
 
     (out / "board_topic.npy").chmod(0o644)
     with open(out / "board_topic.npy", "r+b") as f:

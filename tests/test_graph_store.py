@@ -86,6 +86,28 @@ def test_vocab_codes(small_graph: GraphStore) -> None:
 
 
 @pytest.mark.parametrize("side", ["pin", "board"])
+def test_key_runs_give_each_keys_slice(small_graph: GraphStore, side: str) -> None:
+    """A key-biased step reads a node's runs, `key << shift | end`: one per distinct key among
+    its neighbours, in list order, ending where that key's neighbours end."""
+    g = small_graph
+    offsets = getattr(g, f"{side}_offsets")
+    adj = getattr(g, f"{side}_adj")
+    run_offsets = getattr(g, f"{side}_run_offsets")
+    assert getattr(g, f"{side}_key_runs").dtype == np.uint32  # key and end fit 32 bits
+    runs = getattr(g, f"{side}_key_runs").astype(np.int64)
+    neighbour_key = g.board_key if side == "pin" else g.pin_key
+    assert g.run_shift == int(max(g.pin_degree().max(), g.board_degree().max())).bit_length()
+    for node in range(len(offsets) - 1):
+        keys = neighbour_key[adj[offsets[node]:offsets[node + 1]]]
+        distinct, first = np.unique(keys, return_index=True)
+        ends = np.append(first[1:], len(keys))  # keys rise along the list
+        node_runs = runs[run_offsets[node]:run_offsets[node + 1]]
+        np.testing.assert_array_equal(node_runs >> g.run_shift, distinct)
+        np.testing.assert_array_equal(node_runs & ((1 << g.run_shift) - 1), ends)
+    assert run_offsets[-1] == len(runs) < g.n_edges
+
+
+@pytest.mark.parametrize("side", ["pin", "board"])
 def test_locale_index_gives_each_locales_slice(small_graph: GraphStore, side: str) -> None:
     """A locale-biased step takes `adj[start + ends[l - 1] : start + ends[l]]`: exactly the
     neighbours of locale l, for every node and locale (the missing locale runs to the end)."""
@@ -159,6 +181,11 @@ def _shift(values: np.ndarray, by: int) -> None:
     ("board_locale_ends", lambda a: a.__setitem__((5, 0), a[5, -1] + 1),
      r"locale ends decrease in row 5"),
     ("pin_key", lambda a: _shift(a, 1), r"bias key at position \d+ does not match"),
+    ("pin_key_runs", lambda a: a.__setitem__(0, a[0] + 2**20),
+     r"run 0 \(key \d+, end \d+\) of row 0 does not tile"),
+    ("board_key_runs", lambda a: a.__setitem__(1, a[0]), r"run 1 .* does not tile its"),
+    ("board_run_offsets", lambda a: _shift(a, 10**6), r"decreases after row"),
+    ("pin_run_offsets", lambda a: a.__setitem__(1, a[2]), r"row [01] has \d+ runs for"),
     ("pin_topic", lambda a: a.__setitem__(0, 99), r"topic code 99 at position 0"),
     ("pin_ids_order", lambda a: a.__setitem__(1, 2**30), r"dense pin id 1073741824"),
     ("board_ids_sorted", lambda a: a.__setitem__(1, a[0]), r"not strictly increasing"),

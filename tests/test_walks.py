@@ -45,8 +45,10 @@ def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: in
     (steps, {pin: visits})."""
     table = new_visit_table(rows or 1 << (2 * budget - 1).bit_length())
     done = kernels.walk_query_pin(
-        graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj, graph.pin_key,
-        graph.board_key, graph.pin_locale_ends, graph.board_locale_ends, np.int32(pin),
+        graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
+        graph.pin_locale_ends, graph.board_locale_ends, graph.pin_run_offsets,
+        graph.pin_key_runs, graph.board_run_offsets, graph.board_key_runs,
+        np.int64(graph.run_shift), np.int32(pin),
         np.int32(query_index), np.int64(budget), np.uint64(int(restart * 2**32)),
         np.uint64(int(bias * 2**32)), np.int32(locale), np.int32(key_range[0]),
         np.int32(key_range[1]), np.int64(early_stop_pins), np.int64(4), np.uint64(seed), False,

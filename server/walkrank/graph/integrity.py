@@ -28,6 +28,8 @@ KERNEL_DTYPES: dict[str, tuple[str, ...]] = {
     "pin_locale": ("int32",), "pin_topic": ("int32",),
     "board_locale": ("int32",), "board_topic": ("int32",),
     "pin_locale_ends": ("uint16", "uint32"), "board_locale_ends": ("uint16", "uint32"),
+    "pin_run_offsets": ("int64",), "board_run_offsets": ("int64",),
+    "pin_key_runs": ("uint32", "uint64"), "board_key_runs": ("uint32", "uint64"),
     "pin_ids_order": ("int32",), "board_ids_order": ("int32",),
 }
 
@@ -48,6 +50,7 @@ def check_structure(graph: GraphStore) -> None:
         _check_range(root, f"{side}_adj", adj, n_other, f"{other} id")
         _check_locale_ends(root, f"{side}_locale_ends", getattr(graph, f"{side}_locale_ends"),
                            np.diff(offsets))
+        _check_key_runs(root, side, graph, np.diff(offsets))
         _check_categories(root, graph, side)
         _check_ids(root, side, getattr(graph, f"{side}_ids"), getattr(graph, f"{side}_ids_sorted"),
                    getattr(graph, f"{side}_ids_order"), n_side)
@@ -106,6 +109,40 @@ def _check_locale_ends(root: Path, name: str, ends: np.ndarray, degree: np.ndarr
         i = int(past[0])
         _fail(root, name, f"row {i} ends at {int(ends[i, -1])}, past its {int(degree[i])} "
                           f"neighbours")
+
+
+def _check_key_runs(root: Path, side: str, graph: GraphStore, degree: np.ndarray) -> None:
+    """A node's runs tile its list: ends rise to its degree, keys rise and are bias keys."""
+    runs = getattr(graph, f"{side}_key_runs")
+    run_offsets = getattr(graph, f"{side}_run_offsets")
+    name = f"{side}_key_runs"
+    if runs.ndim != 1:
+        _fail(root, name, f"shape {runs.shape}, expected one dimension")
+    _check_offsets(root, f"{side}_run_offsets", run_offsets, runs.shape[0])
+    counts = np.diff(run_offsets)
+    wrong = np.flatnonzero((counts == 0) != (degree == 0))
+    if wrong.size:
+        i = int(wrong[0])
+        _fail(root, f"{side}_run_offsets", f"row {i} has {int(counts[i])} runs for "
+                                           f"{int(degree[i])} neighbours")
+    shift = graph.run_shift
+    values = runs.astype(np.int64)
+    ends, keys = values & ((1 << shift) - 1), values >> shift
+    rows = np.repeat(np.arange(degree.shape[0]), counts)
+    first = np.zeros(runs.shape[0], dtype=bool)
+    first[run_offsets[:-1][counts > 0]] = True
+    previous_end = np.concatenate(([0], ends[:-1]))
+    previous_key = np.concatenate(([-1], keys[:-1]))
+    bad = (ends <= np.where(first, 0, previous_end)) | (ends > degree[rows])
+    bad |= ~first & (keys <= previous_key)
+    bad |= (keys < 0) | (keys >= (graph.n_locales + 1) * (graph.n_topics + 1))
+    last = np.flatnonzero(counts)
+    bad[run_offsets[1:][last] - 1] |= ends[run_offsets[1:][last] - 1] != degree[last]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        _fail(root, name, f"run {i} (key {int(keys[i])}, end {int(ends[i])}) of row "
+                          f"{int(rows[i])} does not tile its {int(degree[rows[i]])} "
+                          f"neighbours in rising keys")
 
 
 def _check_categories(root: Path, graph: GraphStore, side: str) -> None:

@@ -12,7 +12,8 @@ pin or board) and the aggregates the pruning rules read are held in this process
 - the board rules (entropy, degree) from (board, topic) counts and board degrees, the pin rule
   by a window over each heavy pin's edges;
 - both CSR directions as `ORDER BY` queries streamed in batches straight into the `.npy`
-  files, and the locale index from (node, neighbour locale) counts.
+  files, the locale index from (node, neighbour locale) counts, the key runs from (node,
+  neighbour key) counts.
 
 Everything else is the in-memory builder's own code (feature columns, vocabularies, board
 values, rules, id arrays, manifest, writing and publishing), so both builders write the same
@@ -47,8 +48,10 @@ from walkrank.graph.build import (
     dominant_from_counts,
     graph_stats,
     id_arrays,
+    key_runs_from_counts,
     locale_ends_from_counts,
     pin_columns,
+    run_shift,
     table_files,
     vocabulary,
     write_graph,
@@ -215,6 +218,13 @@ class _Build:
         board_locale_ends = self._locale_ends(
             "SELECT m.nb, p.locale, count(*) FROM final f JOIN board_map m USING (board) "
             "JOIN pin_map p USING (pin) GROUP BY ALL", n_boards, n_locales, max_degree)
+        n_keys, shift = (n_locales + 1) * (n_topics + 1), run_shift(max_degree)
+        pin_run_offsets, pin_key_runs = self._key_runs(
+            "SELECT f.pin, m.key, count(*) FROM final f JOIN board_map m USING (board) "
+            "GROUP BY ALL ORDER BY ALL", n_pins, n_keys, shift)
+        board_run_offsets, board_key_runs = self._key_runs(
+            "SELECT m.nb, p.key, count(*) FROM final f JOIN board_map m USING (board) "
+            "JOIN pin_map p USING (pin) GROUP BY ALL ORDER BY ALL", n_boards, n_keys, shift)
 
         tmp = _new_sibling(out)
         try:
@@ -235,6 +245,8 @@ class _Build:
                 "board_locale": board_locale, "board_topic": board_topic,
                 "pin_key": pin_key, "board_key": board_key,
                 "pin_locale_ends": pin_locale_ends, "board_locale_ends": board_locale_ends,
+                "pin_run_offsets": pin_run_offsets, "pin_key_runs": pin_key_runs,
+                "board_run_offsets": board_run_offsets, "board_key_runs": board_key_runs,
                 "pin_quality": pin_quality, "pin_created_at": pin_created,
                 **id_arrays("pin", self.sql("SELECT pin_id FROM pin_dict ORDER BY pin")
                             .to_arrow_table().column(0).combine_chunks()),
@@ -480,6 +492,17 @@ class _Build:
             counts[batch.column(0).to_numpy(), batch.column(1).to_numpy()] = (
                 batch.column(2).to_numpy())
         return locale_ends_from_counts(counts, max_degree)
+
+    def _key_runs(self, query: str, n_rows: int, n_keys: int, shift: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """The key-run index from (node, neighbour key, count) rows in (node, key) order."""
+        columns: list[list[np.ndarray]] = [[], [], []]
+        for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):  # one row per run
+            for column, values in zip(columns, batch.columns, strict=True):
+                column.append(values.to_numpy())
+        rows, keys, counts = (np.concatenate(c) if c else np.zeros(0, np.int64)
+                              for c in columns)
+        return key_runs_from_counts(rows, keys, counts, n_rows, n_keys, shift)
 
     def _stream(self, path: Path, query: str, n: int) -> str:
         """Write a query's int32 column into `path` as an `.npy` file, batch by batch (the

@@ -29,7 +29,7 @@ from walkrank.errors import DataError
 from walkrank.graph.integrity import check_structure
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: key runs (pin/board_run_offsets, pin/board_key_runs)
 
 #: Arrays every graph directory holds, in the order they are written and checked.
 ARRAY_FIELDS: tuple[str, ...] = (
@@ -45,6 +45,10 @@ ARRAY_FIELDS: tuple[str, ...] = (
     "board_key",
     "pin_locale_ends",
     "board_locale_ends",
+    "pin_run_offsets",
+    "pin_key_runs",
+    "board_run_offsets",
+    "board_key_runs",
     "pin_quality",
     "pin_created_at",
     "pin_ids_sorted",
@@ -156,6 +160,12 @@ class GraphStore:
     board_key: np.ndarray
     pin_locale_ends: np.ndarray  # [pin, locale]: end of that locale's boards in its list
     board_locale_ends: np.ndarray  # [board, locale]: end of that locale's pins in its list
+    # A node's key runs, runs[run_offsets[n]:run_offsets[n + 1]]: `key << shift | end`, one
+    # per distinct bias key among its neighbours, where that key's neighbours end in its list.
+    pin_run_offsets: np.ndarray
+    pin_key_runs: np.ndarray
+    board_run_offsets: np.ndarray
+    board_key_runs: np.ndarray
     pin_quality: np.ndarray
     pin_created_at: np.ndarray
     pin_ids_sorted: np.ndarray
@@ -209,6 +219,8 @@ class GraphStore:
             "pin_adj": counts["edges"],
             "board_offsets": counts["boards"] + 1,
             "board_adj": counts["edges"],
+            "pin_run_offsets": counts["pins"] + 1,
+            "board_run_offsets": counts["boards"] + 1,
         }
         for name in ("pin_locale", "pin_topic", "pin_key", "pin_quality", "pin_created_at",
                      "pin_ids_sorted", "pin_ids_order", "pin_ids"):
@@ -252,6 +264,11 @@ class GraphStore:
     @property
     def n_topics(self) -> int:
         return len(self.topics)
+
+    @property
+    def run_shift(self) -> int:
+        """Bits below the key in a key run (`key << shift | end`)."""
+        return int(self.manifest["key_runs"]["shift"])
 
     def locale_code(self, locale: str | None) -> int:
         """Category code of a locale; missing or unknown -> len(locales) (the 'missing' code)."""
@@ -351,6 +368,9 @@ def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
     degree = manifest.get("degree")
     need(isinstance(degree, dict) and is_count(degree.get("pin_max")), "degree.pin_max",
          "a count")
+    runs = manifest.get("key_runs")
+    need(isinstance(runs, dict) and is_count(runs.get("shift")) and 1 <= runs["shift"] <= 32,
+         "key_runs.shift", "an integer in [1, 32]")
 
 
 def verify_checksums(root: Path, manifest: dict[str, Any]) -> None:

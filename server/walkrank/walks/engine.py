@@ -144,7 +144,8 @@ def step_budgets(
 @dataclass(frozen=True)
 class BiasTarget:
     """What a biased step aims at: a locale, and within it a [key_lo, key_hi) bias-key range
-    (`key_lo == key_hi`: the whole locale, read from the graph's locale index at no search)."""
+    (`key_lo == key_hi`: the whole locale, read from the graph's locale index; a narrower
+    range is read from the nodes' key runs)."""
 
     locale: int
     key_lo: int = 0
@@ -307,6 +308,7 @@ def walk(
     if target.locale >= 0:
         bias_threshold = np.uint64(min(params.bias_strength * 2**32, 2**32))
     seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+    run_shift = np.int64(graph.run_shift)
 
     # Pixie's early stop per query pin, with n_p split like the steps: a pin walking a share s
     # of walk.steps stops once more than ceil(s * n_p) pins have n_v visits from it (a fixed
@@ -321,7 +323,8 @@ def walk(
             continue
         steps_per_query[position] = kernels.walk_query_pin(
             graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
-            graph.pin_key, graph.board_key, graph.pin_locale_ends, graph.board_locale_ends,
+            graph.pin_locale_ends, graph.board_locale_ends, graph.pin_run_offsets,
+            graph.pin_key_runs, graph.board_run_offsets, graph.board_key_runs, run_shift,
             np.int32(pins[position]), np.int32(position), np.int64(budgets[position]),
             restart_threshold, bias_threshold, np.int32(target.locale), np.int32(target.key_lo),
             np.int32(target.key_hi), np.int64(stop_pins[position]),
