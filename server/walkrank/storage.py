@@ -1,0 +1,193 @@
+"""Object storage (`s3://bucket/prefix`) for graph repositories, model registries and logs.
+
+Servers map graphs and load models from local disk (a memory map needs a local file), so
+object storage is a place to publish to and mirror from, through pyarrow's filesystems
+(credentials, region and endpoint from the usual AWS settings: `AWS_ACCESS_KEY_ID`,
+`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` for an S3-compatible server, or query parameters of
+the URI such as `?endpoint_override=host:port&scheme=http`).
+
+Both directions keep the layouts' promise that a reader sees an old or a new version, never
+half of one (walkrank.models, walkrank.graph.repository):
+
+- `push(local, uri)` uploads every file under `local`, the version pointers (`CURRENT`,
+  `LAST_VERSION`) last, so a store reader never finds a pointer naming a version whose files
+  are not all there. Files already in the store with the same size are skipped (published
+  versions never change); one with another size is refused, naming it. Hidden files (locks,
+  staging and deletion directories) are never uploaded. One publisher per store.
+- `pull(uri, local)` reads the pointers first, then downloads, of each numbered version
+  directory beside a pointer, only the version it names (a repository's other versions stay
+  in the store), each file to a temporary name then renamed; the pointers are written last
+  and atomically. A pointer naming a version with no files is an error and the local pointer
+  is left as it was.
+
+Logs are immutable Parquet parts with unique names, so `push` copies each once; the trainer
+reads them after a `pull` (what is left to do: docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
+
+from walkrank.errors import ConfigError, DataError
+from walkrank.pointers import VERSION_RE, write_version
+
+POINTERS = ("CURRENT", "LAST_VERSION")
+_CHUNK = 8 << 20
+
+
+@dataclass
+class Transfer:
+    """What a push or pull did: files copied and skipped (already there), bytes copied."""
+
+    copied: list[str] = field(default_factory=list)
+    skipped: int = 0
+    bytes: int = 0
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """True for a URI with a scheme other than `file` (s3://, gs://, ...)."""
+    scheme, sep, _ = str(location).partition("://")
+    return bool(sep) and scheme not in ("", "file")
+
+
+def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and root path of `uri`; ConfigError naming it when it is unusable."""
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{uri}: not a usable storage location: {exc}") from None
+    root = root.rstrip("/")
+    if not root:
+        raise ConfigError(f"{uri}: name a bucket (s3://bucket/prefix)")
+    return filesystem, root
+
+
+def _listing(filesystem: pafs.FileSystem, root: str) -> dict[str, int]:
+    """Every file under `root` by its path relative to it (POSIX), with its size."""
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True,
+                                                           allow_not_found=True))
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list: {exc}") from None
+    prefix = root + "/"
+    return {info.path[len(prefix):]: info.size for info in infos
+            if info.type == pafs.FileType.File and info.path.startswith(prefix)}
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in PurePosixPath(relative).parts)
+
+
+def _is_pointer(relative: str) -> bool:
+    return PurePosixPath(relative).name in POINTERS
+
+
+def _order(relative: str) -> int:
+    """Copy order, as a publish writes: files, then LAST_VERSION, then CURRENT."""
+    name = PurePosixPath(relative).name
+    return POINTERS[::-1].index(name) + 1 if name in POINTERS else 0
+
+
+def push(local: Path, uri: str) -> Transfer:
+    """Upload the tree under `local` to `uri`, pointers last (module docstring)."""
+    if not local.is_dir():
+        raise DataError(f"{local}: not a directory")
+    filesystem, root = open_store(uri)
+    remote = _listing(filesystem, root)
+    files = sorted(str(p.relative_to(local).as_posix()) for p in local.rglob("*")
+                   if p.is_file() and not _hidden(str(p.relative_to(local))))
+    done = Transfer()
+    for relative in sorted(files, key=_order):  # pointers after everything they name
+        path = local / relative
+        size = path.stat().st_size
+        if not _is_pointer(relative) and relative in remote:
+            if remote[relative] != size:
+                raise DataError(f"{uri}/{relative}: already in the store with {remote[relative]}"
+                                f" bytes, {path} has {size}; a published file never changes")
+            done.skipped += 1
+            continue
+        try:
+            with open(path, "rb") as source, filesystem.open_output_stream(
+                    f"{root}/{relative}") as target:
+                shutil.copyfileobj(source, target, _CHUNK)
+        except OSError as exc:
+            raise DataError(f"{uri}/{relative}: cannot upload {path}: {exc}") from None
+        done.copied.append(relative)
+        done.bytes += size
+    return done
+
+
+def _read(filesystem: pafs.FileSystem, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _wanted(relative: str, pointers: dict[str, int]) -> bool:
+    """Files of a numbered version directory beside a CURRENT pointer only when it names
+    that version; every other file."""
+    parts = PurePosixPath(relative).parts
+    for depth, part in enumerate(parts[:-1]):
+        if VERSION_RE.fullmatch(part):
+            current = pointers.get(str(PurePosixPath(*parts[:depth], "CURRENT")))
+            if current is not None and int(part) != current:
+                return False
+    return True
+
+
+def pull(uri: str, local: Path) -> Transfer:
+    """Mirror `uri` into `local`: the versions the store's pointers name, pointers last."""
+    filesystem, root = open_store(uri)
+    remote = _listing(filesystem, root)
+    pointers: dict[str, int] = {}
+    for relative in sorted(r for r in remote if _is_pointer(r)):  # before the listing is used
+        text = _read(filesystem, f"{root}/{relative}").decode("ascii", "replace").strip()
+        if not VERSION_RE.fullmatch(text):
+            raise DataError(f"{uri}/{relative}: expected a positive version number, "
+                            f"got {text[:40]!r}")
+        pointers[relative] = int(text)
+    remote = _listing(filesystem, root)  # everything a pointer read above names is here now
+    for relative, version in pointers.items():
+        if PurePosixPath(relative).name == "CURRENT":
+            version_dir = str(PurePosixPath(relative).parent / str(version))
+            version_dir = version_dir.removeprefix("./")
+            if not any(r.startswith(version_dir + "/") for r in remote):
+                raise DataError(f"{uri}/{relative} names version {version}, which has no files "
+                                f"in the store; nothing pulled")
+    done = Transfer()
+    for relative, size in sorted(remote.items()):
+        if _is_pointer(relative) or _hidden(relative) or not _wanted(relative, pointers):
+            continue
+        target = local / relative
+        if target.is_file() and target.stat().st_size == size:
+            done.skipped += 1
+            continue
+        _download(filesystem, f"{root}/{relative}", target, f"{uri}/{relative}")
+        done.copied.append(relative)
+        done.bytes += size
+    for relative, version in sorted(pointers.items(), key=lambda item: _order(item[0])):
+        target = local / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_version(target, version)
+        done.copied.append(relative)
+    return done
+
+
+def _download(filesystem: pafs.FileSystem, path: str, target: Path, name: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as sink, filesystem.open_input_stream(path) as source:
+            shutil.copyfileobj(source, sink, _CHUNK)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.chmod(temp, 0o444)  # published files are never written again
+        os.replace(temp, target)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise DataError(f"{name}: cannot download to {target}: {exc}") from None
