@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
@@ -25,7 +24,7 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphSto
     with ExitStack() as stack:
         replicas = []
         for _ in range(2):
-            server, client = stack.enter_context(running(make_config(root, small_graph)))
+            server, _ = stack.enter_context(running(make_config(root, small_graph)))
             replicas.append((server, f"127.0.0.1:{server.port}"))
         yield replicas
 
@@ -59,7 +58,7 @@ def test_a_replica_not_serving_gets_no_calls(two_replicas, small_graph) -> None:
         sick.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
 
-def test_reload_each_reaches_every_replica(two_replicas, tmp_path: Path, capsys) -> None:
+def test_reload_each_reaches_every_replica(two_replicas, capsys) -> None:
     addresses = [a for _, a in two_replicas]
     with WalkRankClient(addresses, timeout=20.0) as client:
         results = client.reload_each()
