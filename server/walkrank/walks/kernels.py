@@ -151,6 +151,14 @@ def _runs_below(runs, at, count, key):
 
 
 @njit(inline="always")
+def _is_run_of(runs, at, count, below, hi_key):
+    """Whether the run after the first `below` runs of a node exists and is below `hi_key`
+    (1 or 0): with `key_hi = key_lo + 1`, whether the node has neighbours of the key."""
+    j = at + min(below, max(count - 1, 0))
+    return np.int64(below < count and np.int64(runs[j]) < hi_key)
+
+
+@njit(inline="always")
 def _run_end(runs, at, below, end_mask):
     """Where the first `below` runs of a node end in its list (0 for none)."""
     return np.int64(runs[at + below - 1]) & end_mask if below > 0 else np.int64(0)
@@ -228,6 +236,7 @@ def walk_query_pin(
     lo_key = np.int64(key_lo) << np.int64(run_shift)
     hi_key = np.int64(key_hi) << np.int64(run_shift)
     end_mask = (np.int64(1) << np.int64(run_shift)) - 1
+    one_key = key_hi == key_lo + 1  # a node has at most one run of a key: one search
     # A key step's slice comes from a direct-mapped cache of [node, first, last] rows kept for
     # the walk (walks restart at the query pin every few steps, so nodes near it come back:
     # 88% / 74% hits on the quick / bench graph), else from the node's runs, prefetched and
@@ -282,7 +291,11 @@ def walk_query_pin(
                 if searching[w]:
                     at, count = runs_at[w], runs_count[w]
                     below_lo = _runs_below(pin_key_runs, at, count, lo_key)
-                    below_hi = _runs_below(pin_key_runs, at, count, hi_key)
+                    if one_key:  # the run after the key's, if it is the key's own
+                        below_hi = below_lo + _is_run_of(pin_key_runs, at, count, below_lo,
+                                                          hi_key)
+                    else:
+                        below_hi = _runs_below(pin_key_runs, at, count, hi_key)
                     first = list_start[w] + _run_end(pin_key_runs, at, below_lo, end_mask)
                     last = list_start[w] + _run_end(pin_key_runs, at, below_hi, end_mask)
                     row = _hash_slot(position[w], slice_mask)
@@ -335,7 +348,11 @@ def walk_query_pin(
                 if searching[w]:
                     at, count = runs_at[w], runs_count[w]
                     below_lo = _runs_below(board_key_runs, at, count, lo_key)
-                    below_hi = _runs_below(board_key_runs, at, count, hi_key)
+                    if one_key:  # the run after the key's, if it is the key's own
+                        below_hi = below_lo + _is_run_of(board_key_runs, at, count, below_lo,
+                                                          hi_key)
+                    else:
+                        below_hi = _runs_below(board_key_runs, at, count, hi_key)
                     first = list_start[w] + _run_end(board_key_runs, at, below_lo, end_mask)
                     last = list_start[w] + _run_end(board_key_runs, at, below_hi, end_mask)
                     row = _hash_slot(node[w], slice_mask)
