@@ -5,10 +5,11 @@ the server stays healthy and keeps answering valid calls.
 Property-based (hypothesis) over every RPC's messages (Recommender, Admin, Health), over raw
 bytes sent through an untyped channel (undecodable messages, invalid UTF-8 in string fields),
 and over hand-picked boundary values of every field; calls with a deadline and without one.
-One real server on loopback with API keys on, so authentication is fuzzed too. The strategies
-and the property live in load_tests/loadgen/fuzz.py (load_tests/chaos.py sends the same at
-volume). The number of generated cases is `WALKRANK_FUZZ_EXAMPLES` (default 2,400 over the
-module, derandomized); more for a longer hunt:
+One real `walkrank serve` on loopback with API keys on, so authentication is fuzzed too; its
+log is checked for ERROR lines. The strategies and the property live in
+load_tests/loadgen/fuzz.py (load_tests/chaos.py sends the same at volume). The number of
+generated cases is `WALKRANK_FUZZ_EXAMPLES` (default 2,400 over the module, derandomized);
+more for a longer hunt:
 
     WALKRANK_FUZZ_EXAMPLES=50000 .venv/bin/python -m pytest -q tests/test_hostile.py
 """
@@ -16,7 +17,6 @@ module, derandomized); more for a longer hunt:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -25,6 +25,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -33,8 +34,6 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from walkrank.graph.store import GraphStore
-from walkrank.serving.config import AuthConfig, ServerConfig
-from walkrank.serving.server import WalkRankServer
 from walkrank_client.pb.walkrank.v1 import admin_pb2, events_pb2, recommender_pb2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +44,9 @@ from loadgen.fuzz import (  # noqa: E402
     CHANNEL_OPTIONS,
     EVENTS,
     GET_TENANT,
+    HANG,
     HEALTH_CHECK,
+    HEALTH_WATCH,
     RECOMMEND,
     RELOAD,
     SHARES,
@@ -54,10 +55,12 @@ from loadgen.fuzz import (  # noqa: E402
     Credentials,
     Outcome,
     call_strategies,
+    draw_calls,
     run_property,
     send,
     violations,
 )
+from loadgen.harness import ServeProcess, write_server_config  # noqa: E402
 
 CREDENTIALS = Credentials(
     tenant_keys={"homefeed": "key-homefeed", "related_pins": "key-related", "email": "key-email"},
@@ -67,31 +70,31 @@ FUZZ_EXAMPLES = int(os.environ.get("WALKRANK_FUZZ_EXAMPLES", "2400"))
 HEALTH_EVERY = 200  # calls between health checks inside a fuzz run
 
 
-class ErrorRecords(logging.Handler):
-    """Every ERROR (or worse) record logged in this process while the server runs."""
+class ServerLog:
+    """The server's log (its stdout and stderr), read as it grows: ERROR lines and tracebacks."""
 
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.records: list[logging.LogRecord] = []
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def take(self) -> list[str]:
-        lines = [f"{r.name}: {r.getMessage()}" + (" (with traceback)" if r.exc_info else "")
-                 for r in self.records]
-        self.records.clear()
-        return lines
+    def new_errors(self) -> list[str]:
+        with open(self.path, "rb") as log:
+            log.seek(self._offset)
+            text = log.read().decode(errors="replace")
+            self._offset = log.tell()
+        return [line for line in text.splitlines()
+                if " ERROR " in line or line.startswith("Traceback")]
 
 
 class Hostile:
     """The server under attack, an untyped channel to it, and the running tally."""
 
-    def __init__(self, target: str, graph: GraphStore, errors: ErrorRecords) -> None:
-        self.errors = errors
+    def __init__(self, target: str, graph: GraphStore, log: ServerLog) -> None:
+        self.log = log
         self.channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
         self.statuses: Counter[str] = Counter()
         self.calls = 0
+        self.wedged = ""  # why the server stopped answering, once it has
         degree = np.diff(np.asarray(graph.pin_offsets))
         busy = np.argsort(-degree)[:32].tolist()
         self.known_pins = [str(p) for p in graph.pin_external(busy).tolist()]
@@ -109,6 +112,8 @@ class Hostile:
         """`call`, then the property: bounded, a client-error status, a short one-line message."""
         outcome = self.call(call)
         found = violations(call, outcome)
+        if outcome.code == HANG:
+            self.wedged = found[0]
         assert not found, found[0]
         return outcome
 
@@ -116,7 +121,9 @@ class Hostile:
         """Overall health SERVING, a valid call answered OK, and no ERROR logged so far."""
         health = send(self.channel, Call(HEALTH_CHECK, health_pb2.HealthCheckRequest(
             service="").SerializeToString(), timeout=5.0))
-        assert health.code == grpc.StatusCode.OK, f"health check: {health.code} {health.details}"
+        if health.code != grpc.StatusCode.OK:
+            self.wedged = f"health check: {health.code_name} {health.details}"
+        assert health.code == grpc.StatusCode.OK, self.wedged
         status = health_pb2.HealthCheckResponse.FromString(health.responses[0]).status
         assert status == health_pb2.HealthCheckResponse.SERVING, status
         request = recommender_pb2.RecommendRequest(
@@ -125,49 +132,51 @@ class Hostile:
                                          CREDENTIALS.key("homefeed"), timeout=10.0))
         assert answer.code == grpc.StatusCode.OK, f"valid call: {answer.code} {answer.details}"
         assert recommender_pb2.RecommendResponse.FromString(answer.responses[0]).candidates
-        logged = self.errors.take()
-        assert not logged, f"{len(logged)} ERROR records logged for client input: {logged[:5]}"
+        logged = self.log.new_errors()
+        assert not logged, f"{len(logged)} ERROR lines logged for client input: {logged[:5]}"
 
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
             ) -> Iterator[Hostile]:
+    """`walkrank serve` in its own process, so that a wedged server fails the tests instead of
+    hanging them (it is killed when SIGTERM does not stop it)."""
     root = tmp_path_factory.mktemp("hostile")
     shutil.copytree(REPO / "tenants", root / "tenants")
-    auth = AuthConfig(enabled=True, tenant_keys={t: frozenset({k}) for t, k in
-                                                 CREDENTIALS.tenant_keys.items()},
-                      admin_token=CREDENTIALS.admin_token)
-    config = ServerConfig(graph=small_graph.path, tenants_dir=root / "tenants",
-                          models_dir=root / "models", logs_dir=root / "logs",
-                          address="127.0.0.1:0", workers=8, grace_seconds=2.0, auth=auth)
-    errors = ErrorRecords()
-    logging.getLogger().addHandler(errors)
-    server = WalkRankServer(config)
-    port = server.start()
-    hostile = Hostile(f"127.0.0.1:{port}", small_graph, errors)
-    try:
-        yield hostile
-    finally:
-        hostile.channel.close()
-        # A wedged server must not hang the suite: stopping it gets a bounded wait.
-        stopper = threading.Thread(target=server.stop, daemon=True)
-        stopper.start()
-        stopper.join(timeout=config.grace_seconds + 10)
-        logging.getLogger().removeHandler(errors)
-        assert not stopper.is_alive(), "the server did not stop within its grace period + 10 s"
+    config = write_server_config(root / "walkrank.yaml", small_graph.path, root / "tenants",
+                                 root / "models", root / "logs", workers=8, auth=True,
+                                 grace_seconds=2.0)
+    env = {**os.environ, "WALKRANK_ADMIN_TOKEN": CREDENTIALS.admin_token,
+           "WALKRANK_API_KEYS": ",".join(f"{t}={k}" for t, k in
+                                         CREDENTIALS.tenant_keys.items())}
+    with ServeProcess(config, root / "server.log", env=env) as server:
+        hostile = Hostile(server.target, small_graph, ServerLog(server.log_path))
+        try:
+            yield hostile
+        finally:
+            hostile.channel.close()
+
+
+@pytest.fixture
+def live(hostile: Hostile) -> Hostile:
+    """The module's server, unless an earlier test left it not answering (then fail at once
+    instead of waiting out every call's bound)."""
+    if hostile.wedged:
+        pytest.fail(f"the server stopped answering in an earlier test: {hostile.wedged}")
+    return hostile
 
 
 @pytest.mark.parametrize("share", list(SHARES))
-def test_fuzz(hostile: Hostile, share: str) -> None:
+def test_fuzz(live: Hostile, share: str) -> None:
     """Hypothesis-drawn calls of one RPC family (raw: random and corrupted bytes to every
     method); then the server must be healthy, with no ERROR logged."""
     wanted = round(FUZZ_EXAMPLES * SHARES[share])
-    before, statuses = hostile.calls, hostile.statuses.copy()
-    run_property(hostile.strategies[share], wanted, hostile.check)
-    hostile.assert_healthy()
-    assert hostile.calls - before >= 0.9 * wanted, (share, hostile.calls - before, wanted)
+    before, statuses = live.calls, live.statuses.copy()
+    run_property(live.strategies[share], wanted, live.check)
+    live.assert_healthy()
+    assert live.calls - before >= 0.9 * wanted, (share, live.calls - before, wanted)
     # The cases reach past authentication and validation to the work, not only refusals.
-    seen = hostile.statuses - statuses
+    seen = live.statuses - statuses
     assert seen["OK"] > 0 and len(seen) > 2, seen
 
 
@@ -266,14 +275,14 @@ def boundary_cases(pins: list[str]) -> list[tuple[str, str, bytes, str, set[str]
 
 
 @pytest.mark.parametrize("timeout", [3.0, None], ids=["deadline", "no-deadline"])
-def test_boundary_values(hostile: Hostile, timeout: float | None) -> None:
+def test_boundary_values(live: Hostile, timeout: float | None) -> None:
     """Each field at its edges, with a deadline and without one: the documented status, and
     the weights' scale never changes the walk's total budget (the answer is not empty)."""
     failures = []
-    for name, method, payload, who, allowed in boundary_cases(hostile.known_pins):
+    for name, method, payload, who, allowed in boundary_cases(live.known_pins):
         metadata = CREDENTIALS.admin if who == "admin" else CREDENTIALS.key(who)
         try:
-            outcome = hostile.check(Call(method, payload, metadata, timeout))
+            outcome = live.check(Call(method, payload, metadata, timeout))
         except AssertionError as exc:
             failures.append(f"{name}: {exc}")
             continue
@@ -285,21 +294,52 @@ def test_boundary_values(hostile: Hostile, timeout: float | None) -> None:
             answer = recommender_pb2.RecommendResponse.FromString(outcome.responses[0])
             if not answer.candidates:
                 failures.append(f"{name}: OK with no candidates ({answer.empty_reason!r})")
-    hostile.assert_healthy()
+    live.assert_healthy()
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("variant", STRICT_VARIANTS)
-def test_pin_ids_are_strict(hostile: Hostile, variant: str) -> None:
+def test_pin_ids_are_strict(live: Hostile, variant: str) -> None:
     """A pin id is its decimal digits exactly: padded, signed, underscored, zero-led, non-ASCII
     digits or NUL-terminated forms never resolve to the pin."""
-    outcome = hostile.check(Call(RECOMMEND, recommend(pins=[variant]).SerializeToString(),
+    outcome = live.check(Call(RECOMMEND, recommend(pins=[variant]).SerializeToString(),
                                  CREDENTIALS.key("homefeed"), timeout=3.0))
     if outcome.code == grpc.StatusCode.OK:
         answer = recommender_pb2.RecommendResponse.FromString(outcome.responses[0])
         assert list(answer.unknown_query_pins) == [variant] and not answer.candidates
     else:
         assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome.code
+
+
+def test_concurrent_hostile_calls(live: Hostile) -> None:
+    """Hostile calls 8 at a time, many of them health Watch calls ending by their deadlines
+    while others start: every call keeps the property and the server stays healthy. (Sent one
+    at a time, calls never race the server's own callbacks: a Watch that sent its first
+    answer under the health servicer's lock while gRPC's poller waited for that lock to close
+    another Watch wedged the whole server within seconds.)"""
+    watches = [Call(HEALTH_WATCH, health_pb2.HealthCheckRequest(service=service)
+                    .SerializeToString(), CREDENTIALS.key("homefeed"), timeout)
+               for service in ("", "homefeed") for timeout in (0.01, 0.05, 0.1, 0.2)] * 40
+    drawn = [call for share, count in (("health", 80), ("recommend", 80), ("raw", 80))
+             for call in draw_calls(live.strategies[share], count, seed=5)]
+    calls = [call for pair in zip(watches, drawn * 2, strict=False) for call in pair]
+    broken = threading.Event()  # a wedged server would make every later call wait its bound
+
+    def one(call: Call) -> list[str]:
+        if broken.is_set():
+            return []
+        outcome = send(live.channel, call)
+        found = violations(call, outcome)
+        if found:
+            broken.set()
+        if outcome.code == HANG:
+            live.wedged = found[0]
+        return found
+
+    with ThreadPoolExecutor(8) as pool:
+        found = [v for result in pool.map(one, calls) for v in result]
+    assert not found, f"{len(found)} calls broke the property: {found[:3]}"
+    live.assert_healthy()
 
 
 @pytest.mark.slow
