@@ -1,7 +1,7 @@
 """XGBoost booster -> ONNX bytes with one contract: input "features" float32 (N, n_features),
 output "score" float32 (N,) (a probability for binary models, the raw score otherwise).
 
-Two converters, both wrapped around their known defects (each checked in tests/test_ranking_convert.py):
+Two converters, each wrapped around its known defects (checked in tests/test_ranking_convert.py):
 - onnxmltools (the default): one ONNX-ML TreeEnsemble node, exact on NaN and base_score, the
   shape the tree kernel serves. It has no ranker converter, so rankers and regressors go in as
   an XGBRegressor wrapping the same trees (both predict base + sum of leaves).
