@@ -91,11 +91,16 @@ MAX_ISOLATION_RATIO = 1.5
 MAX_REFUSAL_P99_MS = 5.0
 
 
+#: The phases in the order they run (sigterm last: it stops the server).
+PHASES = ("log_writer_kill", "isolation", "fuzz", "cross_tenant_events", "reloads", "sigterm")
+
+
 class Settings:
     """Sizes and time limits of one run (`--quick` is the CI size)."""
 
-    def __init__(self, quick: bool, fuzz: int | None) -> None:
+    def __init__(self, quick: bool, fuzz: int | None, phases: tuple[str, ...] = PHASES) -> None:
         self.quick = quick
+        self.phases = phases
         self.fuzz = fuzz or (1_000 if quick else 10_000)
         self.fuzz_max_s = 180.0 if quick else 900.0
         self.fuzz_threads = 8
@@ -548,13 +553,10 @@ class Chaos:
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         with self.started():
-            for name, phase in (("log_writer_kill", self.log_writer_kill),
-                                ("isolation", self.isolation), ("fuzz", self.fuzz),
-                                ("cross_tenant_events", self.cross_tenant_events),
-                                ("reloads", self.reloads)):
-                self.phase(name, phase)
-            self.context["server_cpu_s"] = round(self.server.cpu_seconds(), 2)
-            self.phase("sigterm", self.sigterm, stops_server=True)
+            for name in self.settings.phases:
+                if name == "sigterm":
+                    self.context["server_cpu_s"] = round(self.server.cpu_seconds(), 2)
+                self.phase(name, getattr(self, name), stops_server=name == "sigterm")
         try:
             self.log_accounting()
         except Exception as exc:
@@ -567,6 +569,7 @@ class Chaos:
         report["targets_met"] = targets_met(report)
         report["machine"] = machine()
         report["settings"] = {"quick": self.settings.quick, "fuzz": self.settings.fuzz,
+                              "phases": list(self.settings.phases),
                               "isolation_s": self.settings.isolation_s, "seed": self.seed,
                               "graph": str(self.graph.path)}
         report["wall_s"] = round(time.monotonic() - started, 1)
@@ -675,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph", help="synthetic preset built in a temporary directory "
                         "(default tiny) or an existing graph directory")
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated phases to run (default all: {','.join(PHASES)}); "
+                             "a figure of a phase left out is reported as null")
     parser.add_argument("--keep", type=Path, help="keep the server's files (log, logs, "
                         "tenants, models) in this directory instead of a temporary one")
     args = parser.parse_args(argv)
@@ -684,7 +690,11 @@ def main(argv: list[str] | None = None) -> int:
             write_into(args.into, table)
         print(table, end="")
         return 0
-    settings = Settings(args.quick, args.fuzz)
+    phases = tuple(p for p in PHASES if p in args.phases.split(","))
+    unknown = set(args.phases.split(",")) - set(PHASES)
+    if unknown:
+        parser.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    settings = Settings(args.quick, args.fuzz, phases)
     with tempfile.TemporaryDirectory(prefix="walkrank-chaos-") as scratch:
         root = args.keep or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
