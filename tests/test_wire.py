@@ -11,9 +11,11 @@ from walkrank_client.pb.walkrank.v1 import recommender_pb2
 
 
 def _output(pin_ids: np.ndarray, scores: np.ndarray, visits: np.ndarray) -> RecommendOutput:
+    """An output whose walk scores are the scores reversed (some +0.0, -0.0, huge)."""
     return RecommendOutput(
         request_id="req-1", pin_ids=pin_ids, scores=scores.astype(np.float32),
-        visits=visits.astype(np.int32), model_version="3", unknown_query_pins=("x", "y"),
+        visits=visits.astype(np.int32), walk_scores=scores[::-1].astype(np.float64),
+        model_version="3", unknown_query_pins=("x", "y"),
         empty_reason=None, timing_ms={"walk": 1.5, "features": 0.25, "scoring": 0.5,
                                       "total": 2.75},
         candidates_generated=2000)
@@ -28,11 +30,14 @@ def _expected(tenant: str, output: RecommendOutput) -> recommender_pb2.Recommend
         timing=recommender_pb2.Timing(walk_ms=1.5, features_ms=0.25, scoring_ms=0.5,
                                       total_ms=2.75),
         candidates=[recommender_pb2.Candidate(pin_id=str(p), score=float(s),
-                                              visit_count=int(v), rank=r)
-                    for r, (p, s, v) in enumerate(zip(output.pin_ids.tolist(),
-                                                      output.scores.tolist(),
-                                                      output.visits.tolist(), strict=True),
-                                                  start=1)])
+                                              visit_count=int(v), rank=r,
+                                              walk_score=float(np.float32(w)))
+                    for r, (p, s, v, w) in enumerate(zip(output.pin_ids.tolist(),
+                                                         output.scores.tolist(),
+                                                         output.visits.tolist(),
+                                                         output.walk_scores.tolist(),
+                                                         strict=True),
+                                                     start=1)])
 
 
 def _scores_and_visits(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +77,8 @@ def test_text_ids_of_any_length_and_script_parse_to_the_protobuf_message() -> No
 
 
 def test_candidates_are_byte_identical_to_protobuf() -> None:
-    """Same fields, same order, same defaults left out (+0.0 scores and 0 visits)."""
+    """Same fields, same order, same defaults left out (+0.0 scores, walk scores and 0
+    visits)."""
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 10**12, 300)
     scores, visits = _scores_and_visits(rng, 300)
@@ -80,7 +86,8 @@ def test_candidates_are_byte_identical_to_protobuf() -> None:
     only_candidates = recommender_pb2.RecommendResponse(
         candidates=_expected("t", output).candidates).SerializeToString()
     encoded = encode_candidates(ids.astype(np.bytes_).view(np.uint8).reshape(300, -1),
-                                scores.view(np.uint32), visits.astype(np.uint32))
+                                scores.view(np.uint32), visits.astype(np.uint32),
+                                scores[::-1].copy().view(np.uint32))
     assert encoded.tobytes() == only_candidates
 
 

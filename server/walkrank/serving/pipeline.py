@@ -46,6 +46,7 @@ class RecommendOutput:
     pin_ids: np.ndarray
     scores: np.ndarray
     visits: np.ndarray
+    walk_scores: np.ndarray  # the boosted visit counts that define visit-count order
     model_version: str
     unknown_query_pins: tuple[str, ...]
     empty_reason: str | None
@@ -221,7 +222,8 @@ def recommend(
     clock.total()
     return RecommendOutput(
         request_id=request.request_id, pin_ids=pin_ids, scores=scores[top],
-        visits=result.visits[top], model_version=runtime.model_version,
+        visits=result.visits[top], walk_scores=result.scores[top],
+        model_version=runtime.model_version,
         unknown_query_pins=unknown, empty_reason=result.empty_reason,
         timing_ms=clock.timing_ms, candidates_generated=len(result.pins),
     )

@@ -26,6 +26,7 @@ _PIN_ID_TAG = 0x0A  # Candidate.pin_id = 1, length-delimited
 _SCORE_TAG = 0x15  # Candidate.score = 2, fixed32
 _VISIT_COUNT_TAG = 0x18  # Candidate.visit_count = 3, varint
 _RANK_TAG = 0x20  # Candidate.rank = 4, varint
+_WALK_SCORE_TAG = 0x2D  # Candidate.walk_score = 5, fixed32
 
 
 @njit(inline="always")
@@ -47,13 +48,21 @@ def _put_varint(out, at, value):
     return at + 1
 
 
+@njit(inline="always")
+def _put_fixed32(out, at, tag, bits):
+    out[at] = tag
+    for shift in range(4):  # fixed32 is little-endian whatever the host
+        out[at + 1 + shift] = np.uint8((bits >> np.uint32(8 * shift)) & np.uint32(0xFF))
+    return at + 5
+
+
 @njit(nogil=True, cache=True)
-def encode_candidates(id_bytes, score_bits, visits):
+def encode_candidates(id_bytes, score_bits, visits, walk_score_bits):
     """`RecommendResponse.candidates` as wire bytes, ranks 1..n in row order.
 
-    `id_bytes` is an (n, width) uint8 view of NUL-padded UTF-8 pin ids, `score_bits` the
-    float32 scores' bits (uint32), `visits` uint32. Fields at their proto3 default (a score
-    of +0.0, no visits) are left out, as protobuf itself does.
+    `id_bytes` is an (n, width) uint8 view of NUL-padded UTF-8 pin ids, `score_bits` and
+    `walk_score_bits` the float32 scores' bits (uint32), `visits` uint32. Fields at their
+    proto3 default (a score of +0.0, no visits) are left out, as protobuf itself does.
     """
     n, width = id_bytes.shape
     id_len = np.empty(n, np.int64)
@@ -68,6 +77,7 @@ def encode_candidates(id_bytes, score_bits, visits):
         size += 5 if score_bits[i] != 0 else 0
         size += 1 + _varint_size(np.uint64(visits[i])) if visits[i] != 0 else 0
         size += 1 + _varint_size(np.uint64(i + 1))
+        size += 5 if walk_score_bits[i] != 0 else 0
         body[i] = size
         total += 1 + _varint_size(np.uint64(size)) + size
     out = np.empty(total, np.uint8)
@@ -81,17 +91,15 @@ def encode_candidates(id_bytes, score_bits, visits):
             at = _put_varint(out, at + 1, np.uint64(length))
             out[at:at + length] = id_bytes[i, :length]
             at += length
-        bits = score_bits[i]
-        if bits != 0:
-            out[at] = _SCORE_TAG
-            for shift in range(4):  # fixed32 is little-endian whatever the host
-                out[at + 1 + shift] = np.uint8((bits >> np.uint32(8 * shift)) & np.uint32(0xFF))
-            at += 5
+        if score_bits[i] != 0:
+            at = _put_fixed32(out, at, _SCORE_TAG, score_bits[i])
         if visits[i] != 0:
             out[at] = _VISIT_COUNT_TAG
             at = _put_varint(out, at + 1, np.uint64(visits[i]))
         out[at] = _RANK_TAG
         at = _put_varint(out, at + 1, np.uint64(i + 1))
+        if walk_score_bits[i] != 0:
+            at = _put_fixed32(out, at, _WALK_SCORE_TAG, walk_score_bits[i])
     return out
 
 
@@ -158,6 +166,7 @@ def encode_response(tenant: str, output: RecommendOutput) -> bytes:
         _utf8_ids(np.asarray(output.pin_ids)),
         np.ascontiguousarray(output.scores, dtype=np.float32).view(np.uint32),
         np.ascontiguousarray(output.visits, dtype=np.uint32),
+        np.ascontiguousarray(output.walk_scores, dtype=np.float32).view(np.uint32),
     )
     return head.SerializeToString() + candidates.tobytes()
 

@@ -44,16 +44,18 @@ class RecommendRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., num_results: _Optional[int] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("pin_id", "score", "visit_count", "rank")
+    __slots__ = ("pin_id", "score", "visit_count", "rank", "walk_score")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     VISIT_COUNT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    WALK_SCORE_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
     score: float
     visit_count: int
     rank: int
-    def __init__(self, pin_id: _Optional[str] = ..., score: _Optional[float] = ..., visit_count: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+    walk_score: float
+    def __init__(self, pin_id: _Optional[str] = ..., score: _Optional[float] = ..., visit_count: _Optional[int] = ..., rank: _Optional[int] = ..., walk_score: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("walk_ms", "features_ms", "scoring_ms", "total_ms", "queue_ms")
