@@ -112,10 +112,10 @@ def diagnostics_table(runs: list[dict[str, Any]]) -> str:
 
 
 def replace_between(text: str, name: str, table: str) -> str:
-    pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.S)
+    pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"no <!-- {name} --> ... <!-- /{name} --> markers to replace")
-    return pattern.sub(lambda match: match.group(1) + table + match.group(2), text)
+    return pattern.sub(lambda match: match.group(1) + table + "\n" + match.group(2), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
