@@ -218,6 +218,18 @@ def boundary_cases(pins: list[str]) -> list[tuple[str, str, bytes, str, set[str]
         ("weight -inf", RECOMMEND, recommend(pins=[a], weights=[-math.inf]), "homefeed",
          invalid),
         ("weight negative", RECOMMEND, recommend(pins=[a], weights=[-1.0]), "homefeed", invalid),
+        ("request_time NaN", RECOMMEND, recommend(pins=[a], request_time=math.nan), "homefeed",
+         invalid),
+        ("request_time -inf", RECOMMEND, recommend(pins=[a], request_time=-math.inf),
+         "homefeed", invalid),
+        ("request_time double max", RECOMMEND, recommend(pins=[a], request_time=1.8e308),
+         "homefeed", invalid),
+        ("request_time 0 (1970)", RECOMMEND, recommend(pins=[a], request_time=0.0), "homefeed",
+         ok),
+        ("batch user with request_time NaN", BATCH, recommender_pb2.RecommendBatchRequest(
+            tenant="email", users=[recommender_pb2.BatchUser(
+                query_pins=[recommender_pb2.QueryPin(pin_id=a)], request_time=math.nan)]),
+         "email", invalid),
         ("num_results max uint32", RECOMMEND, recommend(pins=[a], num_results=2**32 - 1),
          "homefeed", invalid | ok),
         ("query pins past max_query_pins", RECOMMEND, recommend(pins=[a] * 201), "homefeed",

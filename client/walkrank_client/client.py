@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -47,6 +48,8 @@ API_KEY_HEADER = "x-api-key"
 ADMIN_TOKEN_HEADER = "x-admin-token"
 
 PinId = int | str
+#: A moment: epoch seconds, or a datetime (naive means UTC).
+Moment = datetime | float | int
 
 #: Service config of a channel over several replicas: a replica per call, healthy ones only.
 BALANCED_SERVICE_CONFIG = json.dumps({
@@ -78,6 +81,17 @@ class UserQuery:
     interests: Sequence[str] | None = None
     exclude: Sequence[PinId] | None = None
     request_id: str | None = None
+    request_time: Moment | None = None
+
+
+def epoch_seconds(moment: Moment | None) -> float | None:
+    """A moment as the API's epoch seconds (a naive datetime is UTC); None stays None (the
+    server's now)."""
+    if moment is None:
+        return None
+    if isinstance(moment, datetime):
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return float(moment)
 
 
 def query_pins(
@@ -111,6 +125,7 @@ def _batch_user(
         user=_user(query.user_id, query.locale, query.interests),
         query_pins=query_pins(query.pins, query.weights, field=f"users[{index}].weights"),
         exclude_pins=[str(p) for p in query.exclude or ()],
+        request_time=epoch_seconds(query.request_time),
     )
 
 
@@ -126,7 +141,9 @@ def _event(event: Mapping[str, Any] | events_pb2.Event, index: int) -> events_pb
     missing = {"request_id", "pin_id", "event"} - set(event)
     if missing:
         raise ValueError(f"events[{index}]: missing fields {sorted(missing)}")
-    optional = {k: float(event[k]) for k in ("score", "timestamp") if event.get(k) is not None}
+    optional = {k: float(event[k]) for k in ("score",) if event.get(k) is not None}
+    if event.get("timestamp") is not None:
+        optional["timestamp"] = epoch_seconds(event["timestamp"])
     return events_pb2.Event(
         request_id=str(event["request_id"]),
         pin_id=str(event["pin_id"]),
@@ -271,9 +288,12 @@ class WalkRankClient:
         exclude: Sequence[PinId] | None = None,
         seed: int | None = None,
         request_id: str | None = None,
+        request_time: Moment | None = None,
         timeout: float | None = None,
     ) -> recommender_pb2.RecommendResponse:
-        """Candidates for one user from walks starting at `pins` (external ids)."""
+        """Candidates for one user from walks starting at `pins` (external ids); ages and
+        the logged time are measured from `request_time` (epoch seconds or a datetime,
+        default now: the server's clock)."""
         request = recommender_pb2.RecommendRequest(
             tenant=tenant,
             request_id=request_id or "",
@@ -282,6 +302,7 @@ class WalkRankClient:
             num_results=num_results,
             exclude_pins=[str(p) for p in exclude or ()],
             seed=seed,
+            request_time=epoch_seconds(request_time),
         )
         return self._call(
             "Recommend",
@@ -341,7 +362,8 @@ class WalkRankClient:
         timeout: float | None = None,
     ) -> events_pb2.ReportEventsResponse:
         """Report downstream events; each a mapping with `request_id`, `pin_id`, `event` and
-        optionally `score` and `timestamp` (epoch seconds), or an `Event` message."""
+        optionally `score` and `timestamp` (epoch seconds or a datetime), or an `Event`
+        message."""
         request = events_pb2.ReportEventsRequest(
             tenant=tenant, events=[_event(e, i) for i, e in enumerate(events)]
         )

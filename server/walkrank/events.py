@@ -78,7 +78,7 @@ FOREIGN_REQUEST = "unknown request_id for this tenant"
 """The rejection of an event quoting a request served for another tenant (which tenant is
 never said)."""
 # Epoch seconds outside [1970, 2100) are almost always milliseconds or garbage.
-_MAX_EPOCH_SECONDS = 4_102_444_800.0
+MAX_EPOCH_SECONDS = 4_102_444_800.0
 
 
 @dataclass(frozen=True)
@@ -202,10 +202,10 @@ def _parse_timestamps(column: pa.ChunkedArray, now_us: int, checks: _Checks,
                         "ISO 8601 text or a timestamp")
     seconds = np.where(missing, now_us / 1e6, seconds)
     with np.errstate(invalid="ignore"):
-        out_of_range = ~((seconds >= 0) & (seconds < _MAX_EPOCH_SECONDS))
+        out_of_range = ~((seconds >= 0) & (seconds < MAX_EPOCH_SECONDS))
     checks.add(out_of_range, "bad timestamp",
                lambda i: f"timestamp: {float(seconds[i]):.15g} is not epoch seconds in 1970..2100"
-               + (" (milliseconds?)" if seconds[i] >= _MAX_EPOCH_SECONDS else ""))
+               + (" (milliseconds?)" if seconds[i] >= MAX_EPOCH_SECONDS else ""))
     micros = np.where(out_of_range, 0, np.round(seconds * 1e6))
     return micros.astype(np.int64)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from walkrank.candidate_log import CandidateBatch, CandidateSink
+from walkrank.events import MAX_EPOCH_SECONDS
 from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
 from walkrank.serving.errors import DeadlineExceeded, InvalidArgument
@@ -38,6 +39,7 @@ class RecommendInput:
     num_results: int = 0
     exclude_pins: tuple[str, ...] = ()
     seed: int | None = None
+    request_time: float | None = None  # epoch seconds; None means now
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,22 @@ def is_sampled(request_id: str, sample_rate: float) -> bool:
     return (request_seed(request_id) % 1_000_000) < sample_rate * 1_000_000
 
 
+def check_request_time(field: str, seconds: float | None) -> None:
+    """InvalidArgument naming `field` unless `seconds` is None (now) or epoch seconds in
+    1970..2100, as event timestamps (milliseconds are the usual mistake)."""
+    if seconds is not None and not 0 <= seconds < MAX_EPOCH_SECONDS:
+        milliseconds = MAX_EPOCH_SECONDS <= seconds < 1000 * MAX_EPOCH_SECONDS
+        hint = " (milliseconds?)" if milliseconds else ""
+        raise InvalidArgument(field, f"{seconds!r} is not epoch seconds in 1970..2100{hint}")
+
+
 def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarray, int]:
     """Check the request against the tenant's limits; returns (weights, number of results).
 
     Weights are shares of the tenant's step budget (their scale does not matter), so any
     finite weight > 0 is accepted.
     """
+    check_request_time("request_time", request.request_time)
     limits = runtime.config.limits
     pins = request.query_pins
     if not pins:
@@ -155,7 +167,6 @@ def recommend(
     *,
     candidate_log: CandidateSink | None = None,
     time_remaining: Callable[[], float | None] = lambda: None,
-    now: float | None = None,
     cancel: np.ndarray | None = None,
 ) -> RecommendOutput:
     """Recommend for one user. `time_remaining` gives the caller's seconds left (None, or
@@ -191,7 +202,8 @@ def recommend(
     shares = weights[known] / weights[known].max(initial=0.0)
     context = RequestContext(user_locale=locale, user_interests=interests,
                              query_pins=dense[known], query_weights=shares.astype(np.float32),
-                             now=time.time() if now is None else now)
+                             now=time.time() if request.request_time is None
+                             else request.request_time)
     features = compute_features(graph, result, context, config.features)
     clock.lap("features")
 

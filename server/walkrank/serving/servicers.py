@@ -48,6 +48,7 @@ from walkrank.serving.pipeline import (
     RecommendInput,
     RecommendOutput,
     caller_remaining_s,
+    check_request_time,
     recommend,
 )
 from walkrank.serving.scheduler import ComputePool, SlotTimeout
@@ -178,7 +179,8 @@ class ServingContext:
 
 def _user_input(tenant: str, request_id: str, user: recommender_pb2.User,
                 query_pins: Sequence[recommender_pb2.QueryPin], exclude_pins: Sequence[str],
-                num_results: int, seed: int | None, field: str = "") -> RecommendInput:
+                num_results: int, seed: int | None, request_time: float | None,
+                field: str = "") -> RecommendInput:
     """One user's request, every string within its limit (`walkrank.serving.fields`);
     `field` prefixes the field named in an error (`users[3].`)."""
     check_length(f"{field}request_id", request_id, ID_CHARS)
@@ -190,12 +192,14 @@ def _user_input(tenant: str, request_id: str, user: recommender_pb2.User,
     check_each(f"{field}query_pins", pins, ID_CHARS, suffix=".pin_id")
     check_count(f"{field}exclude_pins", exclude_pins, MAX_EXCLUDE_PINS)
     check_each(f"{field}exclude_pins", exclude_pins, ID_CHARS)
+    check_request_time(f"{field}request_time", request_time)
     return RecommendInput(
         tenant=tenant, request_id=request_id or uuid.uuid4().hex, query_pins=pins,
         # A weight of 0 means "unweighted" on the wire (proto3 has no unset floats).
         query_weights=tuple(float(p.weight) if p.weight != 0 else 1.0 for p in query_pins),
         user_id=user.id, locale=user.locale, interests=tuple(user.interests),
-        num_results=num_results, exclude_pins=tuple(exclude_pins), seed=seed)
+        num_results=num_results, exclude_pins=tuple(exclude_pins), seed=seed,
+        request_time=request_time)
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
@@ -210,7 +214,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             decoded = _user_input(runtime.name, request.request_id, request.user,
                                   request.query_pins, request.exclude_pins,
                                   request.num_results,
-                                  request.seed if request.HasField("seed") else None)
+                                  request.seed if request.HasField("seed") else None,
+                                  request.request_time if request.HasField("request_time")
+                                  else None)
             graph = self.serving.call_graph(context).store
             return self.serving.serve_one(runtime, decoded, context, graph)
 
@@ -229,6 +235,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             users = [_user_input(runtime.name, user.request_id, user.user, user.query_pins,
                                  user.exclude_pins, request.num_results,
                                  (request.seed + position) % 2**64 if seeded else None,
+                                 user.request_time if user.HasField("request_time") else None,
                                  field=f"users[{position}].")
                      for position, user in enumerate(request.users)]
             for position, decoded in enumerate(users):
