@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -409,3 +410,34 @@ def test_front_door_lets_lanes_in_round_robin() -> None:
         with door.through("b"):  # the place was given back, so this does not wait
             pass
     assert door.waiting == 0
+
+
+def test_health_watches_ending_beside_checks_never_wedge_the_server(open_server) -> None:
+    """Watches ending by their deadline while others start, beside Checks, 8 at a time: every
+    call ends (grpc_health's servicer sent under the lock the polling thread takes to close a
+    Watch, and a send waits for that thread: the server wedged within a few hundred calls)."""
+    server, channel = open_server
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="homefeed")
+
+    def watch() -> grpc.StatusCode:
+        stream = stub.Watch(request, timeout=0.05)
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    def check() -> grpc.StatusCode:
+        future = stub.Check.future(request)
+        try:
+            return future.result(timeout=10).status and grpc.StatusCode.OK
+        except grpc.FutureTimeoutError:
+            future.cancel()
+            return grpc.StatusCode.UNAVAILABLE  # no answer in 10 s: wedged
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: watch() if i % 3 else check(), range(600)))
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+    assert check() == grpc.StatusCode.OK
