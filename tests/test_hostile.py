@@ -226,6 +226,20 @@ def boundary_cases(pins: list[str]) -> list[tuple[str, str, bytes, str, set[str]
          "homefeed", invalid),
         ("request_time 0 (1970)", RECOMMEND, recommend(pins=[a], request_time=0.0), "homefeed",
          ok),
+        ("actions with NaN and inf times", RECOMMEND, recommend(actions=[
+            recommender_pb2.UserAction(pin_id=a, action="save", time=math.nan),
+            recommender_pb2.UserAction(pin_id=b, action="save", time=math.inf)]), "homefeed",
+         invalid),
+        ("action name of 1 MiB", RECOMMEND, recommend(actions=[recommender_pb2.UserAction(
+            pin_id=a, action="s" * MB)]), "homefeed", invalid),
+        ("10k actions of one pin", RECOMMEND, recommend(actions=[recommender_pb2.UserAction(
+            pin_id=a, action="save")] * 10_000), "homefeed", invalid),
+        ("actions beside query pins", RECOMMEND, recommend(pins=[a], actions=[
+            recommender_pb2.UserAction(pin_id=b, action="click")]), "homefeed", invalid),
+        ("actions of 1970 and of 2096", RECOMMEND, recommend(actions=[
+            recommender_pb2.UserAction(pin_id=a, action="save", time=0.0),
+            recommender_pb2.UserAction(pin_id=b, action="view", time=4_000_000_000.0)]),
+         "homefeed", ok),
         ("batch user with request_time NaN", BATCH, recommender_pb2.RecommendBatchRequest(
             tenant="email", users=[recommender_pb2.BatchUser(
                 query_pins=[recommender_pb2.QueryPin(pin_id=a)], request_time=math.nan)]),

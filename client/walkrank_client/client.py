@@ -70,11 +70,16 @@ class WalkRankClientError(Exception):
         self.method = method
 
 
+#: A user's action: a `UserAction`, or a mapping with `pin_id`, `action` and optionally `time`
+#: (a `Moment`; unset means at the request time).
+ActionLike = Mapping[str, Any] | recommender_pb2.UserAction
+
+
 @dataclass(frozen=True)
 class UserQuery:
-    """One user of a `recommend_batch` call."""
+    """One user of a `recommend_batch` call: query `pins` (with `weights`) or `actions`."""
 
-    pins: Sequence[PinId]
+    pins: Sequence[PinId] = ()
     weights: Sequence[float] | None = None
     user_id: str | None = None
     locale: str | None = None
@@ -82,6 +87,7 @@ class UserQuery:
     exclude: Sequence[PinId] | None = None
     request_id: str | None = None
     request_time: Moment | None = None
+    actions: Sequence[ActionLike] | None = None
 
 
 def epoch_seconds(moment: Moment | None) -> float | None:
@@ -109,6 +115,34 @@ def query_pins(
     ]
 
 
+_ACTION_FIELDS = frozenset({"pin_id", "action", "time"})
+
+
+def user_actions(actions: Sequence[ActionLike] | None, pins: Sequence[PinId], *,
+                 field: str = "actions") -> list[recommender_pb2.UserAction]:
+    """`UserAction` messages (the server weighs them with the tenant's `query` settings);
+    ValueError naming `field` for a malformed one, or when `pins` are given too (a request
+    sends query pins or actions)."""
+    if not actions:
+        return []
+    if pins:
+        raise ValueError(f"{field}: pass query pins or actions, not both")
+    out = []
+    for index, action in enumerate(actions):
+        if isinstance(action, recommender_pb2.UserAction):
+            out.append(action)
+            continue
+        unknown, missing = set(action) - _ACTION_FIELDS, {"pin_id", "action"} - set(action)
+        if unknown or missing:
+            problem = f"unknown fields {sorted(unknown)}" if unknown else (
+                f"missing fields {sorted(missing)}")
+            raise ValueError(f"{field}[{index}]: {problem}")
+        out.append(recommender_pb2.UserAction(pin_id=str(action["pin_id"]),
+                                              action=str(action["action"]),
+                                              time=epoch_seconds(action.get("time"))))
+    return out
+
+
 def _user(
     user_id: str | None, locale: str | None, interests: Sequence[str] | None
 ) -> recommender_pb2.User:
@@ -124,6 +158,7 @@ def _batch_user(
         request_id=query.request_id or "",
         user=_user(query.user_id, query.locale, query.interests),
         query_pins=query_pins(query.pins, query.weights, field=f"users[{index}].weights"),
+        actions=user_actions(query.actions, query.pins, field=f"users[{index}].actions"),
         exclude_pins=[str(p) for p in query.exclude or ()],
         request_time=epoch_seconds(query.request_time),
     )
@@ -278,9 +313,10 @@ class WalkRankClient:
     def recommend(
         self,
         tenant: str,
-        pins: Sequence[PinId],
+        pins: Sequence[PinId] = (),
         *,
         weights: Sequence[float] | None = None,
+        actions: Sequence[ActionLike] | None = None,
         user_id: str | None = None,
         locale: str | None = None,
         interests: Sequence[str] | None = None,
@@ -291,14 +327,16 @@ class WalkRankClient:
         request_time: Moment | None = None,
         timeout: float | None = None,
     ) -> recommender_pb2.RecommendResponse:
-        """Candidates for one user from walks starting at `pins` (external ids); ages and
-        the logged time are measured from `request_time` (epoch seconds or a datetime,
-        default now: the server's clock)."""
+        """Candidates for one user from walks starting at `pins` (external ids), or at the
+        pins of the user's recent `actions` (weighed by the tenant's `query.action_weights`
+        and `recency_half_life_hours`); ages and the logged time are measured from
+        `request_time` (epoch seconds or a datetime, default now: the server's clock)."""
         request = recommender_pb2.RecommendRequest(
             tenant=tenant,
             request_id=request_id or "",
             user=_user(user_id, locale, interests),
             query_pins=query_pins(pins, weights),
+            actions=user_actions(actions, pins),
             num_results=num_results,
             exclude_pins=[str(p) for p in exclude or ()],
             seed=seed,

@@ -26,6 +26,15 @@ from walkrank.walks.engine import WalkCancelled, WalkResult, walk
 
 
 @dataclass(frozen=True)
+class Action:
+    """One recent action of the user; a request sends these or query pins."""
+
+    pin_id: str
+    action: str
+    time: float | None = None  # epoch seconds; None means at the request time
+
+
+@dataclass(frozen=True)
 class RecommendInput:
     """One user's request, already decoded from the wire."""
 
@@ -40,6 +49,7 @@ class RecommendInput:
     exclude_pins: tuple[str, ...] = ()
     seed: int | None = None
     request_time: float | None = None  # epoch seconds; None means now
+    actions: tuple[Action, ...] = ()  # instead of query pins
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,7 @@ def is_sampled(request_id: str, sample_rate: float) -> bool:
     return (request_seed(request_id) % 1_000_000) < sample_rate * 1_000_000
 
 
-def check_request_time(field: str, seconds: float | None) -> None:
+def check_time(field: str, seconds: float | None) -> None:
     """InvalidArgument naming `field` unless `seconds` is None (now) or epoch seconds in
     1970..2100, as event timestamps (milliseconds are the usual mistake)."""
     if seconds is not None and not 0 <= seconds < MAX_EPOCH_SECONDS:
@@ -79,17 +89,68 @@ def check_request_time(field: str, seconds: float | None) -> None:
         raise InvalidArgument(field, f"{seconds!r} is not epoch seconds in 1970..2100{hint}")
 
 
-def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarray, int]:
-    """Check the request against the tenant's limits; returns (weights, number of results).
+def query_from_actions(actions: tuple[Action, ...], runtime: TenantRuntime, now: float
+                       ) -> tuple[tuple[str, ...], np.ndarray]:
+    """The query (pins, weights) of a user's actions, weighed as the tenant's `query` says:
+    `action_weights[action] * 0.5 ** (age_hours / recency_half_life_hours)`, ages from `now`
+    (clipped at 0), one pin's actions summed, pins in order of first action; pins that
+    weigh 0 are left out."""
+    query, limits = runtime.config.query, runtime.config.limits
+    if not query.action_weights:
+        raise InvalidArgument("actions", f"tenant {runtime.name!r} (query.source "
+                              f"{query.source}) takes query_pins, not actions")
+    if len(actions) > limits.max_query_pins:
+        raise InvalidArgument("actions", f"{len(actions)} actions, tenant {runtime.name!r} "
+                              f"allows at most {limits.max_query_pins}")
+    base = np.empty(len(actions), dtype=np.float64)
+    halvings = np.zeros(len(actions), dtype=np.float64)
+    half_life_s = None if query.recency_half_life_hours is None else (
+        query.recency_half_life_hours * 3600.0)
+    for i, action in enumerate(actions):
+        if not action.pin_id:
+            raise InvalidArgument(f"actions[{i}].pin_id", "empty")
+        name = action.action.strip().lower()
+        if name not in query.action_weights:
+            raise InvalidArgument(f"actions[{i}].action", f"unknown action "
+                                  f"{action.action!r}; tenant {runtime.name!r} weighs "
+                                  f"{', '.join(sorted(query.action_weights))}")
+        check_time(f"actions[{i}].time", action.time)
+        base[i] = query.action_weights[name]
+        if half_life_s is not None and action.time is not None:
+            halvings[i] = max(now - action.time, 0.0) / half_life_s
+    weighted = base > 0
+    if not weighted.any():
+        raise InvalidArgument("actions", f"every action weighs 0 in tenant {runtime.name!r}'s "
+                              f"query.action_weights")
+    # Weights are shares: halvings counted from the freshest weighted action, so a history
+    # of old actions keeps its proportions instead of underflowing to 0.
+    weights = base * np.exp2(-(halvings - halvings[weighted].min()))
+    pins, first, inverse = np.unique(np.array([a.pin_id for a in actions], dtype=object),
+                                     return_index=True, return_inverse=True)
+    totals = np.bincount(inverse, weights=weights)
+    order = np.argsort(first, kind="stable")
+    order = order[totals[order] > 0]
+    return tuple(pins[order].tolist()), totals[order]
+
+
+def validate(request: RecommendInput, runtime: TenantRuntime, now: float
+             ) -> tuple[tuple[str, ...], np.ndarray, int]:
+    """Check the request against the tenant's limits; returns (query pins, weights, number
+    of results), the query built from the actions when the request sent them.
 
     Weights are shares of the tenant's step budget (their scale does not matter), so any
     finite weight > 0 is accepted.
     """
-    check_request_time("request_time", request.request_time)
+    check_time("request_time", request.request_time)
+    if request.actions:
+        if request.query_pins:
+            raise InvalidArgument("actions", "send query_pins or actions, not both")
+        pins, weights = query_from_actions(request.actions, runtime, now)
+        return pins, weights, _num_results(request, runtime)
     limits = runtime.config.limits
     pins = request.query_pins
     if not pins:
-        raise InvalidArgument("query_pins", "at least one query pin is required")
+        raise InvalidArgument("query_pins", "at least one query pin (or action) is required")
     if len(pins) > limits.max_query_pins:
         raise InvalidArgument("query_pins", f"{len(pins)} query pins, tenant "
                               f"{runtime.name!r} allows at most {limits.max_query_pins}")
@@ -106,6 +167,10 @@ def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarra
         weights = np.asarray(request.query_weights, dtype=np.float64)
     else:
         weights = np.ones(len(pins), dtype=np.float64)
+    return pins, weights, _num_results(request, runtime)
+
+
+def _num_results(request: RecommendInput, runtime: TenantRuntime) -> int:
     candidates = runtime.config.candidates
     num_results = request.num_results or candidates.return_
     if num_results < 0:
@@ -113,7 +178,7 @@ def validate(request: RecommendInput, runtime: TenantRuntime) -> tuple[np.ndarra
     if num_results > candidates.max_return:
         raise InvalidArgument("num_results", f"{num_results} exceeds tenant {runtime.name!r} "
                               f"maximum of {candidates.max_return}")
-    return weights, num_results
+    return num_results
 
 
 # Longer than any deadline a caller means: grpcio reports "no deadline" as a huge number of
@@ -174,9 +239,10 @@ def recommend(
     another thread stops the walk at once (DeadlineExceeded)."""
     config = runtime.config
     clock = Stopwatch(time_remaining, config.limits.deadline_ms / 1e3)
-    weights, num_results = validate(request, runtime)
+    now = time.time() if request.request_time is None else request.request_time
+    pins, weights, num_results = validate(request, runtime, now)
 
-    query_pins = np.asarray(request.query_pins, dtype=object)
+    query_pins = np.asarray(pins, dtype=object)
     if len(query_pins) > config.query.max_pins:
         # The tenant walks from its `max_pins` heaviest query pins; ties keep request order.
         keep = np.sort(np.argsort(-weights, kind="stable")[:config.query.max_pins])
@@ -202,8 +268,7 @@ def recommend(
     shares = weights[known] / weights[known].max(initial=0.0)
     context = RequestContext(user_locale=locale, user_interests=interests,
                              query_pins=dense[known], query_weights=shares.astype(np.float32),
-                             now=time.time() if request.request_time is None
-                             else request.request_time)
+                             now=now)
     features = compute_features(graph, result, context, config.features)
     clock.lap("features")
 

@@ -8,7 +8,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +29,7 @@ from walkrank.serving.errors import (
     quote,
 )
 from walkrank.serving.fields import (
+    EVENT_CHARS,
     ID_CHARS,
     INTEREST_CHARS,
     LOCALE_CHARS,
@@ -45,10 +46,11 @@ from walkrank.serving.graphs import ServedGraph
 from walkrank.serving.interceptor import CALL_TENANT, status_of
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import (
+    Action,
     RecommendInput,
     RecommendOutput,
     caller_remaining_s,
-    check_request_time,
+    check_time,
     recommend,
 )
 from walkrank.serving.scheduler import ComputePool, SlotTimeout
@@ -177,29 +179,38 @@ class ServingContext:
         return encode_response(runtime.name, output)
 
 
-def _user_input(tenant: str, request_id: str, user: recommender_pb2.User,
-                query_pins: Sequence[recommender_pb2.QueryPin], exclude_pins: Sequence[str],
-                num_results: int, seed: int | None, request_time: float | None,
-                field: str = "") -> RecommendInput:
-    """One user's request, every string within its limit (`walkrank.serving.fields`);
-    `field` prefixes the field named in an error (`users[3].`)."""
-    check_length(f"{field}request_id", request_id, ID_CHARS)
+def _user_input(tenant: str,
+                message: recommender_pb2.RecommendRequest | recommender_pb2.BatchUser,
+                num_results: int, seed: int | None, field: str = "") -> RecommendInput:
+    """One user's request (a RecommendRequest or a batch's BatchUser: the same fields), every
+    string within its limit (`walkrank.serving.fields`); `field` prefixes the field named in
+    an error (`users[3].`)."""
+    user = message.user
+    check_length(f"{field}request_id", message.request_id, ID_CHARS)
     check_length(f"{field}user.id", user.id, ID_CHARS)
     check_length(f"{field}user.locale", user.locale, LOCALE_CHARS)
     check_count(f"{field}user.interests", user.interests, MAX_INTERESTS)
     check_each(f"{field}user.interests", user.interests, INTEREST_CHARS)
-    pins = tuple(p.pin_id for p in query_pins)
+    pins = tuple(p.pin_id for p in message.query_pins)
     check_each(f"{field}query_pins", pins, ID_CHARS, suffix=".pin_id")
-    check_count(f"{field}exclude_pins", exclude_pins, MAX_EXCLUDE_PINS)
-    check_each(f"{field}exclude_pins", exclude_pins, ID_CHARS)
-    check_request_time(f"{field}request_time", request_time)
+    check_count(f"{field}exclude_pins", message.exclude_pins, MAX_EXCLUDE_PINS)
+    check_each(f"{field}exclude_pins", message.exclude_pins, ID_CHARS)
+    check_each(f"{field}actions", (a.pin_id for a in message.actions), ID_CHARS,
+               suffix=".pin_id")
+    check_each(f"{field}actions", (a.action for a in message.actions), EVENT_CHARS,
+               suffix=".action")
+    request_time = message.request_time if message.HasField("request_time") else None
+    check_time(f"{field}request_time", request_time)
     return RecommendInput(
-        tenant=tenant, request_id=request_id or uuid.uuid4().hex, query_pins=pins,
+        tenant=tenant, request_id=message.request_id or uuid.uuid4().hex, query_pins=pins,
         # A weight of 0 means "unweighted" on the wire (proto3 has no unset floats).
-        query_weights=tuple(float(p.weight) if p.weight != 0 else 1.0 for p in query_pins),
+        query_weights=tuple(float(p.weight) if p.weight != 0 else 1.0
+                            for p in message.query_pins),
         user_id=user.id, locale=user.locale, interests=tuple(user.interests),
-        num_results=num_results, exclude_pins=tuple(exclude_pins), seed=seed,
-        request_time=request_time)
+        num_results=num_results, exclude_pins=tuple(message.exclude_pins), seed=seed,
+        request_time=request_time,
+        actions=tuple(Action(a.pin_id, a.action, a.time if a.HasField("time") else None)
+                      for a in message.actions))
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
@@ -211,12 +222,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         runtime = self.serving.runtime(request.tenant, context)
         # Admission before anything else: a tenant past its quota is refused at once.
         with self.serving.admitted(runtime):
-            decoded = _user_input(runtime.name, request.request_id, request.user,
-                                  request.query_pins, request.exclude_pins,
-                                  request.num_results,
-                                  request.seed if request.HasField("seed") else None,
-                                  request.request_time if request.HasField("request_time")
-                                  else None)
+            decoded = _user_input(runtime.name, request, request.num_results,
+                                  request.seed if request.HasField("seed") else None)
             graph = self.serving.call_graph(context).store
             return self.serving.serve_one(runtime, decoded, context, graph)
 
@@ -232,10 +239,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             graph = self.serving.call_graph(context).store  # every user on the same graph
             seeded = request.HasField("seed")
             # Every user's fields are checked before the first is served.
-            users = [_user_input(runtime.name, user.request_id, user.user, user.query_pins,
-                                 user.exclude_pins, request.num_results,
+            users = [_user_input(runtime.name, user, request.num_results,
                                  (request.seed + position) % 2**64 if seeded else None,
-                                 user.request_time if user.HasField("request_time") else None,
                                  field=f"users[{position}].")
                      for position, user in enumerate(request.users)]
             for position, decoded in enumerate(users):

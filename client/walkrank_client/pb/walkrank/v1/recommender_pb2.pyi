@@ -25,8 +25,18 @@ class QueryPin(_message.Message):
     weight: float
     def __init__(self, pin_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
+class UserAction(_message.Message):
+    __slots__ = ("pin_id", "action", "time")
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    pin_id: str
+    action: str
+    time: float
+    def __init__(self, pin_id: _Optional[str] = ..., action: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
+
 class RecommendRequest(_message.Message):
-    __slots__ = ("tenant", "request_id", "user", "query_pins", "num_results", "exclude_pins", "seed", "request_time")
+    __slots__ = ("tenant", "request_id", "user", "query_pins", "num_results", "exclude_pins", "seed", "request_time", "actions")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +45,7 @@ class RecommendRequest(_message.Message):
     EXCLUDE_PINS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     request_id: str
     user: User
@@ -43,7 +54,8 @@ class RecommendRequest(_message.Message):
     exclude_pins: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     request_time: float
-    def __init__(self, tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., num_results: _Optional[int] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., request_time: _Optional[float] = ...) -> None: ...
+    actions: _containers.RepeatedCompositeFieldContainer[UserAction]
+    def __init__(self, tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., num_results: _Optional[int] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., request_time: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[UserAction, _Mapping]]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("pin_id", "score", "visit_count", "rank", "walk_score")
@@ -94,18 +106,20 @@ class RecommendResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model_version: _Optional[str] = ..., unknown_query_pins: _Optional[_Iterable[str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., tenant: _Optional[str] = ..., empty_reason: _Optional[str] = ..., candidates_generated: _Optional[int] = ...) -> None: ...
 
 class BatchUser(_message.Message):
-    __slots__ = ("request_id", "user", "query_pins", "exclude_pins", "request_time")
+    __slots__ = ("request_id", "user", "query_pins", "exclude_pins", "request_time", "actions")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     QUERY_PINS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_PINS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user: User
     query_pins: _containers.RepeatedCompositeFieldContainer[QueryPin]
     exclude_pins: _containers.RepeatedScalarFieldContainer[str]
     request_time: float
-    def __init__(self, request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., request_time: _Optional[float] = ...) -> None: ...
+    actions: _containers.RepeatedCompositeFieldContainer[UserAction]
+    def __init__(self, request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., request_time: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[UserAction, _Mapping]]] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
     __slots__ = ("tenant", "users", "num_results", "seed")
