@@ -1,13 +1,17 @@
-"""Markdown tables of the relevance benchmark's results, so no figure in the docs is typed by hand.
+"""Markdown tables of the benchmarks' JSON results, so no figure in the docs is typed by hand.
 
-Reads every `benchmarks/results/relevance/*.json` (written by `benchmarks/relevance.py
---json`) and renders a summary per case and configuration (mean and range over seeds) and a
-row per run, and the diagnostics of the template's runs (truth pairs among the candidates,
-the features the model relies on, the in-period ceiling, the fit). With `--write FILE` it
-replaces the text between `<!-- relevance:NAME -->` and `<!-- /relevance:NAME -->` (NAME:
-summary, runs, diagnostics) in FILE; otherwise it prints the tables.
+Relevance: every `benchmarks/results/relevance/*.json` (written by `benchmarks/relevance.py
+--json`) gives a summary per case and configuration (mean and range over seeds), a row per
+run, and the diagnostics of the template's runs (truth pairs among the candidates, the
+features the model relies on, the in-period ceiling, the fit). Performance:
+`benchmarks/results/{walks,serving,replicas}.json` (each benchmark's `--json`) give one table
+each. With `--write FILE` it replaces the text between `<!-- NAME -->` and `<!-- /NAME -->`
+for every table whose markers FILE has (relevance:summary, relevance:runs,
+relevance:diagnostics, performance:walks, performance:serving, performance:replicas);
+otherwise it prints the tables.
 
     python benchmarks/tables.py [--results DIR] [--write docs/relevance.md]
+    python benchmarks/tables.py --write docs/performance.md
 """
 
 from __future__ import annotations
@@ -111,6 +115,102 @@ def diagnostics_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _row(what: str, figure: str, target: str = "") -> str:
+    return f"| {what} | {figure} | {target} |"
+
+
+def walks_table(r: dict[str, Any]) -> str:
+    """`benchmarks/walks.py --json`: one query of 5 pins, medians over queries."""
+    unbiased = r["p50_ms"]
+    lines = [f"Graph `{r['graph']}`: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, walk "
+             f"arrays {r['graph_walk_bytes'] / 2**20:.0f} MiB, L3 {r['l3_bytes'] / 2**20:.0f} MiB; "
+             f"{r['queries']} queries ({r['query_source']}), N = {r['steps']:,} steps.", "",
+             "| what | figure | target |", "| --- | --- | --- |",
+             _row("whole query, 1 thread", f"{r['steps_per_second'] / 1e6:.1f}M steps/s, "
+                  f"{r['speedup']:.1f}x the plain reference kernel "
+                  f"({r['reference_steps_per_second'] / 1e6:.1f}M)", ">= 5x"),
+             _row("whole query, 2 threads", f"{r['two_thread_steps_per_second'] / 1e6:.1f}M "
+                  f"steps/s ({r['two_thread_scaling']:.2f}x)"),
+             _row("walk kernel alone, 1 pin", f"{r['kernel_steps_per_second'] / 1e6:.1f}M "
+                  f"steps/s ({r['kernel_speedup']:.1f}x the reference)"),
+             _row("latency p50 / p99, no early stopping", f"{unbiased:.2f} / {r['p99_ms']:.2f} ms"),
+             _row(f"early stopping {r['early_stop_pins']}/{r['early_stop_visits']}",
+                  f"p50 {r['early_stop_p50_ms']:.2f} ms, {r['early_stop_step_fraction']:.0%} of "
+                  f"the steps, top-100 overlap with the full walk "
+                  f"{r['early_stop_overlap_at_100']:.2f} (two full walks, other seeds: "
+                  f"{r['full_walk_seed_overlap_at_100']:.2f})", "<= 50% of the steps at >= 0.80"),
+             _row("locale bias 0.5, p50", f"{r['locale_bias_p50_ms']:.2f} ms "
+                  f"({r['locale_bias_p50_ms'] / unbiased:.2f}x unbiased)", "<= 1.3x"),
+             _row("locale + topic bias 0.8, p50", f"{r['locale_topic_bias_p50_ms']:.2f} ms "
+                  f"({r['locale_topic_bias_p50_ms'] / unbiased:.2f}x unbiased)", "<= 1.6x"),
+             _row("dense vs hash visit counter, p50", f"{r['dense_counter_p50_ms']:.2f} vs "
+                  f"{r['hash_counter_p50_ms']:.2f} ms"),
+             _row("graph size, load", f"{r['bytes_per_edge']:.2f} bytes per edge (+"
+                  f"{r['locale_index_bytes_per_edge']:.2f} locale index, +"
+                  f"{r['key_runs_bytes_per_edge']:.2f} key runs); verified load "
+                  f"{r['load_seconds']:.2f} s")]
+    return "\n".join(lines)
+
+
+def _serving_row(name: str, s: dict[str, Any]) -> str:
+    return (f"| {name} | {s['requests_per_second']:.1f} | {s['requests_per_second_per_core']:.1f}"
+            f" | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} | "
+            f"{s['pins_scored_per_second_per_core']:,} | {s['server_cpu_cores']:.2f} | "
+            f"{s['generator_cpu_cores']:.2f} |")
+
+
+def serving_table(r: dict[str, Any]) -> str:
+    """`benchmarks/serving.py --json`: home feed over gRPC, medians of the runs."""
+    lines = [f"Graph `{r['graph']}`, {r['cores']} cores, concurrency {r['concurrency']}, "
+             f"{r['duration_s']:g} s per run, medians of {r['repeat']} run(s).", "",
+             "| server | req/s | req/s per core | p50 ms | p90 ms | p99 ms | errors | pins "
+             "scored/s per core | server cores | generator cores |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             _serving_row("logging on", r)]
+    if r.get("logging_off"):
+        lines.append(_serving_row("logging off (`sample_rate: 0`)", r["logging_off"]))
+    if r.get("processes_2"):
+        lines.append(_serving_row("`--processes 2`, logging on", r["processes_2"]))
+    lines += ["", f"The pipeline called directly on one thread takes {r['reference_direct_ms']:.2f}"
+              f" ms per call; served req/s per core x that = "
+              f"{r['served_vs_direct_one_core']:.2f} (1.0: gRPC and scheduling cost nothing). "
+              f"Logging costs {r['logging_overhead_throughput']:.1%} of the throughput."]
+    return "\n".join(lines)
+
+
+def replicas_table(r: dict[str, Any]) -> str:
+    """`benchmarks/replicas.py --json`: one replica direct, one and two behind Envoy."""
+    lines = [f"Graph `{r['graph']}` ({r['graph_edges']:,} edges, {r['graph_mib']:.0f} MiB), "
+             f"{r['cores']} cores, L3 {r['l3']}, concurrency {r['concurrency']}, "
+             f"{r['duration_s']:g} s per run, medians of {r['repeat']} run(s).", "",
+             "| setting | req/s | req/s per core | p99 ms |", "| --- | ---: | ---: | ---: |"]
+    for name, label in (("direct_1", "one replica, direct"), ("envoy_1", "one replica, Envoy"),
+                        ("envoy_2", "two replicas, Envoy")):
+        lines.append(f"| {label} | {r[f'{name}_rps']:.1f} | {r[f'{name}_rps_per_core']:.1f} | "
+                     f"{r[f'{name}_p99_ms']:.1f} |")
+    memory = r["memory_two_replicas"]
+    lines += ["", f"Envoy's overhead {r['envoy_overhead']:.1%} (target <= 10%); two replicas "
+              f"{r['envoy_2_vs_direct_1']:.2f}x one direct; {r['errors']} errors. Memory with two "
+              f"replicas: graph files {memory['graph_files_mib']:.0f} MiB, the replicas' "
+              f"proportional shares of the graph add up to {memory['graph_pss_sum_mib']:.0f} MiB."]
+    return "\n".join(lines)
+
+
+PERFORMANCE = {"performance:walks": ("walks.json", walks_table),
+               "performance:serving": ("serving.json", serving_table),
+               "performance:replicas": ("replicas.json", replicas_table)}
+
+
+def performance_tables(results: Path) -> dict[str, str]:
+    """The performance tables whose benchmark JSON exists under `results`."""
+    tables = {}
+    for name, (file, render) in PERFORMANCE.items():
+        path = results / file
+        if path.exists():
+            tables[name] = render(json.loads(path.read_text()))
+    return tables
+
+
 def replace_between(text: str, name: str, table: str) -> str:
     pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
     if not pattern.search(text):
@@ -124,15 +224,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="Markdown file whose marked tables to replace")
     args = parser.parse_args(argv)
     runs = load(args.results)
-    if not runs:
-        raise SystemExit(f"{args.results}: no results")
-    tables = {"relevance:summary": summary_table(runs), "relevance:runs": runs_table(runs),
-              "relevance:diagnostics": diagnostics_table(runs)}
+    tables = performance_tables(args.results.parent)
+    if runs:
+        tables |= {"relevance:summary": summary_table(runs), "relevance:runs": runs_table(runs),
+                   "relevance:diagnostics": diagnostics_table(runs)}
+    if not tables:
+        raise SystemExit(f"{args.results.parent}: no results")
     if args.write is None:
         print("\n\n".join(tables.values()))
         return 0
     text = args.write.read_text()
-    for name, table in tables.items():
+    marked = {name: table for name, table in tables.items() if f"<!-- {name} -->" in text}
+    if not marked:
+        raise SystemExit(f"{args.write}: no <!-- NAME --> markers of these tables")
+    for name, table in marked.items():
         text = replace_between(text, name, table)
     args.write.write_text(text)
     return 0
