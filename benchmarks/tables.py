@@ -193,6 +193,20 @@ def replicas_table(r: dict[str, Any]) -> str:
               f"{r['envoy_2_vs_direct_1']:.2f}x one direct; {r['errors']} errors. Memory with two "
               f"replicas: graph files {memory['graph_files_mib']:.0f} MiB, the replicas' "
               f"proportional shares of the graph add up to {memory['graph_pss_sum_mib']:.0f} MiB."]
+    rolling = r.get("rolling")
+    if rolling:
+        lines += ["", "| under load, two replicas through Envoy | calls | failed | p99 ms |",
+                  "| --- | ---: | ---: | ---: |"]
+        for name, label in (("reload_each", "new model, Admin.Reload on each replica"),
+                            ("sighup_restart", "rolling restart (SIGHUP)"),
+                            ("kill_one", "one replica SIGKILLed")):
+            if name in rolling:
+                run = rolling[name]
+                lines.append(f"| {label} | {run['count']:,} | {run['errors']} | "
+                             f"{run['p99_ms']:.1f} |")
+        if "ejected_after_s" in rolling.get("kill_one", {}):
+            lines += ["", f"Envoy ejected the killed replica "
+                      f"{rolling['kill_one']['ejected_after_s']:.2f} s after the kill."]
     return "\n".join(lines)
 
 
