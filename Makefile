@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every version the suite passed with; `make lock` re-resolves it from pyproject.toml.
 LOCK := requirements.lock
 
-.PHONY: setup demo test lint stubs bench serve lock clean
+.PHONY: setup demo test lint format stubs bench serve lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,17 @@ demo: $(STAMP)
 ## The whole test suite (what CI runs).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Apply the formatter (the pre-commit hook in .pre-commit-config.yaml runs the same).
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 ## Regenerate the gRPC stubs from protos/ (committed; a test checks they match).
 stubs: $(STAMP)

@@ -42,14 +42,21 @@ def write_partitions(edges: int, directory: Path, partitions: int) -> Path:
 
     from walkrank.graph.synthetic import generate_graph_tables
 
-    tables = generate_graph_tables(n_pins=max(edges // 20, 100), n_boards=max(edges // 100, 20),
-                                   n_edges=edges, n_topics=32, n_locales=8, seed=7)
+    tables = generate_graph_tables(
+        n_pins=max(edges // 20, 100),
+        n_boards=max(edges // 100, 20),
+        n_edges=edges,
+        n_topics=32,
+        n_locales=8,
+        seed=7,
+    )
     for role in ("edges", "pins", "boards"):
         (directory / role).mkdir(parents=True)
     step = -(-edges // partitions)
     for i in range(partitions):
-        pq.write_table(tables.edges.slice(i * step, step),
-                       directory / "edges" / f"part-{i:04d}.parquet")
+        pq.write_table(
+            tables.edges.slice(i * step, step), directory / "edges" / f"part-{i:04d}.parquet"
+        )
     pq.write_table(tables.pins, directory / "pins" / "part-0000.parquet")
     pq.write_table(tables.boards, directory / "boards" / "part-0000.parquet")
     return directory
@@ -57,28 +64,32 @@ def write_partitions(edges: int, directory: Path, partitions: int) -> Path:
 
 def measured_build(engine: str, data: Path, out: Path, memory_limit: str) -> dict[str, Any]:
     """Build in a child process; its wall time, peak RSS and the manifest's checksums."""
-    code = ("import json, sys\n"
-            "from walkrank.graph.build import build_graph\n"
-            "from walkrank.graph.outofcore import build_graph_out_of_core\n"
-            "engine, data, out, limit = sys.argv[1:]\n"
-            "inputs = [f'{data}/edges', f'{data}/pins', f'{data}/boards']\n"
-            "manifest = (build_graph(out, *inputs) if engine == 'memory' else\n"
-            "            build_graph_out_of_core(out, *inputs, memory_limit=limit))\n"
-            "json.dump(manifest, open(f'{out}.manifest.json', 'w'))\n"
-            # The peak of this process image: wait4's ru_maxrss would also count the pages
-            # of the (large) parent it was forked from before its exec.
-            "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-            "open(f'{out}.peak', 'w').write(str(int(peak.split()[1]) * 1024))\n")
+    code = (
+        "import json, sys\n"
+        "from walkrank.graph.build import build_graph\n"
+        "from walkrank.graph.outofcore import build_graph_out_of_core\n"
+        "engine, data, out, limit = sys.argv[1:]\n"
+        "inputs = [f'{data}/edges', f'{data}/pins', f'{data}/boards']\n"
+        "manifest = (build_graph(out, *inputs) if engine == 'memory' else\n"
+        "            build_graph_out_of_core(out, *inputs, memory_limit=limit))\n"
+        "json.dump(manifest, open(f'{out}.manifest.json', 'w'))\n"
+        # The peak of this process image: wait4's ru_maxrss would also count the pages
+        # of the (large) parent it was forked from before its exec.
+        "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "open(f'{out}.peak', 'w').write(str(int(peak.split()[1]) * 1024))\n"
+    )
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, engine, str(data), str(out), memory_limit],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", code, engine, str(data), str(out), memory_limit], check=True
+    )
     seconds = time.perf_counter() - started
     peak = int(Path(f"{out}.peak").read_text())
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())
     graph_bytes = sum(p.stat().st_size for p in out.glob("*.npy"))
     edges = manifest["counts"]["edges"]
     return {
-        "edges": edges, "seconds": round(seconds, 2),
+        "edges": edges,
+        "seconds": round(seconds, 2),
         "peak_rss_bytes": peak,
         "bytes_per_edge": round(peak / edges, 2),
         "graph_bytes": graph_bytes,
@@ -92,33 +103,47 @@ def measured_build(engine: str, data: Path, out: Path, memory_limit: str) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20M,200M", help="edge counts (default 20M,200M)")
-    parser.add_argument("--compare", default="20M",
-                        help="sizes also built in memory, checksums compared ('' for none)")
+    parser.add_argument(
+        "--compare",
+        default="20M",
+        help="sizes also built in memory, checksums compared ('' for none)",
+    )
     parser.add_argument("--partitions", type=int, default=16, help="edge files per size")
     parser.add_argument("--memory-limit", default="1GB", help="DuckDB's memory limit")
-    parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary "
-                                                  "one; needs ~30 bytes per edge)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="scratch directory (default: a temporary one; needs ~30 bytes per edge)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     compare = {parse_size(s) for s in args.compare.split(",") if s}
     work = Path(tempfile.mkdtemp(prefix="walkrank-bench-build-", dir=args.work))
-    report: dict[str, Any] = {"memory_limit": args.memory_limit, "cores": os.cpu_count(),
-                              "partitions": args.partitions, "sizes": {}}
+    report: dict[str, Any] = {
+        "memory_limit": args.memory_limit,
+        "cores": os.cpu_count(),
+        "partitions": args.partitions,
+        "sizes": {},
+    }
     try:
         for edges in sizes:
             label = f"{edges / 1e6:g}M"
             started = time.perf_counter()
             data = write_partitions(edges, work / label / "data", args.partitions)
-            print(f"{label}: generated and written as Parquet in "
-                  f"{time.perf_counter() - started:.1f} s", flush=True)
+            print(
+                f"{label}: generated and written as Parquet in "
+                f"{time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
             figures = measured_build("duckdb", data, work / label / "duckdb", args.memory_limit)
             if edges in compare:
                 memory = measured_build("memory", data, work / label / "memory", "")
-                figures["in_memory"] = {k: memory[k] for k in (
-                    "seconds", "peak_rss_bytes", "bytes_per_edge", "peak_rss_over_graph")}
-                figures["same_checksums_as_in_memory"] = (
-                    memory["checksums"] == figures["checksums"])
+                figures["in_memory"] = {
+                    k: memory[k]
+                    for k in ("seconds", "peak_rss_bytes", "bytes_per_edge", "peak_rss_over_graph")
+                }
+                figures["same_checksums_as_in_memory"] = memory["checksums"] == figures["checksums"]
             del figures["checksums"]
             report["sizes"][label] = figures
             print(f"{label}: {json.dumps(figures)}", flush=True)
@@ -127,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     largest = report["sizes"][max(report["sizes"], key=lambda k: report["sizes"][k]["edges"])]
     report["largest_peak_rss_over_graph"] = largest["peak_rss_over_graph"]
-    report["target_met"] = (largest["peak_rss_over_graph"] <= RSS_TARGET and all(
-        f.get("same_checksums_as_in_memory", True) for f in report["sizes"].values()))
+    report["target_met"] = largest["peak_rss_over_graph"] <= RSS_TARGET and all(
+        f.get("same_checksums_as_in_memory", True) for f in report["sizes"].values()
+    )
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

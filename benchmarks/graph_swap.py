@@ -57,14 +57,17 @@ def publish_versions(repo: Path, preset: str) -> list[float]:
         params = {**PRESETS[preset], "seed": PRESETS[preset]["seed"] + offset}
         tables = generate_graph_tables(**params)
         started = time.perf_counter()
-        GraphRepository(repo).publish(lambda out, t=tables, p=params: build_graph(
-            out, t.edges, t.pins, t.boards, source={"benchmark": "graph_swap", **p}), keep=None)
+        GraphRepository(repo).publish(
+            lambda out, t=tables, p=params: build_graph(
+                out, t.edges, t.pins, t.boards, source={"benchmark": "graph_swap", **p}
+            ),
+            keep=None,
+        )
         seconds.append(time.perf_counter() - started)
     return seconds
 
 
-def first_calls(repo: Path, work: Path, tenants: Path, models: Path, calls: int
-                ) -> dict[str, Any]:
+def first_calls(repo: Path, work: Path, tenants: Path, models: Path, calls: int) -> dict[str, Any]:
     """Milliseconds of the first `calls` pipeline calls on a freshly opened version, paged in
     or not (the same requests, kernels already loaded), and the page-in itself."""
     from walkrank.models import ModelRegistry
@@ -76,12 +79,17 @@ def first_calls(repo: Path, work: Path, tenants: Path, models: Path, calls: int
     table.reload()
     runtime = table.get(NO_LOG)
     messages = json.loads((work / "data" / f"{NO_LOG}.json").read_text())[:calls]
-    inputs = [RecommendInput(
-        tenant=NO_LOG, request_id=f"first-{i}",
-        query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
-        query_weights=tuple(q["weight"] for q in m["query_pins"]),
-        locale=m["user"].get("locale", ""), interests=tuple(m["user"].get("interests", [])))
-        for i, m in enumerate(messages)]
+    inputs = [
+        RecommendInput(
+            tenant=NO_LOG,
+            request_id=f"first-{i}",
+            query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
+            query_weights=tuple(q["weight"] for q in m["query_pins"]),
+            locale=m["user"].get("locale", ""),
+            interests=tuple(m["user"].get("interests", [])),
+        )
+        for i, m in enumerate(messages)
+    ]
     warm = open_graph(repo / "1")
     for request in inputs[:5]:  # load the compiled kernels once
         recommend(warm.store, runtime, request)
@@ -95,10 +103,12 @@ def first_calls(repo: Path, work: Path, tenants: Path, models: Path, calls: int
             started = time.perf_counter()
             recommend(served.store, runtime, request)
             times.append((time.perf_counter() - started) * 1e3)
-        result[label] = {"first_call_ms": round(times[0], 2),
-                         "first_calls_mean_ms": round(float(np.mean(times)), 2),
-                         "open_and_verify_s": round(served.open_s, 4),
-                         "page_in_s": round(served.page_in_s, 4)}
+        result[label] = {
+            "first_call_ms": round(times[0], 2),
+            "first_calls_mean_ms": round(float(np.mean(times)), 2),
+            "open_and_verify_s": round(served.open_s, 4),
+            "page_in_s": round(served.page_in_s, 4),
+        }
         served.release()
         del served
     return result
@@ -132,12 +142,15 @@ class Swapper(threading.Thread):
                 self.windows.append((sent, time.monotonic()))
                 kinds = [c.kind for c in response.changes]
                 if response.errors or kinds != ["graph"]:
-                    self.problems.append(f"swap to {version}: changes {kinds}, errors "
-                                         f"{[e.message for e in response.errors]}")
+                    self.problems.append(
+                        f"swap to {version}: changes {kinds}, errors "
+                        f"{[e.message for e in response.errors]}"
+                    )
 
 
-def split(result: RunResult, windows: list[tuple[float, float]], settle_s: float
-          ) -> tuple[np.ndarray, np.ndarray]:
+def split(
+    result: RunResult, windows: list[tuple[float, float]], settle_s: float
+) -> tuple[np.ndarray, np.ndarray]:
     """OK latencies of calls overlapping a swap window, and of the others."""
     sent, latency = result.sent_at, result.latencies_ms
     ended = sent + latency / 1e3
@@ -152,32 +165,46 @@ def percentiles(latencies: np.ndarray) -> dict[str, Any]:
     ordered = np.sort(latencies)
     if not len(ordered):
         return {"count": 0}
-    return {"count": int(len(ordered)), "p50_ms": round(nearest_rank(ordered, 50), 2),
-            "p99_ms": round(nearest_rank(ordered, 99), 2),
-            "max_ms": round(float(ordered[-1]), 2)}
+    return {
+        "count": int(len(ordered)),
+        "p50_ms": round(nearest_rank(ordered, 50), 2),
+        "p99_ms": round(nearest_rank(ordered, 99), 2),
+        "max_ms": round(float(ordered[-1]), 2),
+    }
 
 
 def server_swap_timings(log_text: str) -> dict[str, Any]:
     """The server's own account of each swap (its log line)."""
-    found = re.findall(r"opened and verified in ([\d.]+) s, paged in ([\d.]+) s, ready after "
-                       r"([\d.]+) s", log_text)
+    found = re.findall(
+        r"opened and verified in ([\d.]+) s, paged in ([\d.]+) s, ready after "
+        r"([\d.]+) s",
+        log_text,
+    )
     if not found:
         return {}
     opened, paged, ready = (np.array([float(f[i]) for f in found]) for i in range(3))
-    return {"swaps_logged": len(found), "open_and_verify_s_median": round(float(
-        np.median(opened)), 3), "page_in_s_median": round(float(np.median(paged)), 3),
+    return {
+        "swaps_logged": len(found),
+        "open_and_verify_s_median": round(float(np.median(opened)), 3),
+        "page_in_s_median": round(float(np.median(paged)), 3),
         "ready_s_median": round(float(np.median(ready)), 3),
-        "ready_s_max": round(float(ready.max()), 3)}
+        "ready_s_max": round(float(ready.max()), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the quick graph (2M edges)")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds per run (default 60, 20 with --quick)")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds per run (default 60, 20 with --quick)"
+    )
     parser.add_argument("--every", type=float, default=3.0, help="seconds between swaps")
-    parser.add_argument("--settle", type=float, default=0.5,
-                        help="seconds after a Reload answers that still count as the swap")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="seconds after a Reload answers that still count as the swap",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--generator-processes", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -190,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo = work / "graphs"
         publish_s = publish_versions(repo, preset)
-        print(f"published versions 1 and 2 of {preset!r} in {publish_s[0]:.1f} s and "
-              f"{publish_s[1]:.1f} s", flush=True)
+        print(
+            f"published versions 1 and 2 of {preset!r} in {publish_s[0]:.1f} s and "
+            f"{publish_s[1]:.1f} s",
+            flush=True,
+        )
         from walkrank.graph.repository import CURRENT_FILE
         from walkrank.pointers import write_version
 
@@ -201,16 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         (tenants / f"{NO_LOG}.yaml").rename(work / f"{NO_LOG}.yaml")  # served: home feed only
         warm = ghz_config(work, TENANT, 3.0, args.concurrency)
         run = ghz_config(work, TENANT, duration, args.concurrency)
-        config = write_server_config(work / "walkrank.yaml", repo, tenants, models,
-                                     work / "logs", workers=8)
+        config = write_server_config(
+            work / "walkrank.yaml", repo, tenants, models, work / "logs", workers=8
+        )
         with ServeProcess(config, work / "server.log") as server:
             run_load([load_ghz_config(warm)], server.target, args.generator_processes)
-            [steady] = run_load([load_ghz_config(run)], server.target,
-                                args.generator_processes)
+            [steady] = run_load([load_ghz_config(run)], server.target, args.generator_processes)
             swapper = Swapper(repo, server.target, args.every)
             swapper.start()
-            [swapping] = run_load([load_ghz_config(run)], server.target,
-                                  args.generator_processes)
+            [swapping] = run_load([load_ghz_config(run)], server.target, args.generator_processes)
             swapper.stop.set()
             swapper.join()
         log_text = (work / "server.log").read_text()
@@ -219,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         failed = sum(c != "OK" for c in steady.codes) + sum(c != "OK" for c in swapping.codes)
         reloads_ms = [(end - start) * 1e3 for start, end in swapper.windows]
         report: dict[str, Any] = {
-            "graph": preset, "cores": os.cpu_count(), "concurrency": args.concurrency,
-            "duration_s": duration, "swap_every_s": args.every, "settle_s": args.settle,
+            "graph": preset,
+            "cores": os.cpu_count(),
+            "concurrency": args.concurrency,
+            "duration_s": duration,
+            "swap_every_s": args.every,
+            "settle_s": args.settle,
             "publish_s": [round(s, 1) for s in publish_s],
-            "swaps": len(swapper.windows), "swap_problems": swapper.problems,
+            "swaps": len(swapper.windows),
+            "swap_problems": swapper.problems,
             "reload_ms_median": round(float(np.median(reloads_ms)), 1) if reloads_ms else None,
             "reload_ms_max": round(max(reloads_ms), 1) if reloads_ms else None,
             "server": server_swap_timings(log_text),
@@ -236,10 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["during_vs_steady_p99"] = (
             round(report["during_swaps"]["p99_ms"] / report["steady"]["p99_ms"], 3)
-            if report["during_swaps"]["count"] else None)
-        report["target_met"] = (failed == 0 and not swapper.problems and len(swapper.windows) > 0
-                                and report["during_vs_steady_p99"] is not None
-                                and report["during_vs_steady_p99"] <= TARGET_P99_RATIO)
+            if report["during_swaps"]["count"]
+            else None
+        )
+        report["target_met"] = (
+            failed == 0
+            and not swapper.problems
+            and len(swapper.windows) > 0
+            and report["during_vs_steady_p99"] is not None
+            and report["during_vs_steady_p99"] <= TARGET_P99_RATIO
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))

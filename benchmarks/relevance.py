@@ -88,21 +88,29 @@ class Request:
 def read_requests(path: Path) -> list[Request]:
     with gzip.open(path, "rt") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    return [Request(str(r["request_key"]), str(r.get("user_id", "")),
-                    tuple(str(t) for t in r.get("interests", ())),
-                    tuple(str(q["pin_id"]) for q in r["query_pins"]),
-                    tuple(float(q.get("weight", 1.0)) for q in r["query_pins"]))
-            for r in rows]
+    return [
+        Request(
+            str(r["request_key"]),
+            str(r.get("user_id", "")),
+            tuple(str(t) for t in r.get("interests", ())),
+            tuple(str(q["pin_id"]) for q in r["query_pins"]),
+            tuple(float(q.get("weight", 1.0)) for q in r["query_pins"]),
+        )
+        for r in rows
+    ]
 
 
 def read_truth(path: Path) -> dict[str, set[str]]:
     import pyarrow.csv as pacsv
 
-    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-        column_types={"request_key": "string", "pin_id": "string"}))
+    table = pacsv.read_csv(
+        path,
+        convert_options=pacsv.ConvertOptions(
+            column_types={"request_key": "string", "pin_id": "string"}
+        ),
+    )
     truth: dict[str, set[str]] = {}
-    for key, pin in zip(table["request_key"].to_pylist(), table["pin_id"].to_pylist(),
-                        strict=True):
+    for key, pin in zip(table["request_key"].to_pylist(), table["pin_id"].to_pylist(), strict=True):
         truth.setdefault(key, set()).add(pin)
     return truth
 
@@ -131,13 +139,25 @@ def walkrank(args: Sequence[str], log: Path) -> int:
     with open(log, "a") as out:
         out.write(f"\n$ walkrank {' '.join(args)}\n")
         out.flush()
-        return subprocess.run([sys.executable, "-c", _ENTRY, *args], stdout=out,
-                              stderr=subprocess.STDOUT, check=False).returncode
+        return subprocess.run(
+            [sys.executable, "-c", _ENTRY, *args], stdout=out, stderr=subprocess.STDOUT, check=False
+        ).returncode
 
 
 def build_graph(case: Path, phase: str, out: Path, log: Path) -> None:
-    code = walkrank(["graph", "build", "--edges", str(case / f"edges_{phase}.csv.gz"),
-                     "--pins", str(case / "pins.csv.gz"), "--out", str(out)], log)
+    code = walkrank(
+        [
+            "graph",
+            "build",
+            "--edges",
+            str(case / f"edges_{phase}.csv.gz"),
+            "--pins",
+            str(case / "pins.csv.gz"),
+            "--out",
+            str(out),
+        ],
+        log,
+    )
     if code != 0:
         raise RuntimeError(f"walkrank graph build ({phase}) exited {code}; see {log}")
 
@@ -146,16 +166,29 @@ def write_config(work: Path, graph: Path, logs: Path) -> Path:
     """A walkrank.yaml for the phase: its graph and log directory, the shared tenant and
     models. The log ring holds thousands of 2,000-candidate requests, so none is dropped."""
     path = work / f"walkrank_{logs.name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "graph": str(graph), "tenants_dir": str(work / "tenants"),
-        "models_dir": str(work / "models"), "logs_dir": str(logs), "log_ring_mb": 256,
-        "log_queue_batches": 65_536}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "graph": str(graph),
+                "tenants_dir": str(work / "tenants"),
+                "models_dir": str(work / "models"),
+                "logs_dir": str(logs),
+                "log_ring_mb": 256,
+                "log_queue_batches": 65_536,
+            }
+        )
+    )
     return path
 
 
-def serve_requests(config: Path, requests: Sequence[Request], num_results: int, seed: int,
-                   concurrency: int, report: dict[str, set[str]] | None
-                   ) -> dict[str, list[str]]:
+def serve_requests(
+    config: Path,
+    requests: Sequence[Request],
+    num_results: int,
+    seed: int,
+    concurrency: int,
+    report: dict[str, set[str]] | None,
+) -> dict[str, list[str]]:
     """Serve the phase (server output in the config's name with `.log`) and send its
     requests; returns each request's returned pin ids in order. With `report` (truth per
     request), the truth pins among the returned ones are reported as saves before the server
@@ -164,23 +197,32 @@ def serve_requests(config: Path, requests: Sequence[Request], num_results: int, 
 
     server = ServeProcess(config, config.with_suffix(".log"))
     with server, WalkRankClient(server.target, timeout=60.0) as client:
+
         def ask(item: tuple[int, Request]) -> tuple[str, list[str]]:
             index, request = item
             answer = client.recommend(
-                TENANT, list(request.pins), weights=list(request.weights),
-                user_id=request.user_id, interests=list(request.interests),
-                num_results=num_results, request_id=request.key,
-                seed=seed * 1_000_003 + index)
+                TENANT,
+                list(request.pins),
+                weights=list(request.weights),
+                user_id=request.user_id,
+                interests=list(request.interests),
+                num_results=num_results,
+                request_id=request.key,
+                seed=seed * 1_000_003 + index,
+            )
             return request.key, [c.pin_id for c in answer.candidates]
 
         with ThreadPoolExecutor(concurrency) as pool:
             returned = dict(pool.map(ask, enumerate(requests)))
         if report is not None:
-            saves = [{"request_id": key, "pin_id": pin, "event": "save"}
-                     for key, pins in returned.items() for pin in pins
-                     if pin in report.get(key, ())]
+            saves = [
+                {"request_id": key, "pin_id": pin, "event": "save"}
+                for key, pins in returned.items()
+                for pin in pins
+                if pin in report.get(key, ())
+            ]
             for start in range(0, len(saves), EVENTS_PER_CALL):
-                client.report_events(TENANT, saves[start:start + EVENTS_PER_CALL])
+                client.report_events(TENANT, saves[start : start + EVENTS_PER_CALL])
     return returned
 
 
@@ -196,8 +238,7 @@ def read_log(logs: Path) -> Any:
 def recall(orders: dict[str, Sequence[str]], truth: dict[str, set[str]], k: int) -> float:
     """Truth pairs found in a request's top k over all truth pairs of the phase."""
     total = sum(len(pins) for pins in truth.values())
-    hits = sum(len(truth.get(key, set()).intersection(order[:k]))
-               for key, order in orders.items())
+    hits = sum(len(truth.get(key, set()).intersection(order[:k])) for key, order in orders.items())
     return hits / total if total else math.nan
 
 
@@ -248,8 +289,9 @@ def coverage(log: Any, truth: dict[str, set[str]]) -> float:
     return found / len(wanted) if len(wanted) else math.nan
 
 
-def permutation_importance(models: Path, log: Any, truth: dict[str, set[str]], seed: int,
-                           k: int = 50) -> dict[str, float]:
+def permutation_importance(
+    models: Path, log: Any, truth: dict[str, set[str]], seed: int, k: int = 50
+) -> dict[str, float]:
     """Ranker recall@k on (a sample of) the test log's requests, and its drop when one feature
     column is shuffled across rows: what the published model relies on."""
     import pyarrow as pa
@@ -277,12 +319,16 @@ def permutation_importance(models: Path, log: Any, truth: dict[str, set[str]], s
         shuffled = matrix.copy()
         shuffled[:, j] = rng.permutation(shuffled[:, j])
         drops[name] = round(base - recall_of(shuffled), 5)
-    return {"requests": len(keys), f"ranker_recall_at_{k}": round(base, 5),
-            "drop_when_shuffled": dict(sorted(drops.items(), key=lambda kv: -kv[1]))}
+    return {
+        "requests": len(keys),
+        f"ranker_recall_at_{k}": round(base, 5),
+        "drop_when_shuffled": dict(sorted(drops.items(), key=lambda kv: -kv[1])),
+    }
 
 
-def period_ceiling(tenant: Any, rounds: int, log: Any, truth: dict[str, set[str]],
-                   seed: int, k: int = 50) -> dict[str, float]:
+def period_ceiling(
+    tenant: Any, rounds: int, log: Any, truth: dict[str, set[str]], seed: int, k: int = 50
+) -> dict[str, float]:
     """What the tenant's features can do without the shift from the logged period to the next:
     the same model (settings, rounds) trained on half of (a sample of) the test requests'
     own truth labels and measured on the other half, and the other way round; beside it the
@@ -296,35 +342,56 @@ def period_ceiling(tenant: Any, rounds: int, log: Any, truth: dict[str, set[str]
     keys = random.Random(seed).sample(keys, min(IMPORTANCE_REQUESTS, len(keys)))
     folds = [keys[0::2], keys[1::2]]
     names = list(tenant.features)
-    params = {**tenant.ranker.training_params(), "n_estimators": rounds,
-              "early_stopping_rounds": 0}
+    params = {**tenant.ranker.training_params(), "n_estimators": rounds, "early_stopping_rounds": 0}
     found = {"model": 0.0, "visit_count": 0.0}
     for train_keys, test_keys in (folds, folds[::-1]):
-        parts = [log.filter(pc.is_in(log["request_id"], value_set=pa.array(part)))
-                 for part in (train_keys, test_keys)]
-        x = [np.column_stack([t[f"f_{n}"].to_numpy() for n in names]).astype(np.float32)
-             for t in parts]
-        labels = np.array([pin in truth.get(key, ()) for key, pin in zip(
-            parts[0]["request_id"].to_pylist(), parts[0]["pin_id"].to_pylist(), strict=True)],
-            dtype=np.float32)
+        parts = [
+            log.filter(pc.is_in(log["request_id"], value_set=pa.array(part)))
+            for part in (train_keys, test_keys)
+        ]
+        x = [
+            np.column_stack([t[f"f_{n}"].to_numpy() for n in names]).astype(np.float32)
+            for t in parts
+        ]
+        labels = np.array(
+            [
+                pin in truth.get(key, ())
+                for key, pin in zip(
+                    parts[0]["request_id"].to_pylist(), parts[0]["pin_id"].to_pylist(), strict=True
+                )
+            ],
+            dtype=np.float32,
+        )
         model = train_model(x[0], labels, params=params, seed=seed)
         held = {key: truth.get(key, set()) for key in test_keys}
         share = sum(map(len, held.values()))
-        scores = {"model": model.booster.inplace_predict(x[1]),
-                  "visit_count": parts[1]["visit_score"].to_numpy()}
+        scores = {
+            "model": model.booster.inplace_predict(x[1]),
+            "visit_count": parts[1]["visit_score"].to_numpy(),
+        }
         for name, values in scores.items():
             found[name] += recall(top_orders(parts[1], values, k), held, k) * share
     total = sum(len(truth.get(key, ())) for key in keys)
-    return {"requests": len(keys), **{f"{name}_recall_at_{k}": round(hits / total, 5)
-                                      for name, hits in found.items()}}
+    return {
+        "requests": len(keys),
+        **{f"{name}_recall_at_{k}": round(hits / total, 5) for name, hits in found.items()},
+    }
 
 
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def run(case: Path, work: Path, *, seed: int = 0, search: bool = False, concurrency: int = 2,
-        importance: bool = True, template: Path = TEMPLATE,
-        ranker: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    case: Path,
+    work: Path,
+    *,
+    seed: int = 0,
+    search: bool = False,
+    concurrency: int = 2,
+    importance: bool = True,
+    template: Path = TEMPLATE,
+    ranker: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The closed loop on one case in `work` (created) with the tenant file `template`, its
     ranker settings overridden by `ranker`; returns the figures."""
     case, work = case.resolve(), work.resolve()
@@ -346,28 +413,50 @@ def run(case: Path, work: Path, *, seed: int = 0, search: bool = False, concurre
     with stages("graph_train"):
         build_graph(case, "train", graphs["train"], log)
     with stages("serve_train"):
-        serve_requests(write_config(work, graphs["train"], logs["train"]), requests["train"],
-                       tenant.candidates.max_return, seed, 1, report=truth["train"])
+        serve_requests(
+            write_config(work, graphs["train"], logs["train"]),
+            requests["train"],
+            tenant.candidates.max_return,
+            seed,
+            1,
+            report=truth["train"],
+        )
     with stages("train"):
-        code = walkrank(["train", "--tenant", TENANT, "--config",
-                         str(write_config(work, graphs["train"], logs["train"])),
-                         *(["--search"] if search else [])], log)
+        code = walkrank(
+            [
+                "train",
+                "--tenant",
+                TENANT,
+                "--config",
+                str(write_config(work, graphs["train"], logs["train"])),
+                *(["--search"] if search else []),
+            ],
+            log,
+        )
     if code not in (0, 1):  # 1: trained, refused to publish
         raise RuntimeError(f"walkrank train exited {code}; see {log}")
     with stages("graph_test"):
         build_graph(case, "test", graphs["test"], log)
     with stages("serve_test"):
-        served = serve_requests(write_config(work, graphs["test"], logs["test"]),
-                                requests["test"], max(KS), seed, concurrency, report=None)
+        served = serve_requests(
+            write_config(work, graphs["test"], logs["test"]),
+            requests["test"],
+            max(KS),
+            seed,
+            concurrency,
+            report=None,
+        )
     with stages("evaluate"):
         train_log, test_log = read_log(logs["train"]), read_log(logs["test"])
         visits = visit_count_orders(test_log, max(KS))
         popular = popularity_orders(graphs["test"], requests["test"], max(KS))
         metrics: dict[str, float] = {}
         for k in KS:
-            figures = {"visit_count": recall(visits, truth["test"], k),
-                       "ranker": recall(served, truth["test"], k),
-                       "popularity": recall(popular, truth["test"], k)}
+            figures = {
+                "visit_count": recall(visits, truth["test"], k),
+                "ranker": recall(served, truth["test"], k),
+                "popularity": recall(popular, truth["test"], k),
+            }
             for name, value in figures.items():
                 metrics[f"{name}_recall_at_{k}"] = round(value, 5)
             for name in ("visit_count", "popularity"):
@@ -377,16 +466,23 @@ def run(case: Path, work: Path, *, seed: int = 0, search: bool = False, concurre
         metrics["lift_vs_popularity"] = metrics["lift_vs_popularity_at_50"]
         published = code == 0
         result: dict[str, Any] = {
-            "case": case.name, "seed": seed, "search": search, "published": published,
+            "case": case.name,
+            "seed": seed,
+            "search": search,
+            "published": published,
             "metrics": metrics,
             "candidate_coverage": {
                 "train": round(coverage(train_log, truth["train"]), 5),
-                "test": round(coverage(test_log, truth["test"]), 5)},
+                "test": round(coverage(test_log, truth["test"]), 5),
+            },
             "requests": {phase: len(requests[phase]) for phase in PHASES},
-            "logged_requests": {"train": len(set(train_log["request_id"].to_pylist())),
-                                "test": len(set(test_log["request_id"].to_pylist()))},
+            "logged_requests": {
+                "train": len(set(train_log["request_id"].to_pylist())),
+                "test": len(set(test_log["request_id"].to_pylist())),
+            },
             "truth_pairs": {phase: sum(map(len, truth[phase].values())) for phase in PHASES},
-            "template": _shown(template), "ranker_overrides": dict(ranker or {}),
+            "template": _shown(template),
+            "ranker_overrides": dict(ranker or {}),
             "ranker": tenant.to_dict()["ranker"],
         }
         if published:
@@ -394,19 +490,23 @@ def run(case: Path, work: Path, *, seed: int = 0, search: bool = False, concurre
 
             metadata = ModelRegistry(work / "models").load(TENANT).metadata
             result["training"] = {
-                "rows": metadata["rows"], "label_stats": metadata["label_stats"],
+                "rows": metadata["rows"],
+                "label_stats": metadata["label_stats"],
                 "train_metrics": metadata["train_metrics"],
                 "held_out": metadata["comparison"]["metrics"],
-                "searched": len(metadata.get("search", [])) or None}
+                "searched": len(metadata.get("search", [])) or None,
+            }
             if importance:
-                result["importance"] = permutation_importance(work / "models", test_log,
-                                                              truth["test"], seed)
+                result["importance"] = permutation_importance(
+                    work / "models", test_log, truth["test"], seed
+                )
                 result["period_ceiling"] = period_ceiling(
-                    tenant, int(metadata["train_metrics"]["rounds"]), test_log, truth["test"],
-                    seed)
+                    tenant, int(metadata["train_metrics"]["rounds"]), test_log, truth["test"], seed
+                )
         else:
-            refused = [line for line in log.read_text().splitlines()
-                       if "refusing to publish" in line]
+            refused = [
+                line for line in log.read_text().splitlines() if "refusing to publish" in line
+            ]
             result["refused"] = refused[-1] if refused else None
     result["seconds"] = {**stages.seconds, "total": round(sum(stages.seconds.values()), 2)}
     return result
@@ -421,8 +521,15 @@ def _shown(path: Path) -> str:
 # --- a small generated case ----------------------------------------------------------------------
 
 
-def synthesize_case(out: Path, *, seed: int = 0, n_users: int = 160, n_items: int = 500,
-                    n_topics: int = 6, actions_per_user: int = 40) -> Path:
+def synthesize_case(
+    out: Path,
+    *,
+    seed: int = 0,
+    n_users: int = 160,
+    n_items: int = 500,
+    n_topics: int = 6,
+    actions_per_user: int = 40,
+) -> Path:
     """A small case in the data contract: users with two favourite topics interact with items
     over 300 days, mostly within their topics and by the items' popularity; boards are
     `user:topic`; T1, T2, T3 = days 200, 250, 300. Popularity and the user's topics both matter,
@@ -442,8 +549,9 @@ def synthesize_case(out: Path, *, seed: int = 0, n_users: int = 160, n_items: in
             topic = rng.choice(favourites) if rng.random() < 0.8 else rng.integers(n_topics)
             pool = np.flatnonzero(item_topic == topic)
             weight = popularity[pool]
-            events.append((user, int(rng.choice(pool, p=weight / weight.sum())),
-                           float(rng.uniform(0, t3))))
+            events.append(
+                (user, int(rng.choice(pool, p=weight / weight.sum())), float(rng.uniform(0, t3)))
+            )
     events.sort(key=lambda e: e[2])
     first: dict[tuple[int, int], float] = {}
     for user, item, when in events:
@@ -460,19 +568,30 @@ def synthesize_case(out: Path, *, seed: int = 0, n_users: int = 160, n_items: in
                     handle.write(f"{item},{user}:t{item_topic[item]},{start + int(when * day)}\n")
         requests, truth = [], []
         for user in range(n_users):
-            before = sorted(((w, i) for (u, i), w in first.items() if u == user and w < cut),
-                            reverse=True)
+            before = sorted(
+                ((w, i) for (u, i), w in first.items() if u == user and w < cut), reverse=True
+            )
             new = sorted(i for (u, i), w in first.items() if u == user and cut <= w < end)
             if len(before) < 3 or not new:
                 continue
             key = f"synthetic-{phase}-{user}"
-            topics = [f"t{t}" for t in np.bincount(
-                item_topic[[i for _, i in before]], minlength=n_topics).argsort()[::-1][:3]]
-            requests.append({"request_key": key, "user_id": str(user), "interests": topics,
-                             "query_pins": [{"pin_id": str(i),
-                                             "weight": round(math.exp(-(cut - w) / 180) + 0.05,
-                                                             4)}
-                                            for w, i in before[:10]]})
+            topics = [
+                f"t{t}"
+                for t in np.bincount(
+                    item_topic[[i for _, i in before]], minlength=n_topics
+                ).argsort()[::-1][:3]
+            ]
+            requests.append(
+                {
+                    "request_key": key,
+                    "user_id": str(user),
+                    "interests": topics,
+                    "query_pins": [
+                        {"pin_id": str(i), "weight": round(math.exp(-(cut - w) / 180) + 0.05, 4)}
+                        for w, i in before[:10]
+                    ],
+                }
+            )
             truth.extend((key, i) for i in new)
         with gzip.open(out / f"requests_{phase}.jsonl.gz", "wt") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in requests)
@@ -486,22 +605,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("case", type=Path, help="case directory (see the module docstring)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="walk seeds and request order (default 0)")
-    parser.add_argument("--search", action="store_true", help="train with `walkrank train "
-                        "--search` (the template's ranker.search grid)")
-    parser.add_argument("--concurrency", type=int, default=2,
-                        help="test requests in flight at once (default 2; train requests go "
-                             "one at a time)")
-    parser.add_argument("--no-importance", action="store_true",
-                        help="skip the diagnostics: the permutation importance of the model's "
-                             "features and the in-period ceiling")
-    parser.add_argument("--template", type=Path, default=TEMPLATE,
-                        help=f"tenant file named {TENANT!r} (default: the shipped template)")
-    parser.add_argument("--ranker", action="append", default=[], metavar="NAME=VALUE",
-                        help="override one ranker setting of the tenant file (repeatable)")
-    parser.add_argument("--keep", type=Path,
-                        help="work in this directory (must not exist) and keep it")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="walk seeds and request order (default 0)"
+    )
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="train with `walkrank train --search` (the template's ranker.search grid)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="test requests in flight at once (default 2; train requests go one at a time)",
+    )
+    parser.add_argument(
+        "--no-importance",
+        action="store_true",
+        help="skip the diagnostics: the permutation importance of the model's "
+        "features and the in-period ceiling",
+    )
+    parser.add_argument(
+        "--template",
+        type=Path,
+        default=TEMPLATE,
+        help=f"tenant file named {TENANT!r} (default: the shipped template)",
+    )
+    parser.add_argument(
+        "--ranker",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one ranker setting of the tenant file (repeatable)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="work in this directory (must not exist) and keep it"
+    )
     args = parser.parse_args(argv)
     if not (args.case / "edges_train.csv.gz").is_file():
         parser.error(f"{args.case}: not a case directory (no edges_train.csv.gz)")
@@ -515,11 +654,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--keep {args.keep}: already exists")
     with tempfile.TemporaryDirectory(prefix="walkrank-relevance-") as tmp:
         work = args.keep or Path(tmp) / "work"
-        print(f"{args.case.name}, seed {args.seed}{' (search)' if args.search else ''}: "
-              f"working in {work}", flush=True)
-        result = run(args.case, work, seed=args.seed, search=args.search,
-                     concurrency=args.concurrency, importance=not args.no_importance,
-                     template=args.template, ranker=overrides)
+        print(
+            f"{args.case.name}, seed {args.seed}{' (search)' if args.search else ''}: "
+            f"working in {work}",
+            flush=True,
+        )
+        result = run(
+            args.case,
+            work,
+            seed=args.seed,
+            search=args.search,
+            concurrency=args.concurrency,
+            importance=not args.no_importance,
+            template=args.template,
+            ranker=overrides,
+        )
     print(json.dumps(result["metrics"], indent=2))
     print(f"published: {result['published']}; seconds: {result['seconds']}")
     if args.json is not None:

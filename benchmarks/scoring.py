@@ -69,8 +69,10 @@ def run(quick: bool) -> dict:
         scorer = Scorer.from_onnx(oml_bytes, N_FEATURES)
         label = f"{n_trees}x{depth}"
         entry: dict = {"engine_served": scorer.engine, "reason": scorer.reason, "batches": {}}
-        print(f"\nmodel {n_trees} trees depth {depth}, {N_FEATURES} features; "
-              f"served by {scorer.engine} ({scorer.reason})")
+        print(
+            f"\nmodel {n_trees} trees depth {depth}, {N_FEATURES} features; "
+            f"served by {scorer.engine} ({scorer.reason})"
+        )
         print(f"{'batch':>6} {'engine':<17} {'us/call':>10} {'rows/s':>12} {'vs xgboost':>10}")
         for batch in BATCHES:
             rows = np.ascontiguousarray(rows_all[:batch])
@@ -92,8 +94,10 @@ def run(quick: bool) -> dict:
             for name in ENGINES:
                 figures = cell[name]
                 figures["ratio_vs_xgboost"] = figures["rows_per_second"] / reference
-                print(f"{batch:>6} {name:<17} {figures['us_per_call']:>10.1f} "
-                      f"{figures['rows_per_second']:>12,.0f} {figures['ratio_vs_xgboost']:>9.2f}x")
+                print(
+                    f"{batch:>6} {name:<17} {figures['us_per_call']:>10.1f} "
+                    f"{figures['rows_per_second']:>12,.0f} {figures['ratio_vs_xgboost']:>9.2f}x"
+                )
             entry["batches"][str(batch)] = cell
         results["models"][label] = entry
 
@@ -107,11 +111,13 @@ def run(quick: bool) -> dict:
         quick=quick,
         machine=platform.processor() or platform.machine(),
     )
-    print(f"\nserved path, 100 trees depth 6, batch 2000: "
-          f"{results['served_rows_per_second_b2000']:,.0f} rows/s = "
-          f"{results['ratio_vs_xgboost_b2000']:.2f}x xgboost inplace_predict "
-          f"({results['xgboost_rows_per_second_b2000']:,.0f} rows/s), one thread each; "
-          f"max |served - onnxruntime| = {max_abs_diff:.2g}")
+    print(
+        f"\nserved path, 100 trees depth 6, batch 2000: "
+        f"{results['served_rows_per_second_b2000']:,.0f} rows/s = "
+        f"{results['ratio_vs_xgboost_b2000']:.2f}x xgboost inplace_predict "
+        f"({results['xgboost_rows_per_second_b2000']:,.0f} rows/s), one thread each; "
+        f"max |served - onnxruntime| = {max_abs_diff:.2g}"
+    )
     return results
 
 

@@ -70,12 +70,24 @@ def prepare(work: Path, graph_path: Path, requests: int, seed: int) -> tuple[Pat
 
 def ghz_config(work: Path, tenant: str, duration_s: float, concurrency: int) -> Path:
     path = work / f"{tenant}-{duration_s:g}s.json"
-    path.write_text(json.dumps({
-        "name": tenant, "proto": str(PROTO), "import-paths": [str(ROOT / "protos")],
-        "call": "walkrank.v1.Recommender.Recommend", "insecure": True,
-        "duration": f"{duration_s:g}s", "duration-stop": "wait", "concurrency": concurrency,
-        "connections": concurrency, "timeout": "2s",
-        "data-file": str(work / "data" / f"{tenant}.json")}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "name": tenant,
+                "proto": str(PROTO),
+                "import-paths": [str(ROOT / "protos")],
+                "call": "walkrank.v1.Recommender.Recommend",
+                "insecure": True,
+                "duration": f"{duration_s:g}s",
+                "duration-stop": "wait",
+                "concurrency": concurrency,
+                "connections": concurrency,
+                "timeout": "2s",
+                "data-file": str(work / "data" / f"{tenant}.json"),
+            },
+            indent=2,
+        )
+    )
     return path
 
 
@@ -83,8 +95,9 @@ def scraped(metrics_address: str) -> dict[str, float]:
     """Scored candidates and OK calls per tenant from the server's /metrics."""
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
     values: dict[str, float] = {}
-    for name, labels, value in re.findall(r"^(walkrank_\w+_total)\{([^}]*)\} (\S+)$", text,
-                                          re.MULTILINE):
+    for name, labels, value in re.findall(
+        r"^(walkrank_\w+_total)\{([^}]*)\} (\S+)$", text, re.MULTILINE
+    ):
         tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         if name == "walkrank_candidates_total" and tags.get("kind") == "scored":
             values[f"scored/{tags['tenant']}"] = float(value)
@@ -100,8 +113,9 @@ def measure(server: ServeProcess, config: Path, processes: int) -> tuple[RunResu
     return result, server.cpu_seconds() - cpu_before
 
 
-def direct_reference(graph_path: Path, work: Path, tenants: Path, models: Path, calls: int
-                     ) -> float:
+def direct_reference(
+    graph_path: Path, work: Path, tenants: Path, models: Path, calls: int
+) -> float:
     """Milliseconds per call of the pipeline itself: same requests, no gRPC, one thread."""
     from walkrank.graph.store import GraphStore
     from walkrank.models import ModelRegistry
@@ -113,12 +127,17 @@ def direct_reference(graph_path: Path, work: Path, tenants: Path, models: Path, 
     table.reload()
     runtime = table.get(NO_LOG)
     messages = json.loads((work / "data" / f"{NO_LOG}.json").read_text())
-    inputs = [RecommendInput(
-        tenant=NO_LOG, request_id=f"reference-{i}",
-        query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
-        query_weights=tuple(q["weight"] for q in m["query_pins"]),
-        locale=m["user"].get("locale", ""), interests=tuple(m["user"].get("interests", [])))
-        for i, m in enumerate(messages[:calls])]
+    inputs = [
+        RecommendInput(
+            tenant=NO_LOG,
+            request_id=f"reference-{i}",
+            query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
+            query_weights=tuple(q["weight"] for q in m["query_pins"]),
+            locale=m["user"].get("locale", ""),
+            interests=tuple(m["user"].get("interests", [])),
+        )
+        for i, m in enumerate(messages[:calls])
+    ]
     for request in inputs[:10]:
         recommend(graph, runtime, request)
     times = []
@@ -129,15 +148,20 @@ def direct_reference(graph_path: Path, work: Path, tenants: Path, models: Path, 
     return float(np.median(times))
 
 
-def figures(result: RunResult, server_cpu_s: float, scored_per_call: float, cores: int
-            ) -> dict[str, Any]:
+def figures(
+    result: RunResult, server_cpu_s: float, scored_per_call: float, cores: int
+) -> dict[str, Any]:
     s = result.summary
     ok_rps = s.ok / s.total_s
     return {
-        "requests_per_second": round(s.rps, 1), "requests_per_second_per_core": round(
-            s.rps / cores, 1),
-        "p50_ms": round(s.p50_ms, 2), "p90_ms": round(s.p90_ms, 2), "p99_ms": round(s.p99_ms, 2),
-        "count": s.count, "errors": s.error_count, "status_codes": s.status_codes,
+        "requests_per_second": round(s.rps, 1),
+        "requests_per_second_per_core": round(s.rps / cores, 1),
+        "p50_ms": round(s.p50_ms, 2),
+        "p90_ms": round(s.p90_ms, 2),
+        "p99_ms": round(s.p99_ms, 2),
+        "count": s.count,
+        "errors": s.error_count,
+        "status_codes": s.status_codes,
         "pins_scored_per_second": round(ok_rps * scored_per_call),
         "pins_scored_per_second_per_core": round(ok_rps * scored_per_call / cores),
         "server_cpu_cores": round(server_cpu_s / s.total_s, 2),
@@ -148,35 +172,49 @@ def figures(result: RunResult, server_cpu_s: float, scored_per_call: float, core
 def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each numeric figure's median over the runs (errors: the total), plus every run's
     requests/s and p99, so the spread on a shared machine is on record."""
+
     def median(key: str) -> int | float:
         value = float(np.median([r[key] for r in runs]))
         return round(value) if isinstance(runs[0][key], int) else round(value, 2)
 
     merged: dict[str, Any] = {
-        key: median(key) for key, value in runs[0].items()
-        if isinstance(value, int | float) and not isinstance(value, bool)}
+        key: median(key)
+        for key, value in runs[0].items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
     merged["count"] = sum(r["count"] for r in runs)
     merged["errors"] = sum(r["errors"] for r in runs)
-    merged["status_codes"] = {code: sum(r["status_codes"].get(code, 0) for r in runs)
-                              for code in {c for r in runs for c in r["status_codes"]}}
-    merged["runs"] = [{"requests_per_second": r["requests_per_second"], "p99_ms": r["p99_ms"]}
-                      for r in runs]
+    merged["status_codes"] = {
+        code: sum(r["status_codes"].get(code, 0) for r in runs)
+        for code in {c for r in runs for c in r["status_codes"]}
+    }
+    merged["runs"] = [
+        {"requests_per_second": r["requests_per_second"], "p99_ms": r["p99_ms"]} for r in runs
+    ]
     return merged
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the quick graph (2M edges)")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds per measured run (default 20, 8 with --quick)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds per measured run (default 20, 8 with --quick)",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--generator-processes", type=int, default=2)
-    parser.add_argument("--skip-processes", action="store_true",
-                        help="skip the walkrank serve --processes 2 comparison")
+    parser.add_argument(
+        "--skip-processes",
+        action="store_true",
+        help="skip the walkrank serve --processes 2 comparison",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs per setting; figures are medians (default 3)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per setting; figures are medians (default 3)"
+    )
     args = parser.parse_args(argv)
     from walkrank.graph.synthetic import ensure_graph
 
@@ -188,14 +226,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tenants, models = prepare(work, graph_path, 1000, args.seed)
         reference_ms = direct_reference(graph_path, work, tenants, models, 200)
-        print(f"reference: pipeline called directly, one thread: {reference_ms:.2f} ms per call "
-              f"(median) = {1e3 / reference_ms:.0f} calls/s on one core", flush=True)
+        print(
+            f"reference: pipeline called directly, one thread: {reference_ms:.2f} ms per call "
+            f"(median) = {1e3 / reference_ms:.0f} calls/s on one core",
+            flush=True,
+        )
         warm = ghz_config(work, TENANT, 3.0, args.concurrency)
-        runs = {name: ghz_config(work, name, duration, args.concurrency)
-                for name in (TENANT, NO_LOG)}
+        runs = {
+            name: ghz_config(work, name, duration, args.concurrency) for name in (TENANT, NO_LOG)
+        }
         metrics_address = f"127.0.0.1:{free_port()}"
-        config = write_server_config(work / "walkrank.yaml", graph_path, tenants, models,
-                                     work / "logs", workers=8, metrics_address=metrics_address)
+        config = write_server_config(
+            work / "walkrank.yaml",
+            graph_path,
+            tenants,
+            models,
+            work / "logs",
+            workers=8,
+            metrics_address=metrics_address,
+        )
         with ServeProcess(config, work / "server.log") as server:
             run_load([load_ghz_config(warm)], server.target, args.generator_processes)
             before = scraped(metrics_address)
@@ -205,35 +254,48 @@ def main(argv: list[str] | None = None) -> int:
                 for name in (TENANT, NO_LOG):
                     measured[name].append(measure(server, runs[name], args.generator_processes))
             after = scraped(metrics_address)
-        scored_per_call = ((after[f"scored/{TENANT}"] - before.get(f"scored/{TENANT}", 0.0))
-                           / max(1.0, after[f"ok/{TENANT}"] - before.get(f"ok/{TENANT}", 0.0)))
-        main_figures, off = (median_figures([figures(result, cpu, scored_per_call, cores)
-                                             for result, cpu in measured[name]])
-                             for name in (TENANT, NO_LOG))
+        scored_per_call = (after[f"scored/{TENANT}"] - before.get(f"scored/{TENANT}", 0.0)) / max(
+            1.0, after[f"ok/{TENANT}"] - before.get(f"ok/{TENANT}", 0.0)
+        )
+        main_figures, off = (
+            median_figures(
+                [figures(result, cpu, scored_per_call, cores) for result, cpu in measured[name]]
+            )
+            for name in (TENANT, NO_LOG)
+        )
         processes = None
         if not args.skip_processes:
             # --processes needs a fixed port and each forked server would bind the metrics port.
-            config = write_server_config(work / "walkrank-2.yaml", graph_path, tenants, models,
-                                         work / "logs-2", workers=8)
+            config = write_server_config(
+                work / "walkrank-2.yaml", graph_path, tenants, models, work / "logs-2", workers=8
+            )
             with ServeProcess(config, work / "server-2.log", processes=2) as server:
                 run_load([load_ghz_config(warm)], server.target, args.generator_processes)
                 result, cpu = measure(server, runs[TENANT], args.generator_processes)
             processes = figures(result, cpu, scored_per_call, cores)
         report: dict[str, Any] = {
-            "graph": preset, "cores": cores, "concurrency": args.concurrency,
-            "duration_s": duration, "repeat": args.repeat, **main_figures,
+            "graph": preset,
+            "cores": cores,
+            "concurrency": args.concurrency,
+            "duration_s": duration,
+            "repeat": args.repeat,
+            **main_figures,
             "candidates_scored_per_call": round(scored_per_call, 1),
             "reference_direct_ms": round(reference_ms, 2),
             "served_vs_direct_one_core": round(
-                main_figures["requests_per_second_per_core"] * reference_ms / 1e3, 2),
+                main_figures["requests_per_second_per_core"] * reference_ms / 1e3, 2
+            ),
             "logging_off": off,
             "logging_overhead_throughput": round(
-                1 - main_figures["requests_per_second"] / off["requests_per_second"], 3),
+                1 - main_figures["requests_per_second"] / off["requests_per_second"], 3
+            ),
             "logging_overhead_p50": round(1 - off["p50_ms"] / main_figures["p50_ms"], 3),
             "processes_2": processes,
-            "target_met": (main_figures["requests_per_second_per_core"] >= TARGET_RPS_PER_CORE
-                           and main_figures["p99_ms"] <= TARGET_P99_MS
-                           and main_figures["errors"] == 0),
+            "target_met": (
+                main_figures["requests_per_second_per_core"] >= TARGET_RPS_PER_CORE
+                and main_figures["p99_ms"] <= TARGET_P99_MS
+                and main_figures["errors"] == 0
+            ),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -248,25 +310,41 @@ def print_report(report: dict[str, Any]) -> None:
     rows = [("threads, logging on", report), ("threads, logging off", report["logging_off"])]
     if report["processes_2"]:
         rows.append(("--processes 2, logging on", report["processes_2"]))
-    print(f"\ngraph {report['graph']}, {report['cores']} cores, concurrency "
-          f"{report['concurrency']}, {report['duration_s']:g} s per run, medians of "
-          f"{report['repeat']} runs (threads)")
-    print(f"{'server':28} {'req/s':>7} {'/core':>6} {'p50':>7} {'p90':>7} {'p99':>7} "
-          f"{'errors':>6} {'scored/s/core':>13} {'srv cores':>9} {'gen cores':>9}")
+    print(
+        f"\ngraph {report['graph']}, {report['cores']} cores, concurrency "
+        f"{report['concurrency']}, {report['duration_s']:g} s per run, medians of "
+        f"{report['repeat']} runs (threads)"
+    )
+    print(
+        f"{'server':28} {'req/s':>7} {'/core':>6} {'p50':>7} {'p90':>7} {'p99':>7} "
+        f"{'errors':>6} {'scored/s/core':>13} {'srv cores':>9} {'gen cores':>9}"
+    )
     for name, r in rows:
-        print(f"{name:28} {r['requests_per_second']:7.1f} {r['requests_per_second_per_core']:6.1f} "
-              f"{r['p50_ms']:7.2f} {r['p90_ms']:7.2f} {r['p99_ms']:7.2f} {r['errors']:6d} "
-              f"{r['pins_scored_per_second_per_core']:13,d} {r['server_cpu_cores']:9.2f} "
-              f"{r['generator_cpu_cores']:9.2f}")
+        print(
+            f"{name:28} {r['requests_per_second']:7.1f} {r['requests_per_second_per_core']:6.1f} "
+            f"{r['p50_ms']:7.2f} {r['p90_ms']:7.2f} {r['p99_ms']:7.2f} {r['errors']:6d} "
+            f"{r['pins_scored_per_second_per_core']:13,d} {r['server_cpu_cores']:9.2f} "
+            f"{r['generator_cpu_cores']:9.2f}"
+        )
     for name, r in rows[:2]:
-        print(f"{name} runs (req/s, p99 ms): " + ", ".join(
-            f"{run['requests_per_second']:.1f} / {run['p99_ms']:.1f}" for run in r["runs"]))
-    print(f"logging overhead: {report['logging_overhead_throughput']:.1%} of throughput, "
-          f"{report['logging_overhead_p50']:.1%} of p50")
-    print(f"reference (direct pipeline, one thread): {report['reference_direct_ms']:.2f} ms/call;"
-          f" served req/s per core x direct ms = {report['served_vs_direct_one_core']:.2f}")
-    print(f"target (>= {TARGET_RPS_PER_CORE:g} req/s per core, p99 <= {TARGET_P99_MS:g} ms, no "
-          f"errors): {'met' if report['target_met'] else 'NOT met'}")
+        print(
+            f"{name} runs (req/s, p99 ms): "
+            + ", ".join(
+                f"{run['requests_per_second']:.1f} / {run['p99_ms']:.1f}" for run in r["runs"]
+            )
+        )
+    print(
+        f"logging overhead: {report['logging_overhead_throughput']:.1%} of throughput, "
+        f"{report['logging_overhead_p50']:.1%} of p50"
+    )
+    print(
+        f"reference (direct pipeline, one thread): {report['reference_direct_ms']:.2f} ms/call;"
+        f" served req/s per core x direct ms = {report['served_vs_direct_one_core']:.2f}"
+    )
+    print(
+        f"target (>= {TARGET_RPS_PER_CORE:g} req/s per core, p99 <= {TARGET_P99_MS:g} ms, no "
+        f"errors): {'met' if report['target_met'] else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

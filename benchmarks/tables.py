@@ -56,48 +56,61 @@ def _range(values: Sequence[float]) -> str:
 
 
 def summary_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| case | configuration | seeds | published | recall@50 visit count / ranker / "
-             "popularity (mean) | ranker lift vs visit count @50 | vs popularity @50 | "
-             "ranker lift vs visit count @100 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| case | configuration | seeds | published | recall@50 visit count / ranker / "
+        "popularity (mean) | ranker lift vs visit count @50 | vs popularity @50 | "
+        "ranker lift vs visit count @100 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["case"], configuration(run)), []).append(run)
     for (case, config), group in groups.items():
         m = [r["metrics"] for r in group]
-        means = " / ".join(f"{statistics.fmean(x[f'{name}_recall_at_50'] for x in m):.4f}"
-                           for name in ("visit_count", "ranker", "popularity"))
+        means = " / ".join(
+            f"{statistics.fmean(x[f'{name}_recall_at_50'] for x in m):.4f}"
+            for name in ("visit_count", "ranker", "popularity")
+        )
         lines.append(
             f"| {case} | {config} | {', '.join(str(r['seed']) for r in group)} | "
             f"{sum(r['published'] for r in group)} of {len(group)} | {means} | "
             f"{_range([x['lift_vs_visit_count_at_50'] for x in m])} | "
             f"{_range([x['lift_vs_popularity_at_50'] for x in m])} | "
-            f"{_range([x['lift_vs_visit_count_at_100'] for x in m])} |")
+            f"{_range([x['lift_vs_visit_count_at_100'] for x in m])} |"
+        )
     return "\n".join(lines)
 
 
 def runs_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| case | configuration | seed | published | R@50 visit count | R@50 ranker | "
-             "R@50 popularity | R@100 visit count | R@100 ranker | R@100 popularity | "
-             "truth in candidates (test) | seconds (train step / total) |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| case | configuration | seed | published | R@50 visit count | R@50 ranker | "
+        "R@50 popularity | R@100 visit count | R@100 ranker | R@100 popularity | "
+        "truth in candidates (test) | seconds (train step / total) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for run in runs:
         m = run["metrics"]
-        figures = " | ".join(f"{m[f'{name}_recall_at_{k}']:.4f}" for k in (50, 100)
-                             for name in ("visit_count", "ranker", "popularity"))
+        figures = " | ".join(
+            f"{m[f'{name}_recall_at_{k}']:.4f}"
+            for k in (50, 100)
+            for name in ("visit_count", "ranker", "popularity")
+        )
         lines.append(
             f"| {run['case']} | {configuration(run)} | {run['seed']} | "
             f"{'yes' if run['published'] else 'no'} | {figures} | "
             f"{run['candidate_coverage']['test']:.3f} | "
-            f"{run['seconds']['train']:.0f} / {run['seconds']['total']:.0f} |")
+            f"{run['seconds']['train']:.0f} / {run['seconds']['total']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def diagnostics_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| case | seed | truth pairs among candidates (train / test) | features the model "
-             "relies on (recall@50 lost when shuffled) | in-period ceiling: model / visit "
-             "count recall@50 | rounds kept, AUC training / held-out rows |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| case | seed | truth pairs among candidates (train / test) | features the model "
+        "relies on (recall@50 lost when shuffled) | in-period ceiling: model / visit "
+        "count recall@50 | rounds kept, AUC training / held-out rows |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for run in runs:
         if configuration(run) != "template" or not run.get("importance"):
             continue
@@ -111,7 +124,8 @@ def diagnostics_table(runs: list[dict[str, Any]]) -> str:
             f"| {run['case']} | {run['seed']} | {coverage['train']:.3f} / {coverage['test']:.3f} "
             f"| {features} | {ceiling['model_recall_at_50']:.4f} / "
             f"{ceiling['visit_count_recall_at_50']:.4f} ({_pct(lift)}) | "
-            f"{fit['rounds']:.0f}, {fit['train_auc']:.3f} / {fit['valid_auc']:.3f} |")
+            f"{fit['rounds']:.0f}, {fit['train_auc']:.3f} / {fit['valid_auc']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -122,97 +136,158 @@ def _row(what: str, figure: str, target: str = "") -> str:
 def walks_table(r: dict[str, Any]) -> str:
     """`benchmarks/walks.py --json`: one query of 5 pins, medians over queries."""
     unbiased = r["p50_ms"]
-    lines = [f"Graph `{r['graph']}`: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, walk "
-             f"arrays {r['graph_walk_bytes'] / 2**20:.0f} MiB, L3 {r['l3_bytes'] / 2**20:.0f} MiB; "
-             f"{r['queries']} queries ({r['query_source']}), N = {r['steps']:,} steps.", "",
-             "| what | figure | target |", "| --- | --- | --- |",
-             _row("whole query, 1 thread", f"{r['steps_per_second'] / 1e6:.1f}M steps/s, "
-                  f"{r['speedup']:.1f}x the plain reference kernel "
-                  f"({r['reference_steps_per_second'] / 1e6:.1f}M)", ">= 5x"),
-             _row("whole query, 2 threads", f"{r['two_thread_steps_per_second'] / 1e6:.1f}M "
-                  f"steps/s ({r['two_thread_scaling']:.2f}x)"),
-             _row("walk kernel alone, 1 pin", f"{r['kernel_steps_per_second'] / 1e6:.1f}M "
-                  f"steps/s ({r['kernel_speedup']:.1f}x the reference)"),
-             _row("latency p50 / p99, no early stopping", f"{unbiased:.2f} / {r['p99_ms']:.2f} ms"),
-             _row(f"early stopping {r['early_stop_pins']}/{r['early_stop_visits']}",
-                  f"p50 {r['early_stop_p50_ms']:.2f} ms, {r['early_stop_step_fraction']:.0%} of "
-                  f"the steps, top-100 overlap with the full walk "
-                  f"{r['early_stop_overlap_at_100']:.2f} (two full walks, other seeds: "
-                  f"{r['full_walk_seed_overlap_at_100']:.2f})", "<= 50% of the steps at >= 0.80"),
-             _row("locale bias 0.5, p50", f"{r['locale_bias_p50_ms']:.2f} ms "
-                  f"({r['locale_bias_p50_ms'] / unbiased:.2f}x unbiased)", "<= 1.3x"),
-             _row("locale + topic bias 0.8, p50", f"{r['locale_topic_bias_p50_ms']:.2f} ms "
-                  f"({r['locale_topic_bias_p50_ms'] / unbiased:.2f}x unbiased)", "<= 1.6x"),
-             _row("dense vs hash visit counter, p50", f"{r['dense_counter_p50_ms']:.2f} vs "
-                  f"{r['hash_counter_p50_ms']:.2f} ms"),
-             _row("graph size, load", f"{r['bytes_per_edge']:.2f} bytes per edge (+"
-                  f"{r['locale_index_bytes_per_edge']:.2f} locale index, +"
-                  f"{r['key_runs_bytes_per_edge']:.2f} key runs); verified load "
-                  f"{r['load_seconds']:.2f} s")]
+    lines = [
+        f"Graph `{r['graph']}`: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, walk "
+        f"arrays {r['graph_walk_bytes'] / 2**20:.0f} MiB, L3 {r['l3_bytes'] / 2**20:.0f} MiB; "
+        f"{r['queries']} queries ({r['query_source']}), N = {r['steps']:,} steps.",
+        "",
+        "| what | figure | target |",
+        "| --- | --- | --- |",
+        _row(
+            "whole query, 1 thread",
+            f"{r['steps_per_second'] / 1e6:.1f}M steps/s, "
+            f"{r['speedup']:.1f}x the plain reference kernel "
+            f"({r['reference_steps_per_second'] / 1e6:.1f}M)",
+            ">= 5x",
+        ),
+        _row(
+            "whole query, 2 threads",
+            f"{r['two_thread_steps_per_second'] / 1e6:.1f}M "
+            f"steps/s ({r['two_thread_scaling']:.2f}x)",
+        ),
+        _row(
+            "walk kernel alone, 1 pin",
+            f"{r['kernel_steps_per_second'] / 1e6:.1f}M "
+            f"steps/s ({r['kernel_speedup']:.1f}x the reference)",
+        ),
+        _row("latency p50 / p99, no early stopping", f"{unbiased:.2f} / {r['p99_ms']:.2f} ms"),
+        _row(
+            f"early stopping {r['early_stop_pins']}/{r['early_stop_visits']}",
+            f"p50 {r['early_stop_p50_ms']:.2f} ms, {r['early_stop_step_fraction']:.0%} of "
+            f"the steps, top-100 overlap with the full walk "
+            f"{r['early_stop_overlap_at_100']:.2f} (two full walks, other seeds: "
+            f"{r['full_walk_seed_overlap_at_100']:.2f})",
+            "<= 50% of the steps at >= 0.80",
+        ),
+        _row(
+            "locale bias 0.5, p50",
+            f"{r['locale_bias_p50_ms']:.2f} ms "
+            f"({r['locale_bias_p50_ms'] / unbiased:.2f}x unbiased)",
+            "<= 1.3x",
+        ),
+        _row(
+            "locale + topic bias 0.8, p50",
+            f"{r['locale_topic_bias_p50_ms']:.2f} ms "
+            f"({r['locale_topic_bias_p50_ms'] / unbiased:.2f}x unbiased)",
+            "<= 1.6x",
+        ),
+        _row(
+            "dense vs hash visit counter, p50",
+            f"{r['dense_counter_p50_ms']:.2f} vs {r['hash_counter_p50_ms']:.2f} ms",
+        ),
+        _row(
+            "graph size, load",
+            f"{r['bytes_per_edge']:.2f} bytes per edge (+"
+            f"{r['locale_index_bytes_per_edge']:.2f} locale index, +"
+            f"{r['key_runs_bytes_per_edge']:.2f} key runs); verified load "
+            f"{r['load_seconds']:.2f} s",
+        ),
+    ]
     return "\n".join(lines)
 
 
 def _serving_row(name: str, s: dict[str, Any]) -> str:
-    return (f"| {name} | {s['requests_per_second']:.1f} | {s['requests_per_second_per_core']:.1f}"
-            f" | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} | "
-            f"{s['pins_scored_per_second_per_core']:,} | {s['server_cpu_cores']:.2f} | "
-            f"{s['generator_cpu_cores']:.2f} |")
+    return (
+        f"| {name} | {s['requests_per_second']:.1f} | {s['requests_per_second_per_core']:.1f}"
+        f" | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} | "
+        f"{s['pins_scored_per_second_per_core']:,} | {s['server_cpu_cores']:.2f} | "
+        f"{s['generator_cpu_cores']:.2f} |"
+    )
 
 
 def serving_table(r: dict[str, Any]) -> str:
     """`benchmarks/serving.py --json`: home feed over gRPC, medians of the runs."""
-    lines = [f"Graph `{r['graph']}`, {r['cores']} cores, concurrency {r['concurrency']}, "
-             f"{r['duration_s']:g} s per run, medians of {r['repeat']} run(s).", "",
-             "| server | req/s | req/s per core | p50 ms | p90 ms | p99 ms | errors | pins "
-             "scored/s per core | server cores | generator cores |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-             _serving_row("logging on", r)]
+    lines = [
+        f"Graph `{r['graph']}`, {r['cores']} cores, concurrency {r['concurrency']}, "
+        f"{r['duration_s']:g} s per run, medians of {r['repeat']} run(s).",
+        "",
+        "| server | req/s | req/s per core | p50 ms | p90 ms | p99 ms | errors | pins "
+        "scored/s per core | server cores | generator cores |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        _serving_row("logging on", r),
+    ]
     if r.get("logging_off"):
         lines.append(_serving_row("logging off (`sample_rate: 0`)", r["logging_off"]))
     if r.get("processes_2"):
         lines.append(_serving_row("`--processes 2`, logging on", r["processes_2"]))
-    lines += ["", f"The pipeline called directly on one thread takes {r['reference_direct_ms']:.2f}"
-              f" ms per call; served req/s per core x that = "
-              f"{r['served_vs_direct_one_core']:.2f} (1.0: gRPC and scheduling cost nothing). "
-              f"Logging costs {r['logging_overhead_throughput']:.1%} of the throughput."]
+    lines += [
+        "",
+        f"The pipeline called directly on one thread takes {r['reference_direct_ms']:.2f}"
+        f" ms per call; served req/s per core x that = "
+        f"{r['served_vs_direct_one_core']:.2f} (1.0: gRPC and scheduling cost nothing). "
+        f"Logging costs {r['logging_overhead_throughput']:.1%} of the throughput.",
+    ]
     return "\n".join(lines)
 
 
 def replicas_table(r: dict[str, Any]) -> str:
     """`benchmarks/replicas.py --json`: one replica direct, one and two behind Envoy."""
-    lines = [f"Graph `{r['graph']}` ({r['graph_edges']:,} edges, {r['graph_mib']:.0f} MiB), "
-             f"{r['cores']} cores, L3 {r['l3']}, concurrency {r['concurrency']}, "
-             f"{r['duration_s']:g} s per run, medians of {r['repeat']} run(s).", "",
-             "| setting | req/s | req/s per core | p99 ms |", "| --- | ---: | ---: | ---: |"]
-    for name, label in (("direct_1", "one replica, direct"), ("envoy_1", "one replica, Envoy"),
-                        ("envoy_2", "two replicas, Envoy")):
-        lines.append(f"| {label} | {r[f'{name}_rps']:.1f} | {r[f'{name}_rps_per_core']:.1f} | "
-                     f"{r[f'{name}_p99_ms']:.1f} |")
+    lines = [
+        f"Graph `{r['graph']}` ({r['graph_edges']:,} edges, {r['graph_mib']:.0f} MiB), "
+        f"{r['cores']} cores, L3 {r['l3']}, concurrency {r['concurrency']}, "
+        f"{r['duration_s']:g} s per run, medians of {r['repeat']} run(s).",
+        "",
+        "| setting | req/s | req/s per core | p99 ms |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, label in (
+        ("direct_1", "one replica, direct"),
+        ("envoy_1", "one replica, Envoy"),
+        ("envoy_2", "two replicas, Envoy"),
+    ):
+        lines.append(
+            f"| {label} | {r[f'{name}_rps']:.1f} | {r[f'{name}_rps_per_core']:.1f} | "
+            f"{r[f'{name}_p99_ms']:.1f} |"
+        )
     memory = r["memory_two_replicas"]
-    lines += ["", f"Envoy's overhead {r['envoy_overhead']:.1%} (target <= 10%); two replicas "
-              f"{r['envoy_2_vs_direct_1']:.2f}x one direct; {r['errors']} errors. Memory with two "
-              f"replicas: graph files {memory['graph_files_mib']:.0f} MiB, the replicas' "
-              f"proportional shares of the graph add up to {memory['graph_pss_sum_mib']:.0f} MiB."]
+    lines += [
+        "",
+        f"Envoy's overhead {r['envoy_overhead']:.1%} (target <= 10%); two replicas "
+        f"{r['envoy_2_vs_direct_1']:.2f}x one direct; {r['errors']} errors. Memory with two "
+        f"replicas: graph files {memory['graph_files_mib']:.0f} MiB, the replicas' "
+        f"proportional shares of the graph add up to {memory['graph_pss_sum_mib']:.0f} MiB.",
+    ]
     rolling = r.get("rolling")
     if rolling:
-        lines += ["", "| under load, two replicas through Envoy | calls | failed | p99 ms |",
-                  "| --- | ---: | ---: | ---: |"]
-        for name, label in (("reload_each", "new model, Admin.Reload on each replica"),
-                            ("sighup_restart", "rolling restart (SIGHUP)"),
-                            ("kill_one", "one replica SIGKILLed")):
+        lines += [
+            "",
+            "| under load, two replicas through Envoy | calls | failed | p99 ms |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, label in (
+            ("reload_each", "new model, Admin.Reload on each replica"),
+            ("sighup_restart", "rolling restart (SIGHUP)"),
+            ("kill_one", "one replica SIGKILLed"),
+        ):
             if name in rolling:
                 run = rolling[name]
-                lines.append(f"| {label} | {run['count']:,} | {run['errors']} | "
-                             f"{run['p99_ms']:.1f} |")
+                lines.append(
+                    f"| {label} | {run['count']:,} | {run['errors']} | {run['p99_ms']:.1f} |"
+                )
         if "ejected_after_s" in rolling.get("kill_one", {}):
-            lines += ["", f"Envoy ejected the killed replica "
-                      f"{rolling['kill_one']['ejected_after_s']:.2f} s after the kill."]
+            lines += [
+                "",
+                f"Envoy ejected the killed replica "
+                f"{rolling['kill_one']['ejected_after_s']:.2f} s after the kill.",
+            ]
     return "\n".join(lines)
 
 
-PERFORMANCE = {"performance:walks": ("walks.json", walks_table),
-               "performance:serving": ("serving.json", serving_table),
-               "performance:replicas": ("replicas.json", replicas_table)}
+PERFORMANCE = {
+    "performance:walks": ("walks.json", walks_table),
+    "performance:serving": ("serving.json", serving_table),
+    "performance:replicas": ("replicas.json", replicas_table),
+}
 
 
 def performance_tables(results: Path) -> dict[str, str]:
@@ -240,8 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = load(args.results)
     tables = performance_tables(args.results.parent)
     if runs:
-        tables |= {"relevance:summary": summary_table(runs), "relevance:runs": runs_table(runs),
-                   "relevance:diagnostics": diagnostics_table(runs)}
+        tables |= {
+            "relevance:summary": summary_table(runs),
+            "relevance:runs": runs_table(runs),
+            "relevance:diagnostics": diagnostics_table(runs),
+        }
     if not tables:
         raise SystemExit(f"{args.results.parent}: no results")
     if args.write is None:

@@ -42,9 +42,18 @@ REPO = Path(__file__).resolve().parent.parent
 QUERY_PINS = 5
 STEPS = 100_000
 #: Arrays a walk reads (the rest of a graph directory is features and ids).
-WALK_ARRAYS = ("pin_offsets", "pin_adj", "board_offsets", "board_adj", "pin_locale_ends",
-               "board_locale_ends", "pin_run_offsets", "pin_key_runs", "board_run_offsets",
-               "board_key_runs")
+WALK_ARRAYS = (
+    "pin_offsets",
+    "pin_adj",
+    "board_offsets",
+    "board_adj",
+    "pin_locale_ends",
+    "board_locale_ends",
+    "pin_run_offsets",
+    "pin_key_runs",
+    "board_run_offsets",
+    "board_key_runs",
+)
 Query = tuple[np.ndarray, np.ndarray]  # dense pin ids (-1: unknown), weights
 
 
@@ -73,23 +82,29 @@ def _queries(graph: GraphStore, n: int, seed: int) -> list[Query]:
     degree = np.diff(graph.pin_offsets).astype(np.float64)
     rng = np.random.default_rng(seed)
     p = degree / degree.sum()
-    return [(rng.choice(graph.n_pins, QUERY_PINS, replace=False, p=p).astype(np.int32),
-             np.ones(QUERY_PINS)) for _ in range(n)]
+    return [
+        (
+            rng.choice(graph.n_pins, QUERY_PINS, replace=False, p=p).astype(np.int32),
+            np.ones(QUERY_PINS),
+        )
+        for _ in range(n)
+    ]
 
 
 def _request_queries(graph: GraphStore, path: Path, n: int) -> list[Query]:
     """The first n requests of a JSON-lines file whose query has a pin with boards."""
     degree = np.diff(graph.pin_offsets)
     queries: list[Query] = []
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as lines:
+    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as lines:
         for number, line in enumerate(lines, 1):
             try:
                 query = json.loads(line)["query_pins"]
                 ids = np.array([q["pin_id"] for q in query], dtype=object)
                 weights = np.array([float(q["weight"]) for q in query])
             except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{path}:{number}: expected query_pins [{{pin_id, weight}}]: "
-                                 f"{exc!r}") from exc
+                raise SystemExit(
+                    f"{path}:{number}: expected query_pins [{{pin_id, weight}}]: {exc!r}"
+                ) from exc
             pins = graph.pin_index(ids)
             if (degree[pins[pins >= 0]] > 0).any():
                 queries.append((pins, weights))
@@ -106,8 +121,13 @@ def _first_pin(query: Query) -> int:
     return int(pins[pins >= 0][0])
 
 
-def _timed_walks(graph: GraphStore, queries: list[Query], modes: dict[str, WalkParams],
-                 counter: str = "auto", seed: int = 0) -> dict[str, Timed]:
+def _timed_walks(
+    graph: GraphStore,
+    queries: list[Query],
+    modes: dict[str, WalkParams],
+    counter: str = "auto",
+    seed: int = 0,
+) -> dict[str, Timed]:
     """Per mode: per-query seconds, steps walked and candidate pins (best first, top 500).
 
     The modes of one query run back to back, so a noisy neighbour slows them alike and their
@@ -119,22 +139,28 @@ def _timed_walks(graph: GraphStore, queries: list[Query], modes: dict[str, WalkP
     candidates: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     for i, (pins, weights) in enumerate(queries):
         first = _first_pin((pins, weights))
-        user = {"user_locale": int(graph.pin_locale[first]),
-                "user_topic": int(graph.pin_topic[first])}
+        user = {
+            "user_locale": int(graph.pin_locale[first]),
+            "user_topic": int(graph.pin_topic[first]),
+        }
         for mode, params in modes.items():
             started = time.perf_counter()
             result = walk(graph, pins, weights, params, seed=seed + i, counter=counter, **user)
             seconds[mode].append(time.perf_counter() - started)
             steps[mode].append(result.steps_walked)
             candidates[mode].append(result.pins[:500])
-    return {mode: Timed(np.array(seconds[mode]), np.array(steps[mode]), candidates[mode])
-            for mode in modes}
+    return {
+        mode: Timed(np.array(seconds[mode]), np.array(steps[mode]), candidates[mode])
+        for mode in modes
+    }
 
 
 def _overlap(a: list[np.ndarray], b: list[np.ndarray], k: int) -> float:
     """Median over queries of |top k of a & top k of b| / min(k, len(top k of b))."""
-    shares = [np.intersect1d(x[:k], y[:k]).size / max(1, min(k, y.shape[0]))
-              for x, y in zip(a, b, strict=True)]
+    shares = [
+        np.intersect1d(x[:k], y[:k]).size / max(1, min(k, y.shape[0]))
+        for x, y in zip(a, b, strict=True)
+    ]
     return float(np.median(shares))
 
 
@@ -142,8 +168,10 @@ def _two_threads(graph: GraphStore, queries: list[Query], params: WalkParams) ->
     """Aggregate steps/s with two threads each walking half the queries concurrently."""
 
     def run(part: list[Query]) -> int:
-        return sum(walk(graph, pins, weights, params, seed=i).steps_walked
-                   for i, (pins, weights) in enumerate(part))
+        return sum(
+            walk(graph, pins, weights, params, seed=i).steps_walked
+            for i, (pins, weights) in enumerate(part)
+        )
 
     halves = [queries[0::2], queries[1::2]]
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -159,13 +187,34 @@ def _kernel(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray
         table = new_visit_table(1 << 18)
         started = time.perf_counter()
         kernels.walk_query_pin(
-            graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
-            graph.pin_locale_ends, graph.board_locale_ends, graph.pin_run_offsets,
-            graph.pin_key_runs, graph.board_run_offsets, graph.board_key_runs,
-            np.int64(graph.run_shift), np.int32(_first_pin(query)), np.int32(0), np.int64(STEPS),
-            np.uint64(alpha * 2**32), np.uint64(0), np.int32(-1), np.int32(0), np.int32(0),
-            np.int64(0), np.int64(4), np.uint64(i), False, table, np.zeros(table.shape[0]),
-            np.zeros(table.shape[0], np.int32), np.ones(1), np.zeros(1, np.uint8),
+            graph.pin_offsets,
+            graph.pin_adj,
+            graph.board_offsets,
+            graph.board_adj,
+            graph.pin_locale_ends,
+            graph.board_locale_ends,
+            graph.pin_run_offsets,
+            graph.pin_key_runs,
+            graph.board_run_offsets,
+            graph.board_key_runs,
+            np.int64(graph.run_shift),
+            np.int32(_first_pin(query)),
+            np.int32(0),
+            np.int64(STEPS),
+            np.uint64(alpha * 2**32),
+            np.uint64(0),
+            np.int32(-1),
+            np.int32(0),
+            np.int32(0),
+            np.int64(0),
+            np.int64(4),
+            np.uint64(i),
+            False,
+            table,
+            np.zeros(table.shape[0]),
+            np.zeros(table.shape[0], np.int32),
+            np.ones(1),
+            np.zeros(1, np.uint8),
         )
         rates.append(STEPS / (time.perf_counter() - started))
     return np.array(rates)
@@ -176,8 +225,16 @@ def _reference(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndar
     rates = []
     for i, query in enumerate(queries):
         started = time.perf_counter()
-        kernels.reference_walk(graph.pin_offsets, graph.pin_adj, graph.board_offsets,
-                               graph.board_adj, _first_pin(query), STEPS, alpha, i)
+        kernels.reference_walk(
+            graph.pin_offsets,
+            graph.pin_adj,
+            graph.board_offsets,
+            graph.board_adj,
+            _first_pin(query),
+            STEPS,
+            alpha,
+            i,
+        )
         rates.append(STEPS / (time.perf_counter() - started))
     return np.array(rates)
 
@@ -191,8 +248,9 @@ def _page_in(graph: GraphStore) -> float:
     return time.perf_counter() - started
 
 
-def run(graph_dir: Path | None, quick: bool, requests: Path | None, n_queries: int | None,
-        seed: int) -> dict[str, Any]:
+def run(
+    graph_dir: Path | None, quick: bool, requests: Path | None, n_queries: int | None, seed: int
+) -> dict[str, Any]:
     preset = "quick" if quick else "bench"
     path = graph_dir or ensure_graph(preset, cache_dir=REPO / ".cache" / "graphs")
     started = time.perf_counter()
@@ -208,20 +266,32 @@ def run(graph_dir: Path | None, quick: bool, requests: Path | None, n_queries: i
     biased = graph.n_locales > 0
     if biased:
         modes["locale"] = WalkParams(steps=STEPS, early_stop_pins=0, bias_strength=0.5)
-        modes["topic"] = WalkParams(steps=STEPS, early_stop_pins=0, bias_strength=0.8,
-                                    bias_by="locale_topic")
+        modes["topic"] = WalkParams(
+            steps=STEPS, early_stop_pins=0, bias_strength=0.8, bias_by="locale_topic"
+        )
     _timed_walks(graph, queries[:3], modes)  # compile or load the cached kernels
-    kernels.reference_walk(graph.pin_offsets, graph.pin_adj, graph.board_offsets,
-                           graph.board_adj, _first_pin(queries[0]), 10, 0.5, 0)
+    kernels.reference_walk(
+        graph.pin_offsets,
+        graph.pin_adj,
+        graph.board_offsets,
+        graph.board_adj,
+        _first_pin(queries[0]),
+        10,
+        0.5,
+        0,
+    )
 
     timed = _timed_walks(graph, queries, modes)
     full, early = timed["full"], timed["early"]
     other_seed = _timed_walks(graph, queries, {"full": no_stop}, seed=len(queries))["full"]
     two = statistics.median(_two_threads(graph, queries, no_stop) for _ in range(3))
     n_counter = min(n, 40)
-    counters = {counter: _timed_walks(graph, queries[:n_counter], {"full": no_stop},
-                                      counter=counter)["full"].seconds
-                for counter in ("dense", "hash")}
+    counters = {
+        counter: _timed_walks(graph, queries[:n_counter], {"full": no_stop}, counter=counter)[
+            "full"
+        ].seconds
+        for counter in ("dense", "hash")
+    }
     reference_queries = queries[: max(10, n // 5)]
     reference = _reference(graph, reference_queries, no_stop.restart_probability)
     kernel = _kernel(graph, reference_queries, no_stop.restart_probability)
@@ -275,41 +345,59 @@ def run(graph_dir: Path | None, quick: bool, requests: Path | None, n_queries: i
 
 def _print(r: dict[str, Any]) -> None:
     l3 = f"{r['l3_bytes'] / 2**20:.0f} MiB" if r["l3_bytes"] else "unknown"
-    print(f"graph {r['graph']}: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, "
-          f"{r['bytes_per_edge']:.2f} bytes/edge (+{r['locale_index_bytes_per_edge']:.2f} locale "
-          f"index, +{r['key_runs_bytes_per_edge']:.2f} key runs); "
-          f"load {r['load_seconds'] * 1e3:.1f} ms, "
-          f"page-in {r['page_in_seconds']:.2f} s")
+    print(
+        f"graph {r['graph']}: {r['graph_pins']:,} pins, {r['graph_edges']:,} edges, "
+        f"{r['bytes_per_edge']:.2f} bytes/edge (+{r['locale_index_bytes_per_edge']:.2f} locale "
+        f"index, +{r['key_runs_bytes_per_edge']:.2f} key runs); "
+        f"load {r['load_seconds'] * 1e3:.1f} ms, "
+        f"page-in {r['page_in_seconds']:.2f} s"
+    )
     print(f"walk arrays {r['graph_walk_bytes'] / 2**20:.0f} MiB, L3 cache {l3}")
-    print(f"{r['queries']} queries ({r['query_source']}), N = {r['steps']:,} steps "
-          "(medians over queries)")
+    print(
+        f"{r['queries']} queries ({r['query_source']}), N = {r['steps']:,} steps "
+        "(medians over queries)"
+    )
     base = r["p50_ms"]
 
     def bias(name: str) -> str:
         if r[f"{name}_p50_ms"] is None:
             return "n/a: the graph has no locales"
-        return (f"p50 {r[f'{name}_p50_ms']:.2f} ms  p99 {r[f'{name}_p99_ms']:.2f} ms  "
-                f"({r[f'{name}_p50_ms'] / base:.2f}x unbiased)")
+        return (
+            f"p50 {r[f'{name}_p50_ms']:.2f} ms  p99 {r[f'{name}_p99_ms']:.2f} ms  "
+            f"({r[f'{name}_p50_ms'] / base:.2f}x unbiased)"
+        )
 
     rows = [
         ("engine, 1 thread", f"{r['steps_per_second'] / 1e6:.1f}M steps/s"),
-        ("engine, 2 threads", f"{r['two_thread_steps_per_second'] / 1e6:.1f}M steps/s "
-                              f"({r['two_thread_scaling']:.2f}x one thread)"),
+        (
+            "engine, 2 threads",
+            f"{r['two_thread_steps_per_second'] / 1e6:.1f}M steps/s "
+            f"({r['two_thread_scaling']:.2f}x one thread)",
+        ),
         ("kernel alone, 1 pin", f"{r['kernel_steps_per_second'] / 1e6:.1f}M steps/s"),
         ("reference kernel, 1 pin", f"{r['reference_steps_per_second'] / 1e6:.1f}M steps/s"),
-        ("speedup", f"engine {r['speedup']:.1f}x, kernel alone "
-                    f"{r['kernel_speedup']:.1f}x the reference"),
+        (
+            "speedup",
+            f"engine {r['speedup']:.1f}x, kernel alone {r['kernel_speedup']:.1f}x the reference",
+        ),
         ("latency, no early stop", f"p50 {base:.2f} ms  p99 {r['p99_ms']:.2f} ms"),
-        (f"latency, early stop {r['early_stop_pins']}/{r['early_stop_visits']}",
-         f"p50 {r['early_stop_p50_ms']:.2f} ms  p99 {r['early_stop_p99_ms']:.2f} ms  "
-         f"({r['early_stop_step_fraction']:.0%} of the steps)"),
-        ("early stop vs full walk", f"top-100 overlap {r['early_stop_overlap_at_100']:.2f}, "
-                                    f"top-500 {r['early_stop_overlap_at_500']:.2f} (two full "
-                                    f"walks' top 100: {r['full_walk_seed_overlap_at_100']:.2f})"),
+        (
+            f"latency, early stop {r['early_stop_pins']}/{r['early_stop_visits']}",
+            f"p50 {r['early_stop_p50_ms']:.2f} ms  p99 {r['early_stop_p99_ms']:.2f} ms  "
+            f"({r['early_stop_step_fraction']:.0%} of the steps)",
+        ),
+        (
+            "early stop vs full walk",
+            f"top-100 overlap {r['early_stop_overlap_at_100']:.2f}, "
+            f"top-500 {r['early_stop_overlap_at_500']:.2f} (two full "
+            f"walks' top 100: {r['full_walk_seed_overlap_at_100']:.2f})",
+        ),
         ("latency, locale bias 0.5", bias("locale_bias")),
         ("latency, locale+topic bias 0.8", bias("locale_topic_bias")),
-        ("visit counter p50", f"dense {r['dense_counter_p50_ms']:.2f} ms  "
-                              f"hash {r['hash_counter_p50_ms']:.2f} ms"),
+        (
+            "visit counter p50",
+            f"dense {r['dense_counter_p50_ms']:.2f} ms  hash {r['hash_counter_p50_ms']:.2f} ms",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -319,11 +407,19 @@ def _print(r: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help='"quick" graph, under a minute')
-    parser.add_argument("--graph", type=Path, metavar="DIR",
-                        help="a graph directory (walkrank graph build) instead of a preset")
-    parser.add_argument("--requests", type=Path, metavar="FILE",
-                        help="JSON lines with query_pins [{pin_id, weight}] (.gz too): the "
-                             "queries, instead of 5 pins drawn by degree")
+    parser.add_argument(
+        "--graph",
+        type=Path,
+        metavar="DIR",
+        help="a graph directory (walkrank graph build) instead of a preset",
+    )
+    parser.add_argument(
+        "--requests",
+        type=Path,
+        metavar="FILE",
+        help="JSON lines with query_pins [{pin_id, weight}] (.gz too): the "
+        "queries, instead of 5 pins drawn by degree",
+    )
     parser.add_argument("--queries", type=int, help="queries per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")

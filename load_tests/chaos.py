@@ -85,8 +85,14 @@ EXTRA_TENANT = "extra"
 KEYS = {name: f"chaos-key-{name}" for name in (*SHIPPED, LOG_TENANT, EXTRA_TENANT)}
 ADMIN_TOKEN = "chaos-admin-token"
 #: The report's promise figures, with their targets (docs/fault-containment.md).
-TARGETS = {"internal_errors": 0, "hangs": 0, "crashes": 0, "uncounted_log_loss_rows": 0,
-           "cross_tenant_events_accepted": 0, "failed_calls_during_reload": 0}
+TARGETS = {
+    "internal_errors": 0,
+    "hangs": 0,
+    "crashes": 0,
+    "uncounted_log_loss_rows": 0,
+    "cross_tenant_events_accepted": 0,
+    "failed_calls_during_reload": 0,
+}
 MAX_ISOLATION_RATIO = 1.5
 MAX_REFUSAL_P99_MS = 5.0
 
@@ -112,8 +118,12 @@ class Settings:
 
 def machine() -> dict[str, Any]:
     """Cores, CPU model and L3 size: isolation figures mean little without them."""
-    info: dict[str, Any] = {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-                            "platform": platform.platform(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
@@ -143,8 +153,9 @@ def children(pid: int) -> list[int]:
 
 def cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         return ""
 
@@ -159,8 +170,11 @@ def process_state(pid: int) -> str | None:
 def log_writers(server_pid: int) -> list[int]:
     """The server's live children but multiprocessing's resource tracker: the candidate-log
     writer (spawned ones first)."""
-    live = [pid for pid in children(server_pid) if process_state(pid) not in (None, "Z")
-            and "resource_tracker" not in cmdline(pid)]
+    live = [
+        pid
+        for pid in children(server_pid)
+        if process_state(pid) not in (None, "Z") and "resource_tracker" not in cmdline(pid)
+    ]
     return sorted(live, key=lambda pid: "spawn_main" not in cmdline(pid))
 
 
@@ -168,8 +182,9 @@ def dropped_rows(metrics_address: str) -> float:
     """Candidate-log rows the server counted as never written, over every reason."""
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
     total = 0.0
-    for labels, value in re.findall(r"^walkrank_log_dropped_rows_total(\{[^}]*\})? (\S+)$", text,
-                                    re.MULTILINE):
+    for labels, value in re.findall(
+        r"^walkrank_log_dropped_rows_total(\{[^}]*\})? (\S+)$", text, re.MULTILINE
+    ):
         if 'log="' not in labels or 'log="candidates"' in labels:
             total += float(value)
     return total
@@ -178,8 +193,9 @@ def dropped_rows(metrics_address: str) -> float:
 class Background:
     """Valid calls back to back from `workers` threads until the block ends (or `max_s`)."""
 
-    def __init__(self, channel: grpc.Channel, calls: list[Call], workers: int, max_s: float
-                 ) -> None:
+    def __init__(
+        self, channel: grpc.Channel, calls: list[Call], workers: int, max_s: float
+    ) -> None:
         self.channel = channel
         self.calls = calls
         self.workers = workers
@@ -199,8 +215,9 @@ class Background:
                 self._stop.wait(0.05)
 
     def __enter__(self) -> Background:
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                         for i in range(self.workers)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.workers)
+        ]
         for thread in self._threads:
             thread.start()
         return self
@@ -234,12 +251,20 @@ class Chaos:
         self.metrics_address = f"127.0.0.1:{free_port()}"
         self.credentials = Credentials({name: KEYS[name] for name in SHIPPED}, ADMIN_TOKEN)
         self.statuses: Counter[str] = Counter()
-        self.report: dict[str, Any] = {"fuzzed": 0, "statuses": {}, "internal_errors": 0,
-                                       "hangs": 0, "crashes": 0}
+        self.report: dict[str, Any] = {
+            "fuzzed": 0,
+            "statuses": {},
+            "internal_errors": 0,
+            "hangs": 0,
+            "crashes": 0,
+        }
         self.context: dict[str, Any] = {}
         self._prepare(graph)
-        env = {**os.environ, "WALKRANK_ADMIN_TOKEN": ADMIN_TOKEN,
-               "WALKRANK_API_KEYS": ",".join(f"{t}={k}" for t, k in KEYS.items())}
+        env = {
+            **os.environ,
+            "WALKRANK_ADMIN_TOKEN": ADMIN_TOKEN,
+            "WALKRANK_API_KEYS": ",".join(f"{t}={k}" for t, k in KEYS.items()),
+        }
         self.server = ServeProcess(self.config, root / "server.log", env=env)
         self.channel: grpc.Channel | None = None
 
@@ -251,12 +276,25 @@ class Chaos:
         chaoslog["name"] = LOG_TENANT
         chaoslog["logging"]["sample_rate"] = 1.0
         (self.tenants / f"{LOG_TENANT}.yaml").write_text(yaml.safe_dump(chaoslog))
-        self.model_version = publish_random_model(self.models, self.tenants / "homefeed.yaml",
-                                                  trees=10, depth=3, rows=2_000, seed=self.seed)
+        self.model_version = publish_random_model(
+            self.models,
+            self.tenants / "homefeed.yaml",
+            trees=10,
+            depth=3,
+            rows=2_000,
+            seed=self.seed,
+        )
         self.config = write_server_config(
-            self.root / "walkrank.yaml", graph, self.tenants, self.models, self.logs, workers=8,
-            metrics_address=self.metrics_address, auth=True,
-            grace_seconds=self.settings.grace_s)
+            self.root / "walkrank.yaml",
+            graph,
+            self.tenants,
+            self.models,
+            self.logs,
+            workers=8,
+            metrics_address=self.metrics_address,
+            auth=True,
+            grace_seconds=self.settings.grace_s,
+        )
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -271,8 +309,9 @@ class Chaos:
             elif outcome.code == HANG:
                 self.report["hangs"] += 1
 
-    def valid_calls(self, tenant: str, n: int, as_tenant: str | None = None,
-                    timeout: float | None = 2.0) -> list[Call]:
+    def valid_calls(
+        self, tenant: str, n: int, as_tenant: str | None = None, timeout: float | None = 2.0
+    ) -> list[Call]:
         """`n` valid Recommend calls drawn from the served graph with the tenant's traffic
         model (`as_tenant`: sent under another tenant's name and key)."""
         name = as_tenant or tenant
@@ -280,8 +319,9 @@ class Chaos:
         for message in draw_requests(self.graph, tenant, n, seed=self.seed):
             message["tenant"] = name
             request = json_format.ParseDict(message, recommender_pb2.RecommendRequest())
-            calls.append(Call(RECOMMEND, request.SerializeToString(),
-                              (("x-api-key", KEYS[name]),), timeout))
+            calls.append(
+                Call(RECOMMEND, request.SerializeToString(), (("x-api-key", KEYS[name]),), timeout)
+            )
         return calls
 
     def call(self, call: Call) -> Outcome:
@@ -292,8 +332,11 @@ class Chaos:
     def healthy(self) -> bool:
         """Overall health SERVING (no credentials needed)."""
         outcome = send(self.channel, Call(HEALTH_CHECK, b"", timeout=5.0))
-        return outcome.code == grpc.StatusCode.OK and health_pb2.HealthCheckResponse.FromString(
-            outcome.responses[0]).status == health_pb2.HealthCheckResponse.SERVING
+        return (
+            outcome.code == grpc.StatusCode.OK
+            and health_pb2.HealthCheckResponse.FromString(outcome.responses[0]).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
     @contextmanager
     def started(self) -> Iterator[None]:
@@ -321,8 +364,11 @@ class Chaos:
         self.context.setdefault("generator_cpu_s", {})[name] = round(cpu_seconds() - cpu, 2)
         if not stops_server and not self.alive():
             self.report["crashes"] += 1
-            self.context["crash"] = {"phase": name, "exit_code": self.server.process.returncode,
-                                     "log_tail": self.server.log_path.read_text()[-2000:]}
+            self.context["crash"] = {
+                "phase": name,
+                "exit_code": self.server.process.returncode,
+                "log_tail": self.server.log_path.read_text()[-2000:],
+            }
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -340,14 +386,21 @@ class Chaos:
         counted = dropped_rows(self.metrics_address) - before
         restarted = [pid for pid in log_writers(self.server.pid) if pid not in writers]
         self.tally(load.outcomes)
-        submitted = sum(recommender_pb2.RecommendResponse.FromString(o.responses[0])
-                        .candidates_generated for o in load.outcomes
-                        if o.code == grpc.StatusCode.OK)
+        submitted = sum(
+            recommender_pb2.RecommendResponse.FromString(o.responses[0]).candidates_generated
+            for o in load.outcomes
+            if o.code == grpc.StatusCode.OK
+        )
         self.context["log_writer"] = {
-            "writers_found": len(writers), "killed": writers[:1], "restarted": bool(restarted),
+            "writers_found": len(writers),
+            "killed": writers[:1],
+            "restarted": bool(restarted),
             "old_writer_state": process_state(writers[0]) if writers else None,
-            "calls": len(load.outcomes), "failed_calls": dict(load.failed()),
-            "rows_submitted": int(submitted), "rows_counted_lost": int(counted)}
+            "calls": len(load.outcomes),
+            "failed_calls": dict(load.failed()),
+            "rows_submitted": int(submitted),
+            "rows_counted_lost": int(counted),
+        }
 
     def isolation(self) -> None:
         from loadgen.isolation import Load, measure_isolation
@@ -356,29 +409,54 @@ class Chaos:
 
         victim_calls = self.valid_calls("related_pins", 200)
         aggressor_calls = self.valid_calls("homefeed", 200, as_tenant="email")
-        victim = Load("victim", tuple(c.payload for c in victim_calls), concurrency=4, rps=50.0,
-                      metadata=victim_calls[0].metadata)
-        aggressor = Load("aggressor", tuple(c.payload for c in aggressor_calls), concurrency=4,
-                         metadata=aggressor_calls[0].metadata)
+        victim = Load(
+            "victim",
+            tuple(c.payload for c in victim_calls),
+            concurrency=4,
+            rps=50.0,
+            metadata=victim_calls[0].metadata,
+        )
+        aggressor = Load(
+            "aggressor",
+            tuple(c.payload for c in aggressor_calls),
+            concurrency=4,
+            metadata=aggressor_calls[0].metadata,
+        )
         quota = load_tenant(self.tenants / "email.yaml").limits.max_in_flight
-        result = measure_isolation(self.server.target, self.server.cpu_seconds, victim,
-                                   aggressor, quota=quota, factor=16,
-                                   duration_s=self.settings.isolation_s).to_dict()
+        result = measure_isolation(
+            self.server.target,
+            self.server.cpu_seconds,
+            victim,
+            aggressor,
+            quota=quota,
+            factor=16,
+            duration_s=self.settings.isolation_s,
+        ).to_dict()
         self.report["isolation_p99_ratio"] = result["isolation_p99_ratio"]
         self.report["refusal_p99_ms"] = result["refusal_p99_ms"]
         self.context["isolation"] = {
             **{k: v for k, v in result.items() if k not in ("phases", "server_cpu_s")},
-            "generator_cores": {phase: {load: figures["generator_cores"]
-                                        for load, figures in loads.items()}
-                                for phase, loads in result["phases"].items()},
-            "server_cores": {phase: cpu / self.settings.isolation_s
-                             for phase, cpu in result["server_cpu_s"].items()},
-            "statuses": {phase: {load: figures["statuses"] for load, figures in loads.items()}
-                         for phase, loads in result["phases"].items()}}
+            "generator_cores": {
+                phase: {load: figures["generator_cores"] for load, figures in loads.items()}
+                for phase, loads in result["phases"].items()
+            },
+            "server_cores": {
+                phase: cpu / self.settings.isolation_s
+                for phase, cpu in result["server_cpu_s"].items()
+            },
+            "statuses": {
+                phase: {load: figures["statuses"] for load, figures in loads.items()}
+                for phase, loads in result["phases"].items()
+            },
+        }
 
     def fuzz(self) -> None:
-        known = [str(p) for p in self.graph.pin_external(
-            np.argsort(-np.diff(np.asarray(self.graph.pin_offsets)))[:32]).tolist()]
+        known = [
+            str(p)
+            for p in self.graph.pin_external(
+                np.argsort(-np.diff(np.asarray(self.graph.pin_offsets)))[:32]
+            ).tolist()
+        ]
         strategies = call_strategies(known, self.credentials)
         end = time.monotonic() + self.settings.fuzz_max_s
         long_details = 0
@@ -387,16 +465,21 @@ class Chaos:
             return (call, send(self.channel, call)) if time.monotonic() < end else None
 
         for share, fraction in SHARES.items():
-            calls = draw_calls(strategies[share], round(self.settings.fuzz * fraction),
-                               seed=self.seed)
+            calls = draw_calls(
+                strategies[share], round(self.settings.fuzz * fraction), seed=self.seed
+            )
             with ThreadPoolExecutor(self.settings.fuzz_threads) as pool:
                 made = [pair for pair in pool.map(one, calls) if pair is not None]
             outcomes = [outcome for _, outcome in made]
             self.tally(outcomes)
             self.report["fuzzed"] += len(outcomes)
             self.statuses.update(o.code_name for o in outcomes)
-            long_details += sum(1 for call, outcome in made if outcome.code != HANG and any(
-                "details of" in v for v in violations(call, outcome)))
+            long_details += sum(
+                1
+                for call, outcome in made
+                if outcome.code != HANG
+                and any("details of" in v for v in violations(call, outcome))
+            )
             if not self.alive() or not self.healthy():
                 self.context["fuzz_stopped"] = f"server not healthy after the {share} calls"
                 break
@@ -408,12 +491,14 @@ class Chaos:
         answered: dict[str, list[tuple[str, str]]] = {}
         for tenant in ("homefeed", "email"):
             pairs = []
-            for index, call in enumerate(self.valid_calls("homefeed", 5, as_tenant=tenant,
-                                                          timeout=5.0)):
+            for index, call in enumerate(
+                self.valid_calls("homefeed", 5, as_tenant=tenant, timeout=5.0)
+            ):
                 request = recommender_pb2.RecommendRequest.FromString(call.payload)
                 request.request_id = f"chaos-{tenant}-{index}"
-                outcome = self.call(Call(RECOMMEND, request.SerializeToString(), call.metadata,
-                                         5.0))
+                outcome = self.call(
+                    Call(RECOMMEND, request.SerializeToString(), call.metadata, 5.0)
+                )
                 if outcome.code == grpc.StatusCode.OK:
                     answer = recommender_pb2.RecommendResponse.FromString(outcome.responses[0])
                     pairs += [(request.request_id, c.pin_id) for c in answer.candidates[:3]]
@@ -421,25 +506,48 @@ class Chaos:
         accepted, own = 0, {}
         for reporter, other in (("homefeed", "email"), ("email", "homefeed")):
             for quoted, counter in ((other, "foreign"), (reporter, "own")):
-                events = [events_pb2.Event(request_id=r, pin_id=p, event="click")
-                          for r, p in answered[quoted]]
-                outcome = self.call(Call(EVENTS, events_pb2.ReportEventsRequest(
-                    tenant=reporter, events=events).SerializeToString(),
-                    (("x-api-key", KEYS[reporter]),), 5.0))
-                count = (events_pb2.ReportEventsResponse.FromString(outcome.responses[0]).accepted
-                         if outcome.code == grpc.StatusCode.OK else 0)
+                events = [
+                    events_pb2.Event(request_id=r, pin_id=p, event="click")
+                    for r, p in answered[quoted]
+                ]
+                outcome = self.call(
+                    Call(
+                        EVENTS,
+                        events_pb2.ReportEventsRequest(
+                            tenant=reporter, events=events
+                        ).SerializeToString(),
+                        (("x-api-key", KEYS[reporter]),),
+                        5.0,
+                    )
+                )
+                count = (
+                    events_pb2.ReportEventsResponse.FromString(outcome.responses[0]).accepted
+                    if outcome.code == grpc.StatusCode.OK
+                    else 0
+                )
                 if counter == "foreign":
                     accepted += count
                 else:
                     own[reporter] = {"sent": len(events), "accepted": count}
             # The other tenant's name with this tenant's key: refused by authentication.
-            outcome = self.call(Call(EVENTS, events_pb2.ReportEventsRequest(
-                tenant=other, events=[events_pb2.Event(request_id=r, pin_id=p, event="click")
-                                      for r, p in answered[other]]).SerializeToString(),
-                (("x-api-key", KEYS[reporter]),), 5.0))
+            outcome = self.call(
+                Call(
+                    EVENTS,
+                    events_pb2.ReportEventsRequest(
+                        tenant=other,
+                        events=[
+                            events_pb2.Event(request_id=r, pin_id=p, event="click")
+                            for r, p in answered[other]
+                        ],
+                    ).SerializeToString(),
+                    (("x-api-key", KEYS[reporter]),),
+                    5.0,
+                )
+            )
             if outcome.code == grpc.StatusCode.OK:
                 accepted += events_pb2.ReportEventsResponse.FromString(
-                    outcome.responses[0]).accepted
+                    outcome.responses[0]
+                ).accepted
         self.report["cross_tenant_events_accepted"] = accepted
         self.context["own_events"] = own
 
@@ -473,24 +581,34 @@ class Chaos:
             current.write_text(f"{self.model_version}\n")
             shutil.rmtree(corrupt, ignore_errors=True)
 
-        steps = [("bad YAML in related_pins.yaml", bad_yaml),
-                 ("CURRENT 'abc' beside a new tenant file", bad_current_beside_new_tenant),
-                 ("CURRENT naming a missing version", dangling_current),
-                 ("corrupt model version", corrupt_model), ("restored", restore)]
+        steps = [
+            ("bad YAML in related_pins.yaml", bad_yaml),
+            ("CURRENT 'abc' beside a new tenant file", bad_current_beside_new_tenant),
+            ("CURRENT naming a missing version", dangling_current),
+            ("corrupt model version", corrupt_model),
+            ("restored", restore),
+        ]
         calls = self.valid_calls("homefeed", 100) + self.valid_calls("related_pins", 100)
         results = []
         with Background(self.channel, calls, workers=2, max_s=120) as load:
             time.sleep(0.5)
             for name, change in steps:
                 change()
-                outcome = self.call(Call(RELOAD, admin_pb2.ReloadRequest().SerializeToString(),
-                                         (("x-admin-token", ADMIN_TOKEN),), 60.0))
+                outcome = self.call(
+                    Call(
+                        RELOAD,
+                        admin_pb2.ReloadRequest().SerializeToString(),
+                        (("x-admin-token", ADMIN_TOKEN),),
+                        60.0,
+                    )
+                )
                 step: dict[str, Any] = {"step": name, "code": outcome.code_name}
                 if outcome.code == grpc.StatusCode.OK:
                     answer = admin_pb2.ReloadResponse.FromString(outcome.responses[0])
                     step["changes"] = [f"{c.tenant}:{c.kind}" for c in answer.changes]
-                    step["errors"] = [f"{Path(e.path).name}: {e.message[:160]}"
-                                      for e in answer.errors]
+                    step["errors"] = [
+                        f"{Path(e.path).name}: {e.message[:160]}" for e in answer.errors
+                    ]
                 else:
                     step["details"] = outcome.details[:200]
                 results.append(step)
@@ -501,17 +619,26 @@ class Chaos:
         self.report["failed_calls_during_reload"] = sum(failed.values()) + failed_reloads
         added = results[1].get("changes", [])
         self.context["reloads"] = {
-            "steps": results, "serving_calls": len(load.outcomes),
-            "failed_serving_calls": dict(failed), "failed_reload_calls": failed_reloads,
-            "new_tenant_loaded_beside_bad_current": f"{EXTRA_TENANT}:added" in added}
+            "steps": results,
+            "serving_calls": len(load.outcomes),
+            "failed_serving_calls": dict(failed),
+            "failed_reload_calls": failed_reloads,
+            "new_tenant_loaded_beside_bad_current": f"{EXTRA_TENANT}:added" in added,
+        }
 
     def sigterm(self) -> None:
         calls = self.valid_calls("homefeed", 100)
-        batch = json_format.ParseDict(draw_requests(self.graph, "email", 1, seed=self.seed,
-                                                    batch_users=200)[0],
-                                      recommender_pb2.RecommendBatchRequest())
-        long_call = Call(BATCH, batch.SerializeToString(), (("x-api-key", KEYS["email"]),), None,
-                         messages=len(batch.users))
+        batch = json_format.ParseDict(
+            draw_requests(self.graph, "email", 1, seed=self.seed, batch_users=200)[0],
+            recommender_pb2.RecommendBatchRequest(),
+        )
+        long_call = Call(
+            BATCH,
+            batch.SerializeToString(),
+            (("x-api-key", KEYS["email"]),),
+            None,
+            messages=len(batch.users),
+        )
         process = self.server.process
         limit = self.settings.grace_s + 1.0
         with Background(self.channel, calls, workers=2, max_s=30) as load:
@@ -531,11 +658,13 @@ class Chaos:
             self.report["hangs"] += 1
         if process.returncode != 0 and exit_s <= limit:
             self.report["crashes"] += 1
-        self.context["sigterm"] = {"exit_s": round(exit_s, 2), "grace_s": self.settings.grace_s,
-                                   "within_grace_plus_1s": exit_s <= limit,
-                                   "exit_code": process.returncode,
-                                   "load_statuses": dict(Counter(
-                                       o.code_name for o in load.outcomes))}
+        self.context["sigterm"] = {
+            "exit_s": round(exit_s, 2),
+            "grace_s": self.settings.grace_s,
+            "within_grace_plus_1s": exit_s <= limit,
+            "exit_code": process.returncode,
+            "load_statuses": dict(Counter(o.code_name for o in load.outcomes)),
+        }
 
     def log_accounting(self) -> None:
         """After the server stopped: rows submitted = written + counted lost, or not."""
@@ -561,17 +690,33 @@ class Chaos:
             self.log_accounting()
         except Exception as exc:
             self.context.setdefault("phase_errors", {})["log_accounting"] = (
-                f"{type(exc).__name__}: {exc}")
-        report = {key: self.report.get(key) for key in (
-            "fuzzed", "statuses", "internal_errors", "hangs", "crashes",
-            "uncounted_log_loss_rows", "cross_tenant_events_accepted", "isolation_p99_ratio",
-            "refusal_p99_ms", "failed_calls_during_reload")}
+                f"{type(exc).__name__}: {exc}"
+            )
+        report = {
+            key: self.report.get(key)
+            for key in (
+                "fuzzed",
+                "statuses",
+                "internal_errors",
+                "hangs",
+                "crashes",
+                "uncounted_log_loss_rows",
+                "cross_tenant_events_accepted",
+                "isolation_p99_ratio",
+                "refusal_p99_ms",
+                "failed_calls_during_reload",
+            )
+        }
         report["targets_met"] = targets_met(report)
         report["machine"] = machine()
-        report["settings"] = {"quick": self.settings.quick, "fuzz": self.settings.fuzz,
-                              "phases": list(self.settings.phases),
-                              "isolation_s": self.settings.isolation_s, "seed": self.seed,
-                              "graph": str(self.graph.path)}
+        report["settings"] = {
+            "quick": self.settings.quick,
+            "fuzz": self.settings.fuzz,
+            "phases": list(self.settings.phases),
+            "isolation_s": self.settings.isolation_s,
+            "seed": self.seed,
+            "graph": str(self.graph.path),
+        }
         report["wall_s"] = round(time.monotonic() - started, 1)
         report["context"] = self.context
         return report
@@ -595,8 +740,11 @@ TABLE_ROWS = (
     ("uncounted_log_loss_rows", "log rows neither written nor counted lost", "0"),
     ("cross_tenant_events_accepted", "events accepted quoting another tenant's requests", "0"),
     ("failed_calls_during_reload", "failed calls (serving and Reload) while files broke", "0"),
-    ("isolation_p99_ratio", "victim p99 beside a tenant at 16x quota / alone",
-     f"<= {MAX_ISOLATION_RATIO}"),
+    (
+        "isolation_p99_ratio",
+        "victim p99 beside a tenant at 16x quota / alone",
+        f"<= {MAX_ISOLATION_RATIO}",
+    ),
     ("refusal_p99_ms", "p99 of the over-quota refusals (ms)", f"<= {MAX_REFUSAL_P99_MS:g}"),
 )
 
@@ -613,24 +761,31 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| figure | measures | target | measured | met |", "| --- | --- | --- | ---: | --- |"]
     for key, meaning, target in TABLE_ROWS:
         ok = met.get(key, report.get(key, 0) >= 10_000 if key == "fuzzed" else None)
-        lines.append(f"| `{key}` | {meaning} | {target} | {shown(report.get(key))} | "
-                     f"{'yes' if ok else 'NO'} |")
+        lines.append(
+            f"| `{key}` | {meaning} | {target} | {shown(report.get(key))} | "
+            f"{'yes' if ok else 'NO'} |"
+        )
     machine_info = report.get("machine", {})
     isolation = report.get("context", {}).get("isolation", {})
     generator = isolation.get("generator_cores", {}).get("together", {})
     statuses = report.get("statuses") or {}
-    lines += ["", "Statuses of the fuzzed calls: " + (", ".join(
-                  f"{code} {count:,}" for code, count in statuses.items()) or "none") + ".",
-              f"Machine: {machine_info.get('cores')} cores ({machine_info.get('cpu')}, L3 "
-              f"{machine_info.get('l3')}); run: {report.get('settings', {})}, "
-              f"{report.get('wall_s')} s."]
+    lines += [
+        "",
+        "Statuses of the fuzzed calls: "
+        + (", ".join(f"{code} {count:,}" for code, count in statuses.items()) or "none")
+        + ".",
+        f"Machine: {machine_info.get('cores')} cores ({machine_info.get('cpu')}, L3 "
+        f"{machine_info.get('l3')}); run: {report.get('settings', {})}, "
+        f"{report.get('wall_s')} s.",
+    ]
     if generator:
         lines.append(
             "Isolation phase with both loads: the load generator used "
             + ", ".join(f"{name} {cores:.2f}" for name, cores in generator.items())
             + " cores on the server's machine; server CPU per refusal "
             f"{isolation.get('server_cpu_ms_per_refusal', float('nan')):.3f} ms, per served "
-            f"victim call {isolation.get('server_cpu_ms_per_victim_call', float('nan')):.3f} ms.")
+            f"victim call {isolation.get('server_cpu_ms_per_victim_call', float('nan')):.3f} ms."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -643,9 +798,10 @@ def write_into(doc: Path, table: str) -> None:
     text = doc.read_text()
     begin, end = text.find(FIGURES_BEGIN), text.find(FIGURES_END)
     if begin < 0 or end < begin:
-        raise SystemExit(f"chaos.py: {doc} has no figure markers ({FIGURES_BEGIN} ... "
-                         f"{FIGURES_END})")
-    doc.write_text(text[:begin + len(FIGURES_BEGIN)] + "\n" + table + text[end:])
+        raise SystemExit(
+            f"chaos.py: {doc} has no figure markers ({FIGURES_BEGIN} ... {FIGURES_END})"
+        )
+    doc.write_text(text[: begin + len(FIGURES_BEGIN)] + "\n" + table + text[end:])
 
 
 def build_graph(value: str | None, scratch: Path) -> Path:
@@ -658,31 +814,55 @@ def build_graph(value: str | None, scratch: Path) -> Path:
         return out
     path = Path(value)
     if not (path / "manifest.json").is_file():
-        raise SystemExit(f"chaos.py: --graph {value!r} is neither a preset "
-                         f"({', '.join(PRESETS)}) nor a graph directory with manifest.json")
+        raise SystemExit(
+            f"chaos.py: --graph {value!r} is neither a preset "
+            f"({', '.join(PRESETS)}) nor a graph directory with manifest.json"
+        )
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="load_tests/chaos.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="load_tests/chaos.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--json", type=Path, help="run, and write the report here")
-    what.add_argument("--table", type=Path, metavar="JSON",
-                      help="print a report's figures as a Markdown table (no run)")
-    parser.add_argument("--into", type=Path, metavar="DOC",
-                        help="with --table: put the table between DOC's figure markers")
-    parser.add_argument("--quick", action="store_true",
-                        help="CI size: 1,000 fuzzed calls, 2 s isolation phases")
+    what.add_argument(
+        "--table",
+        type=Path,
+        metavar="JSON",
+        help="print a report's figures as a Markdown table (no run)",
+    )
+    parser.add_argument(
+        "--into",
+        type=Path,
+        metavar="DOC",
+        help="with --table: put the table between DOC's figure markers",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CI size: 1,000 fuzzed calls, 2 s isolation phases"
+    )
     parser.add_argument("--fuzz", type=int, help="fuzzed calls (default 10,000; quick 1,000)")
-    parser.add_argument("--graph", help="synthetic preset built in a temporary directory "
-                        "(default tiny) or an existing graph directory")
+    parser.add_argument(
+        "--graph",
+        help="synthetic preset built in a temporary directory "
+        "(default tiny) or an existing graph directory",
+    )
     parser.add_argument("--seed", type=int, default=12)
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated phases to run (default all: {','.join(PHASES)}); "
-                             "a figure of a phase left out is reported as null")
-    parser.add_argument("--keep", type=Path, help="keep the server's files (log, logs, "
-                        "tenants, models) in this directory instead of a temporary one")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run (default all: {','.join(PHASES)}); "
+        "a figure of a phase left out is reported as null",
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the server's files (log, logs, "
+        "tenants, models) in this directory instead of a temporary one",
+    )
     args = parser.parse_args(argv)
     if args.table is not None:
         table = markdown_table(json.loads(args.table.read_text()))
@@ -703,8 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     report["settings"]["graph"] = args.graph or "tiny"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "context"}, indent=2,
-                     default=float))
+    print(json.dumps({k: v for k, v in report.items() if k != "context"}, indent=2, default=float))
     return 0 if all(report["targets_met"].values()) else 1
 
 

@@ -48,8 +48,10 @@ def resolve_graph(value: str) -> Path:
         return ensure_graph(value, ROOT / ".cache" / "graphs")
     path = Path(value)
     if not (path / "manifest.json").is_file():
-        raise SystemExit(f"run.py: --graph {value!r} is neither 'demo', a preset "
-                         f"({', '.join(PRESETS)}) nor a graph directory with manifest.json")
+        raise SystemExit(
+            f"run.py: --graph {value!r} is neither 'demo', a preset "
+            f"({', '.join(PRESETS)}) nor a graph directory with manifest.json"
+        )
     return path
 
 
@@ -62,7 +64,8 @@ def check_data(configs: list[GhzConfig], graph: Path) -> None:
         if total and unknown / total > 0.01:
             raise SystemExit(
                 f"run.py: {config.source}: {unknown} of {total} query pins are not in the graph "
-                f"{graph}; draw data from it: python load_tests/run.py draw --graph {graph}")
+                f"{graph}; draw data from it: python load_tests/run.py draw --graph {graph}"
+            )
 
 
 def run_ghz(configs: list[GhzConfig], target: str, out: Path) -> list[Summary]:
@@ -79,20 +82,29 @@ def run_ghz(configs: list[GhzConfig], target: str, out: Path) -> list[Summary]:
     for config in configs:
         reports = out / f"ghz-{config.label}.json"
         # CLI flags override the config file (ghz.sh/docs/options, --config).
-        command = [ghz, "--config", str(config.source), "--insecure", "--format", "json",
-                   "--output", str(reports), target]
+        command = [
+            ghz,
+            "--config",
+            str(config.source),
+            "--insecure",
+            "--format",
+            "json",
+            "--output",
+            str(reports),
+            target,
+        ]
         runs.append((config, reports, subprocess.Popen(command, cwd=config.workdir)))
     summaries = []
     for config, reports, process in runs:
         if process.wait() != 0:
             raise SystemExit(f"run.py: ghz failed on {config.source} (exit {process.returncode})")
-        summaries.append(from_ghz_json(config.label, json.loads(reports.read_text()),
-                                       config.tags))
+        summaries.append(from_ghz_json(config.label, json.loads(reports.read_text()), config.tags))
     return summaries
 
 
-def send_load(configs: list[GhzConfig], target: str, engine: str, processes: int,
-              out: Path) -> tuple[list[Summary], list[RunResult]]:
+def send_load(
+    configs: list[GhzConfig], target: str, engine: str, processes: int, out: Path
+) -> tuple[list[Summary], list[RunResult]]:
     if engine == "ghz":
         return run_ghz(configs, target, out), []
     results = run_load(configs, target, processes)
@@ -103,7 +115,9 @@ def pick_engine(engine: str) -> str:
     if engine == "auto":
         return "ghz" if shutil.which("ghz") else "builtin"
     if engine == "ghz" and shutil.which("ghz") is None:
-        raise SystemExit("run.py: --engine ghz but ghz is not on PATH (https://ghz.sh/docs/install)")
+        raise SystemExit(
+            "run.py: --engine ghz but ghz is not on PATH (https://ghz.sh/docs/install)"
+        )
     return engine
 
 
@@ -127,10 +141,17 @@ class Server:
 
             versions = publish_random_models(models, args.tenants)
             print(f"run.py: random 100-tree depth-6 models published: {versions}", flush=True)
-        config = write_server_config(self.out / "walkrank.yaml", self.graph, args.tenants, models,
-                                     self.out / "logs", args.server_workers)
-        self.process = ServeProcess(config, self.out / "server.log",
-                                    processes=args.server_processes)
+        config = write_server_config(
+            self.out / "walkrank.yaml",
+            self.graph,
+            args.tenants,
+            models,
+            self.out / "logs",
+            args.server_workers,
+        )
+        self.process = ServeProcess(
+            config, self.out / "server.log", processes=args.server_processes
+        )
         target = self.process.start()
         print(f"run.py: server on {target} (graph {self.graph})", flush=True)
         return target
@@ -144,10 +165,12 @@ def describe(results: list[RunResult]) -> list[str]:
     notes = []
     for result in results:
         if result.generator_cpu_s is not None:
-            notes.append(f"- {result.summary.label}: the built-in generator used "
-                         f"{result.generator_cpu_s:.1f} CPU s over {result.processes} process(es) "
-                         f"({result.generator_cpu_s / result.summary.total_s:.2f} cores), on the "
-                         f"server's machine.")
+            notes.append(
+                f"- {result.summary.label}: the built-in generator used "
+                f"{result.generator_cpu_s:.1f} CPU s over {result.processes} process(es) "
+                f"({result.generator_cpu_s / result.summary.total_s:.2f} cores), on the "
+                f"server's machine."
+            )
     return notes
 
 
@@ -160,9 +183,14 @@ def command_run(args: argparse.Namespace) -> int:
             check_data(configs, resolve_graph(args.graph))
         summaries, results = send_load(configs, target, engine, args.processes, out)
     name = args.name or "-".join(c.label for c in configs)
-    write_results(out, name, f"Load test: {name}", summaries,
-                  extra={"engine": engine, "target": target, "graph": str(args.graph)},
-                  notes=describe(results))
+    write_results(
+        out,
+        name,
+        f"Load test: {name}",
+        summaries,
+        extra={"engine": engine, "target": target, "graph": str(args.graph)},
+        notes=describe(results),
+    )
     print((out / f"{name}.md").read_text())
     return 0 if all(s.error_count == 0 for s in summaries) or args.allow_errors else 1
 
@@ -179,31 +207,49 @@ def command_mixed(args: argparse.Namespace) -> int:
         if args.target is None:
             check_data(configs, resolve_graph(args.graph))
         alone, _ = send_load(steady, target, engine, args.processes, args.out / "alone")
-        mixed, results = send_load(steady + burst, target, engine, args.processes,
-                                   args.out / "mixed")
+        mixed, results = send_load(
+            steady + burst, target, engine, args.processes, args.out / "mixed"
+        )
     rows = []
     notes = ["Phase 1 runs the steady configs alone, phase 2 the same with the burst.", ""]
     verdicts: dict[str, Any] = {}
     for before in alone:
         after = next(s for s in mixed if s.label == before.label)
-        target_ms = float(before.tags["p99_target_ms"]) if "p99_target_ms" in before.tags \
-            else None
+        target_ms = float(before.tags["p99_target_ms"]) if "p99_target_ms" in before.tags else None
         met = target_ms is None or after.p99_ms <= target_ms
-        verdicts[before.label] = {"p99_alone_ms": before.p99_ms, "p99_with_burst_ms": after.p99_ms,
-                                  "p99_target_ms": target_ms, "met": met}
-        rows.append(f"| {before.label} | {before.p99_ms:.1f} | {after.p99_ms:.1f} | "
-                    f"{'-' if target_ms is None else f'{target_ms:.0f}'} | "
-                    f"{'yes' if met else 'NO'} |")
-    notes += ["| steady tenant | p99 alone ms | p99 with burst ms | p99 target ms | met |",
-              "| --- | ---: | ---: | ---: | --- |", *rows, ""]
+        verdicts[before.label] = {
+            "p99_alone_ms": before.p99_ms,
+            "p99_with_burst_ms": after.p99_ms,
+            "p99_target_ms": target_ms,
+            "met": met,
+        }
+        rows.append(
+            f"| {before.label} | {before.p99_ms:.1f} | {after.p99_ms:.1f} | "
+            f"{'-' if target_ms is None else f'{target_ms:.0f}'} | "
+            f"{'yes' if met else 'NO'} |"
+        )
+    notes += [
+        "| steady tenant | p99 alone ms | p99 with burst ms | p99 target ms | met |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *rows,
+        "",
+    ]
     for summary in mixed:
         if summary.tags.get("role") == "burst":
             refused = summary.status_codes.get("RESOURCE_EXHAUSTED", 0)
-            notes.append(f"- {summary.label} (burst): {summary.count} batch calls, "
-                         f"{refused} refused by its quota (RESOURCE_EXHAUSTED).")
+            notes.append(
+                f"- {summary.label} (burst): {summary.count} batch calls, "
+                f"{refused} refused by its quota (RESOURCE_EXHAUSTED)."
+            )
     alone = [dataclasses.replace(s, label=f"{s.label} (alone)") for s in alone]
-    write_results(args.out, "mixed", "Mixed-tenant load test", alone + mixed,
-                  extra={"engine": engine, "verdicts": verdicts}, notes=notes)
+    write_results(
+        args.out,
+        "mixed",
+        "Mixed-tenant load test",
+        alone + mixed,
+        extra={"engine": engine, "verdicts": verdicts},
+        notes=notes,
+    )
     print((args.out / "mixed.md").read_text())
     return 0 if all(v["met"] for v in verdicts.values()) else 1
 
@@ -214,33 +260,46 @@ def command_draw(args: argparse.Namespace) -> int:
     for tenant, n in TENANT_DATA.items():
         messages = draw_requests(graph, tenant, n, seed=args.seed, batch_users=args.batch_users)
         write_requests(args.out_dir / f"{tenant}.json", messages)
-        print(f"run.py: {args.out_dir / f'{tenant}.json'}: {n} {tenant} messages from "
-              f"{graph_path}")
+        print(f"run.py: {args.out_dir / f'{tenant}.json'}: {n} {tenant} messages from {graph_path}")
     return 0
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--graph", default="demo",
-                        help="graph to serve: demo, tiny, quick, bench or a graph directory")
+    parser.add_argument(
+        "--graph",
+        default="demo",
+        help="graph to serve: demo, tiny, quick, bench or a graph directory",
+    )
     parser.add_argument("--tenants", type=Path, default=ROOT / "tenants")
-    parser.add_argument("--models", type=Path, help="model registry (default: none, so tenants "
-                        "rank by visit count, unless --random-models)")
-    parser.add_argument("--random-models", action="store_true",
-                        help="publish a 100-tree depth-6 model per tenant, trained on random rows")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        help="model registry (default: none, so tenants "
+        "rank by visit count, unless --random-models)",
+    )
+    parser.add_argument(
+        "--random-models",
+        action="store_true",
+        help="publish a 100-tree depth-6 model per tenant, trained on random rows",
+    )
     parser.add_argument("--server-workers", type=int, default=8)
-    parser.add_argument("--server-processes", type=int, default=1,
-                        help="walkrank serve --processes (SO_REUSEPORT)")
+    parser.add_argument(
+        "--server-processes", type=int, default=1, help="walkrank serve --processes (SO_REUSEPORT)"
+    )
     parser.add_argument("--target", help="use a running server at host:port instead")
     parser.add_argument("--engine", choices=("auto", "ghz", "builtin"), default="auto")
-    parser.add_argument("--processes", type=int, default=2,
-                        help="built-in generator processes per config")
-    parser.add_argument("--allow-errors", action="store_true",
-                        help="exit 0 even when calls failed")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="built-in generator processes per config"
+    )
+    parser.add_argument("--allow-errors", action="store_true", help="exit 0 even when calls failed")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="load_tests/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="load_tests/run.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run ghz configs at the same time")
     run.add_argument("configs", nargs="+", type=Path)

@@ -31,27 +31,42 @@ T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 FEATURES = ("visits", "query_hits", "locale_match")
 
 
-def make_batch(request_id: str, *, tenant: str = "home", ts: float = T0, k: int = 7,
-               features: tuple[str, ...] = FEATURES, seed: int = 0) -> CandidateBatch:
+def make_batch(
+    request_id: str,
+    *,
+    tenant: str = "home",
+    ts: float = T0,
+    k: int = 7,
+    features: tuple[str, ...] = FEATURES,
+    seed: int = 0,
+) -> CandidateBatch:
     rng = np.random.default_rng(seed)
     order = rng.permutation(k).astype(np.int32)
     return CandidateBatch(
-        request_id=request_id, tenant=tenant, ts=ts, user_id=f"user-{seed}",
-        user_locale="en", user_interests=["travel", "food"],
+        request_id=request_id,
+        tenant=tenant,
+        ts=ts,
+        user_id=f"user-{seed}",
+        user_locale="en",
+        user_interests=["travel", "food"],
         pin_ids=np.arange(1000 + seed * k, 1000 + (seed + 1) * k, dtype=np.int64),
         feature_names=list(features),
         features=rng.random((k, len(features)), dtype=np.float32),
         visit_scores=rng.random(k, dtype=np.float32),
         model_scores=rng.random(k, dtype=np.float32),
-        ranks=order, returned=order < 3, model_version="4",
+        ranks=order,
+        returned=order < 3,
+        model_version="4",
     )
 
 
 def test_graceful_close_writes_every_accepted_row(tmp_path: Path) -> None:
     log = CandidateLog(tmp_path, flush_rows=50)
     k, n = 7, 30
-    batches = [make_batch(f"req-{i}", tenant=("home", "email")[i % 2], ts=T0 + (i % 3) * HOUR,
-                          k=k, seed=i) for i in range(n)]
+    batches = [
+        make_batch(f"req-{i}", tenant=("home", "email")[i % 2], ts=T0 + (i % 3) * HOUR, k=k, seed=i)
+        for i in range(n)
+    ]
     assert all(log.submit(b) for b in batches)
     assert log.close(timeout=30)
     stats = log.stats()
@@ -81,10 +96,16 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
     batches = []
     for i, k in enumerate((5, 0, 1, 9, 3)):
         batch = make_batch(f"req-{i}", k=k, seed=i)
-        batches.append(CandidateBatch(**{
-            **vars(batch), "user_interests": ["food"] * (i % 3),
-            "user_locale": None if i == 3 else f"l{i}",
-            "model_version": None if i == 2 else f"v{i}"}))
+        batches.append(
+            CandidateBatch(
+                **{
+                    **vars(batch),
+                    "user_interests": ["food"] * (i % 3),
+                    "user_locale": None if i == 3 else f"l{i}",
+                    "model_version": None if i == 2 else f"v{i}",
+                }
+            )
+        )
     log = CandidateLog(tmp_path)
     assert all(log.submit(b) for b in batches) and log.close(timeout=30)
     [path] = (tmp_path / "candidates").rglob("*.parquet")
@@ -107,8 +128,11 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
     schema = pq.read_schema(path)
     assert [f.name for f in schema if f.nullable] == ["user_locale", "model_version"]
     row_group = pq.ParquetFile(path).metadata.row_group(0)
-    with_stats = [row_group.column(c).path_in_schema for c in range(row_group.num_columns)
-                  if row_group.column(c).is_stats_set]
+    with_stats = [
+        row_group.column(c).path_in_schema
+        for c in range(row_group.num_columns)
+        if row_group.column(c).is_stats_set
+    ]
     assert with_stats == ["ts"]
 
 
@@ -116,8 +140,9 @@ def test_files_are_written_a_row_group_at_a_time(tmp_path: Path) -> None:
     """The writer never holds more than a row group's pieces: each file fills as row groups
     of at least `row_group_rows` and closes at `flush_rows`; every row arrives in order."""
     written: list[int] = []
-    log = CandidateLog(tmp_path, row_group_rows=10, flush_rows=35,
-                       on_write=lambda path, rows: written.append(rows))
+    log = CandidateLog(
+        tmp_path, row_group_rows=10, flush_rows=35, on_write=lambda path, rows: written.append(rows)
+    )
     batches = [make_batch(f"r{i}", seed=i) for i in range(11)]  # 7 rows each
     assert all(log.submit(b) for b in batches) and log.close(timeout=30)
     assert written == [35, 35, 7]
@@ -137,8 +162,12 @@ def test_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) 
         release.wait(30)
 
     dropped: list[str] = []
-    log = CandidateLog(tmp_path, queue_size=2, writer_hook=hold_writer,
-                       on_drop=lambda b: dropped.append(b.request_id))
+    log = CandidateLog(
+        tmp_path,
+        queue_size=2,
+        writer_hook=hold_writer,
+        on_drop=lambda b: dropped.append(b.request_id),
+    )
     k = 5
     assert log.submit(make_batch("taken", k=k))
     assert holding.wait(30)  # the writer holds "taken"; the queue is empty again
@@ -162,30 +191,37 @@ def test_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) 
 
 def test_partition_layout_atomic_files_and_hive_readers(tmp_path: Path) -> None:
     log = CandidateLog(tmp_path)
-    for i, (tenant, ts) in enumerate([("home", T0), ("home", T0 + 2 * HOUR),
-                                      ("related_pins", T0 + 26 * HOUR)]):
+    for i, (tenant, ts) in enumerate(
+        [("home", T0), ("home", T0 + 2 * HOUR), ("related_pins", T0 + 26 * HOUR)]
+    ):
         log.submit(make_batch(f"r{i}", tenant=tenant, ts=ts, seed=i))
     assert log.close()
-    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
-                   if p.is_file())
-    pattern = re.compile(r"candidates/tenant=([a-z_]+)/date=(\d{4}-\d\d-\d\d)/hour=(\d\d)/"
-                         r"part-\d{8}T\d{9}-[0-9a-f]{32}\.parquet")
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    pattern = re.compile(
+        r"candidates/tenant=([a-z_]+)/date=(\d{4}-\d\d-\d\d)/hour=(\d\d)/"
+        r"part-\d{8}T\d{9}-[0-9a-f]{32}\.parquet"
+    )
     assert [pattern.fullmatch(f).groups() for f in files] == [
-        ("home", "2023-11-14", "22"), ("home", "2023-11-15", "00"),
-        ("related_pins", "2023-11-16", "00")]
+        ("home", "2023-11-14", "22"),
+        ("home", "2023-11-15", "00"),
+        ("related_pins", "2023-11-16", "00"),
+    ]
     assert not [p for p in tmp_path.rglob(".*")]  # no temporary files left behind
 
     # Read as is by a generic Hive-partitioned reader, partition columns included.
     table = ds.dataset(tmp_path / "candidates", format="parquet", partitioning="hive").to_table()
     assert table.num_rows == 21
-    assert sorted(set(zip(table["tenant"].to_pylist(), table["hour"].to_pylist(),
-                          strict=True))) == [("home", 0), ("home", 22), ("related_pins", 0)]
+    assert sorted(
+        set(zip(table["tenant"].to_pylist(), table["hour"].to_pylist(), strict=True))
+    ) == [("home", 0), ("home", 22), ("related_pins", 0)]
 
     # Text columns are dictionary-encoded except the (mostly distinct) pin ids; float
     # features are not (that only costs time).
     metadata = pq.ParquetFile(tmp_path / files[0]).metadata
-    encodings = {metadata.schema.column(i).path: metadata.row_group(0).column(i).encodings
-                 for i in range(metadata.num_columns)}
+    encodings = {
+        metadata.schema.column(i).path: metadata.row_group(0).column(i).encodings
+        for i in range(metadata.num_columns)
+    }
     assert "RLE_DICTIONARY" in encodings["request_id"]
     assert not any("DICTIONARY" in e for e in encodings["pin_id"])  # ids: mostly distinct
     assert not any("DICTIONARY" in e for e in encodings["f_visits"])
@@ -210,8 +246,9 @@ def test_flush_by_rows_and_by_time_without_waiting_on_real_time(tmp_path: Path) 
         written.append(rows)
         file_written.set()
 
-    log = CandidateLog(tmp_path, flush_rows=10, flush_seconds=60, clock=lambda: now[0],
-                       on_write=on_write)
+    log = CandidateLog(
+        tmp_path, flush_rows=10, flush_seconds=60, clock=lambda: now[0], on_write=on_write
+    )
     log.submit(make_batch("a", k=6))
     log.submit(make_batch("b", k=6, seed=1))  # 12 rows >= flush_rows: written at once
     assert file_written.wait(30)
@@ -308,8 +345,14 @@ def test_bad_batches_are_refused_with_the_field_named() -> None:
 
 def test_string_pin_ids_and_missing_model_version(tmp_path: Path) -> None:
     batch = make_batch("a", k=3)
-    batch = CandidateBatch(**{**vars(batch), "pin_ids": np.array(["p-1", "p-2", "p-3"]),
-                              "model_version": None, "user_locale": None})
+    batch = CandidateBatch(
+        **{
+            **vars(batch),
+            "pin_ids": np.array(["p-1", "p-2", "p-3"]),
+            "model_version": None,
+            "user_locale": None,
+        }
+    )
     table = candidates_table([batch])
     assert table["pin_id"].to_pylist() == ["p-1", "p-2", "p-3"]
     assert table["model_version"].null_count == 3 and table["user_locale"].null_count == 3
@@ -329,7 +372,8 @@ def test_writer_thread_runs_at_the_lower_priority_asked(tmp_path: Path) -> None:
 
 
 def test_a_record_too_large_or_unconvertible_is_dropped_alone_and_the_file_written(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """A 1.1 MB request id on 2,000 candidates once overflowed Arrow's 2 GB string limit
     and cost the whole file; a batch Arrow cannot convert did too. Now each is dropped alone,
     counted, and the other batches of its row group and file are written."""
@@ -337,10 +381,12 @@ def test_a_record_too_large_or_unconvertible_is_dropped_alone_and_the_file_writt
     log = CandidateLog(tmp_path, on_lost=lambda *loss: lost.append(loss))
     good = [make_batch(f"r{i}", seed=i) for i in range(6)]
     huge_id = make_batch("x" * 1_100_000, k=2000, seed=7)
-    many_topics = CandidateBatch(**{**vars(make_batch("topics", seed=8)),
-                                    "user_interests": [f"t{i}" for i in range(300)]})
-    unconvertible = CandidateBatch(**{**vars(make_batch("text", seed=9)),
-                                      "features": np.full((7, 3), "n/a", dtype=object)})
+    many_topics = CandidateBatch(
+        **{**vars(make_batch("topics", seed=8)), "user_interests": [f"t{i}" for i in range(300)]}
+    )
+    unconvertible = CandidateBatch(
+        **{**vars(make_batch("text", seed=9)), "features": np.full((7, 3), "n/a", dtype=object)}
+    )
     for batch in (good[0], huge_id, good[1], many_topics, good[2], unconvertible, *good[3:]):
         assert log.submit(batch)
     assert log.close(timeout=60)
@@ -354,9 +400,15 @@ def test_a_record_too_large_or_unconvertible_is_dropped_alone_and_the_file_writt
 def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> None:
     """Request-level text is dictionary-encoded, one entry per request, however many
     candidates share it; readers of the file still get plain strings."""
-    batches = [CandidateBatch(**{**vars(make_batch(f"{i:04d}" + "y" * 15_000, k=2000, seed=i)),
-                                 "user_interests": ["travel", f"topic-{i}"]})
-               for i in range(4)]
+    batches = [
+        CandidateBatch(
+            **{
+                **vars(make_batch(f"{i:04d}" + "y" * 15_000, k=2000, seed=i)),
+                "user_interests": ["travel", f"topic-{i}"],
+            }
+        )
+        for i in range(4)
+    ]
     table = candidates_table(batches)
     assert table["request_id"].type == pa.dictionary(pa.int32(), pa.string())
     assert len(table["request_id"].chunk(0).dictionary) == 4

@@ -22,8 +22,16 @@ REPO = Path(__file__).resolve().parents[1]
 def config(tmp_path: Path, small_graph: GraphStore) -> Path:
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
     path = tmp_path / "walkrank.yaml"
-    path.write_text(yaml.safe_dump({"graph": str(small_graph.path), "tenants_dir": "tenants",
-                                    "models_dir": "models", "logs_dir": "logs"}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "graph": str(small_graph.path),
+                "tenants_dir": "tenants",
+                "models_dir": "models",
+                "logs_dir": "logs",
+            }
+        )
+    )
     return path
 
 
@@ -31,20 +39,40 @@ def save_booster(path: Path, n_features: int, objective: str, seed: int) -> Path
     rng = np.random.default_rng(seed)
     x = rng.random((400, n_features), dtype=np.float32)
     y = (x[:, 1] > 0.5).astype(np.float32)
-    trained = train_model(x, y, objective=objective, groups=np.repeat(np.arange(40), 10),
-                          params={"n_estimators": 5, "max_depth": 3}, seed=seed)
+    trained = train_model(
+        x,
+        y,
+        objective=objective,
+        groups=np.repeat(np.arange(40), 10),
+        params={"n_estimators": 5, "max_depth": 3},
+        seed=seed,
+    )
     trained.booster.save_model(str(path))
     return path
 
 
-def test_publish_list_rollback(config: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_publish_list_rollback(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tenant = load_tenant(tmp_path / "tenants" / "related_pins.yaml")
     n, objective = len(tenant.features), tenant.ranker.objective
     for seed in (1, 2):
         model = save_booster(tmp_path / f"m{seed}.json", n, objective, seed)
-        assert main(["models", "publish", "--tenant", "related_pins", "--xgboost", str(model),
-                     "--config", str(config)]) == 0
+        assert (
+            main(
+                [
+                    "models",
+                    "publish",
+                    "--tenant",
+                    "related_pins",
+                    "--xgboost",
+                    str(model),
+                    "--config",
+                    str(config),
+                ]
+            )
+            == 0
+        )
     registry = ModelRegistry(tmp_path / "models")
     assert registry.current("related_pins").version == 2
     assert main(["models", "list", "--tenant", "related_pins", "--config", str(config)]) == 0
@@ -54,17 +82,57 @@ def test_publish_list_rollback(config: Path, tmp_path: Path,
 
 
 def test_publish_refuses_bad_models_with_the_file_named(
-        config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     wrong_width = save_booster(tmp_path / "narrow.json", 3, "pairwise", 0)
-    assert main(["models", "publish", "--tenant", "related_pins", "--xgboost",
-                 str(wrong_width), "--config", str(config)]) == 2
+    assert (
+        main(
+            [
+                "models",
+                "publish",
+                "--tenant",
+                "related_pins",
+                "--xgboost",
+                str(wrong_width),
+                "--config",
+                str(config),
+            ]
+        )
+        == 2
+    )
     assert "narrow.json" in capsys.readouterr().err
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not a model")
-    assert main(["models", "publish", "--tenant", "related_pins", "--xgboost", str(garbage),
-                 "--config", str(config)]) == 2
+    assert (
+        main(
+            [
+                "models",
+                "publish",
+                "--tenant",
+                "related_pins",
+                "--xgboost",
+                str(garbage),
+                "--config",
+                str(config),
+            ]
+        )
+        == 2
+    )
     assert "garbage.json" in capsys.readouterr().err
-    assert main(["models", "publish", "--tenant", "nobody", "--xgboost", str(garbage),
-                 "--config", str(config)]) == 2
+    assert (
+        main(
+            [
+                "models",
+                "publish",
+                "--tenant",
+                "nobody",
+                "--xgboost",
+                str(garbage),
+                "--config",
+                str(config),
+            ]
+        )
+        == 2
+    )
     assert "nobody" in capsys.readouterr().err
     assert ModelRegistry(tmp_path / "models").versions("related_pins") == []

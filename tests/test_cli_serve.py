@@ -22,15 +22,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_serve_answers_then_stops_gracefully_on_sigterm(tmp_path: Path,
-                                                        small_graph: GraphStore) -> None:
+def test_serve_answers_then_stops_gracefully_on_sigterm(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
     config = tmp_path / "walkrank.yaml"
-    config.write_text(yaml.safe_dump({"graph": str(small_graph.path), "tenants_dir": "tenants",
-                                      "models_dir": "models", "logs_dir": "logs",
-                                      "address": "127.0.0.1:0"}))
-    process = subprocess.Popen([sys.executable, "-m", "walkrank.cli", "serve", "--config",
-                                str(config)], stdout=subprocess.PIPE, text=True)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "graph": str(small_graph.path),
+                "tenants_dir": "tenants",
+                "models_dir": "models",
+                "logs_dir": "logs",
+                "address": "127.0.0.1:0",
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout is not None
         banner = process.stdout.readline()
@@ -53,18 +65,29 @@ def write_config(tmp_path: Path, graph: Path, address: str = "127.0.0.1:0") -> P
     if not (tmp_path / "tenants").exists():
         shutil.copytree(REPO / "tenants", tmp_path / "tenants")
     config = tmp_path / "walkrank.yaml"
-    config.write_text(yaml.safe_dump({"graph": str(graph), "tenants_dir": "tenants",
-                                      "models_dir": "models", "logs_dir": "logs",
-                                      "address": address}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "graph": str(graph),
+                "tenants_dir": "tenants",
+                "models_dir": "models",
+                "logs_dir": "logs",
+                "address": address,
+            }
+        )
+    )
     return config
 
 
 def serve_fails(config: Path, *options: str) -> str:
     """Run `walkrank serve`, which must exit 2 by itself (a hang fails the test); the one
     line it writes to stderr."""
-    result = subprocess.run([sys.executable, "-m", "walkrank.cli", "serve", "--config",
-                             str(config), *options], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.splitlines()
     return line
@@ -79,9 +102,10 @@ def test_corrupt_graph_exits_2_naming_the_file(tmp_path: Path, small_graph: Grap
     adj = graph / "pin_adj.npy"
     adj.chmod(0o644)
     data = adj.read_bytes()
-    values = np.random.default_rng(5).integers(2**30, 2**31 - 1, small_graph.n_edges,
-                                               dtype=np.int32)
-    adj.write_bytes(data[:len(data) - values.nbytes] + values.tobytes())
+    values = np.random.default_rng(5).integers(
+        2**30, 2**31 - 1, small_graph.n_edges, dtype=np.int32
+    )
+    adj.write_bytes(data[: len(data) - values.nbytes] + values.tobytes())
     line = serve_fails(write_config(tmp_path, graph))
     assert line.startswith(f"walkrank: error: {adj}: checksum mismatch for array 'pin_adj'")
 
@@ -89,16 +113,19 @@ def test_corrupt_graph_exits_2_naming_the_file(tmp_path: Path, small_graph: Grap
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_busy_port_exits_2_with_one_line_naming_the_address(
-        tmp_path: Path, small_graph: GraphStore, processes: str) -> None:
+    tmp_path: Path, small_graph: GraphStore, processes: str
+) -> None:
     """It printed gRPC's `RuntimeError: Failed to bind` traceback and never exited."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        line = serve_fails(write_config(tmp_path, small_graph.path, address),
-                           "--processes", processes)
-    assert line == (f"walkrank: error: address: cannot bind {address}: the port is in use by "
-                    f"another process")
+        line = serve_fails(
+            write_config(tmp_path, small_graph.path, address), "--processes", processes
+        )
+    assert line == (
+        f"walkrank: error: address: cannot bind {address}: the port is in use by another process"
+    )
 
 
 @pytest.mark.slow
@@ -109,21 +136,36 @@ def test_a_served_graph_is_never_replaced(tmp_path: Path, small_graph: GraphStor
     shutil.copytree(small_graph.path, graph)
     edges = tmp_path / "edges.csv"
     edges.write_text("pin_id,board_id\n1,2\n3,2\n")
-    process = subprocess.Popen([sys.executable, "-m", "walkrank.cli", "serve", "--config",
-                                str(write_config(tmp_path, graph))],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "walkrank.cli",
+            "serve",
+            "--config",
+            str(write_config(tmp_path, graph)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     build = ["graph", "build", "--edges", str(edges), "--out", str(graph)]
     try:
         assert process.stdout is not None
         banner = process.stdout.readline()
         assert "serving" in banner, banner
         address = banner.strip().rsplit(" on ", 1)[1]
-        refused = subprocess.run([sys.executable, "-m", "walkrank.cli", *build, "--replace"],
-                                 capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(
+            [sys.executable, "-m", "walkrank.cli", *build, "--replace"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert refused.returncode == 2
-        assert refused.stderr == (f"walkrank: error: {graph}: a running server is serving this "
-                                  f"graph; build into a new directory and point the server's "
-                                  f"graph setting at it (docs/serving.md)\n")
+        assert refused.stderr == (
+            f"walkrank: error: {graph}: a running server is serving this "
+            f"graph; build into a new directory and point the server's "
+            f"graph setting at it (docs/serving.md)\n"
+        )
         pin = str(small_graph.pin_external([0])[0])
         with WalkRankClient(address, timeout=20.0) as client:
             assert client.recommend("homefeed", [pin]).candidates

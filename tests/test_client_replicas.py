@@ -17,8 +17,9 @@ from walkrank_client.client import channel_target, resolve_replicas
 
 
 @pytest.fixture(scope="module")
-def two_replicas(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
-                 ) -> Iterator[list[tuple[WalkRankServer, str]]]:
+def two_replicas(
+    tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
+) -> Iterator[list[tuple[WalkRankServer, str]]]:
     """Two servers on the same graph, tenants and models, as replicas are."""
     root = tmp_path_factory.mktemp("replicas")
     with ExitStack() as stack:
@@ -38,8 +39,10 @@ def test_several_addresses_spread_calls_per_request(two_replicas, small_graph) -
     with WalkRankClient([a for _, a in two_replicas], timeout=20.0) as client:
         for _ in range(20):
             client.recommend("related_pins", pins(small_graph, 3))
-    served = [requests_served(s, "related_pins") - b
-              for (s, _), b in zip(two_replicas, before, strict=True)]
+    served = [
+        requests_served(s, "related_pins") - b
+        for (s, _), b in zip(two_replicas, before, strict=True)
+    ]
     assert sum(served) == 20
     assert min(served) >= 8, served  # round robin: 10 each, once both are connected
 
@@ -75,12 +78,15 @@ def test_dns_name_resolves_to_every_address() -> None:
     assert channel_target(["127.0.0.1:1"]) == ("127.0.0.1:1", False)
 
 
-@pytest.mark.parametrize(("address", "message"), [
-    ("localhost:1,localhost:2", "dns:///NAME:PORT"),
-    ("127.0.0.1:1,[::1]:2", "one family"),
-    ("127.0.0.1:1,127.0.0.1:x", "expected ip:port"),
-    (" , ", "no server address"),
-])
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("localhost:1,localhost:2", "dns:///NAME:PORT"),
+        ("127.0.0.1:1,[::1]:2", "one family"),
+        ("127.0.0.1:1,127.0.0.1:x", "expected ip:port"),
+        (" , ", "no server address"),
+    ],
+)
 def test_bad_replica_lists_are_refused_naming_the_address(address: str, message: str) -> None:
     with pytest.raises(ValueError, match="address") as info:
         WalkRankClient(address)

@@ -51,8 +51,14 @@ def by_kind(kind: str, name: str) -> dict:
 def test_every_manifest_is_valid_against_the_kubernetes_schema(version: str) -> None:
     documents = manifests()
     assert {d["kind"] for _, d in documents} >= {
-        "Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
-        "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+    }
     for where, document in documents:
         try:
             kubernetes_validate.validate(document, version, strict=True)
@@ -99,8 +105,9 @@ def test_generated_files_are_up_to_date() -> None:
         assert path.read_text() == render(), f"{path}: run .venv/bin/python deploy/k8s/generate.py"
 
 
-@pytest.mark.parametrize("settings", [generate.ONE_HOST, generate.IN_CLUSTER],
-                         ids=["one-host", "in-cluster"])
+@pytest.mark.parametrize(
+    "settings", [generate.ONE_HOST, generate.IN_CLUSTER], ids=["one-host", "in-cluster"]
+)
 def test_envoy_accepts_the_generated_configs(settings: EnvoySettings, tmp_path: Path) -> None:
     try:
         envoy = find_envoy()
@@ -108,9 +115,21 @@ def test_envoy_accepts_the_generated_configs(settings: EnvoySettings, tmp_path: 
         pytest.skip(str(exc))
     path = tmp_path / "envoy.yaml"
     path.write_text(dump_config(settings))
-    result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path),
-                             "--disable-hot-restart", "--log-level", "warn"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            str(envoy),
+            "--mode",
+            "validate",
+            "-c",
+            str(path),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "deprecated" not in (result.stdout + result.stderr).lower()
 
@@ -119,12 +138,17 @@ def test_envoy_config_keeps_admin_on_loopback_and_retries_safe_failures_only() -
     config = render_config(generate.ONE_HOST)
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     route = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
     assert set(route["retry_policy"]["retry_on"].split(",")) == {
-        "connect-failure", "refused-stream", "reset-before-request"}
+        "connect-failure",
+        "refused-stream",
+        "reset-before-request",
+    }
     with pytest.raises(ConfigError, match="loopback"):
-        render_config(EnvoySettings(listen="0.0.0.0:1", upstreams=("127.0.0.1:2",),
-                                    admin="0.0.0.0:9901"))
+        render_config(
+            EnvoySettings(listen="0.0.0.0:1", upstreams=("127.0.0.1:2",), admin="0.0.0.0:9901")
+        )
     with pytest.raises(ConfigError, match="upstream"):
         render_config(EnvoySettings(listen="0.0.0.0:1", upstreams=()))
 
@@ -147,8 +171,13 @@ def _pip_steps(lines: list[str]) -> list[str]:
 def test_the_image_installs_exactly_as_the_readme_setup_and_ci() -> None:
     makefile = (REPO / "Makefile").read_text().replace("$(LOCK)", "requirements.lock")
     dockerfile = (REPO / "Dockerfile").read_text()
-    setup = _pip_steps(makefile.split("\n\n")[[i for i, block in enumerate(
-        makefile.split("\n\n")) if block.startswith("$(STAMP):")][0]].splitlines())
+    setup = _pip_steps(
+        makefile.split("\n\n")[
+            [i for i, block in enumerate(makefile.split("\n\n")) if block.startswith("$(STAMP):")][
+                0
+            ]
+        ].splitlines()
+    )
     image = _pip_steps([line for line in dockerfile.splitlines() if line.startswith("RUN ")])
     assert setup == image == ["-r requirements.lock", "--no-deps -e ."]
     assert re.search(r"^USER 10001", dockerfile, re.MULTILINE)

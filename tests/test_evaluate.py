@@ -22,14 +22,21 @@ from walkrank.training.labels import join_candidates_events
 
 def reference_metrics(targets: Targets, scores: np.ndarray, k: int) -> dict[str, float]:
     """The metrics written plainly, one request at a time."""
-    sums: dict[str, list[float]] = {"recall_impressions": [], "recall_actions": [], "ndcg": [],
-                                    "auc": [], "local_share": []}
+    sums: dict[str, list[float]] = {
+        "recall_impressions": [],
+        "recall_actions": [],
+        "ndcg": [],
+        "auc": [],
+        "local_share": [],
+    }
     for r in range(targets.n_requests):
         rows = np.flatnonzero(targets.request == r)
         ranked = sorted(rows, key=lambda i: (-scores[i], i))
         top = ranked[:k]
-        for name, relevant in (("recall_impressions", targets.impressed),
-                               ("recall_actions", targets.actioned)):
+        for name, relevant in (
+            ("recall_impressions", targets.impressed),
+            ("recall_actions", targets.actioned),
+        ):
             total = sum(relevant[i] for i in rows)
             if total:
                 sums[name].append(sum(relevant[i] for i in top) / total)
@@ -44,8 +51,10 @@ def reference_metrics(targets: Targets, scores: np.ndarray, k: int) -> dict[str,
             wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
             sums["auc"].append(wins / (len(pos) * len(neg)))
         sums["local_share"].append(sum(targets.local[i] for i in top) / len(top))
-    return {("auc" if name == "auc" else f"{name}@{k}"): float(np.mean(values))
-            for name, values in sums.items()}
+    return {
+        ("auc" if name == "auc" else f"{name}@{k}"): float(np.mean(values))
+        for name, values in sums.items()
+    }
 
 
 def random_targets(seed: int, n_requests: int = 40) -> tuple[Targets, np.ndarray]:
@@ -75,25 +84,39 @@ def test_metrics_match_the_per_request_reference(seed, k):
 
 def test_hand_made_request():
     # One request, 4 candidates; the model puts the impressed and saved pin first.
-    targets = Targets(request=np.zeros(4, dtype=np.int64),
-                      impressed=np.array([False, True, False, True]),
-                      actioned=np.array([False, False, False, True]),
-                      gain=np.array([0.0, 1.0, 0.0, 8.0]), local=None)
+    targets = Targets(
+        request=np.zeros(4, dtype=np.int64),
+        impressed=np.array([False, True, False, True]),
+        actioned=np.array([False, False, False, True]),
+        gain=np.array([0.0, 1.0, 0.0, 8.0]),
+        local=None,
+    )
     visit = np.array([4.0, 3.0, 2.0, 1.0])
     model = np.array([0.1, 0.5, 0.2, 0.9])
     before = ranking_metrics(targets, visit, k=2)
     after = ranking_metrics(targets, model, k=2)
-    assert before == {"recall_impressions@2": 0.5, "recall_actions@2": 0.0,
-                      "ndcg@2": pytest.approx((1 / math.log2(3)) / (8 + 1 / math.log2(3))),
-                      "auc": 0.25}  # of 4 (impressed, not) pairs only (3, 2) is ordered right
-    assert after == {"recall_impressions@2": 1.0, "recall_actions@2": 1.0, "ndcg@2": 1.0,
-                     "auc": 1.0}
+    assert before == {
+        "recall_impressions@2": 0.5,
+        "recall_actions@2": 0.0,
+        "ndcg@2": pytest.approx((1 / math.log2(3)) / (8 + 1 / math.log2(3))),
+        "auc": 0.25,
+    }  # of 4 (impressed, not) pairs only (3, 2) is ordered right
+    assert after == {
+        "recall_impressions@2": 1.0,
+        "recall_actions@2": 1.0,
+        "ndcg@2": 1.0,
+        "auc": 1.0,
+    }
 
 
 def test_requests_without_positives_are_not_averaged():
-    targets = Targets(request=np.array([0, 0, 1, 1]), impressed=np.array([True, False] * 2),
-                      actioned=np.array([True, False, False, False]),
-                      gain=np.array([5.0, 0.0, 1.0, 0.0]), local=None)
+    targets = Targets(
+        request=np.array([0, 0, 1, 1]),
+        impressed=np.array([True, False] * 2),
+        actioned=np.array([True, False, False, False]),
+        gain=np.array([5.0, 0.0, 1.0, 0.0]),
+        local=None,
+    )
     metrics = ranking_metrics(targets, np.array([0.0, 1.0, 1.0, 0.0]), k=1)
     # Request 1 has no action: recall_actions averages request 0 alone.
     assert metrics["recall_actions@1"] == 0.0
@@ -111,16 +134,21 @@ def test_bad_scores_are_refused():
 
 
 def test_targets_follow_the_label_weights():
-    candidates = pa.table({
-        "request_id": ["a"] * 5, "pin_id": ["p0", "p1", "p2", "p3", "p4"],
-        "f_locale_match": pa.array([1, 0, 1, 0, 1], pa.float32()),
-    })
-    events = pa.table({
-        "request_id": ["a"] * 6,
-        "pin_id": ["p0", "p1", "p1", "p2", "p3", "p4"],
-        "event": ["impression", "impression", "save", "hide", "click", "scored"],
-        "score": pa.array([None] * 5 + [0.7], pa.float64()),
-    })
+    candidates = pa.table(
+        {
+            "request_id": ["a"] * 5,
+            "pin_id": ["p0", "p1", "p2", "p3", "p4"],
+            "f_locale_match": pa.array([1, 0, 1, 0, 1], pa.float32()),
+        }
+    )
+    events = pa.table(
+        {
+            "request_id": ["a"] * 6,
+            "pin_id": ["p0", "p1", "p1", "p2", "p3", "p4"],
+            "event": ["impression", "impression", "save", "hide", "click", "scored"],
+            "score": pa.array([None] * 5 + [0.7], pa.float64()),
+        }
+    )
     joined = join_candidates_events(candidates, events)
     # Clicks weighted 0 are not actions for this tenant; saves use their weight as gain.
     targets = targets_from_joined(joined, {"impression": 1.0, "save": 8.0, "click": 0.0})
@@ -133,8 +161,15 @@ def test_targets_follow_the_label_weights():
 def test_comparison_and_reports(tmp_path):
     targets, scores = random_targets(3)
     better = scores + 10.0 * targets.gain
-    comparison = compare(targets, better, scores, k=5, candidate="v2", baseline="visit count",
-                         window={"start": "2024-05-01T10:00:00Z"})
+    comparison = compare(
+        targets,
+        better,
+        scores,
+        k=5,
+        candidate="v2",
+        baseline="visit count",
+        window={"start": "2024-05-01T10:00:00Z"},
+    )
     assert not comparison.worse_on("ndcg@5")
     assert comparison.lift()["ndcg@5"] > 0
     reverse = compare(targets, scores, better, k=5, candidate="v2", baseline="v1")
@@ -148,7 +183,8 @@ def test_comparison_and_reports(tmp_path):
     document = json.loads(paths["json"].read_text())
     assert document["candidate"] == "v2" and document["k"] == 5
     assert document["metrics"]["ndcg@5"]["candidate"] == pytest.approx(
-        comparison.candidate_metrics["ndcg@5"])
+        comparison.candidate_metrics["ndcg@5"]
+    )
     markdown = paths["markdown"].read_text()
     assert markdown.startswith("# homefeed: v2 vs visit count")
     assert "| ndcg@5 |" in markdown and "%" in markdown

@@ -33,8 +33,9 @@ def reference_features(
 ) -> np.ndarray:
     """Every feature, one candidate at a time, written from docs/features.md."""
     n_locales, n_topics = len(graph.locales), len(graph.topics)
-    query = [(int(p), float(w)) for p, w in zip(request.query_pins, request.query_weights,
-                                                strict=True)]
+    query = [
+        (int(p), float(w)) for p, w in zip(request.query_pins, request.query_weights, strict=True)
+    ]
     total_weight = sum(w for _, w in query)
     total_score = sum(float(s) for s in result.scores)
     interests = {int(t) for t in request.user_interests if 0 <= t < n_topics}
@@ -55,7 +56,8 @@ def reference_features(
             "pin_quality": quality if math.isfinite(quality) else 0.0,
             "pin_quality_missing": 0.0 if math.isfinite(quality) else 1.0,
             "pin_age_days": max((request.now - created) / 86_400.0, 0.0)
-            if math.isfinite(created) else -1.0,
+            if math.isfinite(created)
+            else -1.0,
             "pin_age_missing": 0.0 if math.isfinite(created) else 1.0,
             "pin_locale_missing": 1.0 if locale == n_locales else 0.0,
             "pin_topic_missing": 1.0 if topic == n_topics else 0.0,
@@ -102,16 +104,29 @@ def holey_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
     return GraphStore.load(out)
 
 
-def _request(graph: GraphStore, n_query: int, locale: str | None, interests: list[str],
-             steps: int, seed: int, now: float = NOW) -> tuple[WalkResult, RequestContext]:
+def _request(
+    graph: GraphStore,
+    n_query: int,
+    locale: str | None,
+    interests: list[str],
+    steps: int,
+    seed: int,
+    now: float = NOW,
+) -> tuple[WalkResult, RequestContext]:
     """A real walk from high- and mid-degree pins (plus one unknown pin) and its request."""
     degree = np.diff(graph.pin_offsets)
     by_degree = np.argsort(-degree, kind="stable")
     dense = np.r_[by_degree[: n_query - 1], by_degree[graph.n_pins // 3], -1].astype(np.int32)
     weights = np.linspace(0.25, 2.0, dense.size).astype(np.float32)
     context = RequestContext.from_request(graph, locale, interests, dense, weights, now)
-    result = walk(graph, dense, weights, WalkParams(steps=steps, early_stop_pins=0),
-                  user_locale=context.user_locale, seed=seed)
+    result = walk(
+        graph,
+        dense,
+        weights,
+        WalkParams(steps=steps, early_stop_pins=0),
+        user_locale=context.user_locale,
+        seed=seed,
+    )
     return result, context
 
 
@@ -128,30 +143,33 @@ def test_registry_is_ordered_and_documented() -> None:
         assert f"`{name}`" in docs, f"{name} is not documented in docs/features.md"
 
 
-@pytest.mark.parametrize("locale,interests", [("ja", ["topic01", "topic03", "not-a-topic"]),
-                                              (None, [])])
-def test_batch_equals_reference_on_small_graph(small_graph: GraphStore, locale: str | None,
-                                               interests: list[str]) -> None:
+@pytest.mark.parametrize(
+    "locale,interests", [("ja", ["topic01", "topic03", "not-a-topic"]), (None, [])]
+)
+def test_batch_equals_reference_on_small_graph(
+    small_graph: GraphStore, locale: str | None, interests: list[str]
+) -> None:
     result, context = _request(small_graph, 4, locale, interests, steps=30_000, seed=1)
     assert len(result) > 100
     assert np.array_equal(result.degree, np.diff(small_graph.pin_offsets)[result.pins])
     matrix = compute_features(small_graph, result, context, feature_names())
     assert matrix.dtype == np.float32
     assert matrix.shape == (len(result), len(FEATURES))
-    np.testing.assert_allclose(matrix, reference_features(small_graph, result, context),
-                               rtol=1e-6, atol=0)
+    np.testing.assert_allclose(
+        matrix, reference_features(small_graph, result, context), rtol=1e-6, atol=0
+    )
     # The request features must actually vary with the request, or this test checks little.
     column = feature_names().index("user_locale_missing")
     assert matrix[0, column] == (1.0 if locale is None else 0.0)
 
 
 def test_missing_pin_values_get_defaults_never_nan(holey_graph: GraphStore) -> None:
-    result, context = _request(holey_graph, 6, "en", ["topic00", "topic02"], steps=200_000,
-                               seed=2)
+    result, context = _request(holey_graph, 6, "en", ["topic00", "topic02"], steps=200_000, seed=2)
     matrix = compute_features(holey_graph, result, context, feature_names())
     assert np.isfinite(matrix).all()
-    np.testing.assert_allclose(matrix, reference_features(holey_graph, result, context),
-                               rtol=1e-6, atol=0)
+    np.testing.assert_allclose(
+        matrix, reference_features(holey_graph, result, context), rtol=1e-6, atol=0
+    )
 
     column = {name: j for j, name in enumerate(feature_names())}
     quality_missing = np.isnan(holey_graph.pin_quality[result.pins])
@@ -175,18 +193,22 @@ def test_missing_pin_values_get_defaults_never_nan(holey_graph: GraphStore) -> N
 
 def test_request_without_weight_or_candidates_is_never_nan(small_graph: GraphStore) -> None:
     result, _ = _request(small_graph, 3, "en", ["topic00"], steps=10_000, seed=3)
-    zero_weight = RequestContext.from_request(small_graph, "en", ["topic00"], result.pins[:2],
-                                              [0.0, 0.0], NOW)
+    zero_weight = RequestContext.from_request(
+        small_graph, "en", ["topic00"], result.pins[:2], [0.0, 0.0], NOW
+    )
     matrix = compute_features(small_graph, result, zero_weight, feature_names())
     assert np.isfinite(matrix).all()
-    np.testing.assert_allclose(matrix, reference_features(small_graph, result, zero_weight),
-                               rtol=1e-6, atol=0)
+    np.testing.assert_allclose(
+        matrix, reference_features(small_graph, result, zero_weight), rtol=1e-6, atol=0
+    )
 
     no_query = RequestContext.from_request(small_graph, None, [], [-1], [1.0], NOW)
     empty = walk(small_graph, np.array([-1], np.int32), np.ones(1, np.float32), WalkParams())
     assert len(empty) == 0
     assert compute_features(small_graph, empty, no_query, feature_names()).shape == (
-        0, len(FEATURES))
+        0,
+        len(FEATURES),
+    )
 
 
 def test_subset_and_order_are_respected(small_graph: GraphStore) -> None:
@@ -201,27 +223,31 @@ def test_subset_and_order_are_respected(small_graph: GraphStore) -> None:
 
 def test_request_built_from_raw_codes_matches_from_request(small_graph: GraphStore) -> None:
     """The serving path may pass codes straight from `topic_code`: repeats and unknowns."""
-    result, context = _request(small_graph, 4, "ja", ["topic01", "topic04"], steps=20_000,
-                               seed=5)
+    result, context = _request(small_graph, 4, "ja", ["topic01", "topic04"], steps=20_000, seed=5)
     raw = RequestContext(
         user_locale=small_graph.locale_code("ja"),
-        user_interests=np.array([small_graph.topic_code(t) for t in
-                                 ("topic04", "nope", "topic01", "topic04")], dtype=np.int32),
+        user_interests=np.array(
+            [small_graph.topic_code(t) for t in ("topic04", "nope", "topic01", "topic04")],
+            dtype=np.int32,
+        ),
         query_pins=context.query_pins,
         query_weights=context.query_weights,
         now=NOW,
     )
-    assert np.array_equal(compute_features(small_graph, result, raw, feature_names()),
-                          compute_features(small_graph, result, context, feature_names()))
+    assert np.array_equal(
+        compute_features(small_graph, result, raw, feature_names()),
+        compute_features(small_graph, result, context, feature_names()),
+    )
 
 
 def test_from_request_translates_and_validates(small_graph: GraphStore) -> None:
-    context = RequestContext.from_request(small_graph, "xx", ["topic03", "zzz", "topic01",
-                                                              "topic03"], [5, -1, 7], [1, 2, 3],
-                                          NOW)
+    context = RequestContext.from_request(
+        small_graph, "xx", ["topic03", "zzz", "topic01", "topic03"], [5, -1, 7], [1, 2, 3], NOW
+    )
     assert context.user_locale == len(small_graph.locales)
-    assert context.user_interests.tolist() == sorted([small_graph.topic_code("topic01"),
-                                                      small_graph.topic_code("topic03")])
+    assert context.user_interests.tolist() == sorted(
+        [small_graph.topic_code("topic01"), small_graph.topic_code("topic03")]
+    )
     assert context.query_pins.tolist() == [5, 7]
     assert context.query_weights.tolist() == [1.0, 3.0]
     assert context.query_pins.dtype == np.int32 and context.query_weights.dtype == np.float32
@@ -235,8 +261,9 @@ def test_from_request_translates_and_validates(small_graph: GraphStore) -> None:
     with pytest.raises(DataError, match="query_weights must be a 1-D float32"):
         RequestContext(0, np.zeros(0, np.int32), np.zeros(1, np.int32), np.ones(1), NOW)
     with pytest.raises(DataError, match="now must be finite"):
-        RequestContext(0, np.zeros(0, np.int32), np.zeros(0, np.int32),
-                       np.zeros(0, np.float32), math.nan)
+        RequestContext(
+            0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), math.nan
+        )
 
 
 def test_unknown_or_repeated_names_are_config_errors(small_graph: GraphStore) -> None:
@@ -258,14 +285,21 @@ def test_check_feature_list_names_the_difference() -> None:
         check_feature_list(["walk_score", "locale_match"], ["walk_score"])
     with pytest.raises(ModelError, match=r"extra features .*: \['pin_quality'\]"):
         check_feature_list(["walk_score"], ["walk_score", "pin_quality"])
-    with pytest.raises(ModelError, match=r"missing .*\['from_the_future'\] \(\['from_the_fut"
-                                         r"ure'\] unknown to this server\).*extra .*"
-                                         r"\['walk_visits'\]"):
+    with pytest.raises(
+        ModelError,
+        match=r"missing .*\['from_the_future'\] \(\['from_the_fut"
+        r"ure'\] unknown to this server\).*extra .*"
+        r"\['walk_visits'\]",
+    ):
         check_feature_list(["walk_score", "from_the_future"], ["walk_score", "walk_visits"])
-    with pytest.raises(ModelError, match="order mismatch at column 1: model has 'walk_visits', "
-                                         "tenant has 'pin_quality'"):
-        check_feature_list(["walk_score", "walk_visits", "pin_quality"],
-                           ["walk_score", "pin_quality", "walk_visits"])
+    with pytest.raises(
+        ModelError,
+        match="order mismatch at column 1: model has 'walk_visits', tenant has 'pin_quality'",
+    ):
+        check_feature_list(
+            ["walk_score", "walk_visits", "pin_quality"],
+            ["walk_score", "pin_quality", "walk_visits"],
+        )
     with pytest.raises(ModelError, match=r"model lists features more than once: \['walk_score'\]"):
         check_feature_list(["walk_score", "walk_score"], ["walk_score"])
 
@@ -276,8 +310,9 @@ def test_two_thousand_candidates_in_one_batch(holey_graph: GraphStore) -> None:
     The request time lies inside the pins' creation range, so ages are clipped at 0 too.
     """
     a_year_earlier = REFERENCE_EPOCH - 365 * 86_400.0
-    result, context = _request(holey_graph, 8, "ja", ["topic05"], steps=300_000, seed=7,
-                               now=a_year_earlier)
+    result, context = _request(
+        holey_graph, 8, "ja", ["topic05"], steps=300_000, seed=7, now=a_year_earlier
+    )
     assert len(result) == WalkParams().max_candidates == 2_000
     matrix = compute_features(holey_graph, result, context, feature_names())
     assert matrix.shape == (2_000, len(FEATURES))
@@ -285,5 +320,6 @@ def test_two_thousand_candidates_in_one_batch(holey_graph: GraphStore) -> None:
     created_later = holey_graph.pin_created_at[result.pins] > a_year_earlier
     assert 0 < created_later.sum() < len(result)
     assert (matrix[created_later, feature_names().index("pin_age_days")] == 0.0).all()
-    np.testing.assert_allclose(matrix, reference_features(holey_graph, result, context),
-                               rtol=1e-6, atol=0)
+    np.testing.assert_allclose(
+        matrix, reference_features(holey_graph, result, context), rtol=1e-6, atol=0
+    )

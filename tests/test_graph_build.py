@@ -32,8 +32,13 @@ def write_table(path: Path, columns: dict[str, list]) -> Path:
 
 def edge_set(graph: GraphStore) -> set[tuple]:
     pins = np.repeat(np.arange(graph.n_pins), np.diff(graph.pin_offsets))
-    return set(zip(graph.pin_external(pins).tolist(),
-                   graph.board_external(np.asarray(graph.pin_adj)).tolist(), strict=True))
+    return set(
+        zip(
+            graph.pin_external(pins).tolist(),
+            graph.board_external(np.asarray(graph.pin_adj)).tolist(),
+            strict=True,
+        )
+    )
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -46,16 +51,21 @@ def test_round_trip_ids_and_features(tmp_path: Path, suffix: str, id_kind: str) 
         return 70 + i if id_kind == "int" else f"board-{i}"
 
     pairs = [(3, 0), (1, 0), (1, 1), (4, 2), (2, 1), (3, 2), (0, 2)]
-    edges = write_table(tmp_path / f"edges{suffix}", {
-        "pin_id": [pin(p) for p, _ in pairs], "board_id": [board(b) for _, b in pairs]})
-    pins = write_table(tmp_path / f"pins{suffix}", {
-        "pin_id": [pin(i) for i in range(5)],
-        "locale": ["ja", "en", None, "ja", "de"],
-        "topic": ["food", "art", "food", None, "art"],
-        "quality": [0.5, 0.25, None, 1.0, 0.0],
-        "created_at": [1_700_000_000, 1_700_000_100, 1_700_000_200, None, 5],
-        "saves": [1, 2, 3, 4, 5],
-    })
+    edges = write_table(
+        tmp_path / f"edges{suffix}",
+        {"pin_id": [pin(p) for p, _ in pairs], "board_id": [board(b) for _, b in pairs]},
+    )
+    pins = write_table(
+        tmp_path / f"pins{suffix}",
+        {
+            "pin_id": [pin(i) for i in range(5)],
+            "locale": ["ja", "en", None, "ja", "de"],
+            "topic": ["food", "art", "food", None, "art"],
+            "quality": [0.5, 0.25, None, 1.0, 0.0],
+            "created_at": [1_700_000_000, 1_700_000_100, 1_700_000_200, None, 5],
+            "saves": [1, 2, 3, 4, 5],
+        },
+    )
     out = tmp_path / "graph"
     build_graph(out, edges, pins)
     graph = GraphStore.load(out, verify=True)
@@ -77,7 +87,8 @@ def test_round_trip_ids_and_features(tmp_path: Path, suffix: str, id_kind: str) 
     assert graph.pin_key[p].tolist() == [2 * 3 + 1, 1 * 3 + 0, 3 * 3 + 1, 2 * 3 + 2, 0]
     np.testing.assert_array_equal(graph.pin_quality[p], [0.5, 0.25, np.nan, 1.0, 0.0])
     np.testing.assert_array_equal(
-        graph.pin_created_at[p], [1_700_000_000, 1_700_000_100, 1_700_000_200, np.nan, 5])
+        graph.pin_created_at[p], [1_700_000_000, 1_700_000_100, 1_700_000_200, np.nan, 5]
+    )
     assert graph.pin_columns["saves"].dtype == np.float32
     assert graph.pin_columns["saves"][p].tolist() == [1, 2, 3, 4, 5]
     # Without a boards table a board takes its pins' dominant topic: board 2 has pins 4, 3, 0
@@ -90,10 +101,13 @@ def test_csr_both_directions_hold_each_edge_once(small_graph: GraphStore) -> Non
     g = small_graph
     assert g.pin_offsets[0] == 0 and g.pin_offsets[-1] == g.n_edges
     assert g.board_offsets[0] == 0 and g.board_offsets[-1] == g.n_edges
-    from_pins = np.repeat(np.arange(g.n_pins, dtype=np.int64), np.diff(g.pin_offsets)) \
-        * g.n_boards + g.pin_adj
-    from_boards = np.asarray(g.board_adj, dtype=np.int64) * g.n_boards \
-        + np.repeat(np.arange(g.n_boards), np.diff(g.board_offsets))
+    from_pins = (
+        np.repeat(np.arange(g.n_pins, dtype=np.int64), np.diff(g.pin_offsets)) * g.n_boards
+        + g.pin_adj
+    )
+    from_boards = np.asarray(g.board_adj, dtype=np.int64) * g.n_boards + np.repeat(
+        np.arange(g.n_boards), np.diff(g.board_offsets)
+    )
     a, b = np.sort(from_pins), np.sort(from_boards)
     np.testing.assert_array_equal(a, b)
     assert np.all(a[1:] != a[:-1]), "an edge appears twice"
@@ -115,8 +129,9 @@ def test_adjacency_sorted_by_bias_key_then_id(small_graph: GraphStore, side: str
 
 
 def test_duplicate_edges_collapsed_and_counted(tmp_path: Path) -> None:
-    edges = write_table(tmp_path / "edges.csv", {
-        "pin_id": [1, 1, 2, 1, 2, 3], "board_id": [10, 10, 10, 10, 11, 11]})
+    edges = write_table(
+        tmp_path / "edges.csv", {"pin_id": [1, 1, 2, 1, 2, 3], "board_id": [10, 10, 10, 10, 11, 11]}
+    )
     manifest = build_graph(tmp_path / "g", edges)
     graph = GraphStore.load(tmp_path / "g")
     assert manifest["stats"]["duplicate_edges"] == 2
@@ -130,8 +145,9 @@ def _star(board: str, topics: list[str], start: int) -> tuple[list, list, list, 
     return ids, [board] * len(ids), ids, topics
 
 
-def _hand_made(tmp_path: Path, boards: dict[str, list[str]],
-               hub: tuple[str, list[str]] | None = None) -> tuple[Path, Path]:
+def _hand_made(
+    tmp_path: Path, boards: dict[str, list[str]], hub: tuple[str, list[str]] | None = None
+) -> tuple[Path, Path]:
     edge_pins, edge_boards, pin_ids, pin_topics = [], [], [], []
     start = 0
     for board, topics in boards.items():
@@ -147,20 +163,21 @@ def _hand_made(tmp_path: Path, boards: dict[str, list[str]],
         edge_boards += hub_boards
         pin_ids.append("hub")
         pin_topics.append(topic)
-    edges = write_table(tmp_path / "edges.parquet",
-                        {"pin_id": edge_pins, "board_id": edge_boards})
+    edges = write_table(tmp_path / "edges.parquet", {"pin_id": edge_pins, "board_id": edge_boards})
     pins = write_table(tmp_path / "pins.parquet", {"pin_id": pin_ids, "topic": pin_topics})
     return edges, pins
 
 
 def test_prune_diverse_boards_by_entropy(tmp_path: Path) -> None:
-    edges, pins = _hand_made(tmp_path, {
-        "mono": ["a", "a", "a", "a"],
-        "mostly": ["a", "a", "a", "b"],  # H = 0.811 bits
-        "mixed": ["a", "b", "a", "b"],  # H = 1.0
-    })
-    manifest = build_graph(tmp_path / "g", edges, pins,
-                           options=PruneOptions(max_board_entropy=0.9))
+    edges, pins = _hand_made(
+        tmp_path,
+        {
+            "mono": ["a", "a", "a", "a"],
+            "mostly": ["a", "a", "a", "b"],  # H = 0.811 bits
+            "mixed": ["a", "b", "a", "b"],  # H = 1.0
+        },
+    )
+    manifest = build_graph(tmp_path / "g", edges, pins, options=PruneOptions(max_board_entropy=0.9))
     graph = GraphStore.load(tmp_path / "g")
     stats = manifest["stats"]["pruning"]["board_entropy"]
     assert stats["boards_dropped"] == 1 and stats["edges_removed"] == 4
@@ -171,8 +188,12 @@ def test_prune_diverse_boards_by_entropy(tmp_path: Path) -> None:
     assert manifest["stats"]["pins_without_edges"] == 4
     assert manifest["stats"]["boards_without_edges_removed"] == 1
     # A looser threshold keeps everything; 0.8 also drops the 0.811 board.
-    assert build_graph(tmp_path / "g2", edges, pins, options=PruneOptions(
-        max_board_entropy=1.0))["stats"]["pruning"]["board_entropy"]["boards_dropped"] == 0
+    assert (
+        build_graph(tmp_path / "g2", edges, pins, options=PruneOptions(max_board_entropy=1.0))[
+            "stats"
+        ]["pruning"]["board_entropy"]["boards_dropped"]
+        == 0
+    )
     loose = build_graph(tmp_path / "g3", edges, pins, options=PruneOptions(max_board_entropy=0.8))
     assert loose["counts"]["boards"] == 1
     assert math.isclose(0.811, -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)), abs_tol=1e-3)
@@ -183,7 +204,10 @@ def test_prune_boards_over_degree_cap(tmp_path: Path) -> None:
     manifest = build_graph(tmp_path / "g", edges, pins, options=PruneOptions(max_board_degree=3))
     graph = GraphStore.load(tmp_path / "g")
     assert manifest["stats"]["pruning"]["board_degree"] == {
-        "max_degree": 3, "boards_dropped": 1, "edges_removed": 5}
+        "max_degree": 3,
+        "boards_dropped": 1,
+        "edges_removed": 5,
+    }
     assert graph.board_index(["s", "m", "l"]).tolist()[2] == -1
     assert graph.n_edges == 5
 
@@ -194,15 +218,23 @@ def test_prune_high_degree_pin_keeps_boards_closest_to_its_topic(tmp_path: Path)
     boards = {f"c{i}": ["a"] * (9 - i) + ["b"] * i for i in range(10)}
     order = [f"c{i}" for i in (7, 2, 9, 0, 4, 1, 8, 3, 6, 5)]
     edges, pins = _hand_made(tmp_path, boards, hub=("a", order))
-    manifest = build_graph(tmp_path / "g", edges, pins, options=PruneOptions(
-        pin_degree_threshold=5, pin_keep_fraction=0.3))
+    manifest = build_graph(
+        tmp_path / "g",
+        edges,
+        pins,
+        options=PruneOptions(pin_degree_threshold=5, pin_keep_fraction=0.3),
+    )
     graph = GraphStore.load(tmp_path / "g")
     hub = int(graph.pin_index(["hub"])[0])
     kept = set(graph.board_external(graph.boards_of(hub)).tolist())
     assert kept == {"c0", "c1", "c2"}
     assert manifest["stats"]["pruning"]["pin_degree"] == {
-        "threshold": 5, "keep_fraction": 0.3, "pins_pruned": 1,
-        "pins_skipped_without_topic": 0, "edges_removed": 7}
+        "threshold": 5,
+        "keep_fraction": 0.3,
+        "pins_pruned": 1,
+        "pins_skipped_without_topic": 0,
+        "edges_removed": 7,
+    }
     assert graph.n_boards == 10  # every board keeps its other pins
     # The board side agrees: only three boards still list the hub.
     assert int(np.count_nonzero(np.asarray(graph.board_adj) == hub)) == 3
@@ -242,23 +274,30 @@ def test_empty_files(tmp_path: Path, content: str) -> None:
 
 
 def test_null_ids_named_by_row(tmp_path: Path) -> None:
-    edges = write_table(tmp_path / "edges.csv",
-                        {"pin_id": [1, 2, None, 4], "board_id": [5, 6, 7, 8]})
-    with pytest.raises(DataError, match=r"edges\.csv: column 'pin_id' has 1 null .* row 3 "
-                                        r"\(line 4\)"):
+    edges = write_table(
+        tmp_path / "edges.csv", {"pin_id": [1, 2, None, 4], "board_id": [5, 6, 7, 8]}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"edges\.csv: column 'pin_id' has 1 null .* row 3 "
+        r"\(line 4\)",
+    ):
         build_graph(tmp_path / "g", edges)
-    string_ids = write_table(tmp_path / "s.parquet",
-                             {"pin_id": ["a", "b"], "board_id": ["x", ""]})
+    string_ids = write_table(tmp_path / "s.parquet", {"pin_id": ["a", "b"], "board_id": ["x", ""]})
     with pytest.raises(DataError, match=r"s\.parquet: column 'board_id' .* row 2$"):
         build_graph(tmp_path / "g", string_ids)
 
 
 def test_unknown_feature_type_named(tmp_path: Path) -> None:
     edges = write_table(tmp_path / "edges.parquet", {"pin_id": [1, 2], "board_id": [5, 5]})
-    pins = write_table(tmp_path / "pins.parquet",
-                       {"pin_id": [1, 2], "topic": ["a", "b"], "color": ["red", "blue"]})
-    with pytest.raises(DataError, match=r"pins\.parquet: column 'color' has type string, "
-                                        r"which is neither numeric nor categorical"):
+    pins = write_table(
+        tmp_path / "pins.parquet", {"pin_id": [1, 2], "topic": ["a", "b"], "color": ["red", "blue"]}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"pins\.parquet: column 'color' has type string, "
+        r"which is neither numeric nor categorical",
+    ):
         build_graph(tmp_path / "g", edges, pins)
     nested = tmp_path / "nested.parquet"
     pq.write_table(pa.table({"pin_id": [1], "tags": pa.array([[1, 2]])}), nested)
@@ -315,8 +354,11 @@ def test_rebuild_replaces_previous_graph_only_when_asked(tmp_path: Path) -> None
     first = write_table(tmp_path / "a.csv", {"pin_id": [1, 2], "board_id": [5, 5]})
     second = write_table(tmp_path / "b.csv", {"pin_id": [1, 2, 3], "board_id": [5, 6, 6]})
     build_graph(tmp_path / "g", first)
-    with pytest.raises(DataError, match=r"g: a graph already exists there; refusing to replace "
-                                        r"it without --replace"):
+    with pytest.raises(
+        DataError,
+        match=r"g: a graph already exists there; refusing to replace "
+        r"it without --replace",
+    ):
         build_graph(tmp_path / "g", second)
     assert GraphStore.load(tmp_path / "g").n_edges == 2
     build_graph(tmp_path / "g", second, replace=True)
@@ -347,8 +389,11 @@ def test_replace_refused_while_a_server_holds_the_graph(tmp_path: Path) -> None:
     build_graph(tmp_path / "g", first)
     graph, lease = load_for_serving(tmp_path / "g")
     try:
-        with pytest.raises(DataError, match=r"g: a running server is serving this graph; build "
-                                            r"into a new directory"):
+        with pytest.raises(
+            DataError,
+            match=r"g: a running server is serving this graph; build "
+            r"into a new directory",
+        ):
             build_graph(tmp_path / "g", first, replace=True)
         assert GraphStore.load(tmp_path / "g").n_edges == graph.n_edges
     finally:
@@ -361,14 +406,33 @@ def test_replace_refused_while_a_server_holds_the_graph(tmp_path: Path) -> None:
 
 
 def test_cli_build_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    edges = write_table(tmp_path / "edges.csv", {
-        "pin_id": ["a", "b", "c", "a", "d"], "board_id": ["x", "x", "y", "y", "y"]})
-    pins = write_table(tmp_path / "pins.csv", {
-        "pin_id": ["a", "b", "c", "d"], "locale": ["en", "ja", "ja", "en"],
-        "topic": ["t1", "t1", "t2", "t2"]})
+    edges = write_table(
+        tmp_path / "edges.csv",
+        {"pin_id": ["a", "b", "c", "a", "d"], "board_id": ["x", "x", "y", "y", "y"]},
+    )
+    pins = write_table(
+        tmp_path / "pins.csv",
+        {
+            "pin_id": ["a", "b", "c", "d"],
+            "locale": ["en", "ja", "ja", "en"],
+            "topic": ["t1", "t1", "t2", "t2"],
+        },
+    )
     out = tmp_path / "graph"
-    code = main(["graph", "build", "--edges", str(edges), "--pins", str(pins),
-                 "--out", str(out), "--max-board-degree", "2"])
+    code = main(
+        [
+            "graph",
+            "build",
+            "--edges",
+            str(edges),
+            "--pins",
+            str(pins),
+            "--out",
+            str(out),
+            "--max-board-degree",
+            "2",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "pins 4  boards 1  edges 2" in printed
@@ -391,18 +455,23 @@ def test_cli_build_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["graph", "build", "--edges", str(tmp_path / "missing.csv"),
-                 "--out", str(tmp_path / "g")])
+    code = main(
+        ["graph", "build", "--edges", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "g")]
+    )
     assert code == 2
     assert "missing.csv: edges file not found" in capsys.readouterr().err
 
 
 def test_edge_times_fill_missing_pin_creation(tmp_path: Path) -> None:
     edges = tmp_path / "edges.csv"
-    edges.write_text("pin_id,board_id,created_at\n"
-                     "1,5,2024-01-02T00:00:00\n1,6,2024-01-01T00:00:00\n2,5,2024-03-01T00:00:00\n")
-    pins = write_table(tmp_path / "pins.parquet", {
-        "pin_id": [1, 2], "created_at": [None, 7.0], "promoted": [True, False]})
+    edges.write_text(
+        "pin_id,board_id,created_at\n"
+        "1,5,2024-01-02T00:00:00\n1,6,2024-01-01T00:00:00\n2,5,2024-03-01T00:00:00\n"
+    )
+    pins = write_table(
+        tmp_path / "pins.parquet",
+        {"pin_id": [1, 2], "created_at": [None, 7.0], "promoted": [True, False]},
+    )
     build_graph(tmp_path / "g", edges, pins)
     graph = GraphStore.load(tmp_path / "g")
     p = graph.pin_index([1, 2])

@@ -19,17 +19,20 @@ from walkrank.graph.repository import resolve_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import SyntheticTables, generate_graph_tables
 
-PRUNING = PruneOptions(max_board_entropy=0.8, max_board_degree=150, pin_degree_threshold=15,
-                       pin_keep_fraction=0.3)
+PRUNING = PruneOptions(
+    max_board_entropy=0.8, max_board_degree=150, pin_degree_threshold=15, pin_keep_fraction=0.3
+)
 
 
 @pytest.fixture(scope="module")
 def tables() -> SyntheticTables:
-    data = generate_graph_tables(n_pins=4_000, n_boards=800, n_edges=40_000, n_topics=7,
-                                 n_locales=3, seed=5)
+    data = generate_graph_tables(
+        n_pins=4_000, n_boards=800, n_edges=40_000, n_topics=7, n_locales=3, seed=5
+    )
     # Repeated edges (collapsed by both builders) and rows in an order that is not the ids'.
-    edges = pa.concat_tables([data.edges.slice(20_000), data.edges.slice(0, 20_000),
-                              data.edges.slice(1_000, 2_500)])
+    edges = pa.concat_tables(
+        [data.edges.slice(20_000), data.edges.slice(0, 20_000), data.edges.slice(1_000, 2_500)]
+    )
     return SyntheticTables(edges=edges, pins=data.pins, boards=data.boards)
 
 
@@ -48,66 +51,95 @@ def partitions(table: pa.Table, directory: Path, n: int, suffix: str = "parquet"
 
 def same_graph(a: dict, b: dict) -> None:
     assert a["checksums"] == b["checksums"]
-    for key in ("counts", "vocab", "schema", "stats", "degree", "bytes_per_edge",
-                "locale_index_bytes_per_edge", "dtypes"):
+    for key in (
+        "counts",
+        "vocab",
+        "schema",
+        "stats",
+        "degree",
+        "bytes_per_edge",
+        "locale_index_bytes_per_edge",
+        "dtypes",
+    ):
         assert a[key] == b[key], key
 
 
 @pytest.mark.parametrize("options", [PruneOptions(), PRUNING], ids=["no pruning", "pruning"])
-def test_parquet_partitions_give_the_in_memory_graph(tmp_path: Path, tables: SyntheticTables,
-                                                     options: PruneOptions) -> None:
+def test_parquet_partitions_give_the_in_memory_graph(
+    tmp_path: Path, tables: SyntheticTables, options: PruneOptions
+) -> None:
     edges = partitions(tables.edges, tmp_path / "edges", 5)
     pins = partitions(tables.pins, tmp_path / "pins", 2)
     boards = partitions(tables.boards, tmp_path / "boards", 1)
-    in_memory = build_graph(tmp_path / "memory", tables.edges, tables.pins, tables.boards,
-                            options=options)
-    out_of_core = build_graph_out_of_core(tmp_path / "duckdb", edges, pins, boards,
-                                          options=options, memory_limit="256MB", threads=2)
+    in_memory = build_graph(
+        tmp_path / "memory", tables.edges, tables.pins, tables.boards, options=options
+    )
+    out_of_core = build_graph_out_of_core(
+        tmp_path / "duckdb", edges, pins, boards, options=options, memory_limit="256MB", threads=2
+    )
     same_graph(in_memory, out_of_core)
     assert out_of_core["stats"]["duplicate_edges"] == 2_500
     if options == PRUNING:
-        assert set(out_of_core["stats"]["pruning"]) == {"board_entropy", "board_degree",
-                                                        "pin_degree"}
+        assert set(out_of_core["stats"]["pruning"]) == {
+            "board_entropy",
+            "board_degree",
+            "pin_degree",
+        }
     # The in-memory builder reads the same directories as one table, in file-name order.
-    same_graph(in_memory, build_graph(tmp_path / "memory-dirs", edges, pins, boards,
-                                      options=options))
+    same_graph(
+        in_memory, build_graph(tmp_path / "memory-dirs", edges, pins, boards, options=options)
+    )
     GraphStore.load(tmp_path / "duckdb", verify=True)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work files left
 
 
-def test_csv_string_ids_timestamps_and_missing_values(tmp_path: Path,
-                                                      tables: SyntheticTables) -> None:
+def test_csv_string_ids_timestamps_and_missing_values(
+    tmp_path: Path, tables: SyntheticTables
+) -> None:
     """Text ids, edge timestamps filling pins without created_at, boards without a locale
     (their pins' dominant one), an extra numeric pin column, pins rows without edges."""
     rng = np.random.default_rng(3)
     n = tables.edges.num_rows
-    edges = pa.table({
-        "pin_id": pa.array([f"p{v}" for v in tables.edges["pin_id"].to_pylist()]),
-        "board_id": pa.array([f"b{v}" for v in tables.edges["board_id"].to_pylist()]),
-        "created_at": pa.array((1_700_000_000 + rng.integers(0, 10**7, n)) * 1_000_000,
-                               pa.timestamp("us")),
-    })
+    edges = pa.table(
+        {
+            "pin_id": pa.array([f"p{v}" for v in tables.edges["pin_id"].to_pylist()]),
+            "board_id": pa.array([f"b{v}" for v in tables.edges["board_id"].to_pylist()]),
+            "created_at": pa.array(
+                (1_700_000_000 + rng.integers(0, 10**7, n)) * 1_000_000, pa.timestamp("us")
+            ),
+        }
+    )
     pin_ids = [f"p{v}" for v in tables.pins["pin_id"].to_pylist()] + ["p-no-edges"]
     n_pins = len(pin_ids)
     created = rng.uniform(1.6e9, 1.7e9, n_pins)
     created[::3] = np.nan
     locale = tables.pins["locale"].cast(pa.string()).to_pylist() + ["zz"]
-    pins = pa.table({"pin_id": pin_ids, "locale": locale,
-                     "topic": tables.pins["topic"].cast(pa.string()).to_pylist() + [None],
-                     "created_at": created, "likes": rng.integers(0, 100, n_pins)})
+    pins = pa.table(
+        {
+            "pin_id": pin_ids,
+            "locale": locale,
+            "topic": tables.pins["topic"].cast(pa.string()).to_pylist() + [None],
+            "created_at": created,
+            "likes": rng.integers(0, 100, n_pins),
+        }
+    )
     board_locale = tables.boards["locale"].cast(pa.string()).to_pylist()
-    boards = pa.table({"board_id": [f"b{v}" for v in tables.boards["board_id"].to_pylist()],
-                       "locale": [None if i % 4 == 0 else v for i, v in enumerate(board_locale)],
-                       "owner": ["x"] * tables.boards.num_rows})
+    boards = pa.table(
+        {
+            "board_id": [f"b{v}" for v in tables.boards["board_id"].to_pylist()],
+            "locale": [None if i % 4 == 0 else v for i, v in enumerate(board_locale)],
+            "owner": ["x"] * tables.boards.num_rows,
+        }
+    )
     edge_dir = partitions(edges, tmp_path / "edges", 3, suffix="csv")
     pins_csv = tmp_path / "pins.csv"
     pacsv.write_csv(pins, pins_csv)
     boards_file = tmp_path / "boards.parquet"
     pq.write_table(boards, boards_file)
-    in_memory = build_graph(tmp_path / "memory", edge_dir, pins_csv, boards_file,
-                            options=PRUNING)
-    out_of_core = build_graph_out_of_core(tmp_path / "duckdb", edge_dir, pins_csv,
-                                          boards_file, options=PRUNING, threads=2)
+    in_memory = build_graph(tmp_path / "memory", edge_dir, pins_csv, boards_file, options=PRUNING)
+    out_of_core = build_graph_out_of_core(
+        tmp_path / "duckdb", edge_dir, pins_csv, boards_file, options=PRUNING, threads=2
+    )
     same_graph(in_memory, out_of_core)
     assert out_of_core["schema"]["pin_id"] == "string"
     assert out_of_core["schema"]["pin_columns"] == ["likes"]
@@ -118,11 +150,15 @@ def test_csv_string_ids_timestamps_and_missing_values(tmp_path: Path,
 def test_bad_inputs_name_the_file_and_row(tmp_path: Path) -> None:
     edges = pa.table({"pin_id": [1, 2, None, 4], "board_id": [10, 11, 12, 13]})
     directory = partitions(edges, tmp_path / "edges", 2)
-    with pytest.raises(DataError, match=r"null or empty id\(s\); first at .*part-001\.parquet, "
-                                        r"row 1"):
+    with pytest.raises(
+        DataError,
+        match=r"null or empty id\(s\); first at .*part-001\.parquet, "
+        r"row 1",
+    ):
         build_graph_out_of_core(tmp_path / "g1", directory)
-    good = partitions(pa.table({"pin_id": [1, 2, 3], "board_id": [10, 11, 12]}),
-                      tmp_path / "good", 1)
+    good = partitions(
+        pa.table({"pin_id": [1, 2, 3], "board_id": [10, 11, 12]}), tmp_path / "good", 1
+    )
     pins = tmp_path / "pins.parquet"
     pq.write_table(pa.table({"pin_id": [1, 2, 2], "quality": [0.1, 0.2, 0.3]}), pins)
     with pytest.raises(DataError, match=r"pins\.parquet, row 3: duplicate pin_id 2"):
@@ -136,15 +172,44 @@ def test_bad_inputs_name_the_file_and_row(tmp_path: Path) -> None:
     assert not (tmp_path / "g1").exists()
 
 
-def test_cli_publishes_an_out_of_core_build(tmp_path: Path, tables: SyntheticTables,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_publishes_an_out_of_core_build(
+    tmp_path: Path, tables: SyntheticTables, capsys: pytest.CaptureFixture[str]
+) -> None:
     edges = partitions(tables.edges, tmp_path / "edges", 3)
     repo = tmp_path / "graphs"
-    assert main(["graph", "build", "--engine", "duckdb", "--memory-limit", "128MB",
-                 "--edges", str(edges), "--publish", str(repo)]) == 0
+    assert (
+        main(
+            [
+                "graph",
+                "build",
+                "--engine",
+                "duckdb",
+                "--memory-limit",
+                "128MB",
+                "--edges",
+                str(edges),
+                "--publish",
+                str(repo),
+            ]
+        )
+        == 0
+    )
     assert "as version 1 of" in capsys.readouterr().out
     directory, version = resolve_graph(repo)
     assert GraphStore.load(directory).manifest["build"]["engine"] == "duckdb"
-    assert main(["graph", "build", "--memory-limit", "1GB", "--edges", str(edges), "--out",
-                 str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "graph",
+                "build",
+                "--memory-limit",
+                "1GB",
+                "--edges",
+                str(edges),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "--memory-limit" in capsys.readouterr().err

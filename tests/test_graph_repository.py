@@ -30,7 +30,8 @@ def listing(repo: Path, capsys: pytest.CaptureFixture[str]) -> list[dict]:
 
 
 def test_publish_makes_numbered_versions_and_current_follows(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     repo = tmp_path / "graphs"
     publish_tiny(repo)
     publish_tiny(repo)
@@ -38,20 +39,28 @@ def test_publish_makes_numbered_versions_and_current_follows(
     assert "as version 2 of" in out and "(now CURRENT)" in out
     versions = listing(repo, capsys)
     assert [(v["version"], v["current"], v["held"]) for v in versions] == [
-        (1, False, False), (2, True, False)]
+        (1, False, False),
+        (2, True, False),
+    ]
     assert versions[1]["counts"]["edges"] == 50_000
     assert (repo / "CURRENT").read_text() == "2\n"
     directory, version = resolve_graph(repo)
     assert (directory, version) == (repo / "2", "2")
     # Only the versions, the pointers and the lock file: no staging directory left behind.
-    assert sorted(p.name for p in repo.iterdir()) == [".publish.lock", "1", "2", "CURRENT",
-                                                     "LAST_VERSION"]
+    assert sorted(p.name for p in repo.iterdir()) == [
+        ".publish.lock",
+        "1",
+        "2",
+        "CURRENT",
+        "LAST_VERSION",
+    ]
     assert main(["graph", "info", str(repo)]) == 0
     assert f"{repo / '2'} (version 2)" in capsys.readouterr().out
 
 
 def test_rollback_to_the_previous_or_a_given_version_and_never_to_a_corrupt_one(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     repo = tmp_path / "graphs"
     for _ in range(3):
         publish_tiny(repo)
@@ -84,7 +93,9 @@ def test_retention_keeps_current_and_what_a_server_holds(tmp_path: Path) -> None
         # Version 1 stopped being CURRENT with this publish and nobody holds it: deleted.
         versions = GraphRepository(repo).versions()
         assert [(v.version, v.current, v.held) for v in versions] == [
-            (2, False, True), (3, True, False)]
+            (2, False, True),
+            (3, True, False),
+        ]
         assert GraphRepository(repo).prune(0) == []
     finally:
         lease.release()
@@ -106,14 +117,22 @@ def test_failed_build_publishes_nothing_and_an_abandoned_one_is_cleared(tmp_path
         GraphRepository(repo).publish(broken)
     assert resolve_graph(repo)[1] == "1"
     # A publisher killed mid-build leaves its staging directory; the next publish clears it.
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from walkrank.graph.repository import GraphRepository
         def build(out):
             print("building", flush=True)
             time.sleep(600)
         GraphRepository({str(repo)!r}).publish(build)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "building"
         staging = [p for p in repo.iterdir() if p.name.startswith(".publishing-")]
@@ -129,9 +148,9 @@ def test_failed_build_publishes_nothing_and_an_abandoned_one_is_cleared(tmp_path
     assert resolve_graph(repo)[1] == "5"
 
 
-def test_publish_refuses_a_graph_directory_or_other_data(tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]
-                                                         ) -> None:
+def test_publish_refuses_a_graph_directory_or_other_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     plain = tmp_path / "plain"
     assert main(["graph", "synth", "--preset", "tiny", "--out", str(plain)]) == 0
     capsys.readouterr()
@@ -142,16 +161,21 @@ def test_publish_refuses_a_graph_directory_or_other_data(tmp_path: Path,
     (other / "notes.txt").write_text("mine")
     assert main(["graph", "synth", "--preset", "tiny", "--publish", str(other)]) == 2
     assert "not empty and is not a graph repository" in capsys.readouterr().err
-    assert main(["graph", "synth", "--preset", "tiny", "--publish", str(tmp_path / "r"),
-                 "--replace"]) == 2
+    assert (
+        main(["graph", "synth", "--preset", "tiny", "--publish", str(tmp_path / "r"), "--replace"])
+        == 2
+    )
     assert "--replace applies to --out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    (lambda repo: (repo / "LAST_VERSION").write_text("1\n"), "no graph published yet"),
-    (lambda repo: (repo / "CURRENT").write_text("7\n"), "points at version 7"),
-    (lambda repo: (repo / "CURRENT").write_text("seven\n"), "expected a positive version"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda repo: (repo / "LAST_VERSION").write_text("1\n"), "no graph published yet"),
+        (lambda repo: (repo / "CURRENT").write_text("7\n"), "points at version 7"),
+        (lambda repo: (repo / "CURRENT").write_text("seven\n"), "expected a positive version"),
+    ],
+)
 def test_a_bad_pointer_is_an_error_naming_the_file(tmp_path: Path, setup, message: str) -> None:
     repo = tmp_path / "graphs"
     repo.mkdir()

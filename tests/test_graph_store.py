@@ -20,12 +20,20 @@ from walkrank.graph.synthetic import (
 )
 
 CONTRACT_DTYPES = {
-    "pin_offsets": np.int64, "board_offsets": np.int64,
-    "pin_adj": np.int32, "board_adj": np.int32,
-    "pin_locale": np.int32, "pin_topic": np.int32, "board_locale": np.int32,
-    "board_topic": np.int32, "pin_key": np.int32, "board_key": np.int32,
-    "pin_quality": np.float32, "pin_created_at": np.float64,
-    "pin_ids_order": np.int32, "board_ids_order": np.int32,
+    "pin_offsets": np.int64,
+    "board_offsets": np.int64,
+    "pin_adj": np.int32,
+    "board_adj": np.int32,
+    "pin_locale": np.int32,
+    "pin_topic": np.int32,
+    "board_locale": np.int32,
+    "board_topic": np.int32,
+    "pin_key": np.int32,
+    "board_key": np.int32,
+    "pin_quality": np.float32,
+    "pin_created_at": np.float64,
+    "pin_ids_order": np.int32,
+    "board_ids_order": np.int32,
 }
 
 
@@ -43,10 +51,10 @@ def test_contract_fields_dtypes_and_mmap(small_graph: GraphStore) -> None:
     # Adjacency: 8 bytes per edge of neighbours both ways, 8 per node of offsets; the locale
     # index beside it: 2 per node and locale.
     nodes = g.n_pins + g.n_boards
-    assert g.manifest["bytes_per_edge"] == pytest.approx(8 + 8 * (nodes + 2) / g.n_edges,
-                                                         abs=1e-4)
+    assert g.manifest["bytes_per_edge"] == pytest.approx(8 + 8 * (nodes + 2) / g.n_edges, abs=1e-4)
     assert g.manifest["locale_index_bytes_per_edge"] == pytest.approx(
-        2 * g.n_locales * nodes / g.n_edges, abs=1e-4)
+        2 * g.n_locales * nodes / g.n_edges, abs=1e-4
+    )
     assert g.pin_locale_ends.dtype == np.uint16 and g.board_locale_ends.dtype == np.uint16
     np.testing.assert_array_equal(g.pin_key, g.pin_locale * (g.n_topics + 1) + g.pin_topic)
     np.testing.assert_array_equal(g.board_key, g.board_locale * (g.n_topics + 1) + g.board_topic)
@@ -98,10 +106,10 @@ def test_key_runs_give_each_keys_slice(small_graph: GraphStore, side: str) -> No
     neighbour_key = g.board_key if side == "pin" else g.pin_key
     assert g.run_shift == int(max(g.pin_degree().max(), g.board_degree().max())).bit_length()
     for node in range(len(offsets) - 1):
-        keys = neighbour_key[adj[offsets[node]:offsets[node + 1]]]
+        keys = neighbour_key[adj[offsets[node] : offsets[node + 1]]]
         distinct, first = np.unique(keys, return_index=True)
         ends = np.append(first[1:], len(keys))  # keys rise along the list
-        node_runs = runs[run_offsets[node]:run_offsets[node + 1]]
+        node_runs = runs[run_offsets[node] : run_offsets[node + 1]]
         np.testing.assert_array_equal(node_runs >> g.run_shift, distinct)
         np.testing.assert_array_equal(node_runs & ((1 << g.run_shift) - 1), ends)
     assert run_offsets[-1] == len(runs) < g.n_edges
@@ -118,12 +126,11 @@ def test_locale_index_gives_each_locales_slice(small_graph: GraphStore, side: st
     neighbour_locale = g.board_locale if side == "pin" else g.pin_locale
     checked = 0
     for node in range(len(offsets) - 1):
-        neighbours = adj[offsets[node]:offsets[node + 1]]
+        neighbours = adj[offsets[node] : offsets[node + 1]]
         bounds = [0, *ends[node].tolist(), len(neighbours)]
         for locale in range(g.n_locales + 1):
             expected = neighbours[neighbour_locale[neighbours] == locale]
-            np.testing.assert_array_equal(neighbours[bounds[locale]:bounds[locale + 1]],
-                                          expected)
+            np.testing.assert_array_equal(neighbours[bounds[locale] : bounds[locale + 1]], expected)
             checked += expected.size
     assert checked == g.n_edges
 
@@ -170,29 +177,46 @@ def _shift(values: np.ndarray, by: int) -> None:
     values[len(values) // 2] += by
 
 
-@pytest.mark.parametrize(("name", "change", "problem"), [
-    ("pin_adj", lambda a: a.__setitem__(3, 10**9), r"board id 1000000000 at position 3 is "
-                                                   r"outside \[0, \d+\)"),
-    ("board_adj", lambda a: a.__setitem__(0, -1), r"pin id -1 at position 0 is outside"),
-    ("pin_adj", _move_edge, r"the two adjacency directions disagree"),
-    ("pin_offsets", lambda a: _shift(a, 10**6), r"decreases after row"),
-    ("board_offsets", lambda a: a.__setitem__(-1, a[-1] - 1), r"ends at \d+, not at the"),
-    ("pin_locale_ends", lambda a: a.__setitem__((0, -1), 60_000), r"row 0 ends at 60000"),
-    ("board_locale_ends", lambda a: a.__setitem__((5, 0), a[5, -1] + 1),
-     r"locale ends decrease in row 5"),
-    ("pin_key", lambda a: _shift(a, 1), r"bias key at position \d+ does not match"),
-    ("pin_key_runs", lambda a: a.__setitem__(0, a[0] + 2**20),
-     r"run 0 \(key \d+, end \d+\) of row 0 does not tile"),
-    ("board_key_runs", lambda a: a.__setitem__(1, a[0]), r"run 1 .* does not tile its"),
-    ("board_run_offsets", lambda a: _shift(a, 10**6), r"decreases after row"),
-    ("pin_run_offsets", lambda a: a.__setitem__(1, a[2]), r"row [01] has \d+ runs for"),
-    ("pin_topic", lambda a: a.__setitem__(0, 99), r"topic code 99 at position 0"),
-    ("pin_ids_order", lambda a: a.__setitem__(1, 2**30), r"dense pin id 1073741824"),
-    ("board_ids_sorted", lambda a: a.__setitem__(1, a[0]), r"not strictly increasing"),
-])
+@pytest.mark.parametrize(
+    ("name", "change", "problem"),
+    [
+        (
+            "pin_adj",
+            lambda a: a.__setitem__(3, 10**9),
+            r"board id 1000000000 at position 3 is "
+            r"outside \[0, \d+\)",
+        ),
+        ("board_adj", lambda a: a.__setitem__(0, -1), r"pin id -1 at position 0 is outside"),
+        ("pin_adj", _move_edge, r"the two adjacency directions disagree"),
+        ("pin_offsets", lambda a: _shift(a, 10**6), r"decreases after row"),
+        ("board_offsets", lambda a: a.__setitem__(-1, a[-1] - 1), r"ends at \d+, not at the"),
+        ("pin_locale_ends", lambda a: a.__setitem__((0, -1), 60_000), r"row 0 ends at 60000"),
+        (
+            "board_locale_ends",
+            lambda a: a.__setitem__((5, 0), a[5, -1] + 1),
+            r"locale ends decrease in row 5",
+        ),
+        ("pin_key", lambda a: _shift(a, 1), r"bias key at position \d+ does not match"),
+        (
+            "pin_key_runs",
+            lambda a: a.__setitem__(0, a[0] + 2**20),
+            r"run 0 \(key \d+, end \d+\) of row 0 does not tile",
+        ),
+        ("board_key_runs", lambda a: a.__setitem__(1, a[0]), r"run 1 .* does not tile its"),
+        ("board_run_offsets", lambda a: _shift(a, 10**6), r"decreases after row"),
+        ("pin_run_offsets", lambda a: a.__setitem__(1, a[2]), r"row [01] has \d+ runs for"),
+        ("pin_topic", lambda a: a.__setitem__(0, 99), r"topic code 99 at position 0"),
+        ("pin_ids_order", lambda a: a.__setitem__(1, 2**30), r"dense pin id 1073741824"),
+        ("board_ids_sorted", lambda a: a.__setitem__(1, a[0]), r"not strictly increasing"),
+    ],
+)
 def test_structural_corruption_is_an_error_naming_the_file(
-        small_graph: GraphStore, tmp_path: Path, name: str,
-        change: Callable[[np.ndarray], None], problem: str) -> None:
+    small_graph: GraphStore,
+    tmp_path: Path,
+    name: str,
+    change: Callable[[np.ndarray], None],
+    problem: str,
+) -> None:
     """What the walk kernels would index by: each broken invariant is a DataError naming the
     array, even when the checksums were rewritten to match (no SIGSEGV in a nogil kernel)."""
     path = _copy(small_graph, tmp_path)
@@ -202,13 +226,16 @@ def test_structural_corruption_is_an_error_naming_the_file(
     GraphStore.load(path, verify=False).pin_index([1])  # mapping alone never checks
 
 
-def test_kernel_dtypes_and_manifest_fields_are_checked(small_graph: GraphStore,
-                                                       tmp_path: Path) -> None:
+def test_kernel_dtypes_and_manifest_fields_are_checked(
+    small_graph: GraphStore, tmp_path: Path
+) -> None:
     path = _copy(small_graph, tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
-    for field, value, problem in (("counts", {"pins": 1}, "counts.boards: expected a count"),
-                                  ("degree", {"pin_max": -1}, "degree.pin_max"),
-                                  ("vocab", [], "vocab: expected an object")):
+    for field, value, problem in (
+        ("counts", {"pins": 1}, "counts.boards: expected a count"),
+        ("degree", {"pin_max": -1}, "degree.pin_max"),
+        ("vocab", [], "vocab: expected an object"),
+    ):
         (path / "manifest.json").write_text(json.dumps({**manifest, field: value}))
         with pytest.raises(DataError, match=rf"manifest\.json: {problem}"):
             GraphStore.load(path, verify=False)
@@ -250,8 +277,9 @@ def test_shape_mismatch_detected(small_graph: GraphStore, tmp_path: Path) -> Non
 
 def test_synthetic_shape() -> None:
     """Power-law degrees; boards mostly one topic; a board's pins mostly share its locale."""
-    t = generate_graph_tables(n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6,
-                              n_locales=3, seed=5)
+    t = generate_graph_tables(
+        n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6, n_locales=3, seed=5
+    )
     assert t.edges.num_rows == 30_000
     pins = t.edges.column("pin_id").to_numpy()
     boards = t.edges.column("board_id").to_numpy()
@@ -271,11 +299,13 @@ def test_synthetic_shape() -> None:
     assert np.mean(pin_locale == board_locale) > 0.75
     assert set(pin_locale) == set(locale_names(3))
 
-    again = generate_graph_tables(n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6,
-                                  n_locales=3, seed=5)
+    again = generate_graph_tables(
+        n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6, n_locales=3, seed=5
+    )
     assert again.edges.equals(t.edges) and again.pins.equals(t.pins)
-    other = generate_graph_tables(n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6,
-                                  n_locales=3, seed=6)
+    other = generate_graph_tables(
+        n_pins=3_000, n_boards=2_000, n_edges=30_000, n_topics=6, n_locales=3, seed=6
+    )
     assert not other.edges.equals(t.edges)
 
 

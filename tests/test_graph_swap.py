@@ -32,13 +32,17 @@ from loadgen.models import publish_random_model  # noqa: E402
 
 
 def tables(seed: int) -> SyntheticTables:
-    return generate_graph_tables(n_pins=2_000, n_boards=400, n_edges=20_000, n_topics=6,
-                                 n_locales=3, seed=seed)
+    return generate_graph_tables(
+        n_pins=2_000, n_boards=400, n_edges=20_000, n_topics=6, n_locales=3, seed=seed
+    )
 
 
 def publish(repo: Path, data: SyntheticTables) -> int:
-    return GraphRepository(repo).publish(
-        lambda out: build_graph(out, data.edges, data.pins, data.boards)).version
+    return (
+        GraphRepository(repo)
+        .publish(lambda out: build_graph(out, data.edges, data.pins, data.boards))
+        .version
+    )
 
 
 def query_pins(repo: Path, n: int) -> list[str]:
@@ -53,19 +57,30 @@ def stub(server: WalkRankServer) -> Iterator[recommender_pb2_grpc.RecommenderStu
         yield recommender_pb2_grpc.RecommenderStub(channel)
 
 
-def recommend(recommender: recommender_pb2_grpc.RecommenderStub, pins: list[str],
-              seed: int = 5, request_id: str = "") -> tuple[list[str], str]:
+def recommend(
+    recommender: recommender_pb2_grpc.RecommenderStub,
+    pins: list[str],
+    seed: int = 5,
+    request_id: str = "",
+) -> tuple[list[str], str]:
     """(pin ids answered, graph version in the trailing metadata)."""
-    answer, call = recommender.Recommend.with_call(recommender_pb2.RecommendRequest(
-        tenant="homefeed", query_pins=[recommender_pb2.QueryPin(pin_id=p) for p in pins],
-        seed=seed, user=recommender_pb2.User(locale="en"), request_id=request_id), timeout=20)
-    return [c.pin_id for c in answer.candidates], dict(call.trailing_metadata())[
-        GRAPH_VERSION_KEY]
+    answer, call = recommender.Recommend.with_call(
+        recommender_pb2.RecommendRequest(
+            tenant="homefeed",
+            query_pins=[recommender_pb2.QueryPin(pin_id=p) for p in pins],
+            seed=seed,
+            user=recommender_pb2.User(locale="en"),
+            request_id=request_id,
+        ),
+        timeout=20,
+    )
+    return [c.pin_id for c in answer.candidates], dict(call.trailing_metadata())[GRAPH_VERSION_KEY]
 
 
 def publish_model(config: ServerConfig) -> None:
-    publish_random_model(config.models_dir, config.tenants_dir / "homefeed.yaml", trees=8,
-                         depth=3, rows=2_000)
+    publish_random_model(
+        config.models_dir, config.tenants_dir / "homefeed.yaml", trees=8, depth=3, rows=2_000
+    )
 
 
 def mapped(path: Path) -> bool:
@@ -81,7 +96,8 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_reload_swaps_in_the_new_current_version_and_unmaps_the_old(
-        tmp_path: Path, repo: Path) -> None:
+    tmp_path: Path, repo: Path
+) -> None:
     config = make_config(tmp_path, GraphStore.load(repo / "1")).replace(graph=repo)
     gc.collect()
     with running(config) as (server, client), stub(server) as recommender:
@@ -93,7 +109,8 @@ def test_reload_swaps_in_the_new_current_version_and_unmaps_the_old(
         assert publish(repo, tables(12)) == 2
         response = client.reload()
         assert [(c.tenant, c.kind, c.detail) for c in response.changes] == [
-            ("", "graph", "now 2 (was 1)")]
+            ("", "graph", "now 2 (was 1)")
+        ]
         assert not response.errors
         info = client.graph_info()
         assert (info.version, info.path, info.n_edges) == ("2", str(repo / "2"), 20_000)
@@ -103,14 +120,15 @@ def test_reload_swaps_in_the_new_current_version_and_unmaps_the_old(
         gc.collect()
         assert not mapped(repo / "1") and mapped(repo / "2")
         assert [(v.version, v.held) for v in GraphRepository(repo).versions()] == [
-            (1, False), (2, True)]
+            (1, False),
+            (2, True),
+        ]
         assert not client.reload().changes  # nothing moved: nothing to report
         metrics = server.metrics.registry
         assert metrics.get_sample_value("walkrank_graph_version") == 2.0
 
 
-def test_a_call_in_flight_finishes_on_the_graph_it_started_with(tmp_path: Path,
-                                                                repo: Path) -> None:
+def test_a_call_in_flight_finishes_on_the_graph_it_started_with(tmp_path: Path, repo: Path) -> None:
     config = make_config(tmp_path, GraphStore.load(repo / "1")).replace(graph=repo)
     homefeed = config.tenants_dir / "homefeed.yaml"  # no candidate log: 1.5M rows per batch
     homefeed.write_text(homefeed.read_text().replace("sample_rate: 1.0", "sample_rate: 0.0"))
@@ -118,10 +136,16 @@ def test_a_call_in_flight_finishes_on_the_graph_it_started_with(tmp_path: Path,
     # Enough users and candidates that the stream outruns HTTP/2 flow control: the server is
     # still answering when the swap happens.
     request = recommender_pb2.RecommendBatchRequest(
-        tenant="homefeed", num_results=1000, seed=3,
-        users=[recommender_pb2.BatchUser(
-            request_id=f"u{i}", query_pins=[recommender_pb2.QueryPin(pin_id=pins[i % 40])])
-            for i in range(1500)])
+        tenant="homefeed",
+        num_results=1000,
+        seed=3,
+        users=[
+            recommender_pb2.BatchUser(
+                request_id=f"u{i}", query_pins=[recommender_pb2.QueryPin(pin_id=pins[i % 40])]
+            )
+            for i in range(1500)
+        ],
+    )
     with running(config) as (server, client), stub(server) as recommender:
         on_v1 = [[c.pin_id for c in r.candidates] for r in recommender.RecommendBatch(request)]
         stream = recommender.RecommendBatch(request, timeout=120)
@@ -141,7 +165,8 @@ def test_a_call_in_flight_finishes_on_the_graph_it_started_with(tmp_path: Path,
 
 
 def test_a_version_that_fails_to_load_is_reported_and_the_old_keeps_serving(
-        tmp_path: Path, repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = make_config(tmp_path, GraphStore.load(repo / "1")).replace(graph=repo)
     with running(config) as (server, client), stub(server) as recommender:
         publish(repo, tables(12))
@@ -168,26 +193,33 @@ def test_a_version_that_fails_to_load_is_reported_and_the_old_keeps_serving(
 
 
 def test_swap_refused_when_a_tenant_model_needs_graph_data_the_new_version_lacks(
-        tmp_path: Path, repo: Path) -> None:
+    tmp_path: Path, repo: Path
+) -> None:
     config = make_config(tmp_path, GraphStore.load(repo / "1")).replace(graph=repo)
     publish_model(config)
     data = tables(12)
-    without_locales = SyntheticTables(edges=data.edges, pins=data.pins.drop_columns(["locale"]),
-                                      boards=data.boards.drop_columns(["locale"]))
+    without_locales = SyntheticTables(
+        edges=data.edges,
+        pins=data.pins.drop_columns(["locale"]),
+        boards=data.boards.drop_columns(["locale"]),
+    )
     with running(config) as (server, client):
         publish(repo, without_locales)
         [error] = client.reload().errors
-        assert ("tenant 'homefeed' (model v1) uses pin_locale_missing, user_locale_missing, "
-                "query_locale_share, locale_match, which need locales: graph 1 has them, "
-                "graph 2 does not") in error.message
+        assert (
+            "tenant 'homefeed' (model v1) uses pin_locale_missing, user_locale_missing, "
+            "query_locale_share, locale_match, which need locales: graph 1 has them, "
+            "graph 2 does not"
+        ) in error.message
         assert "email" not in error.message  # tenants without a model read no model inputs
         assert client.graph_info().version == "1"
         publish(repo, data)  # the same graph with its locales swaps in
         assert client.reload().changes[0].detail == "now 3 (was 1)"
 
 
-def test_categories_are_matched_by_name_on_whichever_graph_answers(tmp_path: Path,
-                                                                   repo: Path) -> None:
+def test_categories_are_matched_by_name_on_whichever_graph_answers(
+    tmp_path: Path, repo: Path
+) -> None:
     """Version 2 adds a locale that sorts first, so every other locale's code moves by one: the
     model's locale features still compare names (logged features match the pins' names)."""
     config = make_config(tmp_path, GraphStore.load(repo / "1")).replace(graph=repo)
@@ -195,8 +227,11 @@ def test_categories_are_matched_by_name_on_whichever_graph_answers(tmp_path: Pat
     data = tables(11)
     locale = data.pins.column("locale").cast(pa.string()).to_numpy(zero_copy_only=False).copy()
     locale[:50] = "aa"
-    shifted = SyntheticTables(edges=data.edges, boards=data.boards,
-                              pins=data.pins.set_column(1, "locale", pa.array(locale)))
+    shifted = SyntheticTables(
+        edges=data.edges,
+        boards=data.boards,
+        pins=data.pins.set_column(1, "locale", pa.array(locale)),
+    )
     pins = query_pins(repo, 3)
     with running(config) as (server, client), stub(server) as recommender:
         assert recommend(recommender, pins, request_id="on-1")[1] == "1"
@@ -206,8 +241,7 @@ def test_categories_are_matched_by_name_on_whichever_graph_answers(tmp_path: Pat
     logged = read_candidates(config.logs_dir, "homefeed")
     for version in ("1", "2"):
         graph = GraphStore.load(repo / version)
-        assert graph.locales == (("aa", "de", "en", "ja") if version == "2" else
-                                 ("de", "en", "ja"))
+        assert graph.locales == (("aa", "de", "en", "ja") if version == "2" else ("de", "en", "ja"))
         rows = logged.filter(pc.equal(logged["request_id"], f"on-{version}"))
         assert rows.num_rows > 0 and set(rows["model_version"].to_pylist()) == {"v1"}
         dense = graph.pin_index(rows["pin_id"].to_numpy(zero_copy_only=False).astype(np.int64))
@@ -217,14 +251,17 @@ def test_categories_are_matched_by_name_on_whichever_graph_answers(tmp_path: Pat
 
 def test_the_watcher_follows_current_without_a_reload(tmp_path: Path, repo: Path) -> None:
     config = make_config(tmp_path, GraphStore.load(repo / "1")).replace(
-        graph=repo, graph_watch_seconds=0.02)
+        graph=repo, graph_watch_seconds=0.02
+    )
     with running(config) as (server, client):
         metrics = server.metrics.registry
         publish(repo, tables(12))
         _wait_until(lambda: client.graph_info().version == "2", "the watcher swapped in 2")
         (repo / "CURRENT").write_text("9\n")  # a version that does not exist
-        _wait_until(lambda: metrics.get_sample_value("walkrank_graph_load_error") == 1.0,
-                    "the watcher reported the bad pointer")
+        _wait_until(
+            lambda: metrics.get_sample_value("walkrank_graph_load_error") == 1.0,
+            "the watcher reported the bad pointer",
+        )
         assert client.graph_info().version == "2"
         GraphRepository(repo).rollback(1)
         _wait_until(lambda: client.graph_info().version == "1", "the watcher swapped in 1")
@@ -240,12 +277,13 @@ def test_swaps_under_load_fail_no_call(tmp_path: Path, repo: Path) -> None:
     versions: set[str] = set()
     stop = threading.Event()
     with running(config) as (server, client):
+
         def hammer(offset: int) -> None:
             with stub(server) as recommender:
                 i = offset
                 while not stop.is_set():
                     try:
-                        versions.add(recommend(recommender, pins[i % 20: i % 20 + 3], seed=i)[1])
+                        versions.add(recommend(recommender, pins[i % 20 : i % 20 + 3], seed=i)[1])
                     except grpc.RpcError as exc:
                         failures.append(f"{exc.code()}: {exc.details()}")
                     i += 1
@@ -273,8 +311,9 @@ def test_graph_settings_are_checked(tmp_path: Path) -> None:
 
     assert all(name in FEATURES for names in GRAPH_INPUTS.values() for name in names)
     path = tmp_path / "walkrank.yaml"
-    path.write_text("graph: graphs\ntenants_dir: t\nmodels_dir: m\nlogs_dir: l\n"
-                    "graph_watch_seconds: 0\n")
+    path.write_text(
+        "graph: graphs\ntenants_dir: t\nmodels_dir: m\nlogs_dir: l\ngraph_watch_seconds: 0\n"
+    )
     with pytest.raises(ConfigError, match="graph_watch_seconds: must be > 0"):
         load_server_config(path)
     path.write_text(path.read_text().replace("graph_watch_seconds: 0", "graph_watch_seconds: 5"))

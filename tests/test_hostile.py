@@ -64,7 +64,8 @@ from loadgen.harness import ServeProcess, write_server_config  # noqa: E402
 
 CREDENTIALS = Credentials(
     tenant_keys={"homefeed": "key-homefeed", "related_pins": "key-related", "email": "key-email"},
-    admin_token="admin-token-for-fuzzing")
+    admin_token="admin-token-for-fuzzing",
+)
 #: Generated cases over the whole module; each fuzz test takes its share.
 FUZZ_EXAMPLES = int(os.environ.get("WALKRANK_FUZZ_EXAMPLES", "2400"))
 HEALTH_EVERY = 200  # calls between health checks inside a fuzz run
@@ -82,8 +83,9 @@ class ServerLog:
             log.seek(self._offset)
             text = log.read().decode(errors="replace")
             self._offset = log.tell()
-        return [line for line in text.splitlines()
-                if " ERROR " in line or line.startswith("Traceback")]
+        return [
+            line for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback")
+        ]
 
 
 class Hostile:
@@ -119,17 +121,26 @@ class Hostile:
 
     def assert_healthy(self) -> None:
         """Overall health SERVING, a valid call answered OK, and no ERROR logged so far."""
-        health = send(self.channel, Call(HEALTH_CHECK, health_pb2.HealthCheckRequest(
-            service="").SerializeToString(), timeout=5.0))
+        health = send(
+            self.channel,
+            Call(
+                HEALTH_CHECK,
+                health_pb2.HealthCheckRequest(service="").SerializeToString(),
+                timeout=5.0,
+            ),
+        )
         if health.code != grpc.StatusCode.OK:
             self.wedged = f"health check: {health.code_name} {health.details}"
         assert health.code == grpc.StatusCode.OK, self.wedged
         status = health_pb2.HealthCheckResponse.FromString(health.responses[0]).status
         assert status == health_pb2.HealthCheckResponse.SERVING, status
         request = recommender_pb2.RecommendRequest(
-            tenant="homefeed", query_pins=[recommender_pb2.QueryPin(pin_id=self.known_pins[0])])
-        answer = send(self.channel, Call(RECOMMEND, request.SerializeToString(),
-                                         CREDENTIALS.key("homefeed"), timeout=10.0))
+            tenant="homefeed", query_pins=[recommender_pb2.QueryPin(pin_id=self.known_pins[0])]
+        )
+        answer = send(
+            self.channel,
+            Call(RECOMMEND, request.SerializeToString(), CREDENTIALS.key("homefeed"), timeout=10.0),
+        )
         assert answer.code == grpc.StatusCode.OK, f"valid call: {answer.code} {answer.details}"
         assert recommender_pb2.RecommendResponse.FromString(answer.responses[0]).candidates
         logged = self.log.new_errors()
@@ -137,18 +148,26 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
-            ) -> Iterator[Hostile]:
+def hostile(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore) -> Iterator[Hostile]:
     """`walkrank serve` in its own process, so that a wedged server fails the tests instead of
     hanging them (it is killed when SIGTERM does not stop it)."""
     root = tmp_path_factory.mktemp("hostile")
     shutil.copytree(REPO / "tenants", root / "tenants")
-    config = write_server_config(root / "walkrank.yaml", small_graph.path, root / "tenants",
-                                 root / "models", root / "logs", workers=8, auth=True,
-                                 grace_seconds=2.0)
-    env = {**os.environ, "WALKRANK_ADMIN_TOKEN": CREDENTIALS.admin_token,
-           "WALKRANK_API_KEYS": ",".join(f"{t}={k}" for t, k in
-                                         CREDENTIALS.tenant_keys.items())}
+    config = write_server_config(
+        root / "walkrank.yaml",
+        small_graph.path,
+        root / "tenants",
+        root / "models",
+        root / "logs",
+        workers=8,
+        auth=True,
+        grace_seconds=2.0,
+    )
+    env = {
+        **os.environ,
+        "WALKRANK_ADMIN_TOKEN": CREDENTIALS.admin_token,
+        "WALKRANK_API_KEYS": ",".join(f"{t}={k}" for t, k in CREDENTIALS.tenant_keys.items()),
+    }
     with ServeProcess(config, root / "server.log", env=env) as server:
         hostile = Hostile(server.target, small_graph, ServerLog(server.log_path))
         try:
@@ -185,119 +204,314 @@ def test_fuzz(live: Hostile, share: str) -> None:
 MB = 1 << 20
 
 
-def recommend(tenant: str = "homefeed", pins: list[str] | None = None,
-              weights: list[float] | None = None, **fields: object
-              ) -> recommender_pb2.RecommendRequest:
+def recommend(
+    tenant: str = "homefeed",
+    pins: list[str] | None = None,
+    weights: list[float] | None = None,
+    **fields: object,
+) -> recommender_pb2.RecommendRequest:
     weights = weights or [0.0] * len(pins or [])
     return recommender_pb2.RecommendRequest(
-        tenant=tenant, query_pins=[recommender_pb2.QueryPin(pin_id=p, weight=w)
-                                   for p, w in zip(pins or [], weights, strict=True)], **fields)
+        tenant=tenant,
+        query_pins=[
+            recommender_pb2.QueryPin(pin_id=p, weight=w)
+            for p, w in zip(pins or [], weights, strict=True)
+        ],
+        **fields,
+    )
 
 
 def boundary_cases(pins: list[str]) -> list[tuple[str, str, bytes, str, set[str]]]:
     """(name, method, payload, tenant whose key is sent, allowed status names)."""
-    client_errors = {"INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED",
-                     "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "OUT_OF_RANGE"}
+    client_errors = {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "OUT_OF_RANGE",
+    }
     invalid = {"INVALID_ARGUMENT"}
     ok = {"OK"}
     a, b = pins[0], pins[1]
     cases: list[tuple[str, str, object, str, set[str]]] = [
         ("empty request", RECOMMEND, recommend(""), "homefeed", client_errors),
         ("no query pins", RECOMMEND, recommend(), "homefeed", invalid),
-        ("weights 1e20 (budget overflow)", RECOMMEND, recommend(pins=[a, b],
-                                                                weights=[1e20, 1e20]),
-         "homefeed", ok),
-        ("weight 1e20 beside an unweighted pin", RECOMMEND,
-         recommend(pins=[a, b], weights=[1e20, 0.0]), "homefeed", ok),
+        (
+            "weights 1e20 (budget overflow)",
+            RECOMMEND,
+            recommend(pins=[a, b], weights=[1e20, 1e20]),
+            "homefeed",
+            ok,
+        ),
+        (
+            "weight 1e20 beside an unweighted pin",
+            RECOMMEND,
+            recommend(pins=[a, b], weights=[1e20, 0.0]),
+            "homefeed",
+            ok,
+        ),
         ("weight 5000", RECOMMEND, recommend(pins=[a], weights=[5000.0]), "homefeed", ok),
         ("weight 1e15", RECOMMEND, recommend(pins=[a], weights=[1e15]), "homefeed", ok),
-        ("weight float32 max", RECOMMEND, recommend(pins=[a, b], weights=[3.4e38, 1e-45]),
-         "homefeed", ok),
+        (
+            "weight float32 max",
+            RECOMMEND,
+            recommend(pins=[a, b], weights=[3.4e38, 1e-45]),
+            "homefeed",
+            ok,
+        ),
         ("weight NaN", RECOMMEND, recommend(pins=[a], weights=[math.nan]), "homefeed", invalid),
         ("weight inf", RECOMMEND, recommend(pins=[a], weights=[math.inf]), "homefeed", invalid),
-        ("weight -inf", RECOMMEND, recommend(pins=[a], weights=[-math.inf]), "homefeed",
-         invalid),
+        ("weight -inf", RECOMMEND, recommend(pins=[a], weights=[-math.inf]), "homefeed", invalid),
         ("weight negative", RECOMMEND, recommend(pins=[a], weights=[-1.0]), "homefeed", invalid),
-        ("request_time NaN", RECOMMEND, recommend(pins=[a], request_time=math.nan), "homefeed",
-         invalid),
-        ("request_time -inf", RECOMMEND, recommend(pins=[a], request_time=-math.inf),
-         "homefeed", invalid),
-        ("request_time double max", RECOMMEND, recommend(pins=[a], request_time=1.8e308),
-         "homefeed", invalid),
-        ("request_time 0 (1970)", RECOMMEND, recommend(pins=[a], request_time=0.0), "homefeed",
-         ok),
-        ("actions with NaN and inf times", RECOMMEND, recommend(actions=[
-            recommender_pb2.UserAction(pin_id=a, action="save", time=math.nan),
-            recommender_pb2.UserAction(pin_id=b, action="save", time=math.inf)]), "homefeed",
-         invalid),
-        ("action name of 1 MiB", RECOMMEND, recommend(actions=[recommender_pb2.UserAction(
-            pin_id=a, action="s" * MB)]), "homefeed", invalid),
-        ("10k actions of one pin", RECOMMEND, recommend(actions=[recommender_pb2.UserAction(
-            pin_id=a, action="save")] * 10_000), "homefeed", invalid),
-        ("actions beside query pins", RECOMMEND, recommend(pins=[a], actions=[
-            recommender_pb2.UserAction(pin_id=b, action="click")]), "homefeed", invalid),
-        ("actions of 1970 and of 2096", RECOMMEND, recommend(actions=[
-            recommender_pb2.UserAction(pin_id=a, action="save", time=0.0),
-            recommender_pb2.UserAction(pin_id=b, action="view", time=4_000_000_000.0)]),
-         "homefeed", ok),
-        ("batch user with request_time NaN", BATCH, recommender_pb2.RecommendBatchRequest(
-            tenant="email", users=[recommender_pb2.BatchUser(
-                query_pins=[recommender_pb2.QueryPin(pin_id=a)], request_time=math.nan)]),
-         "email", invalid),
-        ("num_results max uint32", RECOMMEND, recommend(pins=[a], num_results=2**32 - 1),
-         "homefeed", invalid | ok),
-        ("query pins past max_query_pins", RECOMMEND, recommend(pins=[a] * 201), "homefeed",
-         invalid),
-        ("two query pins for related_pins", RECOMMEND, recommend("related_pins", pins=[a, b]),
-         "related_pins", invalid),
+        (
+            "request_time NaN",
+            RECOMMEND,
+            recommend(pins=[a], request_time=math.nan),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "request_time -inf",
+            RECOMMEND,
+            recommend(pins=[a], request_time=-math.inf),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "request_time double max",
+            RECOMMEND,
+            recommend(pins=[a], request_time=1.8e308),
+            "homefeed",
+            invalid,
+        ),
+        ("request_time 0 (1970)", RECOMMEND, recommend(pins=[a], request_time=0.0), "homefeed", ok),
+        (
+            "actions with NaN and inf times",
+            RECOMMEND,
+            recommend(
+                actions=[
+                    recommender_pb2.UserAction(pin_id=a, action="save", time=math.nan),
+                    recommender_pb2.UserAction(pin_id=b, action="save", time=math.inf),
+                ]
+            ),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "action name of 1 MiB",
+            RECOMMEND,
+            recommend(actions=[recommender_pb2.UserAction(pin_id=a, action="s" * MB)]),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "10k actions of one pin",
+            RECOMMEND,
+            recommend(actions=[recommender_pb2.UserAction(pin_id=a, action="save")] * 10_000),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "actions beside query pins",
+            RECOMMEND,
+            recommend(pins=[a], actions=[recommender_pb2.UserAction(pin_id=b, action="click")]),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "actions of 1970 and of 2096",
+            RECOMMEND,
+            recommend(
+                actions=[
+                    recommender_pb2.UserAction(pin_id=a, action="save", time=0.0),
+                    recommender_pb2.UserAction(pin_id=b, action="view", time=4_000_000_000.0),
+                ]
+            ),
+            "homefeed",
+            ok,
+        ),
+        (
+            "batch user with request_time NaN",
+            BATCH,
+            recommender_pb2.RecommendBatchRequest(
+                tenant="email",
+                users=[
+                    recommender_pb2.BatchUser(
+                        query_pins=[recommender_pb2.QueryPin(pin_id=a)], request_time=math.nan
+                    )
+                ],
+            ),
+            "email",
+            invalid,
+        ),
+        (
+            "num_results max uint32",
+            RECOMMEND,
+            recommend(pins=[a], num_results=2**32 - 1),
+            "homefeed",
+            invalid | ok,
+        ),
+        (
+            "query pins past max_query_pins",
+            RECOMMEND,
+            recommend(pins=[a] * 201),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "two query pins for related_pins",
+            RECOMMEND,
+            recommend("related_pins", pins=[a, b]),
+            "related_pins",
+            invalid,
+        ),
         ("unknown pins only", RECOMMEND, recommend(pins=["999", "1"]), "homefeed", ok | invalid),
-        ("tenant of 1 MiB", RECOMMEND, recommend("t" * MB, pins=[a]), "homefeed",
-         client_errors),
-        ("request_id of 1.1 MB", RECOMMEND, recommend(pins=[a], request_id="r" * 1_100_000),
-         "homefeed", invalid),
-        ("request_id of 3.9 MiB", RECOMMEND, recommend(pins=[a], request_id="r" * (39 * MB // 10)),
-         "homefeed", invalid),
-        ("user id of 1 MiB", RECOMMEND, recommend(pins=[a], user=recommender_pb2.User(
-            id="u" * MB)), "homefeed", invalid),
-        ("locale of 1 MiB", RECOMMEND, recommend(pins=[a], user=recommender_pb2.User(
-            locale="l" * MB)), "homefeed", invalid | ok),
-        ("10k interests", RECOMMEND, recommend(pins=[a], user=recommender_pb2.User(
-            interests=["x" * 100] * 10_000)), "homefeed", invalid | ok),
+        ("tenant of 1 MiB", RECOMMEND, recommend("t" * MB, pins=[a]), "homefeed", client_errors),
+        (
+            "request_id of 1.1 MB",
+            RECOMMEND,
+            recommend(pins=[a], request_id="r" * 1_100_000),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "request_id of 3.9 MiB",
+            RECOMMEND,
+            recommend(pins=[a], request_id="r" * (39 * MB // 10)),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "user id of 1 MiB",
+            RECOMMEND,
+            recommend(pins=[a], user=recommender_pb2.User(id="u" * MB)),
+            "homefeed",
+            invalid,
+        ),
+        (
+            "locale of 1 MiB",
+            RECOMMEND,
+            recommend(pins=[a], user=recommender_pb2.User(locale="l" * MB)),
+            "homefeed",
+            invalid | ok,
+        ),
+        (
+            "10k interests",
+            RECOMMEND,
+            recommend(pins=[a], user=recommender_pb2.User(interests=["x" * 100] * 10_000)),
+            "homefeed",
+            invalid | ok,
+        ),
         ("pin id of 1 MiB", RECOMMEND, recommend(pins=["9" * MB]), "homefeed", invalid | ok),
-        ("100k excluded pins", RECOMMEND, recommend(pins=[a], exclude_pins=[b] * 100_000),
-         "homefeed", invalid | ok),
-        ("message past max_message_bytes", RECOMMEND, recommend(pins=[a],
-                                                                request_id="r" * (5 * MB)),
-         "homefeed", {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"}),
-        ("batch without users", BATCH, recommender_pb2.RecommendBatchRequest(tenant="email"),
-         "email", invalid),
-        ("batch of 2000 users without pins", BATCH, recommender_pb2.RecommendBatchRequest(
-            tenant="email", users=[recommender_pb2.BatchUser()] * 2000), "email", invalid),
-        ("batch user with weight 1e20", BATCH, recommender_pb2.RecommendBatchRequest(
-            tenant="email", users=[recommender_pb2.BatchUser(query_pins=[
-                recommender_pb2.QueryPin(pin_id=a, weight=1e20),
-                recommender_pb2.QueryPin(pin_id=b, weight=1e20)])]), "email", ok),
-        ("events: 100k events", EVENTS, events_pb2.ReportEventsRequest(
-            tenant="homefeed", events=[events_pb2.Event(request_id="r", pin_id=a,
-                                                        event="click")] * 100_000),
-         "homefeed", client_errors | ok),
-        ("events: NaN and inf score and time", EVENTS, events_pb2.ReportEventsRequest(
-            tenant="homefeed", events=[events_pb2.Event(request_id="r", pin_id=a, event="save",
-                                                        score=math.nan, timestamp=math.inf)]),
-         "homefeed", client_errors | ok),
-        ("events: request_id of 1 MiB", EVENTS, events_pb2.ReportEventsRequest(
-            tenant="homefeed", events=[events_pb2.Event(request_id="r" * MB, pin_id=a,
-                                                        event="save")]),
-         "homefeed", client_errors | ok),
-        ("admin: GetTenant of 1 MiB", GET_TENANT, admin_pb2.GetTenantRequest(name="n" * MB),
-         "admin", client_errors),
-        ("admin: Reload of a path", RELOAD, admin_pb2.ReloadRequest(tenants=["../../etc/passwd"]),
-         "admin", client_errors | ok),
-        ("health of 1 MiB", HEALTH_CHECK, health_pb2.HealthCheckRequest(service="s" * MB),
-         "homefeed", client_errors),
+        (
+            "100k excluded pins",
+            RECOMMEND,
+            recommend(pins=[a], exclude_pins=[b] * 100_000),
+            "homefeed",
+            invalid | ok,
+        ),
+        (
+            "message past max_message_bytes",
+            RECOMMEND,
+            recommend(pins=[a], request_id="r" * (5 * MB)),
+            "homefeed",
+            {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"},
+        ),
+        (
+            "batch without users",
+            BATCH,
+            recommender_pb2.RecommendBatchRequest(tenant="email"),
+            "email",
+            invalid,
+        ),
+        (
+            "batch of 2000 users without pins",
+            BATCH,
+            recommender_pb2.RecommendBatchRequest(
+                tenant="email", users=[recommender_pb2.BatchUser()] * 2000
+            ),
+            "email",
+            invalid,
+        ),
+        (
+            "batch user with weight 1e20",
+            BATCH,
+            recommender_pb2.RecommendBatchRequest(
+                tenant="email",
+                users=[
+                    recommender_pb2.BatchUser(
+                        query_pins=[
+                            recommender_pb2.QueryPin(pin_id=a, weight=1e20),
+                            recommender_pb2.QueryPin(pin_id=b, weight=1e20),
+                        ]
+                    )
+                ],
+            ),
+            "email",
+            ok,
+        ),
+        (
+            "events: 100k events",
+            EVENTS,
+            events_pb2.ReportEventsRequest(
+                tenant="homefeed",
+                events=[events_pb2.Event(request_id="r", pin_id=a, event="click")] * 100_000,
+            ),
+            "homefeed",
+            client_errors | ok,
+        ),
+        (
+            "events: NaN and inf score and time",
+            EVENTS,
+            events_pb2.ReportEventsRequest(
+                tenant="homefeed",
+                events=[
+                    events_pb2.Event(
+                        request_id="r", pin_id=a, event="save", score=math.nan, timestamp=math.inf
+                    )
+                ],
+            ),
+            "homefeed",
+            client_errors | ok,
+        ),
+        (
+            "events: request_id of 1 MiB",
+            EVENTS,
+            events_pb2.ReportEventsRequest(
+                tenant="homefeed",
+                events=[events_pb2.Event(request_id="r" * MB, pin_id=a, event="save")],
+            ),
+            "homefeed",
+            client_errors | ok,
+        ),
+        (
+            "admin: GetTenant of 1 MiB",
+            GET_TENANT,
+            admin_pb2.GetTenantRequest(name="n" * MB),
+            "admin",
+            client_errors,
+        ),
+        (
+            "admin: Reload of a path",
+            RELOAD,
+            admin_pb2.ReloadRequest(tenants=["../../etc/passwd"]),
+            "admin",
+            client_errors | ok,
+        ),
+        (
+            "health of 1 MiB",
+            HEALTH_CHECK,
+            health_pb2.HealthCheckRequest(service="s" * MB),
+            "homefeed",
+            client_errors,
+        ),
     ]
-    return [(name, method, message.SerializeToString(), who, allowed)
-            for name, method, message, who, allowed in cases]
+    return [
+        (name, method, message.SerializeToString(), who, allowed)
+        for name, method, message, who, allowed in cases
+    ]
 
 
 @pytest.mark.parametrize("timeout", [3.0, None], ids=["deadline", "no-deadline"])
@@ -314,8 +528,9 @@ def test_boundary_values(live: Hostile, timeout: float | None) -> None:
             continue
         code = outcome.code.name
         if code not in allowed:
-            failures.append(f"{name}: {code} ({outcome.details[:120]}), expected one of "
-                            f"{sorted(allowed)}")
+            failures.append(
+                f"{name}: {code} ({outcome.details[:120]}), expected one of {sorted(allowed)}"
+            )
         elif code == "OK" and method == RECOMMEND and allowed == {"OK"}:
             answer = recommender_pb2.RecommendResponse.FromString(outcome.responses[0])
             if not answer.candidates:
@@ -328,8 +543,14 @@ def test_boundary_values(live: Hostile, timeout: float | None) -> None:
 def test_pin_ids_are_strict(live: Hostile, variant: str) -> None:
     """A pin id is its decimal digits exactly: padded, signed, underscored, zero-led, non-ASCII
     digits or NUL-terminated forms never resolve to the pin."""
-    outcome = live.check(Call(RECOMMEND, recommend(pins=[variant]).SerializeToString(),
-                                 CREDENTIALS.key("homefeed"), timeout=3.0))
+    outcome = live.check(
+        Call(
+            RECOMMEND,
+            recommend(pins=[variant]).SerializeToString(),
+            CREDENTIALS.key("homefeed"),
+            timeout=3.0,
+        )
+    )
     if outcome.code == grpc.StatusCode.OK:
         answer = recommender_pb2.RecommendResponse.FromString(outcome.responses[0])
         assert list(answer.unknown_query_pins) == [variant] and not answer.candidates
@@ -343,11 +564,21 @@ def test_concurrent_hostile_calls(live: Hostile) -> None:
     at a time, calls never race the server's own callbacks: a Watch that sent its first
     answer under the health servicer's lock while gRPC's poller waited for that lock to close
     another Watch wedged the whole server within seconds.)"""
-    watches = [Call(HEALTH_WATCH, health_pb2.HealthCheckRequest(service=service)
-                    .SerializeToString(), CREDENTIALS.key("homefeed"), timeout)
-               for service in ("", "homefeed") for timeout in (0.01, 0.05, 0.1, 0.2)] * 40
-    drawn = [call for share, count in (("health", 80), ("recommend", 80), ("raw", 80))
-             for call in draw_calls(live.strategies[share], count, seed=5)]
+    watches = [
+        Call(
+            HEALTH_WATCH,
+            health_pb2.HealthCheckRequest(service=service).SerializeToString(),
+            CREDENTIALS.key("homefeed"),
+            timeout,
+        )
+        for service in ("", "homefeed")
+        for timeout in (0.01, 0.05, 0.1, 0.2)
+    ] * 40
+    drawn = [
+        call
+        for share, count in (("health", 80), ("recommend", 80), ("raw", 80))
+        for call in draw_calls(live.strategies[share], count, seed=5)
+    ]
     calls = [call for pair in zip(watches, drawn * 2, strict=False) for call in pair]
     broken = threading.Event()  # a wedged server would make every later call wait its bound
 
@@ -373,18 +604,38 @@ def test_chaos_quick_run_meets_the_zero_targets(tmp_path: Path) -> None:
     """load_tests/chaos.py --quick end to end against a real `walkrank serve`: the report has
     every promise figure, and each count that must be zero is zero."""
     out = tmp_path / "chaos.json"
-    run = subprocess.run([sys.executable, str(REPO / "load_tests" / "chaos.py"), "--json",
-                          str(out), "--quick"], cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "load_tests" / "chaos.py"), "--json", str(out), "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.is_file(), run.stderr[-3000:]
     report = json.loads(out.read_text())
-    for key in ("fuzzed", "statuses", "internal_errors", "hangs", "crashes",
-                "uncounted_log_loss_rows", "cross_tenant_events_accepted",
-                "isolation_p99_ratio", "refusal_p99_ms", "failed_calls_during_reload"):
+    for key in (
+        "fuzzed",
+        "statuses",
+        "internal_errors",
+        "hangs",
+        "crashes",
+        "uncounted_log_loss_rows",
+        "cross_tenant_events_accepted",
+        "isolation_p99_ratio",
+        "refusal_p99_ms",
+        "failed_calls_during_reload",
+    ):
         assert key in report and report[key] is not None, (key, report.get("context"))
     assert report["fuzzed"] >= 1_000 and sum(report["statuses"].values()) == report["fuzzed"]
-    zeros = {key: report[key] for key in ("internal_errors", "hangs", "crashes",
-                                          "uncounted_log_loss_rows",
-                                          "cross_tenant_events_accepted",
-                                          "failed_calls_during_reload")}
+    zeros = {
+        key: report[key]
+        for key in (
+            "internal_errors",
+            "hangs",
+            "crashes",
+            "uncounted_log_loss_rows",
+            "cross_tenant_events_accepted",
+            "failed_calls_during_reload",
+        )
+    }
     assert zeros == dict.fromkeys(zeros, 0), (zeros, report["context"])

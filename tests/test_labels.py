@@ -18,31 +18,57 @@ T0 = 1_700_000_000.0
 WEIGHTS = {"impression": 1.0, "closeup": 2.0, "click": 3.0, "save": 5.0, "hide": 4.0}
 
 # Row: request, pin, pin locale matches the user's?
-CANDIDATES = [("r1", "a", 1), ("r1", "b", 0), ("r1", "c", 1), ("r1", "d", 0), ("r1", "e", 1),
-              ("r2", "a", 0), ("r2", "f", 1), ("r2", "g", 0)]
+CANDIDATES = [
+    ("r1", "a", 1),
+    ("r1", "b", 0),
+    ("r1", "c", 1),
+    ("r1", "d", 0),
+    ("r1", "e", 1),
+    ("r2", "a", 0),
+    ("r2", "f", 1),
+    ("r2", "g", 0),
+]
 EVENTS = [
-    ("r1", "a", "impression", None), ("r1", "a", "save", None),
+    ("r1", "a", "impression", None),
+    ("r1", "a", "save", None),
     ("r1", "b", "impression", None),
-    ("r1", "c", "impression", None), ("r1", "c", "click", None), ("r1", "c", "hide", None),
+    ("r1", "c", "impression", None),
+    ("r1", "c", "click", None),
+    ("r1", "c", "hide", None),
     ("r1", "e", "scored", 0.7),  # scored by the full ranker, not shown
-    ("r2", "a", "impression", None), ("r2", "a", "click", None), ("r2", "a", "scored", 0.9),
-    ("r2", "f", "impression", None), ("r2", "f", "closeup", None),
+    ("r2", "a", "impression", None),
+    ("r2", "a", "click", None),
+    ("r2", "a", "scored", 0.9),
+    ("r2", "f", "impression", None),
+    ("r2", "f", "closeup", None),
     ("r9", "z", "click", None),  # not a logged candidate: ignored
 ]
 
 
 def candidates_table() -> pa.Table:
     request, pin, match = zip(*CANDIDATES, strict=True)
-    return pa.table({"request_id": list(request), "pin_id": list(pin),
-                     "user_interests": [["travel"]] * len(pin),
-                     "f_locale_match": np.array(match, dtype=np.float32)})
+    return pa.table(
+        {
+            "request_id": list(request),
+            "pin_id": list(pin),
+            "user_interests": [["travel"]] * len(pin),
+            "f_locale_match": np.array(match, dtype=np.float32),
+        }
+    )
 
 
 def events_table() -> pa.Table:
     request, pin, event, score = zip(*EVENTS, strict=True)
-    accepted, report = validate_events({"request_id": list(request), "pin_id": list(pin),
-                                        "event": list(event), "timestamp": [T0] * len(pin),
-                                        "score": list(score)}, tenant="home")
+    accepted, report = validate_events(
+        {
+            "request_id": list(request),
+            "pin_id": list(pin),
+            "event": list(event),
+            "timestamp": [T0] * len(pin),
+            "score": list(score),
+        },
+        tenant="home",
+    )
     assert report.count == 0
     return accepted
 
@@ -66,8 +92,13 @@ def test_join_gives_each_candidate_its_outcome(joined: pa.Table) -> None:
 
 
 def labels(joined: pa.Table, strategy: str, **options) -> tuple[list, list, list]:
-    options = {"weights": WEIGHTS, "local_label_weight": 1.0, "negative_sample_rate": 1.0,
-               "seed": 0, **options}
+    options = {
+        "weights": WEIGHTS,
+        "local_label_weight": 1.0,
+        "negative_sample_rate": 1.0,
+        "seed": 0,
+        **options,
+    }
     label_set = build_labels(joined, strategy, **options)
     assert label_set.y.dtype == np.float32 and label_set.sample_weight.dtype == np.float32
     return (label_set.indices.tolist(), label_set.y.tolist(), label_set.sample_weight.tolist())
@@ -77,17 +108,26 @@ def test_engagement_labels_actioned_pins(joined: pa.Table) -> None:
     # a: saved (5); c: clicked but hidden -> negative weighted by hide (4); a@r2: clicked (3);
     # f: closeup (2); b: shown, not actioned; d, e, g: never shown.
     assert labels(joined, "engagement") == (
-        list(range(8)), [1, 0, 0, 0, 0, 1, 1, 0], [5, 1, 4, 1, 1, 3, 2, 1])
+        list(range(8)),
+        [1, 0, 0, 0, 0, 1, 1, 0],
+        [5, 1, 4, 1, 1, 3, 2, 1],
+    )
 
 
 def test_funnel_labels_impressed_pins(joined: pa.Table) -> None:
     assert labels(joined, "funnel") == (
-        list(range(8)), [1, 1, 0, 0, 0, 1, 1, 0], [1, 1, 4, 1, 1, 1, 1, 1])
+        list(range(8)),
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [1, 1, 4, 1, 1, 1, 1, 1],
+    )
 
 
 def test_blended_funnel_weights_actions_above_impressions(joined: pa.Table) -> None:
     assert labels(joined, "blended_funnel") == (
-        list(range(8)), [1, 1, 0, 0, 0, 1, 1, 0], [5, 1, 4, 1, 1, 3, 2, 1])
+        list(range(8)),
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [5, 1, 4, 1, 1, 3, 2, 1],
+    )
 
 
 def test_distillation_regresses_on_logged_full_ranker_scores(joined: pa.Table) -> None:
@@ -99,26 +139,38 @@ def test_distillation_regresses_on_logged_full_ranker_scores(joined: pa.Table) -
 def test_only_the_tenants_weighted_actions_count(joined: pa.Table) -> None:
     email = {"impression": 1.0, "click": 3.0}  # saves and closeups are not this tenant's goal
     assert labels(joined, "engagement", weights=email) == (
-        list(range(8)), [0, 0, 0, 0, 0, 1, 0, 0], [1, 1, 1, 1, 1, 3, 1, 1])
+        list(range(8)),
+        [0, 0, 0, 0, 0, 1, 0, 0],
+        [1, 1, 1, 1, 1, 3, 1, 1],
+    )
 
 
 def test_local_labels_weigh_local_positives(joined: pa.Table) -> None:
     # Locale matches: rows 0, 2, 4, 6. Positives among them (0, 6) double; negatives do not,
     # or the boost would cancel out.
     assert labels(joined, "blended_funnel", local_label_weight=2.0) == (
-        list(range(8)), [1, 1, 0, 0, 0, 1, 1, 0], [10, 1, 4, 1, 1, 3, 4, 1])
+        list(range(8)),
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [10, 1, 4, 1, 1, 3, 4, 1],
+    )
     assert labels(joined, "distillation", local_label_weight=2.0)[2] == [2, 1]
 
     by_column = join_candidates_events(
-        candidates_table().drop_columns(["f_locale_match"]).append_column(
-            "pin_locale", pa.array(["ja", "en", "ja", "en", "ja", "en", "ja", "en"])
-        ).append_column("user_locale", pa.array(["ja"] * 5 + ["fr"] * 2 + [None])),
-        events_table())
+        candidates_table()
+        .drop_columns(["f_locale_match"])
+        .append_column("pin_locale", pa.array(["ja", "en", "ja", "en", "ja", "en", "ja", "en"]))
+        .append_column("user_locale", pa.array(["ja"] * 5 + ["fr"] * 2 + [None])),
+        events_table(),
+    )
     # Now rows 0, 2, 4 match (r2's user is French): only row 0 is a local positive.
     assert labels(by_column, "funnel", local_label_weight=3.0)[2] == [3, 1, 4, 1, 1, 1, 1, 1]
     with pytest.raises(DataError, match="local labels need the pin locale"):
-        build_labels(joined.drop_columns(["f_locale_match"]), "funnel", weights=WEIGHTS,
-                     local_label_weight=2.0)
+        build_labels(
+            joined.drop_columns(["f_locale_match"]),
+            "funnel",
+            weights=WEIGHTS,
+            local_label_weight=2.0,
+        )
 
 
 def test_negative_down_sampling_keeps_labels_and_reweights(joined: pa.Table) -> None:
@@ -126,23 +178,35 @@ def test_negative_down_sampling_keeps_labels_and_reweights(joined: pa.Table) -> 
         indices, y, weight = labels(joined, "funnel", negative_sample_rate=0.5, seed=seed)
         never_shown = [i for i in indices if i in (3, 4, 7)]
         assert [i for i in indices if i not in (3, 4, 7)] == [0, 1, 2, 5, 6]
-        assert [w for i, w in zip(indices, weight, strict=True) if i in never_shown] == \
-            [2.0] * len(never_shown)
-        assert [w for i, w in zip(indices, weight, strict=True) if i not in never_shown] == \
-            [1, 1, 4, 1, 1]
-    assert labels(joined, "funnel", negative_sample_rate=0.5, seed=3) == \
-        labels(joined, "funnel", negative_sample_rate=0.5, seed=3)
+        assert [w for i, w in zip(indices, weight, strict=True) if i in never_shown] == [2.0] * len(
+            never_shown
+        )
+        assert [w for i, w in zip(indices, weight, strict=True) if i not in never_shown] == [
+            1,
+            1,
+            4,
+            1,
+            1,
+        ]
+    assert labels(joined, "funnel", negative_sample_rate=0.5, seed=3) == labels(
+        joined, "funnel", negative_sample_rate=0.5, seed=3
+    )
 
 
 def test_negative_down_sampling_is_unbiased_at_scale() -> None:
     n = 40_000
     shown = np.zeros(n, dtype=bool)
     shown[:400] = True
-    table = pa.table({"request_id": [f"r{i // 100}" for i in range(n)],
-                      "pin_id": [str(i) for i in range(n)]})
-    events = pa.table({"request_id": table["request_id"].filter(shown),
-                       "pin_id": table["pin_id"].filter(shown),
-                       "event": ["impression"] * 400})
+    table = pa.table(
+        {"request_id": [f"r{i // 100}" for i in range(n)], "pin_id": [str(i) for i in range(n)]}
+    )
+    events = pa.table(
+        {
+            "request_id": table["request_id"].filter(shown),
+            "pin_id": table["pin_id"].filter(shown),
+            "event": ["impression"] * 400,
+        }
+    )
     joined = join_candidates_events(table, events)
     a = build_labels(joined, "funnel", weights=WEIGHTS, negative_sample_rate=0.1, seed=1)
     b = build_labels(joined, "funnel", weights=WEIGHTS, negative_sample_rate=0.1, seed=2)
@@ -175,13 +239,24 @@ def test_labels_from_logs_written_and_read_back(tmp_path: Path, joined: pa.Table
     for request in ("r1", "r2"):
         rows = [(p, m) for r, p, m in CANDIDATES if r == request]
         k = len(rows)
-        candidate_log.submit(CandidateBatch(
-            request_id=request, tenant="home", ts=T0, user_id="u", user_locale="en",
-            user_interests=["travel"], pin_ids=np.array([p for p, _ in rows]),
-            feature_names=["visits", "locale_match"],
-            features=np.array([[10.0, m] for _, m in rows], dtype=np.float32),
-            visit_scores=np.ones(k, np.float32), model_scores=np.ones(k, np.float32),
-            ranks=np.arange(k, dtype=np.int32), returned=np.ones(k, bool), model_version="1"))
+        candidate_log.submit(
+            CandidateBatch(
+                request_id=request,
+                tenant="home",
+                ts=T0,
+                user_id="u",
+                user_locale="en",
+                user_interests=["travel"],
+                pin_ids=np.array([p for p, _ in rows]),
+                feature_names=["visits", "locale_match"],
+                features=np.array([[10.0, m] for _, m in rows], dtype=np.float32),
+                visit_scores=np.ones(k, np.float32),
+                model_scores=np.ones(k, np.float32),
+                ranks=np.arange(k, dtype=np.int32),
+                returned=np.ones(k, bool),
+                model_version="1",
+            )
+        )
     assert candidate_log.close()
     event_log = EventLog(tmp_path)
     event_log.submit(events_table())
@@ -190,5 +265,6 @@ def test_labels_from_logs_written_and_read_back(tmp_path: Path, joined: pa.Table
     from_disk = join_candidates_events(read_candidates(tmp_path, "home"), read_events(tmp_path))
     assert from_disk.num_rows == 8
     for strategy in ("engagement", "funnel", "blended_funnel", "distillation"):
-        assert labels(from_disk, strategy, local_label_weight=2.0) == \
-            labels(joined, strategy, local_label_weight=2.0)
+        assert labels(from_disk, strategy, local_label_weight=2.0) == labels(
+            joined, strategy, local_label_weight=2.0
+        )

@@ -51,8 +51,14 @@ def server(small_graph: GraphStore, tmp_path_factory: pytest.TempPathFactory) ->
     # Long walks (no early stop) keep each call busy, so eight concurrent calls overlap.
     tight["walk"]["early_stopping"] = None
     (tenants / "tight.yaml").write_text(yaml.safe_dump(tight))
-    config = ServerConfig(graph=small_graph.path, tenants_dir=tenants, models_dir=root / "models",
-                          logs_dir=root / "logs", address="127.0.0.1:0", workers=8)
+    config = ServerConfig(
+        graph=small_graph.path,
+        tenants_dir=tenants,
+        models_dir=root / "models",
+        logs_dir=root / "logs",
+        address="127.0.0.1:0",
+        workers=8,
+    )
     walkrank = WalkRankServer(config)
     port = walkrank.start()
     yield f"127.0.0.1:{port}"
@@ -62,17 +68,28 @@ def server(small_graph: GraphStore, tmp_path_factory: pytest.TempPathFactory) ->
 def write_config(path: Path, messages: list[dict], **settings: object) -> Path:
     data = path.parent / f"{path.stem}-data.json"
     data.write_text(json.dumps(messages))
-    path.write_text(json.dumps({"proto": str(PROTO), "import-paths": [str(ROOT / "protos")],
-                                "call": RECOMMEND, "insecure": True, "data-file": str(data),
-                                **settings}))
+    path.write_text(
+        json.dumps(
+            {
+                "proto": str(PROTO),
+                "import-paths": [str(ROOT / "protos")],
+                "call": RECOMMEND,
+                "insecure": True,
+                "data-file": str(data),
+                **settings,
+            }
+        )
+    )
     return path
 
 
-def test_builtin_generator_counts_every_call(small_graph: GraphStore, server: str,
-                                             tmp_path: Path) -> None:
+def test_builtin_generator_counts_every_call(
+    small_graph: GraphStore, server: str, tmp_path: Path
+) -> None:
     messages = draw_requests(small_graph, "homefeed", 7, seed=3)
-    config = load_ghz_config(write_config(tmp_path / "homefeed.json", messages, total=45,
-                                          concurrency=4))
+    config = load_ghz_config(
+        write_config(tmp_path / "homefeed.json", messages, total=45, concurrency=4)
+    )
     [result] = run_load([config], server, processes=0)
     summary = result.summary
     assert summary.count == 45 and summary.messages_received == 45
@@ -81,29 +98,47 @@ def test_builtin_generator_counts_every_call(small_graph: GraphStore, server: st
     assert summary.rps > 0
 
 
-def test_batch_calls_stream_one_response_per_user(small_graph: GraphStore, server: str,
-                                                  tmp_path: Path) -> None:
+def test_batch_calls_stream_one_response_per_user(
+    small_graph: GraphStore, server: str, tmp_path: Path
+) -> None:
     batches = draw_requests(small_graph, "email", 2, seed=4, batch_users=5)
-    config = load_ghz_config(write_config(
-        tmp_path / "email.json", batches, call="walkrank.v1.Recommender/RecommendBatch",
-        total=4, concurrency=2))
+    config = load_ghz_config(
+        write_config(
+            tmp_path / "email.json",
+            batches,
+            call="walkrank.v1.Recommender/RecommendBatch",
+            total=4,
+            concurrency=2,
+        )
+    )
     [result] = run_load([config], server, processes=0)
     assert result.summary.status_codes == {"OK": 4}
     assert result.summary.messages_received == 4 * 5
 
 
-def test_ghz_config_is_parsed_into_the_same_requests(small_graph: GraphStore, server: str,
-                                                     tmp_path: Path) -> None:
+def test_ghz_config_is_parsed_into_the_same_requests(
+    small_graph: GraphStore, server: str, tmp_path: Path
+) -> None:
     messages = draw_requests(small_graph, "homefeed", 3, seed=5)
     messages[1]["request_id"] = "load-{{.RequestNumber}}"
-    path = write_config(tmp_path / "homefeed.json", messages, total=10, concurrency=2,
-                        timeout="1500ms", metadata={"x-run": "w{{.WorkerID}}"})
+    path = write_config(
+        tmp_path / "homefeed.json",
+        messages,
+        total=10,
+        concurrency=2,
+        timeout="1500ms",
+        metadata={"x-run": "w{{.WorkerID}}"},
+    )
     config = load_ghz_config(path)
     assert config.timeout_s == 1.5 and config.total == 10 and config.concurrency == 2
-    expected = [recommender_pb2.RecommendRequest(
-        tenant=m["tenant"], user=recommender_pb2.User(**m["user"]),
-        query_pins=[recommender_pb2.QueryPin(**q) for q in m["query_pins"]])
-        for m in messages]
+    expected = [
+        recommender_pb2.RecommendRequest(
+            tenant=m["tenant"],
+            user=recommender_pb2.User(**m["user"]),
+            query_pins=[recommender_pb2.QueryPin(**q) for q in m["query_pins"]],
+        )
+        for m in messages
+    ]
     expected[1].request_id = "load-4"
     # Compiled from the .proto, or asked of the server's reflection: the same bytes either way.
     for spec in (from_proto(config), from_reflection(config, server)):
@@ -117,32 +152,43 @@ def test_ghz_config_is_parsed_into_the_same_requests(small_graph: GraphStore, se
 
 def test_ghz_config_errors_name_the_problem(tmp_path: Path) -> None:
     base = {"call": RECOMMEND, "data": {"tenant": "homefeed"}}
-    cases = [({"load-schedule": "step"}, "'load-schedule'"),
-             ({"data": {"tenant": "{{randomString 8}}"}}, "randomString"),
-             ({"duration": "ten seconds"}, "duration"),
-             ({"total": 2, "concurrency": 4}, "total (2) must be >= concurrency (4)"),
-             ({"call": "Recommend"}, "call")]
+    cases = [
+        ({"load-schedule": "step"}, "'load-schedule'"),
+        ({"data": {"tenant": "{{randomString 8}}"}}, "randomString"),
+        ({"duration": "ten seconds"}, "duration"),
+        ({"total": 2, "concurrency": 4}, "total (2) must be >= concurrency (4)"),
+        ({"call": "Recommend"}, "call"),
+    ]
     for index, (change, message) in enumerate(cases):
         path = tmp_path / f"bad{index}.json"
         path.write_text(json.dumps({**base, **change}))
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_ghz_config(path)
     bad_field = tmp_path / "bad-field.json"
-    bad_field.write_text(json.dumps({**base, "proto": str(PROTO),
-                                     "import-paths": [str(ROOT / "protos")],
-                                     "data": {"tenant": "homefeed", "pins": []}}))
+    bad_field.write_text(
+        json.dumps(
+            {
+                **base,
+                "proto": str(PROTO),
+                "import-paths": [str(ROOT / "protos")],
+                "data": {"tenant": "homefeed", "pins": []},
+            }
+        )
+    )
     config = load_ghz_config(bad_field)
     with pytest.raises(ConfigError, match="not a valid RecommendRequest"):
         _Requests(config, from_proto(config))
 
 
-def test_overload_is_refused_with_resource_exhausted(small_graph: GraphStore, server: str,
-                                                      tmp_path: Path) -> None:
+def test_overload_is_refused_with_resource_exhausted(
+    small_graph: GraphStore, server: str, tmp_path: Path
+) -> None:
     messages = draw_requests(small_graph, "homefeed", 8, seed=6)
     for message in messages:
         message["tenant"] = "tight"
-    config = load_ghz_config(write_config(tmp_path / "tight.json", messages, total=64,
-                                          concurrency=8, timeout="20s"))
+    config = load_ghz_config(
+        write_config(tmp_path / "tight.json", messages, total=64, concurrency=8, timeout="20s")
+    )
     [result] = run_load([config], server, processes=0)
     codes = result.summary.status_codes
     assert result.summary.count == 64
@@ -161,32 +207,66 @@ def test_both_engines_summarize_as_ghz_does() -> None:
     # OK calls sorted: 1 2 3 4 5; p50 is rank ceil(2.5) = 3, p90 rank ceil(4.5) = 5.
     assert (builtin.fastest_ms, builtin.slowest_ms) == (1.0, 5.0)
     assert (builtin.p50_ms, builtin.p90_ms, builtin.p99_ms) == (3.0, 5.0, 5.0)
-    assert summarize("x", "builtin", [float(v) for v in range(1, 11)], ["OK"] * 10, 1.0,
-                     {}).p50_ms == 5.0  # a whole-number rank: the 5th of 10
+    assert (
+        summarize("x", "builtin", [float(v) for v in range(1, 11)], ["OK"] * 10, 1.0, {}).p50_ms
+        == 5.0
+    )  # a whole-number rank: the 5th of 10
 
     ms = 1_000_000  # ghz writes Go durations, in nanoseconds
-    ghz = from_ghz_json("x", {
-        "count": 6, "total": 2_000 * ms, "average": round(115 / 6 * ms), "fastest": 1 * ms,
-        "slowest": 5 * ms, "rps": 3.0, "errorDistribution": errors,
-        "statusCodeDistribution": {"OK": 5, "ResourceExhausted": 1},
-        "latencyDistribution": [{"percentage": p, "latency": v * ms} for p, v in (
-            (10, 1), (25, 2), (50, 3), (75, 4), (90, 5), (95, 5), (99, 5))]})
-    for name in ("count", "total_s", "rps", "fastest_ms", "slowest_ms", "p50_ms", "p90_ms",
-                 "p99_ms", "status_codes", "errors"):
+    ghz = from_ghz_json(
+        "x",
+        {
+            "count": 6,
+            "total": 2_000 * ms,
+            "average": round(115 / 6 * ms),
+            "fastest": 1 * ms,
+            "slowest": 5 * ms,
+            "rps": 3.0,
+            "errorDistribution": errors,
+            "statusCodeDistribution": {"OK": 5, "ResourceExhausted": 1},
+            "latencyDistribution": [
+                {"percentage": p, "latency": v * ms}
+                for p, v in ((10, 1), (25, 2), (50, 3), (75, 4), (90, 5), (95, 5), (99, 5))
+            ],
+        },
+    )
+    for name in (
+        "count",
+        "total_s",
+        "rps",
+        "fastest_ms",
+        "slowest_ms",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "status_codes",
+        "errors",
+    ):
         assert getattr(ghz, name) == pytest.approx(getattr(builtin, name)), name
 
     # Every call refused: no latency to report, from either engine, and no crash.
     refused = summarize("y", "builtin", [1.0, 2.0], ["UNAVAILABLE"] * 2, 1.0, {})
-    ghz_refused = from_ghz_json("y", {
-        "count": 2, "total": 1_000 * ms, "average": 1 * ms, "fastest": 0, "slowest": 0,
-        "rps": 2.0, "statusCodeDistribution": {"Unavailable": 2}, "latencyDistribution": None})
+    ghz_refused = from_ghz_json(
+        "y",
+        {
+            "count": 2,
+            "total": 1_000 * ms,
+            "average": 1 * ms,
+            "fastest": 0,
+            "slowest": 0,
+            "rps": 2.0,
+            "statusCodeDistribution": {"Unavailable": 2},
+            "latencyDistribution": None,
+        },
+    )
     for summary in (refused, ghz_refused):
         assert summary.status_codes == {"UNAVAILABLE": 2}
         assert all(math.isnan(v) for v in (summary.p50_ms, summary.p99_ms, summary.fastest_ms))
 
 
-SHIPPED_CONFIGS = sorted([*(ROOT / "load_tests").glob("*.json"),
-                          *(ROOT / "load_tests" / "mixed").glob("*.json")])
+SHIPPED_CONFIGS = sorted(
+    [*(ROOT / "load_tests").glob("*.json"), *(ROOT / "load_tests" / "mixed").glob("*.json")]
+)
 PATH_KEYS = ("proto", "data-file", "metadata-file")
 
 
@@ -199,8 +279,7 @@ def test_shipped_configs_resolve_from_the_repo_root_as_ghz_resolves_them() -> No
         raw = json.loads(path.read_text())
         for key in PATH_KEYS:
             if key in raw:
-                assert not Path(raw[key]).is_absolute() and (ROOT / raw[key]).is_file(), (
-                    path, key)
+                assert not Path(raw[key]).is_absolute() and (ROOT / raw[key]).is_file(), (path, key)
         assert all((ROOT / p).is_dir() for p in raw.get("import-paths", [])), path
         if "duration" in raw:
             assert raw.get("duration-stop") == "wait", path
@@ -254,8 +333,9 @@ def load_run_module():
     return module
 
 
-def test_run_with_ghz_and_a_relative_out_directory(server: str, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_with_ghz_and_a_relative_out_directory(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`run.py run CONFIG --out relative/dir` under ghz: ghz runs where the config's paths
     resolve and writes its report where run.py reads it, whatever directory the config is in."""
     bin_dir = tmp_path / "bin"
@@ -267,13 +347,35 @@ def test_run_with_ghz_and_a_relative_out_directory(server: str, tmp_path: Path,
     work = tmp_path / "work"
     (work / "configs").mkdir(parents=True)
     (work / "configs" / "data.json").write_text(json.dumps([{"tenant": "homefeed"}]))
-    (work / "configs" / "homefeed.json").write_text(json.dumps({
-        "name": "homefeed", "proto": str(PROTO), "call": RECOMMEND, "total": 3,
-        "concurrency": 1, "data-file": "configs/data.json"}))
+    (work / "configs" / "homefeed.json").write_text(
+        json.dumps(
+            {
+                "name": "homefeed",
+                "proto": str(PROTO),
+                "call": RECOMMEND,
+                "total": 3,
+                "concurrency": 1,
+                "data-file": "configs/data.json",
+            }
+        )
+    )
     monkeypatch.chdir(work)
     run = load_run_module()
-    assert run.main(["run", "configs/homefeed.json", "--out", "results/rel", "--engine", "ghz",
-                     "--target", server]) == 0
+    assert (
+        run.main(
+            [
+                "run",
+                "configs/homefeed.json",
+                "--out",
+                "results/rel",
+                "--engine",
+                "ghz",
+                "--target",
+                server,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((work / "results" / "rel" / "homefeed.json").read_text())
     assert (work / "results" / "rel" / "ghz-homefeed.json").is_file()
     assert "OK" in json.dumps(summary) and not (work / "configs" / "results").exists()
@@ -302,16 +404,20 @@ def test_generator_honours_duration_stop(tmp_path: Path) -> None:
     """At the end of a `duration`, calls in flight are cut off and counted CANCELLED (close,
     ghz's default), awaited and counted as they end (wait), or cut off and left out (ignore)."""
     hold_s, duration_s = 1.0, 0.2
-    peer = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                       handlers=[_HoldingPeer(hold_s)])
+    peer = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[_HoldingPeer(hold_s)])
     port = peer.add_insecure_port("127.0.0.1:0")
     peer.start()
     try:
         results = {}
         for stop in DURATION_STOPS:
-            path = write_config(tmp_path / f"{stop}.json", [{"tenant": "homefeed"}],
-                                duration=f"{duration_s}s", concurrency=2, timeout="10s",
-                                **{"duration-stop": stop.upper()})
+            path = write_config(
+                tmp_path / f"{stop}.json",
+                [{"tenant": "homefeed"}],
+                duration=f"{duration_s}s",
+                concurrency=2,
+                timeout="10s",
+                **{"duration-stop": stop.upper()},
+            )
             config = load_ghz_config(path)
             assert config.duration_stop == stop
             [results[stop]] = run_load([config], f"127.0.0.1:{port}", processes=0)

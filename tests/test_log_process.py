@@ -63,8 +63,9 @@ def test_flush_and_close_write_every_accepted_batch(tmp_path: Path) -> None:
 
 def test_a_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) -> None:
     release = multiprocessing.get_context("spawn").Event()
-    factory = functools.partial(CandidateLog, tmp_path, queue_size=1,
-                                writer_hook=functools.partial(_wait_for, release))
+    factory = functools.partial(
+        CandidateLog, tmp_path, queue_size=1, writer_hook=functools.partial(_wait_for, release)
+    )
     lost: list[tuple[str, int]] = []
     log = ProcessLog(factory, ring_bytes=4096, on_lost=lambda *loss: lost.append(loss))
     # The child's writer holds the first batch, its queue holds one, the relay waits with
@@ -102,8 +103,9 @@ def test_the_child_writes_what_it_holds_when_the_server_dies(tmp_path: Path) -> 
         print(log.pid, flush=True)
         os._exit(0)  # die without closing: the child must notice and write on its own
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
     child = int(out.stdout.split()[-1])
     gone = threading.Event()
     for _ in range(3000):  # the child checks its parent every second
@@ -121,8 +123,12 @@ def test_records_cross_a_small_ring_many_times_intact(tmp_path: Path) -> None:
     for i in range(60):
         batch = make_batch(f"r{i}", k=1 + i % 17, seed=i)
         if i % 3 == 0:  # text ids are pickled with the fields, numbers go as raw bytes
-            batch = CandidateBatch(**{**vars(batch), "pin_ids": np.array(
-                [f"pin-{p}" for p in batch.pin_ids], dtype=object)})
+            batch = CandidateBatch(
+                **{
+                    **vars(batch),
+                    "pin_ids": np.array([f"pin-{p}" for p in batch.pin_ids], dtype=object),
+                }
+            )
         sent.append(batch)
         assert log.submit(batch)
         if i % 4 == 3:
@@ -146,17 +152,22 @@ def test_ring_size_is_checked() -> None:
 
 
 def test_a_killed_writer_is_replaced_at_once_and_every_row_it_held_is_counted(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The child is SIGKILLed holding rows in its writer, its queue and the ring: the server
     reaps and replaces it within a second, counts exactly those rows, and logs on."""
     lost: list[tuple[str, int]] = []
-    log = ProcessLog(functools.partial(CandidateLog, tmp_path, queue_size=2,
-                                       writer_hook=_hold_marked),
-                     ring_bytes=1 << 20, on_lost=lambda *loss: lost.append(loss))
+    log = ProcessLog(
+        functools.partial(CandidateLog, tmp_path, queue_size=2, writer_hook=_hold_marked),
+        ring_bytes=1 << 20,
+        on_lost=lambda *loss: lost.append(loss),
+    )
     assert all(log.submit(make_batch(f"r{i}", seed=i)) for i in range(10))
     assert log.flush(timeout=60)  # 70 rows written
-    assert all(log.submit(make_batch(name, seed=i))
-               for i, name in enumerate(["held"] + [f"r{i}" for i in range(10, 30)]))
+    assert all(
+        log.submit(make_batch(name, seed=i))
+        for i, name in enumerate(["held"] + [f"r{i}" for i in range(10, 30)])
+    )
     first = log.pid
     with caplog.at_level(logging.ERROR, logger="walkrank.log_process"):
         os.kill(first, signal.SIGKILL)
@@ -167,7 +178,8 @@ def test_a_killed_writer_is_replaced_at_once_and_every_row_it_held_is_counted(
 
     table = read_candidates(tmp_path, "home")
     assert sorted(set(table["request_id"].to_pylist())) == sorted(
-        f"r{i}" for i in [*range(10), *range(30, 40)])
+        f"r{i}" for i in [*range(10), *range(30, 40)]
+    )
     assert lost == [("writer_died", 21 * 7)] and log.lost == {"writer_died": 147}
     assert log.submitted_rows == 41 * 7 == table.num_rows + 147 == log.written_rows + 147
     assert log.restarts == 1
@@ -178,8 +190,11 @@ def test_kills_mid_stream_lose_no_row_uncounted(tmp_path: Path) -> None:
     """Kills at whatever point the child is (taking from the ring, converting, writing row
     groups): rows submitted == rows on disk + rows counted lost, after every restart."""
     lost: list[tuple[str, int]] = []
-    log = ProcessLog(functools.partial(CandidateLog, tmp_path, row_group_rows=50),
-                     ring_bytes=1 << 20, on_lost=lambda *loss: lost.append(loss))
+    log = ProcessLog(
+        functools.partial(CandidateLog, tmp_path, row_group_rows=50),
+        ring_bytes=1 << 20,
+        on_lost=lambda *loss: lost.append(loss),
+    )
     sizes = []
     for round_ in range(3):
         for i in range(80):
@@ -200,8 +215,9 @@ def test_kills_mid_stream_lose_no_row_uncounted(tmp_path: Path) -> None:
 
 def test_an_oversized_record_is_dropped_alone_and_counted(tmp_path: Path) -> None:
     lost: list[tuple[str, int]] = []
-    log = ProcessLog(functools.partial(CandidateLog, tmp_path),
-                     on_lost=lambda *loss: lost.append(loss))
+    log = ProcessLog(
+        functools.partial(CandidateLog, tmp_path), on_lost=lambda *loss: lost.append(loss)
+    )
     batches = [make_batch(f"r{i}", seed=i) for i in range(6)]
     batches.insert(3, make_batch("x" * 1_100_000, k=2000, seed=9))
     assert all(log.submit(batch) for batch in batches)

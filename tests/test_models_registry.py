@@ -104,8 +104,9 @@ def test_version_numbers_are_never_reused(registry):
 def test_numpy_values_in_metadata_are_stored_as_json(registry):
     np = pytest.importorskip("numpy")
     version = registry.publish(
-        TENANT, identity_model(), metadata(metrics={"ndcg@50": np.float32(0.5)},
-                                           importance=np.arange(3, dtype=np.float32))
+        TENANT,
+        identity_model(),
+        metadata(metrics={"ndcg@50": np.float32(0.5)}, importance=np.arange(3, dtype=np.float32)),
     )
     stored = json.loads((version.path / METADATA_FILE).read_text())
     assert stored["metrics"] == {"ndcg@50": 0.5}

@@ -10,15 +10,29 @@ from walkrank.cli import main
 
 
 def test_graph_build_summarises_a_large_vocabulary_and_counts_pins_without_edges(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     n = 1_073
     edges = tmp_path / "edges.csv"
     edges.write_text("pin_id,board_id\n" + "".join(f"{i},b{i % 50}\n" for i in range(n)))
     pins = tmp_path / "pins.csv"
     # Every pin its own topic, and 7 pins that no edge mentions.
     pins.write_text("pin_id,topic\n" + "".join(f"{i},topic{i:04d}\n" for i in range(n + 7)))
-    assert main(["graph", "build", "--edges", str(edges), "--pins", str(pins),
-                 "--out", str(tmp_path / "graph")]) == 0
+    assert (
+        main(
+            [
+                "graph",
+                "build",
+                "--edges",
+                str(edges),
+                "--pins",
+                str(pins),
+                "--out",
+                str(tmp_path / "graph"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     topics = next(line for line in printed.splitlines() if line.startswith("topics"))
     assert topics.startswith("topics (1,073): topic0000, topic0001,")

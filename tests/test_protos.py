@@ -75,12 +75,14 @@ def test_optional_fields_track_presence() -> None:
 
 def _with_source_info(tmp_path: Path) -> list[descriptor_pb2.FileDescriptorProto]:
     out = tmp_path / "protos.binpb"
-    codegen.run_protoc([
-        f"-I{codegen.PROTO_ROOT}",
-        "--include_source_info",
-        f"--descriptor_set_out={out}",
-        *(str(f) for f in codegen.proto_files()),
-    ])
+    codegen.run_protoc(
+        [
+            f"-I{codegen.PROTO_ROOT}",
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            *(str(f) for f in codegen.proto_files()),
+        ]
+    )
     return list(descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file)
 
 
@@ -129,8 +131,7 @@ def test_every_element_of_the_api_is_documented(tmp_path: Path) -> None:
     n_elements = 0
     for file in files:
         comments = {
-            tuple(loc.path): loc.leading_comments.strip()
-            for loc in file.source_code_info.location
+            tuple(loc.path): loc.leading_comments.strip() for loc in file.source_code_info.location
         }
         for path, name in _documented_elements(file).items():
             n_elements += 1

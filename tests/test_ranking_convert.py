@@ -44,7 +44,10 @@ def models():
     params = {"n_estimators": 40, "max_depth": 5}
     return {
         objective: train_model(
-            rows, labels[objective], objective=objective, params=params,
+            rows,
+            labels[objective],
+            objective=objective,
+            params=params,
             groups=groups if objective == "pairwise" else None,
         ).booster
         for objective in OBJECTIVES
@@ -134,8 +137,10 @@ def test_gate_refuses_a_tampered_leaf_and_names_the_rows(models, converted):
     model = onnx.load_from_string(converted[("binary", "onnxmltools")])
     attrs = {a.name: a for a in model.graph.node[0].attribute}
     tampered = [
-        k for k, (t, w) in enumerate(zip(attrs["class_treeids"].ints,
-                                         attrs["class_weights"].floats, strict=True))
+        k
+        for k, (t, w) in enumerate(
+            zip(attrs["class_treeids"].ints, attrs["class_weights"].floats, strict=True)
+        )
         if t == 0 and np.float32(w) == leaf_value
     ]
     assert len(tampered) == 1
@@ -168,8 +173,12 @@ def test_export_model_gates_and_describes_the_model(models):
     names = [f"feature_{j}" for j in range(N_FEATURES)]
     sample = _imputed_rows(200, seed=7)
     exported = export_model(
-        models["pairwise"], names, converter="onnxmltools", objective="pairwise",
-        sample=sample, extra_metadata={"tenant": "home_feed"},
+        models["pairwise"],
+        names,
+        converter="onnxmltools",
+        objective="pairwise",
+        sample=sample,
+        extra_metadata={"tenant": "home_feed"},
     )
     meta = exported.metadata
     assert meta["feature_names"] == names and meta["n_features"] == N_FEATURES
@@ -200,8 +209,14 @@ def test_export_refuses_mismatches(models):
     with pytest.raises(ModelError, match="trained with rank:pairwise"):
         export_model(models["pairwise"], names, converter="onnxmltools", objective="binary")
     with pytest.raises(ModelError, match="duplicate feature names"):
-        export_model(models["binary"], names[:-1] + names[:1], converter="onnxmltools",
-                     objective="binary")
+        export_model(
+            models["binary"], names[:-1] + names[:1], converter="onnxmltools", objective="binary"
+        )
     with pytest.raises(ModelError, match="would overwrite"):
-        export_model(models["binary"], names, converter="onnxmltools", objective="binary",
-                     extra_metadata={"n_trees": 1})
+        export_model(
+            models["binary"],
+            names,
+            converter="onnxmltools",
+            objective="binary",
+            extra_metadata={"n_trees": 1},
+        )

@@ -40,7 +40,10 @@ def models():
     out = {}
     for objective, y in labels.items():
         booster = train_model(
-            rows, y, objective=objective, params={"n_estimators": 60, "max_depth": 6},
+            rows,
+            y,
+            objective=objective,
+            params={"n_estimators": 60, "max_depth": 6},
             groups=groups if objective == "pairwise" else None,
         ).booster
         out[objective] = (booster, to_onnx(booster, N_FEATURES))
@@ -76,7 +79,8 @@ def test_kernel_follows_missing_value_directions_like_onnxruntime():
     labels[np.isnan(rows[:, 0])] = 1.0  # missing feature 0 means positive: learned direction
     booster = xgboost.train(
         {"objective": "binary:logistic", "max_depth": 5, "nthread": 1, "base_score": 0.5},
-        xgboost.DMatrix(rows, label=labels), num_boost_round=30,
+        xgboost.DMatrix(rows, label=labels),
+        num_boost_round=30,
     )
     model_bytes = to_onnx(booster, N_FEATURES)
     forest = parse_tree_ensemble(onnx.load_from_string(model_bytes), N_FEATURES)
@@ -142,9 +146,15 @@ def test_too_deep_model_falls_back_and_says_why():
     rows = rng.normal(size=(4000, N_FEATURES)).astype(np.float32)
     noise = rng.normal(size=4000).astype(np.float32)
     booster = train_model(
-        rows, noise, objective="regression",
-        params={"n_estimators": 3, "max_depth": MAX_KERNEL_DEPTH + 3, "min_child_weight": 0.0,
-                "reg_lambda": 0.0},
+        rows,
+        noise,
+        objective="regression",
+        params={
+            "n_estimators": 3,
+            "max_depth": MAX_KERNEL_DEPTH + 3,
+            "min_child_weight": 0.0,
+            "reg_lambda": 0.0,
+        },
     ).booster
     model_bytes = to_onnx(booster, N_FEATURES)
     scorer = Scorer.from_onnx(model_bytes, N_FEATURES)

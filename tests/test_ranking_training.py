@@ -23,7 +23,10 @@ def test_binary_learns_a_signal_with_sensible_metrics():
     rows, labels = _signal(3000, seed=1)
     valid_rows, valid_labels = _signal(1000, seed=2)
     model = train_model(
-        rows, labels, objective="binary", params=SMALL,
+        rows,
+        labels,
+        objective="binary",
+        params=SMALL,
         valid=(valid_rows, valid_labels, None, None),
     )
     m = model.metrics
@@ -97,7 +100,10 @@ def test_regression_distils_a_score():
     rows = rng.normal(size=(3000, 5)).astype(np.float32)
     target = (2.0 * rows[:, 0] - rows[:, 1] ** 2 + 0.1 * rng.normal(size=3000)).astype(np.float32)
     model = train_model(
-        rows[:2000], target[:2000], objective="regression", params={"n_estimators": 60},
+        rows[:2000],
+        target[:2000],
+        objective="regression",
+        params={"n_estimators": 60},
         valid=(rows[2000:], target[2000:], None, None),
     )
     assert model.metrics["valid_rmse"] < 0.5 * float(target[2000:].std())
@@ -143,21 +149,33 @@ def test_early_stopping_cuts_the_booster_back_to_its_best_round():
     noise = np.random.default_rng(12).random(1500) < 0.5  # half the labels are coin flips
     labels = np.where(noise, np.random.default_rng(13).random(1500) < 0.5, labels)
     valid = _signal(800, seed=14)
-    params = {"n_estimators": 500, "max_depth": 6, "learning_rate": 0.3,
-              "early_stopping_rounds": 10}
-    model = train_model(rows, labels.astype(np.float32), params=params,
-                        valid=(*valid, None, None))
+    params = {
+        "n_estimators": 500,
+        "max_depth": 6,
+        "learning_rate": 0.3,
+        "early_stopping_rounds": 10,
+    }
+    model = train_model(rows, labels.astype(np.float32), params=params, valid=(*valid, None, None))
     rounds = int(model.metrics["rounds"])
     assert rounds < 100 and model.booster.num_boosted_rounds() == rounds
     # The metrics are those of the kept round: the held-out loss at its best.
-    full = train_model(rows, labels.astype(np.float32), valid=(*valid, None, None),
-                       params={**params, "early_stopping_rounds": 0, "n_estimators": rounds})
+    full = train_model(
+        rows,
+        labels.astype(np.float32),
+        valid=(*valid, None, None),
+        params={**params, "early_stopping_rounds": 0, "n_estimators": rounds},
+    )
     assert model.metrics["valid_logloss"] == pytest.approx(full.metrics["valid_logloss"])
-    np.testing.assert_array_equal(model.booster.inplace_predict(valid[0]),
-                                  full.booster.inplace_predict(valid[0]))
+    np.testing.assert_array_equal(
+        model.booster.inplace_predict(valid[0]), full.booster.inplace_predict(valid[0])
+    )
     # Without a validation set there is nothing to stop on: every round is trained.
-    assert train_model(rows, labels.astype(np.float32), params={
-        **params, "n_estimators": 25}).metrics["rounds"] == 25
+    assert (
+        train_model(rows, labels.astype(np.float32), params={**params, "n_estimators": 25}).metrics[
+            "rounds"
+        ]
+        == 25
+    )
 
 
 def test_regularisation_params_reach_xgboost():

@@ -32,8 +32,9 @@ class FixedRecommender(pb.recommender_pb2_grpc.RecommenderServicer):
             request_id=request.request_id or "fixed",
             tenant=request.tenant,
             model_version="visit_count",
-            candidates=[pb.recommender_pb2.Candidate(pin_id="42", score=3.5, visit_count=7,
-                                                     rank=1)],
+            candidates=[
+                pb.recommender_pb2.Candidate(pin_id="42", score=3.5, visit_count=7, rank=1)
+            ],
         )
 
 
@@ -48,8 +49,10 @@ def address() -> Iterator[str]:
     server.stop(grace=None)
 
 
-def _ask(address: str, *requests: reflection_pb2.ServerReflectionRequest,
-         ) -> list[reflection_pb2.ServerReflectionResponse]:
+def _ask(
+    address: str,
+    *requests: reflection_pb2.ServerReflectionRequest,
+) -> list[reflection_pb2.ServerReflectionResponse]:
     with grpc.insecure_channel(address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         return list(stub.ServerReflectionInfo(iter(requests), timeout=10))
@@ -59,11 +62,14 @@ def _symbol(name: str) -> reflection_pb2.ServerReflectionRequest:
     return reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
 
 
-def _files(response: reflection_pb2.ServerReflectionResponse,
-           ) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+def _files(
+    response: reflection_pb2.ServerReflectionResponse,
+) -> dict[str, descriptor_pb2.FileDescriptorProto]:
     assert response.WhichOneof("message_response") == "file_descriptor_response", response
-    protos = (descriptor_pb2.FileDescriptorProto.FromString(b)
-              for b in response.file_descriptor_response.file_descriptor_proto)
+    protos = (
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in response.file_descriptor_response.file_descriptor_proto
+    )
     return {p.name: p for p in protos}
 
 
@@ -75,7 +81,9 @@ def test_method_symbol_resolves_to_its_file_with_dependencies(address: str) -> N
     (service,) = files["walkrank/v1/recommender.proto"].service
     method = next(m for m in service.method if m.name == "Recommend")
     assert (method.input_type, method.output_type) == (
-        ".walkrank.v1.RecommendRequest", ".walkrank.v1.RecommendResponse")
+        ".walkrank.v1.RecommendRequest",
+        ".walkrank.v1.RecommendResponse",
+    )
     assert response.original_request.file_containing_symbol == "walkrank.v1.Recommender.Recommend"
 
 
@@ -89,15 +97,19 @@ def test_every_method_of_both_services_resolves(address: str) -> None:
     assert len(methods) == 7
     responses = _ask(address, *(_symbol(m) for m in methods))
     for method, response in zip(methods, responses, strict=True):
-        expected = "walkrank/v1/admin.proto" if ".Admin." in method else (
-            "walkrank/v1/recommender.proto")
+        expected = (
+            "walkrank/v1/admin.proto" if ".Admin." in method else ("walkrank/v1/recommender.proto")
+        )
         assert expected in _files(response), method
 
 
 def test_services_messages_and_fields_still_resolve(address: str) -> None:
     names = [RECOMMENDER, "walkrank.v1.Event", "walkrank.v1.User.locale"]
-    expected = ["walkrank/v1/recommender.proto", "walkrank/v1/events.proto",
-                "walkrank/v1/recommender.proto"]
+    expected = [
+        "walkrank/v1/recommender.proto",
+        "walkrank/v1/events.proto",
+        "walkrank/v1/recommender.proto",
+    ]
     for response, file in zip(_ask(address, *map(_symbol, names)), expected, strict=True):
         assert file in _files(response)
 
@@ -132,7 +144,8 @@ def test_asyncio_server_resolves_method_symbols() -> None:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = reflection_pb2_grpc.ServerReflectionStub(channel)
                 call = stub.ServerReflectionInfo(
-                    iter([_symbol("walkrank.v1.Recommender.RecommendBatch")]), timeout=10)
+                    iter([_symbol("walkrank.v1.Recommender.RecommendBatch")]), timeout=10
+                )
                 return [r async for r in call][0]
         finally:
             await server.stop(grace=None)
@@ -152,7 +165,10 @@ def _grpcurl() -> str:
 def test_grpcurl_describes_a_method_through_reflection(address: str) -> None:
     result = subprocess.run(
         [_grpcurl(), "-plaintext", address, "describe", "walkrank.v1.Recommender.Recommend"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "walkrank.v1.Recommender.Recommend is a method" in result.stdout
@@ -160,17 +176,28 @@ def test_grpcurl_describes_a_method_through_reflection(address: str) -> None:
 
 
 def test_grpcurl_calls_recommend_through_reflection(address: str) -> None:
-    request = {"tenant": "homefeed", "request_id": "r-1",
-               "query_pins": [{"pin_id": "1", "weight": 1.0}]}
+    request = {
+        "tenant": "homefeed",
+        "request_id": "r-1",
+        "query_pins": [{"pin_id": "1", "weight": 1.0}],
+    }
     result = subprocess.run(
-        [_grpcurl(), "-plaintext", "-d", json.dumps(request), address,
-         "walkrank.v1.Recommender/Recommend"],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            _grpcurl(),
+            "-plaintext",
+            "-d",
+            json.dumps(request),
+            address,
+            "walkrank.v1.Recommender/Recommend",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     response = json.loads(result.stdout)
     # grpcurl prints the proto field names.
     assert response["request_id"] == "r-1"
     assert response["tenant"] == "homefeed"
-    assert response["candidates"] == [
-        {"pin_id": "42", "score": 3.5, "visit_count": 7, "rank": 1}]
+    assert response["candidates"] == [{"pin_id": "42", "score": 3.5, "visit_count": 7, "rank": 1}]

@@ -26,8 +26,10 @@ def test_the_loop_runs_on_a_generated_case_with_sane_figures(tmp_path: Path) -> 
     assert {"request_key", "user_id", "interests", "query_pins"} <= set(first)
 
     out = tmp_path / "result.json"
-    assert relevance.main([str(case), "--json", str(out), "--seed", "1",
-                           "--ranker", "max_depth=3"]) == 0
+    assert (
+        relevance.main([str(case), "--json", str(out), "--seed", "1", "--ranker", "max_depth=3"])
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["ranker_overrides"] == {"max_depth": 3} and result["ranker"]["max_depth"] == 3
     metrics = result["metrics"]
@@ -45,5 +47,12 @@ def test_the_loop_runs_on_a_generated_case_with_sane_figures(tmp_path: Path) -> 
         assert result["training"]["rows"]["train_requests"] > 0
         importance = result["importance"]["drop_when_shuffled"]
         assert set(importance) == set(load_tenant(relevance.TEMPLATE).features)
-    assert set(result["seconds"]) == {"graph_train", "serve_train", "train", "graph_test",
-                                      "serve_test", "evaluate", "total"}
+    assert set(result["seconds"]) == {
+        "graph_train",
+        "serve_train",
+        "train",
+        "graph_test",
+        "serve_test",
+        "evaluate",
+        "total",
+    }

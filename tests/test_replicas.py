@@ -70,8 +70,11 @@ class Launcher:
         return self.replica_pids()[address]
 
     def wait_all_healthy(self, timeout_s: float = 120.0) -> None:
-        wait_until(lambda: all(flags == [] for flags in host_health(self.admin).values()),
-                   "every replica healthy in Envoy", timeout_s)
+        wait_until(
+            lambda: all(flags == [] for flags in host_health(self.admin).values()),
+            "every replica healthy in Envoy",
+            timeout_s,
+        )
 
 
 def wait_until(condition, what: str, timeout_s: float) -> float:
@@ -88,8 +91,9 @@ def wait_until(condition, what: str, timeout_s: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
-             ) -> Iterator[Launcher]:
+def launched(
+    tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
+) -> Iterator[Launcher]:
     envoy_or_skip()
     root = tmp_path_factory.mktemp("replicas")
     tenants = root / "tenants"
@@ -101,15 +105,39 @@ def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
     graphs.publish(functools.partial(shutil.copytree, small_graph.path))
     front, admin = f"127.0.0.1:{free_port_run(1)}", f"127.0.0.1:{free_port_run(1)}"
     config = root / "walkrank.yaml"
-    config.write_text(yaml.safe_dump({
-        "graph": str(graphs.root), "tenants_dir": str(tenants), "models_dir": str(models),
-        "logs_dir": str(root / "logs"), "address": front, "workers": 8,
-        "grace_seconds": 5}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "graph": str(graphs.root),
+                "tenants_dir": str(tenants),
+                "models_dir": str(models),
+                "logs_dir": str(root / "logs"),
+                "address": front,
+                "workers": 8,
+                "grace_seconds": 5,
+            }
+        )
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), "--replicas",
-         "2", "--replica-base-port", "0", "--envoy-admin-address", admin,
-         "--envoy-concurrency", "1"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "walkrank.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--replicas",
+            "2",
+            "--replica-base-port",
+            "0",
+            "--envoy-admin-address",
+            admin,
+            "--envoy-concurrency",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout is not None
         banner = ""
@@ -120,8 +148,9 @@ def launched(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
         plan = parse_banner(banner)
         assert (plan.front, plan.envoy_admin) == (front, admin), banner
         threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
-        yield Launcher(process, front, list(plan.replicas), admin, models, tenants,
-                       small_graph, graphs)
+        yield Launcher(
+            process, front, list(plan.replicas), admin, models, tenants, small_graph, graphs
+        )
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -147,8 +176,9 @@ class Load:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _run(self, worker: int) -> None:
-        with WalkRankClient(self.target, timeout=10.0, retries=self.retries,
-                            backoff=0.01) as client:
+        with WalkRankClient(
+            self.target, timeout=10.0, retries=self.retries, backoff=0.01
+        ) as client:
             n = worker
             while not self._stop.is_set():
                 try:
@@ -161,8 +191,9 @@ class Load:
                 n += self.threads
 
     def __enter__(self) -> Load:
-        self._workers = [threading.Thread(target=self._run, args=(w,), daemon=True)
-                         for w in range(self.threads)]
+        self._workers = [
+            threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(self.threads)
+        ]
         for worker in self._workers:
             worker.start()
         wait_until(lambda: self.ok >= 20, "calls flowing", 30)
@@ -204,8 +235,7 @@ def test_envoy_balances_each_call_over_both_replicas(launched: Launcher) -> None
 
 
 def test_replicas_hold_the_graph_in_the_page_cache_once(launched: Launcher) -> None:
-    graph = [memory_kib(launched.replica_pid(a), launched.graphs.root)
-             for a in launched.replicas]
+    graph = [memory_kib(launched.replica_pid(a), launched.graphs.root) for a in launched.replicas]
     assert all(g["Rss"] > 0 for g in graph)
     # Each replica maps the whole graph (Rss), but the pages are shared: their proportional
     # shares add up to one copy.
@@ -225,14 +255,15 @@ def test_publish_then_reload_each_replica_under_load_fails_no_call(launched: Lau
     assert [model_version(a) for a in launched.replicas] == [new, new]
 
 
-def test_a_replica_that_fails_to_load_keeps_its_version_and_its_traffic(
-        launched: Launcher) -> None:
+def test_a_replica_that_fails_to_load_keeps_its_version_and_its_traffic(launched: Launcher) -> None:
     serving = model_version(launched.replicas[0])
     current = (launched.models / TENANT / "CURRENT").read_text()
     (launched.models / TENANT / "CURRENT").write_text("999\n")  # a version that is not there
     try:
-        with Load(launched.front, queries(launched.graph)) as load, WalkRankClient(
-                launched.replicas, timeout=30.0) as fan_out:
+        with (
+            Load(launched.front, queries(launched.graph)) as load,
+            WalkRankClient(launched.replicas, timeout=30.0) as fan_out,
+        ):
             results = fan_out.reload_each([TENANT])
             load.calls_after(load.ok)
         assert all(r.errors for r in results.values()), results
@@ -246,10 +277,13 @@ def test_a_replica_that_fails_to_load_keeps_its_version_and_its_traffic(
 def test_a_new_graph_version_reaches_every_replica_under_load(launched: Launcher) -> None:
     """Publish into the served graph repository, reload each replica: each swaps the new
     version in between calls, and no call fails."""
-    version = launched.graphs.publish(functools.partial(shutil.copytree,
-                                                        launched.graph.path)).version
-    with Load(launched.front, queries(launched.graph)) as load, WalkRankClient(
-            launched.replicas, timeout=60.0) as fan_out:
+    version = launched.graphs.publish(
+        functools.partial(shutil.copytree, launched.graph.path)
+    ).version
+    with (
+        Load(launched.front, queries(launched.graph)) as load,
+        WalkRankClient(launched.replicas, timeout=60.0) as fan_out,
+    ):
         results = fan_out.reload_each()
         load.calls_after(load.ok)
     assert all(not r.errors for r in results.values()), results
@@ -265,8 +299,11 @@ def test_sighup_restarts_replicas_one_at_a_time_under_load(launched: Launcher) -
     pids = set(launched.replica_pids().values())
     with Load(launched.front, queries(launched.graph)) as load:
         launched.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: len(set(launched.replica_pids().values()) - pids) == 2,
-                   "both replicas restarted", 180)
+        wait_until(
+            lambda: len(set(launched.replica_pids().values()) - pids) == 2,
+            "both replicas restarted",
+            180,
+        )
         launched.wait_all_healthy()
         load.calls_after(load.ok)
     assert load.failures == []
@@ -278,12 +315,15 @@ def test_a_killed_replica_costs_its_calls_in_flight_and_is_ejected(launched: Lau
     none after Envoy ejected it; callers whose client retries once lose nothing."""
     victim = launched.replicas[1]
     query = queries(launched.graph)
-    with Load(launched.front, query, threads=2) as bare, Load(
-            launched.front, query, threads=2, retries=1) as retrying:
+    with (
+        Load(launched.front, query, threads=2) as bare,
+        Load(launched.front, query, threads=2, retries=1) as retrying,
+    ):
         killed_at = time.monotonic()
         os.kill(launched.replica_pid(victim), signal.SIGKILL)
-        ejected_s = wait_until(lambda: host_health(launched.admin)[victim] != [],
-                               "the killed replica ejected", 10)
+        ejected_s = wait_until(
+            lambda: host_health(launched.admin)[victim] != [], "the killed replica ejected", 10
+        )
         bare.calls_after(bare.ok, 40)  # the rest keep flowing
     assert len(bare.failures) <= 2 * bare.threads, "\n".join(map(str, bare.failures))
     assert {code for _, code, _ in bare.failures} <= {"UNAVAILABLE"}
@@ -295,11 +335,22 @@ def test_a_killed_replica_costs_its_calls_in_flight_and_is_ejected(launched: Lau
 
 def test_launcher_refuses_what_it_cannot_do(tmp_path: Path, small_graph: GraphStore) -> None:
     config = tmp_path / "walkrank.yaml"
-    config.write_text(yaml.safe_dump({
-        "graph": str(small_graph.path), "tenants_dir": "tenants", "models_dir": "models",
-        "logs_dir": "logs", "address": "127.0.0.1:0"}))
-    result = subprocess.run([sys.executable, "-m", "walkrank.cli", "serve", "--config",
-                             str(config), "--replicas", "2"], capture_output=True, text=True,
-                            timeout=120)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "graph": str(small_graph.path),
+                "tenants_dir": "tenants",
+                "models_dir": "models",
+                "logs_dir": "logs",
+                "address": "127.0.0.1:0",
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), "--replicas", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "fixed port" in result.stderr

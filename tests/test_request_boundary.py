@@ -62,28 +62,36 @@ def errors() -> Iterator[ErrorLog]:
 
 
 @pytest.fixture(scope="module")
-def open_server(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore,
-                errors: ErrorLog) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
+def open_server(
+    tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore, errors: ErrorLog
+) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
     """Auth off; a raw channel (no serializers: bytes in, bytes out)."""
     config = make_config(tmp_path_factory.mktemp("open"), small_graph)
-    with running(config) as (server, _), grpc.insecure_channel(
-            f"127.0.0.1:{server.port}") as channel:
+    with (
+        running(config) as (server, _),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
         yield server, channel
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore,
-                 errors: ErrorLog) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
-    auth = AuthConfig(enabled=True, tenant_keys={t: frozenset({k}) for t, k in KEYS.items()},
-                      admin_token=ADMIN)
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore, errors: ErrorLog
+) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
+    auth = AuthConfig(
+        enabled=True, tenant_keys={t: frozenset({k}) for t, k in KEYS.items()}, admin_token=ADMIN
+    )
     config = make_config(tmp_path_factory.mktemp("keyed"), small_graph, auth=auth)
-    with running(config) as (server, _), grpc.insecure_channel(
-            f"127.0.0.1:{server.port}") as channel:
+    with (
+        running(config) as (server, _),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
         yield server, channel
 
 
-def call(channel: grpc.Channel, method: str, payload: bytes,
-         metadata: tuple[tuple[str, str], ...] = ()) -> tuple[grpc.StatusCode, str, bytes]:
+def call(
+    channel: grpc.Channel, method: str, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[grpc.StatusCode, str, bytes]:
     """Status, details and (when OK) the answer's bytes of one raw call."""
     try:
         answer = channel.unary_unary(method)(payload, timeout=20, metadata=metadata)
@@ -92,8 +100,9 @@ def call(channel: grpc.Channel, method: str, payload: bytes,
     return grpc.StatusCode.OK, "", answer
 
 
-def stream(channel: grpc.Channel, method: str, payload: bytes,
-           metadata: tuple[tuple[str, str], ...] = ()) -> tuple[grpc.StatusCode, str]:
+def stream(
+    channel: grpc.Channel, method: str, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[grpc.StatusCode, str]:
     try:
         list(channel.unary_stream(method)(payload, timeout=20, metadata=metadata))
     except grpc.RpcError as exc:
@@ -103,16 +112,18 @@ def stream(channel: grpc.Channel, method: str, payload: bytes,
 
 def client_errors(server: WalkRankServer, tenant: str, reason: str) -> float:
     value = server.metrics.registry.get_sample_value(
-        "walkrank_client_errors_total", {"tenant": tenant, "reason": reason})
+        "walkrank_client_errors_total", {"tenant": tenant, "reason": reason}
+    )
     return value or 0.0
 
 
-def request(graph: GraphStore, tenant: str = "homefeed", pins: list[str] | None = None,
-            **fields: object) -> bytes:
+def request(
+    graph: GraphStore, tenant: str = "homefeed", pins: list[str] | None = None, **fields: object
+) -> bytes:
     pins = busy_pins(graph, 1) if pins is None else pins
     return recommender_pb2.RecommendRequest(
-        tenant=tenant, query_pins=[recommender_pb2.QueryPin(pin_id=p) for p in pins],
-        **fields).SerializeToString()
+        tenant=tenant, query_pins=[recommender_pb2.QueryPin(pin_id=p) for p in pins], **fields
+    ).SerializeToString()
 
 
 def assert_one_line(details: str, *needles: str) -> None:
@@ -123,23 +134,33 @@ def assert_one_line(details: str, *needles: str) -> None:
 
 # -- undecodable requests --------------------------------------------------------------------
 
-GARBAGE = [bytes(np.random.default_rng(seed).integers(0, 256, 64, dtype=np.uint8))
-           for seed in range(4)] + [b"\xff" * 9, b"\x0a\x05ab"]  # bad tag; truncated string
+GARBAGE = [
+    bytes(np.random.default_rng(seed).integers(0, 256, 64, dtype=np.uint8)) for seed in range(4)
+] + [b"\xff" * 9, b"\x0a\x05ab"]  # bad tag; truncated string
 
 
-@pytest.mark.parametrize(("method", "kind"), [
-    (RECOMMEND, "walkrank.v1.RecommendRequest"), (EVENTS, "walkrank.v1.ReportEventsRequest"),
-    (GET_TENANT, "walkrank.v1.GetTenantRequest"), (HEALTH, "grpc.health.v1.HealthCheckRequest"),
-])
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        (RECOMMEND, "walkrank.v1.RecommendRequest"),
+        (EVENTS, "walkrank.v1.ReportEventsRequest"),
+        (GET_TENANT, "walkrank.v1.GetTenantRequest"),
+        (HEALTH, "grpc.health.v1.HealthCheckRequest"),
+    ],
+)
 def test_random_bytes_are_invalid_argument_counted_and_never_logged(
-        open_server, errors: ErrorLog, method: str, kind: str) -> None:
+    open_server, errors: ErrorLog, method: str, kind: str
+) -> None:
     server, channel = open_server
     before = client_errors(server, "unknown", "undecodable")
     undecodable = 0
     for payload in GARBAGE:
         code, details, _ = call(channel, method, payload)
-        assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.NOT_FOUND), (payload, code, details)
+        assert code in (
+            grpc.StatusCode.OK,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.NOT_FOUND,
+        ), (payload, code, details)
         if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request:"):
             assert_one_line(details, f"not a valid {kind}")
             undecodable += 1
@@ -169,6 +190,7 @@ def test_invalid_utf8_in_a_string_field_is_named(open_server, errors: ErrorLog) 
 
 # -- credentials before work -----------------------------------------------------------------
 
+
 def test_without_credentials_undecodable_bytes_are_unauthenticated(keyed_server) -> None:
     server, channel = keyed_server
     for method in (RECOMMEND, GET_TENANT):
@@ -178,58 +200,119 @@ def test_without_credentials_undecodable_bytes_are_unauthenticated(keyed_server)
     # With a key, the same bytes are what they are.
     code, _, _ = call(channel, RECOMMEND, b"\xff" * 9, (("x-api-key", KEYS["homefeed"]),))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert call(channel, LIST_TENANTS, b"", (("x-admin-token", "wrong"),))[0] == \
-        grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        call(channel, LIST_TENANTS, b"", (("x-admin-token", "wrong"),))[0]
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
     assert call(channel, LIST_TENANTS, b"", (("x-admin-token", ADMIN),))[0] == grpc.StatusCode.OK
 
 
 # -- length limits ---------------------------------------------------------------------------
 
+
 def oversized(graph: GraphStore) -> list[tuple[str, str, bytes, str]]:
     """(name, method, payload, the field the error must name)."""
     user = recommender_pb2.User
-    batch_users = [recommender_pb2.BatchUser(query_pins=[recommender_pb2.QueryPin(
-        pin_id=busy_pins(graph, 1)[0])], request_id=rid) for rid in ("ok", "r" * 200)]
+    batch_users = [
+        recommender_pb2.BatchUser(
+            query_pins=[recommender_pb2.QueryPin(pin_id=busy_pins(graph, 1)[0])], request_id=rid
+        )
+        for rid in ("ok", "r" * 200)
+    ]
     return [
         ("tenant 1 MiB", RECOMMEND, request(graph, tenant="t" * MB), "tenant"),
-        ("request_id 3.9 MiB", RECOMMEND, request(graph, request_id="r" * (39 * MB // 10)),
-         "request_id"),
+        (
+            "request_id 3.9 MiB",
+            RECOMMEND,
+            request(graph, request_id="r" * (39 * MB // 10)),
+            "request_id",
+        ),
         ("user id", RECOMMEND, request(graph, user=user(id="u" * 129)), "user.id"),
         ("locale", RECOMMEND, request(graph, user=user(locale="l" * 65)), "user.locale"),
-        ("an interest", RECOMMEND, request(graph, user=user(interests=["a", "i" * 129])),
-         "user.interests[1]"),
-        ("65 interests", RECOMMEND, request(graph, user=user(interests=["a"] * 65)),
-         "user.interests"),
-        ("a query pin id", RECOMMEND, request(graph, pins=["1", "9" * 129]),
-         "query_pins[1].pin_id"),
-        ("an excluded pin", RECOMMEND, request(graph, exclude_pins=["p" * 129]),
-         "exclude_pins[0]"),
-        ("10,001 excluded pins", RECOMMEND, request(graph, exclude_pins=["1"] * 10_001),
-         "exclude_pins"),
-        ("a batch user's request_id", BATCH, recommender_pb2.RecommendBatchRequest(
-            tenant="email", users=batch_users).SerializeToString(), "users[1].request_id"),
-        ("admin tenant name", GET_TENANT, admin_pb2.GetTenantRequest(
-            name="n" * MB).SerializeToString(), "unknown tenant"),
-        ("an event type", EVENTS, events_pb2.ReportEventsRequest(tenant="homefeed", events=[
-            events_pb2.Event(request_id="r", pin_id="1", event="click"),
-            events_pb2.Event(request_id="r", pin_id="1", event="x" * MB)]).SerializeToString(),
-         "events[1].event"),
-        ("an event's request_id", EVENTS, events_pb2.ReportEventsRequest(
-            tenant="homefeed", events=[events_pb2.Event(
-                request_id="r" * MB, pin_id="1", event="click")]).SerializeToString(),
-         "events[0].request_id"),
+        (
+            "an interest",
+            RECOMMEND,
+            request(graph, user=user(interests=["a", "i" * 129])),
+            "user.interests[1]",
+        ),
+        (
+            "65 interests",
+            RECOMMEND,
+            request(graph, user=user(interests=["a"] * 65)),
+            "user.interests",
+        ),
+        (
+            "a query pin id",
+            RECOMMEND,
+            request(graph, pins=["1", "9" * 129]),
+            "query_pins[1].pin_id",
+        ),
+        ("an excluded pin", RECOMMEND, request(graph, exclude_pins=["p" * 129]), "exclude_pins[0]"),
+        (
+            "10,001 excluded pins",
+            RECOMMEND,
+            request(graph, exclude_pins=["1"] * 10_001),
+            "exclude_pins",
+        ),
+        (
+            "a batch user's request_id",
+            BATCH,
+            recommender_pb2.RecommendBatchRequest(
+                tenant="email", users=batch_users
+            ).SerializeToString(),
+            "users[1].request_id",
+        ),
+        (
+            "admin tenant name",
+            GET_TENANT,
+            admin_pb2.GetTenantRequest(name="n" * MB).SerializeToString(),
+            "unknown tenant",
+        ),
+        (
+            "an event type",
+            EVENTS,
+            events_pb2.ReportEventsRequest(
+                tenant="homefeed",
+                events=[
+                    events_pb2.Event(request_id="r", pin_id="1", event="click"),
+                    events_pb2.Event(request_id="r", pin_id="1", event="x" * MB),
+                ],
+            ).SerializeToString(),
+            "events[1].event",
+        ),
+        (
+            "an event's request_id",
+            EVENTS,
+            events_pb2.ReportEventsRequest(
+                tenant="homefeed",
+                events=[events_pb2.Event(request_id="r" * MB, pin_id="1", event="click")],
+            ).SerializeToString(),
+            "events[0].request_id",
+        ),
     ]
 
 
-OVERSIZED = ("tenant 1 MiB", "request_id 3.9 MiB", "user id", "locale", "an interest",
-             "65 interests", "a query pin id", "an excluded pin", "10,001 excluded pins",
-             "a batch user's request_id", "admin tenant name", "an event type",
-             "an event's request_id")
+OVERSIZED = (
+    "tenant 1 MiB",
+    "request_id 3.9 MiB",
+    "user id",
+    "locale",
+    "an interest",
+    "65 interests",
+    "a query pin id",
+    "an excluded pin",
+    "10,001 excluded pins",
+    "a batch user's request_id",
+    "admin tenant name",
+    "an event type",
+    "an event's request_id",
+)
 
 
 @pytest.mark.parametrize("name", OVERSIZED)
 def test_oversized_fields_are_refused_naming_the_field_without_echoing_it(
-        open_server, errors: ErrorLog, name: str) -> None:
+    open_server, errors: ErrorLog, name: str
+) -> None:
     server, channel = open_server
     cases = {case[0]: case for case in oversized(server.graph)}
     assert set(cases) == set(OVERSIZED)
@@ -238,8 +321,9 @@ def test_oversized_fields_are_refused_naming_the_field_without_echoing_it(
         code, details = stream(channel, method, payload)
     else:
         code, details, _ = call(channel, method, payload)
-    expected = grpc.StatusCode.NOT_FOUND if method == GET_TENANT else \
-        grpc.StatusCode.INVALID_ARGUMENT
+    expected = (
+        grpc.StatusCode.NOT_FOUND if method == GET_TENANT else grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert code == expected, (name, code, details[:200])
     assert_one_line(details, field)
     assert not errors.records
@@ -248,8 +332,10 @@ def test_oversized_fields_are_refused_naming_the_field_without_echoing_it(
 def test_too_long_fields_are_counted_by_tenant(open_server) -> None:
     server, channel = open_server
     before = client_errors(server, "homefeed", "too_long")
-    assert call(channel, RECOMMEND, request(server.graph, request_id="r" * 129))[0] == \
-        grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        call(channel, RECOMMEND, request(server.graph, request_id="r" * 129))[0]
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert client_errors(server, "homefeed", "too_long") == before + 1
 
 
@@ -263,6 +349,7 @@ def test_events_quote_only_a_prefix_of_an_unknown_tenant(open_server) -> None:
 
 
 # -- strict pin ids --------------------------------------------------------------------------
+
 
 def variants(pin: str) -> list[str]:
     arabic = "".join(chr(0x0660 + int(d)) for d in pin)
@@ -295,6 +382,7 @@ def test_lookup_is_strict_for_integer_and_text_ids(tmp_path, small_graph: GraphS
 
 # -- per-tenant health -----------------------------------------------------------------------
 
+
 def test_tenant_health_needs_credentials_overall_health_does_not(keyed_server) -> None:
     server, channel = keyed_server
     stub = health_pb2_grpc.HealthStub(channel)
@@ -302,8 +390,9 @@ def test_tenant_health_needs_credentials_overall_health_does_not(keyed_server) -
 
     def check(service: str, *metadata: tuple[str, str]) -> grpc.StatusCode | int:
         try:
-            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10,
-                              metadata=metadata).status
+            return stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=10, metadata=metadata
+            ).status
         except grpc.RpcError as exc:
             return exc.code()
 
@@ -321,15 +410,17 @@ def test_tenant_health_needs_credentials_overall_health_does_not(keyed_server) -
     with pytest.raises(grpc.RpcError) as info:
         next(watch)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    watch = stub.Watch(health_pb2.HealthCheckRequest(service="homefeed"), timeout=10,
-                       metadata=(("x-api-key", KEYS["homefeed"]),))
+    watch = stub.Watch(
+        health_pb2.HealthCheckRequest(service="homefeed"),
+        timeout=10,
+        metadata=(("x-api-key", KEYS["homefeed"]),),
+    )
     assert next(watch).status == serving
     watch.cancel()
 
 
-
-
 # -- overload --------------------------------------------------------------------------------
+
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
@@ -338,22 +429,30 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
         time.sleep(0.01)
 
 
-def recommend_async(stub: recommender_pb2_grpc.RecommenderStub, tenant: str, pin: str
-                    ) -> grpc.Future:
-    return stub.Recommend.future(recommender_pb2.RecommendRequest(
-        tenant=tenant, query_pins=[recommender_pb2.QueryPin(pin_id=pin)]), timeout=60)
+def recommend_async(
+    stub: recommender_pb2_grpc.RecommenderStub, tenant: str, pin: str
+) -> grpc.Future:
+    return stub.Recommend.future(
+        recommender_pb2.RecommendRequest(
+            tenant=tenant, query_pins=[recommender_pb2.QueryPin(pin_id=pin)]
+        ),
+        timeout=60,
+    )
 
 
 def test_refusals_and_other_tenants_never_wait_behind_admitted_calls(
-        tmp_path, small_graph: GraphStore) -> None:
+    tmp_path, small_graph: GraphStore
+) -> None:
     """On a server with 2 spare worker threads and its one compute thread held, email's
     quota full of calls waiting for compute: 16 more email calls are each refused
     RESOURCE_EXHAUSTED, and another tenant's call is admitted, all while compute is still
     held (before, the waiting calls held every worker thread and everything queued behind
     them). Every admitted call is answered once compute is free."""
     config = make_config(tmp_path, small_graph, workers=2, compute_slots=1)
-    with running(config) as (server, _), grpc.insecure_channel(
-            f"127.0.0.1:{server.port}") as channel:
+    with (
+        running(config) as (server, _),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
         pin = busy_pins(server.graph, 1)[0]
         stub = recommender_pb2_grpc.RecommenderStub(channel)
         release = threading.Event()
@@ -395,8 +494,9 @@ def test_front_door_lets_lanes_in_round_robin() -> None:
     threads = [threading.Thread(target=call, args=("hold",))]
     threads[0].start()
     wait_until(lambda: entered == ["hold"], "the place taken")
-    for waiting, name in enumerate(("flood1", "flood2", "flood3", "flood4", "flood5",
-                                    "other1"), start=1):
+    for waiting, name in enumerate(
+        ("flood1", "flood2", "flood3", "flood4", "flood5", "other1"), start=1
+    ):
         threads.append(threading.Thread(target=call, args=(name,)))
         threads[-1].start()
         wait_until(lambda n=waiting: door.waiting == n, "the call waiting")

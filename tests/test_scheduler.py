@@ -40,9 +40,16 @@ def _occupy(pool: ComputePool) -> tuple[threading.Event, threading.Thread]:
     return gate, blocker
 
 
-def _submit(pool: ComputePool, order: list[str], name: str, priority: int,
-            due: float | None = None, wait_s: float | None = 20.0) -> threading.Thread:
+def _submit(
+    pool: ComputePool,
+    order: list[str],
+    name: str,
+    priority: int,
+    due: float | None = None,
+    wait_s: float | None = 20.0,
+) -> threading.Thread:
     """A caller thread whose job notes its name when it runs."""
+
     def call() -> None:
         try:
             pool.run(lambda: order.append(name), priority, wait_s=wait_s, due=due)
@@ -66,18 +73,24 @@ def test_jobs_run_on_the_pool_and_report_their_wait(pool: ComputePool) -> None:
 def test_jobs_start_by_priority_then_deadline_then_arrival(pool: ComputePool) -> None:
     gate, blocker = _occupy(pool)
     order: list[str] = []
-    callers = [_submit(pool, order, name, priority, due) for name, priority, due in (
-        ("batch-1", 1, None), ("late", 0, 30.0), ("no deadline", 0, None), ("soon", 0, 10.0),
-        ("batch, sooner still", 1, 5.0), ("also soon", 0, 10.0))]
+    callers = [
+        _submit(pool, order, name, priority, due)
+        for name, priority, due in (
+            ("batch-1", 1, None),
+            ("late", 0, 30.0),
+            ("no deadline", 0, None),
+            ("soon", 0, 10.0),
+            ("batch, sooner still", 1, 5.0),
+            ("also soon", 0, 10.0),
+        )
+    ]
     gate.set()
     for caller in [blocker, *callers]:
         caller.join(20)
-    assert order == ["soon", "also soon", "late", "no deadline", "batch, sooner still",
-                     "batch-1"]
+    assert order == ["soon", "also soon", "late", "no deadline", "batch, sooner still", "batch-1"]
 
 
-def test_a_job_never_started_times_out_and_leaves_the_others_in_order(
-        pool: ComputePool) -> None:
+def test_a_job_never_started_times_out_and_leaves_the_others_in_order(pool: ComputePool) -> None:
     gate, blocker = _occupy(pool)
     order: list[str] = []
     first = _submit(pool, order, "first", 0)
@@ -117,12 +130,18 @@ def test_stalled_for_counts_while_jobs_wait_and_none_finishes(pool: ComputePool)
 def test_the_cancel_cell_is_set_at_the_due_time_and_on_close(pool: ComputePool) -> None:
     """The job's work sees its cell set once `due` passes; close() sets every job's cell."""
     at_due = np.zeros(1, np.uint8)
-    pool.run(lambda: _wait_until(lambda: at_due[0] == 1, "cancel is set at due"), 0,
-             due=time.perf_counter() + 0.01, cancel=at_due)
+    pool.run(
+        lambda: _wait_until(lambda: at_due[0] == 1, "cancel is set at due"),
+        0,
+        due=time.perf_counter() + 0.01,
+        cancel=at_due,
+    )
     on_close = np.zeros(1, np.uint8)
-    caller = threading.Thread(target=pool.run, args=(
-        lambda: _wait_until(lambda: on_close[0] == 1, "close cancels"), 0),
-        kwargs={"cancel": on_close})  # no deadline: only close() can stop it
+    caller = threading.Thread(
+        target=pool.run,
+        args=(lambda: _wait_until(lambda: on_close[0] == 1, "close cancels"), 0),
+        kwargs={"cancel": on_close},
+    )  # no deadline: only close() can stop it
     caller.start()
     _wait_until(lambda: pool.running == 1, "the job runs")
     pool.close()
@@ -134,8 +153,9 @@ def test_the_cancel_cell_is_set_at_the_due_time_and_on_close(pool: ComputePool) 
 def test_compute_threads_run_at_the_lower_priority_asked() -> None:
     pool = ComputePool(2, nice=3)
     try:
-        niceness, _ = pool.run(lambda: os.getpriority(os.PRIO_PROCESS,
-                                                      threading.get_native_id()), 0)
+        niceness, _ = pool.run(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), 0
+        )
         assert niceness == os.getpriority(os.PRIO_PROCESS, 0) + 3
     finally:
         pool.close()

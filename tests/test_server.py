@@ -39,21 +39,37 @@ def publish_model(models_dir: Path, tenants_dir: Path, tenant: str, seed: int = 
     y = (x[:, 0] + 0.3 * rng.random(600) > 0.6).astype(np.float32)
     groups = np.repeat(np.arange(60), 10)
     objective = config.ranker.objective
-    trained = train_model(x, y, objective=objective, groups=groups,
-                          params={"n_estimators": 8, "max_depth": 3}, seed=seed)
-    exported = export_model(trained.booster, list(config.features),
-                            converter=config.ranker.converter, objective=objective, sample=x)
-    return ModelRegistry(models_dir).publish(tenant, exported.onnx_bytes,
-                                             exported.metadata).version
+    trained = train_model(
+        x,
+        y,
+        objective=objective,
+        groups=groups,
+        params={"n_estimators": 8, "max_depth": 3},
+        seed=seed,
+    )
+    exported = export_model(
+        trained.booster,
+        list(config.features),
+        converter=config.ranker.converter,
+        objective=objective,
+        sample=x,
+    )
+    return ModelRegistry(models_dir).publish(tenant, exported.onnx_bytes, exported.metadata).version
 
 
 def make_config(root: Path, graph: GraphStore, **changes: object) -> ServerConfig:
     tenants = root / "tenants"
     if not tenants.exists():
         shutil.copytree(REPO / "tenants", tenants)
-    config = ServerConfig(graph=graph.path, tenants_dir=tenants, models_dir=root / "models",
-                          logs_dir=root / "logs", address="127.0.0.1:0", workers=8,
-                          grace_seconds=5.0)
+    config = ServerConfig(
+        graph=graph.path,
+        tenants_dir=tenants,
+        models_dir=root / "models",
+        logs_dir=root / "logs",
+        address="127.0.0.1:0",
+        workers=8,
+        grace_seconds=5.0,
+    )
     return config.replace(**changes)
 
 
@@ -71,8 +87,9 @@ def running(config: ServerConfig) -> Iterator[tuple[WalkRankServer, WalkRankClie
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory,
-           small_graph: GraphStore) -> Iterator[tuple[WalkRankServer, WalkRankClient]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
+) -> Iterator[tuple[WalkRankServer, WalkRankClient]]:
     with running(make_config(tmp_path_factory.mktemp("served"), small_graph)) as pair:
         yield pair
 
@@ -95,8 +112,10 @@ def code_of(call: object) -> grpc.StatusCode:
 def test_three_tenants_in_one_process_answer_differently(served) -> None:
     server, client = served
     query = busy_pins(server.graph, 1)
-    answers = {t: client.recommend(t, query, locale="en", seed=3)
-               for t in ("homefeed", "related_pins", "email")}
+    answers = {
+        t: client.recommend(t, query, locale="en", seed=3)
+        for t in ("homefeed", "related_pins", "email")
+    }
     sizes = {t: len(a.candidates) for t, a in answers.items()}
     assert sizes["homefeed"] > sizes["related_pins"] > sizes["email"] > 0
     tops = {t: tuple(c.pin_id for c in a.candidates[:20]) for t, a in answers.items()}
@@ -131,18 +150,22 @@ def test_unknown_query_pins_are_reported_not_fatal(served) -> None:
     assert not nothing.candidates and nothing.empty_reason
 
 
-@pytest.mark.parametrize(("kwargs", "code", "field"), [
-    ({"tenant": "no_such_tenant"}, grpc.StatusCode.NOT_FOUND, "no_such_tenant"),
-    ({"pins": []}, grpc.StatusCode.INVALID_ARGUMENT, "query_pins"),
-    ({"pins": [str(i) for i in range(300)]}, grpc.StatusCode.INVALID_ARGUMENT, "query_pins"),
-    ({"weights": [-1.0]}, grpc.StatusCode.INVALID_ARGUMENT, "weight"),
-    ({"weights": [math.nan]}, grpc.StatusCode.INVALID_ARGUMENT, "weight"),
-    ({"weights": [math.inf]}, grpc.StatusCode.INVALID_ARGUMENT, "weight"),
-    ({"num_results": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "num_results"),
-    ({"pins": ["x" * 5_000_000]}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "code", "field"),
+    [
+        ({"tenant": "no_such_tenant"}, grpc.StatusCode.NOT_FOUND, "no_such_tenant"),
+        ({"pins": []}, grpc.StatusCode.INVALID_ARGUMENT, "query_pins"),
+        ({"pins": [str(i) for i in range(300)]}, grpc.StatusCode.INVALID_ARGUMENT, "query_pins"),
+        ({"weights": [-1.0]}, grpc.StatusCode.INVALID_ARGUMENT, "weight"),
+        ({"weights": [math.nan]}, grpc.StatusCode.INVALID_ARGUMENT, "weight"),
+        ({"weights": [math.inf]}, grpc.StatusCode.INVALID_ARGUMENT, "weight"),
+        ({"num_results": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "num_results"),
+        ({"pins": ["x" * 5_000_000]}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    ],
+)
 def test_bad_requests_get_their_status_and_a_message_naming_the_field(
-        served, kwargs: dict, code: grpc.StatusCode, field: str) -> None:
+    served, kwargs: dict, code: grpc.StatusCode, field: str
+) -> None:
     server, client = served
     call = {"tenant": "homefeed", "pins": busy_pins(server.graph, 1), **kwargs}
     with pytest.raises(WalkRankClientError) as info:
@@ -159,8 +182,9 @@ def test_quota_refuses_at_once_with_resource_exhausted(served) -> None:
         assert limiter.try_acquire(limit)
     try:
         query = busy_pins(server.graph, 1)
-        assert code_of(lambda: client.recommend("email", query)) == \
-            grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            code_of(lambda: client.recommend("email", query)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
         assert client.recommend("homefeed", query).candidates  # other tenants unaffected
     finally:
         for _ in range(limit):
@@ -176,18 +200,20 @@ def test_expired_deadline_returns_deadline_exceeded(served) -> None:
     query = busy_pins(server.graph, 5)
     late = RecommendInput(tenant="homefeed", request_id="late", query_pins=tuple(query))
     with pytest.raises(DeadlineExceeded, match="after the walk stage"):
-        recommend(server.graph, server.tenants.get("homefeed"), late,
-                  time_remaining=lambda: 0.0)
-    assert code_of(lambda: client.recommend("homefeed", query, timeout=1e-6)) == \
-        grpc.StatusCode.DEADLINE_EXCEEDED
+        recommend(server.graph, server.tenants.get("homefeed"), late, time_remaining=lambda: 0.0)
+    assert (
+        code_of(lambda: client.recommend("homefeed", query, timeout=1e-6))
+        == grpc.StatusCode.DEADLINE_EXCEEDED
+    )
 
 
 def test_batch_streams_one_answer_per_user_in_order(served) -> None:
     from walkrank_client import UserQuery
 
     server, client = served
-    users = [UserQuery(pins=busy_pins(server.graph, 3)[i:i + 1], request_id=f"r{i}")
-             for i in range(3)]
+    users = [
+        UserQuery(pins=busy_pins(server.graph, 3)[i : i + 1], request_id=f"r{i}") for i in range(3)
+    ]
     answers = list(client.recommend_batch("email", users))
     assert [a.request_id for a in answers] == ["r0", "r1", "r2"]
     assert all(len(a.candidates) == 20 for a in answers)
@@ -200,12 +226,15 @@ def test_events_are_validated_counted_and_kept(served) -> None:
     server, client = served
     answer = client.recommend("homefeed", busy_pins(server.graph, 1))
     pin = answer.candidates[0].pin_id
-    result = client.report_events("homefeed", [
-        {"request_id": answer.request_id, "pin_id": pin, "event": "impression", "score": 0.7},
-        {"request_id": answer.request_id, "pin_id": pin, "event": "save"},
-        {"request_id": answer.request_id, "pin_id": pin, "event": "like"},
-        {"request_id": "", "pin_id": pin, "event": "click"},
-    ])
+    result = client.report_events(
+        "homefeed",
+        [
+            {"request_id": answer.request_id, "pin_id": pin, "event": "impression", "score": 0.7},
+            {"request_id": answer.request_id, "pin_id": pin, "event": "save"},
+            {"request_id": answer.request_id, "pin_id": pin, "event": "like"},
+            {"request_id": "", "pin_id": pin, "event": "click"},
+        ],
+    )
     assert (result.accepted, result.rejected) == (2, 2)
     reasons = {r.index: r.reason for r in result.rejections}
     assert "like" in reasons[2] and "request_id" in reasons[3]
@@ -215,13 +244,11 @@ def test_events_are_validated_counted_and_kept(served) -> None:
 
 def test_admin_and_health(served) -> None:
     server, client = served
-    assert [t.name for t in client.list_tenants().tenants] == ["email", "homefeed",
-                                                               "related_pins"]
+    assert [t.name for t in client.list_tenants().tenants] == ["email", "homefeed", "related_pins"]
     info = client.get_tenant("homefeed")
     assert "walk:" in info.config_yaml and info.counters.requests >= 0
     graph = client.graph_info()
-    assert graph.n_pins == server.graph.n_pins and list(graph.locales) == list(
-        server.graph.locales)
+    assert graph.n_pins == server.graph.n_pins and list(graph.locales) == list(server.graph.locales)
     assert client.health() == "SERVING"
     assert client.health("homefeed") == "SERVING"
     assert code_of(lambda: client.get_tenant("nobody")) == grpc.StatusCode.NOT_FOUND
@@ -232,15 +259,25 @@ def test_grpcurl_resolves_the_method_symbol_through_reflection(served) -> None:
     if not Path(grpcurl).exists():
         pytest.skip("grpcurl is not installed")
     server, _ = served
-    out = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{server.port}", "describe",
-                          "walkrank.v1.Recommender.Recommend"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [
+            grpcurl,
+            "-plaintext",
+            f"127.0.0.1:{server.port}",
+            "describe",
+            "walkrank.v1.Recommender.Recommend",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "rpc Recommend" in out.stdout
 
 
 def test_model_published_then_reloaded_is_served_and_rollback_works(
-        tmp_path: Path, small_graph: GraphStore) -> None:
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     config = make_config(tmp_path, small_graph)
     with running(config) as (_, client):
         query = busy_pins(small_graph, 1)
@@ -269,20 +306,22 @@ def test_model_published_then_reloaded_is_served_and_rollback_works(
 
 
 def test_onboarding_by_yaml_and_broken_files_never_disturb_working_tenants(
-        tmp_path: Path, small_graph: GraphStore) -> None:
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     config = make_config(tmp_path, small_graph)
     with running(config) as (_, client):
         query = busy_pins(small_graph, 1)
         text = (config.tenants_dir / "related_pins.yaml").read_text()
         (config.tenants_dir / "shop.yaml").write_text(
-            text.replace("name: related_pins", "name: shop"))
+            text.replace("name: related_pins", "name: shop")
+        )
         result = client.reload()
         assert ("shop", "added") in {(c.tenant, c.kind) for c in result.changes}
         assert client.recommend("shop", query).candidates
         assert client.health("shop") == "SERVING"
         (config.tenants_dir / "shop.yaml").write_text(
-            text.replace("name: related_pins", "name: shop").replace("steps: 30_000",
-                                                                      "steps: -5"))
+            text.replace("name: related_pins", "name: shop").replace("steps: 30_000", "steps: -5")
+        )
         (config.tenants_dir / "broken.yaml").write_text("name: [unclosed\n")
         result = client.reload()
         messages = " ".join(e.message for e in result.errors)
@@ -312,8 +351,10 @@ def test_reload_while_serving_loses_no_request(tmp_path: Path, small_graph: Grap
                 except BaseException as exc:  # noqa: BLE001 - every failure counts
                     failures.append(exc)
 
-    threads = [threading.Thread(target=hammer, args=(t,)) for t in
-               ("related_pins", "related_pins", "homefeed", "email")]
+    threads = [
+        threading.Thread(target=hammer, args=(t,))
+        for t in ("related_pins", "related_pins", "homefeed", "email")
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -333,25 +374,33 @@ def test_reload_while_serving_loses_no_request(tmp_path: Path, small_graph: Grap
     assert "v4" in served_versions  # the last model published was served
 
 
-def test_graceful_shutdown_writes_every_logged_candidate(tmp_path: Path,
-                                                         small_graph: GraphStore) -> None:
+def test_graceful_shutdown_writes_every_logged_candidate(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     config = make_config(tmp_path, small_graph)
     server = WalkRankServer(config)
     port = server.start()
     generated = 0
     with WalkRankClient(f"127.0.0.1:{port}", timeout=20.0) as client:
         for i in range(5):
-            answer = client.recommend("homefeed", busy_pins(small_graph, 5)[i:i + 1])
+            answer = client.recommend("homefeed", busy_pins(small_graph, 5)[i : i + 1])
             generated += answer.candidates_generated
     server.stop()
     logged = read_candidates(config.logs_dir, "homefeed")
     assert logged.num_rows == generated > 0
-    assert set(logged.column_names) >= {"request_id", "pin_id", "rank", "returned",
-                                        "model_version", "f_walk_score"}
+    assert set(logged.column_names) >= {
+        "request_id",
+        "pin_id",
+        "rank",
+        "returned",
+        "model_version",
+        "f_walk_score",
+    }
 
 
-def test_auth_keys_per_tenant_and_admin_token(tmp_path: Path, small_graph: GraphStore,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auth_keys_per_tenant_and_admin_token(
+    tmp_path: Path, small_graph: GraphStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WALKRANK_API_KEYS", "homefeed=hf-key,email=em-key")
     monkeypatch.setenv("WALKRANK_ADMIN_TOKEN", "admin-secret")
     config = make_config(tmp_path, small_graph, auth=resolve_auth(True, None))
@@ -364,13 +413,16 @@ def test_auth_keys_per_tenant_and_admin_token(tmp_path: Path, small_graph: Graph
             assert ok.recommend("homefeed", query).candidates
             assert ok.list_tenants().tenants
         with WalkRankClient(address, api_key="em-key") as other:
-            assert code_of(lambda: other.recommend("homefeed", query)) == \
-                grpc.StatusCode.PERMISSION_DENIED
+            assert (
+                code_of(lambda: other.recommend("homefeed", query))
+                == grpc.StatusCode.PERMISSION_DENIED
+            )
         with WalkRankClient(address) as anonymous:
-            assert code_of(lambda: anonymous.recommend("homefeed", query)) == \
-                grpc.StatusCode.UNAUTHENTICATED
-            assert code_of(lambda: anonymous.list_tenants()) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                code_of(lambda: anonymous.recommend("homefeed", query))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert code_of(lambda: anonymous.list_tenants()) == grpc.StatusCode.UNAUTHENTICATED
         with WalkRankClient(address, api_key="hf-key", admin_token="wrong") as wrong:
             assert code_of(lambda: wrong.reload()) == grpc.StatusCode.PERMISSION_DENIED
     finally:
@@ -382,21 +434,41 @@ def test_tls_when_given_a_certificate(tmp_path: Path, small_graph: GraphStore) -
     if openssl is None:
         pytest.skip("openssl is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     from walkrank.serving.config import TlsConfig
 
-    config = make_config(tmp_path, small_graph, tls=TlsConfig(cert, key),
-                         address="localhost:0")
+    config = make_config(tmp_path, small_graph, tls=TlsConfig(cert, key), address="localhost:0")
     server = WalkRankServer(config)
     port = server.start()
     try:
         with WalkRankClient(f"localhost:{port}", tls=cert.read_bytes()) as client:
             assert client.recommend("email", busy_pins(small_graph, 1)).candidates
         with WalkRankClient(f"localhost:{port}", retries=0) as plaintext:
-            assert code_of(lambda: plaintext.recommend("email", busy_pins(small_graph, 1))) \
+            assert (
+                code_of(lambda: plaintext.recommend("email", busy_pins(small_graph, 1)))
                 == grpc.StatusCode.UNAVAILABLE
+            )
     finally:
         server.stop()
 
@@ -413,8 +485,7 @@ def test_prometheus_metrics_on_their_own_port(tmp_path: Path, small_graph: Graph
         client.recommend("homefeed", busy_pins(small_graph, 1))
         with pytest.raises(WalkRankClientError):
             client.recommend("homefeed", [])
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                    timeout=10) as page:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
             text = page.read().decode()
     assert 'walkrank_requests_total{code="OK",tenant="homefeed"} 1.0' in text
     assert 'walkrank_requests_total{code="INVALID_ARGUMENT",tenant="homefeed"} 1.0' in text
@@ -440,8 +511,10 @@ def test_compute_slots_serve_interactive_before_batch_and_honour_deadlines(serve
     compute = server.serving.compute
     # Every compute thread busy with a job that waits for its gate.
     gates = [threading.Event() for _ in range(compute.slots)]
-    blockers = [threading.Thread(target=compute.run, args=(functools.partial(gate.wait, 60), 0))
-                for gate in gates]
+    blockers = [
+        threading.Thread(target=compute.run, args=(functools.partial(gate.wait, 60), 0))
+        for gate in gates
+    ]
     for blocker in blockers:
         blocker.start()
     _wait_until(lambda: compute.running == compute.slots, "every compute thread is busy")
@@ -458,8 +531,10 @@ def test_compute_slots_serve_interactive_before_batch_and_honour_deadlines(serve
             thread.start()
             return thread
 
-        email = call("email", lambda: list(client.recommend_batch(
-            "email", [UserQuery(pins=query, request_id="e0")])))
+        email = call(
+            "email",
+            lambda: list(client.recommend_batch("email", [UserQuery(pins=query, request_id="e0")])),
+        )
         _wait_until(lambda: compute.waiting == 1, "the email user waits for a slot")
         homefeed = call("homefeed", lambda: client.recommend("homefeed", query))
         _wait_until(lambda: compute.waiting == 2, "the home-feed request waits too")

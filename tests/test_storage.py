@@ -36,12 +36,24 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port_run(1)
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="test",
-                      AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+        process = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -67,13 +79,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def remote_files(uri: str) -> set[str]:
     filesystem, root = open_store(uri)
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True,
-                                                       allow_not_found=True))
-    return {i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File}
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File}
 
 
 def test_a_model_registry_pushed_and_pulled_serves_the_same_current_model(
-        s3: str, tmp_path: Path) -> None:
+    s3: str, tmp_path: Path
+) -> None:
     tenants = tmp_path / "tenants"
     shutil.copytree(REPO / "tenants", tenants)
     published = tmp_path / "published"
@@ -85,19 +97,24 @@ def test_a_model_registry_pushed_and_pulled_serves_the_same_current_model(
     assert not any(name.startswith(".") for name in remote_files(uri))
     again = push(published, uri)
     assert again.skipped == len(first.copied) - 2 and sorted(again.copied) == [
-        "related_pins/CURRENT", "related_pins/LAST_VERSION"]
+        "related_pins/CURRENT",
+        "related_pins/LAST_VERSION",
+    ]
 
     mirror = tmp_path / "mirror"
     assert main(["store", "pull", uri, str(mirror)]) == 0
     local = ModelRegistry(mirror)
     assert local.current("related_pins").version == 2
     assert [v.version for v in local.versions("related_pins")] == [2]  # only what is served
-    assert local.load("related_pins").onnx_bytes == ModelRegistry(published).load(
-        "related_pins").onnx_bytes
+    assert (
+        local.load("related_pins").onnx_bytes
+        == ModelRegistry(published).load("related_pins").onnx_bytes
+    )
 
 
 def test_a_graph_repository_pulled_holds_the_current_version_verified(
-        s3: str, tmp_path: Path, small_graph: GraphStore) -> None:
+    s3: str, tmp_path: Path, small_graph: GraphStore
+) -> None:
     repository = GraphRepository(tmp_path / "graphs")
     for _ in range(2):
         repository.publish(functools.partial(shutil.copytree, small_graph.path))
@@ -111,8 +128,7 @@ def test_a_graph_repository_pulled_holds_the_current_version_verified(
     assert pull(uri, mirror.root).skipped > 0  # a second pull copies only the pointers
 
 
-def test_a_pointer_naming_a_version_not_in_the_store_pulls_nothing(
-        s3: str, tmp_path: Path) -> None:
+def test_a_pointer_naming_a_version_not_in_the_store_pulls_nothing(s3: str, tmp_path: Path) -> None:
     local = tmp_path / "models" / "homefeed"
     (local / "1").mkdir(parents=True)
     (local / "1" / "model.onnx").write_bytes(b"x")

@@ -25,12 +25,14 @@ def clone_tenant(tenants_dir: Path, source: str, name: str) -> None:
 
 
 def load_error_metric(server: WalkRankServer, tenant: str) -> float | None:
-    return server.metrics.registry.get_sample_value("walkrank_tenant_load_error",
-                                                    {"tenant": tenant})
+    return server.metrics.registry.get_sample_value(
+        "walkrank_tenant_load_error", {"tenant": tenant}
+    )
 
 
 def test_broken_models_and_files_at_startup_stop_only_their_tenant(
-        tmp_path: Path, small_graph: GraphStore) -> None:
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     config = make_config(tmp_path, small_graph)
     models = config.models_dir
     clone_tenant(config.tenants_dir, "related_pins", "shop")
@@ -51,8 +53,10 @@ def test_broken_models_and_files_at_startup_stop_only_their_tenant(
             assert answer.model_version == "visit_count" and answer.candidates
             assert client.health(tenant) == "SERVING"
             assert load_error_metric(server, tenant) == 1
-        errors = {t: client.get_tenant(t).last_reload_error
-                  for t in ("homefeed", "email", "related_pins", "shop")}
+        errors = {
+            t: client.get_tenant(t).last_reload_error
+            for t in ("homefeed", "email", "related_pins", "shop")
+        }
         assert "CURRENT: expected a positive version number, got 'abc'" in errors["homefeed"]
         assert "points at version 7, whose directory" in errors["email"]
         assert "model.onnx: checksum mismatch" in errors["related_pins"]
@@ -61,7 +65,8 @@ def test_broken_models_and_files_at_startup_stop_only_their_tenant(
 
 
 def test_bad_current_on_reload_is_an_error_of_its_tenant_only(
-        tmp_path: Path, small_graph: GraphStore) -> None:
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     config = make_config(tmp_path, small_graph)
     models = config.models_dir
     clone_tenant(config.tenants_dir, "related_pins", "shop")
@@ -100,8 +105,9 @@ def test_reload_reports_only_real_changes(tmp_path: Path, small_graph: GraphStor
         email = config.tenants_dir / "email.yaml"
         email.write_text(email.read_text())  # touched, same content
         assert changes(client.reload()) == set()
-        email.write_text(email.read_text().replace("description: A handful",
-                                                   "description: Just a handful"))
+        email.write_text(
+            email.read_text().replace("description: A handful", "description: Just a handful")
+        )
         assert changes(client.reload()) == {("email", "config")}
         publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=1)
         result = client.reload()
@@ -112,7 +118,8 @@ def test_reload_reports_only_real_changes(tmp_path: Path, small_graph: GraphStor
 
 
 def test_a_tenant_file_symlinked_out_of_the_directory_is_refused_unread(
-        tmp_path: Path, small_graph: GraphStore) -> None:
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     config = make_config(tmp_path, small_graph)
     secret = tmp_path / "passwd"
     secret.write_text("root:x:0:0:root:/root:/bin/bash\n")

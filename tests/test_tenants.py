@@ -71,8 +71,13 @@ def test_shipped_tenants_differ_where_their_surfaces_differ():
 def test_walk_params_carry_every_walk_setting(tmp_path):
     config = load_tenant(TENANTS_DIR / "related_pins.yaml")
     assert config.walk_params == WalkParams(
-        steps=30_000, restart_probability=0.7, early_stop_pins=150, early_stop_visits=8,
-        bias_strength=0.8, bias_by="locale_topic", max_candidates=1000,
+        steps=30_000,
+        restart_probability=0.7,
+        early_stop_pins=150,
+        early_stop_visits=8,
+        bias_strength=0.8,
+        bias_by="locale_topic",
+        max_candidates=1000,
     )
     raw = shipped_raw()
     raw["walk"]["early_stopping"] = None
@@ -82,12 +87,16 @@ def test_walk_params_carry_every_walk_setting(tmp_path):
 
 
 def test_minimal_tenant_gets_documented_defaults(tmp_path):
-    config = load_tenant(write(tmp_path, "search", {"name": "search",
-                                                    "query": {"source": "recent_pins"}}))
+    config = load_tenant(
+        write(tmp_path, "search", {"name": "search", "query": {"source": "recent_pins"}})
+    )
     assert config.features == tuple(feature_names())
     assert config.walk_params == WalkParams()
-    assert (config.candidates.generate, config.candidates.return_,
-            config.candidates.max_return) == (2000, 100, 2000)
+    assert (
+        config.candidates.generate,
+        config.candidates.return_,
+        config.candidates.max_return,
+    ) == (2000, 100, 2000)
     assert config.query.max_pins == 20 and config.query.recency_half_life_hours == 72.0
     assert dict(config.query.action_weights) == {"save": 1.0, "click": 0.5, "view": 0.2}
     assert (config.ranker.objective, config.ranker.converter) == ("binary", "onnxmltools")
@@ -112,17 +121,33 @@ def test_effective_config_round_trips(tmp_path, name):
 
 def test_ranker_settings_reach_the_training_params(tmp_path):
     raw = shipped_raw()
-    raw["ranker"].update(min_child_weight=12, subsample=0.6, colsample_bytree=0.5, reg_lambda=3,
-                         reg_alpha=0.1, gamma=0.2, early_stopping_rounds=None,
-                         search={"learning_rate": [0.05, 0.2], "max_depth": [3, 5, 7]})
+    raw["ranker"].update(
+        min_child_weight=12,
+        subsample=0.6,
+        colsample_bytree=0.5,
+        reg_lambda=3,
+        reg_alpha=0.1,
+        gamma=0.2,
+        early_stopping_rounds=None,
+        search={"learning_rate": [0.05, 0.2], "max_depth": [3, 5, 7]},
+    )
     ranker = load_tenant(write(tmp_path, "homefeed", raw)).ranker
     assert ranker.training_params() == {
-        "n_estimators": 200, "max_depth": 6, "learning_rate": 0.1, "min_child_weight": 12.0,
-        "subsample": 0.6, "colsample_bytree": 0.5, "reg_lambda": 3.0, "reg_alpha": 0.1,
-        "gamma": 0.2, "early_stopping_rounds": 0}
+        "n_estimators": 200,
+        "max_depth": 6,
+        "learning_rate": 0.1,
+        "min_child_weight": 12.0,
+        "subsample": 0.6,
+        "colsample_bytree": 0.5,
+        "reg_lambda": 3.0,
+        "reg_alpha": 0.1,
+        "gamma": 0.2,
+        "early_stopping_rounds": 0,
+    }
     # Every combination, the first setting varying slowest.
     assert ranker.search_grid() == [
-        {"learning_rate": lr, "max_depth": depth} for lr in (0.05, 0.2) for depth in (3, 5, 7)]
+        {"learning_rate": lr, "max_depth": depth} for lr in (0.05, 0.2) for depth in (3, 5, 7)
+    ]
     raw["ranker"]["search"] = {}
     assert load_tenant(write(tmp_path, "homefeed", raw)).ranker.search_grid() == [{}]
 
@@ -152,6 +177,7 @@ def _set(path: str, value):
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+
     return edit
 
 
@@ -162,30 +188,42 @@ def _drop(path: str):
         for key in parents:
             node = node[key]
         del node[leaf]
+
     return edit
 
 
 INVALID = [
     # (edit, field, message fragment)
-    (_set("walk.restart_probability", 1.5), "walk.restart_probability",
-     "must be in (0, 1], got 1.5"),
+    (
+        _set("walk.restart_probability", 1.5),
+        "walk.restart_probability",
+        "must be in (0, 1], got 1.5",
+    ),
     (_set("walk.restart_probability", 0), "walk.restart_probability", "must be in (0, 1]"),
     (_set("walk.steps", "many"), "walk.steps", "must be an integer, got 'many'"),
     (_set("walk.steps", True), "walk.steps", "must be an integer, got true"),
     (_set("walk.steps", 2.5), "walk.steps", "must be an integer, got 2.5"),
     (_set("walk.steps", 0), "walk.steps", "must be in [1, 10000000], got 0"),
-    (_set("walk.restart_probabilty", 0.5), "walk.restart_probabilty",
-     "unknown field (did you mean 'restart_probability'?)"),
+    (
+        _set("walk.restart_probabilty", 0.5),
+        "walk.restart_probabilty",
+        "unknown field (did you mean 'restart_probability'?)",
+    ),
     (_set("featurs", ["walk_score"]), "featurs", "unknown field (did you mean 'features'?)"),
-    (_set("walk.bias.by", "country"), "walk.bias.by",
-     "must be one of locale, locale_topic; got 'country'"),
+    (
+        _set("walk.bias.by", "country"),
+        "walk.bias.by",
+        "must be one of locale, locale_topic; got 'country'",
+    ),
     (_set("walk.bias.strength", 1.2), "walk.bias.strength", "must be in [0, 1], got 1.2"),
-    (_set("limits.priority", "urgent"), "limits.priority",
-     "must be one of interactive, batch; got 'urgent'"),
+    (
+        _set("limits.priority", "urgent"),
+        "limits.priority",
+        "must be one of interactive, batch; got 'urgent'",
+    ),
     (_set("walk.early_stopping.pins", 0), "walk.early_stopping.pins", "must be in [1,"),
     (_set("walk", [1, 2]), "walk", "expected a mapping of fields, got a list"),
-    (_set("features", ["walk_score", "pin_colour"]), "features",
-     "unknown features ['pin_colour']"),
+    (_set("features", ["walk_score", "pin_colour"]), "features", "unknown features ['pin_colour']"),
     (_set("features", ["walk_score", "walk_score"]), "features", "more than once"),
     (_set("features", []), "features", "empty"),
     (_set("features", "walk_score"), "features", "must be a list of feature names"),
@@ -195,15 +233,27 @@ INVALID = [
     (_drop("query.source"), "query.source", "required field is missing"),
     (_set("query.source", "search_query"), "query.source", "must be one of recent_pins"),
     (_set("query.max_pins", 500), "query.max_pins", "exceeds limits.max_query_pins (200)"),
-    (_set("query.recency_half_life_hours", 0), "query.recency_half_life_hours",
-     "must be > 0, got 0"),
+    (
+        _set("query.recency_half_life_hours", 0),
+        "query.recency_half_life_hours",
+        "must be > 0, got 0",
+    ),
     (_set("query.action_weights", {}), "query.action_weights", "at least one event type"),
-    (_set("query.action_weights", {"save": 0.0}), "query.action_weights",
-     "at least one weight must be > 0"),
-    (_set("candidates.return", 1500), "candidates.return",
-     "1500 exceeds candidates.max_return (1000)"),
-    (_set("candidates.max_return", 3000), "candidates.max_return",
-     "exceeds candidates.generate (2000)"),
+    (
+        _set("query.action_weights", {"save": 0.0}),
+        "query.action_weights",
+        "at least one weight must be > 0",
+    ),
+    (
+        _set("candidates.return", 1500),
+        "candidates.return",
+        "1500 exceeds candidates.max_return (1000)",
+    ),
+    (
+        _set("candidates.max_return", 3000),
+        "candidates.max_return",
+        "exceeds candidates.generate (2000)",
+    ),
     (_set("candidates.generate", -5), "candidates.generate", "must be in [1, 100000], got -5"),
     (_set("ranker.objective", "multiclass"), "ranker.objective", "must be one of binary"),
     (_set("ranker.learning_rate", float("nan")), "ranker.learning_rate", "got nan"),
@@ -215,52 +265,96 @@ INVALID = [
     (_set("ranker.reg_lambda", "high"), "ranker.reg_lambda", "must be a number, got 'high'"),
     (_set("ranker.reg_alpha", -0.5), "ranker.reg_alpha", "must be >= 0"),
     (_set("ranker.gamma", float("inf")), "ranker.gamma", "got inf"),
-    (_set("ranker.early_stopping_rounds", 2.5), "ranker.early_stopping_rounds",
-     "must be an integer, got 2.5"),
+    (
+        _set("ranker.early_stopping_rounds", 2.5),
+        "ranker.early_stopping_rounds",
+        "must be an integer, got 2.5",
+    ),
     (_set("ranker.early_stopping_rounds", None), None, None),  # null: off
-    (_set("ranker.min_child_wieght", 5), "ranker.min_child_wieght",
-     "unknown field (did you mean 'min_child_weight'?)"),
-    (_set("ranker.search", {"max_dept": [3, 4]}), "ranker.search.max_dept",
-     "not a ranker setting (did you mean 'max_depth'?)"),
-    (_set("ranker.search", {"max_depth": [3, 40]}), "ranker.search.max_depth[1]",
-     "must be in [1, 16], got 40"),
-    (_set("ranker.search", {"subsample": []}), "ranker.search.subsample",
-     "must be a non-empty list of values"),
-    (_set("ranker.search", {"subsample": 0.5}), "ranker.search.subsample",
-     "must be a non-empty list of values, got 0.5"),
-    (_set("ranker.search", {"max_depth": [3, 3]}), "ranker.search.max_depth",
-     "repeats a value"),
-    (_set("ranker.search", {"max_depth": [2, 3, 4, 5], "trees": [10, 20, 30, 40],
-                            "gamma": [0, 1, 2, 3, 4]}), "ranker.search",
-     "80 combinations; at most 64"),
+    (
+        _set("ranker.min_child_wieght", 5),
+        "ranker.min_child_wieght",
+        "unknown field (did you mean 'min_child_weight'?)",
+    ),
+    (
+        _set("ranker.search", {"max_dept": [3, 4]}),
+        "ranker.search.max_dept",
+        "not a ranker setting (did you mean 'max_depth'?)",
+    ),
+    (
+        _set("ranker.search", {"max_depth": [3, 40]}),
+        "ranker.search.max_depth[1]",
+        "must be in [1, 16], got 40",
+    ),
+    (
+        _set("ranker.search", {"subsample": []}),
+        "ranker.search.subsample",
+        "must be a non-empty list of values",
+    ),
+    (
+        _set("ranker.search", {"subsample": 0.5}),
+        "ranker.search.subsample",
+        "must be a non-empty list of values, got 0.5",
+    ),
+    (_set("ranker.search", {"max_depth": [3, 3]}), "ranker.search.max_depth", "repeats a value"),
+    (
+        _set(
+            "ranker.search",
+            {"max_depth": [2, 3, 4, 5], "trees": [10, 20, 30, 40], "gamma": [0, 1, 2, 3, 4]},
+        ),
+        "ranker.search",
+        "80 combinations; at most 64",
+    ),
     (_set("labels.strategy", "clicks"), "labels.strategy", "must be one of engagement"),
-    (_set("labels.strategy", "distillation"), "labels.strategy",
-     "strategy distillation needs ranker.objective regression, got binary"),
-    (_set("ranker.objective", "regression"), "labels.strategy",
-     "strategy blended_funnel needs ranker.objective binary or pairwise, got regression"),
+    (
+        _set("labels.strategy", "distillation"),
+        "labels.strategy",
+        "strategy distillation needs ranker.objective regression, got binary",
+    ),
+    (
+        _set("ranker.objective", "regression"),
+        "labels.strategy",
+        "strategy blended_funnel needs ranker.objective binary or pairwise, got regression",
+    ),
     (_set("labels.weights.save", -1), "labels.weights.save", "must be >= 0, got -1"),
     (_set("labels.weights.Save", 1.0), "labels.weights.Save", "lower-case words"),
     (_set("labels.weights.upvote", 1.0), "labels.weights.upvote", "unknown event type; known"),
-    (_set("labels.weights.sav", 1.0), "labels.weights.sav",
-     "unknown event type (did you mean 'save'?)"),
-    (_set("labels.weights", {"click": 1.0}), "labels.weights",
-     "strategy blended_funnel needs an impression weight > 0"),
-    (_set("labels.weights", {"impression": 1.0, "hide": 2.0}), "labels.weights",
-     "needs at least one action weight > 0"),
-    (_set("labels.local_label_weight", 0.5), "labels.local_label_weight",
-     "must be >= 1, got 0.5"),
-    (_set("labels.negative_sample_rate", 0), "labels.negative_sample_rate",
-     "must be in (0, 1], got 0"),
-    (_set("labels.primary_metric", "recall@50"), "labels.primary_metric",
-     "must be <metric>@<k>"),
+    (
+        _set("labels.weights.sav", 1.0),
+        "labels.weights.sav",
+        "unknown event type (did you mean 'save'?)",
+    ),
+    (
+        _set("labels.weights", {"click": 1.0}),
+        "labels.weights",
+        "strategy blended_funnel needs an impression weight > 0",
+    ),
+    (
+        _set("labels.weights", {"impression": 1.0, "hide": 2.0}),
+        "labels.weights",
+        "needs at least one action weight > 0",
+    ),
+    (_set("labels.local_label_weight", 0.5), "labels.local_label_weight", "must be >= 1, got 0.5"),
+    (
+        _set("labels.negative_sample_rate", 0),
+        "labels.negative_sample_rate",
+        "must be in (0, 1], got 0",
+    ),
+    (_set("labels.primary_metric", "recall@50"), "labels.primary_metric", "must be <metric>@<k>"),
     (_set("labels.primary_metric", "ndcg@0"), "labels.primary_metric", "got 0"),
-    (_set("labels.primary_metric", "ndcg@5000"), "labels.primary_metric",
-     "k must be in [1, candidates.generate = 2000], got 5000"),
+    (
+        _set("labels.primary_metric", "ndcg@5000"),
+        "labels.primary_metric",
+        "k must be in [1, candidates.generate = 2000], got 5000",
+    ),
     (_set("logging.sample_rate", 1.2), "logging.sample_rate", "must be in [0, 1], got 1.2"),
     (_set("logging.sample_rate", "all"), "logging.sample_rate", "must be a number, got 'all'"),
     (_set("limits.max_in_flight", 0), "limits.max_in_flight", "must be in [1, 100000], got 0"),
-    (_set("limits.deadline", 100), "limits.deadline",
-     "unknown field (did you mean 'deadline_ms'?)"),
+    (
+        _set("limits.deadline", 100),
+        "limits.deadline",
+        "unknown field (did you mean 'deadline_ms'?)",
+    ),
 ]
 
 
@@ -292,10 +386,16 @@ def test_restart_probability_message_is_exact(tmp_path):
     ("edit", "field", "fragment"),
     [
         (_set("query.max_pins", 3), "query.max_pins", "must be 1 with source viewed_pin, got 3"),
-        (_set("query.action_weights", {"save": 1.0}), "query.action_weights",
-         "only used with source recent_pins"),
-        (_set("ranker.converter", "hummingbird"), "ranker.converter",
-         "hummingbird converts only objective binary"),
+        (
+            _set("query.action_weights", {"save": 1.0}),
+            "query.action_weights",
+            "only used with source recent_pins",
+        ),
+        (
+            _set("ranker.converter", "hummingbird"),
+            "ranker.converter",
+            "hummingbird converts only objective binary",
+        ),
     ],
 )
 def test_invalid_related_pins_fields(tmp_path, edit, field, fragment):
@@ -326,8 +426,10 @@ def test_engagement_needs_no_impression_weight_but_funnel_does(tmp_path):
         ("", "the file is empty"),
         ("# only a comment\n", "the file is empty"),
         ("- homefeed\n- email\n", "top level: expected a mapping of fields, got a list"),
-        ("name: homefeed\nquery: {source: recent_pins}\nquery: {source: viewed_pin}\n",
-         "line 3, column 1: invalid YAML: duplicate key 'query'"),
+        (
+            "name: homefeed\nquery: {source: recent_pins}\nquery: {source: viewed_pin}\n",
+            "line 3, column 1: invalid YAML: duplicate key 'query'",
+        ),
     ],
 )
 def test_unreadable_files_name_the_file(tmp_path, text, fragment):
@@ -382,8 +484,11 @@ def test_symlinks_leading_out_of_the_directory_are_refused_unread(tmp_path):
     tenant_set = load_tenants(tenants)
 
     assert sorted(tenant_set.configs) == ["homefeed"]
-    assert sorted(Path(p).name for p in tenant_set.errors) == ["around.yaml", "leak.yaml",
-                                                               "loop.yaml"]
+    assert sorted(Path(p).name for p in tenant_set.errors) == [
+        "around.yaml",
+        "leak.yaml",
+        "loop.yaml",
+    ]
     for message in tenant_set.errors.values():
         assert "a symlink to a file outside" in message and "root:" not in message
 
@@ -395,8 +500,11 @@ def test_errors_show_at_most_a_short_prefix_of_the_file(tmp_path):
     assert "root:" not in str(excinfo.value)
     raw = shipped_raw("homefeed")
     raw["ranker"]["objective"] = "y" * 5000
-    with pytest.raises(ConfigError, match=r"ranker\.objective: .*'y{40}'\.\.\. \(5000 "
-                                          r"characters\)") as excinfo:
+    with pytest.raises(
+        ConfigError,
+        match=r"ranker\.objective: .*'y{40}'\.\.\. \(5000 "
+        r"characters\)",
+    ) as excinfo:
         load_tenant(write(tmp_path, "homefeed", raw))
     assert len(str(excinfo.value)) < 300
     (tmp_path / "homefeed.yaml").write_text("# padding\n" * 200_000)

@@ -25,27 +25,49 @@ from walkrank.training.pipeline import evaluate_tenant, split_by_time, train_ten
 
 REPO = Path(__file__).resolve().parents[1]
 START = datetime(2024, 5, 1, 10, 0, tzinfo=UTC).timestamp()
-FEATURES = ("walk_score", "walk_visits", "pin_quality", "locale_match", "topic_in_interests",
-            "query_topic_share")
+FEATURES = (
+    "walk_score",
+    "walk_visits",
+    "pin_quality",
+    "locale_match",
+    "topic_in_interests",
+    "query_topic_share",
+)
 N_REQUESTS = 120
 CANDIDATES = 60
 SHOWN = 8  # pins the client's full ranker impresses per request
 
 
-def make_tenant(objective: str = "binary", strategy: str = "blended_funnel",
-                features: tuple[str, ...] = FEATURES) -> TenantConfig:
+def make_tenant(
+    objective: str = "binary",
+    strategy: str = "blended_funnel",
+    features: tuple[str, ...] = FEATURES,
+) -> TenantConfig:
     """The shipped home feed tenant, shrunk to the test world (fewer trees and features)."""
     tenant = load_tenant(REPO / "tenants" / "homefeed.yaml")
     return dataclasses.replace(
-        tenant, features=features,
+        tenant,
+        features=features,
         ranker=dataclasses.replace(tenant.ranker, objective=objective, trees=30, max_depth=4),
-        labels=dataclasses.replace(tenant.labels, strategy=strategy, negative_sample_rate=0.5,
-                                   primary_metric="recall_impressions@10"))
+        labels=dataclasses.replace(
+            tenant.labels,
+            strategy=strategy,
+            negative_sample_rate=0.5,
+            primary_metric="recall_impressions@10",
+        ),
+    )
 
 
-def write_logs(logs: Path, *, tenant: str = "homefeed", seed: int = 0,
-               noisy_requests: int = 0, n_requests: int = N_REQUESTS,
-               user_locale: str | None = "en_US", visits_decide_from: int | None = None) -> None:
+def write_logs(
+    logs: Path,
+    *,
+    tenant: str = "homefeed",
+    seed: int = 0,
+    noisy_requests: int = 0,
+    n_requests: int = N_REQUESTS,
+    user_locale: str | None = "en_US",
+    visits_decide_from: int | None = None,
+) -> None:
     """A logged world where the full ranker's choice depends on the features, not on visits.
 
     Requests come a minute apart. The full ranker impresses the SHOWN candidates of highest
@@ -57,30 +79,54 @@ def write_logs(logs: Path, *, tenant: str = "homefeed", seed: int = 0,
     """
     rng = np.random.default_rng(seed)
     candidate_log = CandidateLog(logs, flush_seconds=3600)
-    rows: dict[str, list] = {"request_id": [], "pin_id": [], "event": [], "timestamp": [],
-                             "score": []}
+    rows: dict[str, list] = {
+        "request_id": [],
+        "pin_id": [],
+        "event": [],
+        "timestamp": [],
+        "score": [],
+    }
     for r in range(n_requests):
         ts = START + 60.0 * r
         request_id = f"req-{seed}-{r:04d}"
         walk_score = rng.lognormal(2.0, 1.0, CANDIDATES).astype(np.float32)
         walk_score[::-1].sort()  # the walk hands candidates over in score order
-        features = np.column_stack([
-            walk_score,
-            np.round(walk_score * rng.uniform(0.5, 1.5, CANDIDATES)),
-            rng.uniform(0, 1, CANDIDATES),
-            rng.random(CANDIDATES) < 0.4,
-            rng.random(CANDIDATES) < 0.3,
-            rng.uniform(0, 1, CANDIDATES),
-        ]).astype(np.float32)
-        latent = (2.0 * features[:, 4] + 1.5 * features[:, 2] + 1.0 * features[:, 3]
-                  + 0.2 * np.log(walk_score) + rng.normal(0, 0.3, CANDIDATES))
+        features = np.column_stack(
+            [
+                walk_score,
+                np.round(walk_score * rng.uniform(0.5, 1.5, CANDIDATES)),
+                rng.uniform(0, 1, CANDIDATES),
+                rng.random(CANDIDATES) < 0.4,
+                rng.random(CANDIDATES) < 0.3,
+                rng.uniform(0, 1, CANDIDATES),
+            ]
+        ).astype(np.float32)
+        latent = (
+            2.0 * features[:, 4]
+            + 1.5 * features[:, 2]
+            + 1.0 * features[:, 3]
+            + 0.2 * np.log(walk_score)
+            + rng.normal(0, 0.3, CANDIDATES)
+        )
         pins = np.array([f"p{r}-{i}" for i in range(CANDIDATES)])
-        candidate_log.submit(CandidateBatch(
-            request_id=request_id, tenant=tenant, ts=ts, user_id=f"u{r % 17}",
-            user_locale=user_locale, user_interests=["food"], pin_ids=pins,
-            feature_names=list(FEATURES), features=features, visit_scores=walk_score,
-            model_scores=walk_score, ranks=np.arange(CANDIDATES, dtype=np.int32),
-            returned=np.ones(CANDIDATES, dtype=bool), model_version=""))
+        candidate_log.submit(
+            CandidateBatch(
+                request_id=request_id,
+                tenant=tenant,
+                ts=ts,
+                user_id=f"u{r % 17}",
+                user_locale=user_locale,
+                user_interests=["food"],
+                pin_ids=pins,
+                feature_names=list(FEATURES),
+                features=features,
+                visit_scores=walk_score,
+                model_scores=walk_score,
+                ranks=np.arange(CANDIDATES, dtype=np.int32),
+                returned=np.ones(CANDIDATES, dtype=bool),
+                model_version="",
+            )
+        )
         order = np.argsort(-latent) if r >= noisy_requests else rng.permutation(CANDIDATES)
         if visits_decide_from is not None and r >= visits_decide_from:
             order = np.arange(CANDIDATES)
@@ -99,8 +145,7 @@ def write_logs(logs: Path, *, tenant: str = "homefeed", seed: int = 0,
             rows["timestamp"].append(ts + 1.0)
             rows["score"].append(float(latent[i] if r >= noisy_requests else rng.normal()))
     assert candidate_log.close(60)
-    accepted, report = validate_events(pa.table(rows), tenant=tenant,
-                                       now=START + 86_400 * 30)
+    accepted, report = validate_events(pa.table(rows), tenant=tenant, now=START + 86_400 * 30)
     assert report.count == 0
     event_log = EventLog(logs, flush_seconds=3600)
     assert event_log.submit(accepted)
@@ -141,7 +186,8 @@ def test_train_publishes_a_model_that_beats_visit_count(logs, tmp_path):
     assert loaded.metadata["gate"]["passed"] is True
     assert loaded.metadata["strategy"] == "blended_funnel"
     assert registry.current("homefeed").metrics[primary] == pytest.approx(
-        comparison.candidate_metrics[primary])
+        comparison.candidate_metrics[primary]
+    )
 
 
 def test_training_does_not_depend_on_the_order_rows_were_logged_in(logs, tmp_path):
@@ -157,11 +203,15 @@ def test_training_does_not_depend_on_the_order_rows_were_logged_in(logs, tmp_pat
         half = table.num_rows // 2  # and split across two files
         pq.write_table(table.take(order[:half]), target.with_name("part-b.parquet"))
         pq.write_table(table.take(order[half:]), target.with_name("part-a.parquet"))
-    reports = [train_tenant(make_tenant(), root, tmp_path / name, progress=quiet)
-               for root, name in ((logs, "models-a"), (shuffled, "models-b"))]
+    reports = [
+        train_tenant(make_tenant(), root, tmp_path / name, progress=quiet)
+        for root, name in ((logs, "models-a"), (shuffled, "models-b"))
+    ]
     assert reports[0].comparison.candidate_metrics == reports[1].comparison.candidate_metrics
-    model_bytes = [(tmp_path / name / "homefeed" / "1" / "model.onnx").read_bytes()
-                   for name in ("models-a", "models-b")]
+    model_bytes = [
+        (tmp_path / name / "homefeed" / "1" / "model.onnx").read_bytes()
+        for name in ("models-a", "models-b")
+    ]
     assert model_bytes[0] == model_bytes[1]
 
 
@@ -184,13 +234,25 @@ def test_worse_model_is_refused_unless_forced(logs, tmp_path):
     assert ModelRegistry(models).current("homefeed").version == 2
 
 
-@pytest.mark.parametrize(("strategy", "objective"), [
-    ("engagement", "binary"), ("funnel", "binary"), ("blended_funnel", "binary"),
-    ("blended_funnel", "pairwise"), ("distillation", "binary"),
-])
+@pytest.mark.parametrize(
+    ("strategy", "objective"),
+    [
+        ("engagement", "binary"),
+        ("funnel", "binary"),
+        ("blended_funnel", "binary"),
+        ("blended_funnel", "pairwise"),
+        ("distillation", "binary"),
+    ],
+)
 def test_each_strategy_trains_without_publishing(logs, tmp_path, strategy, objective):
-    report = train_tenant(make_tenant(objective=objective), logs, tmp_path / "models",
-                          strategy_override=strategy, publish=False, progress=quiet)
+    report = train_tenant(
+        make_tenant(objective=objective),
+        logs,
+        tmp_path / "models",
+        strategy_override=strategy,
+        publish=False,
+        progress=quiet,
+    )
     assert report.version is None and not (tmp_path / "models" / "homefeed").exists()
     assert report.strategy == strategy
     assert report.objective == ("regression" if strategy == "distillation" else objective)
@@ -204,8 +266,9 @@ def test_each_strategy_trains_without_publishing(logs, tmp_path, strategy, objec
 
 
 def test_negative_sampling_keeps_impressed_rows(logs, tmp_path):
-    report = train_tenant(make_tenant(strategy="funnel"), logs, tmp_path / "models",
-                          publish=False, progress=quiet)
+    report = train_tenant(
+        make_tenant(strategy="funnel"), logs, tmp_path / "models", publish=False, progress=quiet
+    )
     train_requests = report.rows["train_requests"]
     assert train_requests == 96
     assert report.label_stats["positives"] == train_requests * SHOWN
@@ -239,14 +302,16 @@ def test_empty_window_is_an_error(logs, tmp_path):
     with pytest.raises(DataError, match="no logged candidates for tenant 'homefeed'"):
         train_tenant(make_tenant(), logs, tmp_path / "models", window=later, progress=quiet)
     with pytest.raises(DataError, match="not before"):
-        train_tenant(make_tenant(), logs, tmp_path / "models",
-                     window=(later[1], later[0]), progress=quiet)
+        train_tenant(
+            make_tenant(), logs, tmp_path / "models", window=(later[1], later[0]), progress=quiet
+        )
 
 
 def test_window_restricts_training_requests(logs, tmp_path):
     window = (START, START + 60.0 * 50)  # the first 50 requests
-    report = train_tenant(make_tenant(), logs, tmp_path / "models", window=window,
-                          publish=False, progress=quiet)
+    report = train_tenant(
+        make_tenant(), logs, tmp_path / "models", window=window, publish=False, progress=quiet
+    )
     assert report.rows["candidates"] == 50 * CANDIDATES
     assert report.comparison.requests == 10
     assert report.window["start"] == "2024-05-01T10:00:00Z"
@@ -255,14 +320,20 @@ def test_window_restricts_training_requests(logs, tmp_path):
 def test_evaluate_writes_reports(logs, tmp_path):
     models = tmp_path / "models"
     train_tenant(make_tenant(), logs, models, progress=quiet)
-    result = evaluate_tenant(make_tenant(), logs, models, k=10, out_dir=tmp_path / "eval",
-                             progress=quiet)
+    result = evaluate_tenant(
+        make_tenant(), logs, models, k=10, out_dir=tmp_path / "eval", progress=quiet
+    )
     paths = result.paths
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     document = json.loads(paths["json"].read_text())
     assert document["baseline"] == "visit count" and document["candidate"] == "v1"
-    assert set(document["metrics"]) == {"recall_impressions@10", "recall_actions@10",
-                                        "ndcg@10", "auc", "local_share@10"}
+    assert set(document["metrics"]) == {
+        "recall_impressions@10",
+        "recall_actions@10",
+        "ndcg@10",
+        "auc",
+        "local_share@10",
+    }
     lift = document["metrics"]["recall_impressions@10"]
     assert lift["candidate"] > lift["baseline"] and lift["lift"] > 0
     markdown = paths["markdown"].read_text()
@@ -277,11 +348,10 @@ def _config(tmp_path: Path, logs: Path) -> Path:
     text = re.sub(r"primary_metric: \S+", "primary_metric: recall_impressions@10", text)
     features = "".join(f"  - {name}\n" for name in FEATURES)
     head, rest = text.split("features:\n", 1)
-    text = head + "features:\n" + features + rest[rest.index("\nranker:"):]
+    text = head + "features:\n" + features + rest[rest.index("\nranker:") :]
     (tenants / "homefeed.yaml").write_text(text)
     config = tmp_path / "walkrank.yaml"
-    config.write_text(f"graph: graph\ntenants_dir: tenants\nmodels_dir: models\n"
-                      f"logs_dir: {logs}\n")
+    config.write_text(f"graph: graph\ntenants_dir: tenants\nmodels_dir: models\nlogs_dir: {logs}\n")
     return config
 
 
@@ -295,14 +365,32 @@ def test_cli_train_and_evaluate(logs, tmp_path, capsys):
     assert "models tried" in out and out.count("passed") >= 8
 
     out_dir = tmp_path / "report"
-    assert main(["evaluate", "--tenant", "homefeed", "--config", config, "--k", "10",
-                 "--out", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--tenant",
+                "homefeed",
+                "--config",
+                config,
+                "--k",
+                "10",
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     assert (out_dir / "evaluation.png").read_bytes()[:4] == b"\x89PNG"
     assert "| auc |" in capsys.readouterr().out
 
     # A window past the log's end: a clear error and a non-zero exit code.
-    assert main(["train", "--tenant", "homefeed", "--config", config,
-                 "--since", "2030-01-01T00:00:00"]) == 2
+    assert (
+        main(
+            ["train", "--tenant", "homefeed", "--config", config, "--since", "2030-01-01T00:00:00"]
+        )
+        == 2
+    )
     assert "no logged candidates" in capsys.readouterr().err
     assert main(["train", "--tenant", "nosuch", "--config", config]) == 2
 
@@ -323,20 +411,28 @@ def test_cli_refuses_worse_model_with_exit_code(logs, tmp_path, capsys):
 
 def test_early_stopping_keeps_the_best_round_and_reports_the_fit(logs, tmp_path):
     tenant = make_tenant()
-    tenant = dataclasses.replace(tenant, ranker=dataclasses.replace(
-        tenant.ranker, trees=400, learning_rate=0.3, early_stopping_rounds=5))
+    tenant = dataclasses.replace(
+        tenant,
+        ranker=dataclasses.replace(
+            tenant.ranker, trees=400, learning_rate=0.3, early_stopping_rounds=5
+        ),
+    )
     messages: list[str] = []
-    report = train_tenant(tenant, logs, tmp_path / "models", publish=False,
-                          progress=messages.append)
+    report = train_tenant(
+        tenant, logs, tmp_path / "models", publish=False, progress=messages.append
+    )
     rounds = int(report.metrics["rounds"])
     assert 1 <= rounds < 400  # the held-out loss stopped improving long before 400 rounds
     assert report.trials[0].rounds == rounds and report.trials[0].chosen
     line = next(m for m in messages if "] train:" in m)
     assert f"{rounds} of 400 rounds" in line and "held out" in line and "auc" in line
-    off = dataclasses.replace(tenant, ranker=dataclasses.replace(
-        tenant.ranker, trees=40, early_stopping_rounds=0))
-    assert train_tenant(off, logs, tmp_path / "m2", publish=False,
-                        progress=quiet).metrics["rounds"] == 40
+    off = dataclasses.replace(
+        tenant, ranker=dataclasses.replace(tenant.ranker, trees=40, early_stopping_rounds=0)
+    )
+    assert (
+        train_tenant(off, logs, tmp_path / "m2", publish=False, progress=quiet).metrics["rounds"]
+        == 40
+    )
 
 
 def test_search_tries_the_grid_and_keeps_the_best_that_passes_the_gate(logs, tmp_path):
@@ -344,10 +440,10 @@ def test_search_tries_the_grid_and_keeps_the_best_that_passes_the_gate(logs, tmp
     grid = {"max_depth": (2, 4), "min_child_weight": (1.0, 50.0)}
     tenant = dataclasses.replace(tenant, ranker=dataclasses.replace(tenant.ranker, search=grid))
     messages: list[str] = []
-    report = train_tenant(tenant, logs, tmp_path / "models", search=True,
-                          progress=messages.append)
+    report = train_tenant(tenant, logs, tmp_path / "models", search=True, progress=messages.append)
     assert [t.settings for t in report.trials] == [
-        {"max_depth": d, "min_child_weight": w} for d in (2, 4) for w in (1.0, 50.0)]
+        {"max_depth": d, "min_child_weight": w} for d in (2, 4) for w in (1.0, 50.0)
+    ]
     assert all(t.gate == "passed" for t in report.trials)
     chosen = [t for t in report.trials if t.chosen]
     assert len(chosen) == 1
@@ -375,15 +471,20 @@ def test_search_never_publishes_a_model_that_loses_to_visit_count(tmp_path):
 
 
 def test_a_model_that_loses_to_visit_count_is_refused_even_when_it_beats_the_serving_one(
-        logs, tmp_path):
+    logs, tmp_path
+):
     models = tmp_path / "models"
     tenant = make_tenant()
     # v1 is forced in from noise: worse than visit count on the held-out requests.
     noisy = tmp_path / "noisy"
     write_logs(noisy, seed=4, noisy_requests=N_REQUESTS, visits_decide_from=96)
     assert train_tenant(tenant, noisy, models, force=True, progress=quiet).version == 1
-    again = train_tenant(dataclasses.replace(tenant, ranker=dataclasses.replace(
-        tenant.ranker, max_depth=2)), noisy, models, progress=quiet)
+    again = train_tenant(
+        dataclasses.replace(tenant, ranker=dataclasses.replace(tenant.ranker, max_depth=2)),
+        noisy,
+        models,
+        progress=quiet,
+    )
     assert again.comparison.baseline == "v1" and again.visit_count is not None
     assert again.visit_count.baseline == "visit count"
     assert again.version is None and "worse than" in again.refused
@@ -393,8 +494,9 @@ def test_report_says_when_the_data_has_no_locales(tmp_path):
     logs = tmp_path / "logs"
     write_logs(logs, user_locale=None)
     messages: list[str] = []
-    report = train_tenant(make_tenant(), logs, tmp_path / "models", publish=False,
-                          progress=messages.append)
+    report = train_tenant(
+        make_tenant(), logs, tmp_path / "models", publish=False, progress=messages.append
+    )
     assert "local_share@10" not in report.comparison.candidate_metrics
     table = next(m for m in messages if "held-out requests:" in m)
     assert "local_share@10: no locales in data" in table and "| local_share" not in table
@@ -421,10 +523,16 @@ def test_dask_path_matches_the_in_process_split(logs, tmp_path, objective):
 
     tenant = make_tenant(objective=objective)
     local = train_tenant(tenant, logs, tmp_path / "local", publish=False, progress=quiet)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster:
-        report = train_tenant(tenant, logs, tmp_path / "models", progress=quiet,
-                              dask_scheduler=cluster.scheduler_address)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        report = train_tenant(
+            tenant,
+            logs,
+            tmp_path / "models",
+            progress=quiet,
+            dask_scheduler=cluster.scheduler_address,
+        )
     assert report.version == 1
     assert ModelRegistry(tmp_path / "models").load("homefeed").metadata["gate"]["passed"]
     # Same held-out requests and candidates, same positives (only negatives are sampled).
@@ -433,5 +541,7 @@ def test_dask_path_matches_the_in_process_split(logs, tmp_path, objective):
     assert report.rows["candidates"] == N_REQUESTS * CANDIDATES
     assert report.label_stats["positives"] == local.label_stats["positives"] == 96 * SHOWN
     primary = "recall_impressions@10"
-    assert (report.comparison.candidate_metrics[primary]
-            > report.comparison.baseline_metrics[primary] + 0.2)
+    assert (
+        report.comparison.candidate_metrics[primary]
+        > report.comparison.baseline_metrics[primary] + 0.2
+    )

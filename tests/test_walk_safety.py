@@ -37,10 +37,15 @@ from walkrank_client.pb.walkrank.v1 import (
 
 # The longest walk a tenant may ask for (walk.steps at its cap), biased to a locale and topic
 # so every step does binary searches: ~0.7 s on the small graph, far past the deadlines here.
-SLOW_WALK = {"steps": 10_000_000, "restart_probability": 0.5, "early_stopping": None,
-             "bias": {"strength": 1.0, "by": "locale_topic"}}
-SLOW_PARAMS = WalkParams(steps=10_000_000, early_stop_pins=0, bias_strength=1.0,
-                         bias_by="locale_topic")
+SLOW_WALK = {
+    "steps": 10_000_000,
+    "restart_probability": 0.5,
+    "early_stopping": None,
+    "bias": {"strength": 1.0, "by": "locale_topic"},
+}
+SLOW_PARAMS = WalkParams(
+    steps=10_000_000, early_stop_pins=0, bias_strength=1.0, bias_by="locale_topic"
+)
 
 
 def write_slow_tenant(tenants: Path, deadline_ms: int) -> None:
@@ -62,20 +67,25 @@ def slow_request(graph: GraphStore, weight: float = 0.0) -> recommender_pb2.Reco
     user whose locale and topic the walk is biased to."""
     first, *others = pin_ids(graph, 3)
     return recommender_pb2.RecommendRequest(
-        tenant="slow", query_pins=[recommender_pb2.QueryPin(pin_id=first, weight=weight)] + [
-            recommender_pb2.QueryPin(pin_id=p) for p in others],
-        user=recommender_pb2.User(locale=graph.locales[0], interests=[graph.topics[0]]))
+        tenant="slow",
+        query_pins=[recommender_pb2.QueryPin(pin_id=first, weight=weight)]
+        + [recommender_pb2.QueryPin(pin_id=p) for p in others],
+        user=recommender_pb2.User(locale=graph.locales[0], interests=[graph.topics[0]]),
+    )
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory,
-           small_graph: GraphStore) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
+) -> Iterator[tuple[WalkRankServer, grpc.Channel]]:
     """One compute thread, so a walk that kept it would block the next call."""
     root = tmp_path_factory.mktemp("walk_safety")
     config = make_config(root, small_graph, compute_slots=1)
     write_slow_tenant(config.tenants_dir, deadline_ms=50)
-    with running(config) as (server, _), grpc.insecure_channel(
-            f"127.0.0.1:{server.port}") as channel:
+    with (
+        running(config) as (server, _),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
         yield server, channel
 
 
@@ -85,21 +95,28 @@ def test_calls_without_a_deadline_are_answered(served) -> None:
     server, channel = served
     recommender = recommender_pb2_grpc.RecommenderStub(channel)
     query = [recommender_pb2.QueryPin(pin_id=p) for p in pin_ids(server.graph, 2)]
-    answer = recommender.Recommend(recommender_pb2.RecommendRequest(
-        tenant="homefeed", query_pins=query))
+    answer = recommender.Recommend(
+        recommender_pb2.RecommendRequest(tenant="homefeed", query_pins=query)
+    )
     assert len(answer.candidates) > 0
     users = [recommender_pb2.BatchUser(query_pins=query, request_id=f"u{i}") for i in range(3)]
-    stream = recommender.RecommendBatch(recommender_pb2.RecommendBatchRequest(
-        tenant="email", users=users))
+    stream = recommender.RecommendBatch(
+        recommender_pb2.RecommendBatchRequest(tenant="email", users=users)
+    )
     assert [len(r.candidates) > 0 for r in stream] == [True] * 3
-    events = recommender.ReportEvents(events_pb2.ReportEventsRequest(
-        tenant="homefeed", events=[events_pb2.Event(request_id=answer.request_id,
-                                                    pin_id=answer.candidates[0].pin_id,
-                                                    event="click")]))
+    events = recommender.ReportEvents(
+        events_pb2.ReportEventsRequest(
+            tenant="homefeed",
+            events=[
+                events_pb2.Event(
+                    request_id=answer.request_id, pin_id=answer.candidates[0].pin_id, event="click"
+                )
+            ],
+        )
+    )
     assert events.accepted + events.rejected == 1
     admin = admin_pb2_grpc.AdminStub(channel)
-    assert "homefeed" in {t.name for t in admin.ListTenants(admin_pb2.ListTenantsRequest())
-                          .tenants}
+    assert "homefeed" in {t.name for t in admin.ListTenants(admin_pb2.ListTenantsRequest()).tenants}
     assert admin.GetTenant(admin_pb2.GetTenantRequest(name="homefeed")).name == "homefeed"
     assert admin.GraphInfo(admin_pb2.GraphInfoRequest()).n_pins == server.graph.n_pins
     assert not admin.Reload(admin_pb2.ReloadRequest()).errors
@@ -112,13 +129,23 @@ def test_huge_weights_answer_and_leave_the_server_serving(served) -> None:
     recommender = recommender_pb2_grpc.RecommenderStub(channel)
     first, second = pin_ids(server.graph, 2)
     for weight in (1e20, 1e20, 1e15, 5000.0, 1e-30):
-        answer = recommender.Recommend(recommender_pb2.RecommendRequest(
-            tenant="homefeed", query_pins=[recommender_pb2.QueryPin(pin_id=first, weight=weight),
-                                           recommender_pb2.QueryPin(pin_id=second)]),
-            timeout=10)
+        answer = recommender.Recommend(
+            recommender_pb2.RecommendRequest(
+                tenant="homefeed",
+                query_pins=[
+                    recommender_pb2.QueryPin(pin_id=first, weight=weight),
+                    recommender_pb2.QueryPin(pin_id=second),
+                ],
+            ),
+            timeout=10,
+        )
         assert len(answer.candidates) > 0, weight
-    normal = recommender.Recommend(recommender_pb2.RecommendRequest(
-        tenant="homefeed", query_pins=[recommender_pb2.QueryPin(pin_id=first)]), timeout=10)
+    normal = recommender.Recommend(
+        recommender_pb2.RecommendRequest(
+            tenant="homefeed", query_pins=[recommender_pb2.QueryPin(pin_id=first)]
+        ),
+        timeout=10,
+    )
     assert len(normal.candidates) > 0 and server.serving.compute.running == 0
 
 
@@ -127,10 +154,16 @@ def test_weights_must_be_finite_and_positive(served, weight: float) -> None:
     server, channel = served
     recommender = recommender_pb2_grpc.RecommenderStub(channel)
     with pytest.raises(grpc.RpcError) as info:
-        recommender.Recommend(recommender_pb2.RecommendRequest(
-            tenant="homefeed", query_pins=[
-                recommender_pb2.QueryPin(pin_id=p, weight=weight if i else 1.0)
-                for i, p in enumerate(pin_ids(server.graph, 2))]), timeout=10)
+        recommender.Recommend(
+            recommender_pb2.RecommendRequest(
+                tenant="homefeed",
+                query_pins=[
+                    recommender_pb2.QueryPin(pin_id=p, weight=weight if i else 1.0)
+                    for i, p in enumerate(pin_ids(server.graph, 2))
+                ],
+            ),
+            timeout=10,
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("query_pins.weight: weights must be finite and > 0")
 
@@ -148,9 +181,12 @@ def test_a_walk_past_its_deadline_is_cancelled_and_frees_the_compute_thread(serv
     assert steps is not None, info.value.details()
     assert int(steps.group(1).replace(",", "")) < SLOW_PARAMS.steps
     assert server.serving.compute.running == 0
-    answer = recommender.Recommend(recommender_pb2.RecommendRequest(
-        tenant="homefeed", query_pins=[recommender_pb2.QueryPin(pin_id=pin_ids(server.graph,
-                                                                               1)[0])]))
+    answer = recommender.Recommend(
+        recommender_pb2.RecommendRequest(
+            tenant="homefeed",
+            query_pins=[recommender_pb2.QueryPin(pin_id=pin_ids(server.graph, 1)[0])],
+        )
+    )
     assert len(answer.candidates) > 0
 
 
@@ -166,8 +202,7 @@ def test_health_says_not_serving_while_the_compute_threads_are_stuck(served) -> 
     server.stall_after_s = 0.2  # read by the watchdog at its next poll
     gate = threading.Event()
     pool = server.serving.compute
-    holders = [threading.Thread(target=pool.run, args=(lambda: gate.wait(30), 0))
-               for _ in range(2)]
+    holders = [threading.Thread(target=pool.run, args=(lambda: gate.wait(30), 0)) for _ in range(2)]
     try:
         for holder in holders:
             holder.start()
@@ -192,8 +227,9 @@ def test_the_pool_cancels_a_walk_at_its_due_time_and_on_close(small_graph: Graph
     query = small_graph.pin_index(pin_ids(small_graph, 3))
 
     def slow_walk(cancel: np.ndarray) -> None:
-        walk(small_graph, query, np.ones(3), SLOW_PARAMS, user_locale=0, user_topic=0,
-             cancel=cancel)
+        walk(
+            small_graph, query, np.ones(3), SLOW_PARAMS, user_locale=0, user_topic=0, cancel=cancel
+        )
 
     pool = ComputePool(1)
     cancel = np.zeros(1, np.uint8)
@@ -221,18 +257,31 @@ def test_the_pool_cancels_a_walk_at_its_due_time_and_on_close(small_graph: Graph
 
 @pytest.mark.slow
 def test_sigterm_during_long_walks_exits_within_the_grace_period_plus_a_second(
-        tmp_path: Path, small_graph: GraphStore) -> None:
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     """The issue's 2.5e9-step walk (a heavy query weight) kept a SIGTERM'd server up 28.5 s
     past a 10 s grace. Walks still running when the grace period ends are cancelled."""
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
     write_slow_tenant(tmp_path / "tenants", deadline_ms=600_000)
     grace = 0.2
     config = tmp_path / "walkrank.yaml"
-    config.write_text(yaml.safe_dump({"graph": str(small_graph.path), "tenants_dir": "tenants",
-                                      "models_dir": "models", "logs_dir": "logs",
-                                      "address": "127.0.0.1:0", "grace_seconds": grace}))
-    process = subprocess.Popen([sys.executable, "-m", "walkrank.cli", "serve", "--config",
-                                str(config)], stdout=subprocess.PIPE, text=True)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "graph": str(small_graph.path),
+                "tenants_dir": "tenants",
+                "models_dir": "models",
+                "logs_dir": "logs",
+                "address": "127.0.0.1:0",
+                "grace_seconds": grace,
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout is not None
         banner = process.stdout.readline()
@@ -241,10 +290,13 @@ def test_sigterm_during_long_walks_exits_within_the_grace_period_plus_a_second(
         with grpc.insecure_channel(address) as channel:
             recommender = recommender_pb2_grpc.RecommenderStub(channel)
             request = slow_request(small_graph, weight=5000.0)
-            users = [recommender_pb2.BatchUser(query_pins=request.query_pins, user=request.user)
-                     for _ in range(40)]
-            stream = recommender.RecommendBatch(recommender_pb2.RecommendBatchRequest(
-                tenant="slow", users=users), timeout=600)
+            users = [
+                recommender_pb2.BatchUser(query_pins=request.query_pins, user=request.user)
+                for _ in range(40)
+            ]
+            stream = recommender.RecommendBatch(
+                recommender_pb2.RecommendBatchRequest(tenant="slow", users=users), timeout=600
+            )
             next(stream)  # the first user is answered: the second user's walk is running
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)

@@ -14,7 +14,8 @@ from walkrank.serving.pipeline import is_sampled
 
 
 def test_walk_score_is_the_visit_count_order_with_or_without_a_model(
-        tmp_path: Path, small_graph: GraphStore) -> None:
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
     config = make_config(tmp_path, small_graph)
     query = busy_pins(small_graph, 1)
     # related_pins logs half of its requests: one whose id is sampled.
@@ -37,9 +38,10 @@ def test_walk_score_is_the_visit_count_order_with_or_without_a_model(
     # The returned walk scores are the logged ones (the walk's own scores)...
     returned = logged[logged.returned]
     assert len(returned) == len(ranked.candidates) > 0
-    assert np.array_equal(np.float32([walk[p] for p in returned.index]),
-                          returned.visit_score.to_numpy(np.float32))
+    assert np.array_equal(
+        np.float32([walk[p] for p in returned.index]), returned.visit_score.to_numpy(np.float32)
+    )
     # ...and over the whole candidate set (same seed, same walk) their order is the
     # visit-count answer.
-    by_walk = np.sort(logged.visit_score.to_numpy(np.float32))[::-1][:len(plain.candidates)]
+    by_walk = np.sort(logged.visit_score.to_numpy(np.float32))[::-1][: len(plain.candidates)]
     assert by_walk.tolist() == [c.score for c in plain.candidates]

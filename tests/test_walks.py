@@ -36,23 +36,52 @@ def _query(graph: GraphStore, n: int, seed: int) -> np.ndarray:
     return rng.choice(np.flatnonzero(degree > 0), n, replace=False).astype(np.int32)
 
 
-def _walk_one(graph: GraphStore, pin: int, budget: int, restart: float, seed: int = 3,
-              bias: float = 0.0, locale: int = -1, key_range: tuple[int, int] = (0, 0),
-              early_stop_pins: int = 0, rows: int | None = None,
-              cancel: np.ndarray | None = None, query_index: int = 0):
+def _walk_one(
+    graph: GraphStore,
+    pin: int,
+    budget: int,
+    restart: float,
+    seed: int = 3,
+    bias: float = 0.0,
+    locale: int = -1,
+    key_range: tuple[int, int] = (0, 0),
+    early_stop_pins: int = 0,
+    rows: int | None = None,
+    cancel: np.ndarray | None = None,
+    query_index: int = 0,
+):
     """Kernel-level walk from one pin with a hash table (`rows`: default twice the budget),
     drawing the random streams of position `query_index` in a query; returns
     (steps, {pin: visits})."""
     table = new_visit_table(rows or 1 << (2 * budget - 1).bit_length())
     done = kernels.walk_query_pin(
-        graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
-        graph.pin_locale_ends, graph.board_locale_ends, graph.pin_run_offsets,
-        graph.pin_key_runs, graph.board_run_offsets, graph.board_key_runs,
-        np.int64(graph.run_shift), np.int32(pin),
-        np.int32(query_index), np.int64(budget), np.uint64(int(restart * 2**32)),
-        np.uint64(int(bias * 2**32)), np.int32(locale), np.int32(key_range[0]),
-        np.int32(key_range[1]), np.int64(early_stop_pins), np.int64(4), np.uint64(seed), False,
-        table, np.zeros(table.shape[0]), np.zeros(table.shape[0], np.int32), np.ones(1),
+        graph.pin_offsets,
+        graph.pin_adj,
+        graph.board_offsets,
+        graph.board_adj,
+        graph.pin_locale_ends,
+        graph.board_locale_ends,
+        graph.pin_run_offsets,
+        graph.pin_key_runs,
+        graph.board_run_offsets,
+        graph.board_key_runs,
+        np.int64(graph.run_shift),
+        np.int32(pin),
+        np.int32(query_index),
+        np.int64(budget),
+        np.uint64(int(restart * 2**32)),
+        np.uint64(int(bias * 2**32)),
+        np.int32(locale),
+        np.int32(key_range[0]),
+        np.int32(key_range[1]),
+        np.int64(early_stop_pins),
+        np.int64(4),
+        np.uint64(seed),
+        False,
+        table,
+        np.zeros(table.shape[0]),
+        np.zeros(table.shape[0], np.int32),
+        np.ones(1),
         np.zeros(1, np.uint8) if cancel is None else cancel,
     )
     used = table[table[:, 1] == query_index]
@@ -75,9 +104,21 @@ def two_locale_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
 def tiny_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
     """Hand-made: query pins 1 and 2 (two boards each) whose boards share pins 10..13."""
     edges = [
-        (1, 100), (1, 101), (2, 102), (2, 103),
-        (10, 100), (11, 100), (12, 100), (10, 101), (13, 101),
-        (12, 102), (13, 102), (14, 102), (13, 103), (15, 103), (16, 103),
+        (1, 100),
+        (1, 101),
+        (2, 102),
+        (2, 103),
+        (10, 100),
+        (11, 100),
+        (12, 100),
+        (10, 101),
+        (13, 101),
+        (12, 102),
+        (13, 102),
+        (14, 102),
+        (13, 103),
+        (15, 103),
+        (16, 103),
     ]
     out = tmp_path_factory.mktemp("graphs") / "tiny"
     build_graph(out, {"pin_id": [p for p, _ in edges], "board_id": [b for _, b in edges]})
@@ -106,10 +147,19 @@ def test_full_restart_only_reaches_pins_sharing_a_board(small_graph: GraphStore)
 def test_visit_distribution_matches_plain_reference(small_graph: GraphStore) -> None:
     pin, other = (int(p) for p in _query(small_graph, 2, 2))
     steps = 200_000
-    reference = kernels.reference_walk(
-        small_graph.pin_offsets, small_graph.pin_adj, small_graph.board_offsets,
-        small_graph.board_adj, pin, steps, 0.5, 7,
-    ) / steps
+    reference = (
+        kernels.reference_walk(
+            small_graph.pin_offsets,
+            small_graph.pin_adj,
+            small_graph.board_offsets,
+            small_graph.board_adj,
+            pin,
+            steps,
+            0.5,
+            7,
+        )
+        / steps
+    )
     fast = np.zeros(small_graph.n_pins)
     for p, v in _walk_one(small_graph, pin, steps, restart=0.5)[1].items():
         fast[p] = v / steps
@@ -155,23 +205,29 @@ _WEIGHTS = st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(weights=st.lists(_WEIGHTS, min_size=1, max_size=12),
-       degrees=st.lists(st.integers(0, 5000), min_size=12, max_size=12),
-       steps=st.integers(1, 10_000_000), exponent=st.integers(-1000, 1000))
+@given(
+    weights=st.lists(_WEIGHTS, min_size=1, max_size=12),
+    degrees=st.lists(st.integers(0, 5000), min_size=12, max_size=12),
+    steps=st.integers(1, 10_000_000),
+    exponent=st.integers(-1000, 1000),
+)
 def test_weights_are_shares_of_exactly_the_step_budget(weights, degrees, steps, exponent) -> None:
     """Issue 12: the budgets add up to N for any positive finite weights, never overflow,
     and do not depend on the weights' scale (1e20 once made the total negative). Scaling by
     a power of two is exact, so the budgets must be identical."""
     weights = np.array(weights)
-    degrees = np.array(degrees[:len(weights)])
+    degrees = np.array(degrees[: len(weights)])
     budgets = step_budgets(degrees, weights, steps, max_degree=5000)
     assert budgets.dtype == np.int64 and np.all(budgets >= 0)
     assert budgets.sum() == (steps if degrees.any() else 0)
     assert np.all(budgets[degrees == 0] == 0)
     with np.errstate(over="ignore", under="ignore"):
         scaled = weights * 2.0**exponent
-    if np.all(np.isfinite(scaled)) and np.all(scaled >= np.finfo(np.float64).tiny) and np.all(
-            weights >= np.finfo(np.float64).tiny):
+    if (
+        np.all(np.isfinite(scaled))
+        and np.all(scaled >= np.finfo(np.float64).tiny)
+        and np.all(weights >= np.finfo(np.float64).tiny)
+    ):
         assert np.array_equal(step_budgets(degrees, scaled, steps, max_degree=5000), budgets)
 
 
@@ -180,11 +236,17 @@ def test_the_issue_weights_split_like_their_ratio() -> None:
     budgets = step_budgets(degrees, np.array([1e20, 1.0]), 100_000, max_degree=50)
     assert list(budgets) == [100_000, 0]
     # A pin that cannot walk (no boards) does not scale the others, however heavy.
-    budgets = step_budgets(np.array([0, 40, 7]), np.array([1e300, 1e-300, 1e-300]), 10,
-                           max_degree=50)
+    budgets = step_budgets(
+        np.array([0, 40, 7]), np.array([1e300, 1e-300, 1e-300]), 10, max_degree=50
+    )
     assert budgets.sum() == 10 and budgets[0] == 0
-    assert np.abs(step_budgets(degrees, np.array([3e7, 1e7]), 100_000, max_degree=50)
-                  - step_budgets(degrees, np.array([3.0, 1.0]), 100_000, max_degree=50)).max() <= 1
+    assert (
+        np.abs(
+            step_budgets(degrees, np.array([3e7, 1e7]), 100_000, max_degree=50)
+            - step_budgets(degrees, np.array([3.0, 1.0]), 100_000, max_degree=50)
+        ).max()
+        <= 1
+    )
 
 
 def test_huge_and_tiny_weights_walk_the_tenant_budget(small_graph: GraphStore) -> None:
@@ -208,8 +270,7 @@ def test_a_full_hash_table_raises_instead_of_probing_forever(small_graph: GraphS
 
 def test_a_set_cancel_flag_stops_the_walk(small_graph: GraphStore) -> None:
     pin = int(_query(small_graph, 1, 7)[0])
-    done, visits = _walk_one(small_graph, pin, 5_000, restart=0.5,
-                             cancel=np.ones(1, np.uint8))
+    done, visits = _walk_one(small_graph, pin, 5_000, restart=0.5, cancel=np.ones(1, np.uint8))
     assert done == 0 and not visits
     query = _query(small_graph, 3, 7)
     with pytest.raises(WalkCancelled, match="walk cancelled after 0 steps"):
@@ -234,8 +295,9 @@ def test_early_stopping_cuts_steps_and_keeps_top_results(small_graph: GraphStore
     for i in range(8):
         query = _query(small_graph, 3, 10 + i)
         weights = np.ones(3, np.float32)
-        full = walk(small_graph, query, weights, WalkParams(steps=50_000, early_stop_pins=0),
-                    seed=i)
+        full = walk(
+            small_graph, query, weights, WalkParams(steps=50_000, early_stop_pins=0), seed=i
+        )
         early = walk(small_graph, query, weights, WalkParams(steps=50_000), seed=i)
         overlaps.append(np.intersect1d(full.pins[:100], early.pins[:100]).size / 100)
         fractions.append(early.steps_walked / full.steps_walked)
@@ -251,15 +313,26 @@ def test_early_stop_pins_are_split_like_the_steps(small_graph: GraphStore) -> No
     query = _query(small_graph, 5, 30)
     params = WalkParams(steps=20_000, early_stop_pins=1_200, early_stop_visits=4)
     result = walk(small_graph, query, np.ones(5), params, seed=7)
-    budgets = step_budgets(np.diff(small_graph.pin_offsets)[query], np.ones(5), params.steps,
-                           int(small_graph.manifest["degree"]["pin_max"]))
+    budgets = step_budgets(
+        np.diff(small_graph.pin_offsets)[query],
+        np.ones(5),
+        params.steps,
+        int(small_graph.manifest["degree"]["pin_max"]),
+    )
     # Unsplit, each pin would need 1,200 pins x 4 visits: more visits than its budget.
     assert params.early_stop_pins * params.early_stop_visits > budgets.max()
     assert (result.steps_per_query < budgets).all()
     for position, pin in enumerate(query):
         share_of_n_p = math.ceil(params.early_stop_pins * budgets[position] / params.steps)
-        alone, _ = _walk_one(small_graph, int(pin), int(budgets[position]), restart=0.5, seed=7,
-                             early_stop_pins=share_of_n_p, query_index=position)
+        alone, _ = _walk_one(
+            small_graph,
+            int(pin),
+            int(budgets[position]),
+            restart=0.5,
+            seed=7,
+            early_stop_pins=share_of_n_p,
+            query_index=position,
+        )
         assert result.steps_per_query[position] == alone
 
 
@@ -269,22 +342,31 @@ def test_a_pin_that_stops_early_keeps_its_share_of_the_score(small_graph: GraphS
     query = _query(small_graph, 2, 31)
     params = WalkParams(steps=20_000, early_stop_pins=300, max_candidates=10**6)
     both = walk(small_graph, query, np.ones(2), params, seed=4)
-    budgets = step_budgets(np.diff(small_graph.pin_offsets)[query], np.ones(2), params.steps,
-                           int(small_graph.manifest["degree"]["pin_max"]))
+    budgets = step_budgets(
+        np.diff(small_graph.pin_offsets)[query],
+        np.ones(2),
+        params.steps,
+        int(small_graph.manifest["degree"]["pin_max"]),
+    )
     steps = both.steps_per_query
     assert steps[0] < budgets[0] and steps[1] < budgets[1]
     assert steps[0] * budgets[1] != steps[1] * budgets[0]  # the pins stopped at unlike shares
     visits = []
     for position in range(2):
         # The same walk cut where it stopped: the same position, so the same random streams.
-        alone = walk(small_graph, np.where(np.arange(2) == position, query, -1), np.ones(2),
-                     WalkParams(steps=int(steps[position]), early_stop_pins=0,
-                                max_candidates=10**6), seed=4)
+        alone = walk(
+            small_graph,
+            np.where(np.arange(2) == position, query, -1),
+            np.ones(2),
+            WalkParams(steps=int(steps[position]), early_stop_pins=0, max_candidates=10**6),
+            seed=4,
+        )
         visits.append(dict(zip(alone.pins.tolist(), alone.visits.tolist(), strict=True)))
     for pin, score, raw in zip(both.pins.tolist(), both.scores, both.visits, strict=True):
         counts = [visits[q].get(pin, 0) for q in range(2)]
-        expected = sum(math.sqrt(c * b / s) for c, b, s in zip(counts, budgets, steps,
-                                                                  strict=True)) ** 2
+        expected = (
+            sum(math.sqrt(c * b / s) for c, b, s in zip(counts, budgets, steps, strict=True)) ** 2
+        )
         assert score == pytest.approx(expected, rel=1e-6)
         assert raw == sum(counts)  # visits stay raw counts
 
@@ -301,8 +383,9 @@ def test_multi_hit_boosting_follows_its_formula(tiny_graph: GraphStore) -> None:
     v1 = dict(zip(alone1.pins.tolist(), alone1.visits.tolist(), strict=True))
     v2 = dict(zip(alone2.pins.tolist(), alone2.visits.tolist(), strict=True))
     assert set(both.pins.tolist()) == (set(v1) | set(v2)) - {q1, q2}
-    for pin, score, visits, hits in zip(both.pins, both.scores, both.visits, both.query_hits,
-                                        strict=True):
+    for pin, score, visits, hits in zip(
+        both.pins, both.scores, both.visits, both.query_hits, strict=True
+    ):
         a, b = v1.get(int(pin), 0), v2.get(int(pin), 0)
         assert score == pytest.approx((math.sqrt(a) + math.sqrt(b)) ** 2, rel=1e-6)
         assert visits == a + b
@@ -341,8 +424,7 @@ def test_bias_by_locale_and_topic_narrows_further(two_locale_graph: GraphStore) 
     weights = np.ones(5, np.float32)
 
     def visit_shares(bias_by: str) -> tuple[float, float]:
-        params = WalkParams(steps=20_000, bias_strength=1.0, bias_by=bias_by,
-                            max_candidates=10**6)
+        params = WalkParams(steps=20_000, bias_strength=1.0, bias_by=bias_by, max_candidates=10**6)
         result = walk(graph, query, weights, params, user_locale=ja, user_topic=topic, seed=1)
         in_locale = graph.pin_locale[result.pins] == ja
         exact = in_locale & (graph.pin_topic[result.pins] == topic)
@@ -363,8 +445,10 @@ def test_bias_falls_back_to_uniform_when_no_neighbour_matches(small_graph: Graph
     # No neighbour has a key in this range: every biased step must fall back to uniform,
     # drawing the same neighbours from the same random numbers.
     nothing = (10**6, 10**6 + 1)
-    assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, locale=locale,
-                     key_range=nothing) == uniform
+    assert (
+        _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0, locale=locale, key_range=nothing)
+        == uniform
+    )
     # No locale (-1): unbiased whatever the strength.
     assert _walk_one(small_graph, pin, 5_000, restart=0.5, bias=1.0) == uniform
     # The locale alone does change the walk.
@@ -379,8 +463,15 @@ def test_locale_index_and_key_search_take_the_same_slice(small_graph: GraphStore
         locale = int(small_graph.pin_locale[pin])
         whole_locale = (locale * (n_topics + 1), (locale + 1) * (n_topics + 1))
         by_index = _walk_one(small_graph, int(pin), 5_000, restart=0.3, bias=0.7, locale=locale)
-        by_search = _walk_one(small_graph, int(pin), 5_000, restart=0.3, bias=0.7,
-                              locale=locale, key_range=whole_locale)
+        by_search = _walk_one(
+            small_graph,
+            int(pin),
+            5_000,
+            restart=0.3,
+            bias=0.7,
+            locale=locale,
+            key_range=whole_locale,
+        )
         assert by_index == by_search
 
 
@@ -419,8 +510,9 @@ def test_result_is_sorted_and_top_k_is_a_prefix(small_graph: GraphStore) -> None
 
 def test_query_pins_never_come_back(small_graph: GraphStore) -> None:
     query = _query(small_graph, 5, 23)
-    result = walk(small_graph, query, np.ones(5, np.float32),
-                  WalkParams(steps=50_000, max_candidates=10**6))
+    result = walk(
+        small_graph, query, np.ones(5, np.float32), WalkParams(steps=50_000, max_candidates=10**6)
+    )
     assert len(result) > 100
     assert not np.isin(query, result.pins).any()
 
@@ -442,8 +534,13 @@ def test_unknown_pins_are_ignored_and_reported(small_graph: GraphStore) -> None:
     query = _query(small_graph, 2, 24)
     mixed = np.array([-1, query[0], -1, query[1]], np.int32)
     result = walk(small_graph, mixed, np.ones(4, np.float32), WalkParams(steps=10_000), seed=1)
-    clean = walk(small_graph, np.array([-1, query[0], -1, query[1]], np.int32),
-                 np.array([0, 1, 0, 1], np.float32), WalkParams(steps=10_000), seed=1)
+    clean = walk(
+        small_graph,
+        np.array([-1, query[0], -1, query[1]], np.int32),
+        np.array([0, 1, 0, 1], np.float32),
+        WalkParams(steps=10_000),
+        seed=1,
+    )
     assert list(result.unknown) == [0, 2]
     assert list(result.steps_per_query[[0, 2]]) == [0, 0]
     assert result.empty_reason is None and _same(result, clean)
@@ -458,8 +555,9 @@ def test_unknown_pins_are_ignored_and_reported(small_graph: GraphStore) -> None:
     ],
 )
 def test_empty_results_say_why(small_graph: GraphStore, pins, weights, reason) -> None:
-    result = walk(small_graph, np.array(pins, np.int32), np.array(weights, np.float32),
-                  WalkParams())
+    result = walk(
+        small_graph, np.array(pins, np.int32), np.array(weights, np.float32), WalkParams()
+    )
     assert len(result) == 0 and result.steps_walked == 0
     assert result.empty_reason == reason
 
@@ -486,9 +584,17 @@ def test_bad_user_codes_and_params_are_refused(small_graph: GraphStore) -> None:
         walk(small_graph, query, weights, WalkParams(bias_strength=0.5), user_locale=99)
     with pytest.raises(ConfigError, match="counter='fast'"):
         walk(small_graph, query, weights, WalkParams(), counter="fast")
-    for field, value in [("steps", 0), ("steps", 2.5), ("steps", 10**9), ("early_stop_pins", -1),
-                         ("restart_probability", 0.0), ("bias_strength", 1.5),
-                         ("bias_by", "topic"), ("early_stop_visits", 0), ("max_candidates", 0)]:
+    for field, value in [
+        ("steps", 0),
+        ("steps", 2.5),
+        ("steps", 10**9),
+        ("early_stop_pins", -1),
+        ("restart_probability", 0.0),
+        ("bias_strength", 1.5),
+        ("bias_by", "topic"),
+        ("early_stop_visits", 0),
+        ("max_candidates", 0),
+    ]:
         with pytest.raises(ConfigError, match=f"walk parameter {field}="):
             WalkParams(**{field: value})
 
@@ -501,8 +607,24 @@ def test_cli_walk_prints_candidates_with_external_ids(
 ) -> None:
     ids = small_graph.pin_external(_query(small_graph, 2, 40)).tolist()
     pins = ",".join(str(i) for i in ids + ["no-such-pin"])
-    code = main(["walk", "--graph", str(small_graph.path), "--pins", pins, "--weights", "2,2,1",
-                 "--steps", "5000", "--top", "5", "--seed", "3", "--json"])
+    code = main(
+        [
+            "walk",
+            "--graph",
+            str(small_graph.path),
+            "--pins",
+            pins,
+            "--weights",
+            "2,2,1",
+            "--steps",
+            "5000",
+            "--top",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["unknown"] == ["no-such-pin"]
@@ -514,11 +636,30 @@ def test_cli_walk_prints_candidates_with_external_ids(
     assert out["steps_walked"] == 5000  # weights are shares of --steps, whatever their scale
 
 
-def test_cli_walk_table_and_errors(small_graph: GraphStore, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_walk_table_and_errors(
+    small_graph: GraphStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pin = str(small_graph.pin_external([int(_query(small_graph, 1, 41)[0])])[0])
-    assert main(["walk", "--graph", str(small_graph.path), "--pins", pin, "--steps", "2000",
-                 "--locale", "ja", "--bias", "0.8", "--top", "3"]) == 0
+    assert (
+        main(
+            [
+                "walk",
+                "--graph",
+                str(small_graph.path),
+                "--pins",
+                pin,
+                "--steps",
+                "2000",
+                "--locale",
+                "ja",
+                "--bias",
+                "0.8",
+                "--top",
+                "3",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "score" in table and "visits" in table and len(table.strip().splitlines()) >= 4
     assert main(["walk", "--graph", str(small_graph.path), "--pins", pin, "--weights", "1,2"]) == 2

@@ -13,31 +13,48 @@ from walkrank_client.pb.walkrank.v1 import recommender_pb2
 def _output(pin_ids: np.ndarray, scores: np.ndarray, visits: np.ndarray) -> RecommendOutput:
     """An output whose walk scores are the scores reversed (some +0.0, -0.0, huge)."""
     return RecommendOutput(
-        request_id="req-1", pin_ids=pin_ids, scores=scores.astype(np.float32),
-        visits=visits.astype(np.int32), walk_scores=scores[::-1].astype(np.float64),
-        model_version="3", unknown_query_pins=("x", "y"),
-        empty_reason=None, timing_ms={"walk": 1.5, "features": 0.25, "scoring": 0.5,
-                                      "total": 2.75},
-        candidates_generated=2000)
+        request_id="req-1",
+        pin_ids=pin_ids,
+        scores=scores.astype(np.float32),
+        visits=visits.astype(np.int32),
+        walk_scores=scores[::-1].astype(np.float64),
+        model_version="3",
+        unknown_query_pins=("x", "y"),
+        empty_reason=None,
+        timing_ms={"walk": 1.5, "features": 0.25, "scoring": 0.5, "total": 2.75},
+        candidates_generated=2000,
+    )
 
 
 def _expected(tenant: str, output: RecommendOutput) -> recommender_pb2.RecommendResponse:
     """The response built field by field with protobuf (how the server did it before)."""
     return recommender_pb2.RecommendResponse(
-        request_id=output.request_id, model_version=output.model_version, tenant=tenant,
+        request_id=output.request_id,
+        model_version=output.model_version,
+        tenant=tenant,
         unknown_query_pins=list(output.unknown_query_pins),
         candidates_generated=output.candidates_generated,
-        timing=recommender_pb2.Timing(walk_ms=1.5, features_ms=0.25, scoring_ms=0.5,
-                                      total_ms=2.75),
-        candidates=[recommender_pb2.Candidate(pin_id=str(p), score=float(s),
-                                              visit_count=int(v), rank=r,
-                                              walk_score=float(np.float32(w)))
-                    for r, (p, s, v, w) in enumerate(zip(output.pin_ids.tolist(),
-                                                         output.scores.tolist(),
-                                                         output.visits.tolist(),
-                                                         output.walk_scores.tolist(),
-                                                         strict=True),
-                                                     start=1)])
+        timing=recommender_pb2.Timing(walk_ms=1.5, features_ms=0.25, scoring_ms=0.5, total_ms=2.75),
+        candidates=[
+            recommender_pb2.Candidate(
+                pin_id=str(p),
+                score=float(s),
+                visit_count=int(v),
+                rank=r,
+                walk_score=float(np.float32(w)),
+            )
+            for r, (p, s, v, w) in enumerate(
+                zip(
+                    output.pin_ids.tolist(),
+                    output.scores.tolist(),
+                    output.visits.tolist(),
+                    output.walk_scores.tolist(),
+                    strict=True,
+                ),
+                start=1,
+            )
+        ],
+    )
 
 
 def _scores_and_visits(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,10 +101,14 @@ def test_candidates_are_byte_identical_to_protobuf() -> None:
     scores, visits = _scores_and_visits(rng, 300)
     output = _output(ids, scores, visits)
     only_candidates = recommender_pb2.RecommendResponse(
-        candidates=_expected("t", output).candidates).SerializeToString()
-    encoded = encode_candidates(ids.astype(np.bytes_).view(np.uint8).reshape(300, -1),
-                                scores.view(np.uint32), visits.astype(np.uint32),
-                                scores[::-1].copy().view(np.uint32))
+        candidates=_expected("t", output).candidates
+    ).SerializeToString()
+    encoded = encode_candidates(
+        ids.astype(np.bytes_).view(np.uint8).reshape(300, -1),
+        scores.view(np.uint32),
+        visits.astype(np.uint32),
+        scores[::-1].copy().view(np.uint32),
+    )
     assert encoded.tobytes() == only_candidates
 
 

@@ -76,10 +76,14 @@ def _recommend(client: WalkRankClient, args: argparse.Namespace) -> int:
         _print_json(response)
         return 0
     t = response.timing
-    print(f"tenant {response.tenant}  request {response.request_id}  "
-          f"model {response.model_version}  candidates generated {response.candidates_generated}")
-    print(f"timing ms: walk {t.walk_ms:.2f}  features {t.features_ms:.2f}  "
-          f"scoring {t.scoring_ms:.2f}  total {t.total_ms:.2f}  queued {t.queue_ms:.2f}")
+    print(
+        f"tenant {response.tenant}  request {response.request_id}  "
+        f"model {response.model_version}  candidates generated {response.candidates_generated}"
+    )
+    print(
+        f"timing ms: walk {t.walk_ms:.2f}  features {t.features_ms:.2f}  "
+        f"scoring {t.scoring_ms:.2f}  total {t.total_ms:.2f}  queued {t.queue_ms:.2f}"
+    )
     if response.unknown_query_pins:
         print(f"unknown query pins: {', '.join(response.unknown_query_pins)}")
     if response.empty_reason:
@@ -111,8 +115,10 @@ def _tenant(client: WalkRankClient, args: argparse.Namespace) -> int:
     c = info.counters
     print(f"tenant         {info.name}")
     print(f"config file    {info.config_file}")
-    print(f"model version  {info.model_version}" + (f" ({info.model_engine})"
-                                                     if info.model_engine else ""))
+    print(
+        f"model version  {info.model_version}"
+        + (f" ({info.model_engine})" if info.model_engine else "")
+    )
     print(f"requests       {c.requests}  errors {c.errors}  in flight {c.in_flight}")
     print(f"events         accepted {c.events_accepted}  rejected {c.events_rejected}")
     if info.last_reload_error:
@@ -177,14 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="walkrank-client", description="Call a WalkRank gRPC server."
     )
-    parser.add_argument("--address", default=os.environ.get("WALKRANK_ADDRESS", DEFAULT_ADDRESS),
-                        help=f"host:port (default $WALKRANK_ADDRESS or {DEFAULT_ADDRESS}); "
-                             "replicas: ip:port,ip:port or dns:///NAME:PORT (calls are "
-                             "balanced, reload reaches every replica)")
-    parser.add_argument("--api-key", default=os.environ.get("WALKRANK_API_KEY"),
-                        help="tenant API key (default $WALKRANK_API_KEY)")
-    parser.add_argument("--admin-token", default=os.environ.get("WALKRANK_ADMIN_TOKEN"),
-                        help="admin token (default $WALKRANK_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("WALKRANK_ADDRESS", DEFAULT_ADDRESS),
+        help=f"host:port (default $WALKRANK_ADDRESS or {DEFAULT_ADDRESS}); "
+        "replicas: ip:port,ip:port or dns:///NAME:PORT (calls are "
+        "balanced, reload reaches every replica)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("WALKRANK_API_KEY"),
+        help="tenant API key (default $WALKRANK_API_KEY)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("WALKRANK_ADMIN_TOKEN"),
+        help="admin token (default $WALKRANK_ADMIN_TOKEN)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt")
     parser.add_argument("--retries", type=int, default=3, help="retries when UNAVAILABLE")
     tls = parser.add_mutually_exclusive_group()
@@ -208,17 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--request-id")
     recommend.set_defaults(run=_recommend)
 
-    commands.add_parser("tenants", parents=[output], help="list tenants").set_defaults(
-        run=_tenants)
+    commands.add_parser("tenants", parents=[output], help="list tenants").set_defaults(run=_tenants)
     tenant = commands.add_parser("tenant", parents=[output], help="one tenant in full")
     tenant.add_argument("name")
     tenant.set_defaults(run=_tenant)
     reload = commands.add_parser(
-        "reload", parents=[output],
+        "reload",
+        parents=[output],
         help="reload tenant files and models on every replica --address names (exit 1 if a "
-             "file failed to load or a replica failed)")
-    reload.add_argument("--tenant", action="append", default=[],
-                        help="re-read only this tenant's models (repeatable)")
+        "file failed to load or a replica failed)",
+    )
+    reload.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        help="re-read only this tenant's models (repeatable)",
+    )
     reload.set_defaults(run=_reload)
     commands.add_parser("graph", parents=[output], help="graph summary").set_defaults(run=_graph)
     health = commands.add_parser("health", help="SERVING or not (exit 1 if not)")

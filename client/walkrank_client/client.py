@@ -52,10 +52,12 @@ PinId = int | str
 Moment = datetime | float | int
 
 #: Service config of a channel over several replicas: a replica per call, healthy ones only.
-BALANCED_SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": ""},
-})
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
+    }
+)
 
 _T = TypeVar("_T")
 
@@ -118,8 +120,9 @@ def query_pins(
 _ACTION_FIELDS = frozenset({"pin_id", "action", "time"})
 
 
-def user_actions(actions: Sequence[ActionLike] | None, pins: Sequence[PinId], *,
-                 field: str = "actions") -> list[recommender_pb2.UserAction]:
+def user_actions(
+    actions: Sequence[ActionLike] | None, pins: Sequence[PinId], *, field: str = "actions"
+) -> list[recommender_pb2.UserAction]:
     """`UserAction` messages (the server weighs them with the tenant's `query` settings);
     ValueError naming `field` for a malformed one, or when `pins` are given too (a request
     sends query pins or actions)."""
@@ -134,12 +137,19 @@ def user_actions(actions: Sequence[ActionLike] | None, pins: Sequence[PinId], *,
             continue
         unknown, missing = set(action) - _ACTION_FIELDS, {"pin_id", "action"} - set(action)
         if unknown or missing:
-            problem = f"unknown fields {sorted(unknown)}" if unknown else (
-                f"missing fields {sorted(missing)}")
+            problem = (
+                f"unknown fields {sorted(unknown)}"
+                if unknown
+                else (f"missing fields {sorted(missing)}")
+            )
             raise ValueError(f"{field}[{index}]: {problem}")
-        out.append(recommender_pb2.UserAction(pin_id=str(action["pin_id"]),
-                                              action=str(action["action"]),
-                                              time=epoch_seconds(action.get("time"))))
+        out.append(
+            recommender_pb2.UserAction(
+                pin_id=str(action["pin_id"]),
+                action=str(action["action"]),
+                time=epoch_seconds(action.get("time")),
+            )
+        )
     return out
 
 
@@ -208,8 +218,10 @@ def channel_target(addresses: Sequence[str]) -> tuple[str, bool]:
         try:
             families.add(ipaddress.ip_address(host.strip("[]")).version)
         except ValueError:
-            raise ValueError(f"address: {address!r}: several addresses must be ip:port each; "
-                             f"for a name with several addresses use 'dns:///NAME:PORT'") from None
+            raise ValueError(
+                f"address: {address!r}: several addresses must be ip:port each; "
+                f"for a name with several addresses use 'dns:///NAME:PORT'"
+            ) from None
         if not sep or not port.isdigit():
             raise ValueError(f"address: {address!r}: expected ip:port")
     if len(families) != 1:
@@ -233,7 +245,8 @@ def resolve_replicas(address: str | Sequence[str]) -> list[str]:
         raise ValueError(f"address: cannot resolve {host!r}: {exc.strerror or exc}") from None
     found = dict.fromkeys(
         f"[{info[4][0]}]:{port}" if info[0] == socket.AF_INET6 else f"{info[4][0]}:{port}"
-        for info in infos)
+        for info in infos
+    )
     return list(found)
 
 
@@ -274,8 +287,9 @@ class WalkRankClient:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             roots = tls if isinstance(tls, bytes) else None
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots),
-                                                options=options)
+            self._channel = grpc.secure_channel(
+                target, grpc.ssl_channel_credentials(roots), options=options
+            )
         self._tenant_metadata = ((API_KEY_HEADER, api_key),) if api_key else ()
         self._admin_metadata = ((ADMIN_TOKEN_HEADER, admin_token),) if admin_token else ()
         self._recommender = recommender_pb2_grpc.RecommenderStub(self._channel)
@@ -449,9 +463,14 @@ class WalkRankClient:
         A replica that fails keeps serving what it served; the others still reload."""
         results: dict[str, admin_pb2.ReloadResponse | WalkRankClientError] = {}
         for replica in resolve_replicas(self.addresses):
-            with WalkRankClient(replica, admin_token=self._admin_token, tls=self._tls,
-                                timeout=self.timeout, retries=self.retries,
-                                backoff=self.backoff) as one:
+            with WalkRankClient(
+                replica,
+                admin_token=self._admin_token,
+                tls=self._tls,
+                timeout=self.timeout,
+                retries=self.retries,
+                backoff=self.backoff,
+            ) as one:
                 try:
                     results[replica] = one.reload(tenants, timeout=timeout)
                 except WalkRankClientError as exc:

@@ -44,8 +44,19 @@ HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 #: Server-streaming methods (reflection is bidirectional; one request message is sent).
 STREAMING = frozenset({BATCH, HEALTH_WATCH, REFLECTION})
-RAW_METHODS = (RECOMMEND, BATCH, EVENTS, LIST_TENANTS, GET_TENANT, RELOAD, GRAPH_INFO,
-               HEALTH_CHECK, HEALTH_WATCH, REFLECTION, "/walkrank.v1.Recommender/NoSuchMethod")
+RAW_METHODS = (
+    RECOMMEND,
+    BATCH,
+    EVENTS,
+    LIST_TENANTS,
+    GET_TENANT,
+    RELOAD,
+    GRAPH_INFO,
+    HEALTH_CHECK,
+    HEALTH_WATCH,
+    REFLECTION,
+    "/walkrank.v1.Recommender/NoSuchMethod",
+)
 #: Watch streams until its deadline by design: it always gets this short one.
 WATCH_DEADLINE_S = 0.2
 #: A call with a deadline must end by then plus this (two shared cores, Python on both ends).
@@ -60,13 +71,21 @@ SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 #: The pseudo status of a call that outlived its bound.
 HANG = "HANG"
 #: How a run's cases divide over the RPC families of `call_strategies`.
-SHARES = {"recommend": 0.30, "batch": 0.08, "events": 0.14, "admin": 0.08, "health": 0.05,
-          "raw": 0.35}
+SHARES = {
+    "recommend": 0.30,
+    "batch": 0.08,
+    "events": 0.14,
+    "admin": 0.08,
+    "health": 0.05,
+    "raw": 0.35,
+}
 #: Channel options for hostile traffic: large messages and error details pass, so that the
 #: server's answer (not the client's limits) is what gets checked.
-CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 << 20),
-                   ("grpc.max_send_message_length", 64 << 20),
-                   ("grpc.max_metadata_size", 1 << 20))
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_metadata_size", 1 << 20),
+)
 
 
 @dataclass(frozen=True)
@@ -110,8 +129,9 @@ def send(channel: grpc.Channel, call: Call) -> Outcome:
     responses: list[bytes] = []
     code: grpc.StatusCode | str
     if call.method in STREAMING:
-        stream = channel.unary_stream(call.method)(call.payload, timeout=timeout,
-                                                   metadata=call.metadata)
+        stream = channel.unary_stream(call.method)(
+            call.payload, timeout=timeout, metadata=call.metadata
+        )
         timer = threading.Timer(bound, stream.cancel)
         timer.start()
         try:
@@ -124,8 +144,9 @@ def send(channel: grpc.Channel, call: Call) -> Outcome:
         if time.monotonic() - started >= bound:
             code = HANG
     else:
-        future = channel.unary_unary(call.method).future(call.payload, timeout=timeout,
-                                                         metadata=call.metadata)
+        future = channel.unary_unary(call.method).future(
+            call.payload, timeout=timeout, metadata=call.metadata
+        )
         try:
             responses.append(future.result(timeout=bound))
             code, details = grpc.StatusCode.OK, ""
@@ -148,8 +169,10 @@ def violations(call: Call, outcome: Outcome) -> list[str]:
     if outcome.elapsed_s > call.bound_s:
         found.append(f"{where}: took {outcome.elapsed_s:.2f}s, bound {call.bound_s:.1f}s")
     if "\n" in outcome.details or len(outcome.details) > MAX_DETAILS:
-        found.append(f"{where}: {outcome.code_name}: details of {len(outcome.details)} chars: "
-                     f"{outcome.details[:120]!r}")
+        found.append(
+            f"{where}: {outcome.code_name}: details of {len(outcome.details)} chars: "
+            f"{outcome.details[:120]!r}"
+        )
     return found
 
 
@@ -173,47 +196,95 @@ class Credentials:
         names = list(self.tenant_keys)
         own = tenant if tenant in self.tenant_keys else names[0]
         other = next(n for n in names if n != own) if len(names) > 1 else own
-        return {"own": self.key(own), "other": self.key(other), "none": (),
-                "garbage": (("x-api-key", "not-a-key-" + "z" * 400),),
-                "admin": self.admin}[choice]
+        return {
+            "own": self.key(own),
+            "other": self.key(other),
+            "none": (),
+            "garbage": (("x-api-key", "not-a-key-" + "z" * 400),),
+            "admin": self.admin,
+        }[choice]
 
 
 # -- strategies ----------------------------------------------------------------------------
 
-BOUNDARY_STRINGS = ("", " ", "\x00", "a\x00b", "1000000001\x00", "é", "\U0001f600", "\ufeff",
-                    "\u202e", "../../etc/passwd", "%s%n", "{{.UUID}}", "\r\nX-Injected: 1",
-                    "'", '"', "\\", "null")
+BOUNDARY_STRINGS = (
+    "",
+    " ",
+    "\x00",
+    "a\x00b",
+    "1000000001\x00",
+    "é",
+    "\U0001f600",
+    "\ufeff",
+    "\u202e",
+    "../../etc/passwd",
+    "%s%n",
+    "{{.UUID}}",
+    "\r\nX-Injected: 1",
+    "'",
+    '"',
+    "\\",
+    "null",
+)
 #: Forms of pin 1000000001 that must not resolve to it.
-STRICT_VARIANTS = (" 1000000001 ", "+1000000001", "1_000_000_001", "1000000001\x00",
-                   "\u0661\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661")
-PIN_VARIANTS = ("1000000001", *STRICT_VARIANTS, "01000000001", "-1", "0", "1e9", "9" * 40,
-                "18446744073709551616", "0x3B9ACA01", "abc", "")
-WEIGHTS = st.one_of(st.floats(width=32), st.sampled_from(
-    [0.0, -0.0, 1.0, 5000.0, 1e15, 1e20, 3.4e38, -1.0, math.nan, math.inf, -math.inf, 1e-45]))
+STRICT_VARIANTS = (
+    " 1000000001 ",
+    "+1000000001",
+    "1_000_000_001",
+    "1000000001\x00",
+    "\u0661\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661",
+)
+PIN_VARIANTS = (
+    "1000000001",
+    *STRICT_VARIANTS,
+    "01000000001",
+    "-1",
+    "0",
+    "1e9",
+    "9" * 40,
+    "18446744073709551616",
+    "0x3B9ACA01",
+    "abc",
+    "",
+)
+WEIGHTS = st.one_of(
+    st.floats(width=32),
+    st.sampled_from(
+        [0.0, -0.0, 1.0, 5000.0, 1e15, 1e20, 3.4e38, -1.0, math.nan, math.inf, -math.inf, 1e-45]
+    ),
+)
 TIMEOUTS = st.sampled_from([None, None, 0.001, 0.05, 0.5, 3.0])
 NUM_RESULTS = st.one_of(st.integers(0, 60), st.sampled_from([1000, 2**31, 2**32 - 1]))
 SEEDS = st.one_of(st.none(), st.integers(0, 2**64 - 1))
 #: Mostly the right key, so most calls get past authentication to the work.
 CHOICES = st.sampled_from(["own"] * 6 + ["other", "none", "garbage", "admin"])
-INVALID_UTF8 = (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"ok\x80",
-                b"\xe2\x82", b"\xc0\xaf")
+INVALID_UTF8 = (
+    b"\xff",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"\xf8\x88\x80\x80\x80",
+    b"ok\x80",
+    b"\xe2\x82",
+    b"\xc0\xaf",
+)
 
 
-def rarely(common: st.SearchStrategy, rare: st.SearchStrategy, odds: int = 12
-           ) -> st.SearchStrategy:
+def rarely(common: st.SearchStrategy, rare: st.SearchStrategy, odds: int = 12) -> st.SearchStrategy:
     """`rare` about once in `odds` draws: huge values are tried, but do not dominate a run."""
     return st.integers(0, odds - 1).flatmap(lambda n: rare if n == 0 else common)
 
 
 def big_string(min_size: int, max_size: int) -> st.SearchStrategy[str]:
     """A long string, cheap to generate: one character repeated."""
-    return st.builds(lambda c, n: c * n, st.characters(codec="utf-8"),
-                     st.integers(min_size, max_size))
+    return st.builds(
+        lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(min_size, max_size)
+    )
 
 
 def strings(max_big: int = 70_000) -> st.SearchStrategy[str]:
-    return rarely(st.one_of(st.text(max_size=24), st.sampled_from(BOUNDARY_STRINGS)),
-                  big_string(300, max_big))
+    return rarely(
+        st.one_of(st.text(max_size=24), st.sampled_from(BOUNDARY_STRINGS)), big_string(300, max_big)
+    )
 
 
 def varint(value: int) -> bytes:
@@ -242,69 +313,115 @@ def raw_payloads(draw: st.DrawFn) -> bytes:
         bad = draw(st.sampled_from(INVALID_UTF8)) * draw(st.integers(1, 3))
         field = draw(st.integers(1, 8))
         inner = draw(st.sampled_from([0, 1, 2, 3, 4]))
-        body = (length_delimited(field, bad) if inner == 0
-                else length_delimited(inner + 1, length_delimited(1, bad)))
+        body = (
+            length_delimited(field, bad)
+            if inner == 0
+            else length_delimited(inner + 1, length_delimited(1, bad))
+        )
         prefix = length_delimited(1, b"homefeed") if draw(st.booleans()) else b""
         return prefix + body
     if kind == "mutated":
         valid = recommender_pb2.RecommendRequest(
-            tenant="homefeed", request_id="r", user=recommender_pb2.User(id="u", locale="en"),
+            tenant="homefeed",
+            request_id="r",
+            user=recommender_pb2.User(id="u", locale="en"),
             query_pins=[recommender_pb2.QueryPin(pin_id="1000000001", weight=1.0)],
-            num_results=5).SerializeToString()
-        data = bytearray(valid[:draw(st.integers(0, len(valid)))])
+            num_results=5,
+        ).SerializeToString()
+        data = bytearray(valid[: draw(st.integers(0, len(valid)))])
         for _ in range(draw(st.integers(0, 4))):
             if data:
                 data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
         return bytes(data)
-    return draw(st.sampled_from([
-        varint(1 << 3 | 0) + varint(2**63),                 # tenant as a varint
-        varint(2 << 3 | 2) + varint(2**31),                 # a length past the end
-        length_delimited(4, struct.pack("<f", math.nan)),   # QueryPin as raw float bytes
-        length_delimited(4, varint(2 << 3 | 5) + struct.pack("<f", math.nan)),
-        length_delimited(3, length_delimited(3, length_delimited(3, b"\x08" * 64))),
-        varint(5 << 3 | 0) + b"\xff" * 10 + b"\x01",       # an 11-byte varint
-        varint(99999 << 3 | 2) + varint(3) + b"abc",        # an unknown field
-        varint(1 << 3 | 3) + varint(1 << 3 | 4),            # a group
-    ])) + draw(st.binary(max_size=16))
+    return draw(
+        st.sampled_from(
+            [
+                varint(1 << 3 | 0) + varint(2**63),  # tenant as a varint
+                varint(2 << 3 | 2) + varint(2**31),  # a length past the end
+                length_delimited(4, struct.pack("<f", math.nan)),  # QueryPin as raw float bytes
+                length_delimited(4, varint(2 << 3 | 5) + struct.pack("<f", math.nan)),
+                length_delimited(3, length_delimited(3, length_delimited(3, b"\x08" * 64))),
+                varint(5 << 3 | 0) + b"\xff" * 10 + b"\x01",  # an 11-byte varint
+                varint(99999 << 3 | 2) + varint(3) + b"abc",  # an unknown field
+                varint(1 << 3 | 3) + varint(1 << 3 | 4),  # a group
+            ]
+        )
+    ) + draw(st.binary(max_size=16))
 
 
-def call_strategies(known_pins: Sequence[str], credentials: Credentials
-                    ) -> dict[str, st.SearchStrategy[Call]]:
+def call_strategies(
+    known_pins: Sequence[str], credentials: Credentials
+) -> dict[str, st.SearchStrategy[Call]]:
     """Hostile calls per RPC family: recommend, batch, events, admin, health, raw."""
     tenants = tuple(credentials.tenant_keys)
     tenant_names = rarely(st.sampled_from(tenants), strings(1_200_000), odds=5)
-    pin_ids = st.one_of(st.sampled_from(list(known_pins)), st.sampled_from(PIN_VARIANTS),
-                        st.integers(0, 2**64).map(str), strings(5_000))
+    pin_ids = st.one_of(
+        st.sampled_from(list(known_pins)),
+        st.sampled_from(PIN_VARIANTS),
+        st.integers(0, 2**64).map(str),
+        strings(5_000),
+    )
     pin = st.builds(recommender_pb2.QueryPin, pin_id=pin_ids, weight=WEIGHTS)
-    many_pins = st.builds(lambda p, n: [recommender_pb2.QueryPin(pin_id=p)] * n,
-                          st.sampled_from(list(known_pins)), st.integers(2, 400))
+    many_pins = st.builds(
+        lambda p, n: [recommender_pb2.QueryPin(pin_id=p)] * n,
+        st.sampled_from(list(known_pins)),
+        st.integers(2, 400),
+    )
     query_pins = rarely(st.lists(pin, max_size=6), many_pins, odds=6)
-    users = st.builds(recommender_pb2.User, id=strings(), locale=strings(),
-                      interests=st.lists(strings(2_000), max_size=5))
-    exclude = rarely(st.lists(pin_ids, max_size=5),
-                     st.integers(1_000, 60_000).map(lambda n: [str(10**9 + i) for i in range(n)]),
-                     odds=20)
+    users = st.builds(
+        recommender_pb2.User,
+        id=strings(),
+        locale=strings(),
+        interests=st.lists(strings(2_000), max_size=5),
+    )
+    exclude = rarely(
+        st.lists(pin_ids, max_size=5),
+        st.integers(1_000, 60_000).map(lambda n: [str(10**9 + i) for i in range(n)]),
+        odds=20,
+    )
 
-    def tenant_call(method: str, message: object, choice: str, timeout: float | None,
-                    messages: int = 1) -> Call:
+    def tenant_call(
+        method: str, message: object, choice: str, timeout: float | None, messages: int = 1
+    ) -> Call:
         tenant = message.tenant  # type: ignore[attr-defined]
-        return Call(method, message.SerializeToString(),  # type: ignore[attr-defined]
-                    credentials.metadata(choice, tenant), timeout, messages)
+        return Call(
+            method,
+            message.SerializeToString(),  # type: ignore[attr-defined]
+            credentials.metadata(choice, tenant),
+            timeout,
+            messages,
+        )
 
     recommend = st.builds(
-        recommender_pb2.RecommendRequest, tenant=tenant_names, request_id=strings(1_200_000),
-        user=users, query_pins=query_pins, num_results=NUM_RESULTS, exclude_pins=exclude,
-        seed=SEEDS)
-    batch_user = st.builds(recommender_pb2.BatchUser, request_id=strings(), user=users,
-                           query_pins=query_pins, exclude_pins=exclude)
-    batch = st.builds(recommender_pb2.RecommendBatchRequest, tenant=tenant_names,
-                      users=st.lists(batch_user, max_size=6), num_results=NUM_RESULTS,
-                      seed=SEEDS)
+        recommender_pb2.RecommendRequest,
+        tenant=tenant_names,
+        request_id=strings(1_200_000),
+        user=users,
+        query_pins=query_pins,
+        num_results=NUM_RESULTS,
+        exclude_pins=exclude,
+        seed=SEEDS,
+    )
+    batch_user = st.builds(
+        recommender_pb2.BatchUser,
+        request_id=strings(),
+        user=users,
+        query_pins=query_pins,
+        exclude_pins=exclude,
+    )
+    batch = st.builds(
+        recommender_pb2.RecommendBatchRequest,
+        tenant=tenant_names,
+        users=st.lists(batch_user, max_size=6),
+        num_results=NUM_RESULTS,
+        seed=SEEDS,
+    )
 
     optional = st.one_of(st.none(), st.floats(), st.sampled_from([-1.0, 0.0, 1e300, 4e9]))
 
-    def event(request_id: str, pin_id: str, name: str, score: float | None,
-              timestamp: float | None) -> events_pb2.Event:
+    def event(
+        request_id: str, pin_id: str, name: str, score: float | None, timestamp: float | None
+    ) -> events_pb2.Event:
         message = events_pb2.Event(request_id=request_id, pin_id=pin_id, event=name)
         if score is not None:
             message.score = score
@@ -312,47 +429,81 @@ def call_strategies(known_pins: Sequence[str], credentials: Credentials
             message.timestamp = timestamp
         return message
 
-    names = st.one_of(st.sampled_from(["impression", "click", "save", "closeup", "hide", "view",
-                                       "SAVE", ""]), strings(3_000))
+    names = st.one_of(
+        st.sampled_from(["impression", "click", "save", "closeup", "hide", "view", "SAVE", ""]),
+        strings(3_000),
+    )
     one_event = st.builds(event, strings(200_000), pin_ids, names, optional, optional)
     many_events = st.builds(lambda e, n: [e] * n, one_event, st.integers(100, 5_000))
-    events = st.builds(events_pb2.ReportEventsRequest, tenant=tenant_names,
-                       events=rarely(st.lists(one_event, max_size=8), many_events, odds=10))
+    events = st.builds(
+        events_pb2.ReportEventsRequest,
+        tenant=tenant_names,
+        events=rarely(st.lists(one_event, max_size=8), many_events, odds=10),
+    )
 
     admin_names = st.one_of(st.sampled_from([*tenants, "", "nobody"]), strings(1_200_000))
     admin_messages = st.one_of(
         st.just((LIST_TENANTS, admin_pb2.ListTenantsRequest())),
         st.just((GRAPH_INFO, admin_pb2.GraphInfoRequest())),
         st.builds(lambda n: (GET_TENANT, admin_pb2.GetTenantRequest(name=n)), admin_names),
-        st.builds(lambda ns: (RELOAD, admin_pb2.ReloadRequest(tenants=ns)),
-                  st.lists(admin_names, max_size=4)))
+        st.builds(
+            lambda ns: (RELOAD, admin_pb2.ReloadRequest(tenants=ns)),
+            st.lists(admin_names, max_size=4),
+        ),
+    )
     admin_choices = st.sampled_from(["admin", "admin", "none", "own", "garbage"])
     services = st.one_of(st.sampled_from(["", *tenants, "nobody"]), strings(1_200_000))
 
     return {
-        "recommend": st.builds(lambda m, c, t: tenant_call(RECOMMEND, m, c, t),
-                               recommend, CHOICES, TIMEOUTS),
-        "batch": st.builds(lambda m, c, t: tenant_call(BATCH, m, c, t, len(m.users)),
-                           batch, CHOICES, TIMEOUTS),
-        "events": st.builds(lambda m, c, t: tenant_call(EVENTS, m, c, t),
-                            events, CHOICES, TIMEOUTS),
-        "admin": st.builds(lambda mm, c, t: Call(mm[0], mm[1].SerializeToString(),
-                                                 credentials.metadata(c, tenants[0]), t),
-                           admin_messages, admin_choices, TIMEOUTS),
-        "health": st.builds(lambda s, c, t, w: Call(
-            HEALTH_WATCH if w else HEALTH_CHECK,
-            health_pb2.HealthCheckRequest(service=s).SerializeToString(),
-            credentials.metadata(c, s), t), services, CHOICES, TIMEOUTS, st.booleans()),
-        "raw": st.builds(lambda m, p, c, t: Call(m, p, credentials.metadata(c, tenants[0]), t),
-                         st.sampled_from(RAW_METHODS), raw_payloads(), CHOICES, TIMEOUTS),
+        "recommend": st.builds(
+            lambda m, c, t: tenant_call(RECOMMEND, m, c, t), recommend, CHOICES, TIMEOUTS
+        ),
+        "batch": st.builds(
+            lambda m, c, t: tenant_call(BATCH, m, c, t, len(m.users)), batch, CHOICES, TIMEOUTS
+        ),
+        "events": st.builds(
+            lambda m, c, t: tenant_call(EVENTS, m, c, t), events, CHOICES, TIMEOUTS
+        ),
+        "admin": st.builds(
+            lambda mm, c, t: Call(
+                mm[0], mm[1].SerializeToString(), credentials.metadata(c, tenants[0]), t
+            ),
+            admin_messages,
+            admin_choices,
+            TIMEOUTS,
+        ),
+        "health": st.builds(
+            lambda s, c, t, w: Call(
+                HEALTH_WATCH if w else HEALTH_CHECK,
+                health_pb2.HealthCheckRequest(service=s).SerializeToString(),
+                credentials.metadata(c, s),
+                t,
+            ),
+            services,
+            CHOICES,
+            TIMEOUTS,
+            st.booleans(),
+        ),
+        "raw": st.builds(
+            lambda m, p, c, t: Call(m, p, credentials.metadata(c, tenants[0]), t),
+            st.sampled_from(RAW_METHODS),
+            raw_payloads(),
+            CHOICES,
+            TIMEOUTS,
+        ),
     }
 
 
 def fuzz_settings(max_examples: int) -> settings:
     """Deterministic (derandomized), no shrinking against a live server, no time limits."""
-    return settings(max_examples=max(1, max_examples), deadline=None, derandomize=True,
-                    database=None, phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=max(1, max_examples),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 def draw_calls(strategy: st.SearchStrategy[Call], count: int, seed: int) -> list[Call]:
@@ -369,8 +520,9 @@ def draw_calls(strategy: st.SearchStrategy[Call], count: int, seed: int) -> list
     return calls
 
 
-def run_property(strategy: st.SearchStrategy[Call], max_examples: int,
-                 check: Callable[[Call], None]) -> None:
+def run_property(
+    strategy: st.SearchStrategy[Call], max_examples: int, check: Callable[[Call], None]
+) -> None:
     """`check` every call hypothesis draws (it raises on a violation; hypothesis reports the
     call that did)."""
 

@@ -49,9 +49,9 @@ class ProcessResult:
     sent_at: list[float] = field(default_factory=list)  # time.monotonic() of each call
     errors: dict[str, int] = field(default_factory=dict)
     messages_received: int = 0
-    started: float = 0.0     # time.monotonic(), comparable across processes on one machine
+    started: float = 0.0  # time.monotonic(), comparable across processes on one machine
     finished: float = 0.0
-    cpu_s: float = 0.0       # user + system CPU of the process during its run
+    cpu_s: float = 0.0  # user + system CPU of the process during its run
 
 
 @dataclass(frozen=True)
@@ -85,23 +85,32 @@ class _Requests:
         self.config = config
         self.spec = spec
         self._templated = ["{{" in text for text in config.messages]
-        self._fixed = [None if templated else _parse(spec, text, f"{config.source}: data[{i}]")
-                       for i, (text, templated) in enumerate(zip(config.messages,
-                                                                 self._templated, strict=True))]
+        self._fixed = [
+            None if templated else _parse(spec, text, f"{config.source}: data[{i}]")
+            for i, (text, templated) in enumerate(
+                zip(config.messages, self._templated, strict=True)
+            )
+        ]
         self._metadata_templated = any("{{" in v for v in config.metadata.values())
         self._metadata = tuple(config.metadata.items())
 
     def template_values(self, worker_id: str, number: int) -> dict[str, Any]:
         now = time.time_ns()
         return {
-            "WorkerID": worker_id, "RequestNumber": number, "FullyQualifiedName": self.config.call,
-            "MethodName": self.config.method, "ServiceName": self.config.service,
-            "InputName": self.spec.input_name, "OutputName": self.spec.output_name,
+            "WorkerID": worker_id,
+            "RequestNumber": number,
+            "FullyQualifiedName": self.config.call,
+            "MethodName": self.config.method,
+            "ServiceName": self.config.service,
+            "InputName": self.spec.input_name,
+            "OutputName": self.spec.output_name,
             "IsClientStreaming": "false",
             "IsServerStreaming": "true" if self.spec.server_streaming else "false",
             "Timestamp": datetime.fromtimestamp(now / 1e9, UTC).isoformat(timespec="seconds"),
-            "TimestampUnix": now // 10**9, "TimestampUnixMilli": now // 10**6,
-            "TimestampUnixNano": now, "UUID": str(uuid.uuid4()),
+            "TimestampUnix": now // 10**9,
+            "TimestampUnixMilli": now // 10**6,
+            "TimestampUnixNano": now,
+            "UUID": str(uuid.uuid4()),
         }
 
     def get(self, worker_id: str, number: int) -> tuple[bytes, tuple[tuple[str, str], ...]]:
@@ -110,15 +119,24 @@ class _Requests:
         if payload is None or self._metadata_templated:
             values = self.template_values(worker_id, number)
             if payload is None:
-                payload = _parse(self.spec, render_template(self.config.messages[index], values),
-                                 f"{self.config.source}: data[{index}] (request {number})")
+                payload = _parse(
+                    self.spec,
+                    render_template(self.config.messages[index], values),
+                    f"{self.config.source}: data[{index}] (request {number})",
+                )
             if self._metadata_templated:
                 metadata = tuple((k, render_template(v, values)) for k, v in metadata)
         return payload, metadata
 
 
-async def _run_share(config: GhzConfig, spec: MethodSpec, target: str, index: int, parts: int,
-                     start: Callable[[], Any]) -> ProcessResult:
+async def _run_share(
+    config: GhzConfig,
+    spec: MethodSpec,
+    target: str,
+    index: int,
+    parts: int,
+    start: Callable[[], Any],
+) -> ProcessResult:
     """One process's share: its workers, calls and rate, on one channel."""
     concurrency = _share(config.concurrency, parts, index)
     total = None if config.duration_s is not None else _share(config.total, parts, index)
@@ -127,15 +145,23 @@ async def _run_share(config: GhzConfig, spec: MethodSpec, target: str, index: in
     result = ProcessResult()
     # ghz spreads the workers evenly over `connections` connections; a local subchannel pool
     # keeps gRPC from folding identical channels into one connection.
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-               ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(target, options=options)
-                for _ in range(max(1, _share(config.connections, parts, index)))]
+    options = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    channels = [
+        grpc.aio.insecure_channel(target, options=options)
+        for _ in range(max(1, _share(config.connections, parts, index)))
+    ]
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), READY_TIMEOUT_S)
-        calls = [channel.unary_stream(spec.path) if spec.server_streaming
-                 else channel.unary_unary(spec.path) for channel in channels]
+        calls = [
+            channel.unary_stream(spec.path)
+            if spec.server_streaming
+            else channel.unary_unary(spec.path)
+            for channel in channels
+        ]
         await start()
         loop_start = time.monotonic()
         deadline = loop_start + config.duration_s if config.duration_s is not None else None
@@ -148,7 +174,8 @@ async def _run_share(config: GhzConfig, spec: MethodSpec, target: str, index: in
             while True:
                 local = issued
                 if (total is not None and local >= total) or (
-                        deadline is not None and time.monotonic() >= deadline):
+                    deadline is not None and time.monotonic() >= deadline
+                ):
                     return
                 issued += 1
                 if rate is not None:
@@ -162,8 +189,7 @@ async def _run_share(config: GhzConfig, spec: MethodSpec, target: str, index: in
                 sent, sent_at = time.perf_counter(), time.monotonic()
                 try:
                     if spec.server_streaming:
-                        async for _ in call(payload, timeout=config.timeout_s,
-                                            metadata=metadata):
+                        async for _ in call(payload, timeout=config.timeout_s, metadata=metadata):
                             result.messages_received += 1
                     else:
                         await call(payload, timeout=config.timeout_s, metadata=metadata)
@@ -206,8 +232,16 @@ def _cpu_seconds() -> float:
     return times.user + times.system
 
 
-def _child(config_path: str, workdir: str, target: str, index: int, parts: int, ready: Any,
-           go: Any, results: Any) -> None:
+def _child(
+    config_path: str,
+    workdir: str,
+    target: str,
+    index: int,
+    parts: int,
+    ready: Any,
+    go: Any,
+    results: Any,
+) -> None:
     """Entry point of one generator process (spawned: no state inherited from the parent)."""
     try:
         config = load_ghz_config(config_path, workdir)
@@ -236,12 +270,26 @@ def _combine(config: GhzConfig, parts: list[ProcessResult], processes: int) -> R
         for message, n in part.errors.items():
             errors[message] = errors.get(message, 0) + n
     wall = max(p.finished for p in parts) - min(p.started for p in parts)
-    summary = summarize(config.label, "builtin", latencies, codes, wall, errors,
-                        sum(p.messages_received for p in parts), config.tags)
+    summary = summarize(
+        config.label,
+        "builtin",
+        latencies,
+        codes,
+        wall,
+        errors,
+        sum(p.messages_received for p in parts),
+        config.tags,
+    )
     cpu = sum(p.cpu_s for p in parts) if processes else None
-    return RunResult(config=config, summary=summary, generator_cpu_s=cpu, processes=processes,
-                     sent_at=np.concatenate([np.asarray(p.sent_at) for p in parts]),
-                     latencies_ms=latencies, codes=tuple(codes))
+    return RunResult(
+        config=config,
+        summary=summary,
+        generator_cpu_s=cpu,
+        processes=processes,
+        sent_at=np.concatenate([np.asarray(p.sent_at) for p in parts]),
+        latencies_ms=latencies,
+        codes=tuple(codes),
+    )
 
 
 def _processes_for(config: GhzConfig, processes: int) -> int:
@@ -264,9 +312,20 @@ def run_load(configs: list[GhzConfig], target: str, processes: int = 2) -> list[
     for config in configs:
         parts = _processes_for(config, processes)
         for index in range(parts):
-            child = context.Process(target=_child, args=(
-                str(config.source), str(config.workdir), target, index, parts, ready, go,
-                results), daemon=True)
+            child = context.Process(
+                target=_child,
+                args=(
+                    str(config.source),
+                    str(config.workdir),
+                    target,
+                    index,
+                    parts,
+                    ready,
+                    go,
+                    results,
+                ),
+                daemon=True,
+            )
             child.start()
             children.append(child)
     try:
@@ -277,8 +336,7 @@ def run_load(configs: list[GhzConfig], target: str, processes: int = 2) -> list[
         for _ in children:
             path, index, result, failure = _next_result(results, children)
             if failure is not None:
-                raise RuntimeError(f"load generator process {index} for {path} failed: "
-                                   f"{failure}")
+                raise RuntimeError(f"load generator process {index} for {path} failed: {failure}")
             collected[path].append(result)
     finally:
         go.set()
@@ -289,16 +347,18 @@ def run_load(configs: list[GhzConfig], target: str, processes: int = 2) -> list[
     return [_combine(c, collected[str(c.source)], _processes_for(c, processes)) for c in configs]
 
 
-def _next_result(results: Any, children: list[Any]) -> tuple[str, int, ProcessResult | None,
-                                                                str | None]:
+def _next_result(
+    results: Any, children: list[Any]
+) -> tuple[str, int, ProcessResult | None, str | None]:
     while True:
         try:
             return results.get(timeout=1.0)
         except queue.Empty:
             dead = [c for c in children if c.exitcode not in (None, 0)]
             if dead:
-                raise RuntimeError(f"load generator process {dead[0].pid} died with exit code "
-                                   f"{dead[0].exitcode}") from None
+                raise RuntimeError(
+                    f"load generator process {dead[0].pid} died with exit code {dead[0].exitcode}"
+                ) from None
 
 
 async def _run_in_process(configs: list[GhzConfig], target: str) -> list[RunResult]:
@@ -313,7 +373,8 @@ async def _run_in_process(configs: list[GhzConfig], target: str) -> list[RunResu
             go.set()
         await go.wait()
 
-    parts = await asyncio.gather(*(_run_share(c, s, target, 0, 1, start)
-                                   for c, s in zip(configs, specs, strict=True)))
+    parts = await asyncio.gather(
+        *(_run_share(c, s, target, 0, 1, start) for c, s in zip(configs, specs, strict=True))
+    )
     # This process may host the server too, so its CPU time is not the generator's own.
     return [_combine(c, [p], 0) for c, p in zip(configs, parts, strict=True)]

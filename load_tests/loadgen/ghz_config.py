@@ -23,11 +23,28 @@ from typing import Any
 from walkrank.errors import ConfigError
 
 #: Keys the built-in generator honours, with ghz's meaning.
-SUPPORTED_KEYS = frozenset({
-    "name", "proto", "import-paths", "call", "host", "insecure", "total", "duration",
-    "concurrency", "connections", "rps", "timeout", "data", "data-file", "metadata",
-    "metadata-file", "tags", "duration-stop",
-})
+SUPPORTED_KEYS = frozenset(
+    {
+        "name",
+        "proto",
+        "import-paths",
+        "call",
+        "host",
+        "insecure",
+        "total",
+        "duration",
+        "concurrency",
+        "connections",
+        "rps",
+        "timeout",
+        "data",
+        "data-file",
+        "metadata",
+        "metadata-file",
+        "tags",
+        "duration-stop",
+    }
+)
 DEFAULT_TOTAL = 200
 DEFAULT_CONCURRENCY = 50
 DEFAULT_TIMEOUT_S = 20.0
@@ -39,11 +56,24 @@ DURATION_STOPS = ("close", "wait", "ignore")
 
 #: ghz's call template variables (ghz.sh/docs/calldata). Only plain `{{.Name}}` actions are
 #: supported; template functions (`{{randomString 8}}`, ...) are rejected by name.
-TEMPLATE_VARIABLES = frozenset({
-    "WorkerID", "RequestNumber", "FullyQualifiedName", "MethodName", "ServiceName",
-    "InputName", "OutputName", "IsClientStreaming", "IsServerStreaming", "Timestamp",
-    "TimestampUnix", "TimestampUnixMilli", "TimestampUnixNano", "UUID",
-})
+TEMPLATE_VARIABLES = frozenset(
+    {
+        "WorkerID",
+        "RequestNumber",
+        "FullyQualifiedName",
+        "MethodName",
+        "ServiceName",
+        "InputName",
+        "OutputName",
+        "IsClientStreaming",
+        "IsServerStreaming",
+        "Timestamp",
+        "TimestampUnix",
+        "TimestampUnixMilli",
+        "TimestampUnixNano",
+        "UUID",
+    }
+)
 _ACTION_RE = re.compile(r"{{(.*?)}}")
 _VARIABLE_RE = re.compile(r"\s*\.([A-Za-z]+)\s*")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -116,15 +146,15 @@ def check_template(text: str, where: str) -> None:
         if match is None or match.group(1) not in TEMPLATE_VARIABLES:
             raise ConfigError(
                 f"{where}: template action '{{{{{action}}}}}' is not supported by the built-in "
-                f"generator; use one of {{{{.{'}}, {{.'.join(sorted(TEMPLATE_VARIABLES))}}}}}")
+                f"generator; use one of {{{{.{'}}, {{.'.join(sorted(TEMPLATE_VARIABLES))}}}}}"
+            )
 
 
 def render_template(text: str, values: dict[str, Any]) -> str:
     """Substitute `{{.Name}}` actions (validated by `check_template` beforehand)."""
     if "{{" not in text:
         return text
-    return _ACTION_RE.sub(lambda m: str(values[_VARIABLE_RE.fullmatch(m.group(1)).group(1)]),
-                          text)
+    return _ACTION_RE.sub(lambda m: str(values[_VARIABLE_RE.fullmatch(m.group(1)).group(1)]), text)
 
 
 def _positive_int(raw: dict[str, Any], key: str, where: str) -> int:
@@ -136,7 +166,8 @@ def _positive_int(raw: dict[str, Any], key: str, where: str) -> int:
 
 def _string_map(value: Any, where: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
         raise ConfigError(f"{where}: expected an object of string values, got {value!r}")
     return dict(value)
 
@@ -147,8 +178,9 @@ def _read_json(path: Path, what: str) -> Any:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
-                          f"{exc.msg}") from exc
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
 
 
 def _messages(data: Any, where: str) -> tuple[str, ...]:
@@ -159,8 +191,10 @@ def _messages(data: Any, where: str) -> tuple[str, ...]:
     texts = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise ConfigError(f"{where}[{index}]: expected a JSON object (one call message), "
-                              f"got {type(item).__name__}")
+            raise ConfigError(
+                f"{where}[{index}]: expected a JSON object (one call message), "
+                f"got {type(item).__name__}"
+            )
         text = json.dumps(item, separators=(",", ":"))
         check_template(text, f"{where}[{index}]")
         texts.append(text)
@@ -185,8 +219,10 @@ def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzC
         raise ConfigError(f"{path}: expected a JSON object of ghz settings")
     unknown = sorted(set(raw) - SUPPORTED_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: ghz key {unknown[0]!r} is not supported by the built-in "
-                          f"generator (supported: {', '.join(sorted(SUPPORTED_KEYS))})")
+        raise ConfigError(
+            f"{path}: ghz key {unknown[0]!r} is not supported by the built-in "
+            f"generator (supported: {', '.join(sorted(SUPPORTED_KEYS))})"
+        )
     if "call" not in raw:
         raise ConfigError(f"{path}: call: required (e.g. 'walkrank.v1.Recommender.Recommend')")
     call = raw["call"]
@@ -231,8 +267,9 @@ def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzC
         stop = raw["duration-stop"]
         # ghz lower-cases the value (and silently takes an unknown one as close: refused here).
         if not isinstance(stop, str) or stop.lower() not in DURATION_STOPS:
-            raise ConfigError(f"{path}: duration-stop: expected one of "
-                              f"{', '.join(DURATION_STOPS)}, got {stop!r}")
+            raise ConfigError(
+                f"{path}: duration-stop: expected one of {', '.join(DURATION_STOPS)}, got {stop!r}"
+            )
         values["duration_stop"] = stop.lower()
     if "timeout" in raw:
         timeout = parse_duration(raw["timeout"], f"{path}: timeout")
@@ -259,10 +296,11 @@ def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzC
             raise ConfigError(f"{path}: metadata-file: expected a path string")
         metadata_path = _relative(base, raw["metadata-file"])
         if not metadata_path.is_file():
-            raise ConfigError(f"{path}: metadata-file: no such file {metadata_path} "
-                              f"{where_from}")
-        metadata_raw, metadata_where = _read_json(metadata_path, "metadata file"), str(
-            metadata_path)
+            raise ConfigError(f"{path}: metadata-file: no such file {metadata_path} {where_from}")
+        metadata_raw, metadata_where = (
+            _read_json(metadata_path, "metadata file"),
+            str(metadata_path),
+        )
     if metadata_raw is not None:
         metadata = _string_map(metadata_raw, metadata_where)
         for key, value in metadata.items():
@@ -272,10 +310,13 @@ def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzC
         values["tags"] = _string_map(raw["tags"], f"{path}: tags")
     config = GhzConfig(**values)
     if config.connections > config.concurrency:
-        raise ConfigError(f"{path}: connections ({config.connections}) must be <= concurrency "
-                          f"({config.concurrency})")
+        raise ConfigError(
+            f"{path}: connections ({config.connections}) must be <= concurrency "
+            f"({config.concurrency})"
+        )
     if config.duration_s is None and config.total < config.concurrency:
         # ghz refuses this too: every worker must have at least one request.
-        raise ConfigError(f"{path}: total ({config.total}) must be >= concurrency "
-                          f"({config.concurrency})")
+        raise ConfigError(
+            f"{path}: total ({config.total}) must be >= concurrency ({config.concurrency})"
+        )
     return config

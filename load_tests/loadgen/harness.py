@@ -31,15 +31,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_server_config(path: Path, graph: Path, tenants_dir: Path, models_dir: Path,
-                        logs_dir: Path, workers: int, metrics_address: str | None = None,
-                        auth: bool = False, grace_seconds: float | None = None) -> Path:
+def write_server_config(
+    path: Path,
+    graph: Path,
+    tenants_dir: Path,
+    models_dir: Path,
+    logs_dir: Path,
+    workers: int,
+    metrics_address: str | None = None,
+    auth: bool = False,
+    grace_seconds: float | None = None,
+) -> Path:
     """A `walkrank.yaml`; with `auth`, keys come from the server's environment."""
     path.parent.mkdir(parents=True, exist_ok=True)
     settings: dict[str, object] = {
-        "graph": str(graph.resolve()), "tenants_dir": str(tenants_dir.resolve()),
-        "models_dir": str(models_dir.resolve()), "logs_dir": str(logs_dir.resolve()),
-        "workers": workers}
+        "graph": str(graph.resolve()),
+        "tenants_dir": str(tenants_dir.resolve()),
+        "models_dir": str(models_dir.resolve()),
+        "logs_dir": str(logs_dir.resolve()),
+        "workers": workers,
+    }
     if metrics_address is not None:
         settings["metrics_address"] = metrics_address
     if auth:
@@ -103,14 +114,30 @@ def process_cpu_seconds(root: int) -> float:
 class ServeProcess:
     """`walkrank serve --config CONFIG --address 127.0.0.1:PORT`; a context manager."""
 
-    def __init__(self, config: Path, log_path: Path, workers: int | None = None,
-                 processes: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        workers: int | None = None,
+        processes: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         # The `walkrank` console script, run by this interpreter (no PATH lookup).
         entry = "import sys; from walkrank.cli import main; sys.exit(main())"
-        command = [sys.executable, "-c", entry, "serve", "--config", str(config),
-                   "--address", self.target, "--processes", str(processes)]
+        command = [
+            sys.executable,
+            "-c",
+            entry,
+            "serve",
+            "--config",
+            str(config),
+            "--address",
+            self.target,
+            "--processes",
+            str(processes),
+        ]
         if workers is not None:
             command += ["--workers", str(workers)]
         self.command = command
@@ -122,8 +149,9 @@ class ServeProcess:
     def start(self) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                             env=self.env)
+            self._process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
         try:
             wait_serving(self.target, START_TIMEOUT_S, lambda: self._process.poll() is None)
             # Forked servers bind one by one; load must not start before all of them listen.

@@ -75,10 +75,12 @@ class LoadResult:
 
     def summary(self) -> dict[str, Any]:
         codes, counts = np.unique(self.codes, return_counts=True)
-        out: dict[str, Any] = {"calls": self.count(), "rps": self.count() / self.wall_s,
-                               "statuses": dict(zip(codes.tolist(), counts.tolist(),
-                                                    strict=True)),
-                               "generator_cores": self.cpu_s / self.wall_s}
+        out: dict[str, Any] = {
+            "calls": self.count(),
+            "rps": self.count() / self.wall_s,
+            "statuses": dict(zip(codes.tolist(), counts.tolist(), strict=True)),
+            "generator_cores": self.cpu_s / self.wall_s,
+        }
         for code in ("OK", "RESOURCE_EXHAUSTED"):
             if self.count(code):
                 key = "ok" if code == "OK" else "refused"
@@ -87,8 +89,9 @@ class LoadResult:
         return out
 
 
-async def _drive(target: str, load: Load, duration_s: float, start: Callable[[], Any]
-                 ) -> tuple[list[float], list[str], float]:
+async def _drive(
+    target: str, load: Load, duration_s: float, start: Callable[[], Any]
+) -> tuple[list[float], list[str], float]:
     latencies: list[float] = []
     codes: list[str] = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -110,8 +113,11 @@ async def _drive(target: str, load: Load, duration_s: float, start: Callable[[],
                         await asyncio.sleep(delay)
                 sent = time.perf_counter()
                 try:
-                    await call(load.requests[number % len(load.requests)],
-                               timeout=load.timeout_s, metadata=load.metadata)
+                    await call(
+                        load.requests[number % len(load.requests)],
+                        timeout=load.timeout_s,
+                        metadata=load.metadata,
+                    )
                     code = "OK"
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
@@ -145,8 +151,10 @@ def run_loads(target: str, loads: Sequence[Load], duration_s: float) -> dict[str
     """Run the loads at the same time, one process each, all starting on one signal."""
     context = mp.get_context("spawn")
     ready, go, out = context.Queue(), context.Event(), context.Queue()
-    children = [context.Process(target=_child, args=(target, load, duration_s, ready, go, out),
-                                daemon=True) for load in loads]
+    children = [
+        context.Process(target=_child, args=(target, load, duration_s, ready, go, out), daemon=True)
+        for load in loads
+    ]
     for child in children:
         child.start()
     try:
@@ -158,8 +166,9 @@ def run_loads(target: str, loads: Sequence[Load], duration_s: float) -> dict[str
             name, latencies, codes, wall, cpu, failure = out.get(timeout=duration_s + 60)
             if failure is not None:
                 raise RuntimeError(f"load {name!r} failed: {failure}")
-            results[name] = LoadResult(np.asarray(latencies), np.asarray(codes, dtype=object),
-                                       wall, cpu)
+            results[name] = LoadResult(
+                np.asarray(latencies), np.asarray(codes, dtype=object), wall, cpu
+            )
     finally:
         go.set()
         for child in children:
@@ -183,8 +192,10 @@ class IsolationReport:
         loaded = self.phases["together"]["victim"]
         flood = self.phases["together"]["aggressor"]
         return {
-            "factor": self.factor, "quota": self.quota,
-            "victim_alone_p50_ms": alone["ok_p50_ms"], "victim_alone_p99_ms": alone["ok_p99_ms"],
+            "factor": self.factor,
+            "quota": self.quota,
+            "victim_alone_p50_ms": alone["ok_p50_ms"],
+            "victim_alone_p99_ms": alone["ok_p99_ms"],
             "victim_beside_quota_p50_ms": at_quota["ok_p50_ms"],
             "victim_beside_quota_p99_ms": at_quota["ok_p99_ms"],
             "victim_loaded_p50_ms": loaded["ok_p50_ms"],
@@ -194,7 +205,8 @@ class IsolationReport:
             "refusal_p50_ms": flood.get("refused_p50_ms", float("nan")),
             "refusal_p99_ms": flood.get("refused_p99_ms", float("nan")),
             **self.cpu_per_call(),
-            "phases": self.phases, "server_cpu_s": self.server_cpu_s,
+            "phases": self.phases,
+            "server_cpu_s": self.server_cpu_s,
             "server_idle_cores": self.idle_cores,
         }
 
@@ -208,15 +220,25 @@ class IsolationReport:
         refused = flood["statuses"].get("RESOURCE_EXHAUSTED", 0)
         served = flood["statuses"].get("OK", 0)
         refusal_ms = (1e3 * self.server_cpu_s["aggressor_flood"] - served * aggressor_ms) / max(
-            refused, 1)
-        return {"server_cpu_ms_per_victim_call": served_ms,
-                "server_cpu_ms_per_aggressor_call": aggressor_ms,
-                "server_cpu_ms_per_refusal": refusal_ms}
+            refused, 1
+        )
+        return {
+            "server_cpu_ms_per_victim_call": served_ms,
+            "server_cpu_ms_per_aggressor_call": aggressor_ms,
+            "server_cpu_ms_per_refusal": refusal_ms,
+        }
 
 
-def measure_isolation(target: str, server_cpu_s: Callable[[], float], victim: Load,
-                      aggressor: Load, quota: int, factor: int = 16, duration_s: float = 8.0,
-                      log: Callable[[str], None] = lambda line: None) -> IsolationReport:
+def measure_isolation(
+    target: str,
+    server_cpu_s: Callable[[], float],
+    victim: Load,
+    aggressor: Load,
+    quota: int,
+    factor: int = 16,
+    duration_s: float = 8.0,
+    log: Callable[[str], None] = lambda line: None,
+) -> IsolationReport:
     """The four phases (module docstring) against the server at `target`.
 
     `server_cpu_s` reads the server's CPU seconds so far (e.g. `ServeProcess.cpu_seconds`);
@@ -228,23 +250,31 @@ def measure_isolation(target: str, server_cpu_s: Callable[[], float], victim: Lo
     report.idle_cores = (server_cpu_s() - before) / 2.0
     at_quota = replace(aggressor, concurrency=quota)
     flood = replace(aggressor, concurrency=quota * factor)
-    phases = {"victim_alone": [victim], "aggressor_at_quota": [at_quota],
-              "aggressor_flood": [flood], "beside_quota": [victim, at_quota],
-              "together": [victim, flood]}
+    phases = {
+        "victim_alone": [victim],
+        "aggressor_at_quota": [at_quota],
+        "aggressor_flood": [flood],
+        "beside_quota": [victim, at_quota],
+        "together": [victim, flood],
+    }
     for phase, loads in phases.items():
         before = server_cpu_s()
         results = run_loads(target, loads, duration_s)
         report.server_cpu_s[phase] = server_cpu_s() - before - report.idle_cores * duration_s
         report.phases[phase] = {
             ("victim" if load is victim else "aggressor"): results[load.name].summary()
-            for load in loads}
-        log(f"{phase}: {json.dumps(report.phases[phase], default=float)} "
-            f"server {report.server_cpu_s[phase] / duration_s:.2f} cores")
+            for load in loads
+        }
+        log(
+            f"{phase}: {json.dumps(report.phases[phase], default=float)} "
+            f"server {report.server_cpu_s[phase] / duration_s:.2f} cores"
+        )
     return report
 
 
-def default_loads(tenant_victim: str = "related_pins", tenant_aggressor: str = "email",
-                  victim_rps: float = 50.0) -> tuple[Load, Load]:
+def default_loads(
+    tenant_victim: str = "related_pins", tenant_aggressor: str = "email", victim_rps: float = 50.0
+) -> tuple[Load, Load]:
     """The shipped data: related pins paced at `victim_rps` beside email single-user calls
     (home-feed query pins under the email tenant, whose quota is 4)."""
     from google.protobuf import json_format
@@ -255,12 +285,14 @@ def default_loads(tenant_victim: str = "related_pins", tenant_aggressor: str = "
         out = []
         for item in json.loads((HERE / "data" / data).read_text()):
             item["tenant"] = tenant
-            out.append(json_format.ParseDict(item, recommender_pb2.RecommendRequest())
-                       .SerializeToString())
+            out.append(
+                json_format.ParseDict(item, recommender_pb2.RecommendRequest()).SerializeToString()
+            )
         return tuple(out)
 
-    victim = Load("victim", messages("related_pins.json", tenant_victim), concurrency=4,
-                  rps=victim_rps)
+    victim = Load(
+        "victim", messages("related_pins.json", tenant_victim), concurrency=4, rps=victim_rps
+    )
     aggressor = Load("aggressor", messages("homefeed.json", tenant_aggressor), concurrency=4)
     return victim, aggressor
 
@@ -277,21 +309,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--factor", type=int, default=16)
     parser.add_argument("--victim-rps", type=float, default=50.0)
-    parser.add_argument("--workers", type=int, default=ServerConfig.workers,
-                        help="the server's gRPC worker threads")
+    parser.add_argument(
+        "--workers", type=int, default=ServerConfig.workers, help="the server's gRPC worker threads"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     victim, aggressor = default_loads(victim_rps=args.victim_rps)
     quota = load_tenant(HERE.parent / "tenants" / "email.yaml").limits.max_in_flight
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        config = write_server_config(root / "walkrank.yaml", resolve_graph(args.graph),
-                                     HERE.parent / "tenants", root / "models", root / "logs",
-                                     workers=args.workers)
+        config = write_server_config(
+            root / "walkrank.yaml",
+            resolve_graph(args.graph),
+            HERE.parent / "tenants",
+            root / "models",
+            root / "logs",
+            workers=args.workers,
+        )
         with ServeProcess(config, root / "server.log") as server:
-            report = measure_isolation(server.target, server.cpu_seconds, victim, aggressor,
-                                       quota=quota, factor=args.factor, duration_s=args.duration,
-                                       log=lambda line: print(line, file=sys.stderr))
+            report = measure_isolation(
+                server.target,
+                server.cpu_seconds,
+                victim,
+                aggressor,
+                quota=quota,
+                factor=args.factor,
+                duration_s=args.duration,
+                log=lambda line: print(line, file=sys.stderr),
+            )
     result = report.to_dict()
     text = json.dumps(result, indent=2, default=float)
     if args.json:

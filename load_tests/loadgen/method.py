@@ -24,7 +24,7 @@ from walkrank.errors import ConfigError
 class MethodSpec:
     """What a call needs on the wire: its path, message classes and streaming shape."""
 
-    path: str                  # "/package.Service/Method"
+    path: str  # "/package.Service/Method"
     request_class: type[Message]
     response_class: type[Message]
     server_streaming: bool
@@ -33,27 +33,34 @@ class MethodSpec:
     output_name: str
 
 
-def _from_pool(pool: descriptor_pool.DescriptorPool, config: GhzConfig, origin: str
-               ) -> MethodSpec:
+def _from_pool(pool: descriptor_pool.DescriptorPool, config: GhzConfig, origin: str) -> MethodSpec:
     try:
         service = pool.FindServiceByName(config.service)
     except KeyError:
-        raise ConfigError(f"{config.source}: call: service {config.service!r} not found in "
-                          f"{origin}") from None
+        raise ConfigError(
+            f"{config.source}: call: service {config.service!r} not found in {origin}"
+        ) from None
     method = service.methods_by_name.get(config.method)
     if method is None:
         known = ", ".join(sorted(service.methods_by_name))
-        raise ConfigError(f"{config.source}: call: {config.service} has no method "
-                          f"{config.method!r} (it has {known})")
+        raise ConfigError(
+            f"{config.source}: call: {config.service} has no method "
+            f"{config.method!r} (it has {known})"
+        )
     if method.client_streaming:
-        raise ConfigError(f"{config.source}: call: client-streaming methods are not supported "
-                          f"by the built-in generator")
+        raise ConfigError(
+            f"{config.source}: call: client-streaming methods are not supported "
+            f"by the built-in generator"
+        )
     return MethodSpec(
         path=f"/{service.full_name}/{method.name}",
         request_class=message_factory.GetMessageClass(method.input_type),
         response_class=message_factory.GetMessageClass(method.output_type),
-        server_streaming=method.server_streaming, client_streaming=method.client_streaming,
-        input_name=method.input_type.name, output_name=method.output_type.name)
+        server_streaming=method.server_streaming,
+        client_streaming=method.client_streaming,
+        input_name=method.input_type.name,
+        output_name=method.output_type.name,
+    )
 
 
 def from_proto(config: GhzConfig) -> MethodSpec:
@@ -62,17 +69,27 @@ def from_proto(config: GhzConfig) -> MethodSpec:
 
     assert config.proto is not None
     include = [*config.import_paths, config.proto.parent]
-    relative = next((config.proto.relative_to(p) for p in include
-                     if config.proto.is_relative_to(p)), config.proto.name)
+    relative = next(
+        (config.proto.relative_to(p) for p in include if config.proto.is_relative_to(p)),
+        config.proto.name,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "descriptors.pb"
         # grpc_tools ships the well-known types (google/protobuf/*.proto) as `_proto`.
         well_known = importlib.resources.files("grpc_tools") / "_proto"
-        args = ["protoc", *(f"-I{p}" for p in include), f"-I{well_known}", "--include_imports",
-                f"--descriptor_set_out={out}", str(relative)]
+        args = [
+            "protoc",
+            *(f"-I{p}" for p in include),
+            f"-I{well_known}",
+            "--include_imports",
+            f"--descriptor_set_out={out}",
+            str(relative),
+        ]
         if protoc.main(args) != 0 or not out.exists():
-            raise ConfigError(f"{config.source}: proto: protoc could not compile {config.proto} "
-                              f"with import paths {[str(p) for p in include]}")
+            raise ConfigError(
+                f"{config.source}: proto: protoc could not compile {config.proto} "
+                f"with import paths {[str(p) for p in include]}"
+            )
         files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
@@ -92,11 +109,15 @@ def from_reflection(config: GhzConfig, target: str) -> MethodSpec:
             # ghz asks for the method's fully qualified name; a server must resolve it.
             database.FindFileContainingSymbol(config.call)
         except KeyError:
-            raise ConfigError(f"{config.source}: call: server reflection at {target} does not "
-                              f"know {config.call!r}") from None
+            raise ConfigError(
+                f"{config.source}: call: server reflection at {target} does not "
+                f"know {config.call!r}"
+            ) from None
         except grpc.RpcError as exc:
-            raise ConfigError(f"{config.source}: server reflection at {target} failed: "
-                              f"{exc.code().name} {exc.details()}") from None
+            raise ConfigError(
+                f"{config.source}: server reflection at {target} failed: "
+                f"{exc.code().name} {exc.details()}"
+            ) from None
         pool = descriptor_pool.DescriptorPool(database)
         return _from_pool(pool, config, f"server reflection at {target}")
 

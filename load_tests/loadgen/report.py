@@ -59,9 +59,16 @@ def nearest_rank(sorted_values: np.ndarray, percentage: int) -> float:
     return float(sorted_values[max(index, 0)])
 
 
-def summarize(label: str, engine: str, latencies_ms: np.ndarray, codes: list[str],
-              total_s: float, errors: dict[str, int], messages_received: int = 0,
-              tags: dict[str, str] | None = None) -> Summary:
+def summarize(
+    label: str,
+    engine: str,
+    latencies_ms: np.ndarray,
+    codes: list[str],
+    total_s: float,
+    errors: dict[str, int],
+    messages_received: int = 0,
+    tags: dict[str, str] | None = None,
+) -> Summary:
     latencies = np.asarray(latencies_ms, dtype=np.float64)
     counts: dict[str, int] = {}
     for code in codes:
@@ -73,17 +80,36 @@ def summarize(label: str, engine: str, latencies_ms: np.ndarray, codes: list[str
         fastest, slowest = float(ok[0]), float(ok[-1])
     else:
         p50 = p90 = p99 = fastest = slowest = float("nan")
-    return Summary(label=label, engine=engine, count=len(latencies), total_s=total_s,
-                   rps=len(latencies) / total_s if total_s > 0 else 0.0, average_ms=average,
-                   fastest_ms=fastest, slowest_ms=slowest, p50_ms=p50, p90_ms=p90, p99_ms=p99,
-                   status_codes=dict(sorted(counts.items())), errors=errors,
-                   messages_received=messages_received, tags=dict(tags or {}))
+    return Summary(
+        label=label,
+        engine=engine,
+        count=len(latencies),
+        total_s=total_s,
+        rps=len(latencies) / total_s if total_s > 0 else 0.0,
+        average_ms=average,
+        fastest_ms=fastest,
+        slowest_ms=slowest,
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        status_codes=dict(sorted(counts.items())),
+        errors=errors,
+        messages_received=messages_received,
+        tags=dict(tags or {}),
+    )
 
 
 # ghz names status codes as Go's codes.Code.String() does: OK, Canceled, ResourceExhausted...
-_GO_STATUS_NAMES = {"Canceled": "CANCELLED", **{
-    "OK" if code is grpc.StatusCode.OK else "".join(w.capitalize() for w in code.name.split("_")):
-    code.name for code in grpc.StatusCode if code is not grpc.StatusCode.CANCELLED}}
+_GO_STATUS_NAMES = {
+    "Canceled": "CANCELLED",
+    **{
+        "OK"
+        if code is grpc.StatusCode.OK
+        else "".join(w.capitalize() for w in code.name.split("_")): code.name
+        for code in grpc.StatusCode
+        if code is not grpc.StatusCode.CANCELLED
+    },
+}
 
 
 def canonical_code(go_name: str) -> str:
@@ -91,28 +117,40 @@ def canonical_code(go_name: str) -> str:
     return _GO_STATUS_NAMES.get(go_name, go_name)
 
 
-def from_ghz_json(label: str, report: dict[str, Any], tags: dict[str, str] | None = None
-                  ) -> Summary:
+def from_ghz_json(
+    label: str, report: dict[str, Any], tags: dict[str, str] | None = None
+) -> Summary:
     """Summary of a ghz `--format json` report (durations there are Go nanoseconds)."""
     ns = 1e-6
-    percentiles = {int(row["percentage"]): row["latency"] * ns
-                   for row in report.get("latencyDistribution") or []}
-    status_codes = {canonical_code(k): int(v) for k, v in
-                    sorted((report.get("statusCodeDistribution") or {}).items())}
+    percentiles = {
+        int(row["percentage"]): row["latency"] * ns
+        for row in report.get("latencyDistribution") or []
+    }
+    status_codes = {
+        canonical_code(k): int(v)
+        for k, v in sorted((report.get("statusCodeDistribution") or {}).items())
+    }
     missing = [p for p in PERCENTILES if p not in percentiles]
     if missing and status_codes.get("OK"):
         raise ValueError(f"ghz report for {label} has no {missing} latency percentiles")
     nan = float("nan")
     ok = bool(status_codes.get("OK"))  # ghz reports 0 for what it could not measure
     return Summary(
-        label=label, engine="ghz", count=int(report["count"]), total_s=report["total"] * 1e-9,
-        rps=float(report["rps"]), average_ms=report["average"] * ns,
+        label=label,
+        engine="ghz",
+        count=int(report["count"]),
+        total_s=report["total"] * 1e-9,
+        rps=float(report["rps"]),
+        average_ms=report["average"] * ns,
         fastest_ms=report["fastest"] * ns if ok else nan,
         slowest_ms=report["slowest"] * ns if ok else nan,
-        p50_ms=percentiles.get(50, nan), p90_ms=percentiles.get(90, nan),
-        p99_ms=percentiles.get(99, nan), status_codes=status_codes,
+        p50_ms=percentiles.get(50, nan),
+        p90_ms=percentiles.get(90, nan),
+        p99_ms=percentiles.get(99, nan),
+        status_codes=status_codes,
         errors={k: int(v) for k, v in (report.get("errorDistribution") or {}).items()},
-        tags=dict(tags or {}))
+        tags=dict(tags or {}),
+    )
 
 
 def _codes(codes: dict[str, int]) -> str:
@@ -120,15 +158,26 @@ def _codes(codes: dict[str, int]) -> str:
 
 
 def markdown_table(summaries: list[Summary]) -> str:
-    lines = ["| run | engine | count | req/s | p50 ms | p90 ms | p99 ms | status codes |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {s.label} | {s.engine} | {s.count} | {s.rps:.1f} | {s.p50_ms:.1f} | "
-              f"{s.p90_ms:.1f} | {s.p99_ms:.1f} | {_codes(s.status_codes)} |" for s in summaries]
+    lines = [
+        "| run | engine | count | req/s | p50 ms | p90 ms | p99 ms | status codes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {s.label} | {s.engine} | {s.count} | {s.rps:.1f} | {s.p50_ms:.1f} | "
+        f"{s.p90_ms:.1f} | {s.p99_ms:.1f} | {_codes(s.status_codes)} |"
+        for s in summaries
+    ]
     return "\n".join(lines)
 
 
-def write_results(out: Path, name: str, title: str, summaries: list[Summary],
-                  extra: dict[str, Any] | None = None, notes: list[str] | None = None) -> None:
+def write_results(
+    out: Path,
+    name: str,
+    title: str,
+    summaries: list[Summary],
+    extra: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+) -> None:
     """`<name>.json` (machine-readable) and `<name>.md` (for people) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {"runs": [s.to_dict() for s in summaries], **(extra or {})}

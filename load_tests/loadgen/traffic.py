@@ -40,8 +40,11 @@ class TrafficDrawer:
         self._users = 0
 
     def _popular_pin(self) -> int:
-        return int(np.searchsorted(self._cum_degree, self.rng.random() * self._cum_degree[-1],
-                                   side="right"))
+        return int(
+            np.searchsorted(
+                self._cum_degree, self.rng.random() * self._cum_degree[-1], side="right"
+            )
+        )
 
     def _neighbour(self, pin: int) -> int:
         boards = self.graph.boards_of(pin)
@@ -54,8 +57,11 @@ class TrafficDrawer:
         pins = [self._popular_pin()]
         while len(pins) < n:
             previous = pins[-1]
-            pins.append(self._neighbour(previous) if self.rng.random() < NEIGHBOUR_SHARE
-                        else self._popular_pin())
+            pins.append(
+                self._neighbour(previous)
+                if self.rng.random() < NEIGHBOUR_SHARE
+                else self._popular_pin()
+            )
         return pins
 
     def _weights(self, n: int, half_life_h: float, mean_age_h: float) -> list[float]:
@@ -86,26 +92,38 @@ class TrafficDrawer:
 
     def homefeed(self, n_pins: int = 5) -> dict[str, Any]:
         pins = self.session_pins(n_pins)
-        return {"tenant": "homefeed", "user": self.user(pins),
-                "query_pins": self.query_pins(pins, self._weights(n_pins, HOMEFEED_HALF_LIFE_H,
-                                                                  24.0))}
+        return {
+            "tenant": "homefeed",
+            "user": self.user(pins),
+            "query_pins": self.query_pins(pins, self._weights(n_pins, HOMEFEED_HALF_LIFE_H, 24.0)),
+        }
 
     def related_pins(self) -> dict[str, Any]:
         pins = self.session_pins(1)
-        return {"tenant": "related_pins", "user": self.user(pins),
-                "query_pins": self.query_pins(pins, None)}
+        return {
+            "tenant": "related_pins",
+            "user": self.user(pins),
+            "query_pins": self.query_pins(pins, None),
+        }
 
     def email_batch(self, users: int, pins_per_user: int = 8) -> dict[str, Any]:
         batch = []
         for _ in range(users):
             pins = self.session_pins(pins_per_user)
-            batch.append({"user": self.user(pins), "query_pins": self.query_pins(
-                pins, self._weights(pins_per_user, EMAIL_HALF_LIFE_H, 72.0))})
+            batch.append(
+                {
+                    "user": self.user(pins),
+                    "query_pins": self.query_pins(
+                        pins, self._weights(pins_per_user, EMAIL_HALF_LIFE_H, 72.0)
+                    ),
+                }
+            )
         return {"tenant": "email", "users": batch}
 
 
-def draw_requests(graph: GraphStore, tenant: str, n: int, seed: int = 0,
-                  batch_users: int = 200) -> list[dict[str, Any]]:
+def draw_requests(
+    graph: GraphStore, tenant: str, n: int, seed: int = 0, batch_users: int = 200
+) -> list[dict[str, Any]]:
     """`n` call messages for `tenant` (for email: `n` batches of `batch_users` users)."""
     drawer = TrafficDrawer(graph, seed)
     if tenant == "homefeed":
@@ -114,8 +132,9 @@ def draw_requests(graph: GraphStore, tenant: str, n: int, seed: int = 0,
         return [drawer.related_pins() for _ in range(n)]
     if tenant == "email":
         return [drawer.email_batch(batch_users) for _ in range(n)]
-    raise ValueError(f"no traffic model for tenant {tenant!r}; "
-                     f"choose homefeed, related_pins or email")
+    raise ValueError(
+        f"no traffic model for tenant {tenant!r}; choose homefeed, related_pins or email"
+    )
 
 
 def write_requests(path: Path, messages: list[dict[str, Any]]) -> None:
@@ -127,8 +146,12 @@ def write_requests(path: Path, messages: list[dict[str, Any]]) -> None:
 
 def unknown_query_pins(graph: GraphStore, messages: list[dict[str, Any]]) -> tuple[int, int]:
     """(unknown, total) query pins of request messages against `graph` (stale data check)."""
-    ids = [q["pin_id"] for m in messages for u in (m.get("users") or [m])
-           for q in u.get("query_pins", [])]
+    ids = [
+        q["pin_id"]
+        for m in messages
+        for u in (m.get("users") or [m])
+        for q in u.get("query_pins", [])
+    ]
     if not ids:
         return 0, 0
     return int((graph.pin_index(ids) < 0).sum()), len(ids)

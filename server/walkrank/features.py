@@ -373,9 +373,7 @@ def check_feature_names(names: Sequence[str]) -> tuple[str, ...]:
     names = tuple(names)
     unknown = [name for name in names if name not in FEATURES]
     if unknown:
-        raise ConfigError(
-            f"unknown features {unknown}; valid features are: {', '.join(FEATURES)}"
-        )
+        raise ConfigError(f"unknown features {unknown}; valid features are: {', '.join(FEATURES)}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"features listed more than once: {repeated}")
@@ -447,23 +445,36 @@ def check_feature_list(model_features: Sequence[str], tenant_features: Sequence[
 #: candidate. Categories are matched by name per request (the request's locale and interests
 #: are looked up in the serving graph's vocabulary), so a new graph with other codes serves a
 #: model unchanged; only a graph that lacks an input altogether changes what the model sees.
-GRAPH_INPUTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "locales": ("pin_locale_missing", "user_locale_missing", "query_locale_share",
-                "locale_match"),
-    "topics": ("pin_topic_missing", "user_interest_count", "query_topic_share",
-               "topic_in_interests"),
-    "pins.quality": ("pin_quality", "pin_quality_missing"),
-    "pins.created_at": ("pin_age_days", "pin_age_missing"),
-})
+GRAPH_INPUTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "locales": (
+            "pin_locale_missing",
+            "user_locale_missing",
+            "query_locale_share",
+            "locale_match",
+        ),
+        "topics": (
+            "pin_topic_missing",
+            "user_interest_count",
+            "query_topic_share",
+            "topic_in_interests",
+        ),
+        "pins.quality": ("pin_quality", "pin_quality_missing"),
+        "pins.created_at": ("pin_age_days", "pin_age_missing"),
+    }
+)
 
 
 def graph_inputs(graph: GraphStore) -> frozenset[str]:
     """The `GRAPH_INPUTS` a graph provides (a vocabulary with names, a column it was built
     with)."""
     schema = graph.manifest.get("schema", {})
-    present = {"locales": graph.n_locales > 0, "topics": graph.n_topics > 0,
-               "pins.quality": "pins.quality" in schema,
-               "pins.created_at": "pins.created_at" in schema or "edges.created_at" in schema}
+    present = {
+        "locales": graph.n_locales > 0,
+        "topics": graph.n_topics > 0,
+        "pins.quality": "pins.quality" in schema,
+        "pins.created_at": "pins.created_at" in schema or "edges.created_at" in schema,
+    }
     return frozenset(name for name, ok in present.items() if ok)
 
 
@@ -471,5 +482,8 @@ def inputs_lost(names: Sequence[str], served: GraphStore, new: GraphStore) -> di
     """Graph inputs the served graph gives `names` and the new graph would not: input ->
     the features that would fall to their defaults."""
     lost = graph_inputs(served) - graph_inputs(new)
-    return {name: [f for f in names if f in GRAPH_INPUTS[name]] for name in sorted(lost)
-            if any(f in GRAPH_INPUTS[name] for f in names)}
+    return {
+        name: [f for f in names if f in GRAPH_INPUTS[name]]
+        for name in sorted(lost)
+        if any(f in GRAPH_INPUTS[name] for f in names)
+    }

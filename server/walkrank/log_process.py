@@ -116,9 +116,12 @@ def _numeric_arrays(record: Any) -> dict[str, np.ndarray]:
     """A dataclass record's numeric numpy fields: what can travel as raw bytes."""
     if not dataclasses.is_dataclass(record) or isinstance(record, type):
         return {}
-    return {field.name: value for field in dataclasses.fields(record)
-            if isinstance(value := getattr(record, field.name), np.ndarray)
-            and value.dtype.kind in "biufc"}
+    return {
+        field.name: value
+        for field in dataclasses.fields(record)
+        if isinstance(value := getattr(record, field.name), np.ndarray)
+        and value.dtype.kind in "biufc"
+    }
 
 
 class _Ring:
@@ -135,14 +138,17 @@ class _Ring:
 
     def __init__(self, context: Any, size: int) -> None:
         if size < 4 * _ALIGN or size % _ALIGN:
-            raise DataError(f"ring_bytes must be a multiple of {_ALIGN} and at least "
-                            f"{4 * _ALIGN}, got {size}")
+            raise DataError(
+                f"ring_bytes must be a multiple of {_ALIGN} and at least {4 * _ALIGN}, got {size}"
+            )
         self.size = size
         try:
             self._memory = context.RawArray("B", size)
         except OSError as exc:  # /dev/shm (or the temp directory) too small
-            raise DataError(f"cannot allocate {size:,} bytes of shared memory for the log "
-                            f"writer's ring (log_ring_mb): {exc}") from exc
+            raise DataError(
+                f"cannot allocate {size:,} bytes of shared memory for the log "
+                f"writer's ring (log_ring_mb): {exc}"
+            ) from exc
         self._written = context.Value("Q", 0)  # moved by the server
         self._read = context.Value("Q", 0)  # moved by the child
         self._head = 0  # the server's write position, and the last read position it saw
@@ -190,11 +196,15 @@ class _Ring:
             places[name] = _Placed(pickled_at, array.dtype.str, array.shape)
             pickled_at += _aligned(array.nbytes)
         if arrays:
-            fields = {field.name: getattr(record, field.name)
-                      for field in dataclasses.fields(record) if field.name not in places}
+            fields = {
+                field.name: getattr(record, field.name)
+                for field in dataclasses.fields(record)
+                if field.name not in places
+            }
             record = _Shipped(type(record), fields, places)
-        pickled = np.frombuffer(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL),
-                                dtype=np.uint8)
+        pickled = np.frombuffer(
+            pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8
+        )
         length = _aligned(pickled_at + pickled.size)
         read = self._load(self._read, 0.0)
         if read is not None:
@@ -206,13 +216,13 @@ class _Ring:
             return False
         data = self.data
         if skip:
-            data[place:place + _HEADER].view(np.uint64)[0] = 0
+            data[place : place + _HEADER].view(np.uint64)[0] = 0
             place = 0
         for name, array in arrays.items():
             at = place + places[name].offset
-            np.copyto(data[at:at + array.nbytes].view(array.dtype).reshape(array.shape), array)
-        data[place + pickled_at:place + pickled_at + pickled.size] = pickled
-        data[place:place + _HEADER].view(np.uint64)[:] = (length, pickled_at)
+            np.copyto(data[at : at + array.nbytes].view(array.dtype).reshape(array.shape), array)
+        data[place + pickled_at : place + pickled_at + pickled.size] = pickled
+        data[place : place + _HEADER].view(np.uint64)[:] = (length, pickled_at)
         # Publishing the position (under its lock) publishes the bytes above with it.
         if not self._store(self._written, written + skip + length):
             return False
@@ -229,11 +239,11 @@ class _Ring:
         records = []
         while read < self._seen:
             place = read % self.size
-            length, pickled_at = (int(v) for v in data[place:place + _HEADER].view(np.uint64))
+            length, pickled_at = (int(v) for v in data[place : place + _HEADER].view(np.uint64))
             if length == 0:  # the rest of this lap is unused
                 read += self.size - place
                 continue
-            entry = data[place:place + length]
+            entry = data[place : place + length]
             # pickle.loads ignores the alignment padding after the pickled part.
             record = pickle.loads(entry[pickled_at:])
             if isinstance(record, _Shipped):
@@ -241,8 +251,12 @@ class _Ring:
                 for name, placed in record.arrays.items():
                     dtype = np.dtype(placed.dtype)
                     nbytes = dtype.itemsize * int(np.prod(placed.shape, dtype=np.int64))
-                    arrays[name] = entry[placed.offset:placed.offset + nbytes].view(
-                        dtype).reshape(placed.shape).copy()
+                    arrays[name] = (
+                        entry[placed.offset : placed.offset + nbytes]
+                        .view(dtype)
+                        .reshape(placed.shape)
+                        .copy()
+                    )
                 record = record.kind(**record.fields, **arrays)
             records.append(record)
             read += length
@@ -251,8 +265,14 @@ class _Ring:
         return records
 
 
-def _relay(factory: Callable[..., PartitionedLog[Any, Any]], ring: _Ring, acks: Any,
-           progress: Any, nice: int, server_pid: int) -> None:
+def _relay(
+    factory: Callable[..., PartitionedLog[Any, Any]],
+    ring: _Ring,
+    acks: Any,
+    progress: Any,
+    nice: int,
+    server_pid: int,
+) -> None:
     """The child: hand each record to a local log (waiting, never dropping), count what it
     writes and loses in `progress`, answer controls, and write what it holds if the server
     dies without closing it."""
@@ -284,8 +304,10 @@ def _relay(factory: Callable[..., PartitionedLog[Any, Any]], ring: _Ring, acks: 
             checked = time.monotonic()
             # The server's pid comes from the server: it may die before this child gets here.
             if os.getppid() != server_pid:
-                log.error("log writer: the server exited without closing the log; writing "
-                          "what was received")
+                log.error(
+                    "log writer: the server exited without closing the log; writing "
+                    "what was received"
+                )
                 for item in ring.take_all():
                     if not isinstance(item, _Control):
                         local.submit(item, wait=True)
@@ -330,10 +352,16 @@ class ProcessLog(Intake[R]):
     `lost` keeps the same counts.
     """
 
-    def __init__(self, factory: Callable[..., PartitionedLog[R, Any]], *,
-                 ring_bytes: int = DEFAULT_RING_BYTES, rows: Callable[[R], int] = len,
-                 on_lost: Callable[[str, int], None] | None = None, nice: int = 0,
-                 name: str = "walkrank-log") -> None:
+    def __init__(
+        self,
+        factory: Callable[..., PartitionedLog[R, Any]],
+        *,
+        ring_bytes: int = DEFAULT_RING_BYTES,
+        rows: Callable[[R], int] = len,
+        on_lost: Callable[[str, int], None] | None = None,
+        nice: int = 0,
+        name: str = "walkrank-log",
+    ) -> None:
         # spawn, not fork: the server has threads (gRPC, numba) that a fork would copy mid-work.
         self._context = multiprocessing.get_context("spawn")
         super().__init__(self._refused)
@@ -355,8 +383,9 @@ class ProcessLog(Intake[R]):
         #: The child's last reported `PartitionedLog.stats()` (after a flush or close).
         self.child_stats: dict[str, int | bool] = {}
         self._writer = self._spawn()
-        self._supervisor = threading.Thread(target=self._supervise, daemon=True,
-                                            name=f"{name}-supervisor")
+        self._supervisor = threading.Thread(
+            target=self._supervise, daemon=True, name=f"{name}-supervisor"
+        )
         self._supervisor.start()
 
     @property
@@ -395,9 +424,12 @@ class ProcessLog(Intake[R]):
         ring = _Ring(self._context, self._ring_bytes)
         progress = self._context.RawArray("Q", 2 + len(LOSS_REASONS))
         acks = self._context.Queue()
-        process = self._context.Process(target=_relay, name=self._name, daemon=True,
-                                        args=(self._factory, ring, acks, progress, self._nice,
-                                              os.getpid()))
+        process = self._context.Process(
+            target=_relay,
+            name=self._name,
+            daemon=True,
+            args=(self._factory, ring, acks, progress, self._nice, os.getpid()),
+        )
         process.start()
         return _Writer(process, ring, acks, progress)
 
@@ -420,11 +452,15 @@ class ProcessLog(Intake[R]):
                 writer.process.join()  # reaped: no zombie
                 failures = 0 if writer.progress[_READY] else failures + 1
                 if failures:
-                    log.error("%s: the writer process (pid %s) ended before it was ready "
-                              "(%s)", self._name, writer.process.pid,
-                              _describe_exit(writer.process.exitcode))
+                    log.error(
+                        "%s: the writer process (pid %s) ended before it was ready (%s)",
+                        self._name,
+                        writer.process.pid,
+                        _describe_exit(writer.process.exitcode),
+                    )
             if failures > 1 and self._ending.wait(
-                    min(_FIRST_BACKOFF_S * 2 ** (failures - 2), _MAX_BACKOFF_S)):
+                min(_FIRST_BACKOFF_S * 2 ** (failures - 2), _MAX_BACKOFF_S)
+            ):
                 return
             with self._swap_lock:
                 if self._ending.is_set():
@@ -439,10 +475,15 @@ class ProcessLog(Intake[R]):
                     self._writer = replacement
                 self.restarts += 1
             unwritten = self._settle(writer)
-            log.error("%s: the writer process (pid %s) died (%s); %d rows it had accepted "
-                      "were not written (counted as lost: writer_died); restarted as pid %s",
-                      self._name, writer.process.pid, _describe_exit(writer.process.exitcode),
-                      unwritten, replacement.process.pid)
+            log.error(
+                "%s: the writer process (pid %s) died (%s); %d rows it had accepted "
+                "were not written (counted as lost: writer_died); restarted as pid %s",
+                self._name,
+                writer.process.pid,
+                _describe_exit(writer.process.exitcode),
+                unwritten,
+                replacement.process.pid,
+            )
 
     def _report_losses(self, writer: _Writer) -> None:
         """Count the rows the child says its writer lost since the last report."""
@@ -484,8 +525,11 @@ class ProcessLog(Intake[R]):
                     return False
                 time.sleep(_POLL_S)  # the ring is full: the child is draining it
             while True:
-                remaining = _LIVENESS_CHECK_S if deadline is None else min(
-                    _LIVENESS_CHECK_S, deadline - time.monotonic())
+                remaining = (
+                    _LIVENESS_CHECK_S
+                    if deadline is None
+                    else min(_LIVENESS_CHECK_S, deadline - time.monotonic())
+                )
                 if remaining <= 0:
                     return False
                 try:
@@ -519,15 +563,18 @@ class ProcessLog(Intake[R]):
         done = writer.process.is_alive() and self._control(True, timeout)
         writer.process.join(5.0 if done else 0.0)
         if writer.process.is_alive():
-            log.error("%s: the writer process did not finish in time; terminating it",
-                      self._name)
+            log.error("%s: the writer process did not finish in time; terminating it", self._name)
             writer.process.terminate()
             writer.process.join()
             done = False
         self._supervisor.join()
         unwritten = self._settle(writer)
         if unwritten:
-            log.error("%s: %d accepted rows were not written before the log closed (counted "
-                      "as lost: writer_died)", self._name, unwritten)
+            log.error(
+                "%s: %d accepted rows were not written before the log closed (counted "
+                "as lost: writer_died)",
+                self._name,
+                unwritten,
+            )
         writer.acks.close()
         return done and not unwritten

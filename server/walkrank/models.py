@@ -150,9 +150,7 @@ class ModelRegistry:
 
     # -- writing -------------------------------------------------------------------------
 
-    def publish(
-        self, tenant: str, onnx_bytes: bytes, metadata: Mapping[str, Any]
-    ) -> ModelVersion:
+    def publish(self, tenant: str, onnx_bytes: bytes, metadata: Mapping[str, Any]) -> ModelVersion:
         """Write a new version and make it CURRENT; refuses a model that failed the gate."""
         _check_tenant(tenant)
         _check_feature_names(metadata, "metadata")
@@ -263,8 +261,9 @@ class ModelRegistry:
         try:
             metadata = _read_metadata(version_dir / METADATA_FILE)
         except ModelError as exc:
-            return ModelVersion(tenant, version, version_dir, None, None, None, (), None,
-                                problem=str(exc))
+            return ModelVersion(
+                tenant, version, version_dir, None, None, None, (), None, problem=str(exc)
+            )
         names = metadata.get("feature_names")
         metrics = metadata.get("metrics")
         return ModelVersion(
@@ -282,9 +281,7 @@ class ModelRegistry:
 
 def _check_tenant(tenant: str) -> None:
     if not isinstance(tenant, str) or not TENANT_NAME_RE.fullmatch(tenant):
-        raise ModelError(
-            f"invalid tenant name {tenant!r}: use 1-64 characters of a-z, 0-9 and _"
-        )
+        raise ModelError(f"invalid tenant name {tenant!r}: use 1-64 characters of a-z, 0-9 and _")
 
 
 def _check_feature_names(metadata: Mapping[str, Any], where: str) -> None:

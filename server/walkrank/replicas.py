@@ -69,16 +69,19 @@ class ReplicaPlan:
     envoy_admin: str
 
 
-def plan_replicas(config: ServerConfig, count: int, base_port: int | None,
-                  envoy_admin: str) -> ReplicaPlan:
+def plan_replicas(
+    config: ServerConfig, count: int, base_port: int | None, envoy_admin: str
+) -> ReplicaPlan:
     """Replica `i` on 127.0.0.1:(base + i) (base: the front port + 1; 0: any free run of
     ports, chosen once and kept across restarts), its metrics on the configured metrics
     port + i; ConfigError when a port is unusable."""
     if count < 1:
         raise ConfigError(f"--replicas: must be >= 1, got {count}")
     if config.tls is not None:
-        raise ConfigError("--replicas: tls is set in the config; terminate TLS in Envoy "
-                          "(docs/deployment.md) and serve the replicas in plaintext on loopback")
+        raise ConfigError(
+            "--replicas: tls is set in the config; terminate TLS in Envoy "
+            "(docs/deployment.md) and serve the replicas in plaintext on loopback"
+        )
     _, port = split_address(config.address, "address")
     if port == 0:
         raise ConfigError("--replicas: the front address needs a fixed port, not :0")
@@ -92,8 +95,10 @@ def plan_replicas(config: ServerConfig, count: int, base_port: int | None,
         metrics = tuple(f"{metrics_host}:{metrics_port + i}" for i in range(count))
     taken = [config.address, envoy_admin, *replicas, *(m for m in metrics if m)]
     if len({split_address(a, "address")[1] for a in taken}) != len(taken):
-        raise ConfigError(f"--replicas: ports overlap: front {config.address}, Envoy admin "
-                          f"{envoy_admin}, replicas {list(replicas)}, metrics {list(metrics)}")
+        raise ConfigError(
+            f"--replicas: ports overlap: front {config.address}, Envoy admin "
+            f"{envoy_admin}, replicas {list(replicas)}, metrics {list(metrics)}"
+        )
     for address in taken:
         check_port_free(address, reuse_port=False)
     return ReplicaPlan(config.address, replicas, metrics, envoy_admin)
@@ -117,8 +122,9 @@ def free_port_run(count: int) -> int:
     raise ConfigError(f"--replica-base-port 0: found no {count} consecutive free ports")
 
 
-def wait_serving(address: str, alive: Callable[[], bool],
-                 timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_serving(
+    address: str, alive: Callable[[], bool], timeout_s: float = START_TIMEOUT_S
+) -> None:
     """Block until `address` reports overall SERVING; ConfigError if the process exits or
     the time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -169,8 +175,12 @@ class Replica:
             try:
                 self.process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                log.error("replica %d (%s) did not stop in %.0f s: killed", self.index,
-                          self.address, STOP_TIMEOUT_S)
+                log.error(
+                    "replica %d (%s) did not stop in %.0f s: killed",
+                    self.index,
+                    self.address,
+                    STOP_TIMEOUT_S,
+                )
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
@@ -179,21 +189,44 @@ class Replica:
 class ReplicaSet:
     """The replicas and Envoy in front of them, supervised until `stop()`."""
 
-    def __init__(self, plan: ReplicaPlan, serve_args: list[str], envoy: Path,
-                 envoy_concurrency: int | None = None, lb_policy: str = "LEAST_REQUEST",
-                 workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        plan: ReplicaPlan,
+        serve_args: list[str],
+        envoy: Path,
+        envoy_concurrency: int | None = None,
+        lb_policy: str = "LEAST_REQUEST",
+        workdir: Path | None = None,
+    ) -> None:
         self.plan = plan
         self.replicas = [
-            Replica(i, [sys.executable, "-m", "walkrank.cli", "serve", *serve_args,
-                        "--address", address,
-                        *(["--metrics-address", metrics] if metrics else [])])
-            for i, (address, metrics) in enumerate(zip(plan.replicas, plan.metrics,
-                                                       strict=True))]
+            Replica(
+                i,
+                [
+                    sys.executable,
+                    "-m",
+                    "walkrank.cli",
+                    "serve",
+                    *serve_args,
+                    "--address",
+                    address,
+                    *(["--metrics-address", metrics] if metrics else []),
+                ],
+            )
+            for i, (address, metrics) in enumerate(zip(plan.replicas, plan.metrics, strict=True))
+        ]
         self._workdir = workdir or Path(tempfile.mkdtemp(prefix="walkrank-envoy-"))
         self.envoy_config = self._workdir / "envoy.yaml"
-        self.envoy_config.write_text(dump_config(EnvoySettings(
-            listen=plan.front, upstreams=plan.replicas, admin=plan.envoy_admin,
-            lb_policy=lb_policy)))
+        self.envoy_config.write_text(
+            dump_config(
+                EnvoySettings(
+                    listen=plan.front,
+                    upstreams=plan.replicas,
+                    admin=plan.envoy_admin,
+                    lb_policy=lb_policy,
+                )
+            )
+        )
         self._envoy_command = envoy_command(envoy, self.envoy_config, envoy_concurrency)
         self.envoy: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # supervision and rolling restarts take turns
@@ -218,18 +251,22 @@ class ReplicaSet:
         wanted = set(self.plan.replicas)
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self.envoy is None or self.envoy.poll() is not None:
-                raise ConfigError(f"envoy exited (status {self.envoy and self.envoy.returncode})"
-                                  f"; its configuration is {self.envoy_config}")
+                raise ConfigError(
+                    f"envoy exited (status {self.envoy and self.envoy.returncode})"
+                    f"; its configuration is {self.envoy_config}"
+                )
             try:
                 health = host_health(self.plan.envoy_admin)
                 if admin_get(self.plan.envoy_admin, "/ready").strip() == "LIVE" and all(
-                        health.get(a) == [] for a in wanted):
+                    health.get(a) == [] for a in wanted
+                ):
                     return
             except OSError:
                 pass
             time.sleep(0.2)
-        raise ConfigError(f"envoy at {self.plan.front} not routing to every replica after "
-                          f"{timeout_s:.0f} s")
+        raise ConfigError(
+            f"envoy at {self.plan.front} not routing to every replica after {timeout_s:.0f} s"
+        )
 
     def supervise_once(self) -> None:
         """Restart replicas that exited on their own; raise if Envoy did."""
@@ -244,8 +281,13 @@ class ReplicaSet:
                         replica.backoff_s = RESTART_BACKOFF_S[0]
                     continue
                 code = replica.process.returncode if replica.process else None
-                log.error("replica %d (%s) exited with status %s: restarting in %.0f s",
-                          replica.index, replica.address, code, replica.backoff_s)
+                log.error(
+                    "replica %d (%s) exited with status %s: restarting in %.0f s",
+                    replica.index,
+                    replica.address,
+                    code,
+                    replica.backoff_s,
+                )
                 if self._stopping.wait(replica.backoff_s):
                     return
                 replica.backoff_s = min(replica.backoff_s * 2, RESTART_BACKOFF_S[1])
@@ -263,8 +305,9 @@ class ReplicaSet:
                 replica.stop()
                 replica.start()
                 try:
-                    wait_serving(replica.address,
-                                 lambda r=replica: r.alive() and not self._stopping.is_set())
+                    wait_serving(
+                        replica.address, lambda r=replica: r.alive() and not self._stopping.is_set()
+                    )
                     self.wait_envoy_routing(timeout_s=START_TIMEOUT_S)
                 except ConfigError as exc:
                     if not self._stopping.is_set():
@@ -286,8 +329,9 @@ class ReplicaSet:
             def stop_one(i: int) -> None:
                 codes[i] = self.replicas[i].stop()
 
-            threads = [threading.Thread(target=stop_one, args=(i,))
-                       for i in range(len(self.replicas))]
+            threads = [
+                threading.Thread(target=stop_one, args=(i,)) for i in range(len(self.replicas))
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -316,14 +360,18 @@ def run_replicas(replica_set: ReplicaSet) -> int:
     signal.signal(signal.SIGHUP, lambda *_: restart.set())
     replica_set.start()
     plan = replica_set.plan
-    print(f"{BANNER} {plan.front} balancing {len(plan.replicas)} replicas "
-          f"({', '.join(plan.replicas)}); envoy admin {plan.envoy_admin}", flush=True)
+    print(
+        f"{BANNER} {plan.front} balancing {len(plan.replicas)} replicas "
+        f"({', '.join(plan.replicas)}); envoy admin {plan.envoy_admin}",
+        flush=True,
+    )
     try:
         while not stop.wait(0.5):
             if restart.is_set():
                 restart.clear()
-                threading.Thread(target=replica_set.rolling_restart, name="rolling-restart",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=replica_set.rolling_restart, name="rolling-restart", daemon=True
+                ).start()
             replica_set.supervise_once()
     finally:
         code = replica_set.stop()
@@ -341,8 +389,11 @@ def memory_kib(pid: int, under: Path | None = None) -> dict[str, int]:
     if under is None:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
         fields = dict(line.split(":", 1) for line in text.splitlines()[1:])
-        return {key: int(value.split()[0]) for key, value in fields.items()
-                if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean")}
+        return {
+            key: int(value.split()[0])
+            for key, value in fields.items()
+            if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean")
+        }
     prefix = str(Path(under).resolve()) + "/"
     totals = {"Rss": 0, "Pss": 0}
     inside = False
@@ -360,7 +411,7 @@ def parse_banner(line: str) -> ReplicaPlan:
     start `walkrank serve --replicas N` as a child); ValueError on any other line."""
     if not line.startswith(BANNER):
         raise ValueError(f"not the launcher's serving line: {line!r}")
-    front = line[len(BANNER):].split()[0]
+    front = line[len(BANNER) :].split()[0]
     replicas = tuple(line.partition("(")[2].partition(")")[0].split(", "))
     admin = line.rpartition("envoy admin ")[2].strip()
     return ReplicaPlan(front, replicas, (None,) * len(replicas), admin)

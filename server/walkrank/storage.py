@@ -71,13 +71,17 @@ def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
 def _listing(filesystem: pafs.FileSystem, root: str) -> dict[str, int]:
     """Every file under `root` by its path relative to it (POSIX), with its size."""
     try:
-        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True,
-                                                           allow_not_found=True))
+        infos = filesystem.get_file_info(
+            pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        )
     except OSError as exc:
         raise DataError(f"{root}: cannot list: {exc}") from None
     prefix = root + "/"
-    return {info.path[len(prefix):]: info.size for info in infos
-            if info.type == pafs.FileType.File and info.path.startswith(prefix)}
+    return {
+        info.path[len(prefix) :]: info.size
+        for info in infos
+        if info.type == pafs.FileType.File and info.path.startswith(prefix)
+    }
 
 
 def _hidden(relative: str) -> bool:
@@ -100,21 +104,28 @@ def push(local: Path, uri: str) -> Transfer:
         raise DataError(f"{local}: not a directory")
     filesystem, root = open_store(uri)
     remote = _listing(filesystem, root)
-    files = sorted(str(p.relative_to(local).as_posix()) for p in local.rglob("*")
-                   if p.is_file() and not _hidden(str(p.relative_to(local))))
+    files = sorted(
+        str(p.relative_to(local).as_posix())
+        for p in local.rglob("*")
+        if p.is_file() and not _hidden(str(p.relative_to(local)))
+    )
     done = Transfer()
     for relative in sorted(files, key=_order):  # pointers after everything they name
         path = local / relative
         size = path.stat().st_size
         if not _is_pointer(relative) and relative in remote:
             if remote[relative] != size:
-                raise DataError(f"{uri}/{relative}: already in the store with {remote[relative]}"
-                                f" bytes, {path} has {size}; a published file never changes")
+                raise DataError(
+                    f"{uri}/{relative}: already in the store with {remote[relative]}"
+                    f" bytes, {path} has {size}; a published file never changes"
+                )
             done.skipped += 1
             continue
         try:
-            with open(path, "rb") as source, filesystem.open_output_stream(
-                    f"{root}/{relative}") as target:
+            with (
+                open(path, "rb") as source,
+                filesystem.open_output_stream(f"{root}/{relative}") as target,
+            ):
                 shutil.copyfileobj(source, target, _CHUNK)
         except OSError as exc:
             raise DataError(f"{uri}/{relative}: cannot upload {path}: {exc}") from None
@@ -148,8 +159,9 @@ def pull(uri: str, local: Path) -> Transfer:
     for relative in sorted(r for r in remote if _is_pointer(r)):  # before the listing is used
         text = _read(filesystem, f"{root}/{relative}").decode("ascii", "replace").strip()
         if not VERSION_RE.fullmatch(text):
-            raise DataError(f"{uri}/{relative}: expected a positive version number, "
-                            f"got {text[:40]!r}")
+            raise DataError(
+                f"{uri}/{relative}: expected a positive version number, got {text[:40]!r}"
+            )
         pointers[relative] = int(text)
     remote = _listing(filesystem, root)  # everything a pointer read above names is here now
     for relative, version in pointers.items():
@@ -157,8 +169,10 @@ def pull(uri: str, local: Path) -> Transfer:
             version_dir = str(PurePosixPath(relative).parent / str(version))
             version_dir = version_dir.removeprefix("./")
             if not any(r.startswith(version_dir + "/") for r in remote):
-                raise DataError(f"{uri}/{relative} names version {version}, which has no files "
-                                f"in the store; nothing pulled")
+                raise DataError(
+                    f"{uri}/{relative} names version {version}, which has no files "
+                    f"in the store; nothing pulled"
+                )
     done = Transfer()
     for relative, size in sorted(remote.items()):
         if _is_pointer(relative) or _hidden(relative) or not _wanted(relative, pointers):

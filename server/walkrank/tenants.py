@@ -62,24 +62,37 @@ MAX_SEARCH_TRIALS = 64
 # for small logs: shallow trees that need a few examples per leaf, row and column sampling,
 # and early stopping on the held-out window, so `trees` is a ceiling, not a target.
 _RANKER_DEFAULTS: dict[str, int | float] = {
-    "trees": 300, "max_depth": 4, "learning_rate": 0.1, "min_child_weight": 5.0,
-    "subsample": 0.8, "colsample_bytree": 0.8, "reg_lambda": 1.0, "reg_alpha": 0.0,
-    "gamma": 0.0, "early_stopping_rounds": 20,
+    "trees": 300,
+    "max_depth": 4,
+    "learning_rate": 0.1,
+    "min_child_weight": 5.0,
+    "subsample": 0.8,
+    "colsample_bytree": 0.8,
+    "reg_lambda": 1.0,
+    "reg_alpha": 0.0,
+    "gamma": 0.0,
+    "early_stopping_rounds": 20,
 }
 RANKER_PARAMS = tuple(_RANKER_DEFAULTS)
 # name -> (low, high, low bound excluded); integers first.
 _RANKER_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
-    "trees": (1, MAX_TREES, False), "max_depth": (1, MAX_DEPTH, False),
+    "trees": (1, MAX_TREES, False),
+    "max_depth": (1, MAX_DEPTH, False),
     "early_stopping_rounds": (0, MAX_TREES, False),
-    "learning_rate": (0.0, 1.0, True), "subsample": (0.0, 1.0, True),
-    "colsample_bytree": (0.0, 1.0, True), "min_child_weight": (0.0, None, False),
-    "reg_lambda": (0.0, None, False), "reg_alpha": (0.0, None, False),
+    "learning_rate": (0.0, 1.0, True),
+    "subsample": (0.0, 1.0, True),
+    "colsample_bytree": (0.0, 1.0, True),
+    "min_child_weight": (0.0, None, False),
+    "reg_lambda": (0.0, None, False),
+    "reg_alpha": (0.0, None, False),
     "gamma": (0.0, None, False),
 }
 _INTEGER_RANKER_PARAMS = ("trees", "max_depth", "early_stopping_rounds")
 # What `walkrank train --search` tries when a tenant names no grid: 8 models.
 DEFAULT_SEARCH: dict[str, tuple[float, ...]] = {
-    "max_depth": (3, 6), "min_child_weight": (1.0, 20.0), "learning_rate": (0.05, 0.2),
+    "max_depth": (3, 6),
+    "min_child_weight": (1.0, 20.0),
+    "learning_rate": (0.05, 0.2),
 }
 # Tenant names that `walkrank.ranking.training` spells otherwise.
 _TRAINING_NAMES = {"trees": "n_estimators"}
@@ -150,8 +163,7 @@ class RankerConfig:
 
     def training_params(self) -> dict[str, Any]:
         """`walkrank.ranking.training.train_model` params (its names) of these settings."""
-        return {_TRAINING_NAMES.get(name, name): getattr(self, name)
-                for name in RANKER_PARAMS}
+        return {_TRAINING_NAMES.get(name, name): getattr(self, name) for name in RANKER_PARAMS}
 
     def search_grid(self) -> list[dict[str, Any]]:
         """Every combination of the `search` values, first field varying slowest."""
@@ -245,8 +257,9 @@ class TenantConfig:
             "walk": {
                 "steps": self.walk.steps,
                 "restart_probability": self.walk.restart_probability,
-                "early_stopping": None if stop is None else {"pins": stop.pins,
-                                                            "visits": stop.visits},
+                "early_stopping": None
+                if stop is None
+                else {"pins": stop.pins, "visits": stop.visits},
                 "bias": {"strength": self.walk.bias.strength, "by": self.walk.bias.by},
             },
             "candidates": {
@@ -331,8 +344,10 @@ def load_tenants(directory: str | Path) -> TenantSet:
         if path.name.startswith("."):
             continue  # editor lock and swap files
         if path.suffix in (".yaml", ".yml") and path.is_symlink() and _leads_out(path, inside):
-            errors[str(path)] = (f"{path}: a symlink to a file outside {directory}; refused "
-                                 f"(tenant files must live in the tenant directory)")
+            errors[str(path)] = (
+                f"{path}: a symlink to a file outside {directory}; refused "
+                f"(tenant files must live in the tenant directory)"
+            )
             continue
         if not path.is_file():
             continue
@@ -375,8 +390,10 @@ class _TenantLoader(yaml.SafeLoader):
                 continue  # unhashable key: the base constructor reports it
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"duplicate key {key!r}", key_node.start_mark,
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -444,8 +461,9 @@ class _Fields:
             self.fail(key, "required field is missing")
         return default
 
-    def integer(self, key: str, default: Any = _MISSING, *, low: int = 0,
-                high: int | None = None) -> int:
+    def integer(
+        self, key: str, default: Any = _MISSING, *, low: int = 0, high: int | None = None
+    ) -> int:
         value = self.get(key, default)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -456,8 +474,16 @@ class _Fields:
             self.fail(key, f"must be {bounds}, got {value}")
         return value
 
-    def number(self, key: str, default: Any = _MISSING, *, low: float, high: float | None,
-               low_open: bool = False, high_open: bool = False) -> float:
+    def number(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        low: float,
+        high: float | None,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> float:
         value = self.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(key, f"must be a number, got {_show(value)}")
@@ -468,8 +494,9 @@ class _Fields:
             if high is None:
                 bounds = f"{'>' if low_open else '>='} {low:g}"
             else:
-                bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}"
-                          f"{')' if high_open else ']'}")
+                bounds = (
+                    f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                )
             self.fail(key, f"must be {bounds}, got {value:g}")
         return value
 
@@ -527,12 +554,24 @@ def _build(top: _Fields, *, source: Path) -> TenantConfig:
     ranker = _ranker(top.section("ranker"))
     labels = _labels(top.section("labels"), ranker, candidates)
     logging_section = top.section("logging")
-    logging = LoggingConfig(sample_rate=logging_section.number("sample_rate", 1.0, low=0.0,
-                                                               high=1.0))
+    logging = LoggingConfig(
+        sample_rate=logging_section.number("sample_rate", 1.0, low=0.0, high=1.0)
+    )
     logging_section.done()
     top.done()
-    return TenantConfig(name, description, query, walk, candidates, features, ranker, labels,
-                        logging, limits, source)
+    return TenantConfig(
+        name,
+        description,
+        query,
+        walk,
+        candidates,
+        features,
+        ranker,
+        labels,
+        logging,
+        limits,
+        source,
+    )
 
 
 def _limits(section: _Fields) -> LimitsConfig:
@@ -561,14 +600,16 @@ def _query(section: _Fields, limits: LimitsConfig) -> QueryConfig:
         if section.get("recency_half_life_hours", 72.0) is None:
             half_life = None  # recency ignored: weight by action alone
         else:
-            half_life = section.number("recency_half_life_hours", 72.0, low=0.0, high=None,
-                                       low_open=True)
+            half_life = section.number(
+                "recency_half_life_hours", 72.0, low=0.0, high=None, low_open=True
+            )
         action_weights = section.weights("action_weights", DEFAULT_ACTION_WEIGHTS)
         if not any(w > 0 for w in action_weights.values()):
             section.fail("action_weights", "at least one weight must be > 0")
     if max_pins > limits.max_query_pins:
-        section.fail("max_pins", f"{max_pins} exceeds limits.max_query_pins "
-                                 f"({limits.max_query_pins})")
+        section.fail(
+            "max_pins", f"{max_pins} exceeds limits.max_query_pins ({limits.max_query_pins})"
+        )
     section.done()
     return QueryConfig(source, max_pins, half_life, action_weights)
 
@@ -605,8 +646,11 @@ def _candidates(section: _Fields) -> CandidatesConfig:
     if default_return > max_return:
         section.fail("return", f"{default_return} exceeds candidates.max_return ({max_return})")
     if max_return > generate:
-        section.fail("max_return", f"{max_return} exceeds candidates.generate ({generate}); "
-                                   f"a request cannot get more than the walk generates")
+        section.fail(
+            "max_return",
+            f"{max_return} exceeds candidates.generate ({generate}); "
+            f"a request cannot get more than the walk generates",
+        )
     section.done()
     return CandidatesConfig(generate, default_return, max_return)
 
@@ -626,8 +670,9 @@ def _features(top: _Fields) -> tuple[str, ...]:
 
 
 def _ranker(section: _Fields) -> RankerConfig:
-    values = {name: _ranker_value(section, name, default)
-              for name, default in _RANKER_DEFAULTS.items()}
+    values = {
+        name: _ranker_value(section, name, default) for name, default in _RANKER_DEFAULTS.items()
+    }
     ranker = RankerConfig(
         objective=section.choice("objective", OBJECTIVES, "binary"),
         converter=section.choice("converter", CONVERTERS, "onnxmltools"),
@@ -636,8 +681,11 @@ def _ranker(section: _Fields) -> RankerConfig:
     )
     if ranker.converter == "hummingbird" and ranker.objective != "binary":
         # hummingbird-ml 0.4.12 crashes on xgboost 3 rankers and regressors (base_score).
-        section.fail("converter", f"hummingbird converts only objective binary; use "
-                                  f"onnxmltools for objective {ranker.objective}")
+        section.fail(
+            "converter",
+            f"hummingbird converts only objective binary; use "
+            f"onnxmltools for objective {ranker.objective}",
+        )
     section.done()
     return ranker
 
@@ -665,21 +713,25 @@ def _search(section: _Fields) -> Mapping[str, tuple[float, ...]]:
         if name not in _RANKER_DEFAULTS:
             close = difflib.get_close_matches(str(name), list(_RANKER_DEFAULTS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            grid.fail(str(name), f"not a ranker setting{hint}; searchable: "
-                                 f"{', '.join(_RANKER_DEFAULTS)}")
+            grid.fail(
+                str(name), f"not a ranker setting{hint}; searchable: {', '.join(_RANKER_DEFAULTS)}"
+            )
         values = grid.get(name)
         if not isinstance(values, list) or not values:
             grid.fail(name, f"must be a non-empty list of values, got {_show(values)}")
-        items = _Fields(section.file, grid.prefix,
-                        {f"{name}[{i}]": value for i, value in enumerate(values)})
+        items = _Fields(
+            section.file, grid.prefix, {f"{name}[{i}]": value for i, value in enumerate(values)}
+        )
         checked = [_ranker_value(items, name, _MISSING, key) for key in items.raw]
         if len(set(checked)) != len(checked):
             grid.fail(name, f"repeats a value: {checked}")
         out[name] = tuple(checked)
         trials *= len(checked)
     if trials > MAX_SEARCH_TRIALS:
-        section.fail("search", f"{trials} combinations; at most {MAX_SEARCH_TRIALS} (each one "
-                               "trains a model)")
+        section.fail(
+            "search",
+            f"{trials} combinations; at most {MAX_SEARCH_TRIALS} (each one trains a model)",
+        )
     grid.done()
     return MappingProxyType(out)
 
@@ -693,31 +745,42 @@ def _labels(section: _Fields, ranker: RankerConfig, candidates: CandidatesConfig
         if event not in EVENT_TYPES:
             close = difflib.get_close_matches(event, EVENT_TYPES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            section.fail(f"weights.{event}", f"unknown event type{hint}; known event types: "
-                                             f"{', '.join(EVENT_TYPES)}")
+            section.fail(
+                f"weights.{event}",
+                f"unknown event type{hint}; known event types: {', '.join(EVENT_TYPES)}",
+            )
     local = section.number("local_label_weight", 1.0, low=1.0, high=None)
     negative_rate = section.number("negative_sample_rate", 1.0, low=0.0, high=1.0, low_open=True)
     metric = section.text("primary_metric", "recall_actions@50")
     match = _METRIC_RE.fullmatch(metric)
     if not match or match["name"] not in PRIMARY_METRICS:
-        section.fail("primary_metric", f"must be <metric>@<k> with metric one of "
-                                       f"{', '.join(PRIMARY_METRICS)}, got {metric!r}")
+        section.fail(
+            "primary_metric",
+            f"must be <metric>@<k> with metric one of {', '.join(PRIMARY_METRICS)}, got {metric!r}",
+        )
     k = int(match["k"])
     if not 1 <= k <= candidates.generate:
-        section.fail("primary_metric", f"k must be in [1, candidates.generate = "
-                                       f"{candidates.generate}], got {k}")
+        section.fail(
+            "primary_metric",
+            f"k must be in [1, candidates.generate = {candidates.generate}], got {k}",
+        )
 
     if (strategy == "distillation") != (ranker.objective == "regression"):
         # Distillation regresses on the full ranker's score; every other strategy has 0/1
         # labels, which a regression objective would fit as probabilities without ranking.
         needed = "regression" if strategy == "distillation" else "binary or pairwise"
-        section.fail("strategy", f"strategy {strategy} needs ranker.objective {needed}, "
-                                 f"got {ranker.objective}")
+        section.fail(
+            "strategy",
+            f"strategy {strategy} needs ranker.objective {needed}, got {ranker.objective}",
+        )
     actions = [e for e, w in weights.items() if e in ACTION_EVENTS and w > 0]
     if strategy in ("funnel", "blended_funnel") and weights.get(IMPRESSION, 0.0) <= 0:
         section.fail("weights", f"strategy {strategy} needs an {IMPRESSION} weight > 0")
     if strategy in ("engagement", "blended_funnel") and not actions:
-        section.fail("weights", f"strategy {strategy} needs at least one action weight > 0 "
-                                f"(one of {', '.join(ACTION_EVENTS)})")
+        section.fail(
+            "weights",
+            f"strategy {strategy} needs at least one action weight > 0 "
+            f"(one of {', '.join(ACTION_EVENTS)})",
+        )
     section.done()
     return LabelsConfig(strategy, weights, local, negative_rate, metric)

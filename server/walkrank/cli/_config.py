@@ -17,14 +17,19 @@ DEFAULT_CONFIG = Path("walkrank.yaml")
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="server config (default: ./walkrank.yaml "
-                        "if present, else the demo world)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="server config (default: ./walkrank.yaml if present, else the demo world)",
+    )
 
 
 def add_demo_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--demo", action="store_true",
-                        help="without a config, use the demo world under var/demo/ (built on "
-                             "first use)")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="without a config, use the demo world under var/demo/ (built on first use)",
+    )
 
 
 def config_path(args: argparse.Namespace) -> Path | None:
@@ -38,7 +43,8 @@ def require_config_or_demo(args: argparse.Namespace, command: str) -> None:
         raise ConfigError(
             f"{command}: no --config and no ./walkrank.yaml, so there are no logs or models to "
             f"use; pass --config walkrank.yaml (docs/serving.md), or --demo for the demo world "
-            f"under var/demo/")
+            f"under var/demo/"
+        )
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

@@ -26,12 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{', '.join(EVENT_TYPES)}. Events label only their own tenant's candidates.",
     )
     importer.add_argument("file", type=Path, help="CSV (optionally .gz/.bz2/.zst) or Parquet")
-    importer.add_argument("--tenant",
-                          help="the tenant the events belong to (required unless the file has "
-                          "a tenant column; with both, rows naming another tenant are rejected)")
-    importer.add_argument("--logs", type=Path,
-                          help="log root; events go under LOGS/events/ (default: the server "
-                          "config's logs_dir, as `walkrank serve` would log)")
+    importer.add_argument(
+        "--tenant",
+        help="the tenant the events belong to (required unless the file has "
+        "a tenant column; with both, rows naming another tenant are rejected)",
+    )
+    importer.add_argument(
+        "--logs",
+        type=Path,
+        help="log root; events go under LOGS/events/ (default: the server "
+        "config's logs_dir, as `walkrank serve` would log)",
+    )
     add_config_argument(importer)
     add_demo_argument(importer)
     importer.set_defaults(func=_import)
@@ -53,8 +58,10 @@ def _logs_dir(args: argparse.Namespace) -> Path:
 def _import(args: argparse.Namespace) -> int:
     logs = _logs_dir(args)
     accepted, report = import_events(args.file, logs, tenant=args.tenant)
-    print(f"{args.file}: {accepted} accepted, {report.count} rejected; "
-          f"written under {logs / 'events'}")
+    print(
+        f"{args.file}: {accepted} accepted, {report.count} rejected; "
+        f"written under {logs / 'events'}"
+    )
     if report.count:
         problems = ", ".join(f"{problem}: {n}" for problem, n in report.by_problem.items())
         print(f"rejected by problem: {problems}")

@@ -22,22 +22,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=run_list)
 
     publish = commands.add_parser(
-        "publish", help="convert an XGBoost model to ONNX, check it, publish a new version",
+        "publish",
+        help="convert an XGBoost model to ONNX, check it, publish a new version",
         description="Converts with the tenant's converter, checks the ONNX scores against "
-                    "XGBoost's own on probe rows around every split (the validation gate), "
-                    "and publishes atomically. The running server serves it after a reload.")
+        "XGBoost's own on probe rows around every split (the validation gate), "
+        "and publishes atomically. The running server serves it after a reload.",
+    )
     publish.add_argument("--tenant", required=True)
-    publish.add_argument("--xgboost", type=Path, required=True, dest="xgboost_model",
-                         help="XGBoost model file (.json or .ubj)")
-    publish.add_argument("--converter", choices=["onnxmltools", "hummingbird"],
-                         help="default: the tenant's ranker.converter")
+    publish.add_argument(
+        "--xgboost",
+        type=Path,
+        required=True,
+        dest="xgboost_model",
+        help="XGBoost model file (.json or .ubj)",
+    )
+    publish.add_argument(
+        "--converter",
+        choices=["onnxmltools", "hummingbird"],
+        help="default: the tenant's ranker.converter",
+    )
     add_config_argument(publish)
     publish.set_defaults(func=run_publish)
 
     rollback = commands.add_parser("rollback", help="serve an earlier version again")
     rollback.add_argument("--tenant", required=True)
-    rollback.add_argument("--to", type=int, dest="version",
-                          help="version to serve (default: the one before the current)")
+    rollback.add_argument(
+        "--to",
+        type=int,
+        dest="version",
+        help="version to serve (default: the one before the current)",
+    )
     add_config_argument(rollback)
     rollback.set_defaults(func=run_rollback)
 
@@ -51,9 +65,19 @@ def run_list(args: argparse.Namespace) -> int:
     current = registry.current(args.tenant)
     versions = registry.versions(args.tenant)
     if args.json:
-        print(json.dumps([{"version": v.version, "created_at": v.created_at,
-                           "serving": current is not None and v.version == current.version}
-                          for v in versions], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "version": v.version,
+                        "created_at": v.created_at,
+                        "serving": current is not None and v.version == current.version,
+                    }
+                    for v in versions
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not versions:
         print(f"no models published for tenant {args.tenant!r} (it ranks by visit count)")
@@ -79,20 +103,29 @@ def run_publish(args: argparse.Namespace) -> int:
     try:
         booster.load_model(str(args.xgboost_model))
     except xgboost.core.XGBoostError as exc:
-        raise ModelError(f"{args.xgboost_model}: not a readable XGBoost model: "
-                         f"{str(exc).splitlines()[0]}") from exc
+        raise ModelError(
+            f"{args.xgboost_model}: not a readable XGBoost model: {str(exc).splitlines()[0]}"
+        ) from exc
     if booster.num_features() != len(tenant.features):
-        raise ModelError(f"{args.xgboost_model}: model has {booster.num_features()} features, "
-                         f"tenant {args.tenant!r} has {len(tenant.features)} "
-                         f"({', '.join(tenant.features)})")
-    exported = export_model(booster, list(tenant.features),
-                            converter=args.converter or tenant.ranker.converter,
-                            objective=tenant.ranker.objective,
-                            extra_metadata={"source": str(args.xgboost_model)})
-    version = ModelRegistry(config.models_dir).publish(args.tenant, exported.onnx_bytes,
-                                                       exported.metadata)
-    print(f"published {args.tenant} v{version.version} ({version.path}); "
-          f"reload the server to serve it")
+        raise ModelError(
+            f"{args.xgboost_model}: model has {booster.num_features()} features, "
+            f"tenant {args.tenant!r} has {len(tenant.features)} "
+            f"({', '.join(tenant.features)})"
+        )
+    exported = export_model(
+        booster,
+        list(tenant.features),
+        converter=args.converter or tenant.ranker.converter,
+        objective=tenant.ranker.objective,
+        extra_metadata={"source": str(args.xgboost_model)},
+    )
+    version = ModelRegistry(config.models_dir).publish(
+        args.tenant, exported.onnx_bytes, exported.metadata
+    )
+    print(
+        f"published {args.tenant} v{version.version} ({version.path}); "
+        f"reload the server to serve it"
+    )
     return 0
 
 

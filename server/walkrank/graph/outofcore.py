@@ -61,8 +61,18 @@ from walkrank.graph.store import PIN_COLUMN_PREFIX, array_checksum
 #: Row positions are `file index << 40 | row number in the file`.
 _FILE_SHIFT = 40
 _BATCH_ROWS = 1 << 20
-_INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT",
-                  "UINTEGER", "UBIGINT", "HUGEINT", "UHUGEINT")
+_INTEGER_TYPES = (
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+    "HUGEINT",
+    "UHUGEINT",
+)
 
 
 def build_graph_out_of_core(
@@ -84,25 +94,31 @@ def build_graph_out_of_core(
     try:
         import duckdb
     except ModuleNotFoundError:
-        raise ConfigError("--engine duckdb needs the duckdb package: pip install "
-                          "'walkrank[bigbuild]'") from None
+        raise ConfigError(
+            "--engine duckdb needs the duckdb package: pip install 'walkrank[bigbuild]'"
+        ) from None
 
     out = Path(out)
     _check_target(out, replace)
     options = options or PruneOptions()
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.duckdb-",
-                                 dir=temp_dir if temp_dir is not None else out.parent))
+    work = Path(
+        tempfile.mkdtemp(
+            prefix=f".{out.name}.duckdb-", dir=temp_dir if temp_dir is not None else out.parent
+        )
+    )
     try:
-        config = {"memory_limit": memory_limit, "temp_directory": str(work / "spill"),
-                  "preserve_insertion_order": False}
+        config = {
+            "memory_limit": memory_limit,
+            "temp_directory": str(work / "spill"),
+            "preserve_insertion_order": False,
+        }
         if threads is not None:
             config["threads"] = threads
         con = duckdb.connect(str(work / "build.duckdb"), config=config)
         con.execute("SET enable_progress_bar = false")
         try:
-            return _Build(con, work, options).run(out, Path(edges), pins, boards, source,
-                                                  replace)
+            return _Build(con, work, options).run(out, Path(edges), pins, boards, source, replace)
         except duckdb.Error as exc:
             raise DataError(f"out-of-core build of {edges}: {exc}") from exc
         finally:
@@ -125,8 +141,9 @@ class _Build:
         self.raw_columns: list[str] = []
 
     def lap(self, step: str) -> None:
-        self.timings[step] = round(time.perf_counter() - self.started
-                                   - sum(self.timings.values()), 3)
+        self.timings[step] = round(
+            time.perf_counter() - self.started - sum(self.timings.values()), 3
+        )
 
     def sql(self, query: str, params: list[Any] | None = None) -> Any:
         return self.con.sql(query, params=params)
@@ -145,8 +162,15 @@ class _Build:
 
     # -- the steps ---------------------------------------------------------------------------
 
-    def run(self, out: Path, edges: Path, pins: str | Path | None, boards: str | Path | None,
-            source: Mapping[str, Any] | None, replace: bool) -> dict[str, Any]:
+    def run(
+        self,
+        out: Path,
+        edges: Path,
+        pins: str | Path | None,
+        boards: str | Path | None,
+        source: Mapping[str, Any] | None,
+        replace: bool,
+    ) -> dict[str, Any]:
         edges_name = str(edges)
         id_type = self._edges(edges)
         n_pins, n_boards_all = (self._dictionary(side) for side in ("pin", "board"))
@@ -155,12 +179,12 @@ class _Build:
 
         schema: dict[str, Any] = {"pin_id": id_type, "board_id": id_type}
         pin_cat, pin_quality, pin_created, extra, pins_info = self._pin_features(
-            pins, n_pins, id_type, schema)
+            pins, n_pins, id_type, schema
+        )
         board_cat, boards_info = self._board_features(boards, n_boards_all, id_type, schema)
         if "created_at" in self.raw_columns:
             self._fill_created_from_edges(pin_created, edges_name)
-            schema["edges.created_at"] = ("fills pin_created_at (earliest edge) where pins "
-                                          "lack it")
+            schema["edges.created_at"] = "fills pin_created_at (earliest edge) where pins lack it"
         self.lap("read_features")
 
         vocab = vocabulary(pin_cat, board_cat)
@@ -170,11 +194,16 @@ class _Build:
         given_locale = _codes(board_cat["locale"], vocab["locale"])
         given_topic = _codes(board_cat["topic"], vocab["topic"])
         del pin_cat, board_cat
-        self.con.register("pin_codes", pa.table({
-            "pin": np.arange(n_pins, dtype=np.int32), "locale": pin_locale,
-            "topic": pin_topic}))
-        self.con.execute("CREATE TABLE e AS SELECT DISTINCT p.pin, b.board FROM raw "
-                         "JOIN pin_dict p USING (pin_id) JOIN board_dict b USING (board_id)")
+        self.con.register(
+            "pin_codes",
+            pa.table(
+                {"pin": np.arange(n_pins, dtype=np.int32), "locale": pin_locale, "topic": pin_topic}
+            ),
+        )
+        self.con.execute(
+            "CREATE TABLE e AS SELECT DISTINCT p.pin, b.board FROM raw "
+            "JOIN pin_dict p USING (pin_id) JOIN board_dict b USING (board_id)"
+        )
         n_deduped = int(self.one("SELECT count(*) FROM e")[0])
         self.lap("dedupe")
 
@@ -182,31 +211,48 @@ class _Build:
         topic_codes, topic_counts = self._board_value_counts("topic", n_topics)
         board_topic = _fill_dominant(given_topic, topic_codes, topic_counts, n_topics)
         degree = self.dense_counts("SELECT board, count(*) FROM e GROUP BY board", n_boards_all)
-        dropped, prune_stats = board_rules(topic_codes, topic_counts, degree, n_topics,
-                                           self.options)
-        self._prune_pins(dropped, pin_topic, n_pins, n_topics, topic_codes, topic_counts,
-                         prune_stats)
-        final_degree = self.dense_counts("SELECT board, count(*) FROM final GROUP BY board",
-                                         n_boards_all)
+        dropped, prune_stats = board_rules(
+            topic_codes, topic_counts, degree, n_topics, self.options
+        )
+        self._prune_pins(
+            dropped, pin_topic, n_pins, n_topics, topic_codes, topic_counts, prune_stats
+        )
+        final_degree = self.dense_counts(
+            "SELECT board, count(*) FROM final GROUP BY board", n_boards_all
+        )
         alive = final_degree > 0
         if not alive.any():
-            raise DataError(f"{edges_name}: pruning removed every edge; loosen the pruning "
-                            f"options")
-        board_ids = self.sql("SELECT board_id FROM board_dict ORDER BY board"
-                             ).to_arrow_table().column(0).combine_chunks().filter(
-            pa.array(alive))
+            raise DataError(f"{edges_name}: pruning removed every edge; loosen the pruning options")
+        board_ids = (
+            self.sql("SELECT board_id FROM board_dict ORDER BY board")
+            .to_arrow_table()
+            .column(0)
+            .combine_chunks()
+            .filter(pa.array(alive))
+        )
         board_locale, board_topic = board_locale[alive], board_topic[alive]
         n_boards = int(alive.sum())
         self.lap("prune")
 
         pin_key = (pin_locale * (n_topics + 1) + pin_topic).astype(np.int32)
         board_key = (board_locale * (n_topics + 1) + board_topic).astype(np.int32)
-        self.con.register("board_map", pa.table({
-            "board": np.flatnonzero(alive).astype(np.int32),
-            "nb": np.arange(n_boards, dtype=np.int32), "key": board_key,
-            "locale": board_locale}))
-        self.con.register("pin_map", pa.table({
-            "pin": np.arange(n_pins, dtype=np.int32), "key": pin_key, "locale": pin_locale}))
+        self.con.register(
+            "board_map",
+            pa.table(
+                {
+                    "board": np.flatnonzero(alive).astype(np.int32),
+                    "nb": np.arange(n_boards, dtype=np.int32),
+                    "key": board_key,
+                    "locale": board_locale,
+                }
+            ),
+        )
+        self.con.register(
+            "pin_map",
+            pa.table(
+                {"pin": np.arange(n_pins, dtype=np.int32), "key": pin_key, "locale": pin_locale}
+            ),
+        )
         pin_degree = self.dense_counts("SELECT pin, count(*) FROM final GROUP BY pin", n_pins)
         board_degree = final_degree[alive]
         pin_offsets = _offsets(pin_degree)
@@ -214,17 +260,33 @@ class _Build:
         max_degree = int(max(pin_degree.max(initial=0), board_degree.max(initial=0)))
         pin_locale_ends = self._locale_ends(
             "SELECT f.pin, m.locale, count(*) FROM final f JOIN board_map m USING (board) "
-            "GROUP BY ALL", n_pins, n_locales, max_degree)
+            "GROUP BY ALL",
+            n_pins,
+            n_locales,
+            max_degree,
+        )
         board_locale_ends = self._locale_ends(
             "SELECT m.nb, p.locale, count(*) FROM final f JOIN board_map m USING (board) "
-            "JOIN pin_map p USING (pin) GROUP BY ALL", n_boards, n_locales, max_degree)
+            "JOIN pin_map p USING (pin) GROUP BY ALL",
+            n_boards,
+            n_locales,
+            max_degree,
+        )
         n_keys, shift = (n_locales + 1) * (n_topics + 1), run_shift(max_degree)
         pin_run_offsets, pin_key_runs = self._key_runs(
             "SELECT f.pin, m.key, count(*) FROM final f JOIN board_map m USING (board) "
-            "GROUP BY ALL ORDER BY ALL", n_pins, n_keys, shift)
+            "GROUP BY ALL ORDER BY ALL",
+            n_pins,
+            n_keys,
+            shift,
+        )
         board_run_offsets, board_key_runs = self._key_runs(
             "SELECT m.nb, p.key, count(*) FROM final f JOIN board_map m USING (board) "
-            "JOIN pin_map p USING (pin) GROUP BY ALL ORDER BY ALL", n_boards, n_keys, shift)
+            "JOIN pin_map p USING (pin) GROUP BY ALL ORDER BY ALL",
+            n_boards,
+            n_keys,
+            shift,
+        )
 
         tmp = _new_sibling(out)
         try:
@@ -232,61 +294,100 @@ class _Build:
             streamed = {
                 # Each list sorted by (the neighbour's bias key, its dense id), as `_csr` does.
                 "pin_adj": "SELECT m.nb FROM final f JOIN board_map m USING (board) "
-                           "ORDER BY f.pin, m.key, m.nb",
+                "ORDER BY f.pin, m.key, m.nb",
                 "board_adj": "SELECT f.pin FROM final f JOIN board_map m USING (board) "
-                             "JOIN pin_map p USING (pin) ORDER BY m.nb, p.key, f.pin",
+                "JOIN pin_map p USING (pin) ORDER BY m.nb, p.key, f.pin",
             }
-            checksums = {name: self._stream(tmp / f"{name}.npy", query, n_edges)
-                         for name, query in streamed.items()}
+            checksums = {
+                name: self._stream(tmp / f"{name}.npy", query, n_edges)
+                for name, query in streamed.items()
+            }
             self.lap("csr")
             arrays: dict[str, np.ndarray] = {
-                "pin_offsets": pin_offsets, "board_offsets": board_offsets,
-                "pin_locale": pin_locale, "pin_topic": pin_topic,
-                "board_locale": board_locale, "board_topic": board_topic,
-                "pin_key": pin_key, "board_key": board_key,
-                "pin_locale_ends": pin_locale_ends, "board_locale_ends": board_locale_ends,
-                "pin_run_offsets": pin_run_offsets, "pin_key_runs": pin_key_runs,
-                "board_run_offsets": board_run_offsets, "board_key_runs": board_key_runs,
-                "pin_quality": pin_quality, "pin_created_at": pin_created,
-                **id_arrays("pin", self.sql("SELECT pin_id FROM pin_dict ORDER BY pin")
-                            .to_arrow_table().column(0).combine_chunks()),
+                "pin_offsets": pin_offsets,
+                "board_offsets": board_offsets,
+                "pin_locale": pin_locale,
+                "pin_topic": pin_topic,
+                "board_locale": board_locale,
+                "board_topic": board_topic,
+                "pin_key": pin_key,
+                "board_key": board_key,
+                "pin_locale_ends": pin_locale_ends,
+                "board_locale_ends": board_locale_ends,
+                "pin_run_offsets": pin_run_offsets,
+                "pin_key_runs": pin_key_runs,
+                "board_run_offsets": board_run_offsets,
+                "board_key_runs": board_key_runs,
+                "pin_quality": pin_quality,
+                "pin_created_at": pin_created,
+                **id_arrays(
+                    "pin",
+                    self.sql("SELECT pin_id FROM pin_dict ORDER BY pin")
+                    .to_arrow_table()
+                    .column(0)
+                    .combine_chunks(),
+                ),
                 **id_arrays("board", board_ids),
             }
             for name, values in extra.items():
                 arrays[PIN_COLUMN_PREFIX + name] = values
-            stand_ins = {name: np.lib.stride_tricks.as_strided(
-                np.zeros(1, np.int32), shape=(n_edges,), strides=(0,)) for name in streamed}
+            stand_ins = {
+                name: np.lib.stride_tricks.as_strided(
+                    np.zeros(1, np.int32), shape=(n_edges,), strides=(0,)
+                )
+                for name in streamed
+            }
             manifest = assemble_manifest(
-                arrays, stand_ins, vocab=vocab, schema=schema, pin_columns=sorted(extra),
-                inputs={"edges": edges_name,
-                        "pins": None if pins is None else str(pins),
-                        "boards": None if boards is None else str(boards)},
-                options=self.options, source=source, stats=graph_stats(
-                    input_edges, input_edges - n_deduped, n_boards_all - n_boards,
-                    pin_offsets, prune_stats, pins_info, boards_info))
+                arrays,
+                stand_ins,
+                vocab=vocab,
+                schema=schema,
+                pin_columns=sorted(extra),
+                inputs={
+                    "edges": edges_name,
+                    "pins": None if pins is None else str(pins),
+                    "boards": None if boards is None else str(boards),
+                },
+                options=self.options,
+                source=source,
+                stats=graph_stats(
+                    input_edges,
+                    input_edges - n_deduped,
+                    n_boards_all - n_boards,
+                    pin_offsets,
+                    prune_stats,
+                    pins_info,
+                    boards_info,
+                ),
+            )
             manifest["build"]["engine"] = "duckdb"
             self.lap("assemble")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return write_graph(out, tmp, arrays, checksums, manifest, self.timings, self.lap,
-                           replace)
+        return write_graph(out, tmp, arrays, checksums, manifest, self.timings, self.lap, replace)
 
     def _edges(self, edges: Path) -> str:
         """The `raw` view over the edge files (with each row's position); the id type."""
         self.raw_columns = self._view("raw", edges, "edges", ("pin_id", "board_id"))
         types = dict(self.sql("SELECT column_name, column_type FROM (DESCRIBE raw)").fetchall())
-        kinds = {column: _id_kind(types[column], self.files["raw"], column)
-                 for column in ("pin_id", "board_id")}
+        kinds = {
+            column: _id_kind(types[column], self.files["raw"], column)
+            for column in ("pin_id", "board_id")
+        }
         if kinds["pin_id"] != kinds["board_id"]:
-            raise DataError(f"{edges}: pin_id is {types['pin_id']} but board_id is "
-                            f"{types['board_id']}; ids must be all integers or all strings")
+            raise DataError(
+                f"{edges}: pin_id is {types['pin_id']} but board_id is "
+                f"{types['board_id']}; ids must be all integers or all strings"
+            )
         for column in ("pin_id", "board_id"):
             self._check_ids("raw", column, kinds[column])
         if kinds["pin_id"] == "int64":  # ids as int64, as the in-memory builder casts them
-            self.con.execute("CREATE OR REPLACE VIEW raw AS SELECT * REPLACE "
-                             "(CAST(pin_id AS BIGINT) AS pin_id, CAST(board_id AS BIGINT) AS "
-                             "board_id) FROM raw_files")
+            self.con.execute(
+                "CREATE OR REPLACE VIEW raw AS SELECT * REPLACE "
+                "(CAST(pin_id AS BIGINT) AS pin_id, CAST(board_id AS BIGINT) AS "
+                "board_id) FROM raw_files"
+            )
         return kinds["pin_id"]
 
     def _view(self, view: str, path: Path, role: str, required: tuple[str, ...]) -> list[str]:
@@ -298,21 +399,28 @@ class _Build:
         parquet = [self._as_parquet(f, role, i) for i, f in enumerate(files)]
         self.files[view] = files
         self.names[view] = str(path)
-        names = pa.table({"filename": [str(p) for p in parquet],
-                          "file_index": np.arange(len(parquet), dtype=np.int64)})
+        names = pa.table(
+            {
+                "filename": [str(p) for p in parquet],
+                "file_index": np.arange(len(parquet), dtype=np.int64),
+            }
+        )
         self.con.register(f"{view}_names", names)
         listing = ", ".join(_quote(str(p)) for p in parquet)
         self.con.execute(
             f"CREATE OR REPLACE VIEW {view}_files AS SELECT r.* EXCLUDE (filename, "
             f"file_row_number), (n.file_index << {_FILE_SHIFT}) + r.file_row_number AS pos "
             f"FROM read_parquet([{listing}], filename = true, file_row_number = true) r "
-            f"JOIN {view}_names n USING (filename)")
+            f"JOIN {view}_names n USING (filename)"
+        )
         self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {view}_files")
         columns = [c for c in self.sql(f"SELECT * FROM {view} LIMIT 0").columns if c != "pos"]
         missing = [c for c in required if c not in columns]
         if missing:
-            raise DataError(f"{files[0]}: missing column(s) {', '.join(missing)} "
-                            f"(found: {', '.join(columns) or 'none'})")
+            raise DataError(
+                f"{files[0]}: missing column(s) {', '.join(missing)} "
+                f"(found: {', '.join(columns) or 'none'})"
+            )
         return columns
 
     def _as_parquet(self, path: Path, role: str, index: int) -> Path:
@@ -321,8 +429,10 @@ class _Build:
         if suffixes and suffixes[-1] in (".parquet", ".pq"):
             return path
         if ".csv" not in suffixes and ".tsv" not in suffixes:
-            raise DataError(f"{path}: unknown {role} file format {path.suffix!r}; use .csv, "
-                            f".tsv, .parquet or .pq")
+            raise DataError(
+                f"{path}: unknown {role} file format {path.suffix!r}; use .csv, "
+                f".tsv, .parquet or .pq"
+            )
         target = self.work / f"{role}-{index}.parquet"
         delimiter = "\t" if ".tsv" in suffixes else ","
         try:
@@ -343,76 +453,102 @@ class _Build:
 
     def _check_ids(self, view: str, column: str, kind: str) -> None:
         empty = f" OR {column} = ''" if kind == "string" else ""
-        bad, first = self.one(f"SELECT count(*), min(pos) FROM {view} "
-                              f"WHERE {column} IS NULL{empty}")
+        bad, first = self.one(
+            f"SELECT count(*), min(pos) FROM {view} WHERE {column} IS NULL{empty}"
+        )
         if bad:
-            raise DataError(f"{self.names[view]}: column {column!r} has {bad} null or empty "
-                            f"id(s); first at {self._where(view, first)}")
+            raise DataError(
+                f"{self.names[view]}: column {column!r} has {bad} null or empty "
+                f"id(s); first at {self._where(view, first)}"
+            )
         if kind == "int64":
-            big = self.one(f"SELECT min(pos) FROM {view} WHERE {column} > 9223372036854775807 "
-                           f"OR {column} < -9223372036854775808")[0]
+            big = self.one(
+                f"SELECT min(pos) FROM {view} WHERE {column} > 9223372036854775807 "
+                f"OR {column} < -9223372036854775808"
+            )[0]
             if big is not None:
-                raise DataError(f"{self._where(view, big)}: column {column!r} has an id that "
-                                f"does not fit int64")
+                raise DataError(
+                    f"{self._where(view, big)}: column {column!r} has an id that does not fit int64"
+                )
 
     def _dictionary(self, side: str) -> int:
         """`{side}_dict`: each id and its dense number, in order of first appearance."""
         self.con.execute(
             f"CREATE TABLE {side}_dict AS SELECT {side}_id, CAST(row_number() OVER "
             f"(ORDER BY first) - 1 AS INTEGER) AS {side} FROM (SELECT {side}_id, min(pos) "
-            f"AS first FROM raw GROUP BY {side}_id)")
+            f"AS first FROM raw GROUP BY {side}_id)"
+        )
         return int(self.one(f"SELECT count(*) FROM {side}_dict")[0])
 
-    def _table_rows(self, role: str, path: str | Path, n: int, id_type: str,
-                    ) -> tuple[pa.Table, str, dict[str, Any]]:
+    def _table_rows(
+        self,
+        role: str,
+        path: str | Path,
+        n: int,
+        id_type: str,
+    ) -> tuple[pa.Table, str, dict[str, Any]]:
         """The pins or boards table aligned to dense order (nulls where a node has no row),
         after the in-memory builder's checks; its name and its statistics."""
         side = role[:-1]
         view = f"{role}_src"
         columns = self._view(view, Path(path), role, (f"{side}_id",))
         name = str(path)
-        types = dict(self.sql(f"SELECT column_name, column_type FROM (DESCRIBE {view})"
-                              ).fetchall())
+        types = dict(self.sql(f"SELECT column_name, column_type FROM (DESCRIBE {view})").fetchall())
         kind = _id_kind(types[f"{side}_id"], self.files[view], f"{side}_id")
         if kind != id_type:
-            raise DataError(f"{name}: column '{side}_id' has {kind} ids but the edges have "
-                            f"{id_type} ids; both files must use the same id type")
+            raise DataError(
+                f"{name}: column '{side}_id' has {kind} ids but the edges have "
+                f"{id_type} ids; both files must use the same id type"
+            )
         self._check_ids(view, f"{side}_id", kind)
         cast = "BIGINT" if kind == "int64" else "VARCHAR"
-        self.con.execute(f"CREATE OR REPLACE VIEW {view}_ids AS SELECT * REPLACE "
-                         f"(CAST({side}_id AS {cast}) AS {side}_id) FROM {view}")
+        self.con.execute(
+            f"CREATE OR REPLACE VIEW {view}_ids AS SELECT * REPLACE "
+            f"(CAST({side}_id AS {cast}) AS {side}_id) FROM {view}"
+        )
         repeat = self.one(
             f"SELECT s.{side}_id, max(s.pos) FROM {view}_ids s JOIN {side}_dict USING "
             f"({side}_id) GROUP BY s.{side}_id HAVING count(*) > 1 ORDER BY 2 LIMIT 1"
         )
         if repeat is not None:
-            raise DataError(f"{self._where(view, repeat[1])}: duplicate {side}_id "
-                            f"{repeat[0]!r}; each id may appear once")
-        without = int(self.one(f"SELECT count(*) FROM {view}_ids ANTI JOIN {side}_dict "
-                               f"USING ({side}_id)")[0])
+            raise DataError(
+                f"{self._where(view, repeat[1])}: duplicate {side}_id "
+                f"{repeat[0]!r}; each id may appear once"
+            )
+        without = int(
+            self.one(f"SELECT count(*) FROM {view}_ids ANTI JOIN {side}_dict USING ({side}_id)")[0]
+        )
         selected = ", ".join(f"s.{_ident(c)}" for c in columns if c != f"{side}_id")
         table = self.sql(
             f"SELECT {selected or 'NULL AS _none'} FROM {side}_dict d LEFT JOIN {view}_ids s "
-            f"USING ({side}_id) ORDER BY d.{side}").to_arrow_table()
+            f"USING ({side}_id) ORDER BY d.{side}"
+        ).to_arrow_table()
         if not selected:
             table = table.drop_columns(["_none"])
         assert table.num_rows == n
         return table, name, {f"{role}_table_rows_without_edges": without}
 
-    def _pin_features(self, pins: str | Path | None, n_pins: int, id_type: str,
-                      schema: dict[str, Any]) -> tuple[Any, ...]:
+    def _pin_features(
+        self, pins: str | Path | None, n_pins: int, id_type: str, schema: dict[str, Any]
+    ) -> tuple[Any, ...]:
         if pins is None:
-            return (*pin_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                 n_pins, schema), {})
+            return (
+                *pin_columns(
+                    None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_pins, schema
+                ),
+                {},
+            )
         table, name, info = self._table_rows("pins", pins, n_pins, id_type)
         every = np.arange(n_pins)
         return (*pin_columns(table, name, every, every, n_pins, schema), info)
 
-    def _board_features(self, boards: str | Path | None, n_boards: int, id_type: str,
-                        schema: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    def _board_features(
+        self, boards: str | Path | None, n_boards: int, id_type: str, schema: dict[str, Any]
+    ) -> tuple[dict[str, np.ndarray], dict]:
         if boards is None:
-            return board_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                 n_boards, schema), {}
+            return board_columns(
+                None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_boards, schema
+            ), {}
         table, name, info = self._table_rows("boards", boards, n_boards, id_type)
         every = np.arange(n_boards)
         return board_columns(table, name, every, every, n_boards, schema), info
@@ -420,8 +556,10 @@ class _Build:
     def _fill_created_from_edges(self, pin_created: np.ndarray, edges_name: str) -> None:
         """Where the pins table gives no created_at, the pin's earliest edge's (converted by
         the in-memory builder's own rules: the minimum commutes with them)."""
-        table = self.sql("SELECT min(r.created_at) FROM raw r JOIN pin_dict d "
-                         "USING (pin_id) GROUP BY d.pin ORDER BY d.pin").to_arrow_table()
+        table = self.sql(
+            "SELECT min(r.created_at) FROM raw r JOIN pin_dict d "
+            "USING (pin_id) GROUP BY d.pin ORDER BY d.pin"
+        ).to_arrow_table()
         earliest = _seconds(table.column(0), edges_name, "created_at")
         missing = np.isnan(pin_created)
         pin_created[missing] = earliest[missing]
@@ -432,7 +570,8 @@ class _Build:
         table = self.sql(
             f"SELECT e.board::BIGINT * {max(n_values, 1)} + c.{column} AS code, count(*) "
             f"FROM e JOIN pin_codes c USING (pin) WHERE c.{column} < {n_values} "
-            f"GROUP BY 1 ORDER BY 1").to_arrow_table()
+            f"GROUP BY 1 ORDER BY 1"
+        ).to_arrow_table()
         return table.column(0).to_numpy(), table.column(1).to_numpy()
 
     def _given_or_dominant(self, given: np.ndarray, column: str, n_values: int) -> np.ndarray:
@@ -440,15 +579,20 @@ class _Build:
             return given
         return _fill_dominant(given, *self._board_value_counts(column, n_values), n_values)
 
-    def _prune_pins(self, dropped: np.ndarray, pin_topic: np.ndarray, n_pins: int,
-                    n_topics: int, codes: np.ndarray, counts: np.ndarray,
-                    stats: dict[str, Any]) -> None:
+    def _prune_pins(
+        self,
+        dropped: np.ndarray,
+        pin_topic: np.ndarray,
+        n_pins: int,
+        n_topics: int,
+        codes: np.ndarray,
+        counts: np.ndarray,
+        stats: dict[str, Any],
+    ) -> None:
         """`final`: the edges the board rules keep, less what the pin rule removes (a heavy
         pin keeps its boards whose pins most share its topic, as `_prune` does)."""
-        self.con.register("dropped", pa.table({"board": np.flatnonzero(dropped).astype(
-            np.int32)}))
-        self.con.execute("CREATE TABLE kept AS SELECT * FROM e ANTI JOIN dropped "
-                         "USING (board)")
+        self.con.register("dropped", pa.table({"board": np.flatnonzero(dropped).astype(np.int32)}))
+        self.con.execute("CREATE TABLE kept AS SELECT * FROM e ANTI JOIN dropped USING (board)")
         threshold = self.options.pin_degree_threshold
         if threshold is None:
             self.con.execute("ALTER TABLE kept RENAME TO final")
@@ -457,16 +601,32 @@ class _Build:
         heavy = degree > threshold
         topical = heavy & (pin_topic < n_topics)
         heavy_pins = np.flatnonzero(topical)
-        self.con.register("heavy", pa.table({
-            "pin": heavy_pins.astype(np.int32), "topic": pin_topic[heavy_pins],
-            "degree": degree[heavy_pins]}))
+        self.con.register(
+            "heavy",
+            pa.table(
+                {
+                    "pin": heavy_pins.astype(np.int32),
+                    "topic": pin_topic[heavy_pins],
+                    "degree": degree[heavy_pins],
+                }
+            ),
+        )
         per = max(n_topics, 1)
-        self.con.register("board_topic", pa.table({
-            "board": (codes // per).astype(np.int32), "topic": (codes % per).astype(np.int32),
-            "n": counts}))
+        self.con.register(
+            "board_topic",
+            pa.table(
+                {
+                    "board": (codes // per).astype(np.int32),
+                    "topic": (codes % per).astype(np.int32),
+                    "n": counts,
+                }
+            ),
+        )
         board_total = np.bincount(codes // per, weights=counts, minlength=dropped.shape[0])
-        self.con.register("board_total", pa.table({
-            "board": np.arange(dropped.shape[0], dtype=np.int32), "total": board_total}))
+        self.con.register(
+            "board_total",
+            pa.table({"board": np.arange(dropped.shape[0], dtype=np.int32), "total": board_total}),
+        )
         self.con.execute(
             "CREATE TABLE removed AS SELECT pin, board FROM ("
             "  SELECT k.pin, k.board, h.degree, row_number() OVER (PARTITION BY k.pin ORDER BY "
@@ -474,9 +634,12 @@ class _Build:
             "    AS rank"
             "  FROM kept k JOIN heavy h USING (pin) JOIN board_total b USING (board)"
             "  LEFT JOIN board_topic t ON t.board = k.board AND t.topic = h.topic)"
-            " WHERE rank >= ceil(CAST(? AS DOUBLE) * degree)", [self.options.pin_keep_fraction])
-        self.con.execute("CREATE TABLE final AS SELECT * FROM kept ANTI JOIN removed "
-                         "USING (pin, board)")
+            " WHERE rank >= ceil(CAST(? AS DOUBLE) * degree)",
+            [self.options.pin_keep_fraction],
+        )
+        self.con.execute(
+            "CREATE TABLE final AS SELECT * FROM kept ANTI JOIN removed USING (pin, board)"
+        )
         stats["pin_degree"] = {
             "threshold": threshold,
             "keep_fraction": self.options.pin_keep_fraction,
@@ -485,23 +648,23 @@ class _Build:
             "edges_removed": int(self.one("SELECT count(*) FROM removed")[0]),
         }
 
-    def _locale_ends(self, query: str, n_rows: int, n_locales: int, max_degree: int
-                     ) -> np.ndarray:
+    def _locale_ends(self, query: str, n_rows: int, n_locales: int, max_degree: int) -> np.ndarray:
         counts = np.zeros((n_rows, n_locales + 1), dtype=np.uint32)
         for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):  # up to nodes x locales
-            counts[batch.column(0).to_numpy(), batch.column(1).to_numpy()] = (
-                batch.column(2).to_numpy())
+            counts[batch.column(0).to_numpy(), batch.column(1).to_numpy()] = batch.column(
+                2
+            ).to_numpy()
         return locale_ends_from_counts(counts, max_degree)
 
-    def _key_runs(self, query: str, n_rows: int, n_keys: int, shift: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def _key_runs(
+        self, query: str, n_rows: int, n_keys: int, shift: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The key-run index from (node, neighbour key, count) rows in (node, key) order."""
         columns: list[list[np.ndarray]] = [[], [], []]
         for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):  # one row per run
             for column, values in zip(columns, batch.columns, strict=True):
                 column.append(values.to_numpy())
-        rows, keys, counts = (np.concatenate(c) if c else np.zeros(0, np.int64)
-                              for c in columns)
+        rows, keys, counts = (np.concatenate(c) if c else np.zeros(0, np.int64) for c in columns)
         return key_runs_from_counts(rows, keys, counts, n_rows, n_keys, shift)
 
     def _stream(self, path: Path, query: str, n: int) -> str:
@@ -523,8 +686,9 @@ class _Build:
         return array_checksum(path)
 
 
-def _fill_dominant(given: np.ndarray, codes: np.ndarray, counts: np.ndarray,
-                   n_values: int) -> np.ndarray:
+def _fill_dominant(
+    given: np.ndarray, codes: np.ndarray, counts: np.ndarray, n_values: int
+) -> np.ndarray:
     """A board's own value where given, else the most frequent of its pins' (`_dominant`)."""
     missing = given >= n_values
     if not missing.any():
@@ -546,8 +710,9 @@ def _id_kind(duck_type: str, files: list[Path], column: str) -> str:
         return "int64"
     if duck_type == "VARCHAR":
         return "string"
-    raise DataError(f"{files[0]}: column {column!r} has type {duck_type}; ids must be "
-                    f"integers or strings")
+    raise DataError(
+        f"{files[0]}: column {column!r} has type {duck_type}; ids must be integers or strings"
+    )
 
 
 def _quote(text: str) -> str:
@@ -556,4 +721,3 @@ def _quote(text: str) -> str:
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-

@@ -85,24 +85,31 @@ def resolve_graph(source: str | Path) -> tuple[Path, str]:
         repository = GraphRepository(source)
         version = repository.current_version()
         if version is None:
-            raise DataError(f"{source / CURRENT_FILE}: no graph published yet "
-                            f"(run `walkrank graph build ... --publish {source}`)")
+            raise DataError(
+                f"{source / CURRENT_FILE}: no graph published yet "
+                f"(run `walkrank graph build ... --publish {source}`)"
+            )
         directory = repository.version_dir(version)
         if not directory.is_dir():
-            raise DataError(f"{source / CURRENT_FILE}: points at version {version}, whose "
-                            f"directory {directory} does not exist")
+            raise DataError(
+                f"{source / CURRENT_FILE}: points at version {version}, whose "
+                f"directory {directory} does not exist"
+            )
         return directory, str(version)
     if not source.is_dir():
         raise DataError(f"{source}: graph directory does not exist")
-    raise DataError(f"{source}: neither a graph directory (no {MANIFEST}) nor a graph "
-                    f"repository (no {CURRENT_FILE}); build one with `walkrank graph build`")
+    raise DataError(
+        f"{source}: neither a graph directory (no {MANIFEST}) nor a graph "
+        f"repository (no {CURRENT_FILE}); build one with `walkrank graph build`"
+    )
 
 
 def content_id(manifest: dict[str, Any]) -> str:
     """A short id of a graph's contents (a hash of its array checksums): two directories with
     the same id hold the same graph, whatever their paths."""
-    digest = hashlib.blake2b(json.dumps(manifest["checksums"], sort_keys=True).encode(),
-                             digest_size=6)
+    digest = hashlib.blake2b(
+        json.dumps(manifest["checksums"], sort_keys=True).encode(), digest_size=6
+    )
     return digest.hexdigest()
 
 
@@ -122,8 +129,9 @@ class GraphRepository:
     def version_numbers(self) -> list[int]:
         if not self.root.is_dir():
             return []
-        return sorted(int(p.name) for p in self.root.iterdir()
-                      if p.is_dir() and VERSION_RE.fullmatch(p.name))
+        return sorted(
+            int(p.name) for p in self.root.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name)
+        )
 
     def current_version(self) -> int | None:
         return read_version(self.root / CURRENT_FILE, DataError)
@@ -135,8 +143,9 @@ class GraphRepository:
 
     # -- writing -------------------------------------------------------------------------
 
-    def publish(self, build: Callable[[Path], Any], keep: int | None = DEFAULT_KEEP
-                ) -> GraphVersion:
+    def publish(
+        self, build: Callable[[Path], Any], keep: int | None = DEFAULT_KEEP
+    ) -> GraphVersion:
         """Build a new version with `build(directory)`, verify it, make it CURRENT, then
         apply retention (`keep` versions besides the current and held ones; None keeps all).
 
@@ -174,12 +183,15 @@ class GraphRepository:
                     raise DataError(f"{self.root}: cannot roll back: no graph is published")
                 older = [v for v in known if v < current]
                 if not older:
-                    raise DataError(f"{self.root}: cannot roll back: version {current} is the "
-                                    f"oldest there is")
+                    raise DataError(
+                        f"{self.root}: cannot roll back: version {current} is the oldest there is"
+                    )
                 version = older[-1]
             elif version not in known:
-                raise DataError(f"{self.root}: cannot roll back to version {version}: no such "
-                                f"version (known: {', '.join(map(str, known)) or 'none'})")
+                raise DataError(
+                    f"{self.root}: cannot roll back to version {version}: no such "
+                    f"version (known: {', '.join(map(str, known)) or 'none'})"
+                )
             try:
                 GraphStore.load(self.version_dir(version), verify=True)
             except DataError as exc:
@@ -197,14 +209,21 @@ class GraphRepository:
 
     def _check_root(self) -> None:
         if (self.root / MANIFEST).is_file():
-            raise DataError(f"{self.root}: is a graph directory, not a graph repository; "
-                            f"publish into a new directory")
+            raise DataError(
+                f"{self.root}: is a graph directory, not a graph repository; "
+                f"publish into a new directory"
+            )
         if self.root.exists() and not self.root.is_dir():
             raise DataError(f"{self.root}: exists and is not a directory")
-        if (self.root.is_dir() and not is_repository(self.root)
-                and any(not p.name.startswith(".") for p in self.root.iterdir())):
-            raise DataError(f"{self.root}: directory is not empty and is not a graph "
-                            f"repository; refusing to publish into it")
+        if (
+            self.root.is_dir()
+            and not is_repository(self.root)
+            and any(not p.name.startswith(".") for p in self.root.iterdir())
+        ):
+            raise DataError(
+                f"{self.root}: directory is not empty and is not a graph "
+                f"repository; refusing to publish into it"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
@@ -232,7 +251,7 @@ class GraphRepository:
         current = self.current_version()
         old = [v for v in self.version_numbers() if v != current]
         deleted = []
-        for version in old[:max(0, len(old) - keep)]:
+        for version in old[: max(0, len(old) - keep)]:
             directory = self.version_dir(version)
             with _try_held(directory) as free:
                 if not free:  # a server maps it: it goes on a later publish or prune

@@ -118,7 +118,8 @@ def exclusive_graph_lock(root: Path) -> Iterator[None]:
         except BlockingIOError:
             raise DataError(
                 f"{root}: a running server is serving this graph; build into a new directory "
-                f"and point the server's graph setting at it (docs/serving.md)") from None
+                f"and point the server's graph setting at it (docs/serving.md)"
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -222,11 +223,25 @@ class GraphStore:
             "pin_run_offsets": counts["pins"] + 1,
             "board_run_offsets": counts["boards"] + 1,
         }
-        for name in ("pin_locale", "pin_topic", "pin_key", "pin_quality", "pin_created_at",
-                     "pin_ids_sorted", "pin_ids_order", "pin_ids"):
+        for name in (
+            "pin_locale",
+            "pin_topic",
+            "pin_key",
+            "pin_quality",
+            "pin_created_at",
+            "pin_ids_sorted",
+            "pin_ids_order",
+            "pin_ids",
+        ):
             expected[name] = counts["pins"]
-        for name in ("board_locale", "board_topic", "board_key", "board_ids_sorted",
-                     "board_ids_order", "board_ids"):
+        for name in (
+            "board_locale",
+            "board_topic",
+            "board_key",
+            "board_ids_sorted",
+            "board_ids_order",
+            "board_ids",
+        ):
             expected[name] = counts["boards"]
         shapes = {name: (n,) for name, n in expected.items()}
         n_locales = len(self.manifest["vocab"]["locales"])
@@ -340,6 +355,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
     """The fields loading and walking read, with the types they read them as."""
+
     def need(ok: bool, field: str, expected: str) -> None:
         if not ok:
             raise DataError(f"{path}: {field}: expected {expected}; the manifest is corrupt")
@@ -357,20 +373,30 @@ def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
     need(isinstance(vocab, dict), "vocab", "an object")
     for key in ("locales", "topics"):
         need(is_names(vocab.get(key)), f"vocab.{key}", "a list of names")
-    need(isinstance(manifest["schema"], dict)
-         and is_names(manifest["schema"].get("pin_columns", [])),
-         "schema.pin_columns", "a list of names")
+    need(
+        isinstance(manifest["schema"], dict)
+        and is_names(manifest["schema"].get("pin_columns", [])),
+        "schema.pin_columns",
+        "a list of names",
+    )
     checksums = manifest["checksums"]
-    need(isinstance(checksums, dict)
-         and all(isinstance(v, str) and "/" not in k and not k.startswith(".")
-                 for k, v in checksums.items()), "checksums",
-         "an object of array name -> checksum")
+    need(
+        isinstance(checksums, dict)
+        and all(
+            isinstance(v, str) and "/" not in k and not k.startswith(".")
+            for k, v in checksums.items()
+        ),
+        "checksums",
+        "an object of array name -> checksum",
+    )
     degree = manifest.get("degree")
-    need(isinstance(degree, dict) and is_count(degree.get("pin_max")), "degree.pin_max",
-         "a count")
+    need(isinstance(degree, dict) and is_count(degree.get("pin_max")), "degree.pin_max", "a count")
     runs = manifest.get("key_runs")
-    need(isinstance(runs, dict) and is_count(runs.get("shift")) and 1 <= runs["shift"] <= 32,
-         "key_runs.shift", "an integer in [1, 32]")
+    need(
+        isinstance(runs, dict) and is_count(runs.get("shift")) and 1 <= runs["shift"] <= 32,
+        "key_runs.shift",
+        "an integer in [1, 32]",
+    )
 
 
 def verify_checksums(root: Path, manifest: dict[str, Any]) -> None:
@@ -432,8 +458,7 @@ def _lookup(sorted_ids: np.ndarray, order: np.ndarray, external: Any) -> np.ndar
     if sorted_ids.dtype.kind == "U":
         unrepresentable = np.zeros(query.shape, dtype=bool)
         if query.dtype == object:
-            unrepresentable.flat[:] = [isinstance(v, str) and v.endswith("\0")
-                                       for v in query.flat]
+            unrepresentable.flat[:] = [isinstance(v, str) and v.endswith("\0") for v in query.flat]
         result = _search(sorted_ids, order, query.astype(str))
         result[unrepresentable] = -1
         return result
@@ -448,8 +473,9 @@ def _lookup(sorted_ids: np.ndarray, order: np.ndarray, external: Any) -> np.ndar
     result = np.full(query.shape, -1, dtype=np.int32)
     parsed = [_canonical_int(value) for value in query.flat]
     ok = np.array([value is not None for value in parsed], dtype=bool).reshape(query.shape)
-    result[ok] = _search(sorted_ids, order,
-                         np.array([v for v in parsed if v is not None], dtype=np.int64))
+    result[ok] = _search(
+        sorted_ids, order, np.array([v for v in parsed if v is not None], dtype=np.int64)
+    )
     return result
 
 

@@ -32,12 +32,30 @@ PIN_ID_BASE = 1_000_000_000
 BOARD_ID_BASE = 2_000_000_000
 
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"n_pins": 5_000, "n_boards": 1_000, "n_edges": 50_000, "n_topics": 8,
-             "n_locales": 3, "seed": 7},
-    "quick": {"n_pins": 100_000, "n_boards": 20_000, "n_edges": 2_000_000, "n_topics": 20,
-              "n_locales": 5, "seed": 7},
-    "bench": {"n_pins": 1_000_000, "n_boards": 200_000, "n_edges": 20_000_000, "n_topics": 32,
-              "n_locales": 8, "seed": 7},
+    "tiny": {
+        "n_pins": 5_000,
+        "n_boards": 1_000,
+        "n_edges": 50_000,
+        "n_topics": 8,
+        "n_locales": 3,
+        "seed": 7,
+    },
+    "quick": {
+        "n_pins": 100_000,
+        "n_boards": 20_000,
+        "n_edges": 2_000_000,
+        "n_topics": 20,
+        "n_locales": 5,
+        "seed": 7,
+    },
+    "bench": {
+        "n_pins": 1_000_000,
+        "n_boards": 200_000,
+        "n_edges": 20_000_000,
+        "n_topics": 32,
+        "n_locales": 8,
+        "seed": 7,
+    },
 }
 
 
@@ -59,8 +77,15 @@ def topic_names(n_topics: int) -> list[str]:
 
 
 def generate_graph_tables(
-    n_pins: int, n_boards: int, n_edges: int, n_topics: int, n_locales: int, seed: int = 0,
-    *, home_share: float = 0.85, mixed_board_share: float = 0.1,
+    n_pins: int,
+    n_boards: int,
+    n_edges: int,
+    n_topics: int,
+    n_locales: int,
+    seed: int = 0,
+    *,
+    home_share: float = 0.85,
+    mixed_board_share: float = 0.1,
 ) -> SyntheticTables:
     """Edges (unique, exactly `n_edges`), pins (locale, topic, quality, created_at), boards.
 
@@ -121,28 +146,40 @@ def generate_graph_tables(
     pin_ids = PIN_ID_BASE + np.arange(n_pins, dtype=np.int64)
     board_ids = BOARD_ID_BASE + np.arange(n_boards, dtype=np.int64)
     edges = pa.table({"pin_id": pin_ids[edge_pin], "board_id": board_ids[edge_board]})
-    pins = pa.table({
-        "pin_id": pin_ids,
-        "locale": pa.array(locales[pin_locale]).dictionary_encode(),
-        "topic": pa.array(topics[pin_topic]).dictionary_encode(),
-        "quality": rng.beta(2.0, 3.0, n_pins).astype(np.float32),
-        "created_at": REFERENCE_EPOCH - rng.uniform(0, 2 * 365 * 86400, n_pins).round(),
-    })
-    boards = pa.table({
-        "board_id": board_ids,
-        "topic": pa.array(topics[board_group // n_locales]).dictionary_encode(),
-        "locale": pa.array(locales[board_group % n_locales]).dictionary_encode(),
-    })
+    pins = pa.table(
+        {
+            "pin_id": pin_ids,
+            "locale": pa.array(locales[pin_locale]).dictionary_encode(),
+            "topic": pa.array(topics[pin_topic]).dictionary_encode(),
+            "quality": rng.beta(2.0, 3.0, n_pins).astype(np.float32),
+            "created_at": REFERENCE_EPOCH - rng.uniform(0, 2 * 365 * 86400, n_pins).round(),
+        }
+    )
+    boards = pa.table(
+        {
+            "board_id": board_ids,
+            "topic": pa.array(topics[board_group // n_locales]).dictionary_encode(),
+            "locale": pa.array(locales[board_group % n_locales]).dictionary_encode(),
+        }
+    )
     return SyntheticTables(edges=edges, pins=pins, boards=boards)
 
 
-def build_synthetic(out: str | Path, preset: str, options: PruneOptions | None = None,
-                    *, replace: bool = False) -> dict[str, Any]:
+def build_synthetic(
+    out: str | Path, preset: str, options: PruneOptions | None = None, *, replace: bool = False
+) -> dict[str, Any]:
     """Generate a preset's tables and build them into `out`; returns the manifest."""
     params = _preset(preset)
     tables = generate_graph_tables(**params)
-    return build_graph(out, tables.edges, tables.pins, tables.boards, options=options,
-                       source=_source(preset), replace=replace)
+    return build_graph(
+        out,
+        tables.edges,
+        tables.pins,
+        tables.boards,
+        options=options,
+        source=_source(preset),
+        replace=replace,
+    )
 
 
 def ensure_graph(preset: str, cache_dir: str | Path = ".cache/graphs") -> Path:
@@ -176,8 +213,12 @@ def _preset(preset: str) -> dict[str, int]:
 
 
 def _source(preset: str) -> dict[str, Any]:
-    return {"generator": "walkrank.graph.synthetic", "generator_version": GENERATOR_VERSION,
-            "preset": preset, **PRESETS[preset]}
+    return {
+        "generator": "walkrank.graph.synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "preset": preset,
+        **PRESETS[preset],
+    }
 
 
 def _zipf(n: int, exponent: float) -> np.ndarray:

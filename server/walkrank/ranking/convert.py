@@ -132,9 +132,7 @@ def _finish(model: onnx.ModelProto, head: list[onnx.NodeProto]) -> onnx.ModelPro
     """Appends the score head, makes "score" the only output, declares the default opset."""
     model.graph.node.extend(head)
     del model.graph.output[:]
-    model.graph.output.append(
-        helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, ["N"])
-    )
+    model.graph.output.append(helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, ["N"]))
     if not any(op.domain in ("", "ai.onnx") for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("", _OPSET))
     model.producer_name = "walkrank"

@@ -18,8 +18,18 @@ from walkrank.ranking.training import OBJECTIVES
 METADATA_FORMAT = "walkrank.ranking.model/1"
 # Threshold probe rows always join the caller's sample: data alone rarely sits on a split.
 PROBE_ROWS = 1024
-_TREE_PARAMS = ("eta", "max_depth", "min_child_weight", "subsample", "colsample_bytree",
-                "lambda", "alpha", "gamma", "max_bin", "tree_method")
+_TREE_PARAMS = (
+    "eta",
+    "max_depth",
+    "min_child_weight",
+    "subsample",
+    "colsample_bytree",
+    "lambda",
+    "alpha",
+    "gamma",
+    "max_bin",
+    "tree_method",
+)
 
 
 @dataclass(frozen=True)

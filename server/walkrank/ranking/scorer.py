@@ -91,9 +91,7 @@ def check_rows(rows: np.ndarray, n_features: int, what: str = "feature matrix") 
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def probe_matrix(
-    splits: list[np.ndarray], n_rows: int, seed: int
-) -> np.ndarray:
+def probe_matrix(splits: list[np.ndarray], n_rows: int, seed: int) -> np.ndarray:
     """Rows that sit exactly on, one float32 step below, and between the given thresholds.
 
     splits[j] holds the thresholds of feature j. Exact thresholds and their neighbours are
@@ -215,8 +213,9 @@ def _load_model(onnx_bytes: bytes, n_features: int) -> onnx.ModelProto:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if len(dims) != 2 or (dims[1].HasField("dim_value") and dims[1].dim_value != n_features):
         shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-        raise ModelError(f"model input {FEATURES_INPUT!r} has shape {shape}; "
-                         f"expected [batch, {n_features}]")
+        raise ModelError(
+            f"model input {FEATURES_INPUT!r} has shape {shape}; expected [batch, {n_features}]"
+        )
     return model
 
 
@@ -342,7 +341,9 @@ def _pad_forest(
     }
     weights: dict[tuple[int, int], float] = {}
     for t, n, w in zip(
-        attrs[f"{prefix}_treeids"], attrs[f"{prefix}_nodeids"], attrs[f"{prefix}_weights"],
+        attrs[f"{prefix}_treeids"],
+        attrs[f"{prefix}_nodeids"],
+        attrs[f"{prefix}_weights"],
         strict=True,
     ):
         weights[(int(t), int(n))] = weights.get((int(t), int(n)), 0.0) + float(w)
@@ -357,8 +358,9 @@ def _pad_forest(
             raise KernelUnsupported(f"tree {t} has {len(candidates)} root nodes")
         roots[t] = candidates[0]
 
-    depth = max(1, max(_tree_depth(t, roots[t], position, modes, true_ids, false_ids)
-                       for t in trees))
+    depth = max(
+        1, max(_tree_depth(t, roots[t], position, modes, true_ids, false_ids) for t in trees)
+    )
     n_internal = (1 << depth) - 1
     features = np.zeros((len(trees), n_internal), dtype=np.uint64)
     # +inf marks padding nodes: both subtrees are equal, and probe rows skip them.

@@ -48,8 +48,12 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 # Ours, not xgboost's: how training runs rather than what a tree is.
 _RUN_PARAMS = ("n_estimators", "ndcg_at", "early_stopping_rounds")
-_ALIASES = {"trees": "n_estimators", "eta": "learning_rate", "lambda": "reg_lambda",
-            "alpha": "reg_alpha"}
+_ALIASES = {
+    "trees": "n_estimators",
+    "eta": "learning_rate",
+    "lambda": "reg_lambda",
+    "alpha": "reg_alpha",
+}
 _XGBOOST_NAMES = {"learning_rate": "eta", "reg_lambda": "lambda", "reg_alpha": "alpha"}
 
 
@@ -69,8 +73,14 @@ def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
             known = sorted(DEFAULT_PARAMS) + sorted(_ALIASES)
             raise ConfigError(f"unknown training param {key!r}; known: {known}")
         resolved[name] = value
-    for name in ("n_estimators", "max_depth", "max_bin", "nthread", "ndcg_at",
-                 "early_stopping_rounds"):
+    for name in (
+        "n_estimators",
+        "max_depth",
+        "max_bin",
+        "nthread",
+        "ndcg_at",
+        "early_stopping_rounds",
+    ):
         value = resolved[name]
         low = 0 if name == "early_stopping_rounds" else 1
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
@@ -133,8 +143,7 @@ def _prepare(
     group_ids = np.asarray(groups)
     if group_ids.shape != (rows.shape[0],):
         raise DataError(
-            f"{name} groups has shape {group_ids.shape}; expected one id per row "
-            f"({rows.shape[0]},)"
+            f"{name} groups has shape {group_ids.shape}; expected one id per row ({rows.shape[0]},)"
         )
     # xgboost needs each group's rows contiguous; a stable sort keeps in-group order.
     order = np.argsort(group_ids, kind="stable")
@@ -178,8 +187,9 @@ def _dmatrix(split: _Split, nthread: int) -> Any:
     return matrix
 
 
-def xgboost_params(resolved: dict[str, Any], objective: str, seed: int,
-                   labels: np.ndarray | None = None) -> dict[str, Any]:
+def xgboost_params(
+    resolved: dict[str, Any], objective: str, seed: int, labels: np.ndarray | None = None
+) -> dict[str, Any]:
     """The xgboost parameter dict for resolved params (shared with the Dask path). The last
     eval metric is the one early stopping watches. `labels` (pairwise) decide the NDCG gain."""
     params: dict[str, Any] = {

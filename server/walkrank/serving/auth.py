@@ -31,8 +31,9 @@ def _matches(candidate: str, secrets: frozenset[str]) -> bool:
 class Authenticator:
     def __init__(self, config: AuthConfig) -> None:
         self.config = config
-        self._all_keys = frozenset().union(*config.tenant_keys.values()) if config.tenant_keys \
-            else frozenset()
+        self._all_keys = (
+            frozenset().union(*config.tenant_keys.values()) if config.tenant_keys else frozenset()
+        )
 
     def authenticate(self, context: grpc.ServicerContext) -> None:
         """The call carries a key of some tenant: checked from metadata alone, before the
@@ -76,5 +77,6 @@ class Authenticator:
         self.check_tenant(context, tenant)
 
     def _is_admin(self, token: str) -> bool:
-        return bool(self.config.admin_token) and _matches(token, frozenset({
-            self.config.admin_token}))
+        return bool(self.config.admin_token) and _matches(
+            token, frozenset({self.config.admin_token})
+        )

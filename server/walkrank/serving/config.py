@@ -73,9 +73,23 @@ class ServerConfig:
 
 
 _TOP_KEYS = {
-    "graph", "tenants_dir", "models_dir", "logs_dir", "address", "metrics_address", "workers",
-    "compute_slots", "compute_nice", "grace_seconds", "log_queue_batches", "log_ring_mb",
-    "log_writer_nice", "recent_request_ids", "max_message_bytes", "graph_watch_seconds", "auth",
+    "graph",
+    "tenants_dir",
+    "models_dir",
+    "logs_dir",
+    "address",
+    "metrics_address",
+    "workers",
+    "compute_slots",
+    "compute_nice",
+    "grace_seconds",
+    "log_queue_batches",
+    "log_ring_mb",
+    "log_writer_nice",
+    "recent_request_ids",
+    "max_message_bytes",
+    "graph_watch_seconds",
+    "auth",
     "tls",
 }
 
@@ -158,22 +172,33 @@ def load_server_config(path: Path) -> ServerConfig:
     def resolve(key: str) -> Path:
         return (base / _expect(path, raw, key, str)).resolve()
 
-    values: dict[str, Any] = {key: resolve(key) for key in ("graph", "tenants_dir", "models_dir",
-                                                              "logs_dir")}
-    for key, kind in (("address", str), ("metrics_address", str), ("workers", int),
-                      ("compute_slots", int), ("compute_nice", int),
-                      ("grace_seconds", (int, float)),
-                      ("log_queue_batches", int), ("log_ring_mb", int), ("log_writer_nice", int),
-                      ("recent_request_ids", int), ("max_message_bytes", int),
-                      ("graph_watch_seconds", (int, float))):
+    values: dict[str, Any] = {
+        key: resolve(key) for key in ("graph", "tenants_dir", "models_dir", "logs_dir")
+    }
+    for key, kind in (
+        ("address", str),
+        ("metrics_address", str),
+        ("workers", int),
+        ("compute_slots", int),
+        ("compute_nice", int),
+        ("grace_seconds", (int, float)),
+        ("log_queue_batches", int),
+        ("log_ring_mb", int),
+        ("log_writer_nice", int),
+        ("recent_request_ids", int),
+        ("max_message_bytes", int),
+        ("graph_watch_seconds", (int, float)),
+    ):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
     for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
         if values.get(key, 1) < 1:
             raise ConfigError(f"{path}: {key}: must be >= 1")
     if values.get("graph_watch_seconds", 1) <= 0:
-        raise ConfigError(f"{path}: graph_watch_seconds: must be > 0 (leave it out to swap "
-                          f"graphs only on Admin.Reload)")
+        raise ConfigError(
+            f"{path}: graph_watch_seconds: must be > 0 (leave it out to swap "
+            f"graphs only on Admin.Reload)"
+        )
     if values.get("recent_request_ids", 0) < 0:
         raise ConfigError(f"{path}: recent_request_ids: must be >= 0")
     for key in ("compute_nice", "log_writer_nice"):
@@ -183,14 +208,16 @@ def load_server_config(path: Path) -> ServerConfig:
     if not isinstance(auth_raw, dict) or set(auth_raw) - {"enabled", "secrets_file"}:
         raise ConfigError(f"{path}: auth: expected {{enabled: bool, secrets_file: path}}")
     secrets = auth_raw.get("secrets_file")
-    values["auth"] = resolve_auth(bool(auth_raw.get("enabled", False)),
-                                  (base / secrets).resolve() if secrets else None)
+    values["auth"] = resolve_auth(
+        bool(auth_raw.get("enabled", False)), (base / secrets).resolve() if secrets else None
+    )
     tls_raw = raw.get("tls")
     if tls_raw is not None:
         if not isinstance(tls_raw, dict) or set(tls_raw) != {"cert_file", "key_file"}:
             raise ConfigError(f"{path}: tls: expected {{cert_file: path, key_file: path}}")
-        values["tls"] = TlsConfig((base / tls_raw["cert_file"]).resolve(),
-                                  (base / tls_raw["key_file"]).resolve())
+        values["tls"] = TlsConfig(
+            (base / tls_raw["cert_file"]).resolve(), (base / tls_raw["key_file"]).resolve()
+        )
     return ServerConfig(**values)
 
 
@@ -201,8 +228,9 @@ def check_port_free(address: str, reuse_port: bool) -> None:
     closes at once; anything but a port in use is left to gRPC's own bind to report."""
     host, _, port = address.rpartition(":")
     try:
-        targets = socket.getaddrinfo(host.strip("[]") or None, int(port),
-                                     type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        targets = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except (OSError, ValueError):
         return
     for family, kind, proto, _, target in targets:
@@ -214,5 +242,6 @@ def check_port_free(address: str, reuse_port: bool) -> None:
                 probe.bind(target)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise ConfigError(f"address: cannot bind {address}: the port is in use "
-                                      f"by another process") from None
+                    raise ConfigError(
+                        f"address: cannot bind {address}: the port is in use by another process"
+                    ) from None

@@ -25,14 +25,12 @@ MAX_BATCH_USERS = 10_000
 def check_length(field: str, value: str, limit: int) -> None:
     """InvalidArgument naming `field` when `value` has more than `limit` characters."""
     if len(value) > limit:
-        raise InvalidArgument(field, f"{len(value)} characters, at most {limit}",
-                              reason="too_long")
+        raise InvalidArgument(field, f"{len(value)} characters, at most {limit}", reason="too_long")
 
 
 def check_count(field: str, values: Sequence[object], limit: int) -> None:
     if len(values) > limit:
-        raise InvalidArgument(field, f"{len(values)} values, at most {limit}",
-                              reason="too_long")
+        raise InvalidArgument(field, f"{len(values)} values, at most {limit}", reason="too_long")
 
 
 def check_each(field: str, values: Iterable[str], limit: int, suffix: str = "") -> None:

@@ -73,8 +73,9 @@ def page_in_arrays(store: GraphStore) -> float:
     return time.perf_counter() - started
 
 
-def refuse_for_tenants(runtimes: dict[str, TenantRuntime], served: ServedGraph,
-                       new: ServedGraph) -> None:
+def refuse_for_tenants(
+    runtimes: dict[str, TenantRuntime], served: ServedGraph, new: ServedGraph
+) -> None:
     """DataError when the new graph would take away graph data a tenant's model reads
     (`walkrank.features.GRAPH_INPUTS`): that model could not be served as trained."""
     problems = []
@@ -82,13 +83,17 @@ def refuse_for_tenants(runtimes: dict[str, TenantRuntime], served: ServedGraph,
         runtime = runtimes[name]
         if runtime.model is None:
             continue
-        for data, features in inputs_lost(runtime.config.features, served.store,
-                                          new.store).items():
-            problems.append(f"tenant {name!r} (model {runtime.model_version}) uses "
-                            f"{', '.join(features)}, which need {data}: graph {served.version} "
-                            f"has them, graph {new.version} does not")
+        for data, features in inputs_lost(runtime.config.features, served.store, new.store).items():
+            problems.append(
+                f"tenant {name!r} (model {runtime.model_version}) uses "
+                f"{', '.join(features)}, which need {data}: graph {served.version} "
+                f"has them, graph {new.version} does not"
+            )
     if problems:
-        raise DataError(f"{new.path}: graph {new.version} not swapped in, graph "
-                        f"{served.version} keeps serving: " + "; ".join(problems)
-                        + " (retrain those tenants on a graph like it, or rebuild it with "
-                          "that data)")
+        raise DataError(
+            f"{new.path}: graph {new.version} not swapped in, graph "
+            f"{served.version} keeps serving: "
+            + "; ".join(problems)
+            + " (retrain those tenants on a graph like it, or rebuild it with "
+            "that data)"
+        )

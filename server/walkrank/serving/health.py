@@ -45,8 +45,9 @@ class TenantHealth(health_pb2_grpc.HealthServicer):
             check_length("service", service, TENANT_CHARS)
             self._auth.check_tenant_or_admin(context, service)
 
-    def Check(self, request: health_pb2.HealthCheckRequest,
-              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
         self._authorize(request.service, context)
         with self._lock:
             status = self._status.get(request.service)
@@ -56,8 +57,9 @@ class TenantHealth(health_pb2_grpc.HealthServicer):
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=status)
 
-    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
-              send: Send) -> None:
+    def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext, send: Send
+    ) -> None:
         """The current status now, then every change until the call ends (non-blocking:
         the call holds no thread while it waits)."""
         service = request.service

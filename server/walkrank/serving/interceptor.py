@@ -50,7 +50,7 @@ def status_of(exc: WalkRankError) -> grpc.StatusCode:
 
 def _one_line(text: str) -> str:
     line = " ".join(text.split())
-    return line if len(line) <= MAX_DETAILS_CHARS else line[:MAX_DETAILS_CHARS - 1] + "…"
+    return line if len(line) <= MAX_DETAILS_CHARS else line[: MAX_DETAILS_CHARS - 1] + "…"
 
 
 def _decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
@@ -66,8 +66,11 @@ def _decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         except DecodeError as exc:
             # upb says e.g. "Error parsing message with type 'X': String field had bad UTF-8".
             problem = str(exc).rpartition("': ")[2] or "unparseable"
-            raise InvalidArgument("request", f"not a valid {name} ({len(data)} bytes): "
-                                  f"{problem}", reason="undecodable") from None
+            raise InvalidArgument(
+                "request",
+                f"not a valid {name} ({len(data)} bytes): {problem}",
+                reason="undecodable",
+            ) from None
 
     return decode
 
@@ -94,9 +97,13 @@ class RequestBoundary(grpc.ServerInterceptor):
     the lane `lane` names for their message; streaming requests (reflection) bypass it.
     """
 
-    def __init__(self, metrics: ServerMetrics, guards: Mapping[str, Guard] | None = None,
-                 door: FrontDoor | None = None,
-                 lane: Callable[[Any], str] = lambda message: "") -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        guards: Mapping[str, Guard] | None = None,
+        door: FrontDoor | None = None,
+        lane: Callable[[Any], str] = lambda message: "",
+    ) -> None:
         self._metrics = metrics
         self._guards = dict(guards or {})
         self._door = door
@@ -111,8 +118,9 @@ class RequestBoundary(grpc.ServerInterceptor):
             with self._door.through(self._lane(message)):
                 yield
 
-    def intercept_service(self, continuation: Callable[..., Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+    def intercept_service(
+        self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -150,13 +158,16 @@ class RequestBoundary(grpc.ServerInterceptor):
                 except WalkRankError as exc:
                     fail(context, exc)
 
-            return handler._replace(unary_unary=_like(unary_unary, unary),
-                                    request_deserializer=None)
+            return handler._replace(
+                unary_unary=_like(unary_unary, unary), request_deserializer=None
+            )
         if handler.unary_stream is not None:
             stream = handler.unary_stream
             if getattr(stream, "experimental_non_blocking", False):
-                def unary_stream(request: bytes, context: grpc.ServicerContext,
-                                 *callback: Any) -> Any:
+
+                def unary_stream(
+                    request: bytes, context: grpc.ServicerContext, *callback: Any
+                ) -> Any:
                     try:
                         check(context)
                         message = decode(request)
@@ -165,8 +176,8 @@ class RequestBoundary(grpc.ServerInterceptor):
                     except WalkRankError as exc:
                         fail(context, exc)
             else:
-                def unary_stream(request: bytes, context: grpc.ServicerContext
-                                 ) -> Iterator[Any]:
+
+                def unary_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
                     try:
                         check(context)
                         message = decode(request)
@@ -175,8 +186,9 @@ class RequestBoundary(grpc.ServerInterceptor):
                     except WalkRankError as exc:
                         fail(context, exc)
 
-            return handler._replace(unary_stream=_like(unary_stream, stream),
-                                    request_deserializer=None)
+            return handler._replace(
+                unary_stream=_like(unary_stream, stream), request_deserializer=None
+            )
         if handler.stream_unary is not None:
             client_stream = handler.stream_unary
 
@@ -187,17 +199,18 @@ class RequestBoundary(grpc.ServerInterceptor):
                 except WalkRankError as exc:
                     fail(context, exc)
 
-            return handler._replace(stream_unary=_like(stream_unary, client_stream),
-                                    request_deserializer=None)
+            return handler._replace(
+                stream_unary=_like(stream_unary, client_stream), request_deserializer=None
+            )
         both = handler.stream_stream
 
-        def stream_stream(requests: Iterator[bytes], context: grpc.ServicerContext
-                          ) -> Iterator[Any]:
+        def stream_stream(
+            requests: Iterator[bytes], context: grpc.ServicerContext
+        ) -> Iterator[Any]:
             try:
                 check(context)
                 yield from both(map(decode, requests), context)
             except WalkRankError as exc:
                 fail(context, exc)
 
-        return handler._replace(stream_stream=_like(stream_stream, both),
-                                request_deserializer=None)
+        return handler._replace(stream_stream=_like(stream_stream, both), request_deserializer=None)

@@ -14,41 +14,74 @@ class ServerMetrics:
     def __init__(self) -> None:
         self._http: WSGIServer | None = None
         self.registry = CollectorRegistry()
-        self.requests = Counter("walkrank_requests", "Recommend calls by tenant and status code",
-                                ["tenant", "code"], registry=self.registry)
-        self.latency = Histogram("walkrank_stage_seconds", "Latency per request stage",
-                                 ["tenant", "stage"], buckets=_BUCKETS_S, registry=self.registry)
-        self.candidates = Counter("walkrank_candidates", "Candidates generated and scored",
-                                  ["tenant", "kind"], registry=self.registry)
+        self.requests = Counter(
+            "walkrank_requests",
+            "Recommend calls by tenant and status code",
+            ["tenant", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "walkrank_stage_seconds",
+            "Latency per request stage",
+            ["tenant", "stage"],
+            buckets=_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.candidates = Counter(
+            "walkrank_candidates",
+            "Candidates generated and scored",
+            ["tenant", "kind"],
+            registry=self.registry,
+        )
         self.client_errors = Counter(
             "walkrank_client_errors",
             "Calls refused for the client's doing (undecodable, invalid, too long, unknown "
             "tenant, credentials, quota), by tenant ('unknown' before one is named) and reason",
-            ["tenant", "reason"], registry=self.registry)
-        self.model_version = Gauge("walkrank_model_version",
-                                   "Model version in use (0 = visit count)", ["tenant"],
-                                   registry=self.registry)
+            ["tenant", "reason"],
+            registry=self.registry,
+        )
+        self.model_version = Gauge(
+            "walkrank_model_version",
+            "Model version in use (0 = visit count)",
+            ["tenant"],
+            registry=self.registry,
+        )
         self.tenant_load_error = Gauge(
             "walkrank_tenant_load_error",
             "1 while the tenant's file or model failed its last (re)load (it serves what it "
-            "served before, or visit count)", ["tenant"], registry=self.registry)
+            "served before, or visit count)",
+            ["tenant"],
+            registry=self.registry,
+        )
         # A repository's version number (0 for a plain graph directory), so a dashboard sees
         # every replica move to the new graph after a publish (docs/graphs.md).
-        self.graph_version = Gauge("walkrank_graph_version",
-                                   "Version of the graph being served (0: not a repository)",
-                                   registry=self.registry)
+        self.graph_version = Gauge(
+            "walkrank_graph_version",
+            "Version of the graph being served (0: not a repository)",
+            registry=self.registry,
+        )
         self.graph_load_error = Gauge(
             "walkrank_graph_load_error",
             "1 while the newest graph failed to load or was refused (the previous one serves)",
-            registry=self.registry)
+            registry=self.registry,
+        )
         # Every row a log accepted or refused but never wrote, by log (candidates, events)
         # and reason: queue_full, closed, writer_died, bad_record, write_error.
-        self.log_dropped = Counter("walkrank_log_dropped_rows",
-                                   "Log rows offered but never written, by log and reason",
-                                   ["log", "reason"], registry=self.registry)
+        self.log_dropped = Counter(
+            "walkrank_log_dropped_rows",
+            "Log rows offered but never written, by log and reason",
+            ["log", "reason"],
+            registry=self.registry,
+        )
 
-    def observe_request(self, tenant: str, code: str, timing_ms: dict[str, float] | None,
-                        generated: int = 0, scored: int = 0) -> None:
+    def observe_request(
+        self,
+        tenant: str,
+        code: str,
+        timing_ms: dict[str, float] | None,
+        generated: int = 0,
+        scored: int = 0,
+    ) -> None:
         self.requests.labels(tenant, code).inc()
         for stage, ms in (timing_ms or {}).items():
             self.latency.labels(tenant, stage).observe(ms / 1e3)
@@ -60,8 +93,9 @@ class ServerMetrics:
     def serve(self, address: str) -> None:
         """Expose /metrics on `host:port` (a port separate from gRPC) until `close`."""
         host, _, port = address.rpartition(":")
-        self._http, _ = start_http_server(int(port), addr=host or "127.0.0.1",
-                                          registry=self.registry)
+        self._http, _ = start_http_server(
+            int(port), addr=host or "127.0.0.1", registry=self.registry
+        )
 
     def close(self) -> None:
         if self._http is not None:

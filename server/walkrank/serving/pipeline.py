@@ -89,52 +89,65 @@ def check_time(field: str, seconds: float | None) -> None:
         raise InvalidArgument(field, f"{seconds!r} is not epoch seconds in 1970..2100{hint}")
 
 
-def query_from_actions(actions: tuple[Action, ...], runtime: TenantRuntime, now: float
-                       ) -> tuple[tuple[str, ...], np.ndarray]:
+def query_from_actions(
+    actions: tuple[Action, ...], runtime: TenantRuntime, now: float
+) -> tuple[tuple[str, ...], np.ndarray]:
     """The query (pins, weights) of a user's actions, weighed as the tenant's `query` says:
     `action_weights[action] * 0.5 ** (age_hours / recency_half_life_hours)`, ages from `now`
     (clipped at 0), one pin's actions summed, pins in order of first action; pins that
     weigh 0 are left out."""
     query, limits = runtime.config.query, runtime.config.limits
     if not query.action_weights:
-        raise InvalidArgument("actions", f"tenant {runtime.name!r} (query.source "
-                              f"{query.source}) takes query_pins, not actions")
+        raise InvalidArgument(
+            "actions",
+            f"tenant {runtime.name!r} (query.source {query.source}) takes query_pins, not actions",
+        )
     if len(actions) > limits.max_query_pins:
-        raise InvalidArgument("actions", f"{len(actions)} actions, tenant {runtime.name!r} "
-                              f"allows at most {limits.max_query_pins}")
+        raise InvalidArgument(
+            "actions",
+            f"{len(actions)} actions, tenant {runtime.name!r} "
+            f"allows at most {limits.max_query_pins}",
+        )
     base = np.empty(len(actions), dtype=np.float64)
     halvings = np.zeros(len(actions), dtype=np.float64)
-    half_life_s = None if query.recency_half_life_hours is None else (
-        query.recency_half_life_hours * 3600.0)
+    half_life_s = (
+        None if query.recency_half_life_hours is None else (query.recency_half_life_hours * 3600.0)
+    )
     for i, action in enumerate(actions):
         if not action.pin_id:
             raise InvalidArgument(f"actions[{i}].pin_id", "empty")
         name = action.action.strip().lower()
         if name not in query.action_weights:
-            raise InvalidArgument(f"actions[{i}].action", f"unknown action "
-                                  f"{action.action!r}; tenant {runtime.name!r} weighs "
-                                  f"{', '.join(sorted(query.action_weights))}")
+            raise InvalidArgument(
+                f"actions[{i}].action",
+                f"unknown action "
+                f"{action.action!r}; tenant {runtime.name!r} weighs "
+                f"{', '.join(sorted(query.action_weights))}",
+            )
         check_time(f"actions[{i}].time", action.time)
         base[i] = query.action_weights[name]
         if half_life_s is not None and action.time is not None:
             halvings[i] = max(now - action.time, 0.0) / half_life_s
     weighted = base > 0
     if not weighted.any():
-        raise InvalidArgument("actions", f"every action weighs 0 in tenant {runtime.name!r}'s "
-                              f"query.action_weights")
+        raise InvalidArgument(
+            "actions", f"every action weighs 0 in tenant {runtime.name!r}'s query.action_weights"
+        )
     # Weights are shares: halvings counted from the freshest weighted action, so a history
     # of old actions keeps its proportions instead of underflowing to 0.
     weights = base * np.exp2(-(halvings - halvings[weighted].min()))
-    pins, first, inverse = np.unique(np.array([a.pin_id for a in actions], dtype=object),
-                                     return_index=True, return_inverse=True)
+    pins, first, inverse = np.unique(
+        np.array([a.pin_id for a in actions], dtype=object), return_index=True, return_inverse=True
+    )
     totals = np.bincount(inverse, weights=weights)
     order = np.argsort(first, kind="stable")
     order = order[totals[order] > 0]
     return tuple(pins[order].tolist()), totals[order]
 
 
-def validate(request: RecommendInput, runtime: TenantRuntime, now: float
-             ) -> tuple[tuple[str, ...], np.ndarray, int]:
+def validate(
+    request: RecommendInput, runtime: TenantRuntime, now: float
+) -> tuple[tuple[str, ...], np.ndarray, int]:
     """Check the request against the tenant's limits; returns (query pins, weights, number
     of results), the query built from the actions when the request sent them.
 
@@ -152,18 +165,23 @@ def validate(request: RecommendInput, runtime: TenantRuntime, now: float
     if not pins:
         raise InvalidArgument("query_pins", "at least one query pin (or action) is required")
     if len(pins) > limits.max_query_pins:
-        raise InvalidArgument("query_pins", f"{len(pins)} query pins, tenant "
-                              f"{runtime.name!r} allows at most {limits.max_query_pins}")
+        raise InvalidArgument(
+            "query_pins",
+            f"{len(pins)} query pins, tenant "
+            f"{runtime.name!r} allows at most {limits.max_query_pins}",
+        )
     if any(not pin for pin in pins):
         raise InvalidArgument("query_pins", "a query pin has an empty pin_id")
     if request.query_weights:
         if len(request.query_weights) != len(pins):
-            raise InvalidArgument("query_pins.weight", "weights must be given for every "
-                                  "query pin or for none")
+            raise InvalidArgument(
+                "query_pins.weight", "weights must be given for every query pin or for none"
+            )
         bad = [w for w in request.query_weights if not (math.isfinite(w) and w > 0)]
         if bad:
-            raise InvalidArgument("query_pins.weight", f"weights must be finite and > 0, got "
-                                  f"{bad[0]!r}")
+            raise InvalidArgument(
+                "query_pins.weight", f"weights must be finite and > 0, got {bad[0]!r}"
+            )
         weights = np.asarray(request.query_weights, dtype=np.float64)
     else:
         weights = np.ones(len(pins), dtype=np.float64)
@@ -176,8 +194,10 @@ def _num_results(request: RecommendInput, runtime: TenantRuntime) -> int:
     if num_results < 0:
         raise InvalidArgument("num_results", f"must be >= 0, got {num_results}")
     if num_results > candidates.max_return:
-        raise InvalidArgument("num_results", f"{num_results} exceeds tenant {runtime.name!r} "
-                              f"maximum of {candidates.max_return}")
+        raise InvalidArgument(
+            "num_results",
+            f"{num_results} exceeds tenant {runtime.name!r} maximum of {candidates.max_return}",
+        )
     return num_results
 
 
@@ -197,8 +217,7 @@ def caller_remaining_s(remaining: float | None) -> float | None:
 class Stopwatch:
     """Stage timings in milliseconds, and the deadline checked between stages."""
 
-    def __init__(self, time_remaining: Callable[[], float | None], default_budget_s: float
-                 ) -> None:
+    def __init__(self, time_remaining: Callable[[], float | None], default_budget_s: float) -> None:
         self._time_remaining = time_remaining
         self._default_budget_s = default_budget_s
         self._last = time.perf_counter()
@@ -220,9 +239,14 @@ class Stopwatch:
 
 
 def _take(result: WalkResult, keep: np.ndarray) -> WalkResult:
-    return dataclasses.replace(result, pins=result.pins[keep], scores=result.scores[keep],
-                               visits=result.visits[keep], query_hits=result.query_hits[keep],
-                               degree=result.degree[keep])
+    return dataclasses.replace(
+        result,
+        pins=result.pins[keep],
+        scores=result.scores[keep],
+        visits=result.visits[keep],
+        query_hits=result.query_hits[keep],
+        degree=result.degree[keep],
+    )
 
 
 def recommend(
@@ -245,7 +269,7 @@ def recommend(
     query_pins = np.asarray(pins, dtype=object)
     if len(query_pins) > config.query.max_pins:
         # The tenant walks from its `max_pins` heaviest query pins; ties keep request order.
-        keep = np.sort(np.argsort(-weights, kind="stable")[:config.query.max_pins])
+        keep = np.sort(np.argsort(-weights, kind="stable")[: config.query.max_pins])
         query_pins, weights = query_pins[keep], weights[keep]
     dense = graph.pin_index(query_pins.tolist())
     unknown = tuple(query_pins[i] for i in np.flatnonzero(dense < 0))
@@ -254,8 +278,16 @@ def recommend(
     user_topic = int(interests[0]) if len(interests) else -1
     seed = request.seed if request.seed is not None else request_seed(request.request_id)
     try:
-        result = walk(graph, dense, weights, config.walk_params, user_locale=locale,
-                      user_topic=user_topic, seed=seed, cancel=cancel)
+        result = walk(
+            graph,
+            dense,
+            weights,
+            config.walk_params,
+            user_locale=locale,
+            user_topic=user_topic,
+            seed=seed,
+            cancel=cancel,
+        )
     except WalkCancelled as exc:
         raise DeadlineExceeded(f"deadline exceeded during the walk ({exc})") from None
     if request.exclude_pins and len(result.pins):
@@ -266,9 +298,13 @@ def recommend(
     known = dense >= 0
     # Features use the weights as shares too; over their maximum they fit float32.
     shares = weights[known] / weights[known].max(initial=0.0)
-    context = RequestContext(user_locale=locale, user_interests=interests,
-                             query_pins=dense[known], query_weights=shares.astype(np.float32),
-                             now=now)
+    context = RequestContext(
+        user_locale=locale,
+        user_interests=interests,
+        query_pins=dense[known],
+        query_weights=shares.astype(np.float32),
+        now=now,
+    )
     features = compute_features(graph, result, context, config.features)
     clock.lap("features")
 
@@ -281,26 +317,44 @@ def recommend(
 
     top = order[:num_results]
     pin_ids = graph.pin_external(result.pins[top])
-    if candidate_log is not None and len(result.pins) and is_sampled(
-            request.request_id, config.logging.sample_rate):
+    if (
+        candidate_log is not None
+        and len(result.pins)
+        and is_sampled(request.request_id, config.logging.sample_rate)
+    ):
         ranks = np.empty(len(order), dtype=np.int32)
         ranks[order] = np.arange(len(order), dtype=np.int32)
         returned = np.zeros(len(order), dtype=bool)
         returned[top] = True
-        candidate_log.submit(CandidateBatch(
-            request_id=request.request_id, tenant=config.name, ts=context.now,
-            user_id=request.user_id, user_locale=request.locale,
-            user_interests=list(request.interests),
-            pin_ids=graph.pin_external(result.pins), feature_names=list(config.features),
-            features=features, visit_scores=result.scores, model_scores=scores, ranks=ranks,
-            returned=returned, model_version=runtime.model_version,
-        ))
+        candidate_log.submit(
+            CandidateBatch(
+                request_id=request.request_id,
+                tenant=config.name,
+                ts=context.now,
+                user_id=request.user_id,
+                user_locale=request.locale,
+                user_interests=list(request.interests),
+                pin_ids=graph.pin_external(result.pins),
+                feature_names=list(config.features),
+                features=features,
+                visit_scores=result.scores,
+                model_scores=scores,
+                ranks=ranks,
+                returned=returned,
+                model_version=runtime.model_version,
+            )
+        )
     clock.lap("logging")
     clock.total()
     return RecommendOutput(
-        request_id=request.request_id, pin_ids=pin_ids, scores=scores[top],
-        visits=result.visits[top], walk_scores=result.scores[top],
+        request_id=request.request_id,
+        pin_ids=pin_ids,
+        scores=scores[top],
+        visits=result.visits[top],
+        walk_scores=result.scores[top],
         model_version=runtime.model_version,
-        unknown_query_pins=unknown, empty_reason=result.empty_reason,
-        timing_ms=clock.timing_ms, candidates_generated=len(result.pins),
+        unknown_query_pins=unknown,
+        empty_reason=result.empty_reason,
+        timing_ms=clock.timing_ms,
+        candidates_generated=len(result.pins),
     )

@@ -42,8 +42,9 @@ T = TypeVar("T")
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity), the default number of slots."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
 
 
 class SlotTimeout(Exception):
@@ -94,8 +95,10 @@ class ComputePool:
         self._active: dict[int, _Job[Any]] = {}
         self._last_finished = time.perf_counter()
         self._closed = False
-        self._threads = [threading.Thread(target=self._serve, name=f"walkrank-compute-{i}",
-                                          daemon=True) for i in range(slots)]
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"walkrank-compute-{i}", daemon=True)
+            for i in range(slots)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -121,8 +124,14 @@ class ComputePool:
             since = max(self._last_finished, min(job.enqueued for job in self._queue))
         return max(0.0, time.perf_counter() - since)
 
-    def run(self, work: Callable[[], T], priority: int, wait_s: float | None = None,
-            due: float | None = None, cancel: np.ndarray | None = None) -> tuple[T, float]:
+    def run(
+        self,
+        work: Callable[[], T],
+        priority: int,
+        wait_s: float | None = None,
+        due: float | None = None,
+        cancel: np.ndarray | None = None,
+    ) -> tuple[T, float]:
         """Run `work` on a compute thread; its result and the seconds it waited to start.
 
         Jobs with a lower `priority` number start first, then the earliest `due` (the
@@ -132,8 +141,7 @@ class ComputePool:
         When `due` passes with the job running, `cancel[0]` is set to 1 (`work` is expected
         to read it and end early) and this returns when `work` does.
         """
-        job = _Job(priority, math.inf if due is None else due, next(self._arrivals), work,
-                   cancel)
+        job = _Job(priority, math.inf if due is None else due, next(self._arrivals), work, cancel)
         with self._work:
             if self._closed:
                 raise RuntimeError("the compute pool is closed")
@@ -146,8 +154,10 @@ class ComputePool:
                     self._queue.remove(job)
                     heapq.heapify(self._queue)
                     assert start_s is not None
-                    raise SlotTimeout(f"no compute slot came free within {start_s * 1e3:.0f} ms "
-                                      f"(all {self.slots} busy)")
+                    raise SlotTimeout(
+                        f"no compute slot came free within {start_s * 1e3:.0f} ms "
+                        f"(all {self.slots} busy)"
+                    )
         if not job.done.wait(_seconds_until(job.due)):
             job.stop()
             job.done.wait()
@@ -170,8 +180,11 @@ class ComputePool:
     def _serve(self) -> None:
         if self.nice and sys.platform.startswith("linux"):
             # Linux applies niceness per thread: PRIO_PROCESS with a thread id.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
+            os.setpriority(
+                os.PRIO_PROCESS,
+                threading.get_native_id(),
+                os.getpriority(os.PRIO_PROCESS, 0) + self.nice,
+            )
         while True:
             with self._work:
                 while not self._queue and not self._closed:

@@ -62,8 +62,11 @@ GRAPH_LOAD_NICE = 10
 
 def _lower_priority() -> None:
     if sys.platform.startswith("linux"):  # niceness is per thread there
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                       min(19, os.getpriority(os.PRIO_PROCESS, 0) + GRAPH_LOAD_NICE))
+        os.setpriority(
+            os.PRIO_PROCESS,
+            threading.get_native_id(),
+            min(19, os.getpriority(os.PRIO_PROCESS, 0) + GRAPH_LOAD_NICE),
+        )
 
 
 class WalkRankServer:
@@ -85,17 +88,27 @@ class WalkRankServer:
             functools.partial(CandidateLog, config.logs_dir, queue_size=config.log_queue_batches),
             ring_bytes=config.log_ring_mb << 20,
             on_lost=functools.partial(self._log_lost, "candidates"),
-            nice=config.log_writer_nice, name="walkrank-candidate-log")
+            nice=config.log_writer_nice,
+            name="walkrank-candidate-log",
+        )
         self.event_log = EventLog(
-            config.logs_dir, writer_nice=config.log_writer_nice,
+            config.logs_dir,
+            writer_nice=config.log_writer_nice,
             on_drop=lambda table: self._log_lost("events", "queue_full", table.num_rows),
-            on_lost=functools.partial(self._log_lost, "events"))
+            on_lost=functools.partial(self._log_lost, "events"),
+        )
         auth = Authenticator(config.auth)
         self.health = TenantHealth(auth)
         self.serving = ServingContext(
-            served, self.tenants, self.candidate_log, self.event_log, auth, self.metrics,
+            served,
+            self.tenants,
+            self.candidate_log,
+            self.event_log,
+            auth,
+            self.metrics,
             ComputePool(config.compute_slots or available_cores(), nice=config.compute_nice),
-            RequestOwners(config.recent_request_ids))
+            RequestOwners(config.recent_request_ids),
+        )
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -104,16 +117,26 @@ class WalkRankServer:
         self._workers = WorkerPool(config.workers)
         self._server = grpc.server(
             self._workers,
-            interceptors=[RequestBoundary(
-                self.metrics, guards={RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin},
-                door=FrontDoor(config.workers), lane=self.serving.lane)], options=options,
-            maximum_concurrent_rpcs=None)
+            interceptors=[
+                RequestBoundary(
+                    self.metrics,
+                    guards={RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin},
+                    door=FrontDoor(config.workers),
+                    lane=self.serving.lane,
+                )
+            ],
+            options=options,
+            maximum_concurrent_rpcs=None,
+        )
         add_recommender(RecommenderServicer(self.serving), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.serving, self.reload), self._server)
+            AdminServicer(self.serving, self.reload), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        enable_reflection(self._server, [
-            RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
+        enable_reflection(
+            self._server,
+            [RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+        )
         self.port = 0
         self._reuse_port = reuse_port
         self._stopped = threading.Event()
@@ -138,9 +161,12 @@ class WalkRankServer:
             # A day, not the tenant's deadline: loading (or, on a cold cache, compiling) the
             # kernels takes seconds.
             try:
-                recommend(graph, runtime, RecommendInput(tenant=name, request_id="warm-up",
-                                                         query_pins=(first_pin,)),
-                          time_remaining=lambda: NO_DEADLINE_S)
+                recommend(
+                    graph,
+                    runtime,
+                    RecommendInput(tenant=name, request_id="warm-up", query_pins=(first_pin,)),
+                    time_remaining=lambda: NO_DEADLINE_S,
+                )
             except Exception:  # one tenant's failure never stops the server's startup
                 log.exception("tenant %s: warm-up call failed", name)
 
@@ -167,8 +193,9 @@ class WalkRankServer:
         self._server.start()
         threading.Thread(target=self._watch_compute, name="walkrank-health", daemon=True).start()
         if self.config.graph_watch_seconds is not None:
-            threading.Thread(target=self._watch_graph, name="walkrank-graph-watch",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._watch_graph, name="walkrank-graph-watch", daemon=True
+            ).start()
         if self.config.metrics_address:
             self.metrics.serve(self.config.metrics_address)
         log.info("serving %d tenants on port %d", len(self.tenants.runtimes()), self.port)
@@ -179,18 +206,29 @@ class WalkRankServer:
         credentials = None
         if self.config.tls is not None:
             try:
-                credentials = grpc.ssl_server_credentials([(
-                    self.config.tls.key_file.read_bytes(), self.config.tls.cert_file.read_bytes())])
+                credentials = grpc.ssl_server_credentials(
+                    [
+                        (
+                            self.config.tls.key_file.read_bytes(),
+                            self.config.tls.cert_file.read_bytes(),
+                        )
+                    ]
+                )
             except OSError as exc:
                 raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
         try:
-            port = (self._server.add_insecure_port(self.config.address) if credentials is None
-                    else self._server.add_secure_port(self.config.address, credentials))
+            port = (
+                self._server.add_insecure_port(self.config.address)
+                if credentials is None
+                else self._server.add_secure_port(self.config.address, credentials)
+            )
         except RuntimeError:  # grpcio 1.85 raises "Failed to bind to address ..." (no port 0)
             port = 0
         if port == 0:
-            raise ConfigError(f"address: cannot bind {self.config.address} (the port is in use "
-                              f"or the host is not an address of this machine)")
+            raise ConfigError(
+                f"address: cannot bind {self.config.address} (the port is in use "
+                f"or the host is not an address of this machine)"
+            )
         return port
 
     def reload(self, models_for: frozenset[str] | None = None) -> ReloadReport:
@@ -225,21 +263,34 @@ class WalkRankServer:
                     self._set_graph_metrics(served, error=False)  # e.g. rolled back to it
                     return "", None
                 started = time.perf_counter()
-                with futures.ThreadPoolExecutor(1, "walkrank-graph-load",
-                                                initializer=_lower_priority) as loader:
+                with futures.ThreadPoolExecutor(
+                    1, "walkrank-graph-load", initializer=_lower_priority
+                ) as loader:
                     new = loader.submit(self._open_checked, served).result()
             except Exception as exc:  # contained: whatever failed, the old graph serves on
-                problem = str(exc) if isinstance(exc, WalkRankError) else (
-                    f"{type(exc).__name__}: {exc}")
-                log.error("graph %s: not swapped in, graph %s keeps serving: %s",
-                          self.config.graph, served.version, problem,
-                          exc_info=not isinstance(exc, WalkRankError))
+                problem = (
+                    str(exc) if isinstance(exc, WalkRankError) else (f"{type(exc).__name__}: {exc}")
+                )
+                log.error(
+                    "graph %s: not swapped in, graph %s keeps serving: %s",
+                    self.config.graph,
+                    served.version,
+                    problem,
+                    exc_info=not isinstance(exc, WalkRankError),
+                )
                 self._set_graph_metrics(served, error=True)
                 return "", (str(self.config.graph), problem)
             self.serving.served = new  # the swap: calls that started before keep the old one
-            log.info("graph %s: now version %s (was %s): opened and verified in %.3f s, paged in "
-                     "%.3f s, ready after %.3f s", self.config.graph, new.version, served.version,
-                     new.open_s, new.page_in_s, time.perf_counter() - started)
+            log.info(
+                "graph %s: now version %s (was %s): opened and verified in %.3f s, paged in "
+                "%.3f s, ready after %.3f s",
+                self.config.graph,
+                new.version,
+                served.version,
+                new.open_s,
+                new.page_in_s,
+                time.perf_counter() - started,
+            )
             self._set_graph_metrics(new, error=False)
             return f"now {new.version} (was {served.version})", None
 
@@ -280,8 +331,9 @@ class WalkRankServer:
             stalled_s = self.serving.compute.stalled_for()
             if stalled_s > self.stall_after_s:
                 if not stalled:
-                    log.error("compute threads stalled: jobs waiting %.1f s, none finished",
-                              stalled_s)
+                    log.error(
+                        "compute threads stalled: jobs waiting %.1f s, none finished", stalled_s
+                    )
                 stalled = True
                 self.health.set(OVERALL, health_pb2.HealthCheckResponse.NOT_SERVING)
             elif stalled:

@@ -73,9 +73,17 @@ GRAPH_VERSION_KEY = "walkrank-graph-version"
 class ServingContext:
     """What every servicer shares: the graph, the tenant table, logs, auth and metrics."""
 
-    def __init__(self, served: ServedGraph, tenants: TenantTable, candidate_log: CandidateSink,
-                 event_log: EventLog, auth: Authenticator, metrics: ServerMetrics,
-                 compute: ComputePool, request_owners: RequestOwners | None = None) -> None:
+    def __init__(
+        self,
+        served: ServedGraph,
+        tenants: TenantTable,
+        candidate_log: CandidateSink,
+        event_log: EventLog,
+        auth: Authenticator,
+        metrics: ServerMetrics,
+        compute: ComputePool,
+        request_owners: RequestOwners | None = None,
+    ) -> None:
         # Replaced whole by a graph swap; a call reads it once (`call_graph`) and keeps it.
         self.served = served
         self.tenants = tenants
@@ -127,8 +135,10 @@ class ServingContext:
         limit = runtime.config.limits.max_in_flight
         if not limiter.try_acquire(limit):
             self.record(runtime.name, "RESOURCE_EXHAUSTED")
-            raise QuotaExceeded(f"tenant {quote(runtime.name)} has {limit} requests in flight "
-                                f"(its quota); retry later")
+            raise QuotaExceeded(
+                f"tenant {quote(runtime.name)} has {limit} requests in flight "
+                f"(its quota); retry later"
+            )
         step_aside()  # it holds its thread until it answers, but no front-door place
         try:
             yield
@@ -140,12 +150,21 @@ class ServingContext:
         if output is None:
             self.metrics.observe_request(tenant, code, None)
         else:
-            self.metrics.observe_request(tenant, code, output.timing_ms,
-                                         generated=output.candidates_generated,
-                                         scored=output.candidates_generated)
+            self.metrics.observe_request(
+                tenant,
+                code,
+                output.timing_ms,
+                generated=output.candidates_generated,
+                scored=output.candidates_generated,
+            )
 
-    def serve_one(self, runtime: TenantRuntime, request: RecommendInput,
-                  context: grpc.ServicerContext, graph: GraphStore) -> bytes:
+    def serve_one(
+        self,
+        runtime: TenantRuntime,
+        request: RecommendInput,
+        context: grpc.ServicerContext,
+        graph: GraphStore,
+    ) -> bytes:
         """Run the pipeline for one user on a compute thread; the serialized response.
 
         The call's deadline (the tenant's `deadline_ms` when the caller set none; each user
@@ -161,27 +180,38 @@ class ServingContext:
         self.request_owners.add(request.request_id, runtime.name)  # events may quote it
         try:
             output, queue_s = self.compute.run(
-                functools.partial(recommend, graph, runtime, request,
-                                  candidate_log=self.candidate_log,
-                                  time_remaining=lambda: due - time.perf_counter(),
-                                  cancel=cancel),
-                PRIORITIES.index(limits.priority), wait_s=budget_s * 0.9, due=due,
-                cancel=cancel)
+                functools.partial(
+                    recommend,
+                    graph,
+                    runtime,
+                    request,
+                    candidate_log=self.candidate_log,
+                    time_remaining=lambda: due - time.perf_counter(),
+                    cancel=cancel,
+                ),
+                PRIORITIES.index(limits.priority),
+                wait_s=budget_s * 0.9,
+                due=due,
+                cancel=cancel,
+            )
         except SlotTimeout as exc:
             self.record(runtime.name, "DEADLINE_EXCEEDED")
             raise DeadlineExceeded(str(exc)) from None
         except WalkRankError as exc:
             self.record(runtime.name, status_of(exc).name)
             raise
-        output = dataclasses.replace(output, timing_ms={**output.timing_ms,
-                                                        "queue": queue_s * 1e3})
+        output = dataclasses.replace(output, timing_ms={**output.timing_ms, "queue": queue_s * 1e3})
         self.record(runtime.name, "OK", output)
         return encode_response(runtime.name, output)
 
 
-def _user_input(tenant: str,
-                message: recommender_pb2.RecommendRequest | recommender_pb2.BatchUser,
-                num_results: int, seed: int | None, field: str = "") -> RecommendInput:
+def _user_input(
+    tenant: str,
+    message: recommender_pb2.RecommendRequest | recommender_pb2.BatchUser,
+    num_results: int,
+    seed: int | None,
+    field: str = "",
+) -> RecommendInput:
     """One user's request (a RecommendRequest or a batch's BatchUser: the same fields), every
     string within its limit (`walkrank.serving.fields`); `field` prefixes the field named in
     an error (`users[3].`)."""
@@ -195,40 +225,54 @@ def _user_input(tenant: str,
     check_each(f"{field}query_pins", pins, ID_CHARS, suffix=".pin_id")
     check_count(f"{field}exclude_pins", message.exclude_pins, MAX_EXCLUDE_PINS)
     check_each(f"{field}exclude_pins", message.exclude_pins, ID_CHARS)
-    check_each(f"{field}actions", (a.pin_id for a in message.actions), ID_CHARS,
-               suffix=".pin_id")
-    check_each(f"{field}actions", (a.action for a in message.actions), EVENT_CHARS,
-               suffix=".action")
+    check_each(f"{field}actions", (a.pin_id for a in message.actions), ID_CHARS, suffix=".pin_id")
+    check_each(
+        f"{field}actions", (a.action for a in message.actions), EVENT_CHARS, suffix=".action"
+    )
     request_time = message.request_time if message.HasField("request_time") else None
     check_time(f"{field}request_time", request_time)
     return RecommendInput(
-        tenant=tenant, request_id=message.request_id or uuid.uuid4().hex, query_pins=pins,
+        tenant=tenant,
+        request_id=message.request_id or uuid.uuid4().hex,
+        query_pins=pins,
         # A weight of 0 means "unweighted" on the wire (proto3 has no unset floats).
-        query_weights=tuple(float(p.weight) if p.weight != 0 else 1.0
-                            for p in message.query_pins),
-        user_id=user.id, locale=user.locale, interests=tuple(user.interests),
-        num_results=num_results, exclude_pins=tuple(message.exclude_pins), seed=seed,
+        query_weights=tuple(float(p.weight) if p.weight != 0 else 1.0 for p in message.query_pins),
+        user_id=user.id,
+        locale=user.locale,
+        interests=tuple(user.interests),
+        num_results=num_results,
+        exclude_pins=tuple(message.exclude_pins),
+        seed=seed,
         request_time=request_time,
-        actions=tuple(Action(a.pin_id, a.action, a.time if a.HasField("time") else None)
-                      for a in message.actions))
+        actions=tuple(
+            Action(a.pin_id, a.action, a.time if a.HasField("time") else None)
+            for a in message.actions
+        ),
+    )
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, serving: ServingContext) -> None:
         self.serving = serving
 
-    def Recommend(self, request: recommender_pb2.RecommendRequest,
-                  context: grpc.ServicerContext) -> bytes:
+    def Recommend(
+        self, request: recommender_pb2.RecommendRequest, context: grpc.ServicerContext
+    ) -> bytes:
         runtime = self.serving.runtime(request.tenant, context)
         # Admission before anything else: a tenant past its quota is refused at once.
         with self.serving.admitted(runtime):
-            decoded = _user_input(runtime.name, request, request.num_results,
-                                  request.seed if request.HasField("seed") else None)
+            decoded = _user_input(
+                runtime.name,
+                request,
+                request.num_results,
+                request.seed if request.HasField("seed") else None,
+            )
             graph = self.serving.call_graph(context).store
             return self.serving.serve_one(runtime, decoded, context, graph)
 
-    def RecommendBatch(self, request: recommender_pb2.RecommendBatchRequest,
-                       context: grpc.ServicerContext) -> Iterator[bytes]:
+    def RecommendBatch(
+        self, request: recommender_pb2.RecommendBatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         runtime = self.serving.runtime(request.tenant, context)
         if not request.users:
             raise InvalidArgument("users", "at least one user is required")
@@ -239,21 +283,29 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             graph = self.serving.call_graph(context).store  # every user on the same graph
             seeded = request.HasField("seed")
             # Every user's fields are checked before the first is served.
-            users = [_user_input(runtime.name, user, request.num_results,
-                                 (request.seed + position) % 2**64 if seeded else None,
-                                 field=f"users[{position}].")
-                     for position, user in enumerate(request.users)]
+            users = [
+                _user_input(
+                    runtime.name,
+                    user,
+                    request.num_results,
+                    (request.seed + position) % 2**64 if seeded else None,
+                    field=f"users[{position}].",
+                )
+                for position, user in enumerate(request.users)
+            ]
             for position, decoded in enumerate(users):
                 if not context.is_active():
                     raise DeadlineExceeded(f"call ended before user {position} of the batch")
                 try:
                     yield self.serving.serve_one(runtime, decoded, context, graph)
                 except InvalidArgument as exc:
-                    raise InvalidArgument(f"users[{position}].{exc.field}", exc.problem,
-                                          exc.reason) from exc
+                    raise InvalidArgument(
+                        f"users[{position}].{exc.field}", exc.problem, exc.reason
+                    ) from exc
 
-    def ReportEvents(self, request: events_pb2.ReportEventsRequest,
-                     context: grpc.ServicerContext) -> events_pb2.ReportEventsResponse:
+    def ReportEvents(
+        self, request: events_pb2.ReportEventsRequest, context: grpc.ServicerContext
+    ) -> events_pb2.ReportEventsResponse:
         runtime = self.serving.runtime(request.tenant, context)
         events = list(request.events)
         check_events(events)
@@ -266,39 +318,51 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         }
         # Stored with the reporting tenant; a request id served for another tenant is
         # refused row by row, without saying whose it is.
-        accepted, report = validate_events(columns, tenant=runtime.name,
-                                           owners=self.serving.request_owners, source="events")
+        accepted, report = validate_events(
+            columns, tenant=runtime.name, owners=self.serving.request_owners, source="events"
+        )
         if accepted.num_rows and not self.serving.event_log.submit(accepted):
-            raise QuotaExceeded("the event log queue is full; nothing from this call was "
-                                "kept, retry later")
+            raise QuotaExceeded(
+                "the event log queue is full; nothing from this call was kept, retry later"
+            )
         self.serving.tenants.counters(runtime.name).add_events(accepted.num_rows, report.count)
         return events_pb2.ReportEventsResponse(
-            accepted=accepted.num_rows, rejected=report.count,
-            rejections=[events_pb2.EventRejection(index=r.index, reason=r.reason)
-                        for r in report.examples])
+            accepted=accepted.num_rows,
+            rejected=report.count,
+            rejections=[
+                events_pb2.EventRejection(index=r.index, reason=r.reason) for r in report.examples
+            ],
+        )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Admin calls; the admin token is checked for every one of them by the request
     boundary (`RequestBoundary` guards), before the request is decoded."""
 
-    def __init__(self, serving: ServingContext,
-                 reload: Callable[[frozenset[str] | None], ReloadReport]) -> None:
+    def __init__(
+        self, serving: ServingContext, reload: Callable[[frozenset[str] | None], ReloadReport]
+    ) -> None:
         self.serving = serving
         self._reload = reload
 
     def _tenant_summary(self, runtime: TenantRuntime) -> admin_pb2.TenantSummary:
-        return admin_pb2.TenantSummary(name=runtime.name, model_version=runtime.model_version,
-                                       config_file=str(runtime.config.source))
+        return admin_pb2.TenantSummary(
+            name=runtime.name,
+            model_version=runtime.model_version,
+            config_file=str(runtime.config.source),
+        )
 
-    def ListTenants(self, request: admin_pb2.ListTenantsRequest,
-                    context: grpc.ServicerContext) -> admin_pb2.ListTenantsResponse:
+    def ListTenants(
+        self, request: admin_pb2.ListTenantsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListTenantsResponse:
         runtimes = self.serving.tenants.runtimes()
         return admin_pb2.ListTenantsResponse(
-            tenants=[self._tenant_summary(runtimes[name]) for name in sorted(runtimes)])
+            tenants=[self._tenant_summary(runtimes[name]) for name in sorted(runtimes)]
+        )
 
-    def GetTenant(self, request: admin_pb2.GetTenantRequest,
-                  context: grpc.ServicerContext) -> admin_pb2.TenantInfo:
+    def GetTenant(
+        self, request: admin_pb2.GetTenantRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.TenantInfo:
         runtime = self.serving.tenants.get(request.name)
         if runtime is None:
             raise TenantNotFound(f"unknown tenant {quote(request.name)}")
@@ -306,37 +370,51 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.TenantInfo(
             name=runtime.name,
             config_yaml=yaml.safe_dump(runtime.config.to_dict(), sort_keys=False),
-            config_file=str(runtime.config.source), model_version=runtime.model_version,
+            config_file=str(runtime.config.source),
+            model_version=runtime.model_version,
             model_engine=runtime.scorer.engine if runtime.scorer is not None else "",
             counters=admin_pb2.TenantCounters(**counters),
-            last_reload_error=self.serving.tenants.errors.get(runtime.name, ""))
+            last_reload_error=self.serving.tenants.errors.get(runtime.name, ""),
+        )
 
-    def Reload(self, request: admin_pb2.ReloadRequest,
-               context: grpc.ServicerContext) -> admin_pb2.ReloadResponse:
+    def Reload(
+        self, request: admin_pb2.ReloadRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ReloadResponse:
         check_each("tenants", request.tenants, TENANT_CHARS)
         report = self._reload(frozenset(request.tenants) or None)
         changes = [admin_pb2.ReloadChange(tenant=t, kind="added") for t in report.added]
         changes += [admin_pb2.ReloadChange(tenant=t, kind="removed") for t in report.removed]
         changes += [admin_pb2.ReloadChange(tenant=t, kind="config") for t in report.updated]
-        changes += [admin_pb2.ReloadChange(tenant=t, kind="model", detail=f"now {v}")
-                    for t, v in sorted(report.models.items()) if t not in report.added]
+        changes += [
+            admin_pb2.ReloadChange(tenant=t, kind="model", detail=f"now {v}")
+            for t, v in sorted(report.models.items())
+            if t not in report.added
+        ]
         if report.graph:
             changes.append(admin_pb2.ReloadChange(kind="graph", detail=report.graph))
-        errors = [admin_pb2.FileError(path=report.error_files[name], message=message)
-                  for name, message in sorted(report.errors.items())]
+        errors = [
+            admin_pb2.FileError(path=report.error_files[name], message=message)
+            for name, message in sorted(report.errors.items())
+        ]
         if report.graph_error is not None:
             path, message = report.graph_error
             errors.append(admin_pb2.FileError(path=path, message=message))
         return admin_pb2.ReloadResponse(changes=changes, errors=errors)
 
-    def GraphInfo(self, request: admin_pb2.GraphInfoRequest,
-                  context: grpc.ServicerContext) -> admin_pb2.GraphInfoResponse:
+    def GraphInfo(
+        self, request: admin_pb2.GraphInfoRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.GraphInfoResponse:
         served = self.serving.served
         graph = served.store
         manifest = {k: v for k, v in graph.manifest.items() if k != "checksums"}
         return admin_pb2.GraphInfoResponse(
-            path=str(served.path), n_pins=graph.n_pins, n_boards=graph.n_boards,
-            n_edges=graph.n_edges, locales=list(graph.locales), topics=list(graph.topics),
+            path=str(served.path),
+            n_pins=graph.n_pins,
+            n_boards=graph.n_boards,
+            n_edges=graph.n_edges,
+            locales=list(graph.locales),
+            topics=list(graph.topics),
             manifest_json=json.dumps(manifest, default=str, sort_keys=True),
             version=served.version,
-            repository=str(served.source) if served.source != served.path else "")
+            repository=str(served.source) if served.source != served.path else "",
+        )

@@ -70,10 +70,13 @@ class TenantCounters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             errors = sum(n for code, n in self.status_codes.items() if code != "OK")
-            return {"requests": self.requests, "errors": errors,
-                    "in_flight": self.limiter.in_flight,
-                    "events_accepted": self.events_accepted,
-                    "events_rejected": self.events_rejected}
+            return {
+                "requests": self.requests,
+                "errors": errors,
+                "in_flight": self.limiter.in_flight,
+                "events_accepted": self.events_accepted,
+                "events_rejected": self.events_rejected,
+            }
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,9 @@ class ReloadReport:
     graph_error: tuple[str, str] | None = None  # (path, message) of a graph refused
 
 
-def load_runtime_model(registry: ModelRegistry, config: TenantConfig,
-                       version: int) -> tuple[LoadedModel, Scorer]:
+def load_runtime_model(
+    registry: ModelRegistry, config: TenantConfig, version: int
+) -> tuple[LoadedModel, Scorer]:
     """Load a version of the tenant's model, refusing one whose features differ from the
     tenant's."""
     model = registry.load(config.name, version)
@@ -164,8 +168,12 @@ class TenantTable:
                 log.error("tenant %s not served: %s", name, message)
         for name, config in loaded.configs.items():
             previous = old.get(name)
-            if (previous is not None and models_for is not None and name not in models_for
-                    and previous.config == config):
+            if (
+                previous is not None
+                and models_for is not None
+                and name not in models_for
+                and previous.config == config
+            ):
                 fresh[name] = previous
                 continue
             runtime = self._build_runtime(config, previous, errors)
@@ -181,16 +189,18 @@ class TenantTable:
             self.counters(name)
         return ReloadReport(
             added=tuple(sorted(set(fresh) - set(old))),
-            updated=tuple(sorted(n for n in set(fresh) & set(old)
-                                 if fresh[n].config != old[n].config)),
+            updated=tuple(
+                sorted(n for n in set(fresh) & set(old) if fresh[n].config != old[n].config)
+            ),
             removed=tuple(sorted(set(old) - set(fresh))),
             models=models,
             errors=errors,
             error_files=error_files,
         )
 
-    def _build_runtime(self, config: TenantConfig, previous: TenantRuntime | None,
-                       errors: dict[str, str]) -> TenantRuntime:
+    def _build_runtime(
+        self, config: TenantConfig, previous: TenantRuntime | None, errors: dict[str, str]
+    ) -> TenantRuntime:
         """The tenant with its `CURRENT` model; the same runtime object when nothing changed.
 
         Any failure to read the pointer or load the model (bad `CURRENT`, missing version,
@@ -201,8 +211,11 @@ class TenantTable:
         try:
             current = self.registry.current(config.name)
             version = current.version if current is not None else None
-            if (previous is not None and previous.config == config
-                    and _served_version(previous) == version):
+            if (
+                previous is not None
+                and previous.config == config
+                and _served_version(previous) == version
+            ):
                 return previous
             if version is None:
                 return TenantRuntime(config)
@@ -215,8 +228,9 @@ class TenantTable:
             errors[config.name] = f"model not loaded: {detail}"
         if previous is not None and previous.model is not None:
             try:
-                check_feature_list(list(previous.model.metadata["feature_names"]),
-                                   list(config.features))
+                check_feature_list(
+                    list(previous.model.metadata["feature_names"]), list(config.features)
+                )
             except WalkRankError:
                 return TenantRuntime(config)
             return TenantRuntime(config, previous.model, previous.scorer)

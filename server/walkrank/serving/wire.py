@@ -89,7 +89,7 @@ def encode_candidates(id_bytes, score_bits, visits, walk_score_bits):
         if length > 0:
             out[at] = _PIN_ID_TAG
             at = _put_varint(out, at + 1, np.uint64(length))
-            out[at:at + length] = id_bytes[i, :length]
+            out[at : at + length] = id_bytes[i, :length]
             at += length
         if score_bits[i] != 0:
             at = _put_fixed32(out, at, _SCORE_TAG, score_bits[i])
@@ -152,15 +152,19 @@ def _utf8_ids(pin_ids: np.ndarray) -> np.ndarray:
 def encode_response(tenant: str, output: RecommendOutput) -> bytes:
     """A serialized `RecommendResponse` for one pipeline output."""
     head = recommender_pb2.RecommendResponse(
-        request_id=output.request_id, model_version=output.model_version, tenant=tenant,
+        request_id=output.request_id,
+        model_version=output.model_version,
+        tenant=tenant,
         unknown_query_pins=list(output.unknown_query_pins),
-        empty_reason=output.empty_reason or "", candidates_generated=output.candidates_generated,
+        empty_reason=output.empty_reason or "",
+        candidates_generated=output.candidates_generated,
         timing=recommender_pb2.Timing(
             walk_ms=output.timing_ms.get("walk", 0.0),
             features_ms=output.timing_ms.get("features", 0.0),
             scoring_ms=output.timing_ms.get("scoring", 0.0),
             total_ms=output.timing_ms.get("total", 0.0),
-            queue_ms=output.timing_ms.get("queue", 0.0)),
+            queue_ms=output.timing_ms.get("queue", 0.0),
+        ),
     )
     candidates = encode_candidates(
         _utf8_ids(np.asarray(output.pin_ids)),
@@ -188,12 +192,18 @@ def add_recommender(servicer: Any, server: grpc.Server) -> None:
     for method in service.methods:
         if method.client_streaming:
             raise NotImplementedError(f"{method.full_name}: client streaming is not served")
-        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
         request_type = message_factory.GetMessageClass(method.input_type)
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=request_type.FromString,
-                                     response_serializer=_serialize)
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=request_type.FromString,
+            response_serializer=_serialize,
+        )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
     server.add_registered_method_handlers(service.full_name, handlers)

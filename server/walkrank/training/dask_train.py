@@ -58,8 +58,13 @@ def _date_filters(lo: float | None, hi: float | None) -> list[tuple[str, str, st
     return filters or None
 
 
-def _read(source: Path | list[Path], columns: list[str] | None, time_column: str,
-          lo: float | None, hi: float | None):
+def _read(
+    source: Path | list[Path],
+    columns: list[str] | None,
+    time_column: str,
+    lo: float | None,
+    hi: float | None,
+):
     """A directory of Parquet files, or a list of files, as a frame; None when empty."""
     import dask.dataframe as dd
 
@@ -71,14 +76,16 @@ def _read(source: Path | list[Path], columns: list[str] | None, time_column: str
         return None
     else:
         paths = str(source)
-    frame = dd.read_parquet(paths, columns=columns, filters=_date_filters(lo, hi),
-                            dtype_backend="pyarrow")
+    frame = dd.read_parquet(
+        paths, columns=columns, filters=_date_filters(lo, hi), dtype_backend="pyarrow"
+    )
     if lo is not None:
         frame = frame[frame[time_column] >= pd.Timestamp(lo, unit="s", tz="UTC")]
     if hi is not None:
         frame = frame[frame[time_column] < pd.Timestamp(hi, unit="s", tz="UTC")]
-    frame = frame.assign(request_id=frame["request_id"].astype(_KEY_DTYPE),
-                         pin_id=frame["pin_id"].astype(_KEY_DTYPE))
+    frame = frame.assign(
+        request_id=frame["request_id"].astype(_KEY_DTYPE), pin_id=frame["pin_id"].astype(_KEY_DTYPE)
+    )
     return frame
 
 
@@ -89,9 +96,10 @@ def _tenant_events(directory: Path, tenant: str, lo: float | None, hi: float | N
     import dask.dataframe as dd
 
     columns = _EVENT_COLUMNS + ["timestamp"]
-    frames = [_read(directory / f"tenant={tenant}", columns, "timestamp", lo, hi),
-              _read(sorted(directory.glob("date=*/hour=*/*.parquet")), columns, "timestamp",
-                    lo, hi)]
+    frames = [
+        _read(directory / f"tenant={tenant}", columns, "timestamp", lo, hi),
+        _read(sorted(directory.glob("date=*/hour=*/*.parquet")), columns, "timestamp", lo, hi),
+    ]
     frames = [frame[_EVENT_COLUMNS] for frame in frames if frame is not None]
     if not frames:
         return None
@@ -105,20 +113,31 @@ def _arrow(frame: pd.DataFrame) -> pa.Table:
 def _is_held_out(table: pa.Table, cut: tuple[int, str]) -> pa.Array:
     """Rows at or after the cut request in (time, request id) order: the held-out side."""
     ts = table["ts"].cast(pa.int64())
-    after = pc.or_(pc.greater(ts, cut[0]), pc.and_(pc.equal(ts, cut[0]),
-                                                   pc.greater_equal(table["request_id"], cut[1])))
+    after = pc.or_(
+        pc.greater(ts, cut[0]),
+        pc.and_(pc.equal(ts, cut[0]), pc.greater_equal(table["request_id"], cut[1])),
+    )
     return pc.fill_null(after, False)
 
 
 def _join_partition(candidates: pd.DataFrame, events: pd.DataFrame) -> pa.Table:
-    return join_candidates_events(_arrow(candidates),
-                                  _arrow(events.astype({"score": "float64[pyarrow]"})))
+    return join_candidates_events(
+        _arrow(candidates), _arrow(events.astype({"score": "float64[pyarrow]"}))
+    )
 
 
-def _training_partition(candidates: pd.DataFrame, events: pd.DataFrame, *,
-                        tenant: TenantConfig, strategy: str, objective: str,
-                        cut: tuple[int, str], seed: int, qid_stride: int,
-                        partition_info: dict | None = None) -> pd.DataFrame:
+def _training_partition(
+    candidates: pd.DataFrame,
+    events: pd.DataFrame,
+    *,
+    tenant: TenantConfig,
+    strategy: str,
+    objective: str,
+    cut: tuple[int, str],
+    seed: int,
+    qid_stride: int,
+    partition_info: dict | None = None,
+) -> pd.DataFrame:
     """The labelled training rows of one partition: features, y, weight, qid."""
     joined = _join_partition(candidates, events)
     train = joined.filter(pc.invert(_is_held_out(joined, cut)))
@@ -138,15 +157,25 @@ def _training_partition(candidates: pd.DataFrame, events: pd.DataFrame, *,
     return out.sort_values("qid", kind="stable").reset_index(drop=True)
 
 
-def _held_out_partition(candidates: pd.DataFrame, events: pd.DataFrame, *,
-                        cut: tuple[int, str]) -> pd.DataFrame:
+def _held_out_partition(
+    candidates: pd.DataFrame, events: pd.DataFrame, *, cut: tuple[int, str]
+) -> pd.DataFrame:
     joined = _join_partition(candidates, events)
     return joined.filter(_is_held_out(joined, cut)).to_pandas()
 
 
-def train_on_dask(tenant: TenantConfig, logs_dir: Path, scheduler: str, *, window: Window,
-                  strategy: str, objective: str, validation_fraction: float, seed: int,
-                  steps: StepTimer) -> tuple[Any, pa.Table, dict[str, float], dict[str, int]]:
+def train_on_dask(
+    tenant: TenantConfig,
+    logs_dir: Path,
+    scheduler: str,
+    *,
+    window: Window,
+    strategy: str,
+    objective: str,
+    validation_fraction: float,
+    seed: int,
+    steps: StepTimer,
+) -> tuple[Any, pa.Table, dict[str, float], dict[str, int]]:
     """(trained model, held-out joined table, label stats, row counts), as `_train_local`."""
     import dask.dataframe as dd
     import xgboost.dask as dxgb
@@ -160,55 +189,96 @@ def train_on_dask(tenant: TenantConfig, logs_dir: Path, scheduler: str, *, windo
         candidate_dir = Path(logs_dir) / "candidates" / f"tenant={tenant.name}"
         candidates = _read(candidate_dir, None, "ts", lo, hi)
         if candidates is None:
-            raise DataError(f"no logged candidates for tenant {tenant.name!r} under "
-                            f"{candidate_dir}: nothing to train on")
+            raise DataError(
+                f"no logged candidates for tenant {tenant.name!r} under "
+                f"{candidate_dir}: nothing to train on"
+            )
         missing = [c for c in features if c not in candidates.columns]
         if missing:
-            raise DataError(f"tenant {tenant.name!r}: the candidate log has no column(s) "
-                            f"{', '.join(missing)} under {candidate_dir}")
+            raise DataError(
+                f"tenant {tenant.name!r}: the candidate log has no column(s) "
+                f"{', '.join(missing)} under {candidate_dir}"
+            )
         candidates = candidates[["request_id", "ts", "pin_id", "visit_score", *features]]
-        events = _tenant_events(Path(logs_dir) / "events", tenant.name, lo,
-                                None if hi is None else hi + EVENT_LAG_SECONDS)
+        events = _tenant_events(
+            Path(logs_dir) / "events",
+            tenant.name,
+            lo,
+            None if hi is None else hi + EVENT_LAG_SECONDS,
+        )
         if events is None:
-            raise DataError(f"no events of tenant {tenant.name!r} under "
-                            f"{Path(logs_dir) / 'events'}: nothing labels the candidates")
+            raise DataError(
+                f"no events of tenant {tenant.name!r} under "
+                f"{Path(logs_dir) / 'events'}: nothing labels the candidates"
+            )
 
         requests = candidates[["request_id", "ts"]].drop_duplicates().compute()
         if requests.empty:
             raise DataError(f"no logged candidates for tenant {tenant.name!r} in the window")
-        steps.done("load", f"{len(requests):,} requests on {client.scheduler.address} "
-                           f"({candidates.npartitions} candidate partitions)")
+        steps.done(
+            "load",
+            f"{len(requests):,} requests on {client.scheduler.address} "
+            f"({candidates.npartitions} candidate partitions)",
+        )
         n_partitions = max(candidates.npartitions, events.npartitions)
         if n_partitions * len(requests) >= 2**32:
-            raise DataError(f"{n_partitions} partitions x {len(requests):,} requests overflow "
-                            "xgboost's 32-bit query ids; train on a shorter window")
+            raise DataError(
+                f"{n_partitions} partitions x {len(requests):,} requests overflow "
+                "xgboost's 32-bit query ids; train on a shorter window"
+            )
         candidates = candidates.shuffle("request_id", npartitions=n_partitions)
         events = events.shuffle("request_id", npartitions=n_partitions)
         _, held_out = split_by_time(_arrow(requests), validation_fraction)
         first = held_out.sort_by([("ts", "ascending"), ("request_id", "ascending")]).slice(0, 1)
         cut = (int(first["ts"].cast(pa.int64())[0].as_py()), str(first["request_id"][0]))
 
-        meta = pd.DataFrame({**{c: pd.Series(dtype=np.float32) for c in features},
-                             "y": pd.Series(dtype=np.float32),
-                             "weight": pd.Series(dtype=np.float32),
-                             "qid": pd.Series(dtype=np.int64),
-                             "positive": pd.Series(dtype=np.int64)})
+        meta = pd.DataFrame(
+            {
+                **{c: pd.Series(dtype=np.float32) for c in features},
+                "y": pd.Series(dtype=np.float32),
+                "weight": pd.Series(dtype=np.float32),
+                "qid": pd.Series(dtype=np.int64),
+                "positive": pd.Series(dtype=np.int64),
+            }
+        )
         train = dd.map_partitions(
-            _training_partition, candidates, events, tenant=tenant, strategy=strategy,
-            objective=objective, cut=cut, seed=seed, qid_stride=len(requests), meta=meta,
+            _training_partition,
+            candidates,
+            events,
+            tenant=tenant,
+            strategy=strategy,
+            objective=objective,
+            cut=cut,
+            seed=seed,
+            qid_stride=len(requests),
+            meta=meta,
             align_dataframes=False,
         ).persist()
         held_out_meta = _held_out_partition(candidates._meta, events._meta, cut=cut)
-        valid = _arrow(dd.map_partitions(_held_out_partition, candidates, events, cut=cut,
-                                         meta=held_out_meta, align_dataframes=False).compute())
-        n_candidates, n_rows, n_positive = (int(v) for v in dd.compute(
-            candidates.shape[0], train.shape[0], train["positive"].sum()))
-        steps.done("join", f"{n_rows:,} labelled training rows ({n_positive:,} positive), "
-                           f"{valid.num_rows:,} held-out candidates")
+        valid = _arrow(
+            dd.map_partitions(
+                _held_out_partition,
+                candidates,
+                events,
+                cut=cut,
+                meta=held_out_meta,
+                align_dataframes=False,
+            ).compute()
+        )
+        n_candidates, n_rows, n_positive = (
+            int(v) for v in dd.compute(candidates.shape[0], train.shape[0], train["positive"].sum())
+        )
+        steps.done(
+            "join",
+            f"{n_rows:,} labelled training rows ({n_positive:,} positive), "
+            f"{valid.num_rows:,} held-out candidates",
+        )
         if n_rows == 0 or (strategy != "distillation" and n_positive in (0, n_rows)):
-            raise DataError(f"tenant {tenant.name!r}: the training requests give "
-                            f"{n_rows} {strategy} rows with {n_positive} positives; are "
-                            "events reported for this window?")
+            raise DataError(
+                f"tenant {tenant.name!r}: the training requests give "
+                f"{n_rows} {strategy} rows with {n_positive} positives; are "
+                "events reported for this window?"
+            )
 
         resolved = resolve_params(training_params(tenant))
         # As in process (the tenant's regularisation, the converters' intercept, a linear
@@ -217,31 +287,57 @@ def train_on_dask(tenant: TenantConfig, logs_dir: Path, scheduler: str, *, windo
         params = xgboost_params(resolved, objective, seed)
         params.pop("nthread")
         pairwise = objective == "pairwise"
-        matrix = dxgb.DaskDMatrix(client, train[features], train["y"],
-                                  weight=None if pairwise else train["weight"],
-                                  qid=train["qid"] if pairwise else None)
-        output = dxgb.train(client, params, matrix, num_boost_round=resolved["n_estimators"],
-                            evals=[(matrix, "train")])
+        matrix = dxgb.DaskDMatrix(
+            client,
+            train[features],
+            train["y"],
+            weight=None if pairwise else train["weight"],
+            qid=train["qid"] if pairwise else None,
+        )
+        output = dxgb.train(
+            client,
+            params,
+            matrix,
+            num_boost_round=resolved["n_estimators"],
+            evals=[(matrix, "train")],
+        )
         booster = output["booster"]
         # Trained from named columns; the served model takes a plain matrix in the tenant's
         # order (names are in the metadata), as the in-process booster does.
         booster.feature_names = None
         booster.feature_types = None
         history = output["history"]
-        metrics = {f"{split}_{name}": float(values[-1])
-                   for split, by_metric in history.items() for name, values in by_metric.items()}
+        metrics = {
+            f"{split}_{name}": float(values[-1])
+            for split, by_metric in history.items()
+            for name, values in by_metric.items()
+        }
         metrics["n_train_rows"] = float(n_rows)
-        trained = TrainedModel(booster=booster, metrics=metrics,
-                               params={"objective": objective, "seed": seed, **resolved})
+        trained = TrainedModel(
+            booster=booster,
+            metrics=metrics,
+            params={"objective": objective, "seed": seed, **resolved},
+        )
         weights = train["weight"]
-        positive_weight, total_weight = dd.compute(weights[train["positive"] > 0].sum(),
-                                                  weights.sum())
-        steps.done("train", f"xgboost.dask {objective} on {n_rows:,} rows, "
-                            f"{resolved['n_estimators']} trees")
+        positive_weight, total_weight = dd.compute(
+            weights[train["positive"] > 0].sum(), weights.sum()
+        )
+        steps.done(
+            "train",
+            f"xgboost.dask {objective} on {n_rows:,} rows, {resolved['n_estimators']} trees",
+        )
     valid_requests = len(set(valid["request_id"].to_pylist()))
-    stats = {"rows": n_rows, "positives": n_positive, "positive_weight": float(positive_weight),
-             "negative_weight": float(total_weight - positive_weight)}
-    rows = {"candidates": n_candidates, "train_rows": n_rows,
-            "valid_rows": valid.num_rows, "train_requests": len(requests) - valid_requests,
-            "valid_requests": valid_requests}
+    stats = {
+        "rows": n_rows,
+        "positives": n_positive,
+        "positive_weight": float(positive_weight),
+        "negative_weight": float(total_weight - positive_weight),
+    }
+    rows = {
+        "candidates": n_candidates,
+        "train_rows": n_rows,
+        "valid_rows": valid.num_rows,
+        "train_requests": len(requests) - valid_requests,
+        "valid_requests": valid_requests,
+    }
     return trained, valid, stats, rows

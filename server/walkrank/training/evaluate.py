@@ -62,8 +62,9 @@ class Targets:
         for name in ("impressed", "actioned", "gain", "local"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
-                raise DataError(f"evaluation targets: {name} has {len(value)} rows, "
-                                f"request has {n}")
+                raise DataError(
+                    f"evaluation targets: {name} has {len(value)} rows, request has {n}"
+                )
 
     @property
     def n_requests(self) -> int:
@@ -76,24 +77,27 @@ def targets_from_joined(joined: pa.Table, weights: Mapping[str, float]) -> Targe
     What counts as an action, and its gain, is `labels.strongest_action_weight`: the action
     types the tenant weighs above 0, so labels and metrics agree.
     """
-    _, request = np.unique(joined.column("request_id").to_numpy(zero_copy_only=False),
-                           return_inverse=True)
+    _, request = np.unique(
+        joined.column("request_id").to_numpy(zero_copy_only=False), return_inverse=True
+    )
     impressed = _bool_column(joined, "impressed")
     strongest = strongest_action_weight(joined, weights)
     actioned = strongest > 0
     impression_gain = max(weights.get("impression", DEFAULT_EVENT_WEIGHT), 0.0)
     gain = np.maximum(np.where(impressed, impression_gain, 0.0), strongest)
     if "n_hide" in joined.column_names:
-        gain = np.where(np.asarray(pc.fill_null(joined.column("n_hide"), 0).to_numpy()) > 0,
-                        0.0, gain)
+        gain = np.where(
+            np.asarray(pc.fill_null(joined.column("n_hide"), 0).to_numpy()) > 0, 0.0, gain
+        )
     local, note = None, None
     if LOCALE_MATCH_COLUMN in joined.column_names:
         if _has_locales(joined):
             local = locale_matches(joined)
         else:
             note = "no locales in data (no request or no candidate pin has a locale)"
-    return Targets(request.astype(np.int64), impressed, actioned, gain.astype(np.float64), local,
-                   note)
+    return Targets(
+        request.astype(np.int64), impressed, actioned, gain.astype(np.float64), local, note
+    )
 
 
 def _has_locales(joined: pa.Table) -> bool:
@@ -110,10 +114,12 @@ def _has_locales(joined: pa.Table) -> bool:
 
 def _bool_column(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
-        raise DataError(f"joined candidates have no {name!r} column "
-                        f"(columns: {', '.join(table.column_names)})")
-    return np.asarray(pc.fill_null(table.column(name), False).to_numpy(zero_copy_only=False),
-                      dtype=bool)
+        raise DataError(
+            f"joined candidates have no {name!r} column (columns: {', '.join(table.column_names)})"
+        )
+    return np.asarray(
+        pc.fill_null(table.column(name), False).to_numpy(zero_copy_only=False), dtype=bool
+    )
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -167,8 +173,9 @@ def ranking_metrics(targets: Targets, scores: np.ndarray, k: int) -> dict[str, f
     (`auc` without K). A metric no request defines (no impressions at all) is NaN."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != targets.request.shape:
-        raise DataError(f"evaluation: {scores.shape[0]} scores for {len(targets.request)} "
-                        "candidates")
+        raise DataError(
+            f"evaluation: {scores.shape[0]} scores for {len(targets.request)} candidates"
+        )
     if not np.isfinite(scores).all():
         raise DataError("evaluation: scores contain NaN or infinite values")
     if k < 1:
@@ -178,8 +185,10 @@ def ranking_metrics(targets: Targets, scores: np.ndarray, k: int) -> dict[str, f
     req = targets.request[order]
     top = position < k
     metrics: dict[str, float] = {}
-    for name, relevant in (("recall_impressions", targets.impressed),
-                           ("recall_actions", targets.actioned)):
+    for name, relevant in (
+        ("recall_impressions", targets.impressed),
+        ("recall_actions", targets.actioned),
+    ):
         hits = np.bincount(req, weights=relevant[order] & top, minlength=m)
         total = np.bincount(req, weights=relevant[order], minlength=m)
         metrics[f"{name}@{k}"] = _mean_where(hits, total)[0]
@@ -228,28 +237,42 @@ class Comparison:
         return _value(self.candidate_metrics, metric) < _value(self.baseline_metrics, metric)
 
     def describe(self, metric: str) -> str:
-        return (f"{metric}: {self.candidate} {_value(self.candidate_metrics, metric):.4f} vs "
-                f"{self.baseline} {_value(self.baseline_metrics, metric):.4f}")
+        return (
+            f"{metric}: {self.candidate} {_value(self.candidate_metrics, metric):.4f} vs "
+            f"{self.baseline} {_value(self.baseline_metrics, metric):.4f}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "baseline": self.baseline, "candidate": self.candidate, "k": self.k,
-            "requests": self.requests, "candidates": self.candidates, "window": self.window,
+            "baseline": self.baseline,
+            "candidate": self.candidate,
+            "k": self.k,
+            "requests": self.requests,
+            "candidates": self.candidates,
+            "window": self.window,
             "notes": list(self.notes),
-            "metrics": {name: {"baseline": _json_number(self.baseline_metrics[name]),
-                               "candidate": _json_number(self.candidate_metrics.get(name)),
-                               "lift": _json_number(lift)}
-                        for name, lift in self.lift().items()},
+            "metrics": {
+                name: {
+                    "baseline": _json_number(self.baseline_metrics[name]),
+                    "candidate": _json_number(self.candidate_metrics.get(name)),
+                    "lift": _json_number(lift),
+                }
+                for name, lift in self.lift().items()
+            },
         }
 
     def table(self) -> str:
         """A Markdown table: metric, baseline, candidate, lift; then the notes."""
-        lines = [f"| metric | {self.baseline} | {self.candidate} | lift |",
-                 "| --- | ---: | ---: | ---: |"]
+        lines = [
+            f"| metric | {self.baseline} | {self.candidate} | lift |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for name, lift in self.lift().items():
-            lines.append(f"| {name} | {_fmt(self.baseline_metrics[name])} | "
-                         f"{_fmt(self.candidate_metrics.get(name, math.nan))} | "
-                         f"{_fmt_lift(lift)} |")
+            lines.append(
+                f"| {name} | {_fmt(self.baseline_metrics[name])} | "
+                f"{_fmt(self.candidate_metrics.get(name, math.nan))} | "
+                f"{_fmt_lift(lift)} |"
+            )
         # A blank line ends the table, so the notes are not read as rows.
         return "\n".join(lines + ([""] + list(self.notes) if self.notes else []))
 
@@ -272,12 +295,22 @@ def _fmt_lift(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value * 100:+.1f}%"
 
 
-def compare(targets: Targets, candidate_scores: np.ndarray, baseline_scores: np.ndarray, *,
-            k: int, candidate: str, baseline: str,
-            window: dict[str, str | None] | None = None) -> Comparison:
+def compare(
+    targets: Targets,
+    candidate_scores: np.ndarray,
+    baseline_scores: np.ndarray,
+    *,
+    k: int,
+    candidate: str,
+    baseline: str,
+    window: dict[str, str | None] | None = None,
+) -> Comparison:
     """Compare two score vectors over the same candidates (higher = ranked earlier)."""
     return Comparison(
-        baseline=baseline, candidate=candidate, k=k, requests=targets.n_requests,
+        baseline=baseline,
+        candidate=candidate,
+        k=k,
+        requests=targets.n_requests,
         candidates=len(targets.request),
         baseline_metrics=ranking_metrics(targets, baseline_scores, k),
         candidate_metrics=ranking_metrics(targets, candidate_scores, k),
@@ -290,15 +323,19 @@ def write_reports(comparison: Comparison, out_dir: Path, *, title: str) -> dict[
     """Write evaluation.json, evaluation.md and evaluation.png (lift per metric) to out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "evaluation.json", "markdown": out_dir / "evaluation.md",
-             "chart": out_dir / "evaluation.png"}
+    paths = {
+        "json": out_dir / "evaluation.json",
+        "markdown": out_dir / "evaluation.md",
+        "chart": out_dir / "evaluation.png",
+    }
     document = {"title": title, **comparison.to_dict()}
     paths["json"].write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     window = ", ".join(f"{key} {value}" for key, value in comparison.window.items() if value)
     paths["markdown"].write_text(
         f"# {title}\n\n{comparison.requests} requests, {comparison.candidates} logged "
         f"candidates{f' ({window})' if window else ''}; K = {comparison.k}.\n\n"
-        f"{comparison.table()}\n")
+        f"{comparison.table()}\n"
+    )
     _write_chart(comparison, paths["chart"], title)
     return paths
 
@@ -319,8 +356,15 @@ def _write_chart(comparison: Comparison, path: Path, title: str) -> None:
     ax.bar(x + 0.2, np.nan_to_num(after), width=0.4, label=comparison.candidate, color="#e60023")
     for i, name in enumerate(names):
         top = max(np.nan_to_num(before[i]), np.nan_to_num(after[i]))
-        ax.annotate(_fmt_lift(lifts[name]), (x[i], top), ha="center", va="bottom",
-                    xytext=(0, 3), textcoords="offset points", fontsize=9)
+        ax.annotate(
+            _fmt_lift(lifts[name]),
+            (x[i], top),
+            ha="center",
+            va="bottom",
+            xytext=(0, 3),
+            textcoords="offset points",
+            fontsize=9,
+        )
     ax.set_xticks(x, names, rotation=15)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("mean per request")

@@ -55,8 +55,9 @@ class LabelSet:
         return int(np.count_nonzero(self.y > 0))
 
 
-def join_candidates_events(candidates: pa.Table, events: pa.Table,
-                           tenant: str | None = None) -> pa.Table:
+def join_candidates_events(
+    candidates: pa.Table, events: pa.Table, tenant: str | None = None
+) -> pa.Table:
     """Each logged candidate (of one tenant) with its outcome, in the candidates' row order.
 
     Adds `n_<event>` (int32 count of each event type on the (request_id, pin_id) pair),
@@ -66,31 +67,41 @@ def join_candidates_events(candidates: pa.Table, events: pa.Table,
     other tenants are ignored too (events with a null tenant predate the tenant column and
     still join by request id): one tenant can never label another's candidates.
     """
-    for name, table, needed in (("candidates", candidates, ("request_id", "pin_id")),
-                                ("events", events, ("request_id", "pin_id", "event"))):
+    for name, table, needed in (
+        ("candidates", candidates, ("request_id", "pin_id")),
+        ("events", events, ("request_id", "pin_id", "event")),
+    ):
         missing = [c for c in needed if c not in table.column_names]
         if missing:
-            raise DataError(f"join_candidates_events: {name} table lacks column(s) "
-                            f"{', '.join(missing)}")
+            raise DataError(
+                f"join_candidates_events: {name} table lacks column(s) {', '.join(missing)}"
+            )
     if tenant is not None and "tenant" in events.column_names:
         events = events.filter(pc.fill_null(pc.equal(events["tenant"], tenant), True))
     keys = ["request_id", "pin_id"]
     indicators = {k: events[k].cast(pa.string()) for k in keys}
     for kind in EVENT_TYPES:
         indicators[f"n_{kind}"] = pc.cast(pc.equal(events["event"], kind), pa.int32())
-    indicators["full_score"] = (events["score"].cast(pa.float64())
-                                if "score" in events.column_names
-                                else pa.nulls(events.num_rows, pa.float64()))
+    indicators["full_score"] = (
+        events["score"].cast(pa.float64())
+        if "score" in events.column_names
+        else pa.nulls(events.num_rows, pa.float64())
+    )
     counted = [f"n_{kind}" for kind in EVENT_TYPES]
-    outcomes = pa.table(indicators).group_by(keys).aggregate(
-        [(c, "sum") for c in counted] + [("full_score", "max")])
+    outcomes = (
+        pa.table(indicators)
+        .group_by(keys)
+        .aggregate([(c, "sum") for c in counted] + [("full_score", "max")])
+    )
     outcomes = outcomes.rename_columns(
-        [c.removesuffix("_sum").removesuffix("_max") for c in outcomes.column_names])
+        [c.removesuffix("_sum").removesuffix("_max") for c in outcomes.column_names]
+    )
 
     # Join only the keys and a row number: hash joins carry no list columns (user_interests)
     # and do not keep order, so the outcomes are put back in candidate order afterwards.
     row_keys = pa.table({k: candidates[k].cast(pa.string()) for k in keys}).append_column(
-        "_row", pa.array(np.arange(candidates.num_rows, dtype=np.int64)))
+        "_row", pa.array(np.arange(candidates.num_rows, dtype=np.int64))
+    )
     matched = row_keys.join(outcomes, keys=keys, join_type="left outer").sort_by("_row")
 
     joined = candidates
@@ -103,27 +114,29 @@ def join_candidates_events(candidates: pa.Table, events: pa.Table,
     return joined.append_column("full_score", matched["full_score"])
 
 
-def _check_weights(weights: Mapping[str, float], local_label_weight: float,
-                   negative_sample_rate: float) -> None:
+def _check_weights(
+    weights: Mapping[str, float], local_label_weight: float, negative_sample_rate: float
+) -> None:
     unknown = sorted(set(weights) - set(EVENT_TYPES))
     if unknown:
-        raise ConfigError(f"label weights: unknown event type(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(EVENT_TYPES)})")
+        raise ConfigError(
+            f"label weights: unknown event type(s) {', '.join(unknown)} "
+            f"(known: {', '.join(EVENT_TYPES)})"
+        )
     for kind, weight in weights.items():
         if not (math.isfinite(weight) and weight >= 0):
-            raise ConfigError(f"label weights: {kind} must be a finite weight >= 0, "
-                              f"got {weight!r}")
+            raise ConfigError(f"label weights: {kind} must be a finite weight >= 0, got {weight!r}")
     if not (math.isfinite(local_label_weight) and local_label_weight >= 0):
-        raise ConfigError(f"local_label_weight must be finite and >= 0, "
-                          f"got {local_label_weight!r}")
+        raise ConfigError(f"local_label_weight must be finite and >= 0, got {local_label_weight!r}")
     if not 0 < negative_sample_rate <= 1:
         raise ConfigError(f"negative_sample_rate must be in (0, 1], got {negative_sample_rate!r}")
 
 
 def _column(joined: pa.Table, name: str) -> pa.ChunkedArray:
     if name not in joined.column_names:
-        raise DataError(f"labels: the joined table lacks column {name!r}; build it with "
-                        "join_candidates_events")
+        raise DataError(
+            f"labels: the joined table lacks column {name!r}; build it with join_candidates_events"
+        )
     return joined[name]
 
 
@@ -133,11 +146,14 @@ def locale_matches(joined: pa.Table) -> np.ndarray:
     if "f_locale_match" in joined.column_names:
         return pc.fill_null(joined["f_locale_match"], 0.0).to_numpy() > 0.5
     if "pin_locale" in joined.column_names and "user_locale" in joined.column_names:
-        same = pc.equal(joined["pin_locale"].cast(pa.string()),
-                        joined["user_locale"].cast(pa.string()))
+        same = pc.equal(
+            joined["pin_locale"].cast(pa.string()), joined["user_locale"].cast(pa.string())
+        )
         return pc.fill_null(same, False).to_numpy(zero_copy_only=False)
-    raise DataError("local labels need the pin locale: the candidate log has neither an "
-                    "f_locale_match feature column nor pin_locale and user_locale columns")
+    raise DataError(
+        "local labels need the pin locale: the candidate log has neither an "
+        "f_locale_match feature column nor pin_locale and user_locale columns"
+    )
 
 
 def strongest_action_weight(joined: pa.Table, weights: Mapping[str, float]) -> np.ndarray:
@@ -172,8 +188,9 @@ def build_labels(
     and hidden negatives (`DEFAULT_EVENT_WEIGHT` when absent).
     """
     if strategy not in LABEL_STRATEGIES:
-        raise ConfigError(f"unknown label strategy {strategy!r} "
-                          f"(known: {', '.join(LABEL_STRATEGIES)})")
+        raise ConfigError(
+            f"unknown label strategy {strategy!r} (known: {', '.join(LABEL_STRATEGIES)})"
+        )
     _check_weights(weights, local_label_weight, negative_sample_rate)
     n = joined.num_rows
     local = locale_matches(joined) if local_label_weight != 1.0 else np.zeros(n, dtype=bool)
@@ -210,5 +227,9 @@ def build_labels(
     keep = np.random.default_rng(seed).random(n) < negative_sample_rate
     weight[unimpressed] /= negative_sample_rate
     indices = np.flatnonzero(~unimpressed | keep)
-    return LabelSet(strategy, y[indices].astype(np.float32),
-                    weight[indices].astype(np.float32), indices.astype(np.int64))
+    return LabelSet(
+        strategy,
+        y[indices].astype(np.float32),
+        weight[indices].astype(np.float32),
+        indices.astype(np.int64),
+    )

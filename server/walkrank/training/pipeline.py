@@ -142,16 +142,18 @@ def window_bounds(window: Window | None) -> tuple[float | None, float | None]:
 def _iso(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    return (
+        datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
 
 
 def describe_window(lo: float | None, hi: float | None) -> dict[str, str | None]:
     return {"start": _iso(lo), "end": _iso(hi)}
 
 
-def load_joined(tenant: TenantConfig, logs_dir: Path, window: Window | None,
-                steps: StepTimer) -> pa.Table:
+def load_joined(
+    tenant: TenantConfig, logs_dir: Path, window: Window | None, steps: StepTimer
+) -> pa.Table:
     """The tenant's candidates in the window, each joined with its events."""
     lo, hi = window_bounds(window)
     logs_dir = Path(logs_dir)
@@ -161,33 +163,46 @@ def load_joined(tenant: TenantConfig, logs_dir: Path, window: Window | None,
         raise DataError(
             f"no logged candidates for tenant {tenant.name!r} under "
             f"{logs_dir / 'candidates'} in the window [{bounds['start'] or 'beginning'}, "
-            f"{bounds['end'] or 'now'}): nothing to train or evaluate on")
-    events = read_events(logs_dir, lo, None if hi is None else hi + EVENT_LAG_SECONDS,
-                         tenant=tenant.name)
+            f"{bounds['end'] or 'now'}): nothing to train or evaluate on"
+        )
+    events = read_events(
+        logs_dir, lo, None if hi is None else hi + EVENT_LAG_SECONDS, tenant=tenant.name
+    )
     steps.done("load", f"{candidates.num_rows:,} candidates, {events.num_rows:,} events")
     # One canonical row order: the writer's (and so the files') order follows which request
     # finished first, and negative sampling and the booster both depend on row order.
     joined = join_candidates_events(candidates, events, tenant.name).sort_by(
-        [("ts", "ascending"), ("request_id", "ascending"), ("rank", "ascending")])
+        [("ts", "ascending"), ("request_id", "ascending"), ("rank", "ascending")]
+    )
     impressed = int(pc.sum(joined["impressed"]).as_py() or 0)
-    steps.done("join", f"{joined.num_rows:,} candidates of "
-                       f"{pc.count_distinct(joined['request_id']).as_py():,} requests, "
-                       f"{impressed:,} impressed")
+    steps.done(
+        "join",
+        f"{joined.num_rows:,} candidates of "
+        f"{pc.count_distinct(joined['request_id']).as_py():,} requests, "
+        f"{impressed:,} impressed",
+    )
     return joined
 
 
-def split_by_time(joined: pa.Table, fraction: float = VALIDATION_FRACTION
-                  ) -> tuple[pa.Table, pa.Table]:
+def split_by_time(
+    joined: pa.Table, fraction: float = VALIDATION_FRACTION
+) -> tuple[pa.Table, pa.Table]:
     """(train, validation): the last `fraction` of requests by request time, whole requests
     on one side (ties in time broken by request id, so the split is reproducible)."""
     if not 0 < fraction < 1:
         raise DataError(f"validation fraction must be in (0, 1), got {fraction!r}")
-    requests = joined.select(["request_id", "ts"]).group_by("request_id").aggregate(
-        [("ts", "min")]).sort_by([("ts_min", "ascending"), ("request_id", "ascending")])
+    requests = (
+        joined.select(["request_id", "ts"])
+        .group_by("request_id")
+        .aggregate([("ts", "min")])
+        .sort_by([("ts_min", "ascending"), ("request_id", "ascending")])
+    )
     n = requests.num_rows
     if n < 2:
-        raise DataError(f"the window holds {n} request(s); training needs at least 2 (one to "
-                        "train on, one to validate on)")
+        raise DataError(
+            f"the window holds {n} request(s); training needs at least 2 (one to "
+            "train on, one to validate on)"
+        )
     n_valid = min(n - 1, max(1, math.ceil(fraction * n)))
     held_out = requests["request_id"].slice(n - n_valid)
     is_valid = pc.is_in(joined["request_id"], value_set=held_out.combine_chunks())
@@ -200,15 +215,19 @@ def feature_matrix(table: pa.Table, feature_names: Sequence[str], *, what: str) 
     columns = [f"f_{name}" for name in feature_names]
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(f"{what}: the candidate log has no column(s) {', '.join(missing)} "
-                        f"(logged features: {', '.join(_logged_features(table)) or 'none'}); "
-                        "features are logged from the tenant's feature list at serving time")
+        raise DataError(
+            f"{what}: the candidate log has no column(s) {', '.join(missing)} "
+            f"(logged features: {', '.join(_logged_features(table)) or 'none'}); "
+            "features are logged from the tenant's feature list at serving time"
+        )
     matrix = np.empty((table.num_rows, len(columns)), dtype=np.float32)
     for j, column in enumerate(columns):
         values = table[column]
         if values.null_count:
-            raise DataError(f"{what}: column {column} has {values.null_count} null value(s) "
-                            "(logged before the feature was on the tenant's list?)")
+            raise DataError(
+                f"{what}: column {column} has {values.null_count} null value(s) "
+                "(logged before the feature was on the tenant's list?)"
+            )
         matrix[:, j] = values.to_numpy()
     return matrix
 
@@ -231,38 +250,58 @@ def objective_for(tenant: TenantConfig, strategy: str) -> str:
     return "binary" if tenant.ranker.objective == "regression" else tenant.ranker.objective
 
 
-def tenant_labels(tenant: TenantConfig, joined: pa.Table, strategy: str, *,
-                  negative_sample_rate: float | None = None, seed: int = 0) -> LabelSet:
+def tenant_labels(
+    tenant: TenantConfig,
+    joined: pa.Table,
+    strategy: str,
+    *,
+    negative_sample_rate: float | None = None,
+    seed: int = 0,
+) -> LabelSet:
     labels = tenant.labels
     return build_labels(
-        joined, strategy, weights=dict(labels.weights),
+        joined,
+        strategy,
+        weights=dict(labels.weights),
         local_label_weight=labels.local_label_weight,
-        negative_sample_rate=(labels.negative_sample_rate if negative_sample_rate is None
-                              else negative_sample_rate),
-        seed=seed)
+        negative_sample_rate=(
+            labels.negative_sample_rate if negative_sample_rate is None else negative_sample_rate
+        ),
+        seed=seed,
+    )
 
 
 def label_stats(label_set: LabelSet) -> dict[str, float]:
     y, w = label_set.y, label_set.sample_weight
     positive = y > 0
-    stats = {"rows": len(label_set), "positives": int(positive.sum()),
-             "positive_weight": float(w[positive].sum()),
-             "negative_weight": float(w[~positive].sum())}
+    stats = {
+        "rows": len(label_set),
+        "positives": int(positive.sum()),
+        "positive_weight": float(w[positive].sum()),
+        "negative_weight": float(w[~positive].sum()),
+    }
     if label_set.strategy == "distillation":
-        stats.update(target_mean=float(y.mean()) if len(y) else math.nan,
-                     target_std=float(y.std()) if len(y) else math.nan)
+        stats.update(
+            target_mean=float(y.mean()) if len(y) else math.nan,
+            target_std=float(y.std()) if len(y) else math.nan,
+        )
     return stats
 
 
 def _check_learnable(label_set: LabelSet, tenant: str, part: str) -> None:
     if len(label_set) == 0:
-        raise DataError(f"tenant {tenant!r}: no {part} rows with a {label_set.strategy} label "
-                        "(distillation needs events carrying the full ranker's score)")
+        raise DataError(
+            f"tenant {tenant!r}: no {part} rows with a {label_set.strategy} label "
+            "(distillation needs events carrying the full ranker's score)"
+        )
     if label_set.strategy != "distillation" and (
-            label_set.n_positive == 0 or label_set.n_positive == len(label_set)):
+        label_set.n_positive == 0 or label_set.n_positive == len(label_set)
+    ):
         kind = "positive" if label_set.n_positive == 0 else "negative"
-        raise DataError(f"tenant {tenant!r}: the {part} requests have no {kind} "
-                        f"{label_set.strategy} label; are events reported for this window?")
+        raise DataError(
+            f"tenant {tenant!r}: the {part} requests have no {kind} "
+            f"{label_set.strategy} label; are events reported for this window?"
+        )
 
 
 def model_targets(label_set: LabelSet, objective: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -274,8 +313,9 @@ def model_targets(label_set: LabelSet, objective: str) -> tuple[np.ndarray, np.n
     return label_set.y, label_set.sample_weight
 
 
-def training_params(tenant: TenantConfig, settings: Mapping[str, Any] | None = None
-                    ) -> dict[str, Any]:
+def training_params(
+    tenant: TenantConfig, settings: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """`train_model` params of the tenant's ranker, with `settings` (ranker YAML names, as in
     a search grid point) overriding the tenant's values."""
     return dataclasses.replace(tenant.ranker, **(settings or {})).training_params()
@@ -284,8 +324,9 @@ def training_params(tenant: TenantConfig, settings: Mapping[str, Any] | None = N
 # --- scoring and comparison --------------------------------------------------------------------
 
 
-def score_with_model(onnx_bytes: bytes, feature_names: Sequence[str], table: pa.Table,
-                     *, what: str) -> np.ndarray:
+def score_with_model(
+    onnx_bytes: bytes, feature_names: Sequence[str], table: pa.Table, *, what: str
+) -> np.ndarray:
     """Scores as served: the ONNX model through `Scorer`, on the logged feature columns."""
     return score_matrix(onnx_bytes, feature_matrix(table, feature_names, what=what))
 
@@ -297,15 +338,20 @@ def score_matrix(onnx_bytes: bytes, matrix: np.ndarray) -> np.ndarray:
     return Scorer.from_onnx(onnx_bytes, matrix.shape[1]).score(matrix)
 
 
-def serving_baseline(registry: ModelRegistry, tenant: str, valid: pa.Table
-                     ) -> tuple[str, np.ndarray, int | None]:
+def serving_baseline(
+    registry: ModelRegistry, tenant: str, valid: pa.Table
+) -> tuple[str, np.ndarray, int | None]:
     """(name, scores, version) of what serves now: the CURRENT model, else visit count."""
     current = registry.current(tenant)
     if current is None:
         return VISIT_COUNT, _visit_scores(valid), None
     loaded = registry.load(tenant, current.version)
-    scores = score_with_model(loaded.onnx_bytes, loaded.feature_names, valid,
-                              what=f"serving model v{loaded.version} of {tenant!r}")
+    scores = score_with_model(
+        loaded.onnx_bytes,
+        loaded.feature_names,
+        valid,
+        what=f"serving model v{loaded.version} of {tenant!r}",
+    )
     return f"v{loaded.version}", scores, loaded.version
 
 
@@ -346,23 +392,57 @@ def train_tenant(
         from walkrank.training.dask_train import train_on_dask
 
         trained, valid, stats, rows = train_on_dask(
-            tenant, Path(logs_dir), dask_scheduler, window=(lo, hi), strategy=strategy,
-            objective=objective, validation_fraction=validation_fraction, seed=seed,
-            steps=steps)
+            tenant,
+            Path(logs_dir),
+            dask_scheduler,
+            window=(lo, hi),
+            strategy=strategy,
+            objective=objective,
+            validation_fraction=validation_fraction,
+            seed=seed,
+            steps=steps,
+        )
         fitted = [({}, trained)]
     else:
         fitted, valid, stats, rows = _train_local(
-            tenant, Path(logs_dir), window=(lo, hi), strategy=strategy, objective=objective,
-            validation_fraction=validation_fraction, seed=seed, steps=steps,
-            grid=tenant.ranker.search_grid() if search else [{}])
-    return finish_training(tenant, fitted, valid, models_dir=Path(models_dir), steps=steps,
-                           strategy=strategy, objective=objective, label_stats=stats, rows=rows,
-                           window=describe_window(lo, hi), force=force, publish=publish)
+            tenant,
+            Path(logs_dir),
+            window=(lo, hi),
+            strategy=strategy,
+            objective=objective,
+            validation_fraction=validation_fraction,
+            seed=seed,
+            steps=steps,
+            grid=tenant.ranker.search_grid() if search else [{}],
+        )
+    return finish_training(
+        tenant,
+        fitted,
+        valid,
+        models_dir=Path(models_dir),
+        steps=steps,
+        strategy=strategy,
+        objective=objective,
+        label_stats=stats,
+        rows=rows,
+        window=describe_window(lo, hi),
+        force=force,
+        publish=publish,
+    )
 
 
-def _train_local(tenant: TenantConfig, logs_dir: Path, *, window: Window, strategy: str,
-                 objective: str, validation_fraction: float, seed: int, steps: StepTimer,
-                 grid: Sequence[Mapping[str, Any]]):
+def _train_local(
+    tenant: TenantConfig,
+    logs_dir: Path,
+    *,
+    window: Window,
+    strategy: str,
+    objective: str,
+    validation_fraction: float,
+    seed: int,
+    steps: StepTimer,
+    grid: Sequence[Mapping[str, Any]],
+):
     """One model per grid point (a point overrides ranker settings; `{}` = the tenant's)."""
     from walkrank.ranking.training import train_model
 
@@ -378,46 +458,74 @@ def _train_local(tenant: TenantConfig, logs_dir: Path, *, window: Window, strate
     train_groups = request_groups(train)[train_labels.indices]
     valid_groups = request_groups(valid)[valid_labels.indices]
     stats = label_stats(train_labels)
-    rows = {"candidates": joined.num_rows, "train_rows": len(train_labels),
-            "valid_rows": valid.num_rows,
-            "train_requests": int(train_groups.max()) + 1 if len(train_groups) else 0,
-            "valid_requests": int(request_groups(valid).max()) + 1}
+    rows = {
+        "candidates": joined.num_rows,
+        "train_rows": len(train_labels),
+        "valid_rows": valid.num_rows,
+        "train_requests": int(train_groups.max()) + 1 if len(train_groups) else 0,
+        "valid_requests": int(request_groups(valid).max()) + 1,
+    }
     pairwise = objective == "pairwise"
     valid_set = None
     if len(valid_labels):
-        valid_set = (x_valid[valid_labels.indices], *model_targets(valid_labels, objective),
-                     valid_groups if pairwise else None)
+        valid_set = (
+            x_valid[valid_labels.indices],
+            *model_targets(valid_labels, objective),
+            valid_groups if pairwise else None,
+        )
     y, weights = model_targets(train_labels, objective)
     fitted = []
     for settings in grid:
         trained = train_model(
-            x_train[train_labels.indices], y, objective=objective, weights=weights,
+            x_train[train_labels.indices],
+            y,
+            objective=objective,
+            weights=weights,
             groups=train_groups if pairwise else None,
-            params=training_params(tenant, settings), valid=valid_set, seed=seed)
+            params=training_params(tenant, settings),
+            valid=valid_set,
+            seed=seed,
+        )
         fitted.append((dict(settings), trained))
-    what = (f"{len(grid)} models (ranker.search)" if len(grid) > 1
-            else f"{_fit_summary(fitted[0][1])}")
-    steps.done("train", f"{objective} on {len(train_labels):,} labelled rows "
-                        f"({stats['positives']:,} positive, {strategy}), "
-                        f"{rows['train_requests']:,} requests; held out "
-                        f"{rows['valid_requests']:,} requests; {what}")
+    what = (
+        f"{len(grid)} models (ranker.search)" if len(grid) > 1 else f"{_fit_summary(fitted[0][1])}"
+    )
+    steps.done(
+        "train",
+        f"{objective} on {len(train_labels):,} labelled rows "
+        f"({stats['positives']:,} positive, {strategy}), "
+        f"{rows['train_requests']:,} requests; held out "
+        f"{rows['valid_requests']:,} requests; {what}",
+    )
     return fitted, valid, stats, rows
 
 
 def _fit_summary(trained: Any) -> str:
     """Rounds kept and XGBoost's train vs held-out metrics: how far the model overfits."""
     metrics = trained.metrics
-    pairs = [f"{name} {metrics[f'train_{name}']:.3f} train / {metrics[f'valid_{name}']:.3f} "
-             "held out" for name in sorted({k.split("_", 1)[1] for k in metrics
-                                            if k.startswith("valid_")})]
+    pairs = [
+        f"{name} {metrics[f'train_{name}']:.3f} train / {metrics[f'valid_{name}']:.3f} held out"
+        for name in sorted({k.split("_", 1)[1] for k in metrics if k.startswith("valid_")})
+    ]
     kept = f"{int(metrics['rounds'])} of {trained.params['n_estimators']} rounds"
     return ", ".join([kept, *pairs])
 
 
-def finish_training(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any], Any]],
-                    valid: pa.Table, *, models_dir: Path, steps: StepTimer, strategy: str,
-                    objective: str, label_stats: Mapping[str, float], rows: Mapping[str, int],
-                    window: dict[str, str | None], force: bool, publish: bool) -> TrainReport:
+def finish_training(
+    tenant: TenantConfig,
+    fitted: Sequence[tuple[dict[str, Any], Any]],
+    valid: pa.Table,
+    *,
+    models_dir: Path,
+    steps: StepTimer,
+    strategy: str,
+    objective: str,
+    label_stats: Mapping[str, float],
+    rows: Mapping[str, int],
+    window: dict[str, str | None],
+    force: bool,
+    publish: bool,
+) -> TrainReport:
     """Export + gate each fitted model (keeping the best that passes on the primary metric),
     compare it with what serves and with visit count on the held-out requests, publish or
     refuse (shared by the local and the Dask paths). `fitted` holds (settings, model) pairs."""
@@ -425,44 +533,74 @@ def finish_training(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any],
     x_valid = feature_matrix(valid, features, what=f"tenant {tenant.name!r}")
     targets = targets_from_joined(valid, tenant.labels.weights)
     trials, exported, trained, candidate_scores = _gate_trials(
-        tenant, fitted, x_valid, targets, objective=objective)
+        tenant, fitted, x_valid, targets, objective=objective
+    )
     passed = sum(t.gate == "passed" for t in trials)
-    steps.done("gate", f"{tenant.ranker.converter} ONNX matches XGBoost on "
-                       f"{min(len(x_valid), GATE_SAMPLE_ROWS):,} held-out rows"
-                       + (f" for {passed} of {len(trials)} models" if len(trials) > 1 else ""))
+    steps.done(
+        "gate",
+        f"{tenant.ranker.converter} ONNX matches XGBoost on "
+        f"{min(len(x_valid), GATE_SAMPLE_ROWS):,} held-out rows"
+        + (f" for {passed} of {len(trials)} models" if len(trials) > 1 else ""),
+    )
     primary = tenant.labels.primary_metric
     if len(trials) > 1:
-        steps.progress(f"[{tenant.name}] models tried, best {primary} on the held-out "
-                       f"requests kept:\n{trials_table(trials, primary)}")
+        steps.progress(
+            f"[{tenant.name}] models tried, best {primary} on the held-out "
+            f"requests kept:\n{trials_table(trials, primary)}"
+        )
 
     registry = ModelRegistry(models_dir)
     baseline, baseline_scores, _ = serving_baseline(registry, tenant.name, valid)
     k = tenant.labels.primary_metric_k
-    comparison = compare(targets, candidate_scores, baseline_scores, k=k, candidate="new model",
-                         baseline=baseline, window=_valid_window(valid))
-    steps.progress(f"[{tenant.name}] new model vs {baseline} on {comparison.requests:,} "
-                   f"held-out requests:\n{comparison.table()}")
+    comparison = compare(
+        targets,
+        candidate_scores,
+        baseline_scores,
+        k=k,
+        candidate="new model",
+        baseline=baseline,
+        window=_valid_window(valid),
+    )
+    steps.progress(
+        f"[{tenant.name}] new model vs {baseline} on {comparison.requests:,} "
+        f"held-out requests:\n{comparison.table()}"
+    )
     versus_visits = None
     if baseline != VISIT_COUNT:
-        versus_visits = compare(targets, candidate_scores, _visit_scores(valid), k=k,
-                                candidate="new model", baseline=VISIT_COUNT,
-                                window=_valid_window(valid))
-        steps.progress(f"[{tenant.name}] new model vs {VISIT_COUNT}: "
-                       f"{versus_visits.describe(primary)}")
+        versus_visits = compare(
+            targets,
+            candidate_scores,
+            _visit_scores(valid),
+            k=k,
+            candidate="new model",
+            baseline=VISIT_COUNT,
+            window=_valid_window(valid),
+        )
+        steps.progress(
+            f"[{tenant.name}] new model vs {VISIT_COUNT}: {versus_visits.describe(primary)}"
+        )
     refused = None
     for against in (comparison, versus_visits):
         if against is not None and refused is None and against.worse_on(primary):
-            refused = (f"the new model is worse than {against.baseline} on {tenant.name}'s "
-                       f"primary metric ({against.describe(primary)})")
+            refused = (
+                f"the new model is worse than {against.baseline} on {tenant.name}'s "
+                f"primary metric ({against.describe(primary)})"
+            )
 
     version = None
     if publish and (refused is None or force):
         metadata = dict(exported.metadata)
         metadata.update(
-            tenant=tenant.name, strategy=strategy, training_window=window,
-            label_stats=dict(label_stats), rows=dict(rows), train_metrics=dict(trained.metrics),
+            tenant=tenant.name,
+            strategy=strategy,
+            training_window=window,
+            label_stats=dict(label_stats),
+            rows=dict(rows),
+            train_metrics=dict(trained.metrics),
             training_params=_json_params(trained.params),
-            metrics=comparison.candidate_metrics, comparison=comparison.to_dict())
+            metrics=comparison.candidate_metrics,
+            comparison=comparison.to_dict(),
+        )
         if versus_visits is not None:
             metadata["comparison_visit_count"] = versus_visits.to_dict()
         if len(trials) > 1:
@@ -473,15 +611,32 @@ def finish_training(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any],
     elif publish:
         steps.progress(f"[{tenant.name}] not published: {refused}; --force publishes anyway")
     return TrainReport(
-        tenant=tenant.name, strategy=strategy, objective=objective, version=version,
-        refused=refused, forced=bool(force and refused and version is not None),
-        metrics=dict(trained.metrics), validation=comparison.candidate_metrics,
-        comparison=comparison, label_stats=dict(label_stats), rows=dict(rows), window=window,
-        seconds=dict(steps.seconds), trials=tuple(trials), visit_count=versus_visits)
+        tenant=tenant.name,
+        strategy=strategy,
+        objective=objective,
+        version=version,
+        refused=refused,
+        forced=bool(force and refused and version is not None),
+        metrics=dict(trained.metrics),
+        validation=comparison.candidate_metrics,
+        comparison=comparison,
+        label_stats=dict(label_stats),
+        rows=dict(rows),
+        window=window,
+        seconds=dict(steps.seconds),
+        trials=tuple(trials),
+        visit_count=versus_visits,
+    )
 
 
-def _gate_trials(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any], Any]],
-                 x_valid: np.ndarray, targets: Targets, *, objective: str):
+def _gate_trials(
+    tenant: TenantConfig,
+    fitted: Sequence[tuple[dict[str, Any], Any]],
+    x_valid: np.ndarray,
+    targets: Targets,
+    *,
+    objective: str,
+):
     """Every fitted model through the gate and scored as served on the held-out requests;
     returns (trials, the best exported model, its trained model, its held-out scores). A lone
     model that fails the gate raises the gate's ModelError; in a search it is recorded, and
@@ -495,9 +650,13 @@ def _gate_trials(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any], An
     for index, (settings, trained) in enumerate(fitted):
         rounds = int(trained.metrics.get("rounds", trained.booster.num_boosted_rounds()))
         try:
-            exported = export_model(trained.booster, features,
-                                    converter=tenant.ranker.converter, objective=objective,
-                                    sample=x_valid[:GATE_SAMPLE_ROWS])
+            exported = export_model(
+                trained.booster,
+                features,
+                converter=tenant.ranker.converter,
+                objective=objective,
+                sample=x_valid[:GATE_SAMPLE_ROWS],
+            )
         except ModelError as exc:
             if len(fitted) == 1:
                 raise
@@ -512,8 +671,10 @@ def _gate_trials(tenant: TenantConfig, fitted: Sequence[tuple[dict[str, Any], An
         if best is None or key > best[0]:
             best = (key, index, exported, trained, scores)
     if best is None:
-        raise ModelError(f"tenant {tenant.name!r}: none of the {len(fitted)} models passed the "
-                         f"validation gate; first refusal: {trials[0].gate}")
+        raise ModelError(
+            f"tenant {tenant.name!r}: none of the {len(fitted)} models passed the "
+            f"validation gate; first refusal: {trials[0].gate}"
+        )
     _, chosen, exported, trained, scores = best
     trials[chosen] = dataclasses.replace(trials[chosen], chosen=True)
     return trials, exported, trained, scores
@@ -524,14 +685,19 @@ def trials_table(trials: Sequence[Trial], primary: str) -> str:
     primary metric, gate verdict; the kept one marked."""
     names = list(dict.fromkeys(name for t in trials for name in t.settings))
     losses = sorted({k for t in trials for k in t.metrics if k.startswith("valid_")})
-    lines = ["| " + " | ".join(["model", *names, "rounds", *losses, primary, "gate"]) + " |",
-             "|" + " --- |" * (len(names) + len(losses) + 4)]
+    lines = [
+        "| " + " | ".join(["model", *names, "rounds", *losses, primary, "gate"]) + " |",
+        "|" + " --- |" * (len(names) + len(losses) + 4),
+    ]
     for number, t in enumerate(trials, 1):
-        cells = [f"{number}{' (kept)' if t.chosen else ''}",
-                 *(f"{t.settings.get(n, '')}" for n in names),
-                 str(t.rounds), *(f"{t.metrics.get(k, math.nan):.4f}" for k in losses),
-                 "n/a" if t.primary is None or math.isnan(t.primary) else f"{t.primary:.4f}",
-                 "passed" if t.gate == "passed" else "refused: " + t.gate[:80]]
+        cells = [
+            f"{number}{' (kept)' if t.chosen else ''}",
+            *(f"{t.settings.get(n, '')}" for n in names),
+            str(t.rounds),
+            *(f"{t.metrics.get(k, math.nan):.4f}" for k in losses),
+            "n/a" if t.primary is None or math.isnan(t.primary) else f"{t.primary:.4f}",
+            "passed" if t.gate == "passed" else "refused: " + t.gate[:80],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -543,8 +709,10 @@ def _json_params(params: Mapping[str, Any]) -> dict[str, Any]:
 def _valid_window(valid: pa.Table) -> dict[str, str | None]:
     ts = valid["ts"].cast(pa.int64())
     lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
-    return {"start": _iso(lo / 1e6) if lo is not None else None,
-            "last_request": _iso(hi / 1e6) if hi is not None else None}
+    return {
+        "start": _iso(lo / 1e6) if lo is not None else None,
+        "last_request": _iso(hi / 1e6) if hi is not None else None,
+    }
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -575,17 +743,34 @@ def evaluate_tenant(
     joined = load_joined(tenant, Path(logs_dir), window, steps)
     held_out = joined if window is not None else split_by_time(joined, validation_fraction)[1]
     targets = targets_from_joined(held_out, tenant.labels.weights)
-    scores = score_with_model(loaded.onnx_bytes, loaded.feature_names, held_out,
-                              what=f"model v{loaded.version} of {tenant.name!r}")
-    comparison = compare(targets, scores, _visit_scores(held_out), k=k,
-                         candidate=f"v{loaded.version}", baseline=VISIT_COUNT,
-                         window=_valid_window(held_out))
-    steps.done("evaluate", f"v{loaded.version} on {comparison.requests:,} requests, "
-                           f"{comparison.candidates:,} candidates")
-    out = Path(out_dir) if out_dir is not None else (
-        Path(logs_dir) / "evaluations" / tenant.name / f"v{loaded.version}")
-    paths = write_reports(comparison, out, title=f"{tenant.name}: v{loaded.version} vs "
-                                                 f"{VISIT_COUNT}")
+    scores = score_with_model(
+        loaded.onnx_bytes,
+        loaded.feature_names,
+        held_out,
+        what=f"model v{loaded.version} of {tenant.name!r}",
+    )
+    comparison = compare(
+        targets,
+        scores,
+        _visit_scores(held_out),
+        k=k,
+        candidate=f"v{loaded.version}",
+        baseline=VISIT_COUNT,
+        window=_valid_window(held_out),
+    )
+    steps.done(
+        "evaluate",
+        f"v{loaded.version} on {comparison.requests:,} requests, "
+        f"{comparison.candidates:,} candidates",
+    )
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else (Path(logs_dir) / "evaluations" / tenant.name / f"v{loaded.version}")
+    )
+    paths = write_reports(
+        comparison, out, title=f"{tenant.name}: v{loaded.version} vs {VISIT_COUNT}"
+    )
     progress(comparison.table())
     progress(f"wrote {', '.join(str(p) for p in paths.values())}")
     return EvaluationResult(comparison, paths)

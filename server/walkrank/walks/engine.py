@@ -206,8 +206,7 @@ def _validate_query(
     weights = np.asarray(query_weights)
     if pins.ndim != 1 or weights.ndim != 1:
         raise DataError(
-            f"query_pins and query_weights must be 1-D, got shapes {pins.shape} and "
-            f"{weights.shape}"
+            f"query_pins and query_weights must be 1-D, got shapes {pins.shape} and {weights.shape}"
         )
     if pins.shape != weights.shape:
         raise DataError(
@@ -289,8 +288,9 @@ def walk(
     budgets[known] = step_budgets(degrees, weights[known], params.steps, max_degree)
     total_budget = int(budgets.sum())
     if total_budget == 0:
-        return _empty(pins.shape[0], unknown, "no steps to walk: query pins have no boards "
-                                              "or zero weight")
+        return _empty(
+            pins.shape[0], unknown, "no steps to walk: query pins have no boards or zero weight"
+        )
     if cancel is None:
         cancel = np.zeros(1, np.uint8)
 
@@ -322,13 +322,33 @@ def walk(
         if budgets[position] == 0:
             continue
         steps_per_query[position] = kernels.walk_query_pin(
-            graph.pin_offsets, graph.pin_adj, graph.board_offsets, graph.board_adj,
-            graph.pin_locale_ends, graph.board_locale_ends, graph.pin_run_offsets,
-            graph.pin_key_runs, graph.board_run_offsets, graph.board_key_runs, run_shift,
-            np.int32(pins[position]), np.int32(position), np.int64(budgets[position]),
-            restart_threshold, bias_threshold, np.int32(target.locale), np.int32(target.key_lo),
-            np.int32(target.key_hi), np.int64(stop_pins[position]),
-            np.int64(params.early_stop_visits), seed64, dense, table, root_sum, hits, count_scale,
+            graph.pin_offsets,
+            graph.pin_adj,
+            graph.board_offsets,
+            graph.board_adj,
+            graph.pin_locale_ends,
+            graph.board_locale_ends,
+            graph.pin_run_offsets,
+            graph.pin_key_runs,
+            graph.board_run_offsets,
+            graph.board_key_runs,
+            run_shift,
+            np.int32(pins[position]),
+            np.int32(position),
+            np.int64(budgets[position]),
+            restart_threshold,
+            bias_threshold,
+            np.int32(target.locale),
+            np.int32(target.key_lo),
+            np.int32(target.key_hi),
+            np.int64(stop_pins[position]),
+            np.int64(params.early_stop_visits),
+            seed64,
+            dense,
+            table,
+            root_sum,
+            hits,
+            count_scale,
             cancel,
         )
         if steps_per_query[position]:
@@ -337,7 +357,13 @@ def walk(
         raise WalkCancelled(int(steps_per_query.sum()))
 
     out = kernels.top_candidates(
-        dense, table, root_sum, hits, count_scale, known_pins, params.max_candidates,
+        dense,
+        table,
+        root_sum,
+        hits,
+        count_scale,
+        known_pins,
+        params.max_candidates,
         graph.pin_offsets,
     )
     cand_pins, scores, cand_visits, query_hits, cand_degree = out

@@ -46,8 +46,13 @@ def _prefetch(typingctx, array, index):
         idx = context.cast(builder, args[1], index_type, types.intp)
         zero = context.get_constant(types.intp, 0)
         ptr = cgutils.get_item_pointer(
-            context, builder, array_type, ary, [idx] + [zero] * (array_type.ndim - 1),
-            wraparound=False, boundscheck=False,
+            context,
+            builder,
+            array_type,
+            ary,
+            [idx] + [zero] * (array_type.ndim - 1),
+            wraparound=False,
+            boundscheck=False,
         )
         byte_ptr_type = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
@@ -73,9 +78,15 @@ def _load_relaxed(typingctx, array):
         array_type = signature.args[0]
         ary = context.make_array(array_type)(context, builder, args[0])
         zero = context.get_constant(types.intp, 0)
-        ptr = cgutils.get_item_pointer(context, builder, array_type, ary,
-                                       [zero] * array_type.ndim, wraparound=False,
-                                       boundscheck=False)
+        ptr = cgutils.get_item_pointer(
+            context,
+            builder,
+            array_type,
+            ary,
+            [zero] * array_type.ndim,
+            wraparound=False,
+            boundscheck=False,
+        )
         return builder.load_atomic(ptr, "monotonic", array_type.dtype.bitwidth // 8)
 
     return array.dtype(array), codegen
@@ -224,8 +235,9 @@ def walk_query_pin(
     biased = np.zeros(WALKERS, np.bool_)
     restart = np.zeros(WALKERS, np.bool_)
     for w in range(WALKERS):
-        s = _splitmix64(_splitmix64(_splitmix64(np.uint64(seed)) ^ np.uint64(query_index))
-                        + np.uint64(w))
+        s = _splitmix64(
+            _splitmix64(_splitmix64(np.uint64(seed)) ^ np.uint64(query_index)) + np.uint64(w)
+        )
         state[w] = s if s != 0 else np.uint64(1)
         position[w] = query_pin
     stop_after = np.int64(early_stop_pins) if early_stop_pins > 0 else _NO_LIMIT
@@ -273,8 +285,13 @@ def walk_query_pin(
             elif by_key:
                 row = _hash_slot(p, slice_mask)
                 cached = pin_slices[row, 0] == p
-                i = _pick(start + pin_slices[row, 1], start + pin_slices[row, 2], r, i,
-                          biased[w] and cached)
+                i = _pick(
+                    start + pin_slices[row, 1],
+                    start + pin_slices[row, 2],
+                    r,
+                    i,
+                    biased[w] and cached,
+                )
                 searching[w] = biased[w] and not cached
                 if searching[w]:
                     at = pin_run_offsets[p]
@@ -292,8 +309,7 @@ def walk_query_pin(
                     at, count = runs_at[w], runs_count[w]
                     below_lo = _runs_below(pin_key_runs, at, count, lo_key)
                     if one_key:  # the run after the key's, if it is the key's own
-                        below_hi = below_lo + _is_run_of(pin_key_runs, at, count, below_lo,
-                                                          hi_key)
+                        below_hi = below_lo + _is_run_of(pin_key_runs, at, count, below_lo, hi_key)
                     else:
                         below_hi = _runs_below(pin_key_runs, at, count, hi_key)
                     first = list_start[w] + _run_end(pin_key_runs, at, below_lo, end_mask)
@@ -329,8 +345,13 @@ def walk_query_pin(
             elif by_key:
                 row = _hash_slot(b, slice_mask)
                 cached = board_slices[row, 0] == b
-                i = _pick(start + board_slices[row, 1], start + board_slices[row, 2], r, i,
-                          biased[w] and cached)
+                i = _pick(
+                    start + board_slices[row, 1],
+                    start + board_slices[row, 2],
+                    r,
+                    i,
+                    biased[w] and cached,
+                )
                 searching[w] = biased[w] and not cached
                 if searching[w]:
                     at = board_run_offsets[b]
@@ -349,8 +370,9 @@ def walk_query_pin(
                     at, count = runs_at[w], runs_count[w]
                     below_lo = _runs_below(board_key_runs, at, count, lo_key)
                     if one_key:  # the run after the key's, if it is the key's own
-                        below_hi = below_lo + _is_run_of(board_key_runs, at, count, below_lo,
-                                                          hi_key)
+                        below_hi = below_lo + _is_run_of(
+                            board_key_runs, at, count, below_lo, hi_key
+                        )
                     else:
                         below_hi = _runs_below(board_key_runs, at, count, hi_key)
                     first = list_start[w] + _run_end(board_key_runs, at, below_lo, end_mask)
@@ -500,8 +522,9 @@ def top_candidates(dense, table, root_sum, hits, count_scale, query_pins, k, pin
 
 
 @njit(nogil=True, cache=True)
-def reference_walk(pin_offsets, pin_adj, board_offsets, board_adj, query_pin, steps,
-                   restart_probability, seed):
+def reference_walk(
+    pin_offsets, pin_adj, board_offsets, board_adj, query_pin, steps, restart_probability, seed
+):
     """Deliberately plain Pixie walk: one walker, np.random, a dense counter per call.
 
     The yardstick the benchmark times against, and the slow reference tests compare the
