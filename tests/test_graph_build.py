@@ -309,6 +309,13 @@ def test_bad_id_and_time_types(tmp_path: Path) -> None:
     edges = write_table(tmp_path / "edges.parquet", {"pin_id": [1.5, 2.0], "board_id": [5, 5]})
     with pytest.raises(DataError, match=r"edges\.parquet: column 'pin_id' has type double"):
         build_graph(tmp_path / "g", edges)
+    whole = write_table(tmp_path / "whole.csv", {"pin_id": [52.0, 53.0], "board_id": [5, 5]})
+    with pytest.raises(
+        DataError,
+        match=r"whole\.csv: column 'pin_id' has float ids \(52\.0, .*"
+        r"cast the column to int64",
+    ):
+        build_graph(tmp_path / "g", whole)
     edges = write_table(tmp_path / "e2.parquet", {"pin_id": [1, 2], "board_id": [5, 5]})
     pins = write_table(tmp_path / "pins.parquet", {"pin_id": ["1", "2"]})
     with pytest.raises(DataError, match=r"pins\.parquet: column 'pin_id' has string ids but"):

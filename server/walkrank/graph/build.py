@@ -176,6 +176,8 @@ def _id_column(table: pa.Table, name: str, column: str) -> pa.ChunkedArray:
     elif pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
         ids = ids.cast(pa.string())
         bad = pc.or_kleene(pc.is_null(ids), pc.equal(ids, ""))
+    elif pa.types.is_floating(ids.type):
+        raise DataError(f"{name}: column {column!r} {_float_id_hint(ids)}")
     else:
         raise DataError(
             f"{name}: column {column!r} has type {ids.type}; ids must be integers or strings"
@@ -188,6 +190,19 @@ def _id_column(table: pa.Table, name: str, column: str) -> pa.ChunkedArray:
             f"first at {_row(i, name)}"
         )
     return ids
+
+
+def _float_id_hint(ids: pa.ChunkedArray) -> str:
+    """Why float ids are refused, and the fix: they are usually integers read through a
+    float column (a CSV or pandas column with a missing value becomes float64)."""
+    values = ids.drop_null().to_numpy(zero_copy_only=False)
+    if values.size and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        return (
+            f"has float ids ({float(values[0])!r}, ...) that are whole numbers: cast the column to "
+            "int64 before building (a column with an empty cell is read as float), or write "
+            "the ids as strings"
+        )
+    return f"has type {ids.type}; ids must be integers or strings"
 
 
 def _check_id_types(
