@@ -177,3 +177,10 @@ def test_a_served_graph_is_never_replaced(tmp_path: Path, small_graph: GraphStor
     assert main(build) == 2  # exists: refused without --replace
     assert main([*build, "--replace"]) == 0  # no server holds it any more
     assert GraphStore.load(graph).n_edges == 2
+
+
+def test_bad_cli_override_exits_2_naming_the_field(tmp_path: Path) -> None:
+    """`--workers 0` bypassed the YAML loader's checks and reached gRPC; overrides now go
+    through the same validator as the file (no graph needed: refused before anything loads)."""
+    line = serve_fails(write_config(tmp_path, tmp_path / "graph"), "--workers", "0")
+    assert line == "walkrank: error: workers: must be >= 1, got 0"

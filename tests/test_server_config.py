@@ -85,3 +85,10 @@ def test_bad_env_keys_and_unreadable_yaml(tmp_path: Path, monkeypatch: pytest.Mo
     broken.write_text("graph: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
         load_server_config(broken)
+
+
+def test_replace_checks_as_the_loader_does(tmp_path: Path) -> None:
+    config = load_server_config(write(tmp_path, BASE))
+    assert config.replace(workers=2).workers == 2
+    with pytest.raises(ConfigError, match=r"^workers: must be >= 1, got 0$"):
+        config.replace(workers=0)

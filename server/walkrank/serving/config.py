@@ -68,6 +68,24 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
 
+    def __post_init__(self) -> None:
+        """The one check of the settings' bounds: the YAML loader and the CLI's overrides
+        (`replace`) both pass through here, so a bad value from either is refused the same way."""
+        for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if self.graph_watch_seconds is not None and self.graph_watch_seconds <= 0:
+            raise ConfigError(
+                "graph_watch_seconds: must be > 0 (leave it out to swap "
+                "graphs only on Admin.Reload)"
+            )
+        if self.recent_request_ids < 0:
+            raise ConfigError(f"recent_request_ids: must be >= 0, got {self.recent_request_ids}")
+        for key in ("compute_nice", "log_writer_nice"):
+            if not 0 <= getattr(self, key) <= 19:
+                raise ConfigError(f"{key}: must be in [0, 19], got {getattr(self, key)}")
+
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)
 
@@ -191,19 +209,6 @@ def load_server_config(path: Path) -> ServerConfig:
     ):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
-    for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
-        if values.get(key, 1) < 1:
-            raise ConfigError(f"{path}: {key}: must be >= 1")
-    if values.get("graph_watch_seconds", 1) <= 0:
-        raise ConfigError(
-            f"{path}: graph_watch_seconds: must be > 0 (leave it out to swap "
-            f"graphs only on Admin.Reload)"
-        )
-    if values.get("recent_request_ids", 0) < 0:
-        raise ConfigError(f"{path}: recent_request_ids: must be >= 0")
-    for key in ("compute_nice", "log_writer_nice"):
-        if not 0 <= values.get(key, 0) <= 19:
-            raise ConfigError(f"{path}: {key}: must be in [0, 19]")
     auth_raw = raw.get("auth") or {}
     if not isinstance(auth_raw, dict) or set(auth_raw) - {"enabled", "secrets_file"}:
         raise ConfigError(f"{path}: auth: expected {{enabled: bool, secrets_file: path}}")
@@ -218,7 +223,10 @@ def load_server_config(path: Path) -> ServerConfig:
         values["tls"] = TlsConfig(
             (base / tls_raw["cert_file"]).resolve(), (base / tls_raw["key_file"]).resolve()
         )
-    return ServerConfig(**values)
+    try:
+        return ServerConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def check_port_free(address: str, reuse_port: bool) -> None:
