@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import yaml
 from walkrank.candidate_log import read_candidates
 from walkrank.cli import main
 from walkrank.graph.store import GraphStore
+from walkrank.replicas import free_port_run
 from walkrank_client import WalkRankClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,3 +186,42 @@ def test_bad_cli_override_exits_2_naming_the_field(tmp_path: Path) -> None:
     through the same validator as the file (no graph needed: refused before anything loads)."""
     line = serve_fails(write_config(tmp_path, tmp_path / "graph"), "--workers", "0")
     assert line == "walkrank: error: workers: must be >= 1, got 0"
+
+
+@pytest.mark.slow
+def test_processes_serve_metrics_on_consecutive_ports(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    """Every `--processes` child bound the one metrics port (all but one failed to start
+    their metrics server); child i now serves /metrics on the metrics port + i."""
+    base = free_port_run(3)
+    config = write_config(tmp_path, small_graph.path, f"127.0.0.1:{base}")
+    metrics = [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"]
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config)),
+            *("--processes", "2", "--metrics-address", metrics[0]),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for _ in metrics:
+            assert "serving" in process.stdout.readline()
+        for address in metrics:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=20) as page:
+                assert b"walkrank_requests_total" in page.read()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_processes_metrics_port_range_is_checked(tmp_path: Path) -> None:
+    line = serve_fails(
+        write_config(tmp_path, tmp_path / "graph", "127.0.0.1:50051"),
+        *("--processes", "3", "--metrics-address", "127.0.0.1:65534"),
+    )
+    assert line == "walkrank: error: metrics_address: 127.0.0.1:65534 leaves no room for 3 ports"

@@ -13,7 +13,8 @@ import time
 
 from walkrank.cli import report_error
 from walkrank.cli._config import add_config_argument, server_config
-from walkrank.errors import WalkRankError
+from walkrank.envoy import split_address
+from walkrank.errors import ConfigError, WalkRankError
 from walkrank.serving.config import DEFAULT_ADDRESS, ServerConfig, check_port_free
 
 log = logging.getLogger("walkrank.serve")
@@ -139,6 +140,23 @@ def _serve_child(config: ServerConfig, drain_s: float) -> None:
         sys.exit(2)
 
 
+def child_metrics_addresses(address: str | None, processes: int) -> list[str | None]:
+    """`--processes N`: child `i` serves /metrics on the metrics port + i (as `--replicas`
+    does), since N processes cannot share one metrics port; :0 gives each any free port.
+    The ports are checked here, once, so a busy one is one line, not N child errors."""
+    if address is None:
+        return [None] * processes
+    host, port = split_address(address, "metrics_address")
+    if port and port + processes - 1 > 65535:
+        raise ConfigError(f"metrics_address: {address} leaves no room for {processes} ports")
+    shown = f"[{host}]" if ":" in host else host
+    addresses: list[str | None] = [f"{shown}:{port + i if port else 0}" for i in range(processes)]
+    if port:
+        for each in addresses:
+            check_port_free(str(each), reuse_port=False)
+    return addresses
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -153,12 +171,16 @@ def run(args: argparse.Namespace) -> int:
         log.error("--processes needs a fixed port, not :0")
         return 2
     check_port_free(config.address, reuse_port=True)  # once, not one error per child
+    child_configs = [
+        config.replace(metrics_address=address)
+        for address in child_metrics_addresses(config.metrics_address, args.processes)
+    ]
     # Fork after nothing heavy is loaded: each child maps the same graph files, so the page
     # cache holds one copy whatever the process count.
     context = multiprocessing.get_context("fork")
     children = [
-        context.Process(target=_serve_child, args=(config, args.drain_seconds), daemon=False)
-        for _ in range(args.processes)
+        context.Process(target=_serve_child, args=(child, args.drain_seconds), daemon=False)
+        for child in child_configs
     ]
     for child in children:
         child.start()
