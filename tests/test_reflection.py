@@ -3,7 +3,6 @@ real gRPC server; the tiny Recommender here returns a fixed response and exists 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
@@ -132,25 +131,6 @@ def test_owner_symbol_maps_only_methods_to_services() -> None:
     assert owner_symbol(pool, "walkrank.v1.Admin.Reload") == ADMIN
     assert owner_symbol(pool, "walkrank.v1.ReloadRequest") == "walkrank.v1.ReloadRequest"
     assert owner_symbol(pool, "walkrank.v1.Admin.Nope") == "walkrank.v1.Admin.Nope"
-
-
-def test_asyncio_server_resolves_method_symbols() -> None:
-    async def ask() -> reflection_pb2.ServerReflectionResponse:
-        server = grpc.aio.server()
-        enable_reflection(server, [RECOMMENDER])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-                call = stub.ServerReflectionInfo(
-                    iter([_symbol("walkrank.v1.Recommender.RecommendBatch")]), timeout=10
-                )
-                return [r async for r in call][0]
-        finally:
-            await server.stop(grace=None)
-
-    assert "walkrank/v1/recommender.proto" in _files(asyncio.run(ask()))
 
 
 def _grpcurl() -> str:

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 
 import grpc
 from google.protobuf import descriptor_pool
-from grpc.experimental import aio as grpc_aio
 from grpc_reflection.v1alpha import reflection as stock
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -35,29 +34,21 @@ def owner_symbol(pool: descriptor_pool.DescriptorPool, name: str) -> str:
     return name
 
 
-class _MethodSymbols:
-    """Mixin over the stock servicers: `file_containing_symbol` also accepts method names."""
+class ReflectionServicer(stock.ReflectionServicer):
+    """Reflection for a `grpc.Server` whose `file_containing_symbol` also accepts method names."""
 
     _pool: descriptor_pool.DescriptorPool
 
     def _file_containing_symbol(
         self, request: reflection_pb2.ServerReflectionRequest, fully_qualified_name: str
     ) -> reflection_pb2.ServerReflectionResponse:
-        return super()._file_containing_symbol(  # type: ignore[misc]
+        return super()._file_containing_symbol(
             request, owner_symbol(self._pool, fully_qualified_name)
         )
 
 
-class ReflectionServicer(_MethodSymbols, stock.ReflectionServicer):
-    """Reflection for a `grpc.Server` (thread pool)."""
-
-
-class AsyncReflectionServicer(_MethodSymbols, stock.aio.ReflectionServicer):
-    """Reflection for a `grpc.aio.Server`."""
-
-
 def enable_reflection(
-    server: grpc.Server | grpc_aio.Server,
+    server: grpc.Server,
     service_names: Iterable[str],
     pool: descriptor_pool.DescriptorPool | None = None,
 ) -> None:
@@ -67,9 +58,6 @@ def enable_reflection(
     generated `*_pb2` module registers its file in).
     """
     names = sorted({*service_names, REFLECTION_SERVICE})
-    servicer_type = (
-        AsyncReflectionServicer if isinstance(server, grpc_aio.Server) else ReflectionServicer
-    )
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        servicer_type(names, pool=pool), server
+        ReflectionServicer(names, pool=pool), server
     )
