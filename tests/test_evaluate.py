@@ -178,6 +178,14 @@ def test_comparison_and_reports(tmp_path):
     with pytest.raises(DataError, match="no metric 'ndcg@50'"):
         comparison.worse_on("ndcg@50")
 
+    assert comparison.exposed_by is None and comparison.exposure_warning is None
+    served = {"v1": 3, "visit_count": 1}
+    exposed = compare(targets, scores, better, k=5, candidate="v2", baseline="v1", served=served)
+    assert exposed.exposed_by == "v1"
+    assert exposed.exposure_warning.startswith("WARNING: 75% of these 4 requests were served by v1")
+    neither = compare(targets, better, scores, k=5, candidate="v3", baseline="v2", served=served)
+    assert neither.exposed_by is None
+
     paths = write_reports(comparison, tmp_path / "out", title="homefeed: v2 vs visit count")
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     document = json.loads(paths["json"].read_text())

@@ -124,7 +124,7 @@ def write_logs(
                 model_scores=walk_score,
                 ranks=np.arange(CANDIDATES, dtype=np.int32),
                 returned=np.ones(CANDIDATES, dtype=bool),
-                model_version="",
+                model_version="visit_count",  # what the server logs without a model
             )
         )
         order = np.argsort(-latent) if r >= noisy_requests else rng.permutation(CANDIDATES)
@@ -338,6 +338,10 @@ def test_evaluate_writes_reports(logs, tmp_path):
     assert lift["candidate"] > lift["baseline"] and lift["lift"] > 0
     markdown = paths["markdown"].read_text()
     assert "| recall_actions@10 |" in markdown and "24 requests" in markdown
+    # Every logged request was served by visit count, one of the two rankers compared.
+    assert document["served_by"] == {"visit_count": 24}
+    assert document["exposure_warning"].startswith("WARNING: 100% of these 24 requests")
+    assert "**WARNING: 100%" in markdown
 
 
 def _config(tmp_path: Path, logs: Path) -> Path:

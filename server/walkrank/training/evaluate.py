@@ -39,6 +39,9 @@ LOCALE_MATCH_COLUMN = "f_locale_match"
 METRICS = ("recall_impressions", "recall_actions", "ndcg", "auc", "local_share")
 """Metric names in report order; all but `auc` are reported at a cut-off K (`name@K`)."""
 _AT_K = ("recall_impressions", "recall_actions", "ndcg", "local_share")
+# A comparison is flagged when at least this share of its requests was served by one of the
+# two rankers compared (labels then follow that ranker's exposure).
+EXPOSURE_WARNING_SHARE = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,6 +226,35 @@ class Comparison:
     candidate_metrics: dict[str, float]
     window: dict[str, str | None] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # metrics left out and why
+    served_by: dict[str, int] = field(default_factory=dict)  # requests per ranker that served
+
+    @property
+    def exposed_by(self) -> str | None:
+        """The compared ranker that served most of the requests, if one did.
+
+        Their labels then come from what that ranker returned (only it could be impressed
+        and acted on), so the comparison measures that exposure as much as either ranker.
+        """
+        total = sum(self.served_by.values())
+        for ranker in (self.baseline, self.candidate):
+            # The log names rankers as the server does: "visit_count" or "vN".
+            served = self.served_by.get(ranker.replace(" ", "_"), 0)
+            if total and served / total >= EXPOSURE_WARNING_SHARE:
+                return ranker
+        return None
+
+    @property
+    def exposure_warning(self) -> str | None:
+        ranker = self.exposed_by
+        if ranker is None:
+            return None
+        total = sum(self.served_by.values())
+        share = self.served_by[ranker.replace(" ", "_")] / total
+        return (
+            f"WARNING: {share:.0%} of these {total:,} requests were "
+            f"served by {ranker}, one of the two rankers compared: their labels come from what "
+            f"it returned, so this comparison is biased by that exposure (see docs/training.md)"
+        )
 
     def lift(self) -> dict[str, float]:
         """Relative change per metric (candidate / baseline - 1); NaN where undefined."""
@@ -251,6 +283,8 @@ class Comparison:
             "candidates": self.candidates,
             "window": self.window,
             "notes": list(self.notes),
+            "served_by": dict(self.served_by),
+            "exposure_warning": self.exposure_warning,
             "metrics": {
                 name: {
                     "baseline": _json_number(self.baseline_metrics[name]),
@@ -274,7 +308,8 @@ class Comparison:
                 f"{_fmt_lift(lift)} |"
             )
         # A blank line ends the table, so the notes are not read as rows.
-        return "\n".join(lines + ([""] + list(self.notes) if self.notes else []))
+        notes = list(self.notes) + ([self.exposure_warning] if self.exposure_warning else [])
+        return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _value(metrics: Mapping[str, float], metric: str) -> float:
@@ -295,6 +330,18 @@ def _fmt_lift(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value * 100:+.1f}%"
 
 
+def served_by(rows: pa.Table) -> dict[str, int]:
+    """Logged requests per ranker that served them (`model_version`: visit_count or vN)."""
+    if "model_version" not in rows.column_names or rows.num_rows == 0:
+        return {}
+    pairs = pa.table({"request_id": rows["request_id"], "ranker": rows["model_version"]})
+    counts = pairs.group_by(["request_id", "ranker"]).aggregate([])["ranker"]
+    values, number = np.unique(
+        counts.to_numpy(zero_copy_only=False).astype(str), return_counts=True
+    )
+    return {str(v): int(n) for v, n in zip(values, number, strict=True)}
+
+
 def compare(
     targets: Targets,
     candidate_scores: np.ndarray,
@@ -304,8 +351,12 @@ def compare(
     candidate: str,
     baseline: str,
     window: dict[str, str | None] | None = None,
+    served: Mapping[str, int] | None = None,
 ) -> Comparison:
-    """Compare two score vectors over the same candidates (higher = ranked earlier)."""
+    """Compare two score vectors over the same candidates (higher = ranked earlier).
+
+    `served`: requests per ranker that served them (`served_by`), for the exposure warning.
+    """
     return Comparison(
         baseline=baseline,
         candidate=candidate,
@@ -316,6 +367,7 @@ def compare(
         candidate_metrics=ranking_metrics(targets, candidate_scores, k),
         window=dict(window or {}),
         notes=() if targets.local_note is None else (f"local_share@{k}: {targets.local_note}",),
+        served_by=dict(served or {}),
     )
 
 
@@ -331,8 +383,9 @@ def write_reports(comparison: Comparison, out_dir: Path, *, title: str) -> dict[
     document = {"title": title, **comparison.to_dict()}
     paths["json"].write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     window = ", ".join(f"{key} {value}" for key, value in comparison.window.items() if value)
+    warning = f"**{comparison.exposure_warning}**\n\n" if comparison.exposure_warning else ""
     paths["markdown"].write_text(
-        f"# {title}\n\n{comparison.requests} requests, {comparison.candidates} logged "
+        f"# {title}\n\n{warning}{comparison.requests} requests, {comparison.candidates} logged "
         f"candidates{f' ({window})' if window else ''}; K = {comparison.k}.\n\n"
         f"{comparison.table()}\n"
     )
@@ -368,7 +421,8 @@ def _write_chart(comparison: Comparison, path: Path, title: str) -> None:
     ax.set_xticks(x, names, rotation=15)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("mean per request")
-    ax.set_title(title)
+    biased = f"\nbiased: most requests were served by {comparison.exposed_by}"
+    ax.set_title(title + (biased if comparison.exposed_by else ""))
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, format="png")

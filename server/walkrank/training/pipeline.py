@@ -45,6 +45,7 @@ from walkrank.training.evaluate import (
     Targets,
     compare,
     ranking_metrics,
+    served_by,
     targets_from_joined,
     write_reports,
 )
@@ -560,6 +561,7 @@ def finish_training(
         candidate="new model",
         baseline=baseline,
         window=_valid_window(valid),
+        served=served_by(valid),
     )
     steps.progress(
         f"[{tenant.name}] new model vs {baseline} on {comparison.requests:,} "
@@ -575,6 +577,7 @@ def finish_training(
             candidate="new model",
             baseline=VISIT_COUNT,
             window=_valid_window(valid),
+            served=served_by(valid),
         )
         steps.progress(
             f"[{tenant.name}] new model vs {VISIT_COUNT}: {versus_visits.describe(primary)}"
@@ -757,6 +760,7 @@ def evaluate_tenant(
         candidate=f"v{loaded.version}",
         baseline=VISIT_COUNT,
         window=_valid_window(held_out),
+        served=served_by(held_out),
     )
     steps.done(
         "evaluate",
