@@ -104,6 +104,25 @@ def holey_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
     return GraphStore.load(out)
 
 
+def _context(
+    graph: GraphStore,
+    locale: str | None,
+    interests: list[str],
+    query_pins: np.ndarray | list[int],
+    query_weights: np.ndarray | list[float],
+    now: float = NOW,
+) -> RequestContext:
+    """The request as the serving path builds it: raw codes, unknown (-1) query pins dropped."""
+    pins = np.asarray(query_pins, dtype=np.int32)
+    return RequestContext(
+        user_locale=graph.locale_code(locale),
+        user_interests=np.array([graph.topic_code(t) for t in interests], dtype=np.int32),
+        query_pins=pins[pins >= 0],
+        query_weights=np.asarray(query_weights, dtype=np.float32)[pins >= 0],
+        now=now,
+    )
+
+
 def _request(
     graph: GraphStore,
     n_query: int,
@@ -118,7 +137,7 @@ def _request(
     by_degree = np.argsort(-degree, kind="stable")
     dense = np.r_[by_degree[: n_query - 1], by_degree[graph.n_pins // 3], -1].astype(np.int32)
     weights = np.linspace(0.25, 2.0, dense.size).astype(np.float32)
-    context = RequestContext.from_request(graph, locale, interests, dense, weights, now)
+    context = _context(graph, locale, interests, dense, weights, now)
     result = walk(
         graph,
         dense,
@@ -193,16 +212,14 @@ def test_missing_pin_values_get_defaults_never_nan(holey_graph: GraphStore) -> N
 
 def test_request_without_weight_or_candidates_is_never_nan(small_graph: GraphStore) -> None:
     result, _ = _request(small_graph, 3, "en", ["topic00"], steps=10_000, seed=3)
-    zero_weight = RequestContext.from_request(
-        small_graph, "en", ["topic00"], result.pins[:2], [0.0, 0.0], NOW
-    )
+    zero_weight = _context(small_graph, "en", ["topic00"], result.pins[:2], [0.0, 0.0])
     matrix = compute_features(small_graph, result, zero_weight, feature_names())
     assert np.isfinite(matrix).all()
     np.testing.assert_allclose(
         matrix, reference_features(small_graph, result, zero_weight), rtol=1e-6, atol=0
     )
 
-    no_query = RequestContext.from_request(small_graph, None, [], [-1], [1.0], NOW)
+    no_query = _context(small_graph, None, [], [-1], [1.0])
     empty = walk(small_graph, np.array([-1], np.int32), np.ones(1, np.float32), WalkParams())
     assert len(empty) == 0
     assert compute_features(small_graph, empty, no_query, feature_names()).shape == (
@@ -221,11 +238,11 @@ def test_subset_and_order_are_respected(small_graph: GraphStore) -> None:
         assert np.array_equal(subset[:, j], everything[:, feature_names().index(name)]), name
 
 
-def test_request_built_from_raw_codes_matches_from_request(small_graph: GraphStore) -> None:
-    """The serving path may pass codes straight from `topic_code`: repeats and unknowns."""
+def test_raw_interest_codes_match_clean_ones(small_graph: GraphStore) -> None:
+    """The serving path passes codes straight from `topic_code`: repeats and unknowns."""
     result, context = _request(small_graph, 4, "ja", ["topic01", "topic04"], steps=20_000, seed=5)
     raw = RequestContext(
-        user_locale=small_graph.locale_code("ja"),
+        user_locale=context.user_locale,
         user_interests=np.array(
             [small_graph.topic_code(t) for t in ("topic04", "nope", "topic01", "topic04")],
             dtype=np.int32,
@@ -240,24 +257,7 @@ def test_request_built_from_raw_codes_matches_from_request(small_graph: GraphSto
     )
 
 
-def test_from_request_translates_and_validates(small_graph: GraphStore) -> None:
-    context = RequestContext.from_request(
-        small_graph, "xx", ["topic03", "zzz", "topic01", "topic03"], [5, -1, 7], [1, 2, 3], NOW
-    )
-    assert context.user_locale == len(small_graph.locales)
-    assert context.user_interests.tolist() == sorted(
-        [small_graph.topic_code("topic01"), small_graph.topic_code("topic03")]
-    )
-    assert context.query_pins.tolist() == [5, 7]
-    assert context.query_weights.tolist() == [1.0, 3.0]
-    assert context.query_pins.dtype == np.int32 and context.query_weights.dtype == np.float32
-
-    with pytest.raises(DataError, match=r"query_pins\[1\] = 99999"):
-        RequestContext.from_request(small_graph, None, [], [1, 99_999], [1, 1], NOW)
-    with pytest.raises(DataError, match=r"query_weights\[0\] = -1.0; weights must be finite"):
-        RequestContext.from_request(small_graph, None, [], [1], [-1.0], NOW)
-    with pytest.raises(DataError, match="aligned"):
-        RequestContext.from_request(small_graph, None, [], [1, 2], [1.0], NOW)
+def test_request_context_checks_its_arrays() -> None:
     with pytest.raises(DataError, match="query_weights must be a 1-D float32"):
         RequestContext(0, np.zeros(0, np.int32), np.zeros(1, np.int32), np.ones(1), NOW)
     with pytest.raises(DataError, match="now must be finite"):

@@ -69,56 +69,6 @@ class RequestContext:
         if not np.isfinite(self.now):
             raise DataError(f"request: now must be finite epoch seconds, got {self.now!r}")
 
-    @classmethod
-    def from_request(
-        cls,
-        graph: GraphStore,
-        locale: str | None,
-        interests: Sequence[str],
-        query_pins: Sequence[int] | np.ndarray,
-        query_weights: Sequence[float] | np.ndarray,
-        now: float,
-    ) -> RequestContext:
-        """Translate request values into graph codes.
-
-        `query_pins` are dense ids as `graph.pin_index` returns them: unknown pins (-1) are
-        dropped with their weights, because they contribute nothing to a walk either.
-        Interests unknown to this graph are dropped: no candidate can carry them.
-        """
-        pins = np.asarray(query_pins)
-        weights = np.asarray(query_weights, dtype=np.float64)
-        if pins.ndim != 1 or weights.ndim != 1 or pins.size != weights.size:
-            raise DataError(
-                f"request: query_pins (shape {pins.shape}) and query_weights "
-                f"(shape {weights.shape}) must be 1-D and aligned"
-            )
-        if pins.size and not np.issubdtype(pins.dtype, np.integer):
-            raise DataError(f"request: query_pins must be integer dense ids, got {pins.dtype}")
-        bad_weight = ~np.isfinite(weights) | (weights < 0)
-        if bad_weight.any():
-            position = int(np.flatnonzero(bad_weight)[0])
-            raise DataError(
-                f"request: query_weights[{position}] = {float(weights[position])}; weights must be "
-                "finite and >= 0"
-            )
-        out_of_range = (pins < -1) | (pins >= graph.n_pins)
-        if out_of_range.any():
-            position = int(np.flatnonzero(out_of_range)[0])
-            raise DataError(
-                f"request: query_pins[{position}] = {int(pins[position])} is not a dense pin id "
-                f"(graph has {graph.n_pins} pins; -1 marks unknown)"
-            )
-        known = pins >= 0
-        n_topics = len(graph.topics)
-        codes = np.array([graph.topic_code(topic) for topic in interests], dtype=np.int32)
-        return cls(
-            user_locale=int(graph.locale_code(locale)),
-            user_interests=np.unique(codes[codes < n_topics]).astype(np.int32),
-            query_pins=pins[known].astype(np.int32),
-            query_weights=weights[known].astype(np.float32),
-            now=float(now),
-        )
-
 
 def _require_array(field: str, value: object, dtype: type) -> None:
     if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype != dtype:
@@ -157,9 +107,9 @@ class _Batch:
     def interested(self) -> np.ndarray:
         """bool[n_topics + 1]: topic code -> in the user's interests.
 
-        Only real topic codes count, so a request built with unknown (missing-code) or repeated
-        interests gives the same features as `RequestContext.from_request`, and the missing
-        code never matches a pin without a topic.
+        Only real topic codes count, so unknown (missing-code) or repeated interests, as the
+        serving path passes them from `topic_code`, give the same features as the cleaned
+        codes, and the missing code never matches a pin without a topic.
         """
         interests = self.request.user_interests
         mask = np.zeros(self.n_topics + 1, dtype=bool)
