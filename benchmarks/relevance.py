@@ -174,7 +174,6 @@ def write_config(work: Path, graph: Path, logs: Path) -> Path:
                 "models_dir": str(work / "models"),
                 "logs_dir": str(logs),
                 "log_ring_mb": 256,
-                "log_queue_batches": 65_536,
             }
         )
     )

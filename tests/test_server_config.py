@@ -59,7 +59,7 @@ def test_paths_resolve_relative_to_the_file_and_auth_merges_env(
         ({**BASE, "workers": 0}, "workers: must be >= 1"),
         ({**BASE, "compute_slots": 0}, "compute_slots: must be >= 1"),
         ({**BASE, "log_ring_mb": 0}, "log_ring_mb: must be >= 1"),
-        ({**BASE, "log_queue_batches": 0}, "log_queue_batches: must be >= 1"),
+        ({**BASE, "log_queue_batches": 4096}, "log_queue_batches: no longer a setting; "),
         ({**BASE, "log_writer_nice": 20}, "log_writer_nice: must be in [0, 19]"),
         ({**BASE, "compute_nice": -1}, "compute_nice: must be in [0, 19]"),
         ({**BASE, "tls": {"cert_file": "c"}}, "tls: expected"),

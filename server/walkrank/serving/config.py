@@ -53,7 +53,6 @@ class ServerConfig:
     # Niceness added to the compute threads, so the gRPC threads' short work goes first.
     compute_nice: int = 5
     grace_seconds: float = 10.0
-    log_queue_batches: int = 4096
     # Shared memory between the server and its candidate-log writer (walkrank.log_process).
     log_ring_mb: int = 32
     # Niceness added to the log writer threads: logging takes idle CPU, not the requests'.
@@ -71,7 +70,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         """The one check of the settings' bounds: the YAML loader and the CLI's overrides
         (`replace`) both pass through here, so a bad value from either is refused the same way."""
-        for key in ("workers", "compute_slots", "log_queue_batches", "log_ring_mb"):
+        for key in ("workers", "compute_slots", "log_ring_mb"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -101,7 +100,6 @@ _TOP_KEYS = {
     "compute_slots",
     "compute_nice",
     "grace_seconds",
-    "log_queue_batches",
     "log_ring_mb",
     "log_writer_nice",
     "recent_request_ids",
@@ -109,6 +107,13 @@ _TOP_KEYS = {
     "graph_watch_seconds",
     "auth",
     "tls",
+}
+
+# Settings that went away, with what to do instead: a config naming one gets that, not
+# "unknown setting".
+_REMOVED_KEYS = {
+    "log_queue_batches": "candidates are buffered (and dropped when full) in the shared-memory "
+    "ring, sized by log_ring_mb; remove the line",
 }
 
 
@@ -179,6 +184,8 @@ def _expect(path: Path, raw: dict[str, Any], key: str, kind: type | tuple[type, 
 def load_server_config(path: Path) -> ServerConfig:
     """Parse `walkrank.yaml`; relative paths are relative to the file's directory."""
     raw = _read_mapping(path, "server config")
+    for key in sorted(set(raw) & set(_REMOVED_KEYS)):
+        raise ConfigError(f"{path}: {key}: no longer a setting; {_REMOVED_KEYS[key]}")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {unknown}; valid: {sorted(_TOP_KEYS)}")
@@ -200,7 +207,6 @@ def load_server_config(path: Path) -> ServerConfig:
         ("compute_slots", int),
         ("compute_nice", int),
         ("grace_seconds", (int, float)),
-        ("log_queue_batches", int),
         ("log_ring_mb", int),
         ("log_writer_nice", int),
         ("recent_request_ids", int),

@@ -58,6 +58,9 @@ STALL_S = 5.0
 # Niceness added to the thread that opens, verifies, pages in and warms a new graph (and to
 # the checksum threads it starts, which inherit it): a swap takes idle CPU, not the calls'.
 GRAPH_LOAD_NICE = 10
+# Batches between the log child's ring reader and its writer thread; the reader waits when
+# they are queued, so the ring, not this queue, is where candidates are dropped.
+CHILD_QUEUE_BATCHES = 4096
 
 
 def _lower_priority() -> None:
@@ -85,7 +88,7 @@ class WalkRankServer:
         # Candidates are written by a child process (walkrank.log_process), restarted if it
         # dies, events (few) by a thread. Every row offered and not written is counted.
         self.candidate_log = ProcessLog(
-            functools.partial(CandidateLog, config.logs_dir, queue_size=config.log_queue_batches),
+            functools.partial(CandidateLog, config.logs_dir, queue_size=CHILD_QUEUE_BATCHES),
             ring_bytes=config.log_ring_mb << 20,
             on_lost=functools.partial(self._log_lost, "candidates"),
             nice=config.log_writer_nice,
