@@ -99,7 +99,8 @@ def scraped(metrics_address: str) -> dict[str, float]:
         r"^(walkrank_\w+_total)\{([^}]*)\} (\S+)$", text, re.MULTILINE
     ):
         tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if name == "walkrank_candidates_total" and tags.get("kind") == "scored":
+        # Every generated candidate is featurised and scored.
+        if name == "walkrank_candidates_total" and tags.get("kind") == "generated":
             values[f"scored/{tags['tenant']}"] = float(value)
         if name == "walkrank_requests_total" and tags.get("code") == "OK":
             values[f"ok/{tags['tenant']}"] = float(value)

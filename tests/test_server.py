@@ -482,7 +482,7 @@ def test_prometheus_metrics_on_their_own_port(tmp_path: Path, small_graph: Graph
         metrics_port = probe.getsockname()[1]
     config = make_config(tmp_path, small_graph, metrics_address=f"127.0.0.1:{metrics_port}")
     with running(config) as (_, client):
-        client.recommend("homefeed", busy_pins(small_graph, 1))
+        answer = client.recommend("homefeed", busy_pins(small_graph, 1))
         with pytest.raises(WalkRankClientError):
             client.recommend("homefeed", [])
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
@@ -490,7 +490,9 @@ def test_prometheus_metrics_on_their_own_port(tmp_path: Path, small_graph: Graph
     assert 'walkrank_requests_total{code="OK",tenant="homefeed"} 1.0' in text
     assert 'walkrank_requests_total{code="INVALID_ARGUMENT",tenant="homefeed"} 1.0' in text
     assert 'walkrank_stage_seconds_count{stage="walk",tenant="homefeed"}' in text
-    assert 'walkrank_candidates_total{kind="generated",tenant="homefeed"}' in text
+    generated = float(answer.candidates_generated)
+    assert f'walkrank_candidates_total{{kind="generated",tenant="homefeed"}} {generated}' in text
+    assert 'kind="scored"' not in text  # it always equalled generated
     assert 'walkrank_model_version{tenant="homefeed"} 0.0' in text
 
 

@@ -29,7 +29,7 @@ class ServerMetrics:
         )
         self.candidates = Counter(
             "walkrank_candidates",
-            "Candidates generated and scored",
+            "Candidates generated (kind=generated); every one is featurised and scored",
             ["tenant", "kind"],
             registry=self.registry,
         )
@@ -80,15 +80,12 @@ class ServerMetrics:
         code: str,
         timing_ms: dict[str, float] | None,
         generated: int = 0,
-        scored: int = 0,
     ) -> None:
         self.requests.labels(tenant, code).inc()
         for stage, ms in (timing_ms or {}).items():
             self.latency.labels(tenant, stage).observe(ms / 1e3)
         if generated:
             self.candidates.labels(tenant, "generated").inc(generated)
-        if scored:
-            self.candidates.labels(tenant, "scored").inc(scored)
 
     def serve(self, address: str) -> None:
         """Expose /metrics on `host:port` (a port separate from gRPC) until `close`."""

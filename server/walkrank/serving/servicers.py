@@ -151,11 +151,7 @@ class ServingContext:
             self.metrics.observe_request(tenant, code, None)
         else:
             self.metrics.observe_request(
-                tenant,
-                code,
-                output.timing_ms,
-                generated=output.candidates_generated,
-                scored=output.candidates_generated,
+                tenant, code, output.timing_ms, generated=output.candidates_generated
             )
 
     def serve_one(
