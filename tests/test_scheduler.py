@@ -64,8 +64,25 @@ def _submit(
 
 
 def test_jobs_run_on_the_pool_and_report_their_wait(pool: ComputePool) -> None:
-    result, waited = pool.run(lambda: threading.current_thread().name, 0)
-    assert result == "walkrank-compute-0" and waited >= 0
+    gate, blocker = _occupy(pool)
+    outcome: list[tuple[str, float]] = []
+    started = time.perf_counter()
+    caller = threading.Thread(
+        target=lambda: outcome.append(pool.run(lambda: threading.current_thread().name, 0))
+    )
+    caller.start()
+    _wait_until(lambda: pool.waiting == 1, "the job is queued")
+    queued = time.perf_counter()  # the job was queued before this...
+    _wait_until(lambda: time.perf_counter() > queued, "the clock moves on")
+    released = time.perf_counter()  # ...and cannot start before this
+    gate.set()
+    blocker.join()
+    caller.join()
+    ended = time.perf_counter()
+    [(result, waited)] = outcome
+    assert result == "walkrank-compute-0"
+    # The reported wait is the time queued behind the busy thread, no less and no more.
+    assert released - queued <= waited <= ended - started
     with pytest.raises(ZeroDivisionError):  # the job's own error reaches the caller
         pool.run(lambda: 1 / 0, 0)
 
