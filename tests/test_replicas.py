@@ -32,8 +32,10 @@ from walkrank.replicas import (
     free_port_run,
     memory_kib,
     parse_banner,
+    plan_replicas,
     replica_pids,
 )
+from walkrank.serving.config import ServerConfig
 from walkrank_client import WalkRankClient, WalkRankClientError
 
 pytestmark = pytest.mark.slow
@@ -354,3 +356,25 @@ def test_launcher_refuses_what_it_cannot_do(tmp_path: Path, small_graph: GraphSt
     )
     assert result.returncode == 2
     assert "fixed port" in result.stderr
+
+
+def test_metrics_port_zero_gives_each_replica_a_free_port(tmp_path: Path) -> None:
+    front = free_port_run(4)
+    config = ServerConfig(
+        graph=tmp_path / "graph",
+        tenants_dir=tmp_path / "tenants",
+        models_dir=tmp_path / "models",
+        logs_dir=tmp_path / "logs",
+        address=f"127.0.0.1:{front}",
+        metrics_address="127.0.0.1:0",
+    )
+    plan = plan_replicas(config, 2, None, f"127.0.0.1:{front + 3}")
+    assert plan.metrics == ("127.0.0.1:0", "127.0.0.1:0")
+    fixed = plan_replicas(
+        config.replace(metrics_address=f"127.0.0.1:{free_port_run(2)}"),
+        2,
+        None,
+        f"127.0.0.1:{front + 3}",
+    )
+    first = int(fixed.metrics[0].rsplit(":", 1)[1])
+    assert fixed.metrics[1] == f"127.0.0.1:{first + 1}"

@@ -92,8 +92,12 @@ def plan_replicas(
     metrics: tuple[str | None, ...] = (None,) * count
     if config.metrics_address:
         metrics_host, metrics_port = split_address(config.metrics_address, "metrics_address")
-        metrics = tuple(f"{metrics_host}:{metrics_port + i}" for i in range(count))
-    taken = [config.address, envoy_admin, *replicas, *(m for m in metrics if m)]
+        # Port 0: each replica's metrics on a free port of its own (none to check here).
+        metrics = tuple(
+            f"{metrics_host}:{metrics_port + i if metrics_port else 0}" for i in range(count)
+        )
+    fixed_metrics = [m for m in metrics if m and split_address(m, "metrics_address")[1]]
+    taken = [config.address, envoy_admin, *replicas, *fixed_metrics]
     if len({split_address(a, "address")[1] for a in taken}) != len(taken):
         raise ConfigError(
             f"--replicas: ports overlap: front {config.address}, Envoy admin "
