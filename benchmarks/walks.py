@@ -187,17 +187,7 @@ def _kernel(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray
         table = new_visit_table(1 << 18)
         started = time.perf_counter()
         kernels.walk_query_pin(
-            graph.pin_offsets,
-            graph.pin_adj,
-            graph.board_offsets,
-            graph.board_adj,
-            graph.pin_locale_ends,
-            graph.board_locale_ends,
-            graph.pin_run_offsets,
-            graph.pin_key_runs,
-            graph.board_run_offsets,
-            graph.board_key_runs,
-            np.int64(graph.run_shift),
+            *graph.walk_arrays,
             np.int32(_first_pin(query)),
             np.int32(0),
             np.int64(STEPS),

@@ -55,17 +55,7 @@ def _walk_one(
     (steps, {pin: visits})."""
     table = new_visit_table(rows or 1 << (2 * budget - 1).bit_length())
     done = kernels.walk_query_pin(
-        graph.pin_offsets,
-        graph.pin_adj,
-        graph.board_offsets,
-        graph.board_adj,
-        graph.pin_locale_ends,
-        graph.board_locale_ends,
-        graph.pin_run_offsets,
-        graph.pin_key_runs,
-        graph.board_run_offsets,
-        graph.board_key_runs,
-        np.int64(graph.run_shift),
+        *graph.walk_arrays,
         np.int32(pin),
         np.int32(query_index),
         np.int64(budget),

@@ -285,6 +285,23 @@ class GraphStore:
         """Bits below the key in a key run (`key << shift | end`)."""
         return int(self.manifest["key_runs"]["shift"])
 
+    @property
+    def walk_arrays(self) -> tuple[Any, ...]:
+        """What `walks.kernels.walk_query_pin` reads of the graph, in its argument order."""
+        return (
+            self.pin_offsets,
+            self.pin_adj,
+            self.board_offsets,
+            self.board_adj,
+            self.pin_locale_ends,
+            self.board_locale_ends,
+            self.pin_run_offsets,
+            self.pin_key_runs,
+            self.board_run_offsets,
+            self.board_key_runs,
+            np.int64(self.run_shift),
+        )
+
     def locale_code(self, locale: str | None) -> int:
         """Category code of a locale; missing or unknown -> len(locales) (the 'missing' code)."""
         return _code(self.locales, locale)

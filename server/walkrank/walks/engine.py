@@ -308,7 +308,7 @@ def walk(
     if target.locale >= 0:
         bias_threshold = np.uint64(min(params.bias_strength * 2**32, 2**32))
     seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-    run_shift = np.int64(graph.run_shift)
+    walk_arrays = graph.walk_arrays
 
     # Pixie's early stop per query pin, with n_p split like the steps: a pin walking a share s
     # of walk.steps stops once more than ceil(s * n_p) pins have n_v visits from it (a fixed
@@ -322,17 +322,7 @@ def walk(
         if budgets[position] == 0:
             continue
         steps_per_query[position] = kernels.walk_query_pin(
-            graph.pin_offsets,
-            graph.pin_adj,
-            graph.board_offsets,
-            graph.board_adj,
-            graph.pin_locale_ends,
-            graph.board_locale_ends,
-            graph.pin_run_offsets,
-            graph.pin_key_runs,
-            graph.board_run_offsets,
-            graph.board_key_runs,
-            run_shift,
+            *walk_arrays,
             np.int32(pins[position]),
             np.int32(position),
             np.int64(budgets[position]),
