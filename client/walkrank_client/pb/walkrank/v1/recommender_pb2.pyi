@@ -86,7 +86,7 @@ class Timing(_message.Message):
     def __init__(self, walk_ms: _Optional[float] = ..., features_ms: _Optional[float] = ..., scoring_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("request_id", "candidates", "model_version", "unknown_query_pins", "timing", "tenant", "empty_reason", "candidates_generated")
+    __slots__ = ("request_id", "candidates", "model_version", "unknown_query_pins", "timing", "tenant", "empty_reason", "candidates_generated", "arm")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class RecommendResponse(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EMPTY_REASON_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     model_version: str
@@ -103,7 +104,8 @@ class RecommendResponse(_message.Message):
     tenant: str
     empty_reason: str
     candidates_generated: int
-    def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model_version: _Optional[str] = ..., unknown_query_pins: _Optional[_Iterable[str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., tenant: _Optional[str] = ..., empty_reason: _Optional[str] = ..., candidates_generated: _Optional[int] = ...) -> None: ...
+    arm: str
+    def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model_version: _Optional[str] = ..., unknown_query_pins: _Optional[_Iterable[str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., tenant: _Optional[str] = ..., empty_reason: _Optional[str] = ..., candidates_generated: _Optional[int] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class BatchUser(_message.Message):
     __slots__ = ("request_id", "user", "query_pins", "exclude_pins", "request_time", "actions")
