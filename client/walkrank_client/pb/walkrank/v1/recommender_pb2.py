@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from . import events_pb2 as walkrank_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dwalkrank/v1/recommender.proto\x12\x0bwalkrank.v1\x1a\x18walkrank/v1/events.proto\"5\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x11\n\tinterests\x18\x03 \x03(\t\"*\n\x08QueryPin\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"H\n\nUserAction\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x11\n\x04time\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_time\"\x9f\x02\n\x10RecommendRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04user\x18\x03 \x01(\x0b\x32\x11.walkrank.v1.User\x12)\n\nquery_pins\x18\x04 \x03(\x0b\x32\x15.walkrank.v1.QueryPin\x12\x13\n\x0bnum_results\x18\x05 \x01(\r\x12\x14\n\x0c\x65xclude_pins\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x0crequest_time\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12(\n\x07\x61\x63tions\x18\t \x03(\x0b\x32\x17.walkrank.v1.UserActionB\x07\n\x05_seedB\x0f\n\r_request_time\"a\n\tCandidate\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0bvisit_count\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nwalk_score\x18\x05 \x01(\x02\"f\n\x06Timing\x12\x0f\n\x07walk_ms\x18\x01 \x01(\x01\x12\x13\n\x0b\x66\x65\x61tures_ms\x18\x02 \x01(\x01\x12\x12\n\nscoring_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"\xfc\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\ncandidates\x18\x02 \x03(\x0b\x32\x16.walkrank.v1.Candidate\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x1a\n\x12unknown_query_pins\x18\x04 \x03(\t\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.walkrank.v1.Timing\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x14\n\x0c\x65mpty_reason\x18\x07 \x01(\t\x12\x1c\n\x14\x63\x61ndidates_generated\x18\x08 \x01(\r\x12\x0b\n\x03\x61rm\x18\t \x01(\t\"\xd7\x01\n\tBatchUser\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x04user\x18\x02 \x01(\x0b\x32\x11.walkrank.v1.User\x12)\n\nquery_pins\x18\x03 \x03(\x0b\x32\x15.walkrank.v1.QueryPin\x12\x14\n\x0c\x65xclude_pins\x18\x04 \x03(\t\x12\x19\n\x0crequest_time\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12(\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32\x17.walkrank.v1.UserActionB\x0f\n\r_request_time\"\x7f\n\x15RecommendBatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12%\n\x05users\x18\x02 \x03(\x0b\x32\x16.walkrank.v1.BatchUser\x12\x13\n\x0bnum_results\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed2\x86\x02\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.walkrank.v1.RecommendRequest\x1a\x1e.walkrank.v1.RecommendResponse\x12V\n\x0eRecommendBatch\x12\".walkrank.v1.RecommendBatchRequest\x1a\x1e.walkrank.v1.RecommendResponse0\x01\x12S\n\x0cReportEvents\x12 .walkrank.v1.ReportEventsRequest\x1a!.walkrank.v1.ReportEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dwalkrank/v1/recommender.proto\x12\x0bwalkrank.v1\x1a\x18walkrank/v1/events.proto\"5\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x11\n\tinterests\x18\x03 \x03(\t\"*\n\x08QueryPin\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"H\n\nUserAction\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x11\n\x04time\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_time\"\xc6\x03\n\x10RecommendRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04user\x18\x03 \x01(\x0b\x32\x11.walkrank.v1.User\x12)\n\nquery_pins\x18\x04 \x03(\x0b\x32\x15.walkrank.v1.QueryPin\x12\x13\n\x0bnum_results\x18\x05 \x01(\r\x12\x14\n\x0c\x65xclude_pins\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x0crequest_time\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12(\n\x07\x61\x63tions\x18\t \x03(\x0b\x32\x17.walkrank.v1.UserAction\x12=\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32+.walkrank.v1.RecommendRequest.FeaturesEntry\x12\x35\n\x10\x65xtra_candidates\x18\x0b \x03(\x0b\x32\x1b.walkrank.v1.ExtraCandidate\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0f\n\r_request_time\"0\n\x0e\x45xtraCandidate\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"q\n\tCandidate\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0bvisit_count\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nwalk_score\x18\x05 \x01(\x02\x12\x0e\n\x06source\x18\x06 \x01(\t\"f\n\x06Timing\x12\x0f\n\x07walk_ms\x18\x01 \x01(\x01\x12\x13\n\x0b\x66\x65\x61tures_ms\x18\x02 \x01(\x01\x12\x12\n\nscoring_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"\xfc\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\ncandidates\x18\x02 \x03(\x0b\x32\x16.walkrank.v1.Candidate\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x1a\n\x12unknown_query_pins\x18\x04 \x03(\t\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.walkrank.v1.Timing\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x14\n\x0c\x65mpty_reason\x18\x07 \x01(\t\x12\x1c\n\x14\x63\x61ndidates_generated\x18\x08 \x01(\r\x12\x0b\n\x03\x61rm\x18\t \x01(\t\"\xf7\x02\n\tBatchUser\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x04user\x18\x02 \x01(\x0b\x32\x11.walkrank.v1.User\x12)\n\nquery_pins\x18\x03 \x03(\x0b\x32\x15.walkrank.v1.QueryPin\x12\x14\n\x0c\x65xclude_pins\x18\x04 \x03(\t\x12\x19\n\x0crequest_time\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12(\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32\x17.walkrank.v1.UserAction\x12\x36\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32$.walkrank.v1.BatchUser.FeaturesEntry\x12\x35\n\x10\x65xtra_candidates\x18\x08 \x03(\x0b\x32\x1b.walkrank.v1.ExtraCandidate\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_request_time\"\x7f\n\x15RecommendBatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12%\n\x05users\x18\x02 \x03(\x0b\x32\x16.walkrank.v1.BatchUser\x12\x13\n\x0bnum_results\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed2\x86\x02\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.walkrank.v1.RecommendRequest\x1a\x1e.walkrank.v1.RecommendResponse\x12V\n\x0eRecommendBatch\x12\".walkrank.v1.RecommendBatchRequest\x1a\x1e.walkrank.v1.RecommendResponse0\x01\x12S\n\x0cReportEvents\x12 .walkrank.v1.ReportEventsRequest\x1a!.walkrank.v1.ReportEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RECOMMENDREQUEST_FEATURESENTRY']._loaded_options = None
+  _globals['_RECOMMENDREQUEST_FEATURESENTRY']._serialized_options = b'8\001'
+  _globals['_BATCHUSER_FEATURESENTRY']._loaded_options = None
+  _globals['_BATCHUSER_FEATURESENTRY']._serialized_options = b'8\001'
   _globals['_USER']._serialized_start=72
   _globals['_USER']._serialized_end=125
   _globals['_QUERYPIN']._serialized_start=127
@@ -39,17 +43,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERACTION']._serialized_start=171
   _globals['_USERACTION']._serialized_end=243
   _globals['_RECOMMENDREQUEST']._serialized_start=246
-  _globals['_RECOMMENDREQUEST']._serialized_end=533
-  _globals['_CANDIDATE']._serialized_start=535
-  _globals['_CANDIDATE']._serialized_end=632
-  _globals['_TIMING']._serialized_start=634
-  _globals['_TIMING']._serialized_end=736
-  _globals['_RECOMMENDRESPONSE']._serialized_start=739
-  _globals['_RECOMMENDRESPONSE']._serialized_end=991
-  _globals['_BATCHUSER']._serialized_start=994
-  _globals['_BATCHUSER']._serialized_end=1209
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=1211
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=1338
-  _globals['_RECOMMENDER']._serialized_start=1341
-  _globals['_RECOMMENDER']._serialized_end=1603
+  _globals['_RECOMMENDREQUEST']._serialized_end=700
+  _globals['_RECOMMENDREQUEST_FEATURESENTRY']._serialized_start=627
+  _globals['_RECOMMENDREQUEST_FEATURESENTRY']._serialized_end=674
+  _globals['_EXTRACANDIDATE']._serialized_start=702
+  _globals['_EXTRACANDIDATE']._serialized_end=750
+  _globals['_CANDIDATE']._serialized_start=752
+  _globals['_CANDIDATE']._serialized_end=865
+  _globals['_TIMING']._serialized_start=867
+  _globals['_TIMING']._serialized_end=969
+  _globals['_RECOMMENDRESPONSE']._serialized_start=972
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1224
+  _globals['_BATCHUSER']._serialized_start=1227
+  _globals['_BATCHUSER']._serialized_end=1602
+  _globals['_BATCHUSER_FEATURESENTRY']._serialized_start=627
+  _globals['_BATCHUSER_FEATURESENTRY']._serialized_end=674
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=1604
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=1731
+  _globals['_RECOMMENDER']._serialized_start=1734
+  _globals['_RECOMMENDER']._serialized_end=1996
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,14 @@ class UserAction(_message.Message):
     def __init__(self, pin_id: _Optional[str] = ..., action: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("tenant", "request_id", "user", "query_pins", "num_results", "exclude_pins", "seed", "request_time", "actions")
+    __slots__ = ("tenant", "request_id", "user", "query_pins", "num_results", "exclude_pins", "seed", "request_time", "actions", "features", "extra_candidates")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +53,8 @@ class RecommendRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     request_id: str
     user: User
@@ -55,21 +64,33 @@ class RecommendRequest(_message.Message):
     seed: int
     request_time: float
     actions: _containers.RepeatedCompositeFieldContainer[UserAction]
-    def __init__(self, tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., num_results: _Optional[int] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., request_time: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[UserAction, _Mapping]]] = ...) -> None: ...
+    features: _containers.ScalarMap[str, float]
+    extra_candidates: _containers.RepeatedCompositeFieldContainer[ExtraCandidate]
+    def __init__(self, tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., num_results: _Optional[int] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., request_time: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[UserAction, _Mapping]]] = ..., features: _Optional[_Mapping[str, float]] = ..., extra_candidates: _Optional[_Iterable[_Union[ExtraCandidate, _Mapping]]] = ...) -> None: ...
+
+class ExtraCandidate(_message.Message):
+    __slots__ = ("pin_id", "source")
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    pin_id: str
+    source: str
+    def __init__(self, pin_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("pin_id", "score", "visit_count", "rank", "walk_score")
+    __slots__ = ("pin_id", "score", "visit_count", "rank", "walk_score", "source")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     VISIT_COUNT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WALK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
     score: float
     visit_count: int
     rank: int
     walk_score: float
-    def __init__(self, pin_id: _Optional[str] = ..., score: _Optional[float] = ..., visit_count: _Optional[int] = ..., rank: _Optional[int] = ..., walk_score: _Optional[float] = ...) -> None: ...
+    source: str
+    def __init__(self, pin_id: _Optional[str] = ..., score: _Optional[float] = ..., visit_count: _Optional[int] = ..., rank: _Optional[int] = ..., walk_score: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("walk_ms", "features_ms", "scoring_ms", "total_ms", "queue_ms")
@@ -108,20 +129,31 @@ class RecommendResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model_version: _Optional[str] = ..., unknown_query_pins: _Optional[_Iterable[str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., tenant: _Optional[str] = ..., empty_reason: _Optional[str] = ..., candidates_generated: _Optional[int] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class BatchUser(_message.Message):
-    __slots__ = ("request_id", "user", "query_pins", "exclude_pins", "request_time", "actions")
+    __slots__ = ("request_id", "user", "query_pins", "exclude_pins", "request_time", "actions", "features", "extra_candidates")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     QUERY_PINS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_PINS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user: User
     query_pins: _containers.RepeatedCompositeFieldContainer[QueryPin]
     exclude_pins: _containers.RepeatedScalarFieldContainer[str]
     request_time: float
     actions: _containers.RepeatedCompositeFieldContainer[UserAction]
-    def __init__(self, request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., request_time: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[UserAction, _Mapping]]] = ...) -> None: ...
+    features: _containers.ScalarMap[str, float]
+    extra_candidates: _containers.RepeatedCompositeFieldContainer[ExtraCandidate]
+    def __init__(self, request_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., query_pins: _Optional[_Iterable[_Union[QueryPin, _Mapping]]] = ..., exclude_pins: _Optional[_Iterable[str]] = ..., request_time: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[UserAction, _Mapping]]] = ..., features: _Optional[_Mapping[str, float]] = ..., extra_candidates: _Optional[_Iterable[_Union[ExtraCandidate, _Mapping]]] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
     __slots__ = ("tenant", "users", "num_results", "seed")
