@@ -2,8 +2,8 @@
 #
 # The install is the README's setup, step for step (Makefile, target $(STAMP), which CI runs):
 #   python -m pip install -r requirements.lock
-#   python -m pip install --no-deps -e .
-# so the image runs exactly the versions the test suite passed with. The lock resolves torch to
+#   python -m pip install --no-deps -e ./client -e .
+# (less the load-test kit, which a server does not run) so the image runs exactly the versions the test suite passed with. The lock resolves torch to
 # its CPU wheel through the pip indexes of the build machine: pass the same ones as build args
 # (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL) when they are not PyPI's. No image is built in CI (its
 # machines have no container engine); docs/deployment.md says how to build and run it.
@@ -24,7 +24,7 @@ COPY pyproject.toml README.md ./
 COPY server server
 COPY client client
 COPY protos protos
-RUN .venv/bin/python -m pip install --no-deps -e .
+RUN .venv/bin/python -m pip install --no-deps -e ./client -e .
 
 FROM python:3.11-slim-bookworm
 RUN groupadd --system --gid 10001 walkrank \

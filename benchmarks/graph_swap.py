@@ -34,14 +34,13 @@ import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "load_tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serving import NO_LOG, TENANT, ghz_config, prepare  # noqa: E402
 
 from loadgen.generator import RunResult, run_load  # noqa: E402
 from loadgen.ghz_config import load_ghz_config  # noqa: E402
 from loadgen.harness import ServeProcess, write_server_config  # noqa: E402
 from loadgen.report import nearest_rank  # noqa: E402
-from serving import NO_LOG, TENANT, ghz_config, prepare  # noqa: E402
 
 TARGET_P99_RATIO = 1.5
 

@@ -59,7 +59,6 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "load_tests"))
 
 from loadgen.harness import ServeProcess  # noqa: E402
 

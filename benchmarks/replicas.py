@@ -37,15 +37,13 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "load_tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serving import TENANT, ghz_config, prepare  # noqa: E402
 
 from loadgen.generator import RunResult, run_load  # noqa: E402
 from loadgen.ghz_config import load_ghz_config  # noqa: E402
 from loadgen.harness import process_cpu_seconds, write_server_config  # noqa: E402
 from loadgen.models import publish_random_model  # noqa: E402
-from serving import TENANT, ghz_config, prepare  # noqa: E402
-
 from walkrank.envoy import host_health  # noqa: E402
 from walkrank.replicas import (  # noqa: E402
     BANNER,

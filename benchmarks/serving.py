@@ -34,7 +34,6 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "load_tests"))
 
 from loadgen.generator import RunResult, run_load  # noqa: E402
 from loadgen.ghz_config import load_ghz_config  # noqa: E402

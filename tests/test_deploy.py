@@ -179,6 +179,8 @@ def test_the_image_installs_exactly_as_the_readme_setup_and_ci() -> None:
         ].splitlines()
     )
     image = _pip_steps([line for line in dockerfile.splitlines() if line.startswith("RUN ")])
-    assert setup == image == ["-r requirements.lock", "--no-deps -e ."]
+    assert setup == ["-r requirements.lock", "--no-deps -e ./client -e . -e ./load_tests"]
+    # The image serves: the client (the stubs) and the server, not the load-test kit.
+    assert image == ["-r requirements.lock", "--no-deps -e ./client -e ."]
     assert re.search(r"^USER 10001", dockerfile, re.MULTILINE)
     assert dockerfile.count("\nFROM ") + dockerfile.startswith("FROM ") >= 2  # multi-stage

@@ -4,7 +4,6 @@ graph repository, swapped by real Admin.Reload calls (and the repository watcher
 from __future__ import annotations
 
 import gc
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from test_server import REPO, _wait_until, make_config, running
+from test_server import _wait_until, make_config, running
 
+from loadgen.models import publish_random_model
 from walkrank.candidate_log import read_candidates
 from walkrank.graph.build import build_graph
 from walkrank.graph.repository import GraphRepository
@@ -26,9 +26,6 @@ from walkrank.serving.config import ServerConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank.serving.servicers import GRAPH_VERSION_KEY
 from walkrank_client.pb.walkrank.v1 import recommender_pb2, recommender_pb2_grpc
-
-sys.path.insert(0, str(REPO / "load_tests"))
-from loadgen.models import publish_random_model  # noqa: E402
 
 
 def tables(seed: int) -> SyntheticTables:

@@ -37,7 +37,6 @@ from walkrank.graph.store import GraphStore
 from walkrank_client.pb.walkrank.v1 import admin_pb2, events_pb2, recommender_pb2
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "load_tests"))
 
 from loadgen.fuzz import (  # noqa: E402
     BATCH,

@@ -27,7 +27,6 @@ from walkrank.serving.server import WalkRankServer
 from walkrank_client.pb.walkrank.v1 import recommender_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "load_tests"))
 
 from loadgen.generator import _Requests, run_load  # noqa: E402
 from loadgen.ghz_config import DURATION_STOPS, load_ghz_config  # noqa: E402

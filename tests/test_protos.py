@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from walkrank_client import codegen, pb
+import codegen  # tools/codegen.py, on the path through pytest's `pythonpath` setting
+from walkrank_client import pb
 
 # FileDescriptorProto / DescriptorProto / ServiceDescriptorProto field numbers, as used in
 # SourceCodeInfo location paths.
