@@ -126,7 +126,12 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
             np.testing.assert_array_equal(rows[f"f_{name}"].to_numpy(), batch.features[:, j])
     # Never-null columns are declared so, and only the time column carries statistics.
     schema = pq.read_schema(path)
-    assert [f.name for f in schema if f.nullable] == ["user_locale", "model_version"]
+    assert [f.name for f in schema if f.nullable] == [
+        "user_locale",
+        "model_version",
+        "arm",
+        "shadow_version",
+    ]
     row_group = pq.ParquetFile(path).metadata.row_group(0)
     with_stats = [
         row_group.column(c).path_in_schema

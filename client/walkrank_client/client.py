@@ -485,34 +485,6 @@ class WalkRankClient:
             timeout,
         )
 
-    def add_edges(
-        self,
-        batches: Sequence[Sequence[tuple[str, str] | tuple[str, str, float]]],
-        *,
-        timeout: float | None = None,
-    ) -> admin_pb2.AddEdgesResponse:
-        """Add real-time pin-board edges, `(pin_id, board_id[, created_at])`, in batches of
-        at most 10,000, streamed in one AddEdges call. Safe to retry: edges already added
-        count as duplicates."""
-        requests = [
-            admin_pb2.AddEdgesRequest(
-                edges=[
-                    admin_pb2.NewEdge(pin_id=e[0], board_id=e[1], created_at=e[2])
-                    if len(e) > 2
-                    else admin_pb2.NewEdge(pin_id=e[0], board_id=e[1])
-                    for e in batch
-                ]
-            )
-            for batch in batches
-        ]
-        return self._call(
-            "AddEdges",
-            lambda t: self._admin.AddEdges(
-                iter(requests), timeout=t, metadata=self._admin_metadata
-            ),
-            timeout,
-        )
-
     def health(self, tenant: str | None = None, *, timeout: float | None = None) -> str:
         """Serving status ("SERVING", "NOT_SERVING", ...) of the server, or of one tenant
         (the health service name is the tenant's name)."""

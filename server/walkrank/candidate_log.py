@@ -490,6 +490,12 @@ CANDIDATE_COLUMNS = pa.schema(
         pa.field("rank", pa.int32(), nullable=False),
         pa.field("returned", pa.bool_(), nullable=False),
         pa.field("model_version", pa.string()),
+        # walkrank.experiments: the request's arm, each candidate's probability of being
+        # returned, and the shadow model's version and scores (NaN without one).
+        pa.field("arm", pa.string()),
+        pa.field("propensity", pa.float32(), nullable=False),
+        pa.field("shadow_version", pa.string()),
+        pa.field("shadow_score", pa.float32(), nullable=False),
     ]
 )
 """Columns of every candidate file, before the `f_<feature>` columns (float32, one per feature).
@@ -529,6 +535,10 @@ class CandidateBatch:
     ranks: np.ndarray
     returned: np.ndarray
     model_version: str | None
+    arm: str | None = None
+    propensities: np.ndarray | None = None  # None: 1 where returned, else 0
+    shadow_version: str | None = None
+    shadow_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not PARTITION_VALUE.match(self.tenant or ""):
@@ -542,8 +552,15 @@ class CandidateBatch:
                 f"candidate batch {self.request_id!r}: features has shape "
                 f"{self.features.shape}, expected ({k}, {len(self.feature_names)})"
             )
-        for name in ("visit_scores", "model_scores", "ranks", "returned"):
-            if len(getattr(self, name)) != k:
+        for name in (
+            "visit_scores",
+            "model_scores",
+            "ranks",
+            "returned",
+            "propensities",
+            "shadow_scores",
+        ):
+            if getattr(self, name) is not None and len(getattr(self, name)) != k:
                 raise DataError(
                     f"candidate batch {self.request_id!r}: {name} has "
                     f"{len(getattr(self, name))} entries for {k} pins"
@@ -555,6 +572,8 @@ class CandidateBatch:
             ("user_id", self.user_id, False),
             ("user_locale", self.user_locale, True),
             ("model_version", self.model_version, True),
+            ("arm", self.arm, True),
+            ("shadow_version", self.shadow_version, True),
         ):
             if not (isinstance(value, str) or (optional and value is None)):
                 raise DataError(
@@ -588,7 +607,7 @@ MAX_INTERESTS = 256
 """The most user_interests one logged request may carry (same rule)."""
 
 _CODES = pa.dictionary(pa.int32(), pa.string())
-_REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version")
+_REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version", "arm", "shadow_version")
 
 
 def _check_request_values(batch: CandidateBatch) -> None:
@@ -670,6 +689,23 @@ def candidates_table(
         concatenated("ranks", np.int32),
         concatenated("returned", bool),
         text("model_version"),
+        text("arm"),
+        pa.array(
+            np.concatenate(
+                [b.returned if b.propensities is None else b.propensities for b in batches]
+            ).astype(np.float32)
+        ),
+        text("shadow_version"),
+        pa.array(
+            np.concatenate(
+                [
+                    np.full(len(b), np.nan, np.float32)
+                    if b.shadow_scores is None
+                    else np.asarray(b.shadow_scores, dtype=np.float32)
+                    for b in batches
+                ]
+            )
+        ),
     ]
     columns += [pa.array(column) for column in features]
     schema = pa.schema(

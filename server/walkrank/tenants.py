@@ -24,6 +24,7 @@ import yaml
 from walkrank.errors import ConfigError
 
 if TYPE_CHECKING:
+    from walkrank.experiments import ExperimentsConfig, ExplorationConfig
     from walkrank.walks.engine import WalkParams
 
 # A tenant's name is also a directory name in the model registry: keep it a safe path component.
@@ -225,6 +226,9 @@ class TenantConfig:
     logging: LoggingConfig
     limits: LimitsConfig
     source: Path | None = field(default=None, compare=False)  # the YAML file it came from
+    # walkrank.experiments: exploration traffic and model experiments (None: off).
+    exploration: ExplorationConfig | None = None
+    experiments: ExperimentsConfig | None = None
 
     @functools.cached_property
     def walk_params(self) -> WalkParams:
@@ -288,6 +292,8 @@ class TenantConfig:
                 "deadline_ms": self.limits.deadline_ms,
                 "priority": self.limits.priority,
             },
+            "exploration": None if self.exploration is None else self.exploration.to_dict(),
+            "experiments": None if self.experiments is None else self.experiments.to_dict(),
         }
 
 
@@ -558,6 +564,7 @@ def _build(top: _Fields, *, source: Path) -> TenantConfig:
         sample_rate=logging_section.number("sample_rate", 1.0, low=0.0, high=1.0)
     )
     logging_section.done()
+    exploration, experiments = _experiments(top, candidates)
     top.done()
     return TenantConfig(
         name,
@@ -571,7 +578,20 @@ def _build(top: _Fields, *, source: Path) -> TenantConfig:
         logging,
         limits,
         source,
+        exploration,
+        experiments,
     )
+
+
+def _experiments(
+    top: _Fields, candidates: CandidatesConfig
+) -> tuple[ExplorationConfig | None, ExperimentsConfig | None]:
+    from walkrank.experiments import parse_experiments, parse_exploration
+
+    exploration = None
+    if top.get("exploration", None) is not None:
+        exploration = parse_exploration(top.section("exploration"), candidates)
+    return exploration, parse_experiments(top.section("experiments"))
 
 
 def _limits(section: _Fields) -> LimitsConfig:

@@ -34,24 +34,6 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
-class RealtimeConfig:
-    """Real-time edges (`walkrank.graph.delta`): the delta's edge limit, where its append log
-    lives (None: not durable, lost on restart) and how often walks get a new snapshot."""
-
-    max_edges: int = 1_000_000
-    log: Path | None = None
-    flush_ms: int = 200
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_edges <= 2**31 - 1:
-            raise ConfigError(
-                f"realtime.max_edges: must be in [1, 2**31 - 1], got {self.max_edges}"
-            )
-        if not 10 <= self.flush_ms <= 1000:
-            raise ConfigError(f"realtime.flush_ms: must be in [10, 1000], got {self.flush_ms}")
-
-
-@dataclass(frozen=True)
 class TlsConfig:
     cert_file: Path
     key_file: Path
@@ -84,8 +66,6 @@ class ServerConfig:
     graph_watch_seconds: float | None = None
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
-    # Real-time edges (Admin.AddEdges, tenants' saves); None: off (docs/graphs.md).
-    realtime: RealtimeConfig | None = None
 
     def __post_init__(self) -> None:
         """The one check of the settings' bounds: the YAML loader and the CLI's overrides
@@ -127,7 +107,6 @@ _TOP_KEYS = {
     "graph_watch_seconds",
     "auth",
     "tls",
-    "realtime",
 }
 
 # Settings that went away, with what to do instead: a config naming one gets that, not
@@ -250,30 +229,6 @@ def load_server_config(path: Path) -> ServerConfig:
         values["tls"] = TlsConfig(
             (base / tls_raw["cert_file"]).resolve(), (base / tls_raw["key_file"]).resolve()
         )
-    realtime_raw = raw.get("realtime")
-    if realtime_raw is not None:
-        if not isinstance(realtime_raw, dict) or set(realtime_raw) - {
-            "max_edges",
-            "log",
-            "flush_ms",
-        }:
-            raise ConfigError(
-                f"{path}: realtime: expected {{max_edges: int, log: path, flush_ms: int}}"
-            )
-        for key in ("max_edges", "flush_ms"):
-            value = realtime_raw.get(key, 0)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{path}: realtime.{key}: expected an integer, got {value!r}")
-        log_path = realtime_raw.get("log")
-        if log_path is not None and not isinstance(log_path, str):
-            raise ConfigError(f"{path}: realtime.log: expected a path, got {log_path!r}")
-        try:
-            values["realtime"] = RealtimeConfig(
-                **{k: v for k, v in realtime_raw.items() if k != "log"},
-                log=(base / log_path).resolve() if log_path else None,
-            )
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
     try:
         return ServerConfig(**values)
     except ConfigError as exc:

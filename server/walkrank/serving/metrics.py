@@ -33,6 +33,21 @@ class ServerMetrics:
             ["tenant", "kind"],
             registry=self.registry,
         )
+        # walkrank.experiments: exploration, experiment arms (docs/evaluation.md).
+        self.arm_requests = Counter(
+            "walkrank_arm_requests",
+            "Recommend answers by tenant, traffic arm (explore, an experiment arm, default) "
+            "and status code",
+            ["tenant", "arm", "code"],
+            registry=self.registry,
+        )
+        self.arm_latency = Histogram(
+            "walkrank_arm_seconds",
+            "Pipeline time of answered requests by tenant and traffic arm",
+            ["tenant", "arm"],
+            buckets=_BUCKETS_S,
+            registry=self.registry,
+        )
         self.client_errors = Counter(
             "walkrank_client_errors",
             "Calls refused for the client's doing (undecodable, invalid, too long, unknown "
@@ -80,8 +95,13 @@ class ServerMetrics:
         code: str,
         timing_ms: dict[str, float] | None,
         generated: int = 0,
+        arm: str = "",
     ) -> None:
         self.requests.labels(tenant, code).inc()
+        if arm:
+            self.arm_requests.labels(tenant, arm, code).inc()
+            if timing_ms is not None and "total" in timing_ms:
+                self.arm_latency.labels(tenant, arm).observe(timing_ms["total"] / 1e3)
         for stage, ms in (timing_ms or {}).items():
             self.latency.labels(tenant, stage).observe(ms / 1e3)
         if generated:

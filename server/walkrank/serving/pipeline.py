@@ -18,6 +18,7 @@ import numpy as np
 
 from walkrank.candidate_log import CandidateBatch, CandidateSink
 from walkrank.events import MAX_EPOCH_SECONDS
+from walkrank.experiments import rank
 from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
 from walkrank.serving.errors import DeadlineExceeded, InvalidArgument
@@ -64,6 +65,7 @@ class RecommendOutput:
     empty_reason: str | None
     timing_ms: dict[str, float]
     candidates_generated: int
+    arm: str = ""  # walkrank.experiments: explore, an experiment arm, or default
 
 
 def request_seed(request_id: str) -> int:
@@ -308,11 +310,17 @@ def recommend(
     features = compute_features(graph, result, context, config.features)
     clock.lap("features")
 
-    if runtime.scorer is not None and len(result.pins):
-        scores = runtime.scorer.score(features)
-    else:
-        scores = result.scores.astype(np.float32)
-    order = np.argsort(-scores, kind="stable")
+    # The request's arm (exploration, an experiment arm, or the tenant's model) orders them.
+    ranked = rank(
+        runtime,
+        features,
+        result.scores,
+        num_results,
+        user_id=request.user_id,
+        request_id=request.request_id,
+        request_seed=request_seed(request.request_id),
+    )
+    scores, order = ranked.scores, ranked.order
     clock.lap("scoring")
 
     top = order[:num_results]
@@ -341,7 +349,11 @@ def recommend(
                 model_scores=scores,
                 ranks=ranks,
                 returned=returned,
-                model_version=runtime.model_version,
+                model_version=ranked.model_version,
+                arm=ranked.arm,
+                propensities=ranked.propensity,
+                shadow_version=ranked.shadow_version,
+                shadow_scores=ranked.shadow_scores,
             )
         )
     clock.lap("logging")
@@ -352,9 +364,10 @@ def recommend(
         scores=scores[top],
         visits=result.visits[top],
         walk_scores=result.scores[top],
-        model_version=runtime.model_version,
+        model_version=ranked.model_version,
         unknown_query_pins=unknown,
         empty_reason=result.empty_reason,
         timing_ms=clock.timing_ms,
         candidates_generated=len(result.pins),
+        arm=ranked.arm,
     )

@@ -24,7 +24,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from walkrank.candidate_log import CandidateLog
 from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners
-from walkrank.graph.delta import DeltaSegment
 from walkrank.graph.repository import resolve_graph
 from walkrank.graph.store import GraphStore
 from walkrank.log_process import ProcessLog
@@ -82,14 +81,6 @@ class WalkRankServer:
         # crash in the kernels), and leased so `graph build --replace` and repository
         # retention leave it alone.
         served = open_graph(config.graph)
-        if config.realtime is not None:  # replays the append log, if any
-            delta = DeltaSegment(
-                served.base,
-                max_edges=config.realtime.max_edges,
-                log_path=config.realtime.log,
-                flush_s=config.realtime.flush_ms / 1e3,
-            )
-            served = dataclasses.replace(served, delta=delta)
         self.metrics = ServerMetrics()
         self._graph_lock = threading.Lock()
         self._set_graph_metrics(served, error=False)
@@ -292,11 +283,6 @@ class WalkRankServer:
                 )
                 self._set_graph_metrics(served, error=True)
                 return "", (str(self.config.graph), problem)
-            if served.delta is not None:
-                # The delta moves to the new base: what a compaction folded in leaves it.
-                # Calls starting in between walk the new base under the old version's label.
-                served.delta.rebase(new.base)
-                new = dataclasses.replace(new, delta=served.delta)
             self.serving.served = new  # the swap: calls that started before keep the old one
             log.info(
                 "graph %s: now version %s (was %s): opened and verified in %.3f s, paged in "
@@ -369,8 +355,6 @@ class WalkRankServer:
         self.candidate_log.close()
         self.event_log.close()
         self.metrics.close()
-        if self.serving.served.delta is not None:
-            self.serving.served.delta.close()
         self.serving.served.release()
 
     def wait(self) -> None:

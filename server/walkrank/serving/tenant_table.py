@@ -10,6 +10,8 @@ count), and every other tenant loads as if nothing happened.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import threading
 from collections import Counter
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from walkrank.errors import WalkRankError
+from walkrank.experiments import ArmModel, ExperimentRuntime, build_experiment
 from walkrank.features import check_feature_list
 from walkrank.models import LoadedModel, ModelRegistry
 from walkrank.ranking.scorer import Scorer
@@ -86,6 +89,7 @@ class TenantRuntime:
     config: TenantConfig
     model: LoadedModel | None = None
     scorer: Scorer | None = None
+    experiment: ExperimentRuntime | None = None  # the tenant's experiment arms' models
 
     @property
     def name(self) -> str:
@@ -116,6 +120,11 @@ def load_runtime_model(
     model = registry.load(config.name, version)
     check_feature_list(list(model.metadata["feature_names"]), list(config.features))
     return model, Scorer.from_onnx(model.onnx_bytes, len(config.features))
+
+
+def _load_arm(registry: ModelRegistry, config: TenantConfig, version: int) -> ArmModel:
+    model, scorer = load_runtime_model(registry, config, version)
+    return ArmModel(f"v{model.version}", scorer)
 
 
 def _served_version(runtime: TenantRuntime | None) -> int | None:
@@ -198,6 +207,23 @@ class TenantTable:
             error_files=error_files,
         )
 
+    def _with_experiment(self, runtime: TenantRuntime, errors: dict[str, str]) -> TenantRuntime:
+        """The runtime with its experiment arms' models; when one cannot load, the error is
+        the tenant's and every arm is served by the tenant's current model meanwhile."""
+        config = runtime.config
+        current = ArmModel(runtime.model_version, runtime.scorer)
+        try:
+            experiment = build_experiment(
+                config.experiments, current, functools.partial(_load_arm, self.registry, config)
+            )
+        except Exception as exc:  # contained like the tenant's own model
+            detail = str(exc) if isinstance(exc, WalkRankError) else f"{type(exc).__name__}: {exc}"
+            errors[config.name] = (
+                f"experiment model not loaded (every arm serves {runtime.model_version}): {detail}"
+            )
+            return runtime
+        return dataclasses.replace(runtime, experiment=experiment)
+
     def _build_runtime(
         self, config: TenantConfig, previous: TenantRuntime | None, errors: dict[str, str]
     ) -> TenantRuntime:
@@ -215,12 +241,15 @@ class TenantTable:
                 previous is not None
                 and previous.config == config
                 and _served_version(previous) == version
+                and (previous.experiment is not None or config.experiments is None)
             ):
                 return previous
-            if version is None:
-                return TenantRuntime(config)
-            model, scorer = load_runtime_model(self.registry, config, version)
-            return TenantRuntime(config, model, scorer)
+            model, scorer = (
+                (None, None)
+                if version is None
+                else load_runtime_model(self.registry, config, version)
+            )
+            return self._with_experiment(TenantRuntime(config, model, scorer), errors)
         except Exception as exc:  # contained: one tenant's model never stops the others
             if not isinstance(exc, WalkRankError):
                 log.exception("tenant %s: unexpected error loading its model", config.name)

@@ -158,6 +158,7 @@ def encode_response(tenant: str, output: RecommendOutput) -> bytes:
         unknown_query_pins=list(output.unknown_query_pins),
         empty_reason=output.empty_reason or "",
         candidates_generated=output.candidates_generated,
+        arm=output.arm,
         timing=recommender_pb2.Timing(
             walk_ms=output.timing_ms.get("walk", 0.0),
             features_ms=output.timing_ms.get("features", 0.0),

@@ -45,6 +45,7 @@ from walkrank.training.evaluate import (
     Targets,
     compare,
     ranking_metrics,
+    select_requests,
     served_by,
     targets_from_joined,
     write_reports,
@@ -531,10 +532,15 @@ def finish_training(
     compare it with what serves and with visit count on the held-out requests, publish or
     refuse (shared by the local and the Dask paths). `fitted` holds (settings, model) pairs."""
     features = list(tenant.features)
+    registry = ModelRegistry(models_dir)
+    baseline, baseline_scores, _ = serving_baseline(registry, tenant.name, valid)
+    # Compared on the held-out requests served by neither ranker when there are enough.
+    selection = select_requests(valid, baseline, "new model")
     x_valid = feature_matrix(valid, features, what=f"tenant {tenant.name!r}")
-    targets = targets_from_joined(valid, tenant.labels.weights)
+    compared = valid.filter(pa.array(selection.rows))
+    targets = targets_from_joined(compared, tenant.labels.weights)
     trials, exported, trained, candidate_scores = _gate_trials(
-        tenant, fitted, x_valid, targets, objective=objective
+        tenant, fitted, x_valid, targets, objective=objective, rows=selection.rows
     )
     passed = sum(t.gate == "passed" for t in trials)
     steps.done(
@@ -550,18 +556,17 @@ def finish_training(
             f"requests kept:\n{trials_table(trials, primary)}"
         )
 
-    registry = ModelRegistry(models_dir)
-    baseline, baseline_scores, _ = serving_baseline(registry, tenant.name, valid)
     k = tenant.labels.primary_metric_k
     comparison = compare(
         targets,
         candidate_scores,
-        baseline_scores,
+        baseline_scores[selection.rows],
         k=k,
         candidate="new model",
         baseline=baseline,
-        window=_valid_window(valid),
-        served=served_by(valid),
+        window=_valid_window(compared),
+        served=served_by(compared),
+        selection=selection.description,
     )
     steps.progress(
         f"[{tenant.name}] new model vs {baseline} on {comparison.requests:,} "
@@ -569,15 +574,19 @@ def finish_training(
     )
     versus_visits = None
     if baseline != VISIT_COUNT:
+        # Its own selection: requests visit count served are neutral against the serving model.
+        against_visits = select_requests(valid, VISIT_COUNT, "new model")
+        visit_rows = valid.filter(pa.array(against_visits.rows))
         versus_visits = compare(
-            targets,
-            candidate_scores,
-            _visit_scores(valid),
+            targets_from_joined(visit_rows, tenant.labels.weights),
+            score_matrix(exported.onnx_bytes, x_valid[against_visits.rows]),
+            _visit_scores(visit_rows),
             k=k,
             candidate="new model",
             baseline=VISIT_COUNT,
-            window=_valid_window(valid),
-            served=served_by(valid),
+            window=_valid_window(visit_rows),
+            served=served_by(visit_rows),
+            selection=against_visits.description,
         )
         steps.progress(
             f"[{tenant.name}] new model vs {VISIT_COUNT}: {versus_visits.describe(primary)}"
@@ -639,9 +648,11 @@ def _gate_trials(
     targets: Targets,
     *,
     objective: str,
+    rows: np.ndarray,
 ):
-    """Every fitted model through the gate and scored as served on the held-out requests;
-    returns (trials, the best exported model, its trained model, its held-out scores). A lone
+    """Every fitted model through the gate and scored as served on the held-out requests
+    (`rows` of them compared: `targets` are theirs); returns (trials, the best exported
+    model, its trained model, its scores on `rows`). A lone
     model that fails the gate raises the gate's ModelError; in a search it is recorded, and
     ModelError is raised only when no model passes."""
     from walkrank.ranking.export import export_model
@@ -665,7 +676,7 @@ def _gate_trials(
                 raise
             trials.append(Trial(settings, rounds, dict(trained.metrics), str(exc), None))
             continue
-        scores = score_matrix(exported.onnx_bytes, x_valid)
+        scores = score_matrix(exported.onnx_bytes, x_valid[rows])
         value = ranking_metrics(targets, scores, tenant.labels.primary_metric_k)[primary]
         trials.append(Trial(settings, rounds, dict(trained.metrics), "passed", value))
         # NaN (no held-out request defines the metric) never beats a number; ties keep the
@@ -745,6 +756,8 @@ def evaluate_tenant(
     loaded = registry.load(tenant.name, version)
     joined = load_joined(tenant, Path(logs_dir), window, steps)
     held_out = joined if window is not None else split_by_time(joined, validation_fraction)[1]
+    selection = select_requests(held_out, VISIT_COUNT, f"v{loaded.version}")
+    held_out = held_out.filter(pa.array(selection.rows))
     targets = targets_from_joined(held_out, tenant.labels.weights)
     scores = score_with_model(
         loaded.onnx_bytes,
@@ -761,6 +774,7 @@ def evaluate_tenant(
         baseline=VISIT_COUNT,
         window=_valid_window(held_out),
         served=served_by(held_out),
+        selection=selection.description,
     )
     steps.done(
         "evaluate",

@@ -1,0 +1,250 @@
+"""Off-policy estimates and bootstrap intervals, in plain numpy.
+
+A ranker's online metric (what share of the pins it returns the full ranker shows, how many
+actions per returned pin) can only be read off requests where its pins could be shown. On
+exploration traffic (`walkrank.experiments`, policy `shuffle_top`) every candidate had a known
+probability `p` of being returned, so a ranker `T` that would have returned its top R pins is
+estimated by weighting each returned pin of its top R by 1/p:
+
+- IPS: sum over requests of sum_{i in T, returned} y_i / p_i, over the number of pins T
+  returns: unbiased for "outcomes per returned pin" when every pin of T had p > 0;
+- self-normalised IPS (SNIPS): the same sum over sum_{i in T, returned} 1 / p_i: slightly
+  biased, much less variable (no weight blows up the ratio);
+- naive: sum_{i in T} y_i over the number of pins T returns, with the labels as logged: on
+  requests served by another ranker, T's pins that were not returned count as failures; this
+  is what an evaluation on logged traffic measures, and why it is biased.
+
+Intervals are percentile bootstraps over requests (or users: any unit whose outcomes move
+together): the units are resampled with replacement, the ratio recomputed, and the 2.5th and
+97.5th percentiles kept. Two rankers compared on the same requests are resampled together
+(paired), so their shared noise cancels in the lift.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+BOOTSTRAP_SAMPLES = 1000
+LEVEL = 0.95
+_BLOCK = 50  # resamples drawn at once: bounds memory at 50 x units integers
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its bootstrap interval (NaN when undefined)."""
+
+    value: float
+    low: float
+    high: float
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {k: _finite(getattr(self, k)) for k in ("value", "low", "high")}
+
+    def excludes(self, point: float) -> bool:
+        return self.low > point or self.high < point
+
+    def __str__(self) -> str:
+        if not math.isfinite(self.value):
+            return "n/a"
+        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.asarray(den) > 0, np.asarray(num) / np.asarray(den), np.nan)
+
+
+def _resamples(units: int, samples: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of bootstrap counts: how often each unit is drawn, `units` draws each."""
+    rng = np.random.default_rng(seed)
+    pvals = np.full(units, 1.0 / units)
+    done = 0
+    while done < samples:
+        block = min(_BLOCK, samples - done)
+        yield rng.multinomial(units, pvals, size=block).astype(np.float64)
+        done += block
+
+
+def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def ratio_interval(
+    num: np.ndarray,
+    den: np.ndarray,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """sum(num) / sum(den) over units, with a bootstrap interval over the units."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    value = float(_ratio(num.sum(), den.sum()))
+    if len(num) == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    draws = np.concatenate([_ratio(c @ num, c @ den) for c in _resamples(len(num), samples, seed)])
+    return Interval(value, *_percentiles(draws, level))
+
+
+def lift_interval(
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    *,
+    paired: bool,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """Relative change of ratio b over ratio a, (sum b_num / sum b_den) / (sum a_num /
+    sum a_den) - 1. `paired`: a and b are measured on the same units (resampled together);
+    otherwise on independent groups (each resampled on its own)."""
+    a_num, a_den = (np.asarray(x, np.float64) for x in a)
+    b_num, b_den = (np.asarray(x, np.float64) for x in b)
+    value = float(_ratio(_ratio(b_num.sum(), b_den.sum()), _ratio(a_num.sum(), a_den.sum())) - 1)
+    if len(a_num) == 0 or len(b_num) == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    draws = []
+    if paired:
+        for c in _resamples(len(a_num), samples, seed):
+            draws.append(_ratio(_ratio(c @ b_num, c @ b_den), _ratio(c @ a_num, c @ a_den)) - 1)
+    else:
+        blocks_b = _resamples(len(b_num), samples, seed + 1)
+        for ca, cb in zip(_resamples(len(a_num), samples, seed), blocks_b, strict=True):
+            draws.append(_ratio(_ratio(cb @ b_num, cb @ b_den), _ratio(ca @ a_num, ca @ a_den)) - 1)
+    return Interval(value, *_percentiles(np.concatenate(draws), level))
+
+
+# --- rankers replayed on logged requests --------------------------------------------------------
+
+
+def rank_positions(request: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort rows by request, then key descending (row order breaks ties); returns the order
+    and each sorted row's 0-based position within its request."""
+    n = len(request)
+    order = np.lexsort((np.arange(n), -key, request))
+    sorted_request = request[order]
+    starts = np.flatnonzero(np.r_[True, sorted_request[1:] != sorted_request[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))
+    return order, np.arange(n) - first
+
+
+def top_sets(request: np.ndarray, scores: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Rows a ranker with these scores would return: the `size[r]` best of request r."""
+    order, position = rank_positions(request, np.asarray(scores, np.float64))
+    chosen = np.zeros(len(request), dtype=bool)
+    chosen[order] = position < size[request[order]]
+    return chosen
+
+
+@dataclass(frozen=True)
+class PolicyTerms:
+    """Per-request sums of one ranker's estimate (units = requests, numbered 0..m-1)."""
+
+    ips: np.ndarray  # sum over its returned-and-logged pins of y / p
+    weight: np.ndarray  # sum over the same pins of 1 / p (SNIPS denominator)
+    naive: np.ndarray  # sum over its pins of y as logged (unreturned pins count 0)
+    size: np.ndarray  # the number of pins it returns
+
+
+def policy_terms(
+    request: np.ndarray,
+    y: np.ndarray,
+    propensity: np.ndarray,
+    returned: np.ndarray,
+    chosen: np.ndarray,
+    m: int,
+) -> PolicyTerms:
+    """The per-request sums for a ranker that returns the rows marked `chosen`. Rows whose
+    propensity is 0 (never returnable) add nothing to IPS: a ranker choosing them is not
+    covered by the logging policy, which `support` measures."""
+    seen = chosen & returned & (propensity > 0)
+    inverse = np.where(seen, 1.0 / np.where(propensity > 0, propensity, 1.0), 0.0)
+    y = np.asarray(y, np.float64)
+    return PolicyTerms(
+        ips=np.bincount(request, weights=y * inverse, minlength=m),
+        weight=np.bincount(request, weights=inverse, minlength=m),
+        naive=np.bincount(request, weights=y * chosen, minlength=m),
+        size=np.bincount(request, weights=chosen, minlength=m),
+    )
+
+
+def support(request: np.ndarray, propensity: np.ndarray, chosen: np.ndarray) -> float:
+    """Share of a ranker's pins the logging policy could have returned (p > 0): IPS is
+    unbiased only at 1."""
+    total = chosen.sum()
+    return float((chosen & (propensity > 0)).sum() / total) if total else math.nan
+
+
+@dataclass(frozen=True)
+class PolicyComparison:
+    """Two rankers estimated on the same exploration requests: per-ranker IPS, SNIPS and
+    naive values with intervals, and the lift of b over a under each estimator."""
+
+    requests: int
+    a: dict[str, Interval]
+    b: dict[str, Interval]
+    lift: dict[str, Interval]
+    support: dict[str, float]
+
+    def to_dict(self, a_name: str, b_name: str) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            a_name: {k: v.to_dict() for k, v in self.a.items()},
+            b_name: {k: v.to_dict() for k, v in self.b.items()},
+            "lift": {k: v.to_dict() for k, v in self.lift.items()},
+            "support": {a_name: _finite(self.support["a"]), b_name: _finite(self.support["b"])},
+        }
+
+
+ESTIMATORS = ("ips", "snips", "naive")
+
+
+def compare_policies(
+    request: np.ndarray,
+    y: np.ndarray,
+    propensity: np.ndarray,
+    returned: np.ndarray,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> PolicyComparison:
+    """Outcome `y` per returned pin for rankers a and b, each returning as many pins as the
+    logged request did, on the logged requests (numbered 0..m-1), paired bootstrap."""
+    request = np.asarray(request, np.int64)
+    m = int(request.max()) + 1 if len(request) else 0
+    size = np.bincount(request, weights=returned, minlength=m).astype(np.int64)
+    chosen_a = top_sets(request, scores_a, size)
+    chosen_b = top_sets(request, scores_b, size)
+    terms_a = policy_terms(request, y, propensity, returned, chosen_a, m)
+    terms_b = policy_terms(request, y, propensity, returned, chosen_b, m)
+
+    def pairs(t: PolicyTerms) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {"ips": (t.ips, t.size), "snips": (t.ips, t.weight), "naive": (t.naive, t.size)}
+
+    pa_, pb_ = pairs(terms_a), pairs(terms_b)
+    options = {"samples": samples, "seed": seed}
+    return PolicyComparison(
+        requests=m,
+        a={k: ratio_interval(*pa_[k], **options) for k in ESTIMATORS},
+        b={k: ratio_interval(*pb_[k], **options) for k in ESTIMATORS},
+        lift={k: lift_interval(pa_[k], pb_[k], paired=True, **options) for k in ESTIMATORS},
+        support={
+            "a": support(request, propensity, chosen_a),
+            "b": support(request, propensity, chosen_b),
+        },
+    )
