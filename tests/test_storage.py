@@ -14,62 +14,101 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from test_server import REPO, publish_model
+import yaml
+from test_server import REPO, _wait_until, busy_pins, publish_model, running
+from test_training_pipeline import CANDIDATES, N_REQUESTS, make_tenant, quiet, write_logs
+from test_training_pipeline import _config as tenant_config
 
+from walkrank.candidate_log import read_candidates
 from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
 from walkrank.models import ModelRegistry
 from walkrank.replicas import free_port_run
+from walkrank.serving.config import ServerConfig, load_server_config
+from walkrank.serving.server import WalkRankServer
 from walkrank.storage import is_remote, open_store, pull, push
+from walkrank.training.pipeline import train_tenant
 
 BUCKET = "walkrank"
+
+
+AWS_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+class Moto:
+    """moto's standalone S3 server on a loopback port; `stop` and `start` again keep the
+    port (the store comes back empty, as a replaced server would)."""
+
+    def __init__(self, log: Path, env: dict[str, str] | None = None) -> None:
+        self.executable = Path(sys.executable).parent / "moto_server"
+        if not self.executable.exists():
+            pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+        self.port = free_port_run(1)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [str(self.executable), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                assert self.process.poll() is None, self.log.read_text()
+                assert time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def aws_settings(moto: Moto) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": moto.url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def make_bucket(name: str = BUCKET) -> None:
+    filesystem, bucket = pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")
+    filesystem.create_dir(bucket)
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server for this module; the AWS settings point at it; yields its URI root."""
-    server = Path(sys.executable).parent / "moto_server"
-    if not server.exists():
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    port = free_port_run(1)
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-        )
-    }
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
+    moto = Moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    saved = {k: os.environ.get(k) for k in AWS_SETTINGS}
+    os.environ.update(aws_settings(moto))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "moto_server did not start"
-                time.sleep(0.1)
-        filesystem, bucket = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
-        filesystem.create_dir(bucket)
+        moto.start()
+        make_bucket()
         yield f"s3://{BUCKET}"
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        moto.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -163,3 +202,219 @@ def test_locations_are_checked_and_named(tmp_path: Path, capsys) -> None:
         open_store("nosuch://x")
     assert main(["store", "pull", str(tmp_path), str(tmp_path / "x")]) == 2
     assert "expected a store URI" in capsys.readouterr().err
+
+
+# -- a server on the store: graph and models mirrored, logs shipped ------------------------
+
+
+def store_config(
+    root: Path, uri: str, *, graph: str, models: str, logs: str, **settings: object
+) -> ServerConfig:
+    """A walkrank.yaml (locations as given: a store URI or a local path) read back."""
+    tenants = root / "tenants"
+    if not tenants.exists():
+        shutil.copytree(REPO / "tenants", tenants)
+    document = {
+        "graph": graph,
+        "tenants_dir": "tenants",
+        "models_dir": models,
+        "logs_dir": logs,
+        "cache_dir": "cache",
+        "address": "127.0.0.1:0",
+        "grace_seconds": 5.0,
+        **settings,
+    }
+    path = root / "walkrank.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return load_server_config(path)
+
+
+def logged_rows(location: Path | str, tenant: str) -> int:
+    return read_candidates(location, tenant).num_rows
+
+
+def test_a_server_serves_graph_and_models_from_the_store_and_ships_its_logs(
+    s3: str, tmp_path: Path, small_graph: GraphStore
+) -> None:
+    uri = f"{s3}/serve-{tmp_path.name}"
+    repository = GraphRepository(tmp_path / "publisher" / "graphs")
+    repository.publish(functools.partial(shutil.copytree, small_graph.path))
+    push(repository.root, f"{uri}/graphs")
+    registry = tmp_path / "publisher" / "models"
+    publish_model(registry, REPO / "tenants", "related_pins", seed=1)
+    push(registry, f"{uri}/models")
+    config = store_config(
+        tmp_path,
+        uri,
+        graph=f"{uri}/graphs/",
+        models=f"{uri}/models",
+        logs=f"{uri}/logs",
+        log_ship_seconds=0.05,
+    )
+    cache = tmp_path / "cache" / "s3" / BUCKET / f"serve-{tmp_path.name}"
+    assert (config.graph, config.models_dir, config.logs_dir) == (
+        cache / "graphs",
+        cache / "models",
+        cache / "logs",
+    )
+    assert config.graph_store == f"{uri}/graphs"
+    query = busy_pins(small_graph, 1)
+    with running(config) as (server, client):
+        assert client.graph_info().version == "1"
+        assert client.recommend("related_pins", query).model_version == "v1"
+        GraphStore.load(config.graph / "1", verify=True)  # mapped from the local cache
+
+        publish_model(registry, REPO / "tenants", "related_pins", seed=2)
+        repository.publish(functools.partial(shutil.copytree, small_graph.path))
+        push(registry, f"{uri}/models")
+        push(repository.root, f"{uri}/graphs")
+        answer = client.reload()
+        assert not answer.errors
+        assert client.recommend("related_pins", query).model_version == "v2"
+        assert client.graph_info().version == "2"
+        assert client.recommend("homefeed", query).candidates  # homefeed logs every call
+    # Stopped: the logs were closed and shipped; nothing is left on local disk.
+    assert not list((config.logs_dir / "candidates").rglob("*.parquet"))
+    generated = server.metrics.registry.get_sample_value(
+        "walkrank_candidates_total", {"tenant": "homefeed", "kind": "generated"}
+    )
+    assert logged_rows(f"{uri}/logs", "homefeed") == generated > 0
+    assert server.metrics.registry.get_sample_value("walkrank_log_shipped_files_total") > 0
+
+
+@pytest.mark.slow
+def test_log_shipping_survives_a_store_outage_and_a_restart(
+    tmp_path: Path, small_graph: GraphStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moto = Moto(tmp_path / "moto.log")
+    for key, value in aws_settings(moto).items():
+        monkeypatch.setenv(key, value)
+    moto.start()
+    try:
+        make_bucket()
+        uri = f"s3://{BUCKET}/outage"
+        config = store_config(
+            tmp_path,
+            uri,
+            graph=str(small_graph.path),
+            models="models",
+            logs=f"{uri}/logs",
+            log_ship_seconds=0.05,
+        )
+        query = busy_pins(small_graph, 1)
+        with running(config) as (server, client):
+            client.recommend("homefeed", query)
+            moto.stop()  # the store goes away: calls are still served and logged
+            for _ in range(3):
+                assert client.recommend("homefeed", query).candidates
+        metric = server.metrics.registry.get_sample_value
+        generated = metric("walkrank_candidates_total", {"tenant": "homefeed", "kind": "generated"})
+        # The last pass, at stop, failed: counted, and every row waits on local disk.
+        assert metric("walkrank_log_ship_failures_total") >= 1
+        assert metric("walkrank_log_ship_pending_files") >= 1
+        assert metric("walkrank_log_shipped_files_total") == 0
+        assert logged_rows(config.logs_dir, "homefeed") == generated > 0
+
+        moto.start()  # back (empty, as a new store would be), and a new server process
+        make_bucket()
+        with running(config) as (restarted, _):
+            _wait_until(
+                lambda: not list((config.logs_dir / "candidates").rglob("*.parquet")),
+                "the restarted server shipped what the first one left",
+            )
+        assert logged_rows(f"{uri}/logs", "homefeed") == generated
+        assert restarted.metrics.registry.get_sample_value("walkrank_log_shipped_files_total") >= 1
+    finally:
+        moto.stop()
+
+
+@pytest.mark.slow
+def test_dask_training_on_two_worker_processes_reads_the_logs_from_the_store(
+    s3: str, tmp_path: Path
+) -> None:
+    from distributed import LocalCluster
+
+    logs = tmp_path / "logs"
+    write_logs(logs)
+    uri = f"{s3}/train-{tmp_path.name}/logs"
+    push(logs, uri)
+    tenant = make_tenant()
+    local = train_tenant(tenant, logs, tmp_path / "local", publish=False, progress=quiet)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        report = train_tenant(
+            tenant,
+            uri,
+            tmp_path / "models",
+            progress=quiet,
+            dask_scheduler=cluster.scheduler_address,
+        )
+    assert report.version == 1
+    assert report.rows["candidates"] == N_REQUESTS * CANDIDATES
+    assert report.comparison.requests == local.comparison.requests
+    assert report.label_stats["positives"] == local.label_stats["positives"]
+    # In process, from the store too: the same rows as from local disk.
+    remote = train_tenant(tenant, uri, tmp_path / "remote", publish=False, progress=quiet)
+    assert remote.rows == local.rows
+
+
+def test_walkrank_train_reads_logs_and_publishes_models_on_the_store(
+    s3: str, tmp_path: Path, small_graph: GraphStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"{s3}/cli-{tmp_path.name}"
+    logs = tmp_path / "written"
+    write_logs(logs)
+    push(logs, f"{uri}/logs")
+    tenant_config(tmp_path, logs)  # tenants/homefeed.yaml for the logged world
+    store_config(
+        tmp_path,
+        uri,
+        graph=str(small_graph.path),
+        models=f"{uri}/models",
+        logs=f"{uri}/logs",
+    )
+    path = str(tmp_path / "walkrank.yaml")
+    assert main(["train", "--config", path, "--tenant", "homefeed"]) == 0
+    assert "published homefeed v1" in capsys.readouterr().out
+    mirror = tmp_path / "check"
+    pull(f"{uri}/models", mirror)
+    assert ModelRegistry(mirror).current("homefeed").version == 1
+    assert main(["models", "list", "--config", path, "--tenant", "homefeed"]) == 0
+    assert "* v1" in capsys.readouterr().out
+
+
+def test_store_locations_that_cannot_work_are_one_line_errors_naming_them(
+    s3: str, tmp_path: Path, small_graph: GraphStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(error: type[Exception], match: str, **locations: str) -> str:
+        places = {"graph": str(small_graph.path), "models": "models", "logs": "logs"}
+        with pytest.raises(error, match=match) as info:
+            WalkRankServer(store_config(tmp_path, s3, **{**places, **locations}))
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    yaml_path = tmp_path / "walkrank.yaml"
+    refused(ConfigError, f"{yaml_path}: logs_dir: s3://: name a bucket", logs="s3://")
+    refused(ConfigError, "graph: ftp://x/g: not a usable storage location", graph="ftp://x/g")
+    refused(
+        DataError, "s3://nosuch/models: bucket 'nosuch' does not exist", models="s3://nosuch/models"
+    )
+    refused(DataError, f"{s3}/empty/CURRENT: nothing published", graph=f"{s3}/empty")
+    (tmp_path / "walkrank.yaml").write_text(
+        f"graph: {s3}/g\ntenants_dir: t\nmodels_dir: m\nlogs_dir: l\n"
+    )
+    with pytest.raises(ConfigError, match="cache_dir must name a local directory"):
+        load_server_config(tmp_path / "walkrank.yaml")
+    # No credentials in the environment, against a store that checks them.
+    moto = Moto(tmp_path / "moto.log", env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    moto.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/credentials either
+        message = refused(DataError, f"{s3}/logs: cannot reach bucket", logs=f"{s3}/logs")
+        assert "no AWS credentials are set in the environment" in message
+    finally:
+        moto.stop()

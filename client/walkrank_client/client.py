@@ -186,14 +186,14 @@ def _event(event: Mapping[str, Any] | events_pb2.Event, index: int) -> events_pb
     missing = {"request_id", "pin_id", "event"} - set(event)
     if missing:
         raise ValueError(f"events[{index}]: missing fields {sorted(missing)}")
-    optional = {k: float(event[k]) for k in ("score",) if event.get(k) is not None}
-    if event.get("timestamp") is not None:
-        optional["timestamp"] = epoch_seconds(event["timestamp"])
+    score = event.get("score")
     return events_pb2.Event(
         request_id=str(event["request_id"]),
         pin_id=str(event["pin_id"]),
         event=str(event["event"]),
-        **optional,
+        # None leaves an optional field unset (the server's defaults).
+        score=None if score is None else float(score),
+        timestamp=epoch_seconds(event.get("timestamp")),
     )
 
 
@@ -482,6 +482,34 @@ class WalkRankClient:
         return self._call(
             "GraphInfo",
             lambda t: self._admin.GraphInfo(request, timeout=t, metadata=self._admin_metadata),
+            timeout,
+        )
+
+    def add_edges(
+        self,
+        batches: Sequence[Sequence[tuple[str, str] | tuple[str, str, float]]],
+        *,
+        timeout: float | None = None,
+    ) -> admin_pb2.AddEdgesResponse:
+        """Add real-time pin-board edges, `(pin_id, board_id[, created_at])`, in batches of
+        at most 10,000, streamed in one AddEdges call. Safe to retry: edges already added
+        count as duplicates."""
+        requests = [
+            admin_pb2.AddEdgesRequest(
+                edges=[
+                    admin_pb2.NewEdge(pin_id=e[0], board_id=e[1], created_at=e[2])
+                    if len(e) > 2
+                    else admin_pb2.NewEdge(pin_id=e[0], board_id=e[1])
+                    for e in batch
+                ]
+            )
+            for batch in batches
+        ]
+        return self._call(
+            "AddEdges",
+            lambda t: self._admin.AddEdges(
+                iter(requests), timeout=t, metadata=self._admin_metadata
+            ),
             timeout,
         )
 

@@ -39,6 +39,7 @@ from walkrank.candidate_log import (
     read_partitioned,
 )
 from walkrank.errors import DataError
+from walkrank.storage import Location, as_location, join
 
 EVENT_TYPES: tuple[str, ...] = (
     "scored",
@@ -501,7 +502,7 @@ class EventLog(PartitionedLog[pa.Table, pa.Table]):
 
 
 def read_events(
-    root: Path, start: TimeLike = None, end: TimeLike = None, *, tenant: str | None = None
+    root: Location, start: TimeLike = None, end: TimeLike = None, *, tenant: str | None = None
 ) -> pa.Table:
     """Logged events with `start <= timestamp < end` (datetimes or epoch seconds), in
     `EVENT_SCHEMA`. With `tenant`, only the events that may label that tenant's candidates:
@@ -510,7 +511,7 @@ def read_events(
         None if tenant is None else ((pc.field("tenant") == tenant) | pc.field("tenant").is_null())
     )
     table = read_partitioned(
-        Path(root) / "events",
+        join(as_location(root), "events"),
         [("tenant", pa.string()), ("date", pa.string()), ("hour", pa.int32())],
         EVENT_SCHEMA,
         "timestamp",

@@ -89,19 +89,19 @@ class _Batch:
 
     @cached_property
     def locale(self) -> np.ndarray:
-        return np.asarray(self.graph.pin_locale)[self.pins]
+        return self.graph.pin_values(self.graph.pin_locale, self.pins, self.n_locales)
 
     @cached_property
     def topic(self) -> np.ndarray:
-        return np.asarray(self.graph.pin_topic)[self.pins]
+        return self.graph.pin_values(self.graph.pin_topic, self.pins, self.n_topics)
 
     @cached_property
     def quality(self) -> np.ndarray:
-        return np.asarray(self.graph.pin_quality)[self.pins]
+        return self.graph.pin_values(self.graph.pin_quality, self.pins, np.nan)
 
     @cached_property
     def created_at(self) -> np.ndarray:
-        return np.asarray(self.graph.pin_created_at)[self.pins]
+        return self.graph.pin_values(self.graph.pin_created_at, self.pins, np.nan)
 
     @cached_property
     def interested(self) -> np.ndarray:
@@ -128,7 +128,7 @@ class _Batch:
         """
         if self.query_weight_total <= 0.0:
             return np.zeros(self.pins.size)
-        query_codes = np.asarray(pin_codes)[self.request.query_pins]
+        query_codes = self.graph.pin_values(pin_codes, self.request.query_pins, n_codes)
         histogram = np.bincount(
             query_codes, weights=self.request.query_weights, minlength=n_codes + 1
         )

@@ -20,8 +20,14 @@ half of one (walkrank.models, walkrank.graph.repository):
   and atomically. A pointer naming a version with no files is an error and the local pointer
   is left as it was.
 
-Logs are immutable Parquet parts with unique names, so `push` copies each once; the trainer
-reads them after a `pull` (what is left to do: docs/deployment.md).
+Logs are immutable Parquet parts with unique names, so `push` copies each once. A server
+whose `logs_dir` is a store URI writes them locally and ships each closed file itself
+(`walkrank.logstore`); readers (`walkrank train`, its Dask path) read them from the store
+through the same filesystems (`location`, `join`, `filesystem_of`).
+
+A server whose `graph` or `models_dir` is a store URI mirrors it into its `cache_dir`
+(`mirror_dir`) with `refresh` (the graph: one read of `CURRENT` when nothing changed) and
+`pull` (models), and serves the mirror as a local repository or registry.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 
 from walkrank.errors import ConfigError, DataError
-from walkrank.pointers import VERSION_RE, write_version
+from walkrank.pointers import VERSION_RE, read_version, write_version
 
 POINTERS = ("CURRENT", "LAST_VERSION")
 _CHUNK = 8 << 20
@@ -54,6 +60,24 @@ def is_remote(location: str | os.PathLike[str]) -> bool:
     """True for a URI with a scheme other than `file` (s3://, gs://, ...)."""
     scheme, sep, _ = str(location).partition("://")
     return bool(sep) and scheme not in ("", "file")
+
+
+_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def open_store_uri(location: str) -> str:
+    """`location` checked as a store URI (a known scheme, a bucket) without contacting the
+    store, and without a trailing slash; ConfigError naming it otherwise."""
+    scheme, _, rest = location.partition("://")
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"{location}: not a usable storage location: unknown scheme {scheme!r} "
+            f"(expected one of {', '.join(_SCHEMES)})"
+        )
+    base, sep, query = rest.partition("?")
+    if not base.strip("/"):
+        raise ConfigError(f"{location}: name a bucket ({scheme}://bucket/prefix)")
+    return f"{scheme}://{base.rstrip('/')}{sep}{query}"
 
 
 def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -151,8 +175,16 @@ def _wanted(relative: str, pointers: dict[str, int]) -> bool:
     return True
 
 
-def pull(uri: str, local: Path) -> Transfer:
-    """Mirror `uri` into `local`: the versions the store's pointers name, pointers last."""
+def pull(uri: str, local: Path, *, every_version: bool = False) -> Transfer:
+    """Mirror `uri` into `local`: the versions the store's pointers name (`every_version`:
+    all of them, for commands that list or roll back), pointers last."""
+    try:
+        return _pull(uri, local, every_version)
+    except OSError as exc:  # the store failed under a read: one line naming it
+        raise store_error(uri, "pull", exc) from None
+
+
+def _pull(uri: str, local: Path, every_version: bool) -> Transfer:
     filesystem, root = open_store(uri)
     remote = _listing(filesystem, root)
     pointers: dict[str, int] = {}
@@ -175,7 +207,9 @@ def pull(uri: str, local: Path) -> Transfer:
                 )
     done = Transfer()
     for relative, size in sorted(remote.items()):
-        if _is_pointer(relative) or _hidden(relative) or not _wanted(relative, pointers):
+        if _is_pointer(relative) or _hidden(relative):
+            continue
+        if not every_version and not _wanted(relative, pointers):
             continue
         target = local / relative
         if target.is_file() and target.stat().st_size == size:
@@ -205,3 +239,114 @@ def _download(filesystem: pafs.FileSystem, path: str, target: Path, name: str) -
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)
         raise DataError(f"{name}: cannot download to {target}: {exc}") from None
+
+
+# -- locations: a local path or a store URI, wherever a log directory is read -------------
+
+Location = Path | str
+"""A local directory (Path) or a store URI (str, `s3://bucket/prefix`)."""
+
+_CREDENTIAL_SETTINGS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+
+def as_location(value: str | os.PathLike[str]) -> Location:
+    """A store URI stays a string (without a trailing slash); anything else is a Path."""
+    text = os.fspath(value)
+    return text.rstrip("/") if is_remote(text) else Path(text)
+
+
+def join(location: Location, *parts: str) -> Location:
+    """`location / part / ...` for a path or a URI (a URI's query stays at its end)."""
+    if isinstance(location, Path):
+        return location.joinpath(*parts)
+    base, sep, query = location.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
+def filesystem_of(location: Location) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path pyarrow reads `location` with (local disk for a Path)."""
+    if isinstance(location, Path) or not is_remote(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    return open_store(location)
+
+
+def store_error(uri: str, doing: str, exc: BaseException) -> DataError:
+    """A one-line DataError naming `uri`; for S3 without credentials in the environment, or
+    an access failure, it says where credentials come from."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    if uri.startswith("s3://"):
+        configured = (
+            any(os.environ.get(name) for name in _CREDENTIAL_SETTINGS)
+            or (Path.home() / ".aws" / "credentials").is_file()
+        )
+        if not configured:
+            hint = (
+                "; no AWS credentials are set in the environment (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            )
+        elif any(word in message for word in ("ACCESS_DENIED", "ACCESS_KEY", "SIGNATURE")):
+            hint = "; check the AWS credentials in the environment"
+    return DataError(f"{uri}: cannot {doing}: {message}{hint}")
+
+
+def check_store(uri: str) -> None:
+    """DataError naming `uri` unless its bucket exists and answers (a listing of a missing
+    bucket is just empty, which would read as 'nothing published')."""
+    filesystem, root = open_store(uri)
+    bucket = root.split("/", 1)[0]
+    try:
+        info = filesystem.get_file_info(bucket)
+    except OSError as exc:
+        raise store_error(uri, f"reach bucket {bucket!r}", exc) from None
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{uri}: bucket {bucket!r} does not exist")
+
+
+def mirror_dir(cache_dir: Path, uri: str) -> Path:
+    """Where a server keeps its local copy of `uri`: `<cache_dir>/<scheme>/<bucket>/<prefix>`
+    (the query, e.g. an endpoint, is not part of it)."""
+    scheme, _, rest = uri.partition("://")
+    parts = [p for p in rest.partition("?")[0].split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ConfigError(f"{uri}: '.' and '..' cannot name a store prefix")
+    return cache_dir.joinpath(scheme, *parts)
+
+
+def refresh(uri: str, local: Path) -> bool:
+    """Bring the local mirror of a store repository (a `CURRENT` at its root) to the store's
+    `CURRENT`: one read when it is there already, else a `pull`. True when files moved."""
+    filesystem, root = open_store(uri)
+    try:
+        text = _read(filesystem, f"{root}/CURRENT").decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        check_store(uri)
+        raise DataError(
+            f"{uri}/CURRENT: nothing published in the store (publish a repository there: "
+            f"walkrank store push)"
+        ) from None
+    except OSError as exc:
+        raise store_error(uri, "read CURRENT", exc) from None
+    local_version = read_version(local / "CURRENT", DataError)
+    if text == str(local_version) and (local / text).is_dir():
+        return False
+    pull(uri, local)
+    return True
+
+
+def sync_graph(uri: str, local: Path) -> bool:
+    """`refresh` a graph repository's mirror, then delete its older versions no server maps
+    (`GraphRepository.prune`; the newest other version stays, so a pull of the next version
+    by another replica sharing the cache is never cut short). True when files moved."""
+    from walkrank.graph.repository import GraphRepository
+
+    moved = refresh(uri, local)
+    if moved:
+        GraphRepository(local).prune(1)
+    return moved

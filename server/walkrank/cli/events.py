@@ -11,8 +11,11 @@ from walkrank.cli._config import (
     config_path,
     require_config_or_demo,
 )
+from walkrank.errors import DataError
 from walkrank.events import EVENT_TYPES, import_events
+from walkrank.logstore import LogShipper
 from walkrank.serving.config import load_server_config
+from walkrank.storage import check_store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,22 +45,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     importer.set_defaults(func=_import)
 
 
-def _logs_dir(args: argparse.Namespace) -> Path:
+def _logs_dir(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The local log directory written, and the store URI it is shipped to (None: none)."""
     # The same rule as the other commands, without building the demo graph just to find logs.
     if args.logs is not None:
-        return args.logs
+        return args.logs, None
     require_config_or_demo(args, "events import")
     path = config_path(args)
     if path is not None:
-        return load_server_config(path).logs_dir
+        config = load_server_config(path)
+        return config.logs_dir, config.logs_store
     from walkrank.demo.world import DEMO_HOME
 
-    return DEMO_HOME.resolve() / "logs"
+    return DEMO_HOME.resolve() / "logs", None
 
 
 def _import(args: argparse.Namespace) -> int:
-    logs = _logs_dir(args)
+    logs, store = _logs_dir(args)
+    if store is not None:
+        check_store(store)
     accepted, report = import_events(args.file, logs, tenant=args.tenant)
+    if store is not None:  # written locally, then shipped as a server ships its logs
+        shipper = LogShipper(logs, store)
+        shipper.ship()
+        if shipper.last_error is not None:
+            raise DataError(
+                f"{args.file}: {accepted} events written under {logs / 'events'} but not "
+                f"shipped to {store}: {shipper.last_error} (a server with this config ships "
+                f"them when it starts)"
+            )
     print(
         f"{args.file}: {accepted} accepted, {report.count} rejected; "
         f"written under {logs / 'events'}"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from walkrank.cli._config import add_config_argument, server_config
+from walkrank.cli.store import models_for, publish_models
 from walkrank.errors import ConfigError, ModelError
 from walkrank.models import ModelRegistry
 
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _registry(args: argparse.Namespace) -> ModelRegistry:
-    return ModelRegistry(server_config(args).models_dir)
+    return ModelRegistry(models_for(server_config(args)))
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -119,9 +120,10 @@ def run_publish(args: argparse.Namespace) -> int:
         objective=tenant.ranker.objective,
         extra_metadata={"source": str(args.xgboost_model)},
     )
-    version = ModelRegistry(config.models_dir).publish(
+    version = ModelRegistry(models_for(config)).publish(
         args.tenant, exported.onnx_bytes, exported.metadata
     )
+    publish_models(config)
     print(
         f"published {args.tenant} v{version.version} ({version.path}); "
         f"reload the server to serve it"
@@ -130,6 +132,8 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    version = _registry(args).rollback(args.tenant, args.version)
+    config = server_config(args)
+    version = ModelRegistry(models_for(config)).rollback(args.tenant, args.version)
+    publish_models(config)
     print(f"{args.tenant} now serves v{version.version}; reload the server to apply")
     return 0

@@ -5,6 +5,11 @@
 
 What each direction guarantees: walkrank.storage (pointers last, only the named versions
 pulled, published files never overwritten). Docs: docs/deployment.md.
+
+Also the other commands' access to a walkrank.yaml whose `models_dir` or `logs_dir` is a
+store URI: `models_for` / `publish_models` (the registry mirrored under `cache_dir`, every
+version, and pushed back after a change) and `logs_location` (the store itself: readers open
+it through pyarrow, nothing is copied).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import argparse
 from pathlib import Path
 
 from walkrank.errors import ConfigError
-from walkrank.storage import Transfer, is_remote, pull, push
+from walkrank.serving.config import ServerConfig
+from walkrank.storage import Location, Transfer, check_store, is_remote, pull, push
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,3 +59,27 @@ def run_push(args: argparse.Namespace) -> int:
 
 def run_pull(args: argparse.Namespace) -> int:
     return _report("pull", pull(_remote(args.uri), args.local))
+
+
+def models_for(config: ServerConfig) -> Path:
+    """The model registry a command works on: `models_dir`, or the local mirror of its store
+    with every version pulled (so listing, evaluating and rolling back see them all)."""
+    if config.models_store is not None:
+        check_store(config.models_store)
+        pull(config.models_store, config.models_dir, every_version=True)
+    return config.models_dir
+
+
+def publish_models(config: ServerConfig) -> None:
+    """After a command changed the registry `models_for` gave: push it to the store (new
+    version files, then the pointers). One publisher per store at a time."""
+    if config.models_store is not None:
+        push(config.models_dir, config.models_store)
+
+
+def logs_location(config: ServerConfig) -> Location:
+    """Where trainers read the logs: the store URI when `logs_dir` is one, else the directory."""
+    if config.logs_store is not None:
+        check_store(config.logs_store)
+        return config.logs_store
+    return config.logs_dir

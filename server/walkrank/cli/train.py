@@ -13,7 +13,9 @@ from walkrank.cli._config import (
     require_config_or_demo,
     server_config,
 )
+from walkrank.cli.store import logs_location, models_for, publish_models
 from walkrank.errors import ConfigError
+from walkrank.serving.config import ServerConfig
 from walkrank.tenants import TenantConfig, load_tenant
 
 
@@ -110,23 +112,23 @@ def window_from_args(
     return args.since, args.until
 
 
-def _tenant(args: argparse.Namespace) -> tuple[TenantConfig, Path, Path]:
+def _tenant(args: argparse.Namespace) -> tuple[TenantConfig, ServerConfig]:
     require_config_or_demo(args, f"walkrank {args.command}")
     config = server_config(args)
     path = config.tenants_dir / f"{args.tenant}.yaml"
     if not path.exists():
         raise ConfigError(f"{path}: no such tenant file for {args.tenant!r}")
-    return load_tenant(path), config.logs_dir, config.models_dir
+    return load_tenant(path), config
 
 
 def run_train(args: argparse.Namespace) -> int:
     from walkrank.training.pipeline import train_tenant
 
-    tenant, logs_dir, models_dir = _tenant(args)
+    tenant, config = _tenant(args)
     report = train_tenant(
         tenant,
-        logs_dir,
-        models_dir,
+        logs_location(config),
+        models_for(config),
         window=window_from_args(args),
         force=args.force,
         dask_scheduler=args.dask_scheduler,
@@ -139,6 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    publish_models(config)
     print(
         f"published {tenant.name} v{report.version}; run Admin.Reload "
         "(walkrank-client reload) so the server serves it"
@@ -151,11 +154,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
-    tenant, logs_dir, models_dir = _tenant(args)
+    tenant, config = _tenant(args)
     evaluate_tenant(
         tenant,
-        logs_dir,
-        models_dir,
+        logs_location(config),
+        models_for(config),
         window=window_from_args(args),
         version=args.version,
         k=args.k,

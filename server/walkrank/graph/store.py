@@ -59,6 +59,18 @@ ARRAY_FIELDS: tuple[str, ...] = (
     "board_ids",
 )
 
+#: The delta arguments of `walks.kernels.walk_query_pin` for a graph without a real-time
+#: delta segment: off, and arrays of the right types the kernel never reads.
+NO_DELTA: tuple[Any, ...] = (
+    False,
+    np.zeros((1, 2), np.uint64),
+    np.zeros(1, np.int64),
+    np.zeros(1, np.int32),
+    np.zeros((1, 2), np.uint64),
+    np.zeros(1, np.int64),
+    np.zeros(1, np.int32),
+)
+
 #: Extra numeric pin columns are stored as `pin_column.<name>.npy` (float32, NaN when missing).
 PIN_COLUMN_PREFIX = "pin_column."
 
@@ -300,7 +312,29 @@ class GraphStore:
             self.board_run_offsets,
             self.board_key_runs,
             np.int64(self.run_shift),
+            *NO_DELTA,
         )
+
+    @property
+    def pin_max_degree(self) -> int:
+        """The largest number of boards of a pin (the walk's budget formula reads it)."""
+        return int(self.manifest["degree"]["pin_max"])
+
+    def pin_values(self, values: np.ndarray, pins: np.ndarray, missing: float) -> np.ndarray:
+        """A per-pin array's `values` (`pin_locale`, a pin column...) at dense pins; `missing`
+        for a pin the array has no row for (a new pin of the real-time delta)."""
+        return np.asarray(values)[pins]
+
+    @property
+    def has_delta(self) -> bool:
+        """Whether walks read a real-time delta segment besides these arrays
+        (`walkrank.graph.delta.LiveGraph`)."""
+        return False
+
+    def pin_degrees(self, pins: np.ndarray) -> np.ndarray:
+        """int64 number of boards of each dense pin."""
+        pins = np.asarray(pins, np.int64)
+        return np.asarray(self.pin_offsets[pins + 1] - self.pin_offsets[pins], np.int64)
 
     def locale_code(self, locale: str | None) -> int:
         """Category code of a locale; missing or unknown -> len(locales) (the 'missing' code)."""

@@ -2,6 +2,10 @@
 
 Secrets never live here: API keys and the admin token come from the environment or from a
 secrets file named here (kept out of git), so the config file itself can be committed.
+
+`graph`, `models_dir` and `logs_dir` may be store URIs (`s3://bucket/prefix`; credentials
+and endpoint from the environment, walkrank.storage). The server then works on local copies
+under `cache_dir`: the fields keep the local directory and `*_store` the URI.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import yaml
 
 from walkrank.errors import ConfigError
+from walkrank.storage import is_remote, mirror_dir, open_store_uri
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 API_KEYS_ENV = "WALKRANK_API_KEYS"
@@ -31,6 +36,24 @@ class AuthConfig:
     secrets_file: Path | None = None
     tenant_keys: dict[str, frozenset[str]] = field(default_factory=dict)
     admin_token: str | None = None
+
+
+@dataclass(frozen=True)
+class RealtimeConfig:
+    """Real-time edges (`walkrank.graph.delta`): the delta's edge limit, where its append log
+    lives (None: not durable, lost on restart) and how often walks get a new snapshot."""
+
+    max_edges: int = 1_000_000
+    log: Path | None = None
+    flush_ms: int = 200
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_edges <= 2**31 - 1:
+            raise ConfigError(
+                f"realtime.max_edges: must be in [1, 2**31 - 1], got {self.max_edges}"
+            )
+        if not 10 <= self.flush_ms <= 1000:
+            raise ConfigError(f"realtime.flush_ms: must be in [10, 1000], got {self.flush_ms}")
 
 
 @dataclass(frozen=True)
@@ -64,8 +87,18 @@ class ServerConfig:
     # Seconds between checks of a graph repository's CURRENT (a new version is swapped in as
     # on Admin.Reload); None: only Admin.Reload swaps graphs (docs/graphs.md).
     graph_watch_seconds: float | None = None
+    # Store URIs of `graph`, `models_dir`, `logs_dir` when they are on object storage; the
+    # fields above then name their local copies under `cache_dir` (walkrank.storage).
+    cache_dir: Path | None = None
+    graph_store: str | None = None
+    models_store: str | None = None
+    logs_store: str | None = None
+    # Seconds between passes of the log shipper (closed log files to `logs_store`).
+    log_ship_seconds: float = 10.0
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
+    # Real-time edges (Admin.AddEdges, tenants' saves); None: off (docs/graphs.md).
+    realtime: RealtimeConfig | None = None
 
     def __post_init__(self) -> None:
         """The one check of the settings' bounds: the YAML loader and the CLI's overrides
@@ -79,6 +112,8 @@ class ServerConfig:
                 "graph_watch_seconds: must be > 0 (leave it out to swap "
                 "graphs only on Admin.Reload)"
             )
+        if not self.log_ship_seconds > 0:
+            raise ConfigError(f"log_ship_seconds: must be > 0, got {self.log_ship_seconds}")
         if self.recent_request_ids < 0:
             raise ConfigError(f"recent_request_ids: must be >= 0, got {self.recent_request_ids}")
         for key in ("compute_nice", "log_writer_nice"):
@@ -105,8 +140,11 @@ _TOP_KEYS = {
     "recent_request_ids",
     "max_message_bytes",
     "graph_watch_seconds",
+    "cache_dir",
+    "log_ship_seconds",
     "auth",
     "tls",
+    "realtime",
 }
 
 # Settings that went away, with what to do instead: a config naming one gets that, not
@@ -197,9 +235,29 @@ def load_server_config(path: Path) -> ServerConfig:
     def resolve(key: str) -> Path:
         return (base / _expect(path, raw, key, str)).resolve()
 
-    values: dict[str, Any] = {
-        key: resolve(key) for key in ("graph", "tenants_dir", "models_dir", "logs_dir")
-    }
+    values: dict[str, Any] = {key: resolve(key) for key in ("tenants_dir",)}
+    if raw.get("cache_dir") is not None:
+        values["cache_dir"] = resolve("cache_dir")
+    for key, store_key in (
+        ("graph", "graph_store"),
+        ("models_dir", "models_store"),
+        ("logs_dir", "logs_store"),
+    ):
+        location = _expect(path, raw, key, str)
+        if not is_remote(location):
+            values[key] = resolve(key)
+            continue
+        if "cache_dir" not in values:
+            raise ConfigError(
+                f"{path}: {key}: {location} is on object storage, so cache_dir must name a "
+                f"local directory for the server's copies of the graph, models and logs"
+            )
+        try:
+            uri = open_store_uri(location)
+            values[key] = mirror_dir(values["cache_dir"], uri)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from None
+        values[store_key] = uri
     for key, kind in (
         ("address", str),
         ("metrics_address", str),
@@ -212,6 +270,7 @@ def load_server_config(path: Path) -> ServerConfig:
         ("recent_request_ids", int),
         ("max_message_bytes", int),
         ("graph_watch_seconds", (int, float)),
+        ("log_ship_seconds", (int, float)),
     ):
         if key in raw and raw[key] is not None:
             values[key] = _expect(path, raw, key, kind)
@@ -229,6 +288,30 @@ def load_server_config(path: Path) -> ServerConfig:
         values["tls"] = TlsConfig(
             (base / tls_raw["cert_file"]).resolve(), (base / tls_raw["key_file"]).resolve()
         )
+    realtime_raw = raw.get("realtime")
+    if realtime_raw is not None:
+        if not isinstance(realtime_raw, dict) or set(realtime_raw) - {
+            "max_edges",
+            "log",
+            "flush_ms",
+        }:
+            raise ConfigError(
+                f"{path}: realtime: expected {{max_edges: int, log: path, flush_ms: int}}"
+            )
+        for key in ("max_edges", "flush_ms"):
+            value = realtime_raw.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{path}: realtime.{key}: expected an integer, got {value!r}")
+        log_path = realtime_raw.get("log")
+        if log_path is not None and not isinstance(log_path, str):
+            raise ConfigError(f"{path}: realtime.log: expected a path, got {log_path!r}")
+        try:
+            values["realtime"] = RealtimeConfig(
+                **{k: v for k, v in realtime_raw.items() if k != "log"},
+                log=(base / log_path).resolve() if log_path else None,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     try:
         return ServerConfig(**values)
     except ConfigError as exc:

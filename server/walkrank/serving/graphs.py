@@ -26,6 +26,7 @@ import numpy as np
 
 from walkrank.errors import DataError
 from walkrank.features import inputs_lost
+from walkrank.graph.delta import DeltaSegment
 from walkrank.graph.repository import resolve_graph
 from walkrank.graph.store import ARRAY_FIELDS, GraphStore, load_for_serving
 from walkrank.serving.tenant_table import TenantRuntime
@@ -33,15 +34,25 @@ from walkrank.serving.tenant_table import TenantRuntime
 
 @dataclass(frozen=True, eq=False)
 class ServedGraph:
-    """One opened graph version; `release()` ends its lease early (at server stop)."""
+    """One opened graph version; `release()` ends its lease early (at server stop).
 
-    store: GraphStore
+    With real-time edges on, `delta` holds them and `store` is the base with the delta's
+    last snapshot (`walkrank.graph.delta.LiveGraph`): a call reads `store` once and keeps it.
+    """
+
+    base: GraphStore
     version: str  # the repository's version number, or the directory's content id
     path: Path  # the directory mapped
     source: Path  # the `graph:` setting: a repository or a graph directory
     open_s: float  # resolve + lease + verify
     page_in_s: float
     _lease_end: weakref.finalize = field(repr=False)
+    delta: DeltaSegment | None = None
+
+    @property
+    def store(self) -> GraphStore:
+        """What a call walks: the base graph, with the real-time delta when there is one."""
+        return self.base if self.delta is None else self.delta.view()
 
     def release(self) -> None:
         self._lease_end()
@@ -83,7 +94,7 @@ def refuse_for_tenants(
         runtime = runtimes[name]
         if runtime.model is None:
             continue
-        for data, features in inputs_lost(runtime.config.features, served.store, new.store).items():
+        for data, features in inputs_lost(runtime.config.features, served.base, new.base).items():
             problems.append(
                 f"tenant {name!r} (model {runtime.model_version}) uses "
                 f"{', '.join(features)}, which need {data}: graph {served.version} "

@@ -24,9 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from walkrank.candidate_log import CandidateLog
 from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners
+from walkrank.graph.delta import DeltaSegment
 from walkrank.graph.repository import resolve_graph
 from walkrank.graph.store import GraphStore
 from walkrank.log_process import ProcessLog
+from walkrank.logstore import LogShipper
 from walkrank.models import ModelRegistry
 from walkrank.serving.auth import Authenticator
 from walkrank.serving.config import ServerConfig, check_port_free
@@ -41,6 +43,7 @@ from walkrank.serving.servicers import AdminServicer, RecommenderServicer, Servi
 from walkrank.serving.tenant_table import ReloadReport, TenantTable
 from walkrank.serving.wire import add_recommender
 from walkrank.serving.workers import FrontDoor, WorkerPool
+from walkrank.storage import check_store, pull, sync_graph
 from walkrank_client.pb.walkrank.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -77,10 +80,27 @@ class WalkRankServer:
 
     def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
         self.config = config
+        # Graph and models on object storage: mirrored into the cache first (the store must
+        # answer at start; later failures keep what serves), logs shipped there once closed.
+        for store in (config.graph_store, config.models_store, config.logs_store):
+            if store is not None:
+                check_store(store)
+        self._sync_graph()
+        if config.models_store is not None:
+            pull(config.models_store, config.models_dir)
+        self.log_shipper: LogShipper | None = None
         # Verified before anything runs on it (a corrupt file is an error naming it, not a
         # crash in the kernels), and leased so `graph build --replace` and repository
         # retention leave it alone.
         served = open_graph(config.graph)
+        if config.realtime is not None:  # replays the append log, if any
+            delta = DeltaSegment(
+                served.base,
+                max_edges=config.realtime.max_edges,
+                log_path=config.realtime.log,
+                flush_s=config.realtime.flush_ms / 1e3,
+            )
+            served = dataclasses.replace(served, delta=delta)
         self.metrics = ServerMetrics()
         self._graph_lock = threading.Lock()
         self._set_graph_metrics(served, error=False)
@@ -100,6 +120,13 @@ class WalkRankServer:
             on_drop=lambda table: self._log_lost("events", "queue_full", table.num_rows),
             on_lost=functools.partial(self._log_lost, "events"),
         )
+        if config.logs_store is not None:
+            self.log_shipper = LogShipper(
+                config.logs_dir,
+                config.logs_store,
+                interval=config.log_ship_seconds,
+                registry=self.metrics.registry,
+            )
         auth = Authenticator(config.auth)
         self.health = TenantHealth(auth)
         self.serving = ServingContext(
@@ -185,6 +212,8 @@ class WalkRankServer:
 
     def _start(self) -> int:
         check_port_free(self.config.address, self._reuse_port)  # before seconds of loading
+        if self.log_shipper is not None:  # its first pass ships what a previous run left
+            self.log_shipper.start()
         self.reload()
         self.warm_up()
         # Everything loaded so far lives as long as the server: keep it out of the cyclic
@@ -237,7 +266,18 @@ class WalkRankServer:
     def reload(self, models_for: frozenset[str] | None = None) -> ReloadReport:
         """Reload tenants (and the models of `models_for`, default all), swap in a new graph
         version if the repository's CURRENT moved, then publish health."""
+        store_error = self._pull_models()
         report = self.tenants.reload(models_for)
+        if store_error is not None:  # every tenant keeps the model it had
+            names = models_for if models_for is not None else self.tenants.runtimes()
+            report = dataclasses.replace(
+                report,
+                errors={**{name: store_error for name in names}, **report.errors},
+                error_files={
+                    **{name: str(self.config.models_store) for name in names},
+                    **report.error_files,
+                },
+            )
         graph_change, graph_error = self.reload_graph()
         report = dataclasses.replace(report, graph=graph_change, graph_error=graph_error)
         runtimes = self.tenants.runtimes()
@@ -261,6 +301,7 @@ class WalkRankServer:
         with self._graph_lock:
             served = self.serving.served
             try:
+                self._sync_graph()
                 directory, version = resolve_graph(self.config.graph)
                 if directory == served.path and version == served.version:
                     self._set_graph_metrics(served, error=False)  # e.g. rolled back to it
@@ -283,6 +324,11 @@ class WalkRankServer:
                 )
                 self._set_graph_metrics(served, error=True)
                 return "", (str(self.config.graph), problem)
+            if served.delta is not None:
+                # The delta moves to the new base: what a compaction folded in leaves it.
+                # Calls starting in between walk the new base under the old version's label.
+                served.delta.rebase(new.base)
+                new = dataclasses.replace(new, delta=served.delta)
             self.serving.served = new  # the swap: calls that started before keep the old one
             log.info(
                 "graph %s: now version %s (was %s): opened and verified in %.3f s, paged in "
@@ -304,6 +350,23 @@ class WalkRankServer:
         self.warm_up(new.store)
         return new
 
+    def _sync_graph(self) -> None:
+        """A graph repository on object storage: its CURRENT version into the local mirror."""
+        if self.config.graph_store is not None:
+            sync_graph(self.config.graph_store, self.config.graph)
+
+    def _pull_models(self) -> str | None:
+        """A model registry on object storage: its CURRENT versions into the local mirror;
+        the error (the mirror stays as it was) or None."""
+        if self.config.models_store is None:
+            return None
+        try:
+            pull(self.config.models_store, self.config.models_dir)
+        except WalkRankError as exc:
+            log.error("models not refreshed, every tenant keeps its model: %s", exc)
+            return f"models not refreshed from the store: {exc}"
+        return None
+
     def _set_graph_metrics(self, served: ServedGraph, error: bool) -> None:
         self.metrics.graph_version.set(int(served.version) if served.version.isdigit() else 0)
         self.metrics.graph_load_error.set(int(error))
@@ -314,6 +377,7 @@ class WalkRankServer:
         failed: tuple[str, str] | None = None
         while not self._stopped.wait(self.config.graph_watch_seconds):
             try:
+                self._sync_graph()
                 target = resolve_graph(self.config.graph)
             except Exception as exc:  # reported by the reload below, as on Admin.Reload
                 target = ("", str(exc))
@@ -354,7 +418,11 @@ class WalkRankServer:
         self.serving.compute.close()
         self.candidate_log.close()
         self.event_log.close()
+        if self.log_shipper is not None:
+            self.log_shipper.close()
         self.metrics.close()
+        if self.serving.served.delta is not None:
+            self.serving.served.delta.close()
         self.serving.served.release()
 
     def wait(self) -> None:

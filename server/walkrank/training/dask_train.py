@@ -1,7 +1,8 @@
 """The training loop's load/join/label/train steps on a Dask cluster (`--dask-scheduler`).
 
 For logs too large for one process. The workers read the partitioned Parquet logs themselves
-(`dask.dataframe.read_parquet`, pruned to the window's date partitions) and train with
+(one task per file of the window's date partitions, from local disk or a store URI such as
+`s3://bucket/logs`, each worker opening the store with its own credentials) and train with
 `xgboost.dask`; the client only ever holds the per-request times and the held-out requests.
 
 Only the tenant's own events are read (its `events/tenant=` partition, and files written
@@ -22,15 +23,18 @@ compares and publishes exactly as in process.
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from walkrank.errors import DataError
+from walkrank.storage import Location, as_location, filesystem_of, join, store_error
 from walkrank.tenants import TenantConfig
 from walkrank.training.labels import join_candidates_events
 from walkrank.training.pipeline import (
@@ -45,40 +49,75 @@ from walkrank.training.pipeline import (
 )
 
 _KEY_DTYPE = "string[pyarrow]"
+_DATE = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/")
 _EVENT_COLUMNS = ["request_id", "pin_id", "event", "score"]
 
 
-def _date_filters(lo: float | None, hi: float | None) -> list[tuple[str, str, str]] | None:
-    """Date-partition pruning for [lo, hi) (the exact bound is applied to the rows after)."""
-    filters = []
-    if lo is not None:
-        filters.append(("date", ">=", pd.Timestamp(lo, unit="s", tz="UTC").strftime("%Y-%m-%d")))
-    if hi is not None:
-        filters.append(("date", "<=", pd.Timestamp(hi, unit="s", tz="UTC").strftime("%Y-%m-%d")))
-    return filters or None
+def _in_window(path: str, lo: float | None, hi: float | None) -> bool:
+    """Whether the file's date partition can hold rows of [lo, hi) (the exact bound is
+    applied to the rows after); a file outside date partitions always can."""
+    match = _DATE.search(path)
+    if match is None:
+        return True
+    day = match.group(1)
+    return (lo is None or day >= _day(lo)) and (hi is None or day <= _day(hi))
+
+
+def _day(seconds: float) -> str:
+    return pd.Timestamp(seconds, unit="s", tz="UTC").strftime("%Y-%m-%d")
+
+
+def _parquet_files(filesystem: pafs.FileSystem, directory: str, where: Location) -> list[str]:
+    """The visible Parquet files under `directory` (none when it does not exist)."""
+    try:
+        infos = filesystem.get_file_info(
+            pafs.FileSelector(directory, recursive=True, allow_not_found=True)
+        )
+    except OSError as exc:
+        raise store_error(str(where), "list the logs", exc) from None
+    return sorted(
+        info.path
+        for info in infos
+        if info.type == pafs.FileType.File
+        and info.path.endswith(".parquet")
+        and not any(part.startswith(".") for part in info.path[len(directory) :].split("/"))
+    )
+
+
+def _read_file(path: str, location: Location, wanted: list[str]) -> pd.DataFrame:
+    """One log file's `wanted` columns, read where the task runs (a Dask worker) through
+    the filesystem of `location`: a worker opens the store itself, with its own credentials."""
+    filesystem, _ = filesystem_of(location)
+    table = pq.read_table(path, filesystem=filesystem, columns=wanted)
+    return table.to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def _read(
-    source: Path | list[Path],
-    columns: list[str] | None,
+    location: Location,
+    files: list[str],
+    wanted: list[str],
     time_column: str,
     lo: float | None,
     hi: float | None,
 ):
-    """A directory of Parquet files, or a list of files, as a frame; None when empty."""
+    """The files of the window (by date partition) as a frame of one partition per file,
+    read by the workers; None when there are none. DataError naming the first file when it
+    lacks a wanted column."""
     import dask.dataframe as dd
 
-    if isinstance(source, list):
-        if not source:
-            return None
-        paths: str | list[str] = [str(path) for path in source]
-    elif not source.is_dir() or not any(source.rglob("*.parquet")):
+    files = [path for path in files if _in_window(path, lo, hi)]
+    if not files:
         return None
-    else:
-        paths = str(source)
-    frame = dd.read_parquet(
-        paths, columns=columns, filters=_date_filters(lo, hi), dtype_backend="pyarrow"
-    )
+    filesystem, _ = filesystem_of(location)
+    try:
+        names = set(pq.read_schema(files[0], filesystem=filesystem).names)
+    except OSError as exc:
+        raise store_error(f"{location}: {files[0]}", "read", exc) from None
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise DataError(f"{files[0]}: the log has no column(s) {', '.join(missing)}")
+    meta = _read_file(files[0], location, wanted).iloc[:0]
+    frame = dd.from_map(_read_file, files, location=location, wanted=wanted, meta=meta)
     if lo is not None:
         frame = frame[frame[time_column] >= pd.Timestamp(lo, unit="s", tz="UTC")]
     if hi is not None:
@@ -89,16 +128,27 @@ def _read(
     return frame
 
 
-def _tenant_events(directory: Path, tenant: str, lo: float | None, hi: float | None):
+def _tenant_events(logs_dir: Location, tenant: str, lo: float | None, hi: float | None):
     """The events that may label the tenant's candidates: its own, and those of files
-    written before events had a tenant (`events/date=...`, listed file by file: a read of
-    the whole directory would mix the two layouts). None when there are none."""
+    written before events had a tenant (`events/date=...`: the two layouts are listed
+    apart). None when there are none."""
     import dask.dataframe as dd
 
+    filesystem, root = filesystem_of(logs_dir)
+    directory = f"{root}/events"
     columns = _EVENT_COLUMNS + ["timestamp"]
+    files = _parquet_files(filesystem, directory, logs_dir)
+    own = f"{directory}/tenant={tenant}/"
     frames = [
-        _read(directory / f"tenant={tenant}", columns, "timestamp", lo, hi),
-        _read(sorted(directory.glob("date=*/hour=*/*.parquet")), columns, "timestamp", lo, hi),
+        _read(logs_dir, [p for p in files if p.startswith(own)], columns, "timestamp", lo, hi),
+        _read(
+            logs_dir,
+            [p for p in files if p[len(directory) :].startswith("/date=")],
+            columns,
+            "timestamp",
+            lo,
+            hi,
+        ),
     ]
     frames = [frame[_EVENT_COLUMNS] for frame in frames if frame is not None]
     if not frames:
@@ -166,7 +216,7 @@ def _held_out_partition(
 
 def train_on_dask(
     tenant: TenantConfig,
-    logs_dir: Path,
+    logs_dir: Location,
     scheduler: str,
     *,
     window: Window,
@@ -185,23 +235,30 @@ def train_on_dask(
 
     lo, hi = window
     features = [f"f_{n}" for n in tenant.features]
+    # A local directory or a store URI: the workers open its filesystem themselves.
+    logs_dir = as_location(logs_dir)
+    filesystem, root = filesystem_of(logs_dir)
     with Client(scheduler) as client:
-        candidate_dir = Path(logs_dir) / "candidates" / f"tenant={tenant.name}"
-        candidates = _read(candidate_dir, None, "ts", lo, hi)
+        candidate_dir = join(logs_dir, "candidates", f"tenant={tenant.name}")
+        files = _parquet_files(filesystem, f"{root}/candidates/tenant={tenant.name}", candidate_dir)
+        try:
+            candidates = _read(
+                logs_dir,
+                files,
+                ["request_id", "ts", "pin_id", "visit_score", *features],
+                "ts",
+                lo,
+                hi,
+            )
+        except DataError as exc:
+            raise DataError(f"tenant {tenant.name!r}: {exc}") from None
         if candidates is None:
             raise DataError(
                 f"no logged candidates for tenant {tenant.name!r} under "
                 f"{candidate_dir}: nothing to train on"
             )
-        missing = [c for c in features if c not in candidates.columns]
-        if missing:
-            raise DataError(
-                f"tenant {tenant.name!r}: the candidate log has no column(s) "
-                f"{', '.join(missing)} under {candidate_dir}"
-            )
-        candidates = candidates[["request_id", "ts", "pin_id", "visit_score", *features]]
         events = _tenant_events(
-            Path(logs_dir) / "events",
+            logs_dir,
             tenant.name,
             lo,
             None if hi is None else hi + EVENT_LAG_SECONDS,
@@ -209,7 +266,7 @@ def train_on_dask(
         if events is None:
             raise DataError(
                 f"no events of tenant {tenant.name!r} under "
-                f"{Path(logs_dir) / 'events'}: nothing labels the candidates"
+                f"{join(logs_dir, 'events')}: nothing labels the candidates"
             )
 
         requests = candidates[["request_id", "ts"]].drop_duplicates().compute()

@@ -280,10 +280,9 @@ def walk(
     if params.bias_strength > 0:
         target = bias_target(graph, params.bias_by, user_locale, user_topic) or UNBIASED
 
-    offsets = graph.pin_offsets
     known_pins = pins[known]
-    degrees = np.asarray(offsets[known_pins + 1] - offsets[known_pins], np.int64)
-    max_degree = int(graph.manifest["degree"]["pin_max"])
+    degrees = graph.pin_degrees(known_pins)
+    max_degree = graph.pin_max_degree
     budgets = np.zeros(pins.shape[0], np.int64)
     budgets[known] = step_budgets(degrees, weights[known], params.steps, max_degree)
     total_budget = int(budgets.sum())
@@ -357,6 +356,8 @@ def walk(
         graph.pin_offsets,
     )
     cand_pins, scores, cand_visits, query_hits, cand_degree = out
+    if graph.has_delta:  # the kernel counts base boards only
+        cand_degree = graph.pin_degrees(cand_pins).astype(np.int32)
     return WalkResult(
         pins=cand_pins,
         scores=scores,

@@ -65,6 +65,18 @@ def _prefetch(typingctx, array, index):
 
 
 @intrinsic
+def _popcount(typingctx, x):
+    """Set bits of a uint64 (`llvm.ctpop`: one instruction on x86-64 with POPCNT)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(x), codegen
+
+
+@intrinsic
 def _load_relaxed(typingctx, array):
     """`array[0]` as an atomic (monotonic) load, which LLVM must redo on every loop pass.
 
@@ -175,6 +187,22 @@ def _run_end(runs, at, below, end_mask):
     return np.int64(runs[at + below - 1]) & end_mask if below > 0 else np.int64(0)
 
 
+@njit(inline="always")
+def _delta_row(marks, node):
+    """A node's row in a delta segment's CSR, and whether it has one (1 or 0).
+
+    `marks[node >> 6]` is [bits, rank]: bit `node & 63` is set when the node has delta
+    edges, and `rank` counts the marked nodes below the word, so the row is the rank plus
+    the marked bits below the node's own. Branch-free; an unmarked node's row is that of
+    the next marked node (its CSR bounds exist, and its count is multiplied by 0).
+    """
+    word = marks[node >> 6, 0]
+    bit = np.uint64(node & 63)
+    below = word & ((np.uint64(1) << bit) - np.uint64(1))
+    row = np.int64(marks[node >> 6, 1]) + np.int64(_popcount(below))
+    return row, np.int64((word >> bit) & np.uint64(1))
+
+
 @njit(nogil=True, cache=True)
 def walk_query_pin(
     pin_offsets,
@@ -188,6 +216,13 @@ def walk_query_pin(
     board_run_offsets,
     board_key_runs,
     run_shift,
+    has_delta,
+    pin_marks,
+    pin_delta_offsets,
+    pin_delta_adj,
+    board_marks,
+    board_delta_offsets,
+    board_delta_adj,
     query_pin,
     query_index,
     budget,
@@ -226,8 +261,20 @@ def walk_query_pin(
     another thread sets `cancel[0]` (a deadline passed, the server stops): a round is ~2 us.
     Returns the steps walked. A hash table with no free row left (a caller that sized it
     for fewer pins than it counts) raises instead of probing forever.
+
+    With `has_delta`, the graph is the mapped base plus a real-time delta segment
+    (`walkrank.graph.delta`): a node's neighbours are its base list followed by its delta
+    list (`*_delta_offsets[row]`, `row` from `*_marks`, see `_delta_row`), and nodes past
+    the base's (new pins and boards) have a delta list only. A draw past the base list is
+    kept as `~(position in the delta adjacency)`, below 0. Biased steps draw from the base's
+    bias index (a new node's steps are never biased); delta neighbours are reached by the
+    unbiased steps. Without it the delta arrays are not read.
     """
     mask = np.int64(table.shape[0] - 1)
+    base_pins = np.int64(pin_offsets.shape[0] - 1)
+    base_boards = np.int64(board_offsets.shape[0] - 1)
+    last_pin = max(base_pins - 1, 0)  # rows of the bias index a new node reads (unused)
+    last_board = max(base_boards - 1, 0)
     state = np.empty(WALKERS, np.uint64)
     position = np.empty(WALKERS, np.int32)
     index = np.empty(WALKERS, np.int64)
@@ -272,15 +319,23 @@ def walk_query_pin(
         # Pass 1: pin -> position of a random board (pin offsets were prefetched in pass 4).
         for w in range(n):
             p = position[w]
-            start = pin_offsets[p]
-            stop = pin_offsets[p + 1]
+            start = pin_offsets[min(p, base_pins)]
+            stop = pin_offsets[min(p + 1, base_pins)]
             x = _xorshift(state[w])
             state[w] = x
             r = _scramble(x)
-            i = start + _below(r, stop - start)
-            biased[w] = use_bias and (r & _LOW32) < bias_threshold
+            span = stop - start
+            delta_at = np.int64(0)
+            if has_delta:
+                delta_row, marked = _delta_row(pin_marks, p)
+                delta_at = pin_delta_offsets[delta_row]
+                span += (pin_delta_offsets[delta_row + 1] - delta_at) * marked
+            i = start + _below(r, span)
+            if has_delta and i >= stop:
+                i = ~(delta_at + i - stop)
+            biased[w] = use_bias and (r & _LOW32) < bias_threshold and p < base_pins
             if by_locale:
-                first, last = _locale_bounds(pin_locale_ends, p, locale, start)
+                first, last = _locale_bounds(pin_locale_ends, min(p, last_pin), locale, start)
                 i = _pick(first, last, r, i, biased[w])
             elif by_key:
                 row = _hash_slot(p, slice_mask)
@@ -322,9 +377,12 @@ def walk_query_pin(
                     _prefetch(pin_adj, index[w])
         # Pass 2: board id.
         for w in range(n):
-            b = pin_adj[index[w]]
+            i = index[w]
+            b = pin_delta_adj[~i] if has_delta and i < 0 else pin_adj[i]
             node[w] = b
             _prefetch(board_offsets, b)
+            if has_delta:
+                _prefetch(board_marks, b >> 6)
             if by_locale:
                 _prefetch(board_locale_ends, b)
             elif by_key:
@@ -333,14 +391,23 @@ def walk_query_pin(
         # Pass 3: board -> position of a random pin, and the restart draw.
         for w in range(n):
             b = node[w]
-            start = board_offsets[b]
-            stop = board_offsets[b + 1]
+            start = board_offsets[min(b, base_boards)]
+            stop = board_offsets[min(b + 1, base_boards)]
             x = _xorshift(state[w])
             state[w] = x
             r = _scramble(x)
-            i = start + _below(r, stop - start)
+            span = stop - start
+            delta_at = np.int64(0)
+            if has_delta:
+                delta_row, marked = _delta_row(board_marks, b)
+                delta_at = board_delta_offsets[delta_row]
+                span += (board_delta_offsets[delta_row + 1] - delta_at) * marked
+                biased[w] = biased[w] and b < base_boards
+            i = start + _below(r, span)
+            if has_delta and i >= stop:
+                i = ~(delta_at + i - stop)
             if by_locale:
-                first, last = _locale_bounds(board_locale_ends, b, locale, start)
+                first, last = _locale_bounds(board_locale_ends, min(b, last_board), locale, start)
                 i = _pick(first, last, r, i, biased[w])
             elif by_key:
                 row = _hash_slot(b, slice_mask)
@@ -385,12 +452,15 @@ def walk_query_pin(
                     _prefetch(board_adj, index[w])
         # Pass 4: arrival pin; prefetch its counter and where the walker goes next.
         for w in range(n):
-            p = board_adj[index[w]]
+            i = index[w]
+            p = board_delta_adj[~i] if has_delta and i < 0 else board_adj[i]
             node[w] = p
             _prefetch(table, np.int64(p) if dense else _hash_slot(p, mask))
             nxt = query_pin if restart[w] else p
             position[w] = nxt
             _prefetch(pin_offsets, nxt)
+            if has_delta:
+                _prefetch(pin_marks, nxt >> 6)
             if by_locale:
                 _prefetch(pin_locale_ends, nxt)
             elif by_key:
@@ -517,7 +587,9 @@ def top_candidates(dense, table, root_sum, hits, count_scale, query_pins, k, pin
         out_scores[o] = score32[0]
         out_visits[o] = table[slot, 3]
         out_hits[o] = hits[slot] + 1
-        out_degree[o] = pin_offsets[pin + 1] - pin_offsets[pin]
+        # Base degree; a new pin's (past the base) is 0 here, its delta degree the caller's.
+        base = pin_offsets.shape[0] - 1
+        out_degree[o] = pin_offsets[min(pin + 1, base)] - pin_offsets[min(pin, base)]
     return out_pins, out_scores, out_visits, out_hits, out_degree
 
 

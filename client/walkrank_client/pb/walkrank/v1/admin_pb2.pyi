@@ -121,3 +121,35 @@ class GraphInfoResponse(_message.Message):
     version: str
     repository: str
     def __init__(self, path: _Optional[str] = ..., n_pins: _Optional[int] = ..., n_boards: _Optional[int] = ..., n_edges: _Optional[int] = ..., locales: _Optional[_Iterable[str]] = ..., topics: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ..., version: _Optional[str] = ..., repository: _Optional[str] = ...) -> None: ...
+
+class NewEdge(_message.Message):
+    __slots__ = ("pin_id", "board_id", "created_at")
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    BOARD_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    pin_id: str
+    board_id: str
+    created_at: float
+    def __init__(self, pin_id: _Optional[str] = ..., board_id: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class AddEdgesRequest(_message.Message):
+    __slots__ = ("edges",)
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[NewEdge]
+    def __init__(self, edges: _Optional[_Iterable[_Union[NewEdge, _Mapping]]] = ...) -> None: ...
+
+class AddEdgesResponse(_message.Message):
+    __slots__ = ("added", "duplicates", "new_pins", "new_boards", "delta_edges", "max_edges")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    NEW_PINS_FIELD_NUMBER: _ClassVar[int]
+    NEW_BOARDS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_EDGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_EDGES_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    duplicates: int
+    new_pins: int
+    new_boards: int
+    delta_edges: int
+    max_edges: int
+    def __init__(self, added: _Optional[int] = ..., duplicates: _Optional[int] = ..., new_pins: _Optional[int] = ..., new_boards: _Optional[int] = ..., delta_edges: _Optional[int] = ..., max_edges: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,11 @@ class AdminStub:
                 request_serializer=walkrank_dot_v1_dot_admin__pb2.GraphInfoRequest.SerializeToString,
                 response_deserializer=walkrank_dot_v1_dot_admin__pb2.GraphInfoResponse.FromString,
                 _registered_method=True)
+        self.AddEdges = channel.stream_unary(
+                '/walkrank.v1.Admin/AddEdges',
+                request_serializer=walkrank_dot_v1_dot_admin__pb2.AddEdgesRequest.SerializeToString,
+                response_deserializer=walkrank_dot_v1_dot_admin__pb2.AddEdgesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -90,6 +95,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddEdges(self, request_iterator, context):
+        """Add pin-board edges (new pins and boards too) to the real-time delta the walks read
+        beside the graph, in batches streamed by the client; visible to the next Recommend call
+        once the call returns. Each batch is all or nothing: a bad edge is INVALID_ARGUMENT
+        naming it, a batch that would pass the server's `realtime.max_edges` is
+        RESOURCE_EXHAUSTED (batches before it stay added). FAILED_PRECONDITION when the server
+        has no `realtime` section (docs/graphs.md, "Real-time edges").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +129,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GraphInfo,
                     request_deserializer=walkrank_dot_v1_dot_admin__pb2.GraphInfoRequest.FromString,
                     response_serializer=walkrank_dot_v1_dot_admin__pb2.GraphInfoResponse.SerializeToString,
+            ),
+            'AddEdges': grpc.stream_unary_rpc_method_handler(
+                    servicer.AddEdges,
+                    request_deserializer=walkrank_dot_v1_dot_admin__pb2.AddEdgesRequest.FromString,
+                    response_serializer=walkrank_dot_v1_dot_admin__pb2.AddEdgesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +245,33 @@ class Admin:
             '/walkrank.v1.Admin/GraphInfo',
             walkrank_dot_v1_dot_admin__pb2.GraphInfoRequest.SerializeToString,
             walkrank_dot_v1_dot_admin__pb2.GraphInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddEdges(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/walkrank.v1.Admin/AddEdges',
+            walkrank_dot_v1_dot_admin__pb2.AddEdgesRequest.SerializeToString,
+            walkrank_dot_v1_dot_admin__pb2.AddEdgesResponse.FromString,
             options,
             channel_credentials,
             insecure,

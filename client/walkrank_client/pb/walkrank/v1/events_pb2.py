@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18walkrank/v1/events.proto\x12\x0bwalkrank.v1\"~\n\x05\x45vent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06pin_id\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x12\n\x05score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttimestamp\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_scoreB\x0c\n\n_timestamp\"I\n\x13ReportEventsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.walkrank.v1.Event\"/\n\x0e\x45ventRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"k\n\x14ReportEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12/\n\nrejections\x18\x03 \x03(\x0b\x32\x1b.walkrank.v1.EventRejectionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18walkrank/v1/events.proto\x12\x0bwalkrank.v1\"\xa2\x01\n\x05\x45vent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06pin_id\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x12\n\x05score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttimestamp\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x62oard_id\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x08\n\x06_scoreB\x0c\n\n_timestampB\x0b\n\t_board_id\"I\n\x13ReportEventsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.walkrank.v1.Event\"/\n\x0e\x45ventRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"k\n\x14ReportEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12/\n\nrejections\x18\x03 \x03(\x0b\x32\x1b.walkrank.v1.EventRejectionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENT']._serialized_start=41
-  _globals['_EVENT']._serialized_end=167
-  _globals['_REPORTEVENTSREQUEST']._serialized_start=169
-  _globals['_REPORTEVENTSREQUEST']._serialized_end=242
-  _globals['_EVENTREJECTION']._serialized_start=244
-  _globals['_EVENTREJECTION']._serialized_end=291
-  _globals['_REPORTEVENTSRESPONSE']._serialized_start=293
-  _globals['_REPORTEVENTSRESPONSE']._serialized_end=400
+  _globals['_EVENT']._serialized_start=42
+  _globals['_EVENT']._serialized_end=204
+  _globals['_REPORTEVENTSREQUEST']._serialized_start=206
+  _globals['_REPORTEVENTSREQUEST']._serialized_end=279
+  _globals['_EVENTREJECTION']._serialized_start=281
+  _globals['_EVENTREJECTION']._serialized_end=328
+  _globals['_REPORTEVENTSRESPONSE']._serialized_start=330
+  _globals['_REPORTEVENTSRESPONSE']._serialized_end=437
 # @@protoc_insertion_point(module_scope)

@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("request_id", "pin_id", "event", "score", "timestamp")
+    __slots__ = ("request_id", "pin_id", "event", "score", "timestamp", "board_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    BOARD_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     pin_id: str
     event: str
     score: float
     timestamp: float
-    def __init__(self, request_id: _Optional[str] = ..., pin_id: _Optional[str] = ..., event: _Optional[str] = ..., score: _Optional[float] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    board_id: str
+    def __init__(self, request_id: _Optional[str] = ..., pin_id: _Optional[str] = ..., event: _Optional[str] = ..., score: _Optional[float] = ..., timestamp: _Optional[float] = ..., board_id: _Optional[str] = ...) -> None: ...
 
 class ReportEventsRequest(_message.Message):
     __slots__ = ("tenant", "events")

@@ -1,0 +1,207 @@
+"""Real-time edges through a real server: Admin.AddEdges, the delta segment the walks read,
+its limit, its append log (replay, a truncated tail) and hostile input."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pytest
+from test_server import busy_pins, code_of, make_config, running
+
+from walkrank.graph.build import build_graph
+from walkrank.graph.delta import DeltaSegment, Edge
+from walkrank.graph.store import GraphStore
+from walkrank.serving.config import RealtimeConfig, resolve_auth
+from walkrank.serving.server import WalkRankServer
+from walkrank.walks import WalkParams, walk
+from walkrank_client import WalkRankClient
+
+NEW_PIN = "987654321"  # not a pin of the small graph (its ids start at 1000000000)
+
+
+def _saves_onto_boards_of(graph: GraphStore, query: str, pin: str = NEW_PIN) -> list:
+    """Edges saving `pin` onto every board of the query pin: its walks reach `pin` often."""
+    dense = int(graph.pin_index([query])[0])
+    return [(pin, str(b), 1_700_000_000.0) for b in graph.board_external(graph.boards_of(dense))]
+
+
+def _ids(answer) -> list[str]:
+    return [c.pin_id for c in answer.candidates]
+
+
+def test_a_pin_added_by_add_edges_is_recommended_by_the_next_request(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    config = make_config(tmp_path, small_graph, realtime=RealtimeConfig(max_edges=1000))
+    with running(config) as (server, client):
+        query = busy_pins(small_graph, 1)
+        assert NEW_PIN not in _ids(client.recommend("homefeed", query, seed=1))
+        added = client.add_edges([_saves_onto_boards_of(small_graph, query[0])])
+        assert added.added == small_graph.pin_degree()[int(small_graph.pin_index(query)[0])]
+        assert (added.new_pins, added.new_boards, added.duplicates) == (1, 0, 0)
+        assert added.delta_edges == added.added and added.max_edges == 1000
+        answer = client.recommend("homefeed", query, seed=1)
+        assert NEW_PIN in _ids(answer)[:10]
+        info = client.graph_info()
+        assert info.n_pins == small_graph.n_pins + 1
+        assert info.n_edges == small_graph.n_edges + added.added
+        # Sent again: every edge is a duplicate, nothing changes.
+        again = client.add_edges([_saves_onto_boards_of(small_graph, query[0])])
+        assert (again.added, again.duplicates) == (0, added.added)
+        # The new pin is a query pin too: its boards' pins come back.
+        from_new = client.recommend("homefeed", [NEW_PIN], seed=2)
+        assert from_new.candidates and not from_new.unknown_query_pins
+
+
+def test_edges_survive_a_restart_when_durable(tmp_path: Path, small_graph: GraphStore) -> None:
+    realtime = RealtimeConfig(max_edges=1000, log=tmp_path / "realtime" / "edges.log")
+    config = make_config(tmp_path, small_graph, realtime=realtime)
+    query = busy_pins(small_graph, 1)
+    with running(config) as (_, client):
+        client.add_edges([_saves_onto_boards_of(small_graph, query[0])])
+    with running(config) as (_, client):
+        assert NEW_PIN in _ids(client.recommend("homefeed", query, seed=1))[:10]
+    # Without a log the delta is memory only: a restart forgets it.
+    memory_only = config.replace(realtime=RealtimeConfig(max_edges=1000))
+    with running(memory_only) as (_, client):
+        assert NEW_PIN not in _ids(client.recommend("homefeed", query, seed=1))
+
+
+def test_the_delta_limit_is_enforced_with_a_clear_status(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    config = make_config(tmp_path, small_graph, realtime=RealtimeConfig(max_edges=10))
+    with running(config) as (_, client):
+        first = client.add_edges([[(f"{9000 + i}", "1000000000") for i in range(8)]])
+        assert first.added == 8
+        with pytest.raises(Exception) as info:
+            client.add_edges([[("9100", "1000000001")], [(f"{9200 + i}", "1") for i in range(5)]])
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "realtime.max_edges is 10" in info.value.details
+        assert "1 edges of this call's earlier batches were added" in info.value.details
+        assert client.add_edges([[("9300", "1000000000")]]).delta_edges == 10
+
+
+def test_a_truncated_append_log_is_reported_and_skipped_never_a_crash(
+    tmp_path: Path, small_graph: GraphStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "edges.log"
+    realtime = RealtimeConfig(max_edges=1000, log=path)
+    config = make_config(tmp_path, small_graph, realtime=realtime)
+    query = busy_pins(small_graph, 1)
+    with running(config) as (_, client):
+        client.add_edges([_saves_onto_boards_of(small_graph, query[0])])
+        client.add_edges([[("555", "1000000000")]])
+    good = path.read_bytes()
+    path.write_bytes(good[:-5])  # the last record loses its end: a crash mid-write
+    with caplog.at_level(logging.WARNING), running(config) as (server, client):
+        assert NEW_PIN in _ids(client.recommend("homefeed", query, seed=1))[:10]
+        assert server.serving.served.delta.replay.skipped_bytes > 0
+        # New records follow the good ones, and survive the next restart.
+        client.add_edges([[("556", "1000000000")]])
+    assert any(
+        str(path) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records
+    )
+    assert path.with_name("edges.log.skipped").stat().st_size > 0
+    with running(config) as (server, client):
+        assert server.serving.served.delta.replay.skipped_bytes == 0
+        assert client.graph_info().n_pins == small_graph.n_pins + 2  # NEW_PIN and 556
+
+
+def test_hostile_add_edges_input_is_refused_with_invalid_argument(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    config = make_config(tmp_path, small_graph, realtime=RealtimeConfig(max_edges=100_000))
+    with running(config) as (_, client):
+        cases = {
+            "requests[0].edges[0].pin_id": [("abc", "1")],
+            "requests[0].edges[1].board_id": [("1", "2"), ("1", "1e3")],
+            "requests[0].edges[0].pin_id: 200 characters": [("1" * 200, "1")],
+            "requests[0].edges[0].pin_id: required": [("", "1")],
+            "requests[0].edges[0].created_at": [("1", "2", math.nan)],
+            "requests[0].edges[0].created_at: inf": [("1", "2", math.inf)],
+            "requests[0].edges[0].created_at: 1e+300": [("1", "2", 1e300)],
+            "requests[0].edges: 10001 values": [(str(i), "1") for i in range(10_001)],
+        }
+        for expected, batch in cases.items():
+            with pytest.raises(Exception) as info:
+                client.add_edges([batch])
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, expected
+            assert expected in info.value.details, (expected, info.value.details)
+        assert client.graph_info().n_edges == small_graph.n_edges  # nothing was added
+
+
+def test_add_edges_needs_the_admin_token_and_realtime_on(
+    tmp_path: Path, small_graph: GraphStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running(make_config(tmp_path / "off", small_graph)) as (_, client):
+        off = code_of(lambda: client.add_edges([[("1", "2")]]))
+        assert off == grpc.StatusCode.FAILED_PRECONDITION
+    monkeypatch.setenv("WALKRANK_API_KEYS", "homefeed=hf-key")
+    monkeypatch.setenv("WALKRANK_ADMIN_TOKEN", "admin-secret")
+    config = make_config(
+        tmp_path / "auth",
+        small_graph,
+        auth=resolve_auth(True, None),
+        realtime=RealtimeConfig(max_edges=100),
+    )
+    server = WalkRankServer(config)
+    address = f"127.0.0.1:{server.start()}"
+    try:
+        with WalkRankClient(address, api_key="hf-key") as tenant_only:
+            refused = code_of(lambda: tenant_only.add_edges([[("1", "1000000000")]]))
+            assert refused == grpc.StatusCode.UNAUTHENTICATED
+        with WalkRankClient(address, admin_token="admin-secret") as admin:
+            assert admin.add_edges([[("1", "1000000000")]]).added == 1
+    finally:
+        server.stop()
+
+
+def test_walks_on_base_plus_delta_match_walks_on_the_merged_graph(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    """The kernel's delta path draws like a graph built with the delta's edges in it: random
+    edges between existing pins and boards, plus new pins on new and existing boards."""
+    rng = np.random.default_rng(5)
+    picked_pins = small_graph.pin_ids[rng.integers(0, small_graph.n_pins, 400)]
+    picked_boards = small_graph.board_ids[rng.integers(0, small_graph.n_boards, 400)]
+    extra = [Edge(str(p), str(b)) for p, b in zip(picked_pins, picked_boards, strict=True)]
+    extra += [Edge(f"{7000 + i % 5}", f"{8000 + i % 3}") for i in range(15)]
+    extra += [Edge(f"{7000 + i}", str(small_graph.board_ids[i])) for i in range(5)]
+    delta = DeltaSegment(small_graph, max_edges=10_000, flush_s=1.0)
+    delta.add(extra)
+    delta.publish()
+    live = delta.view()
+    delta.close()
+
+    degree = np.diff(small_graph.pin_offsets)
+    base_pins = np.repeat(small_graph.pin_ids, degree)
+    base_boards = small_graph.board_ids[small_graph.pin_adj]
+    edges = pa.table(
+        {
+            "pin_id": np.concatenate([base_pins, [int(e.pin_id) for e in extra]]),
+            "board_id": np.concatenate([base_boards, [int(e.board_id) for e in extra]]),
+        }
+    )
+    build_graph(tmp_path / "merged", edges)
+    merged = GraphStore.load(tmp_path / "merged")
+    assert (merged.n_edges, merged.n_pins) == (live.n_edges, live.n_pins)
+
+    params = WalkParams(steps=400_000, early_stop_pins=0)
+    query = busy_pins(small_graph, 1) + ["7000"]
+
+    def visits(graph: GraphStore) -> dict[int, int]:
+        result = walk(graph, graph.pin_index(query), np.ones(2), params, seed=3)
+        return dict(
+            zip(graph.pin_external(result.pins).tolist(), result.visits.tolist(), strict=True)
+        )
+
+    on_live, on_merged = visits(live), visits(merged)
+    for pin in sorted(on_merged, key=on_merged.__getitem__, reverse=True)[:30]:
+        expected = on_merged[pin]
+        assert abs(on_live.get(pin, 0) - expected) < 5 * math.sqrt(expected) + 20, pin
