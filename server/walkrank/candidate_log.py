@@ -32,9 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from walkrank.errors import DataError
+from walkrank.storage import Location, as_location, filesystem_of, join, store_error
 
 log = logging.getLogger(__name__)
 
@@ -808,7 +810,7 @@ def _partition_window(start: float | None, end: float | None) -> pc.Expression |
 
 
 def read_partitioned(
-    directory: Path,
+    directory: Location,
     partition_fields: Sequence[tuple[str, pa.DataType]],
     base_schema: pa.Schema,
     time_column: str,
@@ -826,11 +828,15 @@ def read_partitioned(
     """
     lo = to_epoch_seconds(start, "start")
     hi = to_epoch_seconds(end, "end")
-    directory = Path(directory)
-    if not directory.is_dir():
-        return base_schema.empty_table()
+    # A local directory or a store URI (s3://...: walkrank.storage).
+    filesystem, path = filesystem_of(directory)
+    try:
+        if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+            return base_schema.empty_table()
+    except OSError as exc:
+        raise store_error(str(directory), "read the logs", exc) from None
     partitioning = ds.partitioning(pa.schema(list(partition_fields)), flavor="hive")
-    dataset = ds.dataset(directory, format="parquet", partitioning=partitioning)
+    dataset = ds.dataset(path, filesystem=filesystem, format="parquet", partitioning=partitioning)
     partition_filter = _partition_window(lo, hi)
     if where is not None:
         partition_filter = where if partition_filter is None else where & partition_filter
@@ -850,20 +856,21 @@ def read_partitioned(
     files = ds.dataset(
         [f.path for f in fragments],
         schema=schema,
+        filesystem=filesystem,
         format="parquet",
         partitioning=partitioning,
-        partition_base_dir=str(directory),
+        partition_base_dir=path,
     )
     return files.to_table(filter=row_filter)
 
 
 def read_candidates(
-    root: Path, tenant: str, start: TimeLike = None, end: TimeLike = None
+    root: Location, tenant: str, start: TimeLike = None, end: TimeLike = None
 ) -> pa.Table:
     """One tenant's logged candidates with `start <= ts < end` (datetimes or epoch seconds),
     in write order: the columns of `CANDIDATE_COLUMNS` then every `f_<feature>` seen."""
     return read_partitioned(
-        Path(root) / "candidates",
+        join(as_location(root), "candidates"),
         [("tenant", pa.string()), ("date", pa.string()), ("hour", pa.int32())],
         CANDIDATE_COLUMNS,
         "ts",

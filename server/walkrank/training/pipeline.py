@@ -39,6 +39,7 @@ from walkrank.candidate_log import TimeLike, read_candidates, to_epoch_seconds
 from walkrank.errors import ConfigError, DataError, ModelError
 from walkrank.events import read_events
 from walkrank.models import ModelRegistry
+from walkrank.storage import Location, as_location, join
 from walkrank.tenants import TenantConfig
 from walkrank.training.evaluate import (
     Comparison,
@@ -154,17 +155,18 @@ def describe_window(lo: float | None, hi: float | None) -> dict[str, str | None]
 
 
 def load_joined(
-    tenant: TenantConfig, logs_dir: Path, window: Window | None, steps: StepTimer
+    tenant: TenantConfig, logs_dir: Location, window: Window | None, steps: StepTimer
 ) -> pa.Table:
-    """The tenant's candidates in the window, each joined with its events."""
+    """The tenant's candidates in the window, each joined with its events (`logs_dir` a
+    local directory or a store URI)."""
     lo, hi = window_bounds(window)
-    logs_dir = Path(logs_dir)
+    logs_dir = as_location(logs_dir)
     candidates = read_candidates(logs_dir, tenant.name, lo, hi)
     if candidates.num_rows == 0:
         bounds = describe_window(lo, hi)
         raise DataError(
             f"no logged candidates for tenant {tenant.name!r} under "
-            f"{logs_dir / 'candidates'} in the window [{bounds['start'] or 'beginning'}, "
+            f"{join(logs_dir, 'candidates')} in the window [{bounds['start'] or 'beginning'}, "
             f"{bounds['end'] or 'now'}): nothing to train or evaluate on"
         )
     events = read_events(
@@ -366,7 +368,7 @@ def _visit_scores(table: pa.Table) -> np.ndarray:
 
 def train_tenant(
     tenant_config: TenantConfig,
-    logs_dir: Path,
+    logs_dir: Location,
     models_dir: Path,
     *,
     window: Window | None = None,
@@ -395,7 +397,7 @@ def train_tenant(
 
         trained, valid, stats, rows = train_on_dask(
             tenant,
-            Path(logs_dir),
+            as_location(logs_dir),
             dask_scheduler,
             window=(lo, hi),
             strategy=strategy,
@@ -408,7 +410,7 @@ def train_tenant(
     else:
         fitted, valid, stats, rows = _train_local(
             tenant,
-            Path(logs_dir),
+            as_location(logs_dir),
             window=(lo, hi),
             strategy=strategy,
             objective=objective,
@@ -435,7 +437,7 @@ def train_tenant(
 
 def _train_local(
     tenant: TenantConfig,
-    logs_dir: Path,
+    logs_dir: Location,
     *,
     window: Window,
     strategy: str,
@@ -734,7 +736,7 @@ def _valid_window(valid: pa.Table) -> dict[str, str | None]:
 
 def evaluate_tenant(
     tenant_config: TenantConfig,
-    logs_dir: Path,
+    logs_dir: Location,
     models_dir: Path,
     *,
     window: Window | None = None,
@@ -751,10 +753,14 @@ def evaluate_tenant(
     Reports go to `out_dir` (default `<logs_dir>/evaluations/<tenant>/v<version>`).
     """
     tenant = tenant_config
+    if out_dir is None and isinstance(as_location(logs_dir), str):
+        raise ConfigError(
+            f"{logs_dir} is on object storage: name a local directory for the reports (--out)"
+        )
     steps = StepTimer(tenant.name, progress)
     registry = ModelRegistry(models_dir)
     loaded = registry.load(tenant.name, version)
-    joined = load_joined(tenant, Path(logs_dir), window, steps)
+    joined = load_joined(tenant, logs_dir, window, steps)
     held_out = joined if window is not None else split_by_time(joined, validation_fraction)[1]
     selection = select_requests(held_out, VISIT_COUNT, f"v{loaded.version}")
     held_out = held_out.filter(pa.array(selection.rows))
