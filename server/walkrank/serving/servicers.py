@@ -17,8 +17,9 @@ import numpy as np
 import yaml
 
 from walkrank.candidate_log import CandidateSink
-from walkrank.errors import WalkRankError
+from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners, validate_events
+from walkrank.graph.delta import MAX_BATCH_EDGES, BadEdge, DeltaFull, Edge
 from walkrank.graph.store import GraphStore
 from walkrank.serving.auth import Authenticator
 from walkrank.serving.errors import (
@@ -417,4 +418,42 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             manifest_json=json.dumps(manifest, default=str, sort_keys=True),
             version=served.version,
             repository=str(served.source) if served.source != served.path else "",
+        )
+
+    def AddEdges(
+        self, requests: Iterator[admin_pb2.AddEdgesRequest], context: grpc.ServicerContext
+    ) -> admin_pb2.AddEdgesResponse:
+        delta = self.serving.served.delta
+        if delta is None:
+            raise ConfigError(
+                "real-time edges are off on this server: add a `realtime:` section to "
+                "walkrank.yaml (docs/graphs.md)"
+            )
+        totals = np.zeros(4, np.int64)  # added, duplicates, new pins, new boards
+        try:
+            for number, request in enumerate(requests):
+                field = f"requests[{number}].edges"
+                check_count(field, request.edges, MAX_BATCH_EDGES)
+                edges = [
+                    Edge(e.pin_id, e.board_id, e.created_at if e.HasField("created_at") else None)
+                    for e in request.edges
+                ]
+                try:
+                    result = delta.add(edges, field=field)
+                except BadEdge as exc:
+                    raise InvalidArgument(exc.field, exc.problem) from None
+                except DeltaFull as exc:
+                    raise QuotaExceeded(
+                        f"{exc}; {int(totals[0]):,} edges of this call's earlier batches were added"
+                    ) from None
+                totals += (result.added, result.duplicates, result.new_pins, result.new_boards)
+        finally:
+            delta.publish()  # what was added is visible to the next call
+        return admin_pb2.AddEdgesResponse(
+            added=int(totals[0]),
+            duplicates=int(totals[1]),
+            new_pins=int(totals[2]),
+            new_boards=int(totals[3]),
+            delta_edges=delta.edges,
+            max_edges=delta.max_edges,
         )
