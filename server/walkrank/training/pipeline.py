@@ -174,9 +174,11 @@ def load_joined(
     )
     steps.done("load", f"{candidates.num_rows:,} candidates, {events.num_rows:,} events")
     # One canonical row order: the writer's (and so the files') order follows which request
-    # finished first, and negative sampling and the booster both depend on row order.
+    # finished first, and negative sampling and the booster both depend on row order. Within
+    # a request by pin id, not by served rank: evaluation breaks score ties by row order, and
+    # the served order would hand every tie to the pins that were returned (and labelled).
     joined = join_candidates_events(candidates, events, tenant.name).sort_by(
-        [("ts", "ascending"), ("request_id", "ascending"), ("rank", "ascending")]
+        [("ts", "ascending"), ("request_id", "ascending"), ("pin_id", "ascending")]
     )
     impressed = int(pc.sum(joined["impressed"]).as_py() or 0)
     steps.done(
