@@ -77,7 +77,7 @@ def reference_features(
                 same = sum(w for q, w in query if int(graph.pin_locale[q]) == locale)
                 row["query_locale_share"] = same / total_weight
         rows.append([row[name] for name in feature_names()])
-    return np.array(rows, dtype=np.float32).reshape(len(rows), len(FEATURES))
+    return np.array(rows, dtype=np.float32).reshape(len(rows), len(feature_names()))
 
 
 def _with_holes(column: pa.ChunkedArray, share: float, rng: np.random.Generator) -> pa.Array:
@@ -150,8 +150,10 @@ def _request(
 
 
 def test_registry_is_ordered_and_documented() -> None:
-    assert feature_names() == list(FEATURES)
-    assert len(set(feature_names())) == len(FEATURES)
+    # The standard features first: a tenant naming none gets them, the rest it lists.
+    assert feature_names() == list(FEATURES)[: len(feature_names())]
+    assert all(not FEATURES[name].standard for name in list(FEATURES)[len(feature_names()) :])
+    assert len(set(feature_names())) == len(feature_names())
     for name, spec in FEATURES.items():
         assert spec.name == name
         assert spec.group in GROUPS
@@ -173,7 +175,7 @@ def test_batch_equals_reference_on_small_graph(
     assert np.array_equal(result.degree, np.diff(small_graph.pin_offsets)[result.pins])
     matrix = compute_features(small_graph, result, context, feature_names())
     assert matrix.dtype == np.float32
-    assert matrix.shape == (len(result), len(FEATURES))
+    assert matrix.shape == (len(result), len(feature_names()))
     np.testing.assert_allclose(
         matrix, reference_features(small_graph, result, context), rtol=1e-6, atol=0
     )
@@ -224,7 +226,7 @@ def test_request_without_weight_or_candidates_is_never_nan(small_graph: GraphSto
     assert len(empty) == 0
     assert compute_features(small_graph, empty, no_query, feature_names()).shape == (
         0,
-        len(FEATURES),
+        len(feature_names()),
     )
 
 
@@ -315,7 +317,7 @@ def test_two_thousand_candidates_in_one_batch(holey_graph: GraphStore) -> None:
     )
     assert len(result) == WalkParams().max_candidates == 2_000
     matrix = compute_features(holey_graph, result, context, feature_names())
-    assert matrix.shape == (2_000, len(FEATURES))
+    assert matrix.shape == (2_000, len(feature_names()))
     assert matrix.flags.c_contiguous
     created_later = holey_graph.pin_created_at[result.pins] > a_year_earlier
     assert 0 < created_later.sum() < len(result)

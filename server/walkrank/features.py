@@ -14,8 +14,9 @@ on the candidate's topic), plus `*_missing` indicators. docs/features.md lists e
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -23,23 +24,39 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from walkrank.errors import ConfigError, DataError, ModelError
+from walkrank.feature_kernels import edge_time_stats
 
 if TYPE_CHECKING:
     from walkrank.graph.store import GraphStore
     from walkrank.walks.engine import WalkResult
 
 SECONDS_PER_DAY = 86_400.0
-GROUPS = ("graph", "pin", "user", "query", "cross")
+GROUPS = ("graph", "pin", "user", "query", "cross", "request", "source")
+
+#: Features a tenant names by pattern (docs/features.md): `pin.<column>` reads an extra numeric
+#: column of the graph's pin table, `request.<name>` a value the request sends in its
+#: `features` map, `source.<name>` is 1 for candidates from that generator ("walk": the walk,
+#: any other: the request's extra candidates). Only `pin.` and `request.` take a default.
+DECLARED_RE = re.compile(r"(?P<kind>pin|request|source)\.(?P<name>[A-Za-z0-9_]{1,64})")
+DEFAULTABLE = ("pin", "request")
+WALK_SOURCE = "walk"
+#: `pin_edges_last_<N>d` (and `..._share`): the candidate's edges created in the N days up to
+#: the request time, N in 1..MAX_WINDOW_DAYS.
+WINDOW_RE = re.compile(r"pin_edges_last_(?P<days>[0-9]{1,5})d(?P<share>_share)?")
+MAX_WINDOW_DAYS = 36_500
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """One named feature: `default` is the value served whenever its input is missing."""
+    """One named feature: `default` is the value served whenever its input is missing.
+
+    `standard` features make up `feature_names()`, the list of a tenant that names none."""
 
     name: str
     group: str
     default: float
     description: str
+    standard: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +73,8 @@ class RequestContext:
     query_pins: np.ndarray
     query_weights: np.ndarray
     now: float
+    # <name> -> value of the `request.<name>` features the request sent (declared, finite).
+    features: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require_array("user_interests", self.user_interests, np.int32)
@@ -76,16 +95,74 @@ def _require_array(field: str, value: object, dtype: type) -> None:
         raise DataError(f"request: {field} must be a 1-D {np.dtype(dtype).name} array, got {shown}")
 
 
+@dataclass(frozen=True, eq=False)
+class CandidateSources:
+    """Which generator each candidate came from: `codes[i]` indexes `names`."""
+
+    names: tuple[str, ...]
+    codes: np.ndarray
+
+
 class _Batch:
     """Inputs of one `compute_features` call; shared intermediates are computed at most once."""
 
-    def __init__(self, graph: GraphStore, walk: WalkResult, request: RequestContext) -> None:
+    def __init__(
+        self,
+        graph: GraphStore,
+        walk: WalkResult,
+        request: RequestContext,
+        windows_days: tuple[int, ...],
+        sources: CandidateSources | None,
+    ) -> None:
         self.graph = graph
         self.walk = walk
         self.request = request
         self.pins = walk.pins
         self.n_locales = len(graph.locales)
         self.n_topics = len(graph.topics)
+        self.windows_days = windows_days
+        self.sources = sources
+
+    @cached_property
+    def edge_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(window counts, edges at the request time, first and last edge time) per
+        candidate from the graph's edge times; None when the graph has none."""
+        times = self.graph.pin_edge_times
+        if times is None:
+            return None
+        n = self.pins.size
+        counts = np.empty((n, len(self.windows_days)), dtype=np.int64)
+        at_request = np.empty(n, dtype=np.int64)
+        first = np.empty(n, dtype=np.float64)
+        last = np.empty(n, dtype=np.float64)
+        windows_s = np.asarray(self.windows_days, dtype=np.float64) * SECONDS_PER_DAY
+        edge_time_stats(
+            self.graph.pin_offsets,
+            times,
+            self.pins,
+            float(self.request.now),
+            windows_s,
+            counts,
+            at_request,
+            first,
+            last,
+        )
+        return counts, at_request, first, last
+
+    def edge_window(self, days: int) -> np.ndarray:
+        stats = self.edge_stats
+        if stats is None:
+            return np.zeros(self.pins.size)
+        return stats[0][:, self.windows_days.index(days)]
+
+    def edge_age_days(self, which: int, default: float) -> np.ndarray:
+        """Days from the first (which=2) or last (3) edge at or before the request time."""
+        stats = self.edge_stats
+        if stats is None:
+            return np.full(self.pins.size, default)
+        moment = stats[which]
+        age = np.maximum((self.request.now - moment) / SECONDS_PER_DAY, 0.0)
+        return _fill(np.isnan(moment), age, default)
 
     @cached_property
     def locale(self) -> np.ndarray:
@@ -140,9 +217,9 @@ _COMPUTE: dict[str, Callable[[_Batch], np.ndarray]] = {}
 _SPECS: dict[str, FeatureSpec] = {}
 
 
-def _feature(name: str, group: str, default: float, description: str):
+def _feature(name: str, group: str, default: float, description: str, standard: bool = True):
     def register(compute: Callable[[_Batch], np.ndarray]) -> Callable[[_Batch], np.ndarray]:
-        _SPECS[name] = FeatureSpec(name, group, float(default), description)
+        _SPECS[name] = FeatureSpec(name, group, float(default), description, standard)
         _COMPUTE[name] = compute
         return compute
 
@@ -310,20 +387,142 @@ def _topic_in_interests(b: _Batch) -> np.ndarray:
     return b.interested[b.topic]
 
 
+# --- graph: from the edges' times (opt-in: a tenant lists them) ------------------------------
+
+
+@_feature(
+    "pin_edges_at_request",
+    "graph",
+    0.0,
+    "the candidate's edges created at or before the request time; 0 without edge times",
+    standard=False,
+)
+def _pin_edges_at_request(b: _Batch) -> np.ndarray:
+    stats = b.edge_stats
+    return np.zeros(b.pins.size) if stats is None else stats[1]
+
+
+@_feature(
+    "pin_first_edge_age_days",
+    "graph",
+    -1.0,
+    "days from the candidate's first edge to the request time; -1 without one",
+    standard=False,
+)
+def _pin_first_edge_age_days(b: _Batch) -> np.ndarray:
+    return b.edge_age_days(2, _SPECS["pin_first_edge_age_days"].default)
+
+
+@_feature(
+    "pin_last_edge_age_days",
+    "graph",
+    -1.0,
+    "days from the candidate's latest edge at or before the request time; -1 without one",
+    standard=False,
+)
+def _pin_last_edge_age_days(b: _Batch) -> np.ndarray:
+    return b.edge_age_days(3, _SPECS["pin_last_edge_age_days"].default)
+
+
 FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(_SPECS)
 
 
+# --- declared and windowed features: resolved from their names ------------------------------
+
+
+def _window_feature(days: int, share: bool) -> Callable[[_Batch], np.ndarray]:
+    if not share:
+        return lambda b: b.edge_window(days)
+
+    def compute(b: _Batch) -> np.ndarray:
+        counts = b.edge_window(days)
+        total = float(counts.sum())
+        return counts / total if total > 0 else np.zeros(b.pins.size)
+
+    return compute
+
+
+def _pin_attribute(column: str, default: float) -> Callable[[_Batch], np.ndarray]:
+    def compute(b: _Batch) -> np.ndarray:
+        values = b.graph.pin_columns.get(column)
+        if values is None:
+            return np.full(b.pins.size, default)
+        picked = b.graph.pin_values(values, b.pins, np.nan)
+        return _fill(~np.isfinite(picked), picked, default)
+
+    return compute
+
+
+def _request_feature(name: str, default: float) -> Callable[[_Batch], np.ndarray]:
+    return lambda b: np.full(b.pins.size, b.request.features.get(name, default))
+
+
+def _source_indicator(name: str) -> Callable[[_Batch], np.ndarray]:
+    def compute(b: _Batch) -> np.ndarray:
+        if b.sources is None:
+            return np.full(b.pins.size, 1.0 if name == WALK_SOURCE else 0.0)
+        if name not in b.sources.names:
+            return np.zeros(b.pins.size)
+        return b.sources.codes == b.sources.names.index(name)
+
+    return compute
+
+
+def window_days(name: str) -> int | None:
+    """N of a `pin_edges_last_<N>d[_share]` name, None for any other name."""
+    match = WINDOW_RE.fullmatch(name)
+    return None if match is None else int(match["days"])
+
+
+def _unknown(names: Sequence[str]) -> ConfigError:
+    return ConfigError(
+        f"unknown features {list(names)}; valid features are: {', '.join(FEATURES)}, "
+        f"pin_edges_last_<N>d and pin_edges_last_<N>d_share (N days, 1..{MAX_WINDOW_DAYS}, "
+        "no leading zeros), pin.<pin column>, request.<name> and source.<name> (names of "
+        "A-Z, a-z, 0-9, _)"
+    )
+
+
+def _resolve(name: str, default: float | None) -> Callable[[_Batch], np.ndarray]:
+    """The compute function of one feature name; `default` only for `pin.`/`request.`."""
+    if name in _COMPUTE:
+        return _COMPUTE[name]
+    days = window_days(name)
+    if days is not None:
+        if not 1 <= days <= MAX_WINDOW_DAYS or str(days) != WINDOW_RE.fullmatch(name)["days"]:
+            raise _unknown([name])
+        return _window_feature(days, name.endswith("_share"))
+    match = DECLARED_RE.fullmatch(name)
+    if match is None:
+        raise _unknown([name])
+    kind, declared = match["kind"], match["name"]
+    if kind == "pin":
+        return _pin_attribute(declared, 0.0 if default is None else default)
+    if kind == "request":
+        return _request_feature(declared, 0.0 if default is None else default)
+    return _source_indicator(declared)
+
+
+def is_known(name: str) -> bool:
+    """Whether this server can compute a feature of that name."""
+    try:
+        _resolve(name, None)
+    except ConfigError:
+        return False
+    return True
+
+
 def feature_names() -> list[str]:
-    """Every feature in registry order: the default feature list of a tenant."""
-    return list(FEATURES)
+    """The standard features in registry order: the feature list of a tenant naming none."""
+    return [name for name, spec in FEATURES.items() if spec.standard]
 
 
 def check_feature_names(names: Sequence[str]) -> tuple[str, ...]:
     """Validate a feature list (tenant config, training request): known names, no repeats."""
     names = tuple(names)
-    unknown = [name for name in names if name not in FEATURES]
+    unknown = [name for name in names if not is_known(name)]
     if unknown:
-        raise ConfigError(f"unknown features {unknown}; valid features are: {', '.join(FEATURES)}")
+        raise _unknown(unknown)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"features listed more than once: {repeated}")
@@ -332,9 +531,23 @@ def check_feature_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def request_feature_names(names: Sequence[str]) -> frozenset[str]:
+    """The `<name>`s of a feature list's `request.<name>` features: what requests may send."""
+    return frozenset(
+        match["name"]
+        for match in map(DECLARED_RE.fullmatch, names)
+        if match is not None and match["kind"] == "request"
+    )
+
+
 @lru_cache(maxsize=64)
-def _plan(names: tuple[str, ...]) -> tuple[Callable[[_Batch], np.ndarray], ...]:
-    return tuple(_COMPUTE[name] for name in check_feature_names(names))
+def _plan(
+    names: tuple[str, ...], defaults: tuple[tuple[str, float], ...]
+) -> tuple[tuple[Callable[[_Batch], np.ndarray], ...], tuple[int, ...]]:
+    given = dict(defaults)
+    computes = tuple(_resolve(name, given.get(name)) for name in check_feature_names(names))
+    windows = sorted({days for days in map(window_days, names) if days is not None})
+    return computes, tuple(windows)
 
 
 def compute_features(
@@ -342,18 +555,22 @@ def compute_features(
     walk_result: WalkResult,
     request: RequestContext,
     names: Sequence[str],
+    defaults: Mapping[str, float] | None = None,
+    sources: CandidateSources | None = None,
 ) -> np.ndarray:
     """The (candidates x len(names)) float32 feature matrix, columns in `names` order.
 
-    Only the named features are computed; shared inputs (pin topics, locales...) are gathered
-    once per call.
+    Only the named features are computed; shared inputs (pin topics, locales, edge-time
+    counts...) are gathered once per call. `defaults` are the tenant's values of missing
+    `pin.`/`request.` features (0 otherwise); `sources` says which generator each candidate
+    came from (None: all from the walk).
     """
-    plan = _plan(tuple(names))
+    plan, windows = _plan(tuple(names), tuple(sorted((defaults or {}).items())))
     n_candidates = walk_result.pins.size
     out = np.empty((n_candidates, len(plan)), dtype=np.float32)
     if n_candidates == 0:
         return out
-    batch = _Batch(graph, walk_result, request)
+    batch = _Batch(graph, walk_result, request, windows, sources)
     for column, compute in enumerate(plan):
         out[:, column] = compute(batch)
     return out
@@ -371,7 +588,7 @@ def check_feature_list(model_features: Sequence[str], tenant_features: Sequence[
     missing = [name for name in model if name not in tenant_set]
     extra = [name for name in tenant if name not in model_set]
     if missing:
-        unknown = [name for name in missing if name not in FEATURES]
+        unknown = [name for name in missing if not is_known(name)]
         note = f" ({unknown} unknown to this server)" if unknown else ""
         problems.append(f"missing features the model needs: {missing}{note}")
     if extra:
@@ -415,16 +632,40 @@ GRAPH_INPUTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 
+#: The edge-time features read the graph's `pin_edge_times` (edges built with created_at).
+EDGE_TIME_INPUT = "pin_edge_times"
+
+
+def feature_input(name: str) -> str | None:
+    """The graph input a feature reads beyond the walk (`GRAPH_INPUTS`, `pin_edge_times`
+    for the edge-time features, `pins.<column>` for `pin.<column>`), or None."""
+    for data, features in GRAPH_INPUTS.items():
+        if name in features:
+            return data
+    if window_days(name) is not None or name in (
+        "pin_edges_at_request",
+        "pin_first_edge_age_days",
+        "pin_last_edge_age_days",
+    ):
+        return EDGE_TIME_INPUT
+    match = DECLARED_RE.fullmatch(name)
+    if match is not None and match["kind"] == "pin":
+        return f"pins.{match['name']}"
+    return None
+
+
 def graph_inputs(graph: GraphStore) -> frozenset[str]:
-    """The `GRAPH_INPUTS` a graph provides (a vocabulary with names, a column it was built
-    with)."""
+    """The graph inputs a graph provides (a vocabulary with names, a column it was built
+    with, edge times, its extra pin columns)."""
     schema = graph.manifest.get("schema", {})
     present = {
         "locales": graph.n_locales > 0,
         "topics": graph.n_topics > 0,
         "pins.quality": "pins.quality" in schema,
         "pins.created_at": "pins.created_at" in schema or "edges.created_at" in schema,
+        EDGE_TIME_INPUT: graph.pin_edge_times is not None,
     }
+    present.update({f"pins.{column}": True for column in graph.pin_columns})
     return frozenset(name for name, ok in present.items() if ok)
 
 
@@ -432,8 +673,9 @@ def inputs_lost(names: Sequence[str], served: GraphStore, new: GraphStore) -> di
     """Graph inputs the served graph gives `names` and the new graph would not: input ->
     the features that would fall to their defaults."""
     lost = graph_inputs(served) - graph_inputs(new)
-    return {
-        name: [f for f in names if f in GRAPH_INPUTS[name]]
-        for name in sorted(lost)
-        if any(f in GRAPH_INPUTS[name] for f in names)
-    }
+    by_input: dict[str, list[str]] = {}
+    for name in names:
+        data = feature_input(name)
+        if data in lost:
+            by_input.setdefault(data, []).append(name)
+    return dict(sorted(by_input.items()))

@@ -35,12 +35,13 @@ from walkrank.graph.store import (
     FORMAT_VERSION,
     MANIFEST,
     PIN_COLUMN_PREFIX,
+    PIN_EDGE_TIMES,
     array_checksum,
     exclusive_graph_lock,
 )
 
 #: What `build_graph` accepts for a table: a file path, a pyarrow Table, or named columns.
-TableSource = str | Path | pa.Table | Mapping[str, Any]
+TableSource: TypeAlias = str | Path | pa.Table | Mapping[str, Any]
 
 CATEGORICAL_COLUMNS = ("locale", "topic")
 
@@ -603,7 +604,6 @@ def build_graph(
         missing = np.isnan(pin_created)
         pin_created[missing] = from_edges[missing]
         schema["edges.created_at"] = "fills pin_created_at (earliest edge) where pins lack it"
-        del edge_created
     lap("read_features")
 
     vocab = vocabulary(pin_cat, board_cat)
@@ -615,7 +615,13 @@ def build_graph(
     del pin_cat, board_cat
 
     # Collapse duplicate edges; sorting also orders them by (pin, board).
-    code, _ = sorted_unique(raw_pins.astype(np.int64) * n_boards_all + raw_boards)
+    code = raw_pins.astype(np.int64) * n_boards_all + raw_boards
+    edge_times = None
+    if edge_created is None:
+        code, _ = sorted_unique(code)
+    else:
+        code, edge_times = _earliest_per_edge(code, edge_created)
+        del edge_created
     del raw_pins, raw_boards
     e_pins = (code // n_boards_all).astype(np.int32)
     e_boards = (code % n_boards_all).astype(np.int32)
@@ -628,6 +634,8 @@ def build_graph(
 
     keep, prune_stats = _prune(e_pins, e_boards, pin_topic, n_topics, n_boards_all, options)
     e_pins, e_boards = e_pins[keep], e_boards[keep]
+    if edge_times is not None:
+        edge_times = edge_times[keep]
     del keep
     if e_pins.shape[0] == 0:
         raise DataError(f"{edges_name}: pruning removed every edge; loosen the pruning options")
@@ -648,6 +656,9 @@ def build_graph(
     max_degree = int(max(np.diff(pin_offsets).max(), np.diff(board_offsets).max()))
     pin_locale_ends = _locale_ends(e_pins, e_boards, board_locale, n_pins, n_locales, max_degree)
     board_locale_ends = _locale_ends(e_boards, e_pins, pin_locale, n_boards, n_locales, max_degree)
+    if edge_times is not None:
+        # Each pin's edge times ascending (NaN last), read through pin_offsets.
+        edge_times = edge_times[np.lexsort((edge_times, e_pins))]
     del e_pins, e_boards
     shift = run_shift(max_degree)
     pin_run_offsets, pin_key_runs = _key_runs(pin_offsets, pin_adj, board_key, n_keys, shift)
@@ -678,6 +689,8 @@ def build_graph(
     }
     for name, values in pin_columns.items():
         arrays[PIN_COLUMN_PREFIX + name] = values
+    if edge_times is not None:
+        arrays[PIN_EDGE_TIMES] = edge_times
     manifest = assemble_manifest(
         arrays,
         {},
@@ -714,6 +727,16 @@ def id_arrays(prefix: str, dictionary: pa.Array) -> dict[str, np.ndarray]:
         f"{prefix}_ids_order": order.astype(np.int32),
         f"{prefix}_ids": ids,
     }
+
+
+def _earliest_per_edge(code: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct edge codes and each one's earliest time (NaN when none is known)."""
+    order = np.argsort(code, kind="stable")
+    ordered = code[order]
+    if ordered.shape[0] == 0:
+        return ordered, np.zeros(0, dtype=np.float64)
+    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    return ordered[first], np.fmin.reduceat(times[order], first)
 
 
 def graph_stats(

@@ -50,6 +50,8 @@ def check_structure(graph: GraphStore) -> None:
         dtype = getattr(graph, name).dtype
         if dtype.name not in allowed:
             _fail(root, name, f"dtype {dtype} (expected {' or '.join(allowed)})")
+    if graph.pin_edge_times is not None and graph.pin_edge_times.dtype != np.float64:
+        _fail(root, "pin_edge_times", f"dtype {graph.pin_edge_times.dtype} (expected float64)")
     sides = (
         ("pin", graph.n_pins, "board", graph.n_boards),
         ("board", graph.n_boards, "pin", graph.n_pins),

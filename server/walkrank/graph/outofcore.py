@@ -56,7 +56,7 @@ from walkrank.graph.build import (
     vocabulary,
     write_graph,
 )
-from walkrank.graph.store import PIN_COLUMN_PREFIX, array_checksum
+from walkrank.graph.store import PIN_COLUMN_PREFIX, PIN_EDGE_TIMES, array_checksum
 
 #: Row positions are `file index << 40 | row number in the file`.
 _FILE_SHIFT = 40
@@ -200,10 +200,18 @@ class _Build:
                 {"pin": np.arange(n_pins, dtype=np.int32), "locale": pin_locale, "topic": pin_topic}
             ),
         )
-        self.con.execute(
-            "CREATE TABLE e AS SELECT DISTINCT p.pin, b.board FROM raw "
-            "JOIN pin_dict p USING (pin_id) JOIN board_dict b USING (board_id)"
-        )
+        edge_times = "created_at" in self.raw_columns
+        if edge_times:  # a duplicated edge's earliest time, as the in-memory builder keeps
+            self.con.execute(
+                "CREATE TABLE e AS SELECT p.pin, b.board, min(r.created_at) AS created_at "
+                "FROM raw r JOIN pin_dict p USING (pin_id) JOIN board_dict b USING (board_id) "
+                "GROUP BY ALL"
+            )
+        else:
+            self.con.execute(
+                "CREATE TABLE e AS SELECT DISTINCT p.pin, b.board FROM raw "
+                "JOIN pin_dict p USING (pin_id) JOIN board_dict b USING (board_id)"
+            )
         n_deduped = int(self.one("SELECT count(*) FROM e")[0])
         self.lap("dedupe")
 
@@ -302,6 +310,13 @@ class _Build:
                 name: self._stream(tmp / f"{name}.npy", query, n_edges)
                 for name, query in streamed.items()
             }
+            if edge_times:
+                checksums[PIN_EDGE_TIMES] = self._stream(
+                    tmp / f"{PIN_EDGE_TIMES}.npy",
+                    "SELECT created_at FROM final ORDER BY pin, created_at NULLS LAST",
+                    n_edges,
+                    seconds=edges_name,
+                )
             self.lap("csr")
             arrays: dict[str, np.ndarray] = {
                 "pin_offsets": pin_offsets,
@@ -331,11 +346,14 @@ class _Build:
             }
             for name, values in extra.items():
                 arrays[PIN_COLUMN_PREFIX + name] = values
+            dtypes = {name: np.int32 for name in streamed}
+            if edge_times:
+                dtypes[PIN_EDGE_TIMES] = np.float64
             stand_ins = {
                 name: np.lib.stride_tricks.as_strided(
-                    np.zeros(1, np.int32), shape=(n_edges,), strides=(0,)
+                    np.zeros(1, dtype), shape=(n_edges,), strides=(0,)
                 )
-                for name in streamed
+                for name, dtype in dtypes.items()
             }
             manifest = assemble_manifest(
                 arrays,
@@ -667,17 +685,23 @@ class _Build:
         rows, keys, counts = (np.concatenate(c) if c else np.zeros(0, np.int64) for c in columns)
         return key_runs_from_counts(rows, keys, counts, n_rows, n_keys, shift)
 
-    def _stream(self, path: Path, query: str, n: int) -> str:
+    def _stream(self, path: Path, query: str, n: int, seconds: str | None = None) -> str:
         """Write a query's int32 column into `path` as an `.npy` file, batch by batch (the
-        same bytes `np.save` writes); returns its checksum."""
-        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(n,))
+        same bytes `np.save` writes); returns its checksum. With `seconds` (the edges' name,
+        for errors) the column is `created_at`, written as float64 epoch seconds."""
+        dtype = np.int32 if seconds is None else np.float64
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
         offset = header.offset
         del header
         written = 0
         with open(path, "r+b") as f:
             f.seek(offset)
             for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):
-                values = batch.column(0).to_numpy().astype(np.int32, copy=False)
+                if seconds is None:
+                    values = batch.column(0).to_numpy().astype(np.int32, copy=False)
+                else:
+                    column = pa.chunked_array([batch.column(0)])
+                    values = _seconds(column, seconds, "created_at")
                 f.write(values.tobytes())
                 written += values.shape[0]
         if written != n:

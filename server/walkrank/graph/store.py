@@ -73,6 +73,9 @@ NO_DELTA: tuple[Any, ...] = (
 
 #: Extra numeric pin columns are stored as `pin_column.<name>.npy` (float32, NaN when missing).
 PIN_COLUMN_PREFIX = "pin_column."
+#: When the edges carry `created_at`: each pin's edge times (float64 epoch seconds, the earliest
+#: of duplicates, NaN when unknown), ascending within the pin, read through `pin_offsets`.
+PIN_EDGE_TIMES = "pin_edge_times"
 
 
 def array_checksum(path: Path) -> str:
@@ -188,6 +191,7 @@ class GraphStore:
     board_ids_order: np.ndarray
     board_ids: np.ndarray
     pin_columns: dict[str, np.ndarray] = field(default_factory=dict)
+    pin_edge_times: np.ndarray | None = None  # PIN_EDGE_TIMES; None: the edges had no times
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -207,6 +211,8 @@ class GraphStore:
             name: _load_array(root, PIN_COLUMN_PREFIX + name)
             for name in manifest["schema"].get("pin_columns", [])
         }
+        if PIN_EDGE_TIMES in manifest["checksums"]:
+            arrays[PIN_EDGE_TIMES] = _load_array(root, PIN_EDGE_TIMES)
         store = cls(
             path=root,
             manifest=manifest,
@@ -263,6 +269,9 @@ class GraphStore:
         for name, column in self.pin_columns.items():
             shapes[PIN_COLUMN_PREFIX + name] = (counts["pins"],)
             arrays[PIN_COLUMN_PREFIX + name] = column
+        if self.pin_edge_times is not None:
+            shapes[PIN_EDGE_TIMES] = (counts["edges"],)
+            arrays[PIN_EDGE_TIMES] = self.pin_edge_times
         for name, shape in shapes.items():
             actual = arrays[name].shape
             if actual != shape:
