@@ -87,7 +87,7 @@ class LogShipper:
 
     def closed_files(self) -> list[Path]:
         """Every closed log file waiting under `local`, oldest name first."""
-        files = []
+        files: list[Path] = []
         for name in SHIPPED:
             directory = self.local / name
             if directory.is_dir():
