@@ -403,6 +403,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
                 if table is not None:
                     if file.writer is None:
                         self._open(file, table.schema)
+                    assert file.writer is not None  # _open sets it
                     file.writer.write_table(table, row_group_size=table.num_rows)
             except Exception:
                 log.exception("log writer: cannot write under %s", self.directory)
@@ -437,6 +438,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
         """Write what is pending, close the file and make it visible (or count it lost)."""
         self._write_row_group(file)
         if file.writer is not None and not file.failed:
+            assert file.handle is not None  # _open sets both
             try:
                 file.writer.close()
                 file.handle.flush()

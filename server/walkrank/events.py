@@ -320,7 +320,11 @@ def validate_events(
     for name in ("request_id", "pin_id"):
         ids[name] = _id_column(table, name, source)
         empty = pc.fill_null(pc.equal(ids[name], ""), True).to_numpy(zero_copy_only=False)
-        checks.add(empty, f"missing {name}", lambda i, name=name: f"{name}: missing")
+
+        def missing(i: int, name: str = name) -> str:
+            return f"{name}: missing"
+
+        checks.add(empty, f"missing {name}", missing)
     tenants = _tenants(table, tenant, checks, source)
 
     raw_event = table["event"]
@@ -459,14 +463,15 @@ class EventLog(PartitionedLog[pa.Table, pa.Table]):
             writer_nice=writer_nice,
         )
 
-    def submit(self, record: pa.Table) -> bool:
-        """Queue accepted events without blocking; False when dropped (queue full or closed)."""
+    def submit(self, record: pa.Table, *, wait: bool = False) -> bool:
+        """Queue accepted events (without blocking unless `wait`, as `PartitionedLog.submit`);
+        False when dropped (queue full or closed)."""
         if not record.schema.equals(EVENT_SCHEMA):
             raise DataError(
                 "EventLog.submit takes the accepted table of validate_events, got "
                 f"columns {record.schema}"
             )
-        return super().submit(record)
+        return super().submit(record, wait=wait)
 
     def _rows(self, record: pa.Table) -> int:
         return record.num_rows

@@ -245,7 +245,7 @@ class _Ring:
                 continue
             entry = data[place : place + length]
             # pickle.loads ignores the alignment padding after the pickled part.
-            record = pickle.loads(entry[pickled_at:])
+            record = pickle.loads(entry[pickled_at:])  # type: ignore[arg-type]  # a buffer
             if isinstance(record, _Shipped):
                 arrays = {}
                 for name, placed in record.arrays.items():
@@ -357,7 +357,7 @@ class ProcessLog(Intake[R]):
         factory: Callable[..., PartitionedLog[R, Any]],
         *,
         ring_bytes: int = DEFAULT_RING_BYTES,
-        rows: Callable[[R], int] = len,
+        rows: Callable[[R], int] = len,  # type: ignore[assignment]  # records are Sized unless given
         on_lost: Callable[[str, int], None] | None = None,
         nice: int = 0,
         name: str = "walkrank-log",

@@ -308,10 +308,12 @@ class ReplicaSet:
                 log.info("rolling restart: replica %d (%s)", replica.index, replica.address)
                 replica.stop()
                 replica.start()
+
+                def restarting(r: Replica = replica) -> bool:
+                    return r.alive() and not self._stopping.is_set()
+
                 try:
-                    wait_serving(
-                        replica.address, lambda r=replica: r.alive() and not self._stopping.is_set()
-                    )
+                    wait_serving(replica.address, restarting)
                     self.wait_envoy_routing(timeout_s=START_TIMEOUT_S)
                 except ConfigError as exc:
                     if not self._stopping.is_set():

@@ -607,6 +607,7 @@ def _limits(section: _Fields) -> LimitsConfig:
 
 def _query(section: _Fields, limits: LimitsConfig) -> QueryConfig:
     source = section.choice("source", QUERY_SOURCES)
+    action_weights: Mapping[str, float]
     if source == "viewed_pin":
         max_pins = section.integer("max_pins", 1, low=1)
         if max_pins != 1:
@@ -717,7 +718,7 @@ def _ranker_value(section: _Fields, name: str, default: Any, key: str | None = N
     if name == "early_stopping_rounds" and section.get(key, default) is None:
         return 0  # null: off
     if name in _INTEGER_RANKER_PARAMS:
-        return section.integer(key, default, low=int(low), high=int(high))
+        return section.integer(key, default, low=int(low), high=None if high is None else int(high))
     return section.number(key, default, low=low, high=high, low_open=low_open)
 
 

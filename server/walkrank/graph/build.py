@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -387,6 +387,7 @@ def board_rules(
     stats: dict[str, Any] = {}
     dropped = np.zeros(n_boards, dtype=bool)
     if options.max_board_entropy is not None:
+        assert codes is not None and counts is not None  # counted whenever this rule is on
         entropy = _normalised_entropy(codes, counts, n_boards, n_topics)
         diverse = entropy > options.max_board_entropy
         stats["board_entropy"] = {
@@ -430,6 +431,7 @@ def _prune(
         heavy = pin_degree > options.pin_degree_threshold
         topical = heavy & (pin_topic < n_topics)
         candidates = kept[topical[pins[kept]]]
+        assert codes is not None and counts is not None  # counted above for this rule
         p, b = pins[candidates], boards[candidates]
         # Closeness of a board to the pin: the share of the board's pins with the pin's topic.
         lookup = b.astype(np.int64) * max(n_topics, 1) + pin_topic[p]
@@ -860,7 +862,7 @@ def _codes(values: np.ndarray, vocab: list[str]) -> np.ndarray:
     """Category codes by binary search over the sorted vocabulary; missing -> len(vocab)."""
     n = len(vocab)
     result = np.full(values.shape[0], n, dtype=np.int32)
-    present = np.not_equal(values, None)
+    present = np.not_equal(values, None)  # type: ignore[call-overload]  # object arrays: elementwise
     if n and present.any():
         result[present] = np.searchsorted(np.asarray(vocab, dtype=str), values[present].astype(str))
     return result
@@ -911,7 +913,9 @@ def pin_columns(
     quality = np.full(n_pins, np.nan, dtype=np.float32)
     created = np.full(n_pins, np.nan, dtype=np.float64)
     columns: dict[str, np.ndarray] = {}
-    for col in table.column_names if table is not None else ():
+    if table is None:
+        return cat, quality, created, columns
+    for col in table.column_names:
         if col == "pin_id":
             continue
         column = table.column(col)
@@ -971,8 +975,10 @@ def board_columns(
 ) -> dict[str, np.ndarray]:
     """Board categories in dense order from the boards table's `rows` (boards `target`)."""
     cat = {c: np.full(n_boards, None, dtype=object) for c in CATEGORICAL_COLUMNS}
+    if table is None:
+        return cat
     ignored = []
-    for col in table.column_names if table is not None else ():
+    for col in table.column_names:
         if col in CATEGORICAL_COLUMNS:
             cat[col][target] = _strings(table.column(col), name, col)[rows]
             schema[f"boards.{col}"] = "categorical"

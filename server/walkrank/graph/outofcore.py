@@ -108,7 +108,7 @@ def build_graph_out_of_core(
         )
     )
     try:
-        config = {
+        config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": memory_limit,
             "temp_directory": str(work / "spill"),
             "preserve_insertion_order": False,
@@ -153,6 +153,12 @@ class _Build:
         rows = self.con.execute(query, params or []).fetchall()
         return rows[0] if rows else None
 
+    def row(self, query: str) -> tuple[Any, ...]:
+        """The row of an aggregate query (count, min: always exactly one)."""
+        row = self.one(query)
+        assert row is not None, query
+        return row
+
     def dense_counts(self, query: str, n: int) -> np.ndarray:
         """int64[n] from a query of (dense id, count) rows; 0 where absent."""
         table = self.sql(query).to_arrow_table()
@@ -174,7 +180,7 @@ class _Build:
         edges_name = str(edges)
         id_type = self._edges(edges)
         n_pins, n_boards_all = (self._dictionary(side) for side in ("pin", "board"))
-        input_edges = int(self.one("SELECT count(*) FROM raw")[0])
+        input_edges = int(self.row("SELECT count(*) FROM raw")[0])
         self.lap("read_edges")
 
         schema: dict[str, Any] = {"pin_id": id_type, "board_id": id_type}
@@ -212,7 +218,7 @@ class _Build:
                 "CREATE TABLE e AS SELECT DISTINCT p.pin, b.board FROM raw "
                 "JOIN pin_dict p USING (pin_id) JOIN board_dict b USING (board_id)"
             )
-        n_deduped = int(self.one("SELECT count(*) FROM e")[0])
+        n_deduped = int(self.row("SELECT count(*) FROM e")[0])
         self.lap("dedupe")
 
         board_locale = self._given_or_dominant(given_locale, "locale", n_locales)
@@ -471,7 +477,7 @@ class _Build:
 
     def _check_ids(self, view: str, column: str, kind: str) -> None:
         empty = f" OR {column} = ''" if kind == "string" else ""
-        bad, first = self.one(
+        bad, first = self.row(
             f"SELECT count(*), min(pos) FROM {view} WHERE {column} IS NULL{empty}"
         )
         if bad:
@@ -480,7 +486,7 @@ class _Build:
                 f"id(s); first at {self._where(view, first)}"
             )
         if kind == "int64":
-            big = self.one(
+            big = self.row(
                 f"SELECT min(pos) FROM {view} WHERE {column} > 9223372036854775807 "
                 f"OR {column} < -9223372036854775808"
             )[0]
@@ -496,7 +502,7 @@ class _Build:
             f"(ORDER BY first) - 1 AS INTEGER) AS {side} FROM (SELECT {side}_id, min(pos) "
             f"AS first FROM raw GROUP BY {side}_id)"
         )
-        return int(self.one(f"SELECT count(*) FROM {side}_dict")[0])
+        return int(self.row(f"SELECT count(*) FROM {side}_dict")[0])
 
     def _table_rows(
         self,
@@ -534,7 +540,7 @@ class _Build:
                 f"{repeat[0]!r}; each id may appear once"
             )
         without = int(
-            self.one(f"SELECT count(*) FROM {view}_ids ANTI JOIN {side}_dict USING ({side}_id)")[0]
+            self.row(f"SELECT count(*) FROM {view}_ids ANTI JOIN {side}_dict USING ({side}_id)")[0]
         )
         selected = ", ".join(f"s.{_ident(c)}" for c in columns if c != f"{side}_id")
         table = self.sql(
@@ -663,7 +669,7 @@ class _Build:
             "keep_fraction": self.options.pin_keep_fraction,
             "pins_pruned": int(topical.sum()),
             "pins_skipped_without_topic": int((heavy & ~topical).sum()),
-            "edges_removed": int(self.one("SELECT count(*) FROM removed")[0]),
+            "edges_removed": int(self.row("SELECT count(*) FROM removed")[0]),
         }
 
     def _locale_ends(self, query: str, n_rows: int, n_locales: int, max_degree: int) -> np.ndarray:

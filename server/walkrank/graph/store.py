@@ -261,7 +261,7 @@ class GraphStore:
             "board_ids",
         ):
             expected[name] = counts["boards"]
-        shapes = {name: (n,) for name, n in expected.items()}
+        shapes: dict[str, tuple[int, ...]] = {name: (n,) for name, n in expected.items()}
         n_locales = len(self.manifest["vocab"]["locales"])
         shapes["pin_locale_ends"] = (counts["pins"], n_locales)
         shapes["board_locale_ends"] = (counts["boards"], n_locales)
@@ -554,12 +554,12 @@ def _canonical_int(value: object) -> int | None:
         number = int(value)
         if str(number) != value:  # leading zeros, "-0"
             return None
-    else:
-        integral = isinstance(value, int | np.integer) and not isinstance(value, bool)
-        whole = isinstance(value, float | np.floating) and float(value).is_integer()
-        if not (integral or whole):
-            return None
+    elif (isinstance(value, int | np.integer) and not isinstance(value, bool)) or (
+        isinstance(value, float | np.floating) and float(value).is_integer()
+    ):
         number = int(value)
+    else:
+        return None
     return number if -(2**63) <= number < 2**63 else None
 
 

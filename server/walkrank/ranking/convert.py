@@ -177,7 +177,8 @@ def _convert_hummingbird(booster: Any, n_features: int, link: str) -> onnx.Model
     import xgboost
 
     wrapper = xgboost.XGBRegressor()
-    wrapper._Booster = _HummingbirdBoosterView(booster, _base_margin(booster, link))
+    # A duck-typed Booster: hummingbird reads only what the view provides.
+    wrapper._Booster = _HummingbirdBoosterView(booster, _base_margin(booster, link))  # type: ignore[assignment]
     trace_rows = np.zeros((2, n_features), dtype=np.float32)
     with tempfile.TemporaryDirectory() as workdir, _legacy_torch_export():
         try:

@@ -180,6 +180,7 @@ class Scorer:
             return np.empty(0, dtype=np.float32)
         if self._forest is not None:
             return _kernel_score(self._forest, matrix)
+        assert self._session is not None  # from_onnx gives every scorer a forest or a session
         return self._session.run([SCORE_OUTPUT], {FEATURES_INPUT: matrix})[0]
 
 

@@ -77,6 +77,5 @@ class Authenticator:
         self.check_tenant(context, tenant)
 
     def _is_admin(self, token: str) -> bool:
-        return bool(self.config.admin_token) and _matches(
-            token, frozenset({self.config.admin_token})
-        )
+        admin = self.config.admin_token
+        return admin is not None and admin != "" and _matches(token, frozenset({admin}))

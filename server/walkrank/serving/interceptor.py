@@ -131,7 +131,7 @@ class RequestBoundary(grpc.ServerInterceptor):
             self._wrapped[method] = cached
         return cached[1]
 
-    def fail(self, context: grpc.ServicerContext, exc: WalkRankError) -> NoReturn:
+    def fail(self, context: grpc.ServicerContext, exc: WalkRankError) -> NoReturn:  # type: ignore[misc]
         """End the call with `exc`'s status; client errors are counted, internal ones logged."""
         code = status_of(exc)
         if code is grpc.StatusCode.INTERNAL:
@@ -163,6 +163,7 @@ class RequestBoundary(grpc.ServerInterceptor):
             )
         if handler.unary_stream is not None:
             stream = handler.unary_stream
+            unary_stream: Callable[..., Any]  # the two variants differ in signature
             if getattr(stream, "experimental_non_blocking", False):
 
                 def unary_stream(

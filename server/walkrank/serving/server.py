@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -374,7 +375,9 @@ class WalkRankServer:
     def _watch_graph(self) -> None:
         """Follow the repository's CURRENT (`graph_watch_seconds`); a version that fails is
         reported once per attempt, in the log and `walkrank_graph_load_error`."""
-        failed: tuple[str, str] | None = None
+        # (graph path, version), or ("", the error) when CURRENT cannot be read
+        target: tuple[Path | str, str]
+        failed: tuple[Path | str, str] | None = None
         while not self._stopped.wait(self.config.graph_watch_seconds):
             try:
                 self._sync_graph()

@@ -40,7 +40,6 @@ from walkrank.training.labels import join_candidates_events
 from walkrank.training.pipeline import (
     EVENT_LAG_SECONDS,
     StepTimer,
-    Window,
     feature_matrix,
     model_targets,
     split_by_time,
@@ -219,7 +218,7 @@ def train_on_dask(
     logs_dir: Location,
     scheduler: str,
     *,
-    window: Window,
+    window: tuple[float | None, float | None],  # epoch seconds, from window_bounds
     strategy: str,
     objective: str,
     validation_fraction: float,

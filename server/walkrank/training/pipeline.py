@@ -408,7 +408,7 @@ def train_tenant(
             seed=seed,
             steps=steps,
         )
-        fitted = [({}, trained)]
+        fitted: list[tuple[dict[str, Any], Any]] = [({}, trained)]
     else:
         fitted, valid, stats, rows = _train_local(
             tenant,
