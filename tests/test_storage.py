@@ -418,3 +418,14 @@ def test_store_locations_that_cannot_work_are_one_line_errors_naming_them(
         assert "no AWS credentials are set in the environment" in message
     finally:
         moto.stop()
+
+
+def test_graph_build_publishes_straight_to_the_store(s3: str, tmp_path: Path) -> None:
+    uri = f"{s3}/published-{tmp_path.name}/graphs"
+    for _ in range(2):
+        assert main(["graph", "synth", "--preset", "tiny", "--publish", uri]) == 0
+    assert {"CURRENT", "LAST_VERSION", "1/manifest.json", "2/manifest.json"} <= remote_files(uri)
+    mirror = GraphRepository(tmp_path / "mirror")
+    pull(uri, mirror.root)
+    assert mirror.current_version() == 2
+    GraphStore.load(mirror.version_dir(2), verify=True)

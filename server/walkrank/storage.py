@@ -35,13 +35,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from walkrank.errors import ConfigError, DataError
 from walkrank.pointers import VERSION_RE, read_version, write_version
+
+if TYPE_CHECKING:
+    from walkrank.graph.repository import GraphVersion
 
 POINTERS = ("CURRENT", "LAST_VERSION")
 _CHUNK = 8 << 20
@@ -350,3 +355,36 @@ def sync_graph(uri: str, local: Path) -> bool:
     if moved:
         GraphRepository(local).prune(1)
     return moved
+
+
+def publish_graph(location: str, build: Callable[[Path], Any], keep: int | None) -> GraphVersion:
+    """`GraphRepository(location).publish(build, keep)`, for a store URI too: the version is
+    built and verified in a temporary repository numbered after the store's `LAST_VERSION`
+    (the store's versions are not downloaded), then pushed, `CURRENT` last. Retention (`keep`)
+    applies to local repositories only; old versions in a store stay until deleted there.
+    For a store, the version's `path` names the staging copy, deleted on return."""
+    from walkrank.graph.repository import LAST_VERSION_FILE, GraphRepository
+
+    if not is_remote(location):
+        return GraphRepository(location).publish(build, keep=keep)
+    uri = open_store_uri(location)
+    check_store(uri)
+    filesystem, root = open_store(uri)
+    last = 0
+    for name in POINTERS:  # the highest number either pointer holds
+        try:
+            text = _read(filesystem, f"{root}/{name}").decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise store_error(uri, f"read {name}", exc) from None
+        if not VERSION_RE.fullmatch(text):
+            raise DataError(f"{uri}/{name}: expected a positive version number, got {text[:40]!r}")
+        last = max(last, int(text))
+    with tempfile.TemporaryDirectory(prefix="walkrank-publish-") as temp:
+        staging = Path(temp)
+        if last:
+            write_version(staging / LAST_VERSION_FILE, last)
+        version = GraphRepository(staging).publish(build, keep=None)
+        push(staging, uri)
+    return version

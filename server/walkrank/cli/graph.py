@@ -15,6 +15,7 @@ from walkrank.graph.build import PruneOptions, build_graph
 from walkrank.graph.repository import DEFAULT_KEEP, GraphRepository, resolve_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import PRESETS, build_synthetic
+from walkrank.storage import publish_graph
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -168,8 +169,8 @@ def _write(
         if args.replace:
             raise ConfigError("--replace applies to --out; --publish always writes a new version")
         manifests: list[dict[str, Any]] = []
-        version = GraphRepository(args.publish).publish(
-            lambda out: manifests.append(build(out, False)), keep=args.keep
+        version = publish_graph(  # a local repository, or a store URI (s3://bucket/prefix)
+            args.publish, lambda out: manifests.append(build(out, False)), keep=args.keep
         )
         manifest = manifests[0]
         print(
