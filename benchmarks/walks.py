@@ -10,7 +10,9 @@ top-k: a whole request) on one thread and with two threads running queries concu
 per-query latency (p50/p99) of a query with N = 100,000 steps with and without early
 stopping (the engine's default n_p / n_v), unbiased and biased (locale 0.5, locale+topic
 0.8); dense vs hash visit counters; and, on the same query pins, the fast kernel alone and
-the deliberately plain reference kernel (one walker, np.random, a dense counter).
+the deliberately plain reference kernel (one walker, np.random, a dense counter); and the
+same full walks with a real-time delta holding 1% of the graph's edges (`walkrank.graph.delta`)
+beside the graph, against the graph alone, query by query (`delta_throughput_ratio`).
 Early stopping is judged by the steps it walks and the overlap of its top 100 (and top 500)
 with the full walk of the same seed; the overlap of two full walks of different seeds says
 how much of that top 100 is sampling noise at N steps. Queries are 5 pins drawn by degree,
@@ -27,12 +29,14 @@ import gzip
 import json
 import statistics
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from walkrank.graph.delta import MAX_BATCH_EDGES, DeltaSegment, Edge
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import ensure_graph
 from walkrank.walks import WalkParams, kernels, walk
@@ -41,6 +45,7 @@ from walkrank.walks.engine import new_visit_table
 REPO = Path(__file__).resolve().parent.parent
 QUERY_PINS = 5
 STEPS = 100_000
+DELTA_SHARE = 0.01  # of the graph's edges, in the real-time delta
 #: Arrays a walk reads (the rest of a graph directory is features and ids).
 WALK_ARRAYS = (
     "pin_offsets",
@@ -229,6 +234,61 @@ def _reference(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndar
     return np.array(rates)
 
 
+def _with_delta(graph: GraphStore, seed: int) -> tuple[GraphStore, dict[str, float]]:
+    """The graph with a real-time delta of DELTA_SHARE of its edges between existing pins and
+    boards, each drawn by degree: new edges land where the walks go most, the slow case (more
+    steps meet a node with delta edges). Returns it and what adding and publishing cost."""
+    rng = np.random.default_rng(seed)
+    n = int(graph.n_edges * DELTA_SHARE)
+    pin_degree = np.diff(graph.pin_offsets).astype(np.float64)
+    board_degree = np.diff(graph.board_offsets).astype(np.float64)
+    pins = graph.pin_ids[rng.choice(graph.n_pins, n, p=pin_degree / pin_degree.sum())]
+    boards = graph.board_ids[rng.choice(graph.n_boards, n, p=board_degree / board_degree.sum())]
+    edges = [Edge(str(p), str(b)) for p, b in zip(pins.tolist(), boards.tolist(), strict=True)]
+    warm = DeltaSegment(graph, max_edges=1, flush_s=3600.0)  # load the compiled kernels
+    warm.add(edges[:1])
+    warm.close()
+
+    def fill() -> tuple[DeltaSegment, float, float]:
+        started = time.perf_counter()
+        segment = DeltaSegment(graph, max_edges=n, flush_s=3600.0)
+        for at in range(0, n, MAX_BATCH_EDGES):
+            segment.add(edges[at : at + MAX_BATCH_EDGES])
+        added = time.perf_counter()
+        segment.publish()
+        segment.close()
+        return segment, added - started, time.perf_counter() - added
+
+    tracemalloc.start()  # slows allocations: a pass of its own for the memory
+    counted = fill()[0]
+    memory = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del counted
+    segment, add_s, publish_s = fill()
+    return segment.view(), {
+        "delta_edges": segment.edges,
+        "delta_add_edges_per_second": n / add_s,
+        "delta_publish_seconds": publish_s,
+        "delta_bytes_per_edge": memory / max(segment.edges, 1),
+    }
+
+
+def _delta_ratio(
+    graph: GraphStore, live: GraphStore, queries: list[Query], params: WalkParams
+) -> tuple[float, float, float]:
+    """Median steps/s of full walks on the graph alone and with the delta, and the median of
+    the per-query ratios: each query's two walks run back to back (same seed, twice, in
+    alternating order) so a noisy neighbour slows both alike."""
+    rates = np.zeros((2, len(queries)))
+    for i, (pins, weights) in enumerate(queries):
+        for which in (0, 1, 1, 0):
+            started = time.perf_counter()
+            steps = walk((graph, live)[which], pins, weights, params, seed=i).steps_walked
+            rates[which, i] += steps / (time.perf_counter() - started) / 2
+    base, delta = np.median(rates, axis=1)
+    return float(base), float(delta), float(np.median(rates[1] / rates[0]))
+
+
 def _page_in(graph: GraphStore) -> float:
     """Touch every adjacency page once so the first timed queries do not pay for disk reads."""
     started = time.perf_counter()
@@ -282,6 +342,9 @@ def run(
         ].seconds
         for counter in ("dense", "hash")
     }
+    live, delta_costs = _with_delta(graph, seed)
+    _delta_ratio(graph, live, queries[:3], no_stop)  # compile or load the cached kernel
+    base_rate, delta_rate, delta_ratio = _delta_ratio(graph, live, queries, no_stop)
     reference_queries = queries[: max(10, n // 5)]
     reference = _reference(graph, reference_queries, no_stop.restart_probability)
     kernel = _kernel(graph, reference_queries, no_stop.restart_probability)
@@ -330,6 +393,11 @@ def run(
         "locale_topic_bias_p99_ms": ms(timed["topic"].seconds, 99) if biased else None,
         "dense_counter_p50_ms": float(np.median(counters["dense"]) * 1e3),
         "hash_counter_p50_ms": float(np.median(counters["hash"]) * 1e3),
+        **delta_costs,
+        "delta_share": DELTA_SHARE,
+        "delta_base_steps_per_second": base_rate,
+        "delta_steps_per_second": delta_rate,
+        "delta_throughput_ratio": delta_ratio,
     }
 
 
@@ -387,6 +455,13 @@ def _print(r: dict[str, Any]) -> None:
         (
             "visit counter p50",
             f"dense {r['dense_counter_p50_ms']:.2f} ms  hash {r['hash_counter_p50_ms']:.2f} ms",
+        ),
+        (
+            f"real-time delta, {r['delta_share']:.0%} of the edges",
+            f"{r['delta_steps_per_second'] / 1e6:.1f}M steps/s vs "
+            f"{r['delta_base_steps_per_second'] / 1e6:.1f}M without "
+            f"({r['delta_throughput_ratio']:.2f}x); {r['delta_bytes_per_edge']:.0f} bytes/edge, "
+            f"publish {r['delta_publish_seconds'] * 1e3:.0f} ms",
         ),
     ]
     width = max(len(name) for name, _ in rows)

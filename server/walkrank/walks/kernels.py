@@ -65,18 +65,6 @@ def _prefetch(typingctx, array, index):
 
 
 @intrinsic
-def _popcount(typingctx, x):
-    """Set bits of a uint64 (`llvm.ctpop`: one instruction on x86-64 with POPCNT)."""
-    if not isinstance(x, types.Integer) or x.bitwidth != 64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return types.uint64(x), codegen
-
-
-@intrinsic
 def _load_relaxed(typingctx, array):
     """`array[0]` as an atomic (monotonic) load, which LLVM must redo on every loop pass.
 
@@ -187,22 +175,6 @@ def _run_end(runs, at, below, end_mask):
     return np.int64(runs[at + below - 1]) & end_mask if below > 0 else np.int64(0)
 
 
-@njit(inline="always")
-def _delta_row(marks, node):
-    """A node's row in a delta segment's CSR, and whether it has one (1 or 0).
-
-    `marks[node >> 6]` is [bits, rank]: bit `node & 63` is set when the node has delta
-    edges, and `rank` counts the marked nodes below the word, so the row is the rank plus
-    the marked bits below the node's own. Branch-free; an unmarked node's row is that of
-    the next marked node (its CSR bounds exist, and its count is multiplied by 0).
-    """
-    word = marks[node >> 6, 0]
-    bit = np.uint64(node & 63)
-    below = word & ((np.uint64(1) << bit) - np.uint64(1))
-    row = np.int64(marks[node >> 6, 1]) + np.int64(_popcount(below))
-    return row, np.int64((word >> bit) & np.uint64(1))
-
-
 @njit(nogil=True, cache=True)
 def walk_query_pin(
     pin_offsets,
@@ -217,10 +189,8 @@ def walk_query_pin(
     board_key_runs,
     run_shift,
     has_delta,
-    pin_marks,
     pin_delta_offsets,
     pin_delta_adj,
-    board_marks,
     board_delta_offsets,
     board_delta_adj,
     query_pin,
@@ -264,8 +234,9 @@ def walk_query_pin(
 
     With `has_delta`, the graph is the mapped base plus a real-time delta segment
     (`walkrank.graph.delta`): a node's neighbours are its base list followed by its delta
-    list (`*_delta_offsets[row]`, `row` from `*_marks`, see `_delta_row`), and nodes past
-    the base's (new pins and boards) have a delta list only. A draw past the base list is
+    list (`*_delta_adj[*_delta_offsets[n]:*_delta_offsets[n + 1]]`, offsets for every node,
+    base and new, so the lookup is one load, prefetched like the base's), and nodes past the
+    base's (new pins and boards) have a delta list only. A draw past the base list is
     kept as `~(position in the delta adjacency)`, below 0. Biased steps draw from the base's
     bias index (a new node's steps are never biased); delta neighbours are reached by the
     unbiased steps. Without it the delta arrays are not read.
@@ -327,9 +298,8 @@ def walk_query_pin(
             span = stop - start
             delta_at = np.int64(0)
             if has_delta:
-                delta_row, marked = _delta_row(pin_marks, p)
-                delta_at = pin_delta_offsets[delta_row]
-                span += (pin_delta_offsets[delta_row + 1] - delta_at) * marked
+                delta_at = pin_delta_offsets[p]
+                span += pin_delta_offsets[p + 1] - delta_at
             i = start + _below(r, span)
             if has_delta and i >= stop:
                 i = ~(delta_at + i - stop)
@@ -357,7 +327,10 @@ def walk_query_pin(
                     _prefetch(pin_key_runs, at)
                     _prefetch(pin_key_runs, at + runs_count[w] - 1)
             index[w] = i
-            _prefetch(pin_adj, i)
+            if has_delta and i < 0:
+                _prefetch(pin_delta_adj, ~i)
+            else:
+                _prefetch(pin_adj, i)
         if by_key:  # Pass 1b: the slices not cached, from the pins' runs.
             for w in range(n):
                 if searching[w]:
@@ -381,8 +354,8 @@ def walk_query_pin(
             b = pin_delta_adj[~i] if has_delta and i < 0 else pin_adj[i]
             node[w] = b
             _prefetch(board_offsets, b)
-            if has_delta:
-                _prefetch(board_marks, b >> 6)
+            if has_delta:  # the board's delta row, for pass 3
+                _prefetch(board_delta_offsets, b)
             if by_locale:
                 _prefetch(board_locale_ends, b)
             elif by_key:
@@ -399,9 +372,8 @@ def walk_query_pin(
             span = stop - start
             delta_at = np.int64(0)
             if has_delta:
-                delta_row, marked = _delta_row(board_marks, b)
-                delta_at = board_delta_offsets[delta_row]
-                span += (board_delta_offsets[delta_row + 1] - delta_at) * marked
+                delta_at = board_delta_offsets[b]
+                span += board_delta_offsets[b + 1] - delta_at
                 biased[w] = biased[w] and b < base_boards
             i = start + _below(r, span)
             if has_delta and i >= stop:
@@ -430,7 +402,10 @@ def walk_query_pin(
                     _prefetch(board_key_runs, at + runs_count[w] - 1)
             restart[w] = (r & _LOW32) < restart_threshold
             index[w] = i
-            _prefetch(board_adj, i)
+            if has_delta and i < 0:
+                _prefetch(board_delta_adj, ~i)
+            else:
+                _prefetch(board_adj, i)
         if by_key:  # Pass 3b: the slices not cached, from the boards' runs.
             for w in range(n):
                 if searching[w]:
@@ -459,8 +434,8 @@ def walk_query_pin(
             nxt = query_pin if restart[w] else p
             position[w] = nxt
             _prefetch(pin_offsets, nxt)
-            if has_delta:
-                _prefetch(pin_marks, nxt >> 6)
+            if has_delta:  # the pin's delta row, for pass 1
+                _prefetch(pin_delta_offsets, nxt)
             if by_locale:
                 _prefetch(pin_locale_ends, nxt)
             elif by_key:
