@@ -4,6 +4,9 @@ Authentication travels as gRPC metadata, with the header names the server reads:
 
 - `x-api-key`: the tenant API key, sent with Recommender calls (Recommend, RecommendBatch,
   ReportEvents);
+- `x-walkrank-tenant`: the call's tenant, sent with Recommender calls, so an Envoy in front
+  can hold each tenant to its quota before a call reaches a server (the server refuses a
+  call whose header and request disagree);
 - `x-admin-token`: the admin token, sent with Admin calls (ListTenants, GetTenant, Reload,
   GraphInfo).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +50,8 @@ from walkrank_client.pb import (
 
 API_KEY_HEADER = "x-api-key"
 ADMIN_TOKEN_HEADER = "x-admin-token"
+TENANT_HEADER = "x-walkrank-tenant"
+_TENANT_NAME = re.compile(r"[a-z0-9_]{1,64}")  # walkrank.tenants.TENANT_NAME_RE
 
 PinId = int | str
 #: A moment: epoch seconds, or a datetime (naive means UTC).
@@ -329,6 +335,13 @@ class WalkRankClient:
         tenant: str,
         pins: Sequence[PinId] = (),
         *,
+    def _metadata_for(self, tenant: str) -> tuple[tuple[str, str], ...]:
+        """A Recommender call's metadata: the API key and the tenant header (left out for a
+        name no tenant can have, which the server then refuses by the request alone)."""
+        if not _TENANT_NAME.fullmatch(tenant):
+            return self._tenant_metadata
+        return (*self._tenant_metadata, (TENANT_HEADER, tenant))
+
         weights: Sequence[float] | None = None,
         actions: Sequence[ActionLike] | None = None,
         user_id: str | None = None,
@@ -359,7 +372,7 @@ class WalkRankClient:
         return self._call(
             "Recommend",
             lambda t: self._recommender.Recommend(
-                request, timeout=t, metadata=self._tenant_metadata
+                request, timeout=t, metadata=self._metadata_for(tenant)
             ),
             timeout,
         )
@@ -393,7 +406,7 @@ class WalkRankClient:
     ) -> Iterator[recommender_pb2.RecommendResponse]:
         def first(t: float) -> tuple[Any, recommender_pb2.RecommendResponse | None]:
             stream = self._recommender.RecommendBatch(
-                request, timeout=t, metadata=self._tenant_metadata
+                request, timeout=t, metadata=self._metadata_for(tenant)
             )
             return stream, next(stream, None)
 
@@ -422,7 +435,7 @@ class WalkRankClient:
         return self._call(
             "ReportEvents",
             lambda t: self._recommender.ReportEvents(
-                request, timeout=t, metadata=self._tenant_metadata
+                request, timeout=t, metadata=self._metadata_for(request.tenant)
             ),
             timeout,
         )

@@ -18,7 +18,14 @@ and why (docs/deployment.md):
 - no route timeout: the caller's gRPC deadline (`grpc-timeout`) bounds each call, and batch
   streams may run long;
 - the admin API (stats, /clusters, /ready) on loopback only; with `metrics` set, a second
-  listener exposes just `/stats/prometheus` for scraping.
+  listener exposes just `/stats/prometheus` for scraping;
+- admission (`tenant_quotas`): a tenant's Recommend and RecommendBatch calls that carry its
+  name in the `x-walkrank-tenant` header (the SDK sends it) go through a cluster of their own
+  whose circuit breaker admits the tenant's quota of calls in flight (`limits.max_in_flight`
+  times the replicas); past it Envoy answers RESOURCE_EXHAUSTED itself, in C++, so a tenant's
+  flood never reaches a replica's Python threads (docs/fault-containment.md). A call whose
+  header disagrees with its request's tenant is refused by the server, so the header cannot
+  borrow another tenant's quota. Calls without the header are limited by the server alone.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import ipaddress
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +45,16 @@ from typing import Any
 import yaml
 
 from walkrank.errors import ConfigError
+from walkrank.tenants import TENANT_NAME_RE, load_tenants
 
 CLUSTER = "walkrank"
+#: The header naming the tenant a Recommender call is for (the SDK sends it; the server
+#: refuses a call whose header disagrees with its request).
+TENANT_HEADER = "x-walkrank-tenant"
+#: Recommend and RecommendBatch, the calls a tenant's quota counts (ReportEvents is not).
+QUOTA_PATH_PREFIX = "/walkrank.v1.Recommender/Recommend"
+#: The circuit breaker of the shared cluster: high enough never to be what refuses a call.
+SHARED_MAX_REQUESTS = 10_000
 ADMIN_CLUSTER = "envoy_admin"
 LB_POLICIES = ("LEAST_REQUEST", "ROUND_ROBIN")
 ENVOY_ENV = "WALKRANK_ENVOY"
@@ -60,6 +77,8 @@ class EnvoySettings:
     lb_policy: str = "LEAST_REQUEST"
     health_interval_s: float = 1.0
     connect_timeout_s: float = 0.5
+    #: (tenant, calls in flight Envoy admits for it over all replicas); empty: no admission.
+    tenant_quotas: tuple[tuple[str, int], ...] = ()
 
 
 def split_address(address: str, what: str) -> tuple[str, int]:
@@ -92,13 +111,14 @@ def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
     return {"@type": f"{_TYPES}.{type_name}", **fields}
 
 
-def _connection_manager(prefix: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+def _connection_manager(prefix: str, routes: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": _typed(
             "filters.network.http_connection_manager.v3.HttpConnectionManager",
             stat_prefix=prefix,
             codec_type="AUTO",
+            **extra,
             route_config={
                 "name": prefix,
                 "virtual_hosts": [{"name": prefix, "domains": ["*"], "routes": routes}],
@@ -113,11 +133,16 @@ def _connection_manager(prefix: str, routes: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-def _grpc_route() -> dict[str, Any]:
+def tenant_cluster(tenant: str) -> str:
+    """The cluster a tenant's admitted calls go through (its circuit breaker is the quota)."""
+    return f"{CLUSTER}_tenant_{tenant}"
+
+
+def _grpc_route(cluster: str = CLUSTER, match: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        "match": {"prefix": "/"},
+        "match": match or {"prefix": "/"},
         "route": {
-            "cluster": CLUSTER,
+            "cluster": cluster,
             "timeout": "0s",
             "max_stream_duration": {"grpc_timeout_header_max": "0s"},
             "retry_policy": {
@@ -137,11 +162,64 @@ def _grpc_route() -> dict[str, Any]:
     }
 
 
-def _replica_cluster(settings: EnvoySettings) -> dict[str, Any]:
+def _tenant_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
+    """A route per tenant with a quota: its Recommender calls naming it in the header."""
+    return [
+        _grpc_route(
+            tenant_cluster(tenant),
+            {
+                "prefix": QUOTA_PATH_PREFIX,
+                "headers": [{"name": TENANT_HEADER, "string_match": {"exact": tenant}}],
+            },
+        )
+        for tenant, _ in settings.tenant_quotas
+    ]
+
+
+def _quota_refusal() -> dict[str, Any]:
+    """A tenant cluster's circuit breaker overflowing is the tenant's quota, so the caller
+    hears RESOURCE_EXHAUSTED (what the server says), not UNAVAILABLE, which clients retry."""
+    return {
+        "mappers": [
+            {
+                "filter": {
+                    "and_filter": {
+                        "filters": [
+                            {"response_flag_filter": {"flags": ["UO"]}},
+                            {
+                                "header_filter": {
+                                    "header": {"name": TENANT_HEADER, "present_match": True}
+                                }
+                            },
+                        ]
+                    }
+                },
+                "headers_to_add": [
+                    {
+                        "header": {"key": "grpc-status", "value": "8"},  # RESOURCE_EXHAUSTED
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+                "body_format_override": {
+                    "text_format_source": {
+                        "inline_string": (
+                            f"tenant %REQ({TENANT_HEADER}):64% has its quota of requests in "
+                            "flight; retry later"
+                        )
+                    }
+                },
+            }
+        ]
+    }
+
+
+def _replica_cluster(
+    settings: EnvoySettings, name: str = CLUSTER, max_requests: int = SHARED_MAX_REQUESTS
+) -> dict[str, Any]:
     hosts = [split_address(u, "upstream") for u in settings.upstreams]
     static = all(_is_ip(host) for host, _ in hosts)
     interval = _seconds(settings.health_interval_s)
-    cluster: dict[str, Any] = {"name": CLUSTER}
+    cluster: dict[str, Any] = {"name": name}
     if static:
         cluster["type"] = "STATIC"
     else:  # strict DNS: one endpoint per address the name resolves to, re-resolved
@@ -164,18 +242,20 @@ def _replica_cluster(settings: EnvoySettings) -> dict[str, Any]:
         },
         # Only healthy replicas get calls, even when few are left (no panic routing).
         "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        # max_requests: calls in flight to the cluster (for a tenant's, its quota); a call
+        # waiting for a connection counts too, so pending is capped alike.
         "circuit_breakers": {
             "thresholds": [
                 {
                     "max_connections": 10_000,
-                    "max_pending_requests": 10_000,
-                    "max_requests": 10_000,
+                    "max_pending_requests": max_requests,
+                    "max_requests": max_requests,
                     "max_retries": 1_000,
                 }
             ]
         },
         "load_assignment": {
-            "cluster_name": CLUSTER,
+            "cluster_name": name,
             "endpoints": [
                 {
                     "lb_endpoints": [
@@ -226,14 +306,32 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
             f"envoy admin address: must be a loopback address (the admin API can "
             f"change Envoy's state), got {settings.admin!r}"
         )
+    for tenant, quota in settings.tenant_quotas:
+        if not TENANT_NAME_RE.fullmatch(tenant) or quota < 1:
+            raise ConfigError(
+                f"envoy: tenant quota: expected a tenant name and a limit >= 1, "
+                f"got {tenant[:64]!r} {quota}"
+            )
+    admission = {"local_reply_config": _quota_refusal()} if settings.tenant_quotas else {}
     listeners = [
         {
             "name": CLUSTER,
             "address": _socket(settings.listen, "listen address"),
-            "filter_chains": [{"filters": [_connection_manager(CLUSTER, [_grpc_route()])]}],
+            "filter_chains": [
+                {
+                    "filters": [
+                        _connection_manager(
+                            CLUSTER, [*_tenant_routes(settings), _grpc_route()], **admission
+                        )
+                    ]
+                }
+            ],
         }
     ]
-    clusters = [_replica_cluster(settings)]
+    clusters = [_replica_cluster(settings)] + [
+        _replica_cluster(settings, tenant_cluster(tenant), quota)
+        for tenant, quota in settings.tenant_quotas
+    ]
     if settings.metrics is not None:
         listeners.append(
             {
@@ -292,6 +390,17 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
             ]
         },
     }
+
+
+def tenant_quotas(
+    tenants_dir: str | os.PathLike[str], replicas: int
+) -> tuple[tuple[str, int], ...]:
+    """Each loadable tenant's quota of calls in flight over `replicas` replicas (its
+    `limits.max_in_flight` on each); broken tenant files are left to the servers to report."""
+    configs = load_tenants(tenants_dir).configs
+    return tuple(
+        (name, config.limits.max_in_flight * replicas) for name, config in sorted(configs.items())
+    )
 
 
 def dump_config(settings: EnvoySettings) -> str:
@@ -359,6 +468,85 @@ def host_health(admin: str) -> dict[str, list[str]]:
             ]
             health[f"{socket['address']}:{socket['port_value']}"] = flags
     return health
+
+
+def routing(admin: str, upstreams: tuple[str, ...]) -> bool:
+    """Whether the Envoy at `admin` is live and finds every one of `upstreams` healthy in
+    every cluster (the shared one and each tenant's); False while it is not answering."""
+    try:
+        if admin_get(admin, "/ready").strip() != "LIVE":
+            return False
+        status = json.loads(admin_get(admin, "/clusters?format=json"))
+    except OSError:
+        return False
+    for cluster in status.get("cluster_statuses", []):
+        if cluster.get("name") == ADMIN_CLUSTER:
+            continue
+        healthy = {
+            f"{h['address']['socket_address']['address']}:"
+            f"{h['address']['socket_address']['port_value']}"
+            for h in cluster.get("host_statuses", [])
+            if not any(on is True for flag, on in h.get("health_status", {}).items())
+        }
+        if not set(upstreams) <= healthy:
+            return False
+    return True
+
+
+class EnvoyProcess:
+    """One Envoy on `settings` (config written under `workdir`), started by `start()` and
+    stopped by `stop()`; a context manager. `start()` returns once it routes to every upstream."""
+
+    def __init__(
+        self,
+        settings: EnvoySettings,
+        workdir: Path,
+        binary: Path | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = workdir / "envoy.yaml"
+        self.log_path = workdir / "envoy.log"
+        self.command = envoy_command(binary or find_envoy(), self.config_path, concurrency)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.config_path.write_text(dump_config(self.settings))
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while not routing(self.settings.admin, self.settings.upstreams):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(
+                    f"envoy at {self.settings.listen} not routing to "
+                    f"{list(self.settings.upstreams)} (status {self.process.returncode}); "
+                    f"its log: {self.log_path.read_text()[-1000:]}"
+                )
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU Envoy has used so far (Linux /proc)."""
+        assert self.process is not None
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EnvoyProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

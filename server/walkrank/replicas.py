@@ -37,10 +37,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from walkrank.envoy import (
     EnvoySettings,
-    admin_get,
     dump_config,
     envoy_command,
-    host_health,
+    routing,
     split_address,
 )
 from walkrank.errors import ConfigError
@@ -201,6 +200,7 @@ class ReplicaSet:
         envoy_concurrency: int | None = None,
         lb_policy: str = "LEAST_REQUEST",
         workdir: Path | None = None,
+        tenant_quotas: tuple[tuple[str, int], ...] = (),
     ) -> None:
         self.plan = plan
         self.replicas = [
@@ -228,6 +228,7 @@ class ReplicaSet:
                     upstreams=plan.replicas,
                     admin=plan.envoy_admin,
                     lb_policy=lb_policy,
+                    tenant_quotas=tenant_quotas,
                 )
             )
         )
@@ -250,23 +251,17 @@ class ReplicaSet:
             raise
 
     def wait_envoy_routing(self, timeout_s: float = 30.0) -> None:
-        """Until Envoy is up and has found every replica healthy (or the set is stopping)."""
+        """Until Envoy is up and has found every replica healthy in every cluster (the shared
+        one and each tenant's), or the set is stopping."""
         deadline = time.monotonic() + timeout_s
-        wanted = set(self.plan.replicas)
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self.envoy is None or self.envoy.poll() is not None:
                 raise ConfigError(
                     f"envoy exited (status {self.envoy and self.envoy.returncode})"
                     f"; its configuration is {self.envoy_config}"
                 )
-            try:
-                health = host_health(self.plan.envoy_admin)
-                if admin_get(self.plan.envoy_admin, "/ready").strip() == "LIVE" and all(
-                    health.get(a) == [] for a in wanted
-                ):
-                    return
-            except OSError:
-                pass
+            if routing(self.plan.envoy_admin, self.plan.replicas):
+                return
             time.sleep(0.2)
         raise ConfigError(
             f"envoy at {self.plan.front} not routing to every replica after {timeout_s:.0f} s"

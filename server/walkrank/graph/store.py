@@ -63,11 +63,9 @@ ARRAY_FIELDS: tuple[str, ...] = (
 #: delta segment: off, and arrays of the right types the kernel never reads.
 NO_DELTA: tuple[Any, ...] = (
     False,
-    np.zeros((1, 2), np.uint64),
-    np.zeros(1, np.int64),
     np.zeros(1, np.int32),
-    np.zeros((1, 2), np.uint64),
-    np.zeros(1, np.int64),
+    np.zeros(1, np.int32),
+    np.zeros(1, np.int32),
     np.zeros(1, np.int32),
 )
 

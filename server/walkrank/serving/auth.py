@@ -1,6 +1,7 @@
 """API-key checks: a key names the tenants it may call; admin calls need the admin token.
 
-Header names are shared with the client SDK: `x-api-key` and `x-admin-token`.
+Header names are shared with the client SDK: `x-api-key`, `x-admin-token` and
+`x-walkrank-tenant` (the tenant Envoy admits a call under, `walkrank.envoy`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import hmac
 
 import grpc
 
+from walkrank.envoy import TENANT_HEADER
 from walkrank.serving.config import AuthConfig
-from walkrank.serving.errors import PermissionDenied, Unauthenticated, quote
+from walkrank.serving.errors import InvalidArgument, PermissionDenied, Unauthenticated, quote
 
 API_KEY_HEADER = "x-api-key"
 ADMIN_TOKEN_HEADER = "x-admin-token"
@@ -21,6 +23,19 @@ def _header(context: grpc.ServicerContext, name: str) -> str | None:
         if key == name:
             return value
     return None
+
+
+def check_tenant_header(context: grpc.ServicerContext, tenant: str) -> None:
+    """A call's `x-walkrank-tenant` header, when it has one, names its request's tenant:
+    Envoy admits the call under that tenant's quota, so a header naming another tenant
+    would spend that tenant's quota."""
+    header = _header(context, TENANT_HEADER)
+    if header is not None and header != tenant:
+        raise InvalidArgument(
+            TENANT_HEADER,
+            f"names tenant {quote(header)} but the request is for {quote(tenant)}",
+            reason="tenant_header",
+        )
 
 
 def _matches(candidate: str, secrets: frozenset[str]) -> bool:

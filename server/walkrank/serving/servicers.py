@@ -21,7 +21,7 @@ from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners, validate_events
 from walkrank.graph.delta import MAX_BATCH_EDGES, BadEdge, DeltaFull, Edge
 from walkrank.graph.store import GraphStore
-from walkrank.serving.auth import Authenticator
+from walkrank.serving.auth import Authenticator, check_tenant_header
 from walkrank.serving.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -112,6 +112,7 @@ class ServingContext:
         if not tenant:
             raise InvalidArgument("tenant", "required")
         check_length("tenant", tenant, TENANT_CHARS)
+        check_tenant_header(context, tenant)
         runtime = self.tenants.get(tenant)
         if runtime is not None:
             CALL_TENANT.set(runtime.name)
@@ -249,6 +250,8 @@ def _user_input(
             Action(a.pin_id, a.action, a.time if a.HasField("time") else None)
             for a in message.actions
         ),
+        features=tuple(message.features.items()),
+        extra_candidates=tuple((c.pin_id, c.source) for c in message.extra_candidates),
     )
 
 

