@@ -487,9 +487,10 @@ def _resolve(name: str, default: float | None) -> Callable[[_Batch], np.ndarray]
     """The compute function of one feature name; `default` only for `pin.`/`request.`."""
     if name in _COMPUTE:
         return _COMPUTE[name]
-    days = window_days(name)
-    if days is not None:
-        if not 1 <= days <= MAX_WINDOW_DAYS or str(days) != WINDOW_RE.fullmatch(name)["days"]:
+    window = WINDOW_RE.fullmatch(name)
+    if window is not None:
+        days = int(window["days"])
+        if not 1 <= days <= MAX_WINDOW_DAYS or str(days) != window["days"]:
             raise _unknown([name])
         return _window_feature(days, name.endswith("_share"))
     match = DECLARED_RE.fullmatch(name)

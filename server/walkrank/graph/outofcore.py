@@ -352,7 +352,7 @@ class _Build:
             }
             for name, values in extra.items():
                 arrays[PIN_COLUMN_PREFIX + name] = values
-            dtypes = {name: np.int32 for name in streamed}
+            dtypes: dict[str, type[np.generic]] = {name: np.int32 for name in streamed}
             if edge_times:
                 dtypes[PIN_EDGE_TIMES] = np.float64
             stand_ins = {

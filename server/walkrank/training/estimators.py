@@ -237,12 +237,14 @@ def compare_policies(
         return {"ips": (t.ips, t.size), "snips": (t.ips, t.weight), "naive": (t.naive, t.size)}
 
     pa_, pb_ = pairs(terms_a), pairs(terms_b)
-    options = {"samples": samples, "seed": seed}
     return PolicyComparison(
         requests=m,
-        a={k: ratio_interval(*pa_[k], **options) for k in ESTIMATORS},
-        b={k: ratio_interval(*pb_[k], **options) for k in ESTIMATORS},
-        lift={k: lift_interval(pa_[k], pb_[k], paired=True, **options) for k in ESTIMATORS},
+        a={k: ratio_interval(*pa_[k], samples=samples, seed=seed) for k in ESTIMATORS},
+        b={k: ratio_interval(*pb_[k], samples=samples, seed=seed) for k in ESTIMATORS},
+        lift={
+            k: lift_interval(pa_[k], pb_[k], paired=True, samples=samples, seed=seed)
+            for k in ESTIMATORS
+        },
         support={
             "a": support(request, propensity, chosen_a),
             "b": support(request, propensity, chosen_b),
