@@ -7,23 +7,33 @@
 3. the aggressor at `factor` x its quota alone (the server's CPU per refusal, once the
    served calls of phase 2's cost are taken out);
 4. the victim beside the aggressor at its quota (what the aggressor's admitted work costs);
-5. the victim beside the aggressor at `factor` x its quota: the victim's latency beside the
-   overload, and the refusals' latency.
+5. the victim beside the aggressor at `factor` x its quota, and a probe: a few paced calls
+   of the aggressor's tenant. The victim's latency beside the overload, and the refusals'.
 
 `isolation_p99_ratio` is phase 5's victim p99 over phase 1's; `overload_p99_ratio` over
-phase 4's, the cost of the refusals alone.
+phase 4's, the cost of the refusals alone. `refusal_p99_ms` is the p99 of the probe's
+refusals: how long a caller of the overloaded tenant waits to hear no. The flood's own
+refusals (`flood_refusal_p99_ms`) say more about the generator than the server: its callers
+send back to back, so each waits behind the others' turns in the generator's event loop
+(Little's law: callers / calls per second).
 
 Each load runs in its own process (asyncio `grpc.aio` callers on one channel, requests
 serialized once), so the generator's CPU, which shares the server's cores, is measured and
 reported beside every figure. Latency percentiles are nearest-rank, per status code.
 
+With `--envoy`, the same phases run through an Envoy in front of the server with per-tenant
+admission (`walkrank.envoy`, `tenant_quotas`): every load sends its tenant in the
+`x-walkrank-tenant` header, as the SDK does, and Envoy's CPU is reported beside the server's.
+
     cd load_tests && python -m loadgen.isolation --graph quick --json isolation.json
+    cd load_tests && python -m loadgen.isolation --graph quick --envoy --json isolation.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -39,9 +49,13 @@ import grpc
 import numpy as np
 
 from loadgen.report import nearest_rank
+from walkrank.envoy import TENANT_HEADER, EnvoyProcess, EnvoySettings, tenant_quotas
 
 RECOMMEND = "/walkrank.v1.Recommender/Recommend"
 HERE = Path(__file__).resolve().parents[1]
+#: The probe: paced calls of the overloaded tenant, whose refusals' latency is measured.
+PROBE_RPS = 50.0
+PROBE_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,11 @@ class Load:
     metadata: tuple[tuple[str, str], ...] = ()
     method: str = RECOMMEND
     timeout_s: float = 5.0
+
+
+def tagged(load: Load, tenant: str) -> Load:
+    """`load` sending its tenant in the header Envoy admits by (as the SDK does)."""
+    return replace(load, metadata=(*load.metadata, (TENANT_HEADER, tenant)))
 
 
 @dataclass
@@ -178,19 +197,22 @@ def run_loads(target: str, loads: Sequence[Load], duration_s: float) -> dict[str
 
 @dataclass
 class IsolationReport:
-    """The four phases' figures; `to_dict` is what a harness writes as JSON."""
+    """The five phases' figures; `to_dict` is what a harness writes as JSON."""
 
     factor: int
     quota: int
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     server_cpu_s: dict[str, float] = field(default_factory=dict)
     idle_cores: float = 0.0  # the server's CPU use with no calls (polling threads, writers)
+    #: The proxy's (Envoy's) CPU per phase, when the loads go through one.
+    proxy_cpu_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         alone = self.phases["victim_alone"]["victim"]
         at_quota = self.phases["beside_quota"]["victim"]
         loaded = self.phases["together"]["victim"]
         flood = self.phases["together"]["aggressor"]
+        probe = self.phases["together"]["probe"]
         return {
             "factor": self.factor,
             "quota": self.quota,
@@ -202,30 +224,33 @@ class IsolationReport:
             "victim_loaded_p99_ms": loaded["ok_p99_ms"],
             "isolation_p99_ratio": loaded["ok_p99_ms"] / alone["ok_p99_ms"],
             "overload_p99_ratio": loaded["ok_p99_ms"] / at_quota["ok_p99_ms"],
-            "refusal_p50_ms": flood.get("refused_p50_ms", float("nan")),
-            "refusal_p99_ms": flood.get("refused_p99_ms", float("nan")),
-            **self.cpu_per_call(),
+            "refusal_p50_ms": probe.get("refused_p50_ms", float("nan")),
+            "refusal_p99_ms": probe.get("refused_p99_ms", float("nan")),
+            "flood_refusal_p50_ms": flood.get("refused_p50_ms", float("nan")),
+            "flood_refusal_p99_ms": flood.get("refused_p99_ms", float("nan")),
+            **self.cpu_per_call(self.server_cpu_s, "server"),
+            **(self.cpu_per_call(self.proxy_cpu_s, "proxy") if self.proxy_cpu_s else {}),
             "phases": self.phases,
             "server_cpu_s": self.server_cpu_s,
+            "proxy_cpu_s": self.proxy_cpu_s,
             "server_idle_cores": self.idle_cores,
         }
 
-    def cpu_per_call(self) -> dict[str, float]:
-        """Server CPU ms per served victim call, per served aggressor call and per refusal."""
+    def cpu_per_call(self, cpu_s: dict[str, float], who: str) -> dict[str, float]:
+        """`who`'s CPU ms (from `cpu_s`, per phase) per served victim call, per served
+        aggressor call and per refusal."""
         victim = self.phases["victim_alone"]["victim"]
         at_quota = self.phases["aggressor_at_quota"]["aggressor"]
         flood = self.phases["aggressor_flood"]["aggressor"]
-        served_ms = 1e3 * self.server_cpu_s["victim_alone"] / max(victim["calls"], 1)
-        aggressor_ms = 1e3 * self.server_cpu_s["aggressor_at_quota"] / max(at_quota["calls"], 1)
+        served_ms = 1e3 * cpu_s["victim_alone"] / max(victim["calls"], 1)
+        aggressor_ms = 1e3 * cpu_s["aggressor_at_quota"] / max(at_quota["calls"], 1)
         refused = flood["statuses"].get("RESOURCE_EXHAUSTED", 0)
         served = flood["statuses"].get("OK", 0)
-        refusal_ms = (1e3 * self.server_cpu_s["aggressor_flood"] - served * aggressor_ms) / max(
-            refused, 1
-        )
+        refusal_ms = (1e3 * cpu_s["aggressor_flood"] - served * aggressor_ms) / max(refused, 1)
         return {
-            "server_cpu_ms_per_victim_call": served_ms,
-            "server_cpu_ms_per_aggressor_call": aggressor_ms,
-            "server_cpu_ms_per_refusal": refusal_ms,
+            f"{who}_cpu_ms_per_victim_call": served_ms,
+            f"{who}_cpu_ms_per_aggressor_call": aggressor_ms,
+            f"{who}_cpu_ms_per_refusal": refusal_ms,
         }
 
 
@@ -238,11 +263,13 @@ def measure_isolation(
     factor: int = 16,
     duration_s: float = 8.0,
     log: Callable[[str], None] = lambda line: None,
+    proxy_cpu_s: Callable[[], float] | None = None,
 ) -> IsolationReport:
-    """The four phases (module docstring) against the server at `target`.
+    """The five phases (module docstring) against the server at `target`.
 
-    `server_cpu_s` reads the server's CPU seconds so far (e.g. `ServeProcess.cpu_seconds`);
-    `aggressor.concurrency` is ignored: phase 2 uses `quota` callers, phases 3-4 `factor` x it.
+    `server_cpu_s` reads the server's CPU seconds so far (e.g. `ServeProcess.cpu_seconds`),
+    `proxy_cpu_s` the proxy's when `target` is one; `aggressor.concurrency` is ignored:
+    phase 2 uses `quota` callers, phases 3-5 `factor` x it.
     """
     report = IsolationReport(factor=factor, quota=quota)
     before = server_cpu_s()
@@ -250,24 +277,26 @@ def measure_isolation(
     report.idle_cores = (server_cpu_s() - before) / 2.0
     at_quota = replace(aggressor, concurrency=quota)
     flood = replace(aggressor, concurrency=quota * factor)
+    probe = replace(aggressor, name="probe", concurrency=PROBE_CONCURRENCY, rps=PROBE_RPS)
     phases = {
         "victim_alone": [victim],
         "aggressor_at_quota": [at_quota],
         "aggressor_flood": [flood],
         "beside_quota": [victim, at_quota],
-        "together": [victim, flood],
+        "together": [victim, flood, probe],
     }
     for phase, loads in phases.items():
         before = server_cpu_s()
+        proxy_before = proxy_cpu_s() if proxy_cpu_s else 0.0
         results = run_loads(target, loads, duration_s)
         report.server_cpu_s[phase] = server_cpu_s() - before - report.idle_cores * duration_s
-        report.phases[phase] = {
-            ("victim" if load is victim else "aggressor"): results[load.name].summary()
-            for load in loads
-        }
+        if proxy_cpu_s:
+            report.proxy_cpu_s[phase] = proxy_cpu_s() - proxy_before
+        report.phases[phase] = {load.name: results[load.name].summary() for load in loads}
         log(
             f"{phase}: {json.dumps(report.phases[phase], default=float)} "
             f"server {report.server_cpu_s[phase] / duration_s:.2f} cores"
+            + (f", proxy {report.proxy_cpu_s[phase] / duration_s:.2f}" if proxy_cpu_s else "")
         )
     return report
 
@@ -276,7 +305,8 @@ def default_loads(
     tenant_victim: str = "related_pins", tenant_aggressor: str = "email", victim_rps: float = 50.0
 ) -> tuple[Load, Load]:
     """The shipped data: related pins paced at `victim_rps` beside email single-user calls
-    (home-feed query pins under the email tenant, whose quota is 4)."""
+    (home-feed query pins under the email tenant, whose quota is 4); each load sends its
+    tenant header, as the SDK does."""
     from google.protobuf import json_format
 
     from walkrank_client.pb.walkrank.v1 import recommender_pb2
@@ -294,13 +324,28 @@ def default_loads(
         "victim", messages("related_pins.json", tenant_victim), concurrency=4, rps=victim_rps
     )
     aggressor = Load("aggressor", messages("homefeed.json", tenant_aggressor), concurrency=4)
-    return victim, aggressor
+    return tagged(victim, tenant_victim), tagged(aggressor, tenant_aggressor)
+
+
+def admission_proxy(upstream: str, tenants_dir: Path, workdir: Path) -> EnvoyProcess:
+    """An Envoy (not yet started) in front of the server at `upstream`, admitting each
+    tenant of `tenants_dir` up to its quota, on free loopback ports."""
+    from loadgen.harness import free_port
+
+    return EnvoyProcess(
+        EnvoySettings(
+            listen=f"127.0.0.1:{free_port()}",
+            upstreams=(upstream,),
+            admin=f"127.0.0.1:{free_port()}",
+            tenant_quotas=tenant_quotas(tenants_dir, replicas=1),
+        ),
+        workdir,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run import resolve_graph
-
     from loadgen.harness import ServeProcess, write_server_config
+    from run import resolve_graph
     from walkrank.serving.config import ServerConfig
     from walkrank.tenants import load_tenant
 
@@ -311,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--victim-rps", type=float, default=50.0)
     parser.add_argument(
         "--workers", type=int, default=ServerConfig.workers, help="the server's gRPC worker threads"
+    )
+    parser.add_argument(
+        "--envoy", action="store_true", help="through an Envoy with per-tenant admission"
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -326,9 +374,15 @@ def main(argv: list[str] | None = None) -> int:
             root / "logs",
             workers=args.workers,
         )
-        with ServeProcess(config, root / "server.log") as server:
+        with ServeProcess(config, root / "server.log") as server, contextlib.ExitStack() as stack:
+            target, proxy_cpu_s = server.target, None
+            if args.envoy:
+                proxy = stack.enter_context(
+                    admission_proxy(server.target, HERE.parent / "tenants", root)
+                )
+                target, proxy_cpu_s = proxy.settings.listen, proxy.cpu_seconds
             report = measure_isolation(
-                server.target,
+                target,
                 server.cpu_seconds,
                 victim,
                 aggressor,
@@ -336,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 factor=args.factor,
                 duration_s=args.duration,
                 log=lambda line: print(line, file=sys.stderr),
+                proxy_cpu_s=proxy_cpu_s,
             )
     result = report.to_dict()
     text = json.dumps(result, indent=2, default=float)
