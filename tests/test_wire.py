@@ -42,13 +42,15 @@ def _expected(tenant: str, output: RecommendOutput) -> recommender_pb2.Recommend
                 visit_count=int(v),
                 rank=r,
                 walk_score=float(np.float32(w)),
+                source=source,
             )
-            for r, (p, s, v, w) in enumerate(
+            for r, (p, s, v, w, source) in enumerate(
                 zip(
                     output.pin_ids.tolist(),
                     output.scores.tolist(),
                     output.visits.tolist(),
                     output.walk_scores.tolist(),
+                    [""] * len(output.pin_ids) if output.sources is None else output.sources,
                     strict=True,
                 ),
                 start=1,
@@ -99,7 +101,8 @@ def test_candidates_are_byte_identical_to_protobuf() -> None:
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 10**12, 300)
     scores, visits = _scores_and_visits(rng, 300)
-    output = _output(ids, scores, visits)
+    sources = np.where(rng.random(300) < 0.3, "trending_now", "")  # "": the walk's
+    output = RecommendOutput(**{**_output(ids, scores, visits).__dict__, "sources": sources})
     only_candidates = recommender_pb2.RecommendResponse(
         candidates=_expected("t", output).candidates
     ).SerializeToString()
@@ -108,6 +111,7 @@ def test_candidates_are_byte_identical_to_protobuf() -> None:
         scores.view(np.uint32),
         visits.astype(np.uint32),
         scores[::-1].copy().view(np.uint32),
+        sources.astype(np.bytes_).view(np.uint8).reshape(300, -1),
     )
     assert encoded.tobytes() == only_candidates
 

@@ -81,6 +81,9 @@ class WalkRankClientError(Exception):
 #: A user's action: a `UserAction`, or a mapping with `pin_id`, `action` and optionally `time`
 #: (a `Moment`; unset means at the request time).
 ActionLike = Mapping[str, Any] | recommender_pb2.UserAction
+#: A candidate from the client's other generators: an `ExtraCandidate`, or a (pin id, source)
+#: pair.
+ExtraLike = tuple[PinId, str] | recommender_pb2.ExtraCandidate
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class UserQuery:
     request_id: str | None = None
     request_time: Moment | None = None
     actions: Sequence[ActionLike] | None = None
+    features: Mapping[str, float] | None = None
+    extra_candidates: Sequence[ExtraLike] | None = None
 
 
 def epoch_seconds(moment: Moment | None) -> float | None:
@@ -165,6 +170,18 @@ def _user(
     return recommender_pb2.User(id=user_id or "", locale=locale or "", interests=interests or ())
 
 
+def extra_candidate_messages(
+    extras: Sequence[ExtraLike] | None,
+) -> list[recommender_pb2.ExtraCandidate]:
+    """Extra candidates as messages: (pin id, source) pairs or `ExtraCandidate`s."""
+    return [
+        e
+        if isinstance(e, recommender_pb2.ExtraCandidate)
+        else recommender_pb2.ExtraCandidate(pin_id=str(e[0]), source=e[1])
+        for e in extras or ()
+    ]
+
+
 def _batch_user(
     query: UserQuery | recommender_pb2.BatchUser, index: int
 ) -> recommender_pb2.BatchUser:
@@ -177,6 +194,8 @@ def _batch_user(
         actions=user_actions(query.actions, query.pins, field=f"users[{index}].actions"),
         exclude_pins=[str(p) for p in query.exclude or ()],
         request_time=epoch_seconds(query.request_time),
+        features=dict(query.features or {}),
+        extra_candidates=extra_candidate_messages(query.extra_candidates),
     )
 
 
@@ -316,6 +335,13 @@ class WalkRankClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _metadata_for(self, tenant: str) -> tuple[tuple[str, str], ...]:
+        """A Recommender call's metadata: the API key and the tenant header (left out for a
+        name no tenant can have, which the server then refuses by the request alone)."""
+        if not _TENANT_NAME.fullmatch(tenant):
+            return self._tenant_metadata
+        return (*self._tenant_metadata, (TENANT_HEADER, tenant))
+
     def _call(self, method: str, attempt_call: Callable[[float], _T], timeout: float | None) -> _T:
         """Run `attempt_call(deadline_seconds)`, retrying UNAVAILABLE with backoff."""
         deadline = self.timeout if timeout is None else timeout
@@ -335,13 +361,6 @@ class WalkRankClient:
         tenant: str,
         pins: Sequence[PinId] = (),
         *,
-    def _metadata_for(self, tenant: str) -> tuple[tuple[str, str], ...]:
-        """A Recommender call's metadata: the API key and the tenant header (left out for a
-        name no tenant can have, which the server then refuses by the request alone)."""
-        if not _TENANT_NAME.fullmatch(tenant):
-            return self._tenant_metadata
-        return (*self._tenant_metadata, (TENANT_HEADER, tenant))
-
         weights: Sequence[float] | None = None,
         actions: Sequence[ActionLike] | None = None,
         user_id: str | None = None,
@@ -352,12 +371,16 @@ class WalkRankClient:
         seed: int | None = None,
         request_id: str | None = None,
         request_time: Moment | None = None,
+        features: Mapping[str, float] | None = None,
+        extra_candidates: Sequence[ExtraLike] | None = None,
         timeout: float | None = None,
     ) -> recommender_pb2.RecommendResponse:
         """Candidates for one user from walks starting at `pins` (external ids), or at the
         pins of the user's recent `actions` (weighed by the tenant's `query.action_weights`
         and `recency_half_life_hours`); ages and the logged time are measured from
-        `request_time` (epoch seconds or a datetime, default now: the server's clock)."""
+        `request_time` (epoch seconds or a datetime, default now: the server's clock).
+        `features` feeds the tenant's `request.<name>` features; `extra_candidates` (pin id,
+        source) from the client's other generators are ranked with the walk's."""
         request = recommender_pb2.RecommendRequest(
             tenant=tenant,
             request_id=request_id or "",
@@ -368,6 +391,8 @@ class WalkRankClient:
             exclude_pins=[str(p) for p in exclude or ()],
             seed=seed,
             request_time=epoch_seconds(request_time),
+            features=dict(features or {}),
+            extra_candidates=extra_candidate_messages(extra_candidates),
         )
         return self._call(
             "Recommend",

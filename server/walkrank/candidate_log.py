@@ -489,6 +489,8 @@ CANDIDATE_COLUMNS = pa.schema(
         pa.field("user_locale", pa.string()),
         pa.field("user_interests", pa.list_(pa.string()), nullable=False),
         pa.field("pin_id", pa.string(), nullable=False),
+        # The generator that proposed the candidate: "walk" or a request's extra source.
+        pa.field("source", pa.string(), nullable=False),
         pa.field("visit_score", pa.float32(), nullable=False),
         pa.field("model_score", pa.float32(), nullable=False),
         pa.field("rank", pa.int32(), nullable=False),
@@ -543,6 +545,8 @@ class CandidateBatch:
     propensities: np.ndarray | None = None  # None: 1 where returned, else 0
     shadow_version: str | None = None
     shadow_scores: np.ndarray | None = None
+    # (source names, a code per candidate into them); None: every candidate is the walk's.
+    sources: tuple[Sequence[str], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if not PARTITION_VALUE.match(self.tenant or ""):
@@ -569,6 +573,11 @@ class CandidateBatch:
                     f"candidate batch {self.request_id!r}: {name} has "
                     f"{len(getattr(self, name))} entries for {k} pins"
                 )
+        if self.sources is not None and len(self.sources[1]) != k:
+            raise DataError(
+                f"candidate batch {self.request_id!r}: sources has "
+                f"{len(self.sources[1])} codes for {k} pins"
+            )
         # Request-level values go into columns built for many requests at once, where one
         # bad value would cost the whole row group: refuse it here, with its request.
         for name, value, optional in (
@@ -611,6 +620,7 @@ MAX_INTERESTS = 256
 """The most user_interests one logged request may carry (same rule)."""
 
 _CODES = pa.dictionary(pa.int32(), pa.string())
+WALK_SOURCE = "walk"  # walkrank.features.WALK_SOURCE (the log imports no serving code)
 _REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version", "arm", "shadow_version")
 
 
@@ -656,6 +666,19 @@ def _per_request_lists(lists: list[Sequence[str]], owner: np.ndarray) -> pa.List
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), codes)
 
 
+def _sources(batches: Sequence[CandidateBatch]) -> pa.DictionaryArray:
+    """Each candidate's generator, with one dictionary for all the batches."""
+    names = sorted({WALK_SOURCE}.union(*(b.sources[0] for b in batches if b.sources)))
+    code = {name: i for i, name in enumerate(names)}
+    codes = [
+        np.full(len(b), code[WALK_SOURCE], np.int32)
+        if b.sources is None
+        else np.array([code[name] for name in b.sources[0]], np.int32)[b.sources[1]]
+        for b in batches
+    ]
+    return pa.DictionaryArray.from_arrays(pa.array(np.concatenate(codes)), pa.array(names))
+
+
 def candidates_table(
     batches: Sequence[CandidateBatch], pin_ids: Sequence[pa.Array] | None = None
 ) -> pa.Table:
@@ -688,6 +711,7 @@ def candidates_table(
         text("user_locale"),
         _per_request_lists([list(b.user_interests) for b in batches], owner),
         pa.concat_arrays(list(pin_ids)),
+        _sources(batches),
         concatenated("visit_scores", np.float32),
         concatenated("model_scores", np.float32),
         concatenated("ranks", np.int32),

@@ -229,6 +229,8 @@ class TenantConfig:
     # walkrank.experiments: exploration traffic and model experiments (None: off).
     exploration: ExplorationConfig | None = None
     experiments: ExperimentsConfig | None = None
+    # `pin.`/`request.` feature -> the value served when its input is missing (else 0).
+    feature_defaults: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     @functools.cached_property
     def walk_params(self) -> WalkParams:
@@ -272,6 +274,7 @@ class TenantConfig:
                 "max_return": self.candidates.max_return,
             },
             "features": list(self.features),
+            "feature_defaults": dict(self.feature_defaults),
             "ranker": {
                 "objective": self.ranker.objective,
                 "converter": self.ranker.converter,
@@ -557,6 +560,7 @@ def _build(top: _Fields, *, source: Path) -> TenantConfig:
     candidates = _candidates(top.section("candidates"))
     walk = _walk(top.section("walk"))
     features = _features(top)
+    feature_defaults = _feature_defaults(top, features)
     ranker = _ranker(top.section("ranker"))
     labels = _labels(top.section("labels"), ranker, candidates)
     logging_section = top.section("logging")
@@ -580,6 +584,7 @@ def _build(top: _Fields, *, source: Path) -> TenantConfig:
         source,
         exploration,
         experiments,
+        feature_defaults=feature_defaults,
     )
 
 
@@ -688,6 +693,24 @@ def _features(top: _Fields) -> tuple[str, ...]:
         return check_feature_names(raw)
     except ConfigError as exc:
         top.fail("features", str(exc))
+
+
+def _feature_defaults(top: _Fields, features: tuple[str, ...]) -> Mapping[str, float]:
+    """`feature_defaults`: a listed `pin.<column>` or `request.<name>` feature -> the finite
+    value served when the pin lacks the column or the request omits the feature."""
+    from walkrank.features import DECLARED_RE, DEFAULTABLE
+
+    section = top.section("feature_defaults")
+    out = {}
+    for name in list(section.raw):
+        match = DECLARED_RE.fullmatch(str(name))
+        if match is None or match["kind"] not in DEFAULTABLE:
+            section.fail(str(name), "only pin.<column> and request.<name> features take a default")
+        if name not in features:
+            section.fail(name, "not in the tenant's features list; list it there first")
+        out[name] = section.number(name, low=-math.inf, high=None)
+    section.done()
+    return MappingProxyType(out)
 
 
 def _ranker(section: _Fields) -> RankerConfig:

@@ -22,6 +22,11 @@ from walkrank.experiments import rank
 from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
 from walkrank.serving.errors import DeadlineExceeded, InvalidArgument
+from walkrank.serving.open_features import (
+    add_extra_candidates,
+    check_extra_candidates,
+    request_features,
+)
 from walkrank.serving.tenant_table import TenantRuntime
 from walkrank.walks.engine import WalkCancelled, WalkResult, walk
 
@@ -51,6 +56,8 @@ class RecommendInput:
     seed: int | None = None
     request_time: float | None = None  # epoch seconds; None means now
     actions: tuple[Action, ...] = ()  # instead of query pins
+    features: tuple[tuple[str, float], ...] = ()  # the tenant's `request.<name>` features
+    extra_candidates: tuple[tuple[str, str], ...] = ()  # (pin_id, source) of other generators
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class RecommendOutput:
     empty_reason: str | None
     timing_ms: dict[str, float]
     candidates_generated: int
+    sources: np.ndarray | None = None  # per returned candidate, "" for the walk; None: all
     arm: str = ""  # walkrank.experiments: explore, an experiment arm, or default
 
 
@@ -267,6 +275,8 @@ def recommend(
     clock = Stopwatch(time_remaining, config.limits.deadline_ms / 1e3)
     now = time.time() if request.request_time is None else request.request_time
     pins, weights, num_results = validate(request, runtime, now)
+    declared = request_features(request.features, config)
+    check_extra_candidates(request.extra_candidates)
 
     query_pins = np.asarray(pins, dtype=object)
     if len(query_pins) > config.query.max_pins:
@@ -295,6 +305,10 @@ def recommend(
     if request.exclude_pins and len(result.pins):
         excluded = graph.pin_index(list(request.exclude_pins))
         result = _take(result, ~np.isin(result.pins, excluded[excluded >= 0]))
+    sources = None
+    if request.extra_candidates:
+        skip = np.concatenate([dense, graph.pin_index(list(request.exclude_pins))])
+        result, sources = add_extra_candidates(graph, result, request.extra_candidates, skip)
     clock.lap("walk")
 
     known = dense >= 0
@@ -306,8 +320,11 @@ def recommend(
         query_pins=dense[known],
         query_weights=shares.astype(np.float32),
         now=now,
+        features=declared,
     )
-    features = compute_features(graph, result, context, config.features)
+    features = compute_features(
+        graph, result, context, config.features, config.feature_defaults, sources
+    )
     clock.lap("features")
 
     # The request's arm (exploration, an experiment arm, or the tenant's model) orders them.
@@ -349,6 +366,7 @@ def recommend(
                 model_scores=scores,
                 ranks=ranks,
                 returned=returned,
+                sources=None if sources is None else (sources.names, sources.codes),
                 model_version=ranked.model_version,
                 arm=ranked.arm,
                 propensities=ranked.propensity,
@@ -369,5 +387,6 @@ def recommend(
         empty_reason=result.empty_reason,
         timing_ms=clock.timing_ms,
         candidates_generated=len(result.pins),
+        sources=None if sources is None else np.array(["", *sources.names[1:]])[sources.codes[top]],
         arm=ranked.arm,
     )

@@ -27,6 +27,7 @@ _SCORE_TAG = 0x15  # Candidate.score = 2, fixed32
 _VISIT_COUNT_TAG = 0x18  # Candidate.visit_count = 3, varint
 _RANK_TAG = 0x20  # Candidate.rank = 4, varint
 _WALK_SCORE_TAG = 0x2D  # Candidate.walk_score = 5, fixed32
+_SOURCE_TAG = 0x32  # Candidate.source = 6, length-delimited
 
 
 @njit(inline="always")
@@ -56,28 +57,39 @@ def _put_fixed32(out, at, tag, bits):
     return at + 5
 
 
+@njit(inline="always")
+def _text_length(text_bytes, i):
+    length = text_bytes.shape[1]
+    while length > 0 and text_bytes[i, length - 1] == 0:
+        length -= 1
+    return length
+
+
 @njit(nogil=True, cache=True)
-def encode_candidates(id_bytes, score_bits, visits, walk_score_bits):
+def encode_candidates(id_bytes, score_bits, visits, walk_score_bits, source_bytes):
     """`RecommendResponse.candidates` as wire bytes, ranks 1..n in row order.
 
-    `id_bytes` is an (n, width) uint8 view of NUL-padded UTF-8 pin ids, `score_bits` and
-    `walk_score_bits` the float32 scores' bits (uint32), `visits` uint32. Fields at their
-    proto3 default (a score of +0.0, no visits) are left out, as protobuf itself does.
+    `id_bytes` and `source_bytes` are (n, width) uint8 views of NUL-padded UTF-8 pin ids
+    and sources (empty for the walk's candidates), `score_bits` and `walk_score_bits` the
+    float32 scores' bits (uint32), `visits` uint32. Fields at their proto3 default (a score
+    of +0.0, no visits, an empty source) are left out, as protobuf itself does.
     """
-    n, width = id_bytes.shape
+    n = id_bytes.shape[0]
     id_len = np.empty(n, np.int64)
+    source_len = np.empty(n, np.int64)
     body = np.empty(n, np.int64)
     total = 0
     for i in range(n):
-        length = width
-        while length > 0 and id_bytes[i, length - 1] == 0:
-            length -= 1
+        length = _text_length(id_bytes, i)
         id_len[i] = length
+        source_len[i] = _text_length(source_bytes, i)
         size = 1 + _varint_size(np.uint64(length)) + length if length > 0 else 0
         size += 5 if score_bits[i] != 0 else 0
         size += 1 + _varint_size(np.uint64(visits[i])) if visits[i] != 0 else 0
         size += 1 + _varint_size(np.uint64(i + 1))
         size += 5 if walk_score_bits[i] != 0 else 0
+        if source_len[i] > 0:
+            size += 1 + _varint_size(np.uint64(source_len[i])) + source_len[i]
         body[i] = size
         total += 1 + _varint_size(np.uint64(size)) + size
     out = np.empty(total, np.uint8)
@@ -100,6 +112,12 @@ def encode_candidates(id_bytes, score_bits, visits, walk_score_bits):
         at = _put_varint(out, at + 1, np.uint64(i + 1))
         if walk_score_bits[i] != 0:
             at = _put_fixed32(out, at, _WALK_SCORE_TAG, walk_score_bits[i])
+        length = source_len[i]
+        if length > 0:
+            out[at] = _SOURCE_TAG
+            at = _put_varint(out, at + 1, np.uint64(length))
+            out[at : at + length] = source_bytes[i, :length]
+            at += length
     return out
 
 
@@ -172,6 +190,10 @@ def encode_response(tenant: str, output: RecommendOutput) -> bytes:
         np.ascontiguousarray(output.scores, dtype=np.float32).view(np.uint32),
         np.ascontiguousarray(output.visits, dtype=np.uint32),
         np.ascontiguousarray(output.walk_scores, dtype=np.float32).view(np.uint32),
+        # The walk's candidates carry no source on the wire (proto3's empty default).
+        np.zeros((len(output.pin_ids), 1), np.uint8)
+        if output.sources is None
+        else _utf8_ids(output.sources),
     )
     return head.SerializeToString() + candidates.tobytes()
 
