@@ -406,6 +406,8 @@ class Chaos:
     def isolation(self) -> None:
         """Direct to the server, then through Envoy with per-tenant admission."""
         from loadgen.isolation import Load, admission_proxy, measure_isolation, tagged
+        from walkrank.envoy import find_envoy
+        from walkrank.errors import ConfigError
         from walkrank.tenants import load_tenant
 
         victim_calls = self.valid_calls("related_pins", 200)
@@ -440,6 +442,11 @@ class Chaos:
             ).to_dict()
 
         self.record_isolation("", measure(self.server.target, None))
+        try:
+            find_envoy()
+        except ConfigError as exc:  # the _envoy figures stay null (not measured)
+            self.context["isolation_envoy"] = {"not_measured": str(exc)}
+            return
         workdir = self.root / "envoy"
         workdir.mkdir(exist_ok=True)
         with admission_proxy(self.server.target, self.tenants, workdir) as proxy:

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
 from walkrank_client.pb.walkrank.v1 import admin_pb2, events_pb2, recommender_pb2
 
@@ -598,6 +599,17 @@ def test_concurrent_hostile_calls(live: Hostile) -> None:
     live.assert_healthy()
 
 
+def _has_envoy() -> bool:
+    """The chaos run measures isolation through Envoy too when there is one (the lock has it)."""
+    from walkrank.envoy import find_envoy
+
+    try:
+        find_envoy()
+    except ConfigError:
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_chaos_quick_run_meets_the_zero_targets(tmp_path: Path) -> None:
     """load_tests/chaos.py --quick end to end against a real `walkrank serve`: the report has
@@ -623,6 +635,7 @@ def test_chaos_quick_run_meets_the_zero_targets(tmp_path: Path) -> None:
         "isolation_p99_ratio",
         "refusal_p99_ms",
         "failed_calls_during_reload",
+        *(("isolation_p99_ratio_envoy", "refusal_p99_ms_envoy") if _has_envoy() else ()),
     ):
         assert key in report and report[key] is not None, (key, report.get("context"))
     assert report["fuzzed"] >= 1_000 and sum(report["statuses"].values()) == report["fuzzed"]
