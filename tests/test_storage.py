@@ -250,6 +250,7 @@ def test_a_server_serves_graph_and_models_from_the_store_and_ships_its_logs(
         models=f"{uri}/models",
         logs=f"{uri}/logs",
         log_ship_seconds=0.05,
+        graph_watch_seconds=0.05,
     )
     cache = tmp_path / "cache" / "s3" / BUCKET / f"serve-{tmp_path.name}"
     assert (config.graph, config.models_dir, config.logs_dir) == (
@@ -273,6 +274,10 @@ def test_a_server_serves_graph_and_models_from_the_store_and_ships_its_logs(
         assert client.recommend("related_pins", query).model_version == "v2"
         assert client.graph_info().version == "2"
         assert client.recommend("homefeed", query).candidates  # homefeed logs every call
+        # Without a Reload: the watcher follows the store's CURRENT.
+        repository.publish(functools.partial(shutil.copytree, small_graph.path))
+        push(repository.root, f"{uri}/graphs")
+        _wait_until(lambda: client.graph_info().version == "3", "the watcher swapped in 3")
     # Stopped: the logs were closed and shipped; nothing is left on local disk.
     assert not list((config.logs_dir / "candidates").rglob("*.parquet"))
     generated = server.metrics.registry.get_sample_value(
