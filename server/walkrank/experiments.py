@@ -45,8 +45,8 @@ _SHARE_TOLERANCE = 1e-9
 
 @dataclass(frozen=True)
 class ExplorationConfig:
-    """`exploration`: `share` of the traffic served by `policy` (sticky by user id, or by
-    request id when `sticky: request` or the request names no user)."""
+    """`exploration`: `share` of the traffic served by `policy`, sticky by user id (requests
+    without one are not explored), or by request id with `sticky: request`."""
 
     share: float
     policy: Literal["visit_count", "shuffle_top"]
@@ -167,11 +167,14 @@ def assign_arm(
 ) -> str:
     """The arm of one request: `explore`, an experiment arm, or `default`.
 
-    Exploration takes its share first (its own hash), experiments split the rest by a hash of
-    the user id (the request id when there is none)."""
+    Exploration takes its share first (its own hash of the user id, or of the request id with
+    `sticky: request`), experiments split the rest by a hash of the user id (the request id
+    when there is none)."""
     if exploration is not None and exploration.share > 0:
-        key = user_id if exploration.sticky == "user" and user_id else request_id
-        if bucket(f"explore/{tenant}/{exploration.seed}", key) < exploration.share:
+        # Sticky by user: a request without a user id is never explored (its id is often
+        # made up per call, which would make its answer a coin toss).
+        key = user_id if exploration.sticky == "user" else request_id
+        if key and bucket(f"explore/{tenant}/{exploration.seed}", key) < exploration.share:
             return EXPLORE_ARM
     if experiments is None:
         return DEFAULT_ARM
