@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
-from walkrank.graph.synthetic import generate_graph_tables
 from walkrank.walks import WalkParams, WalkResult, kernels, step_budgets, walk
 from walkrank.walks.engine import WalkCancelled, new_visit_table
 
@@ -80,14 +80,9 @@ def _walk_one(
 
 
 @pytest.fixture(scope="module")
-def two_locale_graph(tmp_path_factory: pytest.TempPathFactory) -> GraphStore:
+def two_locale_graph(synthetic_graph: Callable[..., GraphStore]) -> GraphStore:
     """2k pins in locales en / ja; boards mostly keep to one locale (home_share 0.85)."""
-    tables = generate_graph_tables(
-        n_pins=2_000, n_boards=400, n_edges=20_000, n_topics=4, n_locales=2, seed=3
-    )
-    out = tmp_path_factory.mktemp("graphs") / "two_locales"
-    build_graph(out, tables.edges, tables.pins, tables.boards)
-    return GraphStore.load(out)
+    return synthetic_graph(n_topics=4, n_locales=2, seed=3)
 
 
 @pytest.fixture(scope="module")
