@@ -14,10 +14,9 @@ from walkrank.ranking.convert import to_onnx
 from walkrank.ranking.export import export_model
 from walkrank.ranking.gate import booster_splits, probe_rows, validate
 from walkrank.ranking.scorer import onnx_session
-from walkrank.ranking.training import train_model
+from walkrank.ranking.training import OBJECTIVES, train_model
 
 N_FEATURES = 10
-OBJECTIVES = ("binary", "pairwise", "regression")
 CONVERTERS = ("onnxmltools", "hummingbird")
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 import yaml
 
 from walkrank.errors import ConfigError
+from walkrank.ranking.training import OBJECTIVES
 
 if TYPE_CHECKING:
     from walkrank.experiments import ExperimentsConfig, ExplorationConfig
@@ -38,7 +39,6 @@ QUERY_SOURCES = ("recent_pins", "viewed_pin")
 #: interactive request (home feed, related pins) is waiting (walkrank.serving.scheduler).
 PRIORITIES = ("interactive", "batch")
 BIAS_BY = ("locale", "locale_topic")
-OBJECTIVES = ("binary", "pairwise", "regression")
 CONVERTERS = ("onnxmltools", "hummingbird")
 LABEL_STRATEGIES = ("engagement", "funnel", "blended_funnel", "distillation")
 PRIMARY_METRICS = ("recall_actions", "recall_impressions", "ndcg")
@@ -718,7 +718,7 @@ def _ranker(section: _Fields) -> RankerConfig:
         name: _ranker_value(section, name, default) for name, default in _RANKER_DEFAULTS.items()
     }
     ranker = RankerConfig(
-        objective=section.choice("objective", OBJECTIVES, "binary"),
+        objective=section.choice("objective", tuple(OBJECTIVES), "binary"),
         converter=section.choice("converter", CONVERTERS, "onnxmltools"),
         search=_search(section),
         **values,
