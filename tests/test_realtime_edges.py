@@ -205,3 +205,34 @@ def test_walks_on_base_plus_delta_match_walks_on_the_merged_graph(
     for pin in sorted(on_merged, key=on_merged.__getitem__, reverse=True)[:30]:
         expected = on_merged[pin]
         assert abs(on_live.get(pin, 0) - expected) < 5 * math.sqrt(expected) + 20, pin
+
+
+def test_saves_on_a_board_become_edges_for_a_tenant_that_opts_in(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    config = make_config(tmp_path, small_graph, realtime=RealtimeConfig(max_edges=1000))
+    homefeed = config.tenants_dir / "homefeed.yaml"
+    homefeed.write_text(homefeed.read_text() + "\ngraph:\n  realtime_saves: true\n")
+    query = busy_pins(small_graph, 1)
+    saves = [
+        {"request_id": "r1", "pin_id": pin, "event": "save", "board_id": board, "timestamp": at}
+        for pin, board, at in _saves_onto_boards_of(small_graph, query[0])
+    ]
+    with running(config) as (server, client):
+        delta = server.serving.served.delta
+        # A tenant without the setting, and events that are not saves on a board: no edges.
+        client.report_events("email", saves)
+        client.report_events("homefeed", [{**saves[0], "event": "click"}])
+        client.report_events("homefeed", [{k: v for k, v in saves[0].items() if k != "board_id"}])
+        assert delta.edges == 0
+        # A rejected event (a timestamp in milliseconds) adds no edge either.
+        bad = client.report_events("homefeed", [{**saves[0], "timestamp": 1.7e12}])
+        assert (bad.accepted, bad.rejected, delta.edges) == (0, 1, 0)
+        answer = client.report_events("homefeed", saves)
+        assert answer.accepted == len(saves) and delta.edges == len(saves)
+        delta.publish()  # what the background thread does within realtime.flush_ms
+        assert NEW_PIN in _ids(client.recommend("homefeed", query, seed=1))[:10]
+        refused = code_of(
+            lambda: client.report_events("homefeed", [{**saves[0], "board_id": "b-1"}])
+        )
+        assert refused == grpc.StatusCode.INVALID_ARGUMENT

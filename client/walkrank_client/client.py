@@ -199,7 +199,7 @@ def _batch_user(
     )
 
 
-_EVENT_FIELDS = frozenset({"request_id", "pin_id", "event", "score", "timestamp"})
+_EVENT_FIELDS = frozenset({"request_id", "pin_id", "event", "score", "timestamp", "board_id"})
 
 
 def _event(event: Mapping[str, Any] | events_pb2.Event, index: int) -> events_pb2.Event:
@@ -219,6 +219,7 @@ def _event(event: Mapping[str, Any] | events_pb2.Event, index: int) -> events_pb
         # None leaves an optional field unset (the server's defaults).
         score=None if score is None else float(score),
         timestamp=epoch_seconds(event.get("timestamp")),
+        board_id=None if event.get("board_id") is None else str(event["board_id"]),
     )
 
 
@@ -452,8 +453,8 @@ class WalkRankClient:
         timeout: float | None = None,
     ) -> events_pb2.ReportEventsResponse:
         """Report downstream events; each a mapping with `request_id`, `pin_id`, `event` and
-        optionally `score` and `timestamp` (epoch seconds or a datetime), or an `Event`
-        message."""
+        optionally `score`, `timestamp` (epoch seconds or a datetime) and `board_id` (the
+        board of a save), or an `Event` message."""
         request = events_pb2.ReportEventsRequest(
             tenant=tenant, events=[_event(e, i) for i, e in enumerate(events)]
         )

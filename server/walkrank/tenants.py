@@ -231,6 +231,9 @@ class TenantConfig:
     experiments: ExperimentsConfig | None = None
     # `pin.`/`request.` feature -> the value served when its input is missing (else 0).
     feature_defaults: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # graph.realtime_saves: the "save" events it reports with a board_id become pin-board
+    # edges of the server's real-time delta (walkrank.graph.delta).
+    realtime_saves: bool = False
 
     @functools.cached_property
     def walk_params(self) -> WalkParams:
@@ -297,6 +300,7 @@ class TenantConfig:
             },
             "exploration": None if self.exploration is None else self.exploration.to_dict(),
             "experiments": None if self.experiments is None else self.experiments.to_dict(),
+            "graph": {"realtime_saves": self.realtime_saves},
         }
 
 
@@ -569,6 +573,11 @@ def _build(top: _Fields, *, source: Path) -> TenantConfig:
     )
     logging_section.done()
     exploration, experiments = _experiments(top, candidates)
+    graph_section = top.section("graph")
+    realtime_saves = graph_section.get("realtime_saves", False)
+    if not isinstance(realtime_saves, bool):
+        graph_section.fail("realtime_saves", f"must be true or false, got {_show(realtime_saves)}")
+    graph_section.done()
     top.done()
     return TenantConfig(
         name,
@@ -585,6 +594,7 @@ def _build(top: _Fields, *, source: Path) -> TenantConfig:
         exploration,
         experiments,
         feature_defaults=feature_defaults,
+        realtime_saves=realtime_saves,
     )
 
 

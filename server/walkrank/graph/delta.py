@@ -408,6 +408,7 @@ class DeltaSegment:
         self._records: list[tuple[int, bytes]] = []
         self._reset(base)
         self.replay = ReplayReport()
+        self.dropped_saves = 0  # tenants' saves refused at max_edges (`add_saves`)
         self._log: AppendLog | None = None
         if log_path is not None:
             records, self.replay = recover_log(log_path)
@@ -513,6 +514,24 @@ class DeltaSegment:
         self._records.append((seq, record))
         self._dirty = self._dirty or added > 0 or new_pins > 0
         return AddResult(added, len(edges) - added, new_pins, new_boards)
+
+    def check(self, edge: Edge, field: str) -> None:
+        """BadEdge naming `field` when `add` would refuse the edge."""
+        _check_edge(edge, field, self._base)
+
+    def add_saves(self, edges: Sequence[Edge]) -> int:
+        """Add a tenant's reported saves, best effort: batches past `max_edges` are dropped
+        (the events themselves were kept), counted in `dropped_saves` and logged. Returns
+        the edges added."""
+        added = 0
+        for at in range(0, len(edges), MAX_BATCH_EDGES):
+            batch = edges[at : at + MAX_BATCH_EDGES]
+            try:
+                added += self.add(batch).added
+            except DeltaFull as exc:
+                self.dropped_saves += len(batch)
+                log.warning("saves not added as real-time edges: %s", exc)
+        return added
 
     # -- publishing ----------------------------------------------------------------------
     def publish(self) -> None:

@@ -19,7 +19,7 @@ import yaml
 from walkrank.candidate_log import CandidateSink
 from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners, validate_events
-from walkrank.graph.delta import MAX_BATCH_EDGES, BadEdge, DeltaFull, Edge
+from walkrank.graph.delta import MAX_BATCH_EDGES, BadEdge, DeltaFull, DeltaSegment, Edge
 from walkrank.graph.store import GraphStore
 from walkrank.serving.auth import Authenticator, check_tenant_header
 from walkrank.serving.errors import (
@@ -69,6 +69,8 @@ from walkrank_client.pb.walkrank.v1 import (
 
 #: Response metadata (trailing) naming the graph version that answered a Recommender call.
 GRAPH_VERSION_KEY = "walkrank-graph-version"
+#: ReportEventsResponse.rejections: the first few, never a huge batch echoed back.
+REJECTIONS_SHOWN = 10
 
 
 class ServingContext:
@@ -313,6 +315,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         runtime = self.serving.runtime(request.tenant, context)
         events = list(request.events)
         check_events(events)
+        delta = self.serving.served.delta if runtime.config.realtime_saves else None
+        saves = _saves_on_boards(events, delta)
         columns = {
             "request_id": [e.request_id for e in events],
             "pin_id": [e.pin_id for e in events],
@@ -323,20 +327,47 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         # Stored with the reporting tenant; a request id served for another tenant is
         # refused row by row, without saying whose it is.
         accepted, report = validate_events(
-            columns, tenant=runtime.name, owners=self.serving.request_owners, source="events"
+            columns,
+            tenant=runtime.name,
+            owners=self.serving.request_owners,
+            source="events",
+            max_examples=len(events) if saves else REJECTIONS_SHOWN,  # saves: every rejection
         )
         if accepted.num_rows and not self.serving.event_log.submit(accepted):
             raise QuotaExceeded(
                 "the event log queue is full; nothing from this call was kept, retry later"
             )
         self.serving.tenants.counters(runtime.name).add_events(accepted.num_rows, report.count)
+        if saves and delta is not None:  # the accepted saves become edges
+            rejected = {r.index for r in report.examples}
+            delta.add_saves([edge for i, edge in saves if i not in rejected])
         return events_pb2.ReportEventsResponse(
             accepted=accepted.num_rows,
             rejected=report.count,
             rejections=[
-                events_pb2.EventRejection(index=r.index, reason=r.reason) for r in report.examples
+                events_pb2.EventRejection(index=r.index, reason=r.reason)
+                for r in report.examples[:REJECTIONS_SHOWN]
             ],
         )
+
+
+def _saves_on_boards(events: list[Any], delta: DeltaSegment | None) -> list[tuple[int, Edge]]:
+    """The "save" events naming a board, as (index, pin-board edge), when `delta` takes them
+    (the tenant has `graph.realtime_saves` and the server real-time edges); an id the graph
+    cannot hold is INVALID_ARGUMENT naming the event, before anything is kept."""
+    if delta is None:
+        return []
+    saves = []
+    for index, event in enumerate(events):
+        if event.HasField("board_id") and event.event.strip().lower() == "save":
+            moment = event.timestamp if event.HasField("timestamp") else None
+            edge = Edge(event.pin_id, event.board_id, moment)
+            try:
+                delta.check(Edge(edge.pin_id, edge.board_id), f"events[{index}]")
+            except BadEdge as exc:
+                raise InvalidArgument(exc.field, exc.problem) from None
+            saves.append((index, edge))
+    return saves
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
