@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from test_server import _wait_until, busy_pins, make_config, running
 
 from walkrank.envoy import (
@@ -23,6 +24,7 @@ from walkrank.envoy import (
     EnvoySettings,
     admin_get,
     find_envoy,
+    main,
     render_config,
     tenant_cluster,
     tenant_quotas,
@@ -93,6 +95,22 @@ def test_each_tenant_gets_a_route_and_a_cluster_limited_to_its_quota(tmp_path: P
                     listen="127.0.0.1:1", upstreams=("127.0.0.1:2",), tenant_quotas=(bad,)
                 )
             )
+
+
+def test_the_config_printer_admits_by_a_tenant_directory(capsys) -> None:
+    tenants = str(Path(__file__).parents[1] / "tenants")
+    args = ["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--upstream", "127.0.0.1:3"]
+    assert main([*args, "--tenants", tenants]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    # email's quota (4 in flight) on each of the two upstreams.
+    assert (
+        clusters[tenant_cluster("email")]["circuit_breakers"]["thresholds"][0]["max_requests"] == 8
+    )
+    assert main([*args, "--tenants", tenants, "--quota-replicas", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "walkrank.envoy: error: --quota-replicas: must be >= 1, got 0"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,27 @@ from pathlib import Path
 
 import yaml
 
-from walkrank.envoy import EnvoySettings, dump_config
+from walkrank.envoy import EnvoySettings, dump_config, tenant_quotas
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 NAMESPACE = "walkrank"
 # Envoy in the cluster: every interface of the pod, the replicas behind the headless Service,
-# /stats/prometheus alone on 9902 (the admin API stays on the pod's loopback).
+# /stats/prometheus alone on 9902 (the admin API stays on the pod's loopback). No tenant
+# admission: with several Envoy pods and an autoscaled replica count no fixed per-Envoy limit
+# is a tenant's quota, so the replicas' own quotas apply (docs/fault-containment.md).
 IN_CLUSTER = EnvoySettings(
     listen="0.0.0.0:50051",
     upstreams=(f"walkrank-replicas.{NAMESPACE}.svc.cluster.local:50051",),
     metrics="0.0.0.0:9902",
 )
-# One host: Envoy on the default address, replicas on the next ports (walkrank.replicas).
-ONE_HOST = EnvoySettings(listen="127.0.0.1:50051", upstreams=("127.0.0.1:50052", "127.0.0.1:50053"))
+# One host: Envoy on the default address, replicas on the next ports (walkrank.replicas),
+# each shipped tenant admitted up to its quota on both replicas.
+ONE_HOST = EnvoySettings(
+    listen="127.0.0.1:50051",
+    upstreams=("127.0.0.1:50052", "127.0.0.1:50053"),
+    tenant_quotas=tenant_quotas(REPO / "tenants", 2),
+)
 
 
 class _Block(str):

@@ -571,8 +571,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin", default=defaults.admin, help="loopback host:port")
     parser.add_argument("--metrics", help="host:port exposing /stats/prometheus only")
     parser.add_argument("--lb-policy", choices=LB_POLICIES, default=defaults.lb_policy)
+    parser.add_argument(
+        "--tenants",
+        help="a tenant directory: admit each tenant's calls up to its quota (max_in_flight) "
+        "times --quota-replicas",
+    )
+    parser.add_argument(
+        "--quota-replicas",
+        type=int,
+        help="replicas behind this Envoy, for --tenants (default: the --upstream count)",
+    )
     args = parser.parse_args(argv)
     try:
+        replicas = len(args.upstream) if args.quota_replicas is None else args.quota_replicas
+        if replicas < 1:
+            raise ConfigError(f"--quota-replicas: must be >= 1, got {replicas}")
         print(
             dump_config(
                 EnvoySettings(
@@ -581,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                     admin=args.admin,
                     metrics=args.metrics,
                     lb_policy=args.lb_policy,
+                    tenant_quotas=tenant_quotas(args.tenants, replicas) if args.tenants else (),
                 )
             ),
             end="",
