@@ -27,7 +27,6 @@ from loadgen.ghz_config import GhzConfig, load_ghz_config
 from loadgen.harness import ServeProcess, write_server_config
 from loadgen.report import Summary, from_ghz_json, write_results
 from loadgen.traffic import draw_requests, unknown_query_pins, write_requests
-
 from walkrank.errors import WalkRankError
 from walkrank.graph.store import GraphStore
 

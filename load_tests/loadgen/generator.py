@@ -218,8 +218,8 @@ async def _run_share(
                 task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         for task in workers:  # a worker's own failure (not the cut-off) is the run's
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
         result.finished = time.monotonic()
     finally:
         for channel in channels:
@@ -337,6 +337,7 @@ def run_load(configs: list[GhzConfig], target: str, processes: int = 2) -> list[
             path, index, result, failure = _next_result(results, children)
             if failure is not None:
                 raise RuntimeError(f"load generator process {index} for {path} failed: {failure}")
+            assert result is not None  # a child sends a result or a failure
             collected[path].append(result)
     finally:
         go.set()

@@ -154,7 +154,13 @@ def render_template(text: str, values: dict[str, Any]) -> str:
     """Substitute `{{.Name}}` actions (validated by `check_template` beforehand)."""
     if "{{" not in text:
         return text
-    return _ACTION_RE.sub(lambda m: str(values[_VARIABLE_RE.fullmatch(m.group(1)).group(1)]), text)
+
+    def substitute(action: re.Match[str]) -> str:
+        variable = _VARIABLE_RE.fullmatch(action.group(1))
+        assert variable is not None  # check_template refuses any other action
+        return str(values[variable.group(1)])
+
+    return _ACTION_RE.sub(substitute, text)
 
 
 def _positive_int(raw: dict[str, Any], key: str, where: str) -> int:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -61,7 +62,7 @@ def write_server_config(
     return path
 
 
-def wait_serving(target: str, timeout_s: float, alive: callable = lambda: True) -> None:
+def wait_serving(target: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
     """Block until the server's overall health is SERVING."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
@@ -149,11 +150,11 @@ class ServeProcess:
     def start(self) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(
+            process = self._process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
             )
         try:
-            wait_serving(self.target, START_TIMEOUT_S, lambda: self._process.poll() is None)
+            wait_serving(self.target, START_TIMEOUT_S, lambda: process.poll() is None)
             # Forked servers bind one by one; load must not start before all of them listen.
             deadline = time.monotonic() + START_TIMEOUT_S
             while self.log_path.read_text().count(SERVING_LINE) < self.processes:
