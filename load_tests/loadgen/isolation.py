@@ -204,8 +204,10 @@ class IsolationReport:
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     server_cpu_s: dict[str, float] = field(default_factory=dict)
     idle_cores: float = 0.0  # the server's CPU use with no calls (polling threads, writers)
-    #: The proxy's (Envoy's) CPU per phase, when the loads go through one.
+    #: The proxy's (Envoy's) CPU per phase, when the loads go through one, less its idle use
+    #: (health checks, stats).
     proxy_cpu_s: dict[str, float] = field(default_factory=dict)
+    proxy_idle_cores: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         alone = self.phases["victim_alone"]["victim"]
@@ -234,6 +236,7 @@ class IsolationReport:
             "server_cpu_s": self.server_cpu_s,
             "proxy_cpu_s": self.proxy_cpu_s,
             "server_idle_cores": self.idle_cores,
+            "proxy_idle_cores": self.proxy_idle_cores,
         }
 
     def cpu_per_call(self, cpu_s: dict[str, float], who: str) -> dict[str, float]:
@@ -272,9 +275,11 @@ def measure_isolation(
     phase 2 uses `quota` callers, phases 3-5 `factor` x it.
     """
     report = IsolationReport(factor=factor, quota=quota)
-    before = server_cpu_s()
+    proxy_cpu = proxy_cpu_s or float  # float() is 0.0: no proxy
+    before, proxy_before = server_cpu_s(), proxy_cpu()
     time.sleep(2.0)
     report.idle_cores = (server_cpu_s() - before) / 2.0
+    report.proxy_idle_cores = (proxy_cpu() - proxy_before) / 2.0
     at_quota = replace(aggressor, concurrency=quota)
     flood = replace(aggressor, concurrency=quota * factor)
     probe = replace(aggressor, name="probe", concurrency=PROBE_CONCURRENCY, rps=PROBE_RPS)
@@ -286,12 +291,13 @@ def measure_isolation(
         "together": [victim, flood, probe],
     }
     for phase, loads in phases.items():
-        before = server_cpu_s()
-        proxy_before = proxy_cpu_s() if proxy_cpu_s else 0.0
+        before, proxy_before = server_cpu_s(), proxy_cpu()
         results = run_loads(target, loads, duration_s)
         report.server_cpu_s[phase] = server_cpu_s() - before - report.idle_cores * duration_s
         if proxy_cpu_s:
-            report.proxy_cpu_s[phase] = proxy_cpu_s() - proxy_before
+            report.proxy_cpu_s[phase] = (
+                proxy_cpu() - proxy_before - report.proxy_idle_cores * duration_s
+            )
         report.phases[phase] = {load.name: results[load.name].summary() for load in loads}
         log(
             f"{phase}: {json.dumps(report.phases[phase], default=float)} "
