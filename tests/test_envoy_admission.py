@@ -131,11 +131,10 @@ def admitted(
             yield server, envoy
 
 
-def _active(envoy: EnvoyProcess, tenant: str) -> int:
-    stats = json.loads(
-        admin_get(envoy.settings.admin, "/stats?format=json&filter=upstream_rq_active")
-    )
-    name = f"cluster.{tenant_cluster(tenant)}.upstream_rq_active"
+def _stat(envoy: EnvoyProcess, tenant: str, stat: str) -> int:
+    """A counter or gauge of the tenant's cluster, from Envoy's admin API."""
+    name = f"cluster.{tenant_cluster(tenant)}.{stat}"
+    stats = json.loads(admin_get(envoy.settings.admin, f"/stats?format=json&filter={name}$"))
     return next(int(s["value"]) for s in stats["stats"] if s.get("name") == name)
 
 
@@ -162,15 +161,21 @@ def test_envoy_refuses_past_the_quota_before_the_server(admitted) -> None:
                 )
                 thread.start()
                 threads.append(thread)
-            _wait_until(lambda: _active(envoy, "email") == 1, "email's call is in flight")
+            _wait_until(
+                lambda: _stat(envoy, "email", "upstream_rq_active") == 1,
+                "email's call is in flight",
+            )
             _wait_until(lambda: compute.waiting == 2, "both calls wait at the server")
             # email is at its quota: Envoy answers the next call itself, at once.
+            overflowed = _stat(envoy, "email", "upstream_rq_active_overflow")
             with pytest.raises(WalkRankClientError) as info:
                 client.recommend("email", query)
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "tenant email has its quota of requests in flight" in str(info.value)
+            # Envoy counts it (the operator's refusal metric).
+            assert _stat(envoy, "email", "upstream_rq_active_overflow") == overflowed + 1
             # Another tenant's call is admitted past Envoy (it waits at the server).
-            assert _active(envoy, "homefeed") == 1
+            assert _stat(envoy, "homefeed", "upstream_rq_active") == 1
         finally:
             gate.set()
             blocker.join(20)
