@@ -15,8 +15,13 @@ import pytest
 from test_server import busy_pins, make_config, running
 
 from walkrank.candidate_log import read_candidates
-from walkrank.errors import ConfigError
-from walkrank.features import RequestContext, check_feature_names, compute_features
+from walkrank.errors import ConfigError, ModelError
+from walkrank.features import (
+    RequestContext,
+    check_feature_defaults,
+    check_feature_names,
+    compute_features,
+)
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import REFERENCE_EPOCH, generate_graph_tables
@@ -161,7 +166,11 @@ def _publish(models: Path, tenants: Path) -> None:
     exported = export_model(
         trained.booster, list(config.features), converter="onnxmltools", objective="binary"
     )
-    ModelRegistry(models).publish(TENANT, exported.onnx_bytes, exported.metadata)
+    metadata = {**exported.metadata, "feature_defaults": dict(config.feature_defaults)}
+    ModelRegistry(models).publish(TENANT, exported.onnx_bytes, metadata)
+    # Trained with other defaults, a model would see missing inputs as values it never saw.
+    with pytest.raises(ModelError, match="feature_defaults"):
+        check_feature_defaults({"pin.likes": 0.0}, config.feature_defaults)
 
 
 def test_declared_features_and_extra_candidates_through_the_server(

@@ -608,6 +608,17 @@ def check_feature_list(model_features: Sequence[str], tenant_features: Sequence[
         raise ModelError("model feature list does not match the tenant's: " + "; ".join(problems))
 
 
+def check_feature_defaults(model: Mapping[str, float] | None, tenant: Mapping[str, float]) -> None:
+    """Refuse a model trained with other `feature_defaults` than the tenant's: a missing
+    input would reach it as a value it never saw. Models from before defaults were recorded
+    (None) were trained with none, so the tenant must have none too."""
+    if dict(model or {}) != dict(tenant):
+        raise ModelError(
+            f"model feature_defaults {dict(model or {})} do not match the tenant's "
+            f"{dict(tenant)}; retrain, or restore the defaults the model was trained with"
+        )
+
+
 #: The graph data each feature needs beyond the walk: a graph without it (no locale or topic
 #: vocabulary, no quality or created_at column) serves the feature at its default for every
 #: candidate. Categories are matched by name per request (the request's locale and interests

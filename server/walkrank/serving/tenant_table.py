@@ -20,7 +20,7 @@ from pathlib import Path
 
 from walkrank.errors import WalkRankError
 from walkrank.experiments import ArmModel, ExperimentRuntime, build_experiment
-from walkrank.features import check_feature_list
+from walkrank.features import check_feature_defaults, check_feature_list
 from walkrank.models import LoadedModel, ModelRegistry
 from walkrank.ranking.scorer import Scorer
 from walkrank.tenants import TenantConfig, load_tenants
@@ -119,6 +119,7 @@ def load_runtime_model(
     tenant's."""
     model = registry.load(config.name, version)
     check_feature_list(list(model.metadata["feature_names"]), list(config.features))
+    check_feature_defaults(model.metadata.get("feature_defaults"), config.feature_defaults)
     return model, Scorer.from_onnx(model.onnx_bytes, len(config.features))
 
 

@@ -616,6 +616,7 @@ def finish_training(
             training_params=_json_params(trained.params),
             metrics=comparison.candidate_metrics,
             comparison=comparison.to_dict(),
+            feature_defaults=dict(tenant.feature_defaults),
         )
         if versus_visits is not None:
             metadata["comparison_visit_count"] = versus_visits.to_dict()
