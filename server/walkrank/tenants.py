@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -340,7 +341,7 @@ def load_tenant(path: str | Path) -> TenantConfig:
     return _build(_Fields(file, "", raw), source=path)
 
 
-def load_tenants(directory: str | Path) -> TenantSet:
+def load_tenants(directory: str | os.PathLike[str]) -> TenantSet:
     """Load every `*.yaml` of a directory; one broken file never hides the others.
 
     A symlink is followed only to a file inside the directory (as Kubernetes ConfigMap
