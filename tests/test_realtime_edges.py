@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -15,6 +19,7 @@ from test_server import busy_pins, code_of, make_config, running
 
 from walkrank.graph.build import build_graph
 from walkrank.graph.delta import DeltaSegment, Edge
+from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
 from walkrank.serving.config import RealtimeConfig, resolve_auth
 from walkrank.serving.server import WalkRankServer
@@ -236,3 +241,40 @@ def test_saves_on_a_board_become_edges_for_a_tenant_that_opts_in(
             lambda: client.report_events("homefeed", [{**saves[0], "board_id": "b-1"}])
         )
         assert refused == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_compact_folds_the_delta_into_a_new_version_and_the_delta_restarts_empty(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    repository = tmp_path / "graphs"
+    GraphRepository(repository).publish(lambda out: shutil.copytree(small_graph.path, out))
+    log_path = tmp_path / "edges.log"
+    realtime = RealtimeConfig(max_edges=1000, log=log_path)
+    config = make_config(tmp_path, small_graph, realtime=realtime).replace(graph=repository)
+    query = busy_pins(small_graph, 1)
+    with running(config) as (server, client):
+        client.add_edges([_saves_onto_boards_of(small_graph, query[0])])
+        folded = server.serving.served.delta.edges
+        compact = subprocess.run(
+            [sys.executable, "-m", "walkrank.cli", "graph", "compact", str(repository)]
+            + ["--log", str(log_path)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert compact.returncode == 0, compact.stderr
+        assert "into version 2" in compact.stdout
+        client.add_edges([[("555", "1000000000")]])  # after the compaction: stays in the delta
+        changes = client.reload().changes
+        assert [c.detail for c in changes if c.kind == "graph"] == ["now 2 (was 1)"]
+        info = client.graph_info()
+        assert info.version == "2"
+        assert server.serving.served.base.n_edges == small_graph.n_edges + folded
+        assert server.serving.served.delta.edges == 1  # 555's edge only
+        assert info.n_pins == small_graph.n_pins + 2
+        assert NEW_PIN in _ids(client.recommend("homefeed", query, seed=1))[:10]
+    # The log was rotated: it holds only what the new version lacks, and replays onto it.
+    with running(config) as (server, client):
+        assert server.serving.served.delta.replay.records == 1
+        assert server.serving.served.delta.edges == 1
+        assert NEW_PIN in _ids(client.recommend("homefeed", query, seed=1))[:10]

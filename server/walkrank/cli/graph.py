@@ -12,7 +12,13 @@ from typing import Any
 
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import PruneOptions, build_graph
-from walkrank.graph.repository import DEFAULT_KEEP, GraphRepository, resolve_graph
+from walkrank.graph.delta import MANIFEST_KEY, compaction_tables
+from walkrank.graph.repository import (
+    DEFAULT_KEEP,
+    GraphRepository,
+    is_repository,
+    resolve_graph,
+)
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import PRESETS, build_synthetic
 from walkrank.storage import publish_graph
@@ -95,6 +101,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"versions kept besides CURRENT (default {DEFAULT_KEEP})",
     )
     prune.set_defaults(func=_prune)
+
+    compact = commands.add_parser(
+        "compact",
+        help="fold a server's real-time edge log into a new version of its graph repository",
+    )
+    compact.add_argument("repository", help="the graph repository the server follows")
+    compact.add_argument("--log", required=True, help="the server's realtime.log file")
+    compact.add_argument(
+        "--keep",
+        type=int,
+        default=DEFAULT_KEEP,
+        metavar="N",
+        help=f"versions kept besides CURRENT (default {DEFAULT_KEEP})",
+    )
+    compact.set_defaults(func=_compact)
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -273,6 +294,33 @@ def _prune(args: argparse.Namespace) -> int:
         f"{args.repository}: deleted version(s) {', '.join(map(str, deleted))}"
         if deleted
         else f"{args.repository}: nothing to delete"
+    )
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    """CURRENT plus the log's edges, built and published as the next version (the servers
+    swap it in on Reload, or by watching CURRENT, and their deltas restart empty)."""
+    repository = Path(args.repository)
+    if not is_repository(repository):
+        raise DataError(f"{repository}: not a graph repository (compact publishes a new version)")
+    log_path = Path(args.log)
+    if not log_path.is_file():
+        raise DataError(f"{log_path}: no such real-time edge log (the server's realtime.log)")
+    started = time.perf_counter()
+    directory, version = resolve_graph(repository)
+    tables, source = compaction_tables(GraphStore.load(directory), log_path)
+    published = GraphRepository(repository).publish(
+        lambda out: build_graph(
+            out, tables["edges"], tables["pins"], tables["boards"], source=source
+        ),
+        keep=args.keep,
+    )
+    folded = source[MANIFEST_KEY]
+    print(
+        f"compacted version {version} and {folded['edges']:,} real-time edges (log records "
+        f"through {folded['through_seq']}) into version {published.version} of {repository} "
+        f"(now CURRENT) in {time.perf_counter() - started:.2f}s; Reload the servers to serve it"
     )
     return 0
 

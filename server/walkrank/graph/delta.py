@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from numba import njit
 
 from walkrank.errors import DataError, WalkRankError
@@ -615,11 +616,87 @@ class DeltaSegment:
 
 
 def folded_through(graph: GraphStore) -> int:
-    """The last append-log record a compacted graph folded in (0: none)."""
-    info = graph.manifest.get(MANIFEST_KEY)
+    """The last append-log record a compacted graph folded in (0: none). A delta that moves
+    onto the graph drops the records up to it (edges the graph has anyway count as
+    duplicates, so this only keeps the log short)."""
+    build = graph.manifest.get("build")
+    source = build.get("source") if isinstance(build, dict) else None  # build_graph(source=)
+    info = source.get(MANIFEST_KEY) if isinstance(source, dict) else None
     if isinstance(info, dict) and isinstance(info.get("through_seq"), int):
         return int(info["through_seq"])
     return 0
+
+
+def compaction_tables(
+    base: GraphStore, log_path: Path
+) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """`build_graph`'s edges, pins and boards tables for the base graph plus the append
+    log's edges not folded in yet, and the `source` to record (`MANIFEST_KEY`).
+
+    Pin and board attributes are the base's (categories by name: a new graph may code them
+    otherwise); new pins carry the earliest created_at of their edges. A partial last record
+    is a server writing it: left for the next compaction.
+    """
+    records, _, problem = read_log(log_path)
+    if problem is not None:
+        log.info("real-time edge log %s: %s; left for the next compaction", log_path, problem)
+    folded = folded_through(base)
+    edges = [e for seq, batch in records if seq > folded for e in batch]
+    for i, edge in enumerate(edges):
+        try:
+            _check_edge(edge, f"edge {i}", base)
+        except BadEdge as exc:
+            raise DataError(f"{log_path}: {exc}; not a log of this graph's ids") from None
+
+    def ids(values: list[str], like: np.ndarray) -> np.ndarray:
+        if like.dtype.kind in "iu":
+            return np.array([_canonical_int(v) for v in values], dtype=np.int64)
+        return np.array(values, dtype=object)
+
+    degree = np.diff(base.pin_offsets)
+    edge_table = pa.table(
+        {
+            "pin_id": np.concatenate(
+                [np.repeat(base.pin_ids, degree), ids([e.pin_id for e in edges], base.pin_ids)]
+            ),
+            "board_id": np.concatenate(
+                [base.board_ids[base.pin_adj], ids([e.board_id for e in edges], base.board_ids)]
+            ),
+        }
+    )
+    schema = base.manifest["schema"]
+    known = set(base.pin_ids.tolist())
+    created: dict[Any, float] = {}
+    for pin, edge in zip(ids([e.pin_id for e in edges], base.pin_ids).tolist(), edges, strict=True):
+        if pin not in known and edge.created_at is not None:
+            created[pin] = min(created.get(pin, edge.created_at), edge.created_at)
+    n_new = len(created)
+    new_ids = np.array(list(created), np.int64 if base.pin_ids.dtype.kind in "iu" else object)
+    pins: dict[str, Any] = {"pin_id": np.concatenate([base.pin_ids, new_ids])}
+
+    def names(codes: np.ndarray, vocab: tuple[str, ...], extra: int) -> list[str | None]:
+        named = np.array([*vocab, None], dtype=object)[np.asarray(codes)]
+        return [*named.tolist(), *([None] * extra)]
+
+    if "pins.locale" in schema:
+        pins["locale"] = names(base.pin_locale, base.locales, n_new)
+    if "pins.topic" in schema:
+        pins["topic"] = names(base.pin_topic, base.topics, n_new)
+    if "pins.quality" in schema:
+        pins["quality"] = np.concatenate([base.pin_quality, np.full(n_new, np.nan, np.float32)])
+    if "pins.created_at" in schema or "edges.created_at" in schema or created:
+        pins["created_at"] = np.concatenate([base.pin_created_at, list(created.values())])
+    for column, values in base.pin_columns.items():
+        pins[column] = np.concatenate([values, np.full(n_new, np.nan, np.float32)])
+    boards: dict[str, Any] = {"board_id": base.board_ids}
+    if "boards.locale" in schema:
+        boards["locale"] = names(base.board_locale, base.locales, 0)
+    if "boards.topic" in schema:
+        boards["topic"] = names(base.board_topic, base.topics, 0)
+    through = max([seq for seq, _ in records], default=folded)
+    source = {MANIFEST_KEY: {"log": str(log_path), "through_seq": through, "edges": len(edges)}}
+    tables = {"edges": edge_table, "pins": pa.table(pins), "boards": pa.table(boards)}
+    return tables, source
 
 
 def _check_edge(edge: Edge, field: str, base: GraphStore) -> None:
