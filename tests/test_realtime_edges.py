@@ -17,11 +17,12 @@ import pyarrow as pa
 import pytest
 from test_server import busy_pins, code_of, make_config, running
 
+from walkrank.errors import ConfigError
 from walkrank.graph.build import build_graph
 from walkrank.graph.delta import DeltaSegment, Edge
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
-from walkrank.serving.config import RealtimeConfig, resolve_auth
+from walkrank.serving.config import RealtimeConfig, load_server_config, resolve_auth
 from walkrank.serving.server import WalkRankServer
 from walkrank.walks import WalkParams, walk
 from walkrank_client import WalkRankClient
@@ -278,3 +279,24 @@ def test_compact_folds_the_delta_into_a_new_version_and_the_delta_restarts_empty
         assert server.serving.served.delta.replay.records == 1
         assert server.serving.served.delta.edges == 1
         assert NEW_PIN in _ids(client.recommend("homefeed", query, seed=1))[:10]
+
+
+def test_the_realtime_section_of_walkrank_yaml(tmp_path: Path) -> None:
+    base = "graph: g\ntenants_dir: t\nmodels_dir: m\nlogs_dir: l\n"
+    path = tmp_path / "walkrank.yaml"
+    path.write_text(base + "realtime:\n  max_edges: 500\n  log: rt/edges.log\n")
+    realtime = load_server_config(path).realtime
+    assert realtime == RealtimeConfig(max_edges=500, log=tmp_path / "rt" / "edges.log")
+    path.write_text(base)
+    assert load_server_config(path).realtime is None
+    for section, expected in (
+        ("realtime:\n  max_edges: 0\n", "realtime.max_edges: must be in [1, 2**31 - 1], got 0"),
+        ("realtime:\n  max_edges: 1.5\n", "realtime.max_edges: expected an integer, got 1.5"),
+        ("realtime:\n  flush_ms: 5\n", "realtime.flush_ms: must be in [10, 1000], got 5"),
+        ("realtime:\n  logs: x\n", "realtime: expected {max_edges: int, log: path"),
+        ("realtime:\n  log: 3\n", "realtime.log: expected a path, got 3"),
+    ):
+        path.write_text(base + section)
+        with pytest.raises(ConfigError) as info:
+            load_server_config(path)
+        assert str(info.value).startswith(f"{path}: {expected}"), str(info.value)
