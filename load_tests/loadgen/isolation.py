@@ -264,6 +264,7 @@ def measure_isolation(
     aggressor: Load,
     quota: int,
     factor: int = 16,
+    flood_rps: float | None = None,
     duration_s: float = 8.0,
     log: Callable[[str], None] = lambda line: None,
     proxy_cpu_s: Callable[[], float] | None = None,
@@ -272,7 +273,8 @@ def measure_isolation(
 
     `server_cpu_s` reads the server's CPU seconds so far (e.g. `ServeProcess.cpu_seconds`),
     `proxy_cpu_s` the proxy's when `target` is one; `aggressor.concurrency` is ignored:
-    phase 2 uses `quota` callers, phases 3-5 `factor` x it.
+    phase 2 uses `quota` callers, phases 3-5 `factor` x it, back to back or, with
+    `flood_rps`, paced to that many calls a second (to compare refusals at equal rates).
     """
     report = IsolationReport(factor=factor, quota=quota)
     proxy_cpu = proxy_cpu_s or float  # float() is 0.0: no proxy
@@ -281,7 +283,7 @@ def measure_isolation(
     report.idle_cores = (server_cpu_s() - before) / 2.0
     report.proxy_idle_cores = (proxy_cpu() - proxy_before) / 2.0
     at_quota = replace(aggressor, concurrency=quota)
-    flood = replace(aggressor, concurrency=quota * factor)
+    flood = replace(aggressor, concurrency=quota * factor, rps=flood_rps)
     probe = replace(aggressor, name="probe", concurrency=PROBE_CONCURRENCY, rps=PROBE_RPS)
     phases = {
         "victim_alone": [victim],
@@ -361,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=int, default=16)
     parser.add_argument("--victim-rps", type=float, default=50.0)
     parser.add_argument(
+        "--flood-rps", type=float, help="pace the flood's callers to this many calls a second"
+    )
+    parser.add_argument(
         "--workers", type=int, default=ServerConfig.workers, help="the server's gRPC worker threads"
     )
     parser.add_argument(
@@ -394,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 aggressor,
                 quota=quota,
                 factor=args.factor,
+                flood_rps=args.flood_rps,
                 duration_s=args.duration,
                 log=lambda line: print(line, file=sys.stderr),
                 proxy_cpu_s=proxy_cpu_s,
