@@ -62,6 +62,12 @@ def test_a_pin_added_by_add_edges_is_recommended_by_the_next_request(
         # The new pin is a query pin too: its boards' pins come back.
         from_new = client.recommend("homefeed", [NEW_PIN], seed=2)
         assert from_new.candidates and not from_new.unknown_query_pins
+        # And an extra candidate from another generator (scored, here by visit count: last).
+        other = "987654322"
+        client.add_edges([[(other, str(small_graph.board_ids[-1]))]])
+        walked = client.recommend("homefeed", query, seed=1)
+        extra = client.recommend("homefeed", query, seed=1, extra_candidates=[(other, "fresh")])
+        assert extra.candidates_generated == walked.candidates_generated + 1
 
 
 def test_edges_survive_a_restart_when_durable(tmp_path: Path, small_graph: GraphStore) -> None:

@@ -87,7 +87,7 @@ def add_extra_candidates(
     keep &= first
     pins = dense[keep]
     zeros = np.zeros(pins.size)
-    degree = (graph.pin_offsets[pins + 1] - graph.pin_offsets[pins]).astype(result.degree.dtype)
+    degree = graph.pin_degrees(pins).astype(result.degree.dtype)  # real-time edges too
     merged = dataclasses.replace(
         result,
         pins=np.concatenate([result.pins, pins]),
