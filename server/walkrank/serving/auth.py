@@ -10,12 +10,14 @@ import hmac
 
 import grpc
 
-from walkrank.envoy import TENANT_HEADER
 from walkrank.serving.config import AuthConfig
 from walkrank.serving.errors import InvalidArgument, PermissionDenied, Unauthenticated, quote
 
 API_KEY_HEADER = "x-api-key"
 ADMIN_TOKEN_HEADER = "x-admin-token"
+#: The tenant a Recommender call is for (the SDK sends it): Envoy admits the call under that
+#: tenant's quota (walkrank.envoy), so it must name the request's tenant.
+TENANT_HEADER = "x-walkrank-tenant"
 
 
 def _header(context: grpc.ServicerContext, name: str) -> str | None:
