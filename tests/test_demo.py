@@ -33,6 +33,15 @@ def test_demo_models_beat_visit_count_and_write_their_report(tmp_path: Path) -> 
     markdown = (out / "demo.md").read_text()
     assert all(metric in markdown for metric in METRICS)
     assert (out / "demo.json").stat().st_size > 0
+    # Offline estimate vs online lift: the naive estimate of each served model (on the phase-2
+    # requests it served) and the measured online lift, beside the exposure-aware estimate.
+    assert "## Offline estimate vs online lift" in markdown
+    assert set(report.offline) == {"homefeed", "related_pins", "email"}
+    for tenant, row in report.offline.items():
+        assert row["metric"] == report.primary[tenant]
+        assert row["naive"]["value"] is not None and row["served_requests"] > 0
+        assert row["online"] == report.lift(tenant, row["metric"])
+    assert set(report.explored) == {"homefeed", "related_pins", "email"}
 
 
 def test_world_graph_is_reused_and_rebuilt_when_its_format_is_stale(tmp_path: Path) -> None:

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from walkrank.demo.traffic import run_phase
 from walkrank.demo.world import SIZES, generate_world, shipped_tenants_dir
+from walkrank.models import ModelRegistry
 from walkrank.serving.config import ServerConfig
 from walkrank.serving.server import WalkRankServer
-from walkrank.tenants import load_tenants
+from walkrank.tenants import TenantConfig, load_tenants
 from walkrank.training.pipeline import train_tenant
 from walkrank_client import WalkRankClient
 
@@ -35,6 +38,10 @@ class DemoReport:
     primary: dict[str, str] = field(default_factory=dict)
     strategies: dict[str, dict[str, float]] = field(default_factory=dict)
     model_versions: dict[str, str] = field(default_factory=dict)
+    # Per tenant: its primary metric's lift estimated offline (naive, IPS, SNIPS) on phase 2's
+    # logs against the lift measured online; and its exploration traffic's measured metrics.
+    offline: dict[str, dict[str, Any]] = field(default_factory=dict)
+    explored: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
     out_dir: Path | None = None
 
@@ -107,18 +114,74 @@ def run_demo(
                 report.strategies[strategy] = dict(trained.comparison.candidate_metrics)
             client.reload()
             progress("[demo] phase 2: lightweight ranking")
-            report.phases["lightweight"] = _summaries(
-                run_phase(world, client, "lightweight", seed + 200)
-            )
+            phase_2 = time.time()
+            surfaces = run_phase(world, client, "lightweight", seed + 200)
+            report.phases["lightweight"] = _summaries(surfaces)
+            report.explored = {name: s.explored.summary() for name, s in surfaces.items()}
     finally:
         server.stop()
+    progress("[demo] offline estimates of the served models on phase 2's logs")
+    for name, tenant in sorted(tenants.configs.items()):
+        if name in report.model_versions:
+            metric = report.primary[name]
+            report.offline[name] = {
+                "metric": metric,
+                "online": report.lift(name, metric),
+                **offline_lifts(tenant, config.logs_dir, config.models_dir, phase_2, metric),
+            }
     report.seconds = time.perf_counter() - started
     write_report(report)
     return report
 
 
-def _summaries(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {tenant: surface.summary() for tenant, surface in stats.items()}
+def _summaries(surfaces: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {tenant: surface.stats.summary() for tenant, surface in surfaces.items()}
+
+
+def offline_lifts(
+    tenant: TenantConfig, logs: Path, models: Path, since: float, metric: str
+) -> dict[str, Any]:
+    """The serving model's lift over visit count on `metric`, estimated from the requests
+    logged since `since`: naive (labels as logged, on the requests the model served) and by
+    IPS and self-normalised IPS on the exploration requests, with 95% intervals."""
+    from walkrank.training.estimators import compare_policies
+    from walkrank.training.evaluate import online_estimates, targets_from_joined
+    from walkrank.training.pipeline import StepTimer, load_joined, score_with_model
+
+    loaded = ModelRegistry(models).load(tenant.name)
+    joined = load_joined(tenant, logs, (since, None), StepTimer(tenant.name, lambda _: None))
+    targets = targets_from_joined(joined, tenant.labels.weights)
+    model = score_with_model(loaded.onnx_bytes, loaded.feature_names, joined, what=tenant.name)
+    visits = joined["visit_score"].to_numpy().astype(np.float64)
+    outcome = "funnel_efficiency" if metric == "funnel_efficiency" else "actions_per_returned"
+    y = targets.impressed if outcome == "funnel_efficiency" else targets.actions
+    assert targets.explored is not None and targets.returned is not None
+    assert targets.propensity is not None
+    served = ~targets.explored
+    _, request = np.unique(targets.request[served], return_inverse=True)
+    naive = compare_policies(
+        request,
+        np.asarray(y, np.float64)[served],
+        targets.propensity[served],
+        targets.returned[served],
+        visits[served],
+        model[served],
+    )
+    estimates = online_estimates(targets, visits, model)
+    out: dict[str, Any] = {
+        "served_requests": naive.requests,
+        "naive": naive.lift["naive"].to_dict(),
+        "explored_requests": 0,
+    }
+    if estimates is not None:
+        explored = estimates[outcome]
+        out.update(
+            explored_requests=explored.requests,
+            ips=explored.lift["ips"].to_dict(),
+            snips=explored.lift["snips"].to_dict(),
+            support=explored.support["b"],
+        )
+    return out
 
 
 def render_markdown(report: DemoReport) -> str:
@@ -143,6 +206,8 @@ def render_markdown(report: DemoReport) -> str:
                 f"| {tenant} | {metric}{mark} | {before[metric]:.4g} | "
                 f"{after[metric]:.4g} | {lift} |"
             )
+    if report.offline:
+        lines += ["", *offline_table(report)]
     if report.strategies:
         names = sorted({k for row in report.strategies.values() for k in row})
         lines += [
@@ -159,6 +224,56 @@ def render_markdown(report: DemoReport) -> str:
                 + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def offline_table(report: DemoReport) -> list[str]:
+    """The table "offline estimate vs online lift": what evaluation would have predicted for
+    each served model, naive and exposure-aware, beside the lift phase 2 measured."""
+    lines = [
+        "## Offline estimate vs online lift",
+        "",
+        "Each served model's lift over visit count on its tenant's primary metric, estimated "
+        "from phase 2's logs: naive (the labels as logged, on the requests the model served: "
+        "biased by its own exposure) and exposure-aware (self-normalised IPS, and IPS, on the "
+        "exploration requests), with 95% bootstrap intervals; beside the lift measured online "
+        "(phase 2 against phase 1, exploration traffic excluded). Exploration's cost is its "
+        "share times the gap between its traffic and the model's, measured in phase 2.",
+        "",
+        "| tenant | metric | naive (biased) | exposure-aware SNIPS | IPS | exploration "
+        "requests | online lift | SNIPS within 30% | exploration cost |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for tenant, row in sorted(report.offline.items()):
+        online, snips = row["online"], row.get("snips", {}).get("value")
+        close = (
+            "n/a"
+            if snips is None or not online
+            else ("yes" if abs(snips - online) <= 0.3 * abs(online) else "no")
+        )
+        lines.append(
+            f"| {tenant} | {row['metric']} | {_lift_cell(row['naive'])} | "
+            f"{_lift_cell(row.get('snips'))} | {_lift_cell(row.get('ips'))} | "
+            f"{row['explored_requests']:,} | {online:+.1%} | {close} | "
+            f"{_exploration_cost(report, tenant, row['metric'])} |"
+        )
+    return lines
+
+
+def _lift_cell(interval: dict[str, float | None] | None) -> str:
+    if not interval or interval["value"] is None:
+        return "n/a"
+    low, high = interval["low"], interval["high"]
+    bounds = "" if low is None or high is None else f" [{low:+.1%}, {high:+.1%}]"
+    return f"{interval['value']:+.1%}{bounds}"
+
+
+def _exploration_cost(report: DemoReport, tenant: str, metric: str) -> str:
+    """share x (explored - served) / served of the metric, as measured in phase 2."""
+    explored, served = report.explored.get(tenant), report.phases["lightweight"][tenant]
+    if not explored or not explored.get("requests") or not served[metric]:
+        return "n/a"
+    share = explored["requests"] / (explored["requests"] + served["requests"])
+    return f"{share * (explored[metric] - served[metric]) / served[metric]:+.2%}"
 
 
 def write_chart(report: DemoReport, path: Path) -> None:
@@ -197,6 +312,8 @@ def write_report(report: DemoReport) -> None:
                 "primary_metric": report.primary,
                 "strategies": report.strategies,
                 "model_versions": report.model_versions,
+                "offline_vs_online": report.offline,
+                "explored": report.explored,
             },
             indent=2,
         )

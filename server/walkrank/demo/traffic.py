@@ -61,6 +61,9 @@ class Surface:
         self.tenant = tenant
         self.rng = rng
         self.stats = SurfaceStats()
+        # Exploration traffic (RecommendResponse.arm "explore"), apart: the phase's own
+        # ranker is measured without it, and what exploring costs is measured on it.
+        self.explored = SurfaceStats()
         degree = np.diff(np.asarray(world.graph.pin_offsets)).astype(np.float64)
         self._others = np.flatnonzero(degree > 0)
         self._other_weight = degree[self._others] / degree[self._others].sum()
@@ -89,7 +92,9 @@ class Surface:
         world, rng = self.world, self.rng
         graph = world.graph
         candidates = response.candidates  # type: ignore[attr-defined]
-        self.stats.latency_ms.append(response.timing.total_ms)  # type: ignore[attr-defined]
+        explored = response.arm == "explore"  # type: ignore[attr-defined]
+        stats = self.explored if explored else self.stats
+        stats.latency_ms.append(response.timing.total_ms)  # type: ignore[attr-defined]
         if not candidates:
             return []
         pin_ids = [c.pin_id for c in candidates]
@@ -103,10 +108,10 @@ class Surface:
         acts = rng.random(len(ours)) < 1.0 / (1.0 + np.exp(-logit[ours]))
         saves = acts & (rng.random(len(ours)) < 0.5)
         hides = ~acts & (rng.random(len(ours)) < 0.05)
-        self.stats.returned += len(returned)
-        self.stats.impressed += len(ours)
-        self.stats.actions += int(acts.sum() + saves.sum())
-        self.stats.local += int((graph.pin_locale[returned] == world.user_locale[user]).sum())
+        stats.returned += len(returned)
+        stats.impressed += len(ours)
+        stats.actions += int(acts.sum() + saves.sum())
+        stats.local += int((graph.pin_locale[returned] == world.user_locale[user]).sum())
         request_id = response.request_id  # type: ignore[attr-defined]
         events: list[dict[str, object]] = []
         for i, act, save, hide in zip(
@@ -132,8 +137,8 @@ class Surface:
 
 def run_phase(
     world: DemoWorld, client: WalkRankClient, phase: str, seed: int
-) -> dict[str, SurfaceStats]:
-    """One phase of traffic on all three surfaces; returns each surface's stats."""
+) -> dict[str, Surface]:
+    """One phase of traffic on all three surfaces; returns each surface (its stats)."""
     rng = np.random.default_rng(seed)
     size = world.size
     homefeed = Surface(world, client, "homefeed", rng, phase)
@@ -174,4 +179,4 @@ def run_phase(
             for e in email.funnel(user, response)
         ]
         client.report_events("email", events)
-    return {"homefeed": homefeed.stats, "related_pins": related.stats, "email": email.stats}
+    return {"homefeed": homefeed, "related_pins": related, "email": email}
