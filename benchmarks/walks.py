@@ -276,15 +276,16 @@ def _with_delta(graph: GraphStore, seed: int) -> tuple[GraphStore, dict[str, flo
 def _delta_ratio(
     graph: GraphStore, live: GraphStore, queries: list[Query], params: WalkParams
 ) -> tuple[float, float, float]:
-    """Median steps/s of full walks on the graph alone and with the delta, and the median of
-    the per-query ratios: each query's two walks run back to back (same seed, twice, in
-    alternating order) so a noisy neighbour slows both alike."""
+    """Median steps per CPU second of full walks on the graph alone and with the delta, and
+    the median of the per-query ratios. Each query's two walks run back to back (same seed,
+    twice, in alternating order) and are timed by the walking thread's CPU time, so a noisy
+    neighbour's share of the cores does not count (on an idle machine it is the wall time)."""
     rates = np.zeros((2, len(queries)))
     for i, (pins, weights) in enumerate(queries):
         for which in (0, 1, 1, 0):
-            started = time.perf_counter()
+            started = time.thread_time()
             steps = walk((graph, live)[which], pins, weights, params, seed=i).steps_walked
-            rates[which, i] += steps / (time.perf_counter() - started) / 2
+            rates[which, i] += steps / (time.thread_time() - started) / 2
     base, delta = np.median(rates, axis=1)
     return float(base), float(delta), float(np.median(rates[1] / rates[0]))
 

@@ -40,7 +40,7 @@ import pyarrow as pa
 from numba import njit
 
 from walkrank.errors import DataError, WalkRankError
-from walkrank.graph.store import NO_DELTA, GraphStore, _canonical_int
+from walkrank.graph.store import GraphStore, _canonical_int
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ _RECORD = struct.Struct("<4sII")  # magic, payload bytes, crc32 of the payload
 _MAGIC = b"WRDE"
 _MAX_RECORD_BYTES = 64 << 20
 ID_CHARS = 128  # as walkrank.serving.fields.ID_CHARS
+_EMPTY = np.zeros(1, np.int32)  # delta offsets of no node
 
 
 class BadEdge(WalkRankError):
@@ -121,7 +122,7 @@ class DeltaSnapshot:
 
     @property
     def walk_arrays(self) -> tuple[Any, ...]:
-        return (True, self.pins.offsets, self.pins.adj, self.boards.offsets, self.boards.adj)
+        return (self.pins.offsets, self.pins.adj, self.boards.offsets, self.boards.adj)
 
     def pin_delta_degree(self, pins: np.ndarray) -> np.ndarray:
         offsets = self.pins.offsets
@@ -437,7 +438,7 @@ class DeltaSegment:
         self._boards: list[np.ndarray] = []
         # Duplicates are found in the base graph, in the last snapshot (`_indexed`, the pin
         # side's offsets and adjacency) and in the keys added since (`pin << 32 | board`).
-        self._indexed: tuple[np.ndarray, np.ndarray] = NO_DELTA[1:3]
+        self._indexed: tuple[np.ndarray, np.ndarray] = (_EMPTY, _EMPTY)
         self._pending: set[int] = set()
         self._capturing: set[int] = set()  # keys of the snapshot being built
         self._new_pins: dict[Any, int] = {}

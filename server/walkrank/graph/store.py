@@ -60,14 +60,8 @@ ARRAY_FIELDS: tuple[str, ...] = (
 )
 
 #: The delta arguments of `walks.kernels.walk_query_pin` for a graph without a real-time
-#: delta segment: off, and arrays of the right types the kernel never reads.
-NO_DELTA: tuple[Any, ...] = (
-    False,
-    np.zeros(1, np.int32),
-    np.zeros(1, np.int32),
-    np.zeros(1, np.int32),
-    np.zeros(1, np.int32),
-)
+#: delta segment: None, for which numba compiles the kernel without the delta's code.
+NO_DELTA: tuple[None, ...] = (None, None, None, None)
 
 #: Extra numeric pin columns are stored as `pin_column.<name>.npy` (float32, NaN when missing).
 PIN_COLUMN_PREFIX = "pin_column."

@@ -188,7 +188,6 @@ def walk_query_pin(
     board_run_offsets,
     board_key_runs,
     run_shift,
-    has_delta,
     pin_delta_offsets,
     pin_delta_adj,
     board_delta_offsets,
@@ -232,14 +231,15 @@ def walk_query_pin(
     Returns the steps walked. A hash table with no free row left (a caller that sized it
     for fewer pins than it counts) raises instead of probing forever.
 
-    With `has_delta`, the graph is the mapped base plus a real-time delta segment
+    With delta arrays (not None), the graph is the mapped base plus a real-time delta segment
     (`walkrank.graph.delta`): a node's neighbours are its base list followed by its delta
     list (`*_delta_adj[*_delta_offsets[n]:*_delta_offsets[n + 1]]`, offsets for every node,
     base and new, so the lookup is one load, prefetched like the base's), and nodes past the
     base's (new pins and boards) have a delta list only. A draw past the base list is
     kept as `~(position in the delta adjacency)`, below 0. Biased steps draw from the base's
     bias index (a new node's steps are never biased); delta neighbours are reached by the
-    unbiased steps. Without it the delta arrays are not read.
+    unbiased steps. With None (no delta) numba compiles a version without any of it (its
+    `is None` branches are pruned), the base-only walk exactly as before.
     """
     mask = np.int64(table.shape[0] - 1)
     base_pins = np.int64(pin_offsets.shape[0] - 1)
@@ -290,22 +290,26 @@ def walk_query_pin(
         # Pass 1: pin -> position of a random board (pin offsets were prefetched in pass 4).
         for w in range(n):
             p = position[w]
-            start = pin_offsets[min(p, base_pins)]
-            stop = pin_offsets[min(p + 1, base_pins)]
             x = _xorshift(state[w])
             state[w] = x
             r = _scramble(x)
-            span = stop - start
-            delta_at = np.int64(0)
-            if has_delta:
-                delta_at = pin_delta_offsets[p]
-                span += pin_delta_offsets[p + 1] - delta_at
-            i = start + _below(r, span)
-            if has_delta and i >= stop:
-                i = ~(delta_at + i - stop)
-            biased[w] = use_bias and (r & _LOW32) < bias_threshold and p < base_pins
+            if pin_delta_offsets is None:
+                start = pin_offsets[p]
+                stop = pin_offsets[p + 1]
+                i = start + _below(r, stop - start)
+                biased[w] = use_bias and (r & _LOW32) < bias_threshold
+                bias_node = np.int64(p)
+            else:  # base list, then delta list; a new pin has the delta list only
+                start = pin_offsets[min(p, base_pins)]
+                stop = pin_offsets[min(p + 1, base_pins)]
+                delta_at = np.int64(pin_delta_offsets[p])
+                i = start + _below(r, stop - start + pin_delta_offsets[p + 1] - delta_at)
+                if i >= stop:
+                    i = ~(delta_at + i - stop)
+                biased[w] = use_bias and (r & _LOW32) < bias_threshold and p < base_pins
+                bias_node = min(np.int64(p), last_pin)
             if by_locale:
-                first, last = _locale_bounds(pin_locale_ends, min(p, last_pin), locale, start)
+                first, last = _locale_bounds(pin_locale_ends, bias_node, locale, start)
                 i = _pick(first, last, r, i, biased[w])
             elif by_key:
                 row = _hash_slot(p, slice_mask)
@@ -327,10 +331,10 @@ def walk_query_pin(
                     _prefetch(pin_key_runs, at)
                     _prefetch(pin_key_runs, at + runs_count[w] - 1)
             index[w] = i
-            if has_delta and i < 0:
-                _prefetch(pin_delta_adj, ~i)
-            else:
+            if pin_delta_adj is None or i >= 0:
                 _prefetch(pin_adj, i)
+            else:
+                _prefetch(pin_delta_adj, ~i)
         if by_key:  # Pass 1b: the slices not cached, from the pins' runs.
             for w in range(n):
                 if searching[w]:
@@ -351,11 +355,13 @@ def walk_query_pin(
         # Pass 2: board id.
         for w in range(n):
             i = index[w]
-            b = pin_delta_adj[~i] if has_delta and i < 0 else pin_adj[i]
+            if pin_delta_adj is None:
+                b = pin_adj[i]
+            else:
+                b = pin_delta_adj[~i] if i < 0 else pin_adj[i]
+                _prefetch(board_delta_offsets, b)
             node[w] = b
             _prefetch(board_offsets, b)
-            if has_delta:  # the board's delta row, for pass 3
-                _prefetch(board_delta_offsets, b)
             if by_locale:
                 _prefetch(board_locale_ends, b)
             elif by_key:
@@ -364,22 +370,25 @@ def walk_query_pin(
         # Pass 3: board -> position of a random pin, and the restart draw.
         for w in range(n):
             b = node[w]
-            start = board_offsets[min(b, base_boards)]
-            stop = board_offsets[min(b + 1, base_boards)]
             x = _xorshift(state[w])
             state[w] = x
             r = _scramble(x)
-            span = stop - start
-            delta_at = np.int64(0)
-            if has_delta:
-                delta_at = board_delta_offsets[b]
-                span += board_delta_offsets[b + 1] - delta_at
+            if board_delta_offsets is None:
+                start = board_offsets[b]
+                stop = board_offsets[b + 1]
+                i = start + _below(r, stop - start)
+                bias_node = np.int64(b)
+            else:
+                start = board_offsets[min(b, base_boards)]
+                stop = board_offsets[min(b + 1, base_boards)]
+                delta_at = np.int64(board_delta_offsets[b])
+                i = start + _below(r, stop - start + board_delta_offsets[b + 1] - delta_at)
+                if i >= stop:
+                    i = ~(delta_at + i - stop)
                 biased[w] = biased[w] and b < base_boards
-            i = start + _below(r, span)
-            if has_delta and i >= stop:
-                i = ~(delta_at + i - stop)
+                bias_node = min(np.int64(b), last_board)
             if by_locale:
-                first, last = _locale_bounds(board_locale_ends, min(b, last_board), locale, start)
+                first, last = _locale_bounds(board_locale_ends, bias_node, locale, start)
                 i = _pick(first, last, r, i, biased[w])
             elif by_key:
                 row = _hash_slot(b, slice_mask)
@@ -402,10 +411,10 @@ def walk_query_pin(
                     _prefetch(board_key_runs, at + runs_count[w] - 1)
             restart[w] = (r & _LOW32) < restart_threshold
             index[w] = i
-            if has_delta and i < 0:
-                _prefetch(board_delta_adj, ~i)
-            else:
+            if board_delta_adj is None or i >= 0:
                 _prefetch(board_adj, i)
+            else:
+                _prefetch(board_delta_adj, ~i)
         if by_key:  # Pass 3b: the slices not cached, from the boards' runs.
             for w in range(n):
                 if searching[w]:
@@ -428,13 +437,16 @@ def walk_query_pin(
         # Pass 4: arrival pin; prefetch its counter and where the walker goes next.
         for w in range(n):
             i = index[w]
-            p = board_delta_adj[~i] if has_delta and i < 0 else board_adj[i]
+            if board_delta_adj is None:
+                p = board_adj[i]
+            else:
+                p = board_delta_adj[~i] if i < 0 else board_adj[i]
             node[w] = p
             _prefetch(table, np.int64(p) if dense else _hash_slot(p, mask))
             nxt = query_pin if restart[w] else p
             position[w] = nxt
             _prefetch(pin_offsets, nxt)
-            if has_delta:  # the pin's delta row, for pass 1
+            if pin_delta_offsets is not None:  # the pin's delta list bounds, for pass 1
                 _prefetch(pin_delta_offsets, nxt)
             if by_locale:
                 _prefetch(pin_locale_ends, nxt)
