@@ -16,6 +16,7 @@ from walkrank.candidate_log import read_candidates
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
 from walkrank.tenants import load_tenant
+from walkrank_client import WalkRankClientError
 
 # related_pins (one query pin) with a small walk keeps a thousand requests quick.
 SHIPPED_STEPS = "steps: 30_000"
@@ -75,8 +76,15 @@ def test_shares_are_honoured_sticky_per_user_and_changed_by_reload(
             client.recommend("related_pins", query, request_id=f"anon-{i}").arm for i in range(30)
         ]
         assert set(anonymous) == {"control", "treatment"}
+        # A failed request counts under its arm too.
+        with pytest.raises(WalkRankClientError):
+            client.recommend("related_pins", query, user_id="user0", num_results=10_000)
         # Per-arm Prometheus counters and latency.
         text = generate_latest(server.metrics.registry).decode()
+        assert (
+            f'walkrank_arm_requests_total{{arm="{names[0]}",code="INVALID_ARGUMENT",'
+            'tenant="related_pins"} 1.0' in text
+        )
         for arm in ("explore", "control", "treatment"):
             count = names.count(arm) + again.count(arm) + anonymous.count(arm)
             assert (

@@ -26,6 +26,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from walkrank.ranking.scorer import Scorer
+    from walkrank.serving.pipeline import RecommendInput
     from walkrank.serving.tenant_table import TenantRuntime
     from walkrank.tenants import CandidatesConfig, _Fields
 
@@ -185,6 +186,14 @@ def assign_arm(
         if point < edge:
             return arm.name
     return experiments.arms[-1].name  # the shares' rounding left a sliver at the top
+
+
+def request_arm(runtime: TenantRuntime, request: RecommendInput) -> str:
+    """The arm of one request of the tenant (its metrics' label, also for a failed one)."""
+    config = runtime.config
+    return assign_arm(
+        config.name, config.exploration, config.experiments, request.user_id, request.request_id
+    )
 
 
 # --- serving -----------------------------------------------------------------------------------

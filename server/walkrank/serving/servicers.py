@@ -19,6 +19,7 @@ import yaml
 from walkrank.candidate_log import CandidateSink
 from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners, validate_events
+from walkrank.experiments import request_arm
 from walkrank.graph.delta import MAX_BATCH_EDGES, BadEdge, DeltaFull, DeltaSegment, Edge
 from walkrank.graph.store import GraphStore
 from walkrank.serving.auth import Authenticator, check_tenant_header
@@ -149,10 +150,14 @@ class ServingContext:
         finally:
             limiter.release()
 
-    def record(self, tenant: str, code: str, output: RecommendOutput | None = None) -> None:
+    def record(
+        self, tenant: str, code: str, output: RecommendOutput | None = None, arm: str = ""
+    ) -> None:
+        """Count an answer; `arm`: the traffic arm of a request that failed (an answer's
+        own arm is in its output)."""
         self.tenants.counters(tenant).record(code)
         if output is None:
-            self.metrics.observe_request(tenant, code, None)
+            self.metrics.observe_request(tenant, code, None, arm=arm)
         else:
             self.metrics.observe_request(
                 tenant,
@@ -199,10 +204,10 @@ class ServingContext:
                 cancel=cancel,
             )
         except SlotTimeout as exc:
-            self.record(runtime.name, "DEADLINE_EXCEEDED")
+            self.record(runtime.name, "DEADLINE_EXCEEDED", arm=request_arm(runtime, request))
             raise DeadlineExceeded(str(exc)) from None
         except WalkRankError as exc:
-            self.record(runtime.name, status_of(exc).name)
+            self.record(runtime.name, status_of(exc).name, arm=request_arm(runtime, request))
             raise
         output = dataclasses.replace(output, timing_ms={**output.timing_ms, "queue": queue_s * 1e3})
         self.record(runtime.name, "OK", output)
