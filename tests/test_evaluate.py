@@ -196,3 +196,27 @@ def test_comparison_and_reports(tmp_path):
     markdown = paths["markdown"].read_text()
     assert markdown.startswith("# homefeed: v2 vs visit count")
     assert "| ndcg@5 |" in markdown and "%" in markdown
+
+
+def test_select_requests_keeps_those_served_by_neither_ranker():
+    from walkrank.training.evaluate import select_requests
+
+    def table(rankers: list[str | None]) -> pa.Table:
+        # Two candidates per request.
+        return pa.table(
+            {
+                "request_id": [f"r{i}" for i, _ in enumerate(rankers) for _ in range(2)],
+                "model_version": [r for r in rankers for _ in range(2)],
+            }
+        )
+
+    rows = table(["shuffle_top"] * 25 + ["v1"] * 10 + ["visit_count"] * 3 + [None] * 5)
+    selection = select_requests(rows, "visit count", "v1")
+    kept = rows.filter(pa.array(selection.rows))["model_version"].to_pylist()
+    assert set(kept) == {"shuffle_top"} and len(kept) == 50
+    assert selection.description.startswith(
+        "Compared on the 25 of 43 requests served by neither visit count nor v1 (shuffle_top 25)"
+    )
+    few = select_requests(table(["shuffle_top"] * 19 + ["v1"] * 10), "visit count", "v1")
+    assert few.rows.all()
+    assert "only 19 were served by neither visit count nor v1 (at least 20" in few.description

@@ -478,13 +478,14 @@ def select_requests(rows: pa.Table, baseline: str, candidate: str) -> Selection:
     total = sum(counts.values())
     if not counts:
         return Selection(everything, "")
-    compared = {logged_name(baseline), logged_name(candidate)}
-    neutral = {name: n for name, n in counts.items() if name not in compared}
+    # A request whose ranker was not logged (null: "None") may have been either: never neutral.
+    excluded = {logged_name(baseline), logged_name(candidate), "None"}
+    neutral = {name: n for name, n in counts.items() if name not in excluded}
     n_neutral = sum(neutral.values())
     names = f"neither {baseline} nor {candidate}"
     if n_neutral >= MIN_NEUTRAL_REQUESTS:
         keep = ~np.isin(
-            rows["model_version"].to_numpy(zero_copy_only=False).astype(str), list(compared)
+            rows["model_version"].to_numpy(zero_copy_only=False).astype(str), list(excluded)
         )
         detail = ", ".join(f"{name} {n:,}" for name, n in sorted(neutral.items()))
         return Selection(
