@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from loadgen.ghz_config import load_ghz_config  # noqa: E402
 from loadgen.harness import ServeProcess, free_port, write_server_config  # noqa: E402
 from loadgen.models import publish_random_model  # noqa: E402
 from loadgen.traffic import draw_requests, write_requests  # noqa: E402
+from walkrank.serving.scheduler import OS_THREAD_PREFIX  # noqa: E402
 
 TENANT = "homefeed"
 NO_LOG = "homefeed_nolog"
@@ -103,20 +105,60 @@ def scraped(metrics_address: str) -> dict[str, float]:
             values[f"scored/{tags['tenant']}"] = float(value)
         if name == "walkrank_requests_total" and tags.get("code") == "OK":
             values[f"ok/{tags['tenant']}"] = float(value)
+        if name == "walkrank_log_dropped_rows_total" and tags.get("log") == "candidates":
+            values["log_dropped"] = values.get("log_dropped", 0.0) + float(value)
     return values
 
 
-def measure(server: ServeProcess, config: Path, processes: int) -> tuple[RunResult, float]:
-    """One run; returns its result and the server's CPU seconds during it."""
-    cpu_before = server.cpu_seconds()
+@dataclass
+class Measured:
+    """One run: its result and the server's CPU seconds during it, split into its compute
+    threads (the pipeline), its log writer process (the server's descendants; None with
+    `--processes`, whose forked servers are descendants too) and the rest (gRPC, the front
+    door, metrics)."""
+
+    result: RunResult
+    server_cpu_s: float
+    compute_cpu_s: float
+    writer_cpu_s: float | None
+
+
+def _cpu_s(stat: Path) -> float:
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _compute_cpu_s(pid: int) -> float:
+    """CPU seconds of the process's compute threads (named by `walkrank.serving.scheduler`)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith(OS_THREAD_PREFIX):
+                total += _cpu_s(task / "stat")
+        except OSError:  # the thread ended
+            continue
+    return total
+
+
+def measure(server: ServeProcess, config: Path, processes: int) -> Measured:
+    """One run, with the server's CPU during it."""
+    stat = Path(f"/proc/{server.pid}/stat")
+    before = server.cpu_seconds(), _cpu_s(stat), _compute_cpu_s(server.pid)
     [result] = run_load([load_ghz_config(config)], server.target, processes)
-    return result, server.cpu_seconds() - cpu_before
+    total, own, compute = (
+        now - then
+        for now, then in zip(
+            (server.cpu_seconds(), _cpu_s(stat), _compute_cpu_s(server.pid)), before, strict=True
+        )
+    )
+    return Measured(result, total, compute, total - own if server.processes == 1 else None)
 
 
 def direct_reference(
     graph_path: Path, work: Path, tenants: Path, models: Path, calls: int
-) -> float:
-    """Milliseconds per call of the pipeline itself: same requests, no gRPC, one thread."""
+) -> tuple[float, float]:
+    """Milliseconds per call of the pipeline itself (same requests, no gRPC, one thread): the
+    median call's wall time and its CPU time."""
     from walkrank.graph.store import GraphStore
     from walkrank.models import ModelRegistry
     from walkrank.serving.pipeline import RecommendInput, recommend
@@ -140,19 +182,19 @@ def direct_reference(
     ]
     for request in inputs[:10]:
         recommend(graph, runtime, request)
-    times = []
+    times, cpu = [], []
     for request in inputs:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         recommend(graph, runtime, request)
         times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+        cpu.append((time.thread_time() - start_cpu) * 1e3)
+    return float(np.median(times)), float(np.median(cpu))
 
 
-def figures(
-    result: RunResult, server_cpu_s: float, scored_per_call: float, cores: int
-) -> dict[str, Any]:
-    s = result.summary
+def figures(run: Measured, scored_per_call: float, cores: int) -> dict[str, Any]:
+    s = run.result.summary
     ok_rps = s.ok / s.total_s
+    per_call_ms = 1e3 / max(1, s.ok)
     return {
         "requests_per_second": round(s.rps, 1),
         "requests_per_second_per_core": round(s.rps / cores, 1),
@@ -164,8 +206,15 @@ def figures(
         "status_codes": s.status_codes,
         "pins_scored_per_second": round(ok_rps * scored_per_call),
         "pins_scored_per_second_per_core": round(ok_rps * scored_per_call / cores),
-        "server_cpu_cores": round(server_cpu_s / s.total_s, 2),
-        "generator_cpu_cores": round((result.generator_cpu_s or 0.0) / s.total_s, 2),
+        "server_cpu_cores": round(run.server_cpu_s / s.total_s, 2),
+        "generator_cpu_cores": round((run.result.generator_cpu_s or 0.0) / s.total_s, 2),
+        # CPU per answered call: what each call cost the server's cores, whatever else ran on
+        # them (a shared machine's load changes throughput far more than this).
+        "server_cpu_ms_per_call": round(run.server_cpu_s * per_call_ms, 3),
+        "compute_cpu_ms_per_call": round(run.compute_cpu_s * per_call_ms, 3),
+        "log_writer_cpu_ms_per_call": (
+            None if run.writer_cpu_s is None else round(run.writer_cpu_s * per_call_ms, 3)
+        ),
     }
 
 
@@ -225,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="walkrank-bench-serving-"))
     try:
         tenants, models = prepare(work, graph_path, 1000, args.seed)
-        reference_ms = direct_reference(graph_path, work, tenants, models, 200)
+        reference_ms, reference_cpu_ms = direct_reference(graph_path, work, tenants, models, 200)
         print(
             f"reference: pipeline called directly, one thread: {reference_ms:.2f} ms per call "
             f"(median) = {1e3 / reference_ms:.0f} calls/s on one core",
@@ -258,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             1.0, after[f"ok/{TENANT}"] - before.get(f"ok/{TENANT}", 0.0)
         )
         main_figures, off = (
-            median_figures(
-                [figures(result, cpu, scored_per_call, cores) for result, cpu in measured[name]]
-            )
+            median_figures([figures(run, scored_per_call, cores) for run in measured[name]])
             for name in (TENANT, NO_LOG)
         )
         processes = None
@@ -271,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             with ServeProcess(config, work / "server-2.log", processes=2) as server:
                 run_load([load_ghz_config(warm)], server.target, args.generator_processes)
-                result, cpu = measure(server, runs[TENANT], args.generator_processes)
-            processes = figures(result, cpu, scored_per_call, cores)
+                processes = figures(
+                    measure(server, runs[TENANT], args.generator_processes), scored_per_call, cores
+                )
         report: dict[str, Any] = {
             "graph": preset,
             "cores": cores,
@@ -285,11 +333,24 @@ def main(argv: list[str] | None = None) -> int:
             "served_vs_direct_one_core": round(
                 main_figures["requests_per_second_per_core"] * reference_ms / 1e3, 2
             ),
+            # The same question asked of CPU time rather than throughput (so idle cores and
+            # other load on a shared machine do not enter it): the direct call's CPU
+            # milliseconds over the server's CPU milliseconds per call, logging on.
+            "reference_direct_cpu_ms": round(reference_cpu_ms, 2),
+            "served_vs_direct_cpu": round(
+                reference_cpu_ms / main_figures["server_cpu_ms_per_call"], 2
+            ),
             "logging_off": off,
             "logging_overhead_throughput": round(
                 1 - main_figures["requests_per_second"] / off["requests_per_second"], 3
             ),
             "logging_overhead_p50": round(1 - off["p50_ms"] / main_figures["p50_ms"], 3),
+            "logging_overhead_cpu": round(
+                1 - off["server_cpu_ms_per_call"] / main_figures["server_cpu_ms_per_call"], 3
+            ),
+            "log_rows_dropped": round(
+                after.get("log_dropped", 0.0) - before.get("log_dropped", 0.0)
+            ),
             "processes_2": processes,
             "target_met": (
                 main_figures["requests_per_second_per_core"] >= TARGET_RPS_PER_CORE
@@ -335,11 +396,22 @@ def print_report(report: dict[str, Any]) -> None:
         )
     print(
         f"logging overhead: {report['logging_overhead_throughput']:.1%} of throughput, "
-        f"{report['logging_overhead_p50']:.1%} of p50"
+        f"{report['logging_overhead_p50']:.1%} of p50, {report['logging_overhead_cpu']:.1%} of "
+        f"the server's CPU per call; log rows dropped: {report['log_rows_dropped']:,}"
     )
+    for name, r in rows[:2]:
+        writer = r["log_writer_cpu_ms_per_call"]
+        rest = r["server_cpu_ms_per_call"] - r["compute_cpu_ms_per_call"] - writer
+        print(
+            f"server CPU per call, {name}: {r['server_cpu_ms_per_call']:.2f} ms = compute "
+            f"threads {r['compute_cpu_ms_per_call']:.2f} + log writer {writer:.2f} + gRPC and "
+            f"the rest {rest:.2f}"
+        )
     print(
         f"reference (direct pipeline, one thread): {report['reference_direct_ms']:.2f} ms/call;"
-        f" served req/s per core x direct ms = {report['served_vs_direct_one_core']:.2f}"
+        f" served req/s per core x direct ms = {report['served_vs_direct_one_core']:.2f}; "
+        f"direct CPU {report['reference_direct_cpu_ms']:.2f} ms / server CPU per call = "
+        f"{report['served_vs_direct_cpu']:.2f}"
     )
     print(
         f"target (>= {TARGET_RPS_PER_CORE:g} req/s per core, p99 <= {TARGET_P99_MS:g} ms, no "

@@ -2,13 +2,14 @@
 
 Relevance: every `benchmarks/results/relevance/*.json` (written by `benchmarks/relevance.py
 --json`) gives a summary per case and configuration (mean and range over seeds), a row per
-run, and the diagnostics of the template's runs (truth pairs among the candidates, the
-features the model relies on, the in-period ceiling, the fit). Performance:
+run, the diagnostics of the template's runs (truth pairs among the candidates, the
+features the model relies on, the in-period ceiling, the fit) and each phase's best
+single-feature orders. Performance:
 `benchmarks/results/{walks,serving,replicas}.json` (each benchmark's `--json`) give one table
 each. With `--write FILE` it replaces the text between `<!-- NAME -->` and `<!-- /NAME -->`
 for every table whose markers FILE has (relevance:summary, relevance:runs,
-relevance:diagnostics, performance:walks, performance:serving, performance:replicas);
-otherwise it prints the tables.
+relevance:diagnostics, relevance:feature_orders, performance:walks, performance:serving,
+performance:replicas); otherwise it prints the tables.
 
     python benchmarks/tables.py [--results DIR] [--write docs/relevance.md]
     python benchmarks/tables.py --write docs/performance.md
@@ -129,6 +130,28 @@ def diagnostics_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def feature_orders_table(runs: list[dict[str, Any]], top: int = 4) -> str:
+    """Per case and phase (the template's lowest seed), the single features whose own order of
+    the logged candidates recalls the most at 50, beside the walk's (visit count) order."""
+    lines = [
+        "| case | phase | best single-feature orders (recall@50) | walk_score (visit count) |",
+        "| --- | --- | --- | --- |",
+    ]
+    seen = set()
+    for run in runs:
+        orders = run.get("feature_orders_recall_at_50")
+        if configuration(run) != "template" or not orders or run["case"] in seen:
+            continue
+        seen.add(run["case"])
+        for phase in ("train", "test"):
+            ranked = sorted(orders[phase].items(), key=lambda item: -item[1])[:top]
+            best = ", ".join(f"{name} {value:.4f}" for name, value in ranked)
+            walk = orders[phase].get("walk_score_share", orders[phase].get("walk_score"))
+            shown = "n/a" if walk is None else f"{walk:.4f}"
+            lines.append(f"| {run['case']} | {phase} | {best} | {shown} |")
+    return "\n".join(lines)
+
+
 def _row(what: str, figure: str, target: str = "") -> str:
     return f"| {what} | {figure} | {target} |"
 
@@ -227,6 +250,32 @@ def serving_table(r: dict[str, Any]) -> str:
         f"{r['served_vs_direct_one_core']:.2f} (1.0: gRPC and scheduling cost nothing). "
         f"Logging costs {r['logging_overhead_throughput']:.1%} of the throughput.",
     ]
+    if "server_cpu_ms_per_call" in r:  # the server's CPU per call, by where it went
+        on, off = r, r["logging_off"]
+        lines += [
+            "",
+            "| server CPU per call, ms | total | compute threads | log writer process | gRPC and "
+            "the rest |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, s in (("logging on", on), ("logging off", off)):
+            rest = (
+                s["server_cpu_ms_per_call"]
+                - s["compute_cpu_ms_per_call"]
+                - s["log_writer_cpu_ms_per_call"]
+            )
+            lines.append(
+                f"| {name} | {s['server_cpu_ms_per_call']:.2f} | "
+                f"{s['compute_cpu_ms_per_call']:.2f} | {s['log_writer_cpu_ms_per_call']:.2f} | "
+                f"{rest:.2f} |"
+            )
+        lines += [
+            "",
+            f"The direct call's CPU ({r['reference_direct_cpu_ms']:.2f} ms) over the server's "
+            f"CPU per call: {r['served_vs_direct_cpu']:.2f}. Logging costs "
+            f"{r['logging_overhead_cpu']:.1%} of the server's CPU per call; "
+            f"{r['log_rows_dropped']:,} log rows dropped.",
+        ]
     return "\n".join(lines)
 
 
@@ -319,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "relevance:summary": summary_table(runs),
             "relevance:runs": runs_table(runs),
             "relevance:diagnostics": diagnostics_table(runs),
+            "relevance:feature_orders": feature_orders_table(runs),
         }
     if not tables:
         raise SystemExit(f"{args.results.parent}: no results")

@@ -8,11 +8,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from walkrank.serving.scheduler import ComputePool, SlotTimeout
+from walkrank.serving.scheduler import OS_THREAD_PREFIX, ComputePool, SlotTimeout
 
 
 @pytest.fixture
@@ -174,6 +175,22 @@ def test_compute_threads_run_at_the_lower_priority_asked() -> None:
             lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), 0
         )
         assert niceness == os.getpriority(os.PRIO_PROCESS, 0) + 3
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in /proc")
+def test_compute_threads_carry_their_name_where_profilers_read_it() -> None:
+    """`top -H`, perf and benchmarks/serving.py tell the pipeline's CPU from gRPC's by it."""
+
+    def own_name() -> str:
+        return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+    pool = ComputePool(2)
+    try:
+        names = {pool.run(own_name, 0)[0] for _ in range(8)}
+        assert names and names <= {f"{OS_THREAD_PREFIX}0", f"{OS_THREAD_PREFIX}1"}
+        assert not own_name().startswith(OS_THREAD_PREFIX)  # only the pool's threads
     finally:
         pool.close()
 

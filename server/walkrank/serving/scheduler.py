@@ -47,6 +47,22 @@ def available_cores() -> int:
     )
 
 
+#: The compute threads' name prefix as the OS sees it (`top -H`, `perf`, /proc/<pid>/task/*/comm):
+#: profilers and `benchmarks/serving.py` tell the pipeline's CPU from gRPC's by it.
+OS_THREAD_PREFIX = "wr-compute-"
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread `name` (at most 15 bytes) where the OS shows it: Python keeps
+    thread names to itself, so every thread of the server is `python` to a profiler."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+                comm.write(name[:15])
+        except OSError:  # a read-only /proc: the name is only a convenience
+            pass
+
+
 class SlotTimeout(Exception):
     """No compute thread took the job within the wait allowed."""
 
@@ -96,7 +112,9 @@ class ComputePool:
         self._last_finished = time.perf_counter()
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._serve, name=f"walkrank-compute-{i}", daemon=True)
+            threading.Thread(
+                target=self._serve, args=(i,), name=f"walkrank-compute-{i}", daemon=True
+            )
             for i in range(slots)
         ]
         for thread in self._threads:
@@ -177,7 +195,8 @@ class ComputePool:
         for thread in self._threads:
             thread.join()
 
-    def _serve(self) -> None:
+    def _serve(self, index: int) -> None:
+        _name_os_thread(f"{OS_THREAD_PREFIX}{index}")
         if self.nice and sys.platform.startswith("linux"):
             # Linux applies niceness per thread: PRIO_PROCESS with a thread id.
             os.setpriority(
