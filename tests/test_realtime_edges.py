@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pytest
 from test_server import busy_pins, code_of, make_config, running
 
-from walkrank.errors import ConfigError
+from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import build_graph
 from walkrank.graph.delta import DeltaSegment, Edge
 from walkrank.graph.repository import GraphRepository
@@ -306,3 +307,54 @@ def test_the_realtime_section_of_walkrank_yaml(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_server_config(path)
         assert str(info.value).startswith(f"{path}: {expected}"), str(info.value)
+
+
+def test_one_server_per_append_log(tmp_path: Path, small_graph: GraphStore) -> None:
+    path = tmp_path / "edges.log"
+    first = DeltaSegment(small_graph, max_edges=10, log_path=path)
+    try:
+        with pytest.raises(DataError, match="another server process holds this real-time"):
+            DeltaSegment(small_graph, max_edges=10, log_path=path)
+    finally:
+        first.close()
+    DeltaSegment(small_graph, max_edges=10, log_path=path).close()  # free again
+
+
+def test_edges_added_while_requests_run_fail_no_call(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    config = make_config(tmp_path, small_graph, realtime=RealtimeConfig(max_edges=100_000))
+    query = busy_pins(small_graph, 3)
+    boards = [str(b) for b in small_graph.board_ids[:50]]
+    with running(config) as (server, client):
+
+        def recommend(seed: int) -> int:
+            return len(client.recommend("homefeed", query, seed=seed).candidates)
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = pool.map(recommend, range(40))
+            for n in range(20):  # new pins on existing boards, one batch per call
+                client.add_edges([[(str(5000 + n * 50 + i), b) for i, b in enumerate(boards)]])
+            assert all(size > 0 for size in answers)
+        assert server.serving.served.delta.edges == 1000
+        assert client.graph_info().n_pins == small_graph.n_pins + 1000
+
+
+@pytest.mark.parametrize("option", [["--processes", "2"], ["--replicas", "2"]])
+def test_serve_refuses_real_time_edges_in_several_processes(
+    tmp_path: Path, small_graph: GraphStore, option: list[str]
+) -> None:
+    config = tmp_path / "walkrank.yaml"
+    config.write_text(
+        f"graph: {small_graph.path}\ntenants_dir: t\nmodels_dir: m\nlogs_dir: l\n"
+        "address: 127.0.0.1:50999\nrealtime:\n  max_edges: 10\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), *option],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 2
+    assert "real-time edges need one server process" in done.stderr

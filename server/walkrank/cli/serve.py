@@ -162,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = resolve_config(args)
+    if config.realtime is not None and (args.replicas or args.processes > 1):
+        # Each process would hold its own delta, and AddEdges reaches one of them.
+        log.error("realtime: real-time edges need one server process: no --processes/--replicas")
+        return 2
     if args.replicas:
         return serve_replicas(args, config)
     if args.processes <= 1:

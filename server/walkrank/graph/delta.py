@@ -24,6 +24,7 @@ tail is reported (naming the file and offset), set aside and counted, never a cr
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -334,8 +335,9 @@ def read_log(path: Path) -> tuple[list[tuple[int, list[Edge]]], int, str | None]
 class AppendLog:
     """Accepted batches, one checksummed record each, fsync'd before the call returns."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, held: int) -> None:
         self.path = path
+        self._held = held  # `_lock_beside`'s descriptor, released by `close`
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "ab")  # noqa: SIM115 (held open for the server's life)
@@ -360,6 +362,26 @@ class AppendLog:
 
     def close(self) -> None:
         self._file.close()
+        os.close(self._held)
+
+
+def _lock_beside(path: Path) -> int:
+    """Hold `<log>.lock` exclusively: one server per log, since a second one appending would
+    interleave its records with ours. DataError naming the log when another holds it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open the real-time edge log: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataError(
+            f"{path}: another server process holds this real-time edge log; give each server "
+            "its own realtime.log"
+        ) from None
+    return fd
 
 
 def recover_log(path: Path) -> tuple[list[tuple[int, list[Edge]]], ReplayReport]:
@@ -413,21 +435,26 @@ class DeltaSegment:
         self.dropped_saves = 0  # tenants' saves refused at max_edges (`add_saves`)
         self._log: AppendLog | None = None
         if log_path is not None:
-            records, self.replay = recover_log(log_path)
-            folded = folded_through(base)
-            for seq, edges in records:
-                self._seq = max(self._seq, seq)
-                if seq <= folded:
-                    continue
-                try:
-                    for i, edge in enumerate(edges):
-                        _check_edge(edge, f"record {seq} edges[{i}]", base)
-                except BadEdge as exc:  # a log written for a graph with other id types
-                    log.warning("real-time edge log %s: %s; record skipped", log_path, exc)
-                    self.replay.skipped_records += 1
-                    continue
-                self._apply(edges, seq, encode_record(seq, edges))
-            self._log = AppendLog(log_path)
+            held = _lock_beside(log_path)
+            try:
+                records, self.replay = recover_log(log_path)
+                folded = folded_through(base)
+                for seq, edges in records:
+                    self._seq = max(self._seq, seq)
+                    if seq <= folded:
+                        continue
+                    try:
+                        for i, edge in enumerate(edges):
+                            _check_edge(edge, f"record {seq} edges[{i}]", base)
+                    except BadEdge as exc:  # a log written for a graph with other id types
+                        log.warning("real-time edge log %s: %s; record skipped", log_path, exc)
+                        self.replay.skipped_records += 1
+                        continue
+                    self._apply(edges, seq, encode_record(seq, edges))
+                self._log = AppendLog(log_path, held)
+            except BaseException:
+                os.close(held)
+                raise
             self.publish()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="walkrank-delta", daemon=True)
