@@ -11,7 +11,10 @@ Measured in the same run:
 - `walkrank serve --processes 2` (SO_REUSEPORT) against the thread-pool server;
 - the reference: the same pipeline called directly in this process, one call at a time, so
   the served figure reads as a ratio to what one core does without gRPC and threads;
-- the generator's and the server's CPU time: the generator runs on the server's cores.
+- the generator's and the server's CPU time: the generator runs on the server's cores;
+- the server's CPU per answered call, split into its compute threads (the pipeline), its log
+  writer process and the rest (gRPC, the front door, metrics), and the candidate log rows it
+  dropped: CPU per call moves far less than throughput with the load of a shared machine.
 
     python benchmarks/serving.py [--quick] [--repeat N] [--json PATH]
 """
