@@ -62,7 +62,14 @@ def test_services_and_methods_are_registered() -> None:
     assert sorted(recommender.methods_by_name) == ["Recommend", "RecommendBatch", "ReportEvents"]
     assert recommender.methods_by_name["RecommendBatch"].server_streaming
     admin = pb.admin_pb2.DESCRIPTOR.services_by_name["Admin"]
-    assert sorted(admin.methods_by_name) == ["GetTenant", "GraphInfo", "ListTenants", "Reload"]
+    assert sorted(admin.methods_by_name) == [
+        "AddEdges",
+        "GetTenant",
+        "GraphInfo",
+        "ListTenants",
+        "Reload",
+    ]
+    assert admin.methods_by_name["AddEdges"].client_streaming
 
 
 def test_optional_fields_track_presence() -> None:
@@ -104,7 +111,8 @@ def _documented_elements(
         for i, field in enumerate(m.field):
             elements[(*path, _MESSAGE_FIELD, i)] = f"{name}.{field.name}"
         for i, nested in enumerate(m.nested_type):
-            message((*path, _MESSAGE_NESTED, i), nested, name)
+            if not nested.options.map_entry:  # a map field's entry type: generated, no source
+                message((*path, _MESSAGE_NESTED, i), nested, name)
         for i, e in enumerate(m.enum_type):
             enum((*path, _MESSAGE_ENUM, i), e, name)
 
