@@ -244,8 +244,8 @@ def walk_query_pin(
     mask = np.int64(table.shape[0] - 1)
     base_pins = np.int64(pin_offsets.shape[0] - 1)
     base_boards = np.int64(board_offsets.shape[0] - 1)
-    last_pin = max(base_pins - 1, 0)  # rows of the bias index a new node reads (unused)
-    last_board = max(base_boards - 1, 0)
+    last_pin = np.int64(max(pin_offsets.shape[0] - 2, 0))  # the bias index row a new
+    last_board = np.int64(max(board_offsets.shape[0] - 2, 0))  # node reads (unused)
     state = np.empty(WALKERS, np.uint64)
     position = np.empty(WALKERS, np.int32)
     index = np.empty(WALKERS, np.int64)
