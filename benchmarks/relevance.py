@@ -17,11 +17,12 @@ The whole loop a new user runs, through the real command line and server:
    server returns without a model) and popularity's (the test graph's most-connected pins,
    query pins excluded). Query pins never count as hits (the walk never returns them).
 
-The train requests go one at a time, so the order they reach the log (which decides the
-requests `walkrank train` holds out) is the seed's; the test requests go `--concurrency` at
-a time. Per request the walk seed derives from `--seed` and the request's position. Requests
-carry no time: the API has none yet, so pin ages are measured from the server's clock
-(docs/relevance.md).
+Each request carries the case's `request_time`, so ages and edge-time features are measured
+from it and the log is stamped with it. `walkrank train` holds out the last 20% of requests
+by request time, ties broken by request id: the cases give every request of a phase the same
+time, so the held-out requests are the same for every seed. The seed shuffles the order the
+train requests are sent in (one at a time) and, with the request's position, its walk seed;
+the test requests go `--concurrency` at a time (docs/relevance.md).
 
     python benchmarks/relevance.py CASE_DIR [--json PATH] [--seed N] [--search] [--keep DIR]
                                    [--template TENANT.yaml] [--ranker NAME=VALUE ...]
@@ -52,6 +53,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,15 @@ class Request:
     interests: tuple[str, ...]
     pins: tuple[str, ...]
     weights: tuple[float, ...]
+    time: float | None  # epoch seconds; None: the server's clock
+
+
+def _epoch(value: str | None) -> float | None:
+    """An ISO 8601 request time (naive means UTC) as epoch seconds."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def read_requests(path: Path) -> list[Request]:
@@ -94,6 +105,7 @@ def read_requests(path: Path) -> list[Request]:
             tuple(str(t) for t in r.get("interests", ())),
             tuple(str(q["pin_id"]) for q in r["query_pins"]),
             tuple(float(q.get("weight", 1.0)) for q in r["query_pins"]),
+            _epoch(r.get("request_time")),
         )
         for r in rows
     ]
@@ -207,6 +219,7 @@ def serve_requests(
                 num_results=num_results,
                 request_id=request.key,
                 seed=seed * 1_000_003 + index,
+                request_time=request.time,
             )
             return request.key, [c.pin_id for c in answer.candidates]
 
@@ -273,6 +286,23 @@ def popularity_orders(graph: Path, requests: Sequence[Request], k: int) -> dict[
     longest = k + max((len(r.pins) for r in requests), default=0)
     top = [str(p) for p in store.pin_external(np.argsort(-degree, kind="stable")[:longest])]
     return {r.key: [p for p in top if p not in frozenset(r.pins)][:k] for r in requests}
+
+
+def feature_orders(log: Any, truth: dict[str, set[str]], k: int = 50) -> dict[str, float]:
+    """Recall@k of each logged feature's own order (highest first) of the logged candidates:
+    which single signal predicts the phase's truth, and how that changes between phases."""
+    return {
+        column[2:]: round(recall(top_orders(log, log[column].to_numpy(), k), truth, k), 5)
+        for column in log.column_names
+        if column.startswith("f_") and _varies(log[column])
+    }
+
+
+def _varies(column: Any) -> bool:
+    import pyarrow.compute as pc
+
+    bounds = pc.min_max(column)
+    return bounds["min"].as_py() != bounds["max"].as_py()
 
 
 def coverage(log: Any, truth: dict[str, set[str]]) -> float:
@@ -473,6 +503,11 @@ def run(
                 "train": round(coverage(train_log, truth["train"]), 5),
                 "test": round(coverage(test_log, truth["test"]), 5),
             },
+            # Each logged feature's own order: what predicts each phase (the period shift).
+            "feature_orders_recall_at_50": {
+                "train": feature_orders(train_log, truth["train"]),
+                "test": feature_orders(test_log, truth["test"]),
+            },
             "requests": {phase: len(requests[phase]) for phase in PHASES},
             "logged_requests": {
                 "train": len(set(train_log["request_id"].to_pylist())),
@@ -583,6 +618,9 @@ def synthesize_case(
                 {
                     "request_key": key,
                     "user_id": str(user),
+                    "request_time": datetime.fromtimestamp(start + cut * day, UTC)
+                    .replace(tzinfo=None)
+                    .isoformat(),
                     "interests": topics,
                     "query_pins": [
                         {"pin_id": str(i), "weight": round(math.exp(-(cut - w) / 180) + 0.05, 4)}

@@ -21,7 +21,7 @@ def test_the_loop_runs_on_a_generated_case_with_sane_figures(tmp_path: Path) -> 
     case = relevance.synthesize_case(tmp_path / "case", seed=3)
     with gzip.open(case / "requests_train.jsonl.gz", "rt") as handle:
         first = json.loads(handle.readline())
-    assert {"request_key", "user_id", "interests", "query_pins"} <= set(first)
+    assert {"request_key", "user_id", "request_time", "interests", "query_pins"} <= set(first)
 
     out = tmp_path / "result.json"
     assert (
@@ -37,6 +37,9 @@ def test_the_loop_runs_on_a_generated_case_with_sane_figures(tmp_path: Path) -> 
         assert metrics[f"ranker_recall_at_{k}"] >= 0.8 * metrics[f"visit_count_recall_at_{k}"]
         assert metrics[f"visit_count_recall_at_{k}"] <= result["candidate_coverage"]["test"]
     assert metrics["ranker_recall_at_100"] >= metrics["ranker_recall_at_50"]
+    # Each phase's single-feature orders: the edge-time features vary at the request time.
+    orders = result["feature_orders_recall_at_50"]
+    assert "pin_edges_last_30d_share" in orders["train"] and "walk_score_share" in orders["test"]
     assert metrics["lift_vs_visit_count"] == metrics["lift_vs_visit_count_at_50"]
     # Every request was served and logged, in both phases.
     assert result["logged_requests"] == result["requests"]
