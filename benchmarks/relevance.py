@@ -290,19 +290,22 @@ def popularity_orders(graph: Path, requests: Sequence[Request], k: int) -> dict[
 
 def feature_orders(log: Any, truth: dict[str, set[str]], k: int = 50) -> dict[str, float]:
     """Recall@k of each logged feature's own order (highest first) of the logged candidates:
-    which single signal predicts the phase's truth, and how that changes between phases."""
-    return {
-        column[2:]: round(recall(top_orders(log, log[column].to_numpy(), k), truth, k), 5)
-        for column in log.column_names
-        if column.startswith("f_") and _varies(log[column])
-    }
-
-
-def _varies(column: Any) -> bool:
+    which single signal predicts the phase's truth, and how that changes between phases.
+    Features constant within every request (the user's and the query's) order nothing."""
     import pyarrow.compute as pc
 
-    bounds = pc.min_max(column)
-    return bounds["min"].as_py() != bounds["max"].as_py()
+    columns = [c for c in log.column_names if c.startswith("f_")]
+    spread = log.group_by("request_id").aggregate([(c, "min_max") for c in columns])
+    return {
+        column[2:]: round(recall(top_orders(log, log[column].to_numpy(), k), truth, k), 5)
+        for column in columns
+        if pc.any(
+            pc.not_equal(
+                pc.struct_field(spread[f"{column}_min_max"], "min"),
+                pc.struct_field(spread[f"{column}_min_max"], "max"),
+            )
+        ).as_py()
+    }
 
 
 def coverage(log: Any, truth: dict[str, set[str]]) -> float:
