@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_server import busy_pins, code_of, make_config, running
 
 from walkrank.errors import ConfigError, DataError
@@ -26,7 +29,7 @@ from walkrank.graph.store import GraphStore
 from walkrank.serving.config import RealtimeConfig, load_server_config, resolve_auth
 from walkrank.serving.server import WalkRankServer
 from walkrank.walks import WalkParams, walk
-from walkrank_client import WalkRankClient
+from walkrank_client import WalkRankClient, WalkRankClientError
 
 NEW_PIN = "987654321"  # not a pin of the small graph (its ids start at 1000000000)
 
@@ -358,3 +361,45 @@ def test_serve_refuses_real_time_edges_in_several_processes(
     )
     assert done.returncode == 2
     assert "real-time edges need one server process" in done.stderr
+
+
+ID_TEXT = st.one_of(
+    st.text(max_size=140),
+    st.integers(-(2**70), 2**70).map(str),
+    st.sampled_from(["", "0", "-0", "01", " 1", "1e3", "١", "1\0", "x" * 129]),
+)
+EDGE = st.tuples(
+    ID_TEXT,
+    ID_TEXT,
+    st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+)
+
+
+def test_fuzzed_add_edges_get_a_clear_status_and_never_an_internal_error(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    config = make_config(tmp_path, small_graph, realtime=RealtimeConfig(max_edges=2000))
+    allowed = {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+    seen: Counter[grpc.StatusCode] = Counter()
+    with running(config) as (server, client):
+
+        @settings(max_examples=300, derandomize=True, deadline=None, database=None)
+        @given(st.lists(st.lists(EDGE, max_size=6), min_size=1, max_size=3))
+        def call(batches: list[list[tuple[str, str, float | None]]]) -> None:
+            edges = [[(p, b) if t is None else (p, b, t) for p, b, t in batch] for batch in batches]
+            try:
+                client.add_edges(edges)
+                seen[grpc.StatusCode.OK] += 1
+            except WalkRankClientError as exc:
+                assert exc.code in allowed, (exc.code, exc.details)
+                assert "\n" not in exc.details and len(exc.details) < 1024
+                seen[exc.code] += 1
+
+        call()
+        assert client.recommend("homefeed", busy_pins(small_graph, 1)).candidates
+        assert server.serving.served.delta.edges <= 2000
+    assert seen[grpc.StatusCode.OK] and seen[grpc.StatusCode.INVALID_ARGUMENT]
