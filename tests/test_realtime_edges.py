@@ -92,7 +92,7 @@ def test_the_delta_limit_is_enforced_with_a_clear_status(
     tmp_path: Path, small_graph: GraphStore
 ) -> None:
     config = make_config(tmp_path, small_graph, realtime=RealtimeConfig(max_edges=10))
-    with running(config) as (_, client):
+    with running(config) as (server, client):
         first = client.add_edges([[(f"{9000 + i}", "1000000000") for i in range(8)]])
         assert first.added == 8
         with pytest.raises(Exception) as info:
@@ -101,6 +101,7 @@ def test_the_delta_limit_is_enforced_with_a_clear_status(
         assert "realtime.max_edges is 10" in info.value.details
         assert "1 edges of this call's earlier batches were added" in info.value.details
         assert client.add_edges([[("9300", "1000000000")]]).delta_edges == 10
+        assert server.metrics.registry.get_sample_value("walkrank_realtime_edges") == 10
 
 
 def test_a_truncated_append_log_is_reported_and_skipped_never_a_crash(
@@ -117,7 +118,10 @@ def test_a_truncated_append_log_is_reported_and_skipped_never_a_crash(
     path.write_bytes(good[:-5])  # the last record loses its end: a crash mid-write
     with caplog.at_level(logging.WARNING), running(config) as (server, client):
         assert NEW_PIN in _ids(client.recommend("homefeed", query, seed=1))[:10]
-        assert server.serving.served.delta.replay.skipped_bytes > 0
+        skipped = server.serving.served.delta.replay.skipped_bytes
+        assert skipped > 0
+        sample = server.metrics.registry.get_sample_value
+        assert sample("walkrank_realtime_dropped", {"what": "log_bytes"}) == skipped
         # New records follow the good ones, and survive the next restart.
         client.add_edges([[("556", "1000000000")]])
     assert any(

@@ -80,6 +80,20 @@ class ServerMetrics:
             "1 while the newest graph failed to load or was refused (the previous one serves)",
             registry=self.registry,
         )
+        # Real-time edges (docs/graphs.md): what the delta holds against realtime.max_edges,
+        # and what was refused or lost on the way in.
+        self.realtime_edges = Gauge(
+            "walkrank_realtime_edges",
+            "Edges in the real-time delta (walks read them beside the graph)",
+            registry=self.registry,
+        )
+        self.realtime_dropped = Gauge(
+            "walkrank_realtime_dropped",
+            "Tenants' saves refused at realtime.max_edges (what=saves), and append-log bytes "
+            "skipped at startup as a truncated or corrupt tail (what=log_bytes)",
+            ["what"],
+            registry=self.registry,
+        )
         # Every row a log accepted or refused but never wrote, by log (candidates, events)
         # and reason: queue_full, closed, writer_died, bad_record, write_error.
         self.log_dropped = Counter(

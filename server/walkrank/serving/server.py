@@ -103,6 +103,11 @@ class WalkRankServer:
             )
             served = dataclasses.replace(served, delta=delta)
         self.metrics = ServerMetrics()
+        if served.delta is not None:  # read at each scrape; the delta outlives graph swaps
+            delta = served.delta
+            self.metrics.realtime_edges.set_function(lambda: delta.edges)
+            self.metrics.realtime_dropped.labels("saves").set_function(lambda: delta.dropped_saves)
+            self.metrics.realtime_dropped.labels("log_bytes").set(delta.replay.skipped_bytes)
         self._graph_lock = threading.Lock()
         self._set_graph_metrics(served, error=False)
         self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
