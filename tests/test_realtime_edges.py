@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_server import busy_pins, code_of, make_config, running
 
+from walkrank.candidate_log import read_candidates
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import build_graph
 from walkrank.graph.delta import DeltaSegment, Edge
@@ -72,6 +73,8 @@ def test_a_pin_added_by_add_edges_is_recommended_by_the_next_request(
         walked = client.recommend("homefeed", query, seed=1)
         extra = client.recommend("homefeed", query, seed=1, extra_candidates=[(other, "fresh")])
         assert extra.candidates_generated == walked.candidates_generated + 1
+    # New pins are logged like any other candidate (the server stopped: its logs are written).
+    assert NEW_PIN in set(read_candidates(config.logs_dir, "homefeed")["pin_id"].to_pylist())
 
 
 def test_edges_survive_a_restart_when_durable(tmp_path: Path, small_graph: GraphStore) -> None:

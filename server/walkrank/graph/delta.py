@@ -242,6 +242,7 @@ def _with_new(found: np.ndarray, external: Any, index: dict[Any, int], dtype: np
 
 
 def _external(base_ids: np.ndarray, new_ids: tuple[Any, ...], dense: Any, kind: str):
+    """External ids of dense ids, base or new, in the base's kind of array (int64, or text)."""
     ids = np.asarray(dense, np.int64)
     n_base = base_ids.shape[0]
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_base + len(new_ids)):
@@ -252,7 +253,7 @@ def _external(base_ids: np.ndarray, new_ids: tuple[Any, ...], dense: Any, kind: 
     inside = ids < n_base
     out[inside] = base_ids[ids[inside]]
     out[~inside] = [new_ids[i - n_base] for i in ids[~inside]]
-    return out
+    return out.astype(np.int64 if base_ids.dtype.kind in "iu" else np.str_)
 
 
 @njit(nogil=True, cache=True)
