@@ -410,3 +410,28 @@ def test_fuzzed_add_edges_get_a_clear_status_and_never_an_internal_error(
         assert client.recommend("homefeed", busy_pins(small_graph, 1)).candidates
         assert server.serving.served.delta.edges <= 2000
     assert seen[grpc.StatusCode.OK] and seen[grpc.StatusCode.INVALID_ARGUMENT]
+
+
+def test_a_graph_of_text_ids_takes_new_text_ids(tmp_path: Path) -> None:
+    edges = pa.table(
+        {
+            "pin_id": [f"p{i}" for i in range(40)],
+            "board_id": [f"b{i % 4}" for i in range(40)],
+        }
+    )
+    build_graph(tmp_path / "text", edges)
+    graph = GraphStore.load(tmp_path / "text")
+    delta = DeltaSegment(graph, max_edges=10, flush_s=1.0)
+    try:
+        added = delta.add([Edge("fresh pin", "b0"), Edge("p1", "new board"), Edge("p1", "b1")])
+        assert (added.added, added.duplicates, added.new_pins, added.new_boards) == (2, 1, 1, 1)
+        delta.publish()
+        live = delta.view()
+        dense = live.pin_index(["fresh pin", "p1", "nope"])
+        assert dense.tolist() == [graph.n_pins, int(graph.pin_index(["p1"])[0]), -1]
+        assert live.pin_external(dense[:2]).tolist() == ["fresh pin", "p1"]
+        assert live.board_external([graph.n_boards]).tolist() == ["new board"]
+        result = walk(live, dense[:1], np.ones(1), WalkParams(steps=2000), seed=1)
+        assert {f"p{i}" for i in range(0, 40, 4)} <= set(live.pin_external(result.pins).tolist())
+    finally:
+        delta.close()
