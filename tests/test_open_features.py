@@ -217,9 +217,18 @@ def test_declared_features_and_extra_candidates_through_the_server(
             request_time=when,
             features={"user_age": 5.0},
         )
-        [batch] = client.recommend_batch(
+        batch, batch_extra = client.recommend_batch(
             TENANT,
-            [UserQuery(pins=query, request_id="batch", request_time=when)],
+            [
+                UserQuery(pins=query, request_id="batch", request_time=when),
+                UserQuery(
+                    pins=query,
+                    request_id="batch-extra",
+                    request_time=when,
+                    features={"user_age": 44.0},
+                    extra_candidates=[(quiet[1], "fresh")],
+                ),
+            ],
             seed=4,
             num_results=400,
         )
@@ -271,6 +280,10 @@ def test_declared_features_and_extra_candidates_through_the_server(
     batch_rows = logged[logged.request_id == "batch"]
     assert (batch_rows["f_request.user_age"] == 30).all()  # the tenant's default
     assert (batch_rows.source == "walk").all()
+    extra_user = logged[logged.request_id == "batch-extra"].set_index("pin_id")
+    assert (extra_user["f_request.user_age"] == 44).all()
+    assert extra_user.loc[quiet[1], "source"] == "fresh"
+    assert {c.pin_id: c.source for c in batch_extra.candidates}.get(quiet[1]) == "fresh"
 
     # The model saw exactly the logged rows: its scores of them are the served scores.
     model = ModelRegistry(config.models_dir).load(TENANT)
