@@ -21,6 +21,7 @@ from walkrank.features import (
     check_feature_defaults,
     check_feature_names,
     compute_features,
+    inputs_lost,
 )
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
@@ -297,3 +298,17 @@ def test_declared_features_and_extra_candidates_through_the_server(
     common = [p for p in other if p in served]
     assert np.mean([served[p] > other[p] for p in common]) > 0.9
     assert len(batch.candidates) > 0
+
+
+def test_a_graph_without_the_inputs_is_named_before_a_swap(
+    timed: tuple[GraphStore, pd.DataFrame], small_graph: GraphStore
+) -> None:
+    """A new graph without edge times or a pin column would serve those features at their
+    defaults: the swap check names the input and the features it feeds."""
+    graph, _ = timed
+    names = ["walk_score", "pin_edges_last_30d", "pin_first_edge_age_days", "pin.likes"]
+    assert inputs_lost(names, graph, small_graph) == {
+        "pin_edge_times": ["pin_edges_last_30d", "pin_first_edge_age_days"],
+        "pins.likes": ["pin.likes"],
+    }
+    assert inputs_lost(names, graph, graph) == {}
