@@ -432,7 +432,7 @@ class WalkRankClient:
     ) -> Iterator[recommender_pb2.RecommendResponse]:
         def first(t: float) -> tuple[Any, recommender_pb2.RecommendResponse | None]:
             stream = self._recommender.RecommendBatch(
-                request, timeout=t, metadata=self._metadata_for(tenant)
+                request, timeout=t, metadata=self._metadata_for(request.tenant)
             )
             return stream, next(stream, None)
 
@@ -461,7 +461,7 @@ class WalkRankClient:
         return self._call(
             "ReportEvents",
             lambda t: self._recommender.ReportEvents(
-                request, timeout=t, metadata=self._metadata_for(request.tenant)
+                request, timeout=t, metadata=self._metadata_for(tenant)
             ),
             timeout,
         )

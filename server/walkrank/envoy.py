@@ -178,7 +178,7 @@ def _tenant_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
         named = {"name": TENANT_HEADER, "string_match": {"exact": tenant}}
         keys: list[str | None] = [None]
         if settings.tenant_keys is not None:
-            keys = sorted(settings.tenant_keys.get(tenant, frozenset()))
+            keys = [*sorted(settings.tenant_keys.get(tenant, frozenset()))]
         for key in keys:
             match = [named] + ([] if key is None else [_api_key_match(key)])
             routes.append(
