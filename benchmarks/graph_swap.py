@@ -69,7 +69,7 @@ def publish_versions(repo: Path, preset: str) -> list[float]:
 def first_calls(repo: Path, work: Path, tenants: Path, models: Path, calls: int) -> dict[str, Any]:
     """Milliseconds of the first `calls` pipeline calls on a freshly opened version, paged in
     or not (the same requests, kernels already loaded), and the page-in itself."""
-    from walkrank.models import ModelRegistry
+    from walkrank.model_registry import ModelRegistry
     from walkrank.serving.graphs import open_graph
     from walkrank.serving.pipeline import RecommendInput, recommend
     from walkrank.serving.tenant_table import TenantTable

@@ -328,7 +328,7 @@ def permutation_importance(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from walkrank.models import ModelRegistry
+    from walkrank.model_registry import ModelRegistry
     from walkrank.ranking.scorer import Scorer
 
     loaded = ModelRegistry(models).load(TENANT)
@@ -522,7 +522,7 @@ def run(
             "ranker": tenant.to_dict()["ranker"],
         }
         if published:
-            from walkrank.models import ModelRegistry
+            from walkrank.model_registry import ModelRegistry
 
             metadata = ModelRegistry(work / "models").load(TENANT).metadata
             result["training"] = {

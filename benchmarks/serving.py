@@ -164,7 +164,7 @@ def direct_reference(
     """Milliseconds per call of the pipeline itself (same requests, no gRPC, one thread): the
     median call's wall time and its CPU time."""
     from walkrank.graph.store import GraphStore
-    from walkrank.models import ModelRegistry
+    from walkrank.model_registry import ModelRegistry
     from walkrank.serving.pipeline import NO_DEADLINE_S, RecommendInput, recommend
     from walkrank.serving.tenant_table import TenantTable
 

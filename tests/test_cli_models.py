@@ -11,7 +11,7 @@ import yaml
 
 from walkrank.cli import main
 from walkrank.graph.store import GraphStore
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.training import train_model
 from walkrank.tenants import load_tenant
 

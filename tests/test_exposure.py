@@ -14,7 +14,7 @@ from test_training_pipeline import FEATURES, START, make_tenant, quiet
 
 from walkrank.candidate_log import CandidateBatch, CandidateLog
 from walkrank.events import EventLog, validate_events
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.training import train_model
 from walkrank.training.pipeline import evaluate_tenant, score_matrix, train_tenant

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from walkrank.errors import ModelError
-from walkrank.models import (
+from walkrank.model_registry import (
     CURRENT_FILE,
     LAST_VERSION_FILE,
     METADATA_FILE,

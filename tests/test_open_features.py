@@ -26,7 +26,7 @@ from walkrank.features import (
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import REFERENCE_EPOCH, generate_graph_tables
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.scorer import Scorer
 from walkrank.ranking.training import train_model

@@ -18,7 +18,7 @@ import pytest
 
 from walkrank.candidate_log import read_candidates
 from walkrank.graph.store import GraphStore
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.training import train_model
 from walkrank.serving.config import ServerConfig, resolve_auth

@@ -24,7 +24,7 @@ from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.replicas import free_port_run
 from walkrank.serving.config import ServerConfig, load_server_config
 from walkrank.serving.server import WalkRankServer

@@ -19,7 +19,7 @@ from walkrank.candidate_log import CandidateBatch, CandidateLog
 from walkrank.cli import main
 from walkrank.errors import DataError
 from walkrank.events import EventLog, validate_events
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.tenants import TenantConfig, load_tenant
 from walkrank.training.pipeline import evaluate_tenant, split_by_time, train_tenant
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.training import train_model
 from walkrank.tenants import load_tenant

@@ -1,5 +1,5 @@
 """Durable version pointers and publish locks, shared by the model registry and the graph
-repository (`walkrank.models`, `walkrank.graph.repository`).
+repository (`walkrank.model_registry`, `walkrank.graph.repository`).
 
 A pointer (`CURRENT`, `LAST_VERSION`) is one line holding a positive version number. It is
 written to a temporary file, fsynced and renamed over the old one (`os.replace`), then the

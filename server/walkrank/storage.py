@@ -7,7 +7,7 @@ object storage is a place to publish to and mirror from, through pyarrow's files
 the URI such as `?endpoint_override=host:port&scheme=http`).
 
 Both directions keep the layouts' promise that a reader sees an old or a new version, never
-half of one (walkrank.models, walkrank.graph.repository):
+half of one (walkrank.model_registry, walkrank.graph.repository):
 
 - `push(local, uri)` uploads every file under `local`, the version pointers (`CURRENT`,
   `LAST_VERSION`) last, so a store reader never finds a pointer naming a version whose files

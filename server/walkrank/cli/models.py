@@ -9,7 +9,7 @@ from pathlib import Path
 from walkrank.cli._config import add_config_argument, server_config
 from walkrank.cli.store import models_for, publish_models
 from walkrank.errors import ConfigError, ModelError
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from walkrank.demo.traffic import run_phase
 from walkrank.demo.world import SIZES, generate_world, shipped_tenants_dir
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.serving.config import ServerConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank.tenants import TenantConfig, load_tenants

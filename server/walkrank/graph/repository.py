@@ -7,7 +7,7 @@
 <repo>/.publishing-<v>-*/   a publish in progress (its builder holds a lock on it)
 ```
 
-The layout is the model registry's (`walkrank.models`) and is safe to read while a publish
+The layout is the model registry's (`walkrank.model_registry`) and is safe to read while a publish
 runs for the same reasons: a version is built inside a staging directory in the repository
 and renamed into place in one `os.rename`, verified, and only then does `CURRENT` move
 (`walkrank.pointers`), so a server reloading sees the old version or the new one, never half

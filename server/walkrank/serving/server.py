@@ -30,7 +30,7 @@ from walkrank.graph.repository import resolve_graph
 from walkrank.graph.store import GraphStore
 from walkrank.log_process import ProcessLog
 from walkrank.logstore import LogShipper
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.serving.auth import Authenticator
 from walkrank.serving.config import ServerConfig, check_port_free
 from walkrank.serving.graphs import ServedGraph, open_graph, refuse_for_tenants

@@ -21,7 +21,7 @@ from pathlib import Path
 from walkrank.errors import WalkRankError
 from walkrank.experiments import ArmModel, ExperimentRuntime, build_experiment
 from walkrank.features import check_feature_defaults, check_feature_list
-from walkrank.models import LoadedModel, ModelRegistry
+from walkrank.model_registry import LoadedModel, ModelRegistry
 from walkrank.ranking.scorer import Scorer
 from walkrank.tenants import TenantConfig, load_tenants
 

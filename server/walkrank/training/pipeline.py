@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from walkrank.candidate_log import TimeLike, read_candidates, to_epoch_seconds
 from walkrank.errors import ConfigError, DataError, ModelError
 from walkrank.events import read_events
-from walkrank.models import ModelRegistry
+from walkrank.model_registry import ModelRegistry
 from walkrank.storage import Location, as_location, join
 from walkrank.tenants import TenantConfig
 from walkrank.training.evaluate import (
