@@ -367,7 +367,7 @@ def period_ceiling(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from walkrank.ranking.training import train_model
+    from walkrank.ranking.fit import train_model
 
     keys = sorted(set(log["request_id"].to_pylist()))
     keys = random.Random(seed).sample(keys, min(IMPORTANCE_REQUESTS, len(keys)))

@@ -25,8 +25,8 @@ from functools import partial  # noqa: E402
 import numpy as np  # noqa: E402
 
 from walkrank.ranking.convert import to_onnx  # noqa: E402
+from walkrank.ranking.fit import train_model  # noqa: E402
 from walkrank.ranking.scorer import Scorer, onnx_session  # noqa: E402
-from walkrank.ranking.training import train_model  # noqa: E402
 
 N_FEATURES = 32
 MODELS = ((100, 6), (200, 6))

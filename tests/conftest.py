@@ -31,7 +31,7 @@ UNIT_MODULES = frozenset(
         "test_online_report",
         "test_protos",
         "test_ranking_convert",
-        "test_ranking_training",
+        "test_ranking_fit",
         "test_scheduler",
         "test_server_config",
         "test_tenants",

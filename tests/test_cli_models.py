@@ -12,7 +12,7 @@ import yaml
 from walkrank.cli import main
 from walkrank.graph.store import GraphStore
 from walkrank.model_registry import ModelRegistry
-from walkrank.ranking.training import train_model
+from walkrank.ranking.fit import train_model
 from walkrank.tenants import load_tenant
 
 REPO = Path(__file__).resolve().parents[1]

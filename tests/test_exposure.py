@@ -16,7 +16,7 @@ from walkrank.candidate_log import CandidateBatch, CandidateLog
 from walkrank.events import EventLog, validate_events
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
-from walkrank.ranking.training import train_model
+from walkrank.ranking.fit import train_model
 from walkrank.training.pipeline import evaluate_tenant, score_matrix, train_tenant
 
 CANDIDATES, RETURNED, SHOWN = 60, 10, 4

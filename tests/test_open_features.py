@@ -28,8 +28,8 @@ from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import REFERENCE_EPOCH, generate_graph_tables
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
+from walkrank.ranking.fit import train_model
 from walkrank.ranking.scorer import Scorer
-from walkrank.ranking.training import train_model
 from walkrank.serving.open_features import MAX_EXTRA_CANDIDATES
 from walkrank.tenants import load_tenant
 from walkrank.walks.engine import WalkParams, walk

@@ -12,9 +12,9 @@ import pytest
 from walkrank.errors import DataError, ModelError
 from walkrank.ranking.convert import to_onnx
 from walkrank.ranking.export import export_model
+from walkrank.ranking.fit import OBJECTIVES, train_model
 from walkrank.ranking.gate import booster_splits, probe_rows, validate
 from walkrank.ranking.scorer import onnx_session
-from walkrank.ranking.training import OBJECTIVES, train_model
 
 N_FEATURES = 10
 CONVERTERS = ("onnxmltools", "hummingbird")

@@ -13,8 +13,8 @@ import xgboost
 
 from walkrank.errors import DataError, ModelError
 from walkrank.ranking.convert import to_onnx
+from walkrank.ranking.fit import train_model
 from walkrank.ranking.scorer import MAX_KERNEL_DEPTH, Scorer, onnx_session, parse_tree_ensemble
-from walkrank.ranking.training import train_model
 
 N_FEATURES = 12
 

@@ -20,7 +20,7 @@ from walkrank.candidate_log import read_candidates
 from walkrank.graph.store import GraphStore
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
-from walkrank.ranking.training import train_model
+from walkrank.ranking.fit import train_model
 from walkrank.serving.config import ServerConfig, resolve_auth
 from walkrank.serving.errors import DeadlineExceeded
 from walkrank.serving.pipeline import RecommendInput, recommend

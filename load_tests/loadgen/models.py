@@ -13,7 +13,7 @@ import numpy as np
 
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
-from walkrank.ranking.training import train_model
+from walkrank.ranking.fit import train_model
 from walkrank.tenants import load_tenant
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 import yaml
 
 from walkrank.errors import ConfigError
-from walkrank.ranking.training import OBJECTIVES
+from walkrank.ranking.fit import OBJECTIVES
 
 if TYPE_CHECKING:
     from walkrank.experiments import ExperimentsConfig, ExplorationConfig
@@ -96,7 +96,7 @@ DEFAULT_SEARCH: dict[str, tuple[float, ...]] = {
     "min_child_weight": (1.0, 20.0),
     "learning_rate": (0.05, 0.2),
 }
-# Tenant names that `walkrank.ranking.training` spells otherwise.
+# Tenant names that `walkrank.ranking.fit` spells otherwise.
 _TRAINING_NAMES = {"trees": "n_estimators"}
 
 
@@ -164,7 +164,7 @@ class RankerConfig:
     search: Mapping[str, tuple[float, ...]]
 
     def training_params(self) -> dict[str, Any]:
-        """`walkrank.ranking.training.train_model` params (its names) of these settings."""
+        """`walkrank.ranking.fit.train_model` params (its names) of these settings."""
         return {_TRAINING_NAMES.get(name, name): getattr(self, name) for name in RANKER_PARAMS}
 
     def search_grid(self) -> list[dict[str, Any]]:

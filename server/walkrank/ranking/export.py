@@ -11,9 +11,9 @@ import numpy as np
 
 from walkrank.errors import ModelError
 from walkrank.ranking.convert import CONVERTERS, base_score, booster_objective, to_onnx
+from walkrank.ranking.fit import OBJECTIVES
 from walkrank.ranking.gate import compare_scores, describe, probe_rows, validate
 from walkrank.ranking.scorer import Scorer, check_rows
-from walkrank.ranking.training import OBJECTIVES
 
 METADATA_FORMAT = "walkrank.ranking.model/1"
 # Threshold probe rows always join the caller's sample: data alone rarely sits on a split.

@@ -230,7 +230,7 @@ def train_on_dask(
     import xgboost.dask as dxgb
     from distributed import Client
 
-    from walkrank.ranking.training import TrainedModel, resolve_params, xgboost_params
+    from walkrank.ranking.fit import TrainedModel, resolve_params, xgboost_params
 
     lo, hi = window
     features = [f"f_{n}" for n in tenant.features]

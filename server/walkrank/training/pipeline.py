@@ -450,7 +450,7 @@ def _train_local(
     grid: Sequence[Mapping[str, Any]],
 ):
     """One model per grid point (a point overrides ranker settings; `{}` = the tenant's)."""
-    from walkrank.ranking.training import train_model
+    from walkrank.ranking.fit import train_model
 
     joined = load_joined(tenant, logs_dir, window, steps)
     train, valid = split_by_time(joined, validation_fraction)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from walkrank.errors import ConfigError, DataError
-from walkrank.ranking.training import train_model
+from walkrank.ranking.fit import train_model
 
 SMALL = {"n_estimators": 30, "max_depth": 4}
 
