@@ -205,8 +205,8 @@ def walks_table(r: dict[str, Any]) -> str:
             "<= 1.6x",
         ),
         _row(
-            "dense vs hash visit counter, p50",
-            f"{r['dense_counter_p50_ms']:.2f} vs {r['hash_counter_p50_ms']:.2f} ms",
+            "direct vs hash visit counter, p50",
+            f"{r['direct_counter_p50_ms']:.2f} vs {r['hash_counter_p50_ms']:.2f} ms",
         ),
         _row(
             "graph size, load",

@@ -7,19 +7,19 @@
 
 Measures, on one loaded graph: steps/s of the walk engine (validation, budget split, walks,
 top-k: a whole request) on one thread and with two threads running queries concurrently;
-per-query latency (p50/p99) of a query with N = 100,000 steps with and without early
-stopping (the engine's default n_p / n_v), unbiased and biased (locale 0.5, locale+topic
-0.8); dense vs hash visit counters; and, on the same query pins, the fast kernel alone and
-the deliberately plain reference kernel (one walker, np.random, a dense counter); and the
-same full walks with a real-time delta holding 1% of the graph's edges (`walkrank.graph.delta`)
-beside the graph, against the graph alone, query by query (`delta_throughput_ratio`).
-Early stopping is judged by the steps it walks and the overlap of its top 100 (and top 500)
-with the full walk of the same seed; the overlap of two full walks of different seeds says
-how much of that top 100 is sampling noise at N steps. Queries are 5 pins drawn by degree,
-or, with --requests, the `query_pins` ([{pin_id, weight}]) of a JSON-lines file (.gz too).
-Figures are medians over queries (latency percentiles over all queries), printed beside the
-machine's L3 size and the bytes of the arrays the walks read: a graph that fits in L3 walks
-faster than one that does not.
+per-query latency (p50/p99) of a query with N = 100,000 steps with and without early stopping
+(the engine's default n_p / n_v), unbiased and biased (locale 0.5, locale+topic 0.8); direct (a
+row per pin) vs hash visit counters; and, on the same query pins, the fast kernel alone and the
+deliberately plain reference kernel (one walker, np.random, a counter per pin); and the same
+full walks with a real-time delta holding 1% of the graph's edges (`walkrank.graph.delta`)
+beside the graph, against the graph alone, query by query (`delta_throughput_ratio`). Early
+stopping is judged by the steps it walks and the overlap of its top 100 (and top 500) with the
+full walk of the same seed; the overlap of two full walks of different seeds says how much of
+that top 100 is sampling noise at N steps. Queries are 5 pins drawn by degree, or, with
+--requests, the `query_pins` ([{pin_id, weight}]) of a JSON-lines file (.gz too). Figures are
+medians over queries (latency percentiles over all queries), printed beside the machine's L3
+size and the bytes of the arrays the walks read: a graph that fits in L3 walks faster than one
+that does not.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def run(
         counter: _timed_walks(graph, queries[:n_counter], {"full": no_stop}, counter=counter)[
             "full"
         ].seconds
-        for counter in ("dense", "hash")
+        for counter in ("direct", "hash")
     }
     live, delta_costs = _with_delta(graph, seed)
     _delta_ratio(graph, live, queries[:3], no_stop)  # compile or load the cached kernel
@@ -392,7 +392,7 @@ def run(
         "locale_bias_p99_ms": ms(timed["locale"].seconds, 99) if biased else None,
         "locale_topic_bias_p50_ms": ms(timed["topic"].seconds, 50) if biased else None,
         "locale_topic_bias_p99_ms": ms(timed["topic"].seconds, 99) if biased else None,
-        "dense_counter_p50_ms": float(np.median(counters["dense"]) * 1e3),
+        "direct_counter_p50_ms": float(np.median(counters["direct"]) * 1e3),
         "hash_counter_p50_ms": float(np.median(counters["hash"]) * 1e3),
         **delta_costs,
         "delta_share": DELTA_SHARE,
@@ -455,7 +455,7 @@ def _print(r: dict[str, Any]) -> None:
         ("latency, locale+topic bias 0.8", bias("locale_topic_bias")),
         (
             "visit counter p50",
-            f"dense {r['dense_counter_p50_ms']:.2f} ms  hash {r['hash_counter_p50_ms']:.2f} ms",
+            f"direct {r['direct_counter_p50_ms']:.2f} ms  hash {r['hash_counter_p50_ms']:.2f} ms",
         ),
         (
             f"real-time delta, {r['delta_share']:.0%} of the edges",

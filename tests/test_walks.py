@@ -473,13 +473,13 @@ def test_same_seed_same_result_different_seed_different(small_graph: GraphStore)
     assert not np.array_equal(first.visits, other.visits)
 
 
-def test_dense_and_hash_counters_agree(small_graph: GraphStore) -> None:
+def test_direct_and_hash_counters_agree(small_graph: GraphStore) -> None:
     query = _query(small_graph, 3, 21)
     weights = np.ones(3, np.float32)
     params = WalkParams(steps=20_000, early_stop_pins=300)
-    dense = walk(small_graph, query, weights, params, seed=9, counter="dense")
+    direct = walk(small_graph, query, weights, params, seed=9, counter="direct")
     hashed = walk(small_graph, query, weights, params, seed=9, counter="hash")
-    assert _same(dense, hashed)
+    assert _same(direct, hashed)
 
 
 def test_result_is_sorted_and_top_k_is_a_prefix(small_graph: GraphStore) -> None:

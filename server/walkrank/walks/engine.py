@@ -19,13 +19,13 @@ from walkrank.tenants import MAX_STEPS
 from walkrank.walks import kernels
 
 BiasBy = Literal["locale", "locale_topic"]
-Counter = Literal["auto", "dense", "hash"]
+Counter = Literal["auto", "direct", "hash"]
 
-# Dense counter (a row per pin) or hash table (rows ~1.25x the steps): both cost one scan of
-# their rows to extract the top candidates, so dense only pays off on graphs with about as
-# many pins as steps. Measured by benchmarks/walks.py (5-pin query, N = 100k, p50): 100k-pin
-# graph dense 2.69 ms, hash 2.97 ms; 1M-pin graph dense 9.3 ms, hash 3.9 ms.
-DENSE_MAX_PINS_PER_STEP = 1
+# Direct counter (a row per pin, at the pin's id) or hash table (rows ~1.25x the steps): both
+# cost one scan of their rows to extract the top candidates, so direct only pays off on graphs
+# with about as many pins as steps. Measured by benchmarks/walks.py (5-pin query, N = 100k,
+# p50): 100k-pin graph direct 2.69 ms, hash 2.97 ms; 1M-pin graph direct 9.3 ms, hash 3.9 ms.
+DIRECT_MAX_PINS_PER_STEP = 1
 
 
 class WalkCancelled(WalkRankError):
@@ -263,13 +263,13 @@ def walk(
     visit counts are combined by multi-hit boosting (a pin repeated in the query counts as
     two query pins). Deterministic for a given seed; the bias applies only when
     `params.bias_strength > 0` and `user_locale` is a known locale code.
-    `counter` picks the visit counter ("auto": by DENSE_MAX_PINS_PER_STEP).
+    `counter` picks the visit counter ("auto": by DIRECT_MAX_PINS_PER_STEP).
     `cancel` (uint8[1]) lets another thread stop the walks: once it sets `cancel[0]` to
     nonzero they end within a lock-step round and this raises `WalkCancelled`.
     """
     pins, weights = _validate_query(graph, query_pins, query_weights)
-    if counter not in ("auto", "dense", "hash"):
-        raise ConfigError(f"counter={counter!r}: expected 'auto', 'dense' or 'hash'")
+    if counter not in ("auto", "direct", "hash"):
+        raise ConfigError(f"counter={counter!r}: expected 'auto', 'direct' or 'hash'")
     unknown = np.flatnonzero(pins == -1).astype(np.int32)
     if pins.shape[0] == 0:
         return _empty(0, unknown, "empty query")
@@ -293,11 +293,11 @@ def walk(
     if cancel is None:
         cancel = np.zeros(1, np.uint8)
 
-    dense = counter == "dense" or (
-        counter == "auto" and graph.n_pins <= DENSE_MAX_PINS_PER_STEP * total_budget
+    direct = counter == "direct" or (
+        counter == "auto" and graph.n_pins <= DIRECT_MAX_PINS_PER_STEP * total_budget
     )
     # Distinct pins counted <= min(steps, pins) < the hash table's rows.
-    slots = graph.n_pins if dense else _table_size(min(total_budget, graph.n_pins))
+    slots = graph.n_pins if direct else _table_size(min(total_budget, graph.n_pins))
     table = new_visit_table(slots)
     root_sum = np.zeros(slots, np.float64)
     hits = np.zeros(slots, np.int32)
@@ -333,7 +333,7 @@ def walk(
             np.int64(stop_pins[position]),
             np.int64(params.early_stop_visits),
             seed64,
-            dense,
+            direct,
             table,
             root_sum,
             hits,
@@ -346,7 +346,7 @@ def walk(
         raise WalkCancelled(int(steps_per_query.sum()))
 
     out = kernels.top_candidates(
-        dense,
+        direct,
         table,
         root_sum,
         hits,

@@ -203,7 +203,7 @@ def walk_query_pin(
     early_stop_pins,
     early_stop_visits,
     seed,
-    dense,
+    direct,
     table,
     root_sum,
     hits,
@@ -213,7 +213,7 @@ def walk_query_pin(
     """Walk `budget` steps (pin -> board -> pin) from one query pin and count arrivals.
 
     `table` is the request's visit table, one int32 row per slot: [pin, owner, count, visits]
-    (slot = pin when `dense`, else open addressing with linear probing, power-of-two rows,
+    (slot = pin when `direct`, else open addressing with linear probing, power-of-two rows,
     EMPTY = free). `count` is the visits of query pin `owner` only; when another query pin
     arrives, the old count is folded into `root_sum += sqrt(count * count_scale[owner])` and
     `hits += 1`, so multi-hit boosting needs no per-query table and no merge pass
@@ -442,7 +442,7 @@ def walk_query_pin(
             else:
                 p = board_delta_adj[~i] if i < 0 else board_adj[i]
             node[w] = p
-            _prefetch(table, np.int64(p) if dense else _hash_slot(p, mask))
+            _prefetch(table, np.int64(p) if direct else _hash_slot(p, mask))
             nxt = query_pin if restart[w] else p
             position[w] = nxt
             _prefetch(pin_offsets, nxt)
@@ -457,7 +457,7 @@ def walk_query_pin(
         # array is not inlined and pays reference counting on every call (measured 5x slower).
         for w in range(n):
             p = node[w]
-            if dense:
+            if direct:
                 slot = np.int64(p)
             else:
                 slot = _hash_slot(p, mask)
@@ -510,7 +510,7 @@ def _top_keys(keys, k):
 
 
 @njit(nogil=True, cache=True)
-def top_candidates(dense, table, root_sum, hits, count_scale, query_pins, k, pin_offsets):
+def top_candidates(direct, table, root_sum, hits, count_scale, query_pins, k, pin_offsets):
     """The k best pins of a visit table, query pins excluded, best first (consumes the table).
 
     Score = (sum over query pins q of sqrt(visits from q * count_scale[q]))**2 (Pixie
@@ -525,7 +525,7 @@ def top_candidates(dense, table, root_sum, hits, count_scale, query_pins, k, pin
     # Query pins never come back: unmark their rows (the walks are over) instead of testing
     # every candidate against the query.
     for q in query_pins:
-        if dense:
+        if direct:
             table[q, 1] = EMPTY
             continue
         slot = _hash_slot(q, mask)
@@ -553,7 +553,7 @@ def top_candidates(dense, table, root_sum, hits, count_scale, query_pins, k, pin
         own = np.float64(table[slot, 2]) * count_scale[table[slot, 1]]
         root = root_sum[slot] + np.sqrt(own)
         score32[0] = root * root
-        pin = slot if dense else table[slot, 0]
+        pin = slot if direct else table[slot, 0]
         keys[i] = (np.int64(score_bits[0]) << 32) | (np.int64(0x7FFFFFFF) - pin)
     n = min(k, m)
     chosen = np.arange(m)
@@ -584,7 +584,7 @@ def top_candidates(dense, table, root_sum, hits, count_scale, query_pins, k, pin
 def reference_walk(
     pin_offsets, pin_adj, board_offsets, board_adj, query_pin, steps, restart_probability, seed
 ):
-    """Deliberately plain Pixie walk: one walker, np.random, a dense counter per call.
+    """Deliberately plain Pixie walk: one walker, np.random, a counter per pin per call.
 
     The yardstick the benchmark times against, and the slow reference tests compare the
     fast kernel's visit distribution to.
