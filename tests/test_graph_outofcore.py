@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from walkrank.cli import main
-from walkrank.errors import DataError
+from walkrank.errors import ConfigError, DataError
+from walkrank.graph import outofcore
 from walkrank.graph.build import PruneOptions, build_graph
 from walkrank.graph.outofcore import build_graph_out_of_core
 from walkrank.graph.repository import resolve_graph
@@ -213,3 +214,61 @@ def test_cli_publishes_an_out_of_core_build(
         == 2
     )
     assert "--memory-limit" in capsys.readouterr().err
+
+
+def test_memory_settings_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What this process allocates (numpy and Python, traced) stays node-sized: six times the
+    edges on the same pins and boards add no edge-sized array (both CSR directions and the key
+    runs, about one per edge when neighbours' keys vary, are streamed in batches); DuckDB,
+    which holds the rest, refuses a memory limit it cannot parse, by name."""
+    import tracemalloc
+
+    import duckdb  # noqa: F401  (imported before tracing: its import is not the build's)
+
+    monkeypatch.setattr(outofcore, "_BATCH_ROWS", 4096)
+    rng = np.random.default_rng(11)
+    n_pins, n_boards = 5_000, 1_000
+    locales, topics = [f"l{i}" for i in range(8)], [f"t{i}" for i in range(32)]
+    for role, n in (("pins", n_pins), ("boards", n_boards)):
+        pq.write_table(
+            pa.table(
+                {
+                    f"{role[:-1]}_id": np.arange(n),
+                    "locale": rng.choice(locales, n),
+                    "topic": rng.choice(topics, n),
+                }
+            ),
+            tmp_path / f"{role}.parquet",
+        )
+    peaks, runs = {}, {}
+    for n_edges in (40_000, 240_000):
+        edges = tmp_path / f"edges-{n_edges}.parquet"
+        pq.write_table(
+            pa.table(
+                {
+                    "pin_id": rng.integers(0, n_pins, n_edges),
+                    "board_id": rng.integers(0, n_boards, n_edges),
+                }
+            ),
+            edges,
+        )
+        tracemalloc.start()
+        try:
+            build_graph_out_of_core(
+                tmp_path / f"g{n_edges}",
+                edges,
+                tmp_path / "pins.parquet",
+                tmp_path / "boards.parquet",
+                memory_limit="64MB",
+                threads=2,
+            )
+            peaks[n_edges] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        runs[n_edges] = GraphStore.load(tmp_path / f"g{n_edges}").pin_key_runs.shape[0]
+    assert runs[240_000] - runs[40_000] > 150_000  # edge-sized work, were it held here
+    # Less than a byte per added edge (the added key runs alone, as int64, would be ~8).
+    assert peaks[240_000] - peaks[40_000] < 200_000, peaks
+    with pytest.raises(ConfigError, match=r"memory limit 'lots'"):
+        build_graph_out_of_core(tmp_path / "g", edges, memory_limit="lots")
+    assert not (tmp_path / "g").exists()

@@ -503,7 +503,8 @@ def locale_ends_from_counts(counts: np.ndarray, max_degree: int) -> np.ndarray:
     """The locale index from neighbour counts per (row, locale code), the last column being
     the 'missing' locale."""
     dtype = np.uint16 if max_degree <= np.iinfo(np.uint16).max else np.uint32
-    return np.cumsum(counts[:, :-1], axis=1).astype(dtype)
+    # Summed in the final dtype (exact: no end passes max_degree), not in a uint64 copy.
+    return np.cumsum(counts[:, :-1], axis=1, dtype=dtype)
 
 
 def run_shift(max_degree: int) -> int:
@@ -532,10 +533,16 @@ def key_runs_from_counts(
     np.cumsum(
         np.bincount(rows, weights=counts, minlength=n_rows).astype(np.int64), out=row_base[1:]
     )
+    return run_offsets, encode_runs(keys, ends - row_base[rows], n_keys, shift)
+
+
+def encode_runs(keys: np.ndarray, ends: np.ndarray, n_keys: int, shift: int) -> np.ndarray:
+    """Key runs `key << shift | end` (`end`: where the key's neighbours end in the row's
+    list), uint32 when key and end fit, else uint64: the dtype depends only on `n_keys` and
+    `shift`, so every builder (and every batch of a streamed build) writes the same bytes."""
     bits = max(n_keys - 1, 0).bit_length() + shift
     dtype = np.uint32 if bits <= 32 else np.uint64
-    runs = (np.asarray(keys, np.int64) << shift) | (ends - row_base[rows])
-    return run_offsets, runs.astype(dtype)
+    return ((np.asarray(keys, np.int64) << shift) | ends).astype(dtype)
 
 
 def _key_runs(

@@ -12,8 +12,10 @@ pin or board) and the aggregates the pruning rules read are held in this process
 - the board rules (entropy, degree) from (board, topic) counts and board degrees, the pin rule
   by a window over each heavy pin's edges;
 - both CSR directions as `ORDER BY` queries streamed in batches straight into the `.npy`
-  files, the locale index from (node, neighbour locale) counts, the key runs from (node,
-  neighbour key) counts.
+  files, the key runs streamed the same way from (node, neighbour key) counts (one run per
+  distinct pair: about one per edge), the locale index from (node, neighbour locale) counts.
+
+So the process's own memory is node-sized, and DuckDB's is held to `memory_limit`.
 
 Everything else is the in-memory builder's own code (feature columns, vocabularies, board
 values, rules, id arrays, manifest, writing and publishing), so both builders write the same
@@ -26,9 +28,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -46,9 +48,9 @@ from walkrank.graph.build import (
     board_columns,
     board_rules,
     dominant_from_counts,
+    encode_runs,
     graph_stats,
     id_arrays,
-    key_runs_from_counts,
     locale_ends_from_counts,
     pin_columns,
     run_shift,
@@ -115,7 +117,12 @@ def build_graph_out_of_core(
         }
         if threads is not None:
             config["threads"] = threads
-        con = duckdb.connect(str(work / "build.duckdb"), config=config)
+        try:
+            con = duckdb.connect(str(work / "build.duckdb"), config=config)
+        except duckdb.Error as exc:
+            raise ConfigError(
+                f"DuckDB settings (memory limit {memory_limit!r}, threads {threads}): {exc}"
+            ) from exc
         con.execute("SET enable_progress_bar = false")
         try:
             return _Build(con, work, options).run(out, Path(edges), pins, boards, source, replace)
@@ -287,24 +294,25 @@ class _Build:
             max_degree,
         )
         n_keys, shift = (n_locales + 1) * (n_topics + 1), run_shift(max_degree)
-        pin_run_offsets, pin_key_runs = self._key_runs(
-            "SELECT f.pin, m.key, count(*) FROM final f JOIN board_map m USING (board) "
-            "GROUP BY ALL ORDER BY ALL",
-            n_pins,
-            n_keys,
-            shift,
-        )
-        board_run_offsets, board_key_runs = self._key_runs(
-            "SELECT m.nb, p.key, count(*) FROM final f JOIN board_map m USING (board) "
-            "JOIN pin_map p USING (pin) GROUP BY ALL ORDER BY ALL",
-            n_boards,
-            n_keys,
-            shift,
-        )
 
         tmp = _new_sibling(out)
         try:
             n_edges = int(pin_offsets[-1])
+            run_offsets: dict[str, np.ndarray] = {}
+            stand_ins: dict[str, np.ndarray] = {}  # the arrays streamed to disk, for sizes
+            runs = {
+                # One row per run: a node's distinct neighbour keys, in list order.
+                "pin": (
+                    "SELECT f.pin, m.key, count(*) FROM final f JOIN board_map m "
+                    "USING (board) GROUP BY ALL ORDER BY ALL",
+                    pin_offsets,
+                ),
+                "board": (
+                    "SELECT m.nb, p.key, count(*) FROM final f JOIN board_map m "
+                    "USING (board) JOIN pin_map p USING (pin) GROUP BY ALL ORDER BY ALL",
+                    board_offsets,
+                ),
+            }
             streamed = {
                 # Each list sorted by (the neighbour's bias key, its dense id), as `_csr` does.
                 "pin_adj": "SELECT m.nb FROM final f JOIN board_map m USING (board) "
@@ -323,6 +331,11 @@ class _Build:
                     n_edges,
                     seconds=edges_name,
                 )
+            for side, (query, offsets) in runs.items():
+                name = f"{side}_key_runs"
+                run_offsets[side], stand_ins[name], checksums[name] = self._key_runs(
+                    tmp / f"{name}.npy", query, offsets, n_keys, shift
+                )
             self.lap("csr")
             arrays: dict[str, np.ndarray] = {
                 "pin_offsets": pin_offsets,
@@ -335,10 +348,8 @@ class _Build:
                 "board_key": board_key,
                 "pin_locale_ends": pin_locale_ends,
                 "board_locale_ends": board_locale_ends,
-                "pin_run_offsets": pin_run_offsets,
-                "pin_key_runs": pin_key_runs,
-                "board_run_offsets": board_run_offsets,
-                "board_key_runs": board_key_runs,
+                "pin_run_offsets": run_offsets["pin"],
+                "board_run_offsets": run_offsets["board"],
                 "pin_quality": pin_quality,
                 "pin_created_at": pin_created,
                 **id_arrays(
@@ -352,15 +363,10 @@ class _Build:
             }
             for name, values in extra.items():
                 arrays[PIN_COLUMN_PREFIX + name] = values
-            dtypes: dict[str, type[np.generic]] = {name: np.int32 for name in streamed}
+            for name in streamed:
+                stand_ins[name] = _stand_in(np.dtype(np.int32), n_edges)
             if edge_times:
-                dtypes[PIN_EDGE_TIMES] = np.float64
-            stand_ins = {
-                name: np.lib.stride_tricks.as_strided(
-                    np.zeros(1, dtype), shape=(n_edges,), strides=(0,)
-                )
-                for name, dtype in dtypes.items()
-            }
+                stand_ins[PIN_EDGE_TIMES] = _stand_in(np.dtype(np.float64), n_edges)
             manifest = assemble_manifest(
                 arrays,
                 stand_ins,
@@ -681,39 +687,76 @@ class _Build:
         return locale_ends_from_counts(counts, max_degree)
 
     def _key_runs(
-        self, query: str, n_rows: int, n_keys: int, shift: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The key-run index from (node, neighbour key, count) rows in (node, key) order."""
-        columns: list[list[np.ndarray]] = [[], [], []]
-        for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):  # one row per run
-            for column, values in zip(columns, batch.columns, strict=True):
-                column.append(values.to_numpy())
-        rows, keys, counts = (np.concatenate(c) if c else np.zeros(0, np.int64) for c in columns)
-        return key_runs_from_counts(rows, keys, counts, n_rows, n_keys, shift)
+        self, path: Path, query: str, offsets: np.ndarray, n_keys: int, shift: int
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """The key-run index (`key_runs_from_counts`) from (node, neighbour key, count) rows
+        in (node, key) order, one batch at a time: a run's end is the running edge count
+        less the node's CSR offset. The runs go to a scratch file (their number is known only
+        at the end), then after the `.npy` header into `path`. Returns the run offsets, a
+        stand-in of the runs (`_stand_in`) and the file's checksum."""
+        per_node = np.zeros(offsets.shape[0] - 1, dtype=np.int64)
+        scratch = self.work / f"{path.stem}.raw"
+        before = 0  # edges in the batches before this one
+        with open(scratch, "wb") as f:
+            for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):
+                nodes, keys, counts = (column.to_numpy() for column in batch.columns)
+                ends = before + np.cumsum(counts, dtype=np.int64)
+                before = int(ends[-1])
+                f.write(encode_runs(keys, ends - offsets[nodes], n_keys, shift).tobytes())
+                first = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]])
+                per_node[nodes[first]] += np.diff(np.r_[first, nodes.shape[0]])
+        n_runs = int(per_node.sum())
+        dtype = encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), n_keys, shift).dtype
+        with open(scratch, "rb") as source:
+            checksum = _write_npy(path, dtype, n_runs, _file_chunks(source))
+        scratch.unlink()
+        return _offsets(per_node), _stand_in(dtype, n_runs), checksum
 
     def _stream(self, path: Path, query: str, n: int, seconds: str | None = None) -> str:
         """Write a query's int32 column into `path` as an `.npy` file, batch by batch (the
         same bytes `np.save` writes); returns its checksum. With `seconds` (the edges' name,
         for errors) the column is `created_at`, written as float64 epoch seconds."""
-        dtype = np.int32 if seconds is None else np.float64
-        header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
-        offset = header.offset
-        del header
-        written = 0
-        with open(path, "r+b") as f:
-            f.seek(offset)
+
+        def chunks() -> Iterator[bytes]:
             for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):
                 if seconds is None:
                     values = batch.column(0).to_numpy().astype(np.int32, copy=False)
                 else:
-                    column = pa.chunked_array([batch.column(0)])
-                    values = _seconds(column, seconds, "created_at")
-                f.write(values.tobytes())
-                written += values.shape[0]
-        if written != n:
-            raise DataError(f"{path}: wrote {written} of {n} values; the build is inconsistent")
-        path.chmod(0o444)
-        return array_checksum(path)
+                    values = _seconds(pa.chunked_array([batch.column(0)]), seconds, "created_at")
+                yield values.tobytes()
+
+        dtype = np.dtype(np.int32 if seconds is None else np.float64)
+        return _write_npy(path, dtype, n, chunks())
+
+
+def _stand_in(dtype: np.dtype, n: int) -> np.ndarray:
+    """What `assemble_manifest` reads of an array written to disk as it was made: its dtype
+    and shape, without its memory."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=(n,), strides=(0,))
+
+
+def _write_npy(path: Path, dtype: np.dtype, n: int, chunks: Iterator[bytes]) -> str:
+    """An `.npy` file of `n` values of `dtype` from their bytes in chunks, never all in
+    memory (the same bytes `np.save` writes); read-only; returns its checksum."""
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+    offset = header.offset
+    del header  # the file now has its header and its full (sparse) size
+    expected = n * dtype.itemsize
+    written = 0
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        for chunk in chunks:
+            f.write(chunk)
+            written += len(chunk)
+    if written != expected:
+        raise DataError(f"{path}: wrote {written} of {expected} bytes; the build is inconsistent")
+    path.chmod(0o444)
+    return array_checksum(path)
+
+
+def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
+    while chunk := f.read(1 << 16):
+        yield chunk
 
 
 def _fill_dominant(
