@@ -1,5 +1,6 @@
 """The compute pool: at most `slots` jobs at once, started by (priority, deadline, arrival),
-timeouts for jobs never started, errors handed back, lower-priority threads."""
+fair shares across tenants, spare threads for a tenant's first job, timeouts for jobs never
+started, errors handed back, lower-priority threads."""
 
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def _wait_until(condition, what: str) -> None:
     raise AssertionError(f"timed out waiting until {what}")
 
 
-def _occupy(pool: ComputePool) -> tuple[threading.Event, threading.Thread]:
-    """Keep the pool's only thread busy until the returned gate is set."""
+def _occupy(pool: ComputePool, tenant: str = "") -> tuple[threading.Event, threading.Thread]:
+    """Keep the pool's only slot busy (a job of `tenant`) until the returned gate is set."""
     gate = threading.Event()
-    blocker = threading.Thread(target=pool.run, args=(lambda: gate.wait(60), 0))
+    blocker = threading.Thread(
+        target=pool.run, args=(lambda: gate.wait(60), 0), kwargs={"tenant": tenant}
+    )
     blocker.start()
     _wait_until(lambda: pool.running == 1, "the compute thread is busy")
     return gate, blocker
@@ -48,12 +51,21 @@ def _submit(
     priority: int,
     due: float | None = None,
     wait_s: float | None = 20.0,
+    tenant: str = "",
+    weight: float = 1.0,
 ) -> threading.Thread:
     """A caller thread whose job notes its name when it runs."""
 
     def call() -> None:
         try:
-            pool.run(lambda: order.append(name), priority, wait_s=wait_s, due=due)
+            pool.run(
+                lambda: order.append(name),
+                priority,
+                wait_s=wait_s,
+                due=due,
+                tenant=tenant,
+                weight=weight,
+            )
         except SlotTimeout:
             order.append(f"{name} timed out")
 
@@ -106,6 +118,67 @@ def test_jobs_start_by_priority_then_deadline_then_arrival(pool: ComputePool) ->
     for caller in [blocker, *callers]:
         caller.join(20)
     assert order == ["soon", "also soon", "late", "no deadline", "batch, sooner still", "batch-1"]
+
+
+def test_a_tenants_backlog_does_not_sit_in_front_of_another_tenants_job() -> None:
+    """Tenant a queues 8 jobs, then b one: b's runs next, before a's remaining ones."""
+    pool = ComputePool(1, spare=0)
+    try:
+        gate, blocker = _occupy(pool, tenant="a")
+        order: list[str] = []
+        callers = [_submit(pool, order, f"a{i}", 0, tenant="a") for i in range(8)]
+        callers.append(_submit(pool, order, "b", 0, tenant="b"))
+        gate.set()
+        for caller in [blocker, *callers]:
+            caller.join(20)
+        assert order == ["b", *(f"a{i}" for i in range(8))]
+    finally:
+        pool.close()
+
+
+def test_backlogged_tenants_share_the_threads_by_weight() -> None:
+    """Weight 2 starts two jobs for each of weight 1's while both have jobs waiting."""
+    pool = ComputePool(1, spare=0)
+    try:
+        gate, blocker = _occupy(pool, tenant="other")
+        order: list[str] = []
+        callers = [
+            _submit(pool, order, f"{tenant}{i}", 0, tenant=tenant, weight=weight)
+            for tenant, weight in (("a", 1.0), ("b", 2.0))
+            for i in range(6)
+        ]
+        gate.set()
+        for caller in [blocker, *callers]:
+            caller.join(20)
+        tenants = "".join(name[0] for name in order)
+        assert tenants == "abbabbabbaaa"
+        for tenant in "ab":  # each tenant's own jobs in arrival order
+            assert [name for name in order if name[0] == tenant] == [
+                f"{tenant}{i}" for i in range(6)
+            ]
+    finally:
+        pool.close()
+
+
+def test_a_spare_thread_starts_an_interactive_tenants_first_job_at_once() -> None:
+    """With every slot busy, another interactive tenant's first job starts on a spare
+    thread; the busy tenant's next job and a batch tenant's wait for a slot."""
+    pool = ComputePool(1, spare=1)
+    try:
+        gate, blocker = _occupy(pool, tenant="a")
+        order: list[str] = []
+        callers = [
+            _submit(pool, order, "a's second", 0, tenant="a"),
+            _submit(pool, order, "batch", 1, tenant="c"),
+        ]
+        pool.run(lambda: order.append("b"), 0, tenant="b")  # returns with the slot still busy
+        assert order == ["b"] and pool.waiting == 2 and pool.running == 1
+        gate.set()
+        for caller in [blocker, *callers]:
+            caller.join(20)
+        assert order == ["b", "a's second", "batch"]
+    finally:
+        pool.close()
 
 
 def test_a_job_never_started_times_out_and_leaves_the_others_in_order(pool: ComputePool) -> None:
@@ -198,6 +271,12 @@ def test_compute_threads_carry_their_name_where_profilers_read_it() -> None:
 def test_at_least_one_slot_and_no_jobs_after_close() -> None:
     with pytest.raises(ValueError, match="compute slots must be >= 1"):
         ComputePool(0)
+    with pytest.raises(ValueError, match="spare compute threads must be >= 0"):
+        ComputePool(1, spare=-1)
+    pool = ComputePool(1)
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        pool.run(lambda: None, 0, tenant="a", weight=0)
+    pool.close()
     pool = ComputePool(1)
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):

@@ -527,15 +527,21 @@ def test_compute_slots_serve_interactive_before_batch_and_honour_deadlines(fresh
 
     server, client = fresh
     compute = server.serving.compute
-    # Every compute thread busy with a job that waits for its gate.
-    gates = [threading.Event() for _ in range(compute.slots)]
+    # Every compute thread, the spare ones too, busy with a job that waits for its gate (one
+    # tenant each: a spare thread starts only a tenant's first job).
+    threads = compute.slots + compute.spare
+    gates = [threading.Event() for _ in range(threads)]
     blockers = [
-        threading.Thread(target=compute.run, args=(functools.partial(gate.wait, 60), 0))
-        for gate in gates
+        threading.Thread(
+            target=compute.run,
+            args=(functools.partial(gate.wait, 60), 0),
+            kwargs={"tenant": f"blocker-{i}"},
+        )
+        for i, gate in enumerate(gates)
     ]
     for blocker in blockers:
         blocker.start()
-    _wait_until(lambda: compute.running == compute.slots, "every compute thread is busy")
+    _wait_until(lambda: compute.running == threads, "every compute thread is busy")
     answers: dict[str, object] = {}
     try:
         query = busy_pins(server.graph, 1)
@@ -556,9 +562,10 @@ def test_compute_slots_serve_interactive_before_batch_and_honour_deadlines(fresh
         _wait_until(lambda: compute.waiting == 1, "the email user waits for a slot")
         homefeed = call("homefeed", lambda: client.recommend("homefeed", query))
         _wait_until(lambda: compute.waiting == 2, "the home-feed request waits too")
-        # One thread comes free: the later, interactive request goes first, and the email
-        # user only after it.
-        gates[0].set()
+        # All but slots - 1 threads come free: the later, interactive request goes first, and
+        # the email user only after it.
+        for gate in gates[: compute.spare + 1]:
+            gate.set()
         homefeed.join(20)
         email.join(20)
     finally:

@@ -11,11 +11,12 @@ arrival). A call's deadline is fixed when gRPC receives it, so a request that wa
 reach its handler (threads and the GIL are shared) is not also queued behind later arrivals.
 
 Within a priority, tenants share the threads fairly: each tenant's jobs wait in a lane of
-their own, and a free thread takes the head of the lane that has started the fewest jobs for
-its weight (the tenant's `max_in_flight`: its share), start-time fair queueing. A lane that was
-idle joins at the virtual time of the last job started, so one tenant's backlog never sits in
-front of another tenant's job: measured without it, a tenant at its quota (4 calls on 2 threads)
-doubled another tenant's p99, which waited behind the first tenant's queued jobs.
+their own, and a free thread takes the head of the lane furthest behind its share (start-time
+fair queueing: each job started adds 1 / weight to its lane's virtual time, the weight being
+the tenant's `max_in_flight`). A lane with no backlog joins at the virtual time of the last
+job started, so it keeps no credit from quiet times and is never behind another tenant's
+backlog: a tenant sending one call at a time waits for a free thread, not for the jobs queued
+by a tenant at (or past) its quota.
 A batch call queues one job per user, so a home-feed request waits at most one email user's
 work, however many email batches are in flight.
 
@@ -93,13 +94,24 @@ class _Job(Generic[T]):
             self.cancel[0] = 1
 
 
+@dataclass
+class _Lane:
+    """One tenant's waiting jobs (a heap by deadline, then arrival) and its fair-share account."""
+
+    weight: float
+    virtual: float  # its start tag: each job started adds 1 / weight
+    jobs: list[_Job[Any]] = field(default_factory=list)
+    running: int = 0
+
+
 def _seconds_until(moment: float) -> float | None:
     """A wait timeout until `moment` on the perf_counter clock (None: forever)."""
     return None if moment == math.inf else max(0.0, moment - time.perf_counter())
 
 
 class ComputePool:
-    """`slots` threads running jobs in (priority, deadline, arrival) order.
+    """`slots` threads running jobs by priority, then fair shares across tenants, then each
+    tenant's own jobs in (deadline, arrival) order.
 
     A job may carry a cancel cell (`cancel`, e.g. a numpy uint8[1] the walk kernels read
     without the GIL): the pool sets it when the job's `due` passes and when the pool
@@ -107,13 +119,21 @@ class ComputePool:
     the server from exiting.
     """
 
-    def __init__(self, slots: int, nice: int = 0) -> None:
+    def __init__(self, slots: int, nice: int = 0, spare: int = 0) -> None:
+        """`spare` threads beyond the `slots` start only an interactive tenant's first job
+        while every slot is busy, so that job need not wait for another tenant's to end."""
         if slots < 1:
             raise ValueError(f"compute slots must be >= 1, got {slots}")
         self.slots = slots
+        self.spare = spare
+        if self.spare < 0:
+            raise ValueError(f"spare compute threads must be >= 0, got {spare}")
         self.nice = nice
         self._work = threading.Condition(threading.Lock())
-        self._queue: list[_Job[Any]] = []
+        # tenant -> its lane, while it has jobs waiting or running.
+        self._lanes: dict[str, _Lane] = {}
+        self._waiting = 0
+        self._clock: dict[int, float] = {}  # per priority: the virtual time of the last start
         self._arrivals = itertools.count()
         self._active: dict[int, _Job[Any]] = {}
         self._last_finished = time.perf_counter()
@@ -122,7 +142,7 @@ class ComputePool:
             threading.Thread(
                 target=self._serve, args=(i,), name=f"walkrank-compute-{i}", daemon=True
             )
-            for i in range(slots)
+            for i in range(slots + self.spare)
         ]
         for thread in self._threads:
             thread.start()
@@ -130,7 +150,7 @@ class ComputePool:
     @property
     def waiting(self) -> int:
         """Jobs no compute thread has taken yet."""
-        return len(self._queue)
+        return self._waiting
 
     @property
     def running(self) -> int:
@@ -144,9 +164,10 @@ class ComputePool:
         grows past a few deadlines only if the threads are stuck: a health signal.
         """
         with self._work:
-            if not self._queue:
+            if not self._waiting:
                 return 0.0
-            since = max(self._last_finished, min(job.enqueued for job in self._queue))
+            oldest = min(job.enqueued for lane in self._lanes.values() for job in lane.jobs)
+            since = max(self._last_finished, oldest)
         return max(0.0, time.perf_counter() - since)
 
     def run(
@@ -156,28 +177,44 @@ class ComputePool:
         wait_s: float | None = None,
         due: float | None = None,
         cancel: np.ndarray | None = None,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> tuple[T, float]:
         """Run `work` on a compute thread; its result and the seconds it waited to start.
 
         Jobs with a lower `priority` number start first, then the earliest `due` (the
         caller's deadline on the `time.perf_counter` clock; None: after every deadline),
-        then by arrival. Raises `SlotTimeout` if no thread took the job within `wait_s`
-        (None: until `due`, or as long as it takes); `work`'s own exception is raised here.
+        then by arrival; but among the `tenant`s of one priority, fair shares come first: the
+        next job is the head of the tenant furthest behind its share (`weight` > 0, e.g. its
+        quota). Raises `SlotTimeout` if no thread took the job within `wait_s` (None: until
+        `due`, or as long as it takes); `work`'s own exception is raised here.
         When `due` passes with the job running, `cancel[0]` is set to 1 (`work` is expected
         to read it and end early) and this returns when `work` does.
         """
+        if not weight > 0:
+            raise ValueError(f"a tenant's compute weight must be > 0, got {weight}")
         job = _Job(priority, math.inf if due is None else due, next(self._arrivals), work, cancel)
+        key = tenant
         with self._work:
             if self._closed:
                 raise RuntimeError("the compute pool is closed")
-            heapq.heappush(self._queue, job)
+            clock = self._clock.get(priority, 0.0)
+            lane = self._lanes.setdefault(key, _Lane(weight, clock))
+            if not lane.jobs:  # a lane that had no backlog keeps no credit from its quiet time
+                lane.virtual = max(lane.virtual, clock)
+            lane.weight = weight
+            heapq.heappush(lane.jobs, job)
+            self._waiting += 1
             self._work.notify()
         start_s = wait_s if wait_s is not None else _seconds_until(job.due)
         if not job.done.wait(start_s):
             with self._work:
                 if job.started is None:
-                    self._queue.remove(job)
-                    heapq.heapify(self._queue)
+                    lane = self._lanes[key]
+                    lane.jobs.remove(job)
+                    heapq.heapify(lane.jobs)
+                    self._waiting -= 1
+                    self._retire(key, lane)
                     assert start_s is not None
                     raise SlotTimeout(
                         f"no compute slot came free within {start_s * 1e3:.0f} ms "
@@ -196,11 +233,42 @@ class ComputePool:
         them (and any without one), and exit."""
         with self._work:
             self._closed = True
-            for job in (*self._queue, *self._active.values()):
+            queued = (job for lane in self._lanes.values() for job in lane.jobs)
+            for job in (*queued, *self._active.values()):
                 job.stop()
             self._work.notify_all()
         for thread in self._threads:
             thread.join()
+
+    def _startable(self) -> list[tuple[str, _Lane]]:
+        """The lanes a free thread may start a job of (the lock held): any waiting one while
+        fewer than `slots` jobs run, past that (on a spare thread) only the first job of a
+        tenant of the most urgent priority (0)."""
+        full = len(self._active) >= self.slots
+        return [
+            (key, lane)
+            for key, lane in self._lanes.items()
+            if lane.jobs and not (full and (lane.running or lane.jobs[0].priority))
+        ]
+
+    def _take(self) -> tuple[str, _Job[Any]]:
+        """The next job (the lock held, some startable): the most urgent priority, then the
+        lane furthest behind its share, then its earliest deadline and arrival."""
+        key, lane = min(
+            self._startable(),
+            key=lambda item: (item[1].jobs[0].priority, item[1].virtual, item[1].jobs[0]),
+        )
+        self._clock[lane.jobs[0].priority] = lane.virtual
+        lane.virtual += 1.0 / lane.weight
+        lane.running += 1
+        self._waiting -= 1
+        return key, heapq.heappop(lane.jobs)
+
+    def _retire(self, key: str, lane: _Lane) -> None:
+        """Forget a lane with nothing waiting or running (the lock held): tenants come and go
+        with reloads, and an idle tenant's past use does not count against it."""
+        if not lane.jobs and not lane.running:
+            del self._lanes[key]
 
     def _serve(self, index: int) -> None:
         _name_os_thread(f"{OS_THREAD_PREFIX}{index}")
@@ -213,11 +281,11 @@ class ComputePool:
             )
         while True:
             with self._work:
-                while not self._queue and not self._closed:
+                while not self._closed and not self._startable():
                     self._work.wait()
-                if not self._queue:
+                if not self._startable():
                     return
-                job = heapq.heappop(self._queue)
+                key, job = self._take()
                 job.started = time.perf_counter()
                 self._active[job.sequence] = job
             try:
@@ -226,6 +294,9 @@ class ComputePool:
                 job.error = exc
             with self._work:
                 del self._active[job.sequence]
+                lane = self._lanes[key]
+                lane.running -= 1
+                self._retire(key, lane)
                 self._last_finished = time.perf_counter()
             job.done.set()
             # An idle thread must not keep its last call alive: the call holds the graph it

@@ -202,6 +202,8 @@ class ServingContext:
                 wait_s=budget_s * 0.9,
                 due=due,
                 cancel=cancel,
+                tenant=runtime.name,
+                weight=limits.max_in_flight,
             )
         except SlotTimeout as exc:
             self.record(runtime.name, "DEADLINE_EXCEEDED", arm=request_arm(runtime, request))
