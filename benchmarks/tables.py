@@ -5,11 +5,11 @@ Relevance: every `benchmarks/results/relevance/*.json` (written by `benchmarks/r
 run, the diagnostics of the template's runs (truth pairs among the candidates, the
 features the model relies on, the in-period ceiling, the fit) and each phase's best
 single-feature orders. Performance:
-`benchmarks/results/{walks,serving,replicas}.json` (each benchmark's `--json`) give one table
-each. With `--write FILE` it replaces the text between `<!-- NAME -->` and `<!-- /NAME -->`
-for every table whose markers FILE has (relevance:summary, relevance:runs,
+`benchmarks/results/{walks,serving,replicas,graph_build}.json` (each benchmark's `--json`)
+give one table each. With `--write FILE` it replaces the text between `<!-- NAME -->` and
+`<!-- /NAME -->` for every table whose markers FILE has (relevance:summary, relevance:runs,
 relevance:diagnostics, relevance:feature_orders, performance:walks, performance:serving,
-performance:replicas); otherwise it prints the tables.
+performance:replicas, performance:graph_build); otherwise it prints the tables.
 
     python benchmarks/tables.py [--results DIR] [--write docs/relevance.md]
     python benchmarks/tables.py --write docs/performance.md
@@ -332,10 +332,43 @@ def replicas_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def graph_build_table(r: dict[str, Any]) -> str:
+    """`benchmarks/graph_build.py --json`: the out-of-core build per size, the in-memory
+    builder beside it where it ran, and the extrapolation to 200M edges when not measured."""
+    lines = [
+        f"DuckDB memory limit {r['memory_limit']}, {r['cores']} cores.",
+        "",
+        "| edges | time | peak RSS | peak / graph | graph | in-memory peak RSS | same checksums |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, f in r["sizes"].items():
+        memory = f.get("in_memory")
+        same = f.get("same_checksums_as_in_memory")
+        lines.append(
+            f"| {label} | {f['seconds']:.0f} s | {_mb(f['peak_rss_bytes'])} "
+            f"| {f['peak_rss_over_graph']:.2f}x | {_mb(f['graph_bytes'])} "
+            f"| {_mb(memory['peak_rss_bytes']) if memory else ''} "
+            f"| {'' if same is None else 'yes' if same else 'NO'} |"
+        )
+    x = r.get("extrapolated")
+    if x:
+        lines.append(
+            f"| {x['edges'] / 1e6:g}M (extrapolated from {x['from_edges'][0] / 1e6:g}M and "
+            f"{x['from_edges'][1] / 1e6:g}M, not measured) | | {_mb(x['peak_rss_bytes'])} "
+            f"| {x['peak_rss_over_graph']:.2f}x | {_mb(x['graph_bytes'])} | | |"
+        )
+    return "\n".join(lines)
+
+
 PERFORMANCE = {
     "performance:walks": ("walks.json", walks_table),
     "performance:serving": ("serving.json", serving_table),
     "performance:replicas": ("replicas.json", replicas_table),
+    "performance:graph_build": ("graph_build.json", graph_build_table),
 }
 
 
