@@ -35,13 +35,14 @@ def test_paths_resolve_relative_to_the_file_and_auth_merges_env(
                 **BASE,
                 "workers": 3,
                 "compute_slots": 1,
+                "compute_spare": 2,
                 "log_ring_mb": 8,
                 "auth": {"enabled": True, "secrets_file": "secrets.yaml"},
             },
         )
     )
     assert config.graph == (tmp_path / "g").resolve() and config.workers == 3
-    assert config.compute_slots == 1 and config.log_ring_mb == 8
+    assert config.compute_slots == 1 and config.compute_spare == 2 and config.log_ring_mb == 8
     assert config.address == "127.0.0.1:50051"
     assert config.auth.tenant_keys == {
         "email": frozenset({"a", "b", "c"}),
@@ -58,6 +59,7 @@ def test_paths_resolve_relative_to_the_file_and_auth_merges_env(
         ({**BASE, "workers": "many"}, "workers: expected int"),
         ({**BASE, "workers": 0}, "workers: must be >= 1"),
         ({**BASE, "compute_slots": 0}, "compute_slots: must be >= 1"),
+        ({**BASE, "compute_spare": -1}, "compute_spare: must be >= 0"),
         ({**BASE, "log_ring_mb": 0}, "log_ring_mb: must be >= 1"),
         ({**BASE, "log_queue_batches": 4096}, "log_queue_batches: no longer a setting; "),
         ({**BASE, "log_writer_nice": 20}, "log_writer_nice: must be in [0, 19]"),

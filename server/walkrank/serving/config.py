@@ -73,6 +73,9 @@ class ServerConfig:
     workers: int = 8
     # Requests running the pipeline at once (walkrank.serving.scheduler); None: one per core.
     compute_slots: int | None = None
+    # Threads beyond the slots that start only an interactive tenant's first request while
+    # every slot is busy (walkrank.serving.scheduler); 0: none.
+    compute_spare: int = 0
     # Niceness added to the compute threads, so the gRPC threads' short work goes first.
     compute_nice: int = 5
     grace_seconds: float = 10.0
@@ -114,6 +117,8 @@ class ServerConfig:
             )
         if not self.log_ship_seconds > 0:
             raise ConfigError(f"log_ship_seconds: must be > 0, got {self.log_ship_seconds}")
+        if self.compute_spare < 0:
+            raise ConfigError(f"compute_spare: must be >= 0, got {self.compute_spare}")
         if self.recent_request_ids < 0:
             raise ConfigError(f"recent_request_ids: must be >= 0, got {self.recent_request_ids}")
         for key in ("compute_nice", "log_writer_nice"):
@@ -133,6 +138,7 @@ _TOP_KEYS = {
     "metrics_address",
     "workers",
     "compute_slots",
+    "compute_spare",
     "compute_nice",
     "grace_seconds",
     "log_ring_mb",
@@ -263,6 +269,7 @@ def load_server_config(path: Path) -> ServerConfig:
         ("metrics_address", str),
         ("workers", int),
         ("compute_slots", int),
+        ("compute_spare", int),
         ("compute_nice", int),
         ("grace_seconds", (int, float)),
         ("log_ring_mb", int),

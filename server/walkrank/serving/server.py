@@ -142,7 +142,11 @@ class WalkRankServer:
             self.event_log,
             auth,
             self.metrics,
-            ComputePool(config.compute_slots or available_cores(), nice=config.compute_nice),
+            ComputePool(
+                config.compute_slots or available_cores(),
+                nice=config.compute_nice,
+                spare=config.compute_spare,
+            ),
             RequestOwners(config.recent_request_ids),
         )
         options = [
