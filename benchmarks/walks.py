@@ -190,9 +190,7 @@ def _kernel(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray
     rates = []
     for i, query in enumerate(queries):
         table = new_visit_table(1 << 18)
-        started = time.perf_counter()
-        kernels.walk_query_pin(
-            *graph.walk_arrays,
+        settings = kernels.WalkSettings(
             np.int32(_first_pin(query)),
             np.int32(0),
             np.int64(STEPS),
@@ -204,13 +202,17 @@ def _kernel(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray
             np.int64(0),
             np.int64(4),
             np.uint64(i),
+        )
+        visits = kernels.VisitTable(
             False,
             table,
             np.zeros(table.shape[0]),
             np.zeros(table.shape[0], np.int32),
             np.ones(1),
-            np.zeros(1, np.uint8),
         )
+        cancel = np.zeros(1, np.uint8)
+        started = time.perf_counter()
+        kernels.walk_query_pin(*graph.walk_arrays, *graph.delta_arrays, *settings, *visits, cancel)
         rates.append(STEPS / (time.perf_counter() - started))
     return np.array(rates)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import build_graph
-from walkrank.graph.store import GraphStore
+from walkrank.graph.store import DeltaArrays, GraphArrays, GraphStore
 from walkrank.walks import WalkParams, WalkResult, kernels, step_budgets, walk
 from walkrank.walks.engine import WalkCancelled, new_visit_table
 
@@ -54,8 +55,7 @@ def _walk_one(
     drawing the random streams of position `query_index` in a query; returns
     (steps, {pin: visits})."""
     table = new_visit_table(rows or 1 << (2 * budget - 1).bit_length())
-    done = kernels.walk_query_pin(
-        *graph.walk_arrays,
+    walk_settings = kernels.WalkSettings(
         np.int32(pin),
         np.int32(query_index),
         np.int64(budget),
@@ -67,11 +67,19 @@ def _walk_one(
         np.int64(early_stop_pins),
         np.int64(4),
         np.uint64(seed),
+    )
+    visits = kernels.VisitTable(
         False,
         table,
         np.zeros(table.shape[0]),
         np.zeros(table.shape[0], np.int32),
         np.ones(1),
+    )
+    done = kernels.walk_query_pin(
+        *graph.walk_arrays,
+        *graph.delta_arrays,
+        *walk_settings,
+        *visits,
         np.zeros(1, np.uint8) if cancel is None else cancel,
     )
     used = table[table[:, 1] == query_index]
@@ -471,6 +479,15 @@ def test_same_seed_same_result_different_seed_different(small_graph: GraphStore)
     assert _same(first, walk(small_graph, query, weights, params, seed=42))
     other = walk(small_graph, query, weights, params, seed=43)
     assert not np.array_equal(first.visits, other.visits)
+
+
+def test_kernel_parameters_are_the_named_groups() -> None:
+    """Callers spread the groups into the kernels: their fields must be the parameters."""
+    groups = (GraphArrays, DeltaArrays, kernels.WalkSettings, kernels.VisitTable)
+    walk_names = tuple(inspect.signature(kernels.walk_query_pin.py_func).parameters)
+    assert walk_names == (*(name for group in groups for name in group._fields), "cancel")
+    top_names = tuple(inspect.signature(kernels.top_candidates.py_func).parameters)
+    assert top_names[: len(kernels.VisitTable._fields)] == kernels.VisitTable._fields
 
 
 def test_direct_and_hash_counters_agree(small_graph: GraphStore) -> None:

@@ -41,7 +41,7 @@ import pyarrow as pa
 from numba import njit
 
 from walkrank.errors import DataError, WalkRankError
-from walkrank.graph.store import GraphStore, _canonical_int
+from walkrank.graph.store import DeltaArrays, GraphStore, _canonical_int
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ class DeltaSnapshot:
     new_pin_created_at: np.ndarray  # float64, NaN when unknown
 
     @property
-    def walk_arrays(self) -> tuple[Any, ...]:
-        return (self.pins.offsets, self.pins.adj, self.boards.offsets, self.boards.adj)
+    def walk_arrays(self) -> DeltaArrays:
+        return DeltaArrays(self.pins.offsets, self.pins.adj, self.boards.offsets, self.boards.adj)
 
     def pin_delta_degree(self, pins: np.ndarray) -> np.ndarray:
         offsets = self.pins.offsets
@@ -178,8 +178,8 @@ class LiveGraph(GraphStore):
         return True
 
     @property
-    def walk_arrays(self) -> tuple[Any, ...]:
-        return super().walk_arrays[:11] + self._snapshot().walk_arrays
+    def delta_arrays(self) -> DeltaArrays:
+        return self._snapshot().walk_arrays
 
     @property
     def pin_max_degree(self) -> int:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,9 +59,36 @@ ARRAY_FIELDS: tuple[str, ...] = (
     "board_ids",
 )
 
-#: The delta arguments of `walks.kernels.walk_query_pin` for a graph without a real-time
-#: delta segment: None, for which numba compiles the kernel without the delta's code.
-NO_DELTA: tuple[None, ...] = (None, None, None, None)
+
+class GraphArrays(NamedTuple):
+    """What `walks.kernels.walk_query_pin` reads of the base graph (`GraphStore.walk_arrays`)."""
+
+    pin_offsets: np.ndarray
+    pin_adj: np.ndarray
+    board_offsets: np.ndarray
+    board_adj: np.ndarray
+    pin_locale_ends: np.ndarray
+    board_locale_ends: np.ndarray
+    pin_run_offsets: np.ndarray
+    pin_key_runs: np.ndarray
+    board_run_offsets: np.ndarray
+    board_key_runs: np.ndarray
+    run_shift: np.int64
+
+
+class DeltaArrays(NamedTuple):
+    """What the walk kernel reads of a real-time delta segment (`GraphStore.delta_arrays`):
+    CSR over every node, base and new; all None (`NO_DELTA`) for a graph without a delta, for
+    which numba compiles the kernel without the delta's code."""
+
+    pin_delta_offsets: np.ndarray | None
+    pin_delta_adj: np.ndarray | None
+    board_delta_offsets: np.ndarray | None
+    board_delta_adj: np.ndarray | None
+
+
+NO_DELTA = DeltaArrays(None, None, None, None)
+
 
 #: Extra numeric pin columns are stored as `pin_column.<name>.npy` (float32, NaN when missing).
 PIN_COLUMN_PREFIX = "pin_column."
@@ -299,9 +326,9 @@ class GraphStore:
         return int(self.manifest["key_runs"]["shift"])
 
     @property
-    def walk_arrays(self) -> tuple[Any, ...]:
-        """What `walks.kernels.walk_query_pin` reads of the graph, in its argument order."""
-        return (
+    def walk_arrays(self) -> GraphArrays:
+        """What `walks.kernels.walk_query_pin` reads of the base graph."""
+        return GraphArrays(
             self.pin_offsets,
             self.pin_adj,
             self.board_offsets,
@@ -313,8 +340,12 @@ class GraphStore:
             self.board_run_offsets,
             self.board_key_runs,
             np.int64(self.run_shift),
-            *NO_DELTA,
         )
+
+    @property
+    def delta_arrays(self) -> DeltaArrays:
+        """What the walk kernel reads of a real-time delta: `NO_DELTA`, a graph without one."""
+        return NO_DELTA
 
     @property
     def pin_max_degree(self) -> int:

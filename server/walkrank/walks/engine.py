@@ -298,16 +298,13 @@ def walk(
     )
     # Distinct pins counted <= min(steps, pins) < the hash table's rows.
     slots = graph.n_pins if direct else _table_size(min(total_budget, graph.n_pins))
-    table = new_visit_table(slots)
-    root_sum = np.zeros(slots, np.float64)
-    hits = np.zeros(slots, np.int32)
 
     restart_threshold = np.uint64(min(params.restart_probability * 2**32, 2**32))
     bias_threshold = np.uint64(0)
     if target.locale >= 0:
         bias_threshold = np.uint64(min(params.bias_strength * 2**32, 2**32))
     seed64 = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-    walk_arrays = graph.walk_arrays
+    graph_arrays, delta_arrays = graph.walk_arrays, graph.delta_arrays
 
     # Pixie's early stop per query pin, with n_p split like the steps: a pin walking a share s
     # of walk.steps stops once more than ceil(s * n_p) pins have n_v visits from it (a fixed
@@ -315,13 +312,18 @@ def walk(
     # early has its counts scaled to its budget in the score (`count_scale`), so it keeps its
     # share of the boosting instead of ceding it to the pins that walked on.
     stop_pins = -(-params.early_stop_pins * budgets // params.steps)
-    count_scale = np.ones(pins.shape[0], np.float64)
+    visits = kernels.VisitTable(
+        direct,
+        new_visit_table(slots),
+        np.zeros(slots, np.float64),
+        np.zeros(slots, np.int32),
+        np.ones(pins.shape[0], np.float64),  # count_scale
+    )
     steps_per_query = np.zeros(pins.shape[0], np.int64)
     for position in known:
         if budgets[position] == 0:
             continue
-        steps_per_query[position] = kernels.walk_query_pin(
-            *walk_arrays,
+        settings = kernels.WalkSettings(
             np.int32(pins[position]),
             np.int32(position),
             np.int64(budgets[position]),
@@ -333,28 +335,16 @@ def walk(
             np.int64(stop_pins[position]),
             np.int64(params.early_stop_visits),
             seed64,
-            direct,
-            table,
-            root_sum,
-            hits,
-            count_scale,
-            cancel,
+        )
+        steps_per_query[position] = kernels.walk_query_pin(
+            *graph_arrays, *delta_arrays, *settings, *visits, cancel
         )
         if steps_per_query[position]:
-            count_scale[position] = budgets[position] / steps_per_query[position]
+            visits.count_scale[position] = budgets[position] / steps_per_query[position]
     if cancel[0]:
         raise WalkCancelled(int(steps_per_query.sum()))
 
-    out = kernels.top_candidates(
-        direct,
-        table,
-        root_sum,
-        hits,
-        count_scale,
-        known_pins,
-        params.max_candidates,
-        graph.pin_offsets,
-    )
+    out = kernels.top_candidates(*visits, known_pins, params.max_candidates, graph.pin_offsets)
     cand_pins, scores, cand_visits, query_hits, cand_degree = out
     if graph.has_delta:  # the kernel counts base boards only
         cand_degree = graph.pin_degrees(cand_pins).astype(np.int32)

@@ -14,6 +14,8 @@ started at the query pin draw from the same distribution as one long walker.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -29,6 +31,34 @@ SLICE_CACHE_ROWS = 4096
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _NO_LIMIT = np.int64(2**62)
+
+
+class WalkSettings(NamedTuple):
+    """One query pin's walk: `walk_query_pin`'s scalar parameters, in its order (numba
+    scalars: their types are part of the compiled signature)."""
+
+    query_pin: np.int32
+    query_index: np.int32  # the pin's position in the query: its random streams, its rows
+    budget: np.int64  # steps
+    restart_threshold: np.uint64  # probabilities scaled to 2**32
+    bias_threshold: np.uint64
+    bias_locale: np.int32  # -1: no locale bias
+    key_lo: np.int32  # bias keys [key_lo, key_hi); empty: by locale
+    key_hi: np.int32
+    early_stop_pins: np.int64  # 0: never
+    early_stop_visits: np.int64
+    seed: np.uint64
+
+
+class VisitTable(NamedTuple):
+    """A request's visit counts, shared by its query pins' walks and read by `top_candidates`
+    (their parameters of the same names, in this order)."""
+
+    direct: bool  # a row per pin at the pin's id; else a hash table (open addressing)
+    table: np.ndarray  # int32[rows, 4]: [pin, owner, count, visits]
+    root_sum: np.ndarray  # float64[rows]
+    hits: np.ndarray  # int32[rows]
+    count_scale: np.ndarray  # float64[query pins]
 
 
 @intrinsic
@@ -212,6 +242,11 @@ def walk_query_pin(
 ):
     """Walk `budget` steps (pin -> board -> pin) from one query pin and count arrivals.
 
+    The parameters come in named groups, in their field order: `GraphArrays` and `DeltaArrays`
+    (`walkrank.graph.store`), `WalkSettings`, `VisitTable`, then `cancel`; callers pass
+    `*graph.walk_arrays, *graph.delta_arrays, *settings, *visits, cancel`. Spread rather than
+    passed as tuples: numba types a tuple argument in Python on every call, which measured
+    2-5 us a call, about 10% of a 2,000-step request.
     `table` is the request's visit table, one int32 row per slot: [pin, owner, count, visits]
     (slot = pin when `direct`, else open addressing with linear probing, power-of-two rows,
     EMPTY = free). `count` is the visits of query pin `owner` only; when another query pin
