@@ -699,12 +699,18 @@ class _Build:
         before = 0  # edges in the batches before this one
         with open(scratch, "wb") as f:
             for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):
+                if not batch.num_rows:
+                    continue
                 nodes, keys, counts = (column.to_numpy() for column in batch.columns)
                 ends = before + np.cumsum(counts, dtype=np.int64)
                 before = int(ends[-1])
                 f.write(encode_runs(keys, ends - offsets[nodes], n_keys, shift).tobytes())
                 first = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]])
                 per_node[nodes[first]] += np.diff(np.r_[first, nodes.shape[0]])
+        if before != offsets[-1]:
+            raise DataError(
+                f"{path}: runs of {before} of {offsets[-1]} edges; the build is inconsistent"
+            )
         n_runs = int(per_node.sum())
         dtype = encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), n_keys, shift).dtype
         with open(scratch, "rb") as source:
@@ -755,6 +761,7 @@ def _write_npy(path: Path, dtype: np.dtype, n: int, chunks: Iterator[bytes]) -> 
 
 
 def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
+    """A file's bytes in small pieces (copied from a scratch file, not read whole)."""
     while chunk := f.read(1 << 16):
         yield chunk
 
