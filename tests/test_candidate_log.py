@@ -428,3 +428,40 @@ def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> Non
     assert schema.field("user_interests").type == pa.list_(pa.string())
     first = pq.ParquetFile(path).read_row_group(0, columns=["request_id", "user_locale"])
     assert first["request_id"][0].as_py() == batches[0].request_id
+
+
+def test_values_shared_by_requests_keep_their_parquet_dictionary(tmp_path: Path) -> None:
+    """Requests that share a value (the same user, locale, arm or model) put it in the
+    dictionary once: given repeats, Parquet would write every row's string in full. A
+    missing value stays null, apart from an empty one. Files are LZ4: the cheaper codec for
+    a log written on the serving machine."""
+    batches = [
+        CandidateBatch(
+            **{
+                **vars(make_batch(f"req-{i}", k=50, seed=i)),
+                "user_id": "same-user",
+                "user_locale": (None, "", "en")[i % 3],
+                "arm": "default",
+            }
+        )
+        for i in range(6)
+    ]
+    table = candidates_table(batches)
+    assert table["user_id"].chunk(0).dictionary.to_pylist() == ["same-user"]
+    assert table["user_locale"].chunk(0).dictionary.to_pylist() == ["", "en"]
+    log = CandidateLog(tmp_path)
+    assert all(log.submit(b) for b in batches) and log.close(timeout=30)
+    [path] = (tmp_path / "candidates").rglob("*.parquet")
+    read = ds.dataset(path, format="parquet").to_table()
+    assert read["user_locale"].to_pylist() == [
+        (None, "", "en")[i % 3] for i in range(6) for _ in range(50)
+    ]
+    assert set(read["arm"].to_pylist()) == {"default"}
+    row_group = pq.ParquetFile(path).metadata.row_group(0)
+    chunks = {
+        row_group.column(c).path_in_schema: row_group.column(c)
+        for c in range(row_group.num_columns)
+    }
+    for name in ("request_id", "user_id", "user_locale", "model_version", "arm"):
+        assert "RLE_DICTIONARY" in chunks[name].encodings, name
+    assert {chunk.compression for chunk in chunks.values()} <= {"LZ4", "LZ4_RAW"}

@@ -29,6 +29,7 @@ written and as lost: an upper bound, never an undercount.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import logging
@@ -38,6 +39,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -80,6 +82,27 @@ _HEADER = 16
 # visible, a flag set once its log is built, and rows lost per reason of LOSS_REASONS.
 _WRITTEN, _READY = 0, 1
 _LOST_SLOT = {reason: 2 + i for i, reason in enumerate(LOSS_REASONS)}
+
+
+# glibc's malloc gives blocks over its (adaptive) mmap threshold back to the kernel when freed
+# and trims its heap top, so each record's arrays (copied out of the ring) and each row group's
+# columns land on fresh pages: page faults were most of the child's copying cost (0.1 ms per
+# 2,000-candidate record, 0.01 ms on reused memory). The child keeps freed memory instead; it
+# never holds more than a few row groups, so what it keeps is bounded by that peak.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_FREED_BYTES = 1 << 30
+_MMAP_ABOVE_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit
+
+
+def _keep_freed_memory() -> None:
+    """Make glibc's malloc reuse freed memory in this process (no-op without glibc)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None)  # the C library the interpreter runs on
+    if not hasattr(libc, "mallopt"):
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)
 
 
 def _aligned(size: int) -> int:
@@ -280,6 +303,7 @@ def _relay(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         os.nice(nice)
+    _keep_freed_memory()
 
     def written(_path: Any, rows: int) -> None:
         progress[_WRITTEN] += rows
