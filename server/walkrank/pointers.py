@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,8 +38,10 @@ def read_version(path: Path, error: type[WalkRankError]) -> int | None:
 
 
 def write_version(path: Path, version: int) -> None:
-    """Replace a pointer file atomically and durably."""
-    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    """Replace a pointer file atomically and durably. The temporary name is the writing
+    thread's own: two threads of one process (a Reload and the graph watcher) may write the
+    same pointer at once."""
+    temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     write_durable(temp, f"{version}\n".encode())
     os.replace(temp, path)
     fsync_dir(path.parent)
