@@ -21,6 +21,7 @@ import pytest
 from walkrank.candidate_log import (
     CandidateBatch,
     CandidateLog,
+    WriterOptions,
     candidates_table,
     read_candidates,
 )
@@ -61,7 +62,7 @@ def make_batch(
 
 
 def test_graceful_close_writes_every_accepted_row(tmp_path: Path) -> None:
-    log = CandidateLog(tmp_path, flush_rows=50)
+    log = CandidateLog(tmp_path, WriterOptions(flush_rows=50))
     k, n = 7, 30
     batches = [
         make_batch(f"req-{i}", tenant=("home", "email")[i % 2], ts=T0 + (i % 3) * HOUR, k=k, seed=i)
@@ -145,9 +146,10 @@ def test_files_are_written_a_row_group_at_a_time(tmp_path: Path) -> None:
     """The writer never holds more than a row group's pieces: each file fills as row groups
     of at least `row_group_rows` and closes at `flush_rows`; every row arrives in order."""
     written: list[int] = []
-    log = CandidateLog(
-        tmp_path, row_group_rows=10, flush_rows=35, on_write=lambda path, rows: written.append(rows)
+    options = WriterOptions[CandidateBatch](
+        row_group_rows=10, flush_rows=35, on_write=lambda path, rows: written.append(rows)
     )
+    log = CandidateLog(tmp_path, options)
     batches = [make_batch(f"r{i}", seed=i) for i in range(11)]  # 7 rows each
     assert all(log.submit(b) for b in batches) and log.close(timeout=30)
     assert written == [35, 35, 7]
@@ -169,9 +171,11 @@ def test_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) 
     dropped: list[str] = []
     log = CandidateLog(
         tmp_path,
-        queue_size=2,
-        writer_hook=hold_writer,
-        on_drop=lambda b: dropped.append(b.request_id),
+        WriterOptions(
+            queue_size=2,
+            writer_hook=hold_writer,
+            on_drop=lambda b: dropped.append(b.request_id),
+        ),
     )
     k = 5
     assert log.submit(make_batch("taken", k=k))
@@ -252,7 +256,8 @@ def test_flush_by_rows_and_by_time_without_waiting_on_real_time(tmp_path: Path) 
         file_written.set()
 
     log = CandidateLog(
-        tmp_path, flush_rows=10, flush_seconds=60, clock=lambda: now[0], on_write=on_write
+        tmp_path,
+        WriterOptions(flush_rows=10, flush_seconds=60, clock=lambda: now[0], on_write=on_write),
     )
     log.submit(make_batch("a", k=6))
     log.submit(make_batch("b", k=6, seed=1))  # 12 rows >= flush_rows: written at once
@@ -317,7 +322,7 @@ def test_write_failure_is_counted_and_the_writer_survives(tmp_path: Path) -> Non
 def test_a_file_lost_after_row_groups_were_written_counts_all_its_rows(tmp_path: Path) -> None:
     """Row groups already in the hidden file count as lost when the file cannot be made
     visible; nothing half-written is left for readers, and the next file is written."""
-    log = CandidateLog(tmp_path, row_group_rows=7, flush_rows=1000)
+    log = CandidateLog(tmp_path, WriterOptions(row_group_rows=7, flush_rows=1000))
     assert log.submit(make_batch("a")) and log.submit(make_batch("b", seed=1))
     done = threading.Event()
     for _ in range(4000):  # the first row group opened the hidden file
@@ -366,7 +371,7 @@ def test_string_pin_ids_and_missing_model_version(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux")
 def test_writer_thread_runs_at_the_lower_priority_asked(tmp_path: Path) -> None:
-    log = CandidateLog(tmp_path, writer_nice=7)
+    log = CandidateLog(tmp_path, WriterOptions(writer_nice=7))
     try:
         assert log.submit(make_batch("r0")) and log.flush(timeout=30)  # the writer has started
         base = os.getpriority(os.PRIO_PROCESS, 0)
@@ -383,7 +388,7 @@ def test_a_record_too_large_or_unconvertible_is_dropped_alone_and_the_file_writt
     and cost the whole file; a batch Arrow cannot convert did too. Now each is dropped alone,
     counted, and the other batches of its row group and file are written."""
     lost: list[tuple[str, int]] = []
-    log = CandidateLog(tmp_path, on_lost=lambda *loss: lost.append(loss))
+    log = CandidateLog(tmp_path, WriterOptions(on_lost=lambda *loss: lost.append(loss)))
     good = [make_batch(f"r{i}", seed=i) for i in range(6)]
     huge_id = make_batch("x" * 1_100_000, k=2000, seed=7)
     many_topics = CandidateBatch(
@@ -465,3 +470,17 @@ def test_values_shared_by_requests_keep_their_parquet_dictionary(tmp_path: Path)
     for name in ("request_id", "user_id", "user_locale", "model_version", "arm"):
         assert "RLE_DICTIONARY" in chunks[name].encodings, name
     assert {chunk.compression for chunk in chunks.values()} <= {"LZ4", "LZ4_RAW"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"queue_size": 0}, "queue_size must be at least 1, got 0"),
+        ({"flush_rows": 0}, "flush_rows must be at least 1, got 0"),
+        ({"row_group_rows": 0}, "row_group_rows must be at least 1, got 0"),
+        ({"flush_seconds": float("nan")}, "flush_seconds must be positive, got nan"),
+    ],
+)
+def test_writer_options_are_checked_when_made(setting: dict[str, float], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        WriterOptions(**setting)  # type: ignore[arg-type]

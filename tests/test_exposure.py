@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from test_training_pipeline import FEATURES, START, make_tenant, quiet
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog
+from walkrank.candidate_log import CandidateBatch, CandidateLog, WriterOptions
 from walkrank.events import EventLog, validate_events
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
@@ -62,7 +62,7 @@ def write_served_logs(logs: Path, bad_model: bytes, explore_share: float, n: int
     candidates drawn uniformly (shuffle_top, propensity RETURNED / CANDIDATES). Only returned
     pins can be impressed: the full ranker shows the SHOWN most relevant of them."""
     rng = np.random.default_rng(11)
-    candidate_log = CandidateLog(logs, flush_seconds=3600)
+    candidate_log = CandidateLog(logs, WriterOptions(flush_seconds=3600))
     events: dict[str, list] = {"request_id": [], "pin_id": [], "event": [], "timestamp": []}
     for r in range(n):
         features, latent = world(rng)
@@ -112,7 +112,7 @@ def write_served_logs(logs: Path, bad_model: bytes, explore_share: float, n: int
     assert candidate_log.close(60)
     accepted, report = validate_events(pa.table(events), tenant="homefeed", now=START + 86_400 * 30)
     assert report.count == 0
-    event_log = EventLog(logs, flush_seconds=3600)
+    event_log = EventLog(logs, WriterOptions(flush_seconds=3600))
     assert event_log.submit(accepted) and event_log.close(60)
 
 

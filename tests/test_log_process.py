@@ -14,13 +14,20 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 from test_candidate_log import make_batch
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog, read_candidates
+from walkrank.candidate_log import (
+    CandidateBatch,
+    CandidateLog,
+    PartitionedLog,
+    WriterOptions,
+    read_candidates,
+)
 from walkrank.errors import DataError
 from walkrank.log_process import ProcessLog
 
@@ -34,6 +41,13 @@ def _hold_marked(batch: CandidateBatch) -> None:
     """writer_hook: a batch whose id starts with "held" stops the child's writer for good."""
     if batch.request_id.startswith("held"):
         threading.Event().wait(120)
+
+
+def _refuse_to_start(
+    _options: WriterOptions[CandidateBatch],
+) -> PartitionedLog[CandidateBatch, Any]:
+    """factory: a log that cannot be built (as a child whose log directory is refused)."""
+    raise DataError("this log cannot start")
 
 
 def _replaced(log: ProcessLog, pid: int | None, timeout_s: float = 30.0) -> float:
@@ -63,11 +77,14 @@ def test_flush_and_close_write_every_accepted_batch(tmp_path: Path) -> None:
 
 def test_a_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path) -> None:
     release = multiprocessing.get_context("spawn").Event()
-    factory = functools.partial(
-        CandidateLog, tmp_path, queue_size=1, writer_hook=functools.partial(_wait_for, release)
-    )
+    options = WriterOptions(queue_size=1, writer_hook=functools.partial(_wait_for, release))
     lost: list[tuple[str, int]] = []
-    log = ProcessLog(factory, ring_bytes=4096, on_lost=lambda *loss: lost.append(loss))
+    log = ProcessLog(
+        functools.partial(CandidateLog, tmp_path),
+        options,
+        ring_bytes=4096,
+        on_lost=lambda *loss: lost.append(loss),
+    )
     # The child's writer holds the first batch, its queue holds one, the relay waits with
     # what it took from the ring, and the ring holds a few more (about 1 kB each): past
     # that, submit must drop, not block.
@@ -84,7 +101,7 @@ def test_a_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path
 
 
 def test_a_child_that_cannot_start_fails_flush_instead_of_hanging(tmp_path: Path) -> None:
-    log = ProcessLog(functools.partial(CandidateLog, tmp_path, queue_size=0))
+    log = ProcessLog(_refuse_to_start)
     assert log.submit(make_batch("r0"))
     assert not log.flush(timeout=30)  # the child raised DataError and exited
     assert not log.close(timeout=30)
@@ -158,7 +175,8 @@ def test_a_killed_writer_is_replaced_at_once_and_every_row_it_held_is_counted(
     reaps and replaces it within a second, counts exactly those rows, and logs on."""
     lost: list[tuple[str, int]] = []
     log = ProcessLog(
-        functools.partial(CandidateLog, tmp_path, queue_size=2, writer_hook=_hold_marked),
+        functools.partial(CandidateLog, tmp_path),
+        WriterOptions(queue_size=2, writer_hook=_hold_marked),
         ring_bytes=1 << 20,
         on_lost=lambda *loss: lost.append(loss),
     )
@@ -191,7 +209,8 @@ def test_kills_mid_stream_lose_no_row_uncounted(tmp_path: Path) -> None:
     groups): rows submitted == rows on disk + rows counted lost, after every restart."""
     lost: list[tuple[str, int]] = []
     log = ProcessLog(
-        functools.partial(CandidateLog, tmp_path, row_group_rows=50),
+        functools.partial(CandidateLog, tmp_path),
+        WriterOptions(row_group_rows=50),
         ring_bytes=1 << 20,
         on_lost=lambda *loss: lost.append(loss),
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 from test_training_pipeline import FEATURES, START, _config
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog
+from walkrank.candidate_log import CandidateBatch, CandidateLog, WriterOptions
 from walkrank.cli import main
 from walkrank.events import EventLog, validate_events
 
@@ -22,7 +22,7 @@ ARMS = {"control": (0.20, 0.25), "treatment": (0.26, 0.25), "twin": (0.20, 0.25)
 
 def write_arm_logs(logs: Path, users: int = 300, requests_per_user: int = 3) -> None:
     rng = np.random.default_rng(4)
-    candidate_log = CandidateLog(logs, flush_seconds=3600)
+    candidate_log = CandidateLog(logs, WriterOptions(flush_seconds=3600))
     events: dict[str, list] = {"request_id": [], "pin_id": [], "event": [], "timestamp": []}
     names = list(ARMS)
     for u in range(users):
@@ -64,7 +64,7 @@ def write_arm_logs(logs: Path, users: int = 300, requests_per_user: int = 3) -> 
     assert candidate_log.close(60)
     accepted, report = validate_events(pa.table(events), tenant="homefeed", now=START + 86_400 * 30)
     assert report.count == 0
-    event_log = EventLog(logs, flush_seconds=3600)
+    event_log = EventLog(logs, WriterOptions(flush_seconds=3600))
     assert event_log.submit(accepted) and event_log.close(60)
 
 

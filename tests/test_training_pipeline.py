@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog
+from walkrank.candidate_log import CandidateBatch, CandidateLog, WriterOptions
 from walkrank.cli import main
 from walkrank.errors import DataError
 from walkrank.events import EventLog, validate_events
@@ -78,7 +78,7 @@ def write_logs(
     `visits_decide_from` on, the full ranker shows the top walk scores: visit count is perfect.
     """
     rng = np.random.default_rng(seed)
-    candidate_log = CandidateLog(logs, flush_seconds=3600)
+    candidate_log = CandidateLog(logs, WriterOptions(flush_seconds=3600))
     rows: dict[str, list] = {
         "request_id": [],
         "pin_id": [],
@@ -147,7 +147,7 @@ def write_logs(
     assert candidate_log.close(60)
     accepted, report = validate_events(pa.table(rows), tenant=tenant, now=START + 86_400 * 30)
     assert report.count == 0
-    event_log = EventLog(logs, flush_seconds=3600)
+    event_log = EventLog(logs, WriterOptions(flush_seconds=3600))
     assert event_log.submit(accepted)
     assert event_log.close(60)
 

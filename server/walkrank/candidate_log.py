@@ -17,7 +17,6 @@ import logging
 import os
 import queue
 import re
-import sys
 import threading
 import time
 import uuid
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 
 from walkrank.errors import DataError
 from walkrank.storage import Location, as_location, filesystem_of, join, store_error
+from walkrank.threads import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,47 @@ class Intake(Generic[R]):
         return already
 
 
+@dataclass(frozen=True)
+class WriterOptions(Generic[R]):
+    """How a `PartitionedLog` queues, flushes and reports, shared by every kind of log (the
+    file format choices belong to each kind).
+
+    `queue_size` records wait at most; a file closes at `flush_rows` rows or when its oldest
+    row is `flush_seconds` old (by `clock`), and is written one row group per
+    `row_group_rows` rows. Hooks: `on_drop(record)` runs on the submitting thread for every
+    dropped record (metrics); `on_write(path, rows)` runs on the writer thread after each file
+    becomes visible; `on_lost(reason, rows)` runs on the writer thread whenever accepted rows
+    are lost (a reason of `LOSS_REASONS`), so nothing accepted is lost without being counted;
+    `writer_hook(record)` runs on the writer thread for each record it takes off the queue,
+    before processing it (tests hold the writer with it to fill the queue deterministically).
+
+    `writer_nice` lowers the writer thread's CPU priority (Linux thread niceness; ignored
+    elsewhere): a server's log writer is background work that should take idle CPU, not CPU
+    from requests, and its bounded queue absorbs the difference (or drops, counted).
+    """
+
+    queue_size: int = 1024
+    flush_rows: int = 500_000
+    row_group_rows: int = 65_536
+    flush_seconds: float = 60.0
+    clock: Callable[[], float] = time.time
+    on_drop: Callable[[R], None] | None = None
+    on_write: Callable[[Path, int], None] | None = None
+    on_lost: Callable[[str, int], None] | None = None
+    writer_hook: Callable[[R], None] | None = None
+    writer_nice: int = 0
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1:
+            raise DataError(f"queue_size must be at least 1, got {self.queue_size}")
+        if self.flush_rows < 1:
+            raise DataError(f"flush_rows must be at least 1, got {self.flush_rows}")
+        if self.row_group_rows < 1:
+            raise DataError(f"row_group_rows must be at least 1, got {self.row_group_rows}")
+        if not self.flush_seconds > 0:
+            raise DataError(f"flush_seconds must be positive, got {self.flush_seconds}")
+
+
 class PartitionedLog(Intake[R], Generic[R, P], ABC):
     """A bounded queue plus one writer thread that writes records as Hive-partitioned Parquet.
 
@@ -165,64 +206,41 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
     dictionary-encoded: trying dictionaries on float feature columns first made writing 3x
     slower (2.1 ms of writer CPU per 2,000-candidate request, against 0.6 ms).
 
-    Hooks: `on_drop(record)` runs on the submitting thread for every dropped record (metrics);
-    `on_write(path, rows)` runs on the writer thread after each file becomes visible;
-    `on_lost(reason, rows)` runs on the writer thread whenever accepted rows are lost (a
-    reason of `LOSS_REASONS`), so nothing accepted is lost without being counted;
-    `writer_hook(record)` runs on the writer thread for each record it takes off the queue,
-    before processing it (tests hold the writer with it to fill the queue deterministically).
+    `options` (a `WriterOptions`) sets the queue, the flush policy, the hooks and the writer's
+    CPU priority.
 
     `statistics` names the columns that get Parquet min/max statistics (None: all); they cost
     encoding time and only help readers that filter on those columns. `plain_text` names text
     columns whose values are mostly distinct (ids), where a dictionary costs encoding time and
     saves no space.
-
-    `writer_nice` lowers the writer thread's CPU priority (Linux thread niceness; ignored
-    elsewhere): a server's log writer is background work that should take idle CPU, not CPU
-    from requests, and its bounded queue absorbs the difference (or drops, counted).
     """
 
     def __init__(
         self,
         directory: Path,
+        options: WriterOptions[R] | None = None,
         *,
-        queue_size: int = 1024,
-        flush_rows: int = 500_000,
-        row_group_rows: int = 65_536,
-        flush_seconds: float = 60.0,
-        clock: Callable[[], float] = time.time,
-        on_drop: Callable[[R], None] | None = None,
-        on_write: Callable[[Path, int], None] | None = None,
-        on_lost: Callable[[str, int], None] | None = None,
-        writer_hook: Callable[[R], None] | None = None,
         compression: str = "zstd",
         statistics: Sequence[str] | None = None,
         plain_text: Sequence[str] = (),
-        writer_nice: int = 0,
     ) -> None:
-        if queue_size < 1:
-            raise DataError(f"queue_size must be at least 1, got {queue_size}")
-        if flush_rows < 1:
-            raise DataError(f"flush_rows must be at least 1, got {flush_rows}")
-        if row_group_rows < 1:
-            raise DataError(f"row_group_rows must be at least 1, got {row_group_rows}")
-        if not flush_seconds > 0:
-            raise DataError(f"flush_seconds must be positive, got {flush_seconds}")
-        super().__init__(on_drop)
+        self.options: WriterOptions[R] = WriterOptions() if options is None else options
+        super().__init__(self.options.on_drop)
         self.directory = Path(directory)
-        self.flush_rows = flush_rows
-        self.row_group_rows = min(row_group_rows, flush_rows)
-        self.flush_seconds = float(flush_seconds)
-        self._clock = clock
-        self._on_write = on_write
-        self._on_lost = on_lost
-        self._writer_hook = writer_hook
+        self.flush_rows = self.options.flush_rows
+        self.row_group_rows = min(self.options.row_group_rows, self.flush_rows)
+        self.flush_seconds = float(self.options.flush_seconds)
+        self._clock = self.options.clock
+        self._on_write = self.options.on_write
+        self._on_lost = self.options.on_lost
+        self._writer_hook = self.options.writer_hook
         self._compression = compression
         self._statistics: list[str] | bool = True if statistics is None else list(statistics)
         self._plain_text = frozenset(plain_text)
-        self._writer_nice = writer_nice
         # Records travel with their submit time: a record's age counts from its submission.
-        self._queue: queue.Queue[tuple[R, float] | _Control] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[tuple[R, float] | _Control] = queue.Queue(
+            maxsize=self.options.queue_size
+        )
         # Written by the writer thread only.
         self.written_rows = 0
         self.written_files = 0
@@ -308,13 +326,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
     # --- writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self._writer_nice and sys.platform.startswith("linux"):
-            # Linux applies niceness per thread: PRIO_PROCESS with a thread id.
-            os.setpriority(
-                os.PRIO_PROCESS,
-                threading.get_native_id(),
-                os.getpriority(os.PRIO_PROCESS, 0) + self._writer_nice,
-            )
+        lower_thread_priority(self.options.writer_nice)
         files: dict[tuple[Partition, Hashable], _OpenFile[P]] = {}
         oldest: float | None = None
         while True:
@@ -771,17 +783,7 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
     def __init__(
         self,
         root: Path,
-        *,
-        queue_size: int = 1024,
-        flush_rows: int = 500_000,
-        row_group_rows: int = 65_536,
-        flush_seconds: float = 60.0,
-        clock: Callable[[], float] = time.time,
-        on_drop: Callable[[CandidateBatch], None] | None = None,
-        on_write: Callable[[Path, int], None] | None = None,
-        on_lost: Callable[[str, int], None] | None = None,
-        writer_hook: Callable[[CandidateBatch], None] | None = None,
-        writer_nice: int = 0,
+        options: WriterOptions[CandidateBatch] | None = None,
     ) -> None:
         self.root = Path(root)
         # Min/max statistics only where readers prune row groups: the time window. Pin ids
@@ -792,19 +794,10 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
         # request, benchmarks/log_writer.py) for files 27-38% larger.
         super().__init__(
             self.root / "candidates",
-            queue_size=queue_size,
-            flush_rows=flush_rows,
-            row_group_rows=row_group_rows,
-            flush_seconds=flush_seconds,
-            clock=clock,
-            on_drop=on_drop,
-            on_write=on_write,
-            on_lost=on_lost,
-            writer_hook=writer_hook,
+            options,
             compression="lz4",
             statistics=("ts",),
             plain_text=("pin_id",),
-            writer_nice=writer_nice,
         )
 
     def _rows(self, record: CandidateBatch) -> int:

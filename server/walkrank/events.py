@@ -35,6 +35,7 @@ from walkrank.candidate_log import (
     PartitionedLog,
     Piece,
     TimeLike,
+    WriterOptions,
     hour_partition,
     read_partitioned,
 )
@@ -438,30 +439,10 @@ class EventLog(PartitionedLog[pa.Table, pa.Table]):
     def __init__(
         self,
         root: Path,
-        *,
-        queue_size: int = 1024,
-        flush_rows: int = 500_000,
-        flush_seconds: float = 60.0,
-        clock: Callable[[], float] = time.time,
-        on_drop: Callable[[pa.Table], None] | None = None,
-        on_write: Callable[[Path, int], None] | None = None,
-        on_lost: Callable[[str, int], None] | None = None,
-        writer_hook: Callable[[pa.Table], None] | None = None,
-        writer_nice: int = 0,
+        options: WriterOptions[pa.Table] | None = None,
     ) -> None:
         self.root = Path(root)
-        super().__init__(
-            self.root / "events",
-            queue_size=queue_size,
-            flush_rows=flush_rows,
-            flush_seconds=flush_seconds,
-            clock=clock,
-            on_drop=on_drop,
-            on_write=on_write,
-            on_lost=on_lost,
-            writer_hook=writer_hook,
-            writer_nice=writer_nice,
-        )
+        super().__init__(self.root / "events", options)
 
     def submit(self, record: pa.Table, *, wait: bool = False) -> bool:
         """Queue accepted events (without blocking unless `wait`, as `PartitionedLog.submit`);

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from walkrank.candidate_log import LOSS_REASONS, Intake, PartitionedLog
+from walkrank.candidate_log import LOSS_REASONS, Intake, PartitionedLog, WriterOptions
 from walkrank.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,8 @@ class _Ring:
 
 
 def _relay(
-    factory: Callable[..., PartitionedLog[Any, Any]],
+    factory: Callable[[WriterOptions[Any]], PartitionedLog[Any, Any]],
+    options: WriterOptions[Any],
     ring: _Ring,
     acks: Any,
     progress: Any,
@@ -311,7 +312,7 @@ def _relay(
     def lost(reason: str, rows: int) -> None:
         progress[_LOST_SLOT[reason]] += rows
 
-    local = factory(on_write=written, on_lost=lost)
+    local = factory(dataclasses.replace(options, on_write=written, on_lost=lost))
     progress[_READY] = 1
     checked = time.monotonic()
     while True:
@@ -369,16 +370,17 @@ def _describe_exit(code: int | None) -> str:
 class ProcessLog(Intake[R]):
     """`submit` / `flush` / `close` of a `PartitionedLog` built by `factory` in a child.
 
-    `factory` is called in the child with the keywords `on_write` and `on_lost` (the
-    `PartitionedLog` hooks the child counts with). `on_lost(reason, rows)` runs for every
-    row offered but never written: refused (`queue_full`: the ring is full; `closed`),
-    lost by the child's writer (`LOSS_REASONS`) or with a dead child (`writer_died`);
-    `lost` keeps the same counts.
+    `factory` is called in the child with `options` (a `WriterOptions`, pickled to it) whose
+    `on_write` and `on_lost` are replaced by the hooks the child counts with.
+    `on_lost(reason, rows)` runs for every row offered but never written: refused
+    (`queue_full`: the ring is full; `closed`), lost by the child's writer (`LOSS_REASONS`)
+    or with a dead child (`writer_died`); `lost` keeps the same counts.
     """
 
     def __init__(
         self,
-        factory: Callable[..., PartitionedLog[R, Any]],
+        factory: Callable[[WriterOptions[R]], PartitionedLog[R, Any]],
+        options: WriterOptions[R] | None = None,
         *,
         ring_bytes: int = DEFAULT_RING_BYTES,
         rows: Callable[[R], int] = len,  # type: ignore[assignment]  # records are Sized unless given
@@ -390,6 +392,7 @@ class ProcessLog(Intake[R]):
         self._context = multiprocessing.get_context("spawn")
         super().__init__(self._refused)
         self._factory = factory
+        self._options: WriterOptions[R] = WriterOptions() if options is None else options
         self._ring_bytes = ring_bytes
         self._nice = nice
         self._name = name
@@ -452,7 +455,7 @@ class ProcessLog(Intake[R]):
             target=_relay,
             name=self._name,
             daemon=True,
-            args=(self._factory, ring, acks, progress, self._nice, os.getpid()),
+            args=(self._factory, self._options, ring, acks, progress, self._nice, os.getpid()),
         )
         process.start()
         return _Writer(process, ring, acks, progress)

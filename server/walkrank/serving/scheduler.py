@@ -45,6 +45,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from walkrank.threads import lower_thread_priority
+
 T = TypeVar("T")
 
 
@@ -272,13 +274,7 @@ class ComputePool:
 
     def _serve(self, index: int) -> None:
         _name_os_thread(f"{OS_THREAD_PREFIX}{index}")
-        if self.nice and sys.platform.startswith("linux"):
-            # Linux applies niceness per thread: PRIO_PROCESS with a thread id.
-            os.setpriority(
-                os.PRIO_PROCESS,
-                threading.get_native_id(),
-                os.getpriority(os.PRIO_PROCESS, 0) + self.nice,
-            )
+        lower_thread_priority(self.nice)
         while True:
             with self._work:
                 while not self._closed and not self._startable():

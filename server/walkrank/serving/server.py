@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from walkrank.candidate_log import CandidateLog
+from walkrank.candidate_log import CandidateLog, WriterOptions
 from walkrank.errors import ConfigError, WalkRankError
 from walkrank.events import EventLog, RequestOwners
 from walkrank.graph.delta import DeltaSegment
@@ -114,7 +114,8 @@ class WalkRankServer:
         # Candidates are written by a child process (walkrank.log_process), restarted if it
         # dies, events (few) by a thread. Every row offered and not written is counted.
         self.candidate_log = ProcessLog(
-            functools.partial(CandidateLog, config.logs_dir, queue_size=CHILD_QUEUE_BATCHES),
+            functools.partial(CandidateLog, config.logs_dir),
+            WriterOptions(queue_size=CHILD_QUEUE_BATCHES),
             ring_bytes=config.log_ring_mb << 20,
             on_lost=functools.partial(self._log_lost, "candidates"),
             nice=config.log_writer_nice,
@@ -122,9 +123,11 @@ class WalkRankServer:
         )
         self.event_log = EventLog(
             config.logs_dir,
-            writer_nice=config.log_writer_nice,
-            on_drop=lambda table: self._log_lost("events", "queue_full", table.num_rows),
-            on_lost=functools.partial(self._log_lost, "events"),
+            WriterOptions(
+                writer_nice=config.log_writer_nice,
+                on_drop=lambda table: self._log_lost("events", "queue_full", table.num_rows),
+                on_lost=functools.partial(self._log_lost, "events"),
+            ),
         )
         if config.logs_store is not None:
             self.log_shipper = LogShipper(
