@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog
-from walkrank.log_process import ProcessLog
+from walkrank.logs.candidates import CandidateBatch, CandidateLog
+from walkrank.logs.process import ProcessLog
 
 CANDIDATES = 2000
 FEATURES = 18

@@ -238,7 +238,7 @@ def serve_requests(
 
 
 def read_log(logs: Path) -> Any:
-    from walkrank.candidate_log import read_candidates
+    from walkrank.logs.candidates import read_candidates
 
     return read_candidates(logs, TENANT)
 

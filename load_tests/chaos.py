@@ -695,7 +695,7 @@ class Chaos:
 
     def log_accounting(self) -> None:
         """After the server stopped: rows submitted = written + counted lost, or not."""
-        from walkrank.candidate_log import read_candidates
+        from walkrank.logs.candidates import read_candidates
 
         figures = self.context.get("log_writer")
         if figures is None:

@@ -18,14 +18,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from walkrank.candidate_log import (
-    CandidateBatch,
-    CandidateLog,
-    WriterOptions,
-    candidates_table,
-    read_candidates,
-)
 from walkrank.errors import DataError
+from walkrank.logs.candidates import CandidateBatch, CandidateLog, candidates_table, read_candidates
+from walkrank.logs.partitioned import WriterOptions
 
 HOUR = 3600
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC

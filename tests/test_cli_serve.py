@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from walkrank.candidate_log import read_candidates
 from walkrank.cli import main
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import read_candidates
 from walkrank.replicas import free_port_run
 from walkrank_client import WalkRankClient
 

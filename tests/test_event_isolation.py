@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pytest
 from test_server import busy_pins, make_config, running
 
-from walkrank.events import read_events
 from walkrank.graph.store import GraphStore
+from walkrank.logs.events import read_events
 from walkrank.serving.config import resolve_auth
 from walkrank.tenants import load_tenant
 from walkrank.training.pipeline import StepTimer, load_joined

@@ -12,7 +12,7 @@ import pytest
 
 from walkrank.cli import main
 from walkrank.errors import DataError
-from walkrank.events import (
+from walkrank.logs.events import (
     EVENT_SCHEMA,
     EventLog,
     RequestOwners,

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import generate_latest
 from test_server import REPO, busy_pins, make_config, publish_model, running
 
-from walkrank.candidate_log import read_candidates
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import read_candidates
 from walkrank.tenants import load_tenant
 from walkrank_client import WalkRankClientError
 

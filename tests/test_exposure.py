@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 from test_training_pipeline import FEATURES, START, make_tenant, quiet
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog, WriterOptions
-from walkrank.events import EventLog, validate_events
+from walkrank.logs.candidates import CandidateBatch, CandidateLog
+from walkrank.logs.events import EventLog, validate_events
+from walkrank.logs.partitioned import WriterOptions
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.fit import train_model

@@ -17,11 +17,11 @@ import pytest
 from test_server import _wait_until, make_config, running
 
 from loadgen.models import publish_random_model
-from walkrank.candidate_log import read_candidates
 from walkrank.graph.build import build_graph
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import SyntheticTables, generate_graph_tables
+from walkrank.logs.candidates import read_candidates
 from walkrank.serving.config import ServerConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank.serving.servicers import GRAPH_VERSION_KEY

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog, read_candidates
 from walkrank.errors import ConfigError, DataError
-from walkrank.events import EventLog, read_events, validate_events
+from walkrank.logs.candidates import CandidateBatch, CandidateLog, read_candidates
+from walkrank.logs.events import EventLog, read_events, validate_events
 from walkrank.training.labels import build_labels, join_candidates_events
 
 T0 = 1_700_000_000.0

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from test_server import busy_pins, make_config, running
 
-from walkrank.candidate_log import read_candidates
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import read_candidates
 
 
 def test_a_killed_log_writer_is_replaced_and_later_requests_are_logged(

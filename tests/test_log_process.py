@@ -21,15 +21,10 @@ import pyarrow.compute as pc
 import pytest
 from test_candidate_log import make_batch
 
-from walkrank.candidate_log import (
-    CandidateBatch,
-    CandidateLog,
-    PartitionedLog,
-    WriterOptions,
-    read_candidates,
-)
 from walkrank.errors import DataError
-from walkrank.log_process import ProcessLog
+from walkrank.logs.candidates import CandidateBatch, CandidateLog, read_candidates
+from walkrank.logs.partitioned import PartitionedLog, WriterOptions
+from walkrank.logs.process import ProcessLog
 
 
 def _wait_for(event: object, _batch: CandidateBatch) -> None:
@@ -112,8 +107,8 @@ def test_the_child_writes_what_it_holds_when_the_server_dies(tmp_path: Path) -> 
         import functools, os, sys
         sys.path[:0] = {sys.path!r}
         from test_candidate_log import make_batch
-        from walkrank.candidate_log import CandidateLog
-        from walkrank.log_process import ProcessLog
+        from walkrank.logs.candidates import CandidateLog
+        from walkrank.logs.process import ProcessLog
         log = ProcessLog(functools.partial(CandidateLog, {str(tmp_path)!r}))
         for i in range(5):
             assert log.submit(make_batch(f"r{{i}}", seed=i))
@@ -187,7 +182,7 @@ def test_a_killed_writer_is_replaced_at_once_and_every_row_it_held_is_counted(
         for i, name in enumerate(["held"] + [f"r{i}" for i in range(10, 30)])
     )
     first = log.pid
-    with caplog.at_level(logging.ERROR, logger="walkrank.log_process"):
+    with caplog.at_level(logging.ERROR, logger="walkrank.logs.process"):
         os.kill(first, signal.SIGKILL)
         assert _replaced(log, first) < 1.0
     assert not Path(f"/proc/{first}").exists()  # reaped, not left a zombie

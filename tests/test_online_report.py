@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 from test_training_pipeline import FEATURES, START, _config
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog, WriterOptions
 from walkrank.cli import main
-from walkrank.events import EventLog, validate_events
+from walkrank.logs.candidates import CandidateBatch, CandidateLog
+from walkrank.logs.events import EventLog, validate_events
+from walkrank.logs.partitioned import WriterOptions
 
 RETURNED = 20
 # Per arm: (share of returned pins the full ranker shows, share of those a user clicks).

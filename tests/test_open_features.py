@@ -14,7 +14,6 @@ import pyarrow as pa
 import pytest
 from test_server import busy_pins, make_config, running
 
-from walkrank.candidate_log import read_candidates
 from walkrank.errors import ConfigError, ModelError
 from walkrank.features import (
     RequestContext,
@@ -26,6 +25,7 @@ from walkrank.features import (
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import REFERENCE_EPOCH, generate_graph_tables
+from walkrank.logs.candidates import read_candidates
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.fit import train_model

@@ -21,12 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_server import busy_pins, code_of, make_config, running
 
-from walkrank.candidate_log import read_candidates
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import build_graph
 from walkrank.graph.delta import DeltaSegment, Edge
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import read_candidates
 from walkrank.serving.config import RealtimeConfig, load_server_config, resolve_auth
 from walkrank.serving.server import WalkRankServer
 from walkrank.walks import WalkParams, walk

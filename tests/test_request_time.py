@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from test_server import busy_pins, make_config, running
 
-from walkrank.candidate_log import read_candidates
-from walkrank.events import MAX_EPOCH_SECONDS, read_events
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import REFERENCE_EPOCH
+from walkrank.logs.candidates import read_candidates
+from walkrank.logs.events import MAX_EPOCH_SECONDS, read_events
 from walkrank_client import UserQuery, WalkRankClient, WalkRankClientError
 
 DAY = 86_400.0

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from walkrank.candidate_log import read_candidates
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import read_candidates
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.fit import train_model

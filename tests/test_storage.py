@@ -19,11 +19,11 @@ from test_server import REPO, _wait_until, busy_pins, publish_model, running
 from test_training_pipeline import CANDIDATES, N_REQUESTS, make_tenant, quiet, write_logs
 from test_training_pipeline import _config as tenant_config
 
-from walkrank.candidate_log import read_candidates
 from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import read_candidates
 from walkrank.model_registry import ModelRegistry
 from walkrank.replicas import free_port_run
 from walkrank.serving.config import ServerConfig, load_server_config

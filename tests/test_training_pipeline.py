@@ -15,10 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from walkrank.candidate_log import CandidateBatch, CandidateLog, WriterOptions
 from walkrank.cli import main
 from walkrank.errors import DataError
-from walkrank.events import EventLog, validate_events
+from walkrank.logs.candidates import CandidateBatch, CandidateLog
+from walkrank.logs.events import EventLog, validate_events
+from walkrank.logs.partitioned import WriterOptions
 from walkrank.model_registry import ModelRegistry
 from walkrank.tenants import TenantConfig, load_tenant
 from walkrank.training.pipeline import evaluate_tenant, split_by_time, train_tenant
@@ -278,8 +279,8 @@ def test_negative_sampling_keeps_impressed_rows(logs, tmp_path):
 
 
 def test_split_keeps_whole_requests_on_one_side(logs):
-    from walkrank.candidate_log import read_candidates
-    from walkrank.events import read_events
+    from walkrank.logs.candidates import read_candidates
+    from walkrank.logs.events import read_events
     from walkrank.training.labels import join_candidates_events
 
     joined = join_candidates_events(read_candidates(logs, "homefeed"), read_events(logs))

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from test_server import busy_pins, make_config, publish_model, running
 
-from walkrank.candidate_log import read_candidates
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import read_candidates
 from walkrank.serving.pipeline import is_sampled
 
 

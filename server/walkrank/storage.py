@@ -22,7 +22,7 @@ half of one (walkrank.model_registry, walkrank.graph.repository):
 
 Logs are immutable Parquet parts with unique names, so `push` copies each once. A server
 whose `logs_dir` is a store URI writes them locally and ships each closed file itself
-(`walkrank.logstore`); readers (`walkrank train`, its Dask path) read them from the store
+(`walkrank.logs.shipping`); readers (`walkrank train`, its Dask path) read them from the store
 through the same filesystems (`location`, `join`, `filesystem_of`).
 
 A server whose `graph` or `models_dir` is a store URI mirrors it into its `cache_dir`

@@ -193,8 +193,8 @@ class LabelsConfig:
 
     @property
     def action_types(self) -> tuple[str, ...]:
-        """The weighted event types that are user actions (`walkrank.events.ACTION_EVENTS`)."""
-        from walkrank.events import ACTION_EVENTS
+        """The weighted event types that are user actions (`walkrank.logs.events.ACTION_EVENTS`)."""
+        from walkrank.logs.events import ACTION_EVENTS
 
         return tuple(e for e in self.weights if e in ACTION_EVENTS)
 
@@ -792,7 +792,7 @@ def _search(section: _Fields) -> Mapping[str, tuple[float, ...]]:
 
 
 def _labels(section: _Fields, ranker: RankerConfig, candidates: CandidatesConfig) -> LabelsConfig:
-    from walkrank.events import ACTION_EVENTS, EVENT_TYPES
+    from walkrank.logs.events import ACTION_EVENTS, EVENT_TYPES
 
     strategy = section.choice("strategy", LABEL_STRATEGIES, "blended_funnel")
     weights = section.weights("weights", DEFAULT_LABEL_WEIGHTS)

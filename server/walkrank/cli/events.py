@@ -12,8 +12,8 @@ from walkrank.cli._config import (
     require_config_or_demo,
 )
 from walkrank.errors import DataError
-from walkrank.events import EVENT_TYPES, import_events
-from walkrank.logstore import LogShipper
+from walkrank.logs.events import EVENT_TYPES, import_events
+from walkrank.logs.shipping import LogShipper
 from walkrank.serving.config import load_server_config
 from walkrank.storage import check_store
 

@@ -79,12 +79,12 @@ class ServerConfig:
     # Niceness added to the compute threads, so the gRPC threads' short work goes first.
     compute_nice: int = 5
     grace_seconds: float = 10.0
-    # Shared memory between the server and its candidate-log writer (walkrank.log_process).
+    # Shared memory between the server and its candidate-log writer (walkrank.logs.process).
     log_ring_mb: int = 32
     # Niceness added to the log writer threads: logging takes idle CPU, not the requests'.
     log_writer_nice: int = 10
     # Request ids remembered (oldest forgotten first) so ReportEvents can refuse events that
-    # quote another tenant's request; 0 turns the check off (walkrank.events.RequestOwners).
+    # quote another tenant's request; 0 turns the check off (walkrank.logs.events.RequestOwners).
     recent_request_ids: int = 200_000
     max_message_bytes: int = 4 * 1024 * 1024
     # Seconds between checks of a graph repository's CURRENT (a new version is swapped in as

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from walkrank.candidate_log import CandidateBatch, CandidateSink
-from walkrank.events import MAX_EPOCH_SECONDS
 from walkrank.experiments import rank
 from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import CandidateBatch, CandidateSink
+from walkrank.logs.events import MAX_EPOCH_SECONDS
 from walkrank.serving.errors import DeadlineExceeded, InvalidArgument
 from walkrank.serving.open_features import (
     add_extra_candidates,

@@ -22,14 +22,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from walkrank.candidate_log import CandidateLog, WriterOptions
 from walkrank.errors import ConfigError, WalkRankError
-from walkrank.events import EventLog, RequestOwners
 from walkrank.graph.delta import DeltaSegment
 from walkrank.graph.repository import resolve_graph
 from walkrank.graph.store import GraphStore
-from walkrank.log_process import ProcessLog
-from walkrank.logstore import LogShipper
+from walkrank.logs.candidates import CandidateLog
+from walkrank.logs.events import EventLog, RequestOwners
+from walkrank.logs.partitioned import WriterOptions
+from walkrank.logs.process import ProcessLog
+from walkrank.logs.shipping import LogShipper
 from walkrank.model_registry import ModelRegistry
 from walkrank.serving.auth import Authenticator
 from walkrank.serving.config import ServerConfig, check_port_free
@@ -111,7 +112,7 @@ class WalkRankServer:
         self._graph_lock = threading.Lock()
         self._set_graph_metrics(served, error=False)
         self.tenants = TenantTable(config.tenants_dir, ModelRegistry(config.models_dir))
-        # Candidates are written by a child process (walkrank.log_process), restarted if it
+        # Candidates are written by a child process (walkrank.logs.process), restarted if it
         # dies, events (few) by a thread. Every row offered and not written is counted.
         self.candidate_log = ProcessLog(
             functools.partial(CandidateLog, config.logs_dir),

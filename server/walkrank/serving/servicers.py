@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 import yaml
 
-from walkrank.candidate_log import CandidateSink
 from walkrank.errors import ConfigError, WalkRankError
-from walkrank.events import EventLog, RequestOwners, validate_events
 from walkrank.experiments import request_arm
 from walkrank.graph.delta import MAX_BATCH_EDGES, BadEdge, DeltaFull, DeltaSegment, Edge
 from walkrank.graph.store import GraphStore
+from walkrank.logs.candidates import CandidateSink
+from walkrank.logs.events import EventLog, RequestOwners, validate_events
 from walkrank.serving.auth import Authenticator, check_tenant_header
 from walkrank.serving.errors import (
     DeadlineExceeded,

@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from walkrank.errors import DataError
-from walkrank.events import ACTION_EVENTS
 from walkrank.experiments import SHUFFLE_TOP
+from walkrank.logs.events import ACTION_EVENTS
 from walkrank.training.estimators import (
     Interval,
     PolicyComparison,

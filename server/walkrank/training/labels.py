@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from walkrank.errors import ConfigError, DataError
-from walkrank.events import ACTION_EVENTS, EVENT_TYPES
+from walkrank.logs.events import ACTION_EVENTS, EVENT_TYPES
 
 LABEL_STRATEGIES: tuple[str, ...] = ("engagement", "funnel", "blended_funnel", "distillation")
 DEFAULT_EVENT_WEIGHT = 1.0

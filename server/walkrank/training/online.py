@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from walkrank.errors import DataError
-from walkrank.events import ACTION_EVENTS
 from walkrank.experiments import DEFAULT_ARM, EXPLORE_ARM
+from walkrank.logs.events import ACTION_EVENTS
 from walkrank.training.estimators import BOOTSTRAP_SAMPLES, Interval, lift_interval, ratio_interval
 from walkrank.training.evaluate import LOCALE_MATCH_COLUMN
 

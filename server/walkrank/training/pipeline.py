@@ -35,9 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from walkrank.candidate_log import TimeLike, read_candidates, to_epoch_seconds
 from walkrank.errors import ConfigError, DataError, ModelError
-from walkrank.events import read_events
+from walkrank.logs.candidates import read_candidates
+from walkrank.logs.events import read_events
+from walkrank.logs.partitioned import TimeLike, to_epoch_seconds
 from walkrank.model_registry import ModelRegistry
 from walkrank.storage import Location, as_location, join
 from walkrank.tenants import TenantConfig

@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from walkrank.candidate_log import (
+from walkrank.errors import DataError
+from walkrank.logs.partitioned import (
     PARTITION_VALUE,
     TIMESTAMP,
     PartitionedLog,
@@ -39,7 +40,6 @@ from walkrank.candidate_log import (
     hour_partition,
     read_partitioned,
 )
-from walkrank.errors import DataError
 from walkrank.storage import Location, as_location, join
 
 EVENT_TYPES: tuple[str, ...] = (

@@ -1,6 +1,6 @@
 """Shipping closed log files to object storage (a server whose `logs_dir` is a store URI).
 
-The log writers (walkrank.candidate_log, walkrank.events) write their partitioned Parquet to
+The log writers (walkrank.logs.candidates, walkrank.logs.events) write their partitioned Parquet to
 local disk exactly as without a store: a file becomes visible under its final name
 (`part-*.parquet`) only once it is complete, so every visible file is closed and never
 written again. `LogShipper` copies those files to the same relative path under the store URI

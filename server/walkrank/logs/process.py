@@ -49,8 +49,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from walkrank.candidate_log import LOSS_REASONS, Intake, PartitionedLog, WriterOptions
 from walkrank.errors import DataError
+from walkrank.logs.partitioned import LOSS_REASONS, Intake, PartitionedLog, WriterOptions
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,381 @@
+"""Serving-stage candidate log: every generated candidate, shown or not, with its features.
+
+Logging at the serving stage (the article's choice) means no client needs its own logging and
+the unseen candidates are there to train on. The request path only hands a columnar
+`CandidateBatch` to the log (a `CandidateLog`, or the server's child-process writer,
+`walkrank.logs.process.ProcessLog`); the writer (`walkrank.logs.partitioned.PartitionedLog`)
+turns batches into Parquet files, grouped by Hive partitions and made visible atomically.
+
+Layout (see docs/logging.md):
+`<root>/candidates/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/part-<time>-<uuid>.parquet`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from walkrank.errors import DataError
+from walkrank.logs.partitioned import (
+    PARTITION_VALUE,
+    TIMESTAMP,
+    PartitionedLog,
+    Piece,
+    TimeLike,
+    WriterOptions,
+    hour_partition,
+    read_partitioned,
+)
+from walkrank.storage import Location, as_location, join
+
+CANDIDATE_COLUMNS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("user_locale", pa.string()),
+        pa.field("user_interests", pa.list_(pa.string()), nullable=False),
+        pa.field("pin_id", pa.string(), nullable=False),
+        # The generator that proposed the candidate: "walk" or a request's extra source.
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("visit_score", pa.float32(), nullable=False),
+        pa.field("model_score", pa.float32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("returned", pa.bool_(), nullable=False),
+        pa.field("model_version", pa.string()),
+        # walkrank.experiments: the request's arm, each candidate's probability of being
+        # returned, and the shadow model's version and scores (NaN without one).
+        pa.field("arm", pa.string()),
+        pa.field("propensity", pa.float32(), nullable=False),
+        pa.field("shadow_version", pa.string()),
+        pa.field("shadow_score", pa.float32(), nullable=False),
+    ]
+)
+"""Columns of every candidate file, before the `f_<feature>` columns (float32, one per feature).
+The tenant, date and hour live in the partition path, not in the files. Columns that are never
+null are declared so: Parquet then stores no definition levels for them (a tenth of the
+writer's encoding time)."""
+
+
+def candidate_schema(feature_names: Sequence[str]) -> pa.Schema:
+    """The schema of a tenant's candidate files for its feature list."""
+    return pa.schema(
+        list(CANDIDATE_COLUMNS)
+        + [pa.field(f"f_{n}", pa.float32(), nullable=False) for n in feature_names]
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateBatch:
+    """All candidates generated for one request, columnar, as the request path already holds
+    them: arrays are handed over (not copied), so the caller must not modify them afterwards.
+
+    `ranks` is each candidate's position in the served order over all generated candidates;
+    `returned` marks the ones sent back. `ts` is epoch seconds.
+    """
+
+    request_id: str
+    tenant: str
+    ts: float
+    user_id: str
+    user_locale: str | None
+    user_interests: Sequence[str]
+    pin_ids: np.ndarray
+    feature_names: Sequence[str]
+    features: np.ndarray
+    visit_scores: np.ndarray
+    model_scores: np.ndarray
+    ranks: np.ndarray
+    returned: np.ndarray
+    model_version: str | None
+    arm: str | None = None
+    propensities: np.ndarray | None = None  # None: 1 where returned, else 0
+    shadow_version: str | None = None
+    shadow_scores: np.ndarray | None = None
+    # (source names, a code per candidate into them); None: every candidate is the walk's.
+    sources: tuple[Sequence[str], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if not PARTITION_VALUE.match(self.tenant or ""):
+            raise DataError(
+                f"candidate batch: tenant {self.tenant!r} cannot name a partition "
+                "(letters, digits, '_', '.', '-'; not starting with '_' or '.')"
+            )
+        k = len(self.pin_ids)
+        if self.features.shape != (k, len(self.feature_names)):
+            raise DataError(
+                f"candidate batch {self.request_id!r}: features has shape "
+                f"{self.features.shape}, expected ({k}, {len(self.feature_names)})"
+            )
+        for name in (
+            "visit_scores",
+            "model_scores",
+            "ranks",
+            "returned",
+            "propensities",
+            "shadow_scores",
+        ):
+            if getattr(self, name) is not None and len(getattr(self, name)) != k:
+                raise DataError(
+                    f"candidate batch {self.request_id!r}: {name} has "
+                    f"{len(getattr(self, name))} entries for {k} pins"
+                )
+        if self.sources is not None and len(self.sources[1]) != k:
+            raise DataError(
+                f"candidate batch {self.request_id!r}: sources has "
+                f"{len(self.sources[1])} codes for {k} pins"
+            )
+        # Request-level values go into columns built for many requests at once, where one
+        # bad value would cost the whole row group: refuse it here, with its request.
+        for name, value, optional in (
+            ("request_id", self.request_id, False),
+            ("user_id", self.user_id, False),
+            ("user_locale", self.user_locale, True),
+            ("model_version", self.model_version, True),
+            ("arm", self.arm, True),
+            ("shadow_version", self.shadow_version, True),
+        ):
+            if not (isinstance(value, str) or (optional and value is None)):
+                raise DataError(
+                    f"candidate batch {self.request_id!r}: {name} must be a "
+                    f"string{' or None' if optional else ''}, got {value!r}"
+                )
+        if isinstance(self.user_interests, str) or not all(
+            isinstance(topic, str) for topic in self.user_interests
+        ):
+            raise DataError(
+                f"candidate batch {self.request_id!r}: user_interests must be a "
+                f"list of strings, got {self.user_interests!r}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.pin_ids)
+
+
+def _pin_id_strings(pin_ids: np.ndarray) -> pa.Array:
+    """External pin ids (int or str) as the log's string column."""
+    array = pa.array(pin_ids)
+    return array if array.type == pa.string() else array.cast(pa.string())
+
+
+MAX_REQUEST_BYTES = 64 << 10
+"""The most UTF-8 bytes of request-level text (request_id, user_id, user_locale,
+model_version and the user_interests) one logged request may carry; a batch over it is
+dropped alone and counted (`bad_record`). Readers expand these values to every candidate
+row, so they must stay small."""
+MAX_INTERESTS = 256
+"""The most user_interests one logged request may carry (same rule)."""
+
+_CODES = pa.dictionary(pa.int32(), pa.string())
+WALK_SOURCE = "walk"  # walkrank.features.WALK_SOURCE (the log imports no serving code)
+_REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version", "arm", "shadow_version")
+
+
+def _check_request_values(batch: CandidateBatch) -> None:
+    """DataError when a batch's request-level values are too large for the log."""
+    if len(batch.user_interests) > MAX_INTERESTS:
+        raise DataError(
+            f"candidate batch {batch.request_id[:64]!r}: "
+            f"{len(batch.user_interests):,} user_interests, the log takes at "
+            f"most {MAX_INTERESTS}"
+        )
+    texts = [getattr(batch, name) or "" for name in _REQUEST_TEXT] + list(batch.user_interests)
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    if size > MAX_REQUEST_BYTES:
+        raise DataError(
+            f"candidate batch {batch.request_id[:64]!r}: request-level values "
+            f"take {size:,} bytes, the log takes at most {MAX_REQUEST_BYTES:,} "
+            "per request"
+        )
+
+
+def _per_request(values: list[str | None], owner: np.ndarray) -> pa.DictionaryArray:
+    """One value per request, stored once and pointed at by each of its candidates (a
+    request's 2,000 copies of a long id once overflowed Arrow's 2 GB string limit). Each
+    distinct value is in the dictionary once: given a dictionary with repeats (the same arm
+    or locale for every request), Parquet writes the column without one, every row's string
+    in full (10% of the writer's encoding time)."""
+    codes: dict[str, int] = {}
+    code = np.fromiter(
+        (-1 if v is None else codes.setdefault(v, len(codes)) for v in values),
+        dtype=np.int32,
+        count=len(values),
+    )[owner]
+    missing = code < 0
+    indices = pa.array(np.maximum(code, 0), mask=missing if missing.any() else None)
+    return pa.DictionaryArray.from_arrays(indices, pa.array(list(codes) or [""], pa.string()))
+
+
+def _per_request_lists(lists: list[Sequence[str]], owner: np.ndarray) -> pa.ListArray:
+    """Each request's list once, every candidate's list pointing into it."""
+    lengths = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
+    starts = np.cumsum(lengths) - lengths
+    row_lengths = lengths[owner]
+    offsets = np.zeros(len(owner) + 1, dtype=np.int64)
+    np.cumsum(row_lengths, out=offsets[1:])
+    # Element j of row i is value starts[owner[i]] + (j - offsets[i]).
+    elements = np.arange(offsets[-1], dtype=np.int64) - np.repeat(
+        offsets[:-1] - starts[owner], row_lengths
+    )
+    values = pa.array([topic for topics in lists for topic in topics], pa.string())
+    codes = pa.DictionaryArray.from_arrays(pa.array(elements.astype(np.int32)), values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), codes)
+
+
+def _sources(batches: Sequence[CandidateBatch]) -> pa.DictionaryArray:
+    """Each candidate's generator, with one dictionary for all the batches."""
+    names = sorted({WALK_SOURCE}.union(*(b.sources[0] for b in batches if b.sources)))
+    code = {name: i for i, name in enumerate(names)}
+    codes = [
+        np.full(len(b), code[WALK_SOURCE], np.int32)
+        if b.sources is None
+        else np.array([code[name] for name in b.sources[0]], np.int32)[b.sources[1]]
+        for b in batches
+    ]
+    return pa.DictionaryArray.from_arrays(pa.array(np.concatenate(codes)), pa.array(names))
+
+
+def candidates_table(
+    batches: Sequence[CandidateBatch], pin_ids: Sequence[pa.Array] | None = None
+) -> pa.Table:
+    """Batches with one feature list as one table of `candidate_schema`'s columns, the
+    request-level text dictionary-encoded (each value once per request; readers of the
+    files get plain strings). Each column is built once for all batches: per-batch Arrow
+    calls were most of the writer's CPU. `pin_ids`: each batch's ids already as strings."""
+    feature_names = batches[0].feature_names
+    counts = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
+    owner = np.repeat(np.arange(len(batches), dtype=np.int32), counts)
+
+    def text(name: str) -> pa.DictionaryArray:
+        return _per_request([getattr(b, name) for b in batches], owner)
+
+    def concatenated(name: str, dtype: type) -> pa.Array:
+        return pa.array(
+            np.concatenate([np.asarray(getattr(b, name), dtype=dtype) for b in batches])
+        )
+
+    micros = np.repeat(np.array([round(b.ts * 1e6) for b in batches], dtype=np.int64), counts)
+    if pin_ids is None:
+        pin_ids = [_pin_id_strings(b.pin_ids) for b in batches]
+    # Feature matrices are row-major per candidate: transposed batch by batch (each fits in
+    # cache; the whole file's matrix at once took a fifth of the writer's time), then joined.
+    features = np.concatenate([np.asarray(b.features, dtype=np.float32).T for b in batches], axis=1)
+    columns = [
+        text("request_id"),
+        pa.array(micros, type=TIMESTAMP),
+        text("user_id"),
+        text("user_locale"),
+        _per_request_lists([list(b.user_interests) for b in batches], owner),
+        pa.concat_arrays(list(pin_ids)),
+        _sources(batches),
+        concatenated("visit_scores", np.float32),
+        concatenated("model_scores", np.float32),
+        concatenated("ranks", np.int32),
+        concatenated("returned", bool),
+        text("model_version"),
+        text("arm"),
+        pa.array(
+            np.concatenate(
+                [b.returned if b.propensities is None else b.propensities for b in batches]
+            ).astype(np.float32)
+        ),
+        text("shadow_version"),
+        pa.array(
+            np.concatenate(
+                [
+                    np.full(len(b), np.nan, np.float32)
+                    if b.shadow_scores is None
+                    else np.asarray(b.shadow_scores, dtype=np.float32)
+                    for b in batches
+                ]
+            )
+        ),
+    ]
+    columns += [pa.array(column) for column in features]
+    schema = pa.schema(
+        [
+            field.with_type(column.type)
+            for field, column in zip(candidate_schema(feature_names), columns, strict=True)
+        ]
+    )
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class CandidateSink(Protocol):
+    """Where the request path hands its candidates: a `CandidateLog`, or the server's
+    `walkrank.logs.process.ProcessLog` of one."""
+
+    def submit(self, record: CandidateBatch) -> bool: ...
+
+
+class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array]]):
+    """The serving-stage candidate log of one server: `submit` one batch per logged request.
+
+    Which requests are logged (the tenant's sample rate) is decided by the caller from a hash
+    of the request id (`walkrank.serving.pipeline.is_sampled`), before it builds the batch.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        options: WriterOptions[CandidateBatch] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        # Min/max statistics only where readers prune row groups: the time window. Pin ids
+        # are mostly distinct within a row group: without a dictionary the writer spends 10%
+        # less CPU on them and the files are 6% smaller (40.1 against 42.7 kB per request).
+        # LZ4, not zstd: the log is written on the serving machine for every request and read
+        # once by training; LZ4 cuts the writer's CPU by a fifth (0.2 ms per 2,000-candidate
+        # request, benchmarks/log_writer.py) for files 27-38% larger.
+        super().__init__(
+            self.root / "candidates",
+            options,
+            compression="lz4",
+            statistics=("ts",),
+            plain_text=("pin_id",),
+        )
+
+    def _rows(self, record: CandidateBatch) -> int:
+        return len(record)
+
+    def _pieces(self, record: CandidateBatch) -> list[Piece[tuple[CandidateBatch, pa.Array]]]:
+        _check_request_values(record)
+        partition = (("tenant", record.tenant),) + hour_partition(int(record.ts // 3600))
+        # Pin ids are converted here, so ids that cannot be strings drop this batch only.
+        return [
+            Piece(
+                partition,
+                tuple(record.feature_names),
+                len(record),
+                (record, _pin_id_strings(record.pin_ids)),
+            )
+        ]
+
+    def _table(self, payloads: list[tuple[CandidateBatch, pa.Array]]) -> pa.Table:
+        batches, pin_ids = zip(*payloads, strict=True)
+        return candidates_table(batches, pin_ids)
+
+
+# --- reading back ------------------------------------------------------------------------------
+
+
+def read_candidates(
+    root: Location, tenant: str, start: TimeLike = None, end: TimeLike = None
+) -> pa.Table:
+    """One tenant's logged candidates with `start <= ts < end` (datetimes or epoch seconds),
+    in write order: the columns of `CANDIDATE_COLUMNS` then every `f_<feature>` seen."""
+    return read_partitioned(
+        join(as_location(root), "candidates"),
+        [("tenant", pa.string()), ("date", pa.string()), ("hour", pa.int32())],
+        CANDIDATE_COLUMNS,
+        "ts",
+        start=start,
+        end=end,
+        where=pc.field("tenant") == tenant,
+    )
