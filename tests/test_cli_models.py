@@ -51,6 +51,13 @@ def save_booster(path: Path, n_features: int, objective: str, seed: int) -> Path
     return path
 
 
+def publish(tenant: str, model: Path, config: Path) -> int:
+    """`walkrank models publish` through the CLI's entry point; its exit code."""
+    return main(
+        ["models", "publish", "--tenant", tenant, "--xgboost", str(model), "--config", str(config)]
+    )
+
+
 def test_publish_list_rollback(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -58,21 +65,7 @@ def test_publish_list_rollback(
     n, objective = len(tenant.features), tenant.ranker.objective
     for seed in (1, 2):
         model = save_booster(tmp_path / f"m{seed}.json", n, objective, seed)
-        assert (
-            main(
-                [
-                    "models",
-                    "publish",
-                    "--tenant",
-                    "related_pins",
-                    "--xgboost",
-                    str(model),
-                    "--config",
-                    str(config),
-                ]
-            )
-            == 0
-        )
+        assert publish("related_pins", model, config) == 0
     registry = ModelRegistry(tmp_path / "models")
     assert registry.current("related_pins").version == 2
     assert main(["models", "list", "--tenant", "related_pins", "--config", str(config)]) == 0
@@ -85,54 +78,12 @@ def test_publish_refuses_bad_models_with_the_file_named(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     wrong_width = save_booster(tmp_path / "narrow.json", 3, "pairwise", 0)
-    assert (
-        main(
-            [
-                "models",
-                "publish",
-                "--tenant",
-                "related_pins",
-                "--xgboost",
-                str(wrong_width),
-                "--config",
-                str(config),
-            ]
-        )
-        == 2
-    )
+    assert publish("related_pins", wrong_width, config) == 2
     assert "narrow.json" in capsys.readouterr().err
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not a model")
-    assert (
-        main(
-            [
-                "models",
-                "publish",
-                "--tenant",
-                "related_pins",
-                "--xgboost",
-                str(garbage),
-                "--config",
-                str(config),
-            ]
-        )
-        == 2
-    )
+    assert publish("related_pins", garbage, config) == 2
     assert "garbage.json" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "models",
-                "publish",
-                "--tenant",
-                "nobody",
-                "--xgboost",
-                str(garbage),
-                "--config",
-                str(config),
-            ]
-        )
-        == 2
-    )
+    assert publish("nobody", garbage, config) == 2
     assert "nobody" in capsys.readouterr().err
     assert ModelRegistry(tmp_path / "models").versions("related_pins") == []
