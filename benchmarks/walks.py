@@ -46,19 +46,6 @@ REPO = Path(__file__).resolve().parent.parent
 QUERY_PINS = 5
 STEPS = 100_000
 DELTA_SHARE = 0.01  # of the graph's edges, in the real-time delta
-#: Arrays a walk reads (the rest of a graph directory is features and ids).
-WALK_ARRAYS = (
-    "pin_offsets",
-    "pin_adj",
-    "board_offsets",
-    "board_adj",
-    "pin_locale_ends",
-    "board_locale_ends",
-    "pin_run_offsets",
-    "pin_key_runs",
-    "board_run_offsets",
-    "board_key_runs",
-)
 Query = tuple[np.ndarray, np.ndarray]  # dense pin ids (-1: unknown), weights
 
 
@@ -292,11 +279,15 @@ def _delta_ratio(
     return float(base), float(delta), float(np.median(rates[1] / rates[0]))
 
 
+def _walk_arrays(graph: GraphStore) -> list[np.ndarray]:
+    """The arrays a walk reads (`GraphStore.walk_arrays` less its scalar run shift)."""
+    return [value for value in graph.walk_arrays if isinstance(value, np.ndarray)]
+
+
 def _page_in(graph: GraphStore) -> float:
     """Touch every adjacency page once so the first timed queries do not pay for disk reads."""
     started = time.perf_counter()
-    for name in WALK_ARRAYS:
-        array = getattr(graph, name)
+    for array in _walk_arrays(graph):
         np.add.reduce(array[:: max(1, 4096 // array.itemsize)])
     return time.perf_counter() - started
 
@@ -354,7 +345,7 @@ def run(
 
     steps_per_second = float(np.median(full.steps / full.seconds))
     reference_rate = float(np.median(reference))
-    walk_bytes = sum(getattr(graph, name).nbytes for name in WALK_ARRAYS)
+    walk_bytes = sum(array.nbytes for array in _walk_arrays(graph))
 
     def ms(seconds: np.ndarray, q: float) -> float:
         return float(np.percentile(seconds, q) * 1e3)
