@@ -131,14 +131,20 @@ def test_propensities_are_logged_per_candidate(tmp_path: Path, small_graph: Grap
     log = read_candidates(config.logs_dir, "related_pins")
     arms = {a.request_id: a.arm for a in answers}
     assert set(arms.values()) == {"explore", "default"}
-    for request_id, arm in arms.items():
-        if request_id == "r0":
-            continue  # logged twice
-        rows = log.filter(pc.equal(log["request_id"], request_id)).sort_by("rank")
+    for answer in answers[1:]:  # r0 is logged twice
+        arm = answer.arm
+        rows = log.filter(pc.equal(log["request_id"], answer.request_id)).sort_by("rank")
         returned = rows["returned"].to_numpy(zero_copy_only=False)
         propensity = rows["propensity"].to_numpy()
         assert rows["arm"][0].as_py() == arm
         assert returned.sum() == 20
+        # Candidate.propensity on the wire is the logged one of each returned pin.
+        logged = dict(
+            zip(rows["pin_id"].to_pylist(), propensity.astype(np.float32).tolist(), strict=True)
+        )
+        assert [c.propensity for c in answer.candidates] == [
+            logged[c.pin_id] for c in answer.candidates
+        ]
         if arm == "explore":
             top = min(300, rows.num_rows)
             assert rows["model_version"][0].as_py() == "shuffle_top"
@@ -151,6 +157,29 @@ def test_propensities_are_logged_per_candidate(tmp_path: Path, small_graph: Grap
             assert rows["model_version"][0].as_py() == "visit_count"
             assert (propensity == returned).all()
         assert np.isnan(rows["shadow_score"].to_numpy()).all()
+
+
+def test_exploration_requests_are_logged_whatever_the_sample_rate(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    config = make_config(tmp_path, small_graph)
+    write_tenant(
+        config.tenants_dir,
+        "exploration:\n  share: 0.5\n  policy: shuffle_top\n  top: 300\n  sticky: request\n",
+    )
+    path = config.tenants_dir / "related_pins.yaml"
+    path.write_text(path.read_text().replace("sample_rate: 1.0", "sample_rate: 0.01"))
+    query = busy_pins(small_graph, 1)
+    with running(config) as (server, client):
+        answers = [
+            client.recommend("related_pins", query, request_id=f"r{i}", num_results=20)
+            for i in range(40)
+        ]
+        server.candidate_log.flush()
+    logged = set(read_candidates(config.logs_dir, "related_pins")["request_id"].to_pylist())
+    explored = {a.request_id for a in answers if a.arm == "explore"}
+    assert explored and explored <= logged
+    assert len(logged - explored) <= 3  # the 1% sample of the others
 
 
 def test_shadow_model_is_scored_and_logged_never_served(

@@ -43,14 +43,18 @@ def _expected(tenant: str, output: RecommendOutput) -> recommender_pb2.Recommend
                 rank=r,
                 walk_score=float(np.float32(w)),
                 source=source,
+                propensity=float(np.float32(q)),
             )
-            for r, (p, s, v, w, source) in enumerate(
+            for r, (p, s, v, w, source, q) in enumerate(
                 zip(
                     output.pin_ids.tolist(),
                     output.scores.tolist(),
                     output.visits.tolist(),
                     output.walk_scores.tolist(),
                     [""] * len(output.pin_ids) if output.sources is None else output.sources,
+                    [1.0] * len(output.pin_ids)
+                    if output.propensities is None
+                    else output.propensities.tolist(),
                     strict=True,
                 ),
                 start=1,
@@ -102,7 +106,14 @@ def test_candidates_are_byte_identical_to_protobuf() -> None:
     ids = rng.integers(0, 10**12, 300)
     scores, visits = _scores_and_visits(rng, 300)
     sources = np.where(rng.random(300) < 0.3, "trending_now", "")  # "": the walk's
-    output = RecommendOutput(**{**_output(ids, scores, visits).__dict__, "sources": sources})
+    propensities = np.where(rng.random(300) < 0.5, 0.25, 0.0)  # 0 (never returned) left out
+    output = RecommendOutput(
+        **{
+            **_output(ids, scores, visits).__dict__,
+            "sources": sources,
+            "propensities": propensities,
+        }
+    )
     only_candidates = recommender_pb2.RecommendResponse(
         candidates=_expected("t", output).candidates
     ).SerializeToString()
@@ -112,6 +123,7 @@ def test_candidates_are_byte_identical_to_protobuf() -> None:
         visits.astype(np.uint32),
         scores[::-1].copy().view(np.uint32),
         sources.astype(np.bytes_).view(np.uint8).reshape(300, -1),
+        propensities.astype(np.float32).view(np.uint32),
     )
     assert encoded.tobytes() == only_candidates
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from walkrank.experiments import rank
+from walkrank.experiments import EXPLORE_ARM, rank
 from walkrank.features import RequestContext, compute_features
 from walkrank.graph.store import GraphStore
 from walkrank.logs.candidates import CandidateBatch, CandidateSink
@@ -74,6 +74,7 @@ class RecommendOutput:
     candidates_generated: int
     sources: np.ndarray | None = None  # per returned candidate, "" for the walk; None: all
     arm: str = ""  # walkrank.experiments: explore, an experiment arm, or default
+    propensities: np.ndarray | None = None  # per returned candidate: P(returned); None: all 1
 
 
 def request_seed(request_id: str) -> int:
@@ -345,7 +346,11 @@ def recommend(
     if (
         candidate_log is not None
         and len(result.pins)
-        and is_sampled(request.request_id, config.logging.sample_rate)
+        and (
+            is_sampled(request.request_id, config.logging.sample_rate)
+            # Exploration requests are few, and what unbiased evaluation reads: all logged.
+            or (ranked.arm == EXPLORE_ARM and config.logging.sample_rate > 0)
+        )
     ):
         ranks = np.empty(len(order), dtype=np.int32)
         ranks[order] = np.arange(len(order), dtype=np.int32)
@@ -389,4 +394,5 @@ def recommend(
         candidates_generated=len(result.pins),
         sources=None if sources is None else np.array(["", *sources.names[1:]])[sources.codes[top]],
         arm=ranked.arm,
+        propensities=ranked.propensity[top],
     )

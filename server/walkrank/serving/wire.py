@@ -28,6 +28,7 @@ _VISIT_COUNT_TAG = 0x18  # Candidate.visit_count = 3, varint
 _RANK_TAG = 0x20  # Candidate.rank = 4, varint
 _WALK_SCORE_TAG = 0x2D  # Candidate.walk_score = 5, fixed32
 _SOURCE_TAG = 0x32  # Candidate.source = 6, length-delimited
+_PROPENSITY_TAG = 0x3D  # Candidate.propensity = 7, fixed32
 
 
 @njit(inline="always")
@@ -66,12 +67,13 @@ def _text_length(text_bytes, i):
 
 
 @njit(nogil=True, cache=True)
-def encode_candidates(id_bytes, score_bits, visits, walk_score_bits, source_bytes):
+def encode_candidates(id_bytes, score_bits, visits, walk_score_bits, source_bytes, propensity_bits):
     """`RecommendResponse.candidates` as wire bytes, ranks 1..n in row order.
 
     `id_bytes` and `source_bytes` are (n, width) uint8 views of NUL-padded UTF-8 pin ids
     and sources (empty for the walk's candidates), `score_bits` and `walk_score_bits` the
-    float32 scores' bits (uint32), `visits` uint32. Fields at their proto3 default (a score
+    float32 scores' bits (uint32), `visits` uint32, `propensity_bits` the float32
+    propensities' bits. Fields at their proto3 default (a score
     of +0.0, no visits, an empty source) are left out, as protobuf itself does.
     """
     n = id_bytes.shape[0]
@@ -90,6 +92,7 @@ def encode_candidates(id_bytes, score_bits, visits, walk_score_bits, source_byte
         size += 5 if walk_score_bits[i] != 0 else 0
         if source_len[i] > 0:
             size += 1 + _varint_size(np.uint64(source_len[i])) + source_len[i]
+        size += 5 if propensity_bits[i] != 0 else 0
         body[i] = size
         total += 1 + _varint_size(np.uint64(size)) + size
     out = np.empty(total, np.uint8)
@@ -118,6 +121,8 @@ def encode_candidates(id_bytes, score_bits, visits, walk_score_bits, source_byte
             at = _put_varint(out, at + 1, np.uint64(length))
             out[at : at + length] = source_bytes[i, :length]
             at += length
+        if propensity_bits[i] != 0:
+            at = _put_fixed32(out, at, _PROPENSITY_TAG, propensity_bits[i])
     return out
 
 
@@ -194,6 +199,10 @@ def encode_response(tenant: str, output: RecommendOutput) -> bytes:
         np.zeros((len(output.pin_ids), 1), np.uint8)
         if output.sources is None
         else _utf8_ids(output.sources),
+        np.ascontiguousarray(
+            np.ones(len(output.pin_ids)) if output.propensities is None else output.propensities,
+            dtype=np.float32,
+        ).view(np.uint32),
     )
     return head.SerializeToString() + candidates.tobytes()
 

@@ -77,20 +77,22 @@ class ExtraCandidate(_message.Message):
     def __init__(self, pin_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("pin_id", "score", "visit_count", "rank", "walk_score", "source")
+    __slots__ = ("pin_id", "score", "visit_count", "rank", "walk_score", "source", "propensity")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     VISIT_COUNT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WALK_SCORE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROPENSITY_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
     score: float
     visit_count: int
     rank: int
     walk_score: float
     source: str
-    def __init__(self, pin_id: _Optional[str] = ..., score: _Optional[float] = ..., visit_count: _Optional[int] = ..., rank: _Optional[int] = ..., walk_score: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+    propensity: float
+    def __init__(self, pin_id: _Optional[str] = ..., score: _Optional[float] = ..., visit_count: _Optional[int] = ..., rank: _Optional[int] = ..., walk_score: _Optional[float] = ..., source: _Optional[str] = ..., propensity: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("walk_ms", "features_ms", "scoring_ms", "total_ms", "queue_ms")
