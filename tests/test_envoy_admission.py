@@ -6,6 +6,7 @@ borrow another tenant's quota; the SDK sends that header.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import subprocess
@@ -267,3 +268,98 @@ def test_with_keys_on_a_forged_header_never_reaches_the_named_tenants_quota(
             with WalkRankClient(envoy.settings.listen, api_key="email-key", retries=0) as email:
                 assert email.recommend("email", query).candidates
                 assert _stat(envoy, "email", "upstream_rq_total") == 1
+
+
+def _hold_compute(server: WalkRankServer) -> tuple[threading.Event, threading.Thread]:
+    """Occupy the server's one compute thread until the returned gate is set, so every call
+    admitted meanwhile stays in flight."""
+    compute = server.serving.compute
+    gate = threading.Event()
+    blocker = threading.Thread(target=compute.run, args=(functools.partial(gate.wait, 60), 0))
+    blocker.start()
+    _wait_until(lambda: compute.running == 1, "the compute thread is busy")
+    return gate, blocker
+
+
+def test_quota_changes_apply_while_envoy_runs_without_failing_a_call(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    binary = envoy_or_skip()
+    with running(make_config(tmp_path, small_graph, compute_slots=1)) as (server, _):
+        settings = EnvoySettings(
+            listen=free_address(),
+            upstreams=(f"127.0.0.1:{server.port}",),
+            admin=free_address(),
+            tenant_quotas=(("email", 1), ("homefeed", 8)),
+            dynamic_dir=str(tmp_path / "xds"),
+        )
+        query = busy_pins(server.graph, 1)
+        with (
+            EnvoyProcess(settings, tmp_path, binary) as envoy,
+            WalkRankClient(envoy.settings.listen, timeout=30.0, retries=0) as client,
+        ):
+            assert (tmp_path / "xds" / "cds.yaml").stat().st_mode & 0o077 == 0
+            # Calls of three tenants keep flowing through every change below.
+            failures: list[BaseException] = []
+            served = [0]
+            stop = threading.Event()
+
+            def load(tenant: str) -> None:
+                while not stop.is_set():
+                    try:
+                        client.recommend(tenant, query)
+                        served[0] += 1
+                    except WalkRankClientError as exc:
+                        failures.append(exc)
+
+            callers = [
+                threading.Thread(target=load, args=(t,))
+                for t in ("homefeed", "homefeed", "related_pins", "email")
+            ]
+            for caller in callers:
+                caller.start()
+            try:
+                # Raise email's quota, admit related_pins (a new route and cluster), then
+                # take it out again and lower homefeed's: no call fails meanwhile.
+                for quotas in (
+                    (("email", 2), ("homefeed", 8)),
+                    (("email", 2), ("homefeed", 8), ("related_pins", 4)),
+                    (("email", 2), ("homefeed", 6)),
+                ):
+                    before = served[0]
+                    envoy.update(dataclasses.replace(envoy.settings, tenant_quotas=quotas))
+                    _wait_until(lambda b=before: served[0] > b + 10, "calls flow after a change")
+                    clusters = admin_get(envoy.settings.admin, "/clusters")
+                    admitted = "related_pins" in dict(quotas)
+                    assert (tenant_cluster("related_pins") in clusters) == admitted
+                    if admitted:  # its calls now go through its own cluster
+                        _wait_until(
+                            lambda: _stat(envoy, "related_pins", "upstream_rq_total") > 0,
+                            "related_pins admitted by its own cluster",
+                        )
+            finally:
+                stop.set()
+                for caller in callers:
+                    caller.join(30)
+            assert failures == []
+            # The raised quota is what Envoy now enforces: two email calls in flight, not three.
+            gate, blocker = _hold_compute(server)
+            threads = [
+                threading.Thread(target=client.recommend, args=("email", query)) for _ in range(2)
+            ]
+            try:
+                for thread in threads:
+                    thread.start()
+                _wait_until(
+                    lambda: _stat(envoy, "email", "upstream_rq_active") == 2,
+                    "two email calls in flight",
+                )
+                with pytest.raises(WalkRankClientError) as info:
+                    client.recommend("email", query)
+                assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            finally:
+                gate.set()
+                blocker.join(20)
+                for thread in threads:
+                    thread.join(30)
+            assert envoy.process is not None and envoy.process.poll() is None  # never restarted

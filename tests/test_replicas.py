@@ -23,7 +23,7 @@ import pytest
 import yaml
 from test_server import REPO, pins, publish_model
 
-from walkrank.envoy import find_envoy, host_health
+from walkrank.envoy import active_admission, find_envoy, host_health, tenant_cluster
 from walkrank.errors import ConfigError
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
@@ -378,3 +378,51 @@ def test_metrics_port_zero_gives_each_replica_a_free_port(tmp_path: Path) -> Non
     )
     first = int(fixed.metrics[0].rsplit(":", 1)[1])
     assert fixed.metrics[1] == f"127.0.0.1:{first + 1}"
+
+
+def envoy_of(launcher_pid: int) -> int:
+    """The launcher's Envoy child process (Linux /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    [pid] = [p for p in children if "envoy" in Path(f"/proc/{p}/cmdline").read_text()]
+    return int(pid)
+
+
+def test_tenant_quotas_follow_the_tenant_files_while_envoy_runs(launched: Launcher) -> None:
+    """Edit a tenant's max_in_flight and add a tenant under load: the launcher gives Envoy the
+    new per-tenant clusters (quota x 2 replicas) without restarting it, and no call fails."""
+    envoy_pid = envoy_of(launched.process.pid)
+    source = launched.tenants / f"{TENANT}.yaml"
+    original = source.read_text()
+    added = launched.tenants / "email.yaml"
+
+    def replace_file(path: Path, text: str) -> None:
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        partial.rename(path)
+
+    def quotas() -> dict[str, int]:
+        return active_admission(launched.admin)[0]
+
+    assert quotas() == {tenant_cluster(TENANT): 48 * 2}
+    try:
+        with Load(launched.front, queries(launched.graph)) as load:
+            replace_file(source, original.replace("max_in_flight: 48", "max_in_flight: 3"))
+            replace_file(added, (REPO / "tenants" / "email.yaml").read_text())
+            wait_until(
+                lambda: quotas() == {tenant_cluster(TENANT): 6, tenant_cluster("email"): 8},
+                "Envoy admits the new quotas",
+                30,
+            )
+            load.calls_after(load.ok)
+            # The tenant's calls now go through a cluster holding it to 3 per replica.
+            added.unlink()
+            wait_until(
+                lambda: quotas() == {tenant_cluster(TENANT): 6}, "email's cluster removed", 30
+            )
+            load.calls_after(load.ok)
+        assert load.failures == []
+    finally:
+        replace_file(source, original)
+        added.unlink(missing_ok=True)
+    wait_until(lambda: quotas() == {tenant_cluster(TENANT): 96}, "the quota restored", 30)
+    assert envoy_of(launched.process.pid) == envoy_pid  # the same Envoy all along

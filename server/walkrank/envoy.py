@@ -28,11 +28,17 @@ and why (docs/deployment.md):
   borrow another tenant's quota; with API keys on (`tenant_keys`) Envoy also admits a call
   under a tenant only with one of that tenant's keys, so a forged header cannot even hold
   another tenant's place while the server refuses it. Calls without the header are limited by
-  the server alone.
+  the server alone;
+- admission that changes while Envoy runs (`dynamic_dir`): the tenants' clusters and the front
+  route table are files Envoy watches (filesystem CDS and RDS), replaced by a rename;
+  `update_admission` orders the steps so no call fails (`walkrank serve --replicas` follows the
+  tenant directory with it; in Kubernetes a ConfigMap update does the rename).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -62,6 +68,9 @@ LB_POLICIES = ("LEAST_REQUEST", "ROUND_ROBIN")
 ENVOY_ENV = "WALKRANK_ENVOY"
 MAX_CLIENT_CONNECTIONS = 50_000
 _TYPES = "type.googleapis.com/envoy.extensions"
+#: With `dynamic_dir`: the tenants' clusters and the front route table, reloaded by Envoy.
+CDS_FILE = "cds.yaml"
+RDS_FILE = "rds.yaml"
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,10 @@ class EnvoySettings:
     #: tenant's quota on calls the server then refuses. None: keys off (any caller may call
     #: any tenant anyway). The keys end up in Envoy's config file: keep it private.
     tenant_keys: Mapping[str, frozenset[str]] | None = None
+    #: A directory Envoy watches for its tenant routes and clusters (RDS_FILE, CDS_FILE):
+    #: replacing them there by a rename (`write_dynamic`, `update_admission`, or a Kubernetes
+    #: ConfigMap update) changes admission while Envoy runs. None: all in the bootstrap file.
+    dynamic_dir: str | None = None
 
 
 def split_address(address: str, what: str) -> tuple[str, int]:
@@ -118,7 +131,9 @@ def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
     return {"@type": f"{_TYPES}.{type_name}", **fields}
 
 
-def _connection_manager(prefix: str, routes: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def _connection_manager(prefix: str, routes: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An HTTP connection manager whose `routes` is `{"route_config": ...}` (inline) or
+    `{"rds": ...}` (read from a file, replaced at run time)."""
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": _typed(
@@ -126,10 +141,7 @@ def _connection_manager(prefix: str, routes: list[dict[str, Any]], **extra: Any)
             stat_prefix=prefix,
             codec_type="AUTO",
             **extra,
-            route_config={
-                "name": prefix,
-                "virtual_hosts": [{"name": prefix, "domains": ["*"], "routes": routes}],
-            },
+            **routes,
             http_filters=[
                 {
                     "name": "envoy.filters.http.router",
@@ -138,6 +150,10 @@ def _connection_manager(prefix: str, routes: list[dict[str, Any]], **extra: Any)
             ],
         ),
     }
+
+
+def _route_config(name: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]}
 
 
 def tenant_cluster(tenant: str) -> str:
@@ -307,8 +323,7 @@ def _replica_cluster(
     return cluster
 
 
-def render_config(settings: EnvoySettings) -> dict[str, Any]:
-    """Envoy's bootstrap configuration for `settings` (a mapping, dump it as YAML)."""
+def _check(settings: EnvoySettings) -> None:
     if not settings.upstreams:
         raise ConfigError("envoy: at least one upstream replica is needed")
     if settings.lb_policy not in LB_POLICIES:
@@ -327,27 +342,89 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 f"envoy: tenant quota: expected a tenant name and a limit >= 1, "
                 f"got {tenant[:64]!r} {quota}"
             )
-    admission = {"local_reply_config": _quota_refusal()} if settings.tenant_quotas else {}
+
+
+def _tenant_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
+    return [
+        _replica_cluster(settings, tenant_cluster(tenant), quota)
+        for tenant, quota in settings.tenant_quotas
+    ]
+
+
+def _routes(settings: EnvoySettings) -> dict[str, Any]:
+    """The front listener's route table: each tenant's routes first, the shared one last."""
+    return _route_config(CLUSTER, [*_tenant_routes(settings), _grpc_route()])
+
+
+def _file_source(settings: EnvoySettings, name: str) -> dict[str, Any]:
+    """A config source Envoy reloads whenever a file is renamed into `dynamic_dir` (what a
+    Kubernetes ConfigMap volume does on an update, and what `write_dynamic` does)."""
+    assert settings.dynamic_dir is not None
+    directory = settings.dynamic_dir.rstrip("/")
+    return {
+        "path_config_source": {
+            "path": f"{directory}/{name}",
+            "watched_directory": {"path": directory},
+        },
+        "resource_api_version": "V3",
+    }
+
+
+def render_dynamic(settings: EnvoySettings) -> dict[str, dict[str, Any]]:
+    """The files of `dynamic_dir` (name -> xDS DiscoveryResponse): the tenants' clusters
+    (CDS_FILE) and the front route table (RDS_FILE), each versioned by its content."""
+    _check(settings)
+    documents = {
+        CDS_FILE: [
+            {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", **cluster}
+            for cluster in _tenant_clusters(settings)
+        ],
+        RDS_FILE: [
+            {
+                "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                **_routes(settings),
+            }
+        ],
+    }
+    return {
+        name: {"version_info": _version(resources), "resources": resources}
+        for name, resources in documents.items()
+    }
+
+
+def _version(resources: list[dict[str, Any]]) -> str:
+    text = json.dumps(resources, sort_keys=True).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def render_config(settings: EnvoySettings) -> dict[str, Any]:
+    """Envoy's bootstrap configuration for `settings` (a mapping, dump it as YAML). With
+    `dynamic_dir` the tenants' routes and clusters are not in it but in that directory's
+    files (`render_dynamic`), so admission can change while Envoy runs."""
+    _check(settings)
+    dynamic = settings.dynamic_dir is not None
+    # Refusing past a quota as RESOURCE_EXHAUSTED: needed as soon as tenants may appear.
+    admission = (
+        {"local_reply_config": _quota_refusal()} if settings.tenant_quotas or dynamic else {}
+    )
+    routes = (
+        {"rds": {"route_config_name": CLUSTER, "config_source": _file_source(settings, RDS_FILE)}}
+        if dynamic
+        else {"route_config": _routes(settings)}
+    )
     listeners = [
         {
             "name": CLUSTER,
             "address": _socket(settings.listen, "listen address"),
-            "filter_chains": [
-                {
-                    "filters": [
-                        _connection_manager(
-                            CLUSTER, [*_tenant_routes(settings), _grpc_route()], **admission
-                        )
-                    ]
-                }
-            ],
+            "filter_chains": [{"filters": [_connection_manager(CLUSTER, routes, **admission)]}],
         }
     ]
-    clusters = [_replica_cluster(settings)] + [
-        _replica_cluster(settings, tenant_cluster(tenant), quota)
-        for tenant, quota in settings.tenant_quotas
-    ]
+    clusters = [_replica_cluster(settings)] + ([] if dynamic else _tenant_clusters(settings))
     if settings.metrics is not None:
+        metrics_route = {
+            "match": {"path": "/stats/prometheus"},
+            "route": {"cluster": ADMIN_CLUSTER},
+        }
         listeners.append(
             {
                 "name": "metrics",
@@ -357,12 +434,7 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                         "filters": [
                             _connection_manager(
                                 "metrics",
-                                [
-                                    {
-                                        "match": {"path": "/stats/prometheus"},
-                                        "route": {"cluster": ADMIN_CLUSTER},
-                                    }
-                                ],
+                                {"route_config": _route_config("metrics", [metrics_route])},
                             )
                         ]
                     }
@@ -390,8 +462,11 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
                 },
             }
         )
-    return {
-        "admin": {"address": _socket(settings.admin, "envoy admin address")},
+    config: dict[str, Any] = {"admin": {"address": _socket(settings.admin, "envoy admin address")}}
+    if dynamic:
+        config["node"] = {"id": CLUSTER, "cluster": CLUSTER}
+        config["dynamic_resources"] = {"cds_config": _file_source(settings, CDS_FILE)}
+    return config | {
         "static_resources": {"listeners": listeners, "clusters": clusters},
         "overload_manager": {
             "resource_monitors": [
@@ -408,14 +483,20 @@ def render_config(settings: EnvoySettings) -> dict[str, Any]:
 
 
 def tenant_quotas(
-    tenants_dir: str | os.PathLike[str], replicas: int
+    tenants_dir: str | os.PathLike[str],
+    replicas: int,
+    previous: tuple[tuple[str, int], ...] = (),
 ) -> tuple[tuple[str, int], ...]:
     """Each loadable tenant's quota of calls in flight over `replicas` replicas (its
-    `limits.max_in_flight` on each); broken tenant files are left to the servers to report."""
-    configs = load_tenants(tenants_dir).configs
-    return tuple(
-        (name, config.limits.max_in_flight * replicas) for name, config in sorted(configs.items())
-    )
+    `limits.max_in_flight` on each). A tenant whose file is now broken keeps its `previous`
+    quota, as the servers keep serving its last good config; the servers report the error."""
+    loaded = load_tenants(tenants_dir)
+    broken = {Path(path).stem for path in loaded.errors}
+    quotas = {
+        name: config.limits.max_in_flight * replicas for name, config in loaded.configs.items()
+    }
+    quotas |= {name: quota for name, quota in previous if name in broken and name not in quotas}
+    return tuple(sorted(quotas.items()))
 
 
 def dump_config(settings: EnvoySettings) -> str:
@@ -428,10 +509,87 @@ def dump_config(settings: EnvoySettings) -> str:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a config only its owner may read (it may hold API keys)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write a config only its owner may read (it may hold API keys), replacing any old one
+    by a rename, so a reader (Envoy watching its directory) never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as out:
         out.write(text)
+    os.replace(partial, path)
+
+
+def write_config(settings: EnvoySettings, path: Path) -> None:
+    """Envoy's bootstrap file at `path`, and with `dynamic_dir` that directory's files."""
+    if settings.dynamic_dir is not None:
+        Path(settings.dynamic_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_dynamic(settings)
+    write_private(path, dump_config(settings))
+
+
+def write_dynamic(settings: EnvoySettings, only: str | None = None) -> None:
+    """Write `settings`' files into its `dynamic_dir` (or just the file `only`)."""
+    assert settings.dynamic_dir is not None
+    for name, document in render_dynamic(settings).items():
+        if only in (None, name):
+            write_private(
+                Path(settings.dynamic_dir) / name, yaml.safe_dump(document, sort_keys=False)
+            )
+
+
+def active_admission(admin: str) -> tuple[dict[str, int], str | None]:
+    """What a running Envoy serves now: each dynamic cluster's max_requests (none while any
+    cluster is still warming) and the front route table's version."""
+    clusters: dict[str, int] = {}
+    dump = json.loads(admin_get(admin, "/config_dump?resource=dynamic_active_clusters"))
+    for entry in dump.get("configs", []):
+        cluster = entry["cluster"]
+        [limits] = cluster["circuit_breakers"]["thresholds"]
+        clusters[cluster["name"]] = int(limits["max_requests"])
+    warming = json.loads(admin_get(admin, "/config_dump?resource=dynamic_warming_clusters"))
+    if warming.get("configs"):
+        clusters = {}
+    routes = json.loads(admin_get(admin, "/config_dump?resource=dynamic_route_configs"))
+    versions = [entry.get("version_info") for entry in routes.get("configs", [])]
+    return clusters, versions[0] if versions else None
+
+
+def _wait_applied(
+    settings: EnvoySettings, clusters: dict[str, int], routes_version: str | None, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        active_clusters, active_routes = active_admission(settings.admin)
+        if active_clusters == clusters and routes_version in (None, active_routes):
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"envoy at {settings.admin}: tenant admission not applied after "
+                f"{timeout_s:g} s (its log says why); serving {active_clusters}"
+            )
+        time.sleep(0.05)
+
+
+def update_admission(old: EnvoySettings, new: EnvoySettings, timeout_s: float = 30.0) -> None:
+    """Move a running Envoy from `old`'s tenant routes and clusters to `new`'s without a
+    restart and without failing a call: first every cluster either names (a new or changed
+    tenant's cluster replaces the old one once it has health-checked the replicas; calls in
+    flight finish on the old), then the routes, then the clusters of removed tenants go. A
+    route therefore never names a cluster Envoy lacks. ConfigError if Envoy does not apply a
+    step within `timeout_s`."""
+    assert new.dynamic_dir is not None and old.dynamic_dir == new.dynamic_dir
+    kept = dict(new.tenant_quotas)
+    both = dataclasses.replace(
+        new, tenant_quotas=tuple(sorted(({**dict(old.tenant_quotas), **kept}).items()))
+    )
+    write_dynamic(both, CDS_FILE)
+    _wait_applied(new, {tenant_cluster(t): q for t, q in both.tenant_quotas}, None, timeout_s)
+    write_dynamic(new, RDS_FILE)
+    routes_version = render_dynamic(new)[RDS_FILE]["version_info"]
+    _wait_applied(
+        new, {tenant_cluster(t): q for t, q in both.tenant_quotas}, routes_version, timeout_s
+    )
+    write_dynamic(new, CDS_FILE)
+    _wait_applied(new, {tenant_cluster(t): q for t, q in kept.items()}, routes_version, timeout_s)
 
 
 def find_envoy(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -533,7 +691,7 @@ class EnvoyProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> None:
-        write_private(self.config_path, dump_config(self.settings))
+        write_config(self.settings, self.config_path)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -546,6 +704,11 @@ class EnvoyProcess:
                     f"its log: {self.log_path.read_text()[-1000:]}"
                 )
             time.sleep(0.1)
+
+    def update(self, settings: EnvoySettings) -> None:
+        """Change tenant admission while Envoy runs (`update_admission`)."""
+        update_admission(self.settings, settings)
+        self.settings = settings
 
     def cpu_seconds(self) -> float:
         """User + system CPU Envoy has used so far (Linux /proc)."""

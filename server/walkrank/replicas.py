@@ -13,6 +13,9 @@ balances per call (walkrank.envoy). The launcher:
   each drains (its in-flight calls finish, Envoy sees NOT_SERVING and stops sending), the new
   one must be SERVING before the next goes; tenant and model changes need no restart, only
   `walkrank-client --address REPLICA,REPLICA,... reload --each` (docs/deployment.md);
+- follows the tenant directory: when a tenant file is added, edited or removed, Envoy's
+  per-tenant admission (quota = `limits.max_in_flight` x N) changes while it runs, with no
+  call failed (walkrank.envoy.update_admission);
 - on SIGTERM/SIGINT stops the replicas gracefully (in-flight calls finish through Envoy),
   then Envoy.
 """
@@ -20,6 +23,7 @@ balances per call (walkrank.envoy). The launcher:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -37,11 +41,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from walkrank.envoy import (
     EnvoySettings,
-    dump_config,
     envoy_command,
     routing,
     split_address,
-    write_private,
+    tenant_quotas,
+    update_admission,
+    write_config,
 )
 from walkrank.errors import ConfigError
 from walkrank.serving.config import ServerConfig, check_port_free
@@ -201,7 +206,7 @@ class ReplicaSet:
         envoy_concurrency: int | None = None,
         lb_policy: str = "LEAST_REQUEST",
         workdir: Path | None = None,
-        tenant_quotas: tuple[tuple[str, int], ...] = (),
+        tenants_dir: Path | None = None,
         tenant_keys: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.plan = plan
@@ -223,19 +228,20 @@ class ReplicaSet:
         ]
         self._workdir = workdir or Path(tempfile.mkdtemp(prefix="walkrank-envoy-"))
         self.envoy_config = self._workdir / "envoy.yaml"
-        write_private(
-            self.envoy_config,
-            dump_config(
-                EnvoySettings(
-                    listen=plan.front,
-                    upstreams=plan.replicas,
-                    admin=plan.envoy_admin,
-                    lb_policy=lb_policy,
-                    tenant_quotas=tenant_quotas,
-                    tenant_keys=tenant_keys,
-                )
-            ),
+        # Envoy holds each tenant to its quota on every replica; `follow_tenants` keeps that
+        # in step with the tenant files while Envoy runs (its routes and clusters are files).
+        self._tenants_dir = tenants_dir
+        self._tenants_seen = _fingerprint(tenants_dir)
+        self.envoy_settings = EnvoySettings(
+            listen=plan.front,
+            upstreams=plan.replicas,
+            admin=plan.envoy_admin,
+            lb_policy=lb_policy,
+            tenant_quotas=self._quotas(),
+            tenant_keys=tenant_keys,
+            dynamic_dir=str(self._workdir / "xds"),
         )
+        write_config(self.envoy_settings, self.envoy_config)
         self._envoy_command = envoy_command(envoy, self.envoy_config, envoy_concurrency)
         self.envoy: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # supervision and rolling restarts take turns
@@ -270,6 +276,31 @@ class ReplicaSet:
         raise ConfigError(
             f"envoy at {self.plan.front} not routing to every replica after {timeout_s:.0f} s"
         )
+
+    def _quotas(self, previous: tuple[tuple[str, int], ...] = ()) -> tuple[tuple[str, int], ...]:
+        if self._tenants_dir is None:
+            return ()
+        return tenant_quotas(self._tenants_dir, len(self.replicas), previous)
+
+    def follow_tenants(self) -> None:
+        """When a tenant file changed (added, edited, removed), give Envoy the tenants' new
+        quotas while it runs, without failing a call (`update_admission`). The replicas pick
+        the files up on their own Reload; a failed update is logged and tried again."""
+        seen = _fingerprint(self._tenants_dir)
+        if seen == self._tenants_seen:
+            return
+        try:
+            settings = dataclasses.replace(
+                self.envoy_settings, tenant_quotas=self._quotas(self.envoy_settings.tenant_quotas)
+            )
+            if settings != self.envoy_settings:
+                update_admission(self.envoy_settings, settings)
+                log.info("envoy: tenant quotas now %s", dict(settings.tenant_quotas))
+        except ConfigError as exc:
+            log.error("envoy: tenant quotas not updated (will retry): %s", exc)
+            return
+        self.envoy_settings = settings
+        self._tenants_seen = seen
 
     def supervise_once(self) -> None:
         """Restart replicas that exited on their own; raise if Envoy did."""
@@ -351,6 +382,19 @@ class ReplicaSet:
         return max((code or 0 for code in codes), default=0)
 
 
+def _fingerprint(directory: Path | None) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a tenant file is written, renamed or removed (name, mtime, size)."""
+    if directory is None:
+        return ()
+    seen = []
+    with contextlib.suppress(OSError):
+        for path in sorted(directory.iterdir()):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                seen.append((path.name, stat.st_mtime_ns, stat.st_size))
+    return tuple(seen)
+
+
 def run_replicas(replica_set: ReplicaSet) -> int:
     """Start, print where everything listens, supervise until SIGTERM/SIGINT."""
     stop = threading.Event()
@@ -378,6 +422,7 @@ def run_replicas(replica_set: ReplicaSet) -> int:
                     target=replica_set.rolling_restart, name="rolling-restart", daemon=True
                 ).start()
             replica_set.supervise_once()
+            replica_set.follow_tenants()
     finally:
         code = replica_set.stop()
     print("walkrank: stopped", flush=True)

@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
 def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
     """`--replicas N`: each replica is this command without the replica options, on its own
     loopback port; the demo world (when no config is given) is built here, once, first."""
-    from walkrank.envoy import find_envoy, tenant_quotas
+    from walkrank.envoy import find_envoy
     from walkrank.replicas import REPLICA_DRAIN_S, ReplicaSet, plan_replicas, run_replicas
 
     if args.processes > 1:
@@ -224,8 +224,8 @@ def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
             find_envoy(args.envoy),
             envoy_concurrency=args.envoy_concurrency,
             lb_policy=args.lb_policy,
-            # Envoy holds each tenant to its quota on every replica (fixed while it runs).
-            tenant_quotas=tenant_quotas(config.tenants_dir, args.replicas),
+            # Envoy holds each tenant to its quota on every replica, following the files.
+            tenants_dir=config.tenants_dir,
             tenant_keys=config.auth.tenant_keys if config.auth.enabled else None,
         )
     )
