@@ -1,19 +1,24 @@
 """Out-of-core graph builds: time and peak memory of `--engine duckdb` per graph size.
 
-For each size the synthetic generator draws a graph (pins = edges / 20, boards = edges / 100,
-32 topics, 8 locales, seed 7, as the `bench` preset), writes it as Parquet partitions (edges in
-`--partitions` files, pins and boards in one each), then builds it in a child process whose
-peak RSS (its `VmHWM`) is the figure: the interpreter and libraries (~140 MB), DuckDB's
-buffers (up to `--memory-limit`; beyond it DuckDB spills to disk) and the node-sized arrays.
-The in-memory builder runs on the same files for the sizes in `--compare` (default the 20M
-case), and their checksums must match.
+For each size the synthetic generator writes a graph (pins = edges / 20, boards = edges / 100,
+32 topics, 8 locales, seed 7, as the `bench` preset) as Parquet partitions, streamed in
+bounded memory (`write_graph_partitions`: edges in `--partitions` files by pin range, pins and
+boards in one each), then builds it in a child process whose peak RSS (its `VmHWM`) is the
+figure: the interpreter and libraries (~140 MB), DuckDB's buffers (up to `--memory-limit`;
+beyond it DuckDB spills to disk) and the node-sized arrays. The child also samples its RSS
+every 50 ms, and `steps_peak_rss_bytes` gives the highest sample in each build step, to show
+where the peak is. The in-memory builder runs on the same files for the sizes in
+`--compare` (default the 20M case), and their checksums must match.
 
 Targets (issue 14): peak RSS at most 1.5x the finished graph's size at 200M edges, time
-growing no worse than linearly with edges, the same checksums as the in-memory builder.
-Where the largest size measured is below 200M, `extrapolated` projects the peak and the
-graph's size there linearly from the two largest sizes (labelled as such, not a measurement).
+growing no worse than linearly with edges (`seconds_per_million_edges` at the largest size
+over that at the smallest), the same checksums as the in-memory builder. Where the largest
+size measured is below 200M, `extrapolated` projects the peak and the graph's size there
+linearly from the two largest sizes (labelled as such, not a measurement). `--merge` adds the
+sizes run to those already in `--json` (same memory limit and partitions), so the largest
+size can be run alone.
 
-    python benchmarks/graph_build.py [--sizes 20M,200M] [--compare 20M] [--json PATH]
+    python benchmarks/graph_build.py [--sizes 20M,200M] [--compare 20M] [--json PATH] [--merge]
 """
 
 from __future__ import annotations
@@ -41,52 +46,73 @@ def parse_size(text: str) -> int:
 
 def write_partitions(edges: int, directory: Path, partitions: int) -> Path:
     """The synthetic graph with `edges` edges as Parquet files under `directory`."""
-    import pyarrow.parquet as pq
+    from walkrank.graph.synthetic import write_graph_partitions
 
-    from walkrank.graph.synthetic import generate_graph_tables
-
-    tables = generate_graph_tables(
+    write_graph_partitions(
+        directory,
         n_pins=max(edges // 20, 100),
         n_boards=max(edges // 100, 20),
         n_edges=edges,
         n_topics=32,
         n_locales=8,
         seed=7,
+        partitions=partitions,
     )
-    for role in ("edges", "pins", "boards"):
-        (directory / role).mkdir(parents=True)
-    step = -(-edges // partitions)
-    for i in range(partitions):
-        pq.write_table(
-            tables.edges.slice(i * step, step), directory / "edges" / f"part-{i:04d}.parquet"
-        )
-    pq.write_table(tables.pins, directory / "pins" / "part-0000.parquet")
-    pq.write_table(tables.boards, directory / "boards" / "part-0000.parquet")
     return directory
+
+
+def child(engine: str, data: str, out: str, limit: str) -> None:
+    """The build itself (run as `graph_build.py child ...`): writes the manifest, the peak
+    RSS (`VmHWM`: this process image's own, where the parent's `wait4` would also count the
+    pages of the process it was forked from) and the highest RSS sampled in each step."""
+    import threading
+
+    from walkrank.graph.build import build_graph
+    from walkrank.graph.outofcore import build_graph_out_of_core
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            samples.append((time.perf_counter(), status("VmRSS:")))
+
+    inputs = [f"{data}/edges", f"{data}/pins", f"{data}/boards"]
+    sampler = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    sampler.start()
+    if engine == "memory":
+        manifest = build_graph(out, *inputs)
+    else:
+        manifest = build_graph_out_of_core(out, *inputs, memory_limit=limit)
+    done.set()
+    sampler.join()
+    steps: dict[str, int] = {}
+    end = started
+    for step, seconds in manifest["build"]["seconds"].items():
+        begin, end = end, end + seconds
+        in_step = [rss for t, rss in samples if begin <= t < end]
+        if in_step:  # a step shorter than the sampling interval may have none
+            steps[step] = max(in_step)
+    Path(f"{out}.manifest.json").write_text(json.dumps(manifest))
+    Path(f"{out}.peak.json").write_text(json.dumps({"peak": status("VmHWM:"), "steps": steps}))
 
 
 def measured_build(engine: str, data: Path, out: Path, memory_limit: str) -> dict[str, Any]:
     """Build in a child process; its wall time, peak RSS and the manifest's checksums."""
-    code = (
-        "import json, sys\n"
-        "from walkrank.graph.build import build_graph\n"
-        "from walkrank.graph.outofcore import build_graph_out_of_core\n"
-        "engine, data, out, limit = sys.argv[1:]\n"
-        "inputs = [f'{data}/edges', f'{data}/pins', f'{data}/boards']\n"
-        "manifest = (build_graph(out, *inputs) if engine == 'memory' else\n"
-        "            build_graph_out_of_core(out, *inputs, memory_limit=limit))\n"
-        "json.dump(manifest, open(f'{out}.manifest.json', 'w'))\n"
-        # The peak of this process image: wait4's ru_maxrss would also count the pages
-        # of the (large) parent it was forked from before its exec.
-        "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-        "open(f'{out}.peak', 'w').write(str(int(peak.split()[1]) * 1024))\n"
-    )
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-c", code, engine, str(data), str(out), memory_limit], check=True
+        [sys.executable, __file__, "child", engine, str(data), str(out), memory_limit],
+        check=True,
     )
     seconds = time.perf_counter() - started
-    peak = int(Path(f"{out}.peak").read_text())
+    peaks = json.loads(Path(f"{out}.peak.json").read_text())
+    peak = peaks["peak"]
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())
     graph_bytes = sum(p.stat().st_size for p in out.glob("*.npy"))
     edges = manifest["counts"]["edges"]
@@ -99,6 +125,7 @@ def measured_build(engine: str, data: Path, out: Path, memory_limit: str) -> dic
         "peak_rss_over_graph": round(peak / graph_bytes, 3),
         "seconds_per_million_edges": round(seconds / edges * 1e6, 3),
         "steps_s": manifest["build"]["seconds"],
+        "steps_peak_rss_bytes": peaks["steps"],
         "checksums": manifest["checksums"],
     }
 
@@ -124,7 +151,38 @@ def extrapolate(a: dict[str, Any], b: dict[str, Any], edges: int) -> dict[str, A
     }
 
 
+def summarise(report: dict[str, Any]) -> None:
+    """The sizes in edge order and the figures the targets are read from."""
+    report["sizes"] = dict(sorted(report["sizes"].items(), key=lambda item: item[1]["edges"]))
+    for key in ("extrapolated", "time_growth"):
+        report.pop(key, None)
+    ordered = list(report["sizes"].values())
+    smallest, largest = ordered[0], ordered[-1]
+    report["largest_peak_rss_over_graph"] = largest["peak_rss_over_graph"]
+    if largest["edges"] < TARGET_EDGES and len(ordered) > 1:
+        report["extrapolated"] = extrapolate(ordered[-2], largest, TARGET_EDGES)
+    linear = True
+    if len(ordered) > 1:
+        ratio = largest["seconds_per_million_edges"] / smallest["seconds_per_million_edges"]
+        report["time_growth"] = {
+            "edges_ratio": round(largest["edges"] / smallest["edges"], 1),
+            "seconds_ratio": round(largest["seconds"] / smallest["seconds"], 2),
+            "seconds_per_edge_ratio": round(ratio, 3),
+        }
+        linear = ratio <= 1.0
+    report["target_met"] = (
+        largest["edges"] >= TARGET_EDGES
+        and largest["peak_rss_over_graph"] <= RSS_TARGET
+        and linear
+        and all(f.get("same_checksums_as_in_memory", True) for f in ordered)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["child"]:  # the build itself, in the child process `measured_build` runs
+        child(*argv[1:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20M,200M", help="edge counts (default 20M,200M)")
     parser.add_argument(
@@ -137,19 +195,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work",
         type=Path,
-        help="scratch directory (default: a temporary one; needs ~30 bytes per edge)",
+        help="scratch directory (default: a temporary one; needs ~35 bytes per edge)",
     )
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (after each size)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sizes already in --json, replacing those run again",
+    )
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     compare = {parse_size(s) for s in args.compare.split(",") if s}
-    work = Path(tempfile.mkdtemp(prefix="walkrank-bench-build-", dir=args.work))
     report: dict[str, Any] = {
         "memory_limit": args.memory_limit,
         "cores": os.cpu_count(),
         "partitions": args.partitions,
         "sizes": {},
     }
+    if args.merge:
+        if args.json is None or not args.json.is_file():
+            parser.error("--merge needs an existing --json file")
+        earlier = json.loads(args.json.read_text())
+        for key in ("memory_limit", "partitions"):
+            if earlier.get(key) != report[key]:
+                parser.error(
+                    f"--merge: {args.json} was run with {key} {earlier.get(key)!r}, "
+                    f"not {report[key]!r}"
+                )
+        report["sizes"] = earlier["sizes"]
+    work = Path(tempfile.mkdtemp(prefix="walkrank-bench-build-", dir=args.work))
     try:
         for edges in sizes:
             label = f"{edges / 1e6:g}M"
@@ -172,20 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             report["sizes"][label] = figures
             print(f"{label}: {json.dumps(figures)}", flush=True)
             shutil.rmtree(work / label, ignore_errors=True)
+            summarise(report)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(report, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ordered = sorted(report["sizes"].values(), key=lambda f: f["edges"])
-    largest = ordered[-1]
-    report["largest_peak_rss_over_graph"] = largest["peak_rss_over_graph"]
-    if largest["edges"] < TARGET_EDGES and len(ordered) > 1:
-        report["extrapolated"] = extrapolate(ordered[-2], largest, TARGET_EDGES)
-    report["target_met"] = largest["peak_rss_over_graph"] <= RSS_TARGET and all(
-        f.get("same_checksums_as_in_memory", True) for f in report["sizes"].values()
-    )
     print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

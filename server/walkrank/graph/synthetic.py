@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from walkrank.errors import DataError
 from walkrank.graph.build import PruneOptions, build_graph, sorted_unique
@@ -24,6 +25,8 @@ from walkrank.graph.store import read_manifest
 
 #: Bump when the generator's output changes, so cached graphs are rebuilt.
 GENERATOR_VERSION = 2
+#: Rounds of draws before giving up on `n_edges` distinct edges.
+_ROUNDS = 20
 
 LOCALE_NAMES = ("en", "ja", "de", "fr", "es", "pt", "it", "ko", "nl", "sv")
 #: Fixed reference instant so pin creation times are reproducible (2025-06-15 UTC).
@@ -76,29 +79,43 @@ def topic_names(n_topics: int) -> list[str]:
     return [f"topic{i:02d}" for i in range(n_topics)]
 
 
-def generate_graph_tables(
+@dataclass(frozen=True)
+class _Nodes:
+    """Pins' and boards' attributes and the cumulative weights edges are drawn from: what
+    both the in-memory and the streamed generator share."""
+
+    n_topics: int
+    n_locales: int
+    pin_topic: np.ndarray
+    pin_locale: np.ndarray
+    by_group: np.ndarray  # pins in (group, pin) order
+    cum: np.ndarray  # cumulative pin weight in `by_group` order
+    group_lo: np.ndarray  # each group's first and past-last slot in `by_group`
+    group_hi: np.ndarray
+    cum_before: np.ndarray  # `cum` before each group's first slot, and each group's mass
+    group_mass: np.ndarray
+    board_group: np.ndarray
+    board_home: np.ndarray  # a board's probability of drawing from its own group
+    board_cum: np.ndarray  # cumulative board weight
+
+
+def _check_sizes(n_pins: int, n_boards: int, n_edges: int, n_topics: int, n_locales: int) -> None:
+    if min(n_pins, n_boards, n_edges, n_topics, n_locales) < 1:
+        raise ValueError("every size must be >= 1")
+    if n_edges > 0.5 * n_pins * n_boards:
+        raise ValueError(f"{n_edges} edges is too dense for {n_pins} pins x {n_boards} boards")
+
+
+def _nodes(
+    rng: np.random.Generator,
     n_pins: int,
     n_boards: int,
     n_edges: int,
     n_topics: int,
     n_locales: int,
-    seed: int = 0,
-    *,
-    home_share: float = 0.85,
-    mixed_board_share: float = 0.1,
-) -> SyntheticTables:
-    """Edges (unique, exactly `n_edges`), pins (locale, topic, quality, created_at), boards.
-
-    A board draws a pin from its own (topic, locale) group with probability `home_share`
-    (0.3 for the `mixed_board_share` of mixed boards), else from the whole graph; within
-    either pool pins are drawn by their power-law weight.
-    """
-    if min(n_pins, n_boards, n_edges, n_topics, n_locales) < 1:
-        raise ValueError("every size must be >= 1")
-    if n_edges > 0.5 * n_pins * n_boards:
-        raise ValueError(f"{n_edges} edges is too dense for {n_pins} pins x {n_boards} boards")
-    rng = np.random.default_rng(seed)
-
+    home_share: float,
+    mixed_board_share: float,
+) -> _Nodes:
     pin_topic = rng.choice(n_topics, n_pins, p=_zipf(n_topics, 0.8))
     pin_locale = rng.choice(n_locales, n_pins, p=_zipf(n_locales, 1.2))
     # Pareto weights give power-law degrees; the cap keeps a pin's expected boards well below
@@ -114,55 +131,192 @@ def generate_graph_tables(
     group_lo = np.searchsorted(groups_sorted, np.arange(n_groups), side="left")
     group_hi = np.searchsorted(groups_sorted, np.arange(n_groups), side="right")
     cum_before = np.r_[0.0, cum][group_lo]
-    group_mass = np.r_[0.0, cum][group_hi] - cum_before
 
     # A board's home group is that of a weight-drawn pin, so no board has an empty group.
     board_group = pin_group[by_group[_draw(cum, rng.random(n_boards) * cum[-1])]]
-    board_home = np.where(rng.random(n_boards) < mixed_board_share, 0.3, home_share)
-    board_cum = np.cumsum(board_weight)
+    return _Nodes(
+        n_topics=n_topics,
+        n_locales=n_locales,
+        pin_topic=pin_topic,
+        pin_locale=pin_locale,
+        by_group=by_group,
+        cum=cum,
+        group_lo=group_lo,
+        group_hi=group_hi,
+        cum_before=cum_before,
+        group_mass=np.r_[0.0, cum][group_hi] - cum_before,
+        board_group=board_group,
+        board_home=np.where(rng.random(n_boards) < mixed_board_share, 0.3, home_share),
+        board_cum=np.cumsum(board_weight),
+    )
 
-    codes = np.zeros(0, dtype=np.int64)
-    for _ in range(20):
-        need = n_edges - codes.shape[0]
-        if need <= 0:
-            break
-        draws = int(need * 1.15) + 1000
-        board = _draw(board_cum, rng.random(draws) * board_cum[-1])
-        group = board_group[board]
-        at_home = rng.random(draws) < board_home[board]
-        u = rng.random(draws)
-        target = np.where(at_home, cum_before[group] + u * group_mass[group], u * cum[-1])
-        slot = _draw(cum, target)
-        slot = np.where(at_home, np.clip(slot, group_lo[group], group_hi[group] - 1), slot)
-        pin = by_group[slot]
-        codes, _ = sorted_unique(np.r_[codes, pin.astype(np.int64) * n_boards + board])
-    if codes.shape[0] < n_edges:
-        raise ValueError(f"could not draw {n_edges} distinct edges; lower n_edges")
-    keep = np.sort(rng.choice(codes.shape[0], n_edges, replace=False))
-    codes = codes[keep]
-    edge_pin, edge_board = codes // n_boards, codes % n_boards
 
-    locales, topics = np.array(locale_names(n_locales)), np.array(topic_names(n_topics))
-    pin_ids = PIN_ID_BASE + np.arange(n_pins, dtype=np.int64)
-    board_ids = BOARD_ID_BASE + np.arange(n_boards, dtype=np.int64)
-    edges = pa.table({"pin_id": pin_ids[edge_pin], "board_id": board_ids[edge_board]})
+def _draw_codes(nodes: _Nodes, rng: np.random.Generator, draws: int) -> np.ndarray:
+    """`draws` edges (with repeats) as codes `pin * n_boards + board`: a board by its weight,
+    then a pin by weight from the board's group (with the board's home share) or from all."""
+    board = _draw(nodes.board_cum, rng.random(draws) * nodes.board_cum[-1])
+    group = nodes.board_group[board]
+    at_home = rng.random(draws) < nodes.board_home[board]
+    u = rng.random(draws)
+    target = np.where(
+        at_home, nodes.cum_before[group] + u * nodes.group_mass[group], u * nodes.cum[-1]
+    )
+    slot = _draw(nodes.cum, target)
+    slot = np.where(at_home, np.clip(slot, nodes.group_lo[group], nodes.group_hi[group] - 1), slot)
+    return nodes.by_group[slot].astype(np.int64) * nodes.board_cum.shape[0] + board
+
+
+def _draws(need: int) -> int:
+    """Edges drawn for `need` more distinct ones: repeats are collapsed afterwards."""
+    return int(need * 1.15) + 1000
+
+
+def _node_tables(nodes: _Nodes, rng: np.random.Generator) -> tuple[pa.Table, pa.Table]:
+    """The pins table (locale, topic, quality, created_at) and the boards table."""
+    n_pins, n_boards = len(nodes.pin_topic), len(nodes.board_group)
+    locales = np.array(locale_names(nodes.n_locales))
+    topics = np.array(topic_names(nodes.n_topics))
     pins = pa.table(
         {
-            "pin_id": pin_ids,
-            "locale": pa.array(locales[pin_locale]).dictionary_encode(),
-            "topic": pa.array(topics[pin_topic]).dictionary_encode(),
+            "pin_id": PIN_ID_BASE + np.arange(n_pins, dtype=np.int64),
+            "locale": pa.array(locales[nodes.pin_locale]).dictionary_encode(),
+            "topic": pa.array(topics[nodes.pin_topic]).dictionary_encode(),
             "quality": rng.beta(2.0, 3.0, n_pins).astype(np.float32),
             "created_at": REFERENCE_EPOCH - rng.uniform(0, 2 * 365 * 86400, n_pins).round(),
         }
     )
     boards = pa.table(
         {
-            "board_id": board_ids,
-            "topic": pa.array(topics[board_group // n_locales]).dictionary_encode(),
-            "locale": pa.array(locales[board_group % n_locales]).dictionary_encode(),
+            "board_id": BOARD_ID_BASE + np.arange(n_boards, dtype=np.int64),
+            "topic": pa.array(topics[nodes.board_group // nodes.n_locales]).dictionary_encode(),
+            "locale": pa.array(locales[nodes.board_group % nodes.n_locales]).dictionary_encode(),
         }
     )
-    return SyntheticTables(edges=edges, pins=pins, boards=boards)
+    return pins, boards
+
+
+def _edge_table(codes: np.ndarray, n_boards: int) -> pa.Table:
+    return pa.table(
+        {"pin_id": PIN_ID_BASE + codes // n_boards, "board_id": BOARD_ID_BASE + codes % n_boards}
+    )
+
+
+def generate_graph_tables(
+    n_pins: int,
+    n_boards: int,
+    n_edges: int,
+    n_topics: int,
+    n_locales: int,
+    seed: int = 0,
+    *,
+    home_share: float = 0.85,
+    mixed_board_share: float = 0.1,
+) -> SyntheticTables:
+    """Edges (unique, exactly `n_edges`, in (pin, board) order), pins (locale, topic,
+    quality, created_at), boards, all in memory (`write_graph_partitions` streams them).
+
+    A board draws a pin from its own (topic, locale) group with probability `home_share`
+    (0.3 for the `mixed_board_share` of mixed boards), else from the whole graph; within
+    either pool pins are drawn by their power-law weight.
+    """
+    _check_sizes(n_pins, n_boards, n_edges, n_topics, n_locales)
+    rng = np.random.default_rng(seed)
+    nodes = _nodes(
+        rng, n_pins, n_boards, n_edges, n_topics, n_locales, home_share, mixed_board_share
+    )
+    codes = np.zeros(0, dtype=np.int64)
+    for _ in range(_ROUNDS):
+        need = n_edges - codes.shape[0]
+        if need <= 0:
+            break
+        codes, _ = sorted_unique(np.r_[codes, _draw_codes(nodes, rng, _draws(need))])
+    if codes.shape[0] < n_edges:
+        raise ValueError(f"could not draw {n_edges} distinct edges; lower n_edges")
+    codes = codes[np.sort(rng.choice(codes.shape[0], n_edges, replace=False))]
+    pins, boards = _node_tables(nodes, rng)
+    return SyntheticTables(edges=_edge_table(codes, n_boards), pins=pins, boards=boards)
+
+
+def write_graph_partitions(
+    directory: str | Path,
+    n_pins: int,
+    n_boards: int,
+    n_edges: int,
+    n_topics: int,
+    n_locales: int,
+    seed: int = 0,
+    *,
+    partitions: int = 16,
+    chunk_draws: int = 1 << 22,
+    home_share: float = 0.85,
+    mixed_board_share: float = 0.1,
+) -> dict[str, int]:
+    """The synthetic graph written as Parquet under `directory` (`edges/part-NNNN.parquet`
+    by pin range, `pins/`, `boards/`) in memory bounded by the nodes, `chunk_draws` and one
+    partition's edges, so graphs far larger than memory can be made; returns edges per file.
+
+    The same nodes (pins' and boards' attributes, weights) as `generate_graph_tables` with
+    the same arguments and edges drawn from the same distribution by the same code, but not
+    the same edges: here they are drawn `chunk_draws` at a time, spread over per-partition
+    scratch files by pin range, collapsed per partition, and exactly `n_edges` of the
+    distinct ones kept, uniformly (a hypergeometric share per partition). Deterministic in
+    the seed and `partitions` and `chunk_draws`.
+    """
+    _check_sizes(n_pins, n_boards, n_edges, n_topics, n_locales)
+    if partitions < 1 or partitions > n_pins or chunk_draws < 1:
+        raise ValueError(f"partitions must be in 1..{n_pins} and chunk_draws >= 1")
+    root = Path(directory)
+    for role in ("edges", "pins", "boards"):
+        (root / role).mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    nodes = _nodes(
+        rng, n_pins, n_boards, n_edges, n_topics, n_locales, home_share, mixed_board_share
+    )
+    edge_rng, table_rng = rng.spawn(2)
+    pins, boards = _node_tables(nodes, table_rng)
+    pq.write_table(pins, root / "pins" / "part-0000.parquet")
+    pq.write_table(boards, root / "boards" / "part-0000.parquet")
+    del pins, boards
+    # Partition k holds pins [lo_k, lo_k+1): codes [lo_k * n_boards, lo_k+1 * n_boards).
+    bounds = -(-np.arange(partitions + 1, dtype=np.int64) * n_pins // partitions) * n_boards
+    scratch = [root / f".draws-{k:04d}" for k in range(partitions)]
+    distinct = np.zeros(partitions, dtype=np.int64)
+    try:
+        for _ in range(_ROUNDS):
+            need = n_edges - int(distinct.sum())
+            if need <= 0:
+                break
+            left = _draws(need)
+            while left:
+                codes = np.sort(_draw_codes(nodes, edge_rng, min(left, chunk_draws)))
+                left -= codes.shape[0]
+                cuts = np.searchsorted(codes, bounds)
+                for k, path in enumerate(scratch):
+                    with open(path, "ab") as f:
+                        f.write(codes[cuts[k] : cuts[k + 1]].tobytes())
+            for k, path in enumerate(scratch):
+                codes, _ = sorted_unique(np.fromfile(path, dtype=np.int64))
+                codes.tofile(path)
+                distinct[k] = codes.shape[0]
+        total = int(distinct.sum())
+        if total < n_edges:
+            raise ValueError(f"could not draw {n_edges} distinct edges; lower n_edges")
+        written: dict[str, int] = {}
+        need = n_edges
+        for k, path in enumerate(scratch):
+            total -= int(distinct[k])
+            take = int(edge_rng.hypergeometric(distinct[k], total, need)) if need else 0
+            need -= take
+            codes = np.fromfile(path, dtype=np.int64)
+            codes = codes[np.sort(edge_rng.choice(codes.shape[0], take, replace=False))]
+            name = f"part-{k:04d}.parquet"
+            pq.write_table(_edge_table(codes, n_boards), root / "edges" / name)
+            written[name] = take
+            path.unlink()
+        return written
+    finally:
+        for path in scratch:
+            path.unlink(missing_ok=True)
 
 
 def build_synthetic(
