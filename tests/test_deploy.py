@@ -57,8 +57,9 @@ def test_every_manifest_is_valid_against_the_kubernetes_schema(version: str) -> 
         "Service",
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
-        "PersistentVolumeClaim",
     }
+    # Store credentials are a Secret the operator creates, never a manifest in git.
+    assert "Secret" not in {d["kind"] for _, d in documents}
     for where, document in documents:
         try:
             kubernetes_validate.validate(document, version, strict=True)
@@ -98,6 +99,27 @@ def test_the_server_config_map_parses(tmp_path: Path) -> None:
     config = load_server_config(tmp_path / "walkrank.yaml")
     assert config.address == "0.0.0.0:50051"
     assert str(config.tenants_dir) == "/etc/walkrank/tenants"
+
+
+def test_pods_keep_graphs_models_and_logs_in_the_object_store() -> None:
+    """No shared volume: the store URIs in walkrank.yaml, local copies in an emptyDir at
+    cache_dir, credentials from the Secret through the environment."""
+    raw = yaml.safe_load(by_kind("ConfigMap", "walkrank-config")["data"]["walkrank.yaml"])
+    assert all(raw[key].startswith("s3://") for key in ("graph", "models_dir", "logs_dir"))
+    pod = by_kind("Deployment", "walkrank")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[raw["cache_dir"]]]
+    assert not any("persistentVolumeClaim" in v for v in volumes.values())
+    secrets = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secrets)
+    assert all(ref["name"] == "walkrank-s3" for ref in secrets.values())
+    assert not any("AWS" in e["name"] and "value" in e for e in container["env"])
 
 
 def test_generated_files_are_up_to_date() -> None:
