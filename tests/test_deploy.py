@@ -3,9 +3,13 @@ that Envoy accepts and that match their generator, the image's install identical
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
+import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -13,7 +17,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from walkrank.envoy import EnvoySettings, dump_config, find_envoy, main, render_config
+from walkrank.envoy import (
+    EnvoySettings,
+    active_admission,
+    dump_config,
+    find_envoy,
+    main,
+    render_config,
+    render_dynamic,
+    tenant_cluster,
+)
 from walkrank.errors import ConfigError
 from walkrank.serving.config import load_server_config
 from walkrank.tenants import load_tenants
@@ -81,13 +94,8 @@ def test_replicas_are_probed_over_grpc_health_and_run_as_non_root() -> None:
 
 def test_the_tenants_config_map_loads_as_kubernetes_mounts_it(tmp_path: Path) -> None:
     data = by_kind("ConfigMap", "walkrank-tenants")["data"]
-    # A ConfigMap volume: the files are symlinks through ..data into a timestamped directory.
     mount = tmp_path / "tenants"
-    (mount / "..2026_01_01_00_00_00.1").mkdir(parents=True)
-    for name, text in data.items():
-        (mount / "..2026_01_01_00_00_00.1" / name).write_text(text)
-        (mount / name).symlink_to(Path("..data") / name)
-    (mount / "..data").symlink_to("..2026_01_01_00_00_00.1")
+    mount_config_map(mount, data, "2026_01_01_00_00_00.1")
     loaded = load_tenants(mount)
     assert not loaded.errors, loaded.errors
     assert len(loaded.configs) == len(data)
@@ -127,33 +135,104 @@ def test_generated_files_are_up_to_date() -> None:
         assert path.read_text() == render(), f"{path}: run .venv/bin/python deploy/k8s/generate.py"
 
 
-@pytest.mark.parametrize(
-    "settings", [generate.ONE_HOST, generate.IN_CLUSTER], ids=["one-host", "in-cluster"]
-)
-def test_envoy_accepts_the_generated_configs(settings: EnvoySettings, tmp_path: Path) -> None:
+def mount_config_map(mount: Path, data: dict[str, str], stamp: str) -> None:
+    """Lay out or update a ConfigMap volume as the kubelet does: the files in a new timestamped
+    directory, the `..data` link renamed onto the old one (the atomic swap a watcher sees),
+    each file a symlink through `..data`."""
+    (mount / f"..{stamp}").mkdir(parents=True)
+    for name, text in data.items():
+        (mount / f"..{stamp}" / name).write_text(text)
+    (mount / "..data_tmp").symlink_to(f"..{stamp}")
+    (mount / "..data_tmp").rename(mount / "..data")
+    for name in data:
+        if not (mount / name).is_symlink():
+            (mount / name).symlink_to(Path("..data") / name)
+
+
+def envoy_or_skip() -> Path:
     try:
-        envoy = find_envoy()
+        return find_envoy()
     except ConfigError as exc:
         pytest.skip(str(exc))
+
+
+def test_envoy_accepts_the_one_host_config(tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
-    path.write_text(dump_config(settings))
+    path.write_text(dump_config(generate.ONE_HOST))
     result = subprocess.run(
-        [
-            str(envoy),
-            "--mode",
-            "validate",
-            "-c",
-            str(path),
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ],
+        [str(envoy_or_skip()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "deprecated" not in (result.stdout + result.stderr).lower()
+
+
+def test_envoy_in_the_cluster_admits_each_tenant_and_follows_its_config_map(
+    tmp_path: Path,
+) -> None:
+    """The generated ConfigMap, mounted as Kubernetes mounts it, runs in the real Envoy (only
+    the pod's paths and ports changed to this machine's): every tenant has its cluster at its
+    quota, and an updated ConfigMap changes a quota without a restart."""
+    binary = envoy_or_skip()
+    data = by_kind("ConfigMap", "walkrank-envoy")["data"]
+    assert set(data) == {"envoy.yaml", "cds.yaml", "rds.yaml"}
+    mount, admin = tmp_path / "etc-envoy", f"127.0.0.1:{free_port()}"
+    bootstrap = yaml.safe_load(data["envoy.yaml"].replace("/etc/envoy", str(mount)))
+    for section in (bootstrap["admin"], *bootstrap["static_resources"]["listeners"]):
+        section["address"]["socket_address"] |= {"address": "127.0.0.1", "port_value": 0}
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = int(admin.split(":")[1])
+    bootstrap["static_resources"]["clusters"][-1]["load_assignment"]["endpoints"][0][
+        "lb_endpoints"
+    ][0]["endpoint"]["address"]["socket_address"]["port_value"] = int(admin.split(":")[1])
+    mount_config_map(mount, {**data, "envoy.yaml": yaml.safe_dump(bootstrap)}, "1")
+    expected = {tenant_cluster(t): q for t, q in generate.IN_CLUSTER.tenant_quotas}
+    assert expected[tenant_cluster("email")] == 4 * generate.MAX_REPLICAS
+    log = (tmp_path / "envoy.log").open("w")
+    command = [str(binary), "-c", str(mount / "envoy.yaml"), "--disable-hot-restart"]
+    envoy = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: active_admission(admin)[0] == expected, envoy, tmp_path)
+        changed = dataclasses.replace(
+            generate.IN_CLUSTER,
+            tenant_quotas=tuple(
+                (t, 1 if t == "email" else q) for t, q in generate.IN_CLUSTER.tenant_quotas
+            ),
+        )
+        update = {
+            name: yaml.safe_dump(document, sort_keys=False)
+            for name, document in render_dynamic(changed).items()
+        }
+        mount_config_map(mount, {**data, "envoy.yaml": yaml.safe_dump(bootstrap), **update}, "2")
+        wait_for(
+            lambda: active_admission(admin)[0] == expected | {tenant_cluster("email"): 1},
+            envoy,
+            tmp_path,
+        )
+        assert envoy.poll() is None  # the same Envoy
+    finally:
+        envoy.terminate()
+        envoy.wait(30)
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], envoy: subprocess.Popen, where: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and envoy.poll() is None:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass  # not answering yet
+        time.sleep(0.1)
+    pytest.fail(f"envoy (status {envoy.poll()}): {(where / 'envoy.log').read_text()[-2000:]}")
 
 
 def test_envoy_config_keeps_admin_on_loopback_and_retries_safe_failures_only() -> None:
