@@ -434,3 +434,46 @@ def test_graph_build_publishes_straight_to_the_store(s3: str, tmp_path: Path) ->
     pull(uri, mirror.root)
     assert mirror.current_version() == 2
     GraphStore.load(mirror.version_dir(2), verify=True)
+
+
+def test_retention_in_the_store_keeps_what_the_pointers_name_and_the_newest_others(
+    s3: str, tmp_path: Path, capsys
+) -> None:
+    """Models: four versions, served one rolled back to 2; `store prune --keep 1` deletes only
+    version 1 (2 is CURRENT, 4 is LAST_VERSION, 3 the newest other), and a server's pull
+    still serves version 2. Graphs: `--publish s3:// --keep 1` prunes the store itself."""
+    tenants = tmp_path / "tenants"
+    shutil.copytree(REPO / "tenants", tenants)
+    published = tmp_path / "published"
+    for seed in range(4):
+        publish_model(published, tenants, "related_pins", seed=seed)
+    ModelRegistry(published).rollback("related_pins", 2)
+    models = f"{s3}/retained-{tmp_path.name}/models"
+    push(published, models)
+    assert main(["store", "prune", models, "--keep", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "prune: 1 versions deleted",
+        "  related_pins/1",
+    ]
+    left = {name.split("/")[1] for name in remote_files(models)}
+    assert left == {"2", "3", "4", "CURRENT", "LAST_VERSION"}
+    mirror = ModelRegistry(tmp_path / "mirror")
+    pull(models, mirror.root)
+    assert mirror.current("related_pins").version == 2
+    assert main(["store", "prune", models, "--keep", "1"]) == 0  # nothing more to delete
+    assert capsys.readouterr().out.strip() == "prune: 0 versions deleted"
+
+    graphs = f"{s3}/retained-{tmp_path.name}/graphs"
+    for _ in range(3):
+        assert main(["graph", "synth", "--preset", "tiny", "--publish", graphs, "--keep", "1"]) == 0
+    assert {n.split("/")[0] for n in remote_files(graphs)} == {"2", "3", "CURRENT", "LAST_VERSION"}
+    served = GraphRepository(tmp_path / "graph-mirror")
+    pull(graphs, served.root)
+    GraphStore.load(served.version_dir(3), verify=True)
+    # A store keeps at least the newest version besides CURRENT: keep 0 is refused, before
+    # anything is built or deleted.
+    capsys.readouterr()
+    assert main(["graph", "synth", "--preset", "tiny", "--publish", graphs, "--keep", "0"]) == 2
+    assert "--keep: must be >= 1 for a store" in capsys.readouterr().err
+    assert main(["store", "prune", graphs, "--keep", "0"]) == 2
+    assert {n.split("/")[0] for n in remote_files(graphs)} == {"2", "3", "CURRENT", "LAST_VERSION"}

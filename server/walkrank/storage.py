@@ -360,14 +360,16 @@ def sync_graph(uri: str, local: Path) -> bool:
 def publish_graph(location: str, build: Callable[[Path], Any], keep: int | None) -> GraphVersion:
     """`GraphRepository(location).publish(build, keep)`, for a store URI too: the version is
     built and verified in a temporary repository numbered after the store's `LAST_VERSION`
-    (the store's versions are not downloaded), then pushed, `CURRENT` last. Retention (`keep`)
-    applies to local repositories only; old versions in a store stay until deleted there.
-    For a store, the version's `path` names the staging copy, deleted on return."""
+    (the store's versions are not downloaded), then pushed, `CURRENT` last, then the store
+    keeps `keep` versions besides CURRENT (`prune_store`; None keeps all). For a store, the
+    version's `path` names the staging copy, deleted on return."""
     from walkrank.graph.repository import LAST_VERSION_FILE, GraphRepository
 
     if not is_remote(location):
         return GraphRepository(location).publish(build, keep=keep)
     uri = open_store_uri(location)
+    if keep is not None:
+        check_store_keep(keep)
     check_store(uri)
     filesystem, root = open_store(uri)
     last = 0
@@ -387,4 +389,70 @@ def publish_graph(location: str, build: Callable[[Path], Any], keep: int | None)
             write_version(staging / LAST_VERSION_FILE, last)
         version = GraphRepository(staging).publish(build, keep=None)
         push(staging, uri)
+    if keep is not None:
+        prune_store(uri, keep)
     return version
+
+
+# -- retention inside the store ------------------------------------------------------------
+
+
+def check_store_keep(keep: int) -> None:
+    """ConfigError unless `keep` can be a store's retention (`prune_store`)."""
+    if keep < 1:
+        raise ConfigError(
+            f"--keep: must be >= 1 for a store (the newest version besides CURRENT stays "
+            f"for replicas still pulling it), got {keep}"
+        )
+
+
+def prune_store(uri: str, keep: int) -> list[str]:
+    """Delete old versions inside a store: in every directory with a `CURRENT` (a graph
+    repository's root, each tenant of a model registry), the numbered version directories
+    beyond the newest `keep` besides the ones a pointer (`CURRENT`, `LAST_VERSION`) names.
+    Returns the deleted directories (relative to `uri`).
+
+    `keep` must be >= 1: the newest version besides CURRENT stays, so a replica still pulling
+    the version CURRENT named a moment ago (a store has no leases) is never cut short, and
+    a rollback has a version to go to. Replicas serve local copies, so deleting a version in
+    the store never reaches a graph or model being served. A prune is a publish: one
+    publisher per store at a time."""
+    check_store_keep(keep)
+    uri = open_store_uri(uri)
+    check_store(uri)
+    filesystem, root = open_store(uri)
+    try:
+        return _prune_store(filesystem, root, uri, keep)
+    except OSError as exc:
+        raise store_error(uri, "prune", exc) from None
+
+
+def _prune_store(filesystem: pafs.FileSystem, root: str, uri: str, keep: int) -> list[str]:
+    remote = _listing(filesystem, root)
+    versions: dict[PurePosixPath, set[int]] = {}
+    for relative in remote:
+        path = PurePosixPath(relative)
+        for depth, part in enumerate(path.parts[:-1]):
+            if VERSION_RE.fullmatch(part):
+                versions.setdefault(PurePosixPath(*path.parts[:depth]), set()).add(int(part))
+                break
+    deleted = []
+    for relative in sorted(r for r in remote if PurePosixPath(r).name == "CURRENT"):
+        parent = PurePosixPath(relative).parent
+        named = set()
+        for pointer in POINTERS:
+            path = str(parent / pointer).removeprefix("./")
+            if path in remote:
+                text = _read(filesystem, f"{root}/{path}").decode("ascii", "replace").strip()
+                if not VERSION_RE.fullmatch(text):
+                    raise DataError(
+                        f"{uri}/{path}: expected a positive version number, got {text[:40]!r}"
+                        "; nothing pruned there"
+                    )
+                named.add(int(text))
+        others = sorted(versions.get(parent, set()) - named)
+        for version in others[: max(0, len(others) - keep)]:
+            directory = str(parent / str(version)).removeprefix("./")
+            filesystem.delete_dir(f"{root}/{directory}")
+            deleted.append(directory)
+    return deleted

@@ -1,7 +1,8 @@
-"""`walkrank store push|pull`: graph repositories, model registries and logs on object storage.
+"""`walkrank store push|pull|prune`: graphs, models and logs on object storage.
 
     walkrank store push var/models s3://bucket/walkrank/models     # after walkrank train
     walkrank store pull s3://bucket/walkrank/graphs /var/lib/walkrank/graphs   # then reload
+    walkrank store prune s3://bucket/walkrank/models --keep 5      # retention in the store
 
 What each direction guarantees: walkrank.storage (pointers last, only the named versions
 pulled, published files never overwritten). Docs: docs/deployment.md.
@@ -19,7 +20,15 @@ from pathlib import Path
 
 from walkrank.errors import ConfigError
 from walkrank.serving.config import ServerConfig
-from walkrank.storage import Location, Transfer, check_store, is_remote, pull, push
+from walkrank.storage import (
+    Location,
+    Transfer,
+    check_store,
+    is_remote,
+    prune_store,
+    pull,
+    push,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     download.add_argument("uri", help="s3://bucket/prefix")
     download.add_argument("local", type=Path, help="the local directory servers read")
     download.set_defaults(func=run_pull)
+    prune = commands.add_parser(
+        "prune",
+        help="delete old versions inside a store (never one CURRENT or LAST_VERSION names)",
+    )
+    prune.add_argument("uri", help="a graph repository or model registry: s3://bucket/prefix")
+    prune.add_argument(
+        "--keep", type=int, required=True, metavar="N", help="versions kept besides CURRENT (>= 1)"
+    )
+    prune.set_defaults(func=run_prune)
 
 
 def _remote(uri: str) -> str:
@@ -59,6 +77,12 @@ def run_push(args: argparse.Namespace) -> int:
 
 def run_pull(args: argparse.Namespace) -> int:
     return _report("pull", pull(_remote(args.uri), args.local))
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    deleted = prune_store(_remote(args.uri), args.keep)
+    print(f"prune: {len(deleted)} versions deleted" + "".join(f"\n  {d}" for d in deleted))
+    return 0
 
 
 def models_for(config: ServerConfig) -> Path:
