@@ -441,12 +441,12 @@ def _prune_store(filesystem: pafs.FileSystem, root: str, uri: str, keep: int) ->
         parent = PurePosixPath(relative).parent
         named = set()
         for pointer in POINTERS:
-            path = str(parent / pointer).removeprefix("./")
-            if path in remote:
-                text = _read(filesystem, f"{root}/{path}").decode("ascii", "replace").strip()
+            named_by = str(parent / pointer).removeprefix("./")
+            if named_by in remote:
+                text = _read(filesystem, f"{root}/{named_by}").decode("ascii", "replace").strip()
                 if not VERSION_RE.fullmatch(text):
                     raise DataError(
-                        f"{uri}/{path}: expected a positive version number, got {text[:40]!r}"
+                        f"{uri}/{named_by}: expected a positive version number, got {text[:40]!r}"
                         "; nothing pruned there"
                     )
                 named.add(int(text))
