@@ -165,6 +165,7 @@ def test_exploration_traffic_picks_the_better_successor(served, tmp_path) -> Non
     funnel = comparison.estimates["funnel_efficiency"]
     assert funnel.requests == explored
     assert funnel.lift["snips"].low > 0 and funnel.lift["ips"].value > 0
+    assert funnel.lift["slate"].value > 0 and funnel.slots is not None and funnel.slots >= 1
     assert any("Compared on the" in m for m in messages)
 
     # `walkrank evaluate` of the published successor on the whole log: the same selection
@@ -182,6 +183,7 @@ def test_exploration_traffic_picks_the_better_successor(served, tmp_path) -> Non
         "lift_interval",
     }
     assert document["estimates"]["funnel_efficiency"]["lift"]["snips"]["value"] is not None
+    assert document["estimates"]["funnel_efficiency"]["lift"]["slate"]["value"] is not None
     markdown = result.paths["markdown"].read_text()
     assert "Online metrics estimated on" in markdown and "| funnel_efficiency | snips |" in markdown
     assert result.paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

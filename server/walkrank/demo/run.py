@@ -24,6 +24,7 @@ from walkrank.model_registry import ModelRegistry
 from walkrank.serving.config import ServerConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank.tenants import TenantConfig, load_tenants
+from walkrank.training.estimators import MIN_EXPLORED_REQUESTS
 from walkrank.training.pipeline import train_tenant
 from walkrank_client import WalkRankClient
 
@@ -142,8 +143,9 @@ def offline_lifts(
     tenant: TenantConfig, logs: Path, models: Path, since: float, metric: str
 ) -> dict[str, Any]:
     """The serving model's lift over visit count on `metric`, estimated from the requests
-    logged since `since`: naive (labels as logged, on the requests the model served) and by
-    IPS and self-normalised IPS on the exploration requests, with 95% intervals."""
+    logged since `since`: naive (labels as logged, on the requests the model served) and, on
+    the exploration requests, slots-aware (the exposure-aware estimate), IPS and
+    self-normalised IPS (per pin), with 95% intervals."""
     from walkrank.training.estimators import compare_policies
     from walkrank.training.evaluate import online_estimates, targets_from_joined
     from walkrank.training.pipeline import StepTimer, load_joined, score_with_model
@@ -177,6 +179,9 @@ def offline_lifts(
         explored = estimates[outcome]
         out.update(
             explored_requests=explored.requests,
+            enough_requests=explored.enough,
+            slots=explored.slots,
+            slate=explored.lift["slate"].to_dict(),
             ips=explored.lift["ips"].to_dict(),
             snips=explored.lift["snips"].to_dict(),
             support=explored.support["b"],
@@ -234,26 +239,34 @@ def offline_table(report: DemoReport) -> list[str]:
         "",
         "Each served model's lift over visit count on its tenant's primary metric, estimated "
         "from phase 2's logs: naive (the labels as logged, on the requests the model served: "
-        "biased by its own exposure) and exposure-aware (self-normalised IPS, and IPS, on the "
-        "exploration requests), with 95% bootstrap intervals; beside the lift measured online "
-        "(phase 2 against phase 1, exploration traffic excluded). Exploration's cost is its "
-        "share times the gap between its traffic and the model's, measured in phase 2.",
+        "biased by its own exposure); exposure-aware (slots-aware, on the exploration "
+        "requests: it replays the competition for the client's slots); and per-pin SNIPS on "
+        "the same requests (which ignores that competition and overstates the lift); with 95% "
+        "bootstrap intervals; beside the lift measured online (phase 2 against phase 1, "
+        "exploration traffic excluded). With fewer than "
+        f"{MIN_EXPLORED_REQUESTS} exploration requests only the interval is worth reading. "
+        "Exploration's cost is its share times the gap between its traffic and the model's, "
+        "measured in phase 2.",
         "",
-        "| tenant | metric | naive (biased) | exposure-aware SNIPS | IPS | exploration "
-        "requests | online lift | SNIPS within 30% | exploration cost |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| tenant | metric | naive (biased) | exposure-aware (slots-aware) | per-pin SNIPS | "
+        "exploration requests | slots | online lift | exposure-aware within 30% | "
+        "exploration cost |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for tenant, row in sorted(report.offline.items()):
-        online, snips = row["online"], row.get("snips", {}).get("value")
+        online, slate = row["online"], row.get("slate", {}).get("value")
         close = (
             "n/a"
-            if snips is None or not online
-            else ("yes" if abs(snips - online) <= 0.3 * abs(online) else "no")
+            if slate is None or not online
+            else ("yes" if abs(slate - online) <= 0.3 * abs(online) else "no")
         )
+        estimate = _lift_cell(row.get("slate"))
+        if row.get("slate") and not row.get("enough_requests"):
+            estimate += " (too few requests)"
         lines.append(
-            f"| {tenant} | {row['metric']} | {_lift_cell(row['naive'])} | "
-            f"{_lift_cell(row.get('snips'))} | {_lift_cell(row.get('ips'))} | "
-            f"{row['explored_requests']:,} | {online:+.1%} | {close} | "
+            f"| {tenant} | {row['metric']} | {_lift_cell(row['naive'])} | {estimate} | "
+            f"{_lift_cell(row.get('snips'))} | {row['explored_requests']:,} | "
+            f"{row.get('slots') or 'n/a'} | {online:+.1%} | {close} | "
             f"{_exploration_cost(report, tenant, row['metric'])} |"
         )
     return lines

@@ -14,6 +14,21 @@ estimated by weighting each returned pin of its top R by 1/p:
   requests served by another ranker, T's pins that were not returned count as failures; this
   is what an evaluation on logged traffic measures, and why it is biased.
 
+Per-pin estimates ignore that the client shows a limited number of pins per request (its
+`slots`), out of ours and other sources' candidates: a ranker's good pins compete with each
+other for those slots, while exploration's random sets rarely hold two. The slots-aware
+estimate ("slate") replays that competition for outcomes that happen only on shown pins
+(impressions, actions). On an exploration request, a pin that was shown beat the client's
+threshold for that logged set; T's pins that would beat it number about `above` = (T's pins)
+x (SNIPS share of T's logged pins that were shown), and the other sources' pins that beat it
+`others` = slots - (returned pins shown). When above + others exceeds the slots, the client
+shows only `slots` of them; taking ours and theirs as equally likely to win a slot among
+those above the threshold, each of T's pins keeps its outcome with probability
+min(1, slots / (above + others)). The estimate is then SNIPS with each request's terms scaled
+by that share. Assumptions: a fixed number of slots (by default, the most of our pins the
+client ever showed in one request), and T at least as strong as a random set (a pin the logged
+set left unshown would not be shown in T's either).
+
 Intervals are percentile bootstraps over requests (or users: any unit whose outcomes move
 together): the units are resampled with replacement, the ratio recomputed, and the 2.5th and
 97.5th percentiles kept. Two rankers compared on the same requests are resampled together
@@ -30,6 +45,9 @@ import numpy as np
 
 BOOTSTRAP_SAMPLES = 1000
 LEVEL = 0.95
+# Fewer exploration requests than this: an estimate is reported with its interval but flagged
+# as too few to read (its interval, not its value, is the information).
+MIN_EXPLORED_REQUESTS = 30
 _BLOCK = 50  # resamples drawn at once: bounds memory at 50 x units integers
 
 
@@ -82,48 +100,70 @@ def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def _product(sums: tuple[np.ndarray | float, ...]) -> np.ndarray:
+    """The estimate from its terms' sums: the product of the ratios sums[0]/sums[1],
+    sums[2]/sums[3], ... (one ratio for IPS and SNIPS; two for the slots-aware estimate)."""
+    value = np.asarray(1.0)
+    for k in range(0, len(sums), 2):
+        value = value * _ratio(sums[k], sums[k + 1])
+    return value
+
+
+def _terms(terms: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    out = tuple(np.asarray(t, np.float64) for t in terms)
+    if len(out) % 2 or not out:
+        raise ValueError(f"an estimate's terms come in (numerator, denominator) pairs: {len(out)}")
+    return out
+
+
 def ratio_interval(
     num: np.ndarray,
     den: np.ndarray,
-    *,
+    *more: np.ndarray,
     samples: int = BOOTSTRAP_SAMPLES,
     seed: int = 0,
     level: float = LEVEL,
 ) -> Interval:
-    """sum(num) / sum(den) over units, with a bootstrap interval over the units."""
-    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-    value = float(_ratio(num.sum(), den.sum()))
-    if len(num) == 0:
+    """sum(num) / sum(den) over units (times sum(more[0]) / sum(more[1]) ... when given),
+    with a bootstrap interval over the units."""
+    terms = _terms((num, den, *more))
+    value = float(_product(tuple(t.sum() for t in terms)))
+    if len(terms[0]) == 0:
         return Interval(math.nan, math.nan, math.nan)
-    draws = np.concatenate([_ratio(c @ num, c @ den) for c in _resamples(len(num), samples, seed)])
+    draws = np.concatenate(
+        [_product(tuple(c @ t for t in terms)) for c in _resamples(len(num), samples, seed)]
+    )
     return Interval(value, *_percentiles(draws, level))
 
 
 def lift_interval(
-    a: tuple[np.ndarray, np.ndarray],
-    b: tuple[np.ndarray, np.ndarray],
+    a: tuple[np.ndarray, ...],
+    b: tuple[np.ndarray, ...],
     *,
     paired: bool,
     samples: int = BOOTSTRAP_SAMPLES,
     seed: int = 0,
     level: float = LEVEL,
 ) -> Interval:
-    """Relative change of ratio b over ratio a, (sum b_num / sum b_den) / (sum a_num /
-    sum a_den) - 1. `paired`: a and b are measured on the same units (resampled together);
-    otherwise on independent groups (each resampled on its own)."""
-    a_num, a_den = (np.asarray(x, np.float64) for x in a)
-    b_num, b_den = (np.asarray(x, np.float64) for x in b)
-    value = float(_ratio(_ratio(b_num.sum(), b_den.sum()), _ratio(a_num.sum(), a_den.sum())) - 1)
-    if len(a_num) == 0 or len(b_num) == 0:
+    """Relative change of estimate b over estimate a, each given by its terms as for
+    `ratio_interval` ((num, den): sum num / sum den). `paired`: a and b are measured on the
+    same units (resampled together); otherwise on independent groups (each on its own)."""
+    ta, tb = _terms(a), _terms(b)
+
+    def lift(sa: tuple[np.ndarray | float, ...], sb: tuple[np.ndarray | float, ...]) -> np.ndarray:
+        return _ratio(_product(sb), _product(sa)) - 1
+
+    value = float(lift(tuple(t.sum() for t in ta), tuple(t.sum() for t in tb)))
+    if len(ta[0]) == 0 or len(tb[0]) == 0:
         return Interval(math.nan, math.nan, math.nan)
     draws = []
     if paired:
-        for c in _resamples(len(a_num), samples, seed):
-            draws.append(_ratio(_ratio(c @ b_num, c @ b_den), _ratio(c @ a_num, c @ a_den)) - 1)
+        for c in _resamples(len(ta[0]), samples, seed):
+            draws.append(lift(tuple(c @ t for t in ta), tuple(c @ t for t in tb)))
     else:
-        blocks_b = _resamples(len(b_num), samples, seed + 1)
-        for ca, cb in zip(_resamples(len(a_num), samples, seed), blocks_b, strict=True):
-            draws.append(_ratio(_ratio(cb @ b_num, cb @ b_den), _ratio(ca @ a_num, ca @ a_den)) - 1)
+        blocks_b = _resamples(len(tb[0]), samples, seed + 1)
+        for ca, cb in zip(_resamples(len(ta[0]), samples, seed), blocks_b, strict=True):
+            draws.append(lift(tuple(ca @ t for t in ta), tuple(cb @ t for t in tb)))
     return Interval(value, *_percentiles(np.concatenate(draws), level))
 
 
@@ -181,6 +221,38 @@ def policy_terms(
     )
 
 
+def slate_terms(
+    request: np.ndarray,
+    y: np.ndarray,
+    impressed: np.ndarray,
+    propensity: np.ndarray,
+    returned: np.ndarray,
+    chosen: np.ndarray,
+    m: int,
+    slots: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-request terms of the slots-aware estimate (module docstring) for a ranker returning
+    the rows marked `chosen`, `y` happening only on shown pins: SNIPS's (sum y/p, sum 1/p)
+    and (slots, contenders), whose ratio of sums scales it."""
+    seen = chosen & returned & (propensity > 0)
+    inverse = np.where(seen, 1.0 / np.where(propensity > 0, propensity, 1.0), 0.0)
+    shown = np.asarray(impressed, dtype=bool)
+    weight = np.bincount(request, weights=inverse, minlength=m)
+    size = np.bincount(request, weights=chosen, minlength=m)
+    shown_share = _ratio(np.bincount(request, weights=inverse * shown, minlength=m), weight)
+    above = np.nan_to_num(size * shown_share)
+    others = np.maximum(slots - np.bincount(request, weights=shown & returned, minlength=m), 0.0)
+    # A request where the ranker's pins were never returned says nothing about its contenders.
+    covered = weight > 0
+    y = np.asarray(y, np.float64)
+    return (
+        np.bincount(request, weights=y * inverse, minlength=m),
+        weight,
+        np.where(covered, float(slots), 0.0),
+        np.where(covered, above + others, 0.0),
+    )
+
+
 def support(request: np.ndarray, propensity: np.ndarray, chosen: np.ndarray) -> float:
     """Share of a ranker's pins the logging policy could have returned (p > 0): IPS is
     unbiased only at 1."""
@@ -198,10 +270,18 @@ class PolicyComparison:
     b: dict[str, Interval]
     lift: dict[str, Interval]
     support: dict[str, float]
+    slots: int | None = None  # the client's slots per request, when "slate" was estimated
+
+    @property
+    def enough(self) -> bool:
+        """Whether there are enough requests to read the values (else read the intervals)."""
+        return self.requests >= MIN_EXPLORED_REQUESTS
 
     def to_dict(self, a_name: str, b_name: str) -> dict[str, object]:
         return {
             "requests": self.requests,
+            "enough_requests": self.enough,
+            "slots": self.slots,
             a_name: {k: v.to_dict() for k, v in self.a.items()},
             b_name: {k: v.to_dict() for k, v in self.b.items()},
             "lift": {k: v.to_dict() for k, v in self.lift.items()},
@@ -210,6 +290,7 @@ class PolicyComparison:
 
 
 ESTIMATORS = ("ips", "snips", "naive")
+SLATE = "slate"
 
 
 def compare_policies(
@@ -220,11 +301,15 @@ def compare_policies(
     scores_a: np.ndarray,
     scores_b: np.ndarray,
     *,
+    impressed: np.ndarray | None = None,
+    slots: int | None = None,
     samples: int = BOOTSTRAP_SAMPLES,
     seed: int = 0,
 ) -> PolicyComparison:
     """Outcome `y` per returned pin for rankers a and b, each returning as many pins as the
-    logged request did, on the logged requests (numbered 0..m-1), paired bootstrap."""
+    logged request did, on the logged requests (numbered 0..m-1), paired bootstrap. With
+    `impressed` and the client's `slots` per request, also the slots-aware estimate
+    ("slate"), for outcomes that happen only on shown pins."""
     request = np.asarray(request, np.int64)
     m = int(request.max()) + 1 if len(request) else 0
     size = np.bincount(request, weights=returned, minlength=m).astype(np.int64)
@@ -233,20 +318,29 @@ def compare_policies(
     terms_a = policy_terms(request, y, propensity, returned, chosen_a, m)
     terms_b = policy_terms(request, y, propensity, returned, chosen_b, m)
 
-    def pairs(t: PolicyTerms) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return {"ips": (t.ips, t.size), "snips": (t.ips, t.weight), "naive": (t.naive, t.size)}
+    estimators = ESTIMATORS if impressed is None or slots is None else (*ESTIMATORS, SLATE)
+    if slots is not None and slots < 1:
+        raise ValueError(f"slots must be at least 1, got {slots}")
 
-    pa_, pb_ = pairs(terms_a), pairs(terms_b)
+    def pairs(t: PolicyTerms, chosen: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {"ips": (t.ips, t.size), "snips": (t.ips, t.weight), "naive": (t.naive, t.size)}
+        if SLATE in estimators:
+            assert impressed is not None and slots is not None
+            out[SLATE] = slate_terms(request, y, impressed, propensity, returned, chosen, m, slots)
+        return out
+
+    pa_, pb_ = pairs(terms_a, chosen_a), pairs(terms_b, chosen_b)
     return PolicyComparison(
         requests=m,
-        a={k: ratio_interval(*pa_[k], samples=samples, seed=seed) for k in ESTIMATORS},
-        b={k: ratio_interval(*pb_[k], samples=samples, seed=seed) for k in ESTIMATORS},
+        a={k: ratio_interval(*pa_[k], samples=samples, seed=seed) for k in estimators},
+        b={k: ratio_interval(*pb_[k], samples=samples, seed=seed) for k in estimators},
         lift={
             k: lift_interval(pa_[k], pb_[k], paired=True, samples=samples, seed=seed)
-            for k in ESTIMATORS
+            for k in estimators
         },
         support={
             "a": support(request, propensity, chosen_a),
             "b": support(request, propensity, chosen_b),
         },
+        slots=slots if SLATE in estimators else None,
     )

@@ -395,17 +395,19 @@ class Comparison:
                 f"{_fmt_lift(lift)}{_fmt_ci(ci.get('lift'), lift=True)} |"
             )
         if self.estimates:
-            requests = next(iter(self.estimates.values())).requests
+            first = next(iter(self.estimates.values()))
+            few = "" if first.enough else " (too few to read the values: read the intervals)"
             lines += [
                 "",
-                f"Online metrics estimated on {requests:,} exploration requests "
-                "(shuffle_top; 95% bootstrap intervals over requests):",
+                f"Online metrics estimated on {first.requests:,} exploration requests{few} "
+                f"(shuffle_top; slate: slots-aware, {first.slots} slots per request; 95% "
+                "bootstrap intervals over requests):",
                 "",
                 f"| metric | estimator | {self.baseline} | {self.candidate} | lift |",
                 "| --- | --- | ---: | ---: | ---: |",
             ]
             for name, estimate in self.estimates.items():
-                for estimator in ("ips", "snips", "naive"):
+                for estimator in estimate.lift:
                     lines.append(
                         f"| {name} | {estimator} | {estimate.a[estimator]} | "
                         f"{estimate.b[estimator]} | {_fmt_lift(estimate.lift[estimator].value)}"
@@ -554,14 +556,23 @@ def compare(
     )
 
 
+def client_slots(targets: Targets) -> int:
+    """How many pins the client shows per request, as far as the logs tell: the most of the
+    returned pins it impressed in one request (at least 1)."""
+    shown = np.bincount(targets.request, weights=targets.impressed, minlength=targets.n_requests)
+    return max(int(shown.max()) if len(shown) else 0, 1)
+
+
 def online_estimates(
     targets: Targets, baseline_scores: np.ndarray, candidate_scores: np.ndarray, *, seed: int = 0
 ) -> dict[str, PolicyComparison] | None:
     """Funnel efficiency (impressions per returned pin) and actions per returned pin of both
-    rankers, estimated on the exploration (shuffle_top) requests; None without any."""
+    rankers, estimated on the exploration (shuffle_top) requests; None without any. The
+    slots-aware estimate takes the client's slots from every request of `targets`."""
     if targets.explored is None or not targets.explored.any():
         return None
     assert targets.returned is not None and targets.propensity is not None
+    slots = client_slots(targets)
     rows = np.flatnonzero(targets.explored)
     _, request = np.unique(targets.request[rows], return_inverse=True)
     outcomes = {
@@ -578,6 +589,8 @@ def online_estimates(
             targets.returned[rows],
             baseline_scores[rows],
             candidate_scores[rows],
+            impressed=targets.impressed[rows],
+            slots=slots,
             seed=seed,
         )
         for name, y in outcomes.items()
@@ -676,8 +689,7 @@ def _estimates_panel(ax: Any, comparison: Comparison) -> None:
     assert comparison.estimates is not None
     labels, values, low, high = [], [], [], []
     for name, estimate in comparison.estimates.items():
-        for estimator in ("ips", "snips", "naive"):
-            interval = estimate.lift[estimator]
+        for estimator, interval in estimate.lift.items():
             labels.append(f"{name}\n{estimator}")
             values.append(interval.value * 100)
             low.append((interval.value - interval.low) * 100)
