@@ -88,7 +88,9 @@ def test_graceful_close_writes_every_accepted_row(tmp_path: Path) -> None:
 
 def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) -> None:
     """A file's columns are built once from all its batches: every request-level value must
-    still land on its own rows, whatever the batch sizes (an empty batch included)."""
+    still land on its own rows, whatever the batch sizes (an empty batch included). The
+    interests are in the file on a request's first row only; the reader gives every row its
+    request's list."""
     batches = []
     for i, k in enumerate((5, 0, 1, 9, 3)):
         batch = make_batch(f"req-{i}", k=k, seed=i)
@@ -105,7 +107,21 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
     log = CandidateLog(tmp_path)
     assert all(log.submit(b) for b in batches) and log.close(timeout=30)
     [path] = (tmp_path / "candidates").rglob("*.parquet")
-    table = pq.read_table(path)
+    stored = pq.read_table(path, columns=["user_interests"])["user_interests"].to_pylist()
+    assert stored == [
+        [],
+        None,
+        None,
+        None,
+        None,
+        ["food", "food"],
+        [],
+        *[None] * 8,
+        ["food"],
+        None,
+        None,
+    ]
+    table = read_candidates(tmp_path, "home")
     assert table.num_rows == 18
     start = 0
     for batch in batches:
@@ -124,6 +140,7 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
     schema = pq.read_schema(path)
     assert [f.name for f in schema if f.nullable] == [
         "user_locale",
+        "user_interests",
         "model_version",
         "arm",
         "shadow_version",
@@ -404,7 +421,8 @@ def test_a_record_too_large_or_unconvertible_is_dropped_alone_and_the_file_writt
 
 def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> None:
     """Request-level text is dictionary-encoded, one entry per request, however many
-    candidates share it; readers of the file still get plain strings."""
+    candidates share it, and the interests are on a request's first row only; readers of
+    the file still get plain strings, and `read_candidates` every row's interests."""
     batches = [
         CandidateBatch(
             **{
@@ -417,8 +435,9 @@ def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> Non
     table = candidates_table(batches)
     assert table["request_id"].type == pa.dictionary(pa.int32(), pa.string())
     assert len(table["request_id"].chunk(0).dictionary) == 4
-    assert len(table["user_interests"].chunk(0).values.dictionary) == 8
-    assert table["user_interests"].to_pylist()[2000] == ["travel", "topic-1"]
+    interests = table["user_interests"]
+    assert interests.null_count == 4 * 1999 and len(interests.chunk(0).values) == 8
+    assert interests.to_pylist()[2000] == ["travel", "topic-1"]
     log = CandidateLog(tmp_path)
     assert all(log.submit(b) for b in batches) and log.close(timeout=60)
     [path] = (tmp_path / "candidates").rglob("*.parquet")
@@ -428,6 +447,8 @@ def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> Non
     assert schema.field("user_interests").type == pa.list_(pa.string())
     first = pq.ParquetFile(path).read_row_group(0, columns=["request_id", "user_locale"])
     assert first["request_id"][0].as_py() == batches[0].request_id
+    read = read_candidates(tmp_path, "home")["user_interests"].to_pylist()
+    assert read == [b.user_interests for b in batches for _ in range(len(b))]
 
 
 def test_values_shared_by_requests_keep_their_parquet_dictionary(tmp_path: Path) -> None:
