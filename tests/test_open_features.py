@@ -123,6 +123,31 @@ def test_edge_time_features_match_the_raw_edges(timed: tuple[GraphStore, pd.Data
     assert expected[:, 0].sum() > 0 and expected[:, 3].max() < result.degree.max()
 
 
+def test_rank_features_are_percentiles_among_the_request_candidates(
+    timed: tuple[GraphStore, pd.DataFrame],
+) -> None:
+    graph, _ = timed
+    query = graph.pin_index(busy_pins(graph, 3))
+    result = walk(graph, query, np.ones(3, np.float32), WalkParams(steps=20_000), seed=3)
+    context = RequestContext(
+        0, np.zeros(0, np.int32), query, np.ones(3, np.float32), REFERENCE_EPOCH - 50 * DAY
+    )
+    ranked = ["walk_score", "candidate_degree", "pin_edges_last_30d_share", "pin_edges_last_7d"]
+    # A ranked window alone still gets its window counted (no plain pin_edges_last_7d listed).
+    names = [*ranked[:3], *(f"{name}_rank" for name in ranked)]
+    matrix = compute_features(graph, result, context, names)
+    raw = compute_features(graph, result, context, ranked)
+    assert np.isfinite(matrix).all() and result.pins.size > 100
+    for j, name in enumerate(ranked):
+        # pandas' mid-rank percentile: ties share their mean rank, the highest value is 1.
+        expected = pd.Series(raw[:, j]).rank(method="average", pct=True).to_numpy()
+        np.testing.assert_allclose(matrix[:, 3 + j], expected, rtol=1e-6, err_msg=name)
+    assert len(np.unique(raw[:, 3])) > 1  # the window was counted, not served at 0
+    for bad in ("walk_score_rank_rank", "nothing_rank", "pin_edges_last_0d_rank"):
+        with pytest.raises(ConfigError, match="unknown features"):
+            check_feature_names([bad])
+
+
 def test_window_names_are_checked() -> None:
     tenants = Path(__file__).parents[1] / "tenants" / "templates"
     assert load_tenant(tenants / "own_data.yaml")  # the shipped template stays valid

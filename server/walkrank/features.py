@@ -44,6 +44,11 @@ WALK_SOURCE = "walk"
 #: the request time, N in 1..MAX_WINDOW_DAYS.
 WINDOW_RE = re.compile(r"pin_edges_last_(?P<days>[0-9]{1,5})d(?P<share>_share)?")
 MAX_WINDOW_DAYS = 36_500
+#: `<feature>_rank`, for a built-in or `pin_edges_last_<N>d[_share]` feature: the candidate's
+#: percentile among the request's candidates (1 = the highest value, ties share their mean
+#: rank). Counts and walk scores change scale as the graph grows and with the step budget; a
+#: model on ranks reads the same inputs from one graph version, period or budget to the next.
+RANK_SUFFIX = "_rank"
 
 
 @dataclass(frozen=True)
@@ -442,6 +447,30 @@ def _window_feature(days: int, share: bool) -> Callable[[_Batch], np.ndarray]:
     return compute
 
 
+def _rank_feature(base: Callable[[_Batch], np.ndarray]) -> Callable[[_Batch], np.ndarray]:
+    def compute(b: _Batch) -> np.ndarray:
+        return percentile_ranks(np.asarray(base(b), dtype=np.float64))
+
+    return compute
+
+
+def percentile_ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's mid-rank percentile in (0, 1]: (values below + (values equal + 1) / 2) / n.
+    The highest value gets 1 (or less when tied); a constant column is 0.5 + 0.5 / n."""
+    ordered = np.sort(values)
+    below = np.searchsorted(ordered, values, side="left")
+    up_to = np.searchsorted(ordered, values, side="right")
+    return (below + up_to + 1) / (2.0 * values.size)
+
+
+def _rank_base(name: str) -> str | None:
+    """The feature a `<feature>_rank` name ranks (built-in or windowed), else None."""
+    if not name.endswith(RANK_SUFFIX):
+        return None
+    base = name[: -len(RANK_SUFFIX)]
+    return base if base in _COMPUTE or WINDOW_RE.fullmatch(base) else None
+
+
 def _pin_attribute(column: str, default: float) -> Callable[[_Batch], np.ndarray]:
     def compute(b: _Batch) -> np.ndarray:
         values = b.graph.pin_columns.get(column)
@@ -469,8 +498,8 @@ def _source_indicator(name: str) -> Callable[[_Batch], np.ndarray]:
 
 
 def window_days(name: str) -> int | None:
-    """N of a `pin_edges_last_<N>d[_share]` name, None for any other name."""
-    match = WINDOW_RE.fullmatch(name)
+    """N of a `pin_edges_last_<N>d[_share][_rank]` name, None for any other name."""
+    match = WINDOW_RE.fullmatch(_rank_base(name) or name)
     return None if match is None else int(match["days"])
 
 
@@ -478,8 +507,8 @@ def _unknown(names: Sequence[str]) -> ConfigError:
     return ConfigError(
         f"unknown features {list(names)}; valid features are: {', '.join(FEATURES)}, "
         f"pin_edges_last_<N>d and pin_edges_last_<N>d_share (N days, 1..{MAX_WINDOW_DAYS}, "
-        "no leading zeros), pin.<pin column>, request.<name> and source.<name> (names of "
-        "A-Z, a-z, 0-9, _)"
+        f"no leading zeros), <any of those>{RANK_SUFFIX}, pin.<pin column>, request.<name> "
+        "and source.<name> (names of A-Z, a-z, 0-9, _)"
     )
 
 
@@ -487,6 +516,9 @@ def _resolve(name: str, default: float | None) -> Callable[[_Batch], np.ndarray]
     """The compute function of one feature name; `default` only for `pin.`/`request.`."""
     if name in _COMPUTE:
         return _COMPUTE[name]
+    ranked = _rank_base(name)
+    if ranked is not None:
+        return _rank_feature(_resolve(ranked, None))
     window = WINDOW_RE.fullmatch(name)
     if window is not None:
         days = int(window["days"])
@@ -651,6 +683,7 @@ EDGE_TIME_INPUT = "pin_edge_times"
 def feature_input(name: str) -> str | None:
     """The graph input a feature reads beyond the walk (`GRAPH_INPUTS`, `pin_edge_times`
     for the edge-time features, `pins.<column>` for `pin.<column>`), or None."""
+    name = _rank_base(name) or name
     for data, features in GRAPH_INPUTS.items():
         if name in features:
             return data
