@@ -11,12 +11,12 @@ where the peak is. The in-memory builder runs on the same files for the sizes in
 `--compare` (default the 20M case), and their checksums must match.
 
 Targets (issue 14): peak RSS at most 1.5x the finished graph's size at 200M edges, time
-growing no worse than linearly with edges (`seconds_per_million_edges` at the largest size
-over that at the smallest), the same checksums as the in-memory builder. Where the largest
-size measured is below 200M, `extrapolated` projects the peak and the graph's size there
-linearly from the two largest sizes (labelled as such, not a measurement). `--merge` adds the
-sizes run to those already in `--json` (same memory limit and partitions), so the largest
-size can be run alone.
+growing no worse than linearly with edges (`time_growth`: CPU seconds per edge at the
+largest size over those at the smallest; wall time is given too), the same checksums as
+the in-memory builder. Where the largest size measured is below 200M, `extrapolated`
+projects the peak and the graph's size there linearly from the two largest sizes (labelled
+as such, not a measurement). `--merge` adds the sizes run to those already in `--json` (same
+memory limit and partitions), so the largest size can be run alone.
 
     python benchmarks/graph_build.py [--sizes 20M,200M] [--compare 20M] [--json PATH] [--merge]
 """
@@ -64,7 +64,9 @@ def write_partitions(edges: int, directory: Path, partitions: int) -> Path:
 def child(engine: str, data: str, out: str, limit: str) -> None:
     """The build itself (run as `graph_build.py child ...`): writes the manifest, the peak
     RSS (`VmHWM`: this process image's own, where the parent's `wait4` would also count the
-    pages of the process it was forked from) and the highest RSS sampled in each step."""
+    pages of the process it was forked from), the highest RSS sampled in each step and the
+    CPU time (less disturbed than wall time by other work on the machine)."""
+    import resource
     import threading
 
     from walkrank.graph.build import build_graph
@@ -99,8 +101,13 @@ def child(engine: str, data: str, out: str, limit: str) -> None:
         in_step = [rss for t, rss in samples if begin <= t < end]
         if in_step:  # a step shorter than the sampling interval may have none
             steps[step] = max(in_step)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu, peak = usage.ru_utime + usage.ru_stime, status("VmHWM:")
     Path(f"{out}.manifest.json").write_text(json.dumps(manifest))
-    Path(f"{out}.peak.json").write_text(json.dumps({"peak": status("VmHWM:"), "steps": steps}))
+    Path(f"{out}.peak.json").write_text(
+        json.dumps({"peak": peak, "steps": steps, "cpu_seconds": cpu})
+    )
+    print(f"{engine} build: {cpu:.1f} s CPU, peak RSS {peak} bytes, {steps}", flush=True)
 
 
 def measured_build(engine: str, data: Path, out: Path, memory_limit: str) -> dict[str, Any]:
@@ -116,14 +123,17 @@ def measured_build(engine: str, data: Path, out: Path, memory_limit: str) -> dic
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())
     graph_bytes = sum(p.stat().st_size for p in out.glob("*.npy"))
     edges = manifest["counts"]["edges"]
+    cpu = peaks["cpu_seconds"]
     return {
         "edges": edges,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
         "peak_rss_bytes": peak,
         "bytes_per_edge": round(peak / edges, 2),
         "graph_bytes": graph_bytes,
         "peak_rss_over_graph": round(peak / graph_bytes, 3),
         "seconds_per_million_edges": round(seconds / edges * 1e6, 3),
+        "cpu_seconds_per_million_edges": round(cpu / edges * 1e6, 3),
         "steps_s": manifest["build"]["seconds"],
         "steps_peak_rss_bytes": peaks["steps"],
         "checksums": manifest["checksums"],
@@ -163,11 +173,15 @@ def summarise(report: dict[str, Any]) -> None:
         report["extrapolated"] = extrapolate(ordered[-2], largest, TARGET_EDGES)
     linear = True
     if len(ordered) > 1:
-        ratio = largest["seconds_per_million_edges"] / smallest["seconds_per_million_edges"]
+        # Judged on CPU time: wall time on a shared machine follows the other work.
+        ratio = largest["cpu_seconds_per_million_edges"] / smallest["cpu_seconds_per_million_edges"]
         report["time_growth"] = {
-            "edges_ratio": round(largest["edges"] / smallest["edges"], 1),
-            "seconds_ratio": round(largest["seconds"] / smallest["seconds"], 2),
-            "seconds_per_edge_ratio": round(ratio, 3),
+            "from_edges": smallest["edges"],
+            "to_edges": largest["edges"],
+            "seconds_per_edge_ratio": round(
+                largest["seconds_per_million_edges"] / smallest["seconds_per_million_edges"], 3
+            ),
+            "cpu_seconds_per_edge_ratio": round(ratio, 3),
         }
         linear = ratio <= 1.0
     report["target_met"] = (
