@@ -266,6 +266,16 @@ def test_each_strategy_trains_without_publishing(logs, tmp_path, strategy, objec
         assert 0 < report.label_stats["positives"] < report.label_stats["rows"]
 
 
+def test_pairwise_early_stopping_watches_ndcg_at_the_primary_metric_cut_off(logs, tmp_path):
+    tenant = make_tenant(objective="pairwise")
+    tenant = dataclasses.replace(
+        tenant, labels=dataclasses.replace(tenant.labels, primary_metric="recall_actions@25")
+    )
+    report = train_tenant(tenant, logs, tmp_path / "models", publish=False, progress=quiet)
+    assert "valid_ndcg@25" in report.metrics
+    assert not any(name.endswith("@10") for name in report.metrics)
+
+
 def test_negative_sampling_keeps_impressed_rows(logs, tmp_path):
     report = train_tenant(
         make_tenant(strategy="funnel"), logs, tmp_path / "models", publish=False, progress=quiet

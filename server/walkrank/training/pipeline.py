@@ -324,8 +324,10 @@ def training_params(
     tenant: TenantConfig, settings: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """`train_model` params of the tenant's ranker, with `settings` (ranker YAML names, as in
-    a search grid point) overriding the tenant's values."""
-    return dataclasses.replace(tenant.ranker, **(settings or {})).training_params()
+    a search grid point) overriding the tenant's values. A pairwise ranker's early stopping
+    watches NDCG at the primary metric's K: the cut-off the publish check compares at."""
+    params = dataclasses.replace(tenant.ranker, **(settings or {})).training_params()
+    return {**params, "ndcg_at": tenant.labels.primary_metric_k}
 
 
 # --- scoring and comparison --------------------------------------------------------------------
