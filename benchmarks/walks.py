@@ -40,7 +40,7 @@ from walkrank.graph.delta import MAX_BATCH_EDGES, DeltaSegment, Edge
 from walkrank.graph.store import GraphStore
 from walkrank.graph.synthetic import ensure_graph
 from walkrank.walks import WalkParams, kernels, walk
-from walkrank.walks.engine import new_visit_table
+from walkrank.walks.engine import new_slice_cache, new_visit_table
 
 REPO = Path(__file__).resolve().parent.parent
 QUERY_PINS = 5
@@ -199,7 +199,14 @@ def _kernel(graph: GraphStore, queries: list[Query], alpha: float) -> np.ndarray
         )
         cancel = np.zeros(1, np.uint8)
         started = time.perf_counter()
-        kernels.walk_query_pin(*graph.walk_arrays, *graph.delta_arrays, *settings, *visits, cancel)
+        kernels.walk_query_pin(
+            *graph.walk_arrays,
+            *graph.delta_arrays,
+            *settings,
+            *visits,
+            *new_slice_cache(False),
+            cancel,
+        )
         rates.append(STEPS / (time.perf_counter() - started))
     return np.array(rates)
 

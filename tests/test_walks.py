@@ -20,7 +20,7 @@ from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import DeltaArrays, GraphArrays, GraphStore
 from walkrank.walks import WalkParams, WalkResult, kernels, step_budgets, walk
-from walkrank.walks.engine import WalkCancelled, new_visit_table
+from walkrank.walks.engine import WalkCancelled, new_slice_cache, new_visit_table
 
 FIELDS = ("pins", "scores", "visits", "query_hits", "degree", "steps_per_query", "unknown")
 
@@ -80,6 +80,7 @@ def _walk_one(
         *graph.delta_arrays,
         *walk_settings,
         *visits,
+        *new_slice_cache(key_range[0] < key_range[1]),
         np.zeros(1, np.uint8) if cancel is None else cancel,
     )
     used = table[table[:, 1] == query_index]
@@ -483,7 +484,13 @@ def test_same_seed_same_result_different_seed_different(small_graph: GraphStore)
 
 def test_kernel_parameters_are_the_named_groups() -> None:
     """Callers spread the groups into the kernels: their fields must be the parameters."""
-    groups = (GraphArrays, DeltaArrays, kernels.WalkSettings, kernels.VisitTable)
+    groups = (
+        GraphArrays,
+        DeltaArrays,
+        kernels.WalkSettings,
+        kernels.VisitTable,
+        kernels.SliceCache,
+    )
     walk_names = tuple(inspect.signature(kernels.walk_query_pin.py_func).parameters)
     assert walk_names == (*(name for group in groups for name in group._fields), "cancel")
     top_names = tuple(inspect.signature(kernels.top_candidates.py_func).parameters)

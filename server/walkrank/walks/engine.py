@@ -199,6 +199,15 @@ def new_visit_table(rows: int) -> np.ndarray:
     return pairs.view(np.int32)
 
 
+def new_slice_cache(by_key: bool) -> kernels.SliceCache:
+    """A request's empty key-slice cache: SLICE_CACHE_ROWS rows a side for a walk by bias
+    key, one (unused) otherwise."""
+    rows = kernels.SLICE_CACHE_ROWS if by_key else 1
+    return kernels.SliceCache(
+        np.full((rows, 4), kernels.EMPTY, np.int32), np.full((rows, 4), kernels.EMPTY, np.int32)
+    )
+
+
 def _validate_query(
     graph: GraphStore, query_pins: np.ndarray, query_weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -319,6 +328,7 @@ def walk(
         np.zeros(slots, np.int32),
         np.ones(pins.shape[0], np.float64),  # count_scale
     )
+    slices = new_slice_cache(target.key_lo < target.key_hi and bias_threshold > 0)
     steps_per_query = np.zeros(pins.shape[0], np.int64)
     for position in known:
         if budgets[position] == 0:
@@ -337,7 +347,7 @@ def walk(
             seed64,
         )
         steps_per_query[position] = kernels.walk_query_pin(
-            *graph_arrays, *delta_arrays, *settings, *visits, cancel
+            *graph_arrays, *delta_arrays, *settings, *visits, *slices, cancel
         )
         if steps_per_query[position]:
             visits.count_scale[position] = budgets[position] / steps_per_query[position]

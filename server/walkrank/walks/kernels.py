@@ -26,8 +26,11 @@ from numba.core.extending import intrinsic
 # past 64 the misses in flight are capped by the core, not by the walkers.
 WALKERS = 64
 EMPTY = -1
-# Rows of each per-walk cache of key slice bounds (pins, boards): 64 KiB each, L2-sized.
-SLICE_CACHE_ROWS = 4096
+# Rows of each per-request cache of key slice bounds (pins, boards): 256 KiB each, L2-sized.
+SLICE_CACHE_ROWS = 16384
+# A node's key runs prefetched before its search, at most (the binary search's probes then
+# wait for no memory): 8 cache lines, the runs of ~99% of the bench graph's boards.
+RUNS_PREFETCH_BYTES = 512
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _NO_LIMIT = np.int64(2**62)
@@ -48,6 +51,16 @@ class WalkSettings(NamedTuple):
     early_stop_pins: np.int64  # 0: never
     early_stop_visits: np.int64
     seed: np.uint64
+
+
+class SliceCache(NamedTuple):
+    """A request's cache of key slices, shared by its query pins' walks (the bias key is the
+    request's): direct-mapped int32 rows [node, first, last, -], the slice of the key range
+    relative to the node's list, EMPTY = free (`walks.engine.new_slice_cache`). One row each
+    when the walk is not by key."""
+
+    pin_slices: np.ndarray
+    board_slices: np.ndarray
 
 
 class VisitTable(NamedTuple):
@@ -238,15 +251,17 @@ def walk_query_pin(
     root_sum,
     hits,
     count_scale,
+    pin_slices,
+    board_slices,
     cancel,
 ):
     """Walk `budget` steps (pin -> board -> pin) from one query pin and count arrivals.
 
     The parameters come in named groups, in their field order: `GraphArrays` and `DeltaArrays`
-    (`walkrank.graph.store`), `WalkSettings`, `VisitTable`, then `cancel`; callers pass
-    `*graph.walk_arrays, *graph.delta_arrays, *settings, *visits, cancel`. Spread rather than
-    passed as tuples: numba types a tuple argument in Python on every call, which measured
-    2-5 us a call, about 10% of a 2,000-step request.
+    (`walkrank.graph.store`), `WalkSettings`, `VisitTable`, `SliceCache`, then `cancel`;
+    callers pass `*graph.walk_arrays, *graph.delta_arrays, *settings, *visits, *slices,
+    cancel`. Spread rather than passed as tuples: numba types a tuple argument in Python on
+    every call, which measured 2-5 us a call, about 10% of a 2,000-step request.
     `table` is the request's visit table, one int32 row per slot: [pin, owner, count, visits]
     (slot = pin when `direct`, else open addressing with linear probing, power-of-two rows,
     EMPTY = free). `count` is the visits of query pin `owner` only; when another query pin
@@ -302,17 +317,16 @@ def walk_query_pin(
     hi_key = np.int64(key_hi) << np.int64(run_shift)
     end_mask = (np.int64(1) << np.int64(run_shift)) - 1
     one_key = key_hi == key_lo + 1  # a node has at most one run of a key: one search
-    # A key step's slice comes from a direct-mapped cache of [node, first, last] rows kept for
-    # the walk (walks restart at the query pin every few steps, so nodes near it come back:
-    # 88% / 74% hits on the quick / bench graph), else from the node's runs, prefetched and
-    # searched in a pass of their own. Measured (one pin, 100k steps, bias 0.8; times an
-    # unbiased walk, quick / bench): the list binary-searched behind the cache 4.2 / 5.8, the
-    # runs searched on every step 2.6 / 3.4, runs behind the cache 1.6 / 2.0, a precomputed
-    # slice per node for the request's key (the floor) 1.0 / 1.0.
-    slice_rows = SLICE_CACHE_ROWS if by_key else 1
-    pin_slices = np.full((slice_rows, 4), EMPTY, np.int32)  # [node, first, last, -]: the
-    board_slices = np.full((slice_rows, 4), EMPTY, np.int32)  # slice relative to the list
-    slice_mask = np.int64(slice_rows - 1)
+    # A key step's slice comes from the request's direct-mapped cache of [node, first, last]
+    # rows (walks restart at the query pin every few steps, so nodes near it come back: 88% /
+    # 74% hits on the quick / bench graph at 4,096 rows a walk), else from the node's runs,
+    # prefetched whole and searched in a pass of their own. Measured (one pin, 100k steps,
+    # bias 0.8; times an unbiased walk, quick / bench): the list binary-searched behind the
+    # cache 4.2 / 5.8, the runs searched on every step 2.6 / 3.4, runs behind the cache 1.6 /
+    # 2.0, a precomputed slice per node for the request's key (the floor) 1.0 / 1.0.
+    slice_mask = np.int64(pin_slices.shape[0] - 1)
+    runs_line = max(64 // pin_key_runs.itemsize, 1)  # runs a cache line
+    runs_prefetch = max(RUNS_PREFETCH_BYTES // pin_key_runs.itemsize, 1)
     searching = np.zeros(WALKERS, np.bool_)  # a key step whose slice is not cached
     draw = np.empty(WALKERS, np.uint64)  # its random draw
     list_start = np.empty(WALKERS, np.int64)  # and its node's list and runs
@@ -363,7 +377,8 @@ def walk_query_pin(
                     runs_count[w] = pin_run_offsets[p + 1] - at
                     list_start[w] = start
                     draw[w] = r
-                    _prefetch(pin_key_runs, at)
+                    for line in range(at, at + min(runs_count[w], runs_prefetch), runs_line):
+                        _prefetch(pin_key_runs, line)
                     _prefetch(pin_key_runs, at + runs_count[w] - 1)
             index[w] = i
             if pin_delta_adj is None or i >= 0:
@@ -442,7 +457,8 @@ def walk_query_pin(
                     runs_count[w] = board_run_offsets[b + 1] - at
                     list_start[w] = start
                     draw[w] = r
-                    _prefetch(board_key_runs, at)
+                    for line in range(at, at + min(runs_count[w], runs_prefetch), runs_line):
+                        _prefetch(board_key_runs, line)
                     _prefetch(board_key_runs, at + runs_count[w] - 1)
             restart[w] = (r & _LOW32) < restart_threshold
             index[w] = i
