@@ -304,8 +304,8 @@ def _rows_to_dense(
 def sorted_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct int64 values and their counts.
 
-    Sort-and-compare: numpy 2.4's np.unique takes a hash path ~100x slower than np.sort on
-    millions of int64 codes (measured here: 2.1 s vs 0.02 s for 2M).
+    Sort-and-compare: on millions of int64 codes numpy 2.4's np.unique takes a hash path
+    that is orders of magnitude slower than np.sort.
     """
     ordered = np.sort(values)
     if ordered.shape[0] == 0:

@@ -229,7 +229,9 @@ def _id_key(value: Any, dtype: np.dtype) -> Any:
     return value if isinstance(value, str) else None
 
 
-def _with_new(found: np.ndarray, external: Any, index: dict[Any, int], dtype: np.dtype):
+def _with_new(
+    found: np.ndarray, external: Any, index: dict[Any, int], dtype: np.dtype
+) -> np.ndarray:
     missing = np.flatnonzero(found < 0)
     if missing.size == 0 or not index:
         return found
@@ -241,7 +243,7 @@ def _with_new(found: np.ndarray, external: Any, index: dict[Any, int], dtype: np
     return found
 
 
-def _external(base_ids: np.ndarray, new_ids: tuple[Any, ...], dense: Any, kind: str):
+def _external(base_ids: np.ndarray, new_ids: tuple[Any, ...], dense: Any, kind: str) -> np.ndarray:
     """External ids of dense ids, base or new, in the base's kind of array (int64, or text)."""
     ids = np.asarray(dense, np.int64)
     n_base = base_ids.shape[0]
@@ -257,7 +259,14 @@ def _external(base_ids: np.ndarray, new_ids: tuple[Any, ...], dense: Any, kind: 
 
 
 @njit(nogil=True, cache=True)
-def _known_edges(pin_offsets, pin_adj, delta_offsets, delta_adj, pins, boards):
+def _known_edges(
+    pin_offsets: np.ndarray,
+    pin_adj: np.ndarray,
+    delta_offsets: np.ndarray,
+    delta_adj: np.ndarray,
+    pins: np.ndarray,
+    boards: np.ndarray,
+) -> np.ndarray:
     """Whether each (pin, board) edge is in the base graph or in a snapshot's pin-side delta
     CSR (`delta_offsets`, `delta_adj`)."""
     n_pins = pin_offsets.shape[0] - 1

@@ -2,13 +2,13 @@
 
 A request is CPU work from start to end (walks, features and scoring release the GIL, but
 each wants a core), so running more requests than cores only time-slices them: every one of
-them gets slower and the tail grows. Measured on 2 cores at concurrency 8 (home feed, bench
-graph): 8 threads computing at once 228 req/s, p99 71 ms; 2 at once 275 req/s, p99 47 ms.
-The gRPC worker threads therefore only admit requests (tenant, auth, quota: refused at
-once) and hand the pipeline to one of `slots` compute threads, in priority order:
-interactive tenants before batch tenants, and within each the earliest deadline first (then
-arrival). A call's deadline is fixed when gRPC receives it, so a request that was slow to
-reach its handler (threads and the GIL are shared) is not also queued behind later arrivals.
+them gets slower and the tail grows (one compute thread per core serves more requests, with
+a shorter tail, than one per gRPC worker). The gRPC worker threads therefore only admit
+requests (tenant, auth, quota: refused at once) and hand the pipeline to one of `slots`
+compute threads, in priority order: interactive tenants before batch tenants, and within
+each the earliest deadline first (then arrival). A call's deadline is fixed when gRPC
+receives it, so a request that was slow to reach its handler (threads and the GIL are shared)
+is not also queued behind later arrivals.
 
 Within a priority, tenants share the threads fairly: each tenant's jobs wait in a lane of
 their own, and a free thread takes the head of the lane furthest behind its share (start-time
@@ -22,8 +22,7 @@ work, however many email batches are in flight.
 
 The compute threads run at a lower CPU priority (`nice`) than the gRPC threads: receiving a
 call and sending its answer are short, and a core taken from a walk for them costs the walk
-little, while a gRPC thread that waits behind two walks for a core delays a whole call
-(measured on 2 cores: 226 -> 243 req/s, p50 34.4 -> 30.9 ms).
+little, while a gRPC thread that waits behind two walks for a core delays a whole call.
 
 No job holds a thread past its deadline: a job carries a cancel cell that the walk kernels
 read once per lock-step round, and the pool sets it when the deadline passes (the caller's

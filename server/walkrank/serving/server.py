@@ -231,7 +231,7 @@ class WalkRankServer:
         self.reload()
         self.warm_up()
         # Everything loaded so far lives as long as the server: keep it out of the cyclic
-        # collector, whose full passes over it took ~30 ms with the GIL held (a tail event
+        # collector, whose full passes over it hold the GIL for milliseconds (a tail event
         # for every request in flight).
         gc.collect()
         gc.freeze()

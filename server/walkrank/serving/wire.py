@@ -131,7 +131,7 @@ def _decimal_ids(ids):
     """int64 ids as an (n, 20) uint8 array of NUL-padded decimal digits (with a '-' sign).
 
     No `nogil`: the loop takes a few microseconds, less than winning the GIL back would
-    (numpy's `astype(np.bytes_)` did the same in ~45 µs per response, holding the GIL).
+    (numpy's `astype(np.bytes_)` does the same many times slower, holding the GIL).
     """
     out = np.zeros((ids.shape[0], 20), np.uint8)
     digits = np.empty(20, np.uint8)
