@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from walkrank.demo.run import METRICS, run_demo
 from walkrank.demo.world import SIZES, ensure_world_graph
 from walkrank.errors import DataError
 from walkrank.graph.store import FORMAT_VERSION, GraphStore
+from walkrank.training.estimators import MIN_EXPLORED_REQUESTS
 
 
 @pytest.mark.slow
@@ -41,6 +43,14 @@ def test_demo_models_beat_visit_count_and_write_their_report(tmp_path: Path) -> 
         assert row["metric"] == report.primary[tenant]
         assert row["naive"]["value"] is not None and row["served_requests"] > 0
         assert row["online"] == report.lift(tenant, row["metric"])
+        # The exposure-aware (slots-aware) estimate on the exploration requests, flagged when
+        # they are too few, beside the true lift the world gives on those same requests.
+        if row["explored_requests"]:
+            assert row["slots"] >= 1 and set(row["slate"]) == {"value", "low", "high"}
+            assert row["enough_requests"] == (row["explored_requests"] >= MIN_EXPLORED_REQUESTS)
+            assert row["replayed"] is None or math.isfinite(row["replayed"])
+    if not all(row.get("enough_requests", True) for row in report.offline.values()):
+        assert "(too few requests)" in markdown
     assert set(report.explored) == {"homefeed", "related_pins", "email"}
 
 

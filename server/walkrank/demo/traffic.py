@@ -20,6 +20,35 @@ EMAIL_BATCH = 60
 FULL_RANKER_NOISE = 0.8
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What the client did with one response: which returned pins it showed (indices into
+    them), which of those the user acted on, and which they also saved."""
+
+    shown: np.ndarray
+    acts: np.ndarray
+    saves: np.ndarray
+    full_score: np.ndarray  # the full ranker's score of every returned pin
+
+
+def full_ranker(
+    world: DemoWorld, tenant: str, user: int, returned: np.ndarray, rng: np.random.Generator
+) -> Shown:
+    """The client's side for one response (dense pins `returned`): its full ranker shows the
+    best of them and as many pins of other generators; the user acts on what is shown."""
+    degree = np.diff(np.asarray(world.graph.pin_offsets)).astype(np.float64)
+    walkable = np.flatnonzero(degree > 0)
+    others = rng.choice(walkable, len(returned), p=degree[walkable] / degree[walkable].sum())
+    pool = np.concatenate([returned, others])
+    logit = world.engagement_logit(user, pool)
+    full_score = logit + rng.normal(0.0, FULL_RANKER_NOISE, len(pool))
+    shown = np.argsort(-full_score)[: IMPRESSIONS[tenant]]
+    ours = shown[shown < len(returned)]
+    acts = rng.random(len(ours)) < 1.0 / (1.0 + np.exp(-logit[ours]))
+    saves = acts & (rng.random(len(ours)) < 0.5)
+    return Shown(ours, acts, saves, full_score[: len(returned)])
+
+
 @dataclass
 class SurfaceStats:
     """What one surface saw in one phase."""
@@ -64,9 +93,6 @@ class Surface:
         # Exploration traffic (RecommendResponse.arm "explore"), apart: the phase's own
         # ranker is measured without it, and what exploring costs is measured on it.
         self.explored = SurfaceStats()
-        degree = np.diff(np.asarray(world.graph.pin_offsets)).astype(np.float64)
-        self._others = np.flatnonzero(degree > 0)
-        self._other_weight = degree[self._others] / degree[self._others].sum()
 
     def request_id(self) -> str:
         """Deterministic request ids make the walks (seeded by request id) reproducible."""
@@ -99,14 +125,8 @@ class Surface:
             return []
         pin_ids = [c.pin_id for c in candidates]
         returned = graph.pin_index(pin_ids)
-        others = rng.choice(self._others, len(returned), p=self._other_weight)
-        pool = np.concatenate([returned, others])
-        logit = world.engagement_logit(user, pool)
-        full_score = logit + rng.normal(0.0, FULL_RANKER_NOISE, len(pool))
-        shown = np.argsort(-full_score)[: IMPRESSIONS[self.tenant]]
-        ours = shown[shown < len(returned)]
-        acts = rng.random(len(ours)) < 1.0 / (1.0 + np.exp(-logit[ours]))
-        saves = acts & (rng.random(len(ours)) < 0.5)
+        client = full_ranker(world, self.tenant, user, returned, rng)
+        ours, acts, saves, full_score = client.shown, client.acts, client.saves, client.full_score
         hides = ~acts & (rng.random(len(ours)) < 0.05)
         stats.returned += len(returned)
         stats.impressed += len(ours)
