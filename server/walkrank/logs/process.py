@@ -77,9 +77,11 @@ _POLL_S = 0.01
 # 32 MiB holds 160 home-feed requests (200 kB each) between the server and the child.
 DEFAULT_RING_BYTES = 32 << 20
 _ALIGN = 64
-# Each entry starts with its length and where its pickled part starts (uint64 each); a
-# length of 0 means "nothing more before the end of the ring: continue at its start".
-_HEADER = 16
+# Each entry starts with its length, where its pickled part starts and whether that is a
+# shipped dataclass record (uint64 each); a length of 0 means "nothing more before the end
+# of the ring: continue at its start". Arrays follow, each aligned.
+_HEADER = 24
+_FIRST_ARRAY = _ALIGN
 # The child's progress, in shared memory that only the child writes: rows in files made
 # visible, a flag set once its log is built, and rows lost per reason of LOSS_REASONS.
 _WRITTEN, _READY = 0, 1
@@ -119,19 +121,12 @@ class _Control:
     sequence: int
 
 
-# An array of a record stored beside its pickled part: (offset from the start of the
-# entry, dtype string, shape). Plain tuples: pickling a dataclass per array cost more than
-# copying the array.
-_Placed = tuple[int, str, tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class _Shipped:
-    """A dataclass record with its numeric arrays stored beside this (pickled) part."""
-
-    kind: type
-    fields: dict[str, Any]
-    arrays: dict[str, _Placed]
+# A dataclass record with numeric arrays is shipped as (its class, pickled once per class,
+# its other fields, and a (name, offset from the start of the entry, dtype, shape) per
+# array stored beside the pickled part), all plain values: pickling the record's class (or
+# a dataclass per array) for every record cost more than copying its arrays.
+_pickled_kind = functools.cache(pickle.dumps)
+_unpickled_kind = functools.cache(pickle.loads)
 
 
 @functools.cache
@@ -151,14 +146,13 @@ def _numeric_arrays(record: Any) -> dict[str, np.ndarray]:
     }
 
 
-def _rebuilt(shipped: _Shipped, arrays: dict[str, np.ndarray]) -> Any:
+def _rebuilt(kind: type, fields: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
     """The record again, without running its `__post_init__` checks a second time: the
     server built (and so checked) it, and they were a tenth of the child's Python."""
-    kind = shipped.kind
     if not hasattr(kind, "__dict__") or "__slots__" in vars(kind):
-        return kind(**shipped.fields, **arrays)
+        return kind(**fields, **arrays)
     record = object.__new__(kind)
-    vars(record).update(shipped.fields, **arrays)
+    vars(record).update(fields, **arrays)
     return record
 
 
@@ -229,20 +223,20 @@ class _Ring:
     def append(self, record: Any) -> bool:
         """Store a record; False (nothing stored) when it does not fit now."""
         arrays = _numeric_arrays(record)
-        places: dict[str, _Placed] = {}
-        pickled_at = _HEADER
-        for name, array in arrays.items():
-            places[name] = (pickled_at, array.dtype.str, array.shape)
-            pickled_at += _aligned(array.nbytes)
+        pickled_at = _FIRST_ARRAY
+        payload: Any = record
         if arrays:
+            places = []
+            for name, array in arrays.items():
+                places.append((name, pickled_at, array.dtype.str, array.shape))
+                pickled_at += _aligned(array.nbytes)
+            kind = type(record)
             fields = {
-                name: getattr(record, name)
-                for name in _field_names(type(record))
-                if name not in places
+                name: getattr(record, name) for name in _field_names(kind) if name not in arrays
             }
-            record = _Shipped(type(record), fields, places)
+            payload = (_pickled_kind(kind), fields, tuple(places))
         pickled = np.frombuffer(
-            pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8
+            pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8
         )
         length = _aligned(pickled_at + pickled.size)
         read = self._load(self._read, 0.0)
@@ -257,11 +251,12 @@ class _Ring:
         if skip:
             data[place : place + _HEADER].view(np.uint64)[0] = 0
             place = 0
-        for name, array in arrays.items():
-            at = place + places[name][0]
+        at = place + _FIRST_ARRAY
+        for array in arrays.values():
             np.copyto(data[at : at + array.nbytes].view(array.dtype).reshape(array.shape), array)
+            at += _aligned(array.nbytes)
         data[place + pickled_at : place + pickled_at + pickled.size] = pickled
-        data[place : place + _HEADER].view(np.uint64)[:] = (length, pickled_at)
+        data[place : place + _HEADER].view(np.uint64)[:] = (length, pickled_at, bool(arrays))
         # Publishing the position (under its lock) publishes the bytes above with it.
         if not self._store(self._written, written + skip + length):
             return False
@@ -278,20 +273,23 @@ class _Ring:
         records = []
         while read < self._seen:
             place = read % self.size
-            length, pickled_at = (int(v) for v in data[place : place + _HEADER].view(np.uint64))
+            header = data[place : place + _HEADER].view(np.uint64)
+            length = int(header[0])
             if length == 0:  # the rest of this lap is unused
                 read += self.size - place
                 continue
+            pickled_at, shipped = int(header[1]), bool(header[2])
             entry = data[place : place + length]
             # pickle.loads ignores the alignment padding after the pickled part.
             record = pickle.loads(entry[pickled_at:])  # type: ignore[arg-type]  # a buffer
-            if isinstance(record, _Shipped):
+            if shipped:
+                kind, fields, places = record
                 arrays = {}
-                for name, (offset, dtype_str, shape) in record.arrays.items():
+                for name, offset, dtype_str, shape in places:
                     dtype = np.dtype(dtype_str)
                     nbytes = dtype.itemsize * math.prod(shape)
                     arrays[name] = entry[offset : offset + nbytes].view(dtype).reshape(shape).copy()
-                record = _rebuilt(record, arrays)
+                record = _rebuilt(_unpickled_kind(kind), fields, arrays)
             records.append(record)
             read += length
         self._taken = read
