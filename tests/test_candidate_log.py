@@ -19,7 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from walkrank.errors import DataError
-from walkrank.logs.candidates import CandidateBatch, CandidateLog, candidates_table, read_candidates
+from walkrank.logs.candidates import (
+    CANDIDATE_COLUMNS,
+    CandidateBatch,
+    CandidateLog,
+    candidates_table,
+    read_candidates,
+)
 from walkrank.logs.partitioned import WriterOptions
 
 HOUR = 3600
@@ -449,6 +455,38 @@ def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> Non
     assert first["request_id"][0].as_py() == batches[0].request_id
     read = read_candidates(tmp_path, "home")["user_interests"].to_pylist()
     assert read == [b.user_interests for b in batches for _ in range(len(b))]
+
+
+def test_files_with_interests_on_every_row_read_as_before(tmp_path: Path) -> None:
+    """Files written before the interests moved to a request's first row (a list on every
+    row) and files written after read back alike, in one window; the time window keeps or
+    drops a request's rows together, so a read never starts inside a request."""
+    batches = [
+        CandidateBatch(
+            **{
+                **vars(make_batch(f"r{i}", ts=T0 + i * HOUR, seed=i)),
+                "user_interests": [f"t{i}"] * i,
+            }
+        )
+        for i in range(4)
+    ]
+    log = CandidateLog(tmp_path)
+    assert all(log.submit(b) for b in batches[1:]) and log.close(timeout=30)
+    old = candidates_table(batches[:1])
+    expanded = pa.array([batches[0].user_interests] * len(batches[0]))
+    old = old.set_column(old.schema.get_field_index("user_interests"), "user_interests", expanded)
+    old_dir = tmp_path / "candidates" / "tenant=home" / "date=2023-11-14" / "hour=22"
+    old_dir.mkdir(parents=True)
+    pq.write_table(old, old_dir / "part-00000000T000000000-old.parquet", store_schema=False)
+    table = read_candidates(tmp_path, "home")
+    assert table.schema.field("user_interests") == CANDIDATE_COLUMNS.field("user_interests")
+    assert table["user_interests"].to_pylist() == [
+        b.user_interests for b in batches for _ in range(len(b))
+    ]
+    window = read_candidates(tmp_path, "home", T0 - HOUR, T0 + 2 * HOUR)
+    assert window["user_interests"].to_pylist() == [[]] * 7 + [["t1"]] * 7
+    window = read_candidates(tmp_path, "home", T0 + 2 * HOUR, T0 + 4 * HOUR)
+    assert window["user_interests"].to_pylist() == [["t2"] * 2] * 7 + [["t3"] * 3] * 7
 
 
 def test_values_shared_by_requests_keep_their_parquet_dictionary(tmp_path: Path) -> None:
