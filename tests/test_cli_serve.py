@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -27,43 +30,22 @@ REPO = Path(__file__).resolve().parents[1]
 def test_serve_answers_then_stops_gracefully_on_sigterm(
     tmp_path: Path, small_graph: GraphStore
 ) -> None:
-    shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    config = tmp_path / "walkrank.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "graph": str(small_graph.path),
-                "tenants_dir": "tenants",
-                "models_dir": "models",
-                "logs_dir": "logs",
-                "address": "127.0.0.1:0",
-            }
-        )
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        banner = process.stdout.readline()
-        assert "serving" in banner, banner
-        address = banner.strip().rsplit(" on ", 1)[1]
+    with serve_process(write_config(tmp_path, small_graph.path)) as (process, address):
         pin = str(small_graph.pin_external([0])[0])
         with WalkRankClient(address, timeout=20.0) as client:
             answer = client.recommend("homefeed", [pin])
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-        assert "stopped" in process.stdout.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
+        assert "stopped" in stdout_of(process).read()
     logged = read_candidates(tmp_path / "logs", "homefeed")
     assert logged.num_rows == answer.candidates_generated
 
 
-def write_config(tmp_path: Path, graph: Path, address: str = "127.0.0.1:0") -> Path:
+def write_config(
+    tmp_path: Path, graph: Path, address: str = "127.0.0.1:0", **settings: object
+) -> Path:
+    """`tmp_path/walkrank.yaml` serving `graph` with the shipped tenants (copied into
+    `tmp_path/tenants` unless a tenants folder is there already) and `settings` besides."""
     if not (tmp_path / "tenants").exists():
         shutil.copytree(REPO / "tenants", tmp_path / "tenants")
     config = tmp_path / "walkrank.yaml"
@@ -75,10 +57,35 @@ def write_config(tmp_path: Path, graph: Path, address: str = "127.0.0.1:0") -> P
                 "models_dir": "models",
                 "logs_dir": "logs",
                 "address": address,
+                **settings,
             }
         )
     )
     return config
+
+
+def stdout_of(process: subprocess.Popen[str]) -> IO[str]:
+    assert process.stdout is not None
+    return process.stdout
+
+
+@contextlib.contextmanager
+def serve_process(config: Path, *options: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`walkrank serve --config CONFIG OPTIONS` in a child process, once it has printed its
+    first banner: the process and the address it serves on. Killed on the way out unless the
+    test stopped it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), *options],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        banner = stdout_of(process).readline()
+        assert "serving" in banner, banner
+        yield process, banner.strip().rsplit(" on ", 1)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def serve_fails(config: Path, *options: str) -> str:
@@ -138,24 +145,8 @@ def test_a_served_graph_is_never_replaced(tmp_path: Path, small_graph: GraphStor
     shutil.copytree(small_graph.path, graph)
     edges = tmp_path / "edges.csv"
     edges.write_text("pin_id,board_id\n1,2\n3,2\n")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "walkrank.cli",
-            "serve",
-            "--config",
-            str(write_config(tmp_path, graph)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     build = ["graph", "build", "--edges", str(edges), "--out", str(graph)]
-    try:
-        assert process.stdout is not None
-        banner = process.stdout.readline()
-        assert "serving" in banner, banner
-        address = banner.strip().rsplit(" on ", 1)[1]
+    with serve_process(write_config(tmp_path, graph)) as (process, address):
         refused = subprocess.run(
             [sys.executable, "-m", "walkrank.cli", *build, "--replace"],
             capture_output=True,
@@ -173,9 +164,6 @@ def test_a_served_graph_is_never_replaced(tmp_path: Path, small_graph: GraphStor
             assert client.recommend("homefeed", [pin]).candidates
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert main(build) == 2  # exists: refused without --replace
     assert main([*build, "--replace"]) == 0  # no server holds it any more
     assert GraphStore.load(graph).n_edges == 2
@@ -197,26 +185,14 @@ def test_processes_serve_metrics_on_consecutive_ports(
     base = free_port_run(3)
     config = write_config(tmp_path, small_graph.path, f"127.0.0.1:{base}")
     metrics = [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"]
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config)),
-            *("--processes", "2", "--metrics-address", metrics[0]),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        for _ in metrics:
-            assert "serving" in process.stdout.readline()
+    options = ("--processes", "2", "--metrics-address", metrics[0])
+    with serve_process(config, *options) as (process, _address):
+        assert "serving" in stdout_of(process).readline()  # the second child's banner
         for address in metrics:
             with urllib.request.urlopen(f"http://{address}/metrics", timeout=20) as page:
                 assert b"walkrank_requests_total" in page.read()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def test_processes_metrics_port_range_is_checked(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cli_serve import serve_process, write_config
 from test_server import REPO, make_config, running
 
 from walkrank.graph.store import GraphStore
@@ -264,29 +263,8 @@ def test_sigterm_during_long_walks_exits_within_the_grace_period_plus_a_second(
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
     write_slow_tenant(tmp_path / "tenants", deadline_ms=600_000)
     grace = 0.2
-    config = tmp_path / "walkrank.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "graph": str(small_graph.path),
-                "tenants_dir": "tenants",
-                "models_dir": "models",
-                "logs_dir": "logs",
-                "address": "127.0.0.1:0",
-                "grace_seconds": grace,
-            }
-        )
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        banner = process.stdout.readline()
-        assert "serving" in banner, banner
-        address = banner.strip().rsplit(" on ", 1)[1]
+    config = write_config(tmp_path, small_graph.path, grace_seconds=grace)
+    with serve_process(config) as (process, address):
         with grpc.insecure_channel(address) as channel:
             recommender = recommender_pb2_grpc.RecommenderStub(channel)
             request = slow_request(small_graph, weight=5000.0)
@@ -304,6 +282,3 @@ def test_sigterm_during_long_walks_exits_within_the_grace_period_plus_a_second(
             exited_s = time.monotonic() - started
         assert process.returncode == 0
         assert exited_s <= grace + 1.0, f"exited {exited_s:.2f} s after SIGTERM"
-    finally:
-        if process.poll() is None:
-            process.kill()
