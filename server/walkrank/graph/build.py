@@ -894,16 +894,27 @@ def _pin_features(
             *pin_columns(None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_pins, schema),
             {},
         )
-    table, name = read_table(pins, "pins")
-    _require_columns(table, name, ("pin_id",))
-    ids = _id_column(table, name, "pin_id")
-    _check_id_types(ids, pin_dict, name, "pin_id", edges_name)
-    dense = _rows_to_dense(ids, pin_dict, name, "pin_id")
-    rows = np.flatnonzero(dense >= 0)
+    table, name, rows, target, without_edges = _side_rows(pins, "pin", pin_dict, edges_name)
     return (
-        *pin_columns(table, name, rows, dense[rows], n_pins, schema),
-        {"pins_table_rows_without_edges": int((dense < 0).sum())},
+        *pin_columns(table, name, rows, target, n_pins, schema),
+        {"pins_table_rows_without_edges": without_edges},
     )
+
+
+def _side_rows(
+    source: TableSource, kind: str, dictionary: pa.Array, edges_name: str
+) -> tuple[pa.Table, str, np.ndarray, np.ndarray, int]:
+    """The pins or boards table (`kind` "pin" or "board"), its name, the rows whose
+    `<kind>_id` is a node of the edges (`dictionary`), those nodes' dense ids, and how many
+    rows name no node."""
+    table, name = read_table(source, f"{kind}s")
+    column = f"{kind}_id"
+    _require_columns(table, name, (column,))
+    ids = _id_column(table, name, column)
+    _check_id_types(ids, dictionary, name, column, edges_name)
+    dense = _rows_to_dense(ids, dictionary, name, column)
+    rows = np.flatnonzero(dense >= 0)
+    return table, name, rows, dense[rows], int((dense < 0).sum())
 
 
 def pin_columns(
@@ -960,15 +971,10 @@ def _board_features(
         return board_columns(
             None, "", np.zeros(0, np.int64), np.zeros(0, np.int64), n_boards, schema
         ), {}
-    table, name = read_table(boards, "boards")
-    _require_columns(table, name, ("board_id",))
-    ids = _id_column(table, name, "board_id")
-    _check_id_types(ids, board_dict, name, "board_id", edges_name)
-    dense = _rows_to_dense(ids, board_dict, name, "board_id")
-    rows = np.flatnonzero(dense >= 0)
+    table, name, rows, target, without_edges = _side_rows(boards, "board", board_dict, edges_name)
     return (
-        board_columns(table, name, rows, dense[rows], n_boards, schema),
-        {"boards_table_rows_without_edges": int((dense < 0).sum())},
+        board_columns(table, name, rows, target, n_boards, schema),
+        {"boards_table_rows_without_edges": without_edges},
     )
 
 
