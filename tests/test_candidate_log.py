@@ -489,6 +489,33 @@ def test_files_with_interests_on_every_row_read_as_before(tmp_path: Path) -> Non
     assert window["user_interests"].to_pylist() == [["t2"] * 2] * 7 + [["t3"] * 3] * 7
 
 
+def test_interests_are_matched_by_request_not_by_position(tmp_path: Path) -> None:
+    """Rows reordered and split across files (a shuffle, a compaction) still get their own
+    request's interests; a request whose row holding them is gone is an error naming it."""
+    batches = [
+        CandidateBatch(**{**vars(make_batch(f"r{i}", seed=i)), "user_interests": [f"t{i}"]})
+        for i in range(3)
+    ]
+    log = CandidateLog(tmp_path / "written")
+    assert all(log.submit(b) for b in batches) and log.close(timeout=30)
+    [path] = (tmp_path / "written").rglob("*.parquet")
+    table = pq.read_table(path)
+    order = np.random.default_rng(3).permutation(table.num_rows)
+    target = tmp_path / "shuffled" / path.relative_to(tmp_path / "written")
+    target.parent.mkdir(parents=True)
+    pq.write_table(table.take(order[:10]), target.with_name("part-b.parquet"))
+    pq.write_table(table.take(order[10:]), target.with_name("part-a.parquet"))
+    got = read_candidates(tmp_path / "shuffled", "home")
+    assert sorted(
+        zip(got["request_id"].to_pylist(), got["user_interests"].to_pylist(), strict=True)
+    ) == [(b.request_id, b.user_interests) for b in batches for _ in range(len(b))]
+    target.with_name("part-a.parquet").unlink()
+    holders = pc.is_valid(table["user_interests"])
+    pq.write_table(table.filter(pc.invert(holders)), target.with_name("part-b.parquet"))
+    with pytest.raises(DataError, match="request 'r0' has no row with its user_interests"):
+        read_candidates(tmp_path / "shuffled", "home")
+
+
 def test_values_shared_by_requests_keep_their_parquet_dictionary(tmp_path: Path) -> None:
     """Requests that share a value (the same user, locale, arm or model) put it in the
     dictionary once: given repeats, Parquet would write every row's string in full. A

@@ -175,7 +175,8 @@ MAX_INTERESTS = 256
 _CODES = pa.dictionary(pa.int32(), pa.string())
 FIRST_ROW_ONLY = "user_interests"
 """The column files hold on each request's first row only (null on its other rows);
-`read_candidates` gives every row its request's value, as files written before did."""
+`read_candidates` gives every row the value of its request (same `request_id` and `ts`), as
+files written before did."""
 WALK_SOURCE = "walk"  # walkrank.features.WALK_SOURCE (the log imports no serving code)
 _REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version", "arm", "shadow_version")
 
@@ -396,14 +397,33 @@ def read_candidates(
 
 
 def _fill_first_row_only(table: pa.Table, where: str) -> pa.Table:
-    """Every row gets its request's `FIRST_ROW_ONLY` value: a null row takes the value of the
-    nearest row above that has one (a request's rows are contiguous and first in write order,
-    and the time window keeps or drops a request whole)."""
+    """Every row gets its request's `FIRST_ROW_ONLY` value, from the row of the same
+    `request_id` and `ts` that holds it: by key, not by position, so files whose rows were
+    reordered or split (a shuffle, a compaction) read the same."""
     index = table.schema.get_field_index(FIRST_ROW_ONLY)
     column = table.column(index)
     if column.null_count:
-        present = column.is_valid().to_numpy(zero_copy_only=False)
-        if not present[0]:
-            raise DataError(f"{where}: the first candidate row read has no {FIRST_ROW_ONLY}")
-        column = column.drop_null().take(pa.array(np.cumsum(present) - 1))
+        keys = ["request_id", "ts"]
+        present = column.is_valid()
+        holders = (
+            table.select(keys)
+            .append_column("holder", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            .filter(present)
+            .group_by(keys, use_threads=False)
+            .aggregate([("holder", "min")])
+        )
+        rows = (
+            table.select(keys)
+            .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            .join(holders, keys, join_type="left outer", use_threads=False)
+            .sort_by("row")
+        )
+        holder = rows["holder_min"]
+        if holder.null_count:
+            first = rows.filter(pc.is_null(holder)).slice(0, 1)
+            raise DataError(
+                f"{where}: request {first['request_id'][0].as_py()!r} has no row with its "
+                f"{FIRST_ROW_ONLY} (its first candidate row is missing)"
+            )
+        column = column.take(holder)
     return table.set_column(index, CANDIDATE_COLUMNS.field(FIRST_ROW_ONLY), column)
