@@ -411,18 +411,18 @@ def test_tenant_quotas_follow_the_tenant_files_while_envoy_runs(launched: Launch
             wait_until(
                 lambda: quotas() == {tenant_cluster(TENANT): 6, tenant_cluster("email"): 8},
                 "Envoy admits the new quotas",
-                30,
+                60,
             )
             load.calls_after(load.ok)
             # The tenant's calls now go through a cluster holding it to 3 per replica.
             added.unlink()
             wait_until(
-                lambda: quotas() == {tenant_cluster(TENANT): 6}, "email's cluster removed", 30
+                lambda: quotas() == {tenant_cluster(TENANT): 6}, "email's cluster removed", 60
             )
             load.calls_after(load.ok)
         assert load.failures == []
     finally:
         replace_file(source, original)
         added.unlink(missing_ok=True)
-    wait_until(lambda: quotas() == {tenant_cluster(TENANT): 96}, "the quota restored", 30)
+    wait_until(lambda: quotas() == {tenant_cluster(TENANT): 96}, "the quota restored", 60)
     assert envoy_of(launched.process.pid) == envoy_pid  # the same Envoy all along
