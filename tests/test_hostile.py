@@ -33,13 +33,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from walkrank.errors import ConfigError
-from walkrank.graph.store import GraphStore
-from walkrank_client.pb.walkrank.v1 import admin_pb2, events_pb2, recommender_pb2
-
-REPO = Path(__file__).resolve().parents[1]
-
-from loadgen.fuzz import (  # noqa: E402
+from loadgen.fuzz import (
     BATCH,
     CHANNEL_OPTIONS,
     EVENTS,
@@ -60,7 +54,12 @@ from loadgen.fuzz import (  # noqa: E402
     send,
     violations,
 )
-from loadgen.harness import ServeProcess, write_server_config  # noqa: E402
+from loadgen.harness import ServeProcess, write_server_config
+from walkrank.errors import ConfigError
+from walkrank.graph.store import GraphStore
+from walkrank_client.pb.walkrank.v1 import admin_pb2, events_pb2, recommender_pb2
+
+REPO = Path(__file__).resolve().parents[1]
 
 CREDENTIALS = Credentials(
     tenant_keys={"homefeed": "key-homefeed", "related_pins": "key-related", "email": "key-email"},

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -19,21 +18,19 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from test_server import make_config
 
+from loadgen.generator import _Requests, run_load
+from loadgen.ghz_config import DURATION_STOPS, load_ghz_config
+from loadgen.method import from_proto, from_reflection
+from loadgen.report import from_ghz_json, summarize
+from loadgen.traffic import draw_requests
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
-from walkrank.serving.config import ServerConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank_client.pb.walkrank.v1 import recommender_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from loadgen.generator import _Requests, run_load  # noqa: E402
-from loadgen.ghz_config import DURATION_STOPS, load_ghz_config  # noqa: E402
-from loadgen.method import from_proto, from_reflection  # noqa: E402
-from loadgen.report import from_ghz_json, summarize  # noqa: E402
-from loadgen.traffic import draw_requests  # noqa: E402
-
 PROTO = ROOT / "protos" / "walkrank" / "v1" / "recommender.proto"
 RECOMMEND = "walkrank.v1.Recommender.Recommend"
 
@@ -41,23 +38,13 @@ RECOMMEND = "walkrank.v1.Recommender.Recommend"
 @pytest.fixture(scope="module")
 def server(small_graph: GraphStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The shipped tenants plus `tight`: home feed with a quota of one request in flight."""
-    root = tmp_path_factory.mktemp("load_server")
-    tenants = root / "tenants"
-    shutil.copytree(ROOT / "tenants", tenants)
+    config = make_config(tmp_path_factory.mktemp("load_server"), small_graph)
     tight = yaml.safe_load((ROOT / "tenants" / "homefeed.yaml").read_text())
     tight["name"] = "tight"
     tight["limits"]["max_in_flight"] = 1
     # Long walks (no early stop) keep each call busy, so eight concurrent calls overlap.
     tight["walk"]["early_stopping"] = None
-    (tenants / "tight.yaml").write_text(yaml.safe_dump(tight))
-    config = ServerConfig(
-        graph=small_graph.path,
-        tenants_dir=tenants,
-        models_dir=root / "models",
-        logs_dir=root / "logs",
-        address="127.0.0.1:0",
-        workers=8,
-    )
+    (config.tenants_dir / "tight.yaml").write_text(yaml.safe_dump(tight))
     walkrank = WalkRankServer(config)
     port = walkrank.start()
     yield f"127.0.0.1:{port}"
