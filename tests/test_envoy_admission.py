@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -363,3 +364,16 @@ def test_quota_changes_apply_while_envoy_runs_without_failing_a_call(
                 for thread in threads:
                     thread.join(30)
             assert envoy.process is not None and envoy.process.poll() is None  # never restarted
+
+
+def test_a_broken_tenant_file_keeps_its_last_quota_and_a_removed_one_loses_it(
+    tmp_path: Path,
+) -> None:
+    shutil.copytree(Path(__file__).parents[1] / "tenants", tmp_path / "tenants")
+    before = tenant_quotas(tmp_path / "tenants", 2)
+    assert dict(before)["email"] == 8
+    (tmp_path / "tenants" / "email.yaml").write_text("name: email\nwalk: [\n")
+    (tmp_path / "tenants" / "related_pins.yaml").unlink()
+    after = dict(tenant_quotas(tmp_path / "tenants", 2, previous=before))
+    # The servers keep serving email's last good config, so Envoy keeps its quota.
+    assert after == {"email": 8, "homefeed": dict(before)["homefeed"]}

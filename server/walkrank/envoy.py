@@ -564,8 +564,12 @@ def _wait_applied(
     settings: EnvoySettings, clusters: dict[str, int], routes_version: str | None, timeout_s: float
 ) -> None:
     deadline = time.monotonic() + timeout_s
+    active_clusters: dict[str, int] = {}
     while True:
-        active_clusters, active_routes = active_admission(settings.admin)
+        try:
+            active_clusters, active_routes = active_admission(settings.admin)
+        except OSError:  # the admin API did not answer in time: ask again
+            active_clusters, active_routes = {}, None
         if active_clusters == clusters and routes_version in (None, active_routes):
             return
         if time.monotonic() > deadline:

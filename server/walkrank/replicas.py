@@ -62,6 +62,9 @@ STABLE_S = 60.0  # a replica up this long has its backoff reset
 # A stopping replica reports NOT_SERVING this long before it stops taking calls: Envoy's
 # health check (every second) sees it and sends no more (`walkrank serve --drain-seconds`).
 REPLICA_DRAIN_S = 2.5
+#: How long Envoy may take over each step of an admission change before the change is
+#: retried later (the supervision loop, and so a stop, waits meanwhile).
+ADMISSION_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,7 @@ class ReplicaSet:
                 self.envoy_settings, tenant_quotas=self._quotas(self.envoy_settings.tenant_quotas)
             )
             if settings != self.envoy_settings:
-                update_admission(self.envoy_settings, settings)
+                update_admission(self.envoy_settings, settings, timeout_s=ADMISSION_TIMEOUT_S)
                 log.info("envoy: tenant quotas now %s", dict(settings.tenant_quotas))
         except ConfigError as exc:
             log.error("envoy: tenant quotas not updated (will retry): %s", exc)
