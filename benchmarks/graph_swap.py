@@ -32,15 +32,14 @@ from typing import Any
 
 import grpc
 import numpy as np
+from serving import NO_LOG, TENANT, ghz_config, prepare
+
+from loadgen.generator import RunResult, run_load
+from loadgen.ghz_config import load_ghz_config
+from loadgen.harness import ServeProcess, write_server_config
+from loadgen.report import nearest_rank
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from serving import NO_LOG, TENANT, ghz_config, prepare  # noqa: E402
-
-from loadgen.generator import RunResult, run_load  # noqa: E402
-from loadgen.ghz_config import load_ghz_config  # noqa: E402
-from loadgen.harness import ServeProcess, write_server_config  # noqa: E402
-from loadgen.report import nearest_rank  # noqa: E402
 
 TARGET_P99_RATIO = 1.5
 

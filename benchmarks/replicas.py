@@ -35,17 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from serving import TENANT, ghz_config, prepare
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from serving import TENANT, ghz_config, prepare  # noqa: E402
-
-from loadgen.generator import RunResult, run_load  # noqa: E402
-from loadgen.ghz_config import load_ghz_config  # noqa: E402
-from loadgen.harness import process_cpu_seconds, write_server_config  # noqa: E402
-from loadgen.models import publish_random_model  # noqa: E402
-from walkrank.envoy import host_health  # noqa: E402
-from walkrank.replicas import (  # noqa: E402
+from loadgen.generator import RunResult, run_load
+from loadgen.ghz_config import load_ghz_config
+from loadgen.harness import process_cpu_seconds, write_server_config
+from loadgen.models import publish_random_model
+from walkrank.envoy import host_health
+from walkrank.replicas import (
     BANNER,
     ReplicaPlan,
     free_port_run,
@@ -53,7 +50,9 @@ from walkrank.replicas import (  # noqa: E402
     parse_banner,
     replica_pids,
 )
-from walkrank_client import WalkRankClient  # noqa: E402
+from walkrank_client import WalkRankClient
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = ("direct_1", "envoy_1", "envoy_2")
 TARGET_OVERHEAD = 0.10
