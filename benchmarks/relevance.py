@@ -368,12 +368,14 @@ def period_ceiling(
     import pyarrow.compute as pc
 
     from walkrank.ranking.fit import train_model
+    from walkrank.training.pipeline import objective_for, request_groups, training_params
 
     keys = sorted(set(log["request_id"].to_pylist()))
     keys = random.Random(seed).sample(keys, min(IMPORTANCE_REQUESTS, len(keys)))
     folds = [keys[0::2], keys[1::2]]
     names = list(tenant.features)
-    params = {**tenant.ranker.training_params(), "n_estimators": rounds, "early_stopping_rounds": 0}
+    objective = objective_for(tenant, tenant.labels.strategy)
+    params = {**training_params(tenant), "n_estimators": rounds, "early_stopping_rounds": 0}
     found = {"model": 0.0, "visit_count": 0.0}
     for train_keys, test_keys in (folds, folds[::-1]):
         parts = [
@@ -393,7 +395,14 @@ def period_ceiling(
             ],
             dtype=np.float32,
         )
-        model = train_model(x[0], labels, params=params, seed=seed)
+        model = train_model(
+            x[0],
+            labels,
+            objective=objective,
+            groups=request_groups(parts[0]) if objective == "pairwise" else None,
+            params=params,
+            seed=seed,
+        )
         held = {key: truth.get(key, set()) for key in test_keys}
         share = sum(map(len, held.values()))
         scores = {

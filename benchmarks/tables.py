@@ -109,7 +109,7 @@ def diagnostics_table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| case | seed | truth pairs among candidates (train / test) | features the model "
         "relies on (recall@50 lost when shuffled) | in-period ceiling: model / visit "
-        "count recall@50 | rounds kept, AUC training / held-out rows |",
+        "count recall@50 | rounds kept, fit on training / held-out rows |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
@@ -121,11 +121,14 @@ def diagnostics_table(runs: list[dict[str, Any]]) -> str:
         ceiling = run["period_ceiling"]
         lift = ceiling["model_recall_at_50"] / ceiling["visit_count_recall_at_50"] - 1
         fit = run["training"]["train_metrics"]
+        # Binary models report AUC; pairwise ones NDCG at the primary metric's K.
+        measure = next(k[6:] for k in sorted(fit) if k.startswith("valid_") and "logloss" not in k)
         lines.append(
             f"| {run['case']} | {run['seed']} | {coverage['train']:.3f} / {coverage['test']:.3f} "
             f"| {features} | {ceiling['model_recall_at_50']:.4f} / "
             f"{ceiling['visit_count_recall_at_50']:.4f} ({_pct(lift)}) | "
-            f"{fit['rounds']:.0f}, {fit['train_auc']:.3f} / {fit['valid_auc']:.3f} |"
+            f"{fit['rounds']:.0f}, {measure} {fit[f'train_{measure}']:.3f} / "
+            f"{fit[f'valid_{measure}']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -146,7 +149,10 @@ def feature_orders_table(runs: list[dict[str, Any]], top: int = 4) -> str:
         for phase in ("train", "test"):
             ranked = sorted(orders[phase].items(), key=lambda item: -item[1])[:top]
             best = ", ".join(f"{name} {value:.4f}" for name, value in ranked)
-            walk = orders[phase].get("walk_score_share", orders[phase].get("walk_score"))
+            walk = next(
+                (orders[phase][n] for n in ("walk_score_rank", "walk_score") if n in orders[phase]),
+                None,
+            )
             shown = "n/a" if walk is None else f"{walk:.4f}"
             lines.append(f"| {run['case']} | {phase} | {best} | {shown} |")
     return "\n".join(lines)
@@ -338,18 +344,21 @@ def _mb(n: float) -> str:
 
 def graph_build_table(r: dict[str, Any]) -> str:
     """`benchmarks/graph_build.py --json`: the out-of-core build per size, the in-memory
-    builder beside it where it ran, and the extrapolation to 200M edges when not measured."""
+    builder beside it where it ran, the growth of time per edge, and the extrapolation to
+    200M edges when not measured."""
     lines = [
         f"DuckDB memory limit {r['memory_limit']}, {r['cores']} cores.",
         "",
-        "| edges | time | peak RSS | peak / graph | graph | in-memory peak RSS | same checksums |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| edges | time | CPU time | peak RSS | peak / graph | graph | in-memory peak RSS "
+        "| same checksums |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, f in r["sizes"].items():
         memory = f.get("in_memory")
         same = f.get("same_checksums_as_in_memory")
         lines.append(
-            f"| {label} | {f['seconds']:.0f} s | {_mb(f['peak_rss_bytes'])} "
+            f"| {label} | {f['seconds']:.0f} s | {f['cpu_seconds']:.0f} s "
+            f"| {_mb(f['peak_rss_bytes'])} "
             f"| {f['peak_rss_over_graph']:.2f}x | {_mb(f['graph_bytes'])} "
             f"| {_mb(memory['peak_rss_bytes']) if memory else ''} "
             f"| {'' if same is None else 'yes' if same else 'NO'} |"
@@ -358,9 +367,17 @@ def graph_build_table(r: dict[str, Any]) -> str:
     if x:
         lines.append(
             f"| {x['edges'] / 1e6:g}M (extrapolated from {x['from_edges'][0] / 1e6:g}M and "
-            f"{x['from_edges'][1] / 1e6:g}M, not measured) | | {_mb(x['peak_rss_bytes'])} "
+            f"{x['from_edges'][1] / 1e6:g}M, not measured) | | | {_mb(x['peak_rss_bytes'])} "
             f"| {x['peak_rss_over_graph']:.2f}x | {_mb(x['graph_bytes'])} | | |"
         )
+    growth = r.get("time_growth")
+    if growth:
+        lines += [
+            "",
+            f"Time per edge at {growth['to_edges'] / 1e6:g}M over that at "
+            f"{growth['from_edges'] / 1e6:g}M edges: {growth['cpu_seconds_per_edge_ratio']:.2f}x "
+            f"in CPU time, {growth['seconds_per_edge_ratio']:.2f}x in wall time.",
+        ]
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ def test_the_loop_runs_on_a_generated_case_with_sane_figures(tmp_path: Path) -> 
     assert metrics["ranker_recall_at_100"] >= metrics["ranker_recall_at_50"]
     # Each phase's single-feature orders: the edge-time features vary at the request time.
     orders = result["feature_orders_recall_at_50"]
-    assert "pin_edges_last_30d_share" in orders["train"] and "walk_score_share" in orders["test"]
+    assert "pin_edges_last_30d_rank" in orders["train"] and "walk_score_rank" in orders["test"]
     assert metrics["lift_vs_visit_count"] == metrics["lift_vs_visit_count_at_50"]
     # Every request was served and logged, in both phases.
     assert result["logged_requests"] == result["requests"]
