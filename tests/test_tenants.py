@@ -62,10 +62,9 @@ def test_shipped_tenants_differ_where_their_surfaces_differ():
     assert email.limits.max_in_flight < home.limits.max_in_flight
     assert (email.limits.priority, home.limits.priority) == ("batch", "interactive")
     assert email.logging.sample_rate < home.logging.sample_rate == 1.0
-    assert home.labels.primary_metric_name == "recall_actions"
+    assert home.labels.primary_metric == "recall_actions@50"
     # Below `return`: events exist only for returned pins, so K >= return is trivially 1.
     assert home.labels.primary_metric_k == 50
-    assert set(home.labels.action_types) == {"click", "closeup", "save"}
 
 
 def test_walk_params_carry_every_walk_setting(tmp_path):

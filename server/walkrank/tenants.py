@@ -184,19 +184,8 @@ class LabelsConfig:
     primary_metric: str
 
     @property
-    def primary_metric_name(self) -> str:
-        return self.primary_metric.split("@", 1)[0]
-
-    @property
     def primary_metric_k(self) -> int:
         return int(self.primary_metric.split("@", 1)[1])
-
-    @property
-    def action_types(self) -> tuple[str, ...]:
-        """The weighted event types that are user actions (`walkrank.logs.events.ACTION_EVENTS`)."""
-        from walkrank.logs.events import ACTION_EVENTS
-
-        return tuple(e for e in self.weights if e in ACTION_EVENTS)
 
 
 @dataclass(frozen=True)
