@@ -322,8 +322,12 @@ def compare_policies(
     if slots is not None and slots < 1:
         raise ValueError(f"slots must be at least 1, got {slots}")
 
-    def pairs(t: PolicyTerms, chosen: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        out = {"ips": (t.ips, t.size), "snips": (t.ips, t.weight), "naive": (t.naive, t.size)}
+    def pairs(t: PolicyTerms, chosen: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
+        out: dict[str, tuple[np.ndarray, ...]] = {
+            "ips": (t.ips, t.size),
+            "snips": (t.ips, t.weight),
+            "naive": (t.naive, t.size),
+        }
         if SLATE in estimators:
             assert impressed is not None and slots is not None
             out[SLATE] = slate_terms(request, y, impressed, propensity, returned, chosen, m, slots)
