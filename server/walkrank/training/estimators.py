@@ -21,13 +21,15 @@ estimate ("slate") replays that competition for outcomes that happen only on sho
 (impressions, actions). On an exploration request, a pin that was shown beat the client's
 threshold for that logged set; T's pins that would beat it number about `above` = (T's pins)
 x (SNIPS share of T's logged pins that were shown), and the other sources' pins that beat it
-`others` = slots - (returned pins shown). When above + others exceeds the slots, the client
-shows only `slots` of them; taking ours and theirs as equally likely to win a slot among
-those above the threshold, each of T's pins keeps its outcome with probability
-min(1, slots / (above + others)). The estimate is then SNIPS with each request's terms scaled
-by that share. Assumptions: a fixed number of slots (by default, the most of our pins the
-client ever showed in one request), and T at least as strong as a random set (a pin the logged
-set left unshown would not be shown in T's either).
+`others` = slots - (returned pins shown). The client fills its slots from those contenders;
+taking ours and theirs as equally likely to win one, T's pins keep their outcomes in
+proportion slots / (above + others). The estimate is SNIPS times (sum of slots) / (sum of
+above + others) over the requests: a ratio of sums rather than a per-request share, which the
+few logged pins of T in one request would make noisy and (the share being concave in them)
+biased low. For T = the logged set it gives the logged outcomes back. Assumptions: a fixed
+number of slots (by default, the most of our pins the client showed in one request), and
+winners among the contenders as likely ours as theirs (a strong T's pins beat the threshold by
+more than other sources' do, which this does not see).
 
 Intervals are percentile bootstraps over requests (or users: any unit whose outcomes move
 together): the units are resampled with replacement, the ratio recomputed, and the 2.5th and
