@@ -73,9 +73,10 @@ def encode_candidates(id_bytes, score_bits, visits, walk_score_bits, source_byte
     `id_bytes` and `source_bytes` are (n, width) uint8 views of NUL-padded UTF-8 pin ids
     and sources (empty for the walk's candidates), `score_bits` and `walk_score_bits` the
     float32 scores' bits (uint32), `visits` uint32, `propensity_bits` the float32
-    propensities' bits. Fields at their proto3 default (a score
-    of +0.0, no visits, an empty source) are left out, as protobuf itself does.
-    """
+    propensities' bits. Fields at their proto3 default (a score or propensity of +0.0, no
+    visits, an empty source) are left out, as protobuf itself does. The pin id and the source
+    are written out twice rather than through a shared helper: the helper made this kernel
+    slower."""
     n = id_bytes.shape[0]
     id_len = np.empty(n, np.int64)
     source_len = np.empty(n, np.int64)
