@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from walkrank.cli import main
 from walkrank.errors import ConfigError, DataError
 from walkrank.graph.build import build_graph
+from walkrank.graph.delta import DeltaSegment, Edge
 from walkrank.graph.store import DeltaArrays, GraphArrays, GraphStore
 from walkrank.walks import WalkParams, WalkResult, kernels, step_budgets, walk
 from walkrank.walks.engine import WalkCancelled, new_slice_cache, new_visit_table
@@ -674,3 +675,46 @@ def test_cli_walk_table_and_errors(
     assert main(["walk", "--graph", str(small_graph.path), "--pins", pin, "--weights", "1,2"]) == 2
     assert "--weights has 2 values but --pins has 1" in capsys.readouterr().err
     assert main(["walk", "--graph", str(tmp_path / "missing"), "--pins", pin]) == 2
+
+
+def test_biased_steps_draw_real_time_delta_neighbours(two_locale_graph: GraphStore) -> None:
+    """A pin saved in real time onto boards whose locale slice is not empty: every step of a
+    fully biased walk draws from that slice, so only a biased draw that reads the board's
+    delta list reaches it, about once in (slice + 1) arrivals at such a board."""
+    graph = two_locale_graph
+    ja = graph.locale_code("ja")
+    ends = graph.board_locale_ends.astype(np.int64)
+    board_slice = ends[:, ja] - (ends[:, ja - 1] if ja > 0 else 0)
+    degree = np.diff(graph.pin_offsets)
+    candidates = np.flatnonzero((graph.pin_locale == ja) & (degree >= 4))
+    query = int(next(p for p in candidates if (board_slice[graph.boards_of(p)] > 0).all()))
+    boards = graph.boards_of(query)
+    ja_boards = boards[graph.board_locale[boards] == ja]
+    assert ja_boards.size and (board_slice[boards] > 0).all()
+    delta = DeltaSegment(graph, max_edges=1_000, flush_s=3600.0)
+    delta.add([Edge("987654321", str(b)) for b in graph.board_external(boards)])
+    delta.publish()
+    live = delta.view()
+    delta.close()
+    new = int(live.pin_index(["987654321"])[0])
+    steps = 20_000
+
+    def new_pin_visits(bias_by: str) -> int:
+        params = WalkParams(
+            steps=steps, early_stop_pins=0, bias_strength=1.0, bias_by=bias_by, max_candidates=10**6
+        )
+        result = walk(
+            live,
+            np.array([query], np.int32),
+            np.ones(1),
+            params,
+            user_locale=ja,
+            user_topic=int(graph.pin_topic[query]),
+            seed=4,
+        )
+        return int(result.visits[result.pins == new].sum())
+
+    # Half the steps start at the query pin (restart 0.5) and go to one of its ja boards.
+    first_hop = 0.5 * steps * np.mean(1.0 / (board_slice[ja_boards] + 1))
+    assert new_pin_visits("locale") > 0.7 * first_hop
+    assert new_pin_visits("locale_topic") > 0

@@ -184,10 +184,16 @@ def _locale_bounds(locale_ends, node, locale, start):
 
 
 @njit(inline="always")
-def _pick(first, last, r, uniform, biased):
-    """A uniform index in [first, last) when `biased` and the slice has neighbours, else
-    `uniform`: a select, not a branch (the bias coin is unpredictable)."""
-    chosen = first + _below(r, last - first)
+def _pick(first, last, r, uniform, biased, delta_at, delta_len):
+    """When `biased` and the slice [first, last) has neighbours, a uniform draw from the slice
+    and the node's `delta_len` real-time delta neighbours (from `delta_at` in the delta
+    adjacency, kept as `~position`), else `uniform`: selects, not branches (the bias coin is
+    unpredictable). The delta is not indexed by bias key, so its neighbours stay eligible."""
+    in_slice = last - first
+    j = _below(r, in_slice + delta_len)
+    # `delta_len == 0` first: a walk without a delta passes the constant 0, and the compiled
+    # pick is the slice draw alone (the delta's select measured 5% of a locale-biased walk).
+    chosen = first + j if delta_len == 0 or j < in_slice else ~(delta_at + j - in_slice)
     return chosen if biased and last > first else uniform
 
 
@@ -286,9 +292,10 @@ def walk_query_pin(
     list (`*_delta_adj[*_delta_offsets[n]:*_delta_offsets[n + 1]]`, offsets for every node,
     base and new, so the lookup is one load, prefetched like the base's), and nodes past the
     base's (new pins and boards) have a delta list only. A draw past the base list is
-    kept as `~(position in the delta adjacency)`, below 0. Biased steps draw from the base's
-    bias index (a new node's steps are never biased); delta neighbours are reached by the
-    unbiased steps. With None (no delta) numba compiles a version without any of it (its
+    kept as `~(position in the delta adjacency)`, below 0. A biased step draws from the base
+    node's slice of the bias index and its delta list together (the delta is not indexed by
+    bias key, so its neighbours stay eligible; a node whose slice is empty, or a new node,
+    draws unbiased). With None (no delta) numba compiles a version without any of it (its
     `is None` branches are pruned), the base-only walk exactly as before.
     """
     mask = np.int64(table.shape[0] - 1)
@@ -332,6 +339,8 @@ def walk_query_pin(
     list_start = np.empty(WALKERS, np.int64)  # and its node's list and runs
     runs_at = np.empty(WALKERS, np.int64)
     runs_count = np.empty(WALKERS, np.int64)
+    delta_from = np.zeros(WALKERS, np.int64)  # the node's delta list: where, how long
+    delta_count = np.zeros(WALKERS, np.int64)
     done = np.int64(0)
     reached = np.int64(0)
     while done < budget and reached <= stop_after and _load_relaxed(cancel) == 0:
@@ -348,18 +357,21 @@ def walk_query_pin(
                 i = start + _below(r, stop - start)
                 biased[w] = use_bias and (r & _LOW32) < bias_threshold
                 bias_node = np.int64(p)
+                delta_at = np.int64(0)  # no delta list
+                delta_len = np.int64(0)
             else:  # base list, then delta list; a new pin has the delta list only
                 start = pin_offsets[min(p, base_pins)]
                 stop = pin_offsets[min(p + 1, base_pins)]
                 delta_at = np.int64(pin_delta_offsets[p])
-                i = start + _below(r, stop - start + pin_delta_offsets[p + 1] - delta_at)
+                delta_len = pin_delta_offsets[p + 1] - delta_at
+                i = start + _below(r, stop - start + delta_len)
                 if i >= stop:
                     i = ~(delta_at + i - stop)
                 biased[w] = use_bias and (r & _LOW32) < bias_threshold and p < base_pins
                 bias_node = min(np.int64(p), last_pin)
             if by_locale:
                 first, last = _locale_bounds(pin_locale_ends, bias_node, locale, start)
-                i = _pick(first, last, r, i, biased[w])
+                i = _pick(first, last, r, i, biased[w], delta_at, delta_len)
             elif by_key:
                 row = _hash_slot(p, slice_mask)
                 cached = pin_slices[row, 0] == p
@@ -369,6 +381,8 @@ def walk_query_pin(
                     r,
                     i,
                     biased[w] and cached,
+                    delta_at,
+                    delta_len,
                 )
                 searching[w] = biased[w] and not cached
                 if searching[w]:
@@ -376,6 +390,8 @@ def walk_query_pin(
                     runs_at[w] = at
                     runs_count[w] = pin_run_offsets[p + 1] - at
                     list_start[w] = start
+                    delta_from[w] = delta_at
+                    delta_count[w] = delta_len
                     draw[w] = r
                     for line in range(at, at + min(runs_count[w], runs_prefetch), runs_line):
                         _prefetch(pin_key_runs, line)
@@ -400,8 +416,13 @@ def walk_query_pin(
                     pin_slices[row, 0] = position[w]
                     pin_slices[row, 1] = first - list_start[w]
                     pin_slices[row, 2] = last - list_start[w]
-                    index[w] = _pick(first, last, draw[w], index[w], True)
-                    _prefetch(pin_adj, index[w])
+                    index[w] = _pick(
+                        first, last, draw[w], index[w], True, delta_from[w], delta_count[w]
+                    )
+                    if pin_delta_adj is None or index[w] >= 0:
+                        _prefetch(pin_adj, index[w])
+                    else:
+                        _prefetch(pin_delta_adj, ~index[w])
         # Pass 2: board id.
         for w in range(n):
             i = index[w]
@@ -428,18 +449,21 @@ def walk_query_pin(
                 stop = board_offsets[b + 1]
                 i = start + _below(r, stop - start)
                 bias_node = np.int64(b)
+                delta_at = np.int64(0)  # no delta list
+                delta_len = np.int64(0)
             else:
                 start = board_offsets[min(b, base_boards)]
                 stop = board_offsets[min(b + 1, base_boards)]
                 delta_at = np.int64(board_delta_offsets[b])
-                i = start + _below(r, stop - start + board_delta_offsets[b + 1] - delta_at)
+                delta_len = board_delta_offsets[b + 1] - delta_at
+                i = start + _below(r, stop - start + delta_len)
                 if i >= stop:
                     i = ~(delta_at + i - stop)
                 biased[w] = biased[w] and b < base_boards
                 bias_node = min(np.int64(b), last_board)
             if by_locale:
                 first, last = _locale_bounds(board_locale_ends, bias_node, locale, start)
-                i = _pick(first, last, r, i, biased[w])
+                i = _pick(first, last, r, i, biased[w], delta_at, delta_len)
             elif by_key:
                 row = _hash_slot(b, slice_mask)
                 cached = board_slices[row, 0] == b
@@ -449,6 +473,8 @@ def walk_query_pin(
                     r,
                     i,
                     biased[w] and cached,
+                    delta_at,
+                    delta_len,
                 )
                 searching[w] = biased[w] and not cached
                 if searching[w]:
@@ -456,6 +482,8 @@ def walk_query_pin(
                     runs_at[w] = at
                     runs_count[w] = board_run_offsets[b + 1] - at
                     list_start[w] = start
+                    delta_from[w] = delta_at
+                    delta_count[w] = delta_len
                     draw[w] = r
                     for line in range(at, at + min(runs_count[w], runs_prefetch), runs_line):
                         _prefetch(board_key_runs, line)
@@ -483,8 +511,13 @@ def walk_query_pin(
                     board_slices[row, 0] = node[w]
                     board_slices[row, 1] = first - list_start[w]
                     board_slices[row, 2] = last - list_start[w]
-                    index[w] = _pick(first, last, draw[w], index[w], True)
-                    _prefetch(board_adj, index[w])
+                    index[w] = _pick(
+                        first, last, draw[w], index[w], True, delta_from[w], delta_count[w]
+                    )
+                    if board_delta_adj is None or index[w] >= 0:
+                        _prefetch(board_adj, index[w])
+                    else:
+                        _prefetch(board_delta_adj, ~index[w])
         # Pass 4: arrival pin; prefetch its counter and where the walker goes next.
         for w in range(n):
             i = index[w]
