@@ -5,11 +5,12 @@ Relevance: every `benchmarks/results/relevance/*.json` (written by `benchmarks/r
 run, the diagnostics of the template's runs (truth pairs among the candidates, the
 features the model relies on, the in-period ceiling, the fit) and each phase's best
 single-feature orders. Performance:
-`benchmarks/results/{walks,serving,replicas,graph_build}.json` (each benchmark's `--json`)
+`benchmarks/results/{walks,scoring,serving,replicas,graph_build}.json` (each benchmark's `--json`)
 give one table each. With `--write FILE` it replaces the text between `<!-- NAME -->` and
 `<!-- /NAME -->` for every table whose markers FILE has (relevance:summary, relevance:runs,
-relevance:diagnostics, relevance:feature_orders, performance:walks, performance:serving,
-performance:replicas, performance:graph_build); otherwise it prints the tables.
+relevance:diagnostics, relevance:feature_orders, performance:walks, performance:scoring,
+performance:serving, performance:replicas, performance:graph_build); otherwise it prints the
+tables.
 
     python benchmarks/tables.py [--results DIR] [--write docs/relevance.md]
     python benchmarks/tables.py --write docs/performance.md
@@ -381,8 +382,47 @@ def graph_build_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_ENGINES = {
+    "walkrank_served": "served (tree kernel)",
+    "xgboost": "xgboost `inplace_predict`",
+    "ort_onnxmltools": "onnxruntime, onnxmltools export",
+    "ort_hummingbird": "onnxruntime, hummingbird-ml export",
+}
+
+
+def scoring_table(r: dict[str, Any]) -> str:
+    """`benchmarks/scoring.py --json`: rows per second of each engine, one thread, per model
+    and batch size, and each against xgboost's in the same run."""
+    lines = [
+        f"One thread per engine{' (`--quick`: fewer repetitions)' if r.get('quick') else ''}; "
+        f"rows per second, and in brackets against xgboost's; the served scores differ from "
+        f"onnxruntime's by at most {r['max_abs_diff']:.1g}.",
+    ]
+    for label, model in r["models"].items():
+        trees, depth = label.split("x")
+        batches = list(model["batches"])
+        lines += [
+            "",
+            f"{trees} trees of depth {depth}, served by `{model['engine_served']}`:",
+            "",
+            "| engine | " + " | ".join(f"batch {int(b):,}" for b in batches) + " |",
+            "| --- |" + " ---: |" * len(batches),
+        ]
+        for engine, name in _ENGINES.items():
+            cells = [model["batches"][b][engine] for b in batches]
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    f"{c['rows_per_second']:,.0f} ({c['ratio_vs_xgboost']:.2f}x)" for c in cells
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 PERFORMANCE = {
     "performance:walks": ("walks.json", walks_table),
+    "performance:scoring": ("scoring.json", scoring_table),
     "performance:serving": ("serving.json", serving_table),
     "performance:replicas": ("replicas.json", replicas_table),
     "performance:graph_build": ("graph_build.json", graph_build_table),
