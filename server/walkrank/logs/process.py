@@ -149,10 +149,12 @@ def _numeric_arrays(record: Any) -> dict[str, np.ndarray]:
 def _rebuilt(kind: type, fields: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
     """The record again, without running its `__post_init__` checks a second time: the
     server built (and so checked) it, and they were a tenth of the child's Python."""
-    if not hasattr(kind, "__dict__") or "__slots__" in vars(kind):
-        return kind(**fields, **arrays)
     record = object.__new__(kind)
-    vars(record).update(fields, **arrays)
+    try:
+        state = vars(record)
+    except TypeError:  # a class with __slots__
+        return kind(**fields, **arrays)
+    state.update(fields, **arrays)
     return record
 
 
