@@ -15,8 +15,11 @@ full walks with a real-time delta holding 1% of the graph's edges (`walkrank.gra
 beside the graph, against the graph alone, query by query (`delta_throughput_ratio`). Early
 stopping is judged by the steps it walks and the overlap of its top 100 (and top 500) with the
 full walk of the same seed; the overlap of two full walks of different seeds says how much of
-that top 100 is sampling noise at N steps. Queries are 5 pins drawn by degree, or, with
---requests, the `query_pins` ([{pin_id, weight}]) of a JSON-lines file (.gz too). Figures are
+that top 100 is sampling noise at N steps, and the shortest prefix of the full walk (in tenths
+of its steps) whose top 100 overlaps it by 0.8 says how few steps any stopping rule could walk
+for that overlap. With --truth (a relevance case's `request_key, pin_id` pairs), recall@50 of
+the early-stopped and the full walks' visit-count order. Queries are 5 pins drawn by degree, or,
+with --requests, the `query_pins` ([{pin_id, weight}]) of a JSON-lines file (.gz too). Figures are
 medians over queries (latency percentiles over all queries), printed beside the machine's L3
 size and the bytes of the arrays the walks read: a graph that fits in L3 walks faster than one
 that does not.
@@ -25,6 +28,7 @@ that does not.
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import json
 import statistics
@@ -83,14 +87,17 @@ def _queries(graph: GraphStore, n: int, seed: int) -> list[Query]:
     ]
 
 
-def _request_queries(graph: GraphStore, path: Path, n: int) -> list[Query]:
-    """The first n requests of a JSON-lines file whose query has a pin with boards."""
+def _request_queries(graph: GraphStore, path: Path, n: int) -> tuple[list[Query], list[str]]:
+    """The first n requests of a JSON-lines file whose query has a pin with boards, and their
+    `request_key`s ("" where a request has none)."""
     degree = np.diff(graph.pin_offsets)
     queries: list[Query] = []
+    keys: list[str] = []
     with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as lines:
         for number, line in enumerate(lines, 1):
             try:
-                query = json.loads(line)["query_pins"]
+                request = json.loads(line)
+                query = request["query_pins"]
                 ids = np.array([q["pin_id"] for q in query], dtype=object)
                 weights = np.array([float(q["weight"]) for q in query])
             except (ValueError, KeyError, TypeError) as exc:
@@ -100,11 +107,51 @@ def _request_queries(graph: GraphStore, path: Path, n: int) -> list[Query]:
             pins = graph.pin_index(ids)
             if (degree[pins[pins >= 0]] > 0).any():
                 queries.append((pins, weights))
+                keys.append(str(request.get("request_key", "")))
             if len(queries) == n:
                 break
     if not queries:
         raise SystemExit(f"{path}: no request has a query pin in the graph")
-    return queries
+    return queries, keys
+
+
+def _read_truth(path: Path) -> dict[str, set[str]]:
+    """`request_key, pin_id` rows of a CSV file (.gz too): each request's relevant pins."""
+    truth: dict[str, set[str]] = {}
+    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as rows:
+        reader = csv.DictReader(rows)
+        if not {"request_key", "pin_id"} <= set(reader.fieldnames or ()):
+            raise SystemExit(f"{path}: expected the columns request_key, pin_id")
+        for row in reader:
+            truth.setdefault(row["request_key"], set()).add(row["pin_id"])
+    return truth
+
+
+def _recall(
+    graph: GraphStore, candidates: list[np.ndarray], keys: list[str], truth: dict[str, set[str]]
+) -> float:
+    """Truth pairs among the requests' top 50 over all the requests' truth pairs."""
+    found = total = 0
+    for pins, key in zip(candidates, keys, strict=True):
+        relevant = truth.get(key, set())
+        total += len(relevant)
+        found += len(relevant & {str(p) for p in graph.pin_external(pins[:50]).tolist()})
+    return found / max(total, 1)
+
+
+def _prefix_fraction(graph: GraphStore, queries: list[Query], full: Timed, at: float) -> float:
+    """Median over queries of the shortest prefix of the full walk (0.1, 0.2, ... of its
+    steps; 1 if none) whose top 100 overlaps the full walk's by `at`. A walk of N f steps with
+    the full walk's seed is its prefix (the same random streams), so this is the fewest steps
+    a stopping rule that knew each query's outcome would walk for that overlap."""
+    needed = np.ones(len(queries))
+    for tenths in range(9, 0, -1):
+        params = WalkParams(steps=STEPS * tenths // 10, early_stop_pins=0)
+        prefix = _timed_walks(graph, queries, {"prefix": params})["prefix"].candidates
+        for i, (x, y) in enumerate(zip(prefix, full.candidates, strict=True)):
+            if np.intersect1d(x[:100], y[:100]).size >= at * max(1, min(100, y.shape[0])):
+                needed[i] = tenths / 10
+    return float(np.median(needed))
 
 
 def _first_pin(query: Query) -> int:
@@ -300,7 +347,12 @@ def _page_in(graph: GraphStore) -> float:
 
 
 def run(
-    graph_dir: Path | None, quick: bool, requests: Path | None, n_queries: int | None, seed: int
+    graph_dir: Path | None,
+    quick: bool,
+    requests: Path | None,
+    n_queries: int | None,
+    seed: int,
+    truth: Path | None = None,
 ) -> dict[str, Any]:
     preset = "quick" if quick else "bench"
     path = graph_dir or ensure_graph(preset, cache_dir=REPO / ".cache" / "graphs")
@@ -310,7 +362,11 @@ def run(
     page_in_seconds = _page_in(graph)
 
     n = n_queries or (60 if quick or graph_dir else 200)
-    queries = _request_queries(graph, requests, n) if requests else _queries(graph, n, seed)
+    keys: list[str] = []
+    if requests:
+        queries, keys = _request_queries(graph, requests, n)
+    else:
+        queries = _queries(graph, n, seed)
     n = len(queries)
     no_stop = WalkParams(steps=STEPS, early_stop_pins=0)
     modes = {"full": no_stop, "early": WalkParams(steps=STEPS)}
@@ -335,6 +391,8 @@ def run(
     timed = _timed_walks(graph, queries, modes)
     full, early = timed["full"], timed["early"]
     other_seed = _timed_walks(graph, queries, {"full": no_stop}, seed=len(queries))["full"]
+    prefix_fraction = _prefix_fraction(graph, queries, full, 0.8)
+    relevant = _read_truth(truth) if truth else None
     two = statistics.median(_two_threads(graph, queries, no_stop) for _ in range(3))
     n_counter = min(n, 40)
     counters = {
@@ -388,6 +446,11 @@ def run(
         "early_stop_overlap_at_100": _overlap(early.candidates, full.candidates, 100),
         "early_stop_overlap_at_500": _overlap(early.candidates, full.candidates, 500),
         "full_walk_seed_overlap_at_100": _overlap(other_seed.candidates, full.candidates, 100),
+        "prefix_fraction_for_overlap_80": prefix_fraction,
+        "recall_at_50_full": _recall(graph, full.candidates, keys, relevant) if relevant else None,
+        "recall_at_50_early_stop": (
+            _recall(graph, early.candidates, keys, relevant) if relevant else None
+        ),
         "locale_bias_p50_ms": ms(timed["locale"].seconds, 50) if biased else None,
         "locale_bias_p99_ms": ms(timed["locale"].seconds, 99) if biased else None,
         "locale_topic_bias_p50_ms": ms(timed["topic"].seconds, 50) if biased else None,
@@ -449,7 +512,8 @@ def _print(r: dict[str, Any]) -> None:
             "early stop vs full walk",
             f"top-100 overlap {r['early_stop_overlap_at_100']:.2f}, "
             f"top-500 {r['early_stop_overlap_at_500']:.2f} (two full "
-            f"walks' top 100: {r['full_walk_seed_overlap_at_100']:.2f})",
+            f"walks' top 100: {r['full_walk_seed_overlap_at_100']:.2f}); a prefix of "
+            f"{r['prefix_fraction_for_overlap_80']:.0%} of the full walk overlaps it by 0.8",
         ),
         ("latency, locale bias 0.5", bias("locale_bias")),
         ("latency, locale+topic bias 0.8", bias("locale_topic_bias")),
@@ -465,6 +529,14 @@ def _print(r: dict[str, Any]) -> None:
             f"publish {r['delta_publish_seconds'] * 1e3:.0f} ms",
         ),
     ]
+    if r["recall_at_50_full"] is not None:
+        rows.append(
+            (
+                "recall@50, visit count",
+                f"early stop {r['recall_at_50_early_stop']:.4f}, full walk "
+                f"{r['recall_at_50_full']:.4f}",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
@@ -486,13 +558,22 @@ def main() -> None:
         help="JSON lines with query_pins [{pin_id, weight}] (.gz too): the "
         "queries, instead of 5 pins drawn by degree",
     )
+    parser.add_argument(
+        "--truth",
+        type=Path,
+        metavar="FILE",
+        help="CSV (.gz too) of request_key, pin_id pairs for the --requests: recall@50 of the "
+        "early-stopped and the full walks",
+    )
     parser.add_argument("--queries", type=int, help="queries per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args()
     if args.requests and not args.requests.is_file():
         parser.error(f"--requests {args.requests}: no such file")
-    result = run(args.graph, args.quick, args.requests, args.queries, args.seed)
+    if args.truth and not (args.requests and args.truth.is_file()):
+        parser.error(f"--truth {args.truth}: needs --requests and an existing file")
+    result = run(args.graph, args.quick, args.requests, args.queries, args.seed, args.truth)
     _print(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
