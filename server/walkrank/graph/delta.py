@@ -42,13 +42,12 @@ from numba import njit
 
 from walkrank.errors import DataError, WalkRankError
 from walkrank.graph.store import DeltaArrays, GraphStore, _canonical_int
+from walkrank.logs.events import MAX_EPOCH_SECONDS  # an edge's created_at: as an event's time
 
 log = logging.getLogger(__name__)
 
 #: Most edges in one AddEdges message (one batch: one log record, one lock hold).
 MAX_BATCH_EDGES = 10_000
-#: Epoch seconds accepted as an edge's created_at: [1970, 2100), as event timestamps.
-MAX_EPOCH_SECONDS = 4_102_444_800.0
 #: Manifest key of a compacted graph: which append-log records it folded in.
 MANIFEST_KEY = "realtime"
 
