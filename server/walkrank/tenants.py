@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from walkrank.walks.engine import WalkParams
 
 # A tenant's name is also a directory name in the model registry: keep it a safe path component.
-TENANT_NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
+TENANT_NAME_CHARS = 64
+TENANT_NAME_RE = re.compile(rf"[a-z0-9_]{{1,{TENANT_NAME_CHARS}}}")
 # A client's query actions are open-ended (it names them), but must look like names.
 _EVENT_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _METRIC_RE = re.compile(r"(?P<name>[a-z_]+)@(?P<k>[0-9]+)")

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from walkrank.serving.errors import InvalidArgument
+from walkrank.tenants import TENANT_NAME_CHARS
 
-TENANT_CHARS = 64  # as `walkrank.tenants.TENANT_NAME_RE`
+TENANT_CHARS = TENANT_NAME_CHARS  # a longer name is no tenant's
 ID_CHARS = 128  # request_id, user id, pin ids (query, excluded, events)
 LOCALE_CHARS = 64
 INTEREST_CHARS = 128
