@@ -4,8 +4,8 @@ The kernels are numba `nogil` code without bounds checks, so an offset past the 
 adjacency array or a neighbour id past the end of the other side's offsets reads arbitrary
 memory (SIGSEGV at best). Checksums say the files are the ones the build wrote; these checks
 say the arrays are safe to walk whatever wrote them, and run on every load that verifies.
-Each is one vectorised pass (docs/serving.md gives their time on a large graph), and each
-failure is a DataError naming the file and the first bad entry.
+Each is one vectorised pass (benchmarks/walks.py times a verified load), and each failure is
+a DataError naming the file and the first bad entry.
 """
 
 from __future__ import annotations
