@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from test_cli_serve import write_config
 
 from walkrank.cli import main
 from walkrank.graph.store import GraphStore
@@ -15,24 +14,10 @@ from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.fit import train_model
 from walkrank.tenants import load_tenant
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture()
 def config(tmp_path: Path, small_graph: GraphStore) -> Path:
-    shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    path = tmp_path / "walkrank.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "graph": str(small_graph.path),
-                "tenants_dir": "tenants",
-                "models_dir": "models",
-                "logs_dir": "logs",
-            }
-        )
-    )
-    return path
+    return write_config(tmp_path, small_graph.path)
 
 
 def save_booster(path: Path, n_features: int, objective: str, seed: int) -> Path:
