@@ -224,6 +224,53 @@ def _run_end(runs, at, below, end_mask):
     return np.int64(runs[at + below - 1]) & end_mask if below > 0 else np.int64(0)
 
 
+@njit(inline="always")
+def _slices_from_runs(
+    n,
+    searching,
+    nodes,
+    key_runs,
+    runs_at,
+    runs_count,
+    list_start,
+    draw,
+    delta_from,
+    delta_count,
+    slices,
+    lo_key,
+    hi_key,
+    one_key,
+    end_mask,
+    index,
+    adj,
+    delta_adj,
+):
+    """A pass of `walk_query_pin` over its walkers (pins' or boards'): each `searching`
+    walker's slice of [lo_key, hi_key) from its node's runs (prefetched the pass before),
+    cached in `slices`, its draw from it (`_pick`) into `index`, and that neighbour
+    prefetched. One call a lock-step round, so what numba pays a call is spread over it."""
+    slice_mask = np.int64(slices.shape[0] - 1)
+    for w in range(n):
+        if searching[w]:
+            at, count = runs_at[w], runs_count[w]
+            below_lo = _runs_below(key_runs, at, count, lo_key)
+            if one_key:  # the run after the key's, if it is the key's own
+                below_hi = below_lo + _is_run_of(key_runs, at, count, below_lo, hi_key)
+            else:
+                below_hi = _runs_below(key_runs, at, count, hi_key)
+            first = list_start[w] + _run_end(key_runs, at, below_lo, end_mask)
+            last = list_start[w] + _run_end(key_runs, at, below_hi, end_mask)
+            row = _hash_slot(nodes[w], slice_mask)
+            slices[row, 0] = nodes[w]
+            slices[row, 1] = first - list_start[w]
+            slices[row, 2] = last - list_start[w]
+            index[w] = _pick(first, last, draw[w], index[w], True, delta_from[w], delta_count[w])
+            if delta_adj is None or index[w] >= 0:
+                _prefetch(adj, index[w])
+            else:
+                _prefetch(delta_adj, ~index[w])
+
+
 @njit(nogil=True, cache=True)
 def walk_query_pin(
     pin_offsets,
@@ -402,27 +449,26 @@ def walk_query_pin(
             else:
                 _prefetch(pin_delta_adj, ~i)
         if by_key:  # Pass 1b: the slices not cached, from the pins' runs.
-            for w in range(n):
-                if searching[w]:
-                    at, count = runs_at[w], runs_count[w]
-                    below_lo = _runs_below(pin_key_runs, at, count, lo_key)
-                    if one_key:  # the run after the key's, if it is the key's own
-                        below_hi = below_lo + _is_run_of(pin_key_runs, at, count, below_lo, hi_key)
-                    else:
-                        below_hi = _runs_below(pin_key_runs, at, count, hi_key)
-                    first = list_start[w] + _run_end(pin_key_runs, at, below_lo, end_mask)
-                    last = list_start[w] + _run_end(pin_key_runs, at, below_hi, end_mask)
-                    row = _hash_slot(position[w], slice_mask)
-                    pin_slices[row, 0] = position[w]
-                    pin_slices[row, 1] = first - list_start[w]
-                    pin_slices[row, 2] = last - list_start[w]
-                    index[w] = _pick(
-                        first, last, draw[w], index[w], True, delta_from[w], delta_count[w]
-                    )
-                    if pin_delta_adj is None or index[w] >= 0:
-                        _prefetch(pin_adj, index[w])
-                    else:
-                        _prefetch(pin_delta_adj, ~index[w])
+            _slices_from_runs(
+                n,
+                searching,
+                position,
+                pin_key_runs,
+                runs_at,
+                runs_count,
+                list_start,
+                draw,
+                delta_from,
+                delta_count,
+                pin_slices,
+                lo_key,
+                hi_key,
+                one_key,
+                end_mask,
+                index,
+                pin_adj,
+                pin_delta_adj,
+            )
         # Pass 2: board id.
         for w in range(n):
             i = index[w]
@@ -495,29 +541,26 @@ def walk_query_pin(
             else:
                 _prefetch(board_delta_adj, ~i)
         if by_key:  # Pass 3b: the slices not cached, from the boards' runs.
-            for w in range(n):
-                if searching[w]:
-                    at, count = runs_at[w], runs_count[w]
-                    below_lo = _runs_below(board_key_runs, at, count, lo_key)
-                    if one_key:  # the run after the key's, if it is the key's own
-                        below_hi = below_lo + _is_run_of(
-                            board_key_runs, at, count, below_lo, hi_key
-                        )
-                    else:
-                        below_hi = _runs_below(board_key_runs, at, count, hi_key)
-                    first = list_start[w] + _run_end(board_key_runs, at, below_lo, end_mask)
-                    last = list_start[w] + _run_end(board_key_runs, at, below_hi, end_mask)
-                    row = _hash_slot(node[w], slice_mask)
-                    board_slices[row, 0] = node[w]
-                    board_slices[row, 1] = first - list_start[w]
-                    board_slices[row, 2] = last - list_start[w]
-                    index[w] = _pick(
-                        first, last, draw[w], index[w], True, delta_from[w], delta_count[w]
-                    )
-                    if board_delta_adj is None or index[w] >= 0:
-                        _prefetch(board_adj, index[w])
-                    else:
-                        _prefetch(board_delta_adj, ~index[w])
+            _slices_from_runs(
+                n,
+                searching,
+                node,
+                board_key_runs,
+                runs_at,
+                runs_count,
+                list_start,
+                draw,
+                delta_from,
+                delta_count,
+                board_slices,
+                lo_key,
+                hi_key,
+                one_key,
+                end_mask,
+                index,
+                board_adj,
+                board_delta_adj,
+            )
         # Pass 4: arrival pin; prefetch its counter and where the walker goes next.
         for w in range(n):
             i = index[w]
