@@ -225,30 +225,16 @@ def _run_end(runs, at, below, end_mask):
 
 
 @njit(inline="always")
-def _slices_from_runs(
-    n,
-    searching,
-    nodes,
-    key_runs,
-    runs_at,
-    runs_count,
-    list_start,
-    draw,
-    delta_from,
-    delta_count,
-    slices,
-    lo_key,
-    hi_key,
-    one_key,
-    end_mask,
-    index,
-    adj,
-    delta_adj,
-):
+def _slices_from_runs(n, searching, nodes, key_runs, slices, index, adj, delta_adj, found, key):
     """A pass of `walk_query_pin` over its walkers (pins' or boards'): each `searching`
     walker's slice of [lo_key, hi_key) from its node's runs (prefetched the pass before),
     cached in `slices`, its draw from it (`_pick`) into `index`, and that neighbour
-    prefetched. One call a lock-step round, so what numba pays a call is spread over it."""
+    prefetched. One call a lock-step round, so what numba pays a call is spread over it.
+    `found`: the walkers' runs (where, how many), list starts, draws and delta lists, as
+    pass 1 or 3 left them; `key`: the key range's bounds shifted like the runs, whether it is
+    one key, and the mask of a run's end."""
+    runs_at, runs_count, list_start, draw, delta_from, delta_count = found
+    lo_key, hi_key, one_key, end_mask = key
     slice_mask = np.int64(slices.shape[0] - 1)
     for w in range(n):
         if searching[w]:
@@ -388,6 +374,8 @@ def walk_query_pin(
     runs_count = np.empty(WALKERS, np.int64)
     delta_from = np.zeros(WALKERS, np.int64)  # the node's delta list: where, how long
     delta_count = np.zeros(WALKERS, np.int64)
+    found = (runs_at, runs_count, list_start, draw, delta_from, delta_count)
+    key = (lo_key, hi_key, one_key, end_mask)
     done = np.int64(0)
     reached = np.int64(0)
     while done < budget and reached <= stop_after and _load_relaxed(cancel) == 0:
@@ -454,20 +442,12 @@ def walk_query_pin(
                 searching,
                 position,
                 pin_key_runs,
-                runs_at,
-                runs_count,
-                list_start,
-                draw,
-                delta_from,
-                delta_count,
                 pin_slices,
-                lo_key,
-                hi_key,
-                one_key,
-                end_mask,
                 index,
                 pin_adj,
                 pin_delta_adj,
+                found,
+                key,
             )
         # Pass 2: board id.
         for w in range(n):
@@ -546,20 +526,12 @@ def walk_query_pin(
                 searching,
                 node,
                 board_key_runs,
-                runs_at,
-                runs_count,
-                list_start,
-                draw,
-                delta_from,
-                delta_count,
                 board_slices,
-                lo_key,
-                hi_key,
-                one_key,
-                end_mask,
                 index,
                 board_adj,
                 board_delta_adj,
+                found,
+                key,
             )
         # Pass 4: arrival pin; prefetch its counter and where the walker goes next.
         for w in range(n):
