@@ -459,8 +459,9 @@ def test_request_level_values_are_stored_once_per_request(tmp_path: Path) -> Non
 
 def test_files_with_interests_on_every_row_read_as_before(tmp_path: Path) -> None:
     """Files written before the interests moved to a request's first row (a list on every
-    row) and files written after read back alike, in one window; the time window keeps or
-    drops a request's rows together, so a read never starts inside a request."""
+    row) and integer pin ids to int64 (strings) and files written after read back alike,
+    in one window; the time window keeps or drops a request's rows together, so a read
+    never starts inside a request."""
     batches = [
         CandidateBatch(
             **{
@@ -475,11 +476,20 @@ def test_files_with_interests_on_every_row_read_as_before(tmp_path: Path) -> Non
     old = candidates_table(batches[:1])
     expanded = pa.array([batches[0].user_interests] * len(batches[0]))
     old = old.set_column(old.schema.get_field_index("user_interests"), "user_interests", expanded)
+    old = old.set_column(
+        old.schema.get_field_index("pin_id"), "pin_id", old["pin_id"].cast(pa.string())
+    )
     old_dir = tmp_path / "candidates" / "tenant=home" / "date=2023-11-14" / "hour=22"
     old_dir.mkdir(parents=True)
     pq.write_table(old, old_dir / "part-00000000T000000000-old.parquet", store_schema=False)
     table = read_candidates(tmp_path, "home")
     assert table.schema.field("user_interests") == CANDIDATE_COLUMNS.field("user_interests")
+    # Pin ids were strings in every file before; integer ids are int64 in files now.
+    assert (
+        pq.read_schema(next((tmp_path / "candidates").rglob("part-2*"))).field("pin_id").type
+        == pa.int64()
+    )
+    assert table["pin_id"].to_pylist() == [str(p) for b in batches for p in b.pin_ids]
     assert table["user_interests"].to_pylist() == [
         b.user_interests for b in batches for _ in range(len(b))
     ]

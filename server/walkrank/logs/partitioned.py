@@ -544,8 +544,16 @@ def read_partitioned(
     fragments = sorted(dataset.get_fragments(filter=partition_filter), key=lambda f: f.path)
     if not fragments:
         return base_schema.empty_table()
+    # The base schema's types win: a file may store a base column in a type that casts to it
+    # (the candidate log's integer pin ids, read as strings).
     try:
-        schema = pa.unify_schemas([base_schema] + [f.physical_schema for f in fragments])
+        schema = pa.unify_schemas(
+            [base_schema]
+            + [
+                pa.schema([f for f in fragment.physical_schema if f.name not in base_schema.names])
+                for fragment in fragments
+            ]
+        )
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise DataError(f"{directory}: files disagree on column types: {exc}") from exc
     row_filter = None
@@ -562,4 +570,7 @@ def read_partitioned(
         partitioning=partitioning,
         partition_base_dir=path,
     )
-    return files.to_table(filter=row_filter)
+    try:
+        return files.to_table(filter=row_filter)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise DataError(f"{directory}: a file's columns do not read as the log's: {exc}") from exc

@@ -88,6 +88,10 @@ def _read_file(path: str, location: Location, wanted: list[str]) -> pd.DataFrame
     the filesystem of `location`: a worker opens the store itself, with its own credentials."""
     filesystem, _ = filesystem_of(location)
     table = pq.read_table(path, filesystem=filesystem, columns=wanted)
+    if "pin_id" in table.column_names and pa.types.is_integer(table.schema.field("pin_id").type):
+        # The candidate log stores integer pin ids as int64; every file reads as strings.
+        index = table.schema.get_field_index("pin_id")
+        table = table.set_column(index, "pin_id", table["pin_id"].cast(pa.string()))
     return table.to_pandas(types_mapper=pd.ArrowDtype)
 
 
