@@ -49,7 +49,8 @@ import grpc
 import numpy as np
 
 from loadgen.report import nearest_rank
-from walkrank.envoy import TENANT_HEADER, EnvoyProcess, EnvoySettings, tenant_quotas
+from walkrank.envoy import EnvoyProcess, EnvoySettings, tenant_quotas
+from walkrank.serving.auth import TENANT_HEADER
 
 RECOMMEND = "/walkrank.v1.Recommender/Recommend"
 HERE = Path(__file__).resolve().parents[1]
