@@ -575,3 +575,18 @@ def test_values_shared_by_requests_keep_their_parquet_dictionary(tmp_path: Path)
 def test_writer_options_are_checked_when_made(setting: dict[str, float], message: str) -> None:
     with pytest.raises(DataError, match=message):
         WriterOptions(**setting)  # type: ignore[arg-type]
+
+
+def test_a_file_whose_column_does_not_read_as_the_logs_is_an_error(tmp_path: Path) -> None:
+    """Base columns of another type are cast to the log's (integer pin ids); one that cannot
+    be is a DataError naming the log's directory, not an Arrow error."""
+    log = CandidateLog(tmp_path)
+    assert log.submit(make_batch("r0")) and log.close(timeout=30)
+    [path] = (tmp_path / "candidates").rglob("*.parquet")
+    table = pq.read_table(path)
+    bad = table.set_column(
+        table.schema.get_field_index("rank"), "rank", pa.array(["first"] * table.num_rows)
+    )
+    pq.write_table(bad, path.with_name("part-bad.parquet"))
+    with pytest.raises(DataError, match="candidates: a file's columns do not read as the log's"):
+        read_candidates(tmp_path, "home")
