@@ -28,9 +28,6 @@ WALKERS = 64
 EMPTY = -1
 # Rows of each per-request cache of key slice bounds (pins, boards): 256 KiB each, L2-sized.
 SLICE_CACHE_ROWS = 16384
-# A node's key runs prefetched before its search, at most (the binary search's probes then
-# wait for no memory): 8 cache lines, the runs of ~99% of the bench graph's boards.
-RUNS_PREFETCH_BYTES = 512
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _NO_LIMIT = np.int64(2**62)
@@ -360,13 +357,14 @@ def walk_query_pin(
     # A key step's slice comes from the request's direct-mapped cache of [node, first, last]
     # rows (walks restart at the query pin every few steps, so nodes near it come back: 88% /
     # 74% hits on the quick / bench graph at 4,096 rows a walk), else from the node's runs,
-    # prefetched whole and searched in a pass of their own. Measured (one pin, 100k steps,
-    # bias 0.8; times an unbiased walk, quick / bench): the list binary-searched behind the
-    # cache 4.2 / 5.8, the runs searched on every step 2.6 / 3.4, runs behind the cache 1.6 /
-    # 2.0, a precomputed slice per node for the request's key (the floor) 1.0 / 1.0.
+    # prefetched (their first four cache lines and the last: a loop of prefetches inside the
+    # walkers' loop measured 3% slower walks of every kind) and searched in a pass of their
+    # own. Measured (one pin, 100k steps, bias 0.8; times an unbiased walk, quick / bench):
+    # the list binary-searched behind the cache 4.2 / 5.8, the runs searched on every step
+    # 2.6 / 3.4, runs behind the cache 1.6 / 2.0, a precomputed slice per node for the
+    # request's key (the floor) 1.0 / 1.0.
     slice_mask = np.int64(pin_slices.shape[0] - 1)
     runs_line = max(64 // pin_key_runs.itemsize, 1)  # runs a cache line
-    runs_prefetch = max(RUNS_PREFETCH_BYTES // pin_key_runs.itemsize, 1)
     searching = np.zeros(WALKERS, np.bool_)  # a key step whose slice is not cached
     draw = np.empty(WALKERS, np.uint64)  # its random draw
     list_start = np.empty(WALKERS, np.int64)  # and its node's list and runs
@@ -428,9 +426,12 @@ def walk_query_pin(
                     delta_from[w] = delta_at
                     delta_count[w] = delta_len
                     draw[w] = r
-                    for line in range(at, at + min(runs_count[w], runs_prefetch), runs_line):
-                        _prefetch(pin_key_runs, line)
-                    _prefetch(pin_key_runs, at + runs_count[w] - 1)
+                    last_run = at + runs_count[w] - 1
+                    _prefetch(pin_key_runs, at)
+                    _prefetch(pin_key_runs, min(at + runs_line, last_run))
+                    _prefetch(pin_key_runs, min(at + 2 * runs_line, last_run))
+                    _prefetch(pin_key_runs, min(at + 3 * runs_line, last_run))
+                    _prefetch(pin_key_runs, last_run)
             index[w] = i
             if pin_delta_adj is None or i >= 0:
                 _prefetch(pin_adj, i)
@@ -511,9 +512,12 @@ def walk_query_pin(
                     delta_from[w] = delta_at
                     delta_count[w] = delta_len
                     draw[w] = r
-                    for line in range(at, at + min(runs_count[w], runs_prefetch), runs_line):
-                        _prefetch(board_key_runs, line)
-                    _prefetch(board_key_runs, at + runs_count[w] - 1)
+                    last_run = at + runs_count[w] - 1
+                    _prefetch(board_key_runs, at)
+                    _prefetch(board_key_runs, min(at + runs_line, last_run))
+                    _prefetch(board_key_runs, min(at + 2 * runs_line, last_run))
+                    _prefetch(board_key_runs, min(at + 3 * runs_line, last_run))
+                    _prefetch(board_key_runs, last_run)
             restart[w] = (r & _LOW32) < restart_threshold
             index[w] = i
             if board_delta_adj is None or i >= 0:
