@@ -328,7 +328,7 @@ def walk(
         np.zeros(slots, np.int32),
         np.ones(pins.shape[0], np.float64),  # count_scale
     )
-    slices = new_slice_cache(target.key_lo < target.key_hi and bias_threshold > 0)
+    slices = new_slice_cache(target.key_lo < target.key_hi and bool(bias_threshold > 0))
     steps_per_query = np.zeros(pins.shape[0], np.int64)
     for position in known:
         if budgets[position] == 0:
