@@ -149,7 +149,7 @@ def _numeric_arrays(record: Any) -> dict[str, np.ndarray]:
 def _rebuilt(kind: type, fields: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
     """The record again, without running its `__post_init__` checks a second time: the
     server built (and so checked) it, and they were a tenth of the child's Python."""
-    record = object.__new__(kind)
+    record: Any = object.__new__(kind)
     try:
         state = vars(record)
     except TypeError:  # a class with __slots__
@@ -232,7 +232,7 @@ class _Ring:
             for name, array in arrays.items():
                 places.append((name, pickled_at, array.dtype.str, array.shape))
                 pickled_at += _aligned(array.nbytes)
-            kind = type(record)
+            kind: type = type(record)
             fields = {
                 name: getattr(record, name) for name in _field_names(kind) if name not in arrays
             }
