@@ -222,14 +222,15 @@ def _run_end(runs, at, below, end_mask):
 
 
 @njit(inline="always")
-def _slices_from_runs(n, searching, nodes, key_runs, slices, index, adj, delta_adj, found, key):
+def _slices_from_runs(n, searching, nodes, side, delta_adj, index, found, key):
     """A pass of `walk_query_pin` over its walkers (pins' or boards'): each `searching`
     walker's slice of [lo_key, hi_key) from its node's runs (prefetched the pass before),
     cached in `slices`, its draw from it (`_pick`) into `index`, and that neighbour
     prefetched. One call a lock-step round, so what numba pays a call is spread over it.
-    `found`: the walkers' runs (where, how many), list starts, draws and delta lists, as
-    pass 1 or 3 left them; `key`: the key range's bounds shifted like the runs, whether it is
-    one key, and the mask of a run's end."""
+    `side`: the pins' or boards' arrays (`_draw_pass`); `found`: the walkers' runs (where,
+    how many), list starts, draws and delta lists, as pass 1 or 3 left them; `key`: the key
+    range's bounds shifted like the runs, whether it is one key, and the mask of a run's end."""
+    _, adj, _, _, key_runs, slices = side
     runs_at, runs_count, list_start, draw, delta_from, delta_count = found
     lo_key, hi_key, one_key, end_mask = key
     slice_mask = np.int64(slices.shape[0] - 1)
@@ -252,6 +253,87 @@ def _slices_from_runs(n, searching, nodes, key_runs, slices, index, adj, delta_a
                 _prefetch(adj, index[w])
             else:
                 _prefetch(delta_adj, ~index[w])
+
+
+@njit(inline="always")
+def _draw_pass(n, from_pins, nodes, side, delta_offsets, delta_adj, walkers, found, bias):
+    """Pass 1 (`from_pins`: pin -> board, and the step's bias coin) or 3 (board -> pin, and
+    the restart coin) of `walk_query_pin` over its walkers: each walker's draw from its node's
+    list (and delta list), or from the node's bias slice when the step is biased, into
+    `index`, prefetched; a key slice not in `slices` leaves the walker `searching`, its runs
+    prefetched and `found` filled for `_slices_from_runs`. `side`: the pins' or boards'
+    offsets, adjacency, locale index, run offsets, key runs and slice cache; `walkers`: their
+    random states, draws, bias and restart coins and whether they search; `bias`: the walk's
+    use_bias, by_locale, by_key, locale, bias and restart thresholds and runs a cache line."""
+    offsets, adj, locale_ends, run_offsets, key_runs, slices = side
+    state, index, biased, restart, searching = walkers
+    use_bias, by_locale, by_key, locale, bias_threshold, restart_threshold, runs_line = bias
+    runs_at, runs_count, list_start, draw, delta_from, delta_count = found
+    base = np.int64(offsets.shape[0] - 1)
+    last_row = np.int64(max(offsets.shape[0] - 2, 0))  # the bias index row a new node reads
+    slice_mask = np.int64(slices.shape[0] - 1)
+    for w in range(n):
+        v = nodes[w]
+        x = _xorshift(state[w])
+        state[w] = x
+        r = _scramble(x)
+        coin = r & _LOW32
+        if from_pins:
+            biased[w] = use_bias and coin < bias_threshold
+        else:
+            restart[w] = coin < restart_threshold
+        if delta_offsets is None:
+            start = offsets[v]
+            stop = offsets[v + 1]
+            i = start + _below(r, stop - start)
+            bias_node = np.int64(v)
+            delta_at = np.int64(0)  # no delta list
+            delta_len = np.int64(0)
+        else:  # base list, then delta list; a new node has the delta list only
+            start = offsets[min(v, base)]
+            stop = offsets[min(v + 1, base)]
+            delta_at = np.int64(delta_offsets[v])
+            delta_len = delta_offsets[v + 1] - delta_at
+            i = start + _below(r, stop - start + delta_len)
+            if i >= stop:
+                i = ~(delta_at + i - stop)
+            biased[w] = biased[w] and v < base
+            bias_node = min(np.int64(v), last_row)
+        if by_locale:
+            first, last = _locale_bounds(locale_ends, bias_node, locale, start)
+            i = _pick(first, last, r, i, biased[w], delta_at, delta_len)
+        elif by_key:
+            row = _hash_slot(v, slice_mask)
+            cached = slices[row, 0] == v
+            i = _pick(
+                start + slices[row, 1],
+                start + slices[row, 2],
+                r,
+                i,
+                biased[w] and cached,
+                delta_at,
+                delta_len,
+            )
+            searching[w] = biased[w] and not cached
+            if searching[w]:
+                at = run_offsets[v]
+                runs_at[w] = at
+                runs_count[w] = run_offsets[v + 1] - at
+                list_start[w] = start
+                delta_from[w] = delta_at
+                delta_count[w] = delta_len
+                draw[w] = r
+                last_run = at + runs_count[w] - 1
+                _prefetch(key_runs, at)
+                _prefetch(key_runs, min(at + runs_line, last_run))
+                _prefetch(key_runs, min(at + 2 * runs_line, last_run))
+                _prefetch(key_runs, min(at + 3 * runs_line, last_run))
+                _prefetch(key_runs, last_run)
+        index[w] = i
+        if delta_adj is None or i >= 0:
+            _prefetch(adj, i)
+        else:
+            _prefetch(delta_adj, ~i)
 
 
 @njit(nogil=True, cache=True)
@@ -329,10 +411,6 @@ def walk_query_pin(
     `is None` branches are pruned), the base-only walk exactly as before.
     """
     mask = np.int64(table.shape[0] - 1)
-    base_pins = np.int64(pin_offsets.shape[0] - 1)
-    base_boards = np.int64(board_offsets.shape[0] - 1)
-    last_pin = np.int64(max(pin_offsets.shape[0] - 2, 0))  # the bias index row a new
-    last_board = np.int64(max(board_offsets.shape[0] - 2, 0))  # node reads (unused)
     state = np.empty(WALKERS, np.uint64)
     position = np.empty(WALKERS, np.int32)
     index = np.empty(WALKERS, np.int64)
@@ -374,82 +452,25 @@ def walk_query_pin(
     delta_count = np.zeros(WALKERS, np.int64)
     found = (runs_at, runs_count, list_start, draw, delta_from, delta_count)
     key = (lo_key, hi_key, one_key, end_mask)
+    pins = (pin_offsets, pin_adj, pin_locale_ends, pin_run_offsets, pin_key_runs, pin_slices)
+    boards = (
+        board_offsets,
+        board_adj,
+        board_locale_ends,
+        board_run_offsets,
+        board_key_runs,
+        board_slices,
+    )
+    walkers = (state, index, biased, restart, searching)
+    bias = (use_bias, by_locale, by_key, locale, bias_threshold, restart_threshold, runs_line)
     done = np.int64(0)
     reached = np.int64(0)
     while done < budget and reached <= stop_after and _load_relaxed(cancel) == 0:
         n = min(np.int64(WALKERS), budget - done)
         # Pass 1: pin -> position of a random board (pin offsets were prefetched in pass 4).
-        for w in range(n):
-            p = position[w]
-            x = _xorshift(state[w])
-            state[w] = x
-            r = _scramble(x)
-            if pin_delta_offsets is None:
-                start = pin_offsets[p]
-                stop = pin_offsets[p + 1]
-                i = start + _below(r, stop - start)
-                biased[w] = use_bias and (r & _LOW32) < bias_threshold
-                bias_node = np.int64(p)
-                delta_at = np.int64(0)  # no delta list
-                delta_len = np.int64(0)
-            else:  # base list, then delta list; a new pin has the delta list only
-                start = pin_offsets[min(p, base_pins)]
-                stop = pin_offsets[min(p + 1, base_pins)]
-                delta_at = np.int64(pin_delta_offsets[p])
-                delta_len = pin_delta_offsets[p + 1] - delta_at
-                i = start + _below(r, stop - start + delta_len)
-                if i >= stop:
-                    i = ~(delta_at + i - stop)
-                biased[w] = use_bias and (r & _LOW32) < bias_threshold and p < base_pins
-                bias_node = min(np.int64(p), last_pin)
-            if by_locale:
-                first, last = _locale_bounds(pin_locale_ends, bias_node, locale, start)
-                i = _pick(first, last, r, i, biased[w], delta_at, delta_len)
-            elif by_key:
-                row = _hash_slot(p, slice_mask)
-                cached = pin_slices[row, 0] == p
-                i = _pick(
-                    start + pin_slices[row, 1],
-                    start + pin_slices[row, 2],
-                    r,
-                    i,
-                    biased[w] and cached,
-                    delta_at,
-                    delta_len,
-                )
-                searching[w] = biased[w] and not cached
-                if searching[w]:
-                    at = pin_run_offsets[p]
-                    runs_at[w] = at
-                    runs_count[w] = pin_run_offsets[p + 1] - at
-                    list_start[w] = start
-                    delta_from[w] = delta_at
-                    delta_count[w] = delta_len
-                    draw[w] = r
-                    last_run = at + runs_count[w] - 1
-                    _prefetch(pin_key_runs, at)
-                    _prefetch(pin_key_runs, min(at + runs_line, last_run))
-                    _prefetch(pin_key_runs, min(at + 2 * runs_line, last_run))
-                    _prefetch(pin_key_runs, min(at + 3 * runs_line, last_run))
-                    _prefetch(pin_key_runs, last_run)
-            index[w] = i
-            if pin_delta_adj is None or i >= 0:
-                _prefetch(pin_adj, i)
-            else:
-                _prefetch(pin_delta_adj, ~i)
+        _draw_pass(n, True, position, pins, pin_delta_offsets, pin_delta_adj, walkers, found, bias)
         if by_key:  # Pass 1b: the slices not cached, from the pins' runs.
-            _slices_from_runs(
-                n,
-                searching,
-                position,
-                pin_key_runs,
-                pin_slices,
-                index,
-                pin_adj,
-                pin_delta_adj,
-                found,
-                key,
-            )
+            _slices_from_runs(n, searching, position, pins, pin_delta_adj, index, found, key)
         # Pass 2: board id.
         for w in range(n):
             i = index[w]
@@ -466,77 +487,11 @@ def walk_query_pin(
                 _prefetch(board_run_offsets, b)
                 _prefetch(board_slices, _hash_slot(b, slice_mask))
         # Pass 3: board -> position of a random pin, and the restart draw.
-        for w in range(n):
-            b = node[w]
-            x = _xorshift(state[w])
-            state[w] = x
-            r = _scramble(x)
-            if board_delta_offsets is None:
-                start = board_offsets[b]
-                stop = board_offsets[b + 1]
-                i = start + _below(r, stop - start)
-                bias_node = np.int64(b)
-                delta_at = np.int64(0)  # no delta list
-                delta_len = np.int64(0)
-            else:
-                start = board_offsets[min(b, base_boards)]
-                stop = board_offsets[min(b + 1, base_boards)]
-                delta_at = np.int64(board_delta_offsets[b])
-                delta_len = board_delta_offsets[b + 1] - delta_at
-                i = start + _below(r, stop - start + delta_len)
-                if i >= stop:
-                    i = ~(delta_at + i - stop)
-                biased[w] = biased[w] and b < base_boards
-                bias_node = min(np.int64(b), last_board)
-            if by_locale:
-                first, last = _locale_bounds(board_locale_ends, bias_node, locale, start)
-                i = _pick(first, last, r, i, biased[w], delta_at, delta_len)
-            elif by_key:
-                row = _hash_slot(b, slice_mask)
-                cached = board_slices[row, 0] == b
-                i = _pick(
-                    start + board_slices[row, 1],
-                    start + board_slices[row, 2],
-                    r,
-                    i,
-                    biased[w] and cached,
-                    delta_at,
-                    delta_len,
-                )
-                searching[w] = biased[w] and not cached
-                if searching[w]:
-                    at = board_run_offsets[b]
-                    runs_at[w] = at
-                    runs_count[w] = board_run_offsets[b + 1] - at
-                    list_start[w] = start
-                    delta_from[w] = delta_at
-                    delta_count[w] = delta_len
-                    draw[w] = r
-                    last_run = at + runs_count[w] - 1
-                    _prefetch(board_key_runs, at)
-                    _prefetch(board_key_runs, min(at + runs_line, last_run))
-                    _prefetch(board_key_runs, min(at + 2 * runs_line, last_run))
-                    _prefetch(board_key_runs, min(at + 3 * runs_line, last_run))
-                    _prefetch(board_key_runs, last_run)
-            restart[w] = (r & _LOW32) < restart_threshold
-            index[w] = i
-            if board_delta_adj is None or i >= 0:
-                _prefetch(board_adj, i)
-            else:
-                _prefetch(board_delta_adj, ~i)
+        _draw_pass(
+            n, False, node, boards, board_delta_offsets, board_delta_adj, walkers, found, bias
+        )
         if by_key:  # Pass 3b: the slices not cached, from the boards' runs.
-            _slices_from_runs(
-                n,
-                searching,
-                node,
-                board_key_runs,
-                board_slices,
-                index,
-                board_adj,
-                board_delta_adj,
-                found,
-                key,
-            )
+            _slices_from_runs(n, searching, node, boards, board_delta_adj, index, found, key)
         # Pass 4: arrival pin; prefetch its counter and where the walker goes next.
         for w in range(n):
             i = index[w]
