@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
+from test_cli_serve import serve_fails, write_config
 from test_server import REPO, pins, publish_model
 
 from walkrank.envoy import active_admission, find_envoy, host_health, tenant_cluster
@@ -106,20 +106,7 @@ def launched(
     graphs = GraphRepository(root / "graphs")
     graphs.publish(functools.partial(shutil.copytree, small_graph.path))
     front, admin = f"127.0.0.1:{free_port_run(1)}", f"127.0.0.1:{free_port_run(1)}"
-    config = root / "walkrank.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "graph": str(graphs.root),
-                "tenants_dir": str(tenants),
-                "models_dir": str(models),
-                "logs_dir": str(root / "logs"),
-                "address": front,
-                "workers": 8,
-                "grace_seconds": 5,
-            }
-        )
-    )
+    config = write_config(root, graphs.root, front, workers=8, grace_seconds=5)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -336,26 +323,8 @@ def test_a_killed_replica_costs_its_calls_in_flight_and_is_ejected(launched: Lau
 
 
 def test_launcher_refuses_what_it_cannot_do(tmp_path: Path, small_graph: GraphStore) -> None:
-    config = tmp_path / "walkrank.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "graph": str(small_graph.path),
-                "tenants_dir": "tenants",
-                "models_dir": "models",
-                "logs_dir": "logs",
-                "address": "127.0.0.1:0",
-            }
-        )
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "walkrank.cli", "serve", "--config", str(config), "--replicas", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "fixed port" in result.stderr
+    config = write_config(tmp_path, small_graph.path)
+    assert "fixed port" in serve_fails(config, "--replicas", "2")
 
 
 def test_metrics_port_zero_gives_each_replica_a_free_port(tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from walkrank.errors import ConfigError
+from walkrank.replicas import wait_serving
 
 START_TIMEOUT_S = 300.0
 #: What `walkrank serve` prints once per process when it listens.
@@ -60,24 +60,6 @@ def write_server_config(
         settings["grace_seconds"] = grace_seconds
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path
-
-
-def wait_serving(target: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Block until the server's overall health is SERVING."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if not alive():
-                raise RuntimeError(f"server at {target} exited before serving")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError(f"server at {target} not serving after {timeout_s:.0f}s")
 
 
 def _process_tree(root: int) -> list[int]:
@@ -154,14 +136,16 @@ class ServeProcess:
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
             )
         try:
-            wait_serving(self.target, START_TIMEOUT_S, lambda: process.poll() is None)
+            wait_serving(
+                self.target, lambda: process.poll() is None, START_TIMEOUT_S, what="server at"
+            )
             # Forked servers bind one by one; load must not start before all of them listen.
             deadline = time.monotonic() + START_TIMEOUT_S
             while self.log_path.read_text().count(SERVING_LINE) < self.processes:
                 if time.monotonic() > deadline or self._process.poll() is not None:
                     raise RuntimeError(f"{self.processes} server processes not all serving")
                 time.sleep(0.2)
-        except RuntimeError as exc:
+        except (RuntimeError, ConfigError) as exc:
             self.stop()
             tail = self.log_path.read_text()[-2000:]
             raise RuntimeError(f"{exc}; server log {self.log_path}:\n{tail}") from None

@@ -135,16 +135,19 @@ def free_port_run(count: int) -> int:
 
 
 def wait_serving(
-    address: str, alive: Callable[[], bool], timeout_s: float = START_TIMEOUT_S
+    address: str,
+    alive: Callable[[], bool],
+    timeout_s: float = START_TIMEOUT_S,
+    what: str = "replica",
 ) -> None:
-    """Block until `address` reports overall SERVING; ConfigError if the process exits or
-    the time runs out."""
+    """Block until `address` reports overall SERVING; ConfigError naming `what` and the
+    address if the process exits or the time runs out (load_tests' harness uses it too)."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not alive():
-                raise ConfigError(f"replica {address} exited before serving (its log is above)")
+                raise ConfigError(f"{what} {address} exited before serving")
             try:
                 answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
@@ -152,7 +155,7 @@ def wait_serving(
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise ConfigError(f"replica {address} not serving after {timeout_s:.0f} s")
+    raise ConfigError(f"{what} {address} not serving after {timeout_s:.0f} s")
 
 
 class Replica:
