@@ -162,8 +162,8 @@ class CandidateBatch:
 
 def _pin_id_array(pin_ids: np.ndarray) -> pa.Array:
     """External pin ids as the files store them: integer ids as int64, any others as strings.
-    A decimal string per candidate cost the writer a cast and 28 bytes instead of 16 to
-    encode and compress (15% of its time per request); readers get strings either way."""
+    A decimal string per candidate cost the writer a cast and more bytes to encode and
+    compress; readers get strings either way."""
     array = pa.array(pin_ids)
     if pa.types.is_integer(array.type):
         return array.cast(pa.int64())
@@ -210,7 +210,7 @@ def _per_request(values: list[str | None], counts: np.ndarray) -> pa.DictionaryA
     request's 2,000 copies of a long id once overflowed Arrow's 2 GB string limit). Each
     distinct value is in the dictionary once: given a dictionary with repeats (the same arm
     or locale for every request), Parquet writes the column without one, every row's string
-    in full (10% of the writer's encoding time)."""
+    in full."""
     codes: dict[str, int] = {}
     code = np.fromiter(
         (-1 if v is None else codes.setdefault(v, len(codes)) for v in values),
@@ -349,11 +349,11 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
     ) -> None:
         self.root = Path(root)
         # Min/max statistics only where readers prune row groups: the time window. Pin ids
-        # are mostly distinct within a row group: without a dictionary the writer spends 10%
-        # less CPU on them and the files are 6% smaller (40.1 against 42.7 kB per request).
-        # LZ4, not zstd: the log is written on the serving machine for every request and read
-        # once by training; LZ4 cuts the writer's CPU by a fifth (0.2 ms per 2,000-candidate
-        # request, benchmarks/log_writer.py) for files 27-38% larger.
+        # are mostly distinct within a row group: without a dictionary the writer spends less
+        # CPU on them and the files are smaller. LZ4, not zstd: the log is written on the
+        # serving machine for every request and read once by training; LZ4 costs the writer
+        # less CPU than zstd for somewhat larger files (benchmarks/log_writer.py measures the
+        # writer's CPU).
         super().__init__(
             self.root / "candidates",
             options,

@@ -194,13 +194,12 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
     rather than mixing schemas inside one.
 
     A file is written as it fills, one row group per `row_group_rows` rows: its table is
-    built once from those pieces (Arrow calls per record cost more than the columns' data:
-    0.6 ms per 2,000-candidate request, against 0.1 ms built per row group), and the writer
-    never works on more than a few MB at once. Building and writing 500,000 rows in one go
-    swept the shared L3 cache and slowed the walks of every request in flight: p99 57 -> 51
-    ms on 2 cores when the work was cut into 64k-row pieces. Only text columns are
-    dictionary-encoded: trying dictionaries on float feature columns first made writing 3x
-    slower (2.1 ms of writer CPU per 2,000-candidate request, against 0.6 ms).
+    built once from those pieces (Arrow calls per record cost more than the columns' data),
+    and the writer never works on more than a few MB at once: building and writing a whole
+    file in one go swept the shared L3 cache and slowed the walks of every request in
+    flight. Only text columns are dictionary-encoded: trying dictionaries on float feature
+    columns first cost far more writer CPU than it saved (benchmarks/log_writer.py measures
+    the writer's CPU).
 
     `options` (a `WriterOptions`) sets the queue, the flush policy, the hooks and the writer's
     CPU priority.
@@ -441,7 +440,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
             write_statistics=self._statistics,
             store_schema=False,
             # A row group's values go to the encoders in one batch per column, not 1,024 at
-            # a time: 8% less encoding time for a 65,536-row group of candidates.
+            # a time: less encoding time per row group.
             write_batch_size=self.row_group_rows,
         )
 

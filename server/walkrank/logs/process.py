@@ -1,15 +1,15 @@
 """A partitioned log written by a child process, so logging costs the server no GIL time.
 
-Turning a request's 2,000 candidates into Arrow columns and Parquet pages takes about 1 ms
-of CPU; in the server process that competed with the requests' own Python (measured on 2
-cores: logging cost 20% of the throughput with the writer as a thread). Here a spawned child
-process, at a lower CPU priority, runs an ordinary `PartitionedLog` on the records.
+Turning a request's candidates into Arrow columns and Parquet pages is real CPU work; in the
+server process it competed with the requests' own Python for the GIL (benchmarks/serving.py
+measures what logging costs the throughput). Here a spawned child process, at a lower CPU
+priority, runs an ordinary `PartitionedLog` on the records.
 
 Records reach it through a ring of shared memory that the child polls: the submitting
 thread copies a record's numeric arrays (for a dataclass record; everything else is
 pickled beside them) and moves the ring's write position, nothing more. A multiprocessing
-queue made each request pickle 200 kB in a feeder thread that held the GIL and woke up per
-record: 14% of the server's GIL time under load.
+queue made each request pickle its whole record in a feeder thread that held the GIL and
+woke up per record.
 
 Semantics match the in-process log: `submit` never blocks and counts what it drops when the
 ring is full; `flush` and `close` wait until everything accepted before them is written.
@@ -74,7 +74,7 @@ _LOCK_WAIT_S = 0.005
 # are written by size or age anyway), and an idle server costs the child 100 wake-ups a
 # second.
 _POLL_S = 0.01
-# 32 MiB holds 160 home-feed requests (200 kB each) between the server and the child.
+# 32 MiB holds a burst of home-feed requests between the server and the child.
 DEFAULT_RING_BYTES = 32 << 20
 _ALIGN = 64
 # Each entry starts with its length, where its pickled part starts and whether that is a
@@ -90,9 +90,9 @@ _LOST_SLOT = {reason: 2 + i for i, reason in enumerate(LOSS_REASONS)}
 
 # glibc's malloc gives blocks over its (adaptive) mmap threshold back to the kernel when freed
 # and trims its heap top, so each record's arrays (copied out of the ring) and each row group's
-# columns land on fresh pages: page faults were most of the child's copying cost (0.1 ms per
-# 2,000-candidate record, 0.01 ms on reused memory). The child keeps freed memory instead; it
-# never holds more than a few row groups, so what it keeps is bounded by that peak.
+# columns land on fresh pages: page faults were most of the child's copying cost. The child
+# keeps freed memory instead; it never holds more than a few row groups, so what it keeps is
+# bounded by that peak.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_FREED_BYTES = 1 << 30
 _MMAP_ABOVE_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit
