@@ -178,7 +178,6 @@ row, so they must stay small."""
 MAX_INTERESTS = 256
 """The most user_interests one logged request may carry (same rule)."""
 
-_CODES = pa.dictionary(pa.int32(), pa.string())
 FIRST_ROW_ONLY = "user_interests"
 """The column files hold on each request's first row only (null on its other rows);
 `read_candidates` gives every row the value of its request (same `request_id` and `ts`), as

@@ -62,7 +62,6 @@ EVENT_TYPES: tuple[str, ...] = (
 Any event but `scored` implies the pin was shown.
 """
 ACTION_EVENTS: tuple[str, ...] = ("closeup", "click", "save", "share")
-NEGATIVE_EVENTS: tuple[str, ...] = ("hide",)
 
 EVENT_SCHEMA = pa.schema(
     [

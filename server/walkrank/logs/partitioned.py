@@ -44,7 +44,6 @@ Partition = tuple[tuple[str, str], ...]
 TimeLike = datetime | float | int | None
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
-_US_PER_HOUR = 3_600_000_000
 # Partition values go into directory names: no separators, and no leading "." or "_" (readers
 # such as pyarrow.dataset and Spark skip those as hidden files).
 PARTITION_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

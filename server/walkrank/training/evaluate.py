@@ -55,14 +55,11 @@ from walkrank.training.labels import DEFAULT_EVENT_WEIGHT, locale_matches, stron
 LOCALE_MATCH_COLUMN = "f_locale_match"
 METRICS = ("recall_impressions", "recall_actions", "ndcg", "auc", "local_share")
 """Metric names in report order; all but `auc` are reported at a cut-off K (`name@K`)."""
-_AT_K = ("recall_impressions", "recall_actions", "ndcg", "local_share")
 # A comparison is flagged when at least this share of its requests was served by one of the
 # two rankers compared (labels then follow that ranker's exposure).
 EXPOSURE_WARNING_SHARE = 0.5
 # Fewer requests served by neither compared ranker than this: compare on all of them (warned).
 MIN_NEUTRAL_REQUESTS = 20
-# The online metrics estimated on exploration traffic: outcome per returned pin.
-ONLINE_METRICS = ("funnel_efficiency", "actions_per_returned")
 
 
 @dataclass(frozen=True, eq=False)

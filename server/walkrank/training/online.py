@@ -31,7 +31,6 @@ from walkrank.logs.events import ACTION_EVENTS
 from walkrank.training.estimators import BOOTSTRAP_SAMPLES, Interval, lift_interval, ratio_interval
 from walkrank.training.evaluate import LOCALE_MATCH_COLUMN
 
-ARM_METRICS = ("funnel_efficiency", "actions_per_1000", "local_share")
 _SCALE = {"funnel_efficiency": 1.0, "actions_per_1000": 1000.0, "local_share": 1.0}
 
 
