@@ -564,15 +564,14 @@ def finish_training(
         )
 
     k = tenant.labels.primary_metric_k
-    comparison = compare(
+    comparison = _compare_held_out(
+        compared,
         targets,
         candidate_scores,
         baseline_scores[selection.rows],
         k=k,
         candidate="new model",
         baseline=baseline,
-        window=_valid_window(compared),
-        served=served_by(compared),
         selection=selection.description,
     )
     steps.progress(
@@ -584,15 +583,14 @@ def finish_training(
         # Its own selection: requests visit count served are neutral against the serving model.
         against_visits = select_requests(valid, VISIT_COUNT, "new model")
         visit_rows = valid.filter(pa.array(against_visits.rows))
-        versus_visits = compare(
+        versus_visits = _compare_held_out(
+            visit_rows,
             targets_from_joined(visit_rows, tenant.labels.weights),
             score_matrix(exported.onnx_bytes, x_valid[against_visits.rows]),
             _visit_scores(visit_rows),
             k=k,
             candidate="new model",
             baseline=VISIT_COUNT,
-            window=_valid_window(visit_rows),
-            served=served_by(visit_rows),
             selection=against_visits.description,
         )
         steps.progress(
@@ -728,6 +726,32 @@ def _json_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
 
 
+def _compare_held_out(
+    rows: pa.Table,
+    targets: Targets,
+    candidate_scores: np.ndarray,
+    baseline_scores: np.ndarray,
+    *,
+    k: int,
+    candidate: str,
+    baseline: str,
+    selection: str,
+) -> Comparison:
+    """`compare` on the held-out `rows` the scores are for; the report says which time window
+    they span and which rankers served them (the exposure warning)."""
+    return compare(
+        targets,
+        candidate_scores,
+        baseline_scores,
+        k=k,
+        candidate=candidate,
+        baseline=baseline,
+        window=_valid_window(rows),
+        served=served_by(rows),
+        selection=selection,
+    )
+
+
 def _valid_window(valid: pa.Table) -> dict[str, str | None]:
     ts = valid["ts"].cast(pa.int64())
     lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
@@ -777,15 +801,14 @@ def evaluate_tenant(
         held_out,
         what=f"model v{loaded.version} of {tenant.name!r}",
     )
-    comparison = compare(
+    comparison = _compare_held_out(
+        held_out,
         targets,
         scores,
         _visit_scores(held_out),
         k=k,
         candidate=f"v{loaded.version}",
         baseline=VISIT_COUNT,
-        window=_valid_window(held_out),
-        served=served_by(held_out),
         selection=selection.description,
     )
     steps.done(
