@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -564,8 +564,7 @@ def finish_training(
         )
 
     k = tenant.labels.primary_metric_k
-    comparison = _compare_held_out(
-        compared,
+    comparison = compare(
         targets,
         candidate_scores,
         baseline_scores[selection.rows],
@@ -573,6 +572,7 @@ def finish_training(
         candidate="new model",
         baseline=baseline,
         selection=selection.description,
+        **_held_out(compared),
     )
     steps.progress(
         f"[{tenant.name}] new model vs {baseline} on {comparison.requests:,} "
@@ -583,8 +583,7 @@ def finish_training(
         # Its own selection: requests visit count served are neutral against the serving model.
         against_visits = select_requests(valid, VISIT_COUNT, "new model")
         visit_rows = valid.filter(pa.array(against_visits.rows))
-        versus_visits = _compare_held_out(
-            visit_rows,
+        versus_visits = compare(
             targets_from_joined(visit_rows, tenant.labels.weights),
             score_matrix(exported.onnx_bytes, x_valid[against_visits.rows]),
             _visit_scores(visit_rows),
@@ -592,6 +591,7 @@ def finish_training(
             candidate="new model",
             baseline=VISIT_COUNT,
             selection=against_visits.description,
+            **_held_out(visit_rows),
         )
         steps.progress(
             f"[{tenant.name}] new model vs {VISIT_COUNT}: {versus_visits.describe(primary)}"
@@ -726,30 +726,15 @@ def _json_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
 
 
-def _compare_held_out(
-    rows: pa.Table,
-    targets: Targets,
-    candidate_scores: np.ndarray,
-    baseline_scores: np.ndarray,
-    *,
-    k: int,
-    candidate: str,
-    baseline: str,
-    selection: str,
-) -> Comparison:
-    """`compare` on the held-out `rows` the scores are for; the report says which time window
-    they span and which rankers served them (the exposure warning)."""
-    return compare(
-        targets,
-        candidate_scores,
-        baseline_scores,
-        k=k,
-        candidate=candidate,
-        baseline=baseline,
-        window=_valid_window(rows),
-        served=served_by(rows),
-        selection=selection,
-    )
+class _HeldOut(TypedDict):
+    window: dict[str, str | None]
+    served: dict[str, int]
+
+
+def _held_out(rows: pa.Table) -> _HeldOut:
+    """`compare`'s `window` and `served` for the held-out `rows`: the report says which time
+    window they span and which rankers served them (the exposure warning)."""
+    return {"window": _valid_window(rows), "served": served_by(rows)}
 
 
 def _valid_window(valid: pa.Table) -> dict[str, str | None]:
@@ -801,8 +786,7 @@ def evaluate_tenant(
         held_out,
         what=f"model v{loaded.version} of {tenant.name!r}",
     )
-    comparison = _compare_held_out(
-        held_out,
+    comparison = compare(
         targets,
         scores,
         _visit_scores(held_out),
@@ -810,6 +794,7 @@ def evaluate_tenant(
         candidate=f"v{loaded.version}",
         baseline=VISIT_COUNT,
         selection=selection.description,
+        **_held_out(held_out),
     )
     steps.done(
         "evaluate",
