@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -57,6 +57,23 @@ def free_address() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def gated(
+    server: WalkRankServer,
+    tenant_keys: Mapping[str, frozenset[str]] | None = None,
+    dynamic_dir: str | None = None,
+) -> EnvoySettings:
+    """Envoy in front of `server` admitting 1 email call in flight (its servers' quota, 4, is
+    never reached) and 8 homefeed calls."""
+    return EnvoySettings(
+        listen=free_address(),
+        upstreams=(f"127.0.0.1:{server.port}",),
+        admin=free_address(),
+        tenant_quotas=(("email", 1), ("homefeed", 8)),
+        tenant_keys=tenant_keys,
+        dynamic_dir=dynamic_dir,
+    )
 
 
 def test_each_tenant_gets_a_route_and_a_cluster_limited_to_its_quota(tmp_path: Path) -> None:
@@ -139,16 +156,11 @@ def admitted(
 ) -> Iterator[tuple[WalkRankServer, EnvoyProcess]]:
     binary = envoy_or_skip()
     root = tmp_path_factory.mktemp("admission")
-    with running(make_config(root, small_graph, compute_slots=1)) as (server, client):
-        settings = EnvoySettings(
-            listen=free_address(),
-            upstreams=(f"127.0.0.1:{server.port}",),
-            admin=free_address(),
-            # email: 1 call in flight at Envoy (its servers' quota, 4, is never reached).
-            tenant_quotas=(("email", 1), ("homefeed", 8)),
-        )
-        with EnvoyProcess(settings, root, binary) as envoy:
-            yield server, envoy
+    with (
+        running(make_config(root, small_graph, compute_slots=1)) as (server, _),
+        EnvoyProcess(gated(server), root, binary) as envoy,
+    ):
+        yield server, envoy
 
 
 def _stat(envoy: EnvoyProcess, tenant: str, stat: str) -> int:
@@ -235,13 +247,7 @@ def test_with_keys_on_a_forged_header_never_reaches_the_named_tenants_quota(
     keys = {"email": frozenset({"email-key"}), "homefeed": frozenset({"feed-key"})}
     auth = AuthConfig(enabled=True, tenant_keys=keys)
     with running(make_config(tmp_path, small_graph, auth=auth)) as (server, _):
-        settings = EnvoySettings(
-            listen=free_address(),
-            upstreams=(f"127.0.0.1:{server.port}",),
-            admin=free_address(),
-            tenant_quotas=(("email", 1), ("homefeed", 8)),
-            tenant_keys=keys,
-        )
+        settings = gated(server, tenant_keys=keys)
         with EnvoyProcess(settings, tmp_path, binary) as envoy:
             config = envoy.config_path
             assert config.stat().st_mode & 0o077 == 0  # it holds the keys
@@ -287,13 +293,7 @@ def test_quota_changes_apply_while_envoy_runs_without_failing_a_call(
 ) -> None:
     binary = envoy_or_skip()
     with running(make_config(tmp_path, small_graph, compute_slots=1)) as (server, _):
-        settings = EnvoySettings(
-            listen=free_address(),
-            upstreams=(f"127.0.0.1:{server.port}",),
-            admin=free_address(),
-            tenant_quotas=(("email", 1), ("homefeed", 8)),
-            dynamic_dir=str(tmp_path / "xds"),
-        )
+        settings = gated(server, dynamic_dir=str(tmp_path / "xds"))
         query = busy_pins(server.graph, 1)
         with (
             EnvoyProcess(settings, tmp_path, binary) as envoy,
