@@ -5,7 +5,8 @@ weights), each board centred on one (topic, locale) group and drawing most of it
 that group (so boards are mostly one topic and their pins mostly share a locale: locale-biased
 walks change results), plus a minority of mixed boards that entropy pruning should drop.
 Graphs are built once into `.cache/graphs/<preset>` (outside git) and reused while the
-manifest records the same generator parameters.
+manifest records the same generator parameters. `write_graph_partitions` streams graphs far
+larger than memory to Parquet partitions instead (benchmarks/graph_build.py, 200M edges).
 """
 
 from __future__ import annotations
