@@ -200,6 +200,10 @@ def walks_table(r: dict[str, Any]) -> str:
             "<= 50% of the steps at >= 0.80",
         ),
         _row(
+            "shortest prefix of the full walk at 0.80 top-100 overlap (median over queries)",
+            f"{r['prefix_fraction_for_overlap_80']:.0%} of the steps",
+        ),
+        _row(
             "locale bias 0.5, p50",
             f"{r['locale_bias_p50_ms']:.2f} ms "
             f"({r['locale_bias_p50_ms'] / unbiased:.2f}x unbiased)",
@@ -210,6 +214,12 @@ def walks_table(r: dict[str, Any]) -> str:
             f"{r['locale_topic_bias_p50_ms']:.2f} ms "
             f"({r['locale_topic_bias_p50_ms'] / unbiased:.2f}x unbiased)",
             "<= 1.6x",
+        ),
+        _row(
+            f"real-time delta of {r['delta_share']:.0%} of the edges",
+            f"{r['delta_throughput_ratio']:.2f}x the base-only steps/s, "
+            f"{r['delta_bytes_per_edge']:.0f} bytes per delta edge",
+            ">= 0.8x",
         ),
         _row(
             "direct vs hash visit counter, p50",
@@ -420,12 +430,70 @@ def scoring_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _lift_text(before: float, after: float) -> str:
+    return f"{after / before - 1:+.1%}" if before else "n/a"
+
+
+def demo_lifts_table(r: dict[str, Any]) -> str:
+    """`walkrank demo`'s `demo.json`: phase 1 (visit count) against phase 2 (the models)."""
+    before, after = r["phases"]["visit_count"], r["phases"]["lightweight"]
+    lines = [
+        "| tenant (primary metric) | funnel efficiency | actions per 1,000 returned "
+        "| local share |",
+        "| --- | --- | --- | --- |",
+    ]
+    names = {"homefeed": "home feed", "related_pins": "related pins", "email": "email"}
+    metric_names = {"funnel_efficiency": "funnel efficiency", "actions_per_1000": "actions"}
+    for tenant in sorted(before, key=list(names).index):
+        a, b = before[tenant], after[tenant]
+        cells = [
+            f"{a['funnel_efficiency']:.4f} -> {b['funnel_efficiency']:.4f} "
+            f"({_lift_text(a['funnel_efficiency'], b['funnel_efficiency'])})",
+            f"{a['actions_per_1000']:.1f} -> {b['actions_per_1000']:.1f} "
+            f"({_lift_text(a['actions_per_1000'], b['actions_per_1000'])})",
+            f"{a['local_share']:.3f} -> {b['local_share']:.3f}",
+        ]
+        metric = metric_names[r["primary_metric"][tenant]]
+        lines.append(f"| {names[tenant]} ({metric}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _interval_text(e: dict[str, float | None]) -> str:
+    if e.get("value") is None:
+        return "n/a"
+    low, high = e.get("low"), e.get("high")
+    bounds = f" [{low:+.0%}, {high:+.0%}]" if low is not None and high is not None else ""
+    return f"{e['value']:+.0%}{bounds}"
+
+
+def demo_estimates_table(r: dict[str, Any]) -> str:
+    """`demo.json`'s offline estimates of each model's lift beside the online lift."""
+    lines = [
+        f"World `{r['size']}`, {r['seconds']:.0f} s.",
+        "",
+        "| tenant | online lift | naive (biased) | per-pin SNIPS | exposure-aware (slots) "
+        "| exploration requests | true lift on them | within 30% |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for tenant, e in sorted(r["offline_vs_online"].items()):
+        online, slate = e["online"], e.get("slate", {}).get("value")
+        within = slate is not None and abs(slate - online) <= 0.3 * abs(online)
+        lines.append(
+            f"| {tenant} | {online:+.1%} | {_interval_text(e['naive'])} "
+            f"| {_interval_text(e.get('snips', {}))} | {_interval_text(e.get('slate', {}))} "
+            f"| {e['explored_requests']} | {e['replayed']:+.1%} | {'yes' if within else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 PERFORMANCE = {
     "performance:walks": ("walks.json", walks_table),
     "performance:scoring": ("scoring.json", scoring_table),
     "performance:serving": ("serving.json", serving_table),
     "performance:replicas": ("replicas.json", replicas_table),
     "performance:graph_build": ("graph_build.json", graph_build_table),
+    "demo:lifts": ("demo.json", demo_lifts_table),
+    "demo:estimates": ("demo.json", demo_estimates_table),
 }
 
 
