@@ -236,6 +236,27 @@ def walks_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def walks_real_table(results: Path) -> str:
+    """`benchmarks/walks.py --graph --requests --truth --json walks_<case>.json`: early stopping
+    on real-data graphs, against the full walk on the same requests."""
+    lines = [
+        "| graph | queries | steps walked | top-100 overlap (two full walks) | shortest prefix "
+        "at 0.8 | recall@50 early stop / full walk |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for path in sorted(results.glob("walks_*.json")):
+        r = json.loads(path.read_text())
+        full, early = r["recall_at_50_full"], r["recall_at_50_early_stop"]
+        lines.append(
+            f"| {path.stem.removeprefix('walks_')} ({r['graph_edges']:,} edges) | "
+            f"{r['queries']:,} | {r['early_stop_step_fraction']:.0%} | "
+            f"{r['early_stop_overlap_at_100']:.2f} ({r['full_walk_seed_overlap_at_100']:.2f}) | "
+            f"{r['prefix_fraction_for_overlap_80']:.0%} | "
+            f"{early:.4f} / {full:.4f} ({_lift_text(full, early)}) |"
+        )
+    return "\n".join(lines)
+
+
 def _serving_row(name: str, s: dict[str, Any]) -> str:
     return (
         f"| {name} | {s['requests_per_second']:.1f} | {s['requests_per_second_per_core']:.1f}"
@@ -500,6 +521,8 @@ PERFORMANCE = {
 def performance_tables(results: Path) -> dict[str, str]:
     """The performance tables whose benchmark JSON exists under `results`."""
     tables = {}
+    if any(results.glob("walks_*.json")):
+        tables["performance:walks_real"] = walks_real_table(results)
     for name, (file, render) in PERFORMANCE.items():
         path = results / file
         if path.exists():
@@ -514,20 +537,30 @@ def replace_between(text: str, name: str, table: str) -> str:
     return pattern.sub(lambda match: match.group(1) + table + "\n" + match.group(2), text)
 
 
+def all_tables(relevance_results: Path) -> dict[str, str]:
+    """Every generated table by its marker name: the relevance runs under
+    `relevance_results` and the benchmarks' JSON in its parent."""
+    runs = load(relevance_results)
+    tables = performance_tables(relevance_results.parent)
+    if runs:
+        tables |= {
+            "relevance:summary": summary_table(runs),
+            "relevance:template": summary_table(
+                [run for run in runs if configuration(run) == "template"]
+            ),
+            "relevance:runs": runs_table(runs),
+            "relevance:diagnostics": diagnostics_table(runs),
+            "relevance:feature_orders": feature_orders_table(runs),
+        }
+    return tables
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--write", type=Path, help="Markdown file whose marked tables to replace")
     args = parser.parse_args(argv)
-    runs = load(args.results)
-    tables = performance_tables(args.results.parent)
-    if runs:
-        tables |= {
-            "relevance:summary": summary_table(runs),
-            "relevance:runs": runs_table(runs),
-            "relevance:diagnostics": diagnostics_table(runs),
-            "relevance:feature_orders": feature_orders_table(runs),
-        }
+    tables = all_tables(args.results)
     if not tables:
         raise SystemExit(f"{args.results.parent}: no results")
     if args.write is None:

@@ -34,6 +34,7 @@ UNIT_MODULES = frozenset(
         "test_ranking_fit",
         "test_scheduler",
         "test_server_config",
+        "test_tables",
         "test_tenants",
         "test_walks",
         "test_wire",
