@@ -465,7 +465,8 @@ def demo_lifts_table(r: dict[str, Any]) -> str:
     ]
     names = {"homefeed": "home feed", "related_pins": "related pins", "email": "email"}
     metric_names = {"funnel_efficiency": "funnel efficiency", "actions_per_1000": "actions"}
-    for tenant in sorted(before, key=list(names).index):
+    order = [t for t in names if t in before] + sorted(set(before) - set(names))
+    for tenant in order:
         a, b = before[tenant], after[tenant]
         cells = [
             f"{a['funnel_efficiency']:.4f} -> {b['funnel_efficiency']:.4f} "
@@ -474,8 +475,9 @@ def demo_lifts_table(r: dict[str, Any]) -> str:
             f"({_lift_text(a['actions_per_1000'], b['actions_per_1000'])})",
             f"{a['local_share']:.3f} -> {b['local_share']:.3f}",
         ]
-        metric = metric_names[r["primary_metric"][tenant]]
-        lines.append(f"| {names[tenant]} ({metric}) | " + " | ".join(cells) + " |")
+        metric = r["primary_metric"][tenant]
+        label = f"{names.get(tenant, tenant)} ({metric_names.get(metric, metric)})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

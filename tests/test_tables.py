@@ -27,19 +27,19 @@ def test_marked_tables_match_the_committed_results(doc: str) -> None:
         )
 
 
-def _demo(online: float, slate: float) -> dict[str, object]:
+def _demo(online: float, slate: float, tenant: str = "homefeed") -> dict[str, object]:
     phase = {"funnel_efficiency": 0.1, "actions_per_1000": 100.0, "local_share": 0.9}
     estimate = {"value": slate, "low": slate - 0.05, "high": slate + 0.05}
     return {
         "size": "ci",
         "seconds": 10.0,
-        "primary_metric": {"homefeed": "funnel_efficiency"},
+        "primary_metric": {tenant: "funnel_efficiency"},
         "phases": {
-            "visit_count": {"homefeed": phase},
-            "lightweight": {"homefeed": {**phase, "funnel_efficiency": 0.1 * (1 + online)}},
+            "visit_count": {tenant: phase},
+            "lightweight": {tenant: {**phase, "funnel_efficiency": 0.1 * (1 + online)}},
         },
         "offline_vs_online": {
-            "homefeed": {
+            tenant: {
                 "online": online,
                 "naive": {"value": 1.0, "low": 0.9, "high": 1.1},
                 "snips": estimate,
@@ -53,6 +53,8 @@ def _demo(online: float, slate: float) -> dict[str, object]:
 
 def test_demo_tables_give_lifts_and_judge_the_estimate_within_30_percent() -> None:
     assert "0.1000 -> 0.1200 (+20.0%)" in tables.demo_lifts_table(_demo(0.2, 0.2))
+    surface = _demo(0.2, 0.2, tenant="new_surface")
+    assert "| new_surface (funnel efficiency) |" in tables.demo_lifts_table(surface)
     assert tables.demo_estimates_table(_demo(0.2, 0.25)).endswith("| yes |")
     assert tables.demo_estimates_table(_demo(0.2, 0.1)).endswith("| no |")
 
