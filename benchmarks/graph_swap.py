@@ -38,6 +38,7 @@ from loadgen.generator import RunResult, run_load
 from loadgen.ghz_config import load_ghz_config
 from loadgen.harness import ServeProcess, write_server_config
 from loadgen.report import nearest_rank
+from loadgen.traffic import read_pipeline_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,24 +71,13 @@ def first_calls(repo: Path, work: Path, tenants: Path, models: Path, calls: int)
     or not (the same requests, kernels already loaded), and the page-in itself."""
     from walkrank.model_registry import ModelRegistry
     from walkrank.serving.graphs import open_graph
-    from walkrank.serving.pipeline import RecommendInput, recommend
+    from walkrank.serving.pipeline import recommend
     from walkrank.serving.tenant_table import TenantTable
 
     table = TenantTable(tenants, ModelRegistry(models))
     table.reload()
     runtime = table.get(NO_LOG)
-    messages = json.loads((work / "data" / f"{NO_LOG}.json").read_text())[:calls]
-    inputs = [
-        RecommendInput(
-            tenant=NO_LOG,
-            request_id=f"first-{i}",
-            query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
-            query_weights=tuple(q["weight"] for q in m["query_pins"]),
-            locale=m["user"].get("locale", ""),
-            interests=tuple(m["user"].get("interests", [])),
-        )
-        for i, m in enumerate(messages)
-    ]
+    inputs = read_pipeline_inputs(work / "data" / f"{NO_LOG}.json", NO_LOG, "first", calls)
     warm = open_graph(repo / "1")
     for request in inputs[:5]:  # load the compiled kernels once
         recommend(warm.store, runtime, request)

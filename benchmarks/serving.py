@@ -44,7 +44,7 @@ from loadgen.generator import RunResult, run_load  # noqa: E402
 from loadgen.ghz_config import load_ghz_config  # noqa: E402
 from loadgen.harness import ServeProcess, free_port, write_server_config  # noqa: E402
 from loadgen.models import publish_random_model  # noqa: E402
-from loadgen.traffic import draw_requests, write_requests  # noqa: E402
+from loadgen.traffic import draw_requests, read_pipeline_inputs, write_requests  # noqa: E402
 from walkrank.serving.scheduler import OS_THREAD_PREFIX  # noqa: E402
 
 TENANT = "homefeed"
@@ -165,25 +165,14 @@ def direct_reference(
     median call's wall time and its CPU time."""
     from walkrank.graph.store import GraphStore
     from walkrank.model_registry import ModelRegistry
-    from walkrank.serving.pipeline import NO_DEADLINE_S, RecommendInput, recommend
+    from walkrank.serving.pipeline import NO_DEADLINE_S, recommend
     from walkrank.serving.tenant_table import TenantTable
 
     graph = GraphStore.load(graph_path)
     table = TenantTable(tenants, ModelRegistry(models))
     table.reload()
     runtime = table.get(NO_LOG)
-    messages = json.loads((work / "data" / f"{NO_LOG}.json").read_text())
-    inputs = [
-        RecommendInput(
-            tenant=NO_LOG,
-            request_id=f"reference-{i}",
-            query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
-            query_weights=tuple(q["weight"] for q in m["query_pins"]),
-            locale=m["user"].get("locale", ""),
-            interests=tuple(m["user"].get("interests", [])),
-        )
-        for i, m in enumerate(messages[:calls])
-    ]
+    inputs = read_pipeline_inputs(work / "data" / f"{NO_LOG}.json", NO_LOG, "reference", calls)
     # No deadline: the warm-up compiles the kernels when their cache is stale (seconds), and
     # the figure is the pipeline's time, whatever the tenant's deadline_ms.
     unbounded = functools.partial(recommend, time_remaining=lambda: NO_DEADLINE_S)

@@ -24,7 +24,7 @@ from loadgen.generator import _Requests, run_load
 from loadgen.ghz_config import DURATION_STOPS, load_ghz_config
 from loadgen.method import from_proto, from_reflection
 from loadgen.report import from_ghz_json, summarize
-from loadgen.traffic import draw_requests
+from loadgen.traffic import draw_requests, read_pipeline_inputs, write_requests
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
 from walkrank.serving.server import WalkRankServer
@@ -134,6 +134,21 @@ def test_ghz_config_is_parsed_into_the_same_requests(
             payload, metadata = requests.get("7", number)
             assert payload == expected[number % 3].SerializeToString()
             assert metadata == (("x-run", "w7"),)
+
+
+def test_written_requests_read_back_as_the_pipelines_inputs(
+    small_graph: GraphStore, tmp_path: Path
+) -> None:
+    messages = draw_requests(small_graph, "homefeed", 4, seed=8)
+    write_requests(tmp_path / "homefeed.json", messages)
+    inputs = read_pipeline_inputs(tmp_path / "homefeed.json", "plain", "direct", calls=3)
+    assert [i.request_id for i in inputs] == ["direct-0", "direct-1", "direct-2"]
+    for read, m in zip(inputs, messages, strict=False):
+        assert read.tenant == "plain"
+        assert read.query_pins == tuple(q["pin_id"] for q in m["query_pins"])
+        assert read.query_weights == tuple(q["weight"] for q in m["query_pins"])
+        assert read.locale == m["user"]["locale"]
+        assert read.interests == tuple(m["user"]["interests"])
 
 
 def test_ghz_config_errors_name_the_problem(tmp_path: Path) -> None:

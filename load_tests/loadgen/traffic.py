@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from walkrank.graph.store import GraphStore
+
+if TYPE_CHECKING:  # the pipeline (numba, onnxruntime) loads only for read_pipeline_inputs
+    from walkrank.serving.pipeline import RecommendInput
 
 NEIGHBOUR_SHARE = 0.6
 #: (action, weight, share of actions): homefeed.yaml's action weights; a save is rarer than a view.
@@ -142,6 +145,27 @@ def write_requests(path: Path, messages: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ",\n".join(json.dumps(m, separators=(",", ":")) for m in messages)
     path.write_text(f"[\n{lines}\n]\n")
+
+
+def read_pipeline_inputs(
+    path: Path, tenant: str, prefix: str, calls: int | None = None
+) -> list[RecommendInput]:
+    """The first `calls` Recommend messages of a `write_requests` file as the pipeline's own
+    inputs, to time the pipeline without gRPC on the requests a load test sends."""
+    from walkrank.serving.pipeline import RecommendInput
+
+    messages = json.loads(path.read_text())[:calls]
+    return [
+        RecommendInput(
+            tenant=tenant,
+            request_id=f"{prefix}-{i}",
+            query_pins=tuple(q["pin_id"] for q in m["query_pins"]),
+            query_weights=tuple(q["weight"] for q in m["query_pins"]),
+            locale=m["user"].get("locale", ""),
+            interests=tuple(m["user"].get("interests", [])),
+        )
+        for i, m in enumerate(messages)
+    ]
 
 
 def unknown_query_pins(graph: GraphStore, messages: list[dict[str, Any]]) -> tuple[int, int]:
