@@ -37,7 +37,7 @@ from serving import NO_LOG, TENANT, ghz_config, prepare
 from loadgen.generator import RunResult, run_load
 from loadgen.ghz_config import load_ghz_config
 from loadgen.harness import ServeProcess, write_server_config
-from loadgen.report import nearest_rank
+from loadgen.report import nearest_rank, write_report
 from loadgen.traffic import read_pipeline_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return 0
 
 

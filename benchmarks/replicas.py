@@ -41,6 +41,7 @@ from loadgen.generator import RunResult, run_load
 from loadgen.ghz_config import load_ghz_config
 from loadgen.harness import process_cpu_seconds, write_server_config
 from loadgen.models import publish_random_model
+from loadgen.report import write_report
 from walkrank.envoy import host_health
 from walkrank.replicas import (
     BANNER,
@@ -364,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return 0
 
 

@@ -44,6 +44,7 @@ from loadgen.generator import RunResult, run_load  # noqa: E402
 from loadgen.ghz_config import load_ghz_config  # noqa: E402
 from loadgen.harness import ServeProcess, free_port, write_server_config  # noqa: E402
 from loadgen.models import publish_random_model  # noqa: E402
+from loadgen.report import write_report  # noqa: E402
 from loadgen.traffic import draw_requests, read_pipeline_inputs, write_requests  # noqa: E402
 from walkrank.serving.scheduler import OS_THREAD_PREFIX  # noqa: E402
 
@@ -357,9 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_report(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return 0
 
 

@@ -23,7 +23,7 @@ from test_server import make_config
 from loadgen.generator import _Requests, run_load
 from loadgen.ghz_config import DURATION_STOPS, load_ghz_config
 from loadgen.method import from_proto, from_reflection
-from loadgen.report import from_ghz_json, summarize
+from loadgen.report import from_ghz_json, summarize, write_report
 from loadgen.traffic import draw_requests, read_pipeline_inputs, write_requests
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
@@ -149,6 +149,13 @@ def test_written_requests_read_back_as_the_pipelines_inputs(
         assert read.query_weights == tuple(q["weight"] for q in m["query_pins"])
         assert read.locale == m["user"]["locale"]
         assert read.interests == tuple(m["user"]["interests"])
+
+
+def test_a_report_is_written_as_json_into_a_new_folder(tmp_path: Path) -> None:
+    path = tmp_path / "results" / "run.json"
+    write_report(path, {"rps": 12.5, "ok": True})
+    assert json.loads(path.read_text()) == {"rps": 12.5, "ok": True}
+    write_report(None, {"rps": 1.0})  # no --json: nothing written, no error
 
 
 def test_ghz_config_errors_name_the_problem(tmp_path: Path) -> None:

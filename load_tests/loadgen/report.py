@@ -52,6 +52,14 @@ class Summary:
         return {**asdict(self), "error_count": self.error_count}
 
 
+def write_report(path: Path | None, report: dict[str, Any]) -> None:
+    """A benchmark's report as indented JSON at `path` (its folder made); nothing when None."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def nearest_rank(sorted_values: np.ndarray, percentage: int) -> float:
     """ghz's percentile: the value at rank ceil(p/100 * n), counted from 1."""
     rank = percentage / 100 * len(sorted_values)
