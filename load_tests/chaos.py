@@ -74,7 +74,7 @@ from loadgen.fuzz import (
     send,
     violations,
 )
-from loadgen.harness import ServeProcess, free_port, write_server_config
+from loadgen.harness import ServeProcess, free_port, graph_directory, write_server_config
 from loadgen.traffic import draw_requests
 from walkrank_client.pb.walkrank.v1 import admin_pb2, events_pb2, recommender_pb2
 
@@ -877,13 +877,7 @@ def build_graph(value: str | None, scratch: Path) -> Path:
         out = scratch / "graph"
         build_synthetic(out, value or "tiny")
         return out
-    path = Path(value)
-    if not (path / "manifest.json").is_file():
-        raise SystemExit(
-            f"chaos.py: --graph {value!r} is neither a preset "
-            f"({', '.join(PRESETS)}) nor a graph directory with manifest.json"
-        )
-    return path
+    return graph_directory(value, "chaos.py", f"a preset ({', '.join(PRESETS)})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 from loadgen.generator import RunResult, run_load
 from loadgen.ghz_config import GhzConfig, load_ghz_config
-from loadgen.harness import ServeProcess, write_server_config
+from loadgen.harness import ServeProcess, graph_directory, write_server_config
 from loadgen.report import Summary, from_ghz_json, write_results
 from loadgen.traffic import draw_requests, unknown_query_pins, write_requests
 from walkrank.errors import WalkRankError
@@ -45,13 +45,7 @@ def resolve_graph(value: str) -> Path:
         return ensure_world_graph(ROOT / "var" / "demo", SIZES["full"])
     if value in PRESETS:
         return ensure_graph(value, ROOT / ".cache" / "graphs")
-    path = Path(value)
-    if not (path / "manifest.json").is_file():
-        raise SystemExit(
-            f"run.py: --graph {value!r} is neither 'demo', a preset "
-            f"({', '.join(PRESETS)}) nor a graph directory with manifest.json"
-        )
-    return path
+    return graph_directory(value, "run.py", f"'demo', a preset ({', '.join(PRESETS)})")
 
 
 def check_data(configs: list[GhzConfig], graph: Path) -> None:

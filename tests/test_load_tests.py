@@ -22,6 +22,7 @@ from test_server import make_config
 
 from loadgen.generator import _Requests, run_load
 from loadgen.ghz_config import DURATION_STOPS, load_ghz_config
+from loadgen.harness import graph_directory
 from loadgen.method import from_proto, from_reflection
 from loadgen.report import from_ghz_json, summarize, write_report
 from loadgen.traffic import draw_requests, read_pipeline_inputs, write_requests
@@ -149,6 +150,13 @@ def test_written_requests_read_back_as_the_pipelines_inputs(
         assert read.query_weights == tuple(q["weight"] for q in m["query_pins"])
         assert read.locale == m["user"]["locale"]
         assert read.interests == tuple(m["user"]["interests"])
+
+
+def test_graph_argument_is_a_graph_directory_or_names_the_alternatives(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"run.py: --graph '.*' is neither a preset \(tiny\)"):
+        graph_directory(str(tmp_path), "run.py", "a preset (tiny)")
+    (tmp_path / "manifest.json").write_text("{}")
+    assert graph_directory(str(tmp_path), "run.py", "a preset (tiny)") == tmp_path
 
 
 def test_a_report_is_written_as_json_into_a_new_folder(tmp_path: Path) -> None:

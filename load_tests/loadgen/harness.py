@@ -32,6 +32,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def graph_directory(value: str, program: str, alternatives: str) -> Path:
+    """`--graph VALUE` as a graph directory; exits naming what else `--graph` may be."""
+    path = Path(value)
+    if not (path / "manifest.json").is_file():
+        raise SystemExit(
+            f"{program}: --graph {value!r} is neither {alternatives} "
+            f"nor a graph directory with manifest.json"
+        )
+    return path
+
+
 def write_server_config(
     path: Path,
     graph: Path,
