@@ -174,6 +174,9 @@ def test_ghz_config_errors_name_the_problem(tmp_path: Path) -> None:
         ({"duration": "ten seconds"}, "duration"),
         ({"total": 2, "concurrency": 4}, "total (2) must be >= concurrency (4)"),
         ({"call": "Recommend"}, "call"),
+        ({"proto": "missing.proto"}, "proto: no such file"),
+        ({"metadata-file": 3}, "metadata-file: expected a path string"),
+        ({"metadata-file": "missing.json"}, "metadata-file: no such file"),
     ]
     for index, (change, message) in enumerate(cases):
         path = tmp_path / f"bad{index}.json"

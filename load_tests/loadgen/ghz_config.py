@@ -211,6 +211,16 @@ def _relative(base: Path, value: str) -> Path:
     return (base / value).resolve()
 
 
+def _named_file(raw: dict[str, Any], key: str, path: Path, base: Path, where_from: str) -> Path:
+    """The existing file a config key names, relative to `base` as ghz resolves it."""
+    if not isinstance(raw[key], str):
+        raise ConfigError(f"{path}: {key}: expected a path string")
+    named = _relative(base, raw[key])
+    if not named.is_file():
+        raise ConfigError(f"{path}: {key}: no such file {named} {where_from}")
+    return named
+
+
 def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzConfig:
     """Read and validate a ghz JSON config for the built-in generator.
 
@@ -249,10 +259,7 @@ def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzC
             raise ConfigError(f"{path}: insecure: expected true or false")
         values["insecure"] = raw["insecure"]
     if raw.get("proto"):
-        proto = _relative(base, raw["proto"])
-        if not proto.is_file():
-            raise ConfigError(f"{path}: proto: no such file {proto} {where_from}")
-        values["proto"] = proto
+        values["proto"] = _named_file(raw, "proto", path, base, where_from)
     paths = raw.get("import-paths", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ConfigError(f"{path}: import-paths: expected a list of directories")
@@ -285,11 +292,7 @@ def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzC
     if "data" in raw:
         values["messages"] = _messages(raw["data"], f"{path}: data")
     elif "data-file" in raw:
-        if not isinstance(raw["data-file"], str):
-            raise ConfigError(f"{path}: data-file: expected a path string")
-        data_path = _relative(base, raw["data-file"])
-        if not data_path.is_file():
-            raise ConfigError(f"{path}: data-file: no such file {data_path} {where_from}")
+        data_path = _named_file(raw, "data-file", path, base, where_from)
         values["messages"] = _messages(_read_json(data_path, "data file"), str(data_path))
     else:
         values["messages"] = ("{}",)
@@ -298,11 +301,7 @@ def load_ghz_config(path: str | Path, workdir: str | Path | None = None) -> GhzC
     metadata_raw = raw.get("metadata")
     metadata_where = f"{path}: metadata"
     if "metadata-file" in raw:
-        if not isinstance(raw["metadata-file"], str):
-            raise ConfigError(f"{path}: metadata-file: expected a path string")
-        metadata_path = _relative(base, raw["metadata-file"])
-        if not metadata_path.is_file():
-            raise ConfigError(f"{path}: metadata-file: no such file {metadata_path} {where_from}")
+        metadata_path = _named_file(raw, "metadata-file", path, base, where_from)
         metadata_raw, metadata_where = (
             _read_json(metadata_path, "metadata file"),
             str(metadata_path),
