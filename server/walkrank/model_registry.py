@@ -40,7 +40,7 @@ from walkrank.errors import ModelError
 from walkrank.pointers import (
     VERSION_RE,
     exclusive_lock,
-    fsync_dir,
+    fsync_path,
     read_version,
     write_durable,
     write_version,
@@ -185,7 +185,7 @@ class ModelRegistry:
             except BaseException:
                 shutil.rmtree(temp_dir, ignore_errors=True)
                 raise
-            fsync_dir(tenant_dir)
+            fsync_path(tenant_dir)
             write_version(tenant_dir / CURRENT_FILE, version)
         return self._describe(tenant, version)
 

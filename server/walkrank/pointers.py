@@ -44,7 +44,7 @@ def write_version(path: Path, version: int) -> None:
     temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     write_durable(temp, f"{version}\n".encode())
     os.replace(temp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_durable(path: Path, payload: bytes) -> None:
@@ -54,7 +54,9 @@ def write_durable(path: Path, payload: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a directory's entries, or a closed file's data, durable (fsync reaches either
+    through any descriptor)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -40,7 +40,7 @@ from walkrank.graph.store import MANIFEST, GraphStore, read_manifest
 from walkrank.pointers import (
     VERSION_RE,
     exclusive_lock,
-    fsync_dir,
+    fsync_path,
     read_version,
     write_version,
 )
@@ -163,7 +163,7 @@ class GraphRepository:
                 build(built)
                 GraphStore.load(built, verify=True)  # never publish what a server would refuse
                 os.rename(built, self.version_dir(version))
-            fsync_dir(self.root)
+            fsync_path(self.root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         with self._lock():

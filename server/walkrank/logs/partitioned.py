@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from walkrank.errors import DataError
+from walkrank.pointers import fsync_path
 from walkrank.storage import Location, filesystem_of, store_error
 from walkrank.threads import lower_thread_priority
 
@@ -69,15 +70,6 @@ def to_epoch_seconds(moment: TimeLike, name: str) -> float | None:
 
 
 _WRITE_BUFFER = 1 << 20  # bytes a file's stream gathers before one write(2)
-
-
-def _fsync(path: Path) -> None:
-    """Make a closed file's data durable (fsync reaches the file through any descriptor)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _is_text(arrow_type: pa.DataType) -> bool:
@@ -466,7 +458,7 @@ class PartitionedLog(Intake[R], Generic[R, P], ABC):
             try:
                 file.writer.close()
                 file.handle.close()
-                _fsync(file.tmp)
+                fsync_path(file.tmp)
                 os.replace(file.tmp, file.final)
             except Exception:
                 log.exception("log writer: cannot finish %s", file.tmp)
