@@ -16,7 +16,14 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 from test_server import REPO, _wait_until, busy_pins, publish_model, running
-from test_training_pipeline import CANDIDATES, N_REQUESTS, make_tenant, quiet, write_logs
+from test_training_pipeline import (
+    CANDIDATES,
+    N_REQUESTS,
+    make_tenant,
+    quiet,
+    train_on_dask,
+    write_logs,
+)
 from test_training_pipeline import _config as tenant_config
 
 from walkrank.cli import main
@@ -337,24 +344,13 @@ def test_log_shipping_survives_a_store_outage_and_a_restart(
 def test_dask_training_on_two_worker_processes_reads_the_logs_from_the_store(
     s3: str, tmp_path: Path
 ) -> None:
-    from distributed import LocalCluster
-
     logs = tmp_path / "logs"
     write_logs(logs)
     uri = f"{s3}/train-{tmp_path.name}/logs"
     push(logs, uri)
     tenant = make_tenant()
     local = train_tenant(tenant, logs, tmp_path / "local", publish=False, progress=quiet)
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        report = train_tenant(
-            tenant,
-            uri,
-            tmp_path / "models",
-            progress=quiet,
-            dask_scheduler=cluster.scheduler_address,
-        )
+    report = train_on_dask(tenant, uri, tmp_path / "models", workers=2, processes=True)
     assert report.version == 1
     assert report.rows["candidates"] == N_REQUESTS * CANDIDATES
     assert report.comparison.requests == local.comparison.requests

@@ -21,8 +21,9 @@ from walkrank.logs.candidates import CandidateBatch, CandidateLog
 from walkrank.logs.events import EventLog, validate_events
 from walkrank.logs.partitioned import WriterOptions
 from walkrank.model_registry import ModelRegistry
+from walkrank.storage import Location
 from walkrank.tenants import TenantConfig, load_tenant
-from walkrank.training.pipeline import evaluate_tenant, split_by_time, train_tenant
+from walkrank.training.pipeline import TrainReport, evaluate_tenant, split_by_time, train_tenant
 
 REPO = Path(__file__).resolve().parents[1]
 START = datetime(2024, 5, 1, 10, 0, tzinfo=UTC).timestamp()
@@ -162,6 +163,20 @@ def logs(tmp_path_factory) -> Path:
 
 def quiet(_: str) -> None:
     """Progress sink for tests (the CLI prints)."""
+
+
+def train_on_dask(
+    tenant: TenantConfig, logs: Location, models: Path, *, workers: int, processes: bool
+) -> TrainReport:
+    """`train_tenant` through xgboost.dask on a local cluster started for this one run."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None
+    ) as cluster:
+        return train_tenant(
+            tenant, logs, models, progress=quiet, dask_scheduler=cluster.scheduler_address
+        )
 
 
 def test_train_publishes_a_model_that_beats_visit_count(logs, tmp_path):
@@ -534,20 +549,9 @@ def test_cli_refuses_to_use_the_demo_world_unless_asked(tmp_path, monkeypatch, c
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["binary", "pairwise"])
 def test_dask_path_matches_the_in_process_split(logs, tmp_path, objective):
-    from distributed import LocalCluster
-
     tenant = make_tenant(objective=objective)
     local = train_tenant(tenant, logs, tmp_path / "local", publish=False, progress=quiet)
-    with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-    ) as cluster:
-        report = train_tenant(
-            tenant,
-            logs,
-            tmp_path / "models",
-            progress=quiet,
-            dask_scheduler=cluster.scheduler_address,
-        )
+    report = train_on_dask(tenant, logs, tmp_path / "models", workers=1, processes=False)
     assert report.version == 1
     assert ModelRegistry(tmp_path / "models").load("homefeed").metadata["gate"]["passed"]
     # Same held-out requests and candidates, same positives (only negatives are sampled).
