@@ -19,6 +19,7 @@ from test_server import busy_pins, make_config, running
 
 from walkrank.graph.build import build_graph
 from walkrank.graph.store import GraphStore
+from walkrank.serving.auth import TENANT_HEADER
 from walkrank.serving.config import AuthConfig
 from walkrank.serving.server import WalkRankServer
 from walkrank.serving.workers import FrontDoor, step_aside
@@ -476,6 +477,89 @@ def test_refusals_and_other_tenants_never_wait_behind_admitted_calls(
             holder.join()
         for future in [*admitted, other]:
             assert future.result().candidates
+
+
+def test_a_full_tenant_is_refused_by_its_header_before_its_request_is_read(
+    tmp_path, small_graph: GraphStore, errors: ErrorLog
+) -> None:
+    """Keys on, email's quota full of calls waiting for the one compute thread: a call whose
+    `x-walkrank-tenant` header names email is refused RESOURCE_EXHAUSTED from its metadata
+    alone (its body random bytes, never decoded), counted as email's refusal, for Recommend
+    and RecommendBatch. The header never gets past credentials: no key is UNAUTHENTICATED,
+    home feed's key PERMISSION_DENIED, neither counted as email's. A header naming another
+    tenant than the body's, or no tenant the server has, earns no refusal and no admission:
+    the call goes the usual way and is refused for the mismatch. Once compute is free every
+    admitted call is answered and email is served again (no slot leaked)."""
+    auth = AuthConfig(
+        enabled=True, tenant_keys={t: frozenset({k}) for t, k in KEYS.items()}, admin_token=ADMIN
+    )
+    config = make_config(tmp_path, small_graph, auth=auth, workers=2, compute_slots=1)
+    with (
+        running(config) as (server, _),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        pin = busy_pins(server.graph, 1)[0]
+        email_key = (("x-api-key", KEYS["email"]),)
+        as_email = (*email_key, (TENANT_HEADER, "email"))
+        recommend = channel.unary_unary(RECOMMEND)
+        email = server.tenants.counters("email")
+        quota = server.tenants.get("email").config.limits.max_in_flight
+
+        def refused() -> int:
+            return email.status_codes["RESOURCE_EXHAUSTED"]
+
+        release = threading.Event()
+        holder = threading.Thread(target=server.serving.compute.run, args=(release.wait, 0))
+        holder.start()
+        try:
+            admitted = [
+                recommend.future(request(server.graph, "email", [pin]), 60, as_email)
+                for _ in range(quota)
+            ]
+            wait_until(lambda: email.limiter.in_flight == quota, "email's quota full")
+            undecodable_before = client_errors(server, "unknown", "undecodable")
+            code, details, _ = call(channel, RECOMMEND, GARBAGE[0], as_email)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert_one_line(details, "tenant 'email'", "its quota")
+            assert client_errors(server, "unknown", "undecodable") == undecodable_before
+            assert stream(channel, BATCH, GARBAGE[1], as_email)[0] == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            assert refused() == 2
+            # A header naming the full tenant over a home-feed body: refused, never admitted.
+            code, _, _ = call(channel, RECOMMEND, request(server.graph, "homefeed"), as_email)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert server.tenants.counters("homefeed").limiter.in_flight == 0
+            # Credentials first: without them, or with another tenant's key, no refusal.
+            no_key = ((TENANT_HEADER, "email"),)
+            homefeed_key = (("x-api-key", KEYS["homefeed"]), (TENANT_HEADER, "email"))
+            assert call(channel, RECOMMEND, GARBAGE[0], no_key)[0] == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert call(channel, RECOMMEND, GARBAGE[0], homefeed_key)[0] == (
+                grpc.StatusCode.PERMISSION_DENIED
+            )
+            assert refused() == 3
+            # A tenant the server does not have: the usual way, refused for the mismatch.
+            unknown = (*email_key, (TENANT_HEADER, "nosuch"))
+            code, details, _ = call(channel, RECOMMEND, request(server.graph, "email"), unknown)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert_one_line(details, TENANT_HEADER, "'nosuch'")
+            assert holder.is_alive() and not any(f.done() for f in admitted)
+            assert email.limiter.in_flight == quota and refused() == 3
+        finally:
+            release.set()
+            holder.join()
+        for future in admitted:
+            assert recommender_pb2.RecommendResponse.FromString(future.result()).candidates
+        wait_until(lambda: email.limiter.in_flight == 0, "email's calls done")
+        # Room again: a header naming email over a home-feed body is the mismatch it is.
+        code, details, _ = call(channel, RECOMMEND, request(server.graph, "homefeed"), as_email)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert_one_line(details, TENANT_HEADER, "'email'", "'homefeed'")
+        code, _, answer = call(channel, RECOMMEND, request(server.graph, "email", [pin]), as_email)
+        assert code == grpc.StatusCode.OK and answer
+    assert not errors.records, [r.getMessage() for r in errors.records]
 
 
 def test_front_door_lets_lanes_in_round_robin() -> None:

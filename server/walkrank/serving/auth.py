@@ -7,6 +7,7 @@ Header names are shared with the client SDK: `x-api-key`, `x-admin-token` and
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 import grpc
 
@@ -20,11 +21,17 @@ ADMIN_TOKEN_HEADER = "x-admin-token"
 TENANT_HEADER = "x-walkrank-tenant"
 
 
-def _header(context: grpc.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
+def metadata_value(metadata: Sequence[tuple[str, str]] | None, name: str) -> str | None:
+    """The first value of `name` in a call's metadata (a `ServicerContext`'s, or the
+    `HandlerCallDetails` an interceptor sees before the call has a context)."""
+    for key, value in metadata or ():
         if key == name:
             return value
     return None
+
+
+def _header(context: grpc.ServicerContext, name: str) -> str | None:
+    return metadata_value(context.invocation_metadata(), name)
 
 
 def check_tenant_header(context: grpc.ServicerContext, tenant: str) -> None:

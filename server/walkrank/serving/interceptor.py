@@ -10,12 +10,24 @@ instead, so an undecodable request is what it is, the client's error: INVALID_AR
 one line naming the message type and the problem. Client errors are never logged; they are
 counted in `walkrank_client_errors_total{tenant,reason}` (tenant "unknown" until the request
 names a tenant the server has).
+
+A call over its tenant's quota is refused before any of that (`Shed`): the tenant its
+`x-walkrank-tenant` header names (the SDK and Envoy send it) is checked against the tenant's
+in-flight count as gRPC's polling thread hands the call over, and a call of a full tenant is
+given a handler that reads nothing: it checks the credentials (the key must be one that may
+call that tenant) and refuses RESOURCE_EXHAUSTED, on a thread of its own (`REFUSAL_THREADS`),
+so refusals neither wait behind served calls for a worker thread nor add runnable threads
+that queue for the GIL. A call that passes that check is checked again, on its worker
+thread, before it is decoded. The header only ever earns a refusal: an admitted call's
+request must name the header's tenant (`walkrank.serving.auth.check_tenant_header`), and the
+request's tenant is what it is admitted under, with its key checked against it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, NoReturn
@@ -24,6 +36,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from walkrank.errors import ConfigError, DataError, ModelError, WalkRankError
+from walkrank.serving.auth import TENANT_HEADER, metadata_value
 from walkrank.serving.errors import InvalidArgument, RequestError
 from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.workers import FrontDoor
@@ -38,6 +51,13 @@ MAX_DETAILS_CHARS = 512
 
 #: A check on the call's metadata (credentials) run before its message is decoded.
 Guard = Callable[[grpc.ServicerContext], None]
+#: Given the tenant a call's header names, the refusal to end it with when that tenant has no
+#: free in-flight slot (it raises: PermissionDenied for a key that may not call the tenant,
+#: else QuotaExceeded, counted as the tenant's); None when it has one or is no tenant.
+Shed = Callable[[str], Callable[[grpc.ServicerContext], NoReturn] | None]
+#: Threads that send the early refusals. Each refusal is short and never waits, so one is
+#: enough; more would only queue for the GIL beside the served calls.
+REFUSAL_THREADS = 1
 
 
 def status_of(exc: WalkRankError) -> grpc.StatusCode:
@@ -93,8 +113,11 @@ class RequestBoundary(grpc.ServerInterceptor):
 
     `guards` maps a service's full name (`walkrank.v1.Admin`) to a check of the call's
     metadata run before anything else, so a call without credentials costs no decoding.
-    Calls with one request message then go through `door` (`walkrank.serving.workers`) in
-    the lane `lane` names for their message; streaming requests (reflection) bypass it.
+    `shed` maps a method's full name (`/walkrank.v1.Recommender/Recommend`) to the quota
+    check of the tenant its header names (module docstring), run before the guard's call is
+    even given a worker thread. Calls with one request message then go through `door`
+    (`walkrank.serving.workers`) in the lane `lane` names for their message; streaming
+    requests (reflection) bypass it.
     """
 
     def __init__(
@@ -103,12 +126,15 @@ class RequestBoundary(grpc.ServerInterceptor):
         guards: Mapping[str, Guard] | None = None,
         door: FrontDoor | None = None,
         lane: Callable[[Any], str] = lambda message: "",
+        shed: Mapping[str, Shed] | None = None,
     ) -> None:
         self._metrics = metrics
         self._guards = dict(guards or {})
         self._door = door
         self._lane = lane
+        self._shed = dict(shed or {})
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._refusals = futures.ThreadPoolExecutor(REFUSAL_THREADS, "walkrank-refusal")
 
     @contextmanager
     def _inside(self, message: Any) -> Iterator[None]:
@@ -125,6 +151,12 @@ class RequestBoundary(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        shed = self._shed.get(method)
+        if shed is not None:
+            tenant = metadata_value(handler_call_details.invocation_metadata, TENANT_HEADER)
+            refusal = shed(tenant) if tenant is not None else None
+            if refusal is not None:
+                return self._refusal(method, refusal)
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
             cached = (handler, self._wrap(method, handler))
@@ -140,8 +172,44 @@ class RequestBoundary(grpc.ServerInterceptor):
             self._metrics.client_errors.labels(CALL_TENANT.get(), exc.reason).inc()
         context.abort(code, _one_line(str(exc)))
 
+    def _guard(self, method: str) -> Guard:
+        return self._guards.get(method.lstrip("/").rpartition("/")[0], _no_guard)
+
+    def _refusal(
+        self, method: str, refusal: Callable[[grpc.ServicerContext], NoReturn]
+    ) -> grpc.RpcMethodHandler:
+        """A handler that ends the call with `refusal` once its credentials pass, on the
+        refusal thread. It is a client-streaming handler whatever the method (the wire does
+        not say): gRPC then never reads the request, where a unary one would first wait for
+        the message to arrive."""
+        check, fail = self._guard(method), self.fail
+
+        def refuse(requests: Iterator[bytes], context: grpc.ServicerContext) -> NoReturn:
+            try:
+                check(context)
+                refusal(context)
+            except WalkRankError as exc:
+                fail(context, exc)
+
+        refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        check = self._guards.get(method.lstrip("/").rpartition("/")[0], _no_guard)
+        guard = self._guard(method)
+        shed = self._shed.get(method)
+        if shed is None:
+            check = guard
+        else:
+
+            def check(context: grpc.ServicerContext) -> None:
+                """The guard, then the quota check again: the tenant may have filled up
+                since the polling thread looked."""
+                guard(context)
+                tenant = metadata_value(context.invocation_metadata(), TENANT_HEADER)
+                refusal = shed(tenant) if tenant is not None else None
+                if refusal is not None:
+                    refusal(context)
+
         decode = _decoder(handler.request_deserializer)
         fail = self.fail
         inside = self._inside

@@ -41,7 +41,12 @@ from walkrank.serving.metrics import ServerMetrics
 from walkrank.serving.pipeline import NO_DEADLINE_S, RecommendInput, recommend
 from walkrank.serving.reflection import enable_reflection
 from walkrank.serving.scheduler import ComputePool, available_cores
-from walkrank.serving.servicers import AdminServicer, RecommenderServicer, ServingContext
+from walkrank.serving.servicers import (
+    ADMITTED_METHODS,
+    AdminServicer,
+    RecommenderServicer,
+    ServingContext,
+)
 from walkrank.serving.tenant_table import ReloadReport, TenantTable
 from walkrank.serving.wire import add_recommender
 from walkrank.serving.workers import FrontDoor, WorkerPool
@@ -167,6 +172,7 @@ class WalkRankServer:
                     guards={RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin},
                     door=FrontDoor(config.workers),
                     lane=self.serving.lane,
+                    shed={method: self.serving.shed for method in ADMITTED_METHODS},
                 )
             ],
             options=options,

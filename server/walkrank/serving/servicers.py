@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -72,6 +72,12 @@ from walkrank_client.pb.walkrank.v1 import (
 GRAPH_VERSION_KEY = "walkrank-graph-version"
 #: ReportEventsResponse.rejections: the first few, never a huge batch echoed back.
 REJECTIONS_SHOWN = 10
+#: The methods a tenant's quota admits (`ServingContext.admitted`), which a call of a full
+#: tenant is refused before it is read (`ServingContext.shed`).
+ADMITTED_METHODS = tuple(
+    f"/{recommender_pb2.DESCRIPTOR.services_by_name['Recommender'].full_name}/{name}"
+    for name in ("Recommend", "RecommendBatch")
+)
 
 
 class ServingContext:
@@ -137,18 +143,36 @@ class ServingContext:
     def admitted(self, runtime: TenantRuntime) -> Iterator[None]:
         """Hold one of the tenant's in-flight slots, or refuse at once when it has none."""
         limiter = self.tenants.counters(runtime.name).limiter
-        limit = runtime.config.limits.max_in_flight
-        if not limiter.try_acquire(limit):
-            self.record(runtime.name, "RESOURCE_EXHAUSTED")
-            raise QuotaExceeded(
-                f"tenant {quote(runtime.name)} has {limit} requests in flight "
-                f"(its quota); retry later"
-            )
+        if not limiter.try_acquire(runtime.config.limits.max_in_flight):
+            self._refuse(runtime)
         step_aside()  # it holds its thread until it answers, but no front-door place
         try:
             yield
         finally:
             limiter.release()
+
+    def shed(self, tenant: str) -> Callable[[grpc.ServicerContext], NoReturn] | None:
+        """The early refusal (`walkrank.serving.interceptor.Shed`) of a call whose header
+        names `tenant`: None unless it is a tenant the server has with every in-flight slot
+        taken (read without the lock: a stale answer only moves a refusal to `admitted`)."""
+        runtime = self.tenants.get(tenant)
+        if runtime is None:
+            return None
+        if self.tenants.counters(tenant).limiter.in_flight < runtime.config.limits.max_in_flight:
+            return None
+        return functools.partial(self._refuse_early, runtime)
+
+    def _refuse_early(self, runtime: TenantRuntime, context: grpc.ServicerContext) -> NoReturn:
+        CALL_TENANT.set(runtime.name)
+        self.auth.check_tenant(context, runtime.name)
+        self._refuse(runtime)
+
+    def _refuse(self, runtime: TenantRuntime) -> NoReturn:
+        self.record(runtime.name, "RESOURCE_EXHAUSTED")
+        raise QuotaExceeded(
+            f"tenant {quote(runtime.name)} has {runtime.config.limits.max_in_flight} requests "
+            "in flight (its quota); retry later"
+        )
 
     def record(
         self, tenant: str, code: str, output: RecommendOutput | None = None, arm: str = ""
