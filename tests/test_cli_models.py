@@ -70,5 +70,8 @@ def test_publish_refuses_bad_models_with_the_file_named(
     assert publish("related_pins", garbage, config) == 2
     assert "garbage.json" in capsys.readouterr().err
     assert publish("nobody", garbage, config) == 2
-    assert "nobody" in capsys.readouterr().err
+    assert "nobody.yaml: no such tenant file for 'nobody'" in capsys.readouterr().err
+    # train and evaluate find the tenant by the same rule
+    assert main(["train", "--tenant", "nobody", "--config", str(config)]) == 2
+    assert "nobody.yaml: no such tenant file for 'nobody'" in capsys.readouterr().err
     assert ModelRegistry(tmp_path / "models").versions("related_pins") == []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from walkrank.errors import ConfigError
 from walkrank.serving.config import ServerConfig, load_server_config
+from walkrank.tenants import TenantConfig, load_tenant
 
 DEFAULT_CONFIG = Path("walkrank.yaml")
 
@@ -54,3 +55,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     from walkrank.demo.world import demo_server_config
 
     return demo_server_config()
+
+
+def tenant_config(config: ServerConfig, name: str) -> TenantConfig:
+    """Tenant `name` from the config's tenants directory; ConfigError naming the file when
+    there is none."""
+    path = config.tenants_dir / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"{path}: no such tenant file for {name!r}")
+    return load_tenant(path)

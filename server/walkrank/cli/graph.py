@@ -93,13 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prune", help="delete old versions (never CURRENT nor one a server holds)"
     )
     prune.add_argument("repository", help="graph repository directory")
-    prune.add_argument(
-        "--keep",
-        type=int,
-        default=DEFAULT_KEEP,
-        metavar="N",
-        help=f"versions kept besides CURRENT (default {DEFAULT_KEEP})",
-    )
+    _add_keep_argument(prune, "versions kept besides CURRENT")
     prune.set_defaults(func=_prune)
 
     compact = commands.add_parser(
@@ -108,13 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compact.add_argument("repository", help="the graph repository the server follows")
     compact.add_argument("--log", required=True, help="the server's realtime.log file")
-    compact.add_argument(
-        "--keep",
-        type=int,
-        default=DEFAULT_KEEP,
-        metavar="N",
-        help=f"versions kept besides CURRENT (default {DEFAULT_KEEP})",
-    )
+    _add_keep_argument(compact, "versions kept besides CURRENT")
     compact.set_defaults(func=_compact)
 
 
@@ -133,13 +121,18 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         help="replace a graph already at --out: a new directory is swapped in "
         "and the old one deleted; refused while a server serves it",
     )
+    _add_keep_argument(
+        parser, "with --publish: versions kept besides CURRENT and those servers hold"
+    )
+
+
+def _add_keep_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--keep",
         type=int,
         default=DEFAULT_KEEP,
         metavar="N",
-        help=f"with --publish: versions kept besides CURRENT and those servers "
-        f"hold (default {DEFAULT_KEEP})",
+        help=f"{what} (default {DEFAULT_KEEP})",
     )
 
 

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from walkrank.cli._config import add_config_argument, server_config
+from walkrank.cli._config import add_config_argument, server_config, tenant_config
 from walkrank.cli.store import models_for, publish_models
-from walkrank.errors import ConfigError, ModelError
+from walkrank.errors import ModelError
 from walkrank.model_registry import ModelRegistry
 
 
@@ -93,13 +93,9 @@ def run_publish(args: argparse.Namespace) -> int:
     import xgboost
 
     from walkrank.ranking.export import export_model
-    from walkrank.tenants import load_tenant
 
     config = server_config(args)
-    tenant_file = config.tenants_dir / f"{args.tenant}.yaml"
-    if not tenant_file.exists():
-        raise ConfigError(f"{tenant_file}: no such tenant file for {args.tenant!r}")
-    tenant = load_tenant(tenant_file)
+    tenant = tenant_config(config, args.tenant)
     booster = xgboost.Booster()
     try:
         booster.load_model(str(args.xgboost_model))

@@ -12,11 +12,12 @@ from walkrank.cli._config import (
     add_demo_argument,
     require_config_or_demo,
     server_config,
+    tenant_config,
 )
 from walkrank.cli.store import logs_location, models_for, publish_models
 from walkrank.errors import ConfigError
 from walkrank.serving.config import ServerConfig
-from walkrank.tenants import TenantConfig, load_tenant
+from walkrank.tenants import TenantConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -115,10 +116,7 @@ def window_from_args(
 def _tenant(args: argparse.Namespace) -> tuple[TenantConfig, ServerConfig]:
     require_config_or_demo(args, f"walkrank {args.command}")
     config = server_config(args)
-    path = config.tenants_dir / f"{args.tenant}.yaml"
-    if not path.exists():
-        raise ConfigError(f"{path}: no such tenant file for {args.tenant!r}")
-    return load_tenant(path), config
+    return tenant_config(config, args.tenant), config
 
 
 def run_train(args: argparse.Namespace) -> int:
