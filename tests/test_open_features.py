@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -33,7 +34,8 @@ from walkrank.ranking.scorer import Scorer
 from walkrank.serving.open_features import MAX_EXTRA_CANDIDATES
 from walkrank.tenants import load_tenant
 from walkrank.walks.engine import WalkParams, walk
-from walkrank_client import UserQuery, WalkRankClientError
+from walkrank_client import UserQuery, WalkRankClient, WalkRankClientError
+from walkrank_client.pb.walkrank.v1.recommender_pb2 import RecommendResponse
 
 DAY = 86_400.0
 TENANT = "open"
@@ -208,10 +210,13 @@ def test_declared_features_and_extra_candidates_through_the_server(
     _publish(config.models_dir, tenants)
     query = busy_pins(graph, 2)
     when = REFERENCE_EPOCH - 10 * DAY
+
+    def ask(client: WalkRankClient, **extra: Any) -> RecommendResponse:
+        """The same walk every time (query, seed, request time): only `extra` differs."""
+        return client.recommend(TENANT, query, num_results=400, seed=4, request_time=when, **extra)
+
     with running(config) as (_, client):
-        plain = client.recommend(
-            TENANT, query, num_results=400, seed=4, request_id="plain", request_time=when
-        )
+        plain = ask(client, request_id="plain")
     # Pins this walk does not reach, an unknown pin, a repeat and a query pin.
     reached = graph.pin_index([c.pin_id for c in plain.candidates] + query)
     assert len(plain.candidates) < 390  # room for the extra candidates in the answer
@@ -224,25 +229,10 @@ def test_declared_features_and_extra_candidates_through_the_server(
         (query[0], "fresh"),
     ]
     with running(config) as (_, client):
-        answer = client.recommend(
-            TENANT,
-            query,
-            num_results=400,
-            seed=4,
-            request_id="with",
-            request_time=when,
-            features={"user_age": 71.0},
-            extra_candidates=extras,
+        answer = ask(
+            client, request_id="with", features={"user_age": 71.0}, extra_candidates=extras
         )
-        young = client.recommend(
-            TENANT,
-            query,
-            num_results=400,
-            seed=4,
-            request_id="young",
-            request_time=when,
-            features={"user_age": 5.0},
-        )
+        young = ask(client, request_id="young", features={"user_age": 5.0})
         batch, batch_extra = client.recommend_batch(
             TENANT,
             [
