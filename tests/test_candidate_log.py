@@ -243,7 +243,7 @@ def test_partition_layout_atomic_files_and_hive_readers(tmp_path: Path) -> None:
     ) == [("home", 0), ("home", 22), ("related_pins", 0)]
 
     # Text columns are dictionary-encoded except the (mostly distinct) pin ids; float
-    # features are not (that only costs time).
+    # features are not (that only costs time); integer pin ids and ranks are delta-packed.
     metadata = pq.ParquetFile(tmp_path / files[0]).metadata
     encodings = {
         metadata.schema.column(i).path: metadata.row_group(0).column(i).encodings
@@ -252,6 +252,8 @@ def test_partition_layout_atomic_files_and_hive_readers(tmp_path: Path) -> None:
     assert "RLE_DICTIONARY" in encodings["request_id"]
     assert not any("DICTIONARY" in e for e in encodings["pin_id"])  # ids: mostly distinct
     assert not any("DICTIONARY" in e for e in encodings["f_visits"])
+    assert "DELTA_BINARY_PACKED" in encodings["pin_id"]
+    assert "DELTA_BINARY_PACKED" in encodings["rank"]
 
 
 def test_readers_skip_files_still_being_written(tmp_path: Path) -> None:
