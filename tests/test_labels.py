@@ -104,30 +104,23 @@ def labels(joined: pa.Table, strategy: str, **options) -> tuple[list, list, list
     return (label_set.indices.tolist(), label_set.y.tolist(), label_set.sample_weight.tolist())
 
 
-def test_engagement_labels_actioned_pins(joined: pa.Table) -> None:
-    # a: saved (5); c: clicked but hidden -> negative weighted by hide (4); a@r2: clicked (3);
-    # f: closeup (2); b: shown, not actioned; d, e, g: never shown.
-    assert labels(joined, "engagement") == (
-        list(range(8)),
-        [1, 0, 0, 0, 0, 1, 1, 0],
-        [5, 1, 4, 1, 1, 3, 2, 1],
-    )
-
-
-def test_funnel_labels_impressed_pins(joined: pa.Table) -> None:
-    assert labels(joined, "funnel") == (
-        list(range(8)),
-        [1, 1, 0, 0, 0, 1, 1, 0],
-        [1, 1, 4, 1, 1, 1, 1, 1],
-    )
-
-
-def test_blended_funnel_weights_actions_above_impressions(joined: pa.Table) -> None:
-    assert labels(joined, "blended_funnel") == (
-        list(range(8)),
-        [1, 1, 0, 0, 0, 1, 1, 0],
-        [5, 1, 4, 1, 1, 3, 2, 1],
-    )
+@pytest.mark.parametrize(
+    ("strategy", "y", "weight"),
+    [
+        # Actioned pins are positives. a: saved (5); c: clicked but hidden -> negative weighted
+        # by hide (4); a@r2: clicked (3); f: closeup (2); b: shown, not actioned; d, e, g: never
+        # shown.
+        ("engagement", [1, 0, 0, 0, 0, 1, 1, 0], [5, 1, 4, 1, 1, 3, 2, 1]),
+        # Impressed pins are positives, all weighted alike but the hidden one.
+        ("funnel", [1, 1, 0, 0, 0, 1, 1, 0], [1, 1, 4, 1, 1, 1, 1, 1]),
+        # Impressed pins are positives, actions weighted above impressions.
+        ("blended_funnel", [1, 1, 0, 0, 0, 1, 1, 0], [5, 1, 4, 1, 1, 3, 2, 1]),
+    ],
+)
+def test_each_strategy_labels_and_weights_every_candidate(
+    joined: pa.Table, strategy: str, y: list[int], weight: list[int]
+) -> None:
+    assert labels(joined, strategy) == (list(range(8)), y, weight)
 
 
 def test_distillation_regresses_on_logged_full_ranker_scores(joined: pa.Table) -> None:
