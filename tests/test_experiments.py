@@ -15,11 +15,21 @@ from test_server import REPO, busy_pins, make_config, publish_model, running
 from walkrank.errors import ConfigError
 from walkrank.graph.store import GraphStore
 from walkrank.logs.candidates import read_candidates
+from walkrank.serving.config import ServerConfig
 from walkrank.tenants import load_tenant
 from walkrank_client import WalkRankClientError
 
 # related_pins (one query pin) with a small walk keeps a thousand requests quick.
 SHIPPED_STEPS = "steps: 30_000"
+
+
+@pytest.fixture()
+def config(tmp_path: Path, small_graph: GraphStore) -> ServerConfig:
+    """A server config whose related_pins tenant has models v1 and v2 published."""
+    config = make_config(tmp_path, small_graph)
+    for seed in (1, 2):
+        publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=seed)
+    return config
 
 
 def write_tenant(tenants: Path, extra: str, name: str = "related_pins") -> None:
@@ -40,11 +50,8 @@ def within_binomial(count: int, n: int, share: float, sigmas: float = 4.0) -> bo
 
 
 def test_shares_are_honoured_sticky_per_user_and_changed_by_reload(
-    tmp_path: Path, small_graph: GraphStore
+    config: ServerConfig, small_graph: GraphStore
 ) -> None:
-    config = make_config(tmp_path, small_graph)
-    publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=1)
-    publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=2)
     write_tenant(
         config.tenants_dir,
         "exploration:\n  share: 0.1\n  policy: shuffle_top\n  top: 300\n"
@@ -183,11 +190,8 @@ def test_exploration_requests_are_logged_whatever_the_sample_rate(
 
 
 def test_shadow_model_is_scored_and_logged_never_served(
-    tmp_path: Path, small_graph: GraphStore
+    config: ServerConfig, small_graph: GraphStore
 ) -> None:
-    config = make_config(tmp_path, small_graph)
-    publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=1)
-    publish_model(config.models_dir, config.tenants_dir, "related_pins", seed=2)
     write_tenant(config.tenants_dir, "")
     query = busy_pins(small_graph, 1)
 
