@@ -18,6 +18,9 @@ keys on and Prometheus metrics, and then runs, in order:
    steady rate): the victim's p99 against its unloaded p99, and the refusals' p99, with the
    load generator's and the server's CPU (loadgen.isolation); then the same through an Envoy
    with per-tenant admission in front of the server (the `_envoy` figures, with Envoy's CPU).
+   Each is followed by a variant, reported beside it (`_idle_aggressor`, never a target): the
+   aggressor's generator at SCHED_IDLE, standing in for callers whose CPU is not on the
+   server's cores.
 3. fuzz: hostile calls of every RPC and raw bytes (loadgen.fuzz), 8 at a time.
 4. cross-tenant events: each tenant's key reporting events for its own tenant that quote the
    other tenant's request ids.
@@ -96,6 +99,10 @@ TARGETS = {
 }
 MAX_ISOLATION_RATIO = 1.5
 MAX_REFUSAL_P99_MS = 5.0
+#: The isolation variants (the aggressor's generator at SCHED_IDLE), reported beside the
+#: measurements, never as a target.
+VARIANTS = ("_idle_aggressor", "_envoy_idle_aggressor")
+VARIANT_KEYS = ("isolation_p99_ratio", "refusal_p99_ms")
 
 
 #: The phases in the order they run (sigterm last: it stops the server).
@@ -429,19 +436,23 @@ class Chaos:
         victim, aggressor = tagged(victim, "related_pins"), tagged(aggressor, "email")
         quota = load_tenant(self.tenants / "email.yaml").limits.max_in_flight
 
-        def measure(target: str, proxy_cpu_s: Callable[[], float] | None) -> dict[str, Any]:
-            return measure_isolation(
-                target,
-                self.server.cpu_seconds,
-                victim,
-                aggressor,
-                quota=quota,
-                factor=16,
-                duration_s=self.settings.isolation_s,
-                proxy_cpu_s=proxy_cpu_s,
-            ).to_dict()
+        def measure(suffix: str, target: str, proxy_cpu_s: Callable[[], float] | None) -> None:
+            """The measurement, then its variant with the aggressor's generator idle."""
+            for idle in (False, True):
+                result = measure_isolation(
+                    target,
+                    self.server.cpu_seconds,
+                    victim,
+                    aggressor,
+                    quota=quota,
+                    factor=16,
+                    duration_s=self.settings.isolation_s,
+                    proxy_cpu_s=proxy_cpu_s,
+                    idle_aggressor=idle,
+                ).to_dict()
+                self.record_isolation(suffix + ("_idle_aggressor" if idle else ""), result)
 
-        self.record_isolation("", measure(self.server.target, None))
+        measure("", self.server.target, None)
         try:
             find_envoy()
         except ConfigError as exc:  # the _envoy figures stay null (not measured)
@@ -451,14 +462,15 @@ class Chaos:
         workdir.mkdir(exist_ok=True)
         keys = {tenant: frozenset({key}) for tenant, key in KEYS.items()}
         with admission_proxy(self.server.target, self.tenants, workdir, keys) as proxy:
-            self.record_isolation("_envoy", measure(proxy.settings.listen, proxy.cpu_seconds))
+            measure("_envoy", proxy.settings.listen, proxy.cpu_seconds)
 
     def record_isolation(self, suffix: str, result: dict[str, Any]) -> None:
-        """One isolation measurement's figures (`suffix`: "" direct, "_envoy" through Envoy)."""
+        """One isolation measurement's figures (`suffix`: "" direct, "_envoy" through Envoy,
+        each + "_idle_aggressor" for its variant)."""
         self.report[f"isolation_p99_ratio{suffix}"] = result["isolation_p99_ratio"]
         self.report[f"refusal_p99_ms{suffix}"] = result["refusal_p99_ms"]
         self.context[f"isolation{suffix}"] = {
-            **{k: v for k, v in result.items() if k not in ("phases", "server_cpu_s")},
+            **{k: v for k, v in result.items() if k != "server_cpu_s"},
             "generator_cores": {
                 phase: {load: figures["generator_cores"] for load, figures in loads.items()}
                 for phase, loads in result["phases"].items()
@@ -734,6 +746,7 @@ class Chaos:
                 "isolation_p99_ratio_envoy",
                 "refusal_p99_ms_envoy",
                 "failed_calls_during_reload",
+                *(f"{key}{variant}" for variant in VARIANTS for key in VARIANT_KEYS),
             )
         }
         report["targets_met"] = targets_met(report)
@@ -789,7 +802,37 @@ TABLE_ROWS = (
         "the refusals' p99 through Envoy (ms)",
         f"<= {MAX_REFUSAL_P99_MS:g}",
     ),
+    (
+        "isolation_p99_ratio_idle_aggressor",
+        "variant: direct, the aggressor's generator at SCHED_IDLE",
+        "(variant)",
+    ),
+    ("refusal_p99_ms_idle_aggressor", "variant: its refusals' p99 (ms)", "(variant)"),
+    (
+        "isolation_p99_ratio_envoy_idle_aggressor",
+        "variant: through Envoy, the aggressor's generator at SCHED_IDLE",
+        "(variant)",
+    ),
+    ("refusal_p99_ms_envoy_idle_aggressor", "variant: its refusals' p99 (ms)", "(variant)"),
 )
+#: The isolation measurements under the table: context key suffix, how it is named.
+MEASUREMENTS = (
+    ("", "Direct"),
+    ("_idle_aggressor", "Direct, variant with the aggressor's generator at SCHED_IDLE"),
+    ("_envoy", "Through Envoy"),
+    (
+        "_envoy_idle_aggressor",
+        "Through Envoy, variant with the aggressor's generator at SCHED_IDLE",
+    ),
+)
+#: The isolation phases (loadgen.isolation), as the phase tables name them.
+PHASE_NAMES = {
+    "victim_alone": "victim alone",
+    "aggressor_at_quota": "aggressor at its quota",
+    "aggressor_flood": "aggressor at 16x",
+    "beside_quota": "victim + aggressor at its quota",
+    "together": "victim + aggressor at 16x + probe",
+}
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -804,10 +847,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| figure | measures | target | measured | met |", "| --- | --- | --- | ---: | --- |"]
     for key, meaning, target in TABLE_ROWS:
         ok = met.get(key, report.get(key, 0) >= 10_000 if key == "fuzzed" else None)
-        lines.append(
-            f"| `{key}` | {meaning} | {target} | {shown(report.get(key))} | "
-            f"{'yes' if ok else 'NO'} |"
-        )
+        verdict = "-" if target == "(variant)" else "yes" if ok else "NO"
+        lines.append(f"| `{key}` | {meaning} | {target} | {shown(report.get(key))} | {verdict} |")
     machine_info = report.get("machine", {})
     statuses = report.get("statuses") or {}
     lines += [
@@ -819,8 +860,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{machine_info.get('l3')}); run: {report.get('settings', {})}, "
         f"{report.get('wall_s')} s.",
     ]
-    for suffix, how in (("", "Direct"), ("_envoy", "Through Envoy")):
-        lines += isolation_lines(report.get("context", {}).get(f"isolation{suffix}", {}), how)
+    for suffix, how in MEASUREMENTS:
+        isolation = report.get("context", {}).get(f"isolation{suffix}", {})
+        lines += isolation_lines(isolation, how) + phase_table(isolation)
     return "\n".join(lines) + "\n"
 
 
@@ -851,7 +893,50 @@ def isolation_lines(isolation: dict[str, Any], how: str) -> list[str]:
         f"; per served victim call: server "
         f"{isolation.get('server_cpu_ms_per_victim_call', nan):.3f} ms."
     )
+    if "aggressor_together_rps" in isolation:
+        line += (
+            f" The aggressor made {isolation['aggressor_at_quota_rps']:,.0f} calls/s at its "
+            f"quota, {isolation['aggressor_flood_rps']:,.0f} at 16x alone and "
+            f"{isolation['aggressor_together_rps']:,.0f} at 16x beside the victim."
+        )
     return [line]
+
+
+def phase_table(isolation: dict[str, Any]) -> list[str]:
+    """One isolation measurement's phases: the victim's latency, the aggressor's calls, and
+    the CPU of each process (cores, the machine's all together: whether they were the limit).
+    """
+    phases = isolation.get("phases")
+    if not phases:
+        return []
+    nan = float("nan")
+    proxy = isolation.get("proxy_cores") or {}
+    idle = isolation.get("server_idle_cores", 0.0) + isolation.get("proxy_idle_cores", 0.0)
+    lines = [
+        "",
+        "| phase | victim p50 / p99 (ms) | aggressor calls/s (refused) | generator cores | "
+        "server cores | Envoy cores | all processes' cores |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for phase, loads in phases.items():
+        victim, aggressor = loads.get("victim"), loads.get("aggressor")
+        generator = sum(load["generator_cores"] for load in loads.values())
+        server, envoy = isolation["server_cores"][phase], proxy.get(phase)
+        refused = (
+            aggressor["statuses"].get("RESOURCE_EXHAUSTED", 0) / max(aggressor["calls"], 1)
+            if aggressor
+            else nan
+        )
+        lines.append(
+            f"| {PHASE_NAMES.get(phase, phase)} | "
+            + (f"{victim['ok_p50_ms']:.1f} / {victim['ok_p99_ms']:.1f}" if victim else "-")
+            + " | "
+            + (f"{aggressor['rps']:,.0f} ({refused:.0%})" if aggressor else "-")
+            + f" | {generator:.2f} | {server:.2f} | "
+            + (f"{envoy:.2f}" if envoy is not None else "-")
+            + f" | {generator + server + (envoy or 0.0) + idle:.2f} |"
+        )
+    return [*lines, ""]
 
 
 FIGURES_BEGIN = "<!-- chaos figures: begin (load_tests/chaos.py --table JSON --into DOC) -->"

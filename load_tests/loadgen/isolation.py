@@ -19,7 +19,15 @@ send back to back, so each waits behind the others' turns in the generator's eve
 
 Each load runs in its own process (asyncio `grpc.aio` callers on one channel, requests
 serialized once), so the generator's CPU, which shares the server's cores, is measured and
-reported beside every figure. Latency percentiles are nearest-rank, per status code.
+reported beside every figure. Latency percentiles are nearest-rank, per status code. Every
+load reports the calls it made a second (`rps`: for the aggressor, its attempts, refused or
+not), so a reader sees what the aggressor offered in each phase.
+
+With `--idle-aggressor` (a variant, reported beside the measurement, never instead of it) the
+aggressor's generator processes run at SCHED_IDLE: they get a core only when nothing else
+wants it, standing in for remote callers whose CPU is not on the server's machine, which is
+what a server's tenants are. Whether the aggressor still offered 16x its quota shows in its
+`rps`.
 
 With `--envoy`, the same phases run through an Envoy in front of the server with per-tenant
 admission (`walkrank.envoy`, `tenant_quotas`): every load sends its tenant in the
@@ -70,6 +78,8 @@ class Load:
     metadata: tuple[tuple[str, str], ...] = ()
     method: str = RECOMMEND
     timeout_s: float = 5.0
+    #: Run the generator at SCHED_IDLE (it gets a core only when nothing else wants one).
+    idle: bool = False
 
 
 def tagged(load: Load, tenant: str) -> Load:
@@ -150,6 +160,8 @@ async def _drive(
 
 def _child(target: str, load: Load, duration_s: float, ready: Any, go: Any, out: Any) -> None:
     try:
+        if load.idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         cpu = 0.0
 
         async def start() -> None:
@@ -202,6 +214,7 @@ class IsolationReport:
 
     factor: int
     quota: int
+    idle_aggressor: bool = False  # the aggressor's generator ran at SCHED_IDLE
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     server_cpu_s: dict[str, float] = field(default_factory=dict)
     idle_cores: float = 0.0  # the server's CPU use with no calls (polling threads, writers)
@@ -219,6 +232,10 @@ class IsolationReport:
         return {
             "factor": self.factor,
             "quota": self.quota,
+            "idle_aggressor": self.idle_aggressor,
+            "aggressor_at_quota_rps": self.phases["aggressor_at_quota"]["aggressor"]["rps"],
+            "aggressor_flood_rps": self.phases["aggressor_flood"]["aggressor"]["rps"],
+            "aggressor_together_rps": flood["rps"],
             "victim_alone_p50_ms": alone["ok_p50_ms"],
             "victim_alone_p99_ms": alone["ok_p99_ms"],
             "victim_beside_quota_p50_ms": at_quota["ok_p50_ms"],
@@ -269,6 +286,7 @@ def measure_isolation(
     duration_s: float = 8.0,
     log: Callable[[str], None] = lambda line: None,
     proxy_cpu_s: Callable[[], float] | None = None,
+    idle_aggressor: bool = False,
 ) -> IsolationReport:
     """The five phases (module docstring) against the server at `target`.
 
@@ -276,15 +294,16 @@ def measure_isolation(
     `proxy_cpu_s` the proxy's when `target` is one; `aggressor.concurrency` is ignored:
     phase 2 uses `quota` callers, phases 3-5 `factor` x it, back to back or, with
     `flood_rps`, paced to that many calls a second (to compare refusals at equal rates).
+    `idle_aggressor`: the aggressor's loads (not the probe's) run at SCHED_IDLE.
     """
-    report = IsolationReport(factor=factor, quota=quota)
+    report = IsolationReport(factor=factor, quota=quota, idle_aggressor=idle_aggressor)
     proxy_cpu = proxy_cpu_s or float  # float() is 0.0: no proxy
     before, proxy_before = server_cpu_s(), proxy_cpu()
     time.sleep(2.0)
     report.idle_cores = (server_cpu_s() - before) / 2.0
     report.proxy_idle_cores = (proxy_cpu() - proxy_before) / 2.0
-    at_quota = replace(aggressor, concurrency=quota)
-    flood = replace(aggressor, concurrency=quota * factor, rps=flood_rps)
+    at_quota = replace(aggressor, concurrency=quota, idle=idle_aggressor)
+    flood = replace(aggressor, concurrency=quota * factor, rps=flood_rps, idle=idle_aggressor)
     probe = replace(aggressor, name="probe", concurrency=PROBE_CONCURRENCY, rps=PROBE_RPS)
     phases = {
         "victim_alone": [victim],
@@ -379,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--envoy", action="store_true", help="through an Envoy with per-tenant admission"
     )
+    parser.add_argument(
+        "--idle-aggressor",
+        action="store_true",
+        help="run the aggressor's generator at SCHED_IDLE (standing in for remote callers)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     victim, aggressor = default_loads(victim_rps=args.victim_rps)
@@ -411,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 duration_s=args.duration,
                 log=lambda line: print(line, file=sys.stderr),
                 proxy_cpu_s=proxy_cpu_s,
+                idle_aggressor=args.idle_aggressor,
             )
     result = report.to_dict()
     text = json.dumps(result, indent=2, default=float)
