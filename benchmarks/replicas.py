@@ -39,7 +39,7 @@ from serving import TENANT, ghz_config, prepare
 
 from loadgen.generator import RunResult, run_load
 from loadgen.ghz_config import load_ghz_config
-from loadgen.harness import process_cpu_seconds, write_server_config
+from loadgen.harness import process_cpu_seconds, stop_process, write_server_config
 from loadgen.models import publish_random_model
 from loadgen.report import write_report
 from walkrank.envoy import host_health
@@ -109,13 +109,8 @@ class Launcher:
         return process_cpu_seconds(self.process.pid)
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s=90)
 
 
 def figures(result: RunResult, server_cpu_s: float, cores: int) -> dict[str, Any]:

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from test_server import make_config
 
 from loadgen.generator import _Requests, run_load
 from loadgen.ghz_config import DURATION_STOPS, load_ghz_config
-from loadgen.harness import graph_directory
+from loadgen.harness import graph_directory, stop_process
 from loadgen.method import from_proto, from_reflection
 from loadgen.report import from_ghz_json, summarize, write_report
 from loadgen.traffic import draw_requests, read_pipeline_inputs, write_requests
@@ -157,6 +159,25 @@ def test_graph_argument_is_a_graph_directory_or_names_the_alternatives(tmp_path:
         graph_directory(str(tmp_path), "run.py", "a preset (tiny)")
     (tmp_path / "manifest.json").write_text("{}")
     assert graph_directory(str(tmp_path), "run.py", "a preset (tiny)") == tmp_path
+
+
+def test_stop_process_terminates_and_kills_what_ignores_sigterm() -> None:
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop_process(polite, timeout_s=30)
+    assert polite.returncode == -signal.SIGTERM
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    stop_process(stubborn, timeout_s=0.2)
+    assert stubborn.returncode == -signal.SIGKILL
+    stop_process(stubborn, timeout_s=0.2)  # already gone: nothing to do
 
 
 def test_a_report_is_written_as_json_into_a_new_folder(tmp_path: Path) -> None:
