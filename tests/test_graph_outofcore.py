@@ -70,9 +70,25 @@ def same_graph(a: dict, b: dict) -> None:
         assert a[key] == b[key], key
 
 
+#: Edges per CSR bucket: the default (one bucket at these sizes), or small enough for several.
+BUCKETS = pytest.mark.parametrize("bucket_edges", [None, 4_000], ids=["one bucket", "buckets"])
+
+
+def check_buckets(manifest: dict, bucket_edges: int | None) -> None:
+    """The CSR was sorted in one bucket, or in as many as `bucket_edges` asks for."""
+    edges = manifest["counts"]["edges"]
+    expected = 1 if bucket_edges is None else -(-edges // bucket_edges)
+    assert manifest["build"]["csr_buckets"] == expected
+    assert bucket_edges is None or expected > 5
+
+
+@BUCKETS
 @pytest.mark.parametrize("options", [PruneOptions(), PRUNING], ids=["no pruning", "pruning"])
 def test_parquet_partitions_give_the_in_memory_graph(
-    tmp_path: Path, tables: SyntheticTables, options: PruneOptions
+    tmp_path: Path,
+    tables: SyntheticTables,
+    options: PruneOptions,
+    bucket_edges: int | None,
 ) -> None:
     edges = partitions(tables.edges, tmp_path / "edges", 5)
     pins = partitions(tables.pins, tmp_path / "pins", 2)
@@ -81,9 +97,17 @@ def test_parquet_partitions_give_the_in_memory_graph(
         tmp_path / "memory", tables.edges, tables.pins, tables.boards, options=options
     )
     out_of_core = build_graph_out_of_core(
-        tmp_path / "duckdb", edges, pins, boards, options=options, memory_limit="256MB", threads=2
+        tmp_path / "duckdb",
+        edges,
+        pins,
+        boards,
+        options=options,
+        memory_limit="256MB",
+        threads=2,
+        bucket_edges=bucket_edges,
     )
     same_graph(in_memory, out_of_core)
+    check_buckets(out_of_core, bucket_edges)
     assert out_of_core["stats"]["duplicate_edges"] == 2_500
     if options == PRUNING:
         assert set(out_of_core["stats"]["pruning"]) == {
@@ -99,8 +123,9 @@ def test_parquet_partitions_give_the_in_memory_graph(
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work files left
 
 
+@BUCKETS
 def test_csv_string_ids_timestamps_and_missing_values(
-    tmp_path: Path, tables: SyntheticTables
+    tmp_path: Path, tables: SyntheticTables, bucket_edges: int | None
 ) -> None:
     """Text ids, edge timestamps filling pins without created_at, boards without a locale
     (their pins' dominant one), an extra numeric pin column, pins rows without edges."""
@@ -144,9 +169,16 @@ def test_csv_string_ids_timestamps_and_missing_values(
     pq.write_table(boards, boards_file)
     in_memory = build_graph(tmp_path / "memory", edge_dir, pins_csv, boards_file, options=PRUNING)
     out_of_core = build_graph_out_of_core(
-        tmp_path / "duckdb", edge_dir, pins_csv, boards_file, options=PRUNING, threads=2
+        tmp_path / "duckdb",
+        edge_dir,
+        pins_csv,
+        boards_file,
+        options=PRUNING,
+        threads=2,
+        bucket_edges=bucket_edges,
     )
     same_graph(in_memory, out_of_core)
+    check_buckets(out_of_core, bucket_edges)
     assert out_of_core["schema"]["pin_id"] == "string"
     assert out_of_core["schema"]["pin_columns"] == ["likes"]
     assert GraphStore.load(tmp_path / "duckdb").pin_index(["p-no-edges"])[0] == -1
@@ -276,6 +308,8 @@ def test_memory_settings_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert peaks[240_000] - peaks[40_000] < 200_000, peaks
     with pytest.raises(ConfigError, match=r"memory limit 'lots'"):
         build_graph_out_of_core(tmp_path / "g", edges, memory_limit="lots")
+    with pytest.raises(ConfigError, match=r"bucket_edges must be at least 1, not 0"):
+        build_graph_out_of_core(tmp_path / "g", edges, bucket_edges=0)
     assert not (tmp_path / "g").exists()
 
 

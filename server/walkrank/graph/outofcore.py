@@ -13,7 +13,10 @@ pin or board) and the aggregates the pruning rules read are held in this process
   by a window over each heavy pin's edges;
 - both CSR directions as `ORDER BY` queries streamed in batches straight into the `.npy`
   files, the key runs streamed the same way from (node, neighbour key) counts (one run per
-  distinct pair: about one per edge), the locale index from (node, neighbour locale) counts.
+  distinct pair: about one per edge), the locale index from (node, neighbour locale) counts;
+  in buckets of node ranges (each side's edges written once as Parquet partitioned by bucket,
+  then each bucket's queries in node order) small enough to sort within `memory_limit`, so
+  the time grows with the edges rather than as one external merge sort of them all.
 
 So the process's own memory is node-sized, and DuckDB's is held to `memory_limit`.
 
@@ -63,6 +66,10 @@ from walkrank.graph.store import PIN_COLUMN_PREFIX, PIN_EDGE_TIMES, array_checks
 #: Row positions are `file index << 40 | row number in the file`.
 _FILE_SHIFT = 40
 _BATCH_ROWS = 1 << 20
+#: DuckDB memory a bucket's sorts and aggregates take per edge, for the bucket size.
+_BUCKET_BYTES_PER_EDGE = 128
+#: The units DuckDB shows its memory limit in ('953.6 MiB').
+_UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _INTEGER_TYPES = (
     "TINYINT",
     "SMALLINT",
@@ -89,10 +96,13 @@ def build_graph_out_of_core(
     memory_limit: str = "1GB",
     threads: int | None = None,
     temp_dir: str | Path | None = None,
+    bucket_edges: int | None = None,
 ) -> dict[str, Any]:
     """Build a graph directory at `out` from Parquet or CSV files (or directories of them)
     with DuckDB held to `memory_limit`, spilling to `temp_dir` (default: beside `out`);
-    returns the manifest, the same as `build_graph` would write for the same inputs."""
+    returns the manifest, the same as `build_graph` would write for the same inputs.
+    The CSR is sorted in buckets of about `bucket_edges` edges (default: what sorts within
+    `memory_limit`, `_BUCKET_BYTES_PER_EDGE`)."""
     try:
         import duckdb
     except ModuleNotFoundError:
@@ -124,8 +134,14 @@ def build_graph_out_of_core(
                 f"DuckDB settings (memory limit {memory_limit!r}, threads {threads}): {exc}"
             ) from exc
         con.execute("SET enable_progress_bar = false")
+        if bucket_edges is None:
+            bucket_edges = max(1, _limit_bytes(con) // _BUCKET_BYTES_PER_EDGE)
+        elif bucket_edges < 1:
+            raise ConfigError(f"bucket_edges must be at least 1, not {bucket_edges}")
         try:
-            return _Build(con, work, options).run(out, Path(edges), pins, boards, source, replace)
+            return _Build(con, work, options, bucket_edges).run(
+                out, Path(edges), pins, boards, source, replace
+            )
         except duckdb.Error as exc:
             raise DataError(f"out-of-core build of {edges}: {exc}") from exc
         finally:
@@ -137,10 +153,11 @@ def build_graph_out_of_core(
 class _Build:
     """One build: a DuckDB connection and the node-sized state between its steps."""
 
-    def __init__(self, con: Any, work: Path, options: PruneOptions) -> None:
+    def __init__(self, con: Any, work: Path, options: PruneOptions, bucket_edges: int) -> None:
         self.con = con
         self.work = work
         self.options = options
+        self.bucket_edges = bucket_edges
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.files: dict[str, list[Path]] = {}  # view -> its files, for error messages
@@ -257,6 +274,12 @@ class _Build:
 
         pin_key = (pin_locale * (n_topics + 1) + pin_topic).astype(np.int32)
         board_key = (board_locale * (n_topics + 1) + board_topic).astype(np.int32)
+        pin_degree = self.dense_counts("SELECT pin, count(*) FROM final GROUP BY pin", n_pins)
+        board_degree = final_degree[alive]
+        pin_offsets = _offsets(pin_degree)
+        board_offsets = _offsets(board_degree)
+        n_edges = int(pin_offsets[-1])
+        n_buckets = max(1, -(-n_edges // self.bucket_edges))
         self.con.register(
             "board_map",
             pa.table(
@@ -265,77 +288,83 @@ class _Build:
                     "nb": np.arange(n_boards, dtype=np.int32),
                     "key": board_key,
                     "locale": board_locale,
+                    "bucket": _bucket_of(board_offsets, n_buckets),
                 }
             ),
         )
         self.con.register(
             "pin_map",
             pa.table(
-                {"pin": np.arange(n_pins, dtype=np.int32), "key": pin_key, "locale": pin_locale}
+                {
+                    "pin": np.arange(n_pins, dtype=np.int32),
+                    "key": pin_key,
+                    "locale": pin_locale,
+                    "bucket": _bucket_of(pin_offsets, n_buckets),
+                }
             ),
         )
-        pin_degree = self.dense_counts("SELECT pin, count(*) FROM final GROUP BY pin", n_pins)
-        board_degree = final_degree[alive]
-        pin_offsets = _offsets(pin_degree)
-        board_offsets = _offsets(board_degree)
         max_degree = int(max(pin_degree.max(initial=0), board_degree.max(initial=0)))
-        pin_locale_ends = self._locale_ends(
-            "SELECT f.pin, m.locale, count(*) FROM final f JOIN board_map m USING (board) "
-            "GROUP BY ALL",
-            n_pins,
-            n_locales,
-            max_degree,
-        )
-        board_locale_ends = self._locale_ends(
-            "SELECT m.nb, p.locale, count(*) FROM final f JOIN board_map m USING (board) "
-            "JOIN pin_map p USING (pin) GROUP BY ALL",
-            n_boards,
-            n_locales,
-            max_degree,
-        )
         n_keys, shift = (n_locales + 1) * (n_topics + 1), run_shift(max_degree)
+        # Each side's edges as (node, neighbour's key, neighbour, neighbour's locale): each
+        # list is sorted by (the neighbour's bias key, its dense id), as `_csr` does.
+        sides = {
+            "pin": (
+                "SELECT f.pin AS node, m.key, m.nb AS neighbour, m.locale, p.bucket"
+                f"{', f.created_at' if edge_times else ''} FROM final f "
+                "JOIN board_map m USING (board) JOIN pin_map p USING (pin)",
+                pin_offsets,
+            ),
+            "board": (
+                "SELECT m.nb AS node, p.key, f.pin AS neighbour, p.locale, m.bucket "
+                "FROM final f JOIN board_map m USING (board) JOIN pin_map p USING (pin)",
+                board_offsets,
+            ),
+        }
 
         tmp = _new_sibling(out)
         try:
-            n_edges = int(pin_offsets[-1])
+            locale_ends: dict[str, np.ndarray] = {}
             run_offsets: dict[str, np.ndarray] = {}
             stand_ins: dict[str, np.ndarray] = {}  # the arrays streamed to disk, for sizes
-            runs = {
-                # One row per run: a node's distinct neighbour keys, in list order.
-                "pin": (
-                    "SELECT f.pin, m.key, count(*) FROM final f JOIN board_map m "
-                    "USING (board) GROUP BY ALL ORDER BY ALL",
-                    pin_offsets,
-                ),
-                "board": (
-                    "SELECT m.nb, p.key, count(*) FROM final f JOIN board_map m "
-                    "USING (board) JOIN pin_map p USING (pin) GROUP BY ALL ORDER BY ALL",
-                    board_offsets,
-                ),
-            }
-            streamed = {
-                # Each list sorted by (the neighbour's bias key, its dense id), as `_csr` does.
-                "pin_adj": "SELECT m.nb FROM final f JOIN board_map m USING (board) "
-                "ORDER BY f.pin, m.key, m.nb",
-                "board_adj": "SELECT f.pin FROM final f JOIN board_map m USING (board) "
-                "JOIN pin_map p USING (pin) ORDER BY m.nb, p.key, f.pin",
-            }
-            checksums = {
-                name: self._stream(tmp / f"{name}.npy", query, n_edges)
-                for name, query in streamed.items()
-            }
-            if edge_times:
-                checksums[PIN_EDGE_TIMES] = self._stream(
-                    tmp / f"{PIN_EDGE_TIMES}.npy",
-                    "SELECT created_at FROM final ORDER BY pin, created_at NULLS LAST",
-                    n_edges,
-                    seconds=edges_name,
+            checksums: dict[str, str] = {}
+            for side, (query, offsets) in sides.items():
+                buckets = self._buckets(side, query, n_buckets)
+                locale_ends[side] = self._locale_ends(
+                    [f"SELECT node, locale, count(*) FROM {b} GROUP BY ALL" for b in buckets],
+                    offsets.shape[0] - 1,
+                    n_locales,
+                    max_degree,
                 )
-            for side, (query, offsets) in runs.items():
+                checksums[f"{side}_adj"] = self._stream(
+                    tmp / f"{side}_adj.npy",
+                    [f"SELECT neighbour FROM {b} ORDER BY node, key, neighbour" for b in buckets],
+                    n_edges,
+                )
+                stand_ins[f"{side}_adj"] = _stand_in(np.dtype(np.int32), n_edges)
+                if side == "pin" and edge_times:
+                    checksums[PIN_EDGE_TIMES] = self._stream(
+                        tmp / f"{PIN_EDGE_TIMES}.npy",
+                        [
+                            f"SELECT created_at FROM {b} ORDER BY node, created_at NULLS LAST"
+                            for b in buckets
+                        ],
+                        n_edges,
+                        seconds=edges_name,
+                    )
+                    stand_ins[PIN_EDGE_TIMES] = _stand_in(np.dtype(np.float64), n_edges)
+                # One row per run: a node's distinct neighbour keys, in list order.
                 name = f"{side}_key_runs"
                 run_offsets[side], stand_ins[name], checksums[name] = self._key_runs(
-                    tmp / f"{name}.npy", query, offsets, n_keys, shift
+                    tmp / f"{name}.npy",
+                    [
+                        f"SELECT node, key, count(*) FROM {b} GROUP BY ALL ORDER BY ALL"
+                        for b in buckets
+                    ],
+                    offsets,
+                    n_keys,
+                    shift,
                 )
+                shutil.rmtree(self.work / side, ignore_errors=True)
             self.lap("csr")
             arrays: dict[str, np.ndarray] = {
                 "pin_offsets": pin_offsets,
@@ -346,8 +375,8 @@ class _Build:
                 "board_topic": board_topic,
                 "pin_key": pin_key,
                 "board_key": board_key,
-                "pin_locale_ends": pin_locale_ends,
-                "board_locale_ends": board_locale_ends,
+                "pin_locale_ends": locale_ends["pin"],
+                "board_locale_ends": locale_ends["board"],
                 "pin_run_offsets": run_offsets["pin"],
                 "board_run_offsets": run_offsets["board"],
                 "pin_quality": pin_quality,
@@ -363,10 +392,6 @@ class _Build:
             }
             for name, values in extra.items():
                 arrays[PIN_COLUMN_PREFIX + name] = values
-            for name in streamed:
-                stand_ins[name] = _stand_in(np.dtype(np.int32), n_edges)
-            if edge_times:
-                stand_ins[PIN_EDGE_TIMES] = _stand_in(np.dtype(np.float64), n_edges)
             manifest = assemble_manifest(
                 arrays,
                 stand_ins,
@@ -391,6 +416,7 @@ class _Build:
                 ),
             )
             manifest["build"]["engine"] = "duckdb"
+            manifest["build"]["csr_buckets"] = n_buckets
             self.lap("assemble")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -678,16 +704,42 @@ class _Build:
             "edges_removed": int(self.row("SELECT count(*) FROM removed")[0]),
         }
 
-    def _locale_ends(self, query: str, n_rows: int, n_locales: int, max_degree: int) -> np.ndarray:
+    def _batches(self, queries: list[str]) -> Iterator[pa.RecordBatch]:
+        """The rows of each query in turn (one per bucket), in batches."""
+        for query in queries:
+            yield from self.sql(query).to_arrow_reader(_BATCH_ROWS)
+
+    def _buckets(self, side: str, query: str, n_buckets: int) -> list[str]:
+        """What each bucket's queries read, in node order: with one bucket, a view over
+        `query`; with more, `query`'s rows written once as Parquet partitioned by the
+        `bucket` column (a range of nodes with about `bucket_edges` edges), one directory
+        each. Each bucket then sorts and aggregates within the memory limit, so the time
+        grows with the edges, where one sort of them all spills into an external merge sort
+        that grows faster."""
+        if n_buckets == 1:
+            self.con.execute(f"CREATE OR REPLACE VIEW {side}_edges AS {query}")
+            return [f"{side}_edges"]
+        directory = self.work / side
+        self.con.execute(
+            f"COPY ({query}) TO {_quote(str(directory))} (FORMAT parquet, PARTITION_BY (bucket))"
+        )
+        return [
+            f"read_parquet({_quote(str(d / '*.parquet'))})"
+            for d in sorted(directory.glob("bucket=*"), key=lambda d: int(d.name[7:]))
+        ]
+
+    def _locale_ends(
+        self, queries: list[str], n_rows: int, n_locales: int, max_degree: int
+    ) -> np.ndarray:
         counts = np.zeros((n_rows, n_locales + 1), dtype=np.uint32)
-        for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):  # up to nodes x locales
+        for batch in self._batches(queries):  # up to nodes x locales
             counts[batch.column(0).to_numpy(), batch.column(1).to_numpy()] = batch.column(
                 2
             ).to_numpy()
         return locale_ends_from_counts(counts, max_degree)
 
     def _key_runs(
-        self, path: Path, query: str, offsets: np.ndarray, n_keys: int, shift: int
+        self, path: Path, queries: list[str], offsets: np.ndarray, n_keys: int, shift: int
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """The key-run index (`key_runs_from_counts`) from (node, neighbour key, count) rows
         in (node, key) order, one batch at a time: a run's end is the running edge count
@@ -698,7 +750,7 @@ class _Build:
         scratch = self.work / f"{path.stem}.raw"
         before = 0  # edges in the batches before this one
         with open(scratch, "wb") as f:
-            for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):
+            for batch in self._batches(queries):
                 if not batch.num_rows:
                     continue
                 nodes, keys, counts = (column.to_numpy() for column in batch.columns)
@@ -718,13 +770,13 @@ class _Build:
         scratch.unlink()
         return _offsets(per_node), _stand_in(dtype, n_runs), checksum
 
-    def _stream(self, path: Path, query: str, n: int, seconds: str | None = None) -> str:
-        """Write a query's int32 column into `path` as an `.npy` file, batch by batch (the
+    def _stream(self, path: Path, queries: list[str], n: int, seconds: str | None = None) -> str:
+        """Write the queries' int32 column into `path` as an `.npy` file, batch by batch (the
         same bytes `np.save` writes); returns its checksum. With `seconds` (the edges' name,
         for errors) the column is `created_at`, written as float64 epoch seconds."""
 
         def chunks() -> Iterator[bytes]:
-            for batch in self.sql(query).to_arrow_reader(_BATCH_ROWS):
+            for batch in self._batches(queries):
                 if seconds is None:
                     values = batch.column(0).to_numpy().astype(np.int32, copy=False)
                 else:
@@ -777,6 +829,21 @@ def _fill_dominant(
     if codes.size:
         dominant_from_counts(codes, counts, n_values, dominant)
     return np.where(missing, dominant, given).astype(np.int32)
+
+
+def _limit_bytes(con: Any) -> int:
+    """DuckDB's memory limit in bytes, as it parsed the setting."""
+    text = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    number, _, unit = text.partition(" ")
+    if unit not in _UNITS:
+        raise ConfigError(f"DuckDB's memory limit {text!r}: unknown unit")
+    return int(float(number) * _UNITS[unit])
+
+
+def _bucket_of(offsets: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Each node's bucket: `n_buckets` ranges of nodes in id order, with about as many edges
+    each (a node's edges all in one), from the CSR offsets."""
+    return (offsets[:-1] * n_buckets // max(int(offsets[-1]), 1)).astype(np.int32)
 
 
 def _offsets(degree: np.ndarray) -> np.ndarray:
