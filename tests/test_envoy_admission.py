@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from test_deploy import envoy_or_skip
 from test_server import _wait_until, busy_pins, make_config, running
 
 from walkrank.envoy import (
@@ -25,7 +25,6 @@ from walkrank.envoy import (
     EnvoyProcess,
     EnvoySettings,
     admin_get,
-    find_envoy,
     main,
     render_config,
     tenant_cluster,
@@ -39,16 +38,6 @@ from walkrank_client import WalkRankClient, WalkRankClientError
 from walkrank_client.pb import recommender_pb2
 
 RECOMMEND = "/walkrank.v1.Recommender/Recommend"
-
-
-def envoy_or_skip() -> Path:
-    try:
-        binary = find_envoy()
-    except ConfigError as exc:
-        pytest.skip(str(exc))
-    if subprocess.run([str(binary), "--version"], capture_output=True).returncode != 0:
-        pytest.skip(f"{binary} does not run on this machine")
-    return binary
 
 
 def free_address() -> str:

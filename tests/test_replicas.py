@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from test_cli_serve import serve_fails, write_config
+from test_deploy import envoy_or_skip
 from test_server import REPO, pins, publish_model
 
-from walkrank.envoy import active_admission, find_envoy, host_health, tenant_cluster
-from walkrank.errors import ConfigError
+from walkrank.envoy import active_admission, host_health, tenant_cluster
 from walkrank.graph.repository import GraphRepository
 from walkrank.graph.store import GraphStore
 from walkrank.replicas import (
@@ -42,16 +42,6 @@ pytestmark = pytest.mark.slow
 
 HEALTH_INTERVAL_S = 1.0  # walkrank.envoy.EnvoySettings default
 TENANT = "related_pins"
-
-
-def envoy_or_skip() -> Path:
-    try:
-        binary = find_envoy()
-    except ConfigError as exc:
-        pytest.skip(str(exc))
-    if subprocess.run([str(binary), "--version"], capture_output=True).returncode != 0:
-        pytest.skip(f"{binary} does not run on this machine")
-    return binary
 
 
 @dataclass
