@@ -7,12 +7,14 @@ boards in one each), then builds it in a child process whose peak RSS (its `VmHW
 figure: the interpreter and libraries (~140 MB), DuckDB's buffers (up to `--memory-limit`;
 beyond it DuckDB spills to disk) and the node-sized arrays. The child also samples its RSS
 every 50 ms, and `steps_peak_rss_bytes` gives the highest sample in each build step, to show
-where the peak is. The in-memory builder runs on the same files for the sizes in
-`--compare` (default the 20M case), and their checksums must match.
+where the peak is; `steps_cpu_s` the CPU time spent in each step (from the same samples), to
+show which step's time grows faster than the edges. The in-memory builder runs on the same
+files for the sizes in `--compare` (default the 20M case), and their checksums must match.
 
 Targets (issue 14): peak RSS at most 1.5x the finished graph's size at 200M edges, time
 growing no worse than linearly with edges (`time_growth`: CPU seconds per edge at the
-largest size over those at the smallest; wall time is given too), the same checksums as
+largest size over those at the smallest; wall time is given too, and each step's CPU ratio
+in `steps_cpu_per_edge_ratio`), the same checksums as
 the in-memory builder. Where the largest size measured is below 200M, `extrapolated`
 projects the peak and the graph's size there linearly from the two largest sizes (labelled
 as such, not a measurement). `--merge` adds the sizes run to those already in `--json` (same
@@ -77,16 +79,16 @@ def child(engine: str, data: str, out: str, limit: str) -> None:
             line = next(line for line in f if line.startswith(key))
         return int(line.split()[1]) * 1024
 
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.05):
-            samples.append((time.perf_counter(), status("VmRSS:")))
+            samples.append((time.perf_counter(), status("VmRSS:"), time.process_time()))
 
     inputs = [f"{data}/edges", f"{data}/pins", f"{data}/boards"]
     sampler = threading.Thread(target=sample, daemon=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     sampler.start()
     if engine == "memory":
         manifest = build_graph(out, *inputs)
@@ -95,17 +97,20 @@ def child(engine: str, data: str, out: str, limit: str) -> None:
     done.set()
     sampler.join()
     steps: dict[str, int] = {}
-    end = started
+    steps_cpu: dict[str, float] = {}
+    end, cpu_end = started, cpu_started
     for step, seconds in manifest["build"]["seconds"].items():
         begin, end = end, end + seconds
-        in_step = [rss for t, rss in samples if begin <= t < end]
+        in_step = [(rss, cpu) for t, rss, cpu in samples if begin <= t < end]
         if in_step:  # a step shorter than the sampling interval may have none
-            steps[step] = max(in_step)
+            steps[step] = max(rss for rss, _ in in_step)
+            cpu_begin, cpu_end = cpu_end, in_step[-1][1]
+            steps_cpu[step] = round(cpu_end - cpu_begin, 2)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu, peak = usage.ru_utime + usage.ru_stime, status("VmHWM:")
     Path(f"{out}.manifest.json").write_text(json.dumps(manifest))
     Path(f"{out}.peak.json").write_text(
-        json.dumps({"peak": peak, "steps": steps, "cpu_seconds": cpu})
+        json.dumps({"peak": peak, "steps": steps, "steps_cpu": steps_cpu, "cpu_seconds": cpu})
     )
     print(f"{engine} build: {cpu:.1f} s CPU, peak RSS {peak} bytes, {steps}", flush=True)
 
@@ -136,6 +141,8 @@ def measured_build(engine: str, data: Path, out: Path, memory_limit: str) -> dic
         "cpu_seconds_per_million_edges": round(cpu / edges * 1e6, 3),
         "steps_s": manifest["build"]["seconds"],
         "steps_peak_rss_bytes": peaks["steps"],
+        "steps_cpu_s": peaks["steps_cpu"],
+        "csr_buckets": manifest["build"].get("csr_buckets"),
         "checksums": manifest["checksums"],
     }
 
@@ -182,6 +189,14 @@ def summarise(report: dict[str, Any]) -> None:
                 largest["seconds_per_million_edges"] / smallest["seconds_per_million_edges"], 3
             ),
             "cpu_seconds_per_edge_ratio": round(ratio, 3),
+            # Each step's CPU seconds per edge, largest size over smallest: which step grows.
+            "steps_cpu_per_edge_ratio": {
+                step: round(
+                    cpu / largest["edges"] / (smallest["steps_cpu_s"][step] / smallest["edges"]), 3
+                )
+                for step, cpu in largest.get("steps_cpu_s", {}).items()
+                if smallest.get("steps_cpu_s", {}).get(step)
+            },
         }
         linear = ratio <= 1.0
     report["target_met"] = (

@@ -32,9 +32,12 @@ def test_sizes_run_alone_merge_into_one_report(tmp_path: Path) -> None:
         for key in ("edges", "seconds", "cpu_seconds", "peak_rss_bytes", "bytes_per_edge"):
             assert figures[key] > 0, key
         assert figures["peak_rss_bytes"] >= max(figures["steps_peak_rss_bytes"].values())
+        assert 0 < sum(figures["steps_cpu_s"].values()) <= figures["cpu_seconds"]
+        assert figures["csr_buckets"] >= 1
         assert figures["graph_bytes"] < figures["peak_rss_bytes"]
     assert large["same_checksums_as_in_memory"] is True and "in_memory" not in small
     assert report["time_growth"]["to_edges"] == large["edges"]
+    assert set(report["time_growth"]["steps_cpu_per_edge_ratio"]) <= set(large["steps_cpu_s"])
     assert report["extrapolated"]["edges"] == graph_build.TARGET_EDGES  # 200M not measured
     assert report["target_met"] is False
     assert "not measured" in tables.graph_build_table(report)
