@@ -357,6 +357,13 @@ class WalkRankClient:
             time.sleep(self.backoff * 2**attempt)
             attempt += 1
 
+    def _admin_call(self, method: str, request: object, timeout: float | None) -> Any:
+        """Admin.`method` with the admin token, retried as `_call` retries."""
+        rpc = getattr(self._admin, method)
+        return self._call(
+            method, lambda t: rpc(request, timeout=t, metadata=self._admin_metadata), timeout
+        )
+
     def recommend(
         self,
         tenant: str,
@@ -468,19 +475,11 @@ class WalkRankClient:
 
     def list_tenants(self, *, timeout: float | None = None) -> admin_pb2.ListTenantsResponse:
         request = admin_pb2.ListTenantsRequest()
-        return self._call(
-            "ListTenants",
-            lambda t: self._admin.ListTenants(request, timeout=t, metadata=self._admin_metadata),
-            timeout,
-        )
+        return self._admin_call("ListTenants", request, timeout)
 
     def get_tenant(self, name: str, *, timeout: float | None = None) -> admin_pb2.TenantInfo:
         request = admin_pb2.GetTenantRequest(name=name)
-        return self._call(
-            "GetTenant",
-            lambda t: self._admin.GetTenant(request, timeout=t, metadata=self._admin_metadata),
-            timeout,
-        )
+        return self._admin_call("GetTenant", request, timeout)
 
     def reload(
         self, tenants: Sequence[str] = (), *, timeout: float | None = None
@@ -488,11 +487,7 @@ class WalkRankClient:
         """Re-scan tenant files and re-read the model registries of `tenants` (default all),
         on the one server (or one of the replicas) this client calls; `reload_each` for all."""
         request = admin_pb2.ReloadRequest(tenants=tenants)
-        return self._call(
-            "Reload",
-            lambda t: self._admin.Reload(request, timeout=t, metadata=self._admin_metadata),
-            timeout,
-        )
+        return self._admin_call("Reload", request, timeout)
 
     def reload_each(
         self, tenants: Sequence[str] = (), *, timeout: float | None = None
@@ -518,11 +513,7 @@ class WalkRankClient:
 
     def graph_info(self, *, timeout: float | None = None) -> admin_pb2.GraphInfoResponse:
         request = admin_pb2.GraphInfoRequest()
-        return self._call(
-            "GraphInfo",
-            lambda t: self._admin.GraphInfo(request, timeout=t, metadata=self._admin_metadata),
-            timeout,
-        )
+        return self._admin_call("GraphInfo", request, timeout)
 
     def add_edges(
         self,
@@ -544,13 +535,7 @@ class WalkRankClient:
             )
             for batch in batches
         ]
-        return self._call(
-            "AddEdges",
-            lambda t: self._admin.AddEdges(
-                iter(requests), timeout=t, metadata=self._admin_metadata
-            ),
-            timeout,
-        )
+        return self._admin_call("AddEdges", iter(requests), timeout)
 
     def health(self, tenant: str | None = None, *, timeout: float | None = None) -> str:
         """Serving status ("SERVING", "NOT_SERVING", ...) of the server, or of one tenant
