@@ -25,6 +25,8 @@ from walkrank.logs.candidates import (
     CandidateLog,
     candidates_table,
     read_candidates,
+    stored_columns,
+    with_visit_scores,
 )
 from walkrank.logs.partitioned import WriterOptions
 
@@ -314,6 +316,43 @@ def test_feature_list_change_starts_new_columns(tmp_path: Path) -> None:
     age = table["f_pin_age_days"]
     assert age.null_count == 4
     assert table.filter(pc.field("request_id") == "new")["f_pin_age_days"].null_count == 0
+
+
+def test_visit_scores_equal_to_the_walk_score_feature_are_stored_once(tmp_path: Path) -> None:
+    """The walk_score feature is the visit score: files store it once (as f_walk_score) and
+    every reader gets visit_score back; a batch whose two columns differ keeps both, in a
+    file of its own."""
+    features = ("walk_score",) + FEATURES
+    same = make_batch("same", k=5, features=features)
+    same.features[:, 0] = same.visit_scores
+    other = make_batch("other", k=4, features=features, seed=1)
+    log = CandidateLog(tmp_path)
+    log.submit(same)
+    log.submit(other)
+    assert log.close()
+    files = {
+        pq.read_table(p)["request_id"][0].as_py(): pq.read_schema(p).names
+        for p in tmp_path.rglob("*.parquet")
+    }
+    assert "visit_score" not in files["same"] and "f_walk_score" in files["same"]
+    assert {"visit_score", "f_walk_score"} <= set(files["other"])
+
+    table = read_candidates(tmp_path, "home").sort_by("request_id")
+    assert table.schema.field("visit_score") == CANDIDATE_COLUMNS.field("visit_score")
+    assert table["visit_score"].null_count == 0
+    rows = {r: table.filter(pc.field("request_id") == r) for r in ("same", "other")}
+    for batch in (same, other):
+        assert np.array_equal(rows[batch.request_id]["visit_score"], batch.visit_scores)
+        assert np.array_equal(rows[batch.request_id]["f_walk_score"], batch.features[:, 0])
+
+    # A reader of single files (the Dask trainer's) asks for the stored columns.
+    wanted = ["request_id", "visit_score", "f_visits"]
+    for path in tmp_path.rglob("*.parquet"):
+        file = pq.ParquetFile(path)
+        read = with_visit_scores(file.read(stored_columns(wanted, file.schema_arrow.names)), wanted)
+        batch = same if read["request_id"][0].as_py() == "same" else other
+        assert read.column_names == wanted
+        assert np.array_equal(read["visit_score"], batch.visit_scores)
 
 
 def test_time_window_reads_only_matching_rows(tmp_path: Path) -> None:

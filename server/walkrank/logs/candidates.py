@@ -58,8 +58,9 @@ CANDIDATE_COLUMNS = pa.schema(
     ]
 )
 """Columns of every candidate file, before the `f_<feature>` columns (float32, one per feature),
-as readers get them: files store integer pin ids as int64 (`read_candidates` returns strings)
-and the interests on a request's first row only (`FIRST_ROW_ONLY`).
+as readers get them: files store integer pin ids as int64 (`read_candidates` returns strings),
+the interests on a request's first row only (`FIRST_ROW_ONLY`), and `visit_score` only as
+`VISIT_SCORE_FEATURE` when the tenant's features include it.
 The tenant, date and hour live in the partition path, not in the files. Columns that are never
 null are declared so: Parquet then stores no definition levels for them (a tenth of the
 writer's encoding time)."""
@@ -183,6 +184,12 @@ FIRST_ROW_ONLY = "user_interests"
 `read_candidates` gives every row the value of its request (same `request_id` and `ts`), as
 files written before did."""
 WALK_SOURCE = "walk"  # walkrank.features.WALK_SOURCE (the log imports no serving code)
+VISIT_SCORE_FEATURE = "f_walk_score"
+"""The feature column that is the walk's score, as `visit_score` is (walkrank.features'
+`walk_score`): a file whose batches all had the same values in both stores them once, in
+this column, without a `visit_score` column (a twentieth of the bytes and of the encoding
+time of a home-feed file). `read_candidates` and `stored_columns`/`with_visit_scores` give
+readers `visit_score` back."""
 _REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version", "arm", "shadow_version")
 
 
@@ -254,13 +261,17 @@ def _sources(batches: Sequence[CandidateBatch]) -> pa.DictionaryArray:
 
 
 def candidates_table(
-    batches: Sequence[CandidateBatch], pin_ids: Sequence[pa.Array] | None = None
+    batches: Sequence[CandidateBatch],
+    pin_ids: Sequence[pa.Array] | None = None,
+    *,
+    visit_scores: bool = True,
 ) -> pa.Table:
     """Batches with one feature list as one table of `candidate_schema`'s columns, the
     request-level text dictionary-encoded (each value once per request; readers of the
     files get plain strings). Each column is built once for all batches: per-batch Arrow
     calls were most of the writer's CPU. `pin_ids`: each batch's ids already converted, all
-    of one type (`_pin_id_array`)."""
+    of one type (`_pin_id_array`); `visit_scores=False` leaves the `visit_score` column out
+    (batches whose `VISIT_SCORE_FEATURE` holds the same values)."""
     feature_names = batches[0].feature_names
     counts = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
 
@@ -324,7 +335,42 @@ def candidates_table(
             for field, column in zip(candidate_schema(feature_names), columns, strict=True)
         ]
     )
-    return pa.Table.from_arrays(columns, schema=schema)
+    table = pa.Table.from_arrays(columns, schema=schema)
+    return table if visit_scores else table.drop_columns("visit_score")
+
+
+def _visit_scores_in_features(batch: CandidateBatch) -> bool:
+    """Whether the batch's `VISIT_SCORE_FEATURE` column holds its visit scores (as stored:
+    float32), so a file can store them once."""
+    name = VISIT_SCORE_FEATURE.removeprefix("f_")
+    if name not in batch.feature_names:
+        return False
+    column = batch.features[:, list(batch.feature_names).index(name)]
+    return bool(
+        np.array_equal(
+            np.asarray(column, dtype=np.float32), np.asarray(batch.visit_scores, dtype=np.float32)
+        )
+    )
+
+
+def stored_columns(wanted: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The columns to read from a candidate file with columns `names` for `wanted` columns:
+    `visit_score` is read from `VISIT_SCORE_FEATURE` in files that store it there
+    (`with_visit_scores` then names it again)."""
+    if "visit_score" not in wanted or "visit_score" in names or VISIT_SCORE_FEATURE not in names:
+        return list(wanted)
+    return [c for c in wanted if c != "visit_score"] + [
+        c for c in (VISIT_SCORE_FEATURE,) if c not in wanted
+    ]
+
+
+def with_visit_scores(table: pa.Table, wanted: Sequence[str]) -> pa.Table:
+    """A table read with `stored_columns(wanted, ...)`, as the `wanted` columns."""
+    if "visit_score" in wanted and "visit_score" not in table.column_names:
+        table = table.append_column(
+            CANDIDATE_COLUMNS.field("visit_score"), table.column(VISIT_SCORE_FEATURE)
+        )
+    return table.select(list(wanted))
 
 
 class CandidateSink(Protocol):
@@ -370,12 +416,13 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
         _check_request_values(record)
         partition = (("tenant", record.tenant),) + hour_partition(int(record.ts // 3600))
         # Pin ids are converted here, so ids that cannot be converted drop this batch only;
-        # integer and string ids never share a file.
+        # integer and string ids never share a file, nor do batches whose visit scores are
+        # stored once and those whose are not.
         pin_ids = _pin_id_array(record.pin_ids)
         return [
             Piece(
                 partition,
-                (tuple(record.feature_names), pin_ids.type),
+                (tuple(record.feature_names), pin_ids.type, _visit_scores_in_features(record)),
                 len(record),
                 (record, pin_ids),
             )
@@ -383,7 +430,10 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
 
     def _table(self, payloads: list[tuple[CandidateBatch, pa.Array]]) -> pa.Table:
         batches, pin_ids = zip(*payloads, strict=True)
-        return candidates_table(batches, pin_ids)
+        # A file's batches share their layout: the first one's says for all.
+        return candidates_table(
+            batches, pin_ids, visit_scores=not _visit_scores_in_features(batches[0])
+        )
 
 
 # --- reading back ------------------------------------------------------------------------------
@@ -403,7 +453,19 @@ def read_candidates(
         end=end,
         where=pc.field("tenant") == tenant,
     )
-    return _fill_first_row_only(table, f"{join(as_location(root), 'candidates')} ({tenant})")
+    table = _fill_first_row_only(table, f"{join(as_location(root), 'candidates')} ({tenant})")
+    return _fill_visit_scores(table)
+
+
+def _fill_visit_scores(table: pa.Table) -> pa.Table:
+    """`visit_score` on the rows of files that store it as `VISIT_SCORE_FEATURE` only: those
+    rows have none (files that have the column have it on every row)."""
+    index = table.schema.get_field_index("visit_score")
+    column = table.column(index)
+    if not column.null_count or VISIT_SCORE_FEATURE not in table.column_names:
+        return table
+    filled = pc.coalesce(column, table.column(VISIT_SCORE_FEATURE))
+    return table.set_column(index, CANDIDATE_COLUMNS.field("visit_score"), filled)
 
 
 def _fill_first_row_only(table: pa.Table, where: str) -> pa.Table:

@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from walkrank.errors import DataError
+from walkrank.logs.candidates import stored_columns, with_visit_scores
 from walkrank.storage import Location, as_location, filesystem_of, join, store_error
 from walkrank.tenants import TenantConfig
 from walkrank.training.labels import join_candidates_events
@@ -87,7 +88,10 @@ def _read_file(path: str, location: Location, wanted: list[str]) -> pd.DataFrame
     """One log file's `wanted` columns, read where the task runs (a Dask worker) through
     the filesystem of `location`: a worker opens the store itself, with its own credentials."""
     filesystem, _ = filesystem_of(location)
-    table = pq.read_table(path, filesystem=filesystem, columns=wanted)
+    file = pq.ParquetFile(path, filesystem=filesystem)
+    table = with_visit_scores(
+        file.read(columns=stored_columns(wanted, file.schema_arrow.names)), wanted
+    )
     if "pin_id" in table.column_names and pa.types.is_integer(table.schema.field("pin_id").type):
         # The candidate log stores integer pin ids as int64; every file reads as strings.
         index = table.schema.get_field_index("pin_id")
@@ -116,7 +120,7 @@ def _read(
         names = set(pq.read_schema(files[0], filesystem=filesystem).names)
     except OSError as exc:
         raise store_error(f"{location}: {files[0]}", "read", exc) from None
-    missing = [name for name in wanted if name not in names]
+    missing = [name for name in stored_columns(wanted, list(names)) if name not in names]
     if missing:
         raise DataError(f"{files[0]}: the log has no column(s) {', '.join(missing)}")
     meta = _read_file(files[0], location, wanted).iloc[:0]
