@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_cli_serve import serve_fails, write_config
+from test_cli_serve import serve_fails, serve_process, stdout_of, write_config
 from test_deploy import envoy_or_skip
 from test_server import REPO, pins, publish_model
 
@@ -36,6 +36,7 @@ from walkrank.replicas import (
     replica_pids,
 )
 from walkrank.serving.config import ServerConfig
+from walkrank.serving.scheduler import OS_THREAD_PREFIX, available_cores
 from walkrank_client import WalkRankClient, WalkRankClientError
 
 pytestmark = pytest.mark.slow
@@ -219,6 +220,37 @@ def test_replicas_hold_the_graph_in_the_page_cache_once(launched: Launcher) -> N
     # Each replica maps the whole graph (Rss), but the pages are shared: their proportional
     # shares add up to one copy.
     assert sum(g["Pss"] for g in graph) <= max(g["Rss"] for g in graph) * 1.05 + 8
+
+
+def compute_threads(pid: int) -> int:
+    """The process's compute threads, by the OS name walkrank.serving.scheduler gives them."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return sum((task / "comm").read_text().startswith(OS_THREAD_PREFIX) for task in tasks)
+
+
+def test_the_replicas_share_the_cores_between_their_compute_threads(launched: Launcher) -> None:
+    """No compute_slots in the config: each of the 2 replicas runs half the cores' compute
+    threads (at least one), so the host runs one pipeline per core, as one process would."""
+    expected = max(1, available_cores() // 2)
+    for address, pid in launched.replica_pids().items():
+        assert compute_threads(pid) == expected, address
+
+
+def test_processes_share_the_cores_between_their_compute_threads(
+    tmp_path: Path, small_graph: GraphStore
+) -> None:
+    """`--processes 2` splits the cores as `--replicas 2` does; `--compute-slots` overrides."""
+    for options, expected in (((), max(1, available_cores() // 2)), (("--compute-slots", "3"), 3)):
+        root = tmp_path / ("override" if options else "default")
+        root.mkdir()
+        config = write_config(root, small_graph.path, f"127.0.0.1:{free_port_run(1)}")
+        with serve_process(config, "--processes", "2", *options) as (process, _):
+            assert "serving" in stdout_of(process).readline()  # the second child's banner
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+            counts = [compute_threads(int(child)) for child in children.split()]
+            assert [count for count in counts if count] == [expected, expected]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
 
 
 def test_publish_then_reload_each_replica_under_load_fails_no_call(launched: Launcher) -> None:

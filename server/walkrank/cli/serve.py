@@ -32,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-address", help="host:port for Prometheus /metrics")
     parser.add_argument("--workers", type=int, help="gRPC worker threads per process")
     parser.add_argument(
+        "--compute-slots",
+        type=int,
+        metavar="N",
+        help="requests running the pipeline at once per process (default: compute_slots "
+        "in walkrank.yaml, else one per core; with --replicas N or --processes N, "
+        "cores / N each)",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -99,6 +107,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
             ("address", args.address),
             ("metrics_address", args.metrics_address),
             ("workers", args.workers),
+            ("compute_slots", args.compute_slots),
         )
         if value is not None
     }
@@ -175,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
         log.error("--processes needs a fixed port, not :0")
         return 2
     check_port_free(config.address, reuse_port=True)  # once, not one error per child
+    from walkrank.serving.scheduler import slots_per_process
+
+    slots = slots_per_process(config.compute_slots, args.processes)
     child_configs = [
-        config.replace(metrics_address=address)
+        config.replace(metrics_address=address, compute_slots=slots)
         for address in child_metrics_addresses(config.metrics_address, args.processes)
     ]
     # Fork after nothing heavy is loaded: each child maps the same graph files, so the page
@@ -206,6 +218,7 @@ def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
     loopback port; the demo world (when no config is given) is built here, once, first."""
     from walkrank.envoy import find_envoy
     from walkrank.replicas import REPLICA_DRAIN_S, ReplicaSet, plan_replicas, run_replicas
+    from walkrank.serving.scheduler import slots_per_process
 
     if args.processes > 1:
         log.error("--replicas and --processes do not mix: each replica is one process")
@@ -214,6 +227,8 @@ def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
     serve_args = [
         *(["--config", str(args.config)] if args.config else []),
         *(["--workers", str(args.workers)] if args.workers else []),
+        "--compute-slots",
+        str(slots_per_process(config.compute_slots, args.replicas)),
         "--drain-seconds",
         str(args.drain_seconds or REPLICA_DRAIN_S),
     ]

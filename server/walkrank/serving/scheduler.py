@@ -56,6 +56,20 @@ def available_cores() -> int:
     )
 
 
+def slots_per_process(configured: int | None, processes: int) -> int:
+    """Compute slots for each of `processes` servers sharing this host's cores (`walkrank
+    serve --replicas N` or `--processes N`): `configured` (walkrank.yaml's `compute_slots`)
+    when set, else an equal share of the cores, at least 1.
+
+    One process defaults to a slot per core. N processes each doing so would run N pipelines
+    per core, time-slicing them (every call slower, a longer tail) while each process's slots
+    also queue for its own GIL; with a share each, the host runs one pipeline per core, as
+    one process does, and the processes' GILs are separate."""
+    if configured is not None:
+        return configured
+    return max(1, available_cores() // processes)
+
+
 #: The compute threads' name prefix as the OS sees it (`top -H`, `perf`, /proc/<pid>/task/*/comm):
 #: profilers and `benchmarks/serving.py` tell the pipeline's CPU from gRPC's by it.
 OS_THREAD_PREFIX = "wr-compute-"
