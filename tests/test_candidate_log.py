@@ -21,6 +21,7 @@ import pytest
 from walkrank.errors import DataError
 from walkrank.logs.candidates import (
     CANDIDATE_COLUMNS,
+    PER_FILE_TEXT,
     CandidateBatch,
     CandidateLog,
     candidates_table,
@@ -108,7 +109,7 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
                     **vars(batch),
                     "user_interests": ["food"] * (i % 3),
                     "user_locale": None if i == 3 else f"l{i}",
-                    "model_version": None if i == 2 else f"v{i}",
+                    "model_version": f"v{i}",
                 }
             )
         )
@@ -144,15 +145,13 @@ def test_one_file_of_many_requests_keeps_each_requests_values(tmp_path: Path) ->
         np.testing.assert_array_equal(rows["rank"].to_numpy(), batch.ranks)
         for j, name in enumerate(FEATURES):
             np.testing.assert_array_equal(rows[f"f_{name}"].to_numpy(), batch.features[:, j])
-    # Never-null columns are declared so, and only the time column carries statistics.
+    # Never-null columns are declared so (model_version: set on each of the file's
+    # requests; arm and shadow_version: on none, so left out), and only the time column
+    # carries statistics.
     schema = pq.read_schema(path)
-    assert [f.name for f in schema if f.nullable] == [
-        "user_locale",
-        "user_interests",
-        "model_version",
-        "arm",
-        "shadow_version",
-    ]
+    assert [f.name for f in schema if f.nullable] == ["user_locale", "user_interests"]
+    assert "arm" not in schema.names and "shadow_version" not in schema.names
+    assert table["arm"].null_count == table["shadow_version"].null_count == 18
     row_group = pq.ParquetFile(path).metadata.row_group(0)
     with_stats = [
         row_group.column(c).path_in_schema
@@ -424,8 +423,35 @@ def test_string_pin_ids_and_missing_model_version(tmp_path: Path) -> None:
     )
     table = candidates_table([batch])
     assert table["pin_id"].to_pylist() == ["p-1", "p-2", "p-3"]
-    assert table["model_version"].null_count == 3 and table["user_locale"].null_count == 3
+    assert "model_version" not in table.column_names  # null on every row: left out
+    assert table["user_locale"].null_count == 3
     assert table.schema.field("f_visits").type == pa.float32()
+
+
+def test_requests_missing_a_per_file_value_go_to_files_of_their_own(tmp_path: Path) -> None:
+    """model_version, arm and shadow_version are on all of a file's rows or on none: the
+    writer files requests apart by which they lack, and readers get every row's value."""
+    values = [("v1", "default", None), (None, "default", None), ("v1", "default", "v2")]
+    batches = [
+        CandidateBatch(
+            **{
+                **vars(make_batch(f"r{i}", k=3, seed=i)),
+                **dict(zip(("model_version", "arm", "shadow_version"), value, strict=True)),
+            }
+        )
+        for i, value in enumerate(values * 2)
+    ]
+    log = CandidateLog(tmp_path)
+    assert all(log.submit(b) for b in batches) and log.close()
+    schemas = [pq.read_schema(p) for p in tmp_path.rglob("*.parquet")]
+    assert len(schemas) == 3
+    for schema in schemas:
+        assert not any(schema.field(n).nullable for n in PER_FILE_TEXT if n in schema.names)
+    table = read_candidates(tmp_path, "home")
+    for batch in batches:
+        rows = table.filter(pc.field("request_id") == batch.request_id)
+        for name in PER_FILE_TEXT:
+            assert rows[name].to_pylist() == [getattr(batch, name)] * 3, name
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux")

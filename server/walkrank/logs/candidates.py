@@ -60,7 +60,8 @@ CANDIDATE_COLUMNS = pa.schema(
 """Columns of every candidate file, before the `f_<feature>` columns (float32, one per feature),
 as readers get them: files store integer pin ids as int64 (`read_candidates` returns strings),
 the interests on a request's first row only (`FIRST_ROW_ONLY`), and `visit_score` only as
-`VISIT_SCORE_FEATURE` when the tenant's features include it.
+`VISIT_SCORE_FEATURE` when the tenant's features include it, and no column of
+`PER_FILE_TEXT` that is null on all of a file's rows.
 The tenant, date and hour live in the partition path, not in the files. Columns that are never
 null are declared so: Parquet then stores no definition levels for them (a tenth of the
 writer's encoding time)."""
@@ -190,6 +191,12 @@ VISIT_SCORE_FEATURE = "f_walk_score"
 this column, without a `visit_score` column (a twentieth of the bytes and of the encoding
 time of a home-feed file). `read_candidates` and `stored_columns`/`with_visit_scores` give
 readers `visit_score` back."""
+PER_FILE_TEXT = ("model_version", "arm", "shadow_version")
+"""Request-level values that files hold on all their rows or on none (the writer files
+batches apart by which of these they lack; the server sets the first two on every request,
+and the third for a tenant with a shadow model): a file declares them never null, or leaves
+out a column that is null on all its rows (`read_candidates` reads it as null). The
+definition levels of a nullable column were half of its encoding time."""
 _REQUEST_TEXT = ("request_id", "user_id", "user_locale", "model_version", "arm", "shadow_version")
 
 
@@ -330,13 +337,15 @@ def candidates_table(
     schema = pa.schema(
         [
             field.with_type(column.type).with_nullable(
-                field.nullable or field.name == FIRST_ROW_ONLY
+                field.name == FIRST_ROW_ONLY
+                or (field.nullable and (field.name not in PER_FILE_TEXT or column.null_count > 0))
             )
             for field, column in zip(candidate_schema(feature_names), columns, strict=True)
         ]
     )
     table = pa.Table.from_arrays(columns, schema=schema)
-    return table if visit_scores else table.drop_columns("visit_score")
+    left_out = [n for n in PER_FILE_TEXT if all(getattr(b, n) is None for b in batches)]
+    return table.drop_columns(left_out + ([] if visit_scores else ["visit_score"]))
 
 
 def _visit_scores_in_features(batch: CandidateBatch) -> bool:
@@ -417,12 +426,18 @@ class CandidateLog(PartitionedLog[CandidateBatch, tuple[CandidateBatch, pa.Array
         partition = (("tenant", record.tenant),) + hour_partition(int(record.ts // 3600))
         # Pin ids are converted here, so ids that cannot be converted drop this batch only;
         # integer and string ids never share a file, nor do batches whose visit scores are
-        # stored once and those whose are not.
+        # stored once and those whose are not, nor batches missing other `PER_FILE_TEXT`.
         pin_ids = _pin_id_array(record.pin_ids)
+        layout = (
+            tuple(record.feature_names),
+            pin_ids.type,
+            _visit_scores_in_features(record),
+            tuple(getattr(record, name) is None for name in PER_FILE_TEXT),
+        )
         return [
             Piece(
                 partition,
-                (tuple(record.feature_names), pin_ids.type, _visit_scores_in_features(record)),
+                layout,
                 len(record),
                 (record, pin_ids),
             )
