@@ -609,6 +609,18 @@ def _has_envoy() -> bool:
     return True
 
 
+def run_chaos_table(report: Path) -> str:
+    """`chaos.py --table REPORT`: the Markdown the docs get."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "load_tests" / "chaos.py"), "--table", str(report)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+
+
 @pytest.mark.slow
 def test_chaos_quick_run_meets_the_zero_targets(tmp_path: Path) -> None:
     """load_tests/chaos.py --quick end to end against a real `walkrank serve`: the report has
@@ -633,10 +645,32 @@ def test_chaos_quick_run_meets_the_zero_targets(tmp_path: Path) -> None:
         "cross_tenant_events_accepted",
         "isolation_p99_ratio",
         "refusal_p99_ms",
+        "isolation_p99_ratio_idle_aggressor",
+        "refusal_p99_ms_idle_aggressor",
         "failed_calls_during_reload",
-        *(("isolation_p99_ratio_envoy", "refusal_p99_ms_envoy") if _has_envoy() else ()),
+        *(
+            (
+                "isolation_p99_ratio_envoy",
+                "refusal_p99_ms_envoy",
+                "isolation_p99_ratio_envoy_idle_aggressor",
+                "refusal_p99_ms_envoy_idle_aggressor",
+            )
+            if _has_envoy()
+            else ()
+        ),
     ):
         assert key in report and report[key] is not None, (key, report.get("context"))
+    # Each isolation measurement says what the aggressor offered, and the table shows its
+    # phases with every process's cores.
+    measured = [s for s in ("", "_idle_aggressor") if report["context"].get(f"isolation{s}")]
+    assert measured == ["", "_idle_aggressor"]
+    for suffix in measured:
+        isolation = report["context"][f"isolation{suffix}"]
+        assert isolation["idle_aggressor"] == (suffix == "_idle_aggressor")
+        assert isolation["aggressor_flood_rps"] > 0 and isolation["aggressor_together_rps"] > 0
+    table = run_chaos_table(out)
+    assert table.count("| phase | victim p50 / p99 (ms) |") == (4 if _has_envoy() else 2)
+    assert "aggressor's generator at SCHED_IDLE" in table
     assert report["fuzzed"] >= 1_000 and sum(report["statuses"].values()) == report["fuzzed"]
     zeros = {
         key: report[key]

@@ -35,6 +35,7 @@ admission (`walkrank.envoy`, `tenant_quotas`): every load sends its tenant in th
 
     cd load_tests && python -m loadgen.isolation --graph quick --json isolation.json
     cd load_tests && python -m loadgen.isolation --graph quick --envoy --json isolation.json
+    cd load_tests && python -m loadgen.isolation --graph quick --envoy --idle-aggressor
 """
 
 from __future__ import annotations
