@@ -167,9 +167,9 @@ def _pin_id_array(pin_ids: np.ndarray) -> pa.Array:
     A decimal string per candidate cost the writer a cast and more bytes to encode and
     compress; readers get strings either way."""
     array = pa.array(pin_ids)
-    if pa.types.is_integer(array.type):
-        return array.cast(pa.int64())
-    return array if array.type == pa.string() else array.cast(pa.string())
+    if array.type in (pa.int64(), pa.string()):  # the usual ones: no cast to pay for
+        return array
+    return array.cast(pa.int64() if pa.types.is_integer(array.type) else pa.string())
 
 
 MAX_REQUEST_BYTES = 64 << 10
