@@ -18,18 +18,30 @@ Per-pin estimates ignore that the client shows a limited number of pins per requ
 `slots`), out of ours and other sources' candidates: a ranker's good pins compete with each
 other for those slots, while exploration's random sets rarely hold two. The slots-aware
 estimate ("slate") replays that competition for outcomes that happen only on shown pins
-(impressions, actions). On an exploration request, a pin that was shown beat the client's
-threshold for that logged set; T's pins that would beat it number about `above` = (T's pins)
-x (SNIPS share of T's logged pins that were shown), and the other sources' pins that beat it
-`others` = slots - (returned pins shown). The client fills its slots from those contenders;
-taking ours and theirs as equally likely to win one, T's pins keep their outcomes in
-proportion slots / (above + others). The estimate is SNIPS times (sum of slots) / (sum of
-above + others) over the requests: a ratio of sums rather than a per-request share, which the
-few logged pins of T in one request would make noisy and (the share being concave in them)
-biased low. For T = the logged set it gives the logged outcomes back. Assumptions: a fixed
-number of slots (by default, the most of our pins the client showed in one request), and
-winners among the contenders as likely ours as theirs (a strong T's pins beat the threshold by
-more than other sources' do, which this does not see).
+(impressions, actions), on the client's own scores (the `score` of its impression events):
+
+- a request's shown pins beat every unshown one; on an exploration request the other
+  sources' shown pins (slots minus ours shown) are taken to score like our shown pins in that
+  request (both are winners among random sets), so above any score the request has
+  (slots - k) / k of theirs per one of ours;
+- a ranker T's pins that would beat a given score, per returned pin, are estimated by SNIPS
+  over all exploration requests, each shown pin of T placed at its score relative to its
+  request's shown pins (the client's score minus their mean: requests differ by a shift);
+- each request's slots are then filled from the top, T's pooled pins (shifted to that
+  request) against the other sources' pins of that request, until the slots are full: T keeps
+  the outcomes of its pins above that line. When T's and the other sources' pins above the
+  request's lowest shown score do not fill the slots (T weaker than the logged sets), T
+  takes the share of the slots left that our pins took in that request, with the outcomes of
+  its next pins down the pooled curve.
+
+A random ranker like the logging policy gets about the logged outcomes back. Without
+scores every shown pin sits at its request's mean, and the estimate becomes the proportional
+one: slots shared among contenders, ours as likely to win one as theirs, which underrates a
+strong ranker. Assumptions: a fixed number of slots (by default, the most of our pins the
+client showed in one request), the client showing its best-scored pins, other sources' shown
+pins scoring like ours in the same request (where theirs score lower, the estimate leans low
+for a strong ranker; higher, high), and requests whose scores differ by a shift. A request
+where none of our pins was shown gives T nothing (nothing says how far above ours theirs were).
 
 Intervals are percentile bootstraps over requests (or users: any unit whose outcomes move
 together): the units are resampled with replacement, the ratio recomputed, and the 2.5th and
@@ -40,7 +52,7 @@ together): the units are resampled with replacement, the ratio recomputed, and t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +63,8 @@ LEVEL = 0.95
 # as too few to read (its interval, not its value, is the information).
 MIN_EXPLORED_REQUESTS = 30
 _BLOCK = 50  # resamples drawn at once: bounds memory at 50 x units integers
+GRID = 256  # score levels the slots-aware estimate fills slots on
+_CELLS = 2_000_000  # resamples x requests x levels per bootstrap block of that estimate
 
 
 @dataclass(frozen=True)
@@ -82,15 +96,15 @@ def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
         return np.where(np.asarray(den) > 0, np.asarray(num) / np.asarray(den), np.nan)
 
 
-def _resamples(units: int, samples: int, seed: int) -> Iterator[np.ndarray]:
+def _resamples(units: int, samples: int, seed: int, block: int = _BLOCK) -> Iterator[np.ndarray]:
     """Blocks of bootstrap counts: how often each unit is drawn, `units` draws each."""
     rng = np.random.default_rng(seed)
     pvals = np.full(units, 1.0 / units)
     done = 0
     while done < samples:
-        block = min(_BLOCK, samples - done)
-        yield rng.multinomial(units, pvals, size=block).astype(np.float64)
-        done += block
+        size = min(block, samples - done)
+        yield rng.multinomial(units, pvals, size=size).astype(np.float64)
+        done += size
 
 
 def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
@@ -118,6 +132,71 @@ def _terms(terms: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     return out
 
 
+# An estimate as a function of bootstrap counts (rows x units) -> one value per row: the counts
+# are how often each unit (request, user) is drawn; all ones gives the estimate itself.
+Statistic = Callable[[np.ndarray], np.ndarray]
+
+
+def _of_sums(terms: tuple[np.ndarray, ...]) -> Statistic:
+    """The product of ratios of sums (`_product`) as a statistic."""
+    return lambda counts: _product(tuple(counts @ t for t in terms))
+
+
+def _block(statistic: Statistic) -> int:
+    """Resamples drawn at once: fewer when one row of the statistic is large."""
+    cells = getattr(statistic, "cells", 0)
+    return max(1, min(_BLOCK, _CELLS // cells)) if cells else _BLOCK
+
+
+def statistic_interval(
+    statistic: Statistic,
+    units: int,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """A statistic over `units` units with its percentile bootstrap interval."""
+    if units == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    value = float(np.asarray(statistic(np.ones((1, units)))).reshape(-1)[0])
+    draws = np.concatenate(
+        [statistic(c) for c in _resamples(units, samples, seed, _block(statistic))]
+    )
+    return Interval(value, *_percentiles(draws, level))
+
+
+def statistic_lift(
+    a: Statistic,
+    b: Statistic,
+    units: tuple[int, int],
+    *,
+    paired: bool,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """Relative change of statistic b over statistic a. `paired`: both are measured on the
+    same units (resampled together); otherwise on independent groups (each on its own)."""
+    if 0 in units:
+        return Interval(math.nan, math.nan, math.nan)
+
+    def lift(ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
+        return _ratio(b(cb), a(ca)) - 1
+
+    value = float(lift(np.ones((1, units[0])), np.ones((1, units[1])))[0])
+    block = min(_block(a), _block(b))
+    if paired:
+        draws = [lift(c, c) for c in _resamples(units[0], samples, seed, block)]
+    else:
+        blocks_b = _resamples(units[1], samples, seed + 1, block)
+        draws = [
+            lift(ca, cb)
+            for ca, cb in zip(_resamples(units[0], samples, seed, block), blocks_b, strict=True)
+        ]
+    return Interval(value, *_percentiles(np.concatenate(draws), level))
+
+
 def ratio_interval(
     num: np.ndarray,
     den: np.ndarray,
@@ -129,13 +208,9 @@ def ratio_interval(
     """sum(num) / sum(den) over units (times sum(more[0]) / sum(more[1]) ... when given),
     with a bootstrap interval over the units."""
     terms = _terms((num, den, *more))
-    value = float(_product(tuple(t.sum() for t in terms)))
-    if len(terms[0]) == 0:
-        return Interval(math.nan, math.nan, math.nan)
-    draws = np.concatenate(
-        [_product(tuple(c @ t for t in terms)) for c in _resamples(len(num), samples, seed)]
+    return statistic_interval(
+        _of_sums(terms), len(terms[0]), samples=samples, seed=seed, level=level
     )
-    return Interval(value, *_percentiles(draws, level))
 
 
 def lift_interval(
@@ -151,22 +226,15 @@ def lift_interval(
     `ratio_interval` ((num, den): sum num / sum den). `paired`: a and b are measured on the
     same units (resampled together); otherwise on independent groups (each on its own)."""
     ta, tb = _terms(a), _terms(b)
-
-    def lift(sa: tuple[np.ndarray | float, ...], sb: tuple[np.ndarray | float, ...]) -> np.ndarray:
-        return _ratio(_product(sb), _product(sa)) - 1
-
-    value = float(lift(tuple(t.sum() for t in ta), tuple(t.sum() for t in tb)))
-    if len(ta[0]) == 0 or len(tb[0]) == 0:
-        return Interval(math.nan, math.nan, math.nan)
-    draws = []
-    if paired:
-        for c in _resamples(len(ta[0]), samples, seed):
-            draws.append(lift(tuple(c @ t for t in ta), tuple(c @ t for t in tb)))
-    else:
-        blocks_b = _resamples(len(tb[0]), samples, seed + 1)
-        for ca, cb in zip(_resamples(len(ta[0]), samples, seed), blocks_b, strict=True):
-            draws.append(lift(tuple(ca @ t for t in ta), tuple(cb @ t for t in tb)))
-    return Interval(value, *_percentiles(np.concatenate(draws), level))
+    return statistic_lift(
+        _of_sums(ta),
+        _of_sums(tb),
+        (len(ta[0]), len(tb[0])),
+        paired=paired,
+        samples=samples,
+        seed=seed,
+        level=level,
+    )
 
 
 # --- rankers replayed on logged requests --------------------------------------------------------
@@ -223,7 +291,87 @@ def policy_terms(
     )
 
 
-def slate_terms(
+@dataclass(frozen=True)
+class SlateReplay:
+    """One ranker's slots-aware estimate as a function of bootstrap counts over requests:
+    per-request sums that pool into T's score curve, and each request's own competition."""
+
+    above: np.ndarray  # (requests, GRID): T's shown pins at or above each level, weighted 1/p
+    above_y: np.ndarray  # the same weighted by the outcome
+    weight: np.ndarray  # (requests,): sum of 1/p over T's returned pins (SNIPS denominator)
+    size: np.ndarray  # (requests,): pins T returns
+    others: np.ndarray  # (requests, GRID): other sources' shown pins at or above each level
+    lowest: np.ndarray  # (requests,): first level at or below the request's lowest shown pin
+    share: np.ndarray  # (requests,): share of the slots our pins took (0: none shown)
+    slots: int
+
+    @property
+    def cells(self) -> int:
+        """Size of one bootstrap row's work (requests x levels): bounds the block drawn."""
+        return len(self.size) * self.above.shape[1]
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        """The estimate for each row of bootstrap counts (rows x requests): outcomes of T's
+        pins that win a slot, per returned pin."""
+        counts = np.atleast_2d(counts)
+        weight = counts @ self.weight
+        curve = _ratio((counts @ self.above).T, weight).T  # T's pins above a level, per pin
+        curve_y = _ratio((counts @ self.above_y).T, weight).T
+        curve, curve_y = np.nan_to_num(curve), np.nan_to_num(curve_y)
+        ours = self.size[None, :, None] * curve[:, None, :]
+        filled = ours + self.others[None, :, :]
+        level = np.arange(curve.shape[1])
+        reached = (filled >= self.slots) & (level[None, None, :] <= self.lowest[None, :, None])
+        hit = reached.any(axis=2)
+        j = np.where(hit, reached.argmax(axis=2), self.lowest[None, :])
+        rows = np.arange(len(counts))[:, None]
+        last = np.full_like(j, curve.shape[1] - 1)
+
+        def at(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+            """values[row, index] per request, 0 above the first level."""
+            return np.where(index >= 0, values[rows, np.maximum(index, 0)], 0.0)
+
+        fill_j = np.take_along_axis(filled, j[..., None], axis=2)[..., 0]
+        fill_before = np.where(
+            j > 0, np.take_along_axis(filled, np.maximum(j - 1, 0)[..., None], axis=2)[..., 0], 0.0
+        )
+        step = np.clip(_ratio(self.slots - fill_before, fill_j - fill_before), 0.0, 1.0)
+        step = np.nan_to_num(step, nan=1.0)
+        won_y = at(curve_y, j - 1) + step * (at(curve_y, j) - at(curve_y, j - 1))
+        # Slots left when both sides' pins above the request's lowest shown score run out:
+        # T's share of them goes to its next pins down the pooled curve.
+        left = np.where(hit, 0.0, np.maximum(self.slots - fill_j, 0.0) * self.share[None, :])
+        goal = at(curve, j) + np.nan_to_num(_ratio(left, self.size[None, :]))
+        below = (curve[:, None, :] >= goal[..., None]) & (level[None, None, :] >= j[..., None])
+        found = below.any(axis=2) & (left > 0)
+        k = np.where(found, below.argmax(axis=2), last)
+        before, after = at(curve, k - 1), at(curve, k)
+        part = np.nan_to_num(np.clip(_ratio(goal - before, after - before), 0.0, 1.0))
+        rate = np.nan_to_num(_ratio(at(curve_y, last), at(curve, last)))
+        next_y = np.where(
+            found,
+            at(curve_y, k - 1) + part * (at(curve_y, k) - at(curve_y, k - 1)),
+            at(curve_y, last) + (goal - at(curve, last)) * rate,
+        )
+        outcome = self.size[None, :] * np.where(hit, won_y, next_y)
+        outcome = np.where(self.share[None, :] > 0, outcome, 0.0)
+        return _ratio((counts * outcome).sum(axis=1), counts @ self.size)
+
+
+def _score_scale(client_score: np.ndarray | None, n: int) -> np.ndarray:
+    """The client's scores on the scale where requests differ by a shift: as log-odds when
+    every reported score lies in [0, 1] (a probability), else as reported; NaN where none."""
+    if client_score is None:
+        return np.full(n, np.nan)
+    score = np.asarray(client_score, np.float64)
+    finite = score[np.isfinite(score)]
+    if len(finite) and finite.min() >= 0.0 and finite.max() <= 1.0:
+        clipped = np.clip(score, 1e-6, 1.0 - 1e-6)
+        return np.log(clipped / (1.0 - clipped))
+    return score
+
+
+def slate_replay(
     request: np.ndarray,
     y: np.ndarray,
     impressed: np.ndarray,
@@ -232,26 +380,47 @@ def slate_terms(
     chosen: np.ndarray,
     m: int,
     slots: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-request terms of the slots-aware estimate (module docstring) for a ranker returning
-    the rows marked `chosen`, `y` happening only on shown pins: SNIPS's (sum y/p, sum 1/p)
-    and (slots, contenders), whose ratio of sums scales it."""
+    client_score: np.ndarray | None = None,
+) -> SlateReplay:
+    """The slots-aware estimate (module docstring) of a ranker returning the rows marked
+    `chosen`, `y` happening only on shown pins; `client_score` is the client's score of each
+    shown pin (NaN or None where it reported none: the pin sits at its request's mean)."""
+    shown = np.asarray(impressed, dtype=bool) & np.asarray(returned, dtype=bool)
     seen = chosen & returned & (propensity > 0)
     inverse = np.where(seen, 1.0 / np.where(propensity > 0, propensity, 1.0), 0.0)
-    shown = np.asarray(impressed, dtype=bool)
-    weight = np.bincount(request, weights=inverse, minlength=m)
-    size = np.bincount(request, weights=chosen, minlength=m)
-    shown_share = _ratio(np.bincount(request, weights=inverse * shown, minlength=m), weight)
-    above = np.nan_to_num(size * shown_share)
-    others = np.maximum(slots - np.bincount(request, weights=shown & returned, minlength=m), 0.0)
-    # A request where the ranker's pins were never returned says nothing about its contenders.
-    covered = weight > 0
-    y = np.asarray(y, np.float64)
-    return (
-        np.bincount(request, weights=y * inverse, minlength=m),
-        weight,
-        np.where(covered, float(slots), 0.0),
-        np.where(covered, above + others, 0.0),
+    k = np.bincount(request, weights=shown, minlength=m)
+    score = _score_scale(client_score, len(request))
+    present = shown & np.isfinite(score)
+    mean = _ratio(
+        np.bincount(request, weights=np.where(present, score, 0.0), minlength=m),
+        np.bincount(request, weights=present, minlength=m),
+    )
+    z = np.where(present, score - np.nan_to_num(mean)[request], 0.0)
+    top, bottom = (z[shown].max(), z[shown].min()) if shown.any() else (0.0, 0.0)
+    levels = np.linspace(top, bottom, GRID)
+    # Level index of each shown pin: the first level at or below its score.
+    index = np.searchsorted(-levels, -z, side="left")
+    at_or_above = np.zeros((m, GRID))
+    above_y = np.zeros((m, GRID))
+    theirs = np.zeros((m, GRID))
+    rows = np.flatnonzero(shown)
+    np.add.at(at_or_above, (request[rows], index[rows]), inverse[rows])
+    np.add.at(
+        above_y, (request[rows], index[rows]), inverse[rows] * np.asarray(y, np.float64)[rows]
+    )
+    np.add.at(theirs, (request[rows], index[rows]), 1.0)
+    per_ours = np.nan_to_num(_ratio(np.maximum(slots - k, 0.0), k))
+    lowest = np.zeros(m, dtype=np.int64)
+    np.maximum.at(lowest, request[rows], index[rows])
+    return SlateReplay(
+        above=np.cumsum(at_or_above, axis=1),
+        above_y=np.cumsum(above_y, axis=1),
+        weight=np.bincount(request, weights=inverse, minlength=m),
+        size=np.bincount(request, weights=chosen, minlength=m),
+        others=np.cumsum(theirs, axis=1) * per_ours[:, None],
+        lowest=lowest,
+        share=np.minimum(k, slots) / slots,
+        slots=slots,
     )
 
 
@@ -291,7 +460,6 @@ class PolicyComparison:
         }
 
 
-ESTIMATORS = ("ips", "snips", "naive")
 SLATE = "slate"
 
 
@@ -305,13 +473,15 @@ def compare_policies(
     *,
     impressed: np.ndarray | None = None,
     slots: int | None = None,
+    client_score: np.ndarray | None = None,
     samples: int = BOOTSTRAP_SAMPLES,
     seed: int = 0,
 ) -> PolicyComparison:
     """Outcome `y` per returned pin for rankers a and b, each returning as many pins as the
     logged request did, on the logged requests (numbered 0..m-1), paired bootstrap. With
     `impressed` and the client's `slots` per request, also the slots-aware estimate
-    ("slate"), for outcomes that happen only on shown pins."""
+    ("slate"), for outcomes that happen only on shown pins, on the client's scores of its
+    shown pins (`client_score`, NaN where none was reported)."""
     request = np.asarray(request, np.int64)
     m = int(request.max()) + 1 if len(request) else 0
     size = np.bincount(request, weights=returned, minlength=m).astype(np.int64)
@@ -319,34 +489,31 @@ def compare_policies(
     chosen_b = top_sets(request, scores_b, size)
     terms_a = policy_terms(request, y, propensity, returned, chosen_a, m)
     terms_b = policy_terms(request, y, propensity, returned, chosen_b, m)
-
-    estimators = ESTIMATORS if impressed is None or slots is None else (*ESTIMATORS, SLATE)
     if slots is not None and slots < 1:
         raise ValueError(f"slots must be at least 1, got {slots}")
 
-    def pairs(t: PolicyTerms, chosen: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
-        out: dict[str, tuple[np.ndarray, ...]] = {
-            "ips": (t.ips, t.size),
-            "snips": (t.ips, t.weight),
-            "naive": (t.naive, t.size),
+    def statistics(t: PolicyTerms, chosen: np.ndarray) -> dict[str, Statistic]:
+        out = {
+            "ips": _of_sums(_terms((t.ips, t.size))),
+            "snips": _of_sums(_terms((t.ips, t.weight))),
+            "naive": _of_sums(_terms((t.naive, t.size))),
         }
-        if SLATE in estimators:
-            assert impressed is not None and slots is not None
-            out[SLATE] = slate_terms(request, y, impressed, propensity, returned, chosen, m, slots)
+        if impressed is not None and slots is not None:
+            out[SLATE] = slate_replay(
+                request, y, impressed, propensity, returned, chosen, m, slots, client_score
+            )
         return out
 
-    pa_, pb_ = pairs(terms_a, chosen_a), pairs(terms_b, chosen_b)
+    sa, sb = statistics(terms_a, chosen_a), statistics(terms_b, chosen_b)
+    boot = {"samples": samples, "seed": seed}
     return PolicyComparison(
         requests=m,
-        a={k: ratio_interval(*pa_[k], samples=samples, seed=seed) for k in estimators},
-        b={k: ratio_interval(*pb_[k], samples=samples, seed=seed) for k in estimators},
-        lift={
-            k: lift_interval(pa_[k], pb_[k], paired=True, samples=samples, seed=seed)
-            for k in estimators
-        },
+        a={k: statistic_interval(v, m, **boot) for k, v in sa.items()},
+        b={k: statistic_interval(v, m, **boot) for k, v in sb.items()},
+        lift={k: statistic_lift(sa[k], sb[k], (m, m), paired=True, **boot) for k in sa},
         support={
             "a": support(request, propensity, chosen_a),
             "b": support(request, propensity, chosen_b),
         },
-        slots=slots if SLATE in estimators else None,
+        slots=slots if SLATE in sa else None,
     )

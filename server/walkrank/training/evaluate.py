@@ -83,6 +83,8 @@ class Targets:
     propensity: np.ndarray | None = None  # float64
     explored: np.ndarray | None = None  # bool
     actions: np.ndarray | None = None  # float64
+    # The client's score of each pin (its events' `score`), NaN where it reported none.
+    client_score: np.ndarray | None = None  # float64
 
     def __post_init__(self) -> None:
         n = len(self.request)
@@ -95,6 +97,7 @@ class Targets:
             "propensity",
             "explored",
             "actions",
+            "client_score",
         ):
             value = getattr(self, name)
             if value is not None and len(value) != n:
@@ -150,6 +153,14 @@ def targets_from_joined(joined: pa.Table, weights: Mapping[str, float]) -> Targe
     for kind in ACTION_EVENTS:
         if f"n_{kind}" in joined.column_names:
             actions += pc.fill_null(joined[f"n_{kind}"], 0).to_numpy(zero_copy_only=False)
+    client_score = None
+    if "full_score" in joined.column_names:
+        client_score = np.asarray(
+            pc.fill_null(pc.cast(joined["full_score"], pa.float64()), math.nan).to_numpy(
+                zero_copy_only=False
+            ),
+            dtype=np.float64,
+        )
     return Targets(
         request.astype(np.int64),
         impressed,
@@ -161,6 +172,7 @@ def targets_from_joined(joined: pa.Table, weights: Mapping[str, float]) -> Targe
         propensity,
         explored,
         actions,
+        client_score,
     )
 
 
@@ -588,6 +600,7 @@ def online_estimates(
             candidate_scores[rows],
             impressed=targets.impressed[rows],
             slots=slots,
+            client_score=None if targets.client_score is None else targets.client_score[rows],
             seed=seed,
         )
         for name, y in outcomes.items()
