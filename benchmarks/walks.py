@@ -18,11 +18,12 @@ full walk of the same seed; the overlap of two full walks of different seeds say
 that top 100 is sampling noise at N steps, and the shortest prefix of the full walk (in tenths
 of its steps) whose top 100 overlaps it by 0.8 says how few steps any stopping rule could walk
 for that overlap. With --truth (a relevance case's `request_key, pin_id` pairs), recall@50 of
-the early-stopped and the full walks' visit-count order. Queries are 5 pins drawn by degree, or,
-with --requests, the `query_pins` ([{pin_id, weight}]) of a JSON-lines file (.gz too). Figures are
-medians over queries (latency percentiles over all queries), printed beside the machine's L3
-size and the bytes of the arrays the walks read: a graph that fits in L3 walks faster than one
-that does not.
+the early-stopped and the full walks' visit-count order, averaged over --recall-seeds walk
+seeds, and the early stop's change with a 95% paired-bootstrap interval over requests. Queries
+are 5 pins drawn by degree, or, with --requests, the `query_pins` ([{pin_id, weight}]) of every
+line of a JSON-lines file (.gz too; --queries: the first ones). Figures are medians over
+queries (latency percentiles over all queries), printed beside the machine's L3 size and the
+bytes of the arrays the walks read: a graph that fits in L3 walks faster than one that does not.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ REPO = Path(__file__).resolve().parent.parent
 QUERY_PINS = 5
 STEPS = 100_000
 DELTA_SHARE = 0.01  # of the graph's edges, in the real-time delta
+BOOTSTRAP = 2000  # resamples of the requests for the recall interval
+RECALL_KEYS = (  # with --truth; None without
+    "recall_seeds",
+    "recall_at_50_full",
+    "recall_at_50_early_stop",
+    "recall_at_50_early_stop_change",
+    "recall_at_50_early_stop_change_ci95",
+)
 Query = tuple[np.ndarray, np.ndarray]  # dense pin ids (-1: unknown), weights
 
 
@@ -87,9 +96,9 @@ def _queries(graph: GraphStore, n: int, seed: int) -> list[Query]:
     ]
 
 
-def _request_queries(graph: GraphStore, path: Path, n: int) -> tuple[list[Query], list[str]]:
-    """The first n requests of a JSON-lines file whose query has a pin with boards, and their
-    `request_key`s ("" where a request has none)."""
+def _request_queries(graph: GraphStore, path: Path, n: int | None) -> tuple[list[Query], list[str]]:
+    """The first n (None: all) requests of a JSON-lines file whose query has a pin with boards,
+    and their `request_key`s ("" where a request has none)."""
     degree = np.diff(graph.pin_offsets)
     queries: list[Query] = []
     keys: list[str] = []
@@ -127,16 +136,49 @@ def _read_truth(path: Path) -> dict[str, set[str]]:
     return truth
 
 
-def _recall(
+def _found_at_50(
     graph: GraphStore, candidates: list[np.ndarray], keys: list[str], truth: dict[str, set[str]]
-) -> float:
-    """Truth pairs among the requests' top 50 over all the requests' truth pairs."""
-    found = total = 0
-    for pins, key in zip(candidates, keys, strict=True):
-        relevant = truth.get(key, set())
-        total += len(relevant)
-        found += len(relevant & {str(p) for p in graph.pin_external(pins[:50]).tolist()})
-    return found / max(total, 1)
+) -> np.ndarray:
+    """Per request: its truth pairs among its top 50."""
+    return np.array(
+        [
+            len(truth.get(key, set()) & {str(p) for p in graph.pin_external(pins[:50]).tolist()})
+            for pins, key in zip(candidates, keys, strict=True)
+        ],
+        np.float64,
+    )
+
+
+def _recall_change(
+    graph: GraphStore,
+    queries: list[Query],
+    keys: list[str],
+    truth: dict[str, set[str]],
+    modes: dict[str, WalkParams],
+    first: dict[str, Timed],
+    seeds: int,
+) -> dict[str, Any]:
+    """Recall@50 (truth pairs in the requests' top 50 over all their truth pairs) of the full
+    and early-stopped walks, each request's hits averaged over `seeds` walk seeds (`first`:
+    the walks of seed 0), and the early stop's relative change with a 95% interval from a
+    paired bootstrap over requests. One seed's change moves by a few percent on a hundred
+    requests (its walks' sampling noise), so one seed cannot tell a 2% loss from noise."""
+    found = {mode: _found_at_50(graph, first[mode].candidates, keys, truth) for mode in modes}
+    for s in range(1, seeds):
+        walks = _timed_walks(graph, queries, modes, seed=s * len(queries))
+        for mode in modes:
+            found[mode] += _found_at_50(graph, walks[mode].candidates, keys, truth)
+    total = max(sum(len(truth.get(key, set())) for key in keys), 1) * seeds
+    full, early = found["full"], found["early"]
+    draws = np.random.default_rng(0).integers(0, len(keys), (BOOTSTRAP, len(keys)))
+    changes = early[draws].sum(axis=1) / np.maximum(full[draws].sum(axis=1), 1) - 1
+    return {
+        "recall_seeds": seeds,
+        "recall_at_50_full": float(full.sum() / total),
+        "recall_at_50_early_stop": float(early.sum() / total),
+        "recall_at_50_early_stop_change": float(early.sum() / max(full.sum(), 1) - 1),
+        "recall_at_50_early_stop_change_ci95": np.percentile(changes, [2.5, 97.5]).tolist(),
+    }
 
 
 def _prefix_fraction(graph: GraphStore, queries: list[Query], full: Timed, at: float) -> float:
@@ -353,6 +395,7 @@ def run(
     n_queries: int | None,
     seed: int,
     truth: Path | None = None,
+    recall_seeds: int = 5,
 ) -> dict[str, Any]:
     preset = "quick" if quick else "bench"
     path = graph_dir or ensure_graph(preset, cache_dir=REPO / ".cache" / "graphs")
@@ -361,12 +404,11 @@ def run(
     load_seconds = time.perf_counter() - started
     page_in_seconds = _page_in(graph)
 
-    n = n_queries or (60 if quick or graph_dir else 200)
     keys: list[str] = []
     if requests:
-        queries, keys = _request_queries(graph, requests, n)
+        queries, keys = _request_queries(graph, requests, n_queries)
     else:
-        queries = _queries(graph, n, seed)
+        queries = _queries(graph, n_queries or (60 if quick or graph_dir else 200), seed)
     n = len(queries)
     no_stop = WalkParams(steps=STEPS, early_stop_pins=0)
     modes = {"full": no_stop, "early": WalkParams(steps=STEPS)}
@@ -392,7 +434,10 @@ def run(
     full, early = timed["full"], timed["early"]
     other_seed = _timed_walks(graph, queries, {"full": no_stop}, seed=len(queries))["full"]
     prefix_fraction = _prefix_fraction(graph, queries, full, 0.8)
-    relevant = _read_truth(truth) if truth else None
+    recall: dict[str, Any] = dict.fromkeys(RECALL_KEYS)
+    if truth:
+        ab = {"full": no_stop, "early": modes["early"]}
+        recall = _recall_change(graph, queries, keys, _read_truth(truth), ab, timed, recall_seeds)
     two = statistics.median(_two_threads(graph, queries, no_stop) for _ in range(3))
     n_counter = min(n, 40)
     counters = {
@@ -416,7 +461,7 @@ def run(
         return float(np.percentile(seconds, q) * 1e3)
 
     return {
-        "graph": str(graph_dir) if graph_dir else preset,
+        "graph": graph_dir.name if graph_dir else preset,  # names only: no local paths
         "graph_pins": graph.n_pins,
         "graph_edges": graph.n_edges,
         "graph_walk_bytes": walk_bytes,
@@ -427,7 +472,11 @@ def run(
         "load_seconds": round(load_seconds, 4),
         "page_in_seconds": round(page_in_seconds, 3),
         "queries": n,
-        "query_source": str(requests) if requests else f"{QUERY_PINS} pins by degree",
+        "query_source": (
+            f"{requests.parent.name}/{requests.name}"
+            if requests
+            else f"{QUERY_PINS} pins by degree"
+        ),
         "steps": STEPS,
         "early_stop_pins": modes["early"].early_stop_pins,
         "early_stop_visits": modes["early"].early_stop_visits,
@@ -447,10 +496,7 @@ def run(
         "early_stop_overlap_at_500": _overlap(early.candidates, full.candidates, 500),
         "full_walk_seed_overlap_at_100": _overlap(other_seed.candidates, full.candidates, 100),
         "prefix_fraction_for_overlap_80": prefix_fraction,
-        "recall_at_50_full": _recall(graph, full.candidates, keys, relevant) if relevant else None,
-        "recall_at_50_early_stop": (
-            _recall(graph, early.candidates, keys, relevant) if relevant else None
-        ),
+        **recall,
         "locale_bias_p50_ms": ms(timed["locale"].seconds, 50) if biased else None,
         "locale_bias_p99_ms": ms(timed["locale"].seconds, 99) if biased else None,
         "locale_topic_bias_p50_ms": ms(timed["topic"].seconds, 50) if biased else None,
@@ -530,11 +576,13 @@ def _print(r: dict[str, Any]) -> None:
         ),
     ]
     if r["recall_at_50_full"] is not None:
+        lo, hi = r["recall_at_50_early_stop_change_ci95"]
         rows.append(
             (
-                "recall@50, visit count",
+                f"recall@50, visit count, {r['recall_seeds']} seeds",
                 f"early stop {r['recall_at_50_early_stop']:.4f}, full walk "
-                f"{r['recall_at_50_full']:.4f}",
+                f"{r['recall_at_50_full']:.4f}: {r['recall_at_50_early_stop_change']:+.1%} "
+                f"(95% interval {lo:+.1%} to {hi:+.1%})",
             )
         )
     width = max(len(name) for name, _ in rows)
@@ -565,7 +613,18 @@ def main() -> None:
         help="CSV (.gz too) of request_key, pin_id pairs for the --requests: recall@50 of the "
         "early-stopped and the full walks",
     )
-    parser.add_argument("--queries", type=int, help="queries per measurement")
+    parser.add_argument(
+        "--queries",
+        type=int,
+        help="queries per measurement (default: 200, 60 with --quick or "
+        "--graph, every request with --requests)",
+    )
+    parser.add_argument(
+        "--recall-seeds",
+        type=int,
+        default=5,
+        help="with --truth: walk seeds each request's recall is averaged over (default 5)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args()
@@ -573,7 +632,17 @@ def main() -> None:
         parser.error(f"--requests {args.requests}: no such file")
     if args.truth and not (args.requests and args.truth.is_file()):
         parser.error(f"--truth {args.truth}: needs --requests and an existing file")
-    result = run(args.graph, args.quick, args.requests, args.queries, args.seed, args.truth)
+    if args.recall_seeds < 1:
+        parser.error(f"--recall-seeds {args.recall_seeds}: expected an integer >= 1")
+    result = run(
+        args.graph,
+        args.quick,
+        args.requests,
+        args.queries,
+        args.seed,
+        args.truth,
+        args.recall_seeds,
+    )
     _print(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

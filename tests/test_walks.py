@@ -21,7 +21,12 @@ from walkrank.graph.build import build_graph
 from walkrank.graph.delta import DeltaSegment, Edge
 from walkrank.graph.store import DeltaArrays, GraphArrays, GraphStore
 from walkrank.walks import WalkParams, WalkResult, kernels, step_budgets, walk
-from walkrank.walks.engine import WalkCancelled, new_slice_cache, new_visit_table
+from walkrank.walks.engine import (
+    EARLY_STOP_MIN_PINS,
+    WalkCancelled,
+    new_slice_cache,
+    new_visit_table,
+)
 
 FIELDS = ("pins", "scores", "visits", "query_hits", "degree", "steps_per_query", "unknown")
 
@@ -30,6 +35,14 @@ def _same(a: WalkResult, b: WalkResult) -> bool:
     return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in FIELDS) and (
         a.steps_walked == b.steps_walked and a.empty_reason == b.empty_reason
     )
+
+
+def _budgets(
+    graph: GraphStore, query: np.ndarray, weights: np.ndarray, params: WalkParams
+) -> np.ndarray:
+    """The query pins' step budgets, as the engine splits them."""
+    degrees = np.diff(graph.pin_offsets)[query]
+    return step_budgets(degrees, weights, params.steps, int(graph.manifest["degree"]["pin_max"]))
 
 
 def _query(graph: GraphStore, n: int, seed: int) -> np.ndarray:
@@ -308,17 +321,13 @@ def test_early_stop_pins_are_split_like_the_steps(small_graph: GraphStore) -> No
     query = _query(small_graph, 5, 30)
     params = WalkParams(steps=20_000, early_stop_pins=1_200, early_stop_visits=4)
     result = walk(small_graph, query, np.ones(5), params, seed=7)
-    budgets = step_budgets(
-        np.diff(small_graph.pin_offsets)[query],
-        np.ones(5),
-        params.steps,
-        int(small_graph.manifest["degree"]["pin_max"]),
-    )
+    budgets = _budgets(small_graph, query, np.ones(5), params)
     # Unsplit, each pin would need 1,200 pins x 4 visits: more visits than its budget.
     assert params.early_stop_pins * params.early_stop_visits > budgets.max()
     assert (result.steps_per_query < budgets).all()
     for position, pin in enumerate(query):
         share_of_n_p = math.ceil(params.early_stop_pins * budgets[position] / params.steps)
+        assert share_of_n_p > EARLY_STOP_MIN_PINS  # the floor plays no part here
         alone, _ = _walk_one(
             small_graph,
             int(pin),
@@ -331,18 +340,39 @@ def test_early_stop_pins_are_split_like_the_steps(small_graph: GraphStore) -> No
         assert result.steps_per_query[position] == alone
 
 
+def test_a_small_share_waits_for_the_floor_of_pins(small_graph: GraphStore) -> None:
+    """A query pin whose share of n_p is under EARLY_STOP_MIN_PINS stops only once that many
+    pins reached n_v, later than its share alone would have."""
+    query = _query(small_graph, 2, 32)
+    weights = np.array([1.0, 0.05])
+    params = WalkParams(steps=20_000, early_stop_pins=500, early_stop_visits=4)
+    result = walk(small_graph, query, weights, params, seed=5)
+    budgets = _budgets(small_graph, query, weights, params)
+    share_of_n_p = math.ceil(params.early_stop_pins * budgets[1] / params.steps)
+    assert share_of_n_p < EARLY_STOP_MIN_PINS
+    steps = {
+        stop_pins: _walk_one(
+            small_graph,
+            int(query[1]),
+            int(budgets[1]),
+            restart=0.5,
+            seed=5,
+            early_stop_pins=stop_pins,
+            query_index=1,
+        )[0]
+        for stop_pins in (share_of_n_p, EARLY_STOP_MIN_PINS)
+    }
+    assert result.steps_per_query[1] == steps[EARLY_STOP_MIN_PINS]
+    assert steps[share_of_n_p] < steps[EARLY_STOP_MIN_PINS]
+
+
 def test_a_pin_that_stops_early_keeps_its_share_of_the_score(small_graph: GraphStore) -> None:
     """Score = (sum_q sqrt(visits from q * budget_q / steps_q))**2: a stopped pin's counts
     are scaled to its budget, so it does not cede its weight to the pins that walked on."""
     query = _query(small_graph, 2, 31)
     params = WalkParams(steps=20_000, early_stop_pins=300, max_candidates=10**6)
     both = walk(small_graph, query, np.ones(2), params, seed=4)
-    budgets = step_budgets(
-        np.diff(small_graph.pin_offsets)[query],
-        np.ones(2),
-        params.steps,
-        int(small_graph.manifest["degree"]["pin_max"]),
-    )
+    budgets = _budgets(small_graph, query, np.ones(2), params)
     steps = both.steps_per_query
     assert steps[0] < budgets[0] and steps[1] < budgets[1]
     assert steps[0] * budgets[1] != steps[1] * budgets[0]  # the pins stopped at unlike shares
