@@ -14,7 +14,10 @@ Measured in the same run:
 - the generator's and the server's CPU time: the generator runs on the server's cores;
 - the server's CPU per answered call, split into its compute threads (the pipeline), its log
   writer process and the rest (gRPC, the front door, metrics), and the candidate log rows it
-  dropped: CPU per call moves far less than throughput with the load of a shared machine.
+  dropped: CPU per call moves far less than throughput with the load of a shared machine;
+- the share of their time the compute threads spend blocked, neither on a core nor waiting
+  for one: with more calls in flight than slots that is waiting for the GIL, a core the
+  pipeline leaves idle (the direct reference, one thread, never waits for it).
 
     python benchmarks/serving.py [--quick] [--repeat N] [--json PATH]
 """
@@ -126,6 +129,10 @@ class Measured:
     server_cpu_s: float
     compute_cpu_s: float
     writer_cpu_s: float | None
+    # The compute threads' time neither on a core nor waiting for one, over their whole time:
+    # waiting for the GIL (the load keeps more calls in flight than slots, so rarely for work);
+    # None with `--processes`, whose compute threads are in the forked servers.
+    compute_blocked_share: float | None
 
 
 def _cpu_s(stat: Path) -> float:
@@ -133,30 +140,43 @@ def _cpu_s(stat: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _compute_cpu_s(pid: int) -> float:
-    """CPU seconds of the process's compute threads (named by `walkrank.serving.scheduler`)."""
-    total = 0.0
+def _compute_threads(pid: int) -> tuple[float, float, int]:
+    """The process's compute threads (named by `walkrank.serving.scheduler`): their CPU
+    seconds, their seconds runnable but waiting for a core (schedstat), and their count."""
+    cpu, waiting, count = 0.0, 0.0, 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             if (task / "comm").read_text().startswith(OS_THREAD_PREFIX):
-                total += _cpu_s(task / "stat")
+                cpu += _cpu_s(task / "stat")
+                waiting += int((task / "schedstat").read_text().split()[1]) / 1e9
+                count += 1
         except OSError:  # the thread ended
             continue
-    return total
+    return cpu, waiting, count
 
 
 def measure(server: ServeProcess, config: Path, processes: int) -> Measured:
     """One run, with the server's CPU during it."""
     stat = Path(f"/proc/{server.pid}/stat")
-    before = server.cpu_seconds(), _cpu_s(stat), _compute_cpu_s(server.pid)
+    compute_before = _compute_threads(server.pid)
+    before = server.cpu_seconds(), _cpu_s(stat), time.perf_counter()
     [result] = run_load([load_ghz_config(config)], server.target, processes)
-    total, own, compute = (
+    total, own, wall = (
         now - then
         for now, then in zip(
-            (server.cpu_seconds(), _cpu_s(stat), _compute_cpu_s(server.pid)), before, strict=True
+            (server.cpu_seconds(), _cpu_s(stat), time.perf_counter()), before, strict=True
         )
     )
-    return Measured(result, total, compute, total - own if server.processes == 1 else None)
+    compute_after = _compute_threads(server.pid)
+    compute, waiting = (compute_after[i] - compute_before[i] for i in (0, 1))
+    threads_s = compute_after[2] * wall
+    return Measured(
+        result,
+        total,
+        compute,
+        total - own if server.processes == 1 else None,
+        max(0.0, threads_s - compute - waiting) / threads_s if threads_s else None,
+    )
 
 
 def direct_reference(
@@ -209,6 +229,9 @@ def figures(run: Measured, scored_per_call: float, cores: int) -> dict[str, Any]
         # them (a shared machine's load changes throughput far more than this).
         "server_cpu_ms_per_call": round(run.server_cpu_s * per_call_ms, 3),
         "compute_cpu_ms_per_call": round(run.compute_cpu_s * per_call_ms, 3),
+        "compute_blocked_share": (
+            None if run.compute_blocked_share is None else round(run.compute_blocked_share, 3)
+        ),
         "log_writer_cpu_ms_per_call": (
             None if run.writer_cpu_s is None else round(run.writer_cpu_s * per_call_ms, 3)
         ),
@@ -400,7 +423,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             f"server CPU per call, {name}: {r['server_cpu_ms_per_call']:.2f} ms = compute "
             f"threads {r['compute_cpu_ms_per_call']:.2f} + log writer {writer:.2f} + gRPC and "
-            f"the rest {rest:.2f}"
+            f"the rest {rest:.2f}; compute threads blocked (the GIL) "
+            f"{r['compute_blocked_share']:.1%} of their time"
         )
     print(
         f"reference (direct pipeline, one thread): {report['reference_direct_ms']:.2f} ms/call;"
