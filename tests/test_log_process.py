@@ -95,6 +95,24 @@ def test_a_full_queue_drops_and_counts_but_loses_nothing_accepted(tmp_path: Path
     assert sorted(set(table["request_id"].to_pylist())) == sorted(accepted)
 
 
+def test_a_busy_ring_lock_neither_stalls_nor_drops_a_submit(tmp_path: Path) -> None:
+    """While the child holds the ring's write-position lock (as one descheduled between
+    taking and releasing it would), submit keeps the record instead of waiting for the lock
+    and then refusing it; the position is published once the lock is free (by the
+    supervisor, or the control that close appends), and every row is written."""
+    log = ProcessLog(functools.partial(CandidateLog, tmp_path))
+    assert log.flush(timeout=60)
+    lock = log._writer.ring._written.get_lock()
+    assert lock.acquire(timeout=10)
+    try:
+        assert all(log.submit(make_batch(f"r{i}", seed=i)) for i in range(5))
+        assert log.dropped_batches == 0
+    finally:
+        lock.release()
+    assert log.close(timeout=60)
+    assert read_candidates(tmp_path, "home").num_rows == 35 and not log.lost
+
+
 def test_a_child_that_cannot_start_fails_flush_instead_of_hanging(tmp_path: Path) -> None:
     log = ProcessLog(_refuse_to_start)
     assert log.submit(make_batch("r0"))
