@@ -13,7 +13,8 @@ Then on the two replicas, under the same load: resident memory (each replica map
 graph; the proportional shares must add up to one copy), a model published and reloaded on
 each replica, a SIGHUP rolling restart, and a replica killed with SIGKILL (failed calls and
 the time Envoy took to eject it). Targets on a 2-core machine: overhead <= 10%, two replicas
-faster than one direct with a p99 no worse, no errors.
+faster than one direct with a p99 no worse, no errors. Each replica runs the launcher's
+default compute slots, cores / N (`compute_slots` in the report).
 
     python benchmarks/replicas.py [--quick] [--repeat N] [--json PATH]
 """
@@ -51,6 +52,7 @@ from walkrank.replicas import (
     parse_banner,
     replica_pids,
 )
+from walkrank.serving.scheduler import slots_per_process
 from walkrank_client import WalkRankClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,6 +390,10 @@ def build_report(
         "duration_s": duration,
         "repeat": repeat,
         "envoy_concurrency": args.envoy_concurrency,
+        # What each replica ran: the launcher's default, cores / N (walkrank serve --replicas).
+        "compute_slots": {
+            name: slots_per_process(None, int(name.rpartition("_")[2])) for name in SETTINGS
+        },
         **{f"{name}_rps": settings[name]["rps"] for name in SETTINGS},
         **{f"{name}_p99_ms": settings[name]["p99_ms"] for name in SETTINGS},
         **{f"{name}_rps_per_core": settings[name]["rps_per_core"] for name in SETTINGS},
