@@ -52,10 +52,11 @@ class WalkParams:
 
     steps: int = 100_000
     restart_probability: float = 0.5
-    # Pixie's n_p (of the whole query, split like the steps; 0: off) and n_v. 500 / 8 at
-    # 100k steps: on the real-data relevance graphs ~0.3 of the steps at ~0.9 top-100 overlap
-    # with the full walk, recall unchanged (docs/tenants.md); 2000 / 4 stopped later and
-    # kept a noisier (4-visit) boundary.
+    # Pixie's n_p (of the whole query, split like the steps, no pin under
+    # EARLY_STOP_MIN_PINS; 0: off) and n_v. 500 / 8 at 100k steps: on the real-data relevance
+    # graphs 0.4-0.5 of the steps at ~0.9 top-100 overlap with the full walk, recall@50
+    # within ~2% of it (docs/performance.md); 2000 / 4 stopped later and kept a noisier
+    # (4-visit) boundary.
     early_stop_pins: int = 500
     early_stop_visits: int = 8
     bias_strength: float = 0.0
