@@ -153,7 +153,7 @@ def test_slate_estimate_replays_competition_for_the_clients_slots() -> None:
     serving each ranker, and finds the better one; without the scores it falls back to
     sharing the slots in proportion, which underrates a strong ranker more. Here other
     sources' shown pins score lower than ours, which the estimate does not see: it leans
-    low (docs/evaluation.md), by about a sixth in funnel efficiency and a third in actions."""
+    low (docs/evaluation.md), by about a sixth here."""
     requests, candidates, returned_n = 400, 60, 20
     request = np.repeat(np.arange(requests), candidates)
     strength = slate_strength(request)
@@ -196,10 +196,9 @@ def test_slate_estimate_replays_competition_for_the_clients_slots() -> None:
         result = estimate(y, client)
         assert result.slots == SLOTS and result.enough
         slate, snips = result.lift["slate"], result.lift["snips"]
-        assert slate.low > 0 and slate.value < truth < 1.5 * slate.value
+        assert slate.low > 0 and slate.value < truth <= 1.3 * slate.value
         assert snips.low > 3 * truth  # per pin: far too high
         assert estimate(y, None).lift["slate"].value < slate.value
-    assert abs(result.lift["slate"].value - true_lift[1]) <= 0.35 * true_lift[1]
     document = result.to_dict("bad", "good")
     assert document["slots"] == SLOTS and document["lift"]["slate"]["value"] == slate.value
     with pytest.raises(ValueError, match="slots"):

@@ -34,6 +34,12 @@ estimate ("slate") replays that competition for outcomes that happen only on sho
   takes the share of the slots left that our pins took in that request, with the outcomes of
   its next pins down the pooled curve.
 
+A shown pin's outcome (for actions) is read from its client score: the mean outcome of our
+shown pins in the same decile of client scores, over all exploration requests, rather than its
+own few events, which would make the estimate hang on a handful of actions. That assumes the
+client's score says all a ranker knows about a shown pin's chance of an action; a ranker that
+knows more is underrated. Unscored pins keep their own outcomes.
+
 A random ranker like the logging policy gets about the logged outcomes back. Without
 scores every shown pin sits at its request's mean, and the estimate becomes the proportional
 one: slots shared among contenders, ours as likely to win one as theirs, which underrates a
@@ -64,6 +70,7 @@ LEVEL = 0.95
 MIN_EXPLORED_REQUESTS = 30
 _BLOCK = 50  # resamples drawn at once: bounds memory at 50 x units integers
 GRID = 256  # score levels the slots-aware estimate fills slots on
+OUTCOME_BINS = 10  # client-score bins (deciles) a shown pin's expected outcome is read from
 _CELLS = 2_000_000  # resamples x requests x levels per bootstrap block of that estimate
 
 
@@ -297,7 +304,10 @@ class SlateReplay:
     per-request sums that pool into T's score curve, and each request's own competition."""
 
     above: np.ndarray  # (requests, GRID): T's shown pins at or above each level, weighted 1/p
-    above_y: np.ndarray  # the same weighted by the outcome
+    above_bins: np.ndarray  # (requests, OUTCOME_BINS, GRID): the same by bin of client score
+    above_unscored: np.ndarray  # (requests, GRID): T's unscored shown pins, weighted y / p
+    bin_y: np.ndarray  # (requests, OUTCOME_BINS): outcomes of our shown pins by score bin
+    bin_n: np.ndarray  # (requests, OUTCOME_BINS): our shown pins by score bin
     weight: np.ndarray  # (requests,): sum of 1/p over T's returned pins (SNIPS denominator)
     size: np.ndarray  # (requests,): pins T returns
     others: np.ndarray  # (requests, GRID): other sources' shown pins at or above each level
@@ -316,7 +326,14 @@ class SlateReplay:
         counts = np.atleast_2d(counts)
         weight = counts @ self.weight
         curve = _ratio((counts @ self.above).T, weight).T  # T's pins above a level, per pin
-        curve_y = _ratio((counts @ self.above_y).T, weight).T
+        # A shown pin's outcome: the mean outcome of our shown pins with client scores like
+        # its own (what the client predicts), rather than its own few noisy events.
+        rate = np.nan_to_num(_ratio(counts @ self.bin_y, counts @ self.bin_n))
+        binned = (counts @ self.above_bins.reshape(len(self.size), -1)).reshape(
+            len(counts), *self.above_bins.shape[1:]
+        )
+        expected = np.einsum("rb,rbg->rg", rate, binned) + counts @ self.above_unscored
+        curve_y = _ratio(expected.T, weight).T
         curve, curve_y = np.nan_to_num(curve), np.nan_to_num(curve_y)
         ours = self.size[None, :, None] * curve[:, None, :]
         filled = ours + self.others[None, :, :]
@@ -401,20 +418,34 @@ def slate_replay(
     # Level index of each shown pin: the first level at or below its score.
     index = np.searchsorted(-levels, -z, side="left")
     at_or_above = np.zeros((m, GRID))
-    above_y = np.zeros((m, GRID))
     theirs = np.zeros((m, GRID))
     rows = np.flatnonzero(shown)
     np.add.at(at_or_above, (request[rows], index[rows]), inverse[rows])
-    np.add.at(
-        above_y, (request[rows], index[rows]), inverse[rows] * np.asarray(y, np.float64)[rows]
+    y = np.asarray(y, np.float64)
+    scored = rows[present[rows]]
+    edges = (
+        np.quantile(score[scored], np.linspace(0, 1, OUTCOME_BINS + 1)[1:-1]) if len(scored) else []
     )
+    bins = np.searchsorted(edges, np.nan_to_num(score))
+    above_bins = np.zeros((m, OUTCOME_BINS, GRID))
+    np.add.at(above_bins, (request[scored], bins[scored], index[scored]), inverse[scored])
+    above_unscored = np.zeros((m, GRID))
+    unscored = rows[~present[rows]]
+    np.add.at(above_unscored, (request[unscored], index[unscored]), (inverse * y)[unscored])
+    bin_y = np.zeros((m, OUTCOME_BINS))
+    bin_n = np.zeros((m, OUTCOME_BINS))
+    np.add.at(bin_y, (request[scored], bins[scored]), y[scored])
+    np.add.at(bin_n, (request[scored], bins[scored]), 1.0)
     np.add.at(theirs, (request[rows], index[rows]), 1.0)
     per_ours = np.nan_to_num(_ratio(np.maximum(slots - k, 0.0), k))
     lowest = np.zeros(m, dtype=np.int64)
     np.maximum.at(lowest, request[rows], index[rows])
     return SlateReplay(
         above=np.cumsum(at_or_above, axis=1),
-        above_y=np.cumsum(above_y, axis=1),
+        above_bins=np.cumsum(above_bins, axis=2),
+        above_unscored=np.cumsum(above_unscored, axis=1),
+        bin_y=bin_y,
+        bin_n=bin_n,
         weight=np.bincount(request, weights=inverse, minlength=m),
         size=np.bincount(request, weights=chosen, minlength=m),
         others=np.cumsum(theirs, axis=1) * per_ours[:, None],
