@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from walkrank.training.estimators import (
+    PolicyComparison,
     compare_policies,
     lift_interval,
     ratio_interval,
@@ -46,17 +47,22 @@ def true_value(world: dict[str, np.ndarray], scores: np.ndarray) -> float:
     return float(world["truth"][chosen].mean())
 
 
-def test_ips_recovers_each_rankers_true_value_and_the_naive_estimate_does_not() -> None:
-    world = explored_world(0)
-    result = compare_policies(
+def compare_bad_and_good(world: dict[str, np.ndarray], **options: int) -> PolicyComparison:
+    """`compare_policies` of the world's noise ranker (a) against its truth ranker (b)."""
+    return compare_policies(
         world["request"],
         world["impressed"],
         world["propensity"],
         world["returned"],
         world["bad"],
         world["good"],
-        samples=300,
+        **options,
     )
+
+
+def test_ips_recovers_each_rankers_true_value_and_the_naive_estimate_does_not() -> None:
+    world = explored_world(0)
+    result = compare_bad_and_good(world, samples=300)
     good, bad = true_value(world, world["good"]), true_value(world, world["bad"])
     for estimator in ("ips", "snips"):
         assert result.b[estimator].low <= good <= result.b[estimator].high, estimator
@@ -74,16 +80,7 @@ def test_ips_interval_covers_the_truth_about_95_percent_of_the_time() -> None:
     trials = 40
     for seed in range(trials):
         world = explored_world(100 + seed)
-        result = compare_policies(
-            world["request"],
-            world["impressed"],
-            world["propensity"],
-            world["returned"],
-            world["bad"],
-            world["good"],
-            samples=200,
-            seed=seed,
-        )
+        result = compare_bad_and_good(world, samples=200, seed=seed)
         covered += (
             result.b["snips"].low <= true_value(world, world["good"]) <= result.b["snips"].high
         )
