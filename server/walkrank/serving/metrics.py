@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -13,6 +14,7 @@ _BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 class ServerMetrics:
     def __init__(self) -> None:
         self._http: WSGIServer | None = None
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "walkrank_requests",
@@ -111,15 +113,24 @@ class ServerMetrics:
         generated: int = 0,
         arm: str = "",
     ) -> None:
-        self.requests.labels(tenant, code).inc()
+        self._child(self.requests, tenant, code).inc()
         if arm:
-            self.arm_requests.labels(tenant, arm, code).inc()
+            self._child(self.arm_requests, tenant, arm, code).inc()
             if timing_ms is not None and "total" in timing_ms:
-                self.arm_latency.labels(tenant, arm).observe(timing_ms["total"] / 1e3)
+                self._child(self.arm_latency, tenant, arm).observe(timing_ms["total"] / 1e3)
         for stage, ms in (timing_ms or {}).items():
-            self.latency.labels(tenant, stage).observe(ms / 1e3)
+            self._child(self.latency, tenant, stage).observe(ms / 1e3)
         if generated:
-            self.candidates.labels(tenant, "generated").inc(generated)
+            self._child(self.candidates, tenant, "generated").inc(generated)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: every answered call observes about ten series, and
+        `labels()` checks and locks on each lookup (none of these series is ever removed)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def serve(self, address: str) -> None:
         """Expose /metrics on `host:port` (a port separate from gRPC) until `close`."""

@@ -90,6 +90,25 @@ class SlotTimeout(Exception):
     """No compute thread took the job within the wait allowed."""
 
 
+class _Done:
+    """A job's end, waited for by its one caller until it returns True: a lock held from the
+    job's creation until its thread releases it (an Event is a lock, a condition and a lock
+    per wait, taken on every call)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the job ended (then never called again), False after `timeout` seconds."""
+        return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+
 @dataclass(order=True)
 class _Job(Generic[T]):
     priority: int
@@ -101,7 +120,7 @@ class _Job(Generic[T]):
     started: float | None = field(compare=False, default=None)
     result: Any = field(compare=False, default=None)
     error: BaseException | None = field(compare=False, default=None)
-    done: threading.Event = field(compare=False, default_factory=threading.Event)
+    done: _Done = field(compare=False, default_factory=_Done)
 
     def stop(self) -> None:
         """Ask the job's work to stop early (it reads `cancel[0]`; without one it runs on)."""
@@ -222,7 +241,8 @@ class ComputePool:
             self._waiting += 1
             self._work.notify()
         start_s = wait_s if wait_s is not None else _seconds_until(job.due)
-        if not job.done.wait(start_s):
+        finished = job.done.wait(start_s)
+        if not finished:
             with self._work:
                 if job.started is None:
                     lane = self._lanes[key]
@@ -235,7 +255,8 @@ class ComputePool:
                         f"no compute slot came free within {start_s * 1e3:.0f} ms "
                         f"(all {self.slots} busy)"
                     )
-        if not job.done.wait(_seconds_until(job.due)):
+            finished = job.done.wait(_seconds_until(job.due))
+        if not finished:
             job.stop()
             job.done.wait()
         assert job.started is not None
