@@ -8,12 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
-from test_training_pipeline import FEATURES, START, make_tenant, quiet
+from test_training_pipeline import FEATURES, START, make_tenant, quiet, write_events
 
 from walkrank.logs.candidates import CandidateBatch, CandidateLog
-from walkrank.logs.events import EventLog, validate_events
 from walkrank.logs.partitioned import WriterOptions
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
@@ -111,10 +109,7 @@ def write_served_logs(logs: Path, bad_model: bytes, explore_share: float, n: int
                 events["event"].append(event)
                 events["timestamp"].append(ts + 5.0)
     assert candidate_log.close(60)
-    accepted, report = validate_events(pa.table(events), tenant="homefeed", now=START + 86_400 * 30)
-    assert report.count == 0
-    event_log = EventLog(logs, WriterOptions(flush_seconds=3600))
-    assert event_log.submit(accepted) and event_log.close(60)
+    write_events(logs, events)
 
 
 @pytest.fixture(scope="module")

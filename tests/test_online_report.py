@@ -8,12 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-from test_training_pipeline import FEATURES, START, _config
+from test_training_pipeline import FEATURES, START, _config, write_events
 
 from walkrank.cli import main
 from walkrank.logs.candidates import CandidateBatch, CandidateLog
-from walkrank.logs.events import EventLog, validate_events
 from walkrank.logs.partitioned import WriterOptions
 
 RETURNED = 20
@@ -63,10 +61,7 @@ def write_arm_logs(logs: Path, users: int = 300, requests_per_user: int = 3) -> 
                     events["event"].append(kind)
                     events["timestamp"].append(ts + 2.0)
     assert candidate_log.close(60)
-    accepted, report = validate_events(pa.table(events), tenant="homefeed", now=START + 86_400 * 30)
-    assert report.count == 0
-    event_log = EventLog(logs, WriterOptions(flush_seconds=3600))
-    assert event_log.submit(accepted) and event_log.close(60)
+    write_events(logs, events)
 
 
 def test_report_recovers_a_known_difference(tmp_path: Path, capsys) -> None:

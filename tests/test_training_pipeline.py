@@ -147,6 +147,12 @@ def write_logs(
             rows["timestamp"].append(ts + 1.0)
             rows["score"].append(float(latent[i] if r >= noisy_requests else rng.normal()))
     assert candidate_log.close(60)
+    write_events(logs, rows, tenant)
+
+
+def write_events(logs: Path, rows: dict[str, list], tenant: str = "homefeed") -> None:
+    """Validate `rows` as `tenant`'s events (none may be rejected) and write them to the
+    event log under `logs`."""
     accepted, report = validate_events(pa.table(rows), tenant=tenant, now=START + 86_400 * 30)
     assert report.count == 0
     event_log = EventLog(logs, WriterOptions(flush_seconds=3600))
