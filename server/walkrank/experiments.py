@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -56,13 +56,7 @@ class ExplorationConfig:
     seed: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "share": self.share,
-            "policy": self.policy,
-            "top": self.top,
-            "sticky": self.sticky,
-            "seed": self.seed,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -83,7 +77,7 @@ class ExperimentsConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "arms": [{"name": a.name, "model": a.model, "share": a.share} for a in self.arms],
+            "arms": [asdict(a) for a in self.arms],
             "shadow": self.shadow,
             "seed": self.seed,
         }
