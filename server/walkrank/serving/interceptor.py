@@ -214,46 +214,38 @@ class RequestBoundary(grpc.ServerInterceptor):
         fail = self.fail
         inside = self._inside
 
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
+        def returning(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            """The wrapper of a one-request behavior that returns its answer: a unary one, or
+            a non-blocking stream (which takes a callback after the context)."""
 
-            def unary_unary(request: bytes, context: grpc.ServicerContext) -> Any:
+            def call(request: bytes, context: grpc.ServicerContext, *callback: Any) -> Any:
                 try:
                     check(context)
                     message = decode(request)
                     with inside(message):
-                        return unary(message, context)
+                        return behavior(message, context, *callback)
                 except WalkRankError as exc:
                     fail(context, exc)
 
+            return _like(call, behavior)
+
+        if handler.unary_unary is not None:
             return handler._replace(
-                unary_unary=_like(unary_unary, unary), request_deserializer=None
+                unary_unary=returning(handler.unary_unary), request_deserializer=None
             )
         if handler.unary_stream is not None:
             stream = handler.unary_stream
-            unary_stream: Callable[..., Any]  # the two variants differ in signature
             if getattr(stream, "experimental_non_blocking", False):
+                return handler._replace(unary_stream=returning(stream), request_deserializer=None)
 
-                def unary_stream(
-                    request: bytes, context: grpc.ServicerContext, *callback: Any
-                ) -> Any:
-                    try:
-                        check(context)
-                        message = decode(request)
-                        with inside(message):
-                            return stream(message, context, *callback)
-                    except WalkRankError as exc:
-                        fail(context, exc)
-            else:
-
-                def unary_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-                    try:
-                        check(context)
-                        message = decode(request)
-                        with inside(message):
-                            yield from stream(message, context)
-                    except WalkRankError as exc:
-                        fail(context, exc)
+            def unary_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    check(context)
+                    message = decode(request)
+                    with inside(message):
+                        yield from stream(message, context)
+                except WalkRankError as exc:
+                    fail(context, exc)
 
             return handler._replace(
                 unary_stream=_like(unary_stream, stream), request_deserializer=None
