@@ -68,10 +68,13 @@ def test_real_data_walks_table_reads_every_case(tmp_path: Path) -> None:
             "early_stop_overlap_at_100": 0.9,
             "full_walk_seed_overlap_at_100": 0.95,
             "prefix_fraction_for_overlap_80": 0.1,
+            "recall_seeds": 5,
             "recall_at_50_full": 0.1,
             "recall_at_50_early_stop": early,
+            "recall_at_50_early_stop_change": early / 0.1 - 1,
+            "recall_at_50_early_stop_change_ci95": [early / 0.1 - 1.02, early / 0.1 - 0.98],
         }
         (tmp_path / f"walks_{case}.json").write_text(json.dumps(figures))
     rows = tables.walks_real_table(tmp_path).splitlines()[2:]
     assert [row.split(" |")[0] for row in rows] == ["| a (1,000 edges)", "| b (1,000 edges)"]
-    assert "(-10.0%)" in rows[0] and "(+0.0%)" in rows[1]
+    assert "| -10.0% (-12.0% to -8.0%) |" in rows[0] and "| +0.0% (-2.0% to +2.0%) |" in rows[1]
