@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_training_pipeline import FEATURES, START, make_tenant, quiet, write_events
+from test_training_pipeline import FEATURES, START, append_event, make_tenant, quiet, write_events
 
 from walkrank.logs.candidates import CandidateBatch, CandidateLog
 from walkrank.logs.partitioned import WriterOptions
@@ -104,10 +104,9 @@ def write_served_logs(logs: Path, bad_model: bytes, explore_share: float, n: int
         shown = candidates[np.argsort(-latent[candidates])[:SHOWN]]
         for i in shown:
             for event in ("impression", "click") if latent[i] > 3 else ("impression",):
-                events["request_id"].append(request_id)
-                events["pin_id"].append(pins[i])
-                events["event"].append(event)
-                events["timestamp"].append(ts + 5.0)
+                append_event(
+                    events, request_id=request_id, pin_id=pins[i], event=event, timestamp=ts + 5.0
+                )
     assert candidate_log.close(60)
     write_events(logs, events)
 

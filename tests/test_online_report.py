@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from test_training_pipeline import FEATURES, START, _config, write_events
+from test_training_pipeline import FEATURES, START, _config, append_event, write_events
 
 from walkrank.cli import main
 from walkrank.logs.candidates import CandidateBatch, CandidateLog
@@ -56,10 +56,13 @@ def write_arm_logs(logs: Path, users: int = 300, requests_per_user: int = 3) -> 
             for i in shown:
                 kinds = ["impression"] + (["click"] if rng.random() < click_rate else [])
                 for kind in kinds:
-                    events["request_id"].append(request_id)
-                    events["pin_id"].append(pins[i])
-                    events["event"].append(kind)
-                    events["timestamp"].append(ts + 2.0)
+                    append_event(
+                        events,
+                        request_id=request_id,
+                        pin_id=pins[i],
+                        event=kind,
+                        timestamp=ts + 2.0,
+                    )
     assert candidate_log.close(60)
     write_events(logs, events)
 

@@ -135,19 +135,28 @@ def write_logs(
         shown = order[:SHOWN]
         actions = [(i, "save" if latent[i] > 2.5 else "click") for i in shown[:3]]
         for i, event in [(i, "impression") for i in shown] + actions:
-            rows["request_id"].append(request_id)
-            rows["pin_id"].append(pins[i])
-            rows["event"].append(event)
-            rows["timestamp"].append(ts + 5.0)
-            rows["score"].append(None)
+            append_event(
+                rows, request_id=request_id, pin_id=pins[i], event=event, timestamp=ts + 5.0
+            )
         for i in range(CANDIDATES):
-            rows["request_id"].append(request_id)
-            rows["pin_id"].append(pins[i])
-            rows["event"].append("scored")
-            rows["timestamp"].append(ts + 1.0)
-            rows["score"].append(float(latent[i] if r >= noisy_requests else rng.normal()))
+            score = float(latent[i] if r >= noisy_requests else rng.normal())
+            append_event(
+                rows,
+                request_id=request_id,
+                pin_id=pins[i],
+                event="scored",
+                timestamp=ts + 1.0,
+                score=score,
+            )
     assert candidate_log.close(60)
     write_events(logs, rows, tenant)
+
+
+def append_event(rows: dict[str, list], **values: object) -> None:
+    """Append one event to the columns `rows`; a column not given (`score`) gets None."""
+    assert values.keys() <= rows.keys(), values.keys() - rows.keys()
+    for column, column_values in rows.items():
+        column_values.append(values.get(column))
 
 
 def write_events(logs: Path, rows: dict[str, list], tenant: str = "homefeed") -> None:
