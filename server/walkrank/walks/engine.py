@@ -32,9 +32,10 @@ DIRECT_MAX_PINS_PER_STEP = 1
 # scaled counts, so a pin with a small share weighs more in the top of the list than its
 # share, and one stopped after a few dozen pins had reached n_v adds their scaled-up noise.
 # 100 is the depth early stopping is judged at (top-100 overlap with the full walk). Measured
-# by benchmarks/walks.py at 500 / 8, steps walked and recall@50 change against the full walk
-# (5+ seeds, all test requests): epinions 35% and -4.9% without it, 51% and -2.2% with it;
-# movielens_100k 27% / +0.1% and 38% / +0.2%; the bench graph 67% and 71% of the steps.
+# at 500 / 8, steps walked and recall@50 change against the full walk (all test requests,
+# 15 walk seeds): epinions 35% and about -4% without it, 51% and about -2.5% with it (half of
+# every walk, uniformly: -2.0%); movielens_100k (40 seeds) 27% / +0.1% and 38% / +0.2%; the
+# bench graph 67% and 71% of the steps.
 EARLY_STOP_MIN_PINS = 100
 
 
