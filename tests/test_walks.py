@@ -320,8 +320,10 @@ def test_early_stop_pins_are_split_like_the_steps(small_graph: GraphStore) -> No
     many-pin query stops early where an unsplit n_p could never be reached."""
     query = _query(small_graph, 5, 30)
     params = WalkParams(steps=20_000, early_stop_pins=1_200, early_stop_visits=4)
-    result = walk(small_graph, query, np.ones(5), params, seed=7)
-    budgets = _budgets(small_graph, query, np.ones(5), params)
+    # Weights that even out the degree-scaled shares: every pin's share of n_p clears the floor.
+    weights = 1.0 / _budgets(small_graph, query, np.ones(5), params)
+    result = walk(small_graph, query, weights, params, seed=7)
+    budgets = _budgets(small_graph, query, weights, params)
     # Unsplit, each pin would need 1,200 pins x 4 visits: more visits than its budget.
     assert params.early_stop_pins * params.early_stop_visits > budgets.max()
     assert (result.steps_per_query < budgets).all()
@@ -370,7 +372,9 @@ def test_a_pin_that_stops_early_keeps_its_share_of_the_score(small_graph: GraphS
     """Score = (sum_q sqrt(visits from q * budget_q / steps_q))**2: a stopped pin's counts
     are scaled to its budget, so it does not cede its weight to the pins that walked on."""
     query = _query(small_graph, 2, 31)
-    params = WalkParams(steps=20_000, early_stop_pins=300, max_candidates=10**6)
+    params = WalkParams(
+        steps=20_000, early_stop_pins=300, early_stop_visits=4, max_candidates=10**6
+    )
     both = walk(small_graph, query, np.ones(2), params, seed=4)
     budgets = _budgets(small_graph, query, np.ones(2), params)
     steps = both.steps_per_query

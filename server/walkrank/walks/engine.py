@@ -31,12 +31,11 @@ DIRECT_MAX_PINS_PER_STEP = 1
 # whatever its share of the steps: multi-hit boosting adds up square roots of the query pins'
 # scaled counts, so a pin with a small share weighs more in the top of the list than its
 # share, and one stopped after a few dozen pins had reached n_v adds their scaled-up noise.
-# 100 is the depth early stopping is judged at (top-100 overlap with the full walk). Measured
-# at 500 / 8, steps walked and recall@50 change against the full walk (all test requests,
-# 15 walk seeds): epinions 35% and about -4% without it, 51% and about -2.5% with it (half of
-# every walk, uniformly: -2.0%); movielens_100k (40 seeds) 27% / +0.1% and 38% / +0.2%; the
-# bench graph 67% and 71% of the steps.
-EARLY_STOP_MIN_PINS = 100
+# 200 is twice the depth early stopping is judged at (top-100 overlap with the full walk):
+# the smallest floor of those measured at 500 / 8 (100, 150, 200) that kept recall@50 within
+# 2% of the full walk on both real-data relevance cases (docs/performance.md has the figures);
+# it walks more of the steps where queries have many pins, each with a small share.
+EARLY_STOP_MIN_PINS = 200
 
 
 class WalkCancelled(WalkRankError):
@@ -55,9 +54,9 @@ class WalkParams:
     restart_probability: float = 0.5
     # Pixie's n_p (of the whole query, split like the steps, no pin under
     # EARLY_STOP_MIN_PINS; 0: off) and n_v. 500 / 8 at 100k steps: on the real-data relevance
-    # graphs 0.4-0.5 of the steps at ~0.9 top-100 overlap with the full walk, recall@50
-    # within ~2% of it (docs/performance.md); 2000 / 4 stopped later and kept a noisier
-    # (4-visit) boundary.
+    # graphs fewer steps at a top-100 overlap above 0.9 with the full walk, recall@50 within
+    # 2% of it (docs/performance.md); 2000 / 4 stopped later and kept a noisier (4-visit)
+    # boundary.
     early_stop_pins: int = 500
     early_stop_visits: int = 8
     bias_strength: float = 0.0
