@@ -128,7 +128,7 @@ def serve_forever(config: ServerConfig, reuse_port: bool, drain_s: float = 0.0) 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     host = config.address.rpartition(":")[0]
-    print(f"walkrank: serving {sorted(server.tenants.runtimes())} on {host}:{port}", flush=True)
+    announce(f"walkrank: serving {sorted(server.tenants.runtimes())} on {host}:{port}")
     stop.wait()
     if drain_s > 0:
         # NOT_SERVING from now on (the health servicer ignores later changes); calls still
@@ -137,7 +137,15 @@ def serve_forever(config: ServerConfig, reuse_port: bool, drain_s: float = 0.0) 
         log.info("draining: NOT_SERVING, stopping in %.1f s", drain_s)
         time.sleep(drain_s)
     server.stop()
-    print("walkrank: stopped", flush=True)
+    announce("walkrank: stopped")
+
+
+def announce(line: str) -> None:
+    """One line on stdout in one write: `--processes` children share the pipe, and print()
+    writes the text and its newline apart when stdout is unbuffered, so two banners could
+    interleave into one line and an empty one."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _serve_child(config: ServerConfig, drain_s: float) -> None:
