@@ -10,8 +10,10 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -31,6 +33,7 @@ from walkrank.serving.config import RealtimeConfig, load_server_config, resolve_
 from walkrank.serving.server import WalkRankServer
 from walkrank.walks import WalkParams, walk
 from walkrank_client import WalkRankClient, WalkRankClientError
+from walkrank_client.pb.walkrank.v1 import admin_pb2, admin_pb2_grpc
 
 NEW_PIN = "987654321"  # not a pin of the small graph (its ids start at 1000000000)
 
@@ -435,3 +438,35 @@ def test_a_graph_of_text_ids_takes_new_text_ids(tmp_path: Path) -> None:
         assert {f"p{i}" for i in range(0, 40, 4)} <= set(live.pin_external(result.pins).tolist())
     finally:
         delta.close()
+
+
+def test_a_retried_add_edges_sends_every_batch_again() -> None:
+    """The client retries an AddEdges that failed UNAVAILABLE part-way with all its batches,
+    not what the first attempt left of one shared iterator (a real gRPC server that drops the
+    first attempt after one batch)."""
+    received: list[int] = []
+
+    class FlakyAdmin(admin_pb2_grpc.AdminServicer):
+        def AddEdges(
+            self, request_iterator: Iterator[admin_pb2.AddEdgesRequest], context: Any
+        ) -> admin_pb2.AddEdgesResponse:
+            batches = [len(next(request_iterator).edges)]
+            if not received:
+                received.append(0)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            batches += [len(request.edges) for request in request_iterator]
+            received.append(len(batches))
+            return admin_pb2.AddEdgesResponse(added=sum(batches))
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    admin_pb2_grpc.add_AdminServicer_to_server(FlakyAdmin(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        batches = [[("p1", "b1")], [("p2", "b1"), ("p3", "b2")], [("p4", "b3")]]
+        with WalkRankClient(f"127.0.0.1:{port}", timeout=10.0, backoff=0.0) as client:
+            response = client.add_edges(batches)
+        assert received == [0, 3]  # the retry sent all three batches
+        assert response.added == 4
+    finally:
+        server.stop(None)

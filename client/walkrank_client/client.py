@@ -357,12 +357,18 @@ class WalkRankClient:
             time.sleep(self.backoff * 2**attempt)
             attempt += 1
 
-    def _admin_call(self, method: str, request: object, timeout: float | None) -> Any:
-        """Admin.`method` with the admin token, retried as `_call` retries."""
+    def _admin_call(
+        self, method: str, request: object, timeout: float | None, *, stream: bool = False
+    ) -> Any:
+        """Admin.`method` with the admin token, retried as `_call` retries; `stream`: `request`
+        is a sequence of messages, sent afresh by each attempt."""
         rpc = getattr(self._admin, method)
-        return self._call(
-            method, lambda t: rpc(request, timeout=t, metadata=self._admin_metadata), timeout
-        )
+
+        def attempt(t: float) -> Any:
+            sent = iter(request) if stream else request  # type: ignore[call-overload]
+            return rpc(sent, timeout=t, metadata=self._admin_metadata)
+
+        return self._call(method, attempt, timeout)
 
     def recommend(
         self,
@@ -535,7 +541,7 @@ class WalkRankClient:
             )
             for batch in batches
         ]
-        return self._admin_call("AddEdges", iter(requests), timeout)
+        return self._admin_call("AddEdges", requests, timeout, stream=True)
 
     def health(self, tenant: str | None = None, *, timeout: float | None = None) -> str:
         """Serving status ("SERVING", "NOT_SERVING", ...) of the server, or of one tenant
