@@ -485,11 +485,13 @@ def test_a_full_tenant_is_refused_by_its_header_before_its_request_is_read(
     """Keys on, email's quota full of calls waiting for the one compute thread: a call whose
     `x-walkrank-tenant` header names email is refused RESOURCE_EXHAUSTED from its metadata
     alone (its body random bytes, never decoded), counted as email's refusal, for Recommend
-    and RecommendBatch. The header never gets past credentials: no key is UNAUTHENTICATED,
-    home feed's key PERMISSION_DENIED, neither counted as email's. A header naming another
-    tenant than the body's, or no tenant the server has, earns no refusal and no admission:
-    the call goes the usual way and is refused for the mismatch. Once compute is free every
-    admitted call is answered and email is served again (no slot leaked)."""
+    and RecommendBatch, and so is one naming email over another tenant's body (the header
+    never admits). The header never gets past credentials: no key is UNAUTHENTICATED, home
+    feed's key PERMISSION_DENIED, neither counted as email's. A header naming no tenant the
+    server has earns no refusal: the call goes the usual way and is refused for the mismatch.
+    Once compute is free every admitted call is answered, email is served again (no slot
+    leaked), and a header naming email over another body is refused for the mismatch. The
+    server's thread pools end with it."""
     auth = AuthConfig(
         enabled=True, tenant_keys={t: frozenset({k}) for t, k in KEYS.items()}, admin_token=ADMIN
     )
@@ -559,6 +561,11 @@ def test_a_full_tenant_is_refused_by_its_header_before_its_request_is_read(
         assert_one_line(details, TENANT_HEADER, "'email'", "'homefeed'")
         code, _, answer = call(channel, RECOMMEND, request(server.graph, "email", [pin]), as_email)
         assert code == grpc.StatusCode.OK and answer
+        pools = [t for t in threading.enumerate() if t.name.startswith("walkrank-refusal")]
+        assert pools  # the refusals above ran on it
+    for thread in pools:
+        thread.join(timeout=10)
+        assert not thread.is_alive(), thread.name
     assert not errors.records, [r.getMessage() for r in errors.records]
 
 

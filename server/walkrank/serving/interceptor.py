@@ -136,6 +136,10 @@ class RequestBoundary(grpc.ServerInterceptor):
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._refusals = futures.ThreadPoolExecutor(REFUSAL_THREADS, "walkrank-refusal")
 
+    def close(self) -> None:
+        """Stop the refusal thread (once the server has stopped taking calls)."""
+        self._refusals.shutdown(wait=False)
+
     @contextmanager
     def _inside(self, message: Any) -> Iterator[None]:
         if self._door is None:

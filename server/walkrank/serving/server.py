@@ -164,17 +164,16 @@ class WalkRankServer:
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
         self._workers = WorkerPool(config.workers)
+        self._boundary = RequestBoundary(
+            self.metrics,
+            guards={RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin},
+            door=FrontDoor(config.workers),
+            lane=self.serving.lane,
+            shed={method: self.serving.shed for method in ADMITTED_METHODS},
+        )
         self._server = grpc.server(
             self._workers,
-            interceptors=[
-                RequestBoundary(
-                    self.metrics,
-                    guards={RECOMMENDER: auth.authenticate, ADMIN: auth.check_admin},
-                    door=FrontDoor(config.workers),
-                    lane=self.serving.lane,
-                    shed={method: self.serving.shed for method in ADMITTED_METHODS},
-                )
-            ],
+            interceptors=[self._boundary],
             options=options,
             maximum_concurrent_rpcs=None,
         )
@@ -437,6 +436,9 @@ class WalkRankServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        # gRPC leaves the thread pools it was given running: their threads are idle by now.
+        self._workers.shutdown(wait=False)
+        self._boundary.close()
         self.serving.compute.close()
         self.candidate_log.close()
         self.event_log.close()
