@@ -308,9 +308,11 @@ def test_memory_settings_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert peaks[240_000] - peaks[40_000] < 200_000, peaks
     with pytest.raises(ConfigError, match=r"memory limit 'lots'"):
         build_graph_out_of_core(tmp_path / "g", edges, memory_limit="lots")
-    with pytest.raises(ConfigError, match=r"bucket_edges must be at least 1, not 0"):
-        build_graph_out_of_core(tmp_path / "g", edges, bucket_edges=0)
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ConfigError, match=r"bucket_edges must be a whole number of at least 1"):
+            build_graph_out_of_core(tmp_path / "g", edges, bucket_edges=bad)  # type: ignore[arg-type]
     assert not (tmp_path / "g").exists()
+    assert not list(tmp_path.glob(".g.duckdb-*"))  # refused before any work directory
 
 
 def _home_share(edges: pa.Table, pins: pa.Table, boards: pa.Table) -> float:

@@ -110,6 +110,12 @@ def build_graph_out_of_core(
             "--engine duckdb needs the duckdb package: pip install 'walkrank[bigbuild]'"
         ) from None
 
+    if bucket_edges is not None and (
+        isinstance(bucket_edges, bool) or not isinstance(bucket_edges, int) or bucket_edges < 1
+    ):
+        raise ConfigError(
+            f"bucket_edges must be a whole number of at least 1, not {bucket_edges!r}"
+        )
     out = Path(out)
     _check_target(out, replace)
     options = options or PruneOptions()
@@ -133,12 +139,10 @@ def build_graph_out_of_core(
             raise ConfigError(
                 f"DuckDB settings (memory limit {memory_limit!r}, threads {threads}): {exc}"
             ) from exc
-        con.execute("SET enable_progress_bar = false")
-        if bucket_edges is None:
-            bucket_edges = max(1, _limit_bytes(con) // _BUCKET_BYTES_PER_EDGE)
-        elif bucket_edges < 1:
-            raise ConfigError(f"bucket_edges must be at least 1, not {bucket_edges}")
         try:
+            con.execute("SET enable_progress_bar = false")
+            if bucket_edges is None:
+                bucket_edges = max(1, _limit_bytes(con) // _BUCKET_BYTES_PER_EDGE)
             return _Build(con, work, options, bucket_edges).run(
                 out, Path(edges), pins, boards, source, replace
             )
