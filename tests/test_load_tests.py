@@ -471,3 +471,17 @@ def test_generator_honours_duration_stop(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"call": RECOMMEND, "duration": "1s", "duration-stop": "later"}))
     with pytest.raises(ConfigError, match="duration-stop: expected one of close, wait, ignore"):
         load_ghz_config(bad)
+
+
+def test_idle_aggressor_is_refused_where_the_platform_has_no_sched_idle(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--idle-aggressor` on a platform without SCHED_IDLE: one usage error before any
+    server or load starts, not a failed child mid-measurement."""
+    from loadgen import isolation
+
+    monkeypatch.setattr(isolation, "IDLE_SCHEDULING", False)
+    with pytest.raises(SystemExit) as exit_info:
+        isolation.main(["--idle-aggressor"])
+    assert exit_info.value.code == 2
+    assert "--idle-aggressor needs SCHED_IDLE" in capsys.readouterr().err

@@ -66,6 +66,8 @@ HERE = Path(__file__).resolve().parents[1]
 #: The probe: paced calls of the overloaded tenant, whose refusals' latency is measured.
 PROBE_RPS = 50.0
 PROBE_CONCURRENCY = 2
+#: Whether this platform has SCHED_IDLE (Linux), which the `--idle-aggressor` variant needs.
+IDLE_SCHEDULING = hasattr(os, "SCHED_IDLE")
 
 
 @dataclass(frozen=True)
@@ -406,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.idle_aggressor and not IDLE_SCHEDULING:
+        parser.error("--idle-aggressor needs SCHED_IDLE, which this platform does not have")
     victim, aggressor = default_loads(victim_rps=args.victim_rps)
     quota = load_tenant(HERE.parent / "tenants" / "email.yaml").limits.max_in_flight
     with tempfile.TemporaryDirectory() as scratch:
