@@ -383,7 +383,6 @@ def admission_proxy(
 
 def main(argv: list[str] | None = None) -> int:
     from loadgen.harness import ServeProcess, write_server_config
-    from run import resolve_graph
     from walkrank.serving.config import ServerConfig
     from walkrank.tenants import load_tenant
 
@@ -410,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.idle_aggressor and not IDLE_SCHEDULING:
         parser.error("--idle-aggressor needs SCHED_IDLE, which this platform does not have")
+    from run import resolve_graph  # load_tests/run.py: run from load_tests/ (the docstring)
+
     victim, aggressor = default_loads(victim_rps=args.victim_rps)
     quota = load_tenant(HERE.parent / "tenants" / "email.yaml").limits.max_in_flight
     with tempfile.TemporaryDirectory() as scratch:
