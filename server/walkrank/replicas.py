@@ -39,6 +39,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from walkrank.cli import announce
 from walkrank.envoy import (
     EnvoySettings,
     envoy_command,
@@ -415,10 +416,9 @@ def run_replicas(replica_set: ReplicaSet) -> int:
     signal.signal(signal.SIGHUP, lambda *_: restart.set())
     replica_set.start()
     plan = replica_set.plan
-    print(
+    announce(
         f"{BANNER} {plan.front} balancing {len(plan.replicas)} replicas "
-        f"({', '.join(plan.replicas)}); envoy admin {plan.envoy_admin}",
-        flush=True,
+        f"({', '.join(plan.replicas)}); envoy admin {plan.envoy_admin}"
     )
     try:
         while not stop.wait(0.5):
@@ -431,7 +431,7 @@ def run_replicas(replica_set: ReplicaSet) -> int:
             replica_set.follow_tenants()
     finally:
         code = replica_set.stop()
-    print("walkrank: stopped", flush=True)
+    announce("walkrank: stopped")
     return code
 
 

@@ -35,6 +35,14 @@ def report_error(exc: BaseException) -> None:
     print(f"walkrank: error: {message}", file=sys.stderr, flush=True)
 
 
+def announce(line: str) -> None:
+    """One line on stdout in one write: server processes may share the pipe, and print()
+    writes the text and its newline apart when stdout is unbuffered (PYTHONUNBUFFERED), so
+    two processes' lines could interleave into one line and an empty one."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from walkrank.cli import report_error
+from walkrank.cli import announce, report_error
 from walkrank.cli._config import add_config_argument, server_config
 from walkrank.envoy import split_address
 from walkrank.errors import ConfigError, WalkRankError
@@ -138,14 +138,6 @@ def serve_forever(config: ServerConfig, reuse_port: bool, drain_s: float = 0.0) 
         time.sleep(drain_s)
     server.stop()
     announce("walkrank: stopped")
-
-
-def announce(line: str) -> None:
-    """One line on stdout in one write: `--processes` children share the pipe, and print()
-    writes the text and its newline apart when stdout is unbuffered, so two banners could
-    interleave into one line and an empty one."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _serve_child(config: ServerConfig, drain_s: float) -> None:
