@@ -646,7 +646,8 @@ def test_writer_options_are_checked_when_made(setting: dict[str, float], message
 
 def test_a_file_whose_column_does_not_read_as_the_logs_is_an_error(tmp_path: Path) -> None:
     """Base columns of another type are cast to the log's (integer pin ids); one that cannot
-    be is a DataError naming the log's directory, not an Arrow error."""
+    be is a DataError naming the log's directory, a truncated file one naming the file; never
+    an Arrow error."""
     log = CandidateLog(tmp_path)
     assert log.submit(make_batch("r0")) and log.close(timeout=30)
     [path] = (tmp_path / "candidates").rglob("*.parquet")
@@ -655,5 +656,8 @@ def test_a_file_whose_column_does_not_read_as_the_logs_is_an_error(tmp_path: Pat
         table.schema.get_field_index("rank"), "rank", pa.array(["first"] * table.num_rows)
     )
     pq.write_table(bad, path.with_name("part-bad.parquet"))
-    with pytest.raises(DataError, match="candidates: a file's columns do not read as the log's"):
+    with pytest.raises(DataError, match="candidates: cannot read the log's files"):
+        read_candidates(tmp_path, "home")
+    path.with_name("part-bad.parquet").write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"part-bad\.parquet: not a readable Parquet file"):
         read_candidates(tmp_path, "home")

@@ -562,6 +562,11 @@ def read_partitioned(
     fragments = sorted(dataset.get_fragments(filter=partition_filter), key=lambda f: f.path)
     if not fragments:
         return base_schema.empty_table()
+    for fragment in fragments:
+        try:
+            fragment.physical_schema  # noqa: B018 (reads the footer: a truncated file fails here)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{fragment.path}: not a readable Parquet file: {exc}") from exc
     # The base schema's types win: a file may store a base column in a type that casts to it
     # (the candidate log's integer pin ids, read as strings).
     try:
@@ -590,5 +595,5 @@ def read_partitioned(
     )
     try:
         return files.to_table(filter=row_filter)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise DataError(f"{directory}: a file's columns do not read as the log's: {exc}") from exc
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError) as exc:
+        raise DataError(f"{directory}: cannot read the log's files: {exc}") from exc
