@@ -16,6 +16,7 @@ from walkrank.logs.partitioned import WriterOptions
 from walkrank.model_registry import ModelRegistry
 from walkrank.ranking.export import export_model
 from walkrank.ranking.fit import train_model
+from walkrank.training import evaluate
 from walkrank.training.pipeline import evaluate_tenant, score_matrix, train_tenant
 
 CANDIDATES, RETURNED, SHOWN = 60, 10, 4
@@ -140,7 +141,9 @@ def test_naive_comparison_keeps_the_bad_model(served, tmp_path) -> None:
     assert comparison.estimates is None
 
 
-def test_exploration_traffic_picks_the_better_successor(served, tmp_path) -> None:
+def test_exploration_traffic_picks_the_better_successor(
+    served, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = served["explored"]
     messages: list[str] = []
     report = train_tenant(make_tenant(), root / "logs", root / "models", progress=messages.append)
@@ -185,3 +188,10 @@ def test_exploration_traffic_picks_the_better_successor(served, tmp_path) -> Non
     markdown = result.paths["markdown"].read_text()
     assert "Online metrics estimated on" in markdown and "| funnel_efficiency | snips |" in markdown
     assert result.paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Past MAX_EXPLORED_REQUESTS the estimates replay a seeded sample of that many requests.
+    monkeypatch.setattr(evaluate, "MAX_EXPLORED_REQUESTS", 10)
+    sampled = evaluate_tenant(
+        make_tenant(), root / "logs", root / "models", k=10, out_dir=tmp_path, progress=quiet
+    )
+    estimates = json.loads(sampled.paths["json"].read_text())["estimates"]
+    assert {estimate["requests"] for estimate in estimates.values()} == {10}

@@ -60,6 +60,10 @@ METRICS = ("recall_impressions", "recall_actions", "ndcg", "auc", "local_share")
 EXPOSURE_WARNING_SHARE = 0.5
 # Fewer requests served by neither compared ranker than this: compare on all of them (warned).
 MIN_NEUTRAL_REQUESTS = 20
+#: The exploration requests the estimates replay at most (a seeded sample beyond): the
+#: slots-aware replay's memory and time grow with requests x 2,560 score cells, and its
+#: interval at this many requests is already narrow.
+MAX_EXPLORED_REQUESTS = 5_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -576,14 +580,22 @@ def online_estimates(
     targets: Targets, baseline_scores: np.ndarray, candidate_scores: np.ndarray, *, seed: int = 0
 ) -> dict[str, PolicyComparison] | None:
     """Funnel efficiency (impressions per returned pin) and actions per returned pin of both
-    rankers, estimated on the exploration (shuffle_top) requests; None without any. The
-    slots-aware estimate takes the client's slots from every request of `targets`."""
+    rankers, estimated on the exploration (shuffle_top) requests (a seeded sample of
+    `MAX_EXPLORED_REQUESTS` where there are more); None without any. The slots-aware
+    estimate takes the client's slots from every request of `targets`."""
     if targets.explored is None or not targets.explored.any():
         return None
     assert targets.returned is not None and targets.propensity is not None
     slots = client_slots(targets)
     rows = np.flatnonzero(targets.explored)
-    _, request = np.unique(targets.request[rows], return_inverse=True)
+    ids, request = np.unique(targets.request[rows], return_inverse=True)
+    if len(ids) > MAX_EXPLORED_REQUESTS:
+        keep = np.zeros(len(ids), dtype=bool)
+        keep[np.random.default_rng(seed).choice(len(ids), MAX_EXPLORED_REQUESTS, replace=False)] = (
+            True
+        )
+        rows = rows[keep[request]]
+        _, request = np.unique(targets.request[rows], return_inverse=True)
     outcomes = {
         "funnel_efficiency": targets.impressed[rows].astype(np.float64),
         "actions_per_returned": (
